@@ -1,0 +1,15 @@
+//! The pure model: names, addresses, mount options, repositories, layout, mountinfo text.
+//!
+//! Invariant: nothing in this module does any I/O (no files, no processes, no clock). It can
+//! be fuzzed and property-tested freely, and everything with side effects lives in
+//! [`crate::mount`].
+
+pub mod address;
+pub mod error;
+pub mod host;
+pub mod layout;
+pub mod mountinfo;
+pub mod name;
+pub mod options;
+pub mod repository;
+pub mod secret;

@@ -1,0 +1,262 @@
+//! Running an external program as an argv (never through a shell), with a timeout.
+//!
+//! stdout and stderr are read on their own threads so a full pipe cannot deadlock the child, and
+//! the child gets its own process group so a timeout kills its helpers too (`mount` forks
+//! `mount.cifs`, `sshfs`, ...). If the child cannot be reaped (a process stuck in the kernel on
+//! a dead NAS), the call still returns at its deadline; only a waiting thread is left behind.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use crate::model::options::redact_loosely;
+
+/// An external command: program, arguments and a timeout.
+#[derive(Clone)]
+pub struct ExternalCommand {
+    program: OsString,
+    args: Vec<OsString>,
+    timeout: Duration,
+}
+
+impl ExternalCommand {
+    /// A command running `program` with no arguments and a 60 s timeout.
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        ExternalCommand { program: program.as_ref().to_owned(), args: Vec::new(), timeout: Duration::from_secs(60) }
+    }
+
+    /// Appends one argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The argv as one line for messages, with any secret-looking option value redacted.
+    pub fn display_argv(&self) -> String {
+        let mut parts = vec![self.program.to_string_lossy().into_owned()];
+        parts.extend(self.args.iter().map(|a| redact_loosely(&a.to_string_lossy())));
+        parts.join(" ")
+    }
+
+    /// Runs the command; success means it exited 0 within the timeout.
+    pub fn run(&self) -> Result<CommandOutput, CommandError> {
+        let output = self.run_unchecked()?;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            Err(CommandError::Failed { argv: self.display_argv(), status: output.status, stderr: output.stderr_text() })
+        }
+    }
+
+    /// Runs the command and returns whatever it exited with; errors only for failing to start
+    /// and for the timeout.
+    pub fn run_unchecked(&self) -> Result<CommandOutput, CommandError> {
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|source| CommandError::Spawn { argv: self.display_argv(), source })?;
+        let pid = child.id();
+        let stdout = read_in_background(child.stdout.take());
+        let stderr = read_in_background(child.stderr.take());
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(self.timeout) {
+            Ok(Ok(status)) => status,
+            Ok(Err(source)) => return Err(CommandError::Spawn { argv: self.display_argv(), source }),
+            Err(_) => {
+                kill_group(pid);
+                // Give the group a moment to die so its pipes close; never wait longer.
+                let _ = rx.recv_timeout(Duration::from_secs(2));
+                let stderr = String::from_utf8_lossy(&collect(stderr, Duration::from_millis(200))).into_owned();
+                return Err(CommandError::TimedOut { argv: self.display_argv(), timeout: self.timeout, stderr });
+            }
+        };
+        // A daemon forked by the child (sshfs) may keep a pipe open: read what is there, briefly.
+        let grace = Duration::from_secs(2);
+        Ok(CommandOutput { status, stdout: collect(stdout, grace), stderr: collect(stderr, grace) })
+    }
+}
+
+impl fmt::Debug for ExternalCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExternalCommand").field("argv", &self.display_argv()).field("timeout", &self.timeout).finish()
+    }
+}
+
+fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// A pipe being read on its own thread; what was read so far stays available even if the pipe
+/// never closes.
+struct PipeReader {
+    buf: Arc<Mutex<Vec<u8>>>,
+    done: mpsc::Receiver<()>,
+}
+
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> PipeReader {
+    let (tx, done) = mpsc::channel();
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    if let Some(mut pipe) = pipe {
+        let buf = Arc::clone(&buf);
+        thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
+            }
+            let _ = tx.send(());
+        });
+    }
+    PipeReader { buf, done }
+}
+
+fn collect(reader: PipeReader, wait: Duration) -> Vec<u8> {
+    let _ = reader.done.recv_timeout(wait);
+    std::mem::take(&mut *reader.buf.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// What a finished command printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl CommandOutput {
+    /// stdout as text.
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    /// stderr as text, trimmed.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_owned()
+    }
+}
+
+/// An external command failed to start, timed out or exited non-zero.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The program could not be started (not installed, not executable).
+    #[error("could not run `{argv}`; is the program installed?")]
+    Spawn {
+        /// The argv, redacted.
+        argv: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program did not finish in time and was killed.
+    #[error("`{argv}` did not finish within {timeout:?} and was killed{}", stderr_suffix(.stderr))]
+    TimedOut {
+        /// The argv, redacted.
+        argv: String,
+        /// The timeout that passed.
+        timeout: Duration,
+        /// What it had written to stderr.
+        stderr: String,
+    },
+    /// The program exited with a failure status.
+    #[error("`{argv}` failed ({status}){}", stderr_suffix(.stderr))]
+    Failed {
+        /// The argv, redacted.
+        argv: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Its stderr, trimmed.
+        stderr: String,
+    },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() { String::new() } else { format!(": {}", redact_loosely(stderr)) }
+}
+
+impl CommandError {
+    /// The stderr the program wrote, if it ran.
+    pub fn stderr(&self) -> &str {
+        match self {
+            CommandError::Spawn { .. } => "",
+            CommandError::TimedOut { stderr, .. } | CommandError::Failed { stderr, .. } => stderr,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn success_failure_and_stderr() {
+        let out = ExternalCommand::new("sh").args(["-c", "echo out; echo err >&2"]).run().unwrap();
+        assert_eq!(out.stdout_text(), "out\n");
+        assert_eq!(out.stderr_text(), "err");
+        let e = ExternalCommand::new("sh").args(["-c", "echo boom >&2; exit 3"]).run().unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("sh -c") && text.contains("boom") && text.contains("exit status: 3"), "{text}");
+        let e = ExternalCommand::new("/nonexistent/prog").run().unwrap_err();
+        assert!(matches!(e, CommandError::Spawn { .. }), "{e}");
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        let start = Instant::now();
+        let e = ExternalCommand::new("sh")
+            .args(["-c", "sleep 30 & echo started >&2; wait"])
+            .timeout(Duration::from_millis(300))
+            .run()
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(matches!(e, CommandError::TimedOut { .. }), "{e}");
+        assert!(e.to_string().contains("started"), "{e}");
+    }
+
+    #[test]
+    fn a_daemon_holding_the_pipe_does_not_block() {
+        let start = Instant::now();
+        let out = ExternalCommand::new("sh").args(["-c", "(sleep 20 &) ; echo done"]).run().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(out.status.success());
+        assert_eq!(out.stdout_text(), "done\n");
+    }
+
+    #[test]
+    fn argv_display_redacts_secrets() {
+        let c = ExternalCommand::new("mount").args(["-o", "user=a,password=hunter2", "src"]);
+        assert_eq!(c.display_argv(), "mount -o user=a,password=*** src");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
