@@ -21,13 +21,15 @@ use crate::model::options::redact_loosely;
 pub struct ExternalCommand {
     program: OsString,
     args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    dir: Option<std::path::PathBuf>,
     timeout: Duration,
 }
 
 impl ExternalCommand {
     /// A command running `program` with no arguments and a 60 s timeout.
     pub fn new(program: impl AsRef<OsStr>) -> Self {
-        ExternalCommand { program: program.as_ref().to_owned(), args: Vec::new(), timeout: Duration::from_secs(60) }
+        ExternalCommand { program: program.as_ref().to_owned(), args: Vec::new(), env: Vec::new(), dir: None, timeout: Duration::from_secs(60) }
     }
 
     /// Appends one argument.
@@ -39,6 +41,18 @@ impl ExternalCommand {
     /// Appends arguments.
     pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the child.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs the child in `dir`.
+    pub fn current_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.dir = Some(dir.into());
         self
     }
 
@@ -68,8 +82,13 @@ impl ExternalCommand {
     /// Runs the command and returns whatever it exited with; errors only for failing to start
     /// and for the timeout.
     pub fn run_unchecked(&self) -> Result<CommandOutput, CommandError> {
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,113 @@
+//! The KVM lab: packages, daemons, the test guest.
+//!
+//! Paths: packages go where Debian puts them; the guest is cached under [`CACHE`]; disposable
+//! test domains live under [`STATE`]`/run`; what `lab up` started is written to [`STARTED`] so
+//! that `lab down` stops only that.
+
+mod cpio;
+mod daemons;
+mod guest;
+mod packages;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run::cmd;
+
+/// Cached build products (the guest kernel and initramfs, downloaded packages).
+pub const CACHE: &str = "/var/cache/nasbak-lab";
+/// Lab state: `guest.conf` (paths of the current guest) and `run/` (test domains' files).
+pub const STATE: &str = "/var/lib/nasbak-lab";
+/// What `lab up` started, one daemon name a line.
+pub const STARTED: &str = "/run/nasbak-lab/started";
+/// The libvirt URI of the lab.
+pub const URI: &str = "qemu:///system";
+/// Prefix of every disposable test domain.
+pub const TEST_DOMAIN_PREFIX: &str = "nasbak-t-";
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab needs root (it installs packages, starts libvirtd and mounts file systems); run as root");
+    }
+    Ok(())
+}
+
+/// `cargo xtask lab up`.
+pub fn up() -> Result<()> {
+    require_root()?;
+    packages::ensure()?;
+    make_root_shared()?;
+    daemons::ensure()?;
+    let (libvirt, qemu) = daemons::versions()?;
+    println!("lab: libvirt {libvirt}, QEMU {qemu} answer on {URI}");
+    for dir in [STATE.to_owned(), format!("{STATE}/run")] {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {dir}"))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    }
+    let guest = guest::ensure()?;
+    let conf = format!("kernel={}\ninitrd={}\n", guest.kernel.display(), guest.initrd.display());
+    fs::write(Path::new(STATE).join("guest.conf"), conf)?;
+    println!("lab: test guest {} + {}", guest.kernel.display(), guest.initrd.display());
+    println!("lab: up");
+    Ok(())
+}
+
+/// `cargo xtask lab status`.
+pub fn status() -> Result<()> {
+    let missing = packages::missing();
+    if missing.is_empty() {
+        println!("packages: all installed");
+    } else {
+        println!("packages: missing {}", missing.join(" "));
+    }
+    println!("root mount propagation: {}", if root_is_shared() { "shared" } else { "private (lab up makes it shared)" });
+    match daemons::versions() {
+        Ok((l, q)) => println!("libvirt: up on {URI} (libvirt {l}, QEMU {q})"),
+        Err(e) => println!("libvirt: not answering on {URI} ({e:#})"),
+    }
+    match fs::read_to_string(Path::new(STATE).join("guest.conf")) {
+        Ok(conf) if conf.lines().all(|l| l.split_once('=').is_some_and(|(_, p)| Path::new(p).exists())) => {
+            println!("test guest: built ({})", conf.trim().replace('\n', ", "))
+        }
+        _ => println!("test guest: not built"),
+    }
+    let leftovers = daemons::test_domains().unwrap_or_default();
+    println!("test domains: {}", if leftovers.is_empty() { "none".to_owned() } else { leftovers.join(" ") });
+    Ok(())
+}
+
+/// `cargo xtask lab down`.
+pub fn down() -> Result<()> {
+    require_root()?;
+    for name in daemons::test_domains().unwrap_or_default() {
+        let _ = cmd("virsh").args(["-c", URI, "destroy", &name]).run();
+        let _ = cmd("virsh").args(["-c", URI, "undefine", &name]).run();
+        let _ = fs::remove_dir_all(Path::new(STATE).join("run").join(&name));
+        println!("lab: removed test domain {name}");
+    }
+    daemons::stop_started()?;
+    println!("lab: down");
+    Ok(())
+}
+
+fn root_is_shared() -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() > 6 && f[4] == "/" && f[6..].iter().take_while(|x| **x != "-").any(|x| x.starts_with("shared:"))
+        }))
+        .unwrap_or(false)
+}
+
+/// QEMU runs in its own mount namespace; with a private root, repositories mounted after a VM
+/// started are invisible to it. Systemd hosts have a shared root; the lab makes it so.
+fn make_root_shared() -> Result<()> {
+    if !root_is_shared() {
+        cmd("mount").args(["--make-rshared", "/"]).run().context("making / shared")?;
+        println!("lab: made / a shared mount");
+    }
+    Ok(())
+}
