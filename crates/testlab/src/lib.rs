@@ -1,1 +1,39 @@
-//! placeholder
+//! Test fixtures on the real lab (`cargo xtask lab up`): disposable libvirt domains with any mix
+//! of disks, and an sshd on loopback.
+//!
+//! The key decision: every fixture is owned by a value whose `Drop` removes it (domain, disk
+//! files, loop devices, processes), and every name carries the test process's pid, so that
+//! whatever a killed test run left behind is swept by the next run ([`sweep_leftovers`]) or by
+//! `cargo xtask lab down`. Tests that only need "a booted guest with an agent" share one per
+//! test process ([`shared_agent_guest`]), since each boot costs seconds of TCG on 2 cores.
+//!
+//! Fixtures panic with a message naming what is missing when the lab is not up: a lab test
+//! never passes by skipping.
+//!
+//! ```no_run
+//! use nasbak_testlab::{DiskSpec, DomainSpec};
+//! let dom = DomainSpec::new("doc").disk(DiskSpec::qcow2(64).ext4()).agent(true).running(true).create();
+//! dom.wait_for_agent(std::time::Duration::from_secs(60));
+//! assert_eq!(dom.agent_command(r#"{"execute":"guest-ping"}"#), r#"{"return":{}}"#);
+//! ```
+
+#![deny(missing_docs)]
+
+mod domain;
+mod ssh;
+
+pub use domain::{DiskKind, DiskSpec, DomainSpec, LabDisk, LabDomain, shared_agent_guest, sweep_leftovers, virsh};
+pub use ssh::{SshServer, pids_with_cmdline};
+
+/// The libvirt URI of the lab.
+pub const URI: &str = "qemu:///system";
+/// Where `lab up` keeps its state.
+pub const STATE: &str = "/var/lib/nasbak-lab";
+/// Prefix of every test domain.
+pub const PREFIX: &str = "nasbak-t-";
+
+/// Panics with what is missing and how to get it.
+#[track_caller]
+pub(crate) fn lab_missing(what: &str) -> ! {
+    panic!("the lab is not ready: {what}. Run `cargo xtask lab up` (as root) first")
+}

@@ -40,6 +40,7 @@ pub fn up() -> Result<()> {
     require_root()?;
     packages::ensure()?;
     make_root_shared()?;
+    open_kvm()?;
     daemons::ensure()?;
     let (libvirt, qemu) = daemons::versions()?;
     println!("lab: libvirt {libvirt}, QEMU {qemu} answer on {URI}");
@@ -90,6 +91,21 @@ pub fn down() -> Result<()> {
     }
     daemons::stop_started()?;
     println!("lab: down");
+    Ok(())
+}
+
+/// QEMU runs as libvirt-qemu. With a root-only /dev/kvm, libvirtd finds KVM unusable for it and
+/// re-probes every QEMU binary on each call that needs capabilities (10 to 80 s per `virsh
+/// define`, seen here). Opening /dev/kvm to all, as udev does on a desktop, keeps the
+/// capabilities cache valid. Lab guests still boot with TCG (`type='qemu'`).
+fn open_kvm() -> Result<()> {
+    let kvm = Path::new("/dev/kvm");
+    if let Ok(meta) = fs::metadata(kvm) {
+        if meta.permissions().mode() & 0o777 != 0o666 {
+            fs::set_permissions(kvm, fs::Permissions::from_mode(0o666)).context("chmod 666 /dev/kvm")?;
+            println!("lab: made /dev/kvm usable by the QEMU user");
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,393 @@
+//! Disposable libvirt domains booting the lab's test guest.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nasbak_repo::mount::command::ExternalCommand;
+
+use crate::{PREFIX, STATE, URI, lab_missing};
+
+/// Runs `virsh -c qemu:///system ARGS` with a 60 s timeout and returns stdout.
+pub fn virsh(args: &[&str]) -> Result<String, String> {
+    ExternalCommand::new("virsh")
+        .args(["-c", URI])
+        .args(args)
+        .timeout(Duration::from_secs(60))
+        .run()
+        .map(|o| o.stdout_text())
+        .map_err(|e| e.to_string())
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    ExternalCommand::new(program)
+        .args(args)
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stdout_text()
+}
+
+/// What a disk is backed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A qcow2 file.
+    Qcow2,
+    /// A raw file.
+    Raw,
+    /// A block device (a loop device over a raw file).
+    Block,
+    /// A read-only cdrom (a raw file on the IDE bus).
+    Cdrom,
+}
+
+/// One disk to create.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    kind: DiskKind,
+    size_mib: u64,
+    ext4: bool,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl DiskSpec {
+    fn new(kind: DiskKind, size_mib: u64) -> Self {
+        DiskSpec { kind, size_mib, ext4: false, files: Vec::new() }
+    }
+    /// A qcow2 disk of `size_mib` MiB.
+    pub fn qcow2(size_mib: u64) -> Self {
+        DiskSpec::new(DiskKind::Qcow2, size_mib)
+    }
+    /// A raw file disk.
+    pub fn raw(size_mib: u64) -> Self {
+        DiskSpec::new(DiskKind::Raw, size_mib)
+    }
+    /// A block device disk.
+    pub fn block(size_mib: u64) -> Self {
+        DiskSpec::new(DiskKind::Block, size_mib)
+    }
+    /// A 1 MiB cdrom.
+    pub fn cdrom() -> Self {
+        DiskSpec::new(DiskKind::Cdrom, 1)
+    }
+    /// Formats the disk with ext4 (the guest mounts the first ext4 disk on `/data`).
+    pub fn ext4(mut self) -> Self {
+        self.ext4 = true;
+        self
+    }
+    /// Formats with ext4 holding these files at its root.
+    pub fn ext4_with_files(mut self, files: &[(&str, &[u8])]) -> Self {
+        self.ext4 = true;
+        self.files = files.iter().map(|(n, c)| (n.to_string(), c.to_vec())).collect();
+        self
+    }
+}
+
+/// A disk of a created domain.
+#[derive(Debug, Clone)]
+pub struct LabDisk {
+    /// Target device in the guest (`vda`, `hdc`).
+    pub target: String,
+    /// The file or block device.
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
+    /// What backs it.
+    pub kind: DiskKind,
+}
+
+/// A domain to create.
+#[derive(Debug, Clone)]
+pub struct DomainSpec {
+    tag: String,
+    disks: Vec<DiskSpec>,
+    agent: bool,
+    running: bool,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl DomainSpec {
+    /// A domain whose name ends in `tag`, with no disks, no agent, shut off.
+    pub fn new(tag: &str) -> Self {
+        DomainSpec { tag: tag.to_owned(), disks: Vec::new(), agent: false, running: false }
+    }
+    /// Adds a disk.
+    pub fn disk(mut self, disk: DiskSpec) -> Self {
+        self.disks.push(disk);
+        self
+    }
+    /// Whether the domain has a guest-agent channel.
+    pub fn agent(mut self, agent: bool) -> Self {
+        self.agent = agent;
+        self
+    }
+    /// Whether the domain is started.
+    pub fn running(mut self, running: bool) -> Self {
+        self.running = running;
+        self
+    }
+
+    /// Creates the disks and defines (and maybe starts) the domain. Panics when the lab is not up.
+    pub fn create(self) -> LabDomain {
+        let guest = guest_paths();
+        sweep_once();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{PREFIX}{}-{n}-{}", std::process::id(), self.tag);
+        let dir = Path::new(STATE).join("run").join(&name);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| lab_missing(&format!("cannot create {}: {e}", dir.display())));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod domain dir");
+        let mut dom = LabDomain { name, dir, disks: Vec::new(), loops: Vec::new(), defined: false };
+        let mut vd = b'a';
+        for (i, spec) in self.disks.iter().enumerate() {
+            let disk = dom.make_disk(i, spec, &mut vd);
+            dom.disks.push(disk);
+        }
+        let xml = dom.xml(&guest, self.agent);
+        let xml_path = dom.dir.join("domain.xml");
+        fs::write(&xml_path, xml).expect("write domain xml");
+        virsh(&["define", xml_path.to_str().expect("utf-8 path")]).unwrap_or_else(|e| panic!("defining {}: {e}", dom.name));
+        dom.defined = true;
+        if self.running {
+            dom.start();
+        }
+        dom
+    }
+}
+
+fn guest_paths() -> (String, String) {
+    let conf = fs::read_to_string(Path::new(STATE).join("guest.conf"))
+        .unwrap_or_else(|_| lab_missing(&format!("{STATE}/guest.conf is missing (no test guest built)")));
+    let get = |key: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| lab_missing(&format!("{STATE}/guest.conf has no {key}")))
+    };
+    if virsh(&["version"]).is_err() {
+        lab_missing(&format!("libvirtd does not answer on {URI}"));
+    }
+    (get("kernel"), get("initrd"))
+}
+
+/// A libvirt domain that is destroyed and undefined, with its files and loop devices, on drop.
+#[derive(Debug)]
+pub struct LabDomain {
+    name: String,
+    dir: PathBuf,
+    disks: Vec<LabDisk>,
+    loops: Vec<String>,
+    defined: bool,
+}
+
+impl LabDomain {
+    fn make_disk(&mut self, i: usize, spec: &DiskSpec, vd: &mut u8) -> LabDisk {
+        let raw = self.dir.join(format!("disk{i}.raw"));
+        let f = fs::File::create(&raw).expect("create disk file");
+        f.set_len(spec.size_mib << 20).expect("size disk file");
+        drop(f);
+        if spec.ext4 {
+            let mut args = vec!["-q", "-F", "-t", "ext4"];
+            let content = self.dir.join(format!("disk{i}.content"));
+            if !spec.files.is_empty() {
+                fs::create_dir_all(&content).expect("content dir");
+                for (name, data) in &spec.files {
+                    fs::write(content.join(name), data).expect("write content file");
+                }
+                args.extend(["-d", content.to_str().expect("utf-8")]);
+            }
+            args.push(raw.to_str().expect("utf-8"));
+            run("mkfs.ext4", &args);
+            let _ = fs::remove_dir_all(&content);
+        }
+        let (target, path, format) = match spec.kind {
+            DiskKind::Qcow2 => {
+                let q = self.dir.join(format!("disk{i}.qcow2"));
+                run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().expect("utf-8"), q.to_str().expect("utf-8")]);
+                fs::remove_file(&raw).expect("remove raw");
+                (next_vd(vd), q, "qcow2")
+            }
+            DiskKind::Raw => (next_vd(vd), raw, "raw"),
+            DiskKind::Block => {
+                let dev = run("losetup", &["--find", "--show", raw.to_str().expect("utf-8")]).trim().to_owned();
+                self.loops.push(dev.clone());
+                (next_vd(vd), PathBuf::from(dev), "raw")
+            }
+            DiskKind::Cdrom => ("hdc".to_owned(), raw, "raw"),
+        };
+        LabDisk { target, path, format, kind: spec.kind }
+    }
+
+    fn xml(&self, (kernel, initrd): &(String, String), agent: bool) -> String {
+        let mut x = String::new();
+        let _ = write!(
+            x,
+            "<domain type='qemu'>\n  <name>{}</name>\n  <memory unit='MiB'>256</memory>\n  <vcpu>1</vcpu>\n  \
+             <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0</cmdline></os>\n  \
+             <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <devices>\n",
+            self.name
+        );
+        for d in &self.disks {
+            let (ty, src, device, bus, ro) = match d.kind {
+                DiskKind::Block => ("block", format!("dev='{}'", d.path.display()), "disk", "virtio", ""),
+                DiskKind::Cdrom => ("file", format!("file='{}'", d.path.display()), "cdrom", "ide", "<readonly/>"),
+                _ => ("file", format!("file='{}'", d.path.display()), "disk", "virtio", ""),
+            };
+            let _ = writeln!(
+                x,
+                "    <disk type='{ty}' device='{device}'><driver name='qemu' type='{}'/><source {src}/><target dev='{}' bus='{bus}'/>{ro}</disk>",
+                d.format, d.target
+            );
+        }
+        if agent {
+            x.push_str("    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n");
+        }
+        let _ = write!(
+            x,
+            "    <serial type='file'><source path='{}'/><target port='0'/></serial>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+            self.console_log().display()
+        );
+        x
+    }
+
+    /// The domain name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The directory holding its disk files and console log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Its disks, in the order given.
+    pub fn disks(&self) -> &[LabDisk] {
+        &self.disks
+    }
+    /// The guest's serial console, captured to a file.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Starts the domain.
+    pub fn start(&self) {
+        virsh(&["start", &self.name]).unwrap_or_else(|e| panic!("starting {}: {e}", self.name));
+    }
+
+    /// Powers the domain off at once.
+    pub fn destroy(&self) {
+        let _ = virsh(&["destroy", &self.name]);
+    }
+
+    /// Whether the domain is running.
+    pub fn is_running(&self) -> bool {
+        virsh(&["domstate", &self.name]).is_ok_and(|s| s.trim() == "running")
+    }
+
+    /// Sends one guest-agent command (JSON) and returns the reply, trimmed. Panics on failure.
+    pub fn agent_command(&self, json: &str) -> String {
+        self.try_agent_command(json).unwrap_or_else(|e| panic!("agent command {json} on {}: {e}", self.name))
+    }
+
+    /// Sends one guest-agent command, waiting at most 5 s for the agent.
+    pub fn try_agent_command(&self, json: &str) -> Result<String, String> {
+        virsh(&["qemu-agent-command", &self.name, "--timeout", "5", json]).map(|s| s.trim().to_owned())
+    }
+
+    /// Waits until the guest agent answers a ping; panics with the console log after `timeout`.
+    pub fn wait_for_agent(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.try_agent_command(r#"{"execute":"guest-ping"}"#).is_err() {
+            if Instant::now() > deadline {
+                let console = fs::read_to_string(self.console_log()).unwrap_or_default();
+                panic!("the guest agent of {} did not answer within {timeout:?}; console:\n{console}", self.name);
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn next_vd(vd: &mut u8) -> String {
+    let t = format!("vd{}", *vd as char);
+    *vd += 1;
+    t
+}
+
+impl Drop for LabDomain {
+    fn drop(&mut self) {
+        remove_domain(&self.name, self.defined);
+        for dev in &self.loops {
+            let _ = ExternalCommand::new("losetup").args(["-d", dev]).timeout(Duration::from_secs(30)).run();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn remove_domain(name: &str, defined: bool) {
+    let _ = virsh(&["destroy", name]);
+    if defined {
+        let _ = virsh(&["undefine", name]);
+    }
+}
+
+fn sweep_once() {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(sweep_leftovers);
+}
+
+/// Removes test domains (and their files and loop devices) left by test processes that no
+/// longer exist.
+pub fn sweep_leftovers() {
+    let Ok(list) = virsh(&["list", "--all", "--name"]) else { return };
+    for name in list.lines().map(str::trim).filter(|n| n.starts_with(PREFIX)) {
+        let pid = name[PREFIX.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if alive {
+            continue;
+        }
+        remove_domain(name, true);
+        let dir = Path::new(STATE).join("run").join(name);
+        detach_loops_under(&dir);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+fn detach_loops_under(dir: &Path) {
+    let Ok(out) = ExternalCommand::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"]).timeout(Duration::from_secs(30)).run() else { return };
+    for line in out.stdout_text().lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(dev), Some(file)) = (parts.next(), parts.next()) {
+            if Path::new(file).starts_with(dir) {
+                let _ = ExternalCommand::new("losetup").args(["-d", dev]).run();
+            }
+        }
+    }
+}
+
+static SHARED: OnceLock<LabDomain> = OnceLock::new();
+
+extern "C" fn remove_shared_at_exit() {
+    if let Some(dom) = SHARED.get() {
+        remove_domain(&dom.name, true);
+        let _ = fs::remove_dir_all(&dom.dir);
+    }
+}
+
+/// A running guest with a guest agent and an ext4 data disk (`vda`, mounted on `/data` in the
+/// guest), booted once per test process and removed when the process exits. Tests that use it
+/// must leave it as they found it (thawed, running).
+pub fn shared_agent_guest() -> &'static LabDomain {
+    SHARED.get_or_init(|| {
+        let dom = DomainSpec::new("shared").disk(DiskSpec::qcow2(64).ext4()).agent(true).running(true).create();
+        // SAFETY: `remove_shared_at_exit` is an `extern "C" fn()` with no arguments that only
+        // reads a OnceLock and runs commands; atexit accepts exactly such a function pointer.
+        unsafe {
+            libc::atexit(remove_shared_at_exit);
+        }
+        dom.wait_for_agent(Duration::from_secs(90));
+        dom
+    })
+}
