@@ -66,7 +66,6 @@ impl<M: Mounter> RepositoryMounts<M> {
         let locks = self.runtime_dir.join("locks");
         make_dir(&locks, 0o755)?;
         make_dir(&self.runtime_dir.join("mnt"), 0o755)?;
-        make_dir(&mount_point, 0o755)?;
         let name = repo.name().as_str();
         let mutex = self.lock_mutex(&locks.join(format!("{name}.lock")))?;
         self.ensure_mounted(&plan, &mount_point)?;
@@ -80,7 +79,7 @@ impl<M: Mounter> RepositoryMounts<M> {
     fn ensure_mounted(&self, plan: &MountPlan, mount_point: &Path) -> Result<(), MountError> {
         let existing = self.mounter.mounts()?.into_iter().rev().find(|m| m.mount_point == mount_point);
         if let Some(found) = existing {
-            if !fstype_matches(&found.fstype, &plan.fstype) {
+            if !fstype_matches(&found.fstype, plan) {
                 return Err(MountError::Conflict {
                     mount_point: mount_point.to_owned(),
                     found_fstype: found.fstype,
@@ -94,7 +93,16 @@ impl<M: Mounter> RepositoryMounts<M> {
             // Stale: listed but not answering. Detach it and mount afresh.
             self.mounter.unmount(mount_point, self.timeouts.unmount)?;
         }
-        self.mounter.mount(plan, mount_point, self.timeouts.mount)?;
+        // Only now, with nothing mounted there, is it safe to touch the mount point: a stat of a
+        // stalled mount would hang.
+        make_mount_point(mount_point)?;
+        if let Err(e) = self.mounter.mount(plan, mount_point, self.timeouts.mount) {
+            // A helper killed at its timeout may have mounted before it hung (sshfs does).
+            if self.mounter.mounts().is_ok_and(|all| all.iter().any(|m| m.mount_point == mount_point)) {
+                let _ = self.mounter.unmount(mount_point, self.timeouts.unmount);
+            }
+            return Err(e);
+        }
         if let Err(e) = self.mounter.probe(mount_point, self.timeouts.probe) {
             let _ = self.mounter.unmount(mount_point, self.timeouts.unmount);
             return Err(MountError::Unresponsive { path: mount_point.to_owned(), reason: e.to_string() });
@@ -132,8 +140,11 @@ impl<M: Mounter> RepositoryMounts<M> {
     }
 }
 
-fn fstype_matches(found: &str, planned: &str) -> bool {
-    found == planned
+fn fstype_matches(found: &str, plan: &MountPlan) -> bool {
+    let planned = plan.fstype.as_str();
+    // A bind mount shows the type of the file system it binds, which cannot be known here.
+    let bind = planned == "none" || plan.options.contains("bind") || plan.options.contains("rbind");
+    bind || found == planned
         || (planned == "nfs" && found.starts_with("nfs"))
         || (planned == "cifs" && found.starts_with("smb"))
 }
@@ -141,13 +152,20 @@ fn fstype_matches(found: &str, planned: &str) -> bool {
 fn make_dir(path: &Path, mode: u32) -> Result<(), MountError> {
     let io = |source| MountError::Io { action: "creating", path: path.to_owned(), source };
     DirBuilder::new().recursive(true).mode(mode).create(path).map_err(io)?;
-    let current = fs::metadata(path).map_err(io)?.permissions().mode() & 0o7777;
-    if current != mode && path.parent().is_some() {
-        // Only tighten or loosen our own directories; an existing mount point of a mounted file
-        // system keeps the mode its file system gives it.
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)
+}
+
+/// Creates the mount point (0755, so an unprivileged QEMU can reach the repository) without
+/// ever calling stat on an existing one.
+fn make_mount_point(path: &Path) -> Result<(), MountError> {
+    match DirBuilder::new().mode(0o755).create(path) {
+        Ok(()) => {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+                .map_err(|source| MountError::Io { action: "creating", path: path.to_owned(), source })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(MountError::Io { action: "creating", path: path.to_owned(), source }),
     }
-    Ok(())
 }
 
 fn open_lock_file(path: &Path) -> Result<File, MountError> {
@@ -202,5 +220,153 @@ impl<M: Mounter> MountedRepository<'_, M> {
 impl<M: Mounter> Drop for MountedRepository<'_, M> {
     fn drop(&mut self) {
         let _ = self.release_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::mountinfo::MountInfoEntry;
+    use crate::model::repository::RepositoryKind;
+    use crate::mount::MockMounter;
+    use mockall::predicate::*;
+    use mockall::Sequence;
+
+    fn repo() -> BackupRepository {
+        BackupRepository::new("r1", RepositoryKind::Nfs, "nas:/e", "", None).unwrap()
+    }
+
+    fn entry(dir: &Path, fstype: &str) -> MountInfoEntry {
+        MountInfoEntry {
+            mount_id: 1,
+            mount_point: dir.join("mnt/r1"),
+            fstype: fstype.into(),
+            source: "nas:/e".into(),
+            mount_options: "rw".into(),
+            super_options: "rw".into(),
+        }
+    }
+
+    fn mounts(m: MockMounter, dir: &Path) -> RepositoryMounts<MockMounter> {
+        RepositoryMounts::new(m, dir, MountTimeouts { lock: Duration::from_millis(300), ..MountTimeouts::default() })
+    }
+
+    #[test]
+    fn two_users_share_one_mount_and_the_last_unmounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("mnt/r1");
+        let mut m = MockMounter::new();
+        let mut seq = Sequence::new();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
+        m.expect_mount().with(always(), eq(mp.clone()), always()).times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
+        let d = dir.path().to_owned();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
+        m.expect_unmount().with(eq(mp.clone()), always()).times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Clean));
+        let mounts = mounts(m, dir.path());
+        let a = mounts.acquire(&repo()).unwrap();
+        let b = mounts.acquire(&repo()).unwrap();
+        assert_eq!(a.root(), mp);
+        assert_eq!(a.release().unwrap(), ReleaseOutcome::StillInUse);
+        assert_eq!(b.release().unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
+    }
+
+    #[test]
+    fn a_stale_mount_is_detached_and_mounted_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let mut m = MockMounter::new();
+        let mut seq = Sequence::new();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs")]));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|p, t| Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t }));
+        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "busy".into() }));
+        m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
+        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Clean));
+        let mounts = mounts(m, dir.path());
+        let a = mounts.acquire(&repo()).unwrap();
+        drop(a);
+    }
+
+    #[test]
+    fn a_foreign_mount_on_the_mount_point_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let mut m = MockMounter::new();
+        m.expect_mounts().returning(move || Ok(vec![entry(&d, "ext4")]));
+        m.expect_mount().never();
+        let e = mounts(m, dir.path()).acquire(&repo()).unwrap_err();
+        assert!(e.to_string().contains("already holds a ext4 mount"), "{e}");
+    }
+
+    #[test]
+    fn an_unresponsive_fresh_mount_is_undone_and_not_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MockMounter::new();
+        m.expect_mounts().returning(|| Ok(vec![]));
+        m.expect_mount().times(2).returning(|_, _, _| Ok(()));
+        let mut probes = 0;
+        m.expect_probe().times(2).returning(move |p, t| {
+            probes += 1;
+            if probes == 1 { Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t }) } else { Ok(()) }
+        });
+        m.expect_unmount().times(2).returning(|_, _| Ok(UnmountOutcome::Clean));
+        let mounts = mounts(m, dir.path());
+        let e = mounts.acquire(&repo()).unwrap_err();
+        assert!(matches!(e, MountError::Unresponsive { .. }), "{e}");
+        // Nobody was registered: the next user mounts again and, alone, unmounts.
+        let a = mounts.acquire(&repo()).unwrap();
+        assert_eq!(a.release().unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
+    }
+
+    #[test]
+    fn a_mount_failure_leaves_nothing_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MockMounter::new();
+        m.expect_mounts().returning(|| Ok(vec![]));
+        m.expect_mount().returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
+        m.expect_unmount().never();
+        let e = mounts(m, dir.path()).acquire(&repo()).unwrap_err();
+        assert!(e.to_string().contains("did not answer"), "{e}");
+    }
+
+    #[test]
+    fn a_mount_left_by_a_helper_killed_at_its_timeout_is_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let mut m = MockMounter::new();
+        let mut seq = Sequence::new();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
+        m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
+        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "dead".into() }));
+        assert!(mounts(m, dir.path()).acquire(&repo()).is_err());
+    }
+
+    #[test]
+    fn a_held_mutex_times_out_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MockMounter::new();
+        let mounts = mounts(m, dir.path());
+        fs::create_dir_all(dir.path().join("locks")).unwrap();
+        let held = open_lock_file(&dir.path().join("locks/r1.lock")).unwrap();
+        held.lock().unwrap();
+        let e = mounts.acquire(&repo()).unwrap_err();
+        assert!(matches!(e, MountError::LockTimeout { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_shared_repository_is_only_probed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = BackupRepository::new("s", RepositoryKind::Shared, dir.path().to_str().unwrap(), "", None).unwrap();
+        let mut m = MockMounter::new();
+        m.expect_probe().with(eq(dir.path().to_owned()), always()).times(1).returning(|_, _| Ok(()));
+        m.expect_mount().never();
+        m.expect_unmount().never();
+        let mounts = mounts(m, &dir.path().join("runtime"));
+        let a = mounts.acquire(&shared).unwrap();
+        assert_eq!(a.root(), dir.path());
+        assert_eq!(a.release().unwrap(), ReleaseOutcome::StillInUse);
     }
 }
