@@ -25,6 +25,8 @@
 
 #![deny(missing_docs)]
 
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod model;
 pub mod mount;
 

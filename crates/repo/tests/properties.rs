@@ -1,0 +1,97 @@
+//! Property tests of the model: round trips and the path-safety invariants.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Component, Path};
+
+use nasbak_repo::{Address, BackupId, CephAddress, CephMonitor, CifsAddress, Host, MountOption, MountOptions, NfsAddress, RepositoryLayout, VmName};
+use proptest::prelude::*;
+
+fn host() -> impl Strategy<Value = Host> {
+    prop_oneof![
+        "[a-z][a-z0-9-]{0,10}[a-z0-9](\\.[a-z][a-z0-9]{0,6}){0,2}".prop_map(Host::Name),
+        any::<u32>().prop_map(|v| Host::V4(Ipv4Addr::from(v))),
+        any::<u128>().prop_map(|v| Host::V6(Ipv6Addr::from(v))),
+    ]
+    .prop_filter("a name that is an IPv4 address parses as one", |h| !matches!(h, Host::Name(n) if n.parse::<Ipv4Addr>().is_ok()))
+}
+
+fn abs_path() -> impl Strategy<Value = String> {
+    "(/[A-Za-z0-9_. -]{1,8}){0,3}/?".prop_map(|p| if p.is_empty() { "/".into() } else { p })
+}
+
+proptest! {
+    #[test]
+    fn nfs_round_trip(host in host(), export in abs_path()) {
+        let a = Address::Nfs(NfsAddress { host, export });
+        prop_assert_eq!(Address::parse_nfs(&a.to_string()).unwrap(), a);
+    }
+
+    #[test]
+    fn cifs_round_trip(host in host(), share in "[A-Za-z0-9$_-]{1,8}", subdir in "([A-Za-z0-9_-]{1,5}(/[A-Za-z0-9_-]{1,5}){0,2})?") {
+        let a = Address::Cifs(CifsAddress { host, share, subdir });
+        prop_assert_eq!(Address::parse_cifs(&a.to_string()).unwrap(), a);
+    }
+
+    #[test]
+    fn ceph_round_trip(mons in prop::collection::vec((host(), prop::option::of(1u16..)), 1..4), path in abs_path(),
+                       user in "[a-z][a-z0-9_-]{0,6}", fsid in prop::option::of(any::<u128>()), fs in "[a-z][a-z0-9_-]{0,6}") {
+        let a = Address::Ceph(CephAddress::Monitors { monitors: mons.into_iter().map(|(host, port)| CephMonitor { host, port }).collect(), path: path.clone() });
+        prop_assert_eq!(Address::parse_ceph(&a.to_string()).unwrap(), a);
+        let b = Address::Ceph(CephAddress::Named { user, fsid: fsid.map(uuid_from), fs_name: fs, path });
+        prop_assert_eq!(Address::parse_ceph(&b.to_string()).unwrap(), b);
+    }
+
+    #[test]
+    fn options_round_trip(items in prop::collection::vec(("[a-z][a-z0-9_.-]{0,8}", prop::option::of("[A-Za-z0-9:/._ ,=-]{0,10}")), 0..6)) {
+        let mut options = MountOptions::new();
+        for (key, value) in &items {
+            options.push(match value {
+                Some(v) => MountOption::with_value(key, v).unwrap(),
+                None => MountOption::flag(key).unwrap(),
+            });
+        }
+        let written = options.to_mount_string();
+        prop_assert_eq!(MountOptions::parse(&written).unwrap(), options.clone());
+        if !options.has_secrets() {
+            prop_assert_eq!(MountOptions::parse(&options.to_string()).unwrap(), options);
+        }
+    }
+
+    #[test]
+    fn options_parser_never_panics_and_is_faithful(text in ".{0,40}") {
+        if let Ok(o) = MountOptions::parse(&text) {
+            prop_assert_eq!(o.to_mount_string(), text);
+        }
+    }
+
+    #[test]
+    fn backup_id_round_trip(secs in 0i64..4_102_444_800, seq in 1u32..50) {
+        let t = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+        let id = BackupId::first_free(t, |id| id.sequence() < seq);
+        prop_assert_eq!(id.sequence(), seq);
+        prop_assert_eq!(id.to_string().parse::<BackupId>().unwrap(), id);
+    }
+
+    #[test]
+    fn a_valid_name_is_one_normal_path_component(text in ".{0,12}") {
+        if let Ok(name) = VmName::new(&text) {
+            let parts: Vec<_> = Path::new(name.as_str()).components().collect();
+            prop_assert_eq!(parts.len(), 1);
+            prop_assert!(matches!(parts[0], Component::Normal(_)));
+        }
+    }
+
+    #[test]
+    fn resolved_backups_stay_two_levels_inside_the_repository(text in "[a-z./0-9-]{0,30}") {
+        let layout = RepositoryLayout::new("/repo");
+        if let Ok((_, _, dir)) = layout.resolve_backup(&text) {
+            let rest = dir.strip_prefix("/repo").unwrap();
+            prop_assert_eq!(rest.components().count(), 2);
+            prop_assert!(rest.components().all(|c| matches!(c, Component::Normal(_))));
+        }
+    }
+}
+
+fn uuid_from(v: u128) -> uuid::Uuid {
+    uuid::Uuid::from_u128(v)
+}
