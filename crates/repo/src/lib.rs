@@ -39,6 +39,9 @@ pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind};
 pub use model::secret::Secret;
-pub use mount::{Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, SystemMounter, UnmountOutcome};
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;
+pub use mount::{
+    Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, SystemMounter,
+    UnmountOutcome,
+};

@@ -3,7 +3,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Component, Path};
 
-use nasbak_repo::{Address, BackupId, CephAddress, CephMonitor, CifsAddress, Host, MountOption, MountOptions, NfsAddress, RepositoryLayout, VmName};
+use nasbak_repo::{
+    Address, BackupId, CephAddress, CephMonitor, CifsAddress, Host, MountOption, MountOptions, NfsAddress,
+    RepositoryLayout, VmName,
+};
 use proptest::prelude::*;
 
 fn host() -> impl Strategy<Value = Host> {
@@ -12,7 +15,10 @@ fn host() -> impl Strategy<Value = Host> {
         any::<u32>().prop_map(|v| Host::V4(Ipv4Addr::from(v))),
         any::<u128>().prop_map(|v| Host::V6(Ipv6Addr::from(v))),
     ]
-    .prop_filter("a name that is an IPv4 address parses as one", |h| !matches!(h, Host::Name(n) if n.parse::<Ipv4Addr>().is_ok()))
+    .prop_filter(
+        "a name that is an IPv4 address parses as one",
+        |h| !matches!(h, Host::Name(n) if n.parse::<Ipv4Addr>().is_ok()),
+    )
 }
 
 fn abs_path() -> impl Strategy<Value = String> {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use nasbak_repo::mount::command::ExternalCommand;
 use nasbak_repo::{
-    BackupRepository, MountError, MountTimeouts, Mounter, ReleaseOutcome, RepositoryKind, RepositoryMounts, SystemMounter,
-    UnmountOutcome,
+    BackupRepository, MountError, MountTimeouts, Mounter, ReleaseOutcome, RepositoryKind, RepositoryMounts,
+    SystemMounter, UnmountOutcome,
 };
 use nasbak_testlab::{SshServer, pids_with_cmdline};
 

@@ -151,7 +151,8 @@ impl DomainSpec {
         let xml = dom.xml(&guest, self.agent);
         let xml_path = dom.dir.join("domain.xml");
         fs::write(&xml_path, xml).expect("write domain xml");
-        virsh(&["define", xml_path.to_str().expect("utf-8 path")]).unwrap_or_else(|e| panic!("defining {}: {e}", dom.name));
+        virsh(&["define", xml_path.to_str().expect("utf-8 path")])
+            .unwrap_or_else(|e| panic!("defining {}: {e}", dom.name));
         dom.defined = true;
         if self.running {
             dom.start();
@@ -208,7 +209,10 @@ impl LabDomain {
         let (target, path, format) = match spec.kind {
             DiskKind::Qcow2 => {
                 let q = self.dir.join(format!("disk{i}.qcow2"));
-                run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().expect("utf-8"), q.to_str().expect("utf-8")]);
+                run(
+                    "qemu-img",
+                    &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().expect("utf-8"), q.to_str().expect("utf-8")],
+                );
                 fs::remove_file(&raw).expect("remove raw");
                 (next_vd(vd), q, "qcow2")
             }
@@ -356,13 +360,19 @@ pub fn sweep_leftovers() {
 }
 
 fn detach_loops_under(dir: &Path) {
-    let Ok(out) = ExternalCommand::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"]).timeout(Duration::from_secs(30)).run() else { return };
+    let Ok(out) = ExternalCommand::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .timeout(Duration::from_secs(30))
+        .run()
+    else {
+        return;
+    };
     for line in out.stdout_text().lines() {
         let mut parts = line.split_whitespace();
-        if let (Some(dev), Some(file)) = (parts.next(), parts.next()) {
-            if Path::new(file).starts_with(dir) {
-                let _ = ExternalCommand::new("losetup").args(["-d", dev]).run();
-            }
+        if let (Some(dev), Some(file)) = (parts.next(), parts.next())
+            && Path::new(file).starts_with(dir)
+        {
+            let _ = ExternalCommand::new("losetup").args(["-d", dev]).run();
         }
     }
 }

@@ -48,7 +48,9 @@ impl SshServer {
             d = dir.display()
         );
         fs::write(dir.join("sshd_config"), config).expect("sshd_config");
-        let sshd = ["/usr/sbin/sshd", "/sbin/sshd"].into_iter().find(|p| Path::new(p).exists())
+        let sshd = ["/usr/sbin/sshd", "/sbin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
             .unwrap_or_else(|| crate::lab_missing("sshd is not installed (package openssh-server)"));
         let child = Command::new(sshd)
             .arg("-D")

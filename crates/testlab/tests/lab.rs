@@ -18,7 +18,8 @@ fn a_stopped_domain_with_every_kind_of_disk_is_created_and_removed_with_its_file
     assert_eq!(virsh(&["domstate", &name]).unwrap().trim(), "shut off");
     let list = virsh(&["domblklist", &name, "--details"]).unwrap();
     for disk in dom.disks() {
-        let line = list.lines().find(|l| l.contains(&disk.target)).unwrap_or_else(|| panic!("{} not in\n{list}", disk.target));
+        let line =
+            list.lines().find(|l| l.contains(&disk.target)).unwrap_or_else(|| panic!("{} not in\n{list}", disk.target));
         assert!(line.contains(&*disk.path.to_string_lossy()), "{line}");
         let expect = match disk.kind {
             DiskKind::Block => "block",
@@ -27,14 +28,19 @@ fn a_stopped_domain_with_every_kind_of_disk_is_created_and_removed_with_its_file
         };
         assert!(line.contains(expect), "{line}");
     }
-    let info = nasbak_repo::mount::command::ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap();
+    let info = nasbak_repo::mount::command::ExternalCommand::new("qemu-img")
+        .args(["info"])
+        .arg(&dom.disks()[0].path)
+        .run()
+        .unwrap();
     assert!(info.stdout_text().contains("file format: qcow2"));
     let loop_dev = dom.disks()[2].path.clone();
     assert!(loop_dev.to_string_lossy().starts_with("/dev/loop"), "{loop_dev:?}");
     drop(dom);
     assert!(virsh(&["domstate", &name]).is_err(), "{name} still defined");
     assert!(!dir.exists(), "{dir:?} left behind");
-    let loops = nasbak_repo::mount::command::ExternalCommand::new("losetup").args(["-l", "-n"]).run().unwrap().stdout_text();
+    let loops =
+        nasbak_repo::mount::command::ExternalCommand::new("losetup").args(["-l", "-n"]).run().unwrap().stdout_text();
     assert!(!loops.contains(&*dir.to_string_lossy()), "loop device left: {loops}");
 }
 

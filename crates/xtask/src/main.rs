@@ -1,7 +1,9 @@
 //! `cargo xtask`: automation for nasbak.
 //!
 //! - `cargo xtask lab up | status | down`: the KVM lab (see `docs/lab.md`).
-//! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test.
+//! - `cargo xtask demo`: the README's main job.
+//! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
+//! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test, a short fuzz run.
 
 mod lab;
 mod run;
@@ -14,7 +16,10 @@ commands:
   lab up        install and start the KVM lab (idempotent), build the test guest
   lab status    say what is up and what is missing
   lab down      stop what `lab up` started and remove leftover test domains
-  test          lab up, then fmt --check, clippy -D warnings, doc -D warnings and all tests";
+  demo          lab up, then mount a local ext4-image repository through nasbak-repo, write,
+                read back, show capacity, unmount (the end-to-end job of this stage)
+  fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
+  test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests, a short fuzz run";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +29,9 @@ fn main() -> Result<()> {
         ["lab", "status"] => lab::status(),
         ["lab", "down"] => lab::down(),
         ["test"] => run::test(),
+        ["demo"] => run::demo(),
+        ["fuzz"] => run::fuzz(30),
+        ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
         ["help"] | ["--help"] | ["-h"] | [] => {
             println!("{USAGE}");
             Ok(())

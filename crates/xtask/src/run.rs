@@ -1,5 +1,7 @@
 //! Running commands from xtask, and `cargo xtask test`.
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,5 +36,73 @@ pub fn test() -> Result<()> {
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     cargo(&["test", "--workspace", "--all-targets", "--no-fail-fast"], &[])?;
     cargo(&["test", "--workspace", "--doc"], &[])?;
+    fuzz(10)?;
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `cargo xtask demo`: the end-to-end job of this stage on an embedded default: a `custom`
+/// repository on a loop-mounted ext4 image under the lab's state directory.
+pub fn demo() -> Result<()> {
+    crate::lab::up()?;
+    let dir = Path::new(crate::lab::STATE).join("demo");
+    fs::create_dir_all(&dir)?;
+    let image = dir.join("repo.img");
+    if !image.exists() {
+        println!("xtask: truncate -s 256M {0} && mkfs.ext4 -q {0}", image.display());
+        fs::File::create(&image)?.set_len(256 << 20)?;
+        cmd("mkfs.ext4").arg("-q").arg("-F").arg(&image).run()?;
+    }
+    let image = image.to_string_lossy().into_owned();
+    let args = [
+        "run",
+        "--quiet",
+        "-p",
+        "nasbak-repo",
+        "--example",
+        "repo_check",
+        "--",
+        "--name",
+        "demo",
+        "--type",
+        "custom",
+        "--fstype",
+        "ext4",
+        "--address",
+        &image,
+    ];
+    cargo(&args, &[])
+}
+
+/// Runs every fuzz target for `secs` seconds, installing cargo-fuzz first if it is missing.
+/// The stable toolchain runs it with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs `-Z` flags).
+pub fn fuzz(secs: u32) -> Result<()> {
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        cargo(&["install", "--locked", "cargo-fuzz"], &[])?;
+    }
+    let fuzz_dir = workspace_root().join("fuzz");
+    for target in ["mount_options", "address"] {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        let max = format!("-max_total_time={secs}");
+        println!("xtask: fuzzing {target} for {secs} s");
+        let status = Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .args(["--", &max, "-print_final_stats=0"])
+            .status()
+            .context("running cargo fuzz")?;
+        if !status.success() {
+            bail!("fuzz target {target} failed ({status}); the crash input is under fuzz/artifacts/{target}/");
+        }
+    }
     Ok(())
 }

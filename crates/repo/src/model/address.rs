@@ -96,8 +96,7 @@ fn check_path(what: &'static str, input: &str, at: usize, expected: &str) -> Res
 
 const NFS_EXPECTED: &str = "expected host:/export, for example nas1:/backups or [fd00::1]:/backups";
 const CIFS_EXPECTED: &str = "expected //host/share or //host/share/dir, for example //nas1/backups";
-const CEPH_EXPECTED: &str =
-    "expected mon1[:port],mon2[:port]:/path or user@fsid.fsname=/path, for example 10.0.0.1:6789,10.0.0.2:/ or admin@.cephfs=/";
+const CEPH_EXPECTED: &str = "expected mon1[:port],mon2[:port]:/path or user@fsid.fsname=/path, for example 10.0.0.1:6789,10.0.0.2:/ or admin@.cephfs=/";
 const SHARED_EXPECTED: &str = "expected an absolute path without '..', for example /mnt/backups";
 const CUSTOM_EXPECTED: &str = "expected the source argument of mount(8), for example /srv/backup.img";
 
@@ -141,7 +140,13 @@ impl Address {
             return Err(ParseError::new(W, input, end + 1, "the share name is empty", CIFS_EXPECTED));
         }
         if let Some(i) = share.find(['\\', ':', '*', '?', '"', '<', '>', '|']) {
-            return Err(ParseError::new(W, input, end + 1 + i, "this character is not allowed in a share name", CIFS_EXPECTED));
+            return Err(ParseError::new(
+                W,
+                input,
+                end + 1 + i,
+                "this character is not allowed in a share name",
+                CIFS_EXPECTED,
+            ));
         }
         let subdir = subdir.trim_end_matches('/');
         if subdir.split('/').any(|c| c == ".." || (c.is_empty() && !subdir.is_empty())) {
@@ -155,10 +160,10 @@ impl Address {
     pub fn parse_ceph(input: &str) -> Result<Address, ParseError> {
         const W: &str = "CephFS address";
         check_common(W, input, CEPH_EXPECTED)?;
-        if let (Some(at), Some(eq)) = (input.find('@'), input.find('=')) {
-            if at < eq {
-                return parse_ceph_named(input, at, eq);
-            }
+        if let (Some(at), Some(eq)) = (input.find('@'), input.find('='))
+            && at < eq
+        {
+            return parse_ceph_named(input, at, eq);
         }
         let mut monitors = Vec::new();
         let mut pos = 0;
@@ -185,7 +190,13 @@ impl Address {
                 let path = check_path(W, input, next + 1, CEPH_EXPECTED)?;
                 return Ok(Address::Ceph(CephAddress::Monitors { monitors, path }));
             }
-            return Err(ParseError::new(W, input, next, "expected ',' and another monitor, or ':/path'", CEPH_EXPECTED));
+            return Err(ParseError::new(
+                W,
+                input,
+                next,
+                "expected ',' and another monitor, or ':/path'",
+                CEPH_EXPECTED,
+            ));
         }
     }
 
@@ -216,11 +227,23 @@ fn parse_ceph_named(input: &str, at: usize, eq: usize) -> Result<Address, ParseE
     let name_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     let user = &input[..at];
     if !name_ok(user) {
-        return Err(ParseError::new(W, input, 0, "the user name is empty or holds a character other than A-Z a-z 0-9 - _ .", CEPH_EXPECTED));
+        return Err(ParseError::new(
+            W,
+            input,
+            0,
+            "the user name is empty or holds a character other than A-Z a-z 0-9 - _ .",
+            CEPH_EXPECTED,
+        ));
     }
     let middle = &input[at + 1..eq];
     let Some((fsid_text, fs_name)) = middle.split_once('.') else {
-        return Err(ParseError::new(W, input, at + 1, "expected fsid.fsname (the fsid may be empty) after '@'", CEPH_EXPECTED));
+        return Err(ParseError::new(
+            W,
+            input,
+            at + 1,
+            "expected fsid.fsname (the fsid may be empty) after '@'",
+            CEPH_EXPECTED,
+        ));
     };
     let fsid = if fsid_text.is_empty() {
         None
@@ -230,7 +253,13 @@ fn parse_ceph_named(input: &str, at: usize, eq: usize) -> Result<Address, ParseE
         })?)
     };
     if !name_ok(fs_name) {
-        return Err(ParseError::new(W, input, at + 2 + fsid_text.len(), "the file system name is empty or holds a character other than A-Z a-z 0-9 - _ .", CEPH_EXPECTED));
+        return Err(ParseError::new(
+            W,
+            input,
+            at + 2 + fsid_text.len(),
+            "the file system name is empty or holds a character other than A-Z a-z 0-9 - _ .",
+            CEPH_EXPECTED,
+        ));
     }
     let path = check_path(W, input, eq + 1, CEPH_EXPECTED)?;
     Ok(Address::Ceph(CephAddress::Named { user: user.to_owned(), fsid, fs_name: fs_name.to_owned(), path }))

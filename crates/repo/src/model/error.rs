@@ -28,13 +28,7 @@ impl ParseError {
         problem: impl Into<String>,
         expected: impl Into<String>,
     ) -> Self {
-        ParseError {
-            what,
-            input: input.to_owned(),
-            position,
-            problem: problem.into(),
-            expected: expected.into(),
-        }
+        ParseError { what, input: input.to_owned(), position, problem: problem.into(), expected: expected.into() }
     }
 }
 

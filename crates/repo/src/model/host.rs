@@ -78,10 +78,7 @@ fn check_hostname(what: &'static str, input: &str, start: usize, text: &str) -> 
     }
     let mut offset = start;
     for label in text.split('.') {
-        let bad = label.is_empty()
-            || label.len() > 63
-            || label.starts_with('-')
-            || label.ends_with('-');
+        let bad = label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-');
         if bad {
             return Err(ParseError::new(
                 what,
@@ -91,9 +88,7 @@ fn check_hostname(what: &'static str, input: &str, start: usize, text: &str) -> 
                 HOST_EXPECTED,
             ));
         }
-        if let Some((i, c)) = label
-            .char_indices()
-            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        if let Some((i, c)) = label.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
         {
             return Err(ParseError::new(
                 what,

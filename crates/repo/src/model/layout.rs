@@ -22,7 +22,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
 const TIME_FORMAT: &str = "%Y.%m.%d.%H.%M.%S";
-const ID_EXPECTED: &str = "expected yyyy.MM.dd.HH.mm.ss with an optional -N suffix, for example 2026.11.27.21.30.05 or 2026.11.27.21.30.05-2";
+const ID_EXPECTED: &str =
+    "expected yyyy.MM.dd.HH.mm.ss with an optional -N suffix, for example 2026.11.27.21.30.05 or 2026.11.27.21.30.05-2";
 
 /// A backup id: the reference's `yyyy.MM.dd.HH.mm.ss` (UTC in backups we write), with a `-N`
 /// suffix (N >= 2) when two backups of one VM start within the same second.
@@ -95,17 +96,25 @@ impl FromStr for BackupId {
         let (stamp, seq) = match s.split_once('-') {
             Some((stamp, n)) => {
                 let ok = !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit());
-                let seq = n.parse::<u32>().ok().filter(|&n| ok && n >= 2).ok_or_else(|| err(stamp.len() + 1, "the suffix is not a number of 2 or more"))?;
+                let seq = n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| ok && n >= 2)
+                    .ok_or_else(|| err(stamp.len() + 1, "the suffix is not a number of 2 or more"))?;
                 (stamp, seq)
             }
             None => (s, 1),
         };
         let shape_ok = stamp.len() == 19
-            && stamp.bytes().enumerate().all(|(i, b)| if matches!(i, 4 | 7 | 10 | 13 | 16) { b == b'.' } else { b.is_ascii_digit() });
+            && stamp
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| if matches!(i, 4 | 7 | 10 | 13 | 16) { b == b'.' } else { b.is_ascii_digit() });
         if !shape_ok {
             return Err(err(0, "it does not have the shape yyyy.MM.dd.HH.mm.ss"));
         }
-        let time = NaiveDateTime::parse_from_str(stamp, TIME_FORMAT).map_err(|_| err(0, "it is not a valid date and time"))?;
+        let time =
+            NaiveDateTime::parse_from_str(stamp, TIME_FORMAT).map_err(|_| err(0, "it is not a valid date and time"))?;
         Ok(BackupId { time, seq })
     }
 }
@@ -176,10 +185,20 @@ impl RepositoryLayout {
     pub fn resolve_backup(&self, relative: &str) -> Result<(VmName, BackupId, PathBuf), ParseError> {
         let expected = "expected VM/BACKUP-ID, for example web1/2026.11.27.21.30.05";
         let Some((vm, id)) = relative.split_once('/') else {
-            return Err(ParseError::new("backup path", relative, relative.len(), "it names no backup inside a VM directory", expected));
+            return Err(ParseError::new(
+                "backup path",
+                relative,
+                relative.len(),
+                "it names no backup inside a VM directory",
+                expected,
+            ));
         };
         let vm = VmName::new(vm)?;
-        let id: BackupId = id.parse().map_err(|e: ParseError| ParseError { position: e.position + vm.as_str().len() + 1, input: relative.to_owned(), ..e })?;
+        let id: BackupId = id.parse().map_err(|e: ParseError| ParseError {
+            position: e.position + vm.as_str().len() + 1,
+            input: relative.to_owned(),
+            ..e
+        })?;
         let dir = self.backup_dir(&vm, &id);
         Ok((vm, id, dir))
     }
@@ -195,7 +214,16 @@ mod tests {
         for good in ["2026.11.27.21.30.05", "2026.01.01.00.00.00-2", "1999.12.31.23.59.59-17"] {
             assert_eq!(good.parse::<BackupId>().unwrap().to_string(), good);
         }
-        for bad in ["", "2026.11.27.21.30", "2026.13.01.00.00.00", "2026.11.27.21.30.05-1", "2026.11.27.21.30.05-02", "2026-11-27", "../x", "2026.11.27.21.30.05.partial"] {
+        for bad in [
+            "",
+            "2026.11.27.21.30",
+            "2026.13.01.00.00.00",
+            "2026.11.27.21.30.05-1",
+            "2026.11.27.21.30.05-02",
+            "2026-11-27",
+            "../x",
+            "2026.11.27.21.30.05.partial",
+        ] {
             assert!(bad.parse::<BackupId>().is_err(), "{bad}");
         }
         let a: BackupId = "2026.11.27.21.30.05".parse().unwrap();
@@ -225,7 +253,17 @@ mod tests {
         let l = RepositoryLayout::new("/mnt/r");
         let (_, _, dir) = l.resolve_backup("web1/2026.11.27.21.30.05").unwrap();
         assert_eq!(dir, Path::new("/mnt/r/web1/2026.11.27.21.30.05"));
-        for bad in ["", "/", "web1", "web1/", "../x/2026.11.27.21.30.05", "web1/..", "/etc/passwd", "web1/2026.11.27.21.30.05/x", "./2026.11.27.21.30.05"] {
+        for bad in [
+            "",
+            "/",
+            "web1",
+            "web1/",
+            "../x/2026.11.27.21.30.05",
+            "web1/..",
+            "/etc/passwd",
+            "web1/2026.11.27.21.30.05/x",
+            "./2026.11.27.21.30.05",
+        ] {
             assert!(l.resolve_backup(bad).is_err(), "{bad:?}");
         }
     }

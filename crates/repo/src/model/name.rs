@@ -9,9 +9,7 @@ use super::error::{ParseError, first_control};
 /// no `/`, no control characters, not starting with `-` (so it can never be read as an option)
 /// and only characters from `extra` beyond ASCII letters and digits.
 fn check_component(what: &'static str, s: &str, extra: &str) -> Result<(), ParseError> {
-    let expected = format!(
-        "use 1 to 200 of the characters A-Z a-z 0-9 and {extra:?}, not starting with '-' or '.'"
-    );
+    let expected = format!("use 1 to 200 of the characters A-Z a-z 0-9 and {extra:?}, not starting with '-' or '.'");
     let err = |pos: usize, problem: &str| ParseError::new(what, s, pos, problem, expected.clone());
     if s.is_empty() {
         return Err(err(0, "it is empty"));
@@ -25,10 +23,7 @@ fn check_component(what: &'static str, s: &str, extra: &str) -> Result<(), Parse
     if s.starts_with('-') || s.starts_with('.') {
         return Err(err(0, "it starts with '-' or '.'"));
     }
-    if let Some((pos, c)) = s
-        .char_indices()
-        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || extra.contains(c)))
-    {
+    if let Some((pos, c)) = s.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || extra.contains(c))) {
         let problem = if c == '/' {
             "'/' would leave its directory".to_owned()
         } else {

@@ -71,7 +71,13 @@ impl MountOption {
         check_key(key, key, 0)?;
         let shown = if is_secret_key(key) { "***" } else { value };
         if let Some(pos) = value.find('"').or_else(|| first_control(value)) {
-            return Err(ParseError::new("mount option value", shown, pos, "a value cannot hold '\"' or control characters", "remove it"));
+            return Err(ParseError::new(
+                "mount option value",
+                shown,
+                pos,
+                "a value cannot hold '\"' or control characters",
+                "remove it",
+            ));
         }
         let raw = if value.contains(',') { format!("\"{value}\"") } else { value.to_owned() };
         Ok(MountOption { value: Some(make_value(key, raw)), key: key.to_owned() })
@@ -117,13 +123,24 @@ const EXPECTED: &str = "expected comma-separated key or key=value items; quote a
 
 fn check_key(input: &str, key: &str, at: usize) -> Result<(), ParseError> {
     if key.is_empty() {
-        return Err(ParseError::new("mount options", input, at, "an option is empty (two commas, or a comma at an end)", EXPECTED));
+        return Err(ParseError::new(
+            "mount options",
+            input,
+            at,
+            "an option is empty (two commas, or a comma at an end)",
+            EXPECTED,
+        ));
     }
-    if let Some((i, c)) = key
-        .char_indices()
-        .find(|&(_, c)| c.is_control() || c.is_whitespace() || c == '"' || c == '=' || c == ',')
+    if let Some((i, c)) =
+        key.char_indices().find(|&(_, c)| c.is_control() || c.is_whitespace() || c == '"' || c == '=' || c == ',')
     {
-        return Err(ParseError::new("mount options", input, at + i, format!("character {c:?} is not allowed in an option name"), EXPECTED));
+        return Err(ParseError::new(
+            "mount options",
+            input,
+            at + i,
+            format!("character {c:?} is not allowed in an option name"),
+            EXPECTED,
+        ));
     }
     Ok(())
 }
@@ -156,7 +173,13 @@ impl MountOptions {
         }
         let redacted = redact_loosely(input);
         if let Some(pos) = first_control(input) {
-            return Err(ParseError::new("mount options", &redacted, pos, "a control character is not allowed", EXPECTED));
+            return Err(ParseError::new(
+                "mount options",
+                &redacted,
+                pos,
+                "a control character is not allowed",
+                EXPECTED,
+            ));
         }
         let bytes = input.as_bytes();
         let mut start = 0;
@@ -177,10 +200,7 @@ impl MountOptions {
                     None => (item, None),
                 };
                 check_key(&redacted, key, start)?;
-                options.push(MountOption {
-                    key: key.to_owned(),
-                    value: value.map(|v| make_value(key, v.to_owned())),
-                });
+                options.push(MountOption { key: key.to_owned(), value: value.map(|v| make_value(key, v.to_owned())) });
                 start = i + 1;
             }
             i += 1;

@@ -39,14 +39,34 @@ impl RepositoryKind {
             "shared" => RepositoryKind::Shared,
             "custom" => {
                 let Some(t) = fstype else {
-                    return Err(ParseError::new("repository type", name, 0, "a custom repository needs a file system type", "give --fstype, for example ext4 or fuse.sshfs"));
+                    return Err(ParseError::new(
+                        "repository type",
+                        name,
+                        0,
+                        "a custom repository needs a file system type",
+                        "give --fstype, for example ext4 or fuse.sshfs",
+                    ));
                 };
                 return Ok(RepositoryKind::Custom(t.parse()?));
             }
-            _ => return Err(ParseError::new("repository type", name, 0, "unknown type", "expected one of nfs, cifs, cephfs, shared, custom")),
+            _ => {
+                return Err(ParseError::new(
+                    "repository type",
+                    name,
+                    0,
+                    "unknown type",
+                    "expected one of nfs, cifs, cephfs, shared, custom",
+                ));
+            }
         };
         if let Some(t) = fstype {
-            return Err(ParseError::new("file system type", t, 0, format!("only a custom repository takes a file system type, not {kind}"), "leave it out, or use type custom"));
+            return Err(ParseError::new(
+                "file system type",
+                t,
+                0,
+                format!("only a custom repository takes a file system type, not {kind}"),
+                "leave it out, or use type custom",
+            ));
         }
         Ok(kind)
     }
@@ -125,8 +145,24 @@ pub const NFS_DEFAULT_STALL_BOUND_SECS: u64 = 60;
 
 /// Options that must not be given twice (with any values).
 const SINGLE_VALUED: &[&str] = &[
-    "vers", "nfsvers", "timeo", "retrans", "rsize", "wsize", "sec", "port", "proto", "username",
-    "user", "domain", "uid", "gid", "name", "fsid", "credentials", "secretfile",
+    "vers",
+    "nfsvers",
+    "timeo",
+    "retrans",
+    "rsize",
+    "wsize",
+    "sec",
+    "port",
+    "proto",
+    "username",
+    "user",
+    "domain",
+    "uid",
+    "gid",
+    "name",
+    "fsid",
+    "credentials",
+    "secretfile",
 ];
 /// Pairs of flags that contradict each other.
 const CONTRADICTIONS: &[(&str, &str)] = &[("soft", "hard"), ("ro", "rw"), ("sync", "async")];
@@ -138,12 +174,30 @@ fn check_consistent(options: &MountOptions) -> Result<(), ParseError> {
     for (i, key) in keys.iter().enumerate() {
         let same = |k: &str| k == key || (key == "vers" && k == "nfsvers") || (key == "nfsvers" && k == "vers");
         if SINGLE_VALUED.contains(&key.as_str()) && keys[..i].iter().any(|k| same(k)) {
-            return Err(ParseError::new("mount options", &shown, position_of(i), format!("{key} is given twice"), "keep one"));
+            return Err(ParseError::new(
+                "mount options",
+                &shown,
+                position_of(i),
+                format!("{key} is given twice"),
+                "keep one",
+            ));
         }
         for (a, b) in CONTRADICTIONS {
-            let other = if key == a { b } else if key == b { a } else { continue };
+            let other = if key == a {
+                b
+            } else if key == b {
+                a
+            } else {
+                continue;
+            };
             if keys[..i].iter().any(|k| k == other) {
-                return Err(ParseError::new("mount options", &shown, position_of(i), format!("{key} contradicts {other}"), "keep one of them"));
+                return Err(ParseError::new(
+                    "mount options",
+                    &shown,
+                    position_of(i),
+                    format!("{key} contradicts {other}"),
+                    "keep one of them",
+                ));
             }
         }
     }
@@ -171,7 +225,13 @@ pub struct BackupRepository {
 impl BackupRepository {
     /// Validates and builds a repository: the name, the address for this kind, the options, and
     /// that secrets are given only where they can be kept off argv (CIFS and CephFS).
-    pub fn new(name: &str, kind: RepositoryKind, address: &str, options: &str, zone: Option<&str>) -> Result<Self, ParseError> {
+    pub fn new(
+        name: &str,
+        kind: RepositoryKind,
+        address: &str,
+        options: &str,
+        zone: Option<&str>,
+    ) -> Result<Self, ParseError> {
         let name = RepositoryName::new(name)?;
         let address = kind.parse_address(address)?;
         let mount_options = MountOptions::parse(options)?;
@@ -187,7 +247,13 @@ impl BackupRepository {
             ));
         }
         if kind == RepositoryKind::Shared && !mount_options.is_empty() {
-            return Err(ParseError::new("mount options", &mount_options.to_string(), 0, "a shared repository is never mounted by nasbak", "leave the options empty"));
+            return Err(ParseError::new(
+                "mount options",
+                &mount_options.to_string(),
+                0,
+                "a shared repository is never mounted by nasbak",
+                "leave the options empty",
+            ));
         }
         Ok(BackupRepository { name, kind, address, mount_options, zone: zone.map(str::to_owned) })
     }

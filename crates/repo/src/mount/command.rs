@@ -29,7 +29,13 @@ pub struct ExternalCommand {
 impl ExternalCommand {
     /// A command running `program` with no arguments and a 60 s timeout.
     pub fn new(program: impl AsRef<OsStr>) -> Self {
-        ExternalCommand { program: program.as_ref().to_owned(), args: Vec::new(), env: Vec::new(), dir: None, timeout: Duration::from_secs(60) }
+        ExternalCommand {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+            timeout: Duration::from_secs(60),
+        }
     }
 
     /// Appends one argument.

@@ -61,7 +61,12 @@ impl<M: Mounter> RepositoryMounts<M> {
         let mount_point = self.mount_point(repo);
         let Some(plan) = repo.mount_plan() else {
             self.mounter.probe(&mount_point, self.timeouts.probe)?;
-            return Ok(MountedRepository { owner: self, root: mount_point, users: None, name: repo.name().to_string() });
+            return Ok(MountedRepository {
+                owner: self,
+                root: mount_point,
+                users: None,
+                name: repo.name().to_string(),
+            });
         };
         let locks = self.runtime_dir.join("locks");
         make_dir(&locks, 0o755)?;
@@ -71,7 +76,11 @@ impl<M: Mounter> RepositoryMounts<M> {
         self.ensure_mounted(&plan, &mount_point)?;
         let users_path = locks.join(format!("{name}.users"));
         let users = open_lock_file(&users_path)?;
-        users.lock_shared().map_err(|source| MountError::Io { action: "registering as a user of", path: users_path, source })?;
+        users.lock_shared().map_err(|source| MountError::Io {
+            action: "registering as a user of",
+            path: users_path,
+            source,
+        })?;
         drop(mutex);
         Ok(MountedRepository { owner: self, root: mount_point, users: Some(users), name: name.to_owned() })
     }
@@ -117,8 +126,12 @@ impl<M: Mounter> RepositoryMounts<M> {
             match file.try_lock() {
                 Ok(()) => return Ok(file),
                 Err(TryLockError::WouldBlock) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-                Err(TryLockError::WouldBlock) => return Err(MountError::LockTimeout { path: path.to_owned(), timeout: self.timeouts.lock }),
-                Err(TryLockError::Error(source)) => return Err(MountError::Io { action: "locking", path: path.to_owned(), source }),
+                Err(TryLockError::WouldBlock) => {
+                    return Err(MountError::LockTimeout { path: path.to_owned(), timeout: self.timeouts.lock });
+                }
+                Err(TryLockError::Error(source)) => {
+                    return Err(MountError::Io { action: "locking", path: path.to_owned(), source });
+                }
             }
         }
     }
@@ -132,7 +145,9 @@ impl<M: Mounter> RepositoryMounts<M> {
         let outcome = match check.try_lock() {
             Ok(()) => ReleaseOutcome::Unmounted(self.mounter.unmount(root, self.timeouts.unmount)?),
             Err(TryLockError::WouldBlock) => ReleaseOutcome::StillInUse,
-            Err(TryLockError::Error(source)) => return Err(MountError::Io { action: "locking", path: users_path, source }),
+            Err(TryLockError::Error(source)) => {
+                return Err(MountError::Io { action: "locking", path: users_path, source });
+            }
         };
         drop(check);
         drop(mutex);
@@ -159,23 +174,22 @@ fn make_dir(path: &Path, mode: u32) -> Result<(), MountError> {
 /// ever calling stat on an existing one.
 fn make_mount_point(path: &Path) -> Result<(), MountError> {
     match DirBuilder::new().mode(0o755).create(path) {
-        Ok(()) => {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-                .map_err(|source| MountError::Io { action: "creating", path: path.to_owned(), source })
-        }
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(|source| MountError::Io {
+            action: "creating",
+            path: path.to_owned(),
+            source,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(source) => Err(MountError::Io { action: "creating", path: path.to_owned(), source }),
     }
 }
 
 fn open_lock_file(path: &Path) -> Result<File, MountError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| MountError::Io { action: "opening the lock file", path: path.to_owned(), source })
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|source| MountError::Io {
+        action: "opening the lock file",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A repository in use by this caller; released (and unmounted if this was the last user) on
@@ -229,8 +243,8 @@ mod tests {
     use crate::model::mountinfo::MountInfoEntry;
     use crate::model::repository::RepositoryKind;
     use crate::mount::MockMounter;
-    use mockall::predicate::*;
     use mockall::Sequence;
+    use mockall::predicate::*;
 
     fn repo() -> BackupRepository {
         BackupRepository::new("r1", RepositoryKind::Nfs, "nas:/e", "", None).unwrap()
@@ -258,12 +272,20 @@ mod tests {
         let mut m = MockMounter::new();
         let mut seq = Sequence::new();
         m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
-        m.expect_mount().with(always(), eq(mp.clone()), always()).times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        m.expect_mount()
+            .with(always(), eq(mp.clone()), always())
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _, _| Ok(()));
         m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
         let d = dir.path().to_owned();
         m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
         m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
-        m.expect_unmount().with(eq(mp.clone()), always()).times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Clean));
+        m.expect_unmount()
+            .with(eq(mp.clone()), always())
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(UnmountOutcome::Clean));
         let mounts = mounts(m, dir.path());
         let a = mounts.acquire(&repo()).unwrap();
         let b = mounts.acquire(&repo()).unwrap();
@@ -279,8 +301,14 @@ mod tests {
         let mut m = MockMounter::new();
         let mut seq = Sequence::new();
         m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs")]));
-        m.expect_probe().times(1).in_sequence(&mut seq).returning(|p, t| Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t }));
-        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "busy".into() }));
+        m.expect_probe()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|p, t| Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t }));
+        m.expect_unmount()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "busy".into() }));
         m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
         m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
         m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Clean));
@@ -309,7 +337,11 @@ mod tests {
         let mut probes = 0;
         m.expect_probe().times(2).returning(move |p, t| {
             probes += 1;
-            if probes == 1 { Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t }) } else { Ok(()) }
+            if probes == 1 {
+                Err(MountError::TimedOut { action: "probing", path: p.to_owned(), timeout: t })
+            } else {
+                Ok(())
+            }
         });
         m.expect_unmount().times(2).returning(|_, _| Ok(UnmountOutcome::Clean));
         let mounts = mounts(m, dir.path());
@@ -325,7 +357,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = MockMounter::new();
         m.expect_mounts().returning(|| Ok(vec![]));
-        m.expect_mount().returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
+        m.expect_mount()
+            .returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
         m.expect_unmount().never();
         let e = mounts(m, dir.path()).acquire(&repo()).unwrap_err();
         assert!(e.to_string().contains("did not answer"), "{e}");
@@ -338,9 +371,15 @@ mod tests {
         let mut m = MockMounter::new();
         let mut seq = Sequence::new();
         m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
-        m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
+        m.expect_mount()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, p, t| Err(MountError::TimedOut { action: "mounting", path: p.to_owned(), timeout: t }));
         m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
-        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "dead".into() }));
+        m.expect_unmount()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _| Ok(UnmountOutcome::Lazy { reason: "dead".into() }));
         assert!(mounts(m, dir.path()).acquire(&repo()).is_err());
     }
 
@@ -359,7 +398,8 @@ mod tests {
     #[test]
     fn a_shared_repository_is_only_probed() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = BackupRepository::new("s", RepositoryKind::Shared, dir.path().to_str().unwrap(), "", None).unwrap();
+        let shared =
+            BackupRepository::new("s", RepositoryKind::Shared, dir.path().to_str().unwrap(), "", None).unwrap();
         let mut m = MockMounter::new();
         m.expect_probe().with(eq(dir.path().to_owned()), always()).times(1).returning(|_, _| Ok(()));
         m.expect_mount().never();

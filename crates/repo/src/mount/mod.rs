@@ -123,7 +123,9 @@ pub enum MountError {
         source: std::io::Error,
     },
     /// Another process held the repository's lock for longer than the lock timeout.
-    #[error("another nasbak process has been mounting or unmounting {path} for more than {timeout:?}; check for a stuck mount")]
+    #[error(
+        "another nasbak process has been mounting or unmounting {path} for more than {timeout:?}; check for a stuck mount"
+    )]
     LockTimeout {
         /// The lock file.
         path: PathBuf,
@@ -131,7 +133,9 @@ pub enum MountError {
         timeout: Duration,
     },
     /// Something else is mounted on the repository's mount point.
-    #[error("{mount_point} already holds a {found_fstype} mount of {found_source}, not the {expected_fstype} repository; unmount it first")]
+    #[error(
+        "{mount_point} already holds a {found_fstype} mount of {found_source}, not the {expected_fstype} repository; unmount it first"
+    )]
     Conflict {
         /// The mount point.
         mount_point: PathBuf,

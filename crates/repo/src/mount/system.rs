@@ -100,12 +100,11 @@ impl Mounter for SystemMounter {
         if !options.is_empty() {
             cmd = cmd.arg("-o").arg(options.to_mount_string());
         }
-        cmd.arg(&plan.source)
-            .arg(target)
-            .timeout(timeout)
-            .run()
-            .map(drop)
-            .map_err(|source| MountError::Command { action: "mounting", path: target.to_owned(), source })
+        cmd.arg(&plan.source).arg(target).timeout(timeout).run().map(drop).map_err(|source| MountError::Command {
+            action: "mounting",
+            path: target.to_owned(),
+            source,
+        })
     }
 
     fn unmount(&self, target: &Path, timeout: Duration) -> Result<UnmountOutcome, MountError> {
@@ -121,13 +120,21 @@ impl Mounter for SystemMounter {
                 path: target.to_owned(),
                 source: std::io::Error::other(format!("{errno} after {reason}")),
             }),
-            None => Err(MountError::TimedOut { action: "lazily unmounting", path: target.to_owned(), timeout: Duration::from_secs(5) }),
+            None => Err(MountError::TimedOut {
+                action: "lazily unmounting",
+                path: target.to_owned(),
+                timeout: Duration::from_secs(5),
+            }),
         }
     }
 
     fn mounts(&self) -> Result<Vec<MountInfoEntry>, MountError> {
         let path = Path::new("/proc/self/mountinfo");
-        let text = fs::read_to_string(path).map_err(|source| MountError::Io { action: "reading", path: path.to_owned(), source })?;
+        let text = fs::read_to_string(path).map_err(|source| MountError::Io {
+            action: "reading",
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(parse_mountinfo(&text))
     }
 
@@ -137,14 +144,18 @@ impl Mounter for SystemMounter {
 
     fn capacity(&self, path: &Path, timeout: Duration) -> Result<Capacity, MountError> {
         let s = statvfs_timed(path, timeout, "measuring")?;
-        let frag = s.fragment_size() as u64;
-        let total = s.blocks() as u64 * frag;
-        let free = s.blocks_free() as u64 * frag;
-        Ok(Capacity { total, used: total.saturating_sub(free), available: s.blocks_available() as u64 * frag })
+        let frag = s.fragment_size();
+        let total = s.blocks() * frag;
+        let free = s.blocks_free() * frag;
+        Ok(Capacity { total, used: total.saturating_sub(free), available: s.blocks_available() * frag })
     }
 }
 
-fn statvfs_timed(path: &Path, timeout: Duration, action: &'static str) -> Result<nix::sys::statvfs::Statvfs, MountError> {
+fn statvfs_timed(
+    path: &Path,
+    timeout: Duration,
+    action: &'static str,
+) -> Result<nix::sys::statvfs::Statvfs, MountError> {
     let owned = path.to_owned();
     match run_with_timeout(timeout, move || nix::sys::statvfs::statvfs(&owned)) {
         Some(Ok(s)) => Ok(s),

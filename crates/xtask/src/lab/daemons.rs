@@ -37,7 +37,11 @@ pub fn ensure() -> Result<()> {
     for daemon in ["virtlogd", "libvirtd"] {
         if !running(daemon) {
             println!("lab: starting {daemon}");
-            cmd(daemon).arg("-d").timeout(Duration::from_secs(30)).run().with_context(|| format!("starting {daemon}"))?;
+            cmd(daemon)
+                .arg("-d")
+                .timeout(Duration::from_secs(30))
+                .run()
+                .with_context(|| format!("starting {daemon}"))?;
             started.push_str(daemon);
             started.push('\n');
         }
@@ -74,5 +78,11 @@ pub fn stop_started() -> Result<()> {
 /// Names of all test domains (running or not).
 pub fn test_domains() -> Result<Vec<String>> {
     let out = cmd("virsh").args(["-c", URI, "list", "--all", "--name"]).timeout(Duration::from_secs(10)).run()?;
-    Ok(out.stdout_text().lines().map(str::trim).filter(|n| n.starts_with(TEST_DOMAIN_PREFIX)).map(str::to_owned).collect())
+    Ok(out
+        .stdout_text()
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(TEST_DOMAIN_PREFIX))
+        .map(str::to_owned)
+        .collect())
 }

@@ -16,8 +16,19 @@ const INIT: &str = include_str!("guest-init.sh");
 
 /// Modules in dependency order; a missing one is skipped (it may be built in).
 const MODULES: &[&str] = &[
-    "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-    "virtio_blk", "virtio_console", "crc16", "crc32c_generic", "libcrc32c", "mbcache", "jbd2", "ext4",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "crc16",
+    "crc32c_generic",
+    "libcrc32c",
+    "mbcache",
+    "jbd2",
+    "ext4",
 ];
 
 /// A built guest.
@@ -46,7 +57,9 @@ fn kernel_deb() -> Result<PathBuf> {
     let debs = Path::new(CACHE).join("debs");
     fs::create_dir_all(&debs)?;
     let depends = cmd("apt-cache").args(["depends", "linux-image-amd64"]).run()?.stdout_text();
-    let Some(package) = depends.lines().find_map(|l| l.trim().strip_prefix("Depends: ")).map(str::trim).map(str::to_owned) else {
+    let Some(package) =
+        depends.lines().find_map(|l| l.trim().strip_prefix("Depends: ")).map(str::trim).map(str::to_owned)
+    else {
         bail!("apt-cache knows no linux-image-amd64; run apt-get update");
     };
     let find = || -> Result<Option<PathBuf>> {
@@ -104,7 +117,13 @@ fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 pub fn ensure() -> Result<Guest> {
     let deb = kernel_deb()?;
     let deb_name = deb.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let key = fnv(&[&deb_name, &package_version("qemu-guest-agent")?, &package_version("busybox-static")?, INIT, &MODULES.join(" ")]);
+    let key = fnv(&[
+        &deb_name,
+        &package_version("qemu-guest-agent")?,
+        &package_version("busybox-static")?,
+        INIT,
+        &MODULES.join(" "),
+    ]);
     let dir = Path::new(CACHE).join(format!("guest-{key:016x}"));
     let guest = Guest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
     if guest.kernel.is_file() && guest.initrd.is_file() {

@@ -64,7 +64,10 @@ pub fn status() -> Result<()> {
     } else {
         println!("packages: missing {}", missing.join(" "));
     }
-    println!("root mount propagation: {}", if root_is_shared() { "shared" } else { "private (lab up makes it shared)" });
+    println!(
+        "root mount propagation: {}",
+        if root_is_shared() { "shared" } else { "private (lab up makes it shared)" }
+    );
     match daemons::versions() {
         Ok((l, q)) => println!("libvirt: up on {URI} (libvirt {l}, QEMU {q})"),
         Err(e) => println!("libvirt: not answering on {URI} ({e:#})"),
@@ -100,21 +103,23 @@ pub fn down() -> Result<()> {
 /// capabilities cache valid. Lab guests still boot with TCG (`type='qemu'`).
 fn open_kvm() -> Result<()> {
     let kvm = Path::new("/dev/kvm");
-    if let Ok(meta) = fs::metadata(kvm) {
-        if meta.permissions().mode() & 0o777 != 0o666 {
-            fs::set_permissions(kvm, fs::Permissions::from_mode(0o666)).context("chmod 666 /dev/kvm")?;
-            println!("lab: made /dev/kvm usable by the QEMU user");
-        }
+    if let Ok(meta) = fs::metadata(kvm)
+        && meta.permissions().mode() & 0o777 != 0o666
+    {
+        fs::set_permissions(kvm, fs::Permissions::from_mode(0o666)).context("chmod 666 /dev/kvm")?;
+        println!("lab: made /dev/kvm usable by the QEMU user");
     }
     Ok(())
 }
 
 fn root_is_shared() -> bool {
     fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| t.lines().any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            f.len() > 6 && f[4] == "/" && f[6..].iter().take_while(|x| **x != "-").any(|x| x.starts_with("shared:"))
-        }))
+        .map(|t| {
+            t.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 6 && f[4] == "/" && f[6..].iter().take_while(|x| **x != "-").any(|x| x.starts_with("shared:"))
+            })
+        })
         .unwrap_or(false)
 }
 

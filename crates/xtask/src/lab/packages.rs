@@ -71,7 +71,11 @@ pub fn ensure() -> Result<()> {
         return Ok(());
     }
     println!("lab: apt-get update");
-    cmd("apt-get").args(["update", "-q"]).timeout(std::time::Duration::from_secs(900)).run().context("apt-get update")?;
+    cmd("apt-get")
+        .args(["update", "-q"])
+        .timeout(std::time::Duration::from_secs(900))
+        .run()
+        .context("apt-get update")?;
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
