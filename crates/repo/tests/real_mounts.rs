@@ -19,6 +19,15 @@ fn custom(name: &str, fstype: &str, address: &str, options: &str) -> BackupRepos
     BackupRepository::new(name, kind, address, options, None).unwrap()
 }
 
+/// An sshd on loopback, the folder it exports, and a `fuse.sshfs` repository of that folder.
+fn sshfs_repo(name: &str) -> (SshServer, tempfile::TempDir, BackupRepository) {
+    let server = SshServer::start();
+    let export = tempfile::tempdir().unwrap();
+    let address = format!("root@127.0.0.1:{}", export.path().display());
+    let repo = custom(name, "fuse.sshfs", &address, &server.sshfs_options());
+    (server, export, repo)
+}
+
 fn short_timeouts() -> MountTimeouts {
     MountTimeouts {
         mount: Duration::from_secs(5),
@@ -84,10 +93,7 @@ fn bind_mount() {
 
 #[test]
 fn sshfs_over_loopback() {
-    let server = SshServer::start();
-    let export = tempfile::tempdir().unwrap();
-    let address = format!("root@127.0.0.1:{}", export.path().display());
-    let repo = custom("ssh1", "fuse.sshfs", &address, &server.sshfs_options());
+    let (_server, export, repo) = sshfs_repo("ssh1");
     let root = write_read_round_trip(&repo);
     assert_eq!(fs::read(export.path().join("hello.txt")).unwrap(), b"backup bytes");
     assert!(pids_with_cmdline(&root.to_string_lossy()).is_empty(), "sshfs left running");
@@ -115,10 +121,7 @@ fn concurrent_users_share_the_mount_and_the_last_one_unmounts() {
 
 #[test]
 fn a_server_that_does_not_answer_makes_mount_fail_within_its_timeout() {
-    let server = SshServer::start();
-    let export = tempfile::tempdir().unwrap();
-    let address = format!("root@127.0.0.1:{}", export.path().display());
-    let repo = custom("stall1", "fuse.sshfs", &address, &server.sshfs_options());
+    let (server, _export, repo) = sshfs_repo("stall1");
     let runtime = tempfile::tempdir().unwrap();
     let timeouts = MountTimeouts { mount: Duration::from_secs(3), ..short_timeouts() };
     let mounts = RepositoryMounts::new(SystemMounter::new(runtime.path()), runtime.path(), timeouts);
@@ -138,10 +141,7 @@ fn a_server_that_does_not_answer_makes_mount_fail_within_its_timeout() {
 
 #[test]
 fn a_stalled_fuse_daemon_makes_probe_fail_and_unmount_still_finishes() {
-    let server = SshServer::start();
-    let export = tempfile::tempdir().unwrap();
-    let address = format!("root@127.0.0.1:{}", export.path().display());
-    let repo = custom("stall2", "fuse.sshfs", &address, &server.sshfs_options());
+    let (_server, _export, repo) = sshfs_repo("stall2");
     let runtime = tempfile::tempdir().unwrap();
     let mounter = SystemMounter::new(runtime.path());
     let mounts = RepositoryMounts::new(mounter.clone(), runtime.path(), short_timeouts());
