@@ -85,9 +85,24 @@ impl ExternalCommand {
         }
     }
 
+    /// Like [`ExternalCommand::run`], and hands every chunk of stdout to `observer` as it
+    /// arrives (on a reader thread), for progress output such as `qemu-img convert -p`.
+    pub fn run_observed(&self, observer: StdoutObserver) -> Result<CommandOutput, CommandError> {
+        let output = self.spawn_and_wait(Some(observer))?;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            Err(CommandError::Failed { argv: self.display_argv(), status: output.status, stderr: output.stderr_text() })
+        }
+    }
+
     /// Runs the command and returns whatever it exited with; errors only for failing to start
     /// and for the timeout.
     pub fn run_unchecked(&self) -> Result<CommandOutput, CommandError> {
+        self.spawn_and_wait(None)
+    }
+
+    fn spawn_and_wait(&self, observer: Option<StdoutObserver>) -> Result<CommandOutput, CommandError> {
         let mut command = Command::new(&self.program);
         if let Some(dir) = &self.dir {
             command.current_dir(dir);
@@ -102,8 +117,8 @@ impl ExternalCommand {
             .spawn()
             .map_err(|source| CommandError::Spawn { argv: self.display_argv(), source })?;
         let pid = child.id();
-        let stdout = read_in_background(child.stdout.take());
-        let stderr = read_in_background(child.stderr.take());
+        let stdout = read_in_background(child.stdout.take(), observer);
+        let stderr = read_in_background(child.stderr.take(), None);
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let _ = tx.send(child.wait());
@@ -144,7 +159,10 @@ struct PipeReader {
     done: mpsc::Receiver<()>,
 }
 
-fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> PipeReader {
+/// A callback that sees a command's stdout as it is written.
+pub type StdoutObserver = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>, observer: Option<StdoutObserver>) -> PipeReader {
     let (tx, done) = mpsc::channel();
     let buf = Arc::new(Mutex::new(Vec::new()));
     if let Some(mut pipe) = pipe {
@@ -154,6 +172,9 @@ fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>) -> PipeReader {
             while let Ok(n) = pipe.read(&mut chunk) {
                 if n == 0 {
                     break;
+                }
+                if let Some(observe) = &observer {
+                    observe(&chunk[..n]);
                 }
                 buf.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
             }
@@ -276,6 +297,18 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(out.status.success());
         assert_eq!(out.stdout_text(), "done\n");
+    }
+
+    #[test]
+    fn an_observer_sees_stdout_while_the_command_runs() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let out = ExternalCommand::new("sh")
+            .args(["-c", "printf 'a\\r'; sleep 0.2; printf 'b\\r'"])
+            .run_observed(Arc::new(move |chunk: &[u8]| sink.lock().unwrap().extend_from_slice(chunk)))
+            .unwrap();
+        assert_eq!(out.stdout_text(), "a\rb\r");
+        assert_eq!(*seen.lock().unwrap(), b"a\rb\r");
     }
 
     #[test]

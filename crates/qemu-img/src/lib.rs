@@ -1,0 +1,40 @@
+//! qemu-img for nasbak: `info`, `convert` with progress, `check`, `compare` and `create`.
+//!
+//! The key decision: nasbak never copies disk data itself. qemu-img moves the bytes (sparse-aware,
+//! parallel with `-W -m 16` by default, optionally compressed or rate-limited), and this crate
+//! only builds its argv, reads its JSON and its `-p` progress, and interprets its exit codes.
+//! Ceph keys reach qemu-img through a temporary 0600 keyring file named in the `rbd:` filename,
+//! never on argv.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageTool, QemuImg};
+//!
+//! let tool = QemuImg::new("/run/nasbak");
+//! let request = ConvertRequest::new(std::path::PathBuf::from("/var/lib/libvirt/images/vm1.qcow2"),
+//!     std::path::PathBuf::from("/run/nasbak/mnt/nas1/vm1/root.vol1.qcow2"), ImageFormat::Qcow2);
+//! tool.convert(&request, Arc::new(|percent| eprintln!("{percent:.1}%")))?;
+//! # Ok::<(), nasbak_qemu_img::ImageError>(())
+//! ```
+//!
+//! The argv it runs for that request (a pure function, so it is tested without qemu-img):
+//!
+//! ```
+//! use nasbak_qemu_img::{ConvertRequest, ImageFormat};
+//! let r = ConvertRequest::new(std::path::PathBuf::from("/a"), std::path::PathBuf::from("/b"), ImageFormat::Qcow2);
+//! assert_eq!(r.args("/a", "/b").join(" "), "convert -p -O qcow2 -W -m 16 /a /b");
+//! ```
+
+#![deny(missing_docs)]
+
+mod convert;
+mod info;
+mod location;
+mod tool;
+
+pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
+pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
+pub use location::{ImageLocation, RbdAuth, RbdSpec};
+#[cfg(any(test, feature = "mock"))]
+pub use tool::MockImageTool;
+pub use tool::{ImageError, ImageTimeouts, ImageTool, ProgressFn, QemuImg};

@@ -1,0 +1,185 @@
+//! Where an image is: a file or block device, or a Ceph RBD image.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nasbak_repo::Secret;
+
+/// An image qemu-img reads or writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageLocation {
+    /// A file or a block device.
+    Path(PathBuf),
+    /// A Ceph RBD image.
+    Rbd(RbdSpec),
+}
+
+impl From<&Path> for ImageLocation {
+    fn from(p: &Path) -> Self {
+        ImageLocation::Path(p.to_owned())
+    }
+}
+
+impl From<PathBuf> for ImageLocation {
+    fn from(p: PathBuf) -> Self {
+        ImageLocation::Path(p)
+    }
+}
+
+impl fmt::Display for ImageLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageLocation::Path(p) => write!(f, "{}", p.display()),
+            ImageLocation::Rbd(r) => write!(f, "{}", r.filename(None)),
+        }
+    }
+}
+
+/// How a client authenticates to Ceph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RbdAuth {
+    /// Whatever `ceph.conf` and the default keyring say.
+    Default,
+    /// A keyring file the admin manages.
+    Keyring(PathBuf),
+    /// A key: written to a 0600 keyring file for the duration of one command, never on argv.
+    Key(Secret),
+}
+
+/// A Ceph RBD image, with what is needed to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSpec {
+    /// The pool.
+    pub pool: String,
+    /// An optional RADOS namespace.
+    pub namespace: Option<String>,
+    /// The image name.
+    pub image: String,
+    /// The Ceph client id (without `client.`).
+    pub id: Option<String>,
+    /// A ceph.conf to use.
+    pub conf: Option<PathBuf>,
+    /// Monitor addresses (`host` or `host:port`).
+    pub mon_hosts: Vec<String>,
+    /// Authentication.
+    pub auth: RbdAuth,
+}
+
+/// Escapes `:` and `\` as QEMU's rbd filename syntax wants.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+impl RbdSpec {
+    /// A spec for `pool/image` with default authentication.
+    pub fn new(pool: &str, image: &str) -> Self {
+        RbdSpec {
+            pool: pool.to_owned(),
+            namespace: None,
+            image: image.to_owned(),
+            id: None,
+            conf: None,
+            mon_hosts: Vec::new(),
+            auth: RbdAuth::Default,
+        }
+    }
+
+    /// QEMU's `rbd:` filename, pointing at `keyring` when given (the key itself never appears).
+    pub fn filename(&self, keyring: Option<&Path>) -> String {
+        let mut s = format!("rbd:{}/", escape(&self.pool));
+        if let Some(ns) = &self.namespace {
+            s.push_str(&escape(ns));
+            s.push('/');
+        }
+        s.push_str(&escape(&self.image));
+        if let Some(id) = &self.id {
+            s.push_str(&format!(":id={}", escape(id)));
+        }
+        if let Some(conf) = &self.conf {
+            s.push_str(&format!(":conf={}", escape(&conf.to_string_lossy())));
+        }
+        if !self.mon_hosts.is_empty() {
+            let hosts: Vec<String> = self.mon_hosts.iter().map(|h| escape(h)).collect();
+            s.push_str(&format!(":mon_host={}", hosts.join("\\;")));
+        }
+        let keyring = match (&self.auth, keyring) {
+            (_, Some(k)) => Some(k.to_owned()),
+            (RbdAuth::Keyring(k), None) => Some(k.clone()),
+            _ => None,
+        };
+        if let Some(k) = keyring {
+            s.push_str(&format!(":keyring={}", escape(&k.to_string_lossy())));
+        }
+        s
+    }
+}
+
+/// A temporary keyring file, removed on drop.
+#[derive(Debug)]
+pub(crate) struct TempKeyring(PathBuf);
+
+impl TempKeyring {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempKeyring {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// The filename qemu-img gets for `location`, and the keyring file that must live while it runs.
+pub(crate) fn filename_for(
+    location: &ImageLocation,
+    private_dir: &Path,
+) -> std::io::Result<(String, Option<TempKeyring>)> {
+    match location {
+        ImageLocation::Path(p) => Ok((p.to_string_lossy().into_owned(), None)),
+        ImageLocation::Rbd(spec) => match &spec.auth {
+            RbdAuth::Key(key) => {
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(private_dir)?;
+                let path = private_dir.join(format!("keyring-{}", uuid::Uuid::new_v4()));
+                let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                let guard = TempKeyring(path);
+                let client = spec.id.as_deref().unwrap_or("admin");
+                writeln!(f, "[client.{client}]\n\tkey = {}", key.expose())?;
+                f.sync_all()?;
+                Ok((spec.filename(Some(guard.path())), Some(guard)))
+            }
+            _ => Ok((spec.filename(None), None)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbd_filenames_escape_and_never_hold_the_key() {
+        let mut s = RbdSpec::new("vms", "disk:1");
+        s.id = Some("backup".into());
+        s.mon_hosts = vec!["10.0.0.1:6789".into(), "10.0.0.2".into()];
+        s.auth = RbdAuth::Key(Secret::new("AQBsecret=="));
+        let dir = tempfile::tempdir().unwrap();
+        let (name, guard) = filename_for(&ImageLocation::Rbd(s.clone()), dir.path()).unwrap();
+        let keyring = guard.as_ref().unwrap().path().to_owned();
+        assert_eq!(
+            name,
+            format!("rbd:vms/disk\\:1:id=backup:mon_host=10.0.0.1\\:6789\\;10.0.0.2:keyring={}", keyring.display())
+        );
+        assert!(!name.contains("AQB"));
+        assert_eq!(fs::read_to_string(&keyring).unwrap(), "[client.backup]\n\tkey = AQBsecret==\n");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&keyring).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(guard);
+        assert!(!keyring.exists());
+        assert!(!format!("{s:?}").contains("AQB"));
+        assert_eq!(ImageLocation::Rbd(s).to_string(), "rbd:vms/disk\\:1:id=backup:mon_host=10.0.0.1\\:6789\\;10.0.0.2");
+    }
+}

@@ -1,0 +1,186 @@
+//! The image-tool seam and its real implementation over the qemu-img binary.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nasbak_repo::mount::command::{CommandError, ExternalCommand};
+
+use crate::convert::{ConvertRequest, last_progress};
+use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
+use crate::location::{ImageLocation, filename_for};
+
+/// Progress of a long operation, as a percentage from 0 to 100.
+pub type ProgressFn = dyn Fn(f64) + Send + Sync;
+
+/// What nasbak needs from an image tool.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+pub trait ImageTool {
+    /// Information about an image and its backing chain (the image first).
+    fn info(&self, image: &ImageLocation) -> Result<Vec<ImageInfo>, ImageError>;
+    /// Converts (copies) an image, reporting progress.
+    fn convert(&self, request: &ConvertRequest, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
+    /// Checks an image's consistency.
+    fn check(&self, image: &ImageLocation, format: &ImageFormat) -> Result<CheckReport, ImageError>;
+    /// Whether two images have the same guest-visible content.
+    fn compare(&self, a: &ImageLocation, b: &ImageLocation) -> Result<bool, ImageError>;
+    /// Creates an empty image of `size` bytes.
+    fn create(&self, image: &ImageLocation, format: &ImageFormat, size: u64) -> Result<(), ImageError>;
+}
+
+/// An image operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// qemu-img failed, timed out or could not run.
+    #[error("qemu-img {action} failed")]
+    Command {
+        /// What was being done.
+        action: &'static str,
+        /// argv (no secrets), status, stderr.
+        #[source]
+        source: CommandError,
+    },
+    /// qemu-img printed something we could not read.
+    #[error("could not read the output of qemu-img {action}: {detail}")]
+    Output {
+        /// What was being done.
+        action: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A temporary keyring file could not be written.
+    #[error("could not write a temporary keyring in {dir}")]
+    Keyring {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Time limits for qemu-img.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageTimeouts {
+    /// For info, check of metadata, compare of small images, create.
+    pub quick: Duration,
+    /// For convert and compare of whole disks.
+    pub copy: Duration,
+}
+
+impl Default for ImageTimeouts {
+    fn default() -> Self {
+        ImageTimeouts { quick: Duration::from_secs(120), copy: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// The real [`ImageTool`]: `qemu-img` as argv, with timeouts, keys in temporary keyring files.
+#[derive(Debug, Clone)]
+pub struct QemuImg {
+    program: PathBuf,
+    private_dir: PathBuf,
+    timeouts: ImageTimeouts,
+}
+
+impl QemuImg {
+    /// `qemu-img` from PATH; temporary keyrings under `<runtime_dir>/private`.
+    pub fn new(runtime_dir: impl AsRef<Path>) -> Self {
+        QemuImg {
+            program: "qemu-img".into(),
+            private_dir: runtime_dir.as_ref().join("private"),
+            timeouts: ImageTimeouts::default(),
+        }
+    }
+
+    /// Sets the timeouts.
+    pub fn with_timeouts(mut self, timeouts: ImageTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    fn name(&self, image: &ImageLocation) -> Result<(String, Option<crate::location::TempKeyring>), ImageError> {
+        filename_for(image, &self.private_dir)
+            .map_err(|source| ImageError::Keyring { dir: self.private_dir.clone(), source })
+    }
+
+    fn command(&self, timeout: Duration) -> ExternalCommand {
+        ExternalCommand::new(&self.program).timeout(timeout)
+    }
+}
+
+impl ImageTool for QemuImg {
+    fn info(&self, image: &ImageLocation) -> Result<Vec<ImageInfo>, ImageError> {
+        let (name, _keyring) = self.name(image)?;
+        let out = self
+            .command(self.timeouts.quick)
+            .args(["info", "--output=json", "--backing-chain", "-U", &name])
+            .run()
+            .map_err(|source| ImageError::Command { action: "info", source })?;
+        parse_info(&out.stdout_text()).map_err(|e| ImageError::Output { action: "info", detail: e.to_string() })
+    }
+
+    fn convert(&self, request: &ConvertRequest, progress: Arc<ProgressFn>) -> Result<(), ImageError> {
+        let (source, _k1) = self.name(&request.source)?;
+        let (target, _k2) = self.name(&request.target)?;
+        let pending = Arc::new(Mutex::new(String::new()));
+        let observer = {
+            let pending = Arc::clone(&pending);
+            Arc::new(move |chunk: &[u8]| {
+                let mut text = pending.lock().unwrap_or_else(|e| e.into_inner());
+                text.push_str(&String::from_utf8_lossy(chunk));
+                if let Some(p) = last_progress(&text) {
+                    progress(p);
+                }
+                // Keep only the unfinished tail.
+                if let Some(i) = text.rfind(['\r', '\n']) {
+                    text.drain(..=i);
+                }
+            })
+        };
+        self.command(self.timeouts.copy)
+            .args(request.args(&source, &target))
+            .run_observed(observer)
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "convert", source })
+    }
+
+    fn check(&self, image: &ImageLocation, format: &ImageFormat) -> Result<CheckReport, ImageError> {
+        let (name, _keyring) = self.name(image)?;
+        let cmd = self.command(self.timeouts.copy).args(["check", "--output=json", "-f", &format.to_string(), &name]);
+        let out = cmd.run_unchecked().map_err(|source| ImageError::Command { action: "check", source })?;
+        let code = out.status.code().unwrap_or(-1);
+        parse_check(code, &out.stdout_text()).ok_or_else(|| ImageError::Command {
+            action: "check",
+            source: CommandError::Failed { argv: cmd.display_argv(), status: out.status, stderr: out.stderr_text() },
+        })
+    }
+
+    fn compare(&self, a: &ImageLocation, b: &ImageLocation) -> Result<bool, ImageError> {
+        let (an, _k1) = self.name(a)?;
+        let (bn, _k2) = self.name(b)?;
+        let cmd = self.command(self.timeouts.copy).args(["compare", "-U", &an, &bn]);
+        let out = cmd.run_unchecked().map_err(|source| ImageError::Command { action: "compare", source })?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(ImageError::Command {
+                action: "compare",
+                source: CommandError::Failed {
+                    argv: cmd.display_argv(),
+                    status: out.status,
+                    stderr: out.stderr_text(),
+                },
+            }),
+        }
+    }
+
+    fn create(&self, image: &ImageLocation, format: &ImageFormat, size: u64) -> Result<(), ImageError> {
+        let (name, _keyring) = self.name(image)?;
+        self.command(self.timeouts.quick)
+            .args(["create", "-q", "-f", &format.to_string(), &name, &size.to_string()])
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "create", source })
+    }
+}

@@ -1,0 +1,154 @@
+//! The real qemu-img on real files: info, convert (progress, compression, -n, timeout), check
+//! (clean, leaks, corruption), compare, create.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nasbak_qemu_img::{
+    CheckVerdict, Compression, ConvertRequest, ImageError, ImageFormat, ImageLocation, ImageTimeouts, ImageTool,
+    QemuImg,
+};
+use nasbak_repo::mount::command::ExternalCommand;
+
+fn tool(dir: &Path) -> QemuImg {
+    QemuImg::new(dir.join("runtime"))
+}
+
+/// A qcow2 of `mib` MiB whose first `data_mib` MiB hold a pattern.
+fn image_with_data(dir: &Path, name: &str, mib: u64, data_mib: u64) -> PathBuf {
+    let path = dir.join(name);
+    tool(dir).create(&path.clone().into(), &ImageFormat::Qcow2, mib << 20).unwrap();
+    let cmd = format!("write -P 0xab 0 {data_mib}M");
+    ExternalCommand::new("qemu-io").args(["-f", "qcow2", "-c", &cmd]).arg(&path).run().unwrap();
+    path
+}
+
+fn loc(p: &Path) -> ImageLocation {
+    ImageLocation::Path(p.to_owned())
+}
+
+#[test]
+fn convert_reports_progress_and_copies_the_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image_with_data(dir.path(), "src.qcow2", 64, 16);
+    let dst = dir.path().join("dst.qcow2");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let t = tool(dir.path());
+    t.convert(
+        &ConvertRequest::new(src.clone(), dst.clone(), ImageFormat::Qcow2),
+        Arc::new(move |p| sink.lock().unwrap().push(p)),
+    )
+    .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.last().copied(), Some(100.0), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(t.compare(&loc(&src), &loc(&dst)).unwrap());
+    let info = t.info(&loc(&dst)).unwrap();
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].format, ImageFormat::Qcow2);
+    assert_eq!(info[0].virtual_size, 64 << 20);
+    assert_eq!(info[0].backing_file, None);
+    assert_eq!(t.check(&loc(&dst), &ImageFormat::Qcow2).unwrap().verdict, CheckVerdict::Clean);
+}
+
+#[test]
+fn zstd_compression_raw_targets_and_existing_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tool(dir.path());
+    let src = image_with_data(dir.path(), "src.qcow2", 32, 8);
+    let z = dir.path().join("z.qcow2");
+    let mut r = ConvertRequest::new(src.clone(), z.clone(), ImageFormat::Qcow2);
+    r.compression = Compression::Zstd;
+    t.convert(&r, Arc::new(|_| {})).unwrap();
+    assert_eq!(t.info(&loc(&z)).unwrap()[0].compression_type.as_deref(), Some("zstd"));
+    assert!(t.compare(&loc(&src), &loc(&z)).unwrap());
+    // Into an existing raw target (as into a block device), with -n.
+    let raw = dir.path().join("existing.raw");
+    fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
+    let mut r = ConvertRequest::new(z.clone(), raw.clone(), ImageFormat::Raw);
+    r.target_exists = true;
+    t.convert(&r, Arc::new(|_| {})).unwrap();
+    assert!(t.compare(&loc(&src), &loc(&raw)).unwrap());
+}
+
+#[test]
+fn compare_tells_different_images_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = image_with_data(dir.path(), "a.qcow2", 16, 4);
+    let b = image_with_data(dir.path(), "b.qcow2", 16, 2);
+    assert!(!tool(dir.path()).compare(&loc(&a), &loc(&b)).unwrap());
+}
+
+fn read_u64(f: &mut fs::File, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    u64::from_be_bytes(b)
+}
+
+#[test]
+fn check_tells_leaks_from_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tool(dir.path());
+    // A leak: one more cluster at the end of the file whose refcount says "in use".
+    let leak = image_with_data(dir.path(), "leak.qcow2", 16, 4);
+    {
+        let mut f = OpenOptions::new().read(true).write(true).open(&leak).unwrap();
+        let refcount_table = read_u64(&mut f, 48);
+        let block = read_u64(&mut f, refcount_table);
+        let len = f.metadata().unwrap().len();
+        let cluster = len / 65536;
+        f.set_len(len + 65536).unwrap();
+        f.seek(SeekFrom::Start(block + 2 * cluster)).unwrap();
+        f.write_all(&1u16.to_be_bytes()).unwrap();
+    }
+    let r = t.check(&loc(&leak), &ImageFormat::Qcow2).unwrap();
+    assert_eq!((r.verdict, r.corruptions), (CheckVerdict::Leaks, 0), "{r:?}");
+    assert!(r.leaks >= 1);
+    // A corruption: an L1 entry pointing at a misaligned L2 table.
+    let bad = image_with_data(dir.path(), "bad.qcow2", 16, 4);
+    {
+        let mut f = OpenOptions::new().read(true).write(true).open(&bad).unwrap();
+        let l1 = read_u64(&mut f, 40);
+        let entry = read_u64(&mut f, l1);
+        f.seek(SeekFrom::Start(l1)).unwrap();
+        f.write_all(&(entry + 0x200).to_be_bytes()).unwrap();
+    }
+    let r = t.check(&loc(&bad), &ImageFormat::Qcow2).unwrap();
+    assert_eq!(r.verdict, CheckVerdict::Corrupt, "{r:?}");
+    assert!(r.corruptions > 0);
+    // raw has nothing to check.
+    let raw = dir.path().join("x.raw");
+    fs::File::create(&raw).unwrap().set_len(1 << 20).unwrap();
+    assert_eq!(t.check(&loc(&raw), &ImageFormat::Raw).unwrap().verdict, CheckVerdict::Unsupported);
+}
+
+#[test]
+fn a_conversion_past_its_timeout_is_killed_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image_with_data(dir.path(), "src.qcow2", 64, 32);
+    let t = tool(dir.path())
+        .with_timeouts(ImageTimeouts { quick: Duration::from_secs(60), copy: Duration::from_millis(500) });
+    let mut r = ConvertRequest::new(src, dir.path().join("slow.qcow2"), ImageFormat::Qcow2);
+    r.rate_limit = Some(1 << 20);
+    let start = Instant::now();
+    let e = t.convert(&r, Arc::new(|_| {})).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(matches!(e, ImageError::Command { .. }) && text.contains("did not finish within 500ms"), "{text}");
+}
+
+#[test]
+fn a_missing_image_gives_qemu_img_s_own_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tool(dir.path()).info(&loc(&dir.path().join("nope.qcow2"))).unwrap_err();
+    let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(
+        text.contains("qemu-img info failed") && text.contains("nope.qcow2") && text.contains("No such file"),
+        "{text}"
+    );
+}
