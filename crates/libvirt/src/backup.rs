@@ -1,0 +1,154 @@
+//! Push-mode backup XML and checkpoint XML: built from the model, parsed back.
+
+use std::path::{Path, PathBuf};
+
+use quick_xml::escape::escape;
+use serde::Deserialize;
+
+use crate::domain::{Domain, XmlError};
+
+/// Where one disk goes in a push backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupTarget {
+    /// The disk's target device (`vda`).
+    pub disk: String,
+    /// The qcow2 file QEMU writes.
+    pub file: PathBuf,
+}
+
+/// A push-mode `<domainbackup>`: each listed disk into its own qcow2 file, every other disk of
+/// the domain explicitly `backup='no'`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushBackup {
+    /// The disks to back up and their files.
+    pub targets: Vec<BackupTarget>,
+    /// Disks of the domain not backed up.
+    pub excluded: Vec<String>,
+    /// A checkpoint to create with the backup (for later incrementals).
+    pub checkpoint: Option<String>,
+}
+
+impl PushBackup {
+    /// A backup of every disk `domain.backup_selection()` chooses, into `dir/<file_name(disk)>`.
+    pub fn for_domain(domain: &Domain, dir: &Path, file_name: impl Fn(&crate::Disk) -> String) -> Self {
+        let (chosen, skipped) = domain.backup_selection();
+        PushBackup {
+            targets: chosen
+                .iter()
+                .map(|d| BackupTarget { disk: d.target.clone(), file: dir.join(file_name(d)) })
+                .collect(),
+            excluded: skipped.into_iter().map(|s| s.target).collect(),
+            checkpoint: None,
+        }
+    }
+
+    /// The `<domainbackup mode='push'>` document.
+    ///
+    /// ```
+    /// use nasbak_libvirt::{BackupTarget, PushBackup};
+    /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into() }],
+    ///                      excluded: vec!["hdc".into()], checkpoint: None };
+    /// let xml = b.to_xml();
+    /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
+    /// assert_eq!(PushBackup::parse(&xml).unwrap(), b);
+    /// ```
+    pub fn to_xml(&self) -> String {
+        let mut x = String::from("<domainbackup mode='push'>\n  <disks>\n");
+        for t in &self.targets {
+            x.push_str(&format!(
+                "    <disk name='{}' backup='yes' type='file'>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
+                escape(t.disk.as_str()),
+                escape(t.file.to_string_lossy().as_ref())
+            ));
+        }
+        for d in &self.excluded {
+            x.push_str(&format!("    <disk name='{}' backup='no'/>\n", escape(d.as_str())));
+        }
+        x.push_str("  </disks>\n</domainbackup>\n");
+        x
+    }
+
+    /// The `<domaincheckpoint>` to pass along with [`PushBackup::to_xml`], if a checkpoint is
+    /// wanted: a bitmap on every backed-up disk.
+    pub fn checkpoint_xml(&self) -> Option<String> {
+        let name = self.checkpoint.as_ref()?;
+        let mut x = format!("<domaincheckpoint>\n  <name>{}</name>\n  <disks>\n", escape(name.as_str()));
+        for t in &self.targets {
+            x.push_str(&format!("    <disk name='{}' checkpoint='bitmap'/>\n", escape(t.disk.as_str())));
+        }
+        for d in &self.excluded {
+            x.push_str(&format!("    <disk name='{}' checkpoint='no'/>\n", escape(d.as_str())));
+        }
+        x.push_str("  </disks>\n</domaincheckpoint>\n");
+        Some(x)
+    }
+
+    /// Parses a push backup document (as built here, or as `virsh backup-dumpxml` prints it).
+    pub fn parse(xml: &str) -> Result<PushBackup, XmlError> {
+        let raw: RawBackup = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
+        let mut b = PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None };
+        for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
+            match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
+                (Some("no"), _) => b.excluded.push(d.name),
+                (_, Some(file)) => b.targets.push(BackupTarget { disk: d.name, file: file.into() }),
+                (_, None) => b.excluded.push(d.name),
+            }
+        }
+        Ok(b)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawBackup {
+    disks: Option<RawBackupDisks>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawBackupDisks {
+    #[serde(rename = "disk", default)]
+    disks: Vec<RawBackupDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawBackupDisk {
+    #[serde(rename = "@name")]
+    name: String,
+    #[serde(rename = "@backup")]
+    backup: Option<String>,
+    target: Option<RawBackupTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawBackupTarget {
+    #[serde(rename = "@file")]
+    file: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_from_a_domain_with_a_checkpoint() {
+        let d = Domain::parse(
+            "<domain><name>v</name><devices>\
+             <disk type='file' device='disk'><driver type='qcow2'/><source file='/a.qcow2'/><target dev='vda'/></disk>\
+             <disk type='block' device='disk'><driver type='raw'/><source dev='/dev/sdb'/><target dev='vdb'/></disk>\
+             <disk type='file' device='cdrom'><target dev='hdc'/></disk></devices></domain>",
+        )
+        .unwrap();
+        let mut b = PushBackup::for_domain(&d, Path::new("/r/x.partial"), |disk| format!("{}.qcow2", disk.target));
+        b.checkpoint = Some("nasbak-1".into());
+        assert_eq!(b.targets.len(), 2);
+        assert_eq!(b.excluded, ["hdc"]);
+        let back = PushBackup::parse(&b.to_xml()).unwrap();
+        assert_eq!(back.targets, b.targets);
+        let c = b.checkpoint_xml().unwrap();
+        assert!(
+            c.contains("<name>nasbak-1</name>")
+                && c.contains("<disk name='vdb' checkpoint='bitmap'/>")
+                && c.contains("<disk name='hdc' checkpoint='no'/>"),
+            "{c}"
+        );
+    }
+}

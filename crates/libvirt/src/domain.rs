@@ -1,0 +1,273 @@
+//! The typed domain model: disks, their sources and backing chains, and which to back up.
+
+use std::path::PathBuf;
+
+use crate::raw::{RawAuth, RawBacking, RawDisk, RawDomain, RawSource, RawStatus};
+
+/// A domain XML document could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("could not read the domain XML: {detail}")]
+#[non_exhaustive]
+pub struct XmlError {
+    /// What was wrong, from the XML reader.
+    pub detail: String,
+}
+
+/// What kind of device a disk is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskDevice {
+    /// A disk.
+    Disk,
+    /// A cdrom.
+    Cdrom,
+    /// A floppy.
+    Floppy,
+    /// A SCSI LUN passed through.
+    Lun,
+}
+
+/// A network disk's server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkHost {
+    /// Host name or address.
+    pub name: Option<String>,
+    /// Port.
+    pub port: Option<u16>,
+    /// `tcp`, `unix`, `rdma`.
+    pub transport: Option<String>,
+    /// The unix socket, for `transport='unix'`.
+    pub socket: Option<String>,
+}
+
+/// Authentication of a network disk (the secret stays in libvirt; only its reference is here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkAuth {
+    /// The user name.
+    pub username: Option<String>,
+    /// The secret's type (`ceph`, `iscsi`).
+    pub secret_type: Option<String>,
+    /// The secret's usage name.
+    pub secret_usage: Option<String>,
+    /// The secret's UUID.
+    pub secret_uuid: Option<String>,
+}
+
+/// Where a disk's data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A file.
+    File(PathBuf),
+    /// A block device.
+    Block(PathBuf),
+    /// A network disk (rbd, nbd, iscsi, gluster, http, ...).
+    Network {
+        /// The protocol.
+        protocol: String,
+        /// The image or export name (`pool/image` for rbd).
+        name: Option<String>,
+        /// Its servers (Ceph monitors for rbd).
+        hosts: Vec<NetworkHost>,
+        /// Its authentication.
+        auth: Option<NetworkAuth>,
+        /// A config file (rbd's ceph.conf).
+        config: Option<PathBuf>,
+    },
+    /// A volume of a libvirt storage pool.
+    Volume {
+        /// The pool.
+        pool: String,
+        /// The volume.
+        volume: String,
+    },
+    /// Any other source type (nvme, vhostuser, dir), by its type name.
+    Other(String),
+}
+
+/// One layer of a backing chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingLayer {
+    /// Where it is.
+    pub source: DiskSource,
+    /// Its format.
+    pub format: Option<String>,
+}
+
+/// One disk of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// disk, cdrom, floppy or lun.
+    pub device: DiskDevice,
+    /// The source, or `None` for an empty drive.
+    pub source: Option<DiskSource>,
+    /// The driver format (`qcow2`, `raw`).
+    pub format: Option<String>,
+    /// The target device name in the guest (`vda`): the disk's identity in a domain.
+    pub target: String,
+    /// The bus (`virtio`, `sata`, `scsi`, ...).
+    pub bus: Option<String>,
+    /// Read-only.
+    pub readonly: bool,
+    /// Shared between domains.
+    pub shareable: bool,
+    /// The serial the guest sees.
+    pub serial: Option<String>,
+    /// The backing chain below the source, top first.
+    pub backing_chain: Vec<BackingLayer>,
+}
+
+/// Why a disk is not backed up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedDisk {
+    /// Its target.
+    pub target: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+impl Disk {
+    /// `None` when the disk is backed up, else why not.
+    pub fn skip_reason(&self) -> Option<&'static str> {
+        match (&self.device, &self.source) {
+            (DiskDevice::Cdrom, _) => Some("a cdrom holds install media, not VM data"),
+            (DiskDevice::Floppy, _) => Some("a floppy holds install media, not VM data"),
+            (_, None) => Some("the drive is empty"),
+            _ if self.shareable => {
+                Some("a shareable disk belongs to several VMs and cannot be backed up consistently from one")
+            }
+            (_, Some(DiskSource::Other(kind))) if kind == "vhostuser" => {
+                Some("libvirt cannot back up vhost-user disks")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A domain, as far as backup and restore need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: Option<String>,
+    /// Its disks, in document order.
+    pub disks: Vec<Disk>,
+}
+
+impl Domain {
+    /// Parses a `<domain>` document (as `virsh dumpxml` prints it) or a live `<domstatus>`.
+    ///
+    /// ```
+    /// let d = nasbak_libvirt::Domain::parse(
+    ///     "<domain type='kvm'><name>vm1</name><devices>\
+    ///        <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+    ///          <source file='/v/vm1.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+    ///        <disk type='file' device='cdrom'><target dev='sda' bus='sata'/><readonly/></disk>\
+    ///      </devices></domain>",
+    /// ).unwrap();
+    /// let (backed_up, skipped) = d.backup_selection();
+    /// assert_eq!(backed_up[0].target, "vda");
+    /// assert_eq!(skipped[0].target, "sda");
+    /// ```
+    pub fn parse(xml: &str) -> Result<Domain, XmlError> {
+        let raw = if xml.contains("<domstatus") {
+            quick_xml::de::from_str::<RawStatus>(xml).map(|s| s.domain)
+        } else {
+            quick_xml::de::from_str::<RawDomain>(xml)
+        }
+        .map_err(|e| XmlError { detail: e.to_string() })?;
+        Ok(raw.into())
+    }
+
+    /// The disks to back up, and the others with the reason.
+    pub fn backup_selection(&self) -> (Vec<&Disk>, Vec<SkippedDisk>) {
+        let mut chosen = Vec::new();
+        let mut skipped = Vec::new();
+        for d in &self.disks {
+            match d.skip_reason() {
+                None => chosen.push(d),
+                Some(reason) => skipped.push(SkippedDisk { target: d.target.clone(), reason }),
+            }
+        }
+        (chosen, skipped)
+    }
+
+    /// The disk with this target.
+    pub fn disk(&self, target: &str) -> Option<&Disk> {
+        self.disks.iter().find(|d| d.target == target)
+    }
+}
+
+impl From<RawDomain> for Domain {
+    fn from(r: RawDomain) -> Self {
+        Domain { name: r.name, uuid: r.uuid, disks: r.devices.disks.into_iter().map(Disk::from).collect() }
+    }
+}
+
+fn auth(a: Option<RawAuth>) -> Option<NetworkAuth> {
+    a.map(|a| NetworkAuth {
+        username: a.username,
+        secret_type: a.secret.as_ref().and_then(|s| s.kind.clone()),
+        secret_usage: a.secret.as_ref().and_then(|s| s.usage.clone()),
+        secret_uuid: a.secret.and_then(|s| s.uuid),
+    })
+}
+
+fn source(kind: Option<&str>, s: RawSource, outer_auth: Option<RawAuth>) -> Option<DiskSource> {
+    Some(match kind.unwrap_or("file") {
+        "file" => DiskSource::File(s.file?.into()),
+        "block" => DiskSource::Block(s.dev?.into()),
+        "network" => DiskSource::Network {
+            protocol: s.protocol.unwrap_or_default(),
+            name: s.name,
+            hosts: s
+                .hosts
+                .into_iter()
+                .map(|h| NetworkHost {
+                    name: h.name,
+                    port: h.port.and_then(|p| p.parse().ok()),
+                    transport: h.transport,
+                    socket: h.socket,
+                })
+                .collect(),
+            auth: auth(s.auth.or(outer_auth)),
+            config: s.config.and_then(|c| c.file).map(PathBuf::from),
+        },
+        "volume" => DiskSource::Volume { pool: s.pool?, volume: s.volume? },
+        other => DiskSource::Other(other.to_owned()),
+    })
+}
+
+fn chain(mut next: Option<Box<RawBacking>>) -> Vec<BackingLayer> {
+    let mut layers = Vec::new();
+    while let Some(b) = next {
+        let b = *b;
+        if let Some(src) = b.source.and_then(|s| source(b.kind.as_deref(), s, None)) {
+            layers.push(BackingLayer { source: src, format: b.format.and_then(|f| f.format) });
+        }
+        next = b.backing_store;
+    }
+    layers
+}
+
+impl From<RawDisk> for Disk {
+    fn from(r: RawDisk) -> Self {
+        let device = match r.device.as_deref().unwrap_or("disk") {
+            "cdrom" => DiskDevice::Cdrom,
+            "floppy" => DiskDevice::Floppy,
+            "lun" => DiskDevice::Lun,
+            _ => DiskDevice::Disk,
+        };
+        let target = r.target.as_ref().and_then(|t| t.dev.clone()).unwrap_or_default();
+        Disk {
+            device,
+            source: r.source.and_then(|s| source(r.kind.as_deref(), s, r.auth)),
+            format: r.driver.and_then(|d| d.format),
+            bus: r.target.and_then(|t| t.bus),
+            target,
+            readonly: r.readonly.is_some(),
+            shareable: r.shareable.is_some(),
+            serial: r.serial,
+            backing_chain: chain(r.backing_store),
+        }
+    }
+}
