@@ -11,14 +11,23 @@
 //! assert!(d.disks.is_empty());
 //! ```
 //!
-//! The backup job itself (begin, progress, completion, abort, over `virt::sys`) is the next step
-//! of this crate (issue 3).
+//! The backup job runs through the [`Hypervisor`] seam: [`run_backup`] begins it, reports progress
+//! at least every 250 ms, notices completion within one poll (100 ms), tells completion from
+//! failure and cancellation, and aborts on timeout, cancel, error or panic. The calls the `virt`
+//! crate does not wrap (backup begin, abort) are in one FFI module.
 
 #![deny(missing_docs)]
 
 mod backup;
 mod domain;
+mod ffi;
+mod hypervisor;
+mod job;
 mod raw;
 
 pub use backup::{BackupTarget, PushBackup};
+#[cfg(any(test, feature = "mock"))]
+pub use hypervisor::MockHypervisor;
+pub use hypervisor::{DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions};
+pub use job::{CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup, start_backup};
 pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};

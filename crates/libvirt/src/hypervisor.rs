@@ -1,0 +1,174 @@
+//! The hypervisor seam, and its real implementation on the `virt` crate.
+
+use std::time::Duration;
+
+use virt::connect::Connect;
+use virt::domain::Domain as VirtDomain;
+
+use crate::ffi;
+
+/// Whether a domain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// Running (or paused, or otherwise active): back up with a push job.
+    Running,
+    /// Shut off: back up with qemu-img.
+    ShutOff,
+    /// Anything else (crashed, being shut down, ...).
+    Other,
+}
+
+/// The kind of a job libvirt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// No job.
+    None,
+    /// A job is running.
+    Active,
+    /// The last job completed.
+    Completed,
+    /// The last job failed.
+    Failed,
+    /// The last job was cancelled.
+    Cancelled,
+}
+
+/// A snapshot of job statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// The kind.
+    pub kind: JobKind,
+    /// Whether the job is (was) a backup.
+    pub is_backup: bool,
+    /// Bytes processed.
+    pub processed: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// libvirt's message for a failed job.
+    pub error: Option<String>,
+    /// Time the job ran, when libvirt reports it.
+    pub elapsed: Option<Duration>,
+}
+
+/// libvirt and QEMU versions, as `(major, minor, micro)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    /// libvirt.
+    pub libvirt: (u32, u32, u32),
+    /// QEMU.
+    pub qemu: (u32, u32, u32),
+}
+
+/// A libvirt call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("libvirt: {message}")]
+#[non_exhaustive]
+pub struct LibvirtError {
+    /// libvirt's words.
+    pub message: String,
+}
+
+impl From<virt::error::Error> for LibvirtError {
+    fn from(e: virt::error::Error) -> Self {
+        LibvirtError { message: e.message().to_owned() }
+    }
+}
+
+/// What nasbak needs from a hypervisor.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+pub trait Hypervisor {
+    /// Versions of libvirt and of the hypervisor.
+    fn versions(&self) -> Result<Versions, LibvirtError>;
+    /// The domain's XML (inactive or live as libvirt gives it).
+    fn domain_xml(&self, domain: &str) -> Result<String, LibvirtError>;
+    /// Whether the domain runs.
+    fn domain_state(&self, domain: &str) -> Result<DomainState, LibvirtError>;
+    /// Starts a backup job.
+    fn backup_begin(&self, domain: &str, backup_xml: &str, checkpoint_xml: Option<String>) -> Result<(), LibvirtError>;
+    /// The job running now (`None` kind when there is none).
+    fn current_job(&self, domain: &str) -> Result<JobInfo, LibvirtError>;
+    /// The statistics of the job that ended last, consumed by this call.
+    fn completed_job(&self, domain: &str) -> Result<JobInfo, LibvirtError>;
+    /// Aborts the running job.
+    fn abort_job(&self, domain: &str) -> Result<(), LibvirtError>;
+}
+
+/// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...).
+#[derive(Debug)]
+pub struct LibvirtHypervisor {
+    conn: Connect,
+}
+
+fn split_version(v: u32) -> (u32, u32, u32) {
+    (v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+impl LibvirtHypervisor {
+    /// Connects to `uri`. Also silences libvirt's default error printer (errors come back as
+    /// values).
+    pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
+        virt::error::clear_error_callback();
+        Ok(LibvirtHypervisor { conn: Connect::open(Some(uri))? })
+    }
+
+    /// The domain handle, for callers that need `virt` directly (the guest agent).
+    pub fn lookup(&self, domain: &str) -> Result<VirtDomain, LibvirtError> {
+        Ok(self.conn.lookup_domain_by_name(domain)?)
+    }
+
+    fn job(&self, domain: &str, flags: u32) -> Result<JobInfo, LibvirtError> {
+        let stats = self.lookup(domain)?.job_stats(flags)?;
+        let kind = match stats.r#type as u32 {
+            virt::sys::VIR_DOMAIN_JOB_NONE => JobKind::None,
+            virt::sys::VIR_DOMAIN_JOB_COMPLETED => JobKind::Completed,
+            virt::sys::VIR_DOMAIN_JOB_FAILED => JobKind::Failed,
+            virt::sys::VIR_DOMAIN_JOB_CANCELLED => JobKind::Cancelled,
+            _ => JobKind::Active,
+        };
+        Ok(JobInfo {
+            kind,
+            is_backup: stats.operation == Some(virt::sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32),
+            processed: stats.disk_processed.or(stats.data_processed).unwrap_or(0),
+            total: stats.disk_total.or(stats.data_total).unwrap_or(0),
+            error: stats.error_message,
+            elapsed: stats.time_elapsed.map(Duration::from_millis),
+        })
+    }
+}
+
+impl Hypervisor for LibvirtHypervisor {
+    fn versions(&self) -> Result<Versions, LibvirtError> {
+        Ok(Versions { libvirt: split_version(self.conn.lib_version()?), qemu: split_version(self.conn.hyp_version()?) })
+    }
+
+    fn domain_xml(&self, domain: &str) -> Result<String, LibvirtError> {
+        Ok(self.lookup(domain)?.xml_desc(0)?)
+    }
+
+    fn domain_state(&self, domain: &str) -> Result<DomainState, LibvirtError> {
+        let (state, _) = self.lookup(domain)?.state()?;
+        use virt::domain::DomainState as S;
+        use virt::enumutil::Enum;
+        Ok(match state {
+            Enum::Known(S::Shutoff) => DomainState::ShutOff,
+            Enum::Known(S::Running | S::Paused | S::Blocked) => DomainState::Running,
+            _ => DomainState::Other,
+        })
+    }
+
+    fn backup_begin(&self, domain: &str, backup_xml: &str, checkpoint_xml: Option<String>) -> Result<(), LibvirtError> {
+        Ok(ffi::backup_begin(&self.lookup(domain)?, backup_xml, checkpoint_xml.as_deref())?)
+    }
+
+    fn current_job(&self, domain: &str) -> Result<JobInfo, LibvirtError> {
+        self.job(domain, 0)
+    }
+
+    fn completed_job(&self, domain: &str) -> Result<JobInfo, LibvirtError> {
+        self.job(domain, virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+    }
+
+    fn abort_job(&self, domain: &str) -> Result<(), LibvirtError> {
+        Ok(ffi::abort_job(&self.lookup(domain)?)?)
+    }
+}

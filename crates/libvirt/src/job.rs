@@ -1,0 +1,385 @@
+//! Running a push backup job: begin, progress, completion, timeout, cancel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::backup::PushBackup;
+use crate::hypervisor::{Hypervisor, JobInfo, JobKind, LibvirtError, Versions};
+
+/// Cancels a running job from another thread (a Ctrl-C handler, an orchestrator).
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// A handle not yet cancelled.
+    pub fn new() -> Self {
+        CancelHandle::default()
+    }
+    /// Asks the job to abort.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancel was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Progress of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Bytes processed.
+    pub processed: u64,
+    /// Bytes in all (0 while unknown).
+    pub total: u64,
+}
+
+/// How often to look at the job and report progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobOptions {
+    /// The job is aborted when it runs longer.
+    pub timeout: Duration,
+    /// Between two looks at the job: completion is noticed within this time.
+    pub poll: Duration,
+    /// At most this long between two progress reports.
+    pub report_every: Duration,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions { timeout: Duration::from_secs(24 * 3600), poll: Duration::from_millis(100), report_every: Duration::from_millis(250) }
+    }
+}
+
+/// A completed backup job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    /// Bytes copied.
+    pub processed: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// How long libvirt says it ran.
+    pub elapsed: Option<Duration>,
+}
+
+/// A backup job did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// Versions too old.
+    #[error("nasbak needs libvirt >= 7.2.0 and QEMU >= 4.2.0 for push backups; this host has libvirt {libvirt} and QEMU {qemu}")]
+    TooOld {
+        /// libvirt found.
+        libvirt: String,
+        /// QEMU found.
+        qemu: String,
+    },
+    /// Another job runs on the domain.
+    #[error("another job is already running on {domain}{}; wait for it or abort it (`virsh domjobabort {domain}`)", if *.is_backup { " (a backup)" } else { "" })]
+    Busy {
+        /// The domain.
+        domain: String,
+        /// Whether that job is a backup.
+        is_backup: bool,
+    },
+    /// libvirt refused to start the job.
+    #[error("starting the backup of {domain} failed: {message}{hint}")]
+    BeginFailed {
+        /// The domain.
+        domain: String,
+        /// libvirt's words.
+        message: String,
+        /// What to do, when the cause is known.
+        hint: String,
+    },
+    /// The job failed.
+    #[error("the backup job of {domain} failed: {message}")]
+    Failed {
+        /// The domain.
+        domain: String,
+        /// libvirt's words.
+        message: String,
+    },
+    /// The job was cancelled (by us or by someone else).
+    #[error("the backup job of {domain} was cancelled")]
+    Cancelled {
+        /// The domain.
+        domain: String,
+    },
+    /// The job ran past its timeout and was aborted.
+    #[error("the backup job of {domain} ran longer than {timeout:?} and was aborted")]
+    TimedOut {
+        /// The domain.
+        domain: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// libvirt stopped answering about the job.
+    #[error("lost track of the backup job of {domain}")]
+    Libvirt {
+        /// The domain.
+        domain: String,
+        /// The error.
+        #[source]
+        source: LibvirtError,
+    },
+}
+
+fn version_text(v: (u32, u32, u32)) -> String {
+    format!("{}.{}.{}", v.0, v.1, v.2)
+}
+
+/// Checks libvirt >= 7.2.0 and QEMU >= 4.2.0 (what push backups need).
+pub fn check_versions(v: Versions) -> Result<(), JobError> {
+    if v.libvirt < (7, 2, 0) || v.qemu < (4, 2, 0) {
+        return Err(JobError::TooOld { libvirt: version_text(v.libvirt), qemu: version_text(v.qemu) });
+    }
+    Ok(())
+}
+
+/// What to do about libvirt's refusal to open a target, when we can tell.
+fn begin_hint(message: &str, target_dirs: &[PathBuf]) -> String {
+    let dir = target_dirs.first().map(|d| d.display().to_string()).unwrap_or_default();
+    if message.contains("Permission denied") {
+        format!(
+            ". QEMU runs as an unprivileged user (libvirt-qemu on Debian) and cannot create files in {dir}: make the directory and every parent traversable (0755) and the directory writable by that user"
+        )
+    } else if message.contains("No such file or directory") && target_dirs.iter().all(|d| Path::new(d).is_dir()) {
+        format!(
+            ". {dir} exists on the host but not in QEMU's mount namespace: it was mounted after the VM started while / is not a shared mount. Run `mount --make-rshared /` before starting libvirtd and the VM (systemd hosts do this), or restart the VM"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// A push backup job that has started. Dropping it before [`RunningBackup::wait`] returned
+/// aborts the job: an error or a panic between start and wait leaves no job running.
+#[derive(Debug)]
+pub struct RunningBackup<'a, H: Hypervisor> {
+    hv: &'a H,
+    domain: String,
+    armed: bool,
+}
+
+impl<H: Hypervisor> Drop for RunningBackup<'_, H> {
+    fn drop(&mut self) {
+        if self.armed {
+            abort_and_wait(self.hv, &self.domain);
+        }
+    }
+}
+
+/// Starts the push backup `backup` of `domain`, refusing when another job runs.
+///
+/// Thaw a frozen guest right after this returns (success or not), then [`RunningBackup::wait`].
+pub fn start_backup<'a, H: Hypervisor>(hv: &'a H, domain: &str, backup: &PushBackup) -> Result<RunningBackup<'a, H>, JobError> {
+    let target_dirs: Vec<PathBuf> =
+        backup.targets.iter().filter_map(|t| t.file.parent().map(Path::to_path_buf)).collect();
+    let current = hv.current_job(domain).map_err(|source| JobError::Libvirt { domain: domain.to_owned(), source })?;
+    if current.kind == JobKind::Active {
+        return Err(JobError::Busy { domain: domain.to_owned(), is_backup: current.is_backup });
+    }
+    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml()).map_err(|e| JobError::BeginFailed {
+        domain: domain.to_owned(),
+        hint: begin_hint(&e.message, &target_dirs),
+        message: e.message,
+    })?;
+    Ok(RunningBackup { hv, domain: domain.to_owned(), armed: true })
+}
+
+/// Starts and waits: [`start_backup`] then [`RunningBackup::wait`].
+pub fn run_backup<H: Hypervisor>(
+    hv: &H,
+    domain: &str,
+    backup: &PushBackup,
+    options: JobOptions,
+    cancel: &CancelHandle,
+    progress: &mut dyn FnMut(JobProgress),
+) -> Result<JobSummary, JobError> {
+    start_backup(hv, domain, backup)?.wait(options, cancel, progress)
+}
+
+impl<H: Hypervisor> RunningBackup<'_, H> {
+    /// Waits for the job to end. `progress` is called at least every `report_every` while it
+    /// runs, and once at the end. Timeout and cancel abort it.
+    pub fn wait(mut self, options: JobOptions, cancel: &CancelHandle, progress: &mut dyn FnMut(JobProgress)) -> Result<JobSummary, JobError> {
+        let domain = self.domain.clone();
+        let hv = self.hv;
+        let lost = |source| JobError::Libvirt { domain: domain.clone(), source };
+        let start = Instant::now();
+        let mut last_report: Option<Instant> = None;
+        loop {
+            let info = hv.current_job(&domain).map_err(lost)?;
+            if info.kind != JobKind::Active {
+                break;
+            }
+            if last_report.is_none_or(|t| t.elapsed() >= options.report_every.saturating_sub(options.poll)) {
+                progress(JobProgress { processed: info.processed, total: info.total });
+                last_report = Some(Instant::now());
+            }
+            if cancel.is_cancelled() {
+                return Err(JobError::Cancelled { domain: domain.clone() });
+            }
+            if start.elapsed() > options.timeout {
+                return Err(JobError::TimedOut { domain: domain.clone(), timeout: options.timeout });
+            }
+            thread::sleep(options.poll);
+        }
+        self.armed = false;
+        let done: JobInfo = hv.completed_job(&domain).map_err(lost)?;
+        match done.kind {
+            JobKind::Completed => {
+                progress(JobProgress { processed: done.processed, total: done.total });
+                Ok(JobSummary { processed: done.processed, total: done.total, elapsed: done.elapsed })
+            }
+            JobKind::Cancelled => Err(JobError::Cancelled { domain: domain.clone() }),
+            _ => Err(JobError::Failed {
+                domain: domain.clone(),
+                message: done.error.unwrap_or_else(|| "libvirt gave no reason".into()),
+            }),
+        }
+    }
+}
+
+/// Aborts the job and waits (at most 30 s) until libvirt no longer lists it.
+fn abort_and_wait<H: Hypervisor>(hv: &H, domain: &str) {
+    let _ = hv.abort_job(domain);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match hv.current_job(domain) {
+            Ok(j) if j.kind == JobKind::Active => thread::sleep(Duration::from_millis(50)),
+            _ => break,
+        }
+    }
+    let _ = hv.completed_job(domain);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::MockHypervisor;
+    use mockall::Sequence;
+
+    fn job(kind: JobKind, processed: u64) -> JobInfo {
+        JobInfo { kind, is_backup: true, processed, total: 100, error: None, elapsed: None }
+    }
+
+    fn empty() -> PushBackup {
+        PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None }
+    }
+
+    fn fast() -> JobOptions {
+        JobOptions { timeout: Duration::from_secs(5), poll: Duration::from_millis(1), report_every: Duration::from_millis(1) }
+    }
+
+    fn run(hv: &MockHypervisor, options: JobOptions, cancel: &CancelHandle) -> (Result<JobSummary, JobError>, Vec<JobProgress>) {
+        let mut seen = Vec::new();
+        let r = run_backup(hv, "vm1", &empty(), options, cancel, &mut |p| seen.push(p));
+        (r, seen)
+    }
+
+    #[test]
+    fn completion_with_progress() {
+        let mut hv = MockHypervisor::new();
+        let mut seq = Sequence::new();
+        hv.expect_current_job().times(1).in_sequence(&mut seq).returning(|_| Ok(job(JobKind::None, 0)));
+        hv.expect_backup_begin().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        for p in [10, 60] {
+            hv.expect_current_job().times(1).in_sequence(&mut seq).returning(move |_| Ok(job(JobKind::Active, p)));
+        }
+        hv.expect_current_job().times(1).in_sequence(&mut seq).returning(|_| Ok(job(JobKind::None, 0)));
+        hv.expect_completed_job().times(1).in_sequence(&mut seq).returning(|_| Ok(job(JobKind::Completed, 100)));
+        hv.expect_abort_job().never();
+        let (r, seen) = run(&hv, fast(), &CancelHandle::new());
+        assert_eq!(r.unwrap().processed, 100);
+        let processed: Vec<u64> = seen.iter().map(|p| p.processed).collect();
+        assert_eq!(processed, [10, 60, 100]);
+    }
+
+    #[test]
+    fn a_failed_job_is_told_apart_from_completion() {
+        let mut hv = MockHypervisor::new();
+        let mut n = 0;
+        hv.expect_current_job().returning(move |_| {
+            n += 1;
+            Ok(job(if n == 2 { JobKind::Active } else { JobKind::None }, 0))
+        });
+        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_completed_job().returning(|_| {
+            Ok(JobInfo { error: Some("No space left on device".into()), ..job(JobKind::Failed, 5) })
+        });
+        let (r, _) = run(&hv, fast(), &CancelHandle::new());
+        assert_eq!(r.unwrap_err(), JobError::Failed { domain: "vm1".into(), message: "No space left on device".into() });
+    }
+
+    #[test]
+    fn a_running_job_is_refused_before_anything_starts() {
+        let mut hv = MockHypervisor::new();
+        hv.expect_current_job().returning(|_| Ok(job(JobKind::Active, 1)));
+        hv.expect_backup_begin().never();
+        let (r, _) = run(&hv, fast(), &CancelHandle::new());
+        assert!(r.unwrap_err().to_string().contains("virsh domjobabort vm1"));
+    }
+
+    #[test]
+    fn cancel_and_timeout_abort_the_job() {
+        for cancelled in [true, false] {
+            let mut hv = MockHypervisor::new();
+            let mut n = 0;
+            let aborted = Arc::new(AtomicBool::new(false));
+            let a = Arc::clone(&aborted);
+            hv.expect_current_job().returning(move |_| {
+                n += 1;
+                Ok(job(if n == 1 || a.load(Ordering::SeqCst) { JobKind::None } else { JobKind::Active }, 0))
+            });
+            hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+            let a = Arc::clone(&aborted);
+            hv.expect_abort_job().times(1).returning(move |_| {
+                a.store(true, Ordering::SeqCst);
+                Ok(())
+            });
+            hv.expect_completed_job().returning(|_| Ok(job(JobKind::Cancelled, 0)));
+            let cancel = CancelHandle::new();
+            let mut options = fast();
+            if cancelled {
+                cancel.cancel();
+            } else {
+                options.timeout = Duration::from_millis(20);
+            }
+            let (r, _) = run(&hv, options, &cancel);
+            let e = r.unwrap_err();
+            assert!(matches!(e, JobError::Cancelled { .. } if cancelled) || matches!(e, JobError::TimedOut { .. } if !cancelled), "{e}");
+        }
+    }
+
+    #[test]
+    fn begin_failures_get_a_hint() {
+        let dir = std::env::temp_dir();
+        let backup = PushBackup {
+            targets: vec![crate::BackupTarget { disk: "vda".into(), file: dir.join("a.qcow2") }],
+            excluded: Vec::new(),
+            checkpoint: None,
+        };
+        let mut hv = MockHypervisor::new();
+        hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
+        hv.expect_backup_begin().returning(|_, _, _| {
+            Err(LibvirtError { message: "internal error: unable to execute QEMU command 'blockdev-add': Could not open '/x/a.qcow2': No such file or directory".into() })
+        });
+        let mut seen = Vec::new();
+        let e = run_backup(&hv, "vm1", &backup, fast(), &CancelHandle::new(), &mut |p| seen.push(p)).unwrap_err();
+        assert!(e.to_string().contains("mount namespace") && e.to_string().contains("make-rshared"), "{e}");
+        assert!(begin_hint("Could not open 'x': Permission denied", &[]).contains("libvirt-qemu"));
+    }
+
+    #[test]
+    fn versions() {
+        assert!(check_versions(Versions { libvirt: (9, 0, 0), qemu: (7, 2, 0) }).is_ok());
+        let e = check_versions(Versions { libvirt: (7, 1, 9), qemu: (7, 2, 0) }).unwrap_err();
+        assert!(e.to_string().contains("libvirt 7.1.9 and QEMU 7.2.0"), "{e}");
+        assert!(check_versions(Versions { libvirt: (8, 0, 0), qemu: (4, 1, 0) }).is_err());
+    }
+}
