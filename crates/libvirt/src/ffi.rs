@@ -29,3 +29,87 @@ pub(crate) fn abort_job(domain: &Domain) -> Result<(), Error> {
     let rc = unsafe { virt::sys::virDomainAbortJob(domain.as_ptr()) };
     if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
 }
+
+/// The fields of `virDomainGetJobStats` nasbak reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RawJobStats {
+    pub kind: i32,
+    pub operation: Option<i32>,
+    pub disk_processed: Option<u64>,
+    pub disk_total: Option<u64>,
+    pub data_processed: Option<u64>,
+    pub data_total: Option<u64>,
+    pub time_elapsed: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Owns the typed parameters libvirt allocated; frees them with libvirt's allocator.
+struct TypedParams {
+    ptr: virt::sys::virTypedParameterPtr,
+    n: std::os::raw::c_int,
+}
+
+impl Drop for TypedParams {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr`/`n` are exactly what virDomainGetJobStats returned and nothing else
+            // frees them; virTypedParamsFree is the documented way to release them.
+            unsafe { virt::sys::virTypedParamsFree(self.ptr, self.n) };
+        }
+    }
+}
+
+impl TypedParams {
+    fn ullong(&self, name: &std::ffi::CStr) -> Option<u64> {
+        let mut v: std::os::raw::c_ulonglong = 0;
+        // SAFETY: `ptr`/`n` describe a valid array (or null with n = 0, which libvirt accepts);
+        // `name` is NUL-terminated; `v` is a valid out pointer.
+        let rc = unsafe { virt::sys::virTypedParamsGetULLong(self.ptr, self.n, name.as_ptr(), &mut v) };
+        (rc == 1).then_some(v)
+    }
+
+    fn int(&self, name: &std::ffi::CStr) -> Option<i32> {
+        let mut v: std::os::raw::c_int = 0;
+        // SAFETY: as in `ullong`.
+        let rc = unsafe { virt::sys::virTypedParamsGetInt(self.ptr, self.n, name.as_ptr(), &mut v) };
+        (rc == 1).then_some(v)
+    }
+
+    fn string(&self, name: &std::ffi::CStr) -> Option<String> {
+        let mut v: *const std::os::raw::c_char = ptr::null();
+        // SAFETY: as in `ullong`; the returned string points into the array and is copied
+        // before the array is freed.
+        let rc = unsafe { virt::sys::virTypedParamsGetString(self.ptr, self.n, name.as_ptr(), &mut v) };
+        if rc != 1 || v.is_null() {
+            return None;
+        }
+        // SAFETY: libvirt returned a NUL-terminated string that lives as long as `self`.
+        Some(unsafe { std::ffi::CStr::from_ptr(v) }.to_string_lossy().into_owned())
+    }
+}
+
+/// `virDomainGetJobStats(dom, flags)`. (The `virt` crate's wrapper is unsound when there is no
+/// job: it builds a Vec from libvirt's null pointer and frees libvirt memory with Rust's
+/// allocator.)
+pub(crate) fn job_stats(domain: &Domain, flags: u32) -> Result<RawJobStats, Error> {
+    let mut kind: std::os::raw::c_int = 0;
+    let mut params = TypedParams { ptr: ptr::null_mut(), n: 0 };
+    // SAFETY: `domain.as_ptr()` is live for the call; the out pointers are valid; libvirt fills
+    // `params.ptr`/`params.n` with an array it allocated, which `TypedParams` frees.
+    let rc =
+        unsafe { virt::sys::virDomainGetJobStats(domain.as_ptr(), &mut kind, &mut params.ptr, &mut params.n, flags) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    use virt::sys as s;
+    Ok(RawJobStats {
+        kind,
+        operation: params.int(s::VIR_DOMAIN_JOB_OPERATION),
+        disk_processed: params.ullong(s::VIR_DOMAIN_JOB_DISK_PROCESSED),
+        disk_total: params.ullong(s::VIR_DOMAIN_JOB_DISK_TOTAL),
+        data_processed: params.ullong(s::VIR_DOMAIN_JOB_DATA_PROCESSED),
+        data_total: params.ullong(s::VIR_DOMAIN_JOB_DATA_TOTAL),
+        time_elapsed: params.ullong(s::VIR_DOMAIN_JOB_TIME_ELAPSED),
+        error: params.string(s::VIR_DOMAIN_JOB_ERRMSG),
+    })
+}

@@ -117,8 +117,8 @@ impl LibvirtHypervisor {
     }
 
     fn job(&self, domain: &str, flags: u32) -> Result<JobInfo, LibvirtError> {
-        let stats = self.lookup(domain)?.job_stats(flags)?;
-        let kind = match stats.r#type as u32 {
+        let stats = ffi::job_stats(&self.lookup(domain)?, flags)?;
+        let kind = match stats.kind as u32 {
             virt::sys::VIR_DOMAIN_JOB_NONE => JobKind::None,
             virt::sys::VIR_DOMAIN_JOB_COMPLETED => JobKind::Completed,
             virt::sys::VIR_DOMAIN_JOB_FAILED => JobKind::Failed,
@@ -130,7 +130,7 @@ impl LibvirtHypervisor {
             is_backup: stats.operation == Some(virt::sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32),
             processed: stats.disk_processed.or(stats.data_processed).unwrap_or(0),
             total: stats.disk_total.or(stats.data_total).unwrap_or(0),
-            error: stats.error_message,
+            error: stats.error,
             elapsed: stats.time_elapsed.map(Duration::from_millis),
         })
     }

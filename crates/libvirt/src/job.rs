@@ -50,7 +50,11 @@ pub struct JobOptions {
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { timeout: Duration::from_secs(24 * 3600), poll: Duration::from_millis(100), report_every: Duration::from_millis(250) }
+        JobOptions {
+            timeout: Duration::from_secs(24 * 3600),
+            poll: Duration::from_millis(100),
+            report_every: Duration::from_millis(250),
+        }
     }
 }
 
@@ -70,7 +74,9 @@ pub struct JobSummary {
 #[non_exhaustive]
 pub enum JobError {
     /// Versions too old.
-    #[error("nasbak needs libvirt >= 7.2.0 and QEMU >= 4.2.0 for push backups; this host has libvirt {libvirt} and QEMU {qemu}")]
+    #[error(
+        "nasbak needs libvirt >= 7.2.0 and QEMU >= 4.2.0 for push backups; this host has libvirt {libvirt} and QEMU {qemu}"
+    )]
     TooOld {
         /// libvirt found.
         libvirt: String,
@@ -176,7 +182,11 @@ impl<H: Hypervisor> Drop for RunningBackup<'_, H> {
 /// Starts the push backup `backup` of `domain`, refusing when another job runs.
 ///
 /// Thaw a frozen guest right after this returns (success or not), then [`RunningBackup::wait`].
-pub fn start_backup<'a, H: Hypervisor>(hv: &'a H, domain: &str, backup: &PushBackup) -> Result<RunningBackup<'a, H>, JobError> {
+pub fn start_backup<'a, H: Hypervisor>(
+    hv: &'a H,
+    domain: &str,
+    backup: &PushBackup,
+) -> Result<RunningBackup<'a, H>, JobError> {
     let target_dirs: Vec<PathBuf> =
         backup.targets.iter().filter_map(|t| t.file.parent().map(Path::to_path_buf)).collect();
     let current = hv.current_job(domain).map_err(|source| JobError::Libvirt { domain: domain.to_owned(), source })?;
@@ -206,7 +216,12 @@ pub fn run_backup<H: Hypervisor>(
 impl<H: Hypervisor> RunningBackup<'_, H> {
     /// Waits for the job to end. `progress` is called at least every `report_every` while it
     /// runs, and once at the end. Timeout and cancel abort it.
-    pub fn wait(mut self, options: JobOptions, cancel: &CancelHandle, progress: &mut dyn FnMut(JobProgress)) -> Result<JobSummary, JobError> {
+    pub fn wait(
+        mut self,
+        options: JobOptions,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(JobProgress),
+    ) -> Result<JobSummary, JobError> {
         let domain = self.domain.clone();
         let hv = self.hv;
         let lost = |source| JobError::Libvirt { domain: domain.clone(), source };
@@ -273,10 +288,18 @@ mod tests {
     }
 
     fn fast() -> JobOptions {
-        JobOptions { timeout: Duration::from_secs(5), poll: Duration::from_millis(1), report_every: Duration::from_millis(1) }
+        JobOptions {
+            timeout: Duration::from_secs(5),
+            poll: Duration::from_millis(1),
+            report_every: Duration::from_millis(1),
+        }
     }
 
-    fn run(hv: &MockHypervisor, options: JobOptions, cancel: &CancelHandle) -> (Result<JobSummary, JobError>, Vec<JobProgress>) {
+    fn run(
+        hv: &MockHypervisor,
+        options: JobOptions,
+        cancel: &CancelHandle,
+    ) -> (Result<JobSummary, JobError>, Vec<JobProgress>) {
         let mut seen = Vec::new();
         let r = run_backup(hv, "vm1", &empty(), options, cancel, &mut |p| seen.push(p));
         (r, seen)
@@ -309,11 +332,13 @@ mod tests {
             Ok(job(if n == 2 { JobKind::Active } else { JobKind::None }, 0))
         });
         hv.expect_backup_begin().returning(|_, _, _| Ok(()));
-        hv.expect_completed_job().returning(|_| {
-            Ok(JobInfo { error: Some("No space left on device".into()), ..job(JobKind::Failed, 5) })
-        });
+        hv.expect_completed_job()
+            .returning(|_| Ok(JobInfo { error: Some("No space left on device".into()), ..job(JobKind::Failed, 5) }));
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
-        assert_eq!(r.unwrap_err(), JobError::Failed { domain: "vm1".into(), message: "No space left on device".into() });
+        assert_eq!(
+            r.unwrap_err(),
+            JobError::Failed { domain: "vm1".into(), message: "No space left on device".into() }
+        );
     }
 
     #[test]
@@ -352,7 +377,11 @@ mod tests {
             }
             let (r, _) = run(&hv, options, &cancel);
             let e = r.unwrap_err();
-            assert!(matches!(e, JobError::Cancelled { .. } if cancelled) || matches!(e, JobError::TimedOut { .. } if !cancelled), "{e}");
+            assert!(
+                matches!(e, JobError::Cancelled { .. } if cancelled)
+                    || matches!(e, JobError::TimedOut { .. } if !cancelled),
+                "{e}"
+            );
         }
     }
 

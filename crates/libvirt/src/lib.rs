@@ -26,8 +26,11 @@ mod job;
 mod raw;
 
 pub use backup::{BackupTarget, PushBackup};
+pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions};
-pub use job::{CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup, start_backup};
-pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};
+pub use job::{
+    CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup,
+    start_backup,
+};

@@ -193,7 +193,9 @@ impl LabDomain {
         f.set_len(spec.size_mib << 20).expect("size disk file");
         drop(f);
         if spec.ext4 {
-            let mut args = vec!["-q", "-F", "-t", "ext4"];
+            // No lazy initialisation: an idle guest must not keep writing to the disk in the
+            // background, or a backup could never equal its source.
+            let mut args = vec!["-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
             let content = self.dir.join(format!("disk{i}.content"));
             if !spec.files.is_empty() {
                 fs::create_dir_all(&content).expect("content dir");

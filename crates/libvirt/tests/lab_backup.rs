@@ -1,0 +1,212 @@
+//! Backups against the real libvirtd, QEMU and guest agent of the lab.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nasbak_agent::{FreezeStatus, GuestAgent, LibvirtAgentTransport, QuiescePolicy, quiesce};
+use nasbak_libvirt::{
+    CancelHandle, DiskSource, Domain, DomainState, Hypervisor, JobError, JobKind, JobOptions, LibvirtHypervisor,
+    PushBackup, check_versions, start_backup,
+};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, QemuImg};
+use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, shared_agent_guest};
+
+fn hv() -> LibvirtHypervisor {
+    LibvirtHypervisor::connect(URI).expect("libvirtd answers (run `cargo xtask lab up`)")
+}
+
+fn out_dir(dom: &LabDomain, name: &str) -> PathBuf {
+    let d = dom.dir().join(name);
+    fs::create_dir_all(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    QemuImg::new(std::env::temp_dir()).compare(&ImageLocation::Path(a.into()), &ImageLocation::Path(b.into())).unwrap()
+}
+
+fn assert_no_job(hv: &LibvirtHypervisor, name: &str) {
+    assert_eq!(hv.current_job(name).unwrap().kind, JobKind::None, "a job is left on {name}");
+}
+
+fn source_path(d: &nasbak_libvirt::Disk) -> PathBuf {
+    match &d.source {
+        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.clone(),
+        other => panic!("unexpected source {other:?}"),
+    }
+}
+
+#[test]
+fn a_quiesced_push_backup_of_a_running_guest_equals_its_disks() {
+    let hv = hv();
+    check_versions(hv.versions().unwrap()).unwrap();
+    let dom = DomainSpec::new("push")
+        .disk(DiskSpec::qcow2(64).ext4_with_files(&[("hello.txt", b"known content")]))
+        .disk(DiskSpec::raw(16))
+        .disk(DiskSpec::cdrom())
+        .agent(true)
+        .running(true)
+        .create();
+    dom.wait_for_agent(Duration::from_secs(90));
+    assert_eq!(hv.domain_state(dom.name()).unwrap(), DomainState::Running);
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let out = out_dir(&dom, "backup");
+    let backup = PushBackup::for_domain(&domain, &out, |d| format!("{}.qcow2", d.target));
+    assert_eq!(backup.targets.iter().map(|t| t.disk.as_str()).collect::<Vec<_>>(), ["vda", "vdb"]);
+    assert_eq!(backup.excluded, ["hdc"], "the cdrom is skipped");
+    let agent = GuestAgent::new(LibvirtAgentTransport::new(hv.lookup(dom.name()).unwrap()), Duration::from_secs(10));
+    let tool = QemuImg::new(std::env::temp_dir());
+
+    // The product's flow: freeze, start, thaw at once, wait.
+    let (guard, outcome) = quiesce(&agent, QuiescePolicy::Required, None).unwrap();
+    assert!(outcome.quiesced);
+    assert_eq!(outcome.frozen_filesystems, 1);
+    assert_eq!(agent.status().unwrap(), FreezeStatus::Frozen);
+    let job = start_backup(&hv, dom.name(), &backup).unwrap();
+    drop(guard);
+    assert_eq!(agent.status().unwrap(), FreezeStatus::Thawed, "thawed right after the start");
+    let mut reports = 0;
+    let summary = job.wait(JobOptions::default(), &CancelHandle::new(), &mut |_| reports += 1).unwrap();
+    assert!(reports >= 1);
+    assert!(summary.total > 0, "{summary:?}");
+    assert_no_job(&hv, dom.name());
+    for t in &backup.targets {
+        let info = tool.info(&ImageLocation::Path(t.file.clone())).unwrap();
+        assert_eq!(info[0].format, ImageFormat::Qcow2);
+        assert_eq!(info[0].backing_file, None);
+    }
+    // The ext4 in the backup is clean without a journal replay (the freeze made it consistent)
+    // and holds the file the guest had.
+    let raw = out.join("vda.raw");
+    let mut r = ConvertRequest::new(backup.targets[0].file.clone(), raw.clone(), ImageFormat::Raw);
+    r.source_format = Some(ImageFormat::Qcow2);
+    tool.convert(&r, Arc::new(|_| {})).unwrap();
+    let fsck = ExternalCommand::new("e2fsck").args(["-f", "-n"]).arg(&raw).run_unchecked().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {} {}", fsck.stdout_text(), fsck.stderr_text());
+    let cat = ExternalCommand::new("debugfs").args(["-R", "cat /hello.txt"]).arg(&raw).run().unwrap();
+    assert_eq!(cat.stdout_text(), "known content");
+    // The raw disk, which the guest never writes, equals its source.
+    let vdb = &backup.targets[1];
+    assert!(same_content(&source_path(domain.disk("vdb").unwrap()), &vdb.file));
+
+    // Content equality for the mounted disk too: thawing rewrites the ext4 superblock, so here
+    // the guest stays frozen until the comparison is done.
+    let again = out_dir(&dom, "frozen");
+    let backup = PushBackup::for_domain(&domain, &again, |d| format!("{}.qcow2", d.target));
+    let (guard, _) = quiesce(&agent, QuiescePolicy::Required, None).unwrap();
+    start_backup(&hv, dom.name(), &backup)
+        .unwrap()
+        .wait(JobOptions::default(), &CancelHandle::new(), &mut |_| {})
+        .unwrap();
+    for t in &backup.targets {
+        let source = source_path(domain.disk(&t.disk).unwrap());
+        assert!(same_content(&source, &t.file), "{} differs from {}", t.file.display(), source.display());
+    }
+    drop(guard);
+    assert_no_job(&hv, dom.name());
+    assert_eq!(agent.status().unwrap(), FreezeStatus::Thawed);
+}
+
+#[test]
+fn a_stopped_domain_is_backed_up_through_qemu_img() {
+    let hv = hv();
+    let dom = DomainSpec::new("stopped")
+        .disk(DiskSpec::qcow2(32).ext4())
+        .disk(DiskSpec::block(16))
+        .disk(DiskSpec::cdrom())
+        .create();
+    assert_eq!(hv.domain_state(dom.name()).unwrap(), DomainState::ShutOff);
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let (chosen, skipped) = domain.backup_selection();
+    assert_eq!(skipped.len(), 1);
+    let out = out_dir(&dom, "backup");
+    let tool = QemuImg::new(std::env::temp_dir());
+    for disk in chosen {
+        let source = source_path(disk);
+        let file = out.join(format!("{}.qcow2", disk.target));
+        let mut r = ConvertRequest::new(source.clone(), file.clone(), ImageFormat::Qcow2);
+        r.source_format = Some(disk.format.as_deref().unwrap().parse().unwrap());
+        tool.convert(&r, Arc::new(|_| {})).unwrap();
+        assert!(same_content(&source, &file));
+    }
+}
+
+/// Fills a raw file with `mib` MiB of pseudo-random bytes, so a backup of it takes a while.
+fn fill_random(path: &Path, mib: usize) {
+    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+}
+
+#[test]
+fn cancel_and_timeout_abort_the_job_and_leave_none_running() {
+    let hv = hv();
+    let dom = DomainSpec::new("abort").disk(DiskSpec::raw(768)).create();
+    fill_random(&dom.disks()[0].path, 768);
+    dom.start();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    // Cancelled right after the start.
+    let backup = PushBackup::for_domain(&domain, &out_dir(&dom, "cancelled"), |d| format!("{}.qcow2", d.target));
+    let cancel = CancelHandle::new();
+    let job = start_backup(&hv, dom.name(), &backup).unwrap();
+    cancel.cancel();
+    let e = job.wait(JobOptions::default(), &cancel, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, JobError::Cancelled { .. }), "{e}");
+    assert_no_job(&hv, dom.name());
+    // A timeout does the same.
+    let backup = PushBackup::for_domain(&domain, &out_dir(&dom, "timeout"), |d| format!("{}.qcow2", d.target));
+    let options = JobOptions { timeout: Duration::from_millis(1), ..JobOptions::default() };
+    let job = start_backup(&hv, dom.name(), &backup).unwrap();
+    let e = job.wait(options, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, JobError::TimedOut { .. }), "{e}");
+    assert_no_job(&hv, dom.name());
+    // A second job while one runs is refused with a clear error, and the first is not disturbed.
+    let backup = PushBackup::for_domain(&domain, &out_dir(&dom, "first"), |d| format!("{}.qcow2", d.target));
+    let first = start_backup(&hv, dom.name(), &backup).unwrap();
+    let other = PushBackup::for_domain(&domain, &out_dir(&dom, "second"), |d| format!("{}.qcow2", d.target));
+    let e = start_backup(&hv, dom.name(), &other).map(|_| ()).unwrap_err();
+    assert!(matches!(e, JobError::Busy { is_backup: true, .. }), "{e}");
+    drop(first); // dropping a started job aborts it
+    assert_no_job(&hv, dom.name());
+}
+
+#[test]
+fn a_target_qemu_cannot_write_gives_an_error_that_says_what_to_do() {
+    let hv = hv();
+    let dom = shared_agent_guest();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let private = tempfile_dir_0700();
+    let backup = PushBackup::for_domain(&domain, &private, |d| format!("{}.qcow2", d.target));
+    let e = start_backup(&hv, dom.name(), &backup).map(|_| ()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(e, JobError::BeginFailed { .. })
+            && text.contains("Permission denied")
+            && text.contains("libvirt-qemu"),
+        "{text}"
+    );
+    assert_no_job(&hv, dom.name());
+    let _ = fs::remove_dir_all(&private);
+}
+
+fn tempfile_dir_0700() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nasbak-private-{}", std::process::id()));
+    fs::create_dir_all(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
