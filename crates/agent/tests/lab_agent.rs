@@ -4,7 +4,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nasbak_agent::{AgentError, FreezeGuard, FreezeStatus, GuestAgent, LibvirtAgentTransport, QuiescePolicy, quiesce};
-use nasbak_testlab::{DiskSpec, DomainSpec, URI, shared_agent_guest};
+use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_testlab::{DiskSpec, DomainSpec, URI, example, shared_agent_guest};
 
 /// The shared guest has one freeze state: tests that freeze take turns.
 static GUEST: Mutex<()> = Mutex::new(());
@@ -71,4 +72,13 @@ fn without_an_agent_required_fails_fast_and_best_effort_records_why() {
     assert!(guard.is_none());
     assert!(!outcome.quiesced);
     assert!(outcome.note.as_deref().unwrap_or_default().contains("crash-consistent"), "{outcome:?}");
+}
+
+#[test]
+fn the_quiesce_example_freezes_and_thaws() {
+    let _turn = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let dom = shared_agent_guest();
+    let out = ExternalCommand::new(example("quiesce")).arg(dom.name()).run().unwrap().stdout_text();
+    assert!(out.contains("froze 1 file system(s); status: Frozen"), "{out}");
+    assert!(out.contains("thawed 1 file system(s); status: Thawed"), "{out}");
 }

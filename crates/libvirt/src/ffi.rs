@@ -113,3 +113,18 @@ pub(crate) fn job_stats(domain: &Domain, flags: u32) -> Result<RawJobStats, Erro
         error: params.string(s::VIR_DOMAIN_JOB_ERRMSG),
     })
 }
+
+/// `virDomainBackupGetXMLDesc(dom, 0)`: the XML of the backup job running now.
+pub(crate) fn backup_xml(domain: &Domain) -> Result<String, Error> {
+    // SAFETY: `domain.as_ptr()` is live for the call.
+    let p = unsafe { virt::sys::virDomainBackupGetXMLDesc(domain.as_ptr(), 0) };
+    if p.is_null() {
+        return Err(Error::last_error());
+    }
+    // SAFETY: libvirt returned a NUL-terminated string that the caller owns.
+    let text = unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    // SAFETY: the string was allocated by libvirt and is freed exactly once, with libc's free as
+    // libvirt documents for returned strings.
+    unsafe { libc::free(p.cast()) };
+    Ok(text)
+}

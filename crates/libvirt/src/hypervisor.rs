@@ -91,6 +91,8 @@ pub trait Hypervisor {
     fn completed_job(&self, domain: &str) -> Result<JobInfo, LibvirtError>;
     /// Aborts the running job.
     fn abort_job(&self, domain: &str) -> Result<(), LibvirtError>;
+    /// The `<domainbackup>` XML of the backup job running now.
+    fn backup_xml(&self, domain: &str) -> Result<String, LibvirtError>;
 }
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...).
@@ -170,5 +172,9 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn abort_job(&self, domain: &str) -> Result<(), LibvirtError> {
         Ok(ffi::abort_job(&self.lookup(domain)?)?)
+    }
+
+    fn backup_xml(&self, domain: &str) -> Result<String, LibvirtError> {
+        Ok(ffi::backup_xml(&self.lookup(domain)?)?)
     }
 }

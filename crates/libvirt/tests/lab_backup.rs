@@ -178,6 +178,8 @@ fn cancel_and_timeout_abort_the_job_and_leave_none_running() {
     // A second job while one runs is refused with a clear error, and the first is not disturbed.
     let backup = PushBackup::for_domain(&domain, &out_dir(&dom, "first"), |d| format!("{}.qcow2", d.target));
     let first = start_backup(&hv, dom.name(), &backup).unwrap();
+    let running = PushBackup::parse(&hv.backup_xml(dom.name()).unwrap()).unwrap();
+    assert_eq!(running.targets, backup.targets, "libvirt's view of the running job");
     let other = PushBackup::for_domain(&domain, &out_dir(&dom, "second"), |d| format!("{}.qcow2", d.target));
     let e = start_backup(&hv, dom.name(), &other).map(|_| ()).unwrap_err();
     assert!(matches!(e, JobError::Busy { is_backup: true, .. }), "{e}");
@@ -209,4 +211,44 @@ fn tempfile_dir_0700() -> PathBuf {
     fs::create_dir_all(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
     d
+}
+
+/// Unmounts (lazily) what a test mounted, on every path out.
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = ExternalCommand::new("umount").arg("-l").arg(p).run();
+        }
+    }
+}
+
+#[test]
+fn a_target_mounted_after_the_vm_started_in_a_private_subtree_is_explained() {
+    let hv = hv();
+    let dom = DomainSpec::new("ns").disk(DiskSpec::raw(8)).create();
+    // A private subtree, as on a host whose / is not shared: later mounts in it do not reach
+    // the QEMU process's mount namespace.
+    let private = out_dir(&dom, "private");
+    let sub = private.join("repo");
+    fs::create_dir_all(&sub).unwrap();
+    let mut mounted = Unmount(Vec::new());
+    ExternalCommand::new("mount").args(["--bind"]).arg(&private).arg(&private).run().unwrap();
+    mounted.0.push(private.clone());
+    ExternalCommand::new("mount").args(["--make-private"]).arg(&private).run().unwrap();
+    dom.start();
+    ExternalCommand::new("mount").args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"]).arg(&sub).run().unwrap();
+    mounted.0.push(sub.clone());
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let backup = PushBackup::for_domain(&domain, &sub, |d| format!("{}.qcow2", d.target));
+    let e = start_backup(&hv, dom.name(), &backup).map(|_| ()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("No such file or directory") && text.contains("mount namespace") && text.contains("make-rshared"),
+        "{text}"
+    );
+    assert_no_job(&hv, dom.name());
+    dom.destroy();
+    drop(mounted);
 }

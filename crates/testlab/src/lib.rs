@@ -32,6 +32,15 @@ pub const STATE: &str = "/var/lib/nasbak-lab";
 /// Prefix of every test domain.
 pub const PREFIX: &str = "nasbak-t-";
 
+/// `target/<profile>/examples/NAME` of the running test's build, which `cargo test` builds
+/// with the tests, so a test can run a reference program as an operator would.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").join("examples").join(name);
+    assert!(path.exists(), "{} is not built; run the tests through `cargo test`", path.display());
+    path
+}
+
 /// Panics with what is missing and how to get it.
 #[track_caller]
 pub(crate) fn lab_missing(what: &str) -> ! {
