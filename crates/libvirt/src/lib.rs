@@ -7,6 +7,7 @@
 //! target device name, never its position.
 //!
 //! ```
+//! # assert_eq!(nasbak_libvirt::DEFAULT_URI, "qemu:///system");
 //! let d = nasbak_libvirt::Domain::parse("<domain><name>vm1</name></domain>").unwrap();
 //! assert!(d.disks.is_empty());
 //! ```
@@ -21,12 +22,17 @@
 mod backup;
 mod domain;
 mod ffi;
+#[doc(hidden)]
+pub mod fuzz_checks;
 mod hypervisor;
 mod job;
 mod raw;
 
 pub use backup::{BackupTarget, PushBackup};
 pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};
+/// The libvirt URI used when none is given.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions};
