@@ -144,6 +144,9 @@ mod tests {
         let back = PushBackup::parse(&b.to_xml()).unwrap();
         assert_eq!(back.targets, b.targets);
         let c = b.checkpoint_xml().unwrap();
+        let parsed = Checkpoint::parse(&c).unwrap();
+        assert_eq!(parsed.name.as_deref(), Some("nasbak-1"));
+        assert_eq!(parsed.disks, [("vda".to_owned(), true), ("vdb".to_owned(), true), ("hdc".to_owned(), false)]);
         assert!(
             c.contains("<name>nasbak-1</name>")
                 && c.contains("<disk name='vdb' checkpoint='bitmap'/>")
@@ -151,4 +154,59 @@ mod tests {
             "{c}"
         );
     }
+}
+
+/// A `<domaincheckpoint>` document, as nasbak builds it or libvirt prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Its name (libvirt picks one when absent).
+    pub name: Option<String>,
+    /// Its parent checkpoint, if any.
+    pub parent: Option<String>,
+    /// Per disk: the disk's target and whether it gets a bitmap (libvirt's default is yes).
+    pub disks: Vec<(String, bool)>,
+}
+
+impl Checkpoint {
+    /// Parses a checkpoint document.
+    pub fn parse(xml: &str) -> Result<Checkpoint, XmlError> {
+        let raw: RawCheckpoint = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
+        Ok(Checkpoint {
+            name: raw.name,
+            parent: raw.parent.and_then(|p| p.name),
+            disks: raw
+                .disks
+                .map(|d| d.disks)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| (d.name, d.checkpoint.as_deref() != Some("no")))
+                .collect(),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCheckpoint {
+    name: Option<String>,
+    parent: Option<RawParent>,
+    disks: Option<RawCheckpointDisks>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawParent {
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCheckpointDisks {
+    #[serde(rename = "disk", default)]
+    disks: Vec<RawCheckpointDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCheckpointDisk {
+    #[serde(rename = "@name")]
+    name: String,
+    #[serde(rename = "@checkpoint")]
+    checkpoint: Option<String>,
 }

@@ -28,7 +28,7 @@ mod hypervisor;
 mod job;
 mod raw;
 
-pub use backup::{BackupTarget, PushBackup};
+pub use backup::{BackupTarget, Checkpoint, PushBackup};
 pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};
 /// The libvirt URI used when none is given.
 pub const DEFAULT_URI: &str = "qemu:///system";

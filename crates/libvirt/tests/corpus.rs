@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nasbak_libvirt::{DiskDevice, DiskSource, Domain, PushBackup};
+use nasbak_libvirt::{Checkpoint, DiskDevice, DiskSource, Domain, PushBackup};
 
 fn corpus(sub: &str) -> Vec<(PathBuf, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus").join(sub);
@@ -97,5 +97,24 @@ fn every_backup_document_parses_with_all_its_disks() {
         let b = PushBackup::parse(&xml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let listed = xml.matches("<disk ").count();
         assert_eq!(b.targets.len() + b.excluded.len(), listed, "{}", path.display());
+    }
+}
+
+#[test]
+fn every_checkpoint_document_parses_with_all_its_disks() {
+    for (path, xml) in corpus("checkpoint") {
+        if path.ends_with("disk-invalid.xml") {
+            // A disk without a name: libvirt rejects it, and so do we.
+            assert!(Checkpoint::parse(&xml).is_err());
+            continue;
+        }
+        let c = Checkpoint::parse(&xml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Only the checkpoint's own <disks>; an embedded <domain> has disks of its own.
+        let own = xml.find("<disks>").map(|i| &xml[i..i + xml[i..].find("</disks>").unwrap()]).unwrap_or("");
+        assert_eq!(c.disks.len(), own.matches("<disk ").count() + own.matches("<disk/>").count(), "{}", path.display());
+        if path.ends_with("out-sample.xml") {
+            assert_eq!(c.parent.as_deref(), Some("1525111885"));
+            assert_eq!(c.disks, [("vda".to_owned(), true), ("vdb".to_owned(), false)]);
+        }
     }
 }
