@@ -128,3 +128,56 @@ pub(crate) fn backup_xml(domain: &Domain) -> Result<String, Error> {
     unsafe { libc::free(p.cast()) };
     Ok(text)
 }
+
+/// Owns a virDomainCheckpointPtr; frees it on drop.
+struct CheckpointHandle(virt::sys::virDomainCheckpointPtr);
+
+impl Drop for CheckpointHandle {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the pointer came from libvirt, is owned by this handle and freed once.
+            unsafe { virt::sys::virDomainCheckpointFree(self.0) };
+        }
+    }
+}
+
+/// Names of the domain's checkpoints (`virDomainListAllCheckpoints`).
+pub(crate) fn checkpoint_names(domain: &Domain) -> Result<Vec<String>, Error> {
+    let mut list: *mut virt::sys::virDomainCheckpointPtr = ptr::null_mut();
+    // SAFETY: `domain.as_ptr()` is live; `list` is a valid out pointer that libvirt fills with
+    // an array it allocated (freed below with libc's free, after each element is freed).
+    let n = unsafe { virt::sys::virDomainListAllCheckpoints(domain.as_ptr(), &mut list, 0) };
+    if n < 0 {
+        return Err(Error::last_error());
+    }
+    let mut names = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        // SAFETY: libvirt returned `n` valid pointers at `list`.
+        let handle = CheckpointHandle(unsafe { *list.add(i) });
+        // SAFETY: the name is owned by the live checkpoint object and copied before it is freed.
+        let name = unsafe { virt::sys::virDomainCheckpointGetName(handle.0) };
+        if !name.is_null() {
+            // SAFETY: libvirt returned a NUL-terminated string.
+            names.push(unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned());
+        }
+    }
+    if !list.is_null() {
+        // SAFETY: the array itself was allocated by libvirt and is freed once.
+        unsafe { libc::free(list.cast()) };
+    }
+    Ok(names)
+}
+
+/// Deletes the checkpoint `name` (its bitmaps go with it) (`virDomainCheckpointDelete`).
+pub(crate) fn delete_checkpoint(domain: &Domain, name: &str) -> Result<(), Error> {
+    let c = cstring(name)?;
+    // SAFETY: `domain.as_ptr()` is live and `c` is NUL-terminated for the call.
+    let handle =
+        CheckpointHandle(unsafe { virt::sys::virDomainCheckpointLookupByName(domain.as_ptr(), c.as_ptr(), 0) });
+    if handle.0.is_null() {
+        return Err(Error::last_error());
+    }
+    // SAFETY: `handle.0` is a live checkpoint pointer.
+    let rc = unsafe { virt::sys::virDomainCheckpointDelete(handle.0, 0) };
+    if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
+}

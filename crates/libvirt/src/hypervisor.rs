@@ -93,6 +93,10 @@ pub trait Hypervisor {
     fn abort_job(&self, domain: &str) -> Result<(), LibvirtError>;
     /// The `<domainbackup>` XML of the backup job running now.
     fn backup_xml(&self, domain: &str) -> Result<String, LibvirtError>;
+    /// Names of the domain's checkpoints.
+    fn checkpoints(&self, domain: &str) -> Result<Vec<String>, LibvirtError>;
+    /// Deletes a checkpoint and its bitmaps.
+    fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError>;
 }
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...).
@@ -176,5 +180,13 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn backup_xml(&self, domain: &str) -> Result<String, LibvirtError> {
         Ok(ffi::backup_xml(&self.lookup(domain)?)?)
+    }
+
+    fn checkpoints(&self, domain: &str) -> Result<Vec<String>, LibvirtError> {
+        Ok(ffi::checkpoint_names(&self.lookup(domain)?)?)
+    }
+
+    fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
+        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name)?)
     }
 }

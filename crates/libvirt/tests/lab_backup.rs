@@ -252,3 +252,22 @@ fn a_target_mounted_after_the_vm_started_in_a_private_subtree_is_explained() {
     dom.destroy();
     drop(mounted);
 }
+
+#[test]
+fn a_backup_with_a_checkpoint_leaves_a_checkpoint_that_can_be_deleted() {
+    let hv = hv();
+    let dom = DomainSpec::new("checkpoint").disk(DiskSpec::qcow2(16)).running(true).create();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let mut backup = PushBackup::for_domain(&domain, &out_dir(&dom, "full"), |d| format!("{}.qcow2", d.target));
+    backup.checkpoint = Some("nasbak-1".into());
+    start_backup(&hv, dom.name(), &backup)
+        .unwrap()
+        .wait(JobOptions::default(), &CancelHandle::new(), &mut |_| {})
+        .unwrap();
+    assert_eq!(hv.checkpoints(dom.name()).unwrap(), ["nasbak-1"]);
+    // (QEMU writes persistent bitmaps into the qcow2 only when it closes the image, so they are
+    // not visible to `qemu-img info` while the guest runs.)
+    hv.delete_checkpoint(dom.name(), "nasbak-1").unwrap();
+    assert!(hv.checkpoints(dom.name()).unwrap().is_empty());
+    assert!(hv.delete_checkpoint(dom.name(), "nasbak-1").unwrap_err().message.contains("nasbak-1"));
+}

@@ -335,7 +335,7 @@ impl Drop for LabDomain {
 fn remove_domain(name: &str, defined: bool) {
     let _ = virsh(&["destroy", name]);
     if defined {
-        let _ = virsh(&["undefine", name]);
+        let _ = virsh(&["undefine", name, "--checkpoints-metadata", "--snapshots-metadata"]);
     }
 }
 

@@ -88,7 +88,8 @@ pub fn down() -> Result<()> {
     require_root()?;
     for name in daemons::test_domains().unwrap_or_default() {
         let _ = cmd("virsh").args(["-c", URI, "destroy", &name]).run();
-        let _ = cmd("virsh").args(["-c", URI, "undefine", &name]).run();
+        let _ =
+            cmd("virsh").args(["-c", URI, "undefine", &name, "--checkpoints-metadata", "--snapshots-metadata"]).run();
         let _ = fs::remove_dir_all(Path::new(STATE).join("run").join(&name));
         println!("lab: removed test domain {name}");
     }
