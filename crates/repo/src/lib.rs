@@ -38,6 +38,7 @@ pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind};
+pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};
 pub use model::secret::Secret;
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;

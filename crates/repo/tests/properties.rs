@@ -101,3 +101,71 @@ proptest! {
 fn uuid_from(v: u128) -> uuid::Uuid {
     uuid::Uuid::from_u128(v)
 }
+
+mod retention {
+    use chrono::NaiveDateTime;
+    use nasbak_repo::RetentionPolicy;
+    use proptest::prelude::*;
+
+    fn times() -> impl Strategy<Value = Vec<NaiveDateTime>> {
+        // Up to 60 backups over about three years, some within the same hour.
+        prop::collection::vec(1_700_000_000i64..1_800_000_000, 0..60)
+            .prop_map(|v| v.into_iter().map(|s| chrono::DateTime::from_timestamp(s, 0).unwrap().naive_utc()).collect())
+    }
+
+    fn policy() -> impl Strategy<Value = RetentionPolicy> {
+        let n = || prop::option::of(0u32..6);
+        (n(), n(), n(), n(), n(), n()).prop_map(|(last, hourly, daily, weekly, monthly, yearly)| RetentionPolicy {
+            last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+            yearly,
+        })
+    }
+
+    fn active(p: &RetentionPolicy) -> u32 {
+        [p.last, p.hourly, p.daily, p.weekly, p.monthly, p.yearly].iter().map(|v| v.unwrap_or(0)).sum()
+    }
+
+    proptest! {
+        #[test]
+        fn plan_invariants(times in times(), policy in policy()) {
+            let backups: Vec<(usize, NaiveDateTime)> = times.iter().copied().enumerate().collect();
+            let plan = policy.plan(&backups);
+            // Every backup gets exactly one decision.
+            prop_assert_eq!(plan.len(), backups.len());
+            let kept = plan.iter().filter(|d| d.keep.is_some()).count();
+            if active(&policy) == 0 {
+                prop_assert_eq!(kept, backups.len());
+            } else {
+                // Never more than the rules allow, and the newest backup is always kept.
+                prop_assert!(kept as u32 <= active(&policy));
+                if let Some(first) = plan.first() {
+                    prop_assert!(first.keep.is_some());
+                }
+            }
+            // The plan does not depend on the order the backups came in.
+            let mut reversed = backups.clone();
+            reversed.reverse();
+            prop_assert_eq!(policy.plan(&reversed), plan);
+        }
+
+        #[test]
+        fn keep_last_keeps_exactly_the_newest(times in times(), n in 0u32..10) {
+            let backups: Vec<(usize, NaiveDateTime)> = times.iter().copied().enumerate().collect();
+            let plan = RetentionPolicy::keep_last(n).plan(&backups);
+            let kept: Vec<bool> = plan.iter().map(|d| d.keep.is_some()).collect();
+            let expect = if n == 0 { backups.len() } else { (n as usize).min(backups.len()) };
+            prop_assert_eq!(kept.iter().filter(|k| **k).count(), expect);
+            // ... and they are the first (newest) ones.
+            prop_assert!(kept.windows(2).all(|w| w[0] || !w[1]));
+        }
+
+        #[test]
+        fn policy_text_round_trips(policy in policy()) {
+            prop_assert_eq!(policy.to_string().parse::<RetentionPolicy>().unwrap(), policy);
+        }
+    }
+}

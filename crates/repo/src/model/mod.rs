@@ -1,4 +1,5 @@
-//! The pure model: names, addresses, mount options, repositories, layout, mountinfo text.
+//! The pure model: names, addresses, mount options, repositories, layout, retention, mountinfo
+//! text.
 //!
 //! Invariant: nothing in this module does any I/O (no files, no processes, no clock). It can
 //! be fuzzed and property-tested freely, and everything with side effects lives in
@@ -12,4 +13,5 @@ pub mod mountinfo;
 pub mod name;
 pub mod options;
 pub mod repository;
+pub mod retention;
 pub mod secret;
