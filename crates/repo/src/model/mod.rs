@@ -9,6 +9,7 @@ pub mod address;
 pub mod error;
 pub mod host;
 pub mod layout;
+pub mod manifest;
 pub mod mountinfo;
 pub mod name;
 pub mod options;
