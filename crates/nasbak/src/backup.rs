@@ -1,0 +1,344 @@
+//! The backup workflow: mount, lock, check space, write into `<id>.partial`, save the domain
+//! XML, copy the disks (push job or qemu-img), checksum, write the manifest, rename into place.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
+use nasbak_libvirt::{
+    CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup,
+};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
+use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, DiskRole, MANIFEST_FILE, PARTIAL_SUFFIX, disk_file_name};
+use nasbak_repo::{
+    BackupId, BackupMethod, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
+    RepositoryMounts, VmName, VolumeName,
+};
+
+use crate::checksum::sha256_file;
+use crate::error::BackupError;
+use crate::lock::VmLock;
+
+/// Where agents come from: the hypervisor knows its domains' agent channels.
+pub trait AgentSource {
+    /// The transport type.
+    type Transport: AgentTransport;
+    /// A transport to the agent of `domain`.
+    fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError>;
+}
+
+impl AgentSource for nasbak_libvirt::LibvirtHypervisor {
+    type Transport = nasbak_agent::LibvirtAgentTransport;
+    fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError> {
+        Ok(nasbak_agent::LibvirtAgentTransport::new(self.lookup(domain)?))
+    }
+}
+
+/// What to back up, where, how.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// The VM (libvirt domain name).
+    pub vm: String,
+    /// The repository.
+    pub repository: BackupRepository,
+    /// Quiesce policy (running VMs).
+    pub quiesce: QuiescePolicy,
+    /// Time limit of the copy.
+    pub timeout: Duration,
+}
+
+/// Progress of a backup.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackupProgress {
+    /// Bytes copied of all (push job).
+    Bytes {
+        /// Done.
+        processed: u64,
+        /// In all.
+        total: u64,
+    },
+    /// Percent of one disk (qemu-img).
+    Disk {
+        /// Its target.
+        target: String,
+        /// 0 to 100.
+        percent: f64,
+    },
+}
+
+/// A finished backup.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its directory on the (now released) repository, relative to the repository root.
+    pub relative_dir: PathBuf,
+    /// Disks not backed up, and why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// The services a workflow composes.
+#[derive(Debug)]
+pub struct Engine<H, I, M> {
+    /// libvirt.
+    pub hypervisor: H,
+    /// qemu-img.
+    pub images: I,
+    /// Repository mounts.
+    pub mounts: RepositoryMounts<M>,
+    /// Time limit of each guest-agent call.
+    pub agent_timeout: Duration,
+}
+
+/// The volume identity of a disk: the source file's stem when it is a valid name, else the target.
+fn volume_of(disk: &Disk) -> VolumeName {
+    let stem = match &disk.source {
+        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.file_stem().map(|s| s.to_string_lossy().into_owned()),
+        Some(DiskSource::Volume { volume, .. }) => Some(volume.clone()),
+        Some(DiskSource::Network { name, .. }) => name.as_ref().and_then(|n| n.rsplit('/').next().map(str::to_owned)),
+        _ => None,
+    };
+    stem.and_then(|s| VolumeName::new(&s).ok())
+        .unwrap_or_else(|| VolumeName::new(&disk.target).expect("targets are plain names"))
+}
+
+fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
+    match &disk.source {
+        Some(DiskSource::File(p) | DiskSource::Block(p)) => Ok(ImageLocation::Path(p.clone())),
+        other => Err(BackupError::Unsupported {
+            what: format!("disk {} of a shut-off VM with source {other:?}", disk.target),
+        }),
+    }
+}
+
+fn source_text(disk: &Disk) -> String {
+    match &disk.source {
+        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.display().to_string(),
+        Some(DiskSource::Network { protocol, name, .. }) => {
+            format!("{protocol}:{}", name.as_deref().unwrap_or_default())
+        }
+        Some(DiskSource::Volume { pool, volume }) => format!("{pool}/{volume}"),
+        Some(DiskSource::Other(k)) => k.clone(),
+        None => String::new(),
+    }
+}
+
+/// Removes the directory on drop unless disarmed: no half-written backup survives an error.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + use<> {
+    let path = path.to_owned();
+    move |source| BackupError::Io { action, path, source }
+}
+
+impl<H, I, M> Engine<H, I, M>
+where
+    H: Hypervisor + AgentSource,
+    I: ImageTool,
+    M: Mounter,
+{
+    /// Backs up one VM. See the module documentation for the steps; any failure or
+    /// interruption leaves no complete-looking backup, and leftovers of earlier interrupted
+    /// runs of this VM are removed first.
+    pub fn backup(
+        &self,
+        request: &BackupRequest,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<BackupOutcome, BackupError> {
+        let vm = VmName::new(&request.vm)?;
+        let state = self.hypervisor.domain_state(&request.vm)?;
+        let xml = self.hypervisor.domain_xml(&request.vm)?;
+        let domain = Domain::parse(&xml)?;
+        let (chosen, skipped) = domain.backup_selection();
+        if chosen.is_empty() {
+            return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
+        }
+        let mounted = self.mounts.acquire(&request.repository)?;
+        let layout = mounted.layout();
+        let vm_dir = layout.vm_dir(&vm);
+        fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
+        let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
+        let _lock = VmLock::take(&vm_dir, vm.as_str())?;
+        clean_partials(&vm_dir);
+        self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
+        let started = Utc::now();
+        let id = BackupId::first_free(started, |id| {
+            layout.backup_dir(&vm, id).exists() || layout.partial_dir(&vm, id).exists()
+        });
+        let partial = layout.partial_dir(&vm, &id);
+        fs::create_dir(&partial).map_err(io("creating", &partial))?;
+        let mut cleanup = RemoveOnDrop(Some(partial.clone()));
+        fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
+        fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
+        let files: Vec<(&Disk, String)> = chosen
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (*d, disk_file_name(if i == 0 { DiskRole::Root } else { DiskRole::Data }, &volume_of(d))))
+            .collect();
+        let (method, quiesced, quiesce_note) = match state {
+            DomainState::Running => {
+                let (q, note) = self.push(request, &domain, &partial, &files, cancel, progress)?;
+                (BackupMethod::PushJob, q, note)
+            }
+            DomainState::ShutOff => {
+                self.convert(&files, &partial, cancel, progress)?;
+                (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
+            }
+            DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
+        };
+        let mut disks = Vec::new();
+        for (disk, file) in &files {
+            let path = partial.join(file);
+            let info = self.images.info(&ImageLocation::Path(path.clone()))?;
+            let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
+            let digest = sha256_file(&path).map_err(io("checksumming", &path))?;
+            disks.push(ManifestDisk {
+                target: disk.target.clone(),
+                volume: volume_of(disk).to_string(),
+                source: source_text(disk),
+                source_format: disk.format.clone(),
+                file: file.clone(),
+                format: "qcow2".into(),
+                virtual_size: info.first().map_or(0, |i| i.virtual_size),
+                size,
+                checksum: Some(Checksum { algorithm: "sha256".into(), value: digest }),
+            });
+        }
+        let versions = self.hypervisor.versions().ok();
+        let v = |t: (u32, u32, u32)| format!("{}.{}.{}", t.0, t.1, t.2);
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: id.to_string(),
+            repository: request.repository.name().to_string(),
+            vm: request.vm.clone(),
+            method,
+            started,
+            finished: Utc::now(),
+            quiesced,
+            quiesce_note,
+            libvirt_version: versions.map(|x| v(x.libvirt)),
+            qemu_version: versions.map(|x| v(x.qemu)),
+            disks,
+        };
+        let manifest_path = partial.join(MANIFEST_FILE);
+        write_synced(&manifest_path, manifest.to_json().as_bytes())?;
+        let final_dir = layout.backup_dir(&vm, &id);
+        fs::rename(&partial, &final_dir).map_err(io("moving the finished backup into place", &final_dir))?;
+        cleanup.0 = None;
+        if let Ok(d) = fs::File::open(&vm_dir) {
+            let _ = d.sync_all();
+        }
+        let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
+        let skipped = skipped.into_iter().map(|s| (s.target, s.reason.to_owned())).collect();
+        Ok(BackupOutcome { manifest, relative_dir, skipped })
+    }
+
+    fn check_space(&self, disks: &[&Disk], available: &u64, vm: &str) -> Result<(), BackupError> {
+        let mut needed = 0u64;
+        for d in disks {
+            if let Ok(loc) = source_location(d)
+                && let Ok(info) = self.images.info(&loc)
+            {
+                needed += info.first().and_then(|i| i.actual_size).unwrap_or(0);
+            }
+        }
+        if needed > *available {
+            return Err(BackupError::NoSpace { vm: vm.to_owned(), needed, available: *available });
+        }
+        Ok(())
+    }
+
+    fn push(
+        &self,
+        request: &BackupRequest,
+        domain: &Domain,
+        partial: &Path,
+        files: &[(&Disk, String)],
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<(bool, Option<String>), BackupError> {
+        let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
+        for t in &mut backup.targets {
+            let name =
+                files.iter().find(|(d, _)| d.target == t.disk).map(|(_, f)| f.clone()).expect("the same selection");
+            t.file = partial.join(name);
+        }
+        let transport = self.hypervisor.agent_transport(&request.vm);
+        let outcome;
+        let job = match (transport, request.quiesce) {
+            (Ok(t), _) => {
+                let agent = GuestAgent::new(t, self.agent_timeout);
+                let (guard, o) = quiesce(&agent, request.quiesce, None)?;
+                outcome = o;
+                let started = start_backup(&self.hypervisor, &request.vm, &backup);
+                drop(guard);
+                started?
+            }
+            (Err(e), QuiescePolicy::Required) => return Err(BackupError::Libvirt(e)),
+            (Err(e), _) => {
+                outcome = nasbak_agent::QuiesceOutcome {
+                    quiesced: false,
+                    frozen_filesystems: 0,
+                    note: Some(format!("not quiesced (crash-consistent): {e}")),
+                };
+                start_backup(&self.hypervisor, &request.vm, &backup)?
+            }
+        };
+        let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
+        job.wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }))?;
+        Ok((outcome.quiesced, outcome.note))
+    }
+
+    fn convert(
+        &self,
+        files: &[(&Disk, String)],
+        partial: &Path,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<(), BackupError> {
+        for (disk, file) in files {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            let mut r = ConvertRequest::new(source_location(disk)?, partial.join(file), ImageFormat::Qcow2);
+            r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
+            let last = Arc::new(std::sync::Mutex::new(0.0f64));
+            let sink = Arc::clone(&last);
+            self.images.convert(&r, Arc::new(move |p| *sink.lock().unwrap_or_else(|e| e.into_inner()) = p))?;
+            let percent = *last.lock().unwrap_or_else(|e| e.into_inner());
+            progress(BackupProgress::Disk { target: disk.target.clone(), percent });
+        }
+        Ok(())
+    }
+}
+
+/// Removes `<id>.partial` directories of earlier interrupted runs (the caller holds the VM lock,
+/// so none of them is being written).
+fn clean_partials(vm_dir: &Path) {
+    if let Ok(entries) = fs::read_dir(vm_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(PARTIAL_SUFFIX) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), BackupError> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).map_err(io("writing", path))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(io("writing", path))
+}

@@ -1,0 +1,77 @@
+//! The facade's error.
+
+use std::path::PathBuf;
+
+/// A workflow failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackupError {
+    /// Invalid input (a name, an id).
+    #[error(transparent)]
+    Input(#[from] nasbak_repo::ParseError),
+    /// The repository could not be mounted or measured.
+    #[error(transparent)]
+    Mount(#[from] nasbak_repo::MountError),
+    /// The VM lock.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// libvirt.
+    #[error(transparent)]
+    Libvirt(#[from] nasbak_libvirt::LibvirtError),
+    /// The domain XML.
+    #[error(transparent)]
+    Xml(#[from] nasbak_libvirt::XmlError),
+    /// The backup job.
+    #[error(transparent)]
+    Job(#[from] nasbak_libvirt::JobError),
+    /// qemu-img.
+    #[error(transparent)]
+    Image(#[from] nasbak_qemu_img::ImageError),
+    /// Quiesce.
+    #[error(transparent)]
+    Agent(#[from] nasbak_agent::AgentError),
+    /// A file operation on the repository.
+    #[error("{action} {path} failed")]
+    Io {
+        /// What.
+        action: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not enough free space.
+    #[error(
+        "the repository has {available} bytes free but {vm}'s disks hold {needed} bytes; free space or use another repository"
+    )]
+    NoSpace {
+        /// The VM.
+        vm: String,
+        /// Bytes allocated by its disks.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// No disk to back up.
+    #[error("{vm} has no disk that can be backed up")]
+    NothingToBackUp {
+        /// The VM.
+        vm: String,
+    },
+    /// The VM is neither running nor shut off.
+    #[error("{vm} is neither running nor shut off (crashed, suspended to disk, shutting down); wait or start it")]
+    NotBackupable {
+        /// The VM.
+        vm: String,
+    },
+    /// Something nasbak cannot do yet.
+    #[error("not supported: {what}")]
+    Unsupported {
+        /// What.
+        what: String,
+    },
+    /// Cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
