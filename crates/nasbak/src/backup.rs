@@ -95,7 +95,7 @@ pub struct Engine<H, I, M> {
 }
 
 /// The volume identity of a disk: the source file's stem when it is a valid name, else the target.
-fn volume_of(disk: &Disk) -> VolumeName {
+pub(crate) fn volume_of(disk: &Disk) -> VolumeName {
     let stem = match &disk.source {
         Some(DiskSource::File(p) | DiskSource::Block(p)) => p.file_stem().map(|s| s.to_string_lossy().into_owned()),
         Some(DiskSource::Volume { volume, .. }) => Some(volume.clone()),

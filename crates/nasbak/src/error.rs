@@ -71,6 +71,28 @@ pub enum BackupError {
         /// What.
         what: String,
     },
+    /// The VM must be shut off for this.
+    #[error("{vm} is running; shut it off before restoring (`virsh shutdown {vm}`)")]
+    NotShutOff {
+        /// The VM.
+        vm: String,
+    },
+    /// The backup's disks do not match the VM's.
+    #[error("the backup does not match {vm}'s disks; nothing was written: {}", .problems.join("; "))]
+    Mismatch {
+        /// The VM.
+        vm: String,
+        /// Every mismatch.
+        problems: Vec<String>,
+    },
+    /// A backup file failed its check.
+    #[error("{path} is damaged ({detail}); nothing was written")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -23,9 +23,11 @@ mod backup;
 mod checksum;
 mod error;
 mod lock;
+mod restore;
 
 pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
 pub use checksum::sha256_file;
 pub use error::BackupError;
 pub use lock::{LOCK_FILE, LockError, VmLock};
+pub use restore::{RestoredDisk, match_disks};
 pub use {nasbak_agent, nasbak_libvirt, nasbak_qemu_img, nasbak_repo};

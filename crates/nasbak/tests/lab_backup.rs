@@ -120,3 +120,66 @@ fn a_cancelled_backup_leaves_nothing_that_looks_complete_and_unmounts() {
         assert_eq!(fs::read_dir(&vm_dir).unwrap().count(), 0, "something was left in {}", vm_dir.display());
     });
 }
+
+/// A file's content in the ext4 on a disk image, if the file system and the file are there.
+fn read_file(dom: &LabDomain, image: &Path, name: &str) -> Option<String> {
+    let raw = dom.dir().join("read.raw");
+    ExternalCommand::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().unwrap();
+    let out = ExternalCommand::new("debugfs").args(["-R", &format!("cat /{name}")]).arg(&raw).run_unchecked().unwrap();
+    let _ = fs::remove_file(&raw);
+    let text = out.stdout_text();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+#[test]
+fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
+    let dom = DomainSpec::new("wfrestore")
+        .disk(DiskSpec::qcow2(32).ext4_with_files(&[("a.txt", b"original")]))
+        .disk(DiskSpec::raw(8).ext4_with_files(&[("b.txt", b"raw original")]))
+        .create();
+    let (repo, runtime) = repository(&dom);
+    let e = engine(&runtime);
+    let backup = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // Damage both disks: their guest-visible content becomes zeros (the qcow2 stays a qcow2).
+    for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
+        ExternalCommand::new("qemu-io").args(["-f", disk.format, "-c", "write -z 0 8M"]).arg(&disk.path).run().unwrap();
+        assert_eq!(read_file(&dom, &disk.path, file), None, "the damage did not take");
+    }
+    // A running VM is refused, with nothing written.
+    dom.start();
+    let err = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap_err();
+    assert!(matches!(err, BackupError::NotShutOff { .. }), "{err}");
+    dom.destroy();
+    let restored = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap();
+    assert_eq!(restored.len(), 2);
+    for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
+        let content = read_file(&dom, &disk.path, file).unwrap_or_default();
+        assert!(content.ends_with("original"), "{file}: {content:?}");
+    }
+    let info = ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap().stdout_text();
+    assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+    // A backup id that is not a backup, or outside the VM, is refused.
+    assert!(e.restore(&repo, dom.name(), "2020.01.01.00.00.00").is_err());
+    assert!(e.restore(&repo, dom.name(), "../x").is_err());
+}
+
+#[test]
+fn restore_refuses_a_backup_whose_disks_do_not_match_and_writes_nothing() {
+    let dom = DomainSpec::new("wfmismatch").disk(DiskSpec::qcow2(16)).create();
+    let (repo, runtime) = repository(&dom);
+    let e = engine(&runtime);
+    let backup = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // The VM's disk is replaced by another volume under the same target.
+    let other = dom.dir().join("other.qcow2");
+    ExternalCommand::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&other).arg("16M").run().unwrap();
+    let xml = nasbak_testlab::virsh(&["dumpxml", dom.name()])
+        .unwrap()
+        .replace(&*dom.disks()[0].path.to_string_lossy(), &other.to_string_lossy());
+    let xml_path = dom.dir().join("changed.xml");
+    fs::write(&xml_path, xml).unwrap();
+    nasbak_testlab::virsh(&["define", xml_path.to_str().unwrap()]).unwrap();
+    let before = sha256_file(&other).unwrap();
+    let err = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap_err();
+    assert!(matches!(err, BackupError::Mismatch { .. }) && err.to_string().contains("is volume other"), "{err}");
+    assert_eq!(sha256_file(&other).unwrap(), before, "something was written");
+}
