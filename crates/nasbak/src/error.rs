@@ -93,6 +93,12 @@ pub enum BackupError {
         /// What is wrong.
         detail: String,
     },
+    /// Nothing of that name.
+    #[error("{what} does not exist; `nasbak list` shows what does")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -20,12 +20,14 @@
 #![deny(missing_docs)]
 
 mod backup;
+mod catalog;
 mod checksum;
 mod error;
 mod lock;
 mod restore;
 
 pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
+pub use catalog::{BackupEntry, BackupKind, FileVerdict};
 pub use checksum::sha256_file;
 pub use error::BackupError;
 pub use lock::{LOCK_FILE, LockError, VmLock};

@@ -183,3 +183,60 @@ fn restore_refuses_a_backup_whose_disks_do_not_match_and_writes_nothing() {
     assert!(matches!(err, BackupError::Mismatch { .. }) && err.to_string().contains("is volume other"), "{err}");
     assert_eq!(sha256_file(&other).unwrap(), before, "something was written");
 }
+
+#[test]
+fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
+    use nasbak::BackupKind;
+    let dom = DomainSpec::new("wfcatalog").disk(DiskSpec::qcow2(16).ext4()).create();
+    let (repo, runtime) = repository(&dom);
+    let e = engine(&runtime);
+    let first = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let second = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // A backup as the reference system writes it, and a leftover partial directory.
+    inspect(&repo, &runtime, |root| {
+        let vm_dir = root.join(dom.name());
+        let reference = vm_dir.join("2020.05.01.10.00.00");
+        fs::create_dir_all(&reference).unwrap();
+        fs::copy(
+            root.join(&first.relative_dir).join(&first.manifest.disks[0].file),
+            reference.join("root.vol-7.qcow2"),
+        )
+        .unwrap();
+        fs::write(reference.join("domain-config.xml"), "<domain/>").unwrap();
+        fs::create_dir_all(vm_dir.join("2021.01.01.00.00.00.partial")).unwrap();
+    });
+    let list = e.list(&repo, None).unwrap();
+    let ids: Vec<&str> = list.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, ["2020.05.01.10.00.00", first.manifest.id.as_str(), second.manifest.id.as_str()]);
+    assert_eq!(list[0].kind, BackupKind::Reference { files: vec!["root.vol-7.qcow2".into()] });
+    assert!(matches!(&list[1].kind, BackupKind::Nasbak(m) if **m == first.manifest));
+    for b in &list {
+        let verdicts = e.verify(&repo, &b.vm, &b.id).unwrap();
+        assert!(!verdicts.is_empty() && verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
+    }
+    // One flipped byte in the data of a backup file: the checksum says so.
+    inspect(&repo, &runtime, |root| {
+        let path = root.join(&second.relative_dir).join(&second.manifest.disks[0].file);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+    });
+    let verdicts = e.verify(&repo, dom.name(), &second.manifest.id).unwrap();
+    assert_eq!(verdicts[0].checksum_ok, Some(false), "{verdicts:?}");
+    assert!(!verdicts[0].ok());
+    // Delete: only a real backup, never the repository or the VM directory.
+    for (vm, id) in [
+        ("", ""),
+        (dom.name(), ""),
+        (dom.name(), ".."),
+        ("..", "2020.05.01.10.00.00"),
+        (dom.name(), "2019.01.01.00.00.00"),
+    ] {
+        assert!(e.delete(&repo, vm, id).is_err(), "{vm:?}/{id:?} was accepted");
+    }
+    e.delete(&repo, dom.name(), "2020.05.01.10.00.00").unwrap();
+    e.delete(&repo, dom.name(), &first.manifest.id).unwrap();
+    let left: Vec<String> = e.list(&repo, Some(dom.name())).unwrap().into_iter().map(|b| b.id).collect();
+    assert_eq!(left, [second.manifest.id.clone()]);
+}
