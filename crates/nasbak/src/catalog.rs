@@ -129,10 +129,8 @@ where
                 Ok(r) => r.verdict,
                 Err(_) => CheckVerdict::Incomplete,
             };
-            let checksum_ok = match sum {
-                Some(expected) => Some(crate::checksum::sha256_file(&path).is_ok_and(|actual| actual == expected)),
-                None => None,
-            };
+            let checksum_ok =
+                sum.map(|expected| crate::checksum::sha256_file(&path).is_ok_and(|actual| actual == expected));
             verdicts.push(FileVerdict { file, check, checksum_ok });
         }
         Ok(verdicts)
