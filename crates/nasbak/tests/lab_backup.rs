@@ -238,5 +238,5 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
     e.delete(&repo, dom.name(), "2020.05.01.10.00.00").unwrap();
     e.delete(&repo, dom.name(), &first.manifest.id).unwrap();
     let left: Vec<String> = e.list(&repo, Some(dom.name())).unwrap().into_iter().map(|b| b.id).collect();
-    assert_eq!(left, [second.manifest.id.clone()]);
+    assert_eq!(left, std::slice::from_ref(&second.manifest.id));
 }
