@@ -22,6 +22,7 @@
 mod backup;
 mod catalog;
 mod checksum;
+pub mod config;
 mod error;
 mod lock;
 mod restore;
