@@ -76,9 +76,10 @@ impl Config {
         let mut config = Config::default();
         for table in raw.repository {
             let line = line_of(table.span().start);
-            let repo: BackupRepository = toml::Value::Table(table.into_inner())
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Invalid { path: path.to_owned(), line, message: e.message().to_owned() })?;
+            let repo: BackupRepository =
+                toml::Value::Table(table.into_inner()).try_into().map_err(|e: toml::de::Error| {
+                    ConfigError::Invalid { path: path.to_owned(), line, message: e.message().to_owned() }
+                })?;
             config.repositories.push(repo);
         }
         let mut seen = std::collections::HashSet::new();
@@ -109,7 +110,13 @@ impl Config {
         }
         let text = toml::to_string_pretty(self).map_err(|e| io("serializing", std::io::Error::other(e)))?;
         let tmp = path.with_extension("toml.tmp");
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(|e| io("writing", e))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io("writing", e))?;
         f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
         fs::rename(&tmp, path).map_err(|e| io("replacing", e))
     }
@@ -135,7 +142,8 @@ mod tests {
         let path = dir.path().join("etc/nasbak.toml");
         let mut c = Config::default();
         let kind = nasbak_repo::RepositoryKind::Cifs;
-        c.repositories.push(BackupRepository::new("smb", kind, "//nas/b", "username=u,password=pw", Some("z1")).unwrap());
+        c.repositories
+            .push(BackupRepository::new("smb", kind, "//nas/b", "username=u,password=pw", Some("z1")).unwrap());
         c.save(&path).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.contains("[[repository]]") && text.contains("name = \"smb\""), "{text}");
