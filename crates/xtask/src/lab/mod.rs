@@ -86,6 +86,10 @@ pub fn status() -> Result<()> {
 /// `cargo xtask lab down`.
 pub fn down() -> Result<()> {
     require_root()?;
+    let _ = cmd("virsh").args(["-c", URI, "destroy", "nasbak-demo"]).run();
+    if cmd("virsh").args(["-c", URI, "undefine", "nasbak-demo", "--checkpoints-metadata"]).run().is_ok() {
+        println!("lab: removed the demo domain");
+    }
     for name in daemons::test_domains().unwrap_or_default() {
         let _ = cmd("virsh").args(["-c", URI, "destroy", &name]).run();
         let _ =
