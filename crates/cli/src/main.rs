@@ -236,7 +236,7 @@ fn run(cli: &Cli) -> Result<u8> {
                     "{}",
                     json!({
                         "id": format!("{}:{}/{}", m.repository, m.vm, m.id), "repository": m.repository, "vm": m.vm,
-                        "quiesced": m.quiesced, "quiesce_note": m.quiesce_note, "disks": m.disks,
+                        "quiesced": m.quiesced, "quiesce_note": m.quiesce_note, "disks": m.disks, "cleaned": outcome.cleaned,
                     })
                 );
             } else {
@@ -252,6 +252,9 @@ fn run(cli: &Cli) -> Result<u8> {
                 );
                 for (target, why) in &outcome.skipped {
                     println!("  skipped {target}: {why}");
+                }
+                for note in &outcome.cleaned {
+                    println!("  {note}");
                 }
             }
             Ok(0)

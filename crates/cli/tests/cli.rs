@@ -88,3 +88,72 @@ fn backup_damage_restore_verify_list_delete() {
     let (code, _, _) = nasbak(&config, &["show", &id]);
     assert_eq!(code, 3, "not found");
 }
+
+#[test]
+fn a_backup_killed_mid_job_leaves_nothing_complete_and_the_next_run_cleans_up() {
+    use std::io::Write;
+    let dom = DomainSpec::new("clikill").disk(DiskSpec::raw(512)).create();
+    // Pseudo-random data, so the job takes a while.
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&dom.disks()[0].path).unwrap();
+        let mut x = 0x2545f4914f6cdd1du64;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..512 {
+            for c in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    dom.start();
+    let config = dom.dir().join("nasbak.toml");
+    let image = dom.dir().join("repo.img");
+    std::fs::File::create(&image).unwrap().set_len(2 << 30).unwrap();
+    assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).status().unwrap().success());
+    ok(&config, &["repo", "add", "kill", "--type", "custom", "--fstype", "ext4", "--address", image.to_str().unwrap()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .args(["backup", dom.name(), "--quiesce", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as libvirt shows the job running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap_or_default();
+        if info.contains("Backup") || info.contains("Unbounded") || info.contains("Bounded") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing complete-looking: no backup is listed.
+    let list: serde_json::Value = serde_json::from_str(&ok(&config, &["--json", "list"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    // The next run aborts the orphaned job, removes the partial directory and succeeds.
+    let out = ok(&config, &["--json", "backup", dom.name(), "--quiesce", "off"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let cleaned = v["cleaned"].as_array().unwrap();
+    assert!(cleaned.iter().any(|c| c.as_str().unwrap().contains("removed the unfinished backup")), "{cleaned:?}");
+    let list: serde_json::Value = serde_json::from_str(&ok(&config, &["--json", "list"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], v["id"]);
+    // And the repository holds no partial directory and no lock.
+    let mnt = dom.dir().join("inspect");
+    std::fs::create_dir_all(&mnt).unwrap();
+    assert!(Command::new("mount").args(["-o", "ro"]).arg(&image).arg(&mnt).status().unwrap().success());
+    let names: Vec<String> = std::fs::read_dir(mnt.join(dom.name()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(!names[0].ends_with(".partial"));
+}

@@ -79,6 +79,8 @@ pub struct BackupOutcome {
     pub relative_dir: PathBuf,
     /// Disks not backed up, and why.
     pub skipped: Vec<(String, String)>,
+    /// What this run cleaned up after earlier interrupted runs.
+    pub cleaned: Vec<String>,
 }
 
 /// The services a workflow composes.
@@ -172,7 +174,11 @@ where
         fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
         let _lock = VmLock::take(&vm_dir, vm.as_str())?;
-        clean_partials(&vm_dir);
+        let mut cleaned = Vec::new();
+        if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
+            cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
+        }
+        cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
         self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = Utc::now();
         let id = BackupId::first_free(started, |id| {
@@ -243,7 +249,40 @@ where
         }
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
         let skipped = skipped.into_iter().map(|s| (s.target, s.reason.to_owned())).collect();
-        Ok(BackupOutcome { manifest, relative_dir, skipped })
+        Ok(BackupOutcome { manifest, relative_dir, skipped, cleaned })
+    }
+
+    /// A nasbak process killed during a push job leaves the job running, writing into its
+    /// `.partial` directory. Holding the VM lock (so that process is gone), abort such a job:
+    /// a backup job whose targets are all inside this VM's directory on this repository.
+    fn abort_orphaned_job(&self, vm: &str, vm_dir: &Path) -> Result<bool, BackupError> {
+        let job = self.hypervisor.current_job(vm)?;
+        if job.kind != nasbak_libvirt::JobKind::Active || !job.is_backup {
+            return Ok(false);
+        }
+        let Ok(xml) = self.hypervisor.backup_xml(vm) else { return Ok(false) };
+        let running = PushBackup::parse(&xml)?;
+        let ours = !running.targets.is_empty()
+            && running.targets.iter().all(|t| {
+                t.file
+                    .parent()
+                    .is_some_and(|p| p.parent() == Some(vm_dir) && p.to_string_lossy().ends_with(PARTIAL_SUFFIX))
+            });
+        if !ours {
+            return Ok(false);
+        }
+        self.hypervisor.abort_job(vm)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.hypervisor.current_job(vm)?.kind == nasbak_libvirt::JobKind::Active {
+            if std::time::Instant::now() > deadline {
+                return Err(BackupError::Unsupported {
+                    what: format!("aborting the orphaned backup job of {vm} did not finish in 30 s"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.hypervisor.completed_job(vm);
+        Ok(true)
     }
 
     fn check_space(&self, disks: &[&Disk], available: &u64, vm: &str) -> Result<(), BackupError> {
@@ -326,15 +365,18 @@ where
 }
 
 /// Removes `<id>.partial` directories of earlier interrupted runs (the caller holds the VM lock,
-/// so none of them is being written).
-fn clean_partials(vm_dir: &Path) {
+/// so none of them is being written); returns their names.
+fn clean_partials(vm_dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
     if let Ok(entries) = fs::read_dir(vm_dir) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().ends_with(PARTIAL_SUFFIX) {
-                let _ = fs::remove_dir_all(e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(PARTIAL_SUFFIX) && fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(name);
             }
         }
     }
+    removed
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), BackupError> {

@@ -73,6 +73,7 @@ fn a_running_and_then_a_stopped_vm_are_backed_up_with_manifests_and_checksums() 
     assert!(running.manifest.quiesced);
     assert_eq!(running.manifest.method, BackupMethod::PushJob);
     assert_eq!(running.skipped.len(), 1, "the cdrom");
+    assert_eq!(running.cleaned, ["removed the unfinished backup 2020.01.01.00.00.00.partial"]);
     dom.destroy();
     let stopped = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(stopped.manifest.method, BackupMethod::QemuImg);
