@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use nasbak_agent::{GuestAgent, LibvirtAgentTransport, QuiescePolicy, quiesce};
 use nasbak_libvirt::{
-    CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, JobOptions, LibvirtHypervisor, PushBackup,
-    check_versions, start_backup,
+    CancelHandle, Domain, DomainState, Hypervisor, JobOptions, LibvirtHypervisor, PushBackup, check_versions,
+    start_backup,
 };
 use nasbak_qemu_img::{ImageLocation, ImageTool, QemuImg};
 use serde_json::json;
@@ -41,17 +41,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-/// The source as text for the report.
-fn source_text(d: &Disk) -> String {
-    match &d.source {
-        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.display().to_string(),
-        Some(DiskSource::Network { protocol, name, .. }) => format!("{protocol}:{}", name.as_deref().unwrap_or("")),
-        Some(DiskSource::Volume { pool, volume }) => format!("{pool}/{volume}"),
-        Some(DiskSource::Other(kind)) => kind.clone(),
-        None => String::new(),
-    }
 }
 
 fn main() -> Result<()> {
@@ -83,7 +72,7 @@ fn main() -> Result<()> {
         let disk = domain.disk(&t.disk).expect("targets come from the domain");
         let info = tool.info(&ImageLocation::Path(t.file.clone()))?;
         disks.push(json!({
-            "target": t.disk, "source": source_text(disk), "file": t.file, "format": "qcow2",
+            "target": t.disk, "source": disk.source.as_ref().map(ToString::to_string).unwrap_or_default(), "file": t.file, "format": "qcow2",
             "virtual_size": info.first().map(|i| i.virtual_size),
         }));
     }

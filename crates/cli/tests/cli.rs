@@ -91,23 +91,9 @@ fn backup_damage_restore_verify_list_delete() {
 
 #[test]
 fn a_backup_killed_mid_job_leaves_nothing_complete_and_the_next_run_cleans_up() {
-    use std::io::Write;
     let dom = DomainSpec::new("clikill").disk(DiskSpec::raw(512)).create();
     // Pseudo-random data, so the job takes a while.
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).open(&dom.disks()[0].path).unwrap();
-        let mut x = 0x2545f4914f6cdd1du64;
-        let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..512 {
-            for c in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&buf).unwrap();
-        }
-    }
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 512);
     dom.start();
     let config = dom.dir().join("nasbak.toml");
     let image = dom.dir().join("repo.img");

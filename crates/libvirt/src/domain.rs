@@ -83,6 +83,21 @@ pub enum DiskSource {
     Other(String),
 }
 
+impl std::fmt::Display for DiskSource {
+    /// A one-line description for reports: the path, `rbd:pool/image`, `pool/volume`, or the
+    /// source type.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSource::File(p) | DiskSource::Block(p) => write!(f, "{}", p.display()),
+            DiskSource::Network { protocol, name, .. } => {
+                write!(f, "{protocol}:{}", name.as_deref().unwrap_or_default())
+            }
+            DiskSource::Volume { pool, volume } => write!(f, "{pool}/{volume}"),
+            DiskSource::Other(kind) => f.write_str(kind),
+        }
+    }
+}
+
 /// One layer of a backing chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingLayer {

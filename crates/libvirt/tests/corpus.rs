@@ -73,6 +73,8 @@ fn the_model_reads_what_backup_needs() {
         _ => None,
     });
     let (hosts, auth) = with_auth.expect("an rbd disk with auth");
+    let shown = rbd.disks[0].source.as_ref().unwrap().to_string();
+    assert!(shown.starts_with("rbd:"), "{shown}");
     assert!(hosts >= 1);
     assert_eq!(auth.secret_type.as_deref(), Some("ceph"));
     // Empty cdroms are skipped with a reason; nothing else in that file is backed up.

@@ -1,7 +1,6 @@
 //! Backups against the real libvirtd, QEMU and guest agent of the lab.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use nasbak_libvirt::{
 };
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, QemuImg};
 use nasbak_repo::mount::command::ExternalCommand;
-use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, shared_agent_guest};
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, fill_pseudo_random, shared_agent_guest};
 
 fn hv() -> LibvirtHypervisor {
     LibvirtHypervisor::connect(URI).expect("libvirtd answers (run `cargo xtask lab up`)")
@@ -137,27 +136,11 @@ fn a_stopped_domain_is_backed_up_through_qemu_img() {
     }
 }
 
-/// Fills a raw file with `mib` MiB of pseudo-random bytes, so a backup of it takes a while.
-fn fill_random(path: &Path, mib: usize) {
-    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-}
-
 #[test]
 fn cancel_and_timeout_abort_the_job_and_leave_none_running() {
     let hv = hv();
     let dom = DomainSpec::new("abort").disk(DiskSpec::raw(768)).create();
-    fill_random(&dom.disks()[0].path, 768);
+    fill_pseudo_random(&dom.disks()[0].path, 768);
     dom.start();
     let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
     // Cancelled right after the start.

@@ -117,18 +117,6 @@ fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
     }
 }
 
-fn source_text(disk: &Disk) -> String {
-    match &disk.source {
-        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.display().to_string(),
-        Some(DiskSource::Network { protocol, name, .. }) => {
-            format!("{protocol}:{}", name.as_deref().unwrap_or_default())
-        }
-        Some(DiskSource::Volume { pool, volume }) => format!("{pool}/{volume}"),
-        Some(DiskSource::Other(k)) => k.clone(),
-        None => String::new(),
-    }
-}
-
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -214,7 +202,7 @@ where
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
-                source: source_text(disk),
+                source: disk.source.as_ref().map(ToString::to_string).unwrap_or_default(),
                 source_format: disk.format.clone(),
                 file: file.clone(),
                 format: "qcow2".into(),

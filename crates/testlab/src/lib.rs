@@ -41,6 +41,24 @@ pub fn example(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Overwrites the first `mib` MiB of a disk file with pseudo-random bytes (xorshift), so that a
+/// backup of it neither compresses nor skips zeros and takes a measurable while.
+pub fn fill_pseudo_random(path: &std::path::Path, mib: usize) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).expect("open the disk file");
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).expect("write the disk file");
+    }
+}
+
 /// Panics with what is missing and how to get it.
 #[track_caller]
 pub(crate) fn lab_missing(what: &str) -> ! {
