@@ -35,6 +35,21 @@ fn every_command_has_help() {
         &["verify", "--help"],
         &["delete", "--help"],
         &["show", "--help"],
+        &["restore-volume", "--help"],
+        &["offering", "--help"],
+        &["offering", "add", "--help"],
+        &["offering", "list", "--help"],
+        &["offering", "remove", "--help"],
+        &["assign", "--help"],
+        &["unassign", "--help"],
+        &["prune", "--help"],
+        &["schedule", "--help"],
+        &["schedule", "add", "--help"],
+        &["schedule", "list", "--help"],
+        &["schedule", "remove", "--help"],
+        &["run-due", "--help"],
+        &["repo", "check", "--help"],
+        &["repo", "stats", "--help"],
     ] {
         let out = ok(&config, cmd);
         assert!(out.contains("Usage"), "{cmd:?}: {out}");
@@ -44,6 +59,15 @@ fn every_command_has_help() {
     assert!(err.contains("NFS address") && err.contains("expected host:/export"), "{err}");
     let (code, _, _) = nasbak(&config, &["frobnicate"]);
     assert_eq!(code, 2, "usage errors exit 2");
+    let out = ok(&config, &["schedule", "add", "--help"]);
+    assert!(out.contains("DAY HH:MM"), "the --at forms are explained: {out}");
+    let (code, _, err) =
+        nasbak(&config, &["schedule", "add", "vm", "--every", "weekly", "--at", "funday 1:00", "--keep", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("mon, tue"), "{err}");
+    let (code, _, err) = nasbak(&config, &["offering", "add", "o", "--repo", "r", "--keep", "forever"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("last, hourly, daily"), "{err}");
 }
 
 #[test]
@@ -142,4 +166,262 @@ fn a_backup_killed_mid_job_leaves_nothing_complete_and_the_next_run_cleans_up() 
     let _ = Command::new("umount").arg(&mnt).status();
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(!names[0].ends_with(".partial"));
+}
+
+fn nasbak_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn ids(config: &Path) -> Vec<String> {
+    let list = json_of(&ok(config, &["--json", "list"]));
+    list.as_array().unwrap().iter().map(|b| b["backup"].as_str().unwrap().to_owned()).collect()
+}
+
+/// A `shared` repository: a directory nasbak never mounts.
+fn shared_repo(config: &Path, dir: &Path) {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    ok(config, &["repo", "add", "lab", "--type", "shared", "--address", repo.to_str().unwrap()]);
+}
+
+#[test]
+fn offerings_prune_schedules_and_run_due() {
+    let dom = DomainSpec::new("clisched").disk(DiskSpec::qcow2(16)).create();
+    let config = dom.dir().join("nasbak.toml");
+    let state = dom.dir().join("state.json");
+    let state_env = [("NASBAK_STATE", state.to_str().unwrap())];
+    shared_repo(&config, dom.dir());
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "off", "--keep", "last=2"]);
+    // References stay whole: no offering on a missing repository, no removal of a used one.
+    let (code, _, err) = nasbak(&config, &["offering", "add", "bad", "--repo", "nowhere"]);
+    assert_eq!(code, 4, "{err}");
+    let (code, _, err) =
+        nasbak(&config, &["schedule", "add", dom.name(), "--every", "daily", "--at", "02:00", "--keep", "1"]);
+    assert_eq!(code, 4, "a schedule needs an offering: {err}");
+    assert!(err.contains("nasbak assign"), "{err}");
+    ok(&config, &["assign", dom.name(), "gold"]);
+    let (code, _, err) = nasbak(&config, &["offering", "remove", "gold"]);
+    assert_eq!(code, 4, "{err}");
+    // Three backups through the offering (no --repo).
+    for _ in 0..3 {
+        ok(&config, &["backup", dom.name()]);
+    }
+    let all = ids(&config);
+    assert_eq!(all.len(), 3);
+    // The dry run says what would go and removes nothing; prune then removes exactly that.
+    let plan = json_of(&ok(&config, &["--json", "prune", "--dry-run"]));
+    let doomed: Vec<String> = plan[0]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == false)
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(doomed, [all[0].clone()], "keep last=2 of 3 removes the oldest");
+    assert_eq!(ids(&config), all);
+    ok(&config, &["prune"]);
+    assert_eq!(ids(&config), all[1..].to_vec());
+    // A schedule that is due: hourly at the last full minute, created two hours ago.
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    let out = ok(&config, &["schedule", "add", dom.name(), "--every", "hourly", "--at", &minute, "--keep", "1"]);
+    let schedule_id = format!("{}-hourly", dom.name());
+    assert!(out.contains(&schedule_id), "{out}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let created = text.lines().find(|l| l.starts_with("created = ")).unwrap().to_owned();
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    std::fs::write(&config, text.replace(&created, &earlier)).unwrap();
+    let (code, out, err) = nasbak_env(&config, &state_env, &["--json", "run-due"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let runs = json_of(&out);
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    assert_eq!(runs[0]["schedule"], schedule_id.as_str());
+    let made = runs[0]["result"]["Ok"].as_str().unwrap().to_owned();
+    // Prune after the run: keep last=2 of the offering leaves the new one and the newest other.
+    let now = ids(&config);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(made.ends_with(&now[1]), "{made} {now:?}");
+    let listed = json_of(&ok(&config, &["--json", "list"]));
+    assert_eq!(listed[1]["schedule"], schedule_id.as_str());
+    // Not due again until the next occurrence; the state shows the run.
+    let (code, out, _) = nasbak_env(&config, &state_env, &["run-due"]);
+    assert_eq!((code, out.trim()), (0, "nothing is due"));
+    let (_, out, _) = nasbak_env(&config, &state_env, &["--json", "schedule", "list"]);
+    assert!(json_of(&out)[0]["last_run"].is_string(), "{out}");
+    // Schedules keep the assignment alive; removal in order works.
+    let (code, _, _) = nasbak(&config, &["unassign", dom.name()]);
+    assert_eq!(code, 4);
+    ok(&config, &["schedule", "remove", &schedule_id]);
+    ok(&config, &["unassign", dom.name()]);
+    ok(&config, &["offering", "remove", "gold"]);
+}
+
+#[test]
+fn restore_volume_writes_a_new_volume_and_attaches_it_to_a_running_vm() {
+    let src = DomainSpec::new("clivolsrc")
+        .disk(DiskSpec::qcow2(16))
+        .disk(DiskSpec::raw(24).ext4_with_files(&[("data.txt", b"second disk")]))
+        .create();
+    let running = DomainSpec::new("clivoldst").disk(DiskSpec::qcow2(16)).acpi(true).running(true).create();
+    let config = src.dir().join("nasbak.toml");
+    shared_repo(&config, src.dir());
+    let v = json_of(&ok(&config, &["--json", "backup", src.name()]));
+    let id = v["id"].as_str().unwrap().to_owned();
+    // An unknown disk names the ones there are.
+    let to = running.dir().join("restored.qcow2");
+    let to_s = to.to_str().unwrap();
+    let (code, _, err) = nasbak(&config, &["restore-volume", &id, "--disk", "vdz", "--to", to_s]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("vda, vdb"), "{err}");
+    // qcow2, attached live as the next free target.
+    let out =
+        ok(&config, &["--json", "restore-volume", &id, "--disk", "vdb", "--to", to_s, "--attach", running.name()]);
+    let r = json_of(&out);
+    assert_eq!(r["attached"]["target"], "vdb", "{r}");
+    let live = nasbak_testlab::virsh(&["dumpxml", running.name()]).unwrap();
+    assert!(live.contains(to_s) && live.contains("dev='vdb'"), "{live}");
+    let inactive = nasbak_testlab::virsh(&["dumpxml", "--inactive", running.name()]).unwrap();
+    assert!(inactive.contains(to_s), "attached to the persistent definition too");
+    let same = Command::new("qemu-img").args(["compare", "-U"]).arg(&src.disks()[1].path).arg(&to).status().unwrap();
+    assert!(same.success(), "the restored volume has the backed-up content");
+    let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&to).output().unwrap();
+    let info = json_of(&String::from_utf8_lossy(&info.stdout));
+    assert_eq!(info["format"], "qcow2");
+    assert!(info.get("backing-filename").is_none(), "self-contained");
+    // Never over an existing file; nothing is lost.
+    let before = std::fs::read(&to).unwrap();
+    let (code, _, err) = nasbak(&config, &["restore-volume", &id, "--disk", "vda", "--to", to_s]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("never overwrites"), "{err}");
+    assert_eq!(std::fs::read(&to).unwrap(), before);
+    // raw, to a shut-off VM, as the next free target after vdb.
+    let raw = src.dir().join("restored.raw");
+    let out = ok(
+        &config,
+        &[
+            "restore-volume",
+            &id,
+            "--disk",
+            "vdb",
+            "--to",
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--attach",
+            src.name(),
+        ],
+    );
+    assert!(out.contains("attached to") && out.contains("as vdc"), "{out}");
+    let cat = Command::new("debugfs").args(["-R", "cat /data.txt"]).arg(&raw).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "second disk");
+    let (code, _, err) = nasbak(&config, &["restore-volume", &id, "--disk", "vdb", "--to", "relative.qcow2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("absolute path or rbd:POOL/IMAGE"), "{err}");
+}
+
+#[test]
+fn a_reference_layout_backup_is_listed_verified_and_restored() {
+    let dom = DomainSpec::new("cliref")
+        .disk(DiskSpec::qcow2(24).ext4_with_files(&[("ref.txt", b"from the reference")]))
+        .disk(DiskSpec::qcow2(16))
+        .create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    // What the reference system writes: <repo>/<vm>/<local time>/root.<volume>.qcow2,
+    // datadisk.<volume>.qcow2 and domain-config.xml; no manifest.
+    let backup = dom.dir().join("repo").join(dom.name()).join("2026.01.02.03.04.05");
+    std::fs::create_dir_all(&backup).unwrap();
+    for (i, name) in ["root.disk0.qcow2", "datadisk.disk1.qcow2"].iter().enumerate() {
+        let st = Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&dom.disks()[i].path)
+            .arg(backup.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::write(backup.join("domain-config.xml"), nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap()).unwrap();
+    let id = format!("lab:{}/2026.01.02.03.04.05", dom.name());
+    let list = json_of(&ok(&config, &["--json", "list"]));
+    assert_eq!(list[0]["written_by"], "reference");
+    assert_eq!(list[0]["disks"], 2);
+    let out = ok(&config, &["verify", &id]);
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 2, "{out}");
+    // Damage the root disk, restore, the file is back.
+    let disk = &dom.disks()[0].path;
+    assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());
+    let out = ok(&config, &["restore", &id]);
+    assert!(out.contains("restored vda") && out.contains("restored vdb"), "{out}");
+    let raw = dom.dir().join("check.raw");
+    assert!(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(disk).arg(&raw).status().unwrap().success());
+    let cat = Command::new("debugfs").args(["-R", "cat /ref.txt"]).arg(&raw).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "from the reference");
+    // A damaged reference file is reported by verify (exit 5).
+    let f = backup.join("datadisk.disk1.qcow2");
+    std::fs::write(&f, b"not a qcow2").unwrap();
+    let (code, out, _) = nasbak(&config, &["verify", "--all"]);
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("BAD") && out.contains("datadisk.disk1.qcow2"), "{out}");
+}
+
+#[test]
+fn ctrl_c_stops_qemu_img_and_leaves_nothing() {
+    let dom = DomainSpec::new("cliint").disk(DiskSpec::qcow2(16)).create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    // A qemu-img that is slow to convert, so the interrupt lands mid-copy.
+    let bin = dom.dir().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = dom.dir().join("convert-started");
+    let real =
+        String::from_utf8(Command::new("sh").args(["-c", "command -v qemu-img"]).output().unwrap().stdout).unwrap();
+    std::fs::write(
+        bin.join("qemu-img"),
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = convert ]; then echo $$ > {}; sleep 60; fi\nexec {} \"$@\"\n",
+            marker.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("qemu-img"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let start = std::time::Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .env("PATH", path)
+        .args(["backup", dom.name()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !marker.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "convert never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = std::fs::read_to_string(&marker).unwrap().trim().to_owned();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(start.elapsed() < Duration::from_secs(20), "cancelled promptly: {:?}", start.elapsed());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "qemu-img ({pid}) was killed");
+    let vm_dir = dom.dir().join("repo").join(dom.name());
+    let left: Vec<_> = std::fs::read_dir(&vm_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
 }

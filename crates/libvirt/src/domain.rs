@@ -210,6 +210,64 @@ impl Domain {
     pub fn disk(&self, target: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| d.target == target)
     }
+
+    /// The first target name with `prefix` (`vd`, `sd`, `hd`) that no device of the domain uses,
+    /// in libvirt's order: `vda` .. `vdz`, `vdaa` .. `vdzz`, ...
+    pub fn next_free_target(&self, prefix: &str) -> String {
+        (0u32..)
+            .map(|i| format!("{prefix}{}", target_suffix(i)))
+            .find(|name| self.disks.iter().all(|d| &d.target != name))
+            .expect("an unbounded range has a free name")
+    }
+}
+
+/// The letters libvirt appends for disk index `i`: 0 `a`, 25 `z`, 26 `aa`, 701 `zz`, 702 `aaa`.
+fn target_suffix(mut i: u32) -> String {
+    let mut letters = Vec::new();
+    loop {
+        letters.push(b'a' + (i % 26) as u8);
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    letters.reverse();
+    String::from_utf8(letters).expect("ASCII letters")
+}
+
+/// The target prefix and bus for a disk attached next to others: `vd`/virtio for a running VM
+/// (the bus that hot-plugs), else the bus the backed-up disk's target implies.
+pub fn attach_bus(original_target: &str, running: bool) -> (&'static str, &'static str) {
+    if running {
+        return ("vd", "virtio");
+    }
+    match &original_target[..original_target.len().min(2)] {
+        "sd" => ("sd", "scsi"),
+        "hd" => ("hd", "ide"),
+        _ => ("vd", "virtio"),
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+/// The `<disk>` element attaching an image: a file, a block device or an rbd image.
+pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &str) -> Result<String, XmlError> {
+    let (kind, source_xml) = match source {
+        DiskSource::File(p) => ("file", format!("<source file='{}'/>", xml_escape(&p.to_string_lossy()))),
+        DiskSource::Block(p) => ("block", format!("<source dev='{}'/>", xml_escape(&p.to_string_lossy()))),
+        DiskSource::Network { protocol, name: Some(name), .. } if protocol == "rbd" => {
+            ("network", format!("<source protocol='rbd' name='{}'/>", xml_escape(name)))
+        }
+        other => return Err(XmlError { detail: format!("cannot attach a disk with source {other}") }),
+    };
+    Ok(format!(
+        "<disk type='{kind}' device='disk'><driver name='qemu' type='{}'/>{source_xml}<target dev='{}' bus='{}'/></disk>",
+        xml_escape(format),
+        xml_escape(target),
+        xml_escape(bus)
+    ))
 }
 
 impl From<RawDomain> for Domain {
@@ -284,5 +342,35 @@ impl From<RawDisk> for Disk {
             serial: r.serial,
             backing_chain: chain(r.backing_store),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_free_target_skips_every_used_name() {
+        let d = Domain::parse(
+            "<domain><name>v</name><devices>\
+               <disk type='file' device='disk'><source file='/a'/><target dev='vda'/></disk>\
+               <disk type='file' device='cdrom'><target dev='vdb'/></disk>\
+               <disk type='file' device='disk'><source file='/c'/><target dev='vdd'/></disk>\
+             </devices></domain>",
+        )
+        .unwrap();
+        assert_eq!(d.next_free_target("vd"), "vdc");
+        assert_eq!(d.next_free_target("sd"), "sda");
+        assert_eq!([0, 25, 26, 51, 701, 702].map(target_suffix), ["a", "z", "aa", "az", "zz", "aaa"]);
+        assert_eq!(attach_bus("sdb", false), ("sd", "scsi"));
+        assert_eq!(attach_bus("sdb", true), ("vd", "virtio"));
+        let xml = disk_attach_xml(&DiskSource::File("/v/it's.qcow2".into()), "qcow2", "vdc", "virtio").unwrap();
+        assert_eq!(
+            xml,
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/it&apos;s.qcow2'/><target dev='vdc' bus='virtio'/></disk>"
+        );
+        let back = Domain::parse(&format!("<domain><name>v</name><devices>{xml}</devices></domain>")).unwrap();
+        assert_eq!(back.disks[0].source, Some(DiskSource::File("/v/it's.qcow2".into())));
+        assert!(disk_attach_xml(&DiskSource::Other("nvme".into()), "raw", "vdc", "virtio").is_err());
     }
 }

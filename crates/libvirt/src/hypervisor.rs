@@ -97,6 +97,9 @@ pub trait Hypervisor {
     fn checkpoints(&self, domain: &str) -> Result<Vec<String>, LibvirtError>;
     /// Deletes a checkpoint and its bitmaps.
     fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError>;
+    /// Attaches a `<disk>` to the domain's persistent definition, and to the running domain too
+    /// when `live`.
+    fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError>;
 }
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...).
@@ -188,5 +191,14 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
         Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name)?)
+    }
+
+    fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError> {
+        let mut flags = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if live {
+            flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        self.lookup(domain)?.attach_device_flags(disk_xml, flags)?;
+        Ok(())
     }
 }

@@ -1,32 +1,13 @@
 //! Running a push backup job: begin, progress, completion, timeout, cancel.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use nasbak_repo::mount::command::CancelHandle;
+
 use crate::backup::PushBackup;
 use crate::hypervisor::{Hypervisor, JobInfo, JobKind, LibvirtError, Versions};
-
-/// Cancels a running job from another thread (a Ctrl-C handler, an orchestrator).
-#[derive(Debug, Clone, Default)]
-pub struct CancelHandle(Arc<AtomicBool>);
-
-impl CancelHandle {
-    /// A handle not yet cancelled.
-    pub fn new() -> Self {
-        CancelHandle::default()
-    }
-    /// Asks the job to abort.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancel was asked.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// Progress of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +259,8 @@ mod tests {
     use super::*;
     use crate::hypervisor::MockHypervisor;
     use mockall::Sequence;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn job(kind: JobKind, processed: u64) -> JobInfo {
         JobInfo { kind, is_backup: true, processed, total: 100, error: None, elapsed: None }

@@ -29,7 +29,10 @@ mod job;
 mod raw;
 
 pub use backup::{BackupTarget, Checkpoint, PushBackup};
-pub use domain::{BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError};
+pub use domain::{
+    BackingLayer, Disk, DiskDevice, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk, XmlError, attach_bus,
+    disk_attach_xml,
+};
 /// The libvirt URI used when none is given.
 pub const DEFAULT_URI: &str = "qemu:///system";
 

@@ -4,7 +4,6 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -49,6 +48,8 @@ pub struct BackupRequest {
     pub quiesce: QuiescePolicy,
     /// Time limit of the copy.
     pub timeout: Duration,
+    /// The schedule this backup is made for (recorded in the manifest for per-schedule retention).
+    pub schedule: Option<String>,
 }
 
 /// Progress of a backup.
@@ -67,6 +68,8 @@ pub enum BackupProgress {
         target: String,
         /// 0 to 100.
         percent: f64,
+        /// Its virtual size in bytes (0 when unknown).
+        size: u64,
     },
 }
 
@@ -136,7 +139,7 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Backu
 impl<H, I, M> Engine<H, I, M>
 where
     H: Hypervisor + AgentSource,
-    I: ImageTool,
+    I: ImageTool + Sync,
     M: Mounter,
 {
     /// Backs up one VM. See the module documentation for the steps; any failure or
@@ -169,9 +172,12 @@ where
         cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
         self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = Utc::now();
-        let id = BackupId::first_free(started, |id| {
-            layout.backup_dir(&vm, id).exists() || layout.partial_dir(&vm, id).exists()
-        });
+        let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
+            .map_err(io("listing", &vm_dir))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.trim_end_matches(PARTIAL_SUFFIX).parse().ok()))
+            .collect();
+        let id = BackupId::next_after(started, &existing);
         let partial = layout.partial_dir(&vm, &id);
         fs::create_dir(&partial).map_err(io("creating", &partial))?;
         let mut cleanup = RemoveOnDrop(Some(partial.clone()));
@@ -225,6 +231,7 @@ where
             quiesce_note,
             libvirt_version: versions.map(|x| v(x.libvirt)),
             qemu_version: versions.map(|x| v(x.qemu)),
+            schedule: request.schedule.clone(),
             disks,
         };
         let manifest_path = partial.join(MANIFEST_FILE);
@@ -340,16 +347,19 @@ where
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
-            let mut r = ConvertRequest::new(source_location(disk)?, partial.join(file), ImageFormat::Qcow2);
+            let source = source_location(disk)?;
+            let size = self.images.info(&source).ok().and_then(|i| i.first().map(|i| i.virtual_size)).unwrap_or(0);
+            let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
-            let last = Arc::new(std::sync::Mutex::new(0.0f64));
-            let sink = Arc::clone(&last);
-            self.images.convert(&r, Arc::new(move |p| *sink.lock().unwrap_or_else(|e| e.into_inner()) = p))?;
-            let percent = *last.lock().unwrap_or_else(|e| e.into_inner());
-            progress(BackupProgress::Disk { target: disk.target.clone(), percent });
+            self.convert_reporting(r, cancel, &disk.target, size, progress)?;
         }
         Ok(())
     }
+}
+
+/// A failure after a cancel is the cancel.
+pub(crate) fn cancelled_or(cancel: &CancelHandle, e: impl Into<BackupError>) -> BackupError {
+    if cancel.is_cancelled() { BackupError::Cancelled } else { e.into() }
 }
 
 /// Removes `<id>.partial` directories of earlier interrupted runs (the caller holds the VM lock,

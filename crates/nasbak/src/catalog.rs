@@ -53,7 +53,7 @@ impl FileVerdict {
     }
 }
 
-fn read_backup(vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
+pub(crate) fn read_backup(vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
     let manifest = dir.join(MANIFEST_FILE);
     if manifest.exists() {
         let m = Manifest::from_json(&fs::read_to_string(&manifest).ok()?).ok()?;
@@ -111,7 +111,14 @@ where
     }
 
     /// Checks every file of one backup: `qemu-img check`, and the SHA-256 against the manifest.
-    pub fn verify(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<Vec<FileVerdict>, BackupError> {
+    /// Progress is the bytes of the files checked so far.
+    pub fn verify(
+        &self,
+        repository: &BackupRepository,
+        vm: &str,
+        id: &str,
+        progress: &mut dyn FnMut(crate::BackupProgress),
+    ) -> Result<Vec<FileVerdict>, BackupError> {
         let mounted = self.mounts.acquire(repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         let entry =
@@ -122,8 +129,12 @@ where
             }
             BackupKind::Reference { files } => files.iter().map(|f| (f.clone(), None)).collect(),
         };
+        let sizes: Vec<u64> = files.iter().map(|(f, _)| fs::metadata(dir.join(f)).map_or(0, |m| m.len())).collect();
+        let total = sizes.iter().sum();
+        let mut processed = 0;
+        progress(crate::BackupProgress::Bytes { processed, total });
         let mut verdicts = Vec::new();
-        for (file, sum) in files {
+        for ((file, sum), size) in files.into_iter().zip(sizes) {
             let path = dir.join(&file);
             let check = match self.images.check(&ImageLocation::Path(path.clone()), &ImageFormat::Qcow2) {
                 Ok(r) => r.verdict,
@@ -132,6 +143,8 @@ where
             let checksum_ok =
                 sum.map(|expected| crate::checksum::sha256_file(&path).is_ok_and(|actual| actual == expected));
             verdicts.push(FileVerdict { file, check, checksum_ok });
+            processed += size;
+            progress(crate::BackupProgress::Bytes { processed, total });
         }
         Ok(verdicts)
     }
@@ -144,6 +157,8 @@ where
         if read_backup(vm, id, &dir).is_none() {
             return Err(BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) });
         }
+        // Not while a backup, restore or prune of this VM runs.
+        let _lock = crate::lock::VmLock::take(&mounted.layout().vm_dir(&VmName::new(vm)?), vm)?;
         fs::remove_dir_all(&dir).map_err(|source| BackupError::Io { action: "deleting", path: dir.clone(), source })
     }
 }

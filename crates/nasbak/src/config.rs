@@ -1,16 +1,148 @@
-//! The configuration file (`/etc/nasbak/nasbak.toml`): repositories, validated on load, written
-//! atomically.
+//! The configuration file (`/etc/nasbak/nasbak.toml`): repositories, offerings, VM assignments
+//! and schedules, validated on load (errors name the file and line), written atomically.
+//!
+//! ```toml
+//! [[repository]]
+//! name = "nas1"
+//! type = "nfs"
+//! address = "nas1.example:/exports/backup"
+//!
+//! [[offering]]            # ties VMs to a repository, with defaults
+//! name = "gold"
+//! repository = "nas1"
+//! quiesce = "best-effort"
+//! keep = "last=3,daily=7,weekly=4"
+//!
+//! [assignments]           # VM = offering
+//! web1 = "gold"
+//!
+//! [[schedule]]
+//! id = "web1-daily"
+//! vm = "web1"
+//! every = "daily"
+//! at = "02:30"
+//! tz = "Europe/Berlin"
+//! keep = 7
+//! quiesce = "required"
+//! created = "2026-11-27T12:00:00Z"
+//! ```
 
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nasbak_repo::BackupRepository;
+use chrono::{DateTime, Utc};
+use nasbak_agent::QuiescePolicy;
+use nasbak_repo::{BackupRepository, RetentionPolicy};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::schedule::{At, Every, parse_tz};
 
 /// Where the configuration is unless `--config` or `NASBAK_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/nasbak/nasbak.toml";
+
+/// Where run-due keeps when each schedule last ran, unless `--state` or `NASBAK_STATE` says otherwise.
+pub const DEFAULT_STATE: &str = "/var/lib/nasbak/state.json";
+
+/// Serializes a `Display + FromStr` type as its text.
+mod as_text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: serde::Deserializer<'de>,
+    {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serializes an optional retention policy as its text (`last=3,daily=7`).
+mod keep_text {
+    use nasbak_repo::RetentionPolicy;
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<RetentionPolicy>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(p) => s.collect_str(p),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RetentionPolicy>, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An offering: how the VMs assigned to it are backed up (the reference system's "backup
+/// offering": one repository in a zone, a default quiesce policy, a retention).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offering {
+    /// Its name.
+    pub name: String,
+    /// The repository its backups go to.
+    pub repository: String,
+    /// The zone (must be the repository's zone when both are set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The default quiesce policy of its backups.
+    #[serde(default, with = "as_text")]
+    pub quiesce: QuiescePolicy,
+    /// The retention `nasbak prune` applies to its VMs' backups (none: keep everything).
+    #[serde(default, with = "keep_text", skip_serializing_if = "Option::is_none")]
+    pub keep: Option<RetentionPolicy>,
+}
+
+/// A backup schedule of one VM (the VM's offering names the repository).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Its id (`<vm>-<every>`, with `-N` when taken).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The interval.
+    pub every: Every,
+    /// When in the interval (see [`crate::schedule::AT_FORMS`]).
+    pub at: String,
+    /// The time zone of `at`.
+    #[serde(default = "utc_name")]
+    pub tz: String,
+    /// Keep at most this many backups made by this schedule (0: no limit).
+    pub keep: u32,
+    /// The quiesce policy.
+    #[serde(default, with = "as_text")]
+    pub quiesce: QuiescePolicy,
+    /// When it was added: occurrences before that never run.
+    pub created: DateTime<Utc>,
+}
+
+fn utc_name() -> String {
+    "UTC".to_owned()
+}
+
+impl Schedule {
+    /// The parsed `at` (validated on load, so this only fails for hand-built values).
+    pub fn at(&self) -> Result<At, String> {
+        At::parse(self.every, &self.at)
+    }
+
+    /// Whether it is due at `now`, given when it last ran.
+    pub fn is_due(&self, last_run: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Result<bool, String> {
+        Ok(crate::schedule::is_due(&self.at()?, parse_tz(&self.tz)?, self.created, last_run, now))
+    }
+}
 
 /// The configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,13 +150,29 @@ pub struct Config {
     /// The backup repositories.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<BackupRepository>,
+    /// The offerings.
+    #[serde(default, rename = "offering", skip_serializing_if = "Vec::is_empty")]
+    pub offerings: Vec<Offering>,
+    /// VM name to offering name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub assignments: BTreeMap<String, String>,
+    /// The schedules.
+    #[serde(default, rename = "schedule", skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
 }
 
-/// The file as read, each repository with its place in the text.
+/// The file as read, each item with its place in the text.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     repository: Vec<toml::Spanned<toml::Table>>,
+    #[serde(default)]
+    offering: Vec<toml::Spanned<toml::Table>>,
+    #[serde(default)]
+    assignments: Option<toml::Spanned<BTreeMap<String, toml::Spanned<String>>>>,
+    #[serde(default)]
+    schedule: Vec<toml::Spanned<toml::Table>>,
 }
 
 /// The configuration could not be read or written.
@@ -54,6 +202,11 @@ pub enum ConfigError {
     },
 }
 
+/// A change the configuration refuses (a dangling reference, a duplicate name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 impl Config {
     /// Reads and validates `path`; a missing file is an empty configuration.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -68,30 +221,58 @@ impl Config {
     /// Parses configuration text; `path` is for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
-            path: path.to_owned(),
-            line: e.span().map_or(1, |s| line_of(s.start)),
-            message: e.message().to_owned(),
-        })?;
-        let mut config = Config::default();
-        for table in raw.repository {
-            let line = line_of(table.span().start);
-            let repo: BackupRepository =
-                toml::Value::Table(table.into_inner()).try_into().map_err(|e: toml::de::Error| {
-                    ConfigError::Invalid { path: path.to_owned(), line, message: e.message().to_owned() }
-                })?;
-            config.repositories.push(repo);
+        let invalid = |line: usize, message: String| ConfigError::Invalid { path: path.to_owned(), line, message };
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| invalid(e.span().map_or(1, |s| line_of(s.start)), e.message().to_owned()))?;
+        fn items<T: DeserializeOwned>(
+            tables: Vec<toml::Spanned<toml::Table>>,
+            line_of: &dyn Fn(usize) -> usize,
+            invalid: &dyn Fn(usize, String) -> ConfigError,
+        ) -> Result<Vec<(T, usize)>, ConfigError> {
+            tables
+                .into_iter()
+                .map(|t| {
+                    let line = line_of(t.span().start);
+                    toml::Value::Table(t.into_inner())
+                        .try_into()
+                        .map(|v| (v, line))
+                        .map_err(|e: toml::de::Error| invalid(line, e.message().to_owned()))
+                })
+                .collect()
         }
-        let mut seen = std::collections::HashSet::new();
-        for r in &config.repositories {
+        let repositories: Vec<(BackupRepository, usize)> = items(raw.repository, &line_of, &invalid)?;
+        let offerings: Vec<(Offering, usize)> = items(raw.offering, &line_of, &invalid)?;
+        let schedules: Vec<(Schedule, usize)> = items(raw.schedule, &line_of, &invalid)?;
+        let assignments: Vec<(String, String, usize)> = raw
+            .assignments
+            .map(|a| {
+                a.into_inner().into_iter().map(|(vm, o)| (vm, o.get_ref().clone(), line_of(o.span().start))).collect()
+            })
+            .unwrap_or_default();
+        let mut config = Config {
+            repositories: repositories.iter().map(|(r, _)| r.clone()).collect(),
+            offerings: offerings.iter().map(|(o, _)| o.clone()).collect(),
+            assignments: assignments.iter().map(|(vm, o, _)| (vm.clone(), o.clone())).collect(),
+            schedules: Vec::new(),
+        };
+        let mut seen = HashSet::new();
+        for (r, line) in &repositories {
             if !seen.insert(r.name().as_str()) {
-                let line = text.find(&format!("\"{}\"", r.name())).map_or(1, |i| text[..i].matches('\n').count() + 1);
-                return Err(ConfigError::Invalid {
-                    path: path.to_owned(),
-                    line,
-                    message: format!("repository {} is defined twice", r.name()),
-                });
+                return Err(invalid(*line, format!("repository {} is defined twice", r.name())));
             }
+        }
+        let mut seen = HashSet::new();
+        for (o, line) in &offerings {
+            if !seen.insert(o.name.as_str()) {
+                return Err(invalid(*line, format!("offering {} is defined twice", o.name)));
+            }
+            config.check_offering(o).map_err(|e| invalid(*line, e.0))?;
+        }
+        for (vm, offering, line) in &assignments {
+            config.check_assignment(vm, offering).map_err(|e| invalid(*line, e.0))?;
+        }
+        for (s, line) in schedules {
+            config.add_schedule(s).map_err(|e| invalid(line, e.0))?;
         }
         Ok(config)
     }
@@ -101,24 +282,177 @@ impl Config {
         self.repositories.iter().find(|r| r.name().as_str() == name)
     }
 
+    /// The offering named `name`.
+    pub fn offering(&self, name: &str) -> Option<&Offering> {
+        self.offerings.iter().find(|o| o.name == name)
+    }
+
+    /// The offering `vm` is assigned to.
+    pub fn offering_of(&self, vm: &str) -> Option<&Offering> {
+        self.assignments.get(vm).and_then(|o| self.offering(o))
+    }
+
+    fn check_offering(&self, o: &Offering) -> Result<(), Refused> {
+        nasbak_repo::RepositoryName::new(&o.name).map_err(|e| Refused(e.to_string()))?;
+        let repo = self.repository(&o.repository).ok_or_else(|| {
+            Refused(format!("offering {} names repository {}, which is not defined", o.name, o.repository))
+        })?;
+        if let (Some(oz), Some(rz)) = (o.zone.as_deref(), repo.zone())
+            && oz != rz
+        {
+            return Err(Refused(format!(
+                "offering {} is in zone {oz} but repository {} is in zone {rz}; an offering's backups stay in its zone",
+                o.name, o.repository
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_assignment(&self, vm: &str, offering: &str) -> Result<(), Refused> {
+        nasbak_repo::VmName::new(vm).map_err(|e| Refused(e.to_string()))?;
+        if self.offering(offering).is_none() {
+            return Err(Refused(format!("{vm} is assigned to offering {offering}, which is not defined")));
+        }
+        Ok(())
+    }
+
+    /// Adds an offering after checking its repository exists (and shares its zone).
+    pub fn add_offering(&mut self, o: Offering) -> Result<(), Refused> {
+        if self.offering(&o.name).is_some() {
+            return Err(Refused(format!("an offering named {} exists already; remove it first", o.name)));
+        }
+        self.check_offering(&o)?;
+        self.offerings.push(o);
+        Ok(())
+    }
+
+    /// Removes an offering no VM is assigned to.
+    pub fn remove_offering(&mut self, name: &str) -> Result<(), Refused> {
+        if self.offering(name).is_none() {
+            return Err(Refused(format!("there is no offering {name}")));
+        }
+        let users: Vec<&str> = self.assignments.iter().filter(|(_, o)| *o == name).map(|(v, _)| v.as_str()).collect();
+        if !users.is_empty() {
+            return Err(Refused(format!("offering {name} is assigned to {}; unassign them first", users.join(", "))));
+        }
+        self.offerings.retain(|o| o.name != name);
+        Ok(())
+    }
+
+    /// Assigns `vm` to `offering` (replacing an earlier assignment).
+    pub fn assign(&mut self, vm: &str, offering: &str) -> Result<(), Refused> {
+        self.check_assignment(vm, offering)?;
+        self.assignments.insert(vm.to_owned(), offering.to_owned());
+        Ok(())
+    }
+
+    /// Unassigns `vm`; refused while it has schedules.
+    pub fn unassign(&mut self, vm: &str) -> Result<(), Refused> {
+        if !self.assignments.contains_key(vm) {
+            return Err(Refused(format!("{vm} is not assigned to an offering")));
+        }
+        let ids: Vec<&str> = self.schedules.iter().filter(|s| s.vm == vm).map(|s| s.id.as_str()).collect();
+        if !ids.is_empty() {
+            return Err(Refused(format!("{vm} has schedules ({}); remove them first", ids.join(", "))));
+        }
+        self.assignments.remove(vm);
+        Ok(())
+    }
+
+    /// A free schedule id for `vm` and `every`.
+    pub fn next_schedule_id(&self, vm: &str, every: Every) -> String {
+        let base = format!("{vm}-{every}");
+        (1..)
+            .map(|n| if n == 1 { base.clone() } else { format!("{base}-{n}") })
+            .find(|id| self.schedules.iter().all(|s| &s.id != id))
+            .expect("an unbounded range has a free id")
+    }
+
+    /// Adds a schedule after validating it; its VM must be assigned to an offering.
+    pub fn add_schedule(&mut self, s: Schedule) -> Result<(), Refused> {
+        s.at().map_err(Refused)?;
+        parse_tz(&s.tz).map_err(Refused)?;
+        if self.schedules.iter().any(|x| x.id == s.id) {
+            return Err(Refused(format!("schedule {} is defined twice", s.id)));
+        }
+        if self.offering_of(&s.vm).is_none() {
+            return Err(Refused(format!(
+                "{} has no offering; `nasbak assign {} OFFERING` first (the offering names the repository)",
+                s.vm, s.vm
+            )));
+        }
+        self.schedules.push(s);
+        Ok(())
+    }
+
+    /// Removes a schedule.
+    pub fn remove_schedule(&mut self, id: &str) -> Result<(), Refused> {
+        let before = self.schedules.len();
+        self.schedules.retain(|s| s.id != id);
+        if self.schedules.len() == before {
+            return Err(Refused(format!("there is no schedule {id}")));
+        }
+        Ok(())
+    }
+
     /// Writes the configuration atomically: a 0600 temporary file (it may hold CIFS passwords
     /// and Ceph keys) in the same directory, synced, then renamed over the old one.
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
-        let io = |action, source| ConfigError::Io { action, path: path.to_owned(), source };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Io {
+            action: "serializing",
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomically(path, text.as_bytes(), 0o600)
+    }
+}
+
+/// Writes `data` to `path` through a synced temporary file in the same directory and a rename.
+pub(crate) fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), ConfigError> {
+    let io = |action, source| ConfigError::Io { action, path: path.to_owned(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+    }
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("writing", e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("replacing", e))
+}
+
+/// When each schedule last ran (`/var/lib/nasbak/state.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    /// Schedule id to the start of its last run.
+    #[serde(default)]
+    pub last_run: BTreeMap<String, DateTime<Utc>>,
+}
+
+impl ScheduleState {
+    /// Reads the state; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<ScheduleState, ConfigError> {
+        match fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                line: e.line(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ScheduleState::default()),
+            Err(source) => Err(ConfigError::Io { action: "reading", path: path.to_owned(), source }),
         }
-        let text = toml::to_string_pretty(self).map_err(|e| io("serializing", std::io::Error::other(e)))?;
-        let tmp = path.with_extension("toml.tmp");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("writing", e))?;
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
-        fs::rename(&tmp, path).map_err(|e| io("replacing", e))
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = serde_json::to_string_pretty(self).expect("a map of strings and times serializes");
+        write_atomically(path, text.as_bytes(), 0o644)
     }
 }
 
@@ -151,5 +485,105 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(Config::load(&path).unwrap(), c);
         assert_eq!(Config::load(&dir.path().join("missing.toml")).unwrap(), Config::default());
+    }
+
+    const FULL: &str = r#"[[repository]]
+name = "nas1"
+type = "shared"
+address = "/srv/backup"
+zone = "z1"
+
+[[offering]]
+name = "gold"
+repository = "nas1"
+quiesce = "required"
+keep = "last=3,daily=7"
+
+[assignments]
+web1 = "gold"
+
+[[schedule]]
+id = "web1-daily"
+vm = "web1"
+every = "daily"
+at = "02:30"
+tz = "Europe/Berlin"
+keep = 7
+created = "2026-11-27T12:00:00Z"
+"#;
+
+    #[test]
+    fn offerings_assignments_and_schedules_round_trip() {
+        let c = Config::parse(FULL, Path::new("c.toml")).unwrap();
+        assert_eq!(c.offering_of("web1").unwrap().quiesce, QuiescePolicy::Required);
+        assert_eq!(c.offering("gold").unwrap().keep.unwrap().daily, Some(7));
+        assert_eq!(c.schedules[0].quiesce, QuiescePolicy::BestEffort);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        c.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+        assert_eq!(c.next_schedule_id("web1", Every::Daily), "web1-daily-2");
+        assert_eq!(c.next_schedule_id("web1", Every::Hourly), "web1-hourly");
+    }
+
+    #[test]
+    fn dangling_references_are_refused_with_their_line() {
+        let cases = [
+            ("repository = \"nas1\"", "repository = \"nas9\"", 7, "names repository nas9, which is not defined"),
+            ("web1 = \"gold\"", "web1 = \"silver\"", 14, "offering silver, which is not defined"),
+            ("at = \"02:30\"", "at = \"25:00\"", 16, "the hour must be 0 to 23"),
+            ("tz = \"Europe/Berlin\"", "tz = \"Moon/Base\"", 16, "unknown time zone"),
+            ("vm = \"web1\"", "vm = \"db1\"", 16, "db1 has no offering"),
+            ("keep = \"last=3,daily=7\"", "keep = \"forever\"", 7, "no =N"),
+            (
+                "zone = \"z1\"",
+                "zone = \"z1\"\n[[offering]]\nname = \"x\"\nrepository = \"nas1\"\nzone = \"z2\"",
+                7,
+                "zone z2",
+            ),
+        ];
+        for (from, to, line, says) in cases {
+            let text = FULL.replace(from, to);
+            let e = Config::parse(&text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(says), "{to}: {e}");
+            if !to.contains("zone") {
+                assert!(e.starts_with(&format!("c.toml:{line}:")), "{to}: {e}");
+            }
+        }
+        let e = Config::parse(&format!("{FULL}\n[unknown]\n"), Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn changes_keep_references_whole() {
+        let mut c = Config::parse(FULL, Path::new("c.toml")).unwrap();
+        assert!(c.remove_offering("gold").unwrap_err().0.contains("assigned to web1"));
+        assert!(c.unassign("web1").unwrap_err().0.contains("web1-daily"));
+        c.remove_schedule("web1-daily").unwrap();
+        assert!(c.remove_schedule("web1-daily").is_err());
+        c.unassign("web1").unwrap();
+        c.remove_offering("gold").unwrap();
+        assert!(c.assign("web1", "gold").unwrap_err().0.contains("not defined"));
+        let o = Offering {
+            name: "x".into(),
+            repository: "none".into(),
+            zone: None,
+            quiesce: QuiescePolicy::Off,
+            keep: None,
+        };
+        assert!(c.add_offering(o).unwrap_err().0.contains("not defined"));
+    }
+
+    #[test]
+    fn schedule_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("var/state.json");
+        assert_eq!(ScheduleState::load(&path).unwrap(), ScheduleState::default());
+        let mut st = ScheduleState::default();
+        st.last_run.insert("a".into(), DateTime::from_timestamp(1_800_000_000, 0).unwrap());
+        st.save(&path).unwrap();
+        assert_eq!(ScheduleState::load(&path).unwrap(), st);
+        fs::write(&path, "{not json").unwrap();
+        assert!(ScheduleState::load(&path).unwrap_err().to_string().contains("state.json:1"));
     }
 }

@@ -12,6 +12,9 @@ pub enum BackupError {
     /// The repository could not be mounted or measured.
     #[error(transparent)]
     Mount(#[from] nasbak_repo::MountError),
+    /// The configuration or the schedule state.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The VM lock.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
@@ -99,7 +102,53 @@ pub enum BackupError {
         /// What was looked for.
         what: String,
     },
+    /// The destination exists; restore-volume never overwrites.
+    #[error("{path} exists; restore-volume never overwrites a file: choose another path or remove it")]
+    Exists {
+        /// The destination.
+        path: PathBuf,
+    },
+    /// The input does not say enough to choose.
+    #[error("say {what}")]
+    Ambiguous {
+        /// What must be said.
+        what: String,
+    },
+    /// Root may not write to the repository.
+    #[error("root cannot write to repository {repository}: {hint}")]
+    NotWritable {
+        /// The repository.
+        repository: String,
+        /// What to change.
+        hint: String,
+        /// The refusal.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The volume was restored but could not be attached.
+    #[error("the volume was restored to {location} (it is complete and stays there) but attaching it to {vm} failed")]
+    AttachFailed {
+        /// Where the volume is.
+        location: String,
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: nasbak_libvirt::LibvirtError,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
+}
+
+/// An error and its causes on one line (`a: b: c`), for reports that outlive the error.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

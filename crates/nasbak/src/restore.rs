@@ -1,18 +1,22 @@
-//! Restore of a whole shut-off VM from one of its backups.
+//! Restore: every disk of a shut-off VM from a backup, or one disk of a backup as a new volume
+//! (a file, a block device or an RBD image), optionally attached to a VM.
 //!
 //! Backup disks are matched to the VM's current disks by identity (target device and volume),
-//! never by position; every mismatch is reported before anything is written.
+//! never by position; every mismatch is reported before anything is written. Backups the
+//! reference system wrote (no manifest) are restored too: their file names give the volume, and
+//! the `domain-config.xml` saved with them gives each volume's target.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 
-use nasbak_libvirt::{Disk, DiskSource, Domain, DomainState, Hypervisor};
+use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, attach_bus, disk_attach_xml};
 use nasbak_qemu_img::{CheckVerdict, ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::model::layout::MANIFEST_FILE;
-use nasbak_repo::{BackupRepository, Manifest, ManifestDisk, Mounter, VmName};
+use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
+use nasbak_repo::{BackupRepository, ManifestDisk, Mounter, VmName};
 
-use crate::backup::{AgentSource, Engine, volume_of};
+use crate::backup::{AgentSource, BackupProgress, Engine, cancelled_or, volume_of};
+use crate::catalog::{BackupKind, read_backup};
 use crate::error::BackupError;
 use crate::lock::VmLock;
 
@@ -27,19 +31,22 @@ pub struct RestoredDisk {
     pub format: String,
 }
 
-/// Pairs each backup disk with the VM disk of the same identity, or says every mismatch.
+/// Pairs each backup disk with the VM disk of the same identity, or says every mismatch. With
+/// `by_volume` false (restoring into another VM, whose volumes are its own), disks pair by
+/// target alone.
 pub fn match_disks<'a>(
-    manifest: &'a Manifest,
+    disks: &'a [ManifestDisk],
     domain: &'a Domain,
+    by_volume: bool,
 ) -> Result<Vec<(&'a ManifestDisk, &'a Disk)>, BackupError> {
     let (current, _) = domain.backup_selection();
     let mut problems = Vec::new();
     let mut pairs = Vec::new();
-    for b in &manifest.disks {
+    for b in disks {
         match current.iter().find(|d| d.target == b.target) {
             None => problems
                 .push(format!("the backup has disk {} ({}), the VM has no disk {}", b.target, b.volume, b.target)),
-            Some(d) if volume_of(d).as_str() != b.volume => problems.push(format!(
+            Some(d) if by_volume && volume_of(d).as_str() != b.volume => problems.push(format!(
                 "disk {} of the VM is volume {}, the backup's {} is volume {}",
                 d.target,
                 volume_of(d),
@@ -50,50 +57,315 @@ pub fn match_disks<'a>(
         }
     }
     for d in &current {
-        if !manifest.disks.iter().any(|b| b.target == d.target) {
+        if !disks.iter().any(|b| b.target == d.target) {
             problems.push(format!("the VM's disk {} ({}) is not in the backup", d.target, volume_of(d)));
         }
     }
     if problems.is_empty() { Ok(pairs) } else { Err(BackupError::Mismatch { vm: domain.name.clone(), problems }) }
 }
 
+/// The disks of a backup: from its manifest, or for a reference-system backup from its file
+/// names, each volume's target taken from the saved `domain-config.xml` (else from `current`,
+/// the VM as it is now).
+pub(crate) fn backup_disks(
+    dir: &Path,
+    vm: &str,
+    id: &str,
+    current: Option<&Domain>,
+) -> Result<Vec<ManifestDisk>, BackupError> {
+    let entry = read_backup(vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
+    let files = match entry.kind {
+        BackupKind::Nasbak(m) => return Ok(m.disks),
+        BackupKind::Reference { files } => files,
+    };
+    let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok());
+    let mut disks = Vec::new();
+    for file in files {
+        let (_, volume) = parse_disk_file_name(&file).expect("read_backup lists backup file names only");
+        let find = |d: &Domain| d.disks.iter().find(|x| volume_of(x) == volume).map(|x| x.target.clone());
+        let target = saved.as_ref().and_then(find).or_else(|| current.and_then(find)).ok_or_else(|| {
+            BackupError::Mismatch {
+                vm: vm.to_owned(),
+                problems: vec![format!(
+                    "the backup's file {file} is volume {volume}, which neither the saved domain-config.xml nor the VM has"
+                )],
+            }
+        })?;
+        disks.push(ManifestDisk {
+            target,
+            volume: volume.to_string(),
+            source: String::new(),
+            source_format: None,
+            file: file.clone(),
+            format: "qcow2".into(),
+            virtual_size: 0,
+            size: 0,
+            checksum: None,
+        });
+    }
+    Ok(disks)
+}
+
+/// Restoring one disk of a backup as a new volume.
+#[derive(Debug, Clone)]
+pub struct VolumeRestoreRequest {
+    /// The VM the backup is of.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// The disk, by its target in the backup (`vdb`).
+    pub disk: String,
+    /// Where to write: a new file or block device path, or an RBD image.
+    pub to: ImageLocation,
+    /// The format to write (RBD images are raw).
+    pub format: ImageFormat,
+    /// Attach the new volume to this VM (running or shut off).
+    pub attach: Option<String>,
+}
+
+/// A restored volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredVolume {
+    /// Where it was written.
+    pub location: String,
+    /// Its format.
+    pub format: String,
+    /// The VM and target it was attached as.
+    pub attached: Option<(String, String)>,
+}
+
+/// Parses `--to`: `rbd:POOL/IMAGE` (Ceph's default client and ceph.conf) or an absolute path.
+pub fn parse_destination(to: &str) -> Result<ImageLocation, BackupError> {
+    let bad = |why: &str| {
+        BackupError::Input(nasbak_repo::ParseError::new(
+            "destination",
+            to,
+            0,
+            why.to_owned(),
+            "expected an absolute path or rbd:POOL/IMAGE",
+        ))
+    };
+    if let Some(rest) = to.strip_prefix("rbd:") {
+        let (pool, image) = rest.split_once('/').ok_or_else(|| bad("no /IMAGE after the pool"))?;
+        if pool.is_empty() || image.is_empty() || image.contains(['/', ':', '@']) || pool.contains(':') {
+            return Err(bad("pool and image must be plain names"));
+        }
+        return Ok(ImageLocation::Rbd(nasbak_qemu_img::RbdSpec::new(pool, image)));
+    }
+    if !to.starts_with('/') {
+        return Err(bad("not an absolute path"));
+    }
+    Ok(ImageLocation::Path(PathBuf::from(to)))
+}
+
 impl<H, I, M> Engine<H, I, M>
 where
     H: Hypervisor + AgentSource,
-    I: ImageTool,
+    I: ImageTool + Sync,
     M: Mounter,
 {
-    /// Restores every disk of `vm` from the backup `<repository>/<vm>/<id>`. The VM must be
-    /// shut off. Backup files are checked (`qemu-img check` and their SHA-256) before anything
-    /// is written. qcow2 volumes get a self-contained qcow2 (no backing file), written beside
-    /// the volume and renamed over it; raw files and block devices are written in place as raw.
-    pub fn restore(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<Vec<RestoredDisk>, BackupError> {
+    /// Restores every disk of the shut-off VM `into` (the backup's own VM when `None`) from the
+    /// backup `<repository>/<vm>/<id>`. Backup files are checked (`qemu-img check` and their
+    /// SHA-256) before anything is written. qcow2 volumes get a self-contained qcow2 (no backing
+    /// file), written beside the volume and renamed over it; raw files and block devices are
+    /// written in place as raw. Into another VM, disks pair by target only.
+    pub fn restore(
+        &self,
+        repository: &BackupRepository,
+        vm: &str,
+        id: &str,
+        into: Option<&str>,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<Vec<RestoredDisk>, BackupError> {
         let vm_name = VmName::new(vm)?;
-        let state = self.hypervisor.domain_state(vm)?;
+        let target_vm = into.unwrap_or(vm);
+        let state = self.hypervisor.domain_state(target_vm)?;
         if state != DomainState::ShutOff {
-            return Err(BackupError::NotShutOff { vm: vm.to_owned() });
+            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
         }
-        let domain = Domain::parse(&self.hypervisor.domain_xml(vm)?)?;
+        let domain = Domain::parse(&self.hypervisor.domain_xml(target_vm)?)?;
         let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
         let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&manifest_path).map_err(|source| BackupError::Io {
-            action: "reading the manifest (is this a complete backup?)",
-            path: manifest_path.clone(),
-            source,
-        })?;
-        let manifest = Manifest::from_json(&text)?;
-        let pairs = match_disks(&manifest, &domain)?;
+        let disks = backup_disks(&dir, vm, id, Some(&domain))?;
+        let pairs = match_disks(&disks, &domain, target_vm == vm)?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
         for (b, _) in &pairs {
             self.verify_file(&dir, b)?;
         }
         let mut restored = Vec::new();
         for (b, d) in pairs {
-            restored.push(self.restore_disk(&dir.join(&b.file), d)?);
+            restored.push(self.restore_disk(&dir.join(&b.file), b.virtual_size, d, cancel, progress)?);
         }
         Ok(restored)
+    }
+
+    /// Restores one disk of a backup to a new file, block device or RBD image, and optionally
+    /// attaches it to a VM with the right driver type and the next free target name. An existing
+    /// file is never overwritten; everything is checked before anything is written.
+    pub fn restore_volume(
+        &self,
+        repository: &BackupRepository,
+        request: &VolumeRestoreRequest,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<RestoredVolume, BackupError> {
+        let vm_name = VmName::new(&request.vm)?;
+        if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
+            return Err(BackupError::Unsupported { what: "RBD images in a format other than raw".into() });
+        }
+        if !matches!(request.format, ImageFormat::Raw | ImageFormat::Qcow2) {
+            return Err(BackupError::Unsupported {
+                what: format!("restoring as {}; use qcow2 or raw", request.format),
+            });
+        }
+        let attach_to = match &request.attach {
+            Some(vm) => {
+                let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
+                Some((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
+            }
+            None => None,
+        };
+        let is_block = match &request.to {
+            ImageLocation::Path(p) => {
+                let meta = fs::metadata(p);
+                let block =
+                    meta.as_ref().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+                if meta.is_ok() && !block {
+                    return Err(BackupError::Exists { path: p.clone() });
+                }
+                if let Some((vm, _, d)) = &attach_to
+                    && d.disks
+                        .iter()
+                        .any(|x| matches!(&x.source, Some(DiskSource::File(f) | DiskSource::Block(f)) if f == p))
+                {
+                    return Err(BackupError::Unsupported {
+                        what: format!("{} is already a disk of {vm}", p.display()),
+                    });
+                }
+                block
+            }
+            ImageLocation::Rbd(_) => false,
+        };
+        let mounted = self.mounts.acquire(repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
+        let disks = backup_disks(&dir, &request.vm, &request.id, None)?;
+        let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
+            what: format!(
+                "disk {} in backup {}/{} (it has {})",
+                request.disk,
+                request.vm,
+                request.id,
+                disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
+        self.verify_file(&dir, disk)?;
+        let source = ImageLocation::Path(dir.join(&disk.file));
+        let (source_for_xml, written) = match &request.to {
+            ImageLocation::Path(p) if is_block => {
+                let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                r.target_exists = true;
+                self.convert_reporting(r, cancel, &disk.target, disk.virtual_size, progress)?;
+                (DiskSource::Block(p.clone()), ImageFormat::Raw)
+            }
+            ImageLocation::Path(p) => {
+                self.write_new_file(source, p, &request.format, cancel, &disk.target, disk.virtual_size, progress)?;
+                (DiskSource::File(p.clone()), request.format.clone())
+            }
+            ImageLocation::Rbd(spec) => {
+                let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                self.convert_reporting(r, cancel, &disk.target, disk.virtual_size, progress)?;
+                let name = format!("{}/{}", spec.pool, spec.image);
+                let rbd = DiskSource::Network {
+                    protocol: "rbd".into(),
+                    name: Some(name),
+                    hosts: vec![],
+                    auth: None,
+                    config: None,
+                };
+                (rbd, ImageFormat::Raw)
+            }
+        };
+        let attached = match attach_to {
+            Some((vm, running, domain)) => {
+                let (prefix, bus) = attach_bus(&disk.target, running);
+                let target = domain.next_free_target(prefix);
+                let xml = disk_attach_xml(&source_for_xml, &written.to_string(), &target, bus)?;
+                self.hypervisor.attach_disk(&vm, &xml, running).map_err(|source| BackupError::AttachFailed {
+                    location: request.to.to_string(),
+                    vm: vm.clone(),
+                    source,
+                })?;
+                Some((vm, target))
+            }
+            None => None,
+        };
+        Ok(RestoredVolume { location: request.to.to_string(), format: written.to_string(), attached })
+    }
+
+    /// Writes a new file through `<path>.nasbak-partial` and a rename, so an interrupted restore
+    /// never leaves a file that looks complete.
+    #[allow(clippy::too_many_arguments)]
+    fn write_new_file(
+        &self,
+        source: ImageLocation,
+        path: &Path,
+        format: &ImageFormat,
+        cancel: &CancelHandle,
+        target: &str,
+        size: u64,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<(), BackupError> {
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".nasbak-partial");
+        let tmp = PathBuf::from(tmp_name);
+        let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
+        r.source_format = Some(ImageFormat::Qcow2);
+        if let Err(e) = self.convert_reporting(r, cancel, target, size, progress) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, path).map_err(|source| BackupError::Io {
+            action: "moving into place",
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Runs one conversion on a helper thread and hands its progress to `progress` on this one.
+    pub(crate) fn convert_reporting(
+        &self,
+        mut request: ConvertRequest,
+        cancel: &CancelHandle,
+        target: &str,
+        size: u64,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<(), BackupError> {
+        request.cancel = cancel.clone();
+        let (tx, rx) = mpsc::channel::<f64>();
+        let images = &self.images;
+        let request = &request;
+        let result = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let tx = std::sync::Mutex::new(tx);
+                images.convert(
+                    request,
+                    Arc::new(move |p| {
+                        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(p);
+                    }),
+                )
+            });
+            for percent in rx {
+                progress(BackupProgress::Disk { target: target.to_owned(), percent, size });
+            }
+            worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        result.map_err(|e| cancelled_or(cancel, e))
     }
 
     /// `qemu-img check` and the manifest's checksum of one backup file.
@@ -119,7 +391,14 @@ where
         Ok(())
     }
 
-    fn restore_disk(&self, backup_file: &Path, disk: &Disk) -> Result<RestoredDisk, BackupError> {
+    fn restore_disk(
+        &self,
+        backup_file: &Path,
+        size: u64,
+        disk: &Disk,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(BackupProgress),
+    ) -> Result<RestoredDisk, BackupError> {
         let (path, is_block) = match &disk.source {
             Some(DiskSource::File(p)) => (p.clone(), false),
             Some(DiskSource::Block(p)) => (p.clone(), true),
@@ -135,10 +414,9 @@ where
             let tmp = path.with_extension("nasbak-restore");
             let mut r = ConvertRequest::new(source, tmp.clone(), ImageFormat::Qcow2);
             r.source_format = Some(ImageFormat::Qcow2);
-            let result = self.images.convert(&r, Arc::new(|_| {}));
-            if let Err(e) = result {
+            if let Err(e) = self.convert_reporting(r, cancel, &disk.target, size, progress) {
                 let _ = fs::remove_file(&tmp);
-                return Err(e.into());
+                return Err(e);
             }
             fs::rename(&tmp, &path).map_err(|source| BackupError::Io {
                 action: "replacing",
@@ -149,7 +427,7 @@ where
             let mut r = ConvertRequest::new(source, path.clone(), ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
-            self.images.convert(&r, Arc::new(|_| {}))?;
+            self.convert_reporting(r, cancel, &disk.target, size, progress)?;
         }
         Ok(RestoredDisk { target: disk.target.clone(), path, format })
     }
@@ -158,6 +436,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nasbak_repo::Manifest;
 
     fn domain(disks: &[(&str, &str)]) -> Domain {
         let mut xml = String::from("<domain><name>vm</name><devices>");
@@ -182,6 +461,7 @@ mod tests {
             quiesce_note: None,
             libvirt_version: None,
             qemu_version: None,
+            schedule: None,
             disks: disks
                 .iter()
                 .map(|(target, volume)| ManifestDisk {
@@ -204,7 +484,7 @@ mod tests {
         // The VM lists its disks in another order than the backup (a data disk created first).
         let d = domain(&[("vdb", "/v/data1.qcow2"), ("vda", "/v/root1.qcow2")]);
         let m = manifest(&[("vda", "root1"), ("vdb", "data1")]);
-        let pairs = match_disks(&m, &d).unwrap();
+        let pairs = match_disks(&m.disks, &d, true).unwrap();
         for (b, disk) in pairs {
             assert_eq!(b.target, disk.target);
         }
@@ -214,7 +494,10 @@ mod tests {
     fn every_mismatch_is_reported() {
         let d = domain(&[("vda", "/v/root2.qcow2"), ("vdc", "/v/extra.qcow2")]);
         let m = manifest(&[("vda", "root1"), ("vdb", "data1")]);
-        let e = match_disks(&m, &d).unwrap_err().to_string();
+        let e = match_disks(&m.disks, &d, true).unwrap_err().to_string();
+        // Into another VM, only targets count.
+        let e2 = match_disks(&m.disks, &d, false).unwrap_err().to_string();
+        assert!(!e2.contains("volume root2") && e2.contains("no disk vdb"), "{e2}");
         assert!(e.contains("disk vda of the VM is volume root2, the backup's vda is volume root1"), "{e}");
         assert!(e.contains("the VM has no disk vdb"), "{e}");
         assert!(e.contains("the VM's disk vdc (extra) is not in the backup"), "{e}");

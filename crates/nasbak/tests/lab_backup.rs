@@ -47,6 +47,7 @@ fn request(vm: &str, repo: &BackupRepository) -> BackupRequest {
         repository: repo.clone(),
         quiesce: QuiescePolicy::Required,
         timeout: Duration::from_secs(300),
+        schedule: None,
     }
 }
 
@@ -148,10 +149,10 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     }
     // A running VM is refused, with nothing written.
     dom.start();
-    let err = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap_err();
+    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::NotShutOff { .. }), "{err}");
     dom.destroy();
-    let restored = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap();
+    let restored = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(restored.len(), 2);
     for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
         let content = read_file(&dom, &disk.path, file).unwrap_or_default();
@@ -160,8 +161,8 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     let info = ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap().stdout_text();
     assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
     // A backup id that is not a backup, or outside the VM, is refused.
-    assert!(e.restore(&repo, dom.name(), "2020.01.01.00.00.00").is_err());
-    assert!(e.restore(&repo, dom.name(), "../x").is_err());
+    assert!(e.restore(&repo, dom.name(), "2020.01.01.00.00.00", None, &CancelHandle::new(), &mut |_| {}).is_err());
+    assert!(e.restore(&repo, dom.name(), "../x", None, &CancelHandle::new(), &mut |_| {}).is_err());
 }
 
 #[test]
@@ -180,7 +181,7 @@ fn restore_refuses_a_backup_whose_disks_do_not_match_and_writes_nothing() {
     fs::write(&xml_path, xml).unwrap();
     nasbak_testlab::virsh(&["define", xml_path.to_str().unwrap()]).unwrap();
     let before = sha256_file(&other).unwrap();
-    let err = e.restore(&repo, dom.name(), &backup.manifest.id).unwrap_err();
+    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::Mismatch { .. }) && err.to_string().contains("is volume other"), "{err}");
     assert_eq!(sha256_file(&other).unwrap(), before, "something was written");
 }
@@ -212,7 +213,7 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
     assert_eq!(list[0].kind, BackupKind::Reference { files: vec!["root.vol-7.qcow2".into()] });
     assert!(matches!(&list[1].kind, BackupKind::Nasbak(m) if **m == first.manifest));
     for b in &list {
-        let verdicts = e.verify(&repo, &b.vm, &b.id).unwrap();
+        let verdicts = e.verify(&repo, &b.vm, &b.id, &mut |_| {}).unwrap();
         assert!(!verdicts.is_empty() && verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
     }
     // One flipped byte in the data of a backup file: the checksum says so.
@@ -223,7 +224,7 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
         bytes[last] ^= 0xff;
         fs::write(&path, bytes).unwrap();
     });
-    let verdicts = e.verify(&repo, dom.name(), &second.manifest.id).unwrap();
+    let verdicts = e.verify(&repo, dom.name(), &second.manifest.id, &mut |_| {}).unwrap();
     assert_eq!(verdicts[0].checksum_ok, Some(false), "{verdicts:?}");
     assert!(!verdicts[0].ok());
     // Delete: only a real backup, never the repository or the VM directory.

@@ -1,5 +1,7 @@
 //! `qemu-img convert`: options, argv, and progress parsing.
 
+use nasbak_repo::CancelHandle;
+
 use crate::info::ImageFormat;
 use crate::location::ImageLocation;
 
@@ -61,6 +63,8 @@ pub struct ConvertRequest {
     /// The target exists already (`-n`): a block device, an existing RBD image or a file to
     /// overwrite in place.
     pub target_exists: bool,
+    /// Cancelling it kills qemu-img (the caller removes the partial target).
+    pub cancel: CancelHandle,
 }
 
 impl ConvertRequest {
@@ -82,6 +86,7 @@ impl ConvertRequest {
             compression: Compression::None,
             rate_limit: None,
             target_exists: false,
+            cancel: CancelHandle::new(),
         }
     }
 

@@ -140,6 +140,7 @@ impl ImageTool for QemuImg {
         };
         self.command(self.timeouts.copy)
             .args(request.args(&source, &target))
+            .cancel_on(&request.cancel)
             .run_observed(observer)
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })

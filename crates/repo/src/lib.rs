@@ -43,6 +43,7 @@ pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};
 pub use model::secret::Secret;
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;
+pub use mount::command::CancelHandle;
 pub use mount::{
     Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, SystemMounter,
     UnmountOutcome,

@@ -108,6 +108,7 @@ pub struct DomainSpec {
     disks: Vec<DiskSpec>,
     agent: bool,
     running: bool,
+    acpi: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -115,7 +116,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl DomainSpec {
     /// A domain whose name ends in `tag`, with no disks, no agent, shut off.
     pub fn new(tag: &str) -> Self {
-        DomainSpec { tag: tag.to_owned(), disks: Vec::new(), agent: false, running: false }
+        DomainSpec { tag: tag.to_owned(), disks: Vec::new(), agent: false, running: false, acpi: false }
     }
     /// Adds a disk.
     pub fn disk(mut self, disk: DiskSpec) -> Self {
@@ -127,7 +128,14 @@ impl DomainSpec {
         self.agent = agent;
         self
     }
-    /// Whether the domain is started.
+    /// With ACPI, so that disks can be hot-plugged into the running domain (i440fx's PCI
+    /// hotplug goes through ACPI; without it QEMU refuses `device_add` on `pci.0`).
+    pub fn acpi(mut self, acpi: bool) -> Self {
+        self.acpi = acpi;
+        self
+    }
+
+    /// Whether the domain is started after it is defined (default: shut off).
     pub fn running(mut self, running: bool) -> Self {
         self.running = running;
         self
@@ -148,7 +156,7 @@ impl DomainSpec {
             let disk = dom.make_disk(i, spec, &mut vd);
             dom.disks.push(disk);
         }
-        let xml = dom.xml(&guest, self.agent);
+        let xml = dom.xml(&guest, self.agent, self.acpi);
         let xml_path = dom.dir.join("domain.xml");
         fs::write(&xml_path, xml).expect("write domain xml");
         virsh(&["define", xml_path.to_str().expect("utf-8 path")])
@@ -229,14 +237,15 @@ impl LabDomain {
         LabDisk { target, path, format, kind: spec.kind }
     }
 
-    fn xml(&self, (kernel, initrd): &(String, String), agent: bool) -> String {
+    fn xml(&self, (kernel, initrd): &(String, String), agent: bool, acpi: bool) -> String {
         let mut x = String::new();
         let _ = write!(
             x,
             "<domain type='qemu'>\n  <name>{}</name>\n  <memory unit='MiB'>256</memory>\n  <vcpu>1</vcpu>\n  \
              <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0</cmdline></os>\n  \
-             <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <devices>\n",
-            self.name
+             {}<on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <devices>\n",
+            self.name,
+            if acpi { "<features><acpi/></features>\n  " } else { "" }
         );
         for d in &self.disks {
             let (ty, src, device, bus, ro) = match d.kind {

@@ -21,7 +21,8 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    pub(crate) fn new(
+    /// An error about `input` (what it is, e.g. "NFS address"), at byte `position`.
+    pub fn new(
         what: &'static str,
         input: &str,
         position: usize,

@@ -57,6 +57,17 @@ impl BackupId {
         id
     }
 
+    /// The id at `time` that sorts after every id in `existing` of the same second: no suffix
+    /// when that second has none, else one past the highest suffix (an id freed by a delete is
+    /// never reused, so a newer backup never sorts before an older one).
+    pub fn next_after<'a>(time: DateTime<Utc>, existing: impl IntoIterator<Item = &'a BackupId>) -> Self {
+        let mut id = BackupId::at(time);
+        if let Some(max) = existing.into_iter().filter(|e| e.time == id.time).map(|e| e.seq).max() {
+            id.seq = max + 1;
+        }
+        id
+    }
+
     /// The time in the id (UTC for backups nasbak wrote, local time for the reference's).
     pub fn time(&self) -> NaiveDateTime {
         self.time
@@ -207,6 +218,16 @@ impl RepositoryLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_after_never_reuses_a_freed_suffix() {
+        let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let a = BackupId::at(t);
+        assert_eq!(BackupId::next_after(t, []), a);
+        let c: BackupId = format!("{a}-3").parse().unwrap();
+        let other = BackupId::at(t + chrono::Duration::seconds(1));
+        assert_eq!(BackupId::next_after(t, [&c, &other]).to_string(), format!("{a}-4"));
+    }
     use chrono::TimeZone;
 
     #[test]

@@ -78,6 +78,9 @@ pub struct Manifest {
     pub libvirt_version: Option<String>,
     /// The QEMU version on the host.
     pub qemu_version: Option<String>,
+    /// The schedule that made it (`None`: made by hand); per-schedule retention counts these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// The disks.
     pub disks: Vec<ManifestDisk>,
 }
@@ -144,6 +147,7 @@ mod tests {
             quiesce_note: None,
             libvirt_version: Some("9.0.0".into()),
             qemu_version: Some("7.2.22".into()),
+            schedule: Some("web1-daily".into()),
             disks: vec![ManifestDisk {
                 target: "vda".into(),
                 volume: "vol-1".into(),

@@ -60,15 +60,18 @@ pub struct RetentionDecision<T> {
     pub keep: Option<KeepReason>,
 }
 
-fn period(reason: KeepReason, t: &NaiveDateTime) -> (i32, u32, u32, u32) {
-    match reason {
-        KeepReason::Last | KeepReason::NoPolicy => (t.year(), t.ordinal(), t.hour(), t.minute() * 60 + t.second()),
+/// The period a backup falls in for a rule; keep-last counts backups, not times, so each backup
+/// (its index `i` in the newest-first list) is its own period.
+fn period(reason: KeepReason, i: usize, t: &NaiveDateTime) -> (i32, u32, u32, u32, usize) {
+    let (a, b, c, d) = match reason {
+        KeepReason::Last | KeepReason::NoPolicy => return (0, 0, 0, 0, i),
         KeepReason::Hourly => (t.year(), t.ordinal(), t.hour(), 0),
         KeepReason::Daily => (t.year(), t.ordinal(), 0, 0),
         KeepReason::Weekly => (t.iso_week().year(), t.iso_week().week(), 0, 0),
         KeepReason::Monthly => (t.year(), t.month(), 0, 0),
         KeepReason::Yearly => (t.year(), 0, 0, 0),
-    }
+    };
+    (a, b, c, d, usize::MAX)
 }
 
 impl RetentionPolicy {
@@ -105,13 +108,13 @@ impl RetentionPolicy {
         }
         let mut kept: HashMap<usize, KeepReason> = HashMap::new();
         for (reason, allowed) in rules {
-            let covered: HashSet<_> = kept.keys().map(|&i| period(reason, &list[i].1)).collect();
+            let covered: HashSet<_> = kept.keys().map(|&i| period(reason, i, &list[i].1)).collect();
             let mut chosen = HashSet::new();
             for (i, (_, t)) in list.iter().enumerate() {
                 if kept.contains_key(&i) {
                     continue;
                 }
-                let p = period(reason, t);
+                let p = period(reason, i, t);
                 if covered.contains(&p) || chosen.contains(&p) {
                     continue;
                 }
@@ -194,6 +197,15 @@ mod tests {
         assert_eq!(kept(p, &times), [at(2026, 1, 3, 10), at(2026, 1, 2, 20), at(2026, 1, 1, 5)]);
         assert_eq!(kept(RetentionPolicy::keep_last(2), &times), [at(2026, 1, 3, 10), at(2026, 1, 3, 8)]);
         assert_eq!(kept(RetentionPolicy::default(), &times).len(), 5);
+    }
+
+    #[test]
+    fn keep_last_counts_backups_even_with_equal_times() {
+        // Backups made within one second (ids with -N suffixes) are distinct backups.
+        let same = [("a", at(2026, 1, 3, 10)), ("b", at(2026, 1, 3, 10)), ("c", at(2026, 1, 3, 10))];
+        let plan = RetentionPolicy::keep_last(2).plan(&same);
+        let kept: Vec<&str> = plan.iter().filter(|d| d.keep.is_some()).map(|d| d.backup).collect();
+        assert_eq!(kept, ["c", "b"]);
     }
 
     #[test]

@@ -10,11 +10,41 @@ use std::fmt;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use crate::model::options::redact_loosely;
+
+/// Cancels work from another thread (a Ctrl-C handler, an orchestrator): a running command is
+/// killed with its process group, a backup job is aborted. Clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// A handle not yet cancelled.
+    pub fn new() -> Self {
+        CancelHandle::default()
+    }
+    /// Asks the work to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancel was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl PartialEq for CancelHandle {
+    /// Two handles are equal when they share one flag.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for CancelHandle {}
 
 /// An external command: program, arguments and a timeout.
 #[derive(Clone)]
@@ -24,6 +54,7 @@ pub struct ExternalCommand {
     env: Vec<(OsString, OsString)>,
     dir: Option<std::path::PathBuf>,
     timeout: Duration,
+    cancel: Option<CancelHandle>,
 }
 
 impl ExternalCommand {
@@ -35,6 +66,7 @@ impl ExternalCommand {
             env: Vec::new(),
             dir: None,
             timeout: Duration::from_secs(60),
+            cancel: None,
         }
     }
 
@@ -65,6 +97,12 @@ impl ExternalCommand {
     /// Sets the timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Kills the command (its whole process group) within 100 ms of `cancel` being cancelled.
+    pub fn cancel_on(mut self, cancel: &CancelHandle) -> Self {
+        self.cancel = Some(cancel.clone());
         self
     }
 
@@ -123,15 +161,27 @@ impl ExternalCommand {
         thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        let status = match rx.recv_timeout(self.timeout) {
-            Ok(Ok(status)) => status,
-            Ok(Err(source)) => return Err(CommandError::Spawn { argv: self.display_argv(), source }),
-            Err(_) => {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let tick = if self.cancel.is_some() { Duration::from_millis(100) } else { self.timeout };
+        let status = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let cancelled = self.cancel.as_ref().is_some_and(CancelHandle::is_cancelled);
+            if left.is_zero() || cancelled {
                 kill_group(pid);
                 // Give the group a moment to die so its pipes close; never wait longer.
                 let _ = rx.recv_timeout(Duration::from_secs(2));
                 let stderr = String::from_utf8_lossy(&collect(stderr, Duration::from_millis(200))).into_owned();
-                return Err(CommandError::TimedOut { argv: self.display_argv(), timeout: self.timeout, stderr });
+                let argv = self.display_argv();
+                return Err(if cancelled {
+                    CommandError::Cancelled { argv }
+                } else {
+                    CommandError::TimedOut { argv, timeout: self.timeout, stderr }
+                });
+            }
+            match rx.recv_timeout(left.min(tick)) {
+                Ok(Ok(status)) => break status,
+                Ok(Err(source)) => return Err(CommandError::Spawn { argv: self.display_argv(), source }),
+                Err(_) => {}
             }
         };
         // A daemon forked by the child (sshfs) may keep a pipe open: read what is there, briefly.
@@ -234,6 +284,12 @@ pub enum CommandError {
         /// What it had written to stderr.
         stderr: String,
     },
+    /// The command was cancelled and killed.
+    #[error("`{argv}` was cancelled and killed")]
+    Cancelled {
+        /// The argv, redacted.
+        argv: String,
+    },
     /// The program exited with a failure status.
     #[error("`{argv}` failed ({status}){}", stderr_suffix(.stderr))]
     Failed {
@@ -254,7 +310,7 @@ impl CommandError {
     /// The stderr the program wrote, if it ran.
     pub fn stderr(&self) -> &str {
         match self {
-            CommandError::Spawn { .. } => "",
+            CommandError::Spawn { .. } | CommandError::Cancelled { .. } => "",
             CommandError::TimedOut { stderr, .. } | CommandError::Failed { stderr, .. } => stderr,
         }
     }
@@ -288,6 +344,36 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
         assert!(matches!(e, CommandError::TimedOut { .. }), "{e}");
         assert!(e.to_string().contains("started"), "{e}");
+    }
+
+    #[test]
+    fn cancel_kills_the_whole_group_promptly() {
+        let cancel = CancelHandle::new();
+        let trigger = cancel.clone();
+        let start = Instant::now();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            trigger.cancel();
+        });
+        let pidfile = std::env::temp_dir().join(format!("nasbak-cancel-test-{}", std::process::id()));
+        let e = ExternalCommand::new("sh")
+            .args(["-c", &format!("sleep 30 & echo $! > {}; wait", pidfile.display())])
+            .timeout(Duration::from_secs(60))
+            .cancel_on(&cancel)
+            .run()
+            .unwrap_err();
+        assert!(matches!(e, CommandError::Cancelled { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        // The background sleep (the group, not only the shell) is gone.
+        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+        let _ = std::fs::remove_file(&pidfile);
+        let gone = (0..40).any(|_| {
+            thread::sleep(Duration::from_millis(50));
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+        });
+        assert!(gone, "sleep {pid} survived the cancel");
+        assert_eq!(cancel, cancel.clone());
+        assert_ne!(cancel, CancelHandle::new());
     }
 
     #[test]

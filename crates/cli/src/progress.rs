@@ -1,0 +1,92 @@
+//! Progress for operators: a bar with bytes, rate and ETA on a terminal, a line every 10 % when
+//! stderr is a file or a pipe (logs, systemd's journal), JSON lines with `--json`.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nasbak::BackupProgress;
+use serde_json::json;
+
+/// Turns [`BackupProgress`] updates into what the operator sees.
+pub struct Reporter {
+    json: bool,
+    label: String,
+    bar: Option<ProgressBar>,
+    disk: Option<String>,
+    last_decile: i64,
+    started: Instant,
+}
+
+impl Reporter {
+    /// A reporter for one operation called `label`.
+    pub fn new(json: bool, label: &str) -> Self {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(label.to_owned());
+            bar
+        });
+        Reporter { json, label: label.to_owned(), bar, disk: None, last_decile: -1, started: Instant::now() }
+    }
+
+    /// One update.
+    pub fn update(&mut self, p: BackupProgress) {
+        let (processed, total, disk) = match p {
+            BackupProgress::Bytes { processed, total } => (processed, total, None),
+            BackupProgress::Disk { target, percent, size } => {
+                let total = if size > 0 { size } else { 100 };
+                ((percent / 100.0 * total as f64) as u64, total, Some(target))
+            }
+        };
+        if disk != self.disk {
+            self.last_decile = -1;
+            self.disk.clone_from(&disk);
+            if let (Some(bar), Some(d)) = (&self.bar, &disk) {
+                bar.reset();
+                bar.set_message(format!("{} {d}", self.label));
+            }
+        }
+        if self.json {
+            let percent = if total > 0 { processed as f64 * 100.0 / total as f64 } else { 0.0 };
+            eprintln!(
+                "{}",
+                json!({"operation": self.label, "disk": self.disk, "processed": processed, "total": total,
+                       "percent": (percent * 10.0).round() / 10.0})
+            );
+            return;
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(processed);
+            return;
+        }
+        // Not a terminal: one line per 10 %, with the rate so far.
+        let decile = (processed.saturating_mul(10)).checked_div(total).unwrap_or(0) as i64;
+        if decile > self.last_decile {
+            self.last_decile = decile;
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let what = self.disk.as_ref().map_or_else(|| self.label.clone(), |d| format!("{} {d}", self.label));
+            eprintln!(
+                "{what}: {:3}%  {} / {} MiB  {:.1} MiB/s",
+                decile * 10,
+                processed >> 20,
+                total >> 20,
+                processed as f64 / secs / (1 << 20) as f64
+            );
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Prune: which backups of a VM go, as a pure function ([`plan_prune`]), and carrying the plan out.
+//!
+//! Two limits apply, both "at most": the offering's retention policy (Proxmox semantics, over
+//! every backup of the VM, also those the reference system wrote), and each schedule's "keep at
+//! most N" (over the backups that schedule made, newest first, as the reference system does). A
+//! backup goes when either limit says so. With no policy and no schedule limit, nothing goes.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDateTime;
+use nasbak_libvirt::Hypervisor;
+use nasbak_qemu_img::ImageTool;
+use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy};
+use serde::Serialize;
+
+use crate::backup::{AgentSource, Engine};
+use crate::catalog::{BackupEntry, BackupKind};
+use crate::error::BackupError;
+
+/// One backup, as prune sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PruneCandidate {
+    /// The backup id (its time, UTC).
+    pub id: String,
+    /// When it was made (from its id; backups of one second apart by their sequence number).
+    pub time: NaiveDateTime,
+    /// The schedule that made it, if any.
+    pub schedule: Option<String>,
+}
+
+/// The decision on one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneDecision {
+    /// The backup id.
+    pub id: String,
+    /// Whether it stays.
+    pub keep: bool,
+    /// Why (the rule that keeps it, or the limit that removes it).
+    pub reason: String,
+}
+
+/// Decides for every backup of one VM; the result is newest first.
+pub fn plan_prune(
+    backups: &[PruneCandidate],
+    policy: Option<&RetentionPolicy>,
+    schedule_keep: &BTreeMap<String, u32>,
+) -> Vec<PruneDecision> {
+    let mut sorted: Vec<&PruneCandidate> = backups.iter().collect();
+    sorted.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+    let by_policy: BTreeMap<&str, Option<nasbak_repo::KeepReason>> = match policy {
+        Some(p) => {
+            let input: Vec<(String, NaiveDateTime)> = sorted.iter().map(|c| (c.id.clone(), c.time)).collect();
+            let plan = p.plan(&input);
+            sorted
+                .iter()
+                .map(|c| (c.id.as_str(), plan.iter().find(|d| d.backup == c.id).and_then(|d| d.keep)))
+                .collect()
+        }
+        None => BTreeMap::new(),
+    };
+    let mut seen_of_schedule: BTreeMap<&str, u32> = BTreeMap::new();
+    sorted
+        .iter()
+        .map(|c| {
+            let mut over_schedule = None;
+            if let Some(s) = c.schedule.as_deref() {
+                let n = seen_of_schedule.entry(s).or_default();
+                *n += 1;
+                if let Some(&limit) = schedule_keep.get(s).filter(|l| **l > 0)
+                    && *n > limit
+                {
+                    over_schedule = Some(format!("schedule {s} keeps at most {limit}"));
+                }
+            }
+            let policy_verdict = by_policy.get(c.id.as_str()).copied();
+            let (keep, reason) = match (over_schedule, policy_verdict) {
+                (Some(why), _) => (false, why),
+                (None, Some(None)) => (false, format!("not kept by the retention {}", policy.expect("set"))),
+                (None, Some(Some(r))) => (true, format!("kept by keep-{}", format!("{r:?}").to_lowercase())),
+                (None, None) => (true, "no limit applies".to_owned()),
+            };
+            PruneDecision { id: c.id.clone(), keep, reason }
+        })
+        .collect()
+}
+
+/// What prune did (or would do) to one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// The VM.
+    pub vm: String,
+    /// The decisions, newest first.
+    pub decisions: Vec<PruneDecision>,
+    /// Whether the removals were carried out.
+    pub executed: bool,
+}
+
+impl<H, I, M> Engine<H, I, M>
+where
+    H: Hypervisor + AgentSource,
+    I: ImageTool,
+    M: Mounter,
+{
+    /// Plans and (unless `dry_run`) carries out prune for `vm`'s backups on `repository`.
+    pub fn prune(
+        &self,
+        repository: &BackupRepository,
+        vm: &str,
+        policy: Option<&RetentionPolicy>,
+        schedule_keep: &BTreeMap<String, u32>,
+        dry_run: bool,
+    ) -> Result<PruneReport, BackupError> {
+        let entries = self.list(repository, Some(vm))?;
+        let candidates: Vec<PruneCandidate> = entries.iter().filter_map(candidate).collect();
+        let decisions = plan_prune(&candidates, policy, schedule_keep);
+        if !dry_run {
+            for d in decisions.iter().filter(|d| !d.keep) {
+                self.delete(repository, vm, &d.id)?;
+            }
+        }
+        Ok(PruneReport { vm: vm.to_owned(), decisions, executed: !dry_run })
+    }
+}
+
+fn candidate(e: &BackupEntry) -> Option<PruneCandidate> {
+    let id = e.id.parse::<BackupId>().ok()?;
+    // Ids share a second when backups follow quickly (`-2`, `-3`): order them by their sequence.
+    let time = id.time() + chrono::Duration::nanoseconds(i64::from(id.sequence()));
+    let schedule = match &e.kind {
+        BackupKind::Nasbak(m) => m.schedule.clone(),
+        BackupKind::Reference { .. } => None,
+    };
+    Some(PruneCandidate { id: e.id.clone(), time, schedule })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn c(id: &str, hour: u32, schedule: Option<&str>) -> PruneCandidate {
+        let time = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap().and_hms_opt(hour, 0, 0).unwrap();
+        PruneCandidate { id: id.into(), time, schedule: schedule.map(str::to_owned) }
+    }
+
+    #[test]
+    fn schedule_limits_count_only_their_own_backups() {
+        let backups = [c("a", 1, Some("s")), c("b", 2, None), c("c", 3, Some("s")), c("d", 4, Some("s"))];
+        let keep = BTreeMap::from([("s".to_owned(), 2)]);
+        let plan = plan_prune(&backups, None, &keep);
+        let kept: Vec<&str> = plan.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["d", "c", "b"]);
+        assert_eq!(plan[3].reason, "schedule s keeps at most 2");
+        assert!(plan_prune(&backups, None, &BTreeMap::new()).iter().all(|d| d.keep));
+    }
+
+    #[test]
+    fn the_policy_and_the_schedule_limit_both_apply() {
+        let backups = [c("a", 1, Some("s")), c("b", 2, None), c("c", 3, Some("s"))];
+        let keep = BTreeMap::from([("s".to_owned(), 1)]);
+        let plan = plan_prune(&backups, Some(&RetentionPolicy::keep_last(2)), &keep);
+        let kept: Vec<&str> = plan.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["c", "b"]);
+        assert!(plan[0].reason.contains("keep-last"), "{:?}", plan[0]);
+    }
+
+    fn arb_backups() -> impl Strategy<Value = Vec<PruneCandidate>> {
+        prop::collection::vec((0u32..2000, prop::option::of(0u8..3)), 0..40).prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (minutes, s))| {
+                    let time = chrono::DateTime::from_timestamp(1_800_000_000 + i64::from(minutes) * 3600, 0)
+                        .unwrap()
+                        .naive_utc();
+                    PruneCandidate { id: format!("{i:03}"), time, schedule: s.map(|s| format!("s{s}")) }
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_backup_is_decided_once_and_limits_hold(
+            backups in arb_backups(),
+            last in prop::option::of(0u32..6),
+            daily in prop::option::of(0u32..6),
+            limits in prop::collection::btree_map("s[0-2]", 0u32..4, 0..3),
+        ) {
+            let policy = RetentionPolicy { last, daily, ..RetentionPolicy::default() };
+            let plan = plan_prune(&backups, Some(&policy), &limits);
+            prop_assert_eq!(plan.len(), backups.len());
+            let mut ids: Vec<&str> = plan.iter().map(|d| d.id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            prop_assert_eq!(ids.len(), backups.len());
+            // Never more of a schedule kept than its limit.
+            for (s, limit) in limits.iter().filter(|(_, l)| **l > 0) {
+                let kept = plan.iter().filter(|d| d.keep && backups.iter().any(|b| b.id == d.id && b.schedule.as_ref() == Some(s))).count();
+                prop_assert!(kept <= *limit as usize);
+            }
+            // Nothing the policy alone would remove is kept.
+            let alone: Vec<(String, NaiveDateTime)> = backups.iter().map(|b| (b.id.clone(), b.time)).collect();
+            for d in policy.plan(&alone) {
+                if d.keep.is_none() {
+                    prop_assert!(!plan.iter().any(|p| p.id == d.backup && p.keep));
+                }
+            }
+            // Without limits nothing goes; the plan does not depend on input order.
+            prop_assert!(plan_prune(&backups, None, &BTreeMap::new()).iter().all(|d| d.keep));
+            let mut reversed = backups.clone();
+            reversed.reverse();
+            prop_assert_eq!(plan_prune(&reversed, Some(&policy), &limits), plan);
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The service layer over the configuration: which repository and policy a VM's backup uses,
+//! prune by offering and schedule, and `run-due` (what a systemd timer calls every minute).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use nasbak_agent::QuiescePolicy;
+use nasbak_libvirt::{CancelHandle, Hypervisor};
+use nasbak_qemu_img::ImageTool;
+use nasbak_repo::{BackupRepository, Mounter};
+use serde::Serialize;
+
+use crate::backup::{AgentSource, BackupProgress, BackupRequest, Engine};
+use crate::config::{Config, ScheduleState};
+use crate::error::BackupError;
+use crate::lock::VmLock;
+use crate::prune::PruneReport;
+
+/// Where a VM's backups go and how, from the command line and the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The repository.
+    pub repository: BackupRepository,
+    /// The quiesce policy.
+    pub quiesce: QuiescePolicy,
+}
+
+/// Resolves the repository and quiesce policy of a backup of `vm`: an explicit repository, else
+/// an explicit offering, else the VM's assigned offering, else the only repository there is. An
+/// explicit quiesce policy wins over the offering's.
+pub fn placement(
+    config: &Config,
+    vm: &str,
+    repository: Option<&str>,
+    offering: Option<&str>,
+    quiesce: Option<QuiescePolicy>,
+) -> Result<Placement, BackupError> {
+    let not_found = |what: String| BackupError::NotFound { what };
+    let offering = match offering {
+        Some(o) => Some(config.offering(o).ok_or_else(|| not_found(format!("offering {o}")))?),
+        None if repository.is_none() => config.offering_of(vm),
+        None => None,
+    };
+    let repo_name = repository.map(str::to_owned).or_else(|| offering.map(|o| o.repository.clone()));
+    let repository = match repo_name {
+        Some(name) => config.repository(&name).ok_or_else(|| not_found(format!("repository {name}")))?.clone(),
+        None if config.repositories.len() == 1 => config.repositories[0].clone(),
+        None => {
+            return Err(BackupError::Ambiguous {
+                what: format!(
+                    "which repository {vm}'s backup goes to: there are {} repositories and {vm} has no offering; \
+                     give --repo or --offering, or `nasbak assign {vm} OFFERING`",
+                    config.repositories.len()
+                ),
+            });
+        }
+    };
+    let quiesce = quiesce.or(offering.map(|o| o.quiesce)).unwrap_or_default();
+    Ok(Placement { repository, quiesce })
+}
+
+/// The outcome of one due schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DueRun {
+    /// The schedule.
+    pub schedule: String,
+    /// The VM.
+    pub vm: String,
+    /// The backup made (`REPO:VM/ID`), or why none was.
+    pub result: Result<String, String>,
+    /// Backups prune removed afterwards.
+    pub pruned: Vec<String>,
+}
+
+/// What `run-due` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RunDue {
+    /// Another `run-due` holds the lock; nothing was done.
+    Busy(String),
+    /// The schedules that were due, in configuration order.
+    Ran(Vec<DueRun>),
+}
+
+impl<H, I, M> Engine<H, I, M>
+where
+    H: Hypervisor + AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Mounts `repository`, writes a file, reads it back, removes it, and returns the capacity.
+    /// When root may not write (an NFS export with `root_squash`, a share that maps root to a
+    /// user without write access), says so and what to change.
+    pub fn check_repository(&self, repository: &BackupRepository) -> Result<nasbak_repo::Capacity, BackupError> {
+        let mounted = self.mounts.acquire(repository)?;
+        let probe = mounted.root().join(format!(".nasbak-check-{}", std::process::id()));
+        let written = std::fs::write(&probe, b"nasbak");
+        if let Err(source) = written {
+            let squashed = matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
+                || source.raw_os_error() == Some(nix::libc::EPERM);
+            if squashed {
+                return Err(BackupError::NotWritable {
+                    repository: repository.name().to_string(),
+                    hint: root_hint(repository.kind()),
+                    source,
+                });
+            }
+            return Err(BackupError::Io { action: "writing", path: probe, source });
+        }
+        let back = std::fs::read(&probe);
+        let _ = std::fs::remove_file(&probe);
+        let back = back.map_err(|source| BackupError::Io { action: "reading back", path: probe.clone(), source })?;
+        if back != b"nasbak" {
+            return Err(BackupError::Damaged { path: probe, detail: "read back other bytes than were written".into() });
+        }
+        let capacity = mounted.capacity()?;
+        mounted.release()?;
+        Ok(capacity)
+    }
+
+    /// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
+    pub fn prune_vm(&self, config: &Config, vm: &str, dry_run: bool) -> Result<PruneReport, BackupError> {
+        let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {
+            what: format!("an offering of {vm} (prune follows the offering's retention)"),
+        })?;
+        let repository = config
+            .repository(&offering.repository)
+            .ok_or_else(|| BackupError::NotFound { what: format!("repository {}", offering.repository) })?;
+        let limits: BTreeMap<String, u32> =
+            config.schedules.iter().filter(|s| s.vm == vm).map(|s| (s.id.clone(), s.keep)).collect();
+        self.prune(repository, vm, offering.keep.as_ref(), &limits, dry_run)
+    }
+
+    /// Runs every schedule due at `now`, one after the other, each followed by prune of its VM.
+    /// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so
+    /// a timer may call it every minute). A schedule whose backup fails is recorded as run and
+    /// retried at its next occurrence; the failure is in the result.
+    pub fn run_due(
+        &self,
+        config: &Config,
+        state_path: &Path,
+        now: DateTime<Utc>,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(&str, BackupProgress),
+    ) -> Result<RunDue, BackupError> {
+        let state_dir = state_path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(state_dir).map_err(|source| BackupError::Io {
+            action: "creating",
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let _lock = match VmLock::take(state_dir, "run-due") {
+            Ok(l) => l,
+            Err(crate::lock::LockError::Held { holder, .. }) => return Ok(RunDue::Busy(holder)),
+            Err(e) => return Err(e.into()),
+        };
+        let mut state = ScheduleState::load(state_path)?;
+        let mut runs = Vec::new();
+        for s in &config.schedules {
+            let due = s
+                .is_due(state.last_run.get(&s.id).copied(), now)
+                .map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })?;
+            if !due {
+                continue;
+            }
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            state.last_run.insert(s.id.clone(), now);
+            state.save(state_path)?;
+            let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
+                let request = BackupRequest {
+                    vm: s.vm.clone(),
+                    repository: p.repository,
+                    quiesce: p.quiesce,
+                    timeout: Duration::from_secs(24 * 3600),
+                    schedule: Some(s.id.clone()),
+                };
+                self.backup(&request, cancel, &mut |p| progress(&s.id, p))
+            });
+            let (result, pruned) = match result {
+                Ok(outcome) => {
+                    let m = &outcome.manifest;
+                    let pruned = match self.prune_vm(config, &s.vm, false) {
+                        Ok(report) => report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(),
+                        Err(e) => vec![format!("prune failed: {e}")],
+                    };
+                    (Ok(format!("{}:{}/{}", m.repository, m.vm, m.id)), pruned)
+                }
+                Err(BackupError::Cancelled) => return Err(BackupError::Cancelled),
+                Err(e) => (Err(crate::error::chain(&e)), Vec::new()),
+            };
+            runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), result, pruned });
+        }
+        Ok(RunDue::Ran(runs))
+    }
+}
+
+/// What to change when root may not write to a repository.
+pub(crate) fn root_hint(kind: &nasbak_repo::RepositoryKind) -> String {
+    use nasbak_repo::RepositoryKind as K;
+    match kind {
+        K::Nfs => "the NFS server squashes root (root_squash): export the directory with no_root_squash \
+                   (in /etc/exports: `/export HOST(rw,no_root_squash)`, then `exportfs -ra`), \
+                   because QEMU and nasbak write as root"
+            .into(),
+        K::Cifs => "the share maps root to a user without write access: give the user in the credentials \
+                    write rights on the share, or mount with uid=0,gid=0 and a user that may write"
+            .into(),
+        _ => "root may not write there: check the file system's permissions and how the server maps root".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_hints_name_the_fix() {
+        use nasbak_repo::RepositoryKind as K;
+        assert!(root_hint(&K::Nfs).contains("no_root_squash"));
+        assert!(root_hint(&K::Cifs).contains("uid=0"));
+    }
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+[[repository]]
+name = "a"
+type = "shared"
+address = "/srv/a"
+[[repository]]
+name = "b"
+type = "shared"
+address = "/srv/b"
+[[offering]]
+name = "gold"
+repository = "b"
+quiesce = "required"
+[assignments]
+web1 = "gold"
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn placement_follows_flags_then_offering_then_the_only_repository() {
+        let c = config();
+        let p = placement(&c, "web1", None, None, None).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("b", QuiescePolicy::Required));
+        let p = placement(&c, "web1", Some("a"), None, None).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("a", QuiescePolicy::BestEffort));
+        let p = placement(&c, "db1", None, Some("gold"), Some(QuiescePolicy::Off)).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("b", QuiescePolicy::Off));
+        let e = placement(&c, "db1", None, None, None).unwrap_err().to_string();
+        assert!(e.contains("2 repositories") && e.contains("nasbak assign db1"), "{e}");
+        assert!(matches!(placement(&c, "db1", Some("zz"), None, None), Err(BackupError::NotFound { .. })));
+        assert!(matches!(placement(&c, "db1", None, Some("zz"), None), Err(BackupError::NotFound { .. })));
+        let mut one = c.clone();
+        one.repositories.truncate(1);
+        one.offerings.clear();
+        one.assignments.clear();
+        assert_eq!(placement(&one, "db1", None, None, None).unwrap().repository.name().as_str(), "a");
+    }
+}
