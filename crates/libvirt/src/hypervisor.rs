@@ -68,6 +68,13 @@ pub struct LibvirtError {
     pub message: String,
 }
 
+impl LibvirtError {
+    /// An error with libvirt's words (for other implementations of [`Hypervisor`] and mocks).
+    pub fn new(message: impl Into<String>) -> Self {
+        LibvirtError { message: message.into() }
+    }
+}
+
 impl From<virt::error::Error> for LibvirtError {
     fn from(e: virt::error::Error) -> Self {
         LibvirtError { message: e.message().to_owned() }

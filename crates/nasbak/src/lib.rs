@@ -25,6 +25,8 @@ mod checksum;
 pub mod config;
 mod error;
 mod lock;
+#[cfg(test)]
+mod mocked;
 pub mod prune;
 mod restore;
 pub mod schedule;

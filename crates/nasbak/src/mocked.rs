@@ -1,0 +1,246 @@
+//! The workflows' decisions and failure paths with mocked libvirt and qemu-img, on a `shared`
+//! repository in a temporary directory (so nothing is mounted). The same behaviour runs for real
+//! in the lab tests of this crate and of the CLI.
+
+use std::fs;
+use std::path::Path;
+
+use nasbak_agent::QuiescePolicy;
+use nasbak_agent::fake::FakeAgent;
+use nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError, MockHypervisor};
+use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
+use nasbak_repo::mount::command::CommandError;
+use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts};
+
+use crate::backup::{AgentSource, BackupRequest, Engine};
+use crate::error::BackupError;
+use crate::restore::VolumeRestoreRequest;
+
+impl AgentSource for MockHypervisor {
+    type Transport = FakeAgent;
+    fn agent_transport(&self, _domain: &str) -> Result<FakeAgent, LibvirtError> {
+        Ok(FakeAgent::new(1))
+    }
+}
+
+const XML: &str = "<domain><name>vm1</name><devices>\
+    <disk type='file' device='disk'><driver type='qcow2'/><source file='/v/root1.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+    <disk type='file' device='disk'><driver type='raw'/><source file='/v/data1.img'/><target dev='vdb' bus='virtio'/></disk>\
+    </devices></domain>";
+
+fn info(size: u64) -> Vec<ImageInfo> {
+    let json = format!(r#"{{"filename":"x","format":"qcow2","virtual-size":{size},"actual-size":4096}}"#);
+    nasbak_qemu_img::parse_info(&json).unwrap()
+}
+
+fn hypervisor(state: DomainState) -> MockHypervisor {
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(move |_| Ok(state));
+    hv.expect_domain_xml().returning(|_| Ok(XML.to_owned()));
+    hv.expect_current_job().returning(|_| {
+        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+    });
+    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    hv
+}
+
+/// A qemu-img whose convert writes a small file where it was asked to.
+fn images() -> MockImageTool {
+    let mut img = MockImageTool::new();
+    img.expect_info().returning(|_| Ok(info(1 << 20)));
+    img.expect_check()
+        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    img.expect_convert().returning(|r, progress| {
+        progress(50.0);
+        if let ImageLocation::Path(p) = &r.target {
+            fs::write(p, b"image").unwrap();
+        }
+        progress(100.0);
+        Ok(())
+    });
+    img
+}
+
+fn engine(
+    hv: MockHypervisor,
+    img: MockImageTool,
+    dir: &Path,
+) -> (Engine<MockHypervisor, MockImageTool, MockMounter>, BackupRepository) {
+    let repo = dir.join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    let r = BackupRepository::new("r", RepositoryKind::Shared, repo.to_str().unwrap(), "", None).unwrap();
+    // A shared repository is never mounted: only probed and measured.
+    let mut mounter = MockMounter::new();
+    mounter.expect_mount().never();
+    mounter.expect_probe().returning(|_, _| Ok(()));
+    mounter.expect_capacity().returning(|_, _| Ok(Capacity { total: 1 << 40, used: 0, available: 1 << 40 }));
+    let mounts = RepositoryMounts::new(mounter, dir.join("run"), MountTimeouts::default());
+    (Engine { hypervisor: hv, images: img, mounts, agent_timeout: std::time::Duration::from_secs(1) }, r)
+}
+
+fn request(repo: &BackupRepository) -> BackupRequest {
+    BackupRequest {
+        vm: "vm1".into(),
+        repository: repo.clone(),
+        quiesce: QuiescePolicy::BestEffort,
+        timeout: std::time::Duration::from_secs(60),
+        schedule: Some("vm1-daily".into()),
+    }
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_stopped_vm_backup_writes_files_then_the_manifest_and_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let mut seen = Vec::new();
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |p| seen.push(p)).unwrap();
+    let m = &out.manifest;
+    assert_eq!(m.schedule.as_deref(), Some("vm1-daily"));
+    assert_eq!(
+        m.disks.iter().map(|d| d.file.as_str()).collect::<Vec<_>>(),
+        ["root.root1.qcow2", "datadisk.data1.qcow2"]
+    );
+    let backup = dir.path().join("repo").join(&out.relative_dir);
+    assert_eq!(entries(&backup), ["datadisk.data1.qcow2", "domain-config.xml", "manifest.json", "root.root1.qcow2"]);
+    assert_eq!(seen.len(), 4, "two updates per disk, on the caller's thread: {seen:?}");
+}
+
+#[test]
+fn a_failed_or_cancelled_copy_leaves_nothing() {
+    for cancelled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = MockImageTool::new();
+        img.expect_info().returning(|_| Ok(info(1 << 20)));
+        let cancel = CancelHandle::new();
+        let trigger = cancel.clone();
+        img.expect_convert().times(1).returning(move |r, _| {
+            if let ImageLocation::Path(p) = &r.target {
+                fs::write(p, b"half").unwrap();
+            }
+            if cancelled {
+                trigger.cancel();
+                return Err(ImageError::Command {
+                    action: "convert",
+                    source: CommandError::Cancelled { argv: "qemu-img convert".into() },
+                });
+            }
+            Err(ImageError::Output { action: "convert", detail: "disk full".into() })
+        });
+        let (e, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+        let err = e.backup(&request(&repo), &cancel, &mut |_| {}).unwrap_err();
+        assert_eq!(matches!(err, BackupError::Cancelled), cancelled, "{err}");
+        assert!(entries(&dir.path().join("repo/vm1")).is_empty(), "no partial directory, no lock");
+    }
+}
+
+#[test]
+fn restore_refuses_a_running_vm_and_a_mismatch_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let id = out.manifest.id.clone();
+    // Running: refused, nothing converted.
+    let mut img = MockImageTool::new();
+    img.expect_convert().never();
+    let (running, repo) = engine(hypervisor(DomainState::Running), img, dir.path());
+    let err = running.restore(&repo, "vm1", &id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, BackupError::NotShutOff { .. }), "{err}");
+    // The VM's vdb is now another volume: refused, nothing converted.
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
+    hv.expect_domain_xml().returning(|_| Ok(XML.replace("data1.img", "data2.img")));
+    let mut img = MockImageTool::new();
+    img.expect_convert().never();
+    let (moved, repo) = engine(hv, img, dir.path());
+    let err = moved.restore(&repo, "vm1", &id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("vdb of the VM is volume data2"), "{err}");
+}
+
+#[test]
+fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let id = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap().manifest.id;
+    let volume = |to: ImageLocation, format: ImageFormat, attach: Option<&str>| VolumeRestoreRequest {
+        vm: "vm1".into(),
+        id: id.clone(),
+        disk: "vdb".into(),
+        to,
+        format,
+        attach: attach.map(str::to_owned),
+    };
+    // RBD in qcow2 and an existing file are refused before anything is read or written.
+    let mut img = MockImageTool::new();
+    img.expect_convert().never();
+    img.expect_check().never();
+    let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let rbd = crate::restore::parse_destination("rbd:pool/img").unwrap();
+    let err = strict.restore_volume(&repo, &volume(rbd, ImageFormat::Qcow2, None), &CancelHandle::new(), &mut |_| {});
+    assert!(matches!(err, Err(BackupError::Unsupported { .. })));
+    let existing = dir.path().join("exists.qcow2");
+    fs::write(&existing, b"keep me").unwrap();
+    let err = strict.restore_volume(
+        &repo,
+        &volume(ImageLocation::Path(existing.clone()), ImageFormat::Qcow2, None),
+        &CancelHandle::new(),
+        &mut |_| {},
+    );
+    assert!(matches!(err, Err(BackupError::Exists { .. })));
+    assert_eq!(fs::read(&existing).unwrap(), b"keep me");
+    // Attached live to a running VM that has vda and vdb: as vdc, virtio, both live and config.
+    let mut hv = hypervisor(DomainState::Running);
+    hv.expect_attach_disk()
+        .withf(|vm, xml, live| {
+            vm == "vm2" && *live && xml.contains("dev='vdc' bus='virtio'") && xml.contains("type='qcow2'")
+        })
+        .times(1)
+        .returning(|_, _, _| Ok(()));
+    let (e, repo) = engine(hv, images(), dir.path());
+    let to = dir.path().join("new.qcow2");
+    let v = e
+        .restore_volume(
+            &repo,
+            &volume(ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(v.attached, Some(("vm2".into(), "vdc".into())));
+    assert!(to.exists() && !dir.path().join("new.qcow2.nasbak-partial").exists());
+    // An attach that fails says the volume is there.
+    let mut hv = hypervisor(DomainState::Running);
+    hv.expect_attach_disk().returning(|_, _, _| Err(LibvirtError::new("no hotplug")));
+    let (e, repo) = engine(hv, images(), dir.path());
+    let to = dir.path().join("other.qcow2");
+    let err = e
+        .restore_volume(
+            &repo,
+            &volume(ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("it is complete and stays there") && to.exists(), "{err}");
+}
+
+#[test]
+fn run_due_does_nothing_while_another_run_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().never();
+    let (e, _) = engine(hv, MockImageTool::new(), dir.path());
+    let state = dir.path().join("state/state.json");
+    fs::create_dir_all(dir.path().join("state")).unwrap();
+    let _held = crate::lock::VmLock::take(&dir.path().join("state"), "run-due").unwrap();
+    let config = crate::config::Config::default();
+    let r = e.run_due(&config, &state, chrono::Utc::now(), &CancelHandle::new(), &mut |_, _| {}).unwrap();
+    assert!(matches!(r, crate::RunDue::Busy(_)), "{r:?}");
+}
