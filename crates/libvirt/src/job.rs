@@ -33,7 +33,7 @@ impl Default for JobOptions {
     fn default() -> Self {
         JobOptions {
             timeout: Duration::from_secs(24 * 3600),
-            poll: Duration::from_millis(100),
+            poll: Duration::from_millis(50),
             report_every: Duration::from_millis(250),
         }
     }

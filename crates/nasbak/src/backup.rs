@@ -18,7 +18,7 @@ use nasbak_repo::{
     RepositoryMounts, VmName, VolumeName,
 };
 
-use crate::checksum::sha256_file;
+use crate::checksum::{CHECKSUM_ALGORITHM, checksum_file};
 use crate::error::BackupError;
 use crate::lock::VmLock;
 
@@ -204,7 +204,7 @@ where
             let path = partial.join(file);
             let info = self.images.info(&ImageLocation::Path(path.clone()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
-            let digest = sha256_file(&path).map_err(io("checksumming", &path))?;
+            let digest = checksum_file(&path, CHECKSUM_ALGORITHM).map_err(io("checksumming", &path))?;
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
@@ -214,7 +214,7 @@ where
                 format: "qcow2".into(),
                 virtual_size: info.first().map_or(0, |i| i.virtual_size),
                 size,
-                checksum: Some(Checksum { algorithm: "sha256".into(), value: digest }),
+                checksum: Some(Checksum { algorithm: CHECKSUM_ALGORITHM.into(), value: digest }),
             });
         }
         let versions = self.hypervisor.versions().ok();

@@ -123,10 +123,8 @@ where
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         let entry =
             read_backup(vm, id, &dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
-        let files: Vec<(String, Option<String>)> = match &entry.kind {
-            BackupKind::Nasbak(m) => {
-                m.disks.iter().map(|d| (d.file.clone(), d.checksum.as_ref().map(|c| c.value.clone()))).collect()
-            }
+        let files: Vec<(String, Option<nasbak_repo::Checksum>)> = match &entry.kind {
+            BackupKind::Nasbak(m) => m.disks.iter().map(|d| (d.file.clone(), d.checksum.clone())).collect(),
             BackupKind::Reference { files } => files.iter().map(|f| (f.clone(), None)).collect(),
         };
         let sizes: Vec<u64> = files.iter().map(|(f, _)| fs::metadata(dir.join(f)).map_or(0, |m| m.len())).collect();
@@ -141,7 +139,7 @@ where
                 Err(_) => CheckVerdict::Incomplete,
             };
             let checksum_ok =
-                sum.map(|expected| crate::checksum::sha256_file(&path).is_ok_and(|actual| actual == expected));
+                sum.map(|c| crate::checksum::checksum_file(&path, &c.algorithm).is_ok_and(|actual| actual == c.value));
             verdicts.push(FileVerdict { file, check, checksum_ok });
             processed += size;
             progress(crate::BackupProgress::Bytes { processed, total });

@@ -34,7 +34,7 @@ mod service;
 
 pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
 pub use catalog::{BackupEntry, BackupKind, FileVerdict};
-pub use checksum::sha256_file;
+pub use checksum::{CHECKSUM_ALGORITHM, blake3_file, checksum_file, copy_verified, sha256_file};
 pub use error::{BackupError, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use prune::{PruneDecision, PruneReport, plan_prune};

@@ -191,12 +191,42 @@ where
         let disks = backup_disks(&dir, vm, id, Some(&domain))?;
         let pairs = match_disks(&disks, &domain, target_vm == vm)?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
-        for (b, _) in &pairs {
-            self.verify_file(&dir, b)?;
+        // Everything is checked before a volume changes: qemu-img check of every file; the
+        // checksum of files written in place (raw, block) first, of qcow2 copies while they are
+        // copied beside their volumes. Only then are raw volumes written and the copies renamed.
+        let mut in_place = Vec::new();
+        let mut copies = Vec::new();
+        for (b, d) in &pairs {
+            self.check_image(&dir, b)?;
+            match restore_target(d)? {
+                (path, false, true) => copies.push((*b, *d, path)),
+                (path, _, _) => {
+                    self.check_sum(&dir, b)?;
+                    in_place.push((*b, *d, path));
+                }
+            }
+        }
+        let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
+        for (b, d, path) in &copies {
+            let tmp = path.with_extension("nasbak-restore");
+            staged.0.push(tmp.clone());
+            self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress)?;
         }
         let mut restored = Vec::new();
-        for (b, d) in pairs {
-            restored.push(self.restore_disk(&dir.join(&b.file), b.virtual_size, d, cancel, progress)?);
+        for (b, d, path) in in_place {
+            let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), path.clone(), ImageFormat::Raw);
+            r.source_format = Some(ImageFormat::Qcow2);
+            r.target_exists = true;
+            self.convert_reporting(r, cancel, &d.target, b.virtual_size, progress)?;
+            restored.push(RestoredDisk { target: d.target.clone(), path, format: "raw".into() });
+        }
+        for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
+            fs::rename(tmp, path).map_err(|source| BackupError::Io {
+                action: "replacing",
+                path: path.clone(),
+                source,
+            })?;
+            restored.push(RestoredDisk { target: d.target.clone(), path: path.clone(), format: "qcow2".into() });
         }
         Ok(restored)
     }
@@ -262,7 +292,11 @@ where
             ),
         })?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
-        self.verify_file(&dir, disk)?;
+        self.check_image(&dir, disk)?;
+        if !matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) || is_block {
+            // Converted straight into place: the checksum first.
+            self.check_sum(&dir, disk)?;
+        }
         let source = ImageLocation::Path(dir.join(&disk.file));
         let (source_for_xml, written) = match &request.to {
             ImageLocation::Path(p) if is_block => {
@@ -271,6 +305,19 @@ where
                 r.target_exists = true;
                 self.convert_reporting(r, cancel, &disk.target, disk.virtual_size, progress)?;
                 (DiskSource::Block(p.clone()), ImageFormat::Raw)
+            }
+            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
+                // The backup file is a self-contained qcow2: a checked copy is the restore.
+                let mut tmp_name = p.as_os_str().to_owned();
+                tmp_name.push(".nasbak-partial");
+                let staged = Staged(vec![PathBuf::from(tmp_name)]);
+                self.copy_checked(&dir, disk, &staged.0[0], &disk.target, cancel, progress)?;
+                fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
+                    action: "moving into place",
+                    path: p.clone(),
+                    source,
+                })?;
+                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
             }
             ImageLocation::Path(p) => {
                 self.write_new_file(source, p, &request.format, cancel, &disk.target, disk.virtual_size, progress)?;
@@ -368,68 +415,99 @@ where
         result.map_err(|e| cancelled_or(cancel, e))
     }
 
-    /// `qemu-img check` and the manifest's checksum of one backup file.
-    pub(crate) fn verify_file(&self, dir: &Path, disk: &ManifestDisk) -> Result<(), BackupError> {
+    /// `qemu-img check` of one backup file.
+    pub(crate) fn check_image(&self, dir: &Path, disk: &ManifestDisk) -> Result<(), BackupError> {
         let path = dir.join(&disk.file);
         let report = self.images.check(&ImageLocation::Path(path.clone()), &ImageFormat::Qcow2)?;
         if !matches!(report.verdict, CheckVerdict::Clean | CheckVerdict::Leaks) {
             return Err(BackupError::Damaged { path, detail: format!("qemu-img check: {report:?}") });
         }
-        if let Some(sum) = &disk.checksum {
-            let actual = crate::checksum::sha256_file(&path).map_err(|source| BackupError::Io {
-                action: "checksumming",
-                path: path.clone(),
-                source,
-            })?;
-            if actual != sum.value {
-                return Err(BackupError::Damaged {
-                    path,
-                    detail: format!("sha256 is {actual}, the manifest says {}", sum.value),
-                });
-            }
+        Ok(())
+    }
+
+    /// The manifest's checksum of one backup file (none recorded: nothing to compare).
+    pub(crate) fn check_sum(&self, dir: &Path, disk: &ManifestDisk) -> Result<(), BackupError> {
+        let Some(sum) = &disk.checksum else { return Ok(()) };
+        let path = dir.join(&disk.file);
+        let actual = crate::checksum::checksum_file(&path, &sum.algorithm).map_err(|source| BackupError::Io {
+            action: "checksumming",
+            path: path.clone(),
+            source,
+        })?;
+        if actual != sum.value {
+            return Err(BackupError::Damaged {
+                path,
+                detail: format!("{} is {actual}, the manifest says {}", sum.algorithm, sum.value),
+            });
         }
         Ok(())
     }
 
-    fn restore_disk(
+    /// Copies a backup file to `tmp` in one pass that also checks its checksum; removes `tmp` on
+    /// any failure.
+    fn copy_checked(
         &self,
-        backup_file: &Path,
-        size: u64,
-        disk: &Disk,
+        dir: &Path,
+        disk: &ManifestDisk,
+        tmp: &Path,
+        target: &str,
         cancel: &CancelHandle,
         progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<RestoredDisk, BackupError> {
-        let (path, is_block) = match &disk.source {
-            Some(DiskSource::File(p)) => (p.clone(), false),
-            Some(DiskSource::Block(p)) => (p.clone(), true),
-            other => {
-                return Err(BackupError::Unsupported {
-                    what: format!("restoring disk {} with source {other:?}", disk.target),
-                });
-            }
+    ) -> Result<(), BackupError> {
+        let path = dir.join(&disk.file);
+        let algorithm = disk.checksum.as_ref().map_or(crate::checksum::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
+        let size = fs::metadata(&path).map_or(0, |m| m.len());
+        let _ = fs::remove_file(tmp);
+        let copied = crate::checksum::copy_verified(&path, tmp, algorithm, &mut |done| {
+            progress(BackupProgress::Disk {
+                target: target.to_owned(),
+                percent: if size > 0 { done as f64 * 100.0 / size as f64 } else { 100.0 },
+                size,
+            });
+            !cancel.is_cancelled()
+        });
+        let result = match copied {
+            Err(_) if cancel.is_cancelled() => Err(BackupError::Cancelled),
+            Err(source) => Err(BackupError::Io { action: "copying", path: path.clone(), source }),
+            Ok(actual) => match &disk.checksum {
+                Some(sum) if sum.value != actual => Err(BackupError::Damaged {
+                    path,
+                    detail: format!("{} is {actual}, the manifest says {}", sum.algorithm, sum.value),
+                }),
+                _ => Ok(()),
+            },
         };
-        let format = disk.format.clone().unwrap_or_else(|| "raw".into());
-        let source = ImageLocation::Path(backup_file.to_owned());
-        if format == "qcow2" && !is_block {
-            let tmp = path.with_extension("nasbak-restore");
-            let mut r = ConvertRequest::new(source, tmp.clone(), ImageFormat::Qcow2);
-            r.source_format = Some(ImageFormat::Qcow2);
-            if let Err(e) = self.convert_reporting(r, cancel, &disk.target, size, progress) {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-            fs::rename(&tmp, &path).map_err(|source| BackupError::Io {
-                action: "replacing",
-                path: path.clone(),
-                source,
-            })?;
-        } else {
-            let mut r = ConvertRequest::new(source, path.clone(), ImageFormat::Raw);
-            r.source_format = Some(ImageFormat::Qcow2);
-            r.target_exists = true;
-            self.convert_reporting(r, cancel, &disk.target, size, progress)?;
+        if result.is_err() {
+            let _ = fs::remove_file(tmp);
         }
-        Ok(RestoredDisk { target: disk.target.clone(), path, format })
+        result
+    }
+}
+
+/// Where a VM disk is restored to: its path, whether it is a block device, whether it is a
+/// qcow2 file (restored as a checked copy of the backup file).
+fn restore_target(disk: &Disk) -> Result<(PathBuf, bool, bool), BackupError> {
+    let (path, is_block) = match &disk.source {
+        Some(DiskSource::File(p)) => (p.clone(), false),
+        Some(DiskSource::Block(p)) => (p.clone(), true),
+        other => {
+            return Err(BackupError::Unsupported {
+                what: format!("restoring disk {} with source {other:?}", disk.target),
+            });
+        }
+    };
+    let qcow2 = !is_block && disk.format.as_deref() == Some("qcow2");
+    Ok((path, is_block, qcow2))
+}
+
+/// Copies staged beside their volumes, removed on drop unless renamed into place.
+struct Staged(Vec<PathBuf>);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use nasbak::nasbak_repo::mount::command::ExternalCommand;
 use nasbak::nasbak_repo::{
     BackupMethod, BackupRepository, Manifest, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
 };
-use nasbak::{BackupError, BackupRequest, Engine, sha256_file};
+use nasbak::{BackupError, BackupRequest, Engine, checksum_file, sha256_file};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
 fn engine(runtime: &Path) -> Engine<LibvirtHypervisor, QemuImg, SystemMounter> {
@@ -96,7 +96,9 @@ fn a_running_and_then_a_stopped_vm_are_backed_up_with_manifests_and_checksums() 
             assert!(files[0].starts_with("root.") && files[1].starts_with("datadisk."), "{files:?}");
             for d in &manifest.disks {
                 let path = dir.join(&d.file);
-                assert_eq!(sha256_file(&path).unwrap(), d.checksum.as_ref().unwrap().value);
+                let sum = d.checksum.as_ref().unwrap();
+                assert_eq!(sum.algorithm, "blake3");
+                assert_eq!(checksum_file(&path, "blake3").unwrap(), sum.value);
                 assert_eq!(fs::metadata(&path).unwrap().len(), d.size);
             }
         }

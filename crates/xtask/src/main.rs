@@ -2,9 +2,11 @@
 //!
 //! - `cargo xtask lab up | status | down`: the KVM lab (see `docs/lab.md`).
 //! - `cargo xtask demo`: the README's main job.
+//! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
 //! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test, a short fuzz run.
 
+mod bench;
 mod lab;
 mod run;
 
@@ -16,8 +18,9 @@ commands:
   lab up        install and start the KVM lab (idempotent), build the test guest
   lab status    say what is up and what is missing
   lab down      stop what `lab up` started and remove leftover test domains
-  demo          lab up, then mount a local ext4-image repository through nasbak-repo, write,
-                read back, show capacity, unmount (the end-to-end job of this stage)
+  demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
+                disk, restore it, show the files are back, verify, list (the README's main job)
+  bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests, a short fuzz run";
 
@@ -30,6 +33,8 @@ fn main() -> Result<()> {
         ["lab", "down"] => lab::down(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
+        ["bench"] => bench::bench(3),
+        ["bench", n] => bench::bench(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?),
         ["fuzz"] => run::fuzz(30),
         ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
         ["help"] | ["--help"] | ["-h"] | [] => {

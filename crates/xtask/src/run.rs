@@ -14,7 +14,7 @@ pub fn cmd(program: &str) -> ExternalCommand {
 }
 
 /// Runs a cargo step with its output on our terminal.
-fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.args(args);
@@ -77,7 +77,7 @@ fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 

@@ -7,7 +7,7 @@
 mod cpio;
 mod daemons;
 mod guest;
-mod packages;
+pub mod packages;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -84,3 +84,17 @@ pub fn ensure() -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs `packages` (beyond the lab's own) when they are missing, e.g. `rsync` for the bench.
+pub fn ensure_extra(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    cmd("apt-get")
+        .args(["update", "-q"])
+        .timeout(std::time::Duration::from_secs(900))
+        .run()
+        .context("apt-get update")?;
+    apt_install(&missing)
+}

@@ -1,0 +1,303 @@
+//! `cargo xtask bench`: nasbak against the tools an operator would otherwise use, side by side
+//! in one run on this machine, best of 3 (see docs/performance.md for the figures).
+//!
+//! A lab VM gets a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data; backups go to a local
+//! (`shared`) repository. Compared:
+//! - running-VM backup: `nasbak backup` (checksums included) against the bare libvirt push job
+//!   driven by `virsh backup-begin` and 50 ms polling of `virsh domjobinfo --completed`, and
+//!   `virtnbdbackup -l copy` where it is installed;
+//! - stopped-VM backup: `nasbak backup` against `qemu-img convert -O qcow2`;
+//! - restore: `nasbak restore` against `rsync -az` of the qcow2 and `cp --sparse=always`;
+//! - the peak RSS of the nasbak process (its own VmHWM, not qemu-img's).
+//!
+//! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab::{STATE, URI};
+use crate::run::{cargo, cmd, workspace_root};
+
+const DOMAIN: &str = "nasbak-bench";
+
+/// One timed run: wall time and, for nasbak, the process's peak RSS in KiB.
+struct Run {
+    secs: f64,
+    peak_rss_kib: u64,
+}
+
+/// Writes dirty pages out and drops the page cache, so every run reads its source from the disk
+/// as a backup of a VM that is not in the host's cache does.
+fn cold_cache() -> Result<()> {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")?;
+    Ok(())
+}
+
+/// Runs a command to completion from a cold cache, sampling its own VmHWM every 20 ms. The
+/// time includes writing its output to the disk (`sync` at the end), as it would on a NAS.
+fn timed(program: &str, args: &[&str]) -> Result<Run> {
+    cold_cache()?;
+    let start = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let deadline = start + Duration::from_secs(1800);
+    let status = loop {
+        if let Ok(text) = fs::read_to_string(&status_path)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{program} {} took more than 30 minutes", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::unistd::sync();
+    let secs = start.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("{program} {} failed ({status}): {err}", args.join(" "));
+    }
+    Ok(Run { secs, peak_rss_kib: peak })
+}
+
+fn virsh(args: &[&str]) -> Result<String> {
+    let mut all = vec!["-c", URI];
+    all.extend_from_slice(args);
+    Ok(cmd("virsh").args(&all).run()?.stdout_text())
+}
+
+/// The bare push job as a script would drive it: backup-begin, then 50 ms polling.
+fn virsh_push(xml: &Path) -> Result<f64> {
+    let _ = virsh(&["domjobinfo", DOMAIN, "--completed"]); // drop stats of an earlier job
+    cold_cache()?;
+    let start = Instant::now();
+    virsh(&["backup-begin", DOMAIN, xml.to_str().context("utf-8")?])?;
+    loop {
+        let info = virsh(&["domjobinfo", DOMAIN, "--completed"]).unwrap_or_default();
+        if info.contains("Completed") {
+            nix::unistd::sync();
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if info.contains("Failed") || info.contains("Cancelled") {
+            bail!("the push job failed: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `mib` MiB of xorshift data at the start of a `size_mib` raw file.
+fn pseudo_random_raw(path: &Path, size_mib: u64, mib: u64) -> Result<()> {
+    let mut f = fs::File::create(path)?;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf)?;
+    }
+    f.set_len(size_mib << 20)?;
+    Ok(())
+}
+
+fn best(runs: &[Run]) -> (f64, u64) {
+    let secs = runs.iter().map(|r| r.secs).fold(f64::INFINITY, f64::min);
+    (secs, runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0))
+}
+
+fn best_secs(secs: &[f64]) -> f64 {
+    secs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn backup_id(config: &str, nasbak: &str) -> Result<String> {
+    let out = cmd(nasbak).args(["--config", config, "--json", "list"]).run()?.stdout_text();
+    let id = out.split("\"id\":\"").last().and_then(|r| r.split('"').next()).context("a backup id in nasbak list")?;
+    Ok(id.to_owned())
+}
+
+/// `cargo xtask bench [ROUNDS]`: best of `rounds` (3 by default).
+pub fn bench(rounds: usize) -> Result<()> {
+    crate::lab::up()?;
+    crate::lab::packages::ensure_extra(&["rsync"])?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = workspace_root().join("target/release/nasbak").to_string_lossy().into_owned();
+    let dir = Path::new(STATE).join("bench");
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("repo"))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    println!("bench: a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data");
+    pseudo_random_raw(&dir.join("disk.raw"), 2048, 1024)?;
+    cmd("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", &p("disk.raw"), &p("disk.qcow2")]).run()?;
+    fs::remove_file(dir.join("disk.raw"))?;
+    let guest = fs::read_to_string(Path::new(STATE).join("guest.conf"))?;
+    let get = |k: &str| guest.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_default().to_owned();
+    fs::write(
+        dir.join("domain.xml"),
+        format!(
+            "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline></os>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+             <target dev='vda' bus='virtio'/></disk><memballoon model='none'/></devices></domain>",
+            get("kernel"),
+            get("initrd"),
+            p("disk.qcow2")
+        ),
+    )?;
+    virsh(&["define", &p("domain.xml")])?;
+    let config = p("nasbak.toml");
+    cmd(&nasbak)
+        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
+        .run()?;
+    let vm_dir = dir.join("repo").join(DOMAIN);
+    let clear_backups = || -> Result<()> {
+        if vm_dir.exists() {
+            fs::remove_dir_all(&vm_dir)?;
+        }
+        Ok(())
+    };
+    let backup_args = ["--config", config.as_str(), "backup", DOMAIN, "--quiesce", "off"];
+
+    // Running VM.
+    virsh(&["start", DOMAIN])?;
+    let mut nasbak_running = Vec::new();
+    let mut virsh_running = Vec::new();
+    let mut vnb = Vec::new();
+    let has_vnb = crate::lab::packages::which("virtnbdbackup").is_some();
+    for round in 1..=rounds {
+        clear_backups()?;
+        let r = timed(&nasbak, &backup_args)?;
+        println!("bench: running-VM backup, round {round}: nasbak {:.2} s", r.secs);
+        nasbak_running.push(r);
+        let target = dir.join(format!("virsh-{round}.qcow2"));
+        let xml = dir.join("backup.xml");
+        fs::write(
+            &xml,
+            format!(
+                "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>\
+                 <driver type='qcow2'/><target file='{}'/></disk></disks></domainbackup>",
+                target.display()
+            ),
+        )?;
+        let s = virsh_push(&xml)?;
+        println!("bench: running-VM backup, round {round}: virsh push job {s:.2} s");
+        virsh_running.push(s);
+        fs::remove_file(&target)?;
+        if has_vnb {
+            let out = dir.join(format!("vnb-{round}"));
+            let r = timed("virtnbdbackup", &["-d", DOMAIN, "-l", "copy", "-o", &out.to_string_lossy()])?;
+            println!("bench: running-VM backup, round {round}: virtnbdbackup {:.2} s", r.secs);
+            vnb.push(r.secs);
+            fs::remove_dir_all(&out)?;
+        }
+    }
+    virsh(&["destroy", DOMAIN])?;
+
+    // Stopped VM.
+    let mut nasbak_stopped = Vec::new();
+    let mut convert = Vec::new();
+    for round in 1..=rounds {
+        clear_backups()?;
+        let r = timed(&nasbak, &backup_args)?;
+        println!("bench: stopped-VM backup, round {round}: nasbak {:.2} s", r.secs);
+        nasbak_stopped.push(r);
+        let out = p("convert.qcow2");
+        let r = timed("qemu-img", &["convert", "-O", "qcow2", &p("disk.qcow2"), &out])?;
+        println!("bench: stopped-VM backup, round {round}: qemu-img convert {:.2} s", r.secs);
+        convert.push(r.secs);
+        fs::remove_file(&out)?;
+    }
+
+    // Restore of the last backup, against copying its qcow2 file.
+    let id = backup_id(&config, &nasbak)?;
+    let backup_dir = vm_dir.join(id.rsplit('/').next().context("id")?);
+    let backup_file = fs::read_dir(&backup_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| f.extension().is_some_and(|x| x == "qcow2"))
+        .context("the backup's qcow2")?;
+    let backup_file = backup_file.to_string_lossy().into_owned();
+    let mut nasbak_restore = Vec::new();
+    let mut rsync = Vec::new();
+    let mut cp = Vec::new();
+    for round in 1..=rounds {
+        let r = timed(&nasbak, &["--config", &config, "restore", &id])?;
+        println!("bench: restore, round {round}: nasbak {:.2} s", r.secs);
+        nasbak_restore.push(r);
+        let target = p("copy.qcow2");
+        let _ = fs::remove_file(&target);
+        let r = timed("rsync", &["-az", &backup_file, &target])?;
+        println!("bench: restore, round {round}: rsync -az {:.2} s", r.secs);
+        rsync.push(r.secs);
+        fs::remove_file(&target)?;
+        let r = timed("cp", &["--sparse=always", &backup_file, &target])?;
+        println!("bench: restore, round {round}: cp --sparse=always {:.2} s", r.secs);
+        cp.push(r.secs);
+        fs::remove_file(&target)?;
+    }
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+
+    let (nr, nr_rss) = best(&nasbak_running);
+    let (ns, ns_rss) = best(&nasbak_stopped);
+    let (nre, nre_rss) = best(&nasbak_restore);
+    let cpu = fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let versions = virsh(&["version"])?
+        .lines()
+        .filter(|l| l.contains("library") || l.contains("hypervisor"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    println!();
+    println!("bench: {cpu}, {} cores; {versions}", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("bench: best of {rounds}, 2 GiB qcow2 disk holding 1 GiB of pseudo-random data, local repository");
+    println!("| operation | nasbak | peer | nasbak / peer | target |");
+    println!("|---|---|---|---|---|");
+    let row = |op: &str, n: f64, peer: &str, s: f64, target: &str| {
+        println!("| {op} | {n:.2} s | {peer} {s:.2} s | {:.2}x | {target} |", n / s);
+    };
+    row("running-VM backup", nr, "virsh backup-begin + 50 ms polling", best_secs(&virsh_running), "<= 1.10x");
+    if has_vnb {
+        row("running-VM backup", nr, "virtnbdbackup -l copy", best_secs(&vnb), "(comparison)");
+    } else {
+        println!("| running-VM backup | {nr:.2} s | virtnbdbackup: not installed | - | (comparison) |");
+    }
+    row("stopped-VM backup", ns, "qemu-img convert -O qcow2", best_secs(&convert), "<= 0.65x");
+    row("restore", nre, "rsync -az", best_secs(&rsync), "<= 0.2x");
+    row("restore", nre, "cp --sparse=always", best_secs(&cp), "<= 1.3x");
+    let rss = nr_rss.max(ns_rss).max(nre_rss);
+    println!("| peak RSS of nasbak | {:.1} MiB | | | <= 30 MiB |", rss as f64 / 1024.0);
+    Ok(())
+}
