@@ -60,8 +60,39 @@ fn quiesce_arg(s: &str) -> Result<QuiescePolicy, String> {
     s.parse()
 }
 
+/// `90`, `90s`, `30m`, `2h`, `1d`.
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration; expected a number with an optional unit s, m, h or d (90, 30m, 2h)");
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).filter(|secs| *secs > 0).map(Duration::from_secs).ok_or_else(bad)
+}
+
 fn keep_arg(s: &str) -> Result<RetentionPolicy, String> {
     s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_arg("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration_arg("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(duration_arg("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(duration_arg("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["", "0", "m", "5 m", "5w", "-1", "99999999999999999999d"] {
+            assert!(duration_arg(bad).unwrap_err().contains("expected a number"), "{bad}");
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,9 +128,9 @@ enum Command {
         /// Freeze the guest's file systems around the job start [default: the offering's, else best-effort].
         #[arg(long, value_parser = quiesce_arg)]
         quiesce: Option<QuiescePolicy>,
-        /// Abort the copy after this many seconds.
-        #[arg(long, default_value_t = 24 * 3600)]
-        timeout: u64,
+        /// Abort the copy after this long (90, 90s, 30m, 2h, 1d).
+        #[arg(long, default_value = "24h", value_parser = duration_arg)]
+        timeout: Duration,
     },
     /// List complete backups (also those the reference system wrote).
     List {
@@ -391,7 +422,7 @@ fn run(cli: &Cli) -> Result<u8> {
                 vm: vm.clone(),
                 repository: p.repository,
                 quiesce: p.quiesce,
-                timeout: Duration::from_secs(*timeout),
+                timeout: *timeout,
                 schedule: None,
             };
             let e = engine(&cli.uri)?;
