@@ -681,6 +681,22 @@ fn run(cli: &Cli) -> Result<u8> {
     }
 }
 
+/// A JSON value as text for a table ("" when absent).
+fn text(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// Prints rows as one JSON array, or one line each.
+fn print_rows(json: bool, rows: Vec<serde_json::Value>, line: impl Fn(&serde_json::Value) -> String) {
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        for r in &rows {
+            println!("{}", line(r));
+        }
+    }
+}
+
 fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
     match cmd {
         RepoCommand::Add { name, kind, address, options, fstype, zone } => {
@@ -694,18 +710,17 @@ fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
             println!("added repository {name}");
         }
         RepoCommand::List => {
-            if cli.json {
-                let list: Vec<_> = config
-                    .repositories
-                    .iter()
-                    .map(|r| json!({"name": r.name().as_str(), "type": r.kind().to_string(), "address": r.address().to_string(),
-                                    "options": r.mount_options().to_string(), "zone": r.zone()}))
-                    .collect();
-                println!("{}", serde_json::Value::Array(list));
-            }
-            for r in config.repositories.iter().filter(|_| !cli.json) {
-                println!("{}  {}  {}  {}", r.name(), r.kind(), r.address(), r.mount_options());
-            }
+            let rows = config
+                .repositories
+                .iter()
+                .map(|r| {
+                    json!({"name": r.name().as_str(), "type": r.kind().to_string(), "address": r.address().to_string(),
+                                "options": r.mount_options().to_string(), "zone": r.zone()})
+                })
+                .collect();
+            print_rows(cli.json, rows, |r| {
+                format!("{}  {}  {}  {}", text(&r["name"]), text(&r["type"]), text(&r["address"]), text(&r["options"]))
+            });
         }
         RepoCommand::Show { name } => {
             let r = pick_repo(config, Some(name))?;
@@ -791,23 +806,18 @@ fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result<u8>
                            "keep": o.keep.map(|k| k.to_string()), "vms": vms})
                 })
                 .collect();
-            if cli.json {
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
-                for r in rows {
-                    println!(
-                        "{}  repo {}  quiesce {}  keep {}  vms: {}",
-                        r["name"].as_str().unwrap_or_default(),
-                        r["repository"].as_str().unwrap_or_default(),
-                        r["quiesce"].as_str().unwrap_or_default(),
-                        r["keep"].as_str().unwrap_or("everything"),
-                        r["vms"]
-                            .as_array()
-                            .map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
-                            .unwrap_or_default()
-                    );
-                }
-            }
+            print_rows(cli.json, rows, |r| {
+                let vms =
+                    r["vms"].as_array().map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "));
+                format!(
+                    "{}  repo {}  quiesce {}  keep {}  vms: {}",
+                    text(&r["name"]),
+                    text(&r["repository"]),
+                    text(&r["quiesce"]),
+                    r["keep"].as_str().unwrap_or("everything"),
+                    vms.unwrap_or_default()
+                )
+            });
         }
         OfferingCommand::Remove { name } => {
             config.remove_offering(name)?;
@@ -847,23 +857,19 @@ fn schedule(cli: &Cli, config: &mut Config, cmd: &ScheduleCommand) -> Result<u8>
                            "keep": s.keep, "quiesce": s.quiesce.to_string(), "last_run": state.last_run.get(&s.id)})
                 })
                 .collect();
-            if cli.json {
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
-                for r in rows {
-                    println!(
-                        "{}  {}  {} at {} {}  keep {}  quiesce {}  last run {}",
-                        r["id"].as_str().unwrap_or_default(),
-                        r["vm"].as_str().unwrap_or_default(),
-                        r["every"].as_str().unwrap_or_default(),
-                        r["at"].as_str().unwrap_or_default(),
-                        r["tz"].as_str().unwrap_or_default(),
-                        r["keep"],
-                        r["quiesce"].as_str().unwrap_or_default(),
-                        r["last_run"].as_str().unwrap_or("never")
-                    );
-                }
-            }
+            print_rows(cli.json, rows, |r| {
+                format!(
+                    "{}  {}  {} at {} {}  keep {}  quiesce {}  last run {}",
+                    text(&r["id"]),
+                    text(&r["vm"]),
+                    text(&r["every"]),
+                    text(&r["at"]),
+                    text(&r["tz"]),
+                    r["keep"],
+                    text(&r["quiesce"]),
+                    r["last_run"].as_str().unwrap_or("never")
+                )
+            });
         }
         ScheduleCommand::Remove { id } => {
             config.remove_schedule(id)?;

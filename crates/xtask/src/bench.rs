@@ -13,7 +13,6 @@
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -110,24 +109,6 @@ fn virsh_push(xml: &Path) -> Result<f64> {
     }
 }
 
-/// Writes `mib` MiB of xorshift data at the start of a `size_mib` raw file.
-fn pseudo_random_raw(path: &Path, size_mib: u64, mib: u64) -> Result<()> {
-    let mut f = fs::File::create(path)?;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf)?;
-    }
-    f.set_len(size_mib << 20)?;
-    Ok(())
-}
-
 fn best(runs: &[Run]) -> (f64, u64) {
     let secs = runs.iter().map(|r| r.secs).fold(f64::INFINITY, f64::min);
     (secs, runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0))
@@ -157,7 +138,8 @@ pub fn bench(rounds: usize) -> Result<()> {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
     println!("bench: a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data");
-    pseudo_random_raw(&dir.join("disk.raw"), 2048, 1024)?;
+    fs::File::create(dir.join("disk.raw"))?.set_len(2048 << 20)?;
+    nasbak_testlab::fill_pseudo_random(&dir.join("disk.raw"), 1024);
     cmd("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", &p("disk.raw"), &p("disk.qcow2")]).run()?;
     fs::remove_file(dir.join("disk.raw"))?;
     let guest = fs::read_to_string(Path::new(STATE).join("guest.conf"))?;
