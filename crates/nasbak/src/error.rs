@@ -114,17 +114,6 @@ pub enum BackupError {
         /// What must be said.
         what: String,
     },
-    /// Root may not write to the repository.
-    #[error("root cannot write to repository {repository}: {hint}")]
-    NotWritable {
-        /// The repository.
-        repository: String,
-        /// What to change.
-        hint: String,
-        /// The refusal.
-        #[source]
-        source: std::io::Error,
-    },
     /// The volume was restored but could not be attached.
     #[error("the volume was restored to {location} (it is complete and stays there) but attaching it to {vm} failed")]
     AttachFailed {

@@ -94,26 +94,7 @@ where
     /// user without write access), says so and what to change.
     pub fn check_repository(&self, repository: &BackupRepository) -> Result<nasbak_repo::Capacity, BackupError> {
         let mounted = self.mounts.acquire(repository)?;
-        let probe = mounted.root().join(format!(".nasbak-check-{}", std::process::id()));
-        let written = std::fs::write(&probe, b"nasbak");
-        if let Err(source) = written {
-            let squashed = matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
-                || source.raw_os_error() == Some(nix::libc::EPERM);
-            if squashed {
-                return Err(BackupError::NotWritable {
-                    repository: repository.name().to_string(),
-                    hint: root_hint(repository.kind()),
-                    source,
-                });
-            }
-            return Err(BackupError::Io { action: "writing", path: probe, source });
-        }
-        let back = std::fs::read(&probe);
-        let _ = std::fs::remove_file(&probe);
-        let back = back.map_err(|source| BackupError::Io { action: "reading back", path: probe.clone(), source })?;
-        if back != b"nasbak" {
-            return Err(BackupError::Damaged { path: probe, detail: "read back other bytes than were written".into() });
-        }
+        mounted.check_writable()?;
         let capacity = mounted.capacity()?;
         mounted.release()?;
         Ok(capacity)
@@ -197,31 +178,9 @@ where
     }
 }
 
-/// What to change when root may not write to a repository.
-pub(crate) fn root_hint(kind: &nasbak_repo::RepositoryKind) -> String {
-    use nasbak_repo::RepositoryKind as K;
-    match kind {
-        K::Nfs => "the NFS server squashes root (root_squash): export the directory with no_root_squash \
-                   (in /etc/exports: `/export HOST(rw,no_root_squash)`, then `exportfs -ra`), \
-                   because QEMU and nasbak write as root"
-            .into(),
-        K::Cifs => "the share maps root to a user without write access: give the user in the credentials \
-                    write rights on the share, or mount with uid=0,gid=0 and a user that may write"
-            .into(),
-        _ => "root may not write there: check the file system's permissions and how the server maps root".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn root_hints_name_the_fix() {
-        use nasbak_repo::RepositoryKind as K;
-        assert!(root_hint(&K::Nfs).contains("no_root_squash"));
-        assert!(root_hint(&K::Cifs).contains("uid=0"));
-    }
 
     fn config() -> Config {
         Config::parse(

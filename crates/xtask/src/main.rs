@@ -1,6 +1,7 @@
 //! `cargo xtask`: automation for nasbak.
 //!
 //! - `cargo xtask lab up | status | down`: the KVM lab (see `docs/lab.md`).
+//! - `cargo xtask lab nas`: the real NFS and SMB tests inside the NAS lab guest.
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
@@ -18,6 +19,8 @@ commands:
   lab up        install and start the KVM lab (idempotent), build the test guest
   lab status    say what is up and what is missing
   lab down      stop what `lab up` started and remove leftover test domains
+  lab nas       boot the NAS guest (NFS and SMB servers on its loopback) and run the real NFS and
+                SMB tests of nasbak-repo inside it
   demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
         ["lab", "up"] => lab::up(),
         ["lab", "status"] => lab::status(),
         ["lab", "down"] => lab::down(),
+        ["lab", "nas"] => lab::nas::run(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
         ["bench"] => bench::bench(3),

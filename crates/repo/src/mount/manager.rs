@@ -66,6 +66,7 @@ impl<M: Mounter> RepositoryMounts<M> {
                 root: mount_point,
                 users: None,
                 name: repo.name().to_string(),
+                kind: repo.kind().clone(),
             });
         };
         let locks = self.runtime_dir.join("locks");
@@ -82,7 +83,13 @@ impl<M: Mounter> RepositoryMounts<M> {
             source,
         })?;
         drop(mutex);
-        Ok(MountedRepository { owner: self, root: mount_point, users: Some(users), name: name.to_owned() })
+        Ok(MountedRepository {
+            owner: self,
+            root: mount_point,
+            users: Some(users),
+            name: name.to_owned(),
+            kind: repo.kind().clone(),
+        })
     }
 
     fn ensure_mounted(&self, plan: &MountPlan, mount_point: &Path) -> Result<(), MountError> {
@@ -200,6 +207,7 @@ pub struct MountedRepository<'a, M: Mounter> {
     root: PathBuf,
     users: Option<File>,
     name: String,
+    kind: crate::RepositoryKind,
 }
 
 impl<M: Mounter> MountedRepository<'_, M> {
@@ -218,6 +226,37 @@ impl<M: Mounter> MountedRepository<'_, M> {
         self.owner.mounter.capacity(&self.root, self.owner.timeouts.probe)
     }
 
+    /// Writes a probe file as root, reads it back and removes it, all under the probe timeout.
+    /// When root may not write (an NFS export with `root_squash`, a share mapping root to a user
+    /// without rights), the error says so and what to change.
+    pub fn check_writable(&self) -> Result<(), MountError> {
+        let probe = self.root.join(format!(".nasbak-check-{}", std::process::id()));
+        let p = probe.clone();
+        let timeout = self.owner.timeouts.probe;
+        let result = crate::mount::run_with_timeout(timeout, move || -> std::io::Result<Vec<u8>> {
+            std::fs::write(&p, b"nasbak")?;
+            let back = std::fs::read(&p);
+            let _ = std::fs::remove_file(&p);
+            back
+        })
+        .ok_or(MountError::TimedOut { action: "writing a probe file to", path: probe.clone(), timeout })?;
+        match result {
+            Ok(back) if back == b"nasbak" => Ok(()),
+            Ok(_) => Err(MountError::Io {
+                action: "reading back other bytes than were written to",
+                path: probe,
+                source: std::io::Error::other("the repository returned different data"),
+            }),
+            Err(source)
+                if source.kind() == std::io::ErrorKind::PermissionDenied
+                    || source.raw_os_error() == Some(libc_eperm()) =>
+            {
+                Err(MountError::NotWritable { repository: self.name.clone(), hint: root_hint(&self.kind), source })
+            }
+            Err(source) => Err(MountError::Io { action: "writing", path: probe, source }),
+        }
+    }
+
     /// Stops using the repository; the last user unmounts it.
     pub fn release(mut self) -> Result<ReleaseOutcome, MountError> {
         self.release_inner()
@@ -231,9 +270,38 @@ impl<M: Mounter> MountedRepository<'_, M> {
     }
 }
 
+fn libc_eperm() -> i32 {
+    nix::errno::Errno::EPERM as i32
+}
+
+/// What to change when root may not write to a repository of this kind.
+pub fn root_hint(kind: &crate::RepositoryKind) -> String {
+    use crate::RepositoryKind as K;
+    match kind {
+        K::Nfs => "the NFS server squashes root (root_squash): export the directory with no_root_squash \
+                   (in /etc/exports: `/export HOST(rw,no_root_squash)`, then `exportfs -ra`), \
+                   because QEMU and nasbak write as root"
+            .into(),
+        K::Cifs => "the share maps root to a user without write access: give the user in the credentials \
+                    write rights on the share, or mount with uid=0,gid=0 and a user that may write"
+            .into(),
+        _ => "root may not write there: check the file system's permissions and how the server maps root".into(),
+    }
+}
+
 impl<M: Mounter> Drop for MountedRepository<'_, M> {
     fn drop(&mut self) {
         let _ = self.release_inner();
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    #[test]
+    fn root_hints_name_the_fix() {
+        use crate::RepositoryKind as K;
+        assert!(super::root_hint(&K::Nfs).contains("no_root_squash"));
+        assert!(super::root_hint(&K::Cifs).contains("uid=0"));
     }
 }
 

@@ -16,7 +16,7 @@ mod manager;
 mod system;
 mod timed;
 
-pub use manager::{MountedRepository, ReleaseOutcome, RepositoryMounts};
+pub use manager::{MountedRepository, ReleaseOutcome, RepositoryMounts, root_hint};
 pub use system::SystemMounter;
 pub use timed::run_with_timeout;
 
@@ -145,6 +145,17 @@ pub enum MountError {
         found_source: String,
         /// The type expected.
         expected_fstype: String,
+    },
+    /// Root may not write to the repository.
+    #[error("root cannot write to repository {repository}: {hint}")]
+    NotWritable {
+        /// The repository.
+        repository: String,
+        /// What to change.
+        hint: String,
+        /// The refusal.
+        #[source]
+        source: std::io::Error,
     },
     /// The mount succeeded but the mounted file system does not answer.
     #[error("{path} was mounted but does not answer: {reason}")]

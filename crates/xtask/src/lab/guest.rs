@@ -15,7 +15,7 @@ use crate::run::cmd;
 const INIT: &str = include_str!("guest-init.sh");
 
 /// Modules in dependency order; a missing one is skipped (it may be built in).
-const MODULES: &[&str] = &[
+pub(super) const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -38,7 +38,7 @@ pub struct Guest {
 }
 
 /// FNV-1a: a cache key that stays the same across Rust versions.
-fn fnv(parts: &[&str]) -> u64 {
+pub(super) fn fnv(parts: &[&str]) -> u64 {
     let mut h = 0xcbf29ce484222325u64;
     for p in parts {
         for b in p.bytes().chain([0]) {
@@ -53,7 +53,7 @@ fn package_version(package: &str) -> Result<String> {
 }
 
 /// The kernel package `linux-image-amd64` points at, downloaded into the cache.
-fn kernel_deb() -> Result<PathBuf> {
+pub(super) fn kernel_deb() -> Result<PathBuf> {
     let debs = Path::new(CACHE).join("debs");
     fs::create_dir_all(&debs)?;
     let depends = cmd("apt-cache").args(["depends", "linux-image-amd64"]).run()?.stdout_text();
@@ -80,7 +80,7 @@ fn kernel_deb() -> Result<PathBuf> {
     find()?.with_context(|| format!("apt-get download left no {package} .deb in {}", debs.display()))
 }
 
-fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+pub(super) fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
     for e in fs::read_dir(dir).ok()?.flatten() {
         let p = e.path();
         if p.is_dir() {

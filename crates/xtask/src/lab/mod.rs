@@ -7,6 +7,7 @@
 mod cpio;
 mod daemons;
 mod guest;
+pub mod nas;
 pub mod packages;
 
 use std::fs;
