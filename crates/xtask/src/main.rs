@@ -5,7 +5,7 @@
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
-//! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test, a short fuzz run.
+//! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test (the NAS guest's too), a short fuzz run.
 
 mod bench;
 mod lab;
@@ -25,7 +25,8 @@ commands:
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
-  test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests, a short fuzz run";
+  test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests (also those in
+                the NAS guest), a short fuzz run";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -15,7 +15,7 @@ echo 1 > /proc/sys/kernel/sysrq
 stop() { sync; echo o > /proc/sysrq-trigger; sleep 30; }
 hostname nas
 ip link set lo up
-for m in sunrpc grace lockd nfs_acl auth_rpcgss rpcsec_gss_krb5 nfsd nfs nfsv3 nfsv4 cifs; do
+for m in sunrpc grace lockd nfs_acl auth_rpcgss rpcsec_gss_krb5 nfsd nfs nfsv3 nfsv4 cifs nls_utf8; do
     modprobe "$m" || echo "nas-guest: modprobe $m failed"
 done
 mkdir -p /run/rpcbind /run/samba /var/lib/nfs/rpc_pipefs /var/lib/nfs/v4recovery /var/lock /run/lock

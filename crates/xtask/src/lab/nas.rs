@@ -33,7 +33,7 @@ const SMB_CONF: &str = "[global]\n\
    bind interfaces only = yes\n\
    server role = standalone server\n\
    map to guest = never\n\
-   server min protocol = SMB3\n\
+   server min protocol = SMB3_00\n\
    log file = /var/log/samba/log.%m\n\
    disable netbios = yes\n\
    smb ports = 445\n\
@@ -154,7 +154,8 @@ fn ensure() -> Result<NasGuest> {
     for f in [&guest.kernel, &guest.initrd, &guest.root] {
         fs::set_permissions(f, fs::Permissions::from_mode(0o644))?;
     }
-    let _ = fs::remove_dir_all(&work);
+    // The debootstrapped root stays for the next rebuild; the kernel extract goes.
+    let _ = fs::remove_dir_all(&kernel);
     Ok(guest)
 }
 
@@ -186,6 +187,16 @@ fn virsh(args: &[&str]) -> Result<String> {
 /// `cargo xtask lab nas`: boots the NAS guest, runs the NFS and SMB tests inside it, prints one
 /// line per test and `N passed, M failed`; fails on any failure.
 pub fn run() -> Result<()> {
+    let (passed, failed) = run_tests()?;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} NAS tests failed");
+    }
+    Ok(())
+}
+
+/// Runs the NAS guest's tests and returns how many passed and failed (an error when none ran).
+pub fn run_tests() -> Result<(u64, u64)> {
     super::up()?;
     let guest = ensure()?;
     let binary = test_binary()?;
@@ -202,7 +213,7 @@ pub fn run() -> Result<()> {
         dir.join("work/run-tests"),
         format!(
             "#!/bin/bash\nexport NASBAK_SMB_USER={SMB_USER} NASBAK_SMB_PASSWORD={SMB_PASSWORD} RUST_BACKTRACE=1\n\
-             exec /work/nas-tests --test-threads=1\n"
+             exec /work/nas-tests --test-threads=1 --show-output\n"
         ),
     )?;
     for f in ["work/nas-tests", "work/run-tests"] {
@@ -251,7 +262,7 @@ pub fn run() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let results = cmd("debugfs").args(["-R", "cat /results.txt"]).arg(&work_img).run()?.stdout_text();
-    let (mut passed, mut failed) = (0u32, 0u32);
+    let (mut passed, mut failed) = (0u64, 0u64);
     println!("lab nas: results ({:.0} s):", start.elapsed().as_secs_f64());
     for line in results.lines() {
         if let Some(rest) = line.strip_prefix("test ")
@@ -267,12 +278,8 @@ pub fn run() -> Result<()> {
     if failed > 0 || passed == 0 {
         println!("{results}");
     }
-    println!("{passed} passed, {failed} failed");
     if passed == 0 {
         bail!("no NAS test ran; see {} and {}", console.display(), dir.join("work.img").display());
     }
-    if failed > 0 {
-        bail!("{failed} NAS tests failed");
-    }
-    Ok(())
+    Ok((passed, failed))
 }
