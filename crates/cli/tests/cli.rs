@@ -262,12 +262,30 @@ fn offerings_prune_schedules_and_run_due() {
     assert_eq!((code, out.trim()), (0, "nothing is due"));
     let (_, out, _) = nasbak_env(&config, &state_env, &["--json", "schedule", "list"]);
     assert!(json_of(&out)[0]["last_run"].is_string(), "{out}");
-    // Schedules keep the assignment alive; removal in order works.
+    // show reads the manifest, with the schedule that made the backup.
+    let shown = json_of(&ok(&config, &["--json", "show", &made]));
+    assert_eq!(shown["schedule"], schedule_id.as_str());
+    assert_eq!(shown["disks"][0]["checksum"]["algorithm"], "blake3");
+    // The repository commands.
+    let repos = json_of(&ok(&config, &["--json", "repo", "list"]));
+    assert_eq!((repos[0]["name"].as_str(), repos[0]["type"].as_str()), (Some("lab"), Some("shared")));
+    assert!(ok(&config, &["repo", "show", "lab"]).contains("type: shared"));
+    let stats = json_of(&ok(&config, &["--json", "repo", "stats", "lab"]));
+    assert!(stats["total"].as_u64().unwrap() > 0 && stats["available"].as_u64().unwrap() > 0, "{stats}");
+    let offerings = json_of(&ok(&config, &["--json", "offering", "list"]));
+    assert_eq!(offerings[0]["vms"][0], dom.name());
+    // Schedules keep the assignment alive, offerings their repository; removal in order works.
     let (code, _, _) = nasbak(&config, &["unassign", dom.name()]);
     assert_eq!(code, 4);
+    let (code, _, err) = nasbak(&config, &["repo", "remove", "lab"]);
+    assert_eq!(code, 4, "{err}");
     ok(&config, &["schedule", "remove", &schedule_id]);
     ok(&config, &["unassign", dom.name()]);
     ok(&config, &["offering", "remove", "gold"]);
+    ok(&config, &["repo", "remove", "lab"]);
+    assert_eq!(json_of(&ok(&config, &["--json", "repo", "list"])), serde_json::json!([]));
+    // Its backups were not touched.
+    assert_eq!(std::fs::read_dir(dom.dir().join("repo").join(dom.name())).unwrap().count(), 2);
 }
 
 #[test]
