@@ -562,12 +562,14 @@ fn run(cli: &Cli) -> Result<u8> {
             reporter.finish();
             let restored = restored?;
             if json {
-                let disks: Vec<_> =
-                    restored.iter().map(|d| json!({"target": d.target, "path": d.path, "format": d.format})).collect();
+                let disks: Vec<_> = restored
+                    .iter()
+                    .map(|d| json!({"target": d.target, "location": d.location, "format": d.format}))
+                    .collect();
                 println!("{}", json!({"restored": disks}));
             } else {
                 for d in &restored {
-                    println!("restored {} -> {} ({})", d.target, d.path.display(), d.format);
+                    println!("restored {} -> {} ({})", d.target, d.location, d.format);
                 }
             }
             Ok(0)

@@ -112,11 +112,43 @@ pub(crate) fn volume_of(disk: &Disk) -> VolumeName {
 }
 
 fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
+    disk_location(disk).ok_or_else(|| BackupError::Unsupported {
+        what: format!("disk {} of a shut-off VM with source {:?}", disk.target, disk.source),
+    })
+}
+
+/// Where qemu-img finds a disk: a file or block device path, or an RBD image with the domain's
+/// monitors, ceph.conf and client id (its key comes from that client's keyring on this host).
+pub(crate) fn disk_location(disk: &Disk) -> Option<ImageLocation> {
     match &disk.source {
-        Some(DiskSource::File(p) | DiskSource::Block(p)) => Ok(ImageLocation::Path(p.clone())),
-        other => Err(BackupError::Unsupported {
-            what: format!("disk {} of a shut-off VM with source {other:?}", disk.target),
-        }),
+        Some(DiskSource::File(p) | DiskSource::Block(p)) => Some(ImageLocation::Path(p.clone())),
+        Some(DiskSource::Network { protocol, name: Some(name), hosts, auth, config }) if protocol == "rbd" => {
+            let parts: Vec<&str> = name.split('/').collect();
+            let mut spec = match parts.as_slice() {
+                [pool, image] => nasbak_qemu_img::RbdSpec::new(pool, image),
+                [pool, namespace, image] => {
+                    let mut s = nasbak_qemu_img::RbdSpec::new(pool, image);
+                    s.namespace = Some((*namespace).to_owned());
+                    s
+                }
+                _ => return None,
+            };
+            spec.mon_hosts = hosts
+                .iter()
+                .filter_map(|h| {
+                    let host = h.name.clone()?;
+                    Some(match h.port {
+                        Some(port) if host.contains(':') => format!("[{host}]:{port}"),
+                        Some(port) => format!("{host}:{port}"),
+                        None => host,
+                    })
+                })
+                .collect();
+            spec.conf.clone_from(config);
+            spec.id = auth.as_ref().and_then(|a| a.username.clone());
+            Some(ImageLocation::Rbd(spec))
+        }
+        _ => None,
     }
 }
 

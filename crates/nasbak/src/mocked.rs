@@ -244,3 +244,61 @@ fn run_due_does_nothing_while_another_run_holds_the_lock() {
     let r = e.run_due(&config, &state, chrono::Utc::now(), &CancelHandle::new(), &mut |_, _| {}).unwrap();
     assert!(matches!(r, crate::RunDue::Busy(_)), "{r:?}");
 }
+
+const RBD_XML: &str = "<domain><name>vm1</name><devices>\
+    <disk type='network' device='disk'><driver type='raw'/>\
+    <source protocol='rbd' name='vms/vm1-root'><host name='mon1' port='6789'/><host name='mon2'/></source>\
+    <auth username='backup'><secret type='ceph' usage='client.backup'/></auth>\
+    <target dev='vda' bus='virtio'/></disk></devices></domain>";
+
+#[test]
+fn rbd_disks_are_read_and_restored_through_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hv = hypervisor(DomainState::ShutOff);
+    hv.checkpoint();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
+    hv.expect_domain_xml().returning(|_| Ok(RBD_XML.to_owned()));
+    hv.expect_current_job().returning(|_| {
+        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+    });
+    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    let mut img = images();
+    img.checkpoint();
+    img.expect_info().returning(|_| Ok(info(1 << 20)));
+    img.expect_check()
+        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    // Backup: the source is the RBD image with the domain's monitors and client id.
+    img.expect_convert()
+        .withf(|r, _| match &r.source {
+            ImageLocation::Rbd(s) => {
+                s.pool == "vms"
+                    && s.image == "vm1-root"
+                    && s.mon_hosts == ["mon1:6789", "mon2"]
+                    && s.id.as_deref() == Some("backup")
+                    && r.source_format == Some(ImageFormat::Raw)
+            }
+            _ => false,
+        })
+        .times(1)
+        .returning(|r, _| {
+            if let ImageLocation::Path(p) = &r.target {
+                fs::write(p, b"image").unwrap();
+            }
+            Ok(())
+        });
+    // Restore: raw, into the existing image (-n).
+    img.expect_convert()
+        .withf(|r, _| {
+            matches!(&r.target, ImageLocation::Rbd(s) if s.image == "vm1-root")
+                && r.target_exists
+                && r.target_format == ImageFormat::Raw
+        })
+        .times(1)
+        .returning(|_, _| Ok(()));
+    let (e, repo) = engine(hv, img, dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(out.manifest.disks[0].volume, "vm1-root");
+    let restored = e.restore(&repo, "vm1", &out.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(restored[0].location.starts_with("rbd:vms/vm1-root"), "{restored:?}");
+    assert_eq!(restored[0].format, "raw");
+}

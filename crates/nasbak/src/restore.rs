@@ -25,8 +25,8 @@ use crate::lock::VmLock;
 pub struct RestoredDisk {
     /// The target device.
     pub target: String,
-    /// Where it was written.
-    pub path: PathBuf,
+    /// Where it was written: a path, or `rbd:pool/image`.
+    pub location: String,
     /// The format written.
     pub format: String,
 }
@@ -199,10 +199,10 @@ where
         for (b, d) in &pairs {
             self.check_image(&dir, b)?;
             match restore_target(d)? {
-                (path, false, true) => copies.push((*b, *d, path)),
-                (path, _, _) => {
+                RestoreTarget::Qcow2File(path) => copies.push((*b, *d, path)),
+                RestoreTarget::InPlace(location) => {
                     self.check_sum(&dir, b)?;
-                    in_place.push((*b, *d, path));
+                    in_place.push((*b, *d, location));
                 }
             }
         }
@@ -213,12 +213,13 @@ where
             self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress)?;
         }
         let mut restored = Vec::new();
-        for (b, d, path) in in_place {
-            let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), path.clone(), ImageFormat::Raw);
+        for (b, d, location) in in_place {
+            let shown = location.to_string();
+            let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
             self.convert_reporting(r, cancel, &d.target, b.virtual_size, progress)?;
-            restored.push(RestoredDisk { target: d.target.clone(), path, format: "raw".into() });
+            restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into() });
         }
         for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
             fs::rename(tmp, path).map_err(|source| BackupError::Io {
@@ -226,7 +227,8 @@ where
                 path: path.clone(),
                 source,
             })?;
-            restored.push(RestoredDisk { target: d.target.clone(), path: path.clone(), format: "qcow2".into() });
+            let location = path.display().to_string();
+            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into() });
         }
         Ok(restored)
     }
@@ -484,20 +486,24 @@ where
     }
 }
 
-/// Where a VM disk is restored to: its path, whether it is a block device, whether it is a
-/// qcow2 file (restored as a checked copy of the backup file).
-fn restore_target(disk: &Disk) -> Result<(PathBuf, bool, bool), BackupError> {
-    let (path, is_block) = match &disk.source {
-        Some(DiskSource::File(p)) => (p.clone(), false),
-        Some(DiskSource::Block(p)) => (p.clone(), true),
-        other => {
-            return Err(BackupError::Unsupported {
-                what: format!("restoring disk {} with source {other:?}", disk.target),
-            });
+/// Where a VM disk is restored to.
+enum RestoreTarget {
+    /// A qcow2 file: restored as a checked copy of the backup file beside it, renamed over it.
+    Qcow2File(PathBuf),
+    /// A raw file, a block device or an RBD image: written in place as raw (`convert -n`).
+    InPlace(ImageLocation),
+}
+
+fn restore_target(disk: &Disk) -> Result<RestoreTarget, BackupError> {
+    let location = crate::backup::disk_location(disk).ok_or_else(|| BackupError::Unsupported {
+        what: format!("restoring disk {} with source {:?}", disk.target, disk.source),
+    })?;
+    Ok(match (location, &disk.source) {
+        (ImageLocation::Path(p), Some(DiskSource::File(_))) if disk.format.as_deref() == Some("qcow2") => {
+            RestoreTarget::Qcow2File(p)
         }
-    };
-    let qcow2 = !is_block && disk.format.as_deref() == Some("qcow2");
-    Ok((path, is_block, qcow2))
+        (location, _) => RestoreTarget::InPlace(location),
+    })
 }
 
 /// Copies staged beside their volumes, removed on drop unless renamed into place.

@@ -87,9 +87,12 @@ pub fn status() -> Result<()> {
 /// `cargo xtask lab down`.
 pub fn down() -> Result<()> {
     require_root()?;
-    let _ = cmd("virsh").args(["-c", URI, "destroy", "nasbak-demo"]).run();
-    if cmd("virsh").args(["-c", URI, "undefine", "nasbak-demo", "--checkpoints-metadata"]).run().is_ok() {
-        println!("lab: removed the demo domain");
+    for name in ["nasbak-demo", "nasbak-bench", "nasbak-nas"] {
+        let running = cmd("virsh").args(["-c", URI, "destroy", name]).run().is_ok();
+        let defined = cmd("virsh").args(["-c", URI, "undefine", name, "--checkpoints-metadata"]).run().is_ok();
+        if running || defined {
+            println!("lab: removed the domain {name}");
+        }
     }
     for name in daemons::test_domains().unwrap_or_default() {
         let _ = cmd("virsh").args(["-c", URI, "destroy", &name]).run();
