@@ -471,13 +471,20 @@ fn run(cli: &Cli) -> Result<u8> {
             let mut all = Vec::new();
             for r in repos {
                 for b in e.list(r, vm.as_deref())? {
-                    let (kind, quiesced, disks, schedule) = match &b.kind {
-                        BackupKind::Nasbak(m) => ("nasbak", Some(m.quiesced), m.disks.len(), m.schedule.clone()),
-                        BackupKind::Reference { files } => ("reference", None, files.len(), None),
+                    // The manifest's fields, as `backup --json` prints them; a reference-system
+                    // backup has only its files.
+                    let (kind, quiesced, note, disks, schedule) = match &b.kind {
+                        BackupKind::Nasbak(m) => {
+                            ("nasbak", Some(m.quiesced), m.quiesce_note.clone(), json!(m.disks), m.schedule.clone())
+                        }
+                        BackupKind::Reference { files } => {
+                            let files: Vec<_> = files.iter().map(|f| json!({"file": f})).collect();
+                            ("reference", None, None, json!(files), None)
+                        }
                     };
                     all.push(json!({"id": format!("{}:{}/{}", r.name(), b.vm, b.id), "repository": r.name().as_str(),
                                     "vm": b.vm, "backup": b.id, "written_by": kind, "quiesced": quiesced,
-                                    "disks": disks, "schedule": schedule}));
+                                    "quiesce_note": note, "disks": disks, "schedule": schedule}));
                 }
             }
             if json {
@@ -487,7 +494,7 @@ fn run(cli: &Cli) -> Result<u8> {
                     println!(
                         "{}  {} disk(s)  {}{}",
                         b["id"].as_str().unwrap_or_default(),
-                        b["disks"],
+                        b["disks"].as_array().map_or(0, Vec::len),
                         b["written_by"].as_str().unwrap_or_default(),
                         b["schedule"].as_str().map(|s| format!("  schedule {s}")).unwrap_or_default()
                     );

@@ -106,6 +106,9 @@ fn backup_damage_restore_verify_list_delete() {
     let list: serde_json::Value = serde_json::from_str(&ok(&config, &["--json", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
+    // The same fields as `backup --json`, the manifest's disks included.
+    assert_eq!((list[0]["vm"].as_str(), list[0]["quiesced"].as_bool()), (Some(dom.name()), Some(true)));
+    assert_eq!(list[0]["disks"][0]["target"], "vda");
     let (code, _, _) = nasbak(&config, &["delete", &format!("lab:{}/", dom.name())]);
     assert_ne!(code, 0, "a VM directory must never be deleted");
     ok(&config, &["delete", &id]);
@@ -376,7 +379,8 @@ fn a_reference_layout_backup_is_listed_verified_and_restored() {
     let id = format!("lab:{}/2026.01.02.03.04.05", dom.name());
     let list = json_of(&ok(&config, &["--json", "list"]));
     assert_eq!(list[0]["written_by"], "reference");
-    assert_eq!(list[0]["disks"], 2);
+    assert_eq!(list[0]["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["disks"][0]["file"], "root.disk0.qcow2");
     let out = ok(&config, &["verify", &id]);
     assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 2, "{out}");
     // Damage the root disk, restore, the file is back.
