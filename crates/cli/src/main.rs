@@ -763,19 +763,17 @@ fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
         }
         RepoCommand::Check { name } | RepoCommand::Stats { name } => {
             let r = pick_repo(config, Some(name))?;
-            let c = if matches!(cmd, RepoCommand::Check { .. }) {
-                let c = engine(&cli.uri)?.check_repository(r)?;
+            // Needs no libvirt: only the repository layer.
+            let mounts = mounts();
+            let m = mounts.acquire(r)?;
+            if matches!(cmd, RepoCommand::Check { .. }) {
+                m.check_writable()?;
                 if !cli.json {
                     println!("{name}: mount, write, read back, unmount: ok");
                 }
-                c
-            } else {
-                let mounts = mounts();
-                let m = mounts.acquire(r)?;
-                let c = m.capacity()?;
-                m.release()?;
-                c
-            };
+            }
+            let c = m.capacity()?;
+            m.release()?;
             if cli.json {
                 println!("{}", json!({"repository": name, "total": c.total, "used": c.used, "available": c.available}));
             } else {

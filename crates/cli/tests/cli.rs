@@ -349,6 +349,13 @@ fn restore_volume_writes_a_new_volume_and_attaches_it_to_a_running_vm() {
     assert!(out.contains("attached to") && out.contains("as vdc"), "{out}");
     let cat = Command::new("debugfs").args(["-R", "cat /data.txt"]).arg(&raw).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "second disk");
+    // Into an existing block device (a loop device of another lab domain), as raw.
+    let blk = DomainSpec::new("clivolblk").disk(DiskSpec::block(24)).create();
+    let dev = blk.disks()[0].path.to_str().unwrap().to_owned();
+    let out = ok(&config, &["--json", "restore-volume", &id, "--disk", "vdb", "--to", &dev]);
+    assert_eq!(json_of(&out)["format"], "raw", "{out}");
+    let cat = Command::new("debugfs").args(["-R", "cat /data.txt", &dev]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "second disk");
     let (code, _, err) = nasbak(&config, &["restore-volume", &id, "--disk", "vdb", "--to", "relative.qcow2"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("absolute path or rbd:POOL/IMAGE"), "{err}");

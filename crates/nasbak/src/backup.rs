@@ -202,7 +202,7 @@ where
             cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
         cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
-        self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
+        let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = Utc::now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
             .map_err(io("listing", &vm_dir))?
@@ -226,7 +226,7 @@ where
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
-                self.convert(&files, &partial, cancel, progress)?;
+                self.convert(&files, &sizes, &partial, cancel, progress)?;
                 (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
             }
             DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
@@ -312,19 +312,29 @@ where
         Ok(true)
     }
 
-    fn check_space(&self, disks: &[&Disk], available: &u64, vm: &str) -> Result<(), BackupError> {
+    /// Refuses when the disks' allocated bytes exceed the space available; returns each disk's
+    /// virtual size by target (for progress), from the same `qemu-img info`.
+    fn check_space(
+        &self,
+        disks: &[&Disk],
+        available: &u64,
+        vm: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, BackupError> {
         let mut needed = 0u64;
+        let mut sizes = std::collections::HashMap::new();
         for d in disks {
             if let Ok(loc) = source_location(d)
                 && let Ok(info) = self.images.info(&loc)
+                && let Some(top) = info.first()
             {
-                needed += info.first().and_then(|i| i.actual_size).unwrap_or(0);
+                needed += top.actual_size.unwrap_or(0);
+                sizes.insert(d.target.clone(), top.virtual_size);
             }
         }
         if needed > *available {
             return Err(BackupError::NoSpace { vm: vm.to_owned(), needed, available: *available });
         }
-        Ok(())
+        Ok(sizes)
     }
 
     fn push(
@@ -371,6 +381,7 @@ where
     fn convert(
         &self,
         files: &[(&Disk, String)],
+        sizes: &std::collections::HashMap<String, u64>,
         partial: &Path,
         cancel: &CancelHandle,
         progress: &mut dyn FnMut(BackupProgress),
@@ -380,7 +391,7 @@ where
                 return Err(BackupError::Cancelled);
             }
             let source = source_location(disk)?;
-            let size = self.images.info(&source).ok().and_then(|i| i.first().map(|i| i.virtual_size)).unwrap_or(0);
+            let size = sizes.get(&disk.target).copied().unwrap_or(0);
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
             self.convert_reporting(r, cancel, &disk.target, size, progress)?;

@@ -89,17 +89,6 @@ where
     I: ImageTool + Sync,
     M: Mounter,
 {
-    /// Mounts `repository`, writes a file, reads it back, removes it, and returns the capacity.
-    /// When root may not write (an NFS export with `root_squash`, a share that maps root to a
-    /// user without write access), says so and what to change.
-    pub fn check_repository(&self, repository: &BackupRepository) -> Result<nasbak_repo::Capacity, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
-        mounted.check_writable()?;
-        let capacity = mounted.capacity()?;
-        mounted.release()?;
-        Ok(capacity)
-    }
-
     /// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
     pub fn prune_vm(&self, config: &Config, vm: &str, dry_run: bool) -> Result<PruneReport, BackupError> {
         let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {

@@ -73,7 +73,9 @@ proptest! {
     #[test]
     fn backup_id_round_trip(secs in 0i64..4_102_444_800, seq in 1u32..50) {
         let t = chrono::DateTime::from_timestamp(secs, 0).unwrap();
-        let id = BackupId::first_free(t, |id| id.sequence() < seq);
+        let before: Vec<BackupId> =
+            (1..seq).map(|n| if n == 1 { BackupId::at(t) } else { format!("{}-{n}", BackupId::at(t)).parse().unwrap() }).collect();
+        let id = BackupId::next_after(t, &before);
         prop_assert_eq!(id.sequence(), seq);
         prop_assert_eq!(id.to_string().parse::<BackupId>().unwrap(), id);
     }

@@ -48,15 +48,6 @@ impl BackupId {
         BackupId { time, seq: 1 }
     }
 
-    /// The first id at `time` for which `taken` is false: no suffix, then `-2`, `-3`, ...
-    pub fn first_free(time: DateTime<Utc>, taken: impl Fn(&BackupId) -> bool) -> Self {
-        let mut id = BackupId::at(time);
-        while taken(&id) {
-            id.seq += 1;
-        }
-        id
-    }
-
     /// The id at `time` that sorts after every id in `existing` of the same second: no suffix
     /// when that second has none, else one past the highest suffix (an id freed by a delete is
     /// never reused, so a newer backup never sorts before an older one).
@@ -255,8 +246,9 @@ mod tests {
     #[test]
     fn collisions_get_a_suffix() {
         let t = Utc.with_ymd_and_hms(2026, 11, 27, 21, 30, 5).unwrap();
-        let taken = ["2026.11.27.21.30.05", "2026.11.27.21.30.05-2"];
-        let id = BackupId::first_free(t, |id| taken.contains(&id.to_string().as_str()));
+        let taken: Vec<BackupId> =
+            ["2026.11.27.21.30.05", "2026.11.27.21.30.05-2"].iter().map(|s| s.parse().unwrap()).collect();
+        let id = BackupId::next_after(t, &taken);
         assert_eq!(id.to_string(), "2026.11.27.21.30.05-3");
     }
 

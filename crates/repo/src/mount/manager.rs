@@ -296,18 +296,15 @@ impl<M: Mounter> Drop for MountedRepository<'_, M> {
 }
 
 #[cfg(test)]
-mod hint_tests {
+mod tests {
+    use super::*;
+
     #[test]
     fn root_hints_name_the_fix() {
         use crate::RepositoryKind as K;
-        assert!(super::root_hint(&K::Nfs).contains("no_root_squash"));
-        assert!(super::root_hint(&K::Cifs).contains("uid=0"));
+        assert!(root_hint(&K::Nfs).contains("no_root_squash"));
+        assert!(root_hint(&K::Cifs).contains("uid=0"));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
     use crate::model::mountinfo::MountInfoEntry;
     use crate::model::repository::RepositoryKind;
     use crate::mount::MockMounter;
