@@ -3,7 +3,9 @@
 //! Exit codes: 0 success, 1 failed, 2 usage (also: the input does not say enough to choose), 3 not
 //! found, 4 refused (the VM is running, the backup does not match, another process holds the VM,
 //! the destination exists, a configuration change would leave a dangling reference), 5 partially
-//! failed (verify found bad files, a due schedule failed), 130 cancelled (Ctrl-C).
+//! failed (verify found bad data, a due schedule failed), 6 a backup is damaged (its manifest
+//! unreadable or invalid, or a file it lists missing), 7 verify could not read a file (an I/O
+//! error), 130 cancelled (Ctrl-C, SIGTERM).
 
 mod progress;
 
@@ -21,7 +23,7 @@ use nasbak::nasbak_repo::{
     BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, RetentionPolicy, SystemMounter,
 };
 use nasbak::schedule::{AT_FORMS, At, Every, parse_tz};
-use nasbak::{BackupError, BackupKind, BackupRequest, Engine, RunDue, VolumeRestoreRequest};
+use nasbak::{BackupError, BackupKind, BackupRequest, Catalog, Engine, FileStatus, RunDue, VolumeRestoreRequest};
 use serde_json::json;
 
 use crate::progress::Reporter;
@@ -34,7 +36,8 @@ const RUNTIME: &str = "/run/nasbak";
     version,
     about = "Back up and restore KVM/libvirt VMs to network-attached storage",
     after_help = "Backup ids are REPO:VM/BACKUP-ID (REPO: may be left out when it is unambiguous).\n\
-                  Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 refused, 5 partially failed, 130 cancelled."
+                  Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 refused, 5 partially failed, 6 damaged backup,\n\
+                  7 unreadable file, 130 cancelled."
 )]
 struct Cli {
     /// The configuration file.
@@ -145,7 +148,7 @@ enum Command {
         /// The backup: REPO:VM/BACKUP-ID.
         id: String,
     },
-    /// Check backups' files (qemu-img check and checksums); exit 5 when one is bad.
+    /// Check backups' files (qemu-img check and checksums): exit 5 bad data, 6 damaged, 7 unreadable.
     Verify {
         /// The backup: REPO:VM/BACKUP-ID.
         #[arg(required_unless_present = "all")]
@@ -321,7 +324,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | BackupError::Exists { .. },
         ) => 4,
         Some(BackupError::Ambiguous { .. }) => 2,
+        Some(BackupError::DamagedBackup { .. }) => 6,
         Some(BackupError::Cancelled) => 130,
+        Some(BackupError::RestoreIncomplete { source, .. }) if matches!(**source, BackupError::Cancelled) => 130,
         _ => 1,
     }
 }
@@ -350,6 +355,21 @@ fn main() -> ExitCode {
 
 fn mounts() -> RepositoryMounts<SystemMounter> {
     RepositoryMounts::new(SystemMounter::new(RUNTIME), RUNTIME, MountTimeouts::default())
+}
+
+/// qemu-img and the mounts: all the catalog commands need (never libvirt).
+struct CatalogServices {
+    images: QemuImg,
+    mounts: RepositoryMounts<SystemMounter>,
+}
+
+impl CatalogServices {
+    fn new() -> Self {
+        CatalogServices { images: QemuImg::new(RUNTIME), mounts: mounts() }
+    }
+    fn catalog(&self) -> Catalog<'_, QemuImg, SystemMounter> {
+        Catalog::new(&self.images, &self.mounts)
+    }
 }
 
 fn engine(uri: &str) -> Result<Engine<LibvirtHypervisor, QemuImg, SystemMounter>> {
@@ -467,54 +487,73 @@ fn run(cli: &Cli) -> Result<u8> {
                 Some(r) => vec![pick_repo(&config, Some(r))?],
                 None => config.repositories.iter().collect(),
             };
-            let e = engine(&cli.uri)?;
+            let services = CatalogServices::new();
             let mut all = Vec::new();
             for r in repos {
-                for b in e.list(r, vm.as_deref())? {
+                for b in services.catalog().list(r, vm.as_deref())? {
                     // The manifest's fields, as `backup --json` prints them; a reference-system
-                    // backup has only its files.
-                    let (kind, quiesced, note, disks, schedule) = match &b.kind {
-                        BackupKind::Nasbak(m) => {
-                            ("nasbak", Some(m.quiesced), m.quiesce_note.clone(), json!(m.disks), m.schedule.clone())
-                        }
+                    // backup has only its files; a damaged one its reason.
+                    let (kind, quiesced, note, disks, schedule, damaged) = match &b.kind {
+                        BackupKind::Nasbak(m) => (
+                            "nasbak",
+                            Some(m.quiesced),
+                            m.quiesce_note.clone(),
+                            json!(m.disks),
+                            m.schedule.clone(),
+                            None,
+                        ),
                         BackupKind::Reference { files } => {
                             let files: Vec<_> = files.iter().map(|f| json!({"file": f})).collect();
-                            ("reference", None, None, json!(files), None)
+                            ("reference", None, None, json!(files), None, None)
+                        }
+                        BackupKind::Damaged { reason } => {
+                            ("unknown", None, None, json!([]), None, Some(reason.clone()))
                         }
                     };
                     all.push(json!({"id": format!("{}:{}/{}", r.name(), b.vm, b.id), "repository": r.name().as_str(),
                                     "vm": b.vm, "backup": b.id, "written_by": kind, "quiesced": quiesced,
-                                    "quiesce_note": note, "disks": disks, "schedule": schedule}));
+                                    "quiesce_note": note, "disks": disks, "schedule": schedule,
+                                    "damaged": damaged}));
                 }
             }
             if json {
                 println!("{}", serde_json::Value::Array(all));
             } else {
                 for b in &all {
-                    println!(
-                        "{}  {} disk(s)  {}{}",
-                        b["id"].as_str().unwrap_or_default(),
-                        b["disks"].as_array().map_or(0, Vec::len),
-                        b["written_by"].as_str().unwrap_or_default(),
-                        b["schedule"].as_str().map(|s| format!("  schedule {s}")).unwrap_or_default()
-                    );
+                    match b["damaged"].as_str() {
+                        Some(reason) => println!("{}  DAMAGED: {reason}", text(&b["id"])),
+                        None => println!(
+                            "{}  {} disk(s)  {}{}",
+                            text(&b["id"]),
+                            b["disks"].as_array().map_or(0, Vec::len),
+                            text(&b["written_by"]),
+                            b["schedule"].as_str().map(|s| format!("  schedule {s}")).unwrap_or_default()
+                        ),
+                    }
                 }
             }
             Ok(0)
         }
         Command::Show { id } => {
             let (r, vm, backup) = parse_id(&config, id)?;
-            let e = engine(&cli.uri)?;
-            let found = e.list(r, Some(vm))?.into_iter().find(|b| b.id == backup);
+            let services = CatalogServices::new();
+            let found = services.catalog().list(r, Some(vm))?.into_iter().find(|b| b.id == backup);
             let b = found.ok_or_else(|| not_found(format!("backup {id}")))?;
             match &b.kind {
                 BackupKind::Nasbak(m) => println!("{}", if json { serde_json::to_string(m)? } else { m.to_json() }),
                 BackupKind::Reference { files } => println!("{}", json!({"written_by": "reference", "files": files})),
+                BackupKind::Damaged { reason } => {
+                    return Err(anyhow!(BackupError::DamagedBackup {
+                        backup: format!("{vm}/{backup}"),
+                        reason: reason.clone()
+                    }));
+                }
             }
             Ok(0)
         }
         Command::Verify { id, all, repo } => {
-            let e = engine(&cli.uri)?;
+            let services = CatalogServices::new();
+            let catalog = services.catalog();
             let mut targets = Vec::new();
             if *all {
                 let repos: Vec<&BackupRepository> = match repo {
@@ -522,7 +561,7 @@ fn run(cli: &Cli) -> Result<u8> {
                     None => config.repositories.iter().collect(),
                 };
                 for r in repos {
-                    for b in e.list(r, None)? {
+                    for b in catalog.list(r, None)? {
                         targets.push((r, b.vm, b.id));
                     }
                 }
@@ -530,33 +569,67 @@ fn run(cli: &Cli) -> Result<u8> {
                 let (r, vm, backup) = parse_id(&config, id.as_deref().expect("clap requires ID without --all"))?;
                 targets.push((r, vm.to_owned(), backup.to_owned()));
             }
-            let mut bad = 0;
+            // The worst finding decides the exit code: damaged (6) over bad data (5) over
+            // unreadable (7).
+            let (mut damaged, mut bad, mut unreadable) = (0, 0, 0);
             let mut report = Vec::new();
             for (r, vm, backup) in targets {
                 let name = format!("{}:{vm}/{backup}", r.name());
                 let mut reporter = Reporter::new(json, &format!("verify {name}"));
-                let verdicts = e.verify(r, &vm, &backup, &mut |p| reporter.update(p));
+                let verdicts = catalog.verify(r, &vm, &backup, &mut |p| reporter.update(p));
                 reporter.finish();
-                for v in verdicts? {
-                    bad += usize::from(!v.ok());
-                    let checksum = v.checksum_ok.map_or("not recorded", |ok| if ok { "matches" } else { "DIFFERS" });
+                let verdicts = match verdicts {
+                    Err(BackupError::DamagedBackup { reason, .. }) => {
+                        damaged += 1;
+                        if json {
+                            report.push(json!({"id": name, "status": "damaged", "reason": reason, "ok": false}));
+                        } else {
+                            println!("DAMAGED  {name}  {reason}");
+                        }
+                        continue;
+                    }
+                    other => other?,
+                };
+                for v in verdicts {
+                    match v.status {
+                        FileStatus::Ok => {}
+                        FileStatus::Missing => damaged += 1,
+                        FileStatus::Unreadable => unreadable += 1,
+                        FileStatus::Differs | FileStatus::Corrupt => bad += 1,
+                    }
                     if json {
-                        report.push(json!({"id": name, "file": v.file, "check": format!("{:?}", v.check),
-                                           "checksum_ok": v.checksum_ok, "ok": v.ok()}));
+                        report.push(
+                            json!({"id": name, "file": v.file, "status": v.status, "check": format!("{:?}", v.check),
+                                           "checksum_ok": v.checksum_ok, "error": v.error, "ok": v.ok()}),
+                        );
                     } else {
+                        let checksum =
+                            v.checksum_ok.map_or("not recorded", |ok| if ok { "matches" } else { "DIFFERS" });
+                        let detail = match &v.error {
+                            Some(e) => e.clone(),
+                            None => format!("check {:?}, checksum {checksum}", v.check),
+                        };
                         let verdict = if v.ok() { "ok " } else { "BAD" };
-                        println!("{verdict}  {name}  {}  check {:?}, checksum {checksum}", v.file, v.check);
+                        println!("{verdict}  {name}  {}  {}  {detail}", v.file, v.status);
                     }
                 }
             }
             if json {
                 println!("{}", serde_json::Value::Array(report));
             }
-            Ok(if bad > 0 { 5 } else { 0 })
+            Ok(if damaged > 0 {
+                6
+            } else if bad > 0 {
+                5
+            } else if unreadable > 0 {
+                7
+            } else {
+                0
+            })
         }
         Command::Delete { id } => {
             let (r, vm, backup) = parse_id(&config, id)?;
-            engine(&cli.uri)?.delete(r, vm, backup)?;
+            CatalogServices::new().catalog().delete(r, vm, backup)?;
             println!("deleted {}:{vm}/{backup}", r.name());
             Ok(0)
         }
@@ -616,11 +689,17 @@ fn run(cli: &Cli) -> Result<u8> {
                 Some(v) => vec![v.clone()],
                 None => config.assignments.keys().cloned().collect(),
             };
-            let e = engine(&cli.uri)?;
+            let services = CatalogServices::new();
             let mut reports = Vec::new();
             for v in &vms {
-                let report = e.prune_vm(&config, v, *dry_run)?;
+                let report = services.catalog().prune_vm(&config, v, *dry_run)?;
                 if !json {
+                    for d in &report.damaged {
+                        println!(
+                            "DAMAGED  {v}/{}  ({}): not counted, not removed; verify or delete it",
+                            d.id, d.reason
+                        );
+                    }
                     for d in &report.decisions {
                         let verb = match (d.keep, *dry_run) {
                             (true, _) => "keep  ",
@@ -856,17 +935,19 @@ fn schedule(cli: &Cli, config: &mut Config, cmd: &ScheduleCommand) -> Result<u8>
         }
         ScheduleCommand::List => {
             let state = ScheduleState::load(&cli.state)?;
+            let outcomes = &state.last_outcome;
             let rows: Vec<_> = config
                 .schedules
                 .iter()
                 .map(|s| {
                     json!({"id": s.id, "vm": s.vm, "every": s.every.to_string(), "at": s.at, "tz": s.tz,
-                           "keep": s.keep, "quiesce": s.quiesce.to_string(), "last_run": state.last_run.get(&s.id)})
+                           "keep": s.keep, "quiesce": s.quiesce.to_string(), "last_run": state.last_run.get(&s.id),
+                           "last_outcome": state.last_outcome.get(&s.id)})
                 })
                 .collect();
             print_rows(cli.json, rows, |r| {
                 format!(
-                    "{}  {}  {} at {} {}  keep {}  quiesce {}  last run {}",
+                    "{}  {}  {} at {} {}  keep {}  quiesce {}  last run {}{}",
                     text(&r["id"]),
                     text(&r["vm"]),
                     text(&r["every"]),
@@ -874,7 +955,8 @@ fn schedule(cli: &Cli, config: &mut Config, cmd: &ScheduleCommand) -> Result<u8>
                     text(&r["tz"]),
                     r["keep"],
                     text(&r["quiesce"]),
-                    r["last_run"].as_str().unwrap_or("never")
+                    r["last_run"].as_str().unwrap_or("never"),
+                    outcomes.get(text(&r["id"])).map(|o| format!(" ({o})")).unwrap_or_default()
                 )
             });
         }

@@ -454,3 +454,117 @@ fn ctrl_c_stops_qemu_img_and_leaves_nothing() {
     let left: Vec<_> = std::fs::read_dir(&vm_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "nothing left behind: {left:?}");
 }
+
+/// The catalog commands never touch a VM, so they work while libvirtd does not answer; a damaged
+/// backup is listed as damaged, verify says so with exit 6, and delete removes it.
+#[test]
+fn catalog_commands_work_without_libvirtd_and_show_damaged_backups() {
+    let dom = DomainSpec::new("clicatalog").disk(DiskSpec::qcow2(16)).create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--keep", "last=1"]);
+    ok(&config, &["assign", dom.name(), "gold"]);
+    ok(&config, &["backup", dom.name()]);
+    ok(&config, &["backup", dom.name()]);
+    let all = ids(&config);
+    let vm_dir = dom.dir().join("repo").join(dom.name());
+    std::fs::write(vm_dir.join(&all[0]).join("manifest.json"), "{ truncated").unwrap();
+    // A libvirt URI that cannot answer: as if libvirtd were down.
+    let down = ["-c", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"];
+    let (code, _, err) = nasbak(&config, &[&down[..], &["backup", dom.name()][..]].concat());
+    assert_eq!(code, 1, "the backup needs libvirt: {err}");
+    fn with<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        [&["-c", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"][..], args].concat()
+    }
+    let listed = json_of(&ok(&config, &with(&["--json", "list"])));
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert!(listed[0]["damaged"].as_str().unwrap().contains("manifest is invalid"), "{listed}");
+    assert!(ok(&config, &with(&["list"])).contains("DAMAGED"));
+    let damaged_id = format!("lab:{}/{}", dom.name(), all[0]);
+    let good_id = format!("lab:{}/{}", dom.name(), all[1]);
+    let (code, out, err) = nasbak(&config, &with(&["verify", &damaged_id]));
+    assert_eq!(code, 6, "{out}{err}");
+    assert!(out.contains("DAMAGED"), "{out}");
+    let (code, _, _) = nasbak(&config, &with(&["verify", "--all"]));
+    assert_eq!(code, 6);
+    assert!(ok(&config, &with(&["verify", &good_id])).starts_with("ok "));
+    let (code, _, err) = nasbak(&config, &with(&["show", &damaged_id]));
+    assert_eq!(code, 6, "{err}");
+    // Prune reports the damaged backup and keeps the only good one.
+    let out = ok(&config, &with(&["prune"]));
+    assert!(out.contains("DAMAGED") && out.contains("keep"), "{out}");
+    assert_eq!(ids(&config), all);
+    ok(&config, &with(&["delete", &damaged_id]));
+    assert_eq!(ids(&config), [all[1].clone()]);
+    assert!(ok(&config, &with(&["repo", "stats", "lab"])).contains("total"));
+    // A file that cannot be read is told apart from bad data: exit 7, not 5.
+    let file = std::fs::read_dir(vm_dir.join(&all[1]))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .unwrap();
+    let data = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let (code, out, _) = nasbak(&config, &with(&["verify", &good_id]));
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("UNREADABLE"), "{out}");
+    std::fs::remove_dir(&file).unwrap();
+    let mut flipped = data.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    std::fs::write(&file, flipped).unwrap();
+    let (code, out, _) = nasbak(&config, &with(&["verify", &good_id]));
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("DIFFERS"), "{out}");
+}
+
+/// Ctrl-C while the push job of a running VM runs: exit 130 from `backup`, and `run-due`
+/// records the run as cancelled (not failed); no job is left and nothing looks complete.
+#[test]
+fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
+    let dom = DomainSpec::new("clicancel").disk(DiskSpec::raw(512)).create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 512);
+    dom.start();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "off"]);
+    ok(&config, &["assign", dom.name(), "gold"]);
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    ok(&config, &["schedule", "add", dom.name(), "--every", "hourly", "--at", &minute, "--keep", "1"]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let created = text.lines().find(|l| l.starts_with("created = ")).unwrap().to_owned();
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    std::fs::write(&config, text.replace(&created, &earlier)).unwrap();
+    let state = dom.dir().join("state.json");
+    for args in [vec!["backup", dom.name()], vec!["run-due"]] {
+        let child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--state")
+            .arg(&state)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap_or_default();
+            if info.contains("Backup") || info.contains("Unbounded") || info.contains("Bounded") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the job never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap();
+        assert!(info.contains("None"), "no job is left: {info}");
+        assert!(ids(&config).is_empty());
+    }
+    let (_, out, _) = nasbak(&config, &["--state", state.to_str().unwrap(), "--json", "schedule", "list"]);
+    assert_eq!(json_of(&out)[0]["last_outcome"], "cancelled", "{out}");
+}

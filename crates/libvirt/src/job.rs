@@ -90,9 +90,18 @@ pub enum JobError {
         /// libvirt's words.
         message: String,
     },
-    /// The job was cancelled (by us or by someone else).
+    /// The job was cancelled through the caller's [`CancelHandle`].
     #[error("the backup job of {domain} was cancelled")]
     Cancelled {
+        /// The domain.
+        domain: String,
+    },
+    /// The job was aborted by something other than the caller (`virsh domjobabort`, another
+    /// management tool, the domain going away).
+    #[error(
+        "the backup job of {domain} was aborted outside this process (virsh domjobabort, another tool, or the VM stopped)"
+    )]
+    Aborted {
         /// The domain.
         domain: String,
     },
@@ -232,7 +241,9 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
                 progress(JobProgress { processed: done.processed, total: done.total });
                 Ok(JobSummary { processed: done.processed, total: done.total, elapsed: done.elapsed })
             }
-            JobKind::Cancelled => Err(JobError::Cancelled { domain: domain.clone() }),
+            JobKind::Cancelled if cancel.is_cancelled() => Err(JobError::Cancelled { domain: domain.clone() }),
+            JobKind::Cancelled => Err(JobError::Aborted { domain: domain.clone() }),
+            _ if cancel.is_cancelled() => Err(JobError::Cancelled { domain: domain.clone() }),
             _ => Err(JobError::Failed {
                 domain: domain.clone(),
                 message: done.error.unwrap_or_else(|| "libvirt gave no reason".into()),

@@ -12,7 +12,7 @@ use nasbak_libvirt::{
     CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup,
 };
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, DiskRole, MANIFEST_FILE, PARTIAL_SUFFIX, disk_file_name};
+use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, DiskRole, MANIFEST_FILE, PARTIAL_SUFFIX, disk_file_names};
 use nasbak_repo::{
     BackupId, BackupMethod, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
     RepositoryMounts, VmName, VolumeName,
@@ -111,6 +111,20 @@ pub(crate) fn volume_of(disk: &Disk) -> VolumeName {
         .unwrap_or_else(|| VolumeName::new(&disk.target).expect("targets are plain names"))
 }
 
+/// Each chosen disk with its backup file: the first is the root disk, the others data disks;
+/// names are the reference's where unique, disambiguated by target where volumes collide
+/// ([`disk_file_names`]).
+pub(crate) fn backup_files<'a>(chosen: &[&'a Disk]) -> Vec<(&'a Disk, String)> {
+    let volumes: Vec<VolumeName> = chosen.iter().map(|d| volume_of(d)).collect();
+    let described: Vec<(DiskRole, &VolumeName, &str)> = chosen
+        .iter()
+        .zip(&volumes)
+        .enumerate()
+        .map(|(i, (d, v))| (if i == 0 { DiskRole::Root } else { DiskRole::Data }, v, d.target.as_str()))
+        .collect();
+    chosen.iter().copied().zip(disk_file_names(&described)).collect()
+}
+
 fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
     disk_location(disk).ok_or_else(|| BackupError::Unsupported {
         what: format!("disk {} of a shut-off VM with source {:?}", disk.target, disk.source),
@@ -174,6 +188,11 @@ where
     I: ImageTool + Sync,
     M: Mounter,
 {
+    /// The catalog (list, verify, delete, prune) over this engine's qemu-img and mounts.
+    pub fn catalog(&self) -> crate::Catalog<'_, I, M> {
+        crate::Catalog::new(&self.images, &self.mounts)
+    }
+
     /// Backs up one VM. See the module documentation for the steps; any failure or
     /// interruption leaves no complete-looking backup, and leftovers of earlier interrupted
     /// runs of this VM are removed first.
@@ -196,8 +215,8 @@ where
         let vm_dir = layout.vm_dir(&vm);
         fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
-        let _lock = VmLock::take(&vm_dir, vm.as_str())?;
-        let mut cleaned = Vec::new();
+        let lock = VmLock::take(&vm_dir, vm.as_str())?;
+        let mut cleaned: Vec<String> = lock.takeovers().to_vec();
         if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
             cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
@@ -215,11 +234,7 @@ where
         let mut cleanup = RemoveOnDrop(Some(partial.clone()));
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
-        let files: Vec<(&Disk, String)> = chosen
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (*d, disk_file_name(if i == 0 { DiskRole::Root } else { DiskRole::Data }, &volume_of(d))))
-            .collect();
+        let files = backup_files(&chosen);
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
                 let (q, note) = self.push(request, &domain, &partial, &files, cancel, progress)?;
@@ -233,6 +248,9 @@ where
         };
         let mut disks = Vec::new();
         for (disk, file) in &files {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
             let path = partial.join(file);
             let info = self.images.info(&ImageLocation::Path(path.clone()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
@@ -266,8 +284,13 @@ where
             schedule: request.schedule.clone(),
             disks,
         };
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
         let manifest_path = partial.join(MANIFEST_FILE);
         write_synced(&manifest_path, manifest.to_json().as_bytes())?;
+        // Only while the lock is still ours: a holder that stalled past its lease abandons.
+        lock.check(vm.as_str())?;
         let final_dir = layout.backup_dir(&vm, &id);
         fs::rename(&partial, &final_dir).map_err(io("moving the finished backup into place", &final_dir))?;
         cleanup.0 = None;
@@ -374,7 +397,8 @@ where
             }
         };
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        job.wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }))?;
+        job.wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }))
+            .map_err(|e| cancelled_or(cancel, e))?;
         Ok((outcome.quiesced, outcome.note))
     }
 

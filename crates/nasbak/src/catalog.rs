@@ -1,18 +1,23 @@
 //! Finding, verifying and deleting backups on a repository, including backups written by the
 //! reference system (no manifest: `root.*`/`datadisk.*` qcow2 files and `domain-config.xml`).
+//!
+//! Catalog work needs a repository and qemu-img, never a hypervisor: [`Catalog`] holds only
+//! those, so `list`, `verify`, `delete` and `prune` work while libvirtd is down. Every directory
+//! named like a backup is accounted for: a backup (ours or the reference system's), or a damaged
+//! one with the reason, never silently left out.
 
 use std::fs;
 use std::path::Path;
 
-use nasbak_libvirt::Hypervisor;
 use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{MANIFEST_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupId, BackupRepository, Manifest, Mounter, VmName};
+use nasbak_repo::{BackupId, BackupRepository, Manifest, Mounter, RepositoryMounts, VmName};
+use serde::Serialize;
 
-use crate::backup::{AgentSource, Engine};
 use crate::error::BackupError;
+use crate::lock::VmLock;
 
-/// Who wrote a backup.
+/// Who wrote a backup, or why it cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupKind {
     /// nasbak, with its manifest.
@@ -21,6 +26,12 @@ pub enum BackupKind {
     Reference {
         /// The disk files.
         files: Vec<String>,
+    },
+    /// A directory named like a backup whose manifest cannot be read or is invalid, or that holds
+    /// no backup file. It is listed, verified (as damaged) and deletable, never restored from.
+    Damaged {
+        /// What is wrong.
+        reason: String,
     },
 }
 
@@ -35,83 +46,136 @@ pub struct BackupEntry {
     pub kind: BackupKind,
 }
 
+/// What is wrong with one file of a backup, or that nothing is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileStatus {
+    /// Readable, `qemu-img check` clean (or only leaks), the checksum matches (or none recorded).
+    Ok,
+    /// The content differs from the checksum in the manifest.
+    Differs,
+    /// `qemu-img check` found corruption or could not check the image.
+    Corrupt,
+    /// The manifest lists the file but it is not there.
+    Missing,
+    /// Reading the file failed (an I/O error: the repository may be unreachable; the data may be
+    /// fine).
+    Unreadable,
+}
+
+impl std::fmt::Display for FileStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileStatus::Ok => "ok",
+            FileStatus::Differs => "DIFFERS",
+            FileStatus::Corrupt => "CORRUPT",
+            FileStatus::Missing => "MISSING",
+            FileStatus::Unreadable => "UNREADABLE",
+        })
+    }
+}
+
 /// The verdict on one file of a backup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileVerdict {
     /// The file name.
     pub file: String,
-    /// qemu-img check's verdict.
+    /// qemu-img check's verdict (`Incomplete` when it could not run).
     pub check: CheckVerdict,
-    /// Whether the SHA-256 matches the manifest (`None`: no checksum recorded).
+    /// Whether the checksum matches the manifest (`None`: none recorded, or the file could not
+    /// be read; see `error`).
     pub checksum_ok: Option<bool>,
+    /// Why the file could not be read, if it could not.
+    pub error: Option<String>,
+    /// The file's status, from the above.
+    pub status: FileStatus,
 }
 
 impl FileVerdict {
+    fn new(file: String, check: CheckVerdict, checksum_ok: Option<bool>, error: Option<(FileStatus, String)>) -> Self {
+        let status = match &error {
+            Some((status, _)) => *status,
+            None if checksum_ok == Some(false) => FileStatus::Differs,
+            None if !matches!(check, CheckVerdict::Clean | CheckVerdict::Leaks) => FileStatus::Corrupt,
+            None => FileStatus::Ok,
+        };
+        FileVerdict { file, check, checksum_ok, error: error.map(|(_, e)| e), status }
+    }
+
     /// Whether the file is good.
     pub fn ok(&self) -> bool {
-        matches!(self.check, CheckVerdict::Clean | CheckVerdict::Leaks) && self.checksum_ok != Some(false)
+        self.status == FileStatus::Ok
     }
 }
 
+/// Reads the backup directory `dir` (`None`: there is no such directory). A manifest that cannot
+/// be read or is invalid, and a directory with neither a manifest nor a backup file, give
+/// [`BackupKind::Damaged`].
 pub(crate) fn read_backup(vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
-    let manifest = dir.join(MANIFEST_FILE);
-    if manifest.exists() {
-        let m = Manifest::from_json(&fs::read_to_string(&manifest).ok()?).ok()?;
-        return Some(BackupEntry { vm: vm.into(), id: id.into(), kind: BackupKind::Nasbak(Box::new(m)) });
+    if !dir.is_dir() {
+        return None;
     }
-    let mut files: Vec<String> = fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| parse_disk_file_name(n).is_some())
-        .collect();
+    let entry = |kind| Some(BackupEntry { vm: vm.into(), id: id.into(), kind });
+    let manifest = dir.join(MANIFEST_FILE);
+    match fs::read_to_string(&manifest) {
+        Ok(text) => {
+            return entry(match Manifest::from_json(&text) {
+                Ok(m) => BackupKind::Nasbak(Box::new(m)),
+                Err(e) => BackupKind::Damaged { reason: format!("its manifest is invalid: {e}") },
+            });
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return entry(BackupKind::Damaged { reason: format!("its manifest cannot be read: {e}") });
+        }
+        Err(_) => {}
+    }
+    let mut files: Vec<String> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| parse_disk_file_name(n).is_some())
+            .collect(),
+        Err(e) => return entry(BackupKind::Damaged { reason: format!("its directory cannot be read: {e}") }),
+    };
     files.sort();
     // Root first, as the reference writes it.
     files.sort_by_key(|f| !f.starts_with("root."));
-    (!files.is_empty()).then(|| BackupEntry { vm: vm.into(), id: id.into(), kind: BackupKind::Reference { files } })
+    if files.is_empty() {
+        return entry(BackupKind::Damaged { reason: "it holds neither a manifest.json nor a backup file".into() });
+    }
+    entry(BackupKind::Reference { files })
 }
 
-impl<H, I, M> Engine<H, I, M>
-where
-    H: Hypervisor + AgentSource,
-    I: ImageTool,
-    M: Mounter,
-{
-    /// The complete backups on `repository` (of `vm` only, when given), oldest first. Partial
-    /// directories and anything that is not a backup are not listed.
-    pub fn list(&self, repository: &BackupRepository, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
-        let root = mounted.root().to_owned();
-        let mut out = Vec::new();
-        let vms: Vec<String> = match vm {
-            Some(v) => vec![VmName::new(v)?.to_string()],
-            None => fs::read_dir(&root)
-                .map_err(|source| BackupError::Io { action: "listing", path: root.clone(), source })?
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| VmName::new(n).is_ok())
-                .collect(),
-        };
-        for v in vms {
-            let Ok(entries) = fs::read_dir(root.join(&v)) else { continue };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.parse::<BackupId>().is_ok()
-                    && let Some(entry) = read_backup(&v, &name, &e.path())
-                {
-                    out.push(entry);
-                }
-            }
-        }
-        out.sort_by(|a, b| {
-            (a.vm.as_str(), a.id.parse::<BackupId>().ok()).cmp(&(b.vm.as_str(), b.id.parse::<BackupId>().ok()))
-        });
-        Ok(out)
+/// The catalog of backups on repositories: list, verify, delete and prune. It needs qemu-img
+/// (to check images) and the repository mounts, never a hypervisor.
+#[derive(Debug)]
+pub struct Catalog<'a, I, M> {
+    images: &'a I,
+    mounts: &'a RepositoryMounts<M>,
+}
+
+impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
+    /// A catalog over these services.
+    pub fn new(images: &'a I, mounts: &'a RepositoryMounts<M>) -> Self {
+        Catalog { images, mounts }
     }
 
-    /// Checks every file of one backup: `qemu-img check`, and the SHA-256 against the manifest.
-    /// Progress is the bytes of the files checked so far.
+    /// The repository mounts.
+    pub fn mounts(&self) -> &'a RepositoryMounts<M> {
+        self.mounts
+    }
+
+    /// The backups on `repository` (of `vm` only, when given), oldest first: complete ones and
+    /// damaged ones ([`BackupKind::Damaged`]). Partial directories of backups still being
+    /// written and anything not named like a backup are not listed.
+    pub fn list(&self, repository: &BackupRepository, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
+        let mounted = self.mounts.acquire(repository)?;
+        list_mounted(mounted.root(), vm)
+    }
+
+    /// Checks every file of one backup: that it is there and readable, `qemu-img check`, and its
+    /// checksum against the manifest. A damaged backup (its manifest unreadable or invalid) is
+    /// [`BackupError::DamagedBackup`]. Progress is the bytes of the files checked so far.
     pub fn verify(
         &self,
         repository: &BackupRepository,
@@ -123,9 +187,12 @@ where
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         let entry =
             read_backup(vm, id, &dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
-        let files: Vec<(String, Option<nasbak_repo::Checksum>)> = match &entry.kind {
-            BackupKind::Nasbak(m) => m.disks.iter().map(|d| (d.file.clone(), d.checksum.clone())).collect(),
-            BackupKind::Reference { files } => files.iter().map(|f| (f.clone(), None)).collect(),
+        let files: Vec<(String, Option<nasbak_repo::Checksum>)> = match entry.kind {
+            BackupKind::Nasbak(m) => m.disks.into_iter().map(|d| (d.file, d.checksum)).collect(),
+            BackupKind::Reference { files } => files.into_iter().map(|f| (f, None)).collect(),
+            BackupKind::Damaged { reason } => {
+                return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
+            }
         };
         let sizes: Vec<u64> = files.iter().map(|(f, _)| fs::metadata(dir.join(f)).map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
@@ -133,30 +200,124 @@ where
         progress(crate::BackupProgress::Bytes { processed, total });
         let mut verdicts = Vec::new();
         for ((file, sum), size) in files.into_iter().zip(sizes) {
-            let path = dir.join(&file);
-            let check = match self.images.check(&ImageLocation::Path(path.clone()), &ImageFormat::Qcow2) {
-                Ok(r) => r.verdict,
-                Err(_) => CheckVerdict::Incomplete,
-            };
-            let checksum_ok =
-                sum.map(|c| crate::checksum::checksum_file(&path, &c.algorithm).is_ok_and(|actual| actual == c.value));
-            verdicts.push(FileVerdict { file, check, checksum_ok });
+            verdicts.push(self.verify_file(&dir, file, sum));
             processed += size;
             progress(crate::BackupProgress::Bytes { processed, total });
         }
         Ok(verdicts)
     }
 
-    /// Deletes one backup. Only `VM/BACKUP-ID` naming an existing backup directory is accepted:
-    /// never the repository, a VM directory, or anything that is not a backup.
+    fn verify_file(&self, dir: &Path, file: String, sum: Option<nasbak_repo::Checksum>) -> FileVerdict {
+        let path = dir.join(&file);
+        // Open it first: a missing file and one that cannot be read are told apart from bad data.
+        if let Err(e) = fs::File::open(&path) {
+            let status =
+                if e.kind() == std::io::ErrorKind::NotFound { FileStatus::Missing } else { FileStatus::Unreadable };
+            return FileVerdict::new(file, CheckVerdict::Incomplete, None, Some((status, e.to_string())));
+        }
+        let (checksum_ok, error) = match sum {
+            None => (None, None),
+            Some(c) => match crate::checksum::checksum_file(&path, &c.algorithm) {
+                Ok(actual) => (Some(actual == c.value), None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (None, Some((FileStatus::Missing, e.to_string())))
+                }
+                Err(e) => (None, Some((FileStatus::Unreadable, format!("reading it failed: {e}")))),
+            },
+        };
+        let check = match self.images.check(&ImageLocation::Path(path), &ImageFormat::Qcow2) {
+            Ok(r) => r.verdict,
+            Err(_) => CheckVerdict::Incomplete,
+        };
+        FileVerdict::new(file, check, checksum_ok, error)
+    }
+
+    /// Deletes one backup, complete or damaged. Only `VM/BACKUP-ID` naming an existing backup
+    /// directory is accepted: never the repository, a VM directory, or anything else.
     pub fn delete(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<(), BackupError> {
         let mounted = self.mounts.acquire(repository)?;
-        let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
+        let (vm_name, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         if read_backup(vm, id, &dir).is_none() {
             return Err(BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) });
         }
         // Not while a backup, restore or prune of this VM runs.
-        let _lock = crate::lock::VmLock::take(&mounted.layout().vm_dir(&VmName::new(vm)?), vm)?;
-        fs::remove_dir_all(&dir).map_err(|source| BackupError::Io { action: "deleting", path: dir.clone(), source })
+        let _lock = VmLock::take(&mounted.layout().vm_dir(&vm_name), vm)?;
+        delete_dir(&dir)
+    }
+}
+
+/// Removes a backup directory: first renamed to a `.partial` name (so that no reader ever sees
+/// a half-deleted backup as complete or damaged; a partial directory is removed by the next
+/// backup of the VM if this one is interrupted), then removed.
+pub(crate) fn delete_dir(dir: &Path) -> Result<(), BackupError> {
+    let mut doomed = dir.as_os_str().to_owned();
+    doomed.push(".deleting");
+    doomed.push(nasbak_repo::model::layout::PARTIAL_SUFFIX);
+    let doomed = std::path::PathBuf::from(doomed);
+    fs::rename(dir, &doomed).map_err(|source| BackupError::Io { action: "deleting", path: dir.to_owned(), source })?;
+    fs::remove_dir_all(&doomed).map_err(|source| BackupError::Io { action: "deleting", path: doomed, source })
+}
+
+/// The backups below a mounted repository root (see [`Catalog::list`]).
+pub(crate) fn list_mounted(root: &Path, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
+    let mut out = Vec::new();
+    let vms: Vec<String> = match vm {
+        Some(v) => vec![VmName::new(v)?.to_string()],
+        None => fs::read_dir(root)
+            .map_err(|source| BackupError::Io { action: "listing", path: root.to_owned(), source })?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| VmName::new(n).is_ok())
+            .collect(),
+    };
+    for v in vms {
+        let Ok(entries) = fs::read_dir(root.join(&v)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.parse::<BackupId>().is_ok()
+                && let Some(entry) = read_backup(&v, &name, &e.path())
+            {
+                out.push(entry);
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.vm.as_str(), a.id.parse::<BackupId>().ok()).cmp(&(b.vm.as_str(), b.id.parse::<BackupId>().ok()))
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_backup_directory_is_a_backup_or_damaged_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("2026.01.01.00.00.00");
+        assert_eq!(read_backup("vm", "2026.01.01.00.00.00", &b), None);
+        fs::create_dir(&b).unwrap();
+        let kind = |d: &Path| read_backup("vm", "2026.01.01.00.00.00", d).unwrap().kind;
+        assert!(matches!(kind(&b), BackupKind::Damaged { reason } if reason.contains("neither a manifest")));
+        fs::write(b.join("root.v.qcow2"), "x").unwrap();
+        assert_eq!(kind(&b), BackupKind::Reference { files: vec!["root.v.qcow2".into()] });
+        fs::write(b.join(MANIFEST_FILE), "{ not json").unwrap();
+        assert!(matches!(kind(&b), BackupKind::Damaged { reason } if reason.contains("manifest is invalid")));
+        fs::remove_file(b.join(MANIFEST_FILE)).unwrap();
+        fs::create_dir(b.join(MANIFEST_FILE)).unwrap();
+        assert!(matches!(kind(&b), BackupKind::Damaged { reason } if reason.contains("cannot be read")));
+    }
+
+    #[test]
+    fn a_file_verdict_tells_bad_data_from_missing_and_unreadable_files() {
+        let v = |check, sum, err| FileVerdict::new("f".into(), check, sum, err).status;
+        assert_eq!(v(CheckVerdict::Clean, Some(true), None), FileStatus::Ok);
+        assert_eq!(v(CheckVerdict::Leaks, None, None), FileStatus::Ok);
+        assert_eq!(v(CheckVerdict::Clean, Some(false), None), FileStatus::Differs);
+        assert_eq!(v(CheckVerdict::Corrupt, Some(true), None), FileStatus::Corrupt);
+        assert_eq!(v(CheckVerdict::Incomplete, None, Some((FileStatus::Missing, "gone".into()))), FileStatus::Missing);
+        let e = Some((FileStatus::Unreadable, "EIO".into()));
+        assert_eq!(v(CheckVerdict::Clean, None, e), FileStatus::Unreadable);
     }
 }

@@ -427,12 +427,37 @@ pub(crate) fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()
     fs::rename(&tmp, path).map_err(|e| io("replacing", e))
 }
 
-/// When each schedule last ran (`/var/lib/nasbak/state.json`).
+/// When each schedule last ran and how that ended (`/var/lib/nasbak/state.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleState {
     /// Schedule id to the start of its last run.
     #[serde(default)]
     pub last_run: BTreeMap<String, DateTime<Utc>>,
+    /// Schedule id to how its last run ended (absent while it runs, and in older state files).
+    #[serde(default)]
+    pub last_outcome: BTreeMap<String, RunOutcome>,
+}
+
+/// How a scheduled run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunOutcome {
+    /// The backup was made: `REPO:VM/ID`.
+    Succeeded(String),
+    /// The backup failed, with the error and its causes.
+    Failed(String),
+    /// The run was cancelled (Ctrl-C, SIGTERM): not a failure.
+    Cancelled,
+}
+
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::Succeeded(id) => write!(f, "succeeded ({id})"),
+            RunOutcome::Failed(e) => write!(f, "failed: {e}"),
+            RunOutcome::Cancelled => f.write_str("cancelled"),
+        }
+    }
 }
 
 impl ScheduleState {

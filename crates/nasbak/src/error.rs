@@ -24,9 +24,9 @@ pub enum BackupError {
     /// The domain XML.
     #[error(transparent)]
     Xml(#[from] nasbak_libvirt::XmlError),
-    /// The backup job.
+    /// The backup job (its cancellation through our handle is [`BackupError::Cancelled`]).
     #[error(transparent)]
-    Job(#[from] nasbak_libvirt::JobError),
+    Job(nasbak_libvirt::JobError),
     /// qemu-img.
     #[error(transparent)]
     Image(#[from] nasbak_qemu_img::ImageError),
@@ -96,6 +96,14 @@ pub enum BackupError {
         /// What is wrong.
         detail: String,
     },
+    /// A backup whose manifest cannot be read or is invalid, or that holds no backup file.
+    #[error("backup {backup} is damaged: {reason}; it cannot be verified or restored, only deleted")]
+    DamagedBackup {
+        /// `VM/BACKUP-ID`.
+        backup: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Nothing of that name.
     #[error("{what} does not exist; `nasbak list` shows what does")]
     NotFound {
@@ -125,9 +133,38 @@ pub enum BackupError {
         #[source]
         source: nasbak_libvirt::LibvirtError,
     },
+    /// A whole-VM restore stopped after it had begun to change volumes.
+    #[error(
+        "the restore of {vm} stopped after volumes had changed: restored {}; partly written (restore again): {}; unchanged: {}",
+        list(.restored), .partly_written.as_deref().unwrap_or("none"), list(.untouched)
+    )]
+    RestoreIncomplete {
+        /// The VM restored into.
+        vm: String,
+        /// Disks (targets) fully restored.
+        restored: Vec<String>,
+        /// The disk being written in place when the restore stopped: its content is mixed.
+        partly_written: Option<String>,
+        /// Disks not changed.
+        untouched: Vec<String>,
+        /// Why it stopped.
+        #[source]
+        source: Box<BackupError>,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<nasbak_libvirt::JobError> for BackupError {
+    /// One representation of cancellation: a job cancelled through the caller's handle is
+    /// [`BackupError::Cancelled`], like every other cancelled phase.
+    fn from(e: nasbak_libvirt::JobError) -> Self {
+        match e {
+            nasbak_libvirt::JobError::Cancelled { .. } => BackupError::Cancelled,
+            other => BackupError::Job(other),
+        }
+    }
 }
 
 /// An error and its causes on one line (`a: b: c`), for reports that outlive the error.
@@ -140,4 +177,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }

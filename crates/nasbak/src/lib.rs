@@ -33,11 +33,11 @@ pub mod schedule;
 mod service;
 
 pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
-pub use catalog::{BackupEntry, BackupKind, FileVerdict};
+pub use catalog::{BackupEntry, BackupKind, Catalog, FileStatus, FileVerdict};
 pub use checksum::{CHECKSUM_ALGORITHM, blake3_file, checksum_file, copy_verified, sha256_file};
 pub use error::{BackupError, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
-pub use prune::{PruneDecision, PruneReport, plan_prune};
+pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
 pub use restore::{RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks, parse_destination};
 pub use service::{DueRun, Placement, RunDue, placement};
 pub use {nasbak_agent, nasbak_libvirt, nasbak_qemu_img, nasbak_repo};

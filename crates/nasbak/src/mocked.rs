@@ -302,3 +302,48 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     assert!(restored[0].location.starts_with("rbd:vms/vm1-root"), "{restored:?}");
     assert_eq!(restored[0].format, "raw");
 }
+
+#[test]
+fn a_restore_that_fails_after_changing_volumes_says_which_changed() {
+    const RAW2: &str = "<domain><name>vm1</name><devices>\
+        <disk type='file' device='disk'><driver type='raw'/><source file='/v/a.img'/><target dev='vda' bus='virtio'/></disk>\
+        <disk type='file' device='disk'><driver type='raw'/><source file='/v/b.img'/><target dev='vdb' bus='virtio'/></disk>\
+        <disk type='file' device='disk'><driver type='raw'/><source file='/v/c.img'/><target dev='vdc' bus='virtio'/></disk>\
+        </devices></domain>";
+    let dir = tempfile::tempdir().unwrap();
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
+    hv.expect_domain_xml().returning(|_| Ok(RAW2.to_owned()));
+    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    let mut img = images();
+    img.checkpoint();
+    img.expect_info().returning(|_| Ok(info(1 << 20)));
+    img.expect_check()
+        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    // Backup writes the files; restore writes vda in place and fails on vdb.
+    img.expect_convert().returning(|r, _| match &r.target {
+        ImageLocation::Path(p) if p.starts_with("/v") && p.ends_with("b.img") => {
+            Err(ImageError::Output { action: "convert", detail: "No space left on device".into() })
+        }
+        ImageLocation::Path(p) if p.starts_with("/v") => Ok(()),
+        ImageLocation::Path(p) => {
+            fs::write(p, b"image").unwrap();
+            Ok(())
+        }
+        ImageLocation::Rbd(_) => unreachable!(),
+    });
+    let (e, repo) = engine(hv, img, dir.path());
+    let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let err = e.restore(&repo, "vm1", &b.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    match &err {
+        BackupError::RestoreIncomplete { restored, partly_written, untouched, .. } => {
+            assert_eq!(restored, &["vda"]);
+            assert_eq!(partly_written.as_deref(), Some("vdb"));
+            assert_eq!(untouched, &["vdc"]);
+        }
+        other => panic!("{other}"),
+    }
+    let text = crate::error::chain(&err);
+    assert!(text.contains("restored vda; partly written (restore again): vdb; unchanged: vdc"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+}

@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 
 use chrono::NaiveDateTime;
-use nasbak_libvirt::Hypervisor;
 use nasbak_qemu_img::ImageTool;
-use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy};
+use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy, VmName};
 use serde::Serialize;
 
-use crate::backup::{AgentSource, Engine};
-use crate::catalog::{BackupEntry, BackupKind};
+use crate::catalog::{BackupEntry, BackupKind, Catalog, delete_dir, list_mounted};
 use crate::error::BackupError;
+use crate::lock::VmLock;
 
 /// One backup, as prune sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,24 +83,32 @@ pub fn plan_prune(
         .collect()
 }
 
-/// What prune did (or would do) to one VM.
+/// A backup prune did not count because it is damaged (see [`crate::BackupKind::Damaged`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DamagedNote {
+    /// The backup id.
+    pub id: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What prune decided, and whether it carried it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PruneReport {
     /// The VM.
     pub vm: String,
-    /// The decisions, newest first.
+    /// Every complete backup of the VM, newest first.
     pub decisions: Vec<PruneDecision>,
-    /// Whether the removals were carried out.
+    /// Damaged backups: neither counted by the retention nor removed; verify or delete them.
+    pub damaged: Vec<DamagedNote>,
+    /// False for a dry run.
     pub executed: bool,
 }
 
-impl<H, I, M> Engine<H, I, M>
-where
-    H: Hypervisor + AgentSource,
-    I: ImageTool,
-    M: Mounter,
-{
-    /// Plans and (unless `dry_run`) carries out prune for `vm`'s backups on `repository`.
+impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
+    /// Prunes the backups of `vm` on `repository`: decides with [`plan_prune`] over its complete
+    /// backups and removes those not kept, all under the VM's lock (so a backup, restore or
+    /// delete of the VM cannot run in between). Damaged backups are reported, not counted.
     pub fn prune(
         &self,
         repository: &BackupRepository,
@@ -110,25 +117,38 @@ where
         schedule_keep: &BTreeMap<String, u32>,
         dry_run: bool,
     ) -> Result<PruneReport, BackupError> {
-        let entries = self.list(repository, Some(vm))?;
+        let vm_name = VmName::new(vm)?;
+        let mounted = self.mounts().acquire(repository)?;
+        let layout = mounted.layout();
+        let vm_dir = layout.vm_dir(&vm_name);
+        let _lock = if dry_run || !vm_dir.is_dir() { None } else { Some(VmLock::take(&vm_dir, vm)?) };
+        let entries = list_mounted(layout.root(), Some(vm))?;
+        let damaged = entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                BackupKind::Damaged { reason } => Some(DamagedNote { id: e.id.clone(), reason: reason.clone() }),
+                _ => None,
+            })
+            .collect();
         let candidates: Vec<PruneCandidate> = entries.iter().filter_map(candidate).collect();
         let decisions = plan_prune(&candidates, policy, schedule_keep);
         if !dry_run {
             for d in decisions.iter().filter(|d| !d.keep) {
-                self.delete(repository, vm, &d.id)?;
+                let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{}", d.id))?;
+                delete_dir(&dir)?;
             }
         }
-        Ok(PruneReport { vm: vm.to_owned(), decisions, executed: !dry_run })
+        Ok(PruneReport { vm: vm.to_owned(), decisions, damaged, executed: !dry_run })
     }
 }
 
 fn candidate(e: &BackupEntry) -> Option<PruneCandidate> {
     let id = e.id.parse::<BackupId>().ok()?;
-    // Ids share a second when backups follow quickly (`-2`, `-3`): order them by their sequence.
     let time = id.time() + chrono::Duration::nanoseconds(i64::from(id.sequence()));
     let schedule = match &e.kind {
         BackupKind::Nasbak(m) => m.schedule.clone(),
         BackupKind::Reference { .. } => None,
+        BackupKind::Damaged { .. } => return None,
     };
     Some(PruneCandidate { id: e.id.clone(), time, schedule })
 }

@@ -77,6 +77,9 @@ pub(crate) fn backup_disks(
     let files = match entry.kind {
         BackupKind::Nasbak(m) => return Ok(m.disks),
         BackupKind::Reference { files } => files,
+        BackupKind::Damaged { reason } => {
+            return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
+        }
     };
     let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok());
     let mut disks = Vec::new();
@@ -208,25 +211,42 @@ where
         }
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
         for (b, d, path) in &copies {
-            let tmp = path.with_extension("nasbak-restore");
+            remove_stale_stages(path);
+            let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
             self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress)?;
         }
+        // From here on volumes change: a failure says which did and which did not.
         let mut restored = Vec::new();
+        let all: Vec<String> = pairs.iter().map(|(_, d)| d.target.clone()).collect();
+        let incomplete = |restored: &[RestoredDisk], partly: Option<&str>, e: BackupError| {
+            let done: Vec<String> = restored.iter().map(|r| r.target.clone()).collect();
+            BackupError::RestoreIncomplete {
+                vm: target_vm.to_owned(),
+                untouched: all.iter().filter(|t| !done.contains(t) && Some(t.as_str()) != partly).cloned().collect(),
+                partly_written: partly.map(str::to_owned),
+                restored: done,
+                source: Box::new(e),
+            }
+        };
         for (b, d, location) in in_place {
             let shown = location.to_string();
             let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
-            self.convert_reporting(r, cancel, &d.target, b.virtual_size, progress)?;
+            if let Err(e) = self.convert_reporting(r, cancel, &d.target, b.virtual_size, progress) {
+                return Err(incomplete(&restored, Some(&d.target), e));
+            }
             restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into() });
         }
         for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
-            fs::rename(tmp, path).map_err(|source| BackupError::Io {
-                action: "replacing",
-                path: path.clone(),
-                source,
-            })?;
+            if let Err(source) = fs::rename(tmp, path) {
+                return Err(incomplete(
+                    &restored,
+                    None,
+                    BackupError::Io { action: "replacing", path: path.clone(), source },
+                ));
+            }
             let location = path.display().to_string();
             restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into() });
         }
@@ -310,9 +330,7 @@ where
             }
             ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
                 // The backup file is a self-contained qcow2: a checked copy is the restore.
-                let mut tmp_name = p.as_os_str().to_owned();
-                tmp_name.push(".nasbak-partial");
-                let staged = Staged(vec![PathBuf::from(tmp_name)]);
+                let staged = Staged(vec![stage_beside(p)?]);
                 self.copy_checked(&dir, disk, &staged.0[0], &disk.target, cancel, progress)?;
                 fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
                     action: "moving into place",
@@ -370,9 +388,7 @@ where
         size: u64,
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<(), BackupError> {
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".nasbak-partial");
-        let tmp = PathBuf::from(tmp_name);
+        let tmp = stage_beside(path)?;
         let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
         r.source_format = Some(ImageFormat::Qcow2);
         if let Err(e) = self.convert_reporting(r, cancel, target, size, progress) {
@@ -459,6 +475,7 @@ where
         let path = dir.join(&disk.file);
         let algorithm = disk.checksum.as_ref().map_or(crate::checksum::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
         let size = fs::metadata(&path).map_or(0, |m| m.len());
+        // The staged name is this process's own (its pid is in it); copy_verified creates it anew.
         let _ = fs::remove_file(tmp);
         let copied = crate::checksum::copy_verified(&path, tmp, algorithm, &mut |done| {
             progress(BackupProgress::Disk {
@@ -504,6 +521,47 @@ fn restore_target(disk: &Disk) -> Result<RestoreTarget, BackupError> {
         }
         (location, _) => RestoreTarget::InPlace(location),
     })
+}
+
+/// The suffix of the files a restore writes beside a volume before renaming them over it.
+pub const STAGE_SUFFIX: &str = ".nasbak-restore";
+
+/// Creates, exclusively, an empty file beside `path` to write a restored volume into before it
+/// is renamed over `path`: `.<file name>.<pid>-<n>.nasbak-restore`. Never derived by changing an
+/// extension, so `disk.qcow2` and `disk.img` in one directory get their own.
+pub(crate) fn stage_beside(path: &Path) -> Result<PathBuf, BackupError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for n in 0u32.. {
+        let candidate = dir.join(format!(".{name}.{}-{n}{STAGE_SUFFIX}", std::process::id()));
+        match fs::OpenOptions::new().write(true).create_new(true).open(&candidate) {
+            Ok(_) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(BackupError::Io { action: "creating", path: candidate, source }),
+        }
+    }
+    unreachable!("some staging name is free")
+}
+
+/// Removes what killed restores staged beside `path` (files of processes that no longer run).
+fn remove_stale_stages(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(STAGE_SUFFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Copies staged beside their volumes, removed on drop unless renamed into place.

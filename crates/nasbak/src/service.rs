@@ -13,7 +13,8 @@ use nasbak_repo::{BackupRepository, Mounter};
 use serde::Serialize;
 
 use crate::backup::{AgentSource, BackupProgress, BackupRequest, Engine};
-use crate::config::{Config, ScheduleState};
+use crate::catalog::Catalog;
+use crate::config::{Config, RunOutcome, ScheduleState};
 use crate::error::BackupError;
 use crate::lock::VmLock;
 use crate::prune::PruneReport;
@@ -83,12 +84,7 @@ pub enum RunDue {
     Ran(Vec<DueRun>),
 }
 
-impl<H, I, M> Engine<H, I, M>
-where
-    H: Hypervisor + AgentSource,
-    I: ImageTool + Sync,
-    M: Mounter,
-{
+impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
     pub fn prune_vm(&self, config: &Config, vm: &str, dry_run: bool) -> Result<PruneReport, BackupError> {
         let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {
@@ -101,7 +97,14 @@ where
             config.schedules.iter().filter(|s| s.vm == vm).map(|s| (s.id.clone(), s.keep)).collect();
         self.prune(repository, vm, offering.keep.as_ref(), &limits, dry_run)
     }
+}
 
+impl<H, I, M> Engine<H, I, M>
+where
+    H: Hypervisor + AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
     /// Runs every schedule due at `now`, one after the other, each followed by prune of its VM.
     /// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so
     /// a timer may call it every minute). A schedule whose backup fails is recorded as run and
@@ -138,6 +141,7 @@ where
                 return Err(BackupError::Cancelled);
             }
             state.last_run.insert(s.id.clone(), now);
+            state.last_outcome.remove(&s.id);
             state.save(state_path)?;
             let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
                 let request = BackupRequest {
@@ -152,15 +156,25 @@ where
             let (result, pruned) = match result {
                 Ok(outcome) => {
                     let m = &outcome.manifest;
-                    let pruned = match self.prune_vm(config, &s.vm, false) {
+                    let pruned = match self.catalog().prune_vm(config, &s.vm, false) {
                         Ok(report) => report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(),
                         Err(e) => vec![format!("prune failed: {e}")],
                     };
                     (Ok(format!("{}:{}/{}", m.repository, m.vm, m.id)), pruned)
                 }
-                Err(BackupError::Cancelled) => return Err(BackupError::Cancelled),
+                Err(BackupError::Cancelled) => {
+                    state.last_outcome.insert(s.id.clone(), RunOutcome::Cancelled);
+                    state.save(state_path)?;
+                    return Err(BackupError::Cancelled);
+                }
                 Err(e) => (Err(crate::error::chain(&e)), Vec::new()),
             };
+            let outcome = match &result {
+                Ok(id) => RunOutcome::Succeeded(id.clone()),
+                Err(e) => RunOutcome::Failed(e.clone()),
+            };
+            state.last_outcome.insert(s.id.clone(), outcome);
+            state.save(state_path)?;
             runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), result, pruned });
         }
         Ok(RunDue::Ran(runs))

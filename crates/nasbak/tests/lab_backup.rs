@@ -115,7 +115,7 @@ fn a_cancelled_backup_leaves_nothing_that_looks_complete_and_unmounts() {
     let mut req = request(dom.name(), &repo);
     req.quiesce = QuiescePolicy::BestEffort;
     let err = e.backup(&req, &cancel, &mut |_| {}).unwrap_err();
-    assert!(matches!(err, BackupError::Job(_)), "{err}");
+    assert!(matches!(err, BackupError::Cancelled), "{err}");
     let mount_point = e.mounts.mount_point(&repo);
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*mount_point.to_string_lossy()), "the repository is still mounted");
@@ -209,13 +209,13 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
         fs::write(reference.join("domain-config.xml"), "<domain/>").unwrap();
         fs::create_dir_all(vm_dir.join("2021.01.01.00.00.00.partial")).unwrap();
     });
-    let list = e.list(&repo, None).unwrap();
+    let list = e.catalog().list(&repo, None).unwrap();
     let ids: Vec<&str> = list.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["2020.05.01.10.00.00", first.manifest.id.as_str(), second.manifest.id.as_str()]);
     assert_eq!(list[0].kind, BackupKind::Reference { files: vec!["root.vol-7.qcow2".into()] });
     assert!(matches!(&list[1].kind, BackupKind::Nasbak(m) if **m == first.manifest));
     for b in &list {
-        let verdicts = e.verify(&repo, &b.vm, &b.id, &mut |_| {}).unwrap();
+        let verdicts = e.catalog().verify(&repo, &b.vm, &b.id, &mut |_| {}).unwrap();
         assert!(!verdicts.is_empty() && verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
     }
     // One flipped byte in the data of a backup file: the checksum says so.
@@ -226,7 +226,7 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
         bytes[last] ^= 0xff;
         fs::write(&path, bytes).unwrap();
     });
-    let verdicts = e.verify(&repo, dom.name(), &second.manifest.id, &mut |_| {}).unwrap();
+    let verdicts = e.catalog().verify(&repo, dom.name(), &second.manifest.id, &mut |_| {}).unwrap();
     assert_eq!(verdicts[0].checksum_ok, Some(false), "{verdicts:?}");
     assert!(!verdicts[0].ok());
     // Delete: only a real backup, never the repository or the VM directory.
@@ -237,10 +237,10 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
         ("..", "2020.05.01.10.00.00"),
         (dom.name(), "2019.01.01.00.00.00"),
     ] {
-        assert!(e.delete(&repo, vm, id).is_err(), "{vm:?}/{id:?} was accepted");
+        assert!(e.catalog().delete(&repo, vm, id).is_err(), "{vm:?}/{id:?} was accepted");
     }
-    e.delete(&repo, dom.name(), "2020.05.01.10.00.00").unwrap();
-    e.delete(&repo, dom.name(), &first.manifest.id).unwrap();
-    let left: Vec<String> = e.list(&repo, Some(dom.name())).unwrap().into_iter().map(|b| b.id).collect();
+    e.catalog().delete(&repo, dom.name(), "2020.05.01.10.00.00").unwrap();
+    e.catalog().delete(&repo, dom.name(), &first.manifest.id).unwrap();
+    let left: Vec<String> = e.catalog().list(&repo, Some(dom.name())).unwrap().into_iter().map(|b| b.id).collect();
     assert_eq!(left, std::slice::from_ref(&second.manifest.id));
 }

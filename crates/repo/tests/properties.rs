@@ -171,3 +171,39 @@ mod retention {
         }
     }
 }
+
+mod disk_files {
+    use nasbak_repo::VolumeName;
+    use nasbak_repo::model::layout::{DiskRole, disk_file_name, disk_file_names, parse_disk_file_name};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every disk gets its own file (also on a case-folding share), every name is a backup
+        /// file name, and a disk whose reference name is unique keeps it.
+        #[test]
+        fn every_disk_gets_its_own_file(vols in proptest::collection::vec("[a-cA-C@]{1,3}(@vd[a-c])?", 1..8)) {
+            let vols: Vec<VolumeName> = vols.iter().map(|v| VolumeName::new(v).unwrap()).collect();
+            let targets: Vec<String> = (0..vols.len()).map(|i| format!("vd{}", (b'a' + i as u8) as char)).collect();
+            let disks: Vec<(DiskRole, &VolumeName, &str)> = vols
+                .iter()
+                .zip(&targets)
+                .enumerate()
+                .map(|(i, (v, t))| (if i == 0 { DiskRole::Root } else { DiskRole::Data }, v, t.as_str()))
+                .collect();
+            let names = disk_file_names(&disks);
+            let mut folded: Vec<String> = names.iter().map(|n| n.to_lowercase()).collect();
+            folded.sort();
+            folded.dedup();
+            prop_assert_eq!(folded.len(), names.len(), "{:?}", names);
+            for (i, name) in names.iter().enumerate() {
+                prop_assert!(parse_disk_file_name(name).is_some(), "{}", name);
+                let plain = disk_file_name(disks[i].0, disks[i].1).to_lowercase();
+                let alone = disks.iter().filter(|d| disk_file_name(d.0, d.1).to_lowercase() == plain).count() == 1;
+                if alone {
+                    prop_assert_eq!(name, &disk_file_name(disks[i].0, disks[i].1));
+                }
+            }
+            prop_assert_eq!(disk_file_names(&disks), names, "deterministic");
+        }
+    }
+}

@@ -53,11 +53,18 @@ pub struct DiskSpec {
     size_mib: u64,
     ext4: bool,
     files: Vec<(String, Vec<u8>)>,
+    name: Option<String>,
 }
 
 impl DiskSpec {
     fn new(kind: DiskKind, size_mib: u64) -> Self {
-        DiskSpec { kind, size_mib, ext4: false, files: Vec::new() }
+        DiskSpec { kind, size_mib, ext4: false, files: Vec::new(), name: None }
+    }
+    /// Puts a file disk (qcow2 or raw) at this path relative to the domain's directory
+    /// (`a/data.qcow2`; directories are created), for layouts with odd names.
+    pub fn named(mut self, relative: &str) -> Self {
+        self.name = Some(relative.to_owned());
+        self
     }
     /// A qcow2 disk of `size_mib` MiB.
     pub fn qcow2(size_mib: u64) -> Self {
@@ -233,6 +240,15 @@ impl LabDomain {
                 (next_vd(vd), PathBuf::from(dev), "raw")
             }
             DiskKind::Cdrom => ("hdc".to_owned(), raw, "raw"),
+        };
+        let path = match (&spec.name, spec.kind) {
+            (Some(name), DiskKind::Qcow2 | DiskKind::Raw) => {
+                let named = self.dir.join(name);
+                fs::create_dir_all(named.parent().expect("a file in the domain directory")).expect("disk dir");
+                fs::rename(&path, &named).expect("rename disk");
+                named
+            }
+            _ => path,
         };
         LabDisk { target, path, format, kind: spec.kind }
     }

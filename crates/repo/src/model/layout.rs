@@ -150,6 +150,57 @@ pub fn parse_disk_file_name(name: &str) -> Option<(DiskRole, VolumeName)> {
     Some((role, VolumeName::new(volume).ok()?))
 }
 
+/// The backup file names of the disks of one backup, in order, each unique.
+///
+/// `disks` holds each disk's role, volume and target device. A disk gets the reference name
+/// `<role>.<volume>.qcow2` when no other disk of the backup would get the same name, compared
+/// without regard to case (SMB shares and some NAS file systems fold case). Disks whose names
+/// collide (two `data.qcow2` files in two directories, `Data` and `data`) all get
+/// `<role>.<volume>@<target>.qcow2` instead (targets are unique within a domain); should even
+/// that name be taken, `@<target>-2`, `@<target>-3`, ... The result depends only on `disks`, and
+/// the manifest records each disk's file.
+///
+/// ```
+/// use nasbak_repo::model::layout::{DiskRole, disk_file_names};
+/// use nasbak_repo::VolumeName;
+/// let (root, data) = (VolumeName::new("root").unwrap(), VolumeName::new("data").unwrap());
+/// let names = disk_file_names(&[
+///     (DiskRole::Root, &root, "vda"),
+///     (DiskRole::Data, &data, "vdb"),
+///     (DiskRole::Data, &data, "vdc"),
+/// ]);
+/// assert_eq!(names, ["root.root.qcow2", "datadisk.data@vdb.qcow2", "datadisk.data@vdc.qcow2"]);
+/// ```
+pub fn disk_file_names(disks: &[(DiskRole, &VolumeName, &str)]) -> Vec<String> {
+    let plain: Vec<String> = disks.iter().map(|(role, volume, _)| disk_file_name(*role, volume)).collect();
+    let folded: Vec<String> = plain.iter().map(|n| n.to_lowercase()).collect();
+    let unique = |i: usize| folded.iter().filter(|n| **n == folded[i]).count() == 1;
+    let mut taken: std::collections::HashSet<String> =
+        (0..disks.len()).filter(|&i| unique(i)).map(|i| folded[i].clone()).collect();
+    let mut names = plain.clone();
+    for (i, (role, volume, target)) in disks.iter().enumerate() {
+        if unique(i) {
+            continue;
+        }
+        let target = if VolumeName::new(target).is_ok() { (*target).to_owned() } else { format!("disk{i}") };
+        for n in 1u32.. {
+            let suffix = if n == 1 { format!("@{target}") } else { format!("@{target}-{n}") };
+            // Keep the volume part short enough that the whole stays a valid volume name.
+            let mut stem = volume.as_str().to_owned();
+            while stem.len() + suffix.len() > 200 {
+                stem.pop();
+            }
+            let Ok(candidate) = VolumeName::new(&format!("{stem}{suffix}")) else { continue };
+            let name = disk_file_name(*role, &candidate);
+            if taken.insert(name.to_lowercase()) {
+                names[i] = name;
+                break;
+            }
+        }
+    }
+    names
+}
+
 /// Paths inside one repository, rooted where it is mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepositoryLayout {
@@ -259,6 +310,35 @@ mod tests {
         assert_eq!(disk_file_name(DiskRole::Data, &v), "datadisk.a1b2-c3.qcow2");
         assert_eq!(parse_disk_file_name("datadisk.a1b2-c3.qcow2"), Some((DiskRole::Data, v)));
         assert_eq!(parse_disk_file_name("domain-config.xml"), None);
+    }
+
+    #[test]
+    fn colliding_volumes_get_their_target_and_unique_ones_keep_the_reference_name() {
+        let v = |s: &str| VolumeName::new(s).unwrap();
+        let (root, data, big, at) = (v("root"), v("data"), v("Data"), v("data@vdc"));
+        let names = disk_file_names(&[
+            (DiskRole::Root, &root, "vda"),
+            (DiskRole::Data, &data, "vdb"),
+            (DiskRole::Data, &big, "vdc"),
+            (DiskRole::Data, &at, "vdd"),
+            (DiskRole::Data, &root, "vde"),
+        ]);
+        // data and Data collide on a case-folding share; the disk whose own volume is
+        // "data@vdc" keeps its name, so vdc's disambiguated name moves on to -2.
+        assert_eq!(
+            names,
+            [
+                "root.root.qcow2",
+                "datadisk.data@vdb.qcow2",
+                "datadisk.Data@vdc-2.qcow2",
+                "datadisk.data@vdc.qcow2",
+                "datadisk.root.qcow2"
+            ]
+        );
+        let long = v(&"x".repeat(200));
+        let names = disk_file_names(&[(DiskRole::Data, &long, "vdb"), (DiskRole::Data, &long, "vdc")]);
+        assert!(names.iter().all(|n| parse_disk_file_name(n).is_some()), "{names:?}");
+        assert_ne!(names[0], names[1]);
     }
 
     #[test]

@@ -120,6 +120,26 @@ impl Manifest {
                 ));
             }
         }
+        for (i, d) in m.disks.iter().enumerate() {
+            if let Some(other) = m.disks[..i].iter().find(|o| o.file.eq_ignore_ascii_case(&d.file)) {
+                return Err(ParseError::new(
+                    "manifest",
+                    &d.file,
+                    0,
+                    format!("disks {} and {} share this file, so one of them was not saved", other.target, d.target),
+                    "expected one file per disk; this backup cannot be restored safely",
+                ));
+            }
+            if m.disks[..i].iter().any(|o| o.target == d.target) {
+                return Err(ParseError::new(
+                    "manifest",
+                    &d.target,
+                    0,
+                    "two disks have this target",
+                    "expected one disk per target device",
+                ));
+            }
+        }
         Ok(m)
     }
 
@@ -172,6 +192,18 @@ mod tests {
         let mut newer = sample();
         newer.version = MANIFEST_VERSION + 1;
         assert!(Manifest::from_json(&newer.to_json()).unwrap_err().to_string().contains("upgrade nasbak"));
+        let mut shared = sample();
+        let mut second = shared.disks[0].clone();
+        second.target = "vdb".into();
+        second.file = "root.VOL-1.qcow2".into();
+        shared.disks.push(second);
+        let e = Manifest::from_json(&shared.to_json()).unwrap_err().to_string();
+        assert!(e.contains("disks vda and vdb share this file"), "{e}");
+        let mut twice = sample();
+        let mut second = twice.disks[0].clone();
+        second.file = "datadisk.vol-2.qcow2".into();
+        twice.disks.push(second);
+        assert!(Manifest::from_json(&twice.to_json()).unwrap_err().to_string().contains("two disks have this target"));
         let e = Manifest::from_json("{\n  \"version\": 1,\n  oops").unwrap_err();
         assert!(e.problem.contains("line 3"), "{e}");
     }
