@@ -136,15 +136,7 @@ fn a_backup_killed_mid_job_leaves_nothing_complete_and_the_next_run_cleans_up() 
         .spawn()
         .unwrap();
     // Kill it as soon as libvirt shows the job running.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap_or_default();
-        if info.contains("Backup") || info.contains("Unbounded") || info.contains("Bounded") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the job never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    dom.wait_for_backup_job(Duration::from_secs(60));
     child.kill().unwrap();
     child.wait().unwrap();
     // Nothing complete-looking: no backup is listed.
@@ -548,15 +540,7 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap_or_default();
-            if info.contains("Backup") || info.contains("Unbounded") || info.contains("Bounded") {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the job never started");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        dom.wait_for_backup_job(Duration::from_secs(60));
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
             .unwrap();
         let out = child.wait_with_output().unwrap();

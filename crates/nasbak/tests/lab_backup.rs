@@ -125,16 +125,6 @@ fn a_cancelled_backup_leaves_nothing_that_looks_complete_and_unmounts() {
     });
 }
 
-/// A file's content in the ext4 on a disk image, if the file system and the file are there.
-fn read_file(dom: &LabDomain, image: &Path, name: &str) -> Option<String> {
-    let raw = dom.dir().join("read.raw");
-    ExternalCommand::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().unwrap();
-    let out = ExternalCommand::new("debugfs").args(["-R", &format!("cat /{name}")]).arg(&raw).run_unchecked().unwrap();
-    let _ = fs::remove_file(&raw);
-    let text = out.stdout_text();
-    (out.status.success() && !text.is_empty()).then_some(text)
-}
-
 #[test]
 fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     let dom = DomainSpec::new("wfrestore")
@@ -147,7 +137,7 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     // Damage both disks: their guest-visible content becomes zeros (the qcow2 stays a qcow2).
     for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
         ExternalCommand::new("qemu-io").args(["-f", disk.format, "-c", "write -z 0 8M"]).arg(&disk.path).run().unwrap();
-        assert_eq!(read_file(&dom, &disk.path, file), None, "the damage did not take");
+        assert_eq!(dom.read_ext4_file(&disk.path, file), None, "the damage did not take");
     }
     // A running VM is refused, with nothing written.
     dom.start();
@@ -157,7 +147,7 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     let restored = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(restored.len(), 2);
     for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
-        let content = read_file(&dom, &disk.path, file).unwrap_or_default();
+        let content = dom.read_ext4_file(&disk.path, file).unwrap_or_default();
         assert!(content.ends_with("original"), "{file}: {content:?}");
     }
     let info = ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap().stdout_text();

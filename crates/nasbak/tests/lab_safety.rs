@@ -41,16 +41,6 @@ fn request(vm: &str, repo: &BackupRepository) -> BackupRequest {
     }
 }
 
-/// A file's content in the ext4 on a disk image.
-fn read_file(dom: &LabDomain, image: &Path, name: &str) -> Option<String> {
-    let raw = dom.dir().join("read.raw");
-    ExternalCommand::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().unwrap();
-    let out = ExternalCommand::new("debugfs").args(["-R", &format!("cat /{name}")]).arg(&raw).run_unchecked().unwrap();
-    let _ = fs::remove_file(&raw);
-    let text = out.stdout_text();
-    (out.status.success() && !text.is_empty()).then_some(text)
-}
-
 fn zero(disk: &nasbak_testlab::LabDisk) {
     ExternalCommand::new("qemu-io").args(["-f", disk.format, "-c", "write -z 0 8M"]).arg(&disk.path).run().unwrap();
 }
@@ -103,7 +93,7 @@ fn disks_with_colliding_names_are_each_backed_up_and_restored() {
         assert_eq!(restored.len(), 5);
         for (disk, want) in dom.disks().iter().zip(contents) {
             assert_eq!(
-                read_file(&dom, &disk.path, "f.txt").as_deref(),
+                dom.read_ext4_file(&disk.path, "f.txt").as_deref(),
                 Some(want),
                 "{} (running: {running})",
                 disk.target

@@ -313,6 +313,34 @@ impl LabDomain {
         let _ = virsh(&["destroy", &self.name]);
     }
 
+    /// Waits until libvirt shows a backup job running on the domain; panics after `timeout`.
+    pub fn wait_for_backup_job(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = virsh(&["domjobinfo", &self.name]).unwrap_or_default();
+            if info.contains("Backup") || info.contains("Unbounded") || info.contains("Bounded") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no backup job started on {} in {timeout:?}", self.name);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A file's content in the ext4 file system on a disk image (any format qemu-img reads),
+    /// if the file system and the file are there.
+    pub fn read_ext4_file(&self, image: &Path, name: &str) -> Option<String> {
+        let raw = self.dir.join("read.raw");
+        ExternalCommand::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().expect("convert");
+        let out = ExternalCommand::new("debugfs")
+            .args(["-R", &format!("cat /{name}")])
+            .arg(&raw)
+            .run_unchecked()
+            .expect("debugfs");
+        let _ = fs::remove_file(&raw);
+        let text = out.stdout_text();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+
     /// Whether the domain is running.
     pub fn is_running(&self) -> bool {
         virsh(&["domstate", &self.name]).is_ok_and(|s| s.trim() == "running")
