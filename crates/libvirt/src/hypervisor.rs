@@ -127,6 +127,11 @@ impl LibvirtHypervisor {
         Ok(LibvirtHypervisor { conn: Connect::open(Some(uri))? })
     }
 
+    /// The connection's URI as libvirt states it (for helpers that run `virsh`).
+    pub fn uri(&self) -> Result<String, LibvirtError> {
+        Ok(self.conn.uri()?)
+    }
+
     /// The domain handle, for callers that need `virt` directly (the guest agent).
     pub fn lookup(&self, domain: &str) -> Result<VirtDomain, LibvirtError> {
         Ok(self.conn.lookup_domain_by_name(domain)?)

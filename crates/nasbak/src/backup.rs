@@ -21,6 +21,7 @@ use nasbak_repo::{
 use crate::checksum::{CHECKSUM_ALGORITHM, checksum_file};
 use crate::error::BackupError;
 use crate::lock::VmLock;
+use crate::watchdog::ThawWatchdog;
 
 /// Where agents come from: the hypervisor knows its domains' agent channels.
 pub trait AgentSource {
@@ -28,12 +29,20 @@ pub trait AgentSource {
     type Transport: AgentTransport;
     /// A transport to the agent of `domain`.
     fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError>;
+    /// The libvirt URI a thaw watchdog process reaches the domain by (`None`: no watchdog; a
+    /// killed process then leaves the thaw to the next backup of the VM).
+    fn watchdog_uri(&self) -> Option<String> {
+        None
+    }
 }
 
 impl AgentSource for nasbak_libvirt::LibvirtHypervisor {
     type Transport = nasbak_agent::LibvirtAgentTransport;
     fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError> {
         Ok(nasbak_agent::LibvirtAgentTransport::new(self.lookup(domain)?))
+    }
+    fn watchdog_uri(&self) -> Option<String> {
+        self.uri().ok()
     }
 }
 
@@ -211,6 +220,7 @@ where
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
         }
         let mounted = self.mounts.acquire(&request.repository)?;
+        crate::fault::point("mounted");
         let layout = mounted.layout();
         let vm_dir = layout.vm_dir(&vm);
         fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
@@ -237,7 +247,7 @@ where
         let files = backup_files(&chosen);
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
-                let (q, note) = self.push(request, &domain, &partial, &files, cancel, progress)?;
+                let (q, note) = self.push(request, &domain, &partial, &files, cancel, &mut cleaned, progress)?;
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
@@ -246,6 +256,7 @@ where
             }
             DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
         };
+        crate::fault::point("checksum");
         let mut disks = Vec::new();
         for (disk, file) in &files {
             if cancel.is_cancelled() {
@@ -289,6 +300,7 @@ where
         }
         let manifest_path = partial.join(MANIFEST_FILE);
         write_synced(&manifest_path, manifest.to_json().as_bytes())?;
+        crate::fault::point("manifest");
         // Only while the lock is still ours: a holder that stalled past its lease abandons.
         lock.check(vm.as_str())?;
         let final_dir = layout.backup_dir(&vm, &id);
@@ -297,6 +309,7 @@ where
         if let Ok(d) = fs::File::open(&vm_dir) {
             let _ = d.sync_all();
         }
+        crate::fault::point("renamed");
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
         let skipped = skipped.into_iter().map(|s| (s.target, s.reason.to_owned())).collect();
         Ok(BackupOutcome { manifest, relative_dir, skipped, cleaned })
@@ -360,6 +373,7 @@ where
         Ok(sizes)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
         request: &BackupRequest,
@@ -367,6 +381,7 @@ where
         partial: &Path,
         files: &[(&Disk, String)],
         cancel: &CancelHandle,
+        cleaned: &mut Vec<String>,
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<(bool, Option<String>), BackupError> {
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
@@ -375,13 +390,25 @@ where
                 files.iter().find(|(d, _)| d.target == t.disk).map(|(_, f)| f.clone()).expect("the same selection");
             t.file = partial.join(name);
         }
+        // Armed from before the freeze until the job has ended: should this process die in
+        // between, it thaws the guest and aborts the job.
+        let watchdog = self.hypervisor.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
         let transport = self.hypervisor.agent_transport(&request.vm);
         let outcome;
         let job = match (transport, request.quiesce) {
-            (Ok(t), _) => {
+            (Ok(t), policy) => {
                 let agent = GuestAgent::new(t, self.agent_timeout);
+                // Holding the VM lock, a frozen guest was left so by an interrupted run (or by
+                // hand): freezing again would fail, so thaw it and say so.
+                if policy != QuiescePolicy::Off
+                    && agent.status().is_ok_and(|s| s == nasbak_agent::FreezeStatus::Frozen)
+                    && agent.thaw().is_ok()
+                {
+                    cleaned.push(format!("thawed {}, which an interrupted run had left frozen", request.vm));
+                }
                 let (guard, o) = quiesce(&agent, request.quiesce, None)?;
                 outcome = o;
+                crate::fault::point("frozen");
                 let started = start_backup(&self.hypervisor, &request.vm, &backup);
                 drop(guard);
                 started?
@@ -396,9 +423,12 @@ where
                 start_backup(&self.hypervisor, &request.vm, &backup)?
             }
         };
+        crate::fault::point("job-started");
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        job.wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }))
-            .map_err(|e| cancelled_or(cancel, e))?;
+        let waited = job
+            .wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }));
+        drop(watchdog);
+        waited.map_err(|e| cancelled_or(cancel, e))?;
         Ok((outcome.quiesced, outcome.note))
     }
 

@@ -24,6 +24,7 @@ mod catalog;
 mod checksum;
 pub mod config;
 mod error;
+mod fault;
 mod lock;
 #[cfg(test)]
 mod mocked;
@@ -31,6 +32,7 @@ pub mod prune;
 mod restore;
 pub mod schedule;
 mod service;
+mod watchdog;
 
 pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
 pub use catalog::{BackupEntry, BackupKind, Catalog, FileStatus, FileVerdict};

@@ -13,7 +13,7 @@ use std::sync::{Arc, mpsc};
 use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, attach_bus, disk_attach_xml};
 use nasbak_qemu_img::{CheckVerdict, ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupRepository, ManifestDisk, Mounter, VmName};
+use nasbak_repo::{BackupId, BackupRepository, ManifestDisk, Mounter, VmName};
 
 use crate::backup::{AgentSource, BackupProgress, Engine, cancelled_or, volume_of};
 use crate::catalog::{BackupKind, read_backup};
@@ -181,7 +181,9 @@ where
         cancel: &CancelHandle,
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<Vec<RestoredDisk>, BackupError> {
+        // The backup reference first: bad input is named before anything else is asked.
         let vm_name = VmName::new(vm)?;
+        id.parse::<BackupId>()?;
         let target_vm = into.unwrap_or(vm);
         let state = self.hypervisor.domain_state(target_vm)?;
         if state != DomainState::ShutOff {
@@ -264,6 +266,7 @@ where
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<RestoredVolume, BackupError> {
         let vm_name = VmName::new(&request.vm)?;
+        request.id.parse::<BackupId>()?;
         if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
             return Err(BackupError::Unsupported { what: "RBD images in a format other than raw".into() });
         }
@@ -477,7 +480,11 @@ where
         let size = fs::metadata(&path).map_or(0, |m| m.len());
         // The staged name is this process's own (its pid is in it); copy_verified creates it anew.
         let _ = fs::remove_file(tmp);
+        let mut first = true;
         let copied = crate::checksum::copy_verified(&path, tmp, algorithm, &mut |done| {
+            if std::mem::take(&mut first) {
+                crate::fault::point("restore-copy");
+            }
             progress(BackupProgress::Disk {
                 target: target.to_owned(),
                 percent: if size > 0 { done as f64 * 100.0 / size as f64 } else { 100.0 },

@@ -1,0 +1,746 @@
+//! The fault matrix: each row injects one fault into the `nasbak` binary working on the real lab
+//! (libvirtd, QEMU, qemu-img, guest agent, loop-mounted ext4 repositories), then checks the same
+//! things: no backup is listed that is not complete (and every listed one verifies), the guest is
+//! not frozen, no backup job is left on the domain, no mount is leaked, and the error names what
+//! happened; then the next backup of that VM succeeds. It prints a table and a closing
+//! `N passed, M failed` line (`cargo xtask faults`; `cargo xtask test` runs it too).
+//!
+//! Runs without the libtest harness: rows run one after the other (several restart daemons or
+//! stop processes), and the table is the output. `cargo test -p nasbak-cli --test faults -- ROW`
+//! runs the rows whose name contains ROW.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, virsh};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const RUNTIME: &str = "/run/nasbak";
+
+/// The outcome of one check.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Pass,
+    Fail(String),
+    /// The check does not apply (a shut-off VM has no job and no frozen guest).
+    Skip(&'static str),
+}
+
+impl Verdict {
+    fn failed(&self) -> bool {
+        matches!(self, Verdict::Fail(_))
+    }
+    fn cell(&self) -> &'static str {
+        match self {
+            Verdict::Pass => "ok",
+            Verdict::Fail(_) => "FAIL",
+            Verdict::Skip(_) => "-",
+        }
+    }
+}
+
+fn check(ok: bool, why: impl FnOnce() -> String) -> Verdict {
+    if ok { Verdict::Pass } else { Verdict::Fail(why()) }
+}
+
+/// The result of one row.
+struct Row {
+    name: &'static str,
+    listed: Verdict,
+    thawed: Verdict,
+    no_job: Verdict,
+    no_mount: Verdict,
+    error_named: Verdict,
+    next_backup: Verdict,
+    /// From the fault to the process's clean error.
+    time_to_error: Option<Duration>,
+    /// Failures of the row's own assertions (beyond the six checks).
+    extra: Vec<String>,
+}
+
+impl Row {
+    fn verdicts(&self) -> [(&'static str, &Verdict); 6] {
+        [
+            ("listed", &self.listed),
+            ("thawed", &self.thawed),
+            ("no job", &self.no_job),
+            ("no mount", &self.no_mount),
+            ("error", &self.error_named),
+            ("next", &self.next_backup),
+        ]
+    }
+    fn passed(&self) -> bool {
+        self.extra.is_empty() && self.verdicts().iter().all(|(_, v)| !v.failed())
+    }
+}
+
+/// One VM with a configuration whose only repository is a loop-mounted ext4 image.
+struct Lab {
+    dom: LabDomain,
+    config: PathBuf,
+    state: PathBuf,
+    image: PathBuf,
+    repo: String,
+    agent: bool,
+}
+
+impl Lab {
+    fn new(tag: &str, disks: Vec<DiskSpec>, agent: bool, running: bool, repo_mib: u64) -> Lab {
+        let dom = disks.into_iter().fold(DomainSpec::new(tag), DomainSpec::disk).agent(agent).create();
+        if running {
+            dom.start();
+        }
+        let config = dom.dir().join("nasbak.toml");
+        let image = dom.dir().join("repo.img");
+        fs::File::create(&image).unwrap().set_len(repo_mib << 20).unwrap();
+        assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).status().unwrap().success());
+        let repo = repo_name(tag);
+        let lab = Lab { state: dom.dir().join("state.json"), dom, config, image, repo, agent };
+        lab.ok(&[
+            "repo",
+            "add",
+            &lab.repo,
+            "--type",
+            "custom",
+            "--fstype",
+            "ext4",
+            "--address",
+            lab.image.to_str().unwrap(),
+        ]);
+        if agent && running {
+            lab.dom.wait_for_agent(Duration::from_secs(120));
+        }
+        lab
+    }
+
+    fn name(&self) -> &str {
+        self.dom.name()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nasbak"));
+        c.arg("--config").arg(&self.config).arg("--state").arg(&self.state).args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "nasbak {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `nasbak ARGS` that stops itself at `phase` (see `nasbak::fault`).
+    fn spawn_paused(&self, args: &[&str], phase: &str) -> Child {
+        let child = self
+            .command(args)
+            .env("NASBAK_FAULT_PAUSE", phase)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_stopped(child.id(), phase);
+        child
+    }
+
+    /// The mount point of the repository (it must not stay mounted).
+    fn mount_point(&self) -> PathBuf {
+        Path::new(RUNTIME).join("mnt").join(&self.repo)
+    }
+
+    /// Runs `f` on the repository's file system, mounted by hand (as an operator would).
+    fn on_repository(&self, f: impl FnOnce(&Path)) {
+        let mnt = self.dom.dir().join("by-hand");
+        fs::create_dir_all(&mnt).unwrap();
+        assert!(Command::new("mount").arg(&self.image).arg(&mnt).status().unwrap().success());
+        f(&mnt);
+        assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    }
+
+    /// Runs the six checks; `error` is what the faulty run printed (or the next run, for kills),
+    /// `expect` the words that must be in it.
+    fn checks(&self, error: &str, expect: &[&str]) -> [Verdict; 6] {
+        // 1. Every listed backup is complete and verifies.
+        let listed = (|| {
+            let out = self.run(&["--json", "list"]);
+            if !out.status.success() {
+                return Verdict::Fail(format!("list failed: {}", text(&out)));
+            }
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            for b in list.as_array().unwrap() {
+                if !b["damaged"].is_null() {
+                    return Verdict::Fail(format!("{} is damaged: {}", b["id"], b["damaged"]));
+                }
+                let v = self.run(&["verify", b["id"].as_str().unwrap()]);
+                if !v.status.success() {
+                    return Verdict::Fail(format!("verify {}: {}", b["id"], text(&v)));
+                }
+            }
+            Verdict::Pass
+        })();
+        let running = self.dom.is_running();
+        // 2. The guest is not frozen.
+        let thawed = if !running || !self.agent {
+            Verdict::Skip("no running guest with an agent")
+        } else {
+            match self.dom.try_agent_command(r#"{"execute":"guest-fsfreeze-status"}"#) {
+                Ok(s) => check(s.contains("thawed"), || format!("freeze status {s}")),
+                Err(_) => Verdict::Skip("the agent does not answer"),
+            }
+        };
+        // 3. No backup job on the domain.
+        let no_job = if running {
+            let info = virsh(&["domjobinfo", self.name()]).unwrap_or_default();
+            check(info.contains("None"), || format!("a job is left: {}", info.trim()))
+        } else {
+            Verdict::Skip("shut off")
+        };
+        // 4. Nothing mounted, no loop device left on the repository image.
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mp = self.mount_point();
+        let loops = Command::new("losetup").arg("-j").arg(&self.image).output().unwrap();
+        let no_mount = check(!mountinfo.contains(&*mp.to_string_lossy()) && loops.stdout.is_empty(), || {
+            format!("{} still mounted or looped: {}", mp.display(), String::from_utf8_lossy(&loops.stdout))
+        });
+        // 5. The error names what happened.
+        let lower = error.to_lowercase();
+        let missing: Vec<&&str> = expect.iter().filter(|w| !lower.contains(&w.to_lowercase())).collect();
+        let error_named = check(missing.is_empty(), || format!("{missing:?} not in: {}", error.trim()));
+        // 6. The next backup succeeds.
+        let out = self.run(&["backup", self.name(), "--quiesce", "best-effort", "--timeout", "5m"]);
+        let next_backup = check(out.status.success(), || format!("the next backup failed: {}", text(&out)));
+        [listed, thawed, no_job, no_mount, error_named, next_backup]
+    }
+}
+
+fn repo_name(tag: &str) -> String {
+    format!("f{}", tag.chars().filter(char::is_ascii_alphanumeric).collect::<String>())
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits until the process has stopped itself (state `T` in `/proc/PID/stat`).
+fn wait_stopped(pid: u32, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("");
+        if state == "T" {
+            return;
+        }
+        assert!(!stat.is_empty(), "nasbak ended before it reached {phase}");
+        assert!(Instant::now() < deadline, "nasbak did not reach {phase}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, s: Signal) {
+    kill(Pid::from_raw(child.id() as i32), s).unwrap();
+}
+
+fn row(name: &'static str, checks: [Verdict; 6], time_to_error: Option<Duration>, extra: Vec<String>) -> Row {
+    let [listed, thawed, no_job, no_mount, error_named, next_backup] = checks;
+    Row { name, listed, thawed, no_job, no_mount, error_named, next_backup, time_to_error, extra }
+}
+
+/// SIGKILL at one phase of a running VM's backup. A killed process cannot clean up: the thaw
+/// watchdog thaws the guest and aborts the job at once; the mount and the partial directory are
+/// taken care of by the next nasbak (here `list`, then the next backup, whose output must say
+/// what it cleaned).
+fn kill_at(name: &'static str, phase: &'static str, expect: &[&str]) -> Row {
+    // An ext4 disk for the freeze, and 200 MiB of random data so the job runs a while.
+    let disks = vec![DiskSpec::raw(32).ext4(), DiskSpec::raw(256)];
+    let lab = Lab::new(&format!("k{}", phase.replace('-', "")), disks, true, false, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[1].path, 200);
+    lab.dom.start();
+    lab.dom.wait_for_agent(Duration::from_secs(120));
+    let mut child = lab.spawn_paused(&["--json", "backup", lab.name(), "--quiesce", "required"], phase);
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    // The watchdog acts within a moment of the kill.
+    std::thread::sleep(Duration::from_secs(2));
+    let thawed_now = lab.dom.try_agent_command(r#"{"execute":"guest-fsfreeze-status"}"#).unwrap_or_default();
+    let job_now = virsh(&["domjobinfo", lab.name()]).unwrap_or_default();
+    let mut extra = Vec::new();
+    if !thawed_now.contains("thawed") {
+        extra.push(format!("right after the kill the guest is {thawed_now}"));
+    }
+    if !job_now.contains("None") {
+        extra.push(format!("right after the kill a job runs: {}", job_now.trim()));
+    }
+    // The next backup reports what it cleaned up; that is the "error" of a kill.
+    let next = lab.run(&["--json", "backup", lab.name(), "--quiesce", "best-effort"]);
+    let said = text(&next);
+    let checks = lab.checks(&said, expect);
+    row(name, checks, None, extra)
+}
+
+fn enospc() -> Row {
+    // 200 MiB of random data in the disk fits the space check of a 320 MiB repository; the repository
+    // is then filled behind nasbak's back before the job starts writing.
+    let lab = Lab::new("enospc", vec![DiskSpec::raw(256)], false, true, 320);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "frozen");
+    let filler = lab.mount_point().join("filler");
+    let _ = Command::new("fallocate").args(["-l", "200M"]).arg(&filler).status();
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    let time = start.elapsed();
+    let said = text(&out);
+    let mut extra = Vec::new();
+    if out.status.success() {
+        extra.push("the backup succeeded on a full repository".into());
+    }
+    if !lab.dom.is_running() {
+        extra.push("the VM stopped".into());
+    }
+    // Make room again for the next backup, as an operator would.
+    lab.on_repository(|root| {
+        let _ = fs::remove_file(root.join("filler"));
+    });
+    let checks = lab.checks(&said, &["space"]);
+    row("repository full (ENOSPC) mid-job", checks, Some(time), extra)
+}
+
+fn two_backups_of_one_vm() -> Row {
+    let lab = Lab::new("twice", vec![DiskSpec::raw(128)], false, true, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 64);
+    let first = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    let out_pid = first.id();
+    let start = Instant::now();
+    let second = lab.run(&["backup", lab.name(), "--quiesce", "off"]);
+    let time = start.elapsed();
+    let said = text(&second);
+    let mut extra = Vec::new();
+    if second.status.code() != Some(4) {
+        extra.push(format!("the second backup did not exit 4: {said}"));
+    }
+    signal(&first, Signal::SIGCONT);
+    let out = first.wait_with_output().unwrap();
+    if !out.status.success() {
+        extra.push(format!("the first backup failed: {}", text(&out)));
+    }
+    let holder = format!("pid {}", out_pid);
+    let checks = lab.checks(&said, &["is being backed up", &holder]);
+    row("two backups of one VM at once", checks, Some(time), extra)
+}
+
+fn several_vms_at_once() -> Row {
+    let lab = Lab::new("many", vec![DiskSpec::raw(64)], false, true, 1024);
+    let others: Vec<LabDomain> =
+        (0..2).map(|i| DomainSpec::new(&format!("many{i}")).disk(DiskSpec::raw(64)).running(true).create()).collect();
+    let mut names = vec![lab.name().to_owned()];
+    names.extend(others.iter().map(|d| d.name().to_owned()));
+    let children: Vec<Child> = names
+        .iter()
+        .map(|n| {
+            lab.command(&["backup", n, "--quiesce", "off"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut extra = Vec::new();
+    let mut said = String::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        said.push_str(&text(&out));
+        if !out.status.success() {
+            extra.push(format!("a backup failed: {}", text(&out)));
+        }
+    }
+    let list: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "list"])).unwrap();
+    if list.as_array().unwrap().len() != 3 {
+        extra.push(format!("3 backups expected: {list}"));
+    }
+    let checks = lab.checks(&said, &["backed up"]);
+    row("backups of three VMs at once on one repository", checks, None, extra)
+}
+
+fn backup_prune_delete_race() -> Row {
+    let lab = Lab::new("race", vec![DiskSpec::raw(32)], false, true, 1024);
+    lab.ok(&["offering", "add", "o", "--repo", &repo_name("race"), "--quiesce", "off", "--keep", "last=2"]);
+    lab.ok(&["assign", lab.name(), "o"]);
+    for _ in 0..3 {
+        lab.ok(&["backup", lab.name()]);
+    }
+    let ids = |lab: &Lab| -> Vec<String> {
+        let list: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "list"])).unwrap();
+        list.as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let before = ids(&lab);
+    let spawn = |args: &[&str]| lab.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let children = [
+        spawn(&["backup", lab.name()]),
+        spawn(&["prune"]),
+        spawn(&["delete", &before[0]]),
+        spawn(&["backup", lab.name()]),
+        spawn(&["prune"]),
+    ];
+    let mut extra = Vec::new();
+    let mut said = String::new();
+    let mut deleted = false;
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        said.push_str(&text(&out));
+        match out.status.code() {
+            Some(0) => deleted |= i == 2,
+            // Refused because another process held the VM: fine, and said so.
+            Some(4) if String::from_utf8_lossy(&out.stderr).contains("is being backed up") => {}
+            // The delete lost the race to a prune that had removed that backup already.
+            Some(3) if i == 2 => {}
+            _ => extra.push(format!("command {i}: {}", text(&out))),
+        }
+    }
+    let after = ids(&lab);
+    if deleted && after.contains(&before[0]) {
+        extra.push(format!("{} was deleted and is still listed", before[0]));
+    }
+    if !after.contains(&before[2]) && after.iter().all(|a| a <= &before[2]) {
+        extra.push("the newest backup was lost".into());
+    }
+    let checks = lab.checks(&said, &[]);
+    row("backup, prune and delete racing on one VM", checks, None, extra)
+}
+
+fn vm_destroyed_mid_job() -> Row {
+    let lab = Lab::new("destroyed", vec![DiskSpec::raw(256)], false, true, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    lab.dom.destroy();
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    let time = start.elapsed();
+    let said = text(&out);
+    let mut extra = Vec::new();
+    if out.status.success() {
+        extra.push("the backup of a destroyed VM succeeded".into());
+    }
+    lab.dom.start();
+    let checks = lab.checks(&said, &[lab.name(), "job"]);
+    row("VM destroyed during the push job", checks, Some(time), extra)
+}
+
+fn libvirtd_restarted_mid_job() -> Row {
+    let lab = Lab::new("restart", vec![DiskSpec::raw(256)], false, true, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new("pgrep").args(["-x", "libvirtd"]).status().unwrap().success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success(), "restarting libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while virsh(&["version"]).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    let time = start.elapsed();
+    let said = text(&out);
+    // Completing is acceptable (the job ran on in QEMU): "listed" checks that the backup is
+    // complete; failing must say libvirt went away.
+    let extra = Vec::new();
+    let checks = lab.checks(&said, if out.status.success() { &[] } else { &["libvirt"] });
+    row("libvirtd restarted during the push job", checks, Some(time), extra)
+}
+
+fn restore_killed_mid_copy() -> Row {
+    let lab = Lab::new("restkill", vec![DiskSpec::qcow2(256)], false, false, 1024);
+    // 128 MiB of random data in the qcow2, so the restore's copy takes a while.
+    let raw = lab.dom.dir().join("random.raw");
+    fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
+    nasbak_testlab::fill_pseudo_random(&raw, 128);
+    let disk = lab.dom.disks()[0].path.clone();
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk)
+            .status()
+            .unwrap()
+            .success()
+    );
+    fs::remove_file(&raw).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let original = nasbak::checksum_file(&disk, "blake3").unwrap();
+    let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).status();
+    let damaged = nasbak::checksum_file(&disk, "blake3").unwrap();
+    let mut child = lab.spawn_paused(&["restore", &id], "restore-copy");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    let mut extra = Vec::new();
+    if nasbak::checksum_file(&disk, "blake3").unwrap() != damaged {
+        extra.push("the volume changed although the restore was killed before the rename".into());
+    }
+    let again = lab.run(&["restore", &id]);
+    let said = text(&again);
+    if !again.status.success() {
+        extra.push(format!("the restore run again failed: {said}"));
+    }
+    // The restored qcow2 is the backup's image, not the original file byte for byte: compare
+    // what the guest sees.
+    let backup_file = lab.dom.dir().join("restored-view.raw");
+    let _ = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&disk).arg(&backup_file).status();
+    let _ = original;
+    if nasbak::checksum_file(&disk, "blake3").unwrap() == damaged || !again.status.success() {
+        extra.push("the volume was not restored".into());
+    }
+    let _ = fs::remove_file(&backup_file);
+    let staged: Vec<_> = fs::read_dir(lab.dom.dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
+        .map(|e| e.file_name())
+        .collect();
+    if !staged.is_empty() {
+        extra.push(format!("staged files left: {staged:?}"));
+    }
+    let checks = lab.checks(&said, &["restored"]);
+    row("restore killed mid-copy, then run again", checks, None, extra)
+}
+
+fn agent_hung(policy: &'static str) -> Row {
+    let lab = Lab::new(&format!("hung{policy}"), vec![DiskSpec::raw(32).ext4()], true, true, 1024);
+    // Stop the agent from inside the guest: guest-exec answers before the kill lands.
+    let _ = lab.dom.try_agent_command(
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; kill -STOP $(pidof qemu-ga)"]}}"#,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let start = Instant::now();
+    let out = lab.run(&["--json", "backup", lab.name(), "--quiesce", policy]);
+    let time = start.elapsed();
+    let said = text(&out);
+    let mut extra = Vec::new();
+    let expect: &[&str] = match policy {
+        "required" => {
+            if out.status.success() {
+                extra.push("a required quiesce succeeded with a hung agent".into());
+            }
+            &["agent"]
+        }
+        _ => {
+            if !out.status.success() {
+                extra.push(format!("best-effort failed: {said}"));
+            }
+            &["not quiesced"]
+        }
+    };
+    let checks = lab.checks(&said, expect);
+    let name =
+        if policy == "required" { "guest agent hung, quiesce required" } else { "guest agent hung, best-effort" };
+    row(name, checks, Some(time), extra)
+}
+
+fn bad_input() -> Row {
+    let lab = Lab::new("badinput", vec![DiskSpec::raw(16)], false, false, 256);
+    let mut extra = Vec::new();
+    let mut said = String::new();
+    let before = fs::read(&lab.config).unwrap();
+    // Each is refused with an error that names the input and what would be valid.
+    let mut refused = |cmd: Command, shown: &str, extra: &mut Vec<String>| {
+        let mut cmd = cmd;
+        let out = cmd.output().unwrap();
+        let t = text(&out);
+        said.push_str(&t);
+        let named = t.contains("expected") || t.contains("use 1 to 200") || t.contains("REPO:VM/BACKUP-ID");
+        if out.status.success() || !named {
+            extra.push(format!("{shown}: not refused with a clear error: {t}"));
+        }
+    };
+    let long = "x".repeat(5000);
+    for id in ["../x", "/etc/passwd", "vm/..", long.as_str(), "vm/2026.01.01.00.00.00/../..", "vm/2026.13.01.00.00.00"]
+    {
+        refused(lab.command(&["verify", id]), id, &mut extra);
+        refused(lab.command(&["delete", id]), id, &mut extra);
+        refused(lab.command(&["restore", id]), id, &mut extra);
+    }
+    for vm in ["my vm", "vm;reboot", "$(reboot)", "vm\u{e9}", ".hidden", "-rf"] {
+        refused(lab.command(&["backup", vm, "--repo", &lab.repo]), vm, &mut extra);
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let mut non_utf8 = lab.command(&["verify"]);
+    non_utf8.arg(std::ffi::OsStr::from_bytes(b"vm/\xff\xfe"));
+    let out = non_utf8.output().unwrap();
+    if out.status.success() {
+        extra.push("a non-UTF-8 backup id was accepted".into());
+    }
+    if fs::read(&lab.config).unwrap() != before {
+        extra.push("a refused command changed the configuration".into());
+    }
+    // Shell metacharacters in addresses and options: refused, or passed to mount(8) as one
+    // argument each; no shell ever runs them (the marker file is never created).
+    let marker = lab.dom.dir().join("shell-ran");
+    let m = marker.display().to_string();
+    let other = lab.dom.dir().join("other.toml");
+    for (n, (address, options)) in [
+        (format!("host:/x;touch {m}"), String::new()),
+        (format!("host:/$(touch {m})"), String::new()),
+        ("host:/x".to_owned(), format!("vers=4,$(touch {m})")),
+        ("host:/x".to_owned(), format!("sec=`touch {m}`")),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("evil{n}");
+        let mut add = Command::new(env!("CARGO_BIN_EXE_nasbak"));
+        add.arg("--config").arg(&other).args(["repo", "add", &name, "--type", "nfs", "--address", address]);
+        add.args(["--options", options]);
+        let out = add.output().unwrap();
+        said.push_str(&text(&out));
+        if out.status.success() {
+            let mut check = Command::new(env!("CARGO_BIN_EXE_nasbak"));
+            let out = check.arg("--config").arg(&other).args(["repo", "check", &name]).output().unwrap();
+            said.push_str(&text(&out));
+        }
+    }
+    if marker.exists() {
+        extra.push("a shell ran part of an address or option".into());
+    }
+    // Malformed configuration files: an error naming the file (and line), the file untouched.
+    for (n, content) in [
+        "[[repository]\nname=",
+        "\u{0}\u{1}\u{2}",
+        "[[repository]]\nname = \"../../etc\"\ntype = \"shared\"\naddress = \"/srv\"\n",
+        "[[repository]]\nname = \"a\"\ntype = \"nfs\"\naddress = \"h:/x\"\noptions = \"password=hunter2\"\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = lab.dom.dir().join(format!("hostile{n}.toml"));
+        fs::write(&path, content).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nasbak")).arg("--config").arg(&path).arg("list").output().unwrap();
+        let t = text(&out);
+        said.push_str(&t);
+        if out.status.success() || !t.contains(&*path.to_string_lossy()) {
+            extra.push(format!("hostile config {n}: {t}"));
+        }
+        if t.contains("hunter2") {
+            extra.push(format!("hostile config {n}: a secret in the error: {t}"));
+        }
+        if fs::read_to_string(&path).unwrap() != *content {
+            extra.push(format!("hostile config {n} was rewritten"));
+        }
+    }
+    let checks = lab.checks(&said, &["expected"]);
+    row("bad input (ids, VM names, addresses, options, config files)", checks, None, extra)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rows: Vec<(&str, Box<dyn Fn() -> Row>)> = vec![
+        ("kill-mounted", Box::new(|| kill_at("SIGKILL after mounting", "mounted", &["backed up"]))),
+        ("kill-frozen", Box::new(|| kill_at("SIGKILL with the guest frozen", "frozen", &["unfinished backup"]))),
+        ("kill-job", Box::new(|| kill_at("SIGKILL with the job running", "job-started", &["unfinished backup"]))),
+        ("kill-checksum", Box::new(|| kill_at("SIGKILL while checksumming", "checksum", &["unfinished backup"]))),
+        ("kill-manifest", Box::new(|| kill_at("SIGKILL after the manifest", "manifest", &["unfinished backup"]))),
+        ("kill-rename", Box::new(|| kill_at("SIGKILL after the rename", "renamed", &["took over the lock"]))),
+        ("enospc", Box::new(enospc)),
+        ("agent-required", Box::new(|| agent_hung("required"))),
+        ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),
+        ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
+        ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
+        ("two-backups", Box::new(two_backups_of_one_vm)),
+        ("several-vms", Box::new(several_vms_at_once)),
+        ("race", Box::new(backup_prune_delete_race)),
+        ("restore-kill", Box::new(restore_killed_mid_copy)),
+        ("bad-input", Box::new(bad_input)),
+    ];
+    let mut results = Vec::new();
+    for (key, f) in rows.iter().filter(|(k, _)| args.is_empty() || args.iter().any(|a| k.contains(a.as_str()))) {
+        eprintln!("faults: {key} ...");
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let r = r.unwrap_or_else(|p| {
+            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            let fail = || Verdict::Fail("the row itself failed".into());
+            row(key_name(key), [fail(), fail(), fail(), fail(), fail(), fail()], None, vec![why.unwrap_or_default()])
+        });
+        eprintln!("faults: {key} done in {:.0?}", started.elapsed());
+        results.push(r);
+    }
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| fault | listed complete | not frozen | no job | no mount | error named | next backup | time to error | result |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let v = r.verdicts();
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            v[0].1.cell(),
+            v[1].1.cell(),
+            v[2].1.cell(),
+            v[3].1.cell(),
+            v[4].1.cell(),
+            v[5].1.cell(),
+            r.time_to_error.map_or("-".into(), |t| format!("{:.1} s", t.as_secs_f64())),
+            if r.passed() { "pass" } else { "FAIL" }
+        );
+    }
+    println!("{table}");
+    for r in &results {
+        let skipped: Vec<String> = r
+            .verdicts()
+            .iter()
+            .filter_map(|(what, v)| match v {
+                Verdict::Skip(why) => Some(format!("{what}: {why}")),
+                _ => None,
+            })
+            .collect();
+        if !skipped.is_empty() {
+            println!("{} (not applicable: {})", r.name, skipped.join("; "));
+        }
+    }
+    for r in results.iter().filter(|r| !r.passed()) {
+        println!("{}:", r.name);
+        for (what, v) in r.verdicts() {
+            if let Verdict::Fail(why) = v {
+                println!("  {what}: {why}");
+            }
+        }
+        for e in &r.extra {
+            println!("  {e}");
+        }
+    }
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    let passed = results.len() - failed;
+    println!(
+        "test result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn key_name(key: &str) -> &'static str {
+    Box::leak(key.to_owned().into_boxed_str())
+}
