@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, virsh};
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, SshServer, virsh};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -60,6 +60,8 @@ struct Row {
     time_to_error: Option<Duration>,
     /// Failures of the row's own assertions (beyond the six checks).
     extra: Vec<String>,
+    /// The first line of what nasbak said about the fault.
+    said: String,
 }
 
 impl Row {
@@ -115,6 +117,32 @@ impl Lab {
             lab.dom.wait_for_agent(Duration::from_secs(120));
         }
         lab
+    }
+
+    /// The same with a `fuse.sshfs` repository served by an sshd on 127.0.0.1 (a real network
+    /// file system this kernel can mount).
+    fn with_sshfs(tag: &str, disks: Vec<DiskSpec>, running: bool) -> (Lab, SshServer) {
+        let dom = disks.into_iter().fold(DomainSpec::new(tag), DomainSpec::disk).create();
+        if running {
+            dom.start();
+        }
+        let server = SshServer::start();
+        let export = dom.dir().join("export");
+        fs::create_dir_all(&export).unwrap();
+        let repo = repo_name(tag);
+        let lab = Lab {
+            config: dom.dir().join("nasbak.toml"),
+            state: dom.dir().join("state.json"),
+            image: export.clone(),
+            dom,
+            repo,
+            agent: false,
+        };
+        let address = format!("root@127.0.0.1:{}", export.display());
+        let options = server.sshfs_options();
+        let fstype = ["--type", "custom", "--fstype", "fuse.sshfs"];
+        lab.ok(&[&["repo", "add", &lab.repo][..], &fstype, &["--address", &address, "--options", &options]].concat());
+        (lab, server)
     }
 
     fn name(&self) -> &str {
@@ -252,9 +280,16 @@ fn signal(child: &Child, s: Signal) {
     kill(Pid::from_raw(child.id() as i32), s).unwrap();
 }
 
-fn row(name: &'static str, checks: [Verdict; 6], time_to_error: Option<Duration>, extra: Vec<String>) -> Row {
+fn row(
+    name: &'static str,
+    checks: [Verdict; 6],
+    time_to_error: Option<Duration>,
+    extra: Vec<String>,
+    said: &str,
+) -> Row {
     let [listed, thawed, no_job, no_mount, error_named, next_backup] = checks;
-    Row { name, listed, thawed, no_job, no_mount, error_named, next_backup, time_to_error, extra }
+    let said = said.lines().find(|l| l.starts_with("nasbak:")).unwrap_or_default().to_owned();
+    Row { name, listed, thawed, no_job, no_mount, error_named, next_backup, time_to_error, extra, said }
 }
 
 /// SIGKILL at one phase of a running VM's backup. A killed process cannot clean up: the thaw
@@ -286,7 +321,7 @@ fn kill_at(name: &'static str, phase: &'static str, expect: &[&str]) -> Row {
     let next = lab.run(&["--json", "backup", lab.name(), "--quiesce", "best-effort"]);
     let said = text(&next);
     let checks = lab.checks(&said, expect);
-    row(name, checks, None, extra)
+    row(name, checks, None, extra, &said)
 }
 
 fn enospc() -> Row {
@@ -314,7 +349,7 @@ fn enospc() -> Row {
         let _ = fs::remove_file(root.join("filler"));
     });
     let checks = lab.checks(&said, &["space"]);
-    row("repository full (ENOSPC) mid-job", checks, Some(time), extra)
+    row("repository full (ENOSPC) mid-job", checks, Some(time), extra, &said)
 }
 
 fn two_backups_of_one_vm() -> Row {
@@ -337,7 +372,7 @@ fn two_backups_of_one_vm() -> Row {
     }
     let holder = format!("pid {}", out_pid);
     let checks = lab.checks(&said, &["is being backed up", &holder]);
-    row("two backups of one VM at once", checks, Some(time), extra)
+    row("two backups of one VM at once", checks, Some(time), extra, &said)
 }
 
 fn several_vms_at_once() -> Row {
@@ -370,7 +405,7 @@ fn several_vms_at_once() -> Row {
         extra.push(format!("3 backups expected: {list}"));
     }
     let checks = lab.checks(&said, &["backed up"]);
-    row("backups of three VMs at once on one repository", checks, None, extra)
+    row("backups of three VMs at once on one repository", checks, None, extra, &said)
 }
 
 fn backup_prune_delete_race() -> Row {
@@ -416,7 +451,7 @@ fn backup_prune_delete_race() -> Row {
         extra.push("the newest backup was lost".into());
     }
     let checks = lab.checks(&said, &[]);
-    row("backup, prune and delete racing on one VM", checks, None, extra)
+    row("backup, prune and delete racing on one VM", checks, None, extra, &said)
 }
 
 fn vm_destroyed_mid_job() -> Row {
@@ -435,16 +470,17 @@ fn vm_destroyed_mid_job() -> Row {
     }
     lab.dom.start();
     let checks = lab.checks(&said, &[lab.name(), "job"]);
-    row("VM destroyed during the push job", checks, Some(time), extra)
+    row("VM destroyed during the push job", checks, Some(time), extra, &said)
 }
 
 fn libvirtd_restarted_mid_job() -> Row {
     let lab = Lab::new("restart", vec![DiskSpec::raw(256)], false, true, 1024);
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
-    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).output();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Command::new("pgrep").args(["-x", "libvirtd"]).status().unwrap().success() && Instant::now() < deadline {
+    while Command::new("pgrep").args(["-x", "libvirtd"]).output().unwrap().status.success() && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(Command::new("libvirtd").arg("-d").status().unwrap().success(), "restarting libvirtd");
@@ -461,7 +497,7 @@ fn libvirtd_restarted_mid_job() -> Row {
     // complete; failing must say libvirt went away.
     let extra = Vec::new();
     let checks = lab.checks(&said, if out.status.success() { &[] } else { &["libvirt"] });
-    row("libvirtd restarted during the push job", checks, Some(time), extra)
+    row("libvirtd restarted during the push job", checks, Some(time), extra, &said)
 }
 
 fn restore_killed_mid_copy() -> Row {
@@ -484,7 +520,7 @@ fn restore_killed_mid_copy() -> Row {
     let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
     let id = out["id"].as_str().unwrap().to_owned();
     let original = nasbak::checksum_file(&disk, "blake3").unwrap();
-    let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).status();
+    let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).output();
     let damaged = nasbak::checksum_file(&disk, "blake3").unwrap();
     let mut child = lab.spawn_paused(&["restore", &id], "restore-copy");
     signal(&child, Signal::SIGKILL);
@@ -517,7 +553,7 @@ fn restore_killed_mid_copy() -> Row {
         extra.push(format!("staged files left: {staged:?}"));
     }
     let checks = lab.checks(&said, &["restored"]);
-    row("restore killed mid-copy, then run again", checks, None, extra)
+    row("restore killed mid-copy, then run again", checks, None, extra, &said)
 }
 
 fn agent_hung(policy: &'static str) -> Row {
@@ -549,7 +585,110 @@ fn agent_hung(policy: &'static str) -> Row {
     let checks = lab.checks(&said, expect);
     let name =
         if policy == "required" { "guest agent hung, quiesce required" } else { "guest agent hung, best-effort" };
-    row(name, checks, Some(time), extra)
+    row(name, checks, Some(time), extra, &said)
+}
+
+/// Waits for a child with a limit; a child still running then is killed and that is a failure.
+fn wait_bounded(child: Child, limit: Duration, extra: &mut Vec<String>) -> Output {
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    if watchdog.join().unwrap() {
+        extra.push(format!("nasbak hung for {limit:?} and was killed"));
+    }
+    out
+}
+
+/// The sshfs server stops answering while the push job writes (its session processes stopped):
+/// sshfs gives up after its keepalives (about 6 s), the job fails, nasbak reports it and cleans.
+fn repository_gone_mid_backup() -> Row {
+    let (lab, server) = Lab::with_sshfs("gonebackup", vec![DiskSpec::raw(256)], true);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    server.signal_sessions(Signal::SIGSTOP);
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let mut extra = Vec::new();
+    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
+    let time = start.elapsed();
+    server.signal_sessions(Signal::SIGCONT);
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the backup succeeded on a repository that stopped answering".into());
+    }
+    let checks = lab.checks(&said, &["became unavailable during the copy of the disks"]);
+    row("repository stops answering mid-backup (sshfs)", checks, Some(time), extra, &said)
+}
+
+/// The repository is lazily unmounted under a running push job: the job finishes into the
+/// detached file system, nasbak's checksum finds the files gone and says so.
+fn repository_unmounted_mid_backup() -> Row {
+    let lab = Lab::new("lazyumount", vec![DiskSpec::raw(128)], false, true, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 64);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    let umount = Command::new("umount").arg("-l").arg(lab.mount_point()).output().unwrap();
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let mut extra = Vec::new();
+    if !umount.status.success() {
+        extra.push(format!("umount -l: {}", text(&umount)));
+    }
+    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
+    let time = start.elapsed();
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the backup succeeded into a repository that was unmounted".into());
+    }
+    let checks = lab.checks(&said, &["became unavailable", "no longer mounted"]);
+    row("repository unmounted (lazily) mid-backup", checks, Some(time), extra, &said)
+}
+
+/// The sshfs server stops answering while a restore copies: the restore fails before any
+/// volume changed, and runs again once the repository is back.
+fn repository_gone_mid_restore() -> Row {
+    let (lab, server) = Lab::with_sshfs("gonerestore", vec![DiskSpec::qcow2(256)], false);
+    let raw = lab.dom.dir().join("random.raw");
+    fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
+    nasbak_testlab::fill_pseudo_random(&raw, 128);
+    let disk = lab.dom.disks()[0].path.clone();
+    let converted = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk).status();
+    assert!(converted.unwrap().success());
+    fs::remove_file(&raw).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).output();
+    let damaged = nasbak::checksum_file(&disk, "blake3").unwrap();
+    let child = lab.spawn_paused(&["restore", &id], "restore-copy");
+    server.signal_sessions(Signal::SIGSTOP);
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let mut extra = Vec::new();
+    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
+    let time = start.elapsed();
+    server.signal_sessions(Signal::SIGCONT);
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the restore succeeded from a repository that stopped answering".into());
+    }
+    if nasbak::checksum_file(&disk, "blake3").unwrap() != damaged {
+        extra.push("the volume changed although the restore failed while copying".into());
+    }
+    let again = lab.run(&["restore", &id]);
+    if !again.status.success() {
+        extra.push(format!("the restore run again failed: {}", text(&again)));
+    }
+    let checks = lab.checks(&said, &["became unavailable during the restore copy"]);
+    row("repository stops answering mid-restore (sshfs)", checks, Some(time), extra, &said)
 }
 
 fn bad_input() -> Row {
@@ -643,7 +782,7 @@ fn bad_input() -> Row {
         }
     }
     let checks = lab.checks(&said, &["expected"]);
-    row("bad input (ids, VM names, addresses, options, config files)", checks, None, extra)
+    row("bad input (ids, VM names, addresses, options, config files)", checks, None, extra, &said)
 }
 
 fn main() {
@@ -651,8 +790,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rows: Vec<(&str, Box<dyn Fn() -> Row>)> = vec![
-        ("kill-mounted", Box::new(|| kill_at("SIGKILL after mounting", "mounted", &["backed up"]))),
+    type Fault = Box<dyn Fn() -> Row>;
+    let rows: Vec<(&str, Fault)> = vec![
+        ("kill-mounted", Box::new(|| kill_at("SIGKILL after mounting", "mounted", &["\"cleaned\":[]"]))),
         ("kill-frozen", Box::new(|| kill_at("SIGKILL with the guest frozen", "frozen", &["unfinished backup"]))),
         ("kill-job", Box::new(|| kill_at("SIGKILL with the job running", "job-started", &["unfinished backup"]))),
         ("kill-checksum", Box::new(|| kill_at("SIGKILL while checksumming", "checksum", &["unfinished backup"]))),
@@ -663,6 +803,9 @@ fn main() {
         ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
+        ("repo-gone-backup", Box::new(repository_gone_mid_backup)),
+        ("repo-unmounted-backup", Box::new(repository_unmounted_mid_backup)),
+        ("repo-gone-restore", Box::new(repository_gone_mid_restore)),
         ("two-backups", Box::new(two_backups_of_one_vm)),
         ("several-vms", Box::new(several_vms_at_once)),
         ("race", Box::new(backup_prune_delete_race)),
@@ -677,7 +820,13 @@ fn main() {
         let r = r.unwrap_or_else(|p| {
             let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
             let fail = || Verdict::Fail("the row itself failed".into());
-            row(key_name(key), [fail(), fail(), fail(), fail(), fail(), fail()], None, vec![why.unwrap_or_default()])
+            row(
+                key_name(key),
+                [fail(), fail(), fail(), fail(), fail(), fail()],
+                None,
+                vec![why.unwrap_or_default()],
+                "",
+            )
         });
         eprintln!("faults: {key} done in {:.0?}", started.elapsed());
         results.push(r);
@@ -705,6 +854,10 @@ fn main() {
         );
     }
     println!("{table}");
+    println!("What nasbak said:");
+    for r in results.iter().filter(|r| !r.said.is_empty()) {
+        println!("- {}: {}", r.name, r.said);
+    }
     for r in &results {
         let skipped: Vec<String> = r
             .verdicts()

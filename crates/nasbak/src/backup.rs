@@ -245,13 +245,21 @@ where
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
         let files = backup_files(&chosen);
+        // A failure while the repository is in use may be the repository going away: say so.
+        let unavailable = |phase: &'static str| {
+            let mounted = &mounted;
+            let repository = request.repository.name().to_string();
+            move |e: BackupError| repository_unavailable(mounted, repository, phase, e)
+        };
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
-                let (q, note) = self.push(request, &domain, &partial, &files, cancel, &mut cleaned, progress)?;
+                let (q, note) = self
+                    .push(request, &domain, &partial, &files, cancel, &mut cleaned, progress)
+                    .map_err(unavailable("copy of the disks"))?;
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
-                self.convert(&files, &sizes, &partial, cancel, progress)?;
+                self.convert(&files, &sizes, &partial, cancel, progress).map_err(unavailable("copy of the disks"))?;
                 (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
             }
             DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
@@ -263,9 +271,12 @@ where
                 return Err(BackupError::Cancelled);
             }
             let path = partial.join(file);
-            let info = self.images.info(&ImageLocation::Path(path.clone()))?;
+            let info =
+                self.images.info(&ImageLocation::Path(path.clone())).map_err(|e| unavailable("checksum")(e.into()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
-            let digest = checksum_file(&path, CHECKSUM_ALGORITHM).map_err(io("checksumming", &path))?;
+            let digest = checksum_file(&path, CHECKSUM_ALGORITHM)
+                .map_err(io("checksumming", &path))
+                .map_err(unavailable("checksum"))?;
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
@@ -299,12 +310,14 @@ where
             return Err(BackupError::Cancelled);
         }
         let manifest_path = partial.join(MANIFEST_FILE);
-        write_synced(&manifest_path, manifest.to_json().as_bytes())?;
+        write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(unavailable("manifest"))?;
         crate::fault::point("manifest");
         // Only while the lock is still ours: a holder that stalled past its lease abandons.
         lock.check(vm.as_str())?;
         let final_dir = layout.backup_dir(&vm, &id);
-        fs::rename(&partial, &final_dir).map_err(io("moving the finished backup into place", &final_dir))?;
+        fs::rename(&partial, &final_dir)
+            .map_err(io("moving the finished backup into place", &final_dir))
+            .map_err(unavailable("manifest"))?;
         cleanup.0 = None;
         if let Ok(d) = fs::File::open(&vm_dir) {
             let _ = d.sync_all();
@@ -451,6 +464,23 @@ where
             self.convert_reporting(r, cancel, &disk.target, size, progress)?;
         }
         Ok(())
+    }
+}
+
+/// `e`, or [`BackupError::RepositoryUnavailable`] with `e` as its cause when the repository is
+/// no longer mounted or no longer answers.
+pub(crate) fn repository_unavailable<M: Mounter>(
+    mounted: &nasbak_repo::MountedRepository<'_, M>,
+    repository: String,
+    phase: &'static str,
+    e: BackupError,
+) -> BackupError {
+    if matches!(e, BackupError::Cancelled) {
+        return e;
+    }
+    match mounted.health() {
+        Ok(()) => e,
+        Err(state) => BackupError::RepositoryUnavailable { repository, phase, state: state.to_string(), source: Box::new(e) },
     }
 }
 

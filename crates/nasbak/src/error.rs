@@ -151,6 +151,20 @@ pub enum BackupError {
         #[source]
         source: Box<BackupError>,
     },
+    /// The repository went away (stopped answering, or was unmounted) while a workflow used it;
+    /// `source` is the failure that followed.
+    #[error("the repository {repository} became unavailable during the {phase}: {state}")]
+    RepositoryUnavailable {
+        /// The repository.
+        repository: String,
+        /// What was being done.
+        phase: &'static str,
+        /// What the check of the repository found.
+        state: String,
+        /// The failure it caused.
+        #[source]
+        source: Box<BackupError>,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,

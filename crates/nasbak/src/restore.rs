@@ -216,7 +216,9 @@ where
             remove_stale_stages(path);
             let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
-            self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress)?;
+            self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress).map_err(|e| {
+                crate::backup::repository_unavailable(&mounted, repository.name().to_string(), "restore copy", e)
+            })?;
         }
         // From here on volumes change: a failure says which did and which did not.
         let mut restored = Vec::new();

@@ -99,6 +99,39 @@ impl SshServer {
     pub fn resume(&self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
     }
+
+    /// Sends `signal` to every process serving an open connection (the listener's descendants):
+    /// SIGSTOP makes the server of established sessions stop answering, as a NAS that hangs.
+    pub fn signal_sessions(&self, signal: Signal) {
+        for pid in descendants(self.child.id() as i32) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+}
+
+/// Every descendant of `root` (from the parent pids in `/proc/*/stat`).
+fn descendants(root: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|pid| {
+                    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((pid, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 impl Drop for SshServer {

@@ -5,6 +5,7 @@
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
+//! - `cargo xtask faults [ROW...]`: the fault matrix (`docs/reliability.md`).
 //! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test (the NAS guest's too), a short fuzz run.
 
 mod bench;
@@ -25,8 +26,11 @@ commands:
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
+  faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
+                fault injected into nasbak on the lab, a table of the checks after it
+                (docs/reliability.md)
   test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests (also those in
-                the NAS guest), a short fuzz run";
+                the NAS guest, and the fault matrix), a short fuzz run";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +46,7 @@ fn main() -> Result<()> {
         ["bench", n] => bench::bench(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?),
         ["fuzz"] => run::fuzz(30),
         ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
+        ["faults", rows @ ..] => run::faults(rows),
         ["help"] | ["--help"] | ["-h"] | [] => {
             println!("{USAGE}");
             Ok(())

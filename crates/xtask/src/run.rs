@@ -51,6 +51,15 @@ pub fn test() -> Result<()> {
 }
 
 /// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+/// `cargo xtask faults`: the fault matrix, a test target of nasbak-cli without the libtest
+/// harness that prints its own table and closing line.
+pub fn faults(rows: &[&str]) -> Result<()> {
+    crate::lab::up()?;
+    let mut args = vec!["test", "-p", "nasbak-cli", "--test", "faults", "--"];
+    args.extend_from_slice(rows);
+    cargo(&args, &[])
+}
+
 fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     println!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

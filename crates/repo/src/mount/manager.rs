@@ -221,6 +221,19 @@ impl<M: Mounter> MountedRepository<'_, M> {
         RepositoryLayout::new(&self.root)
     }
 
+    /// Whether the repository is still there: still mounted (for repositories nasbak mounts) and
+    /// answering a probe within the probe timeout. Workflows ask after a failure, to tell a
+    /// repository that went away from other causes.
+    pub fn health(&self) -> Result<(), MountError> {
+        if self.users.is_some() && !self.owner.mounter.mounts()?.iter().any(|m| m.mount_point == self.root) {
+            return Err(MountError::Vanished { path: self.root.clone() });
+        }
+        self.owner
+            .mounter
+            .probe(&self.root, self.owner.timeouts.probe)
+            .map_err(|e| MountError::Unresponsive { path: self.root.clone(), reason: e.to_string() })
+    }
+
     /// Capacity of the repository, under the probe timeout.
     pub fn capacity(&self) -> Result<Capacity, MountError> {
         self.owner.mounter.capacity(&self.root, self.owner.timeouts.probe)

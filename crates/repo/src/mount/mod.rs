@@ -165,4 +165,10 @@ pub enum MountError {
         /// Why the probe failed.
         reason: String,
     },
+    /// The repository was mounted and no longer is (unmounted by someone else).
+    #[error("{path} is no longer mounted (it was unmounted, or the daemon of its file system gave up on the server)")]
+    Vanished {
+        /// The mount point.
+        path: PathBuf,
+    },
 }
