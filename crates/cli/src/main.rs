@@ -3,7 +3,8 @@
 //! Exit codes: 0 success, 1 failed, 2 usage (also: the input does not say enough to choose), 3 not
 //! found, 4 refused (the VM is running, the backup does not match, another process holds the VM,
 //! the destination exists, a configuration change would leave a dangling reference), 5 partially
-//! failed (verify found bad data, a due schedule failed), 6 a backup is damaged (its manifest
+//! failed (verify found bad data, a due schedule failed, a backup completed but the guest could
+//! not be thawed), 6 a backup is damaged (its manifest
 //! unreadable or invalid, or a file it lists missing), 7 verify could not read a file (an I/O
 //! error), 130 cancelled (Ctrl-C, SIGTERM).
 
@@ -457,7 +458,7 @@ fn run(cli: &Cli) -> Result<u8> {
                     json!({
                         "id": format!("{}:{}/{}", m.repository, m.vm, m.id), "repository": m.repository, "vm": m.vm,
                         "quiesced": m.quiesced, "quiesce_note": m.quiesce_note, "disks": m.disks,
-                        "cleaned": outcome.cleaned, "skipped": outcome.skipped,
+                        "cleaned": outcome.cleaned, "skipped": outcome.skipped, "warnings": outcome.warnings,
                     })
                 );
             } else {
@@ -480,7 +481,11 @@ fn run(cli: &Cli) -> Result<u8> {
                     println!("  {note}");
                 }
             }
-            Ok(0)
+            // The backup is complete, but the operator must act: say so, and exit 5.
+            for w in &outcome.warnings {
+                eprintln!("nasbak: WARNING: {w}");
+            }
+            Ok(if outcome.warnings.is_empty() { 0 } else { 5 })
         }
         Command::List { vm, repo } => {
             let repos: Vec<&BackupRepository> = match repo {

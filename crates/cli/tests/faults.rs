@@ -588,6 +588,36 @@ fn agent_hung(policy: &'static str) -> Row {
     row(name, checks, Some(time), extra, &said)
 }
 
+/// The guest agent stops answering between the freeze and the thaw (the VM is paused right
+/// after the freeze): the thaw is retried, again after the job, and the backup (complete) says
+/// the guest may still be frozen, exit 5. Once the VM runs again the next backup thaws it.
+fn agent_hangs_while_frozen() -> Row {
+    let lab = Lab::new("hungfrozen", vec![DiskSpec::raw(32).ext4()], true, true, 1024);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "required"], "frozen");
+    let _ = virsh(&["suspend", lab.name()]);
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let mut extra = Vec::new();
+    let out = wait_bounded(child, Duration::from_secs(240), &mut extra);
+    let time = start.elapsed();
+    let said = text(&out);
+    if out.status.code() != Some(5) {
+        extra.push(format!("expected exit 5 (complete, but the guest may be frozen): {said}"));
+    }
+    let _ = virsh(&["resume", lab.name()]);
+    // The helper nasbak handed the thaw to thaws the guest once it runs again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lab.dom.try_agent_command(r#"{"execute":"guest-fsfreeze-status"}"#).unwrap_or_default().contains("thawed") {
+        if Instant::now() > deadline {
+            extra.push("the guest was still frozen 30 s after it ran again".into());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let checks = lab.checks(&said, &["may still be frozen", "keeps trying"]);
+    row("guest agent hangs between freeze and thaw", checks, Some(time), extra, &said)
+}
+
 /// Waits for a child with a limit; a child still running then is killed and that is a failure.
 fn wait_bounded(child: Child, limit: Duration, extra: &mut Vec<String>) -> Output {
     let pid = child.id();
@@ -661,7 +691,8 @@ fn repository_gone_mid_restore() -> Row {
     fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
     nasbak_testlab::fill_pseudo_random(&raw, 128);
     let disk = lab.dom.disks()[0].path.clone();
-    let converted = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk).status();
+    let converted =
+        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk).status();
     assert!(converted.unwrap().success());
     fs::remove_file(&raw).unwrap();
     let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
@@ -801,6 +832,7 @@ fn main() {
         ("enospc", Box::new(enospc)),
         ("agent-required", Box::new(|| agent_hung("required"))),
         ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),
+        ("agent-hangs-frozen", Box::new(agent_hangs_while_frozen)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

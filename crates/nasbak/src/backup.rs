@@ -93,6 +93,9 @@ pub struct BackupOutcome {
     pub skipped: Vec<(String, String)>,
     /// What this run cleaned up after earlier interrupted runs.
     pub cleaned: Vec<String>,
+    /// What the operator must know although the backup is complete (a guest that could not be
+    /// thawed).
+    pub warnings: Vec<String>,
 }
 
 /// The services a workflow composes.
@@ -175,6 +178,13 @@ pub(crate) fn disk_location(disk: &Disk) -> Option<ImageLocation> {
     }
 }
 
+/// What a backup tells besides its manifest.
+#[derive(Debug, Default)]
+struct Notes {
+    cleaned: Vec<String>,
+    warnings: Vec<String>,
+}
+
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -226,11 +236,11 @@ where
         fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
         let lock = VmLock::take(&vm_dir, vm.as_str())?;
-        let mut cleaned: Vec<String> = lock.takeovers().to_vec();
+        let mut notes = Notes { cleaned: lock.takeovers().to_vec(), warnings: Vec::new() };
         if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
-            cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
+            notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
-        cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
+        notes.cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
         let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = Utc::now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
@@ -254,7 +264,7 @@ where
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
                 let (q, note) = self
-                    .push(request, &domain, &partial, &files, cancel, &mut cleaned, progress)
+                    .push(request, &domain, &partial, &files, cancel, &mut notes, progress)
                     .map_err(unavailable("copy of the disks"))?;
                 (BackupMethod::PushJob, q, note)
             }
@@ -325,7 +335,7 @@ where
         crate::fault::point("renamed");
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
         let skipped = skipped.into_iter().map(|s| (s.target, s.reason.to_owned())).collect();
-        Ok(BackupOutcome { manifest, relative_dir, skipped, cleaned })
+        Ok(BackupOutcome { manifest, relative_dir, skipped, cleaned: notes.cleaned, warnings: notes.warnings })
     }
 
     /// A nasbak process killed during a push job leaves the job running, writing into its
@@ -394,7 +404,7 @@ where
         partial: &Path,
         files: &[(&Disk, String)],
         cancel: &CancelHandle,
-        cleaned: &mut Vec<String>,
+        notes: &mut Notes,
         progress: &mut dyn FnMut(BackupProgress),
     ) -> Result<(bool, Option<String>), BackupError> {
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
@@ -405,28 +415,33 @@ where
         }
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
-        let watchdog = self.hypervisor.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
-        let transport = self.hypervisor.agent_transport(&request.vm);
-        let outcome;
-        let job = match (transport, request.quiesce) {
-            (Ok(t), policy) => {
-                let agent = GuestAgent::new(t, self.agent_timeout);
+        let mut watchdog = self.hypervisor.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
+        let agent = match self.hypervisor.agent_transport(&request.vm) {
+            Ok(t) => Ok(GuestAgent::new(t, self.agent_timeout)),
+            Err(e) => Err(e),
+        };
+        let mut outcome;
+        let mut thaw_failed = None;
+        let job = match (&agent, request.quiesce) {
+            (Ok(agent), policy) => {
                 // Holding the VM lock, a frozen guest was left so by an interrupted run (or by
                 // hand): freezing again would fail, so thaw it and say so.
                 if policy != QuiescePolicy::Off
                     && agent.status().is_ok_and(|s| s == nasbak_agent::FreezeStatus::Frozen)
                     && agent.thaw().is_ok()
                 {
-                    cleaned.push(format!("thawed {}, which an interrupted run had left frozen", request.vm));
+                    notes.cleaned.push(format!("thawed {}, which an interrupted run had left frozen", request.vm));
                 }
-                let (guard, o) = quiesce(&agent, request.quiesce, None)?;
+                let (guard, o) = quiesce(agent, request.quiesce, None)?;
                 outcome = o;
                 crate::fault::point("frozen");
                 let started = start_backup(&self.hypervisor, &request.vm, &backup);
-                drop(guard);
+                // Thawed right after the start, whatever happened; a thaw that fails (retried
+                // three times) is tried again once the job has ended, and said in any case.
+                thaw_failed = guard.map(|g| g.thaw()).and_then(Result::err);
                 started?
             }
-            (Err(e), QuiescePolicy::Required) => return Err(BackupError::Libvirt(e)),
+            (Err(e), QuiescePolicy::Required) => return Err(BackupError::Libvirt(e.clone())),
             (Err(e), _) => {
                 outcome = nasbak_agent::QuiesceOutcome {
                     quiesced: false,
@@ -440,6 +455,26 @@ where
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
         let waited = job
             .wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }));
+        if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
+            let note = if (0..3).any(|_| agent.thaw().is_ok()) {
+                format!("the thaw right after the job start failed ({first}); it succeeded after the job")
+            } else {
+                let helper = watchdog.take().and_then(ThawWatchdog::hand_over_thaw);
+                let then = match helper {
+                    Some(pid) => format!(
+                        "a helper process (pid {pid}) keeps trying every 5 s for {} minutes",
+                        crate::watchdog::THAW_RETRY_MINUTES
+                    ),
+                    None => "thaw them through the guest agent (libvirt: domfsthaw) once it answers".to_owned(),
+                };
+                notes.warnings.push(format!(
+                    "the file systems of {} may still be frozen: every thaw failed ({first}); {then}",
+                    request.vm
+                ));
+                format!("thaw failed: {first}")
+            };
+            outcome.note = Some(outcome.note.map_or(note.clone(), |n| format!("{n}; {note}")));
+        }
         drop(watchdog);
         waited.map_err(|e| cancelled_or(cancel, e))?;
         Ok((outcome.quiesced, outcome.note))
@@ -480,7 +515,9 @@ pub(crate) fn repository_unavailable<M: Mounter>(
     }
     match mounted.health() {
         Ok(()) => e,
-        Err(state) => BackupError::RepositoryUnavailable { repository, phase, state: state.to_string(), source: Box::new(e) },
+        Err(state) => {
+            BackupError::RepositoryUnavailable { repository, phase, state: state.to_string(), source: Box::new(e) }
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! The watchdog is `sh` reading one line from a pipe whose write end only this process holds:
 //! `done` disarms it; end of file (this process is gone) makes it run `virsh domfsthaw` and
-//! `virsh domjobabort`, each under `timeout`. The URI and domain are passed as arguments, never
+//! `virsh domjobabort`, each under `timeout`; `thaw` hands it the thaw when the agent did not
+//! answer in time: it retries every 5 s for ten minutes, whether or not this process lives. The URI and domain are passed as arguments, never
 //! interpolated into the script. It runs in its own process group, so a terminal's Ctrl-C does
 //! not reach it. While it is armed the domain's job is ours: `start_backup` refuses a domain
 //! that already has a job, and the watchdog is disarmed once the job has ended.
@@ -14,15 +15,28 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-const SCRIPT: &str = r#"read x; [ "$x" = done ] && exit 0
+const SCRIPT: &str = r#"read x
+case "$x" in
+done) exit 0 ;;
+thaw)
+  n=0
+  while [ $n -lt 120 ]; do
+    timeout 30 virsh -q -c "$1" domfsthaw "$2" >/dev/null 2>&1 && exit 0
+    n=$((n + 1)); sleep 5
+  done
+  exit 1 ;;
+esac
 timeout 30 virsh -q -c "$1" domfsthaw "$2" >/dev/null 2>&1
 timeout 30 virsh -q -c "$1" domjobabort "$2" >/dev/null 2>&1
 exit 0"#;
 
+/// How long a handed-over thaw is retried (every 5 s).
+pub(crate) const THAW_RETRY_MINUTES: u32 = 10;
+
 /// An armed watchdog; disarmed on drop.
 #[derive(Debug)]
 pub(crate) struct ThawWatchdog {
-    child: Child,
+    child: Option<Child>,
 }
 
 impl ThawWatchdog {
@@ -37,15 +51,30 @@ impl ThawWatchdog {
             .process_group(0)
             .spawn()
             .ok()?;
-        Some(ThawWatchdog { child })
+        Some(ThawWatchdog { child: Some(child) })
+    }
+
+    /// Hands the thaw over: the watchdog keeps trying to thaw the guest every 5 s for
+    /// [`THAW_RETRY_MINUTES`] minutes, also after this process has ended. Returns its pid.
+    pub(crate) fn hand_over_thaw(mut self) -> Option<u32> {
+        let mut child = self.child.take()?;
+        let pid = child.id();
+        let told = child.stdin.take().is_some_and(|mut stdin| stdin.write_all(b"thaw\n").is_ok());
+        // Reaped by a thread while this process lives; inherited by init after it.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        told.then_some(pid)
     }
 }
 
 impl Drop for ThawWatchdog {
     fn drop(&mut self) {
-        if let Some(mut stdin) = self.child.stdin.take() {
-            let _ = stdin.write_all(b"done\n");
+        if let Some(mut child) = self.child.take() {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(b"done\n");
+            }
+            let _ = child.wait();
         }
-        let _ = self.child.wait();
     }
 }
