@@ -469,7 +469,7 @@ fn vm_destroyed_mid_job() -> Row {
         extra.push("the backup of a destroyed VM succeeded".into());
     }
     lab.dom.start();
-    let checks = lab.checks(&said, &[lab.name(), "job"]);
+    let checks = lab.checks(&said, &[lab.name(), "the VM stopped", "domain is not running"]);
     row("VM destroyed during the push job", checks, Some(time), extra, &said)
 }
 
@@ -496,7 +496,7 @@ fn libvirtd_restarted_mid_job() -> Row {
     // Completing is acceptable (the job ran on in QEMU): "listed" checks that the backup is
     // complete; failing must say libvirt went away.
     let extra = Vec::new();
-    let checks = lab.checks(&said, if out.status.success() { &[] } else { &["libvirt"] });
+    let checks = lab.checks(&said, if out.status.success() { &[] } else { &["libvirtd restarted"] });
     row("libvirtd restarted during the push job", checks, Some(time), extra, &said)
 }
 
