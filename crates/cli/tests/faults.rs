@@ -332,12 +332,9 @@ fn enospc() -> Row {
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "frozen");
     let filler = lab.mount_point().join("filler");
     let _ = Command::new("fallocate").args(["-l", "200M"]).arg(&filler).status();
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
-    let out = child.wait_with_output().unwrap();
-    let time = start.elapsed();
-    let said = text(&out);
     let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
+    let said = text(&out);
     if out.status.success() {
         extra.push("the backup succeeded on a full repository".into());
     }
@@ -459,12 +456,9 @@ fn vm_destroyed_mid_job() -> Row {
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
     lab.dom.destroy();
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
-    let out = child.wait_with_output().unwrap();
-    let time = start.elapsed();
-    let said = text(&out);
     let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
+    let said = text(&out);
     if out.status.success() {
         extra.push("the backup of a destroyed VM succeeded".into());
     }
@@ -488,35 +482,18 @@ fn libvirtd_restarted_mid_job() -> Row {
     while virsh(&["version"]).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
-    let out = child.wait_with_output().unwrap();
-    let time = start.elapsed();
+    let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
     let said = text(&out);
     // Completing is acceptable (the job ran on in QEMU): "listed" checks that the backup is
     // complete; failing must say libvirt went away.
-    let extra = Vec::new();
     let checks = lab.checks(&said, if out.status.success() { &[] } else { &["libvirtd restarted"] });
     row("libvirtd restarted during the push job", checks, Some(time), extra, &said)
 }
 
 fn restore_killed_mid_copy() -> Row {
     let lab = Lab::new("restkill", vec![DiskSpec::qcow2(256)], false, false, 1024);
-    // 128 MiB of random data in the qcow2, so the restore's copy takes a while.
-    let raw = lab.dom.dir().join("random.raw");
-    fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
-    nasbak_testlab::fill_pseudo_random(&raw, 128);
-    let disk = lab.dom.disks()[0].path.clone();
-    assert!(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&disk)
-            .status()
-            .unwrap()
-            .success()
-    );
-    fs::remove_file(&raw).unwrap();
+    let disk = random_qcow2(&lab, 128);
     let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
     let id = out["id"].as_str().unwrap().to_owned();
     let original = nasbak::checksum_file(&disk, "blake3").unwrap();
@@ -595,11 +572,8 @@ fn agent_hangs_while_frozen() -> Row {
     let lab = Lab::new("hungfrozen", vec![DiskSpec::raw(32).ext4()], true, true, 1024);
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "required"], "frozen");
     let _ = virsh(&["suspend", lab.name()]);
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
     let mut extra = Vec::new();
-    let out = wait_bounded(child, Duration::from_secs(240), &mut extra);
-    let time = start.elapsed();
+    let (out, time) = resume(child, &mut extra);
     let said = text(&out);
     if out.status.code() != Some(5) {
         extra.push(format!("expected exit 5 (complete, but the guest may be frozen): {said}"));
@@ -616,6 +590,28 @@ fn agent_hangs_while_frozen() -> Row {
     }
     let checks = lab.checks(&said, &["may still be frozen", "keeps trying"]);
     row("guest agent hangs between freeze and thaw", checks, Some(time), extra, &said)
+}
+
+/// Fills the lab's first disk, a qcow2, with `mib` MiB of pseudo-random data (so a copy of it
+/// takes a while); returns its path.
+fn random_qcow2(lab: &Lab, mib: usize) -> PathBuf {
+    let raw = lab.dom.dir().join("random.raw");
+    fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
+    nasbak_testlab::fill_pseudo_random(&raw, mib);
+    let disk = lab.dom.disks()[0].path.clone();
+    let converted =
+        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk).output();
+    assert!(converted.unwrap().status.success());
+    fs::remove_file(&raw).unwrap();
+    disk
+}
+
+/// Lets a paused nasbak go on and waits (bounded) for it: its output and the time it took.
+fn resume(child: Child, extra: &mut Vec<String>) -> (Output, Duration) {
+    let start = Instant::now();
+    signal(&child, Signal::SIGCONT);
+    let out = wait_bounded(child, Duration::from_secs(240), extra);
+    (out, start.elapsed())
 }
 
 /// Waits for a child with a limit; a child still running then is killed and that is a failure.
@@ -646,11 +642,8 @@ fn repository_gone_mid_backup() -> Row {
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
     server.signal_sessions(Signal::SIGSTOP);
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
     let mut extra = Vec::new();
-    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
-    let time = start.elapsed();
+    let (out, time) = resume(child, &mut extra);
     server.signal_sessions(Signal::SIGCONT);
     let said = text(&out);
     if out.status.success() {
@@ -667,14 +660,11 @@ fn repository_unmounted_mid_backup() -> Row {
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 64);
     let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
     let umount = Command::new("umount").arg("-l").arg(lab.mount_point()).output().unwrap();
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
     let mut extra = Vec::new();
     if !umount.status.success() {
         extra.push(format!("umount -l: {}", text(&umount)));
     }
-    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
-    let time = start.elapsed();
+    let (out, time) = resume(child, &mut extra);
     let said = text(&out);
     if out.status.success() {
         extra.push("the backup succeeded into a repository that was unmounted".into());
@@ -687,25 +677,15 @@ fn repository_unmounted_mid_backup() -> Row {
 /// volume changed, and runs again once the repository is back.
 fn repository_gone_mid_restore() -> Row {
     let (lab, server) = Lab::with_sshfs("gonerestore", vec![DiskSpec::qcow2(256)], false);
-    let raw = lab.dom.dir().join("random.raw");
-    fs::File::create(&raw).unwrap().set_len(256 << 20).unwrap();
-    nasbak_testlab::fill_pseudo_random(&raw, 128);
-    let disk = lab.dom.disks()[0].path.clone();
-    let converted =
-        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk).status();
-    assert!(converted.unwrap().success());
-    fs::remove_file(&raw).unwrap();
+    let disk = random_qcow2(&lab, 128);
     let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
     let id = out["id"].as_str().unwrap().to_owned();
     let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).output();
     let damaged = nasbak::checksum_file(&disk, "blake3").unwrap();
     let child = lab.spawn_paused(&["restore", &id], "restore-copy");
     server.signal_sessions(Signal::SIGSTOP);
-    let start = Instant::now();
-    signal(&child, Signal::SIGCONT);
     let mut extra = Vec::new();
-    let out = wait_bounded(child, Duration::from_secs(180), &mut extra);
-    let time = start.elapsed();
+    let (out, time) = resume(child, &mut extra);
     server.signal_sessions(Signal::SIGCONT);
     let said = text(&out);
     if out.status.success() {

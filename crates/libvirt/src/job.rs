@@ -114,7 +114,9 @@ pub enum JobError {
         timeout: Duration,
     },
     /// libvirt stopped answering about the job.
-    #[error("lost track of the backup job of {domain}: libvirt no longer reports it (the VM stopped, or libvirtd restarted or went away)")]
+    #[error(
+        "lost track of the backup job of {domain}: libvirt no longer reports it (the VM stopped, or libvirtd restarted or went away)"
+    )]
     Libvirt {
         /// The domain.
         domain: String,
