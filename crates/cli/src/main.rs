@@ -322,7 +322,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             BackupError::NotShutOff { .. }
             | BackupError::Mismatch { .. }
             | BackupError::Lock(_)
-            | BackupError::Exists { .. },
+            | BackupError::Exists { .. }
+            | BackupError::HalfRestored { .. },
         ) => 4,
         Some(BackupError::Ambiguous { .. }) => 2,
         Some(BackupError::DamagedBackup { .. }) => 6,
@@ -649,12 +650,15 @@ fn run(cli: &Cli) -> Result<u8> {
             if json {
                 let disks: Vec<_> = restored
                     .iter()
-                    .map(|d| json!({"target": d.target, "location": d.location, "format": d.format}))
+                    .map(|d| json!({"target": d.target, "location": d.location, "format": d.format, "note": d.note}))
                     .collect();
                 println!("{}", json!({"restored": disks}));
             } else {
                 for d in &restored {
                     println!("restored {} -> {} ({})", d.target, d.location, d.format);
+                    if let Some(note) = &d.note {
+                        println!("  {note}");
+                    }
                 }
             }
             Ok(0)

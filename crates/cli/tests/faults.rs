@@ -533,6 +533,39 @@ fn restore_killed_mid_copy() -> Row {
     row("restore killed mid-copy, then run again", checks, None, extra, &said)
 }
 
+/// A restore writing a raw volume in place is killed: the volume's content is mixed. The mark
+/// the restore left on the repository makes the next backup refuse (it would save mixed content
+/// that looks complete) and the next restore say what it repairs.
+fn restore_killed_mid_write() -> Row {
+    let lab = Lab::new("rawkill", vec![DiskSpec::raw(256)], false, false, 1024);
+    let disk = lab.dom.disks()[0].path.clone();
+    nasbak_testlab::fill_pseudo_random(&disk, 128);
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let _ = Command::new("qemu-io").args(["-f", "raw", "-c", "write -z 0 64M"]).arg(&disk).output();
+    let mut child = lab.spawn_paused(&["restore", &id], "restore-write");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    // qemu-img, orphaned, may still write: wait for it to end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !nasbak_testlab::pids_with_cmdline(&disk.to_string_lossy()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut extra = Vec::new();
+    let refused = lab.run(&["backup", lab.name()]);
+    let said = text(&refused);
+    if refused.status.code() != Some(4) {
+        extra.push(format!("a backup of the half-restored VM was not refused: {said}"));
+    }
+    let again = lab.run(&["restore", &id]);
+    let again_said = text(&again);
+    if !again.status.success() || !again_said.contains("had been interrupted") {
+        extra.push(format!("the restore run again: {again_said}"));
+    }
+    let checks = lab.checks(&said, &["half-written", "restore it again"]);
+    row("raw restore killed mid-write, then backup and restore", checks, None, extra, &said)
+}
+
 fn agent_hung(policy: &'static str) -> Row {
     let lab = Lab::new(&format!("hung{policy}"), vec![DiskSpec::raw(32).ext4()], true, true, 1024);
     // Stop the agent from inside the guest: guest-exec answers before the kill lands.
@@ -822,6 +855,7 @@ fn main() {
         ("several-vms", Box::new(several_vms_at_once)),
         ("race", Box::new(backup_prune_delete_race)),
         ("restore-kill", Box::new(restore_killed_mid_copy)),
+        ("raw-restore-kill", Box::new(restore_killed_mid_write)),
         ("bad-input", Box::new(bad_input)),
     ];
     let mut results = Vec::new();

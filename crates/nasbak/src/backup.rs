@@ -237,6 +237,22 @@ where
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
         let lock = VmLock::take(&vm_dir, vm.as_str())?;
         let mut notes = Notes { cleaned: lock.takeovers().to_vec(), warnings: Vec::new() };
+        let half: Vec<_> = crate::restore::interrupted_restores(&vm_dir)
+            .into_iter()
+            .filter(|m| chosen.iter().any(|d| d.target == m.target))
+            .collect();
+        if !half.is_empty() {
+            return Err(BackupError::HalfRestored {
+                vm: request.vm.clone(),
+                problems: half.iter().map(crate::restore::RestoringMark::describe).collect(),
+                marks: half
+                    .iter()
+                    .map(|m| {
+                        format!("{}:{}/{}{}", request.repository.name(), vm, crate::restore::RESTORING_MARK, m.target)
+                    })
+                    .collect(),
+            });
+        }
         if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
             notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }

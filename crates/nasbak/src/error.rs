@@ -165,6 +165,17 @@ pub enum BackupError {
         #[source]
         source: Box<BackupError>,
     },
+    /// A disk of the VM was left half-written by a restore that did not finish: a backup now
+    /// would save mixed content that looks complete.
+    #[error("refusing to back up {vm}: {}; restore it again first (the mark on the repository is {})", .problems.join("; "), .marks.join(", "))]
+    HalfRestored {
+        /// The VM.
+        vm: String,
+        /// Each half-written disk, described.
+        problems: Vec<String>,
+        /// The mark files on the repository (removing one says the disk is good after all).
+        marks: Vec<String>,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -29,6 +29,8 @@ pub struct RestoredDisk {
     pub location: String,
     /// The format written.
     pub format: String,
+    /// Said when an earlier restore of this disk had been interrupted while it wrote in place.
+    pub note: Option<String>,
 }
 
 /// Pairs each backup disk with the VM disk of the same identity, or says every mismatch. With
@@ -233,15 +235,36 @@ where
                 source: Box::new(e),
             }
         };
+        // A disk written in place is marked on the repository while it is written: a restore
+        // killed midway leaves the mark, which the next backup refuses on and the next restore
+        // reports.
+        let marks_dir = VmName::new(target_vm).map_or_else(|_| layout.vm_dir(&vm_name), |n| layout.vm_dir(&n));
+        let earlier = interrupted_restores(&marks_dir);
         for (b, d, location) in in_place {
             let shown = location.to_string();
+            let note = earlier.iter().find(|m| m.target == d.target).map(|m| {
+                format!(
+                    "the restore of {} begun {} (pid {} on {}) had been interrupted; this one rewrote it",
+                    shown, m.started, m.pid, m.host
+                )
+            });
+            let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"))
+                .map_err(|e| incomplete(&restored, None, e))?;
             let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
-            if let Err(e) = self.convert_reporting(r, cancel, &d.target, b.virtual_size, progress) {
+            let mut first = true;
+            let mut report = |p: BackupProgress| {
+                if std::mem::take(&mut first) {
+                    crate::fault::point("restore-write");
+                }
+                progress(p)
+            };
+            if let Err(e) = self.convert_reporting(r, cancel, &d.target, b.virtual_size, &mut report) {
                 return Err(incomplete(&restored, Some(&d.target), e));
             }
-            restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into() });
+            mark.done();
+            restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into(), note });
         }
         for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
             if let Err(source) = fs::rename(tmp, path) {
@@ -252,7 +275,7 @@ where
                 ));
             }
             let location = path.display().to_string();
-            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into() });
+            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note: None });
         }
         Ok(restored)
     }
@@ -530,6 +553,79 @@ fn restore_target(disk: &Disk) -> Result<RestoreTarget, BackupError> {
         }
         (location, _) => RestoreTarget::InPlace(location),
     })
+}
+
+/// The prefix of the marks of in-place writes in `<repo>/<vm>/` (`.nasbak-restoring.<target>`).
+pub const RESTORING_MARK: &str = ".nasbak-restoring.";
+
+/// A disk being (or left half) written in place by a restore.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RestoringMark {
+    /// The disk's target.
+    pub target: String,
+    /// Where it is written.
+    pub location: String,
+    /// The backup restored from, `VM/ID`.
+    pub backup: String,
+    /// When the write began.
+    pub started: chrono::DateTime<chrono::Utc>,
+    /// Who wrote.
+    pub host: String,
+    /// The writing process.
+    pub pid: u32,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+impl RestoringMark {
+    fn write(dir: &Path, target: &str, location: &str, backup: &str) -> Result<RestoringMark, BackupError> {
+        let path = dir.join(format!("{RESTORING_MARK}{target}"));
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let mark = RestoringMark {
+            target: target.to_owned(),
+            location: location.to_owned(),
+            backup: backup.to_owned(),
+            started: chrono::Utc::now(),
+            host,
+            pid: std::process::id(),
+            path: path.clone(),
+        };
+        let io = |source| BackupError::Io { action: "marking the in-place restore in", path: path.clone(), source };
+        fs::create_dir_all(dir).map_err(io)?;
+        let text = serde_json::to_string(&mark).expect("a mark serializes");
+        let mut f = fs::File::create(&path).map_err(io)?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+        Ok(mark)
+    }
+
+    /// The write completed: the mark goes.
+    fn done(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+
+    /// What it says, for an error or a warning.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "disk {} ({}) was left half-written by a restore from {} begun {} (pid {} on {}) that did not finish",
+            self.target, self.location, self.backup, self.started, self.pid, self.host
+        )
+    }
+}
+
+/// The marks of in-place restores that did not finish, in `vm_dir`.
+pub(crate) fn interrupted_restores(vm_dir: &Path) -> Vec<RestoringMark> {
+    let Ok(entries) = fs::read_dir(vm_dir) else { return Vec::new() };
+    let mut marks: Vec<RestoringMark> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(RESTORING_MARK))
+        .filter_map(|e| {
+            let mut m: RestoringMark = serde_json::from_str(&fs::read_to_string(e.path()).ok()?).ok()?;
+            m.path = e.path();
+            Some(m)
+        })
+        .collect();
+    marks.sort_by(|a, b| a.target.cmp(&b.target));
+    marks
 }
 
 /// The suffix of the files a restore writes beside a volume before renaming them over it.
