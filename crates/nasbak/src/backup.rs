@@ -432,10 +432,7 @@ where
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
         let mut watchdog = self.hypervisor.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
-        let agent = match self.hypervisor.agent_transport(&request.vm) {
-            Ok(t) => Ok(GuestAgent::new(t, self.agent_timeout)),
-            Err(e) => Err(e),
-        };
+        let agent = self.hypervisor.agent_transport(&request.vm).map(|t| GuestAgent::new(t, self.agent_timeout));
         let mut outcome;
         let mut thaw_failed = None;
         let job = match (&agent, request.quiesce) {
