@@ -552,3 +552,37 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
     let (_, out, _) = nasbak(&config, &["--state", state.to_str().unwrap(), "--json", "schedule", "list"]);
     assert_eq!(json_of(&out)[0]["last_outcome"], "cancelled", "{out}");
 }
+
+/// Two data disks with one file name in two directories, and two qcow2 volumes sharing a stem
+/// in one directory: every disk is saved in its own file, and a restore gives every disk its
+/// own content back (the binary only, so the same test runs against any nasbak).
+#[test]
+fn disks_whose_names_collide_are_each_saved_and_restored() {
+    let contents = ["root disk", "disk in a", "disk in b", "same stem qcow2", "same stem img"];
+    let names = ["root.qcow2", "a/data.qcow2", "b/data.qcow2", "disk.qcow2", "disk.img"];
+    let dom = names
+        .iter()
+        .zip(contents)
+        .fold(DomainSpec::new("clicollide"), |spec, (name, content)| {
+            spec.disk(DiskSpec::qcow2(16).ext4_with_files(&[("f.txt", content.as_bytes())]).named(name))
+        })
+        .create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    let out = json_of(&ok(&config, &["--json", "backup", dom.name()]));
+    let id = out["id"].as_str().unwrap().to_owned();
+    let mut files: Vec<&str> = out["disks"].as_array().unwrap().iter().map(|d| d["file"].as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert_eq!(files.len(), 5, "one file per disk: {out}");
+    assert!(ok(&config, &["verify", &id]).lines().all(|l| l.starts_with("ok ")));
+    for disk in dom.disks() {
+        let zeroed = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(&disk.path).output();
+        assert!(zeroed.unwrap().status.success());
+    }
+    let (code, out, err) = nasbak(&config, &["restore", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (disk, want) in dom.disks().iter().zip(contents) {
+        assert_eq!(dom.read_ext4_file(&disk.path, "f.txt").as_deref(), Some(want), "{}", disk.target);
+    }
+}
