@@ -242,3 +242,43 @@ fn a_held_lock_refuses_at_once_and_a_dead_holders_lock_is_taken_over() {
         outcome.cleaned
     );
 }
+
+/// Defect 2, the report: a restore that fails after it began to change volumes says which
+/// disks were restored, which one is partly written and which are unchanged; the disk that
+/// failed is marked, so a backup refuses until a restore has rewritten it.
+#[test]
+fn a_restore_that_fails_midway_says_which_volumes_changed() {
+    let dom = DomainSpec::new("midway")
+        .disk(DiskSpec::raw(16).ext4_with_files(&[("f.txt", b"first")]))
+        .disk(DiskSpec::raw(16).ext4_with_files(&[("f.txt", b"second")]))
+        .disk(DiskSpec::raw(16).ext4_with_files(&[("f.txt", b"third")]))
+        .create();
+    let (repo, _root, runtime) = repository(&dom);
+    let e = engine(&runtime);
+    let backup = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    for disk in dom.disks() {
+        zero(disk);
+    }
+    // The second volume cannot be written (immutable, even for root).
+    let second = &dom.disks()[1].path;
+    ExternalCommand::new("chattr").arg("+i").arg(second).run().unwrap();
+    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    ExternalCommand::new("chattr").arg("-i").arg(second).run().unwrap();
+    match &err {
+        BackupError::RestoreIncomplete { restored, partly_written, untouched, .. } => {
+            assert_eq!((restored.as_slice(), partly_written.as_deref()), (&["vda".to_owned()][..], Some("vdb")));
+            assert_eq!(untouched, &["vdc"]);
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "f.txt").as_deref(), Some("first"));
+    assert_eq!(dom.read_ext4_file(&dom.disks()[2].path, "f.txt"), None, "vdc was not touched");
+    let refused = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(refused, BackupError::HalfRestored { .. }), "{refused}");
+    let restored = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(restored[1].note.as_deref().unwrap_or_default().contains("had been interrupted"), "{restored:?}");
+    for (disk, want) in dom.disks().iter().zip(["first", "second", "third"]) {
+        assert_eq!(dom.read_ext4_file(&disk.path, "f.txt").as_deref(), Some(want));
+    }
+    e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+}
