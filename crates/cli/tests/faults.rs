@@ -646,6 +646,44 @@ fn random_qcow2(lab: &Lab, mib: usize) -> PathBuf {
     disk
 }
 
+/// The job cannot start (QEMU may not write its targets) while the guest is frozen and the
+/// agent cannot be reached (the VM is paused): the backup fails, and its error says the guest
+/// may still be frozen and which helper keeps trying; once the VM runs again the helper thaws it.
+fn start_refused_while_frozen() -> Row {
+    let lab = Lab::new("startfrozen", vec![DiskSpec::raw(32).ext4()], true, true, 1024);
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "required"], "frozen");
+    let _ = virsh(&["suspend", lab.name()]);
+    let mut extra = Vec::new();
+    // The backup's directory closed to QEMU (which runs as libvirt-qemu).
+    let vm_dir = lab.mount_point().join(lab.name());
+    for e in fs::read_dir(&vm_dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".partial") {
+            fs::set_permissions(e.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        }
+    }
+    let (out, time) = resume(child, &mut extra);
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the backup succeeded although another job held the domain".into());
+    }
+    let _ = virsh(&["domjobabort", lab.name()]);
+    let _ = virsh(&["resume", lab.name()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lab.dom.try_agent_command(r#"{"execute":"guest-fsfreeze-status"}"#).unwrap_or_default().contains("thawed") {
+        if Instant::now() > deadline {
+            extra.push("the guest was still frozen 30 s after it ran again".into());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !virsh(&["domjobinfo", lab.name()]).unwrap_or_default().contains("None") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let checks = lab.checks(&said, &["the backup failed", "may still be frozen", "keeps trying", "permission"]);
+    row("job start refused with the guest frozen and the agent unreachable", checks, Some(time), extra, &said)
+}
+
 /// Lets a paused nasbak go on and waits (bounded) for it: its output and the time it took.
 fn resume(child: Child, extra: &mut Vec<String>) -> (Output, Duration) {
     let start = Instant::now();
@@ -853,6 +891,7 @@ fn main() {
         ("agent-required", Box::new(|| agent_hung("required"))),
         ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),
         ("agent-hangs-frozen", Box::new(agent_hangs_while_frozen)),
+        ("start-refused-frozen", Box::new(start_refused_while_frozen)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

@@ -452,7 +452,13 @@ where
                 // Thawed right after the start, whatever happened; a thaw that fails (retried
                 // three times) is tried again once the job has ended, and said in any case.
                 thaw_failed = guard.map(|g| g.thaw()).and_then(Result::err);
-                started?
+                match started {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let settled = thaw_failed.map(|first| settle_thaw(agent, first, &mut watchdog, &request.vm));
+                        return Err(still_frozen(settled.and_then(|s| s.1), e.into()));
+                    }
+                }
             }
             (Err(e), QuiescePolicy::Required) => return Err(BackupError::Libvirt(e.clone())),
             (Err(e), _) => {
@@ -468,28 +474,19 @@ where
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
         let waited = job
             .wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }));
+        let mut frozen = None;
         if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
-            let note = if (0..3).any(|_| agent.thaw().is_ok()) {
-                format!("the thaw right after the job start failed ({first}); it succeeded after the job")
-            } else {
-                let helper = watchdog.take().and_then(ThawWatchdog::hand_over_thaw);
-                let then = match helper {
-                    Some(pid) => format!(
-                        "a helper process (pid {pid}) keeps trying every 5 s for {} minutes",
-                        crate::watchdog::THAW_RETRY_MINUTES
-                    ),
-                    None => "thaw them through the guest agent (libvirt: domfsthaw) once it answers".to_owned(),
-                };
-                notes.warnings.push(format!(
-                    "the file systems of {} may still be frozen: every thaw failed ({first}); {then}",
-                    request.vm
-                ));
-                format!("thaw failed: {first}")
-            };
+            let (note, warning) = settle_thaw(agent, first, &mut watchdog, &request.vm);
             outcome.note = Some(outcome.note.map_or(note.clone(), |n| format!("{n}; {note}")));
+            frozen = warning;
         }
         drop(watchdog);
-        waited.map_err(|e| cancelled_or(cancel, e))?;
+        // A guest that may still be frozen is said on every path: a warning with the backup, or
+        // the error of a failed one.
+        if let Err(e) = waited {
+            return Err(still_frozen(frozen, cancelled_or(cancel, e)));
+        }
+        notes.warnings.extend(frozen);
         Ok((outcome.quiesced, outcome.note))
     }
 
@@ -531,6 +528,37 @@ pub(crate) fn repository_unavailable<M: Mounter>(
         Err(state) => {
             BackupError::RepositoryUnavailable { repository, phase, state: state.to_string(), source: Box::new(e) }
         }
+    }
+}
+
+/// After the thaw right after the job start failed (`first`): tries again (three times); if that
+/// fails too, hands the thaw to the watchdog. Returns the note for the manifest and, when the
+/// guest may still be frozen, the warning for the operator.
+fn settle_thaw<T: AgentTransport>(
+    agent: &GuestAgent<T>,
+    first: nasbak_agent::AgentError,
+    watchdog: &mut Option<ThawWatchdog>,
+    vm: &str,
+) -> (String, Option<String>) {
+    if (0..3).any(|_| agent.thaw().is_ok()) {
+        return (format!("the thaw right after the job start failed ({first}); it succeeded later"), None);
+    }
+    let then = match watchdog.take().and_then(ThawWatchdog::hand_over_thaw) {
+        Some(pid) => format!(
+            "a helper process (pid {pid}) keeps trying every 5 s for {} minutes",
+            crate::watchdog::THAW_RETRY_MINUTES
+        ),
+        None => "thaw them through the guest agent (libvirt: domfsthaw) once it answers".to_owned(),
+    };
+    let warning = format!("the file systems of {vm} may still be frozen: every thaw failed ({first}); {then}");
+    (format!("thaw failed: {first}"), Some(warning))
+}
+
+/// `e`, or [`BackupError::StillFrozen`] around it when the guest may still be frozen.
+fn still_frozen(warning: Option<String>, e: BackupError) -> BackupError {
+    match warning {
+        Some(warning) => BackupError::StillFrozen { warning, source: Box::new(e) },
+        None => e,
     }
 }
 

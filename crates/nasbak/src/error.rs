@@ -176,6 +176,16 @@ pub enum BackupError {
         /// The mark files on the repository (removing one says the disk is good after all).
         marks: Vec<String>,
     },
+    /// The backup failed after the guest had been frozen, and every thaw failed: the guest may
+    /// still be frozen (the warning says what keeps trying).
+    #[error("the backup failed, and {warning}")]
+    StillFrozen {
+        /// What the operator must know.
+        warning: String,
+        /// Why the backup failed.
+        #[source]
+        source: Box<BackupError>,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
