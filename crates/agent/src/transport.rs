@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nasbak_repo::mount::run_with_timeout;
+use nasbak_process::run_with_timeout;
 
 use crate::AgentError;
 

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nasbak_agent::{AgentError, FreezeGuard, FreezeStatus, GuestAgent, LibvirtAgentTransport, QuiescePolicy, quiesce};
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use nasbak_testlab::{DiskSpec, DomainSpec, URI, example, shared_agent_guest};
 
 /// The shared guest has one freeze state: tests that freeze take turns.

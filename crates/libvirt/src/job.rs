@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use nasbak_repo::mount::command::CancelHandle;
+pub use nasbak_process::CancelHandle;
 
 use crate::backup::PushBackup;
 use crate::hypervisor::{Hypervisor, JobInfo, JobKind, LibvirtError, Versions};

@@ -11,8 +11,8 @@ use nasbak_libvirt::{
     CancelHandle, DiskSource, Domain, DomainState, Hypervisor, JobError, JobKind, JobOptions, LibvirtHypervisor,
     PushBackup, check_versions, start_backup,
 };
+use nasbak_process::ExternalCommand;
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, QemuImg};
-use nasbak_repo::mount::command::ExternalCommand;
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, fill_pseudo_random, shared_agent_guest};
 
 fn hv() -> LibvirtHypervisor {

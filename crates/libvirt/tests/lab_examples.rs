@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use nasbak_testlab::{DiskSpec, DomainSpec, example};
 
 fn last_json_line(program: &str, args: &[&str]) -> serde_json::Value {

@@ -42,4 +42,4 @@ pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
 pub use restore::{RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks, parse_destination};
 pub use service::{DueRun, Placement, RunDue, placement};
-pub use {nasbak_agent, nasbak_libvirt, nasbak_qemu_img, nasbak_repo};
+pub use {nasbak_agent, nasbak_libvirt, nasbak_process, nasbak_qemu_img, nasbak_repo};

@@ -8,8 +8,8 @@ use std::path::Path;
 use nasbak_agent::QuiescePolicy;
 use nasbak_agent::fake::FakeAgent;
 use nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError, MockHypervisor};
+use nasbak_process::CommandError;
 use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
-use nasbak_repo::mount::command::CommandError;
 use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts};
 
 use crate::backup::{AgentSource, BackupRequest, Engine};

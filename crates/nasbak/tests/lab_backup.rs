@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::QemuImg;
-use nasbak::nasbak_repo::mount::command::ExternalCommand;
 use nasbak::nasbak_repo::{
     BackupMethod, BackupRepository, Manifest, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
 };

@@ -1,6 +1,6 @@
 //! `qemu-img convert`: options, argv, and progress parsing.
 
-use nasbak_repo::CancelHandle;
+use nasbak_process::CancelHandle;
 
 use crate::info::ImageFormat;
 use crate::location::ImageLocation;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use nasbak_repo::Secret;
+use nasbak_process::Secret;
 
 /// An image qemu-img reads or writes.
 #[derive(Debug, Clone, PartialEq, Eq)]

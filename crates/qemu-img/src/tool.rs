@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nasbak_repo::mount::command::{CommandError, ExternalCommand};
+use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};

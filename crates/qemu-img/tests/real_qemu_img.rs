@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nasbak_process::ExternalCommand;
 use nasbak_qemu_img::{
     CheckVerdict, Compression, ConvertRequest, ImageError, ImageFormat, ImageLocation, ImageTimeouts, ImageTool,
     QemuImg,
 };
-use nasbak_repo::mount::command::ExternalCommand;
 
 fn tool(dir: &Path) -> QemuImg {
     QemuImg::new(dir.join("runtime"))

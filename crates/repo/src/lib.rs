@@ -40,10 +40,10 @@ pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind};
 pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};
-pub use model::secret::Secret;
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;
-pub use mount::command::CancelHandle;
+pub use nasbak_process::Secret;
+
 pub use mount::{
     Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, SystemMounter,
     UnmountOutcome,

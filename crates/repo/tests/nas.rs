@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use nasbak_repo::{
     BackupRepository, MountError, MountInfoEntry, MountTimeouts, Mounter, RepositoryKind, RepositoryMounts,
     SystemMounter,

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use nasbak_repo::{
     BackupRepository, MountError, MountTimeouts, Mounter, ReleaseOutcome, RepositoryKind, RepositoryMounts,
     SystemMounter, UnmountOutcome,

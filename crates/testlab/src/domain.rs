@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 
 use crate::{PREFIX, STATE, URI, lab_missing};
 

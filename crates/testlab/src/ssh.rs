@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

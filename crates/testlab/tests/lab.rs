@@ -28,19 +28,14 @@ fn a_stopped_domain_with_every_kind_of_disk_is_created_and_removed_with_its_file
         };
         assert!(line.contains(expect), "{line}");
     }
-    let info = nasbak_repo::mount::command::ExternalCommand::new("qemu-img")
-        .args(["info"])
-        .arg(&dom.disks()[0].path)
-        .run()
-        .unwrap();
+    let info = nasbak_process::ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap();
     assert!(info.stdout_text().contains("file format: qcow2"));
     let loop_dev = dom.disks()[2].path.clone();
     assert!(loop_dev.to_string_lossy().starts_with("/dev/loop"), "{loop_dev:?}");
     drop(dom);
     assert!(virsh(&["domstate", &name]).is_err(), "{name} still defined");
     assert!(!dir.exists(), "{dir:?} left behind");
-    let loops =
-        nasbak_repo::mount::command::ExternalCommand::new("losetup").args(["-l", "-n"]).run().unwrap().stdout_text();
+    let loops = nasbak_process::ExternalCommand::new("losetup").args(["-l", "-n"]).run().unwrap().stdout_text();
     assert!(!loops.contains(&*dir.to_string_lossy()), "loop device left: {loops}");
 }
 

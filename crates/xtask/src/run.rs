@@ -1,7 +1,7 @@
 //! Running commands from xtask, and `cargo xtask test`.
 
 use anyhow::{Context, Result, bail};
-use nasbak_repo::mount::command::ExternalCommand;
+use nasbak_process::ExternalCommand;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

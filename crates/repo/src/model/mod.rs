@@ -15,4 +15,3 @@ pub mod name;
 pub mod options;
 pub mod repository;
 pub mod retention;
-pub mod secret;

@@ -8,15 +8,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::error::{ParseError, first_control};
-use super::secret::Secret;
+use nasbak_process::Secret;
 
-/// Option keys whose values are secrets (matched without regard to case).
-pub const SECRET_KEYS: &[&str] = &["password", "pass", "password2", "passwd", "secret", "key"];
-
-/// Whether `key` names a secret option.
-pub fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
-}
+use nasbak_process::redact::redact_secrets as redact_loosely;
+pub use nasbak_process::redact::{SECRET_KEYS, is_secret_key};
 
 /// The value of one option, as written (including any quotes).
 #[derive(Clone, PartialEq, Eq)]
@@ -274,51 +269,6 @@ impl FromStr for MountOptions {
     fn from_str(s: &str) -> Result<Self, ParseError> {
         MountOptions::parse(s)
     }
-}
-
-/// A best-effort redaction of a string that may not parse: the value of every item whose key is
-/// a secret key is replaced up to the next comma that follows a balanced quote run.
-pub(crate) fn redact_loosely(input: &str) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut hiding = false;
-    let mut in_quote = false;
-    let mut item_start = true;
-    let mut key = String::new();
-    for c in input.chars() {
-        if hiding {
-            if c == '"' {
-                in_quote = !in_quote;
-            }
-            if c == ',' && !in_quote {
-                hiding = false;
-                item_start = true;
-                key.clear();
-                out.push(c);
-            }
-            continue;
-        }
-        if item_start && c == '=' {
-            out.push(c);
-            if is_secret_key(&key) {
-                out.push_str("***");
-                hiding = true;
-            } else {
-                item_start = false;
-            }
-            continue;
-        }
-        if c == '"' {
-            in_quote = !in_quote;
-        }
-        if c == ',' && !in_quote {
-            item_start = true;
-            key.clear();
-        } else if item_start {
-            key.push(c);
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::address::Address;
 use super::error::ParseError;
 use super::name::RepositoryName;
 use super::options::{MountOption, MountOptions};
-use super::secret::Secret;
+use nasbak_process::Secret;
 
 /// What kind of storage a repository is, which decides how its address is parsed and mounted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

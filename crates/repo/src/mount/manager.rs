@@ -246,7 +246,7 @@ impl<M: Mounter> MountedRepository<'_, M> {
         let probe = self.root.join(format!(".nasbak-check-{}", std::process::id()));
         let p = probe.clone();
         let timeout = self.owner.timeouts.probe;
-        let result = crate::mount::run_with_timeout(timeout, move || -> std::io::Result<Vec<u8>> {
+        let result = nasbak_process::run_with_timeout(timeout, move || -> std::io::Result<Vec<u8>> {
             std::fs::write(&p, b"nasbak")?;
             let back = std::fs::read(&p);
             let _ = std::fs::remove_file(&p);

@@ -11,16 +11,13 @@ use std::time::Duration;
 use crate::model::mountinfo::MountInfoEntry;
 use crate::model::repository::MountPlan;
 
-pub mod command;
 mod manager;
 mod system;
-mod timed;
 
 pub use manager::{MountedRepository, ReleaseOutcome, RepositoryMounts, root_hint};
 pub use system::SystemMounter;
-pub use timed::run_with_timeout;
 
-use command::CommandError;
+use nasbak_process::CommandError;
 
 /// Total, used and free bytes of a repository's file system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

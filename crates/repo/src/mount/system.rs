@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use nix::mount::{MntFlags, umount2};
 
-use super::command::ExternalCommand;
-use super::timed::run_with_timeout;
 use super::{Capacity, MountError, Mounter, UnmountOutcome};
 use crate::model::mountinfo::{MountInfoEntry, parse_mountinfo};
 use crate::model::options::MountOption;
 use crate::model::repository::MountPlan;
+use nasbak_process::ExternalCommand;
+use nasbak_process::run_with_timeout;
 
 /// Mounts with the host's mount(8) and umount(8).
 ///

@@ -10,41 +10,12 @@ use std::fmt;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use crate::model::options::redact_loosely;
-
-/// Cancels work from another thread (a Ctrl-C handler, an orchestrator): a running command is
-/// killed with its process group, a backup job is aborted. Clones share one flag.
-#[derive(Debug, Clone, Default)]
-pub struct CancelHandle(Arc<AtomicBool>);
-
-impl CancelHandle {
-    /// A handle not yet cancelled.
-    pub fn new() -> Self {
-        CancelHandle::default()
-    }
-    /// Asks the work to stop.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancel was asked.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl PartialEq for CancelHandle {
-    /// Two handles are equal when they share one flag.
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for CancelHandle {}
+use crate::cancel::CancelHandle;
+use crate::redact::redact_secrets as redact_loosely;
 
 /// An external command: program, arguments and a timeout.
 #[derive(Clone)]

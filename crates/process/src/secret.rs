@@ -9,7 +9,7 @@ use std::fmt;
 /// configuration file).
 ///
 /// ```
-/// use nasbak_repo::Secret;
+/// use nasbak_process::Secret;
 /// let s = Secret::new("hunter2");
 /// assert_eq!(format!("{s} {s:?}"), "*** Secret(***)");
 /// assert_eq!(s.expose(), "hunter2");
