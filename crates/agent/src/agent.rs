@@ -63,7 +63,9 @@ pub enum AgentError {
         cause: Box<AgentError>,
     },
     /// The thaw after a freeze failed: the guest may still be frozen.
-    #[error("thawing {domain} failed, so its file systems may still be frozen; run `virsh domfsthaw {domain}`")]
+    #[error(
+        "thawing {domain} failed, so its file systems may still be frozen; thaw them through the guest agent once it answers (libvirt: domfsthaw)"
+    )]
     ThawFailed {
         /// The domain.
         domain: String,

@@ -5,10 +5,19 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use nasbak::BackupProgress;
-use serde_json::json;
+use nasbak::Progress;
+use serde::Serialize;
 
-/// Turns [`BackupProgress`] updates into what the operator sees.
+/// One `--json` progress line: the library's [`Progress`] with the operation and the percent.
+#[derive(Serialize)]
+struct Line<'a> {
+    operation: &'a str,
+    #[serde(flatten)]
+    progress: &'a Progress,
+    percent: f64,
+}
+
+/// Turns [`Progress`] updates into what the operator sees.
 pub struct Reporter {
     json: bool,
     label: String,
@@ -37,14 +46,8 @@ impl Reporter {
     }
 
     /// One update.
-    pub fn update(&mut self, p: BackupProgress) {
-        let (processed, total, disk) = match p {
-            BackupProgress::Bytes { processed, total } => (processed, total, None),
-            BackupProgress::Disk { target, percent, size } => {
-                let total = if size > 0 { size } else { 100 };
-                ((percent / 100.0 * total as f64) as u64, total, Some(target))
-            }
-        };
+    pub fn update(&mut self, p: &Progress) {
+        let (processed, total, disk) = (p.done, p.total, p.disk.clone());
         if disk != self.disk {
             self.last_decile = -1;
             self.disk.clone_from(&disk);
@@ -54,12 +57,8 @@ impl Reporter {
             }
         }
         if self.json {
-            let percent = if total > 0 { processed as f64 * 100.0 / total as f64 } else { 0.0 };
-            eprintln!(
-                "{}",
-                json!({"operation": self.label, "disk": self.disk, "processed": processed, "total": total,
-                       "percent": (percent * 10.0).round() / 10.0})
-            );
+            let line = Line { operation: &self.label, progress: p, percent: (p.percent() * 10.0).round() / 10.0 };
+            eprintln!("{}", serde_json::to_string(&line).unwrap_or_default());
             return;
         }
         if let Some(bar) = &self.bar {

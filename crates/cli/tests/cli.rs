@@ -86,7 +86,7 @@ fn backup_damage_restore_verify_list_delete() {
     assert!(ok(&config, &["repo", "check", "lab"]).contains("ok"));
     let out = ok(&config, &["--json", "backup", dom.name(), "--quiesce", "required"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v["quiesced"], true);
+    assert_eq!(v["manifest"]["quiesced"], true);
     let id = v["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with(&format!("lab:{}/", dom.name())), "{id}");
     // A running VM is not restored (exit code 4: refused).
@@ -107,8 +107,8 @@ fn backup_damage_restore_verify_list_delete() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
     // The same fields as `backup --json`, the manifest's disks included.
-    assert_eq!((list[0]["vm"].as_str(), list[0]["quiesced"].as_bool()), (Some(dom.name()), Some(true)));
-    assert_eq!(list[0]["disks"][0]["target"], "vda");
+    assert_eq!((list[0]["vm"].as_str(), list[0]["manifest"]["quiesced"].as_bool()), (Some(dom.name()), Some(true)));
+    assert_eq!(list[0]["manifest"]["disks"][0]["target"], "vda");
     let (code, _, _) = nasbak(&config, &["delete", &format!("lab:{}/", dom.name())]);
     assert_ne!(code, 0, "a VM directory must never be deleted");
     ok(&config, &["delete", &id]);
@@ -242,16 +242,16 @@ fn offerings_prune_schedules_and_run_due() {
     std::fs::write(&config, text.replace(&created, &earlier)).unwrap();
     let (code, out, err) = nasbak_env(&config, &state_env, &["--json", "run-due"]);
     assert_eq!(code, 0, "{out}{err}");
-    let runs = json_of(&out);
-    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let runs = json_of(&out)["ran"].clone();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{out}");
     assert_eq!(runs[0]["schedule"], schedule_id.as_str());
-    let made = runs[0]["result"]["Ok"].as_str().unwrap().to_owned();
+    let made = runs[0]["outcome"]["succeeded"].as_str().unwrap().to_owned();
     // Prune after the run: keep last=2 of the offering leaves the new one and the newest other.
     let now = ids(&config);
     assert_eq!(now.len(), 2, "{now:?}");
     assert!(made.ends_with(&now[1]), "{made} {now:?}");
     let listed = json_of(&ok(&config, &["--json", "list"]));
-    assert_eq!(listed[1]["schedule"], schedule_id.as_str());
+    assert_eq!(listed[1]["manifest"]["schedule"], schedule_id.as_str());
     // Not due again until the next occurrence; the state shows the run.
     let (code, out, _) = nasbak_env(&config, &state_env, &["run-due"]);
     assert_eq!((code, out.trim()), (0, "nothing is due"));
@@ -259,8 +259,8 @@ fn offerings_prune_schedules_and_run_due() {
     assert!(json_of(&out)[0]["last_run"].is_string(), "{out}");
     // show reads the manifest, with the schedule that made the backup.
     let shown = json_of(&ok(&config, &["--json", "show", &made]));
-    assert_eq!(shown["schedule"], schedule_id.as_str());
-    assert_eq!(shown["disks"][0]["checksum"]["algorithm"], "blake3");
+    assert_eq!(shown["manifest"]["schedule"], schedule_id.as_str());
+    assert_eq!(shown["manifest"]["disks"][0]["checksum"]["algorithm"], "blake3");
     // The repository commands.
     let repos = json_of(&ok(&config, &["--json", "repo", "list"]));
     assert_eq!((repos[0]["name"].as_str(), repos[0]["type"].as_str()), (Some("lab"), Some("shared")));
@@ -378,8 +378,8 @@ fn a_reference_layout_backup_is_listed_verified_and_restored() {
     let id = format!("lab:{}/2026.01.02.03.04.05", dom.name());
     let list = json_of(&ok(&config, &["--json", "list"]));
     assert_eq!(list[0]["written_by"], "reference");
-    assert_eq!(list[0]["disks"].as_array().unwrap().len(), 2);
-    assert_eq!(list[0]["disks"][0]["file"], "root.disk0.qcow2");
+    assert_eq!(list[0]["files"].as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["files"][0], "root.disk0.qcow2");
     let out = ok(&config, &["verify", &id]);
     assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 2, "{out}");
     // Damage the root disk, restore, the file is back.
@@ -571,7 +571,8 @@ fn disks_whose_names_collide_are_each_saved_and_restored() {
     shared_repo(&config, dom.dir());
     let out = json_of(&ok(&config, &["--json", "backup", dom.name()]));
     let id = out["id"].as_str().unwrap().to_owned();
-    let mut files: Vec<&str> = out["disks"].as_array().unwrap().iter().map(|d| d["file"].as_str().unwrap()).collect();
+    let mut files: Vec<&str> =
+        out["manifest"]["disks"].as_array().unwrap().iter().map(|d| d["file"].as_str().unwrap()).collect();
     files.sort();
     files.dedup();
     assert_eq!(files.len(), 5, "one file per disk: {out}");

@@ -66,18 +66,32 @@ pub struct Versions {
 pub struct LibvirtError {
     /// libvirt's words.
     pub message: String,
+    no_domain: bool,
 }
 
 impl LibvirtError {
     /// An error with libvirt's words (for other implementations of [`Hypervisor`] and mocks).
     pub fn new(message: impl Into<String>) -> Self {
-        LibvirtError { message: message.into() }
+        LibvirtError { message: message.into(), no_domain: false }
+    }
+
+    /// The error libvirt gives for a domain it does not have.
+    pub fn no_such_domain(domain: &str) -> Self {
+        LibvirtError { message: format!("Domain not found: no domain with matching name '{domain}'"), no_domain: true }
+    }
+
+    /// Whether libvirt said there is no such domain.
+    pub fn is_no_domain(&self) -> bool {
+        self.no_domain
     }
 }
 
 impl From<virt::error::Error> for LibvirtError {
     fn from(e: virt::error::Error) -> Self {
-        LibvirtError { message: e.message().to_owned() }
+        LibvirtError {
+            message: e.message().to_owned(),
+            no_domain: matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)),
+        }
     }
 }
 
@@ -109,10 +123,11 @@ pub trait Hypervisor {
     fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError>;
 }
 
-/// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...).
-#[derive(Debug)]
+/// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...). Clones share the
+/// connection.
+#[derive(Debug, Clone)]
 pub struct LibvirtHypervisor {
-    conn: Connect,
+    conn: std::sync::Arc<Connect>,
 }
 
 fn split_version(v: u32) -> (u32, u32, u32) {
@@ -124,7 +139,7 @@ impl LibvirtHypervisor {
     /// values).
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         virt::error::clear_error_callback();
-        Ok(LibvirtHypervisor { conn: Connect::open(Some(uri))? })
+        Ok(LibvirtHypervisor { conn: std::sync::Arc::new(Connect::open(Some(uri))?) })
     }
 
     /// The connection's URI as libvirt states it (for helpers that run `virsh`).

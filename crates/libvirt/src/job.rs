@@ -392,7 +392,7 @@ mod tests {
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
         hv.expect_backup_begin().returning(|_, _, _| {
-            Err(LibvirtError { message: "internal error: unable to execute QEMU command 'blockdev-add': Could not open '/x/a.qcow2': No such file or directory".into() })
+            Err(LibvirtError::new("internal error: unable to execute QEMU command 'blockdev-add': Could not open '/x/a.qcow2': No such file or directory"))
         });
         let mut seen = Vec::new();
         let e = run_backup(&hv, "vm1", &backup, fast(), &CancelHandle::new(), &mut |p| seen.push(p)).unwrap_err();

@@ -6,7 +6,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::Utc;
 use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
 use nasbak_libvirt::{
     CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup,
@@ -14,40 +13,21 @@ use nasbak_libvirt::{
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, DiskRole, MANIFEST_FILE, PARTIAL_SUFFIX, disk_file_names};
 use nasbak_repo::{
-    BackupId, BackupMethod, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
-    RepositoryMounts, VmName, VolumeName,
+    BackupId, BackupMethod, BackupRef, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
+    VmName, VolumeName,
 };
+use serde::Serialize;
 
-use crate::checksum::{CHECKSUM_ALGORITHM, checksum_file};
-use crate::error::BackupError;
+use crate::checksum::{CHECKSUM_ALGORITHM, checksum_file_observed};
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
+use crate::progress::{Observer, Phase, Progress};
 use crate::watchdog::ThawWatchdog;
 
-/// Where agents come from: the hypervisor knows its domains' agent channels.
-pub trait AgentSource {
-    /// The transport type.
-    type Transport: AgentTransport;
-    /// A transport to the agent of `domain`.
-    fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError>;
-    /// The libvirt URI a thaw watchdog process reaches the domain by (`None`: no watchdog; a
-    /// killed process then leaves the thaw to the next backup of the VM).
-    fn watchdog_uri(&self) -> Option<String> {
-        None
-    }
-}
-
-impl AgentSource for nasbak_libvirt::LibvirtHypervisor {
-    type Transport = nasbak_agent::LibvirtAgentTransport;
-    fn agent_transport(&self, domain: &str) -> Result<Self::Transport, nasbak_libvirt::LibvirtError> {
-        Ok(nasbak_agent::LibvirtAgentTransport::new(self.lookup(domain)?))
-    }
-    fn watchdog_uri(&self) -> Option<String> {
-        self.uri().ok()
-    }
-}
-
-/// What to back up, where, how.
+/// What to back up, where, how. Built with [`BackupRequest::new`] and the `with_` methods.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BackupRequest {
     /// The VM (libvirt domain name).
     pub vm: String,
@@ -61,54 +41,67 @@ pub struct BackupRequest {
     pub schedule: Option<String>,
 }
 
-/// Progress of a backup.
-#[derive(Debug, Clone, PartialEq)]
-pub enum BackupProgress {
-    /// Bytes copied of all (push job).
-    Bytes {
-        /// Done.
-        processed: u64,
-        /// In all.
-        total: u64,
-    },
-    /// Percent of one disk (qemu-img).
-    Disk {
-        /// Its target.
-        target: String,
-        /// 0 to 100.
-        percent: f64,
-        /// Its virtual size in bytes (0 when unknown).
-        size: u64,
-    },
+/// The default time limit of a backup's copy.
+pub const DEFAULT_BACKUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+impl BackupRequest {
+    /// A backup of `vm` to `repository`, quiesced best-effort, with a 24 h limit on the copy.
+    pub fn new(vm: impl Into<String>, repository: BackupRepository) -> Self {
+        BackupRequest {
+            vm: vm.into(),
+            repository,
+            quiesce: QuiescePolicy::default(),
+            timeout: DEFAULT_BACKUP_TIMEOUT,
+            schedule: None,
+        }
+    }
+
+    /// The quiesce policy.
+    pub fn with_quiesce(mut self, quiesce: QuiescePolicy) -> Self {
+        self.quiesce = quiesce;
+        self
+    }
+
+    /// The time limit of the copy.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The schedule the backup is made for.
+    pub fn with_schedule(mut self, schedule: impl Into<String>) -> Self {
+        self.schedule = Some(schedule.into());
+        self
+    }
+}
+
+/// A disk of the VM that was not backed up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SkippedDisk {
+    /// Its target device.
+    pub target: String,
+    /// Why not (a cdrom, no medium, shareable, ...).
+    pub reason: String,
 }
 
 /// A finished backup.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct BackupOutcome {
+    /// The backup, `REPO:VM/BACKUP-ID`.
+    pub id: BackupRef,
     /// Its manifest.
     pub manifest: Manifest,
     /// Its directory on the (now released) repository, relative to the repository root.
     pub relative_dir: PathBuf,
     /// Disks not backed up, and why.
-    pub skipped: Vec<(String, String)>,
+    pub skipped: Vec<SkippedDisk>,
     /// What this run cleaned up after earlier interrupted runs.
     pub cleaned: Vec<String>,
     /// What the operator must know although the backup is complete (a guest that could not be
     /// thawed).
     pub warnings: Vec<String>,
-}
-
-/// The services a workflow composes.
-#[derive(Debug)]
-pub struct Engine<H, I, M> {
-    /// libvirt.
-    pub hypervisor: H,
-    /// qemu-img.
-    pub images: I,
-    /// Repository mounts.
-    pub mounts: RepositoryMounts<M>,
-    /// Time limit of each guest-agent call.
-    pub agent_timeout: Duration,
 }
 
 /// The volume identity of a disk: the source file's stem when it is a valid name, else the target.
@@ -201,17 +194,13 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Backu
     move |source| BackupError::Io { action, path, source }
 }
 
-impl<H, I, M> Engine<H, I, M>
+impl<H, A, I, M> Engine<H, A, I, M>
 where
-    H: Hypervisor + AgentSource,
+    H: Hypervisor,
+    A: AgentSource,
     I: ImageTool + Sync,
     M: Mounter,
 {
-    /// The catalog (list, verify, delete, prune) over this engine's qemu-img and mounts.
-    pub fn catalog(&self) -> crate::Catalog<'_, I, M> {
-        crate::Catalog::new(&self.images, &self.mounts)
-    }
-
     /// Backs up one VM. See the module documentation for the steps; any failure or
     /// interruption leaves no complete-looking backup, and leftovers of earlier interrupted
     /// runs of this VM are removed first.
@@ -219,12 +208,16 @@ where
         &self,
         request: &BackupRequest,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<BackupOutcome, BackupError> {
         let vm = VmName::new(&request.vm)?;
-        let state = self.hypervisor.domain_state(&request.vm)?;
-        let xml = self.hypervisor.domain_xml(&request.vm)?;
-        let domain = Domain::parse(&xml)?;
+        let inspect = || -> Result<_, BackupError> {
+            let state = self.hypervisor.domain_state(&request.vm)?;
+            let xml = self.hypervisor.domain_xml(&request.vm)?;
+            let domain = Domain::parse(&xml)?;
+            Ok((state, xml, domain))
+        };
+        let (state, xml, domain) = inspect().map_err(at(Step::Inspect))?;
         let (chosen, skipped) = domain.backup_selection();
         if chosen.is_empty() {
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
@@ -258,7 +251,7 @@ where
         }
         notes.cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
         let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
-        let started = Utc::now();
+        let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
             .map_err(io("listing", &vm_dir))?
             .flatten()
@@ -272,20 +265,21 @@ where
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
         let files = backup_files(&chosen);
         // A failure while the repository is in use may be the repository going away: say so.
-        let unavailable = |phase: &'static str| {
+        let unavailable = |step: Step| {
             let mounted = &mounted;
             let repository = request.repository.name().to_string();
-            move |e: BackupError| repository_unavailable(mounted, repository, phase, e)
+            move |e: BackupError| repository_unavailable(mounted, repository, step.clone(), at(step)(e))
         };
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
                 let (q, note) = self
-                    .push(request, &domain, &partial, &files, cancel, &mut notes, progress)
-                    .map_err(unavailable("copy of the disks"))?;
+                    .push(request, &domain, &partial, &files, cancel, &mut notes, observer)
+                    .map_err(unavailable(Step::Job))?;
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
-                self.convert(&files, &sizes, &partial, cancel, progress).map_err(unavailable("copy of the disks"))?;
+                self.convert(&request.vm, &files, &sizes, &partial, cancel, observer)
+                    .map_err(unavailable(Step::Convert))?;
                 (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
             }
             DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
@@ -297,12 +291,18 @@ where
                 return Err(BackupError::Cancelled);
             }
             let path = partial.join(file);
-            let info =
-                self.images.info(&ImageLocation::Path(path.clone())).map_err(|e| unavailable("checksum")(e.into()))?;
+            let info = self
+                .images
+                .info(&ImageLocation::Path(path.clone()))
+                .map_err(|e| unavailable(Step::Checksum)(e.into()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
-            let digest = checksum_file(&path, CHECKSUM_ALGORITHM)
-                .map_err(io("checksumming", &path))
-                .map_err(unavailable("checksum"))?;
+            let mut report = |done: u64| {
+                observer(&Progress::new(Phase::Checksum, &request.vm, done, size).on_disk(&disk.target));
+                !cancel.is_cancelled()
+            };
+            let digest = checksum_file_observed(&path, CHECKSUM_ALGORITHM, &mut report)
+                .map_err(|e| cancelled_or(cancel, io("checksumming", &path)(e)))
+                .map_err(unavailable(Step::Checksum))?;
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
@@ -324,7 +324,7 @@ where
             vm: request.vm.clone(),
             method,
             started,
-            finished: Utc::now(),
+            finished: self.clock.now(),
             quiesced,
             quiesce_note,
             libvirt_version: versions.map(|x| v(x.libvirt)),
@@ -336,22 +336,24 @@ where
             return Err(BackupError::Cancelled);
         }
         let manifest_path = partial.join(MANIFEST_FILE);
-        write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(unavailable("manifest"))?;
+        write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(unavailable(Step::Manifest))?;
         crate::fault::point("manifest");
         // Only while the lock is still ours: a holder that stalled past its lease abandons.
-        lock.check(vm.as_str())?;
+        lock.check(vm.as_str()).map_err(|e| at(Step::Commit)(e.into()))?;
         let final_dir = layout.backup_dir(&vm, &id);
         fs::rename(&partial, &final_dir)
             .map_err(io("moving the finished backup into place", &final_dir))
-            .map_err(unavailable("manifest"))?;
+            .map_err(unavailable(Step::Commit))?;
         cleanup.0 = None;
         if let Ok(d) = fs::File::open(&vm_dir) {
             let _ = d.sync_all();
         }
         crate::fault::point("renamed");
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
-        let skipped = skipped.into_iter().map(|s| (s.target, s.reason.to_owned())).collect();
-        Ok(BackupOutcome { manifest, relative_dir, skipped, cleaned: notes.cleaned, warnings: notes.warnings })
+        let skipped =
+            skipped.into_iter().map(|s| SkippedDisk { target: s.target, reason: s.reason.to_owned() }).collect();
+        let id = BackupRef::new(Some(request.repository.name().clone()), vm, id);
+        Ok(BackupOutcome { id, manifest, relative_dir, skipped, cleaned: notes.cleaned, warnings: notes.warnings })
     }
 
     /// A nasbak process killed during a push job leaves the job running, writing into its
@@ -421,7 +423,7 @@ where
         files: &[(&Disk, String)],
         cancel: &CancelHandle,
         notes: &mut Notes,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<(bool, Option<String>), BackupError> {
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
         for t in &mut backup.targets {
@@ -431,8 +433,8 @@ where
         }
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
-        let mut watchdog = self.hypervisor.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
-        let agent = self.hypervisor.agent_transport(&request.vm).map(|t| GuestAgent::new(t, self.agent_timeout));
+        let mut watchdog = self.agents.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
+        let agent = self.agents.agent_transport(&request.vm).map(|t| GuestAgent::new(t, self.agent_timeout));
         let mut outcome;
         let mut thaw_failed = None;
         let job = match (&agent, request.quiesce) {
@@ -445,7 +447,7 @@ where
                 {
                     notes.cleaned.push(format!("thawed {}, which an interrupted run had left frozen", request.vm));
                 }
-                let (guard, o) = quiesce(agent, request.quiesce, None)?;
+                let (guard, o) = quiesce(agent, request.quiesce, None).map_err(|e| at(Step::Freeze)(e.into()))?;
                 outcome = o;
                 crate::fault::point("frozen");
                 let started = start_backup(&self.hypervisor, &request.vm, &backup);
@@ -460,7 +462,9 @@ where
                     }
                 }
             }
-            (Err(e), QuiescePolicy::Required) => return Err(BackupError::Libvirt(e.clone())),
+            (Err(e), QuiescePolicy::Required) => {
+                return Err(at(Step::Freeze)(BackupError::Libvirt(e.clone())));
+            }
             (Err(e), _) => {
                 outcome = nasbak_agent::QuiesceOutcome {
                     quiesced: false,
@@ -472,8 +476,9 @@ where
         };
         crate::fault::point("job-started");
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        let waited = job
-            .wait(options, cancel, &mut |p| progress(BackupProgress::Bytes { processed: p.processed, total: p.total }));
+        let waited = job.wait(options, cancel, &mut |p| {
+            observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
+        });
         let mut frozen = None;
         if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
             let (note, warning) = settle_thaw(agent, first, &mut watchdog, &request.vm);
@@ -492,11 +497,12 @@ where
 
     fn convert(
         &self,
+        vm: &str,
         files: &[(&Disk, String)],
         sizes: &std::collections::HashMap<String, u64>,
         partial: &Path,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         for (disk, file) in files {
             if cancel.is_cancelled() {
@@ -506,7 +512,7 @@ where
             let size = sizes.get(&disk.target).copied().unwrap_or(0);
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
-            self.convert_reporting(r, cancel, &disk.target, size, progress)?;
+            self.convert_reporting(r, cancel, vm, &disk.target, size, observer)?;
         }
         Ok(())
     }
@@ -517,7 +523,7 @@ where
 pub(crate) fn repository_unavailable<M: Mounter>(
     mounted: &nasbak_repo::MountedRepository<'_, M>,
     repository: String,
-    phase: &'static str,
+    step: Step,
     e: BackupError,
 ) -> BackupError {
     if matches!(e, BackupError::Cancelled) {
@@ -526,7 +532,7 @@ pub(crate) fn repository_unavailable<M: Mounter>(
     match mounted.health() {
         Ok(()) => e,
         Err(state) => {
-            BackupError::RepositoryUnavailable { repository, phase, state: state.to_string(), source: Box::new(e) }
+            BackupError::RepositoryUnavailable { repository, step, state: state.to_string(), source: Box::new(e) }
         }
     }
 }

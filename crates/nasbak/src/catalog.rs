@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::Path;
 
+use nasbak_process::CancelHandle;
 use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{MANIFEST_FILE, parse_disk_file_name};
 use nasbak_repo::{BackupId, BackupRepository, Manifest, Mounter, RepositoryMounts, VmName};
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::error::BackupError;
 use crate::lock::VmLock;
+use crate::progress::{Observer, Phase, Progress};
 
 /// Who wrote a backup, or why it cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,14 +38,101 @@ pub enum BackupKind {
 }
 
 /// A backup found on a repository.
+///
+/// Serialised (the CLI's `list --json`) as `id` (`REPO:VM/BACKUP-ID`), `repository`, `vm`,
+/// `backup`, `written_by` (`nasbak`, `reference` or `unknown`), and `manifest` (nasbak's),
+/// `files` (the reference system's) or `damaged` (the reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackupEntry {
+    /// The repository it is on.
+    pub repository: String,
     /// The VM.
     pub vm: String,
     /// The backup id.
     pub id: String,
     /// What it is.
     pub kind: BackupKind,
+}
+
+impl BackupEntry {
+    /// `REPO:VM/BACKUP-ID`.
+    pub fn reference(&self) -> String {
+        format!("{}:{}/{}", self.repository, self.vm, self.id)
+    }
+}
+
+impl Serialize for BackupEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            id: String,
+            repository: &'a str,
+            vm: &'a str,
+            backup: &'a str,
+            written_by: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            manifest: Option<&'a Manifest>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            files: Option<&'a [String]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            damaged: Option<&'a str>,
+        }
+        let (written_by, manifest, files, damaged) = match &self.kind {
+            BackupKind::Nasbak(m) => ("nasbak", Some(&**m), None, None),
+            BackupKind::Reference { files } => ("reference", None, Some(files.as_slice()), None),
+            BackupKind::Damaged { reason } => ("unknown", None, None, Some(reason.as_str())),
+        };
+        Shown {
+            id: self.reference(),
+            repository: &self.repository,
+            vm: &self.vm,
+            backup: &self.id,
+            written_by,
+            manifest,
+            files,
+            damaged,
+        }
+        .serialize(s)
+    }
+}
+
+/// A repository's capacity, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CapacityReport {
+    /// The repository.
+    pub repository: String,
+    /// Size of its file system.
+    pub total: u64,
+    /// In use.
+    pub used: u64,
+    /// Available to a writer.
+    pub available: u64,
+}
+
+/// What verify found in one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// The backup, `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// Why the backup is damaged (its manifest unreadable or invalid): then no file was checked.
+    pub damaged: Option<String>,
+    /// Each file's verdict.
+    pub files: Vec<FileVerdict>,
+}
+
+impl VerifyReport {
+    /// The report on a damaged backup (`REPO:VM/BACKUP-ID`), which has no file to check.
+    pub fn of_damaged(backup: impl Into<String>, reason: impl Into<String>) -> Self {
+        VerifyReport { backup: backup.into(), damaged: Some(reason.into()), files: Vec::new() }
+    }
+
+    /// Whether the backup is complete and every file is good.
+    pub fn ok(&self) -> bool {
+        self.damaged.is_none() && self.files.iter().all(FileVerdict::ok)
+    }
 }
 
 /// What is wrong with one file of a backup, or that nothing is.
@@ -111,11 +200,11 @@ impl FileVerdict {
 /// Reads the backup directory `dir` (`None`: there is no such directory). A manifest that cannot
 /// be read or is invalid, and a directory with neither a manifest nor a backup file, give
 /// [`BackupKind::Damaged`].
-pub(crate) fn read_backup(vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
+pub(crate) fn read_backup(repository: &str, vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
     if !dir.is_dir() {
         return None;
     }
-    let entry = |kind| Some(BackupEntry { vm: vm.into(), id: id.into(), kind });
+    let entry = |kind| Some(BackupEntry { repository: repository.into(), vm: vm.into(), id: id.into(), kind });
     let manifest = dir.join(MANIFEST_FILE);
     match fs::read_to_string(&manifest) {
         Ok(text) => {
@@ -170,7 +259,35 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
     /// written and anything not named like a backup are not listed.
     pub fn list(&self, repository: &BackupRepository, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
         let mounted = self.mounts.acquire(repository)?;
-        list_mounted(mounted.root(), vm)
+        list_mounted(repository.name().as_str(), mounted.root(), vm)
+    }
+
+    /// One backup (complete or damaged); [`BackupError::NotFound`] when there is none of that id.
+    pub fn entry(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<BackupEntry, BackupError> {
+        let mounted = self.mounts.acquire(repository)?;
+        let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
+        read_backup(repository.name().as_str(), vm, id, &dir)
+            .ok_or_else(|| BackupError::NotFound { what: format!("backup {}:{vm}/{id}", repository.name()) })
+    }
+
+    /// Verifies every backup on `repository` (of `vm` only, when given), oldest first; a damaged
+    /// backup is a report that says why, not an error.
+    pub fn verify_all(
+        &self,
+        repository: &BackupRepository,
+        vm: Option<&str>,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<VerifyReport>, BackupError> {
+        let mut reports = Vec::new();
+        for b in self.list(repository, vm)? {
+            reports.push(match self.verify(repository, &b.vm, &b.id, cancel, observer) {
+                Ok(report) => report,
+                Err(BackupError::DamagedBackup { reason, .. }) => VerifyReport::of_damaged(b.reference(), reason),
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(reports)
     }
 
     /// Checks every file of one backup: that it is there and readable, `qemu-img check`, and its
@@ -181,12 +298,14 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         repository: &BackupRepository,
         vm: &str,
         id: &str,
-        progress: &mut dyn FnMut(crate::BackupProgress),
-    ) -> Result<Vec<FileVerdict>, BackupError> {
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<VerifyReport, BackupError> {
         let mounted = self.mounts.acquire(repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
-        let entry =
-            read_backup(vm, id, &dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
+        let entry = read_backup(repository.name().as_str(), vm, id, &dir)
+            .ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
+        let backup = entry.reference();
         let files: Vec<(String, Option<nasbak_repo::Checksum>)> = match entry.kind {
             BackupKind::Nasbak(m) => m.disks.into_iter().map(|d| (d.file, d.checksum)).collect(),
             BackupKind::Reference { files } => files.into_iter().map(|f| (f, None)).collect(),
@@ -197,17 +316,30 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         let sizes: Vec<u64> = files.iter().map(|(f, _)| fs::metadata(dir.join(f)).map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
         let mut processed = 0;
-        progress(crate::BackupProgress::Bytes { processed, total });
+        observer(&Progress::new(Phase::Verify, vm, processed, total));
         let mut verdicts = Vec::new();
         for ((file, sum), size) in files.into_iter().zip(sizes) {
-            verdicts.push(self.verify_file(&dir, file, sum));
+            let mut report = |done: u64| {
+                observer(&Progress::new(Phase::Verify, vm, processed + done.min(size), total));
+                !cancel.is_cancelled()
+            };
+            verdicts.push(self.verify_file(&dir, file, sum, &mut report));
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
             processed += size;
-            progress(crate::BackupProgress::Bytes { processed, total });
+            observer(&Progress::new(Phase::Verify, vm, processed, total));
         }
-        Ok(verdicts)
+        Ok(VerifyReport { backup, damaged: None, files: verdicts })
     }
 
-    fn verify_file(&self, dir: &Path, file: String, sum: Option<nasbak_repo::Checksum>) -> FileVerdict {
+    fn verify_file(
+        &self,
+        dir: &Path,
+        file: String,
+        sum: Option<nasbak_repo::Checksum>,
+        progress: &mut dyn FnMut(u64) -> bool,
+    ) -> FileVerdict {
         let path = dir.join(&file);
         // Open it first: a missing file and one that cannot be read are told apart from bad data.
         if let Err(e) = fs::File::open(&path) {
@@ -217,7 +349,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         }
         let (checksum_ok, error) = match sum {
             None => (None, None),
-            Some(c) => match crate::checksum::checksum_file(&path, &c.algorithm) {
+            Some(c) => match crate::checksum::checksum_file_observed(&path, &c.algorithm, progress) {
                 Ok(actual) => (Some(actual == c.value), None),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     (None, Some((FileStatus::Missing, e.to_string())))
@@ -232,12 +364,40 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         FileVerdict::new(file, check, checksum_ok, error)
     }
 
+    /// The capacity of `repository` (mounted for the measurement, then released).
+    pub fn capacity(&self, repository: &BackupRepository) -> Result<CapacityReport, BackupError> {
+        let mounted = self.mounts.acquire(repository)?;
+        let c = mounted.capacity()?;
+        mounted.release()?;
+        Ok(CapacityReport {
+            repository: repository.name().to_string(),
+            total: c.total,
+            used: c.used,
+            available: c.available,
+        })
+    }
+
+    /// Checks `repository` end to end: mount, write a file, read it back, measure, unmount. Says
+    /// so when root may not write (root_squash).
+    pub fn check(&self, repository: &BackupRepository) -> Result<CapacityReport, BackupError> {
+        let mounted = self.mounts.acquire(repository)?;
+        mounted.check_writable()?;
+        let c = mounted.capacity()?;
+        mounted.release()?;
+        Ok(CapacityReport {
+            repository: repository.name().to_string(),
+            total: c.total,
+            used: c.used,
+            available: c.available,
+        })
+    }
+
     /// Deletes one backup, complete or damaged. Only `VM/BACKUP-ID` naming an existing backup
     /// directory is accepted: never the repository, a VM directory, or anything else.
     pub fn delete(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<(), BackupError> {
         let mounted = self.mounts.acquire(repository)?;
         let (vm_name, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
-        if read_backup(vm, id, &dir).is_none() {
+        if read_backup(repository.name().as_str(), vm, id, &dir).is_none() {
             return Err(BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) });
         }
         // Not while a backup, restore or prune of this VM runs.
@@ -259,7 +419,7 @@ pub(crate) fn delete_dir(dir: &Path) -> Result<(), BackupError> {
 }
 
 /// The backups below a mounted repository root (see [`Catalog::list`]).
-pub(crate) fn list_mounted(root: &Path, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
+pub(crate) fn list_mounted(repository: &str, root: &Path, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
     let mut out = Vec::new();
     let vms: Vec<String> = match vm {
         Some(v) => vec![VmName::new(v)?.to_string()],
@@ -276,7 +436,7 @@ pub(crate) fn list_mounted(root: &Path, vm: Option<&str>) -> Result<Vec<BackupEn
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.parse::<BackupId>().is_ok()
-                && let Some(entry) = read_backup(&v, &name, &e.path())
+                && let Some(entry) = read_backup(repository, &v, &name, &e.path())
             {
                 out.push(entry);
             }
@@ -296,9 +456,9 @@ mod tests {
     fn every_backup_directory_is_a_backup_or_damaged_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let b = dir.path().join("2026.01.01.00.00.00");
-        assert_eq!(read_backup("vm", "2026.01.01.00.00.00", &b), None);
+        assert_eq!(read_backup("r", "vm", "2026.01.01.00.00.00", &b), None);
         fs::create_dir(&b).unwrap();
-        let kind = |d: &Path| read_backup("vm", "2026.01.01.00.00.00", d).unwrap().kind;
+        let kind = |d: &Path| read_backup("r", "vm", "2026.01.01.00.00.00", d).unwrap().kind;
         assert!(matches!(kind(&b), BackupKind::Damaged { reason } if reason.contains("neither a manifest")));
         fs::write(b.join("root.v.qcow2"), "x").unwrap();
         assert_eq!(kind(&b), BackupKind::Reference { files: vec!["root.v.qcow2".into()] });

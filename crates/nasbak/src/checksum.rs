@@ -103,9 +103,57 @@ pub fn checksum_file(path: &Path, algorithm: &str) -> std::io::Result<String> {
     }
 }
 
+/// Like [`checksum_file`], telling `progress` the bytes hashed so far after every 2 MiB;
+/// `progress` returns false to stop (an `Interrupted` error).
+pub fn checksum_file_observed(
+    path: &Path,
+    algorithm: &str,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> std::io::Result<String> {
+    let mut hasher = Hasher::new(algorithm)?;
+    let mut len = 0u64;
+    let mut stopped = false;
+    read_pipelined(path, |data| {
+        hasher.update(data);
+        len += data.len() as u64;
+        stopped = !progress(len);
+        Ok(!stopped)
+    })?;
+    if stopped {
+        return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
+    }
+    Ok(hasher.finish())
+}
+
 enum Hasher {
     Blake3(Box<blake3::Hasher>),
     Sha256(Sha256),
+}
+
+impl Hasher {
+    fn new(algorithm: &str) -> std::io::Result<Hasher> {
+        match algorithm {
+            "blake3" => Ok(Hasher::Blake3(Box::default())),
+            "sha256" => Ok(Hasher::Sha256(Sha256::new())),
+            other => Err(unknown(other)),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Blake3(h) => {
+                h.update_rayon(data);
+            }
+            Hasher::Sha256(h) => h.update(data),
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
+            Hasher::Sha256(h) => hex(&h.finalize()),
+        }
+    }
 }
 
 /// Copies `source` to a new file `target` in one pass, hashing what it reads with `algorithm`,
@@ -119,21 +167,12 @@ pub fn copy_verified(
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> std::io::Result<String> {
     const BLOCK: usize = 64 << 10;
-    let mut hasher = match algorithm {
-        "blake3" => Hasher::Blake3(Box::default()),
-        "sha256" => Hasher::Sha256(Sha256::new()),
-        other => return Err(unknown(other)),
-    };
+    let mut hasher = Hasher::new(algorithm)?;
     let mut dst = OpenOptions::new().write(true).create_new(true).open(target)?;
     let mut len = 0u64;
     let mut stopped = false;
     read_pipelined(source, |data| {
-        match &mut hasher {
-            Hasher::Blake3(h) => {
-                h.update_rayon(data);
-            }
-            Hasher::Sha256(h) => h.update(data),
-        }
+        hasher.update(data);
         for block in data.chunks(BLOCK) {
             if block.iter().all(|b| *b == 0) {
                 dst.seek(SeekFrom::Current(block.len() as i64))?;
@@ -153,10 +192,7 @@ pub fn copy_verified(
     if let Ok(meta) = fs::metadata(source) {
         let _ = fs::set_permissions(target, meta.permissions());
     }
-    Ok(match hasher {
-        Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
-        Hasher::Sha256(h) => hex(&h.finalize()),
-    })
+    Ok(hasher.finish())
 }
 
 #[cfg(test)]
@@ -174,6 +210,14 @@ mod tests {
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
         assert!(checksum_file(&p, "md5").unwrap_err().to_string().contains("blake3 and sha256"));
+        let mut seen = 0;
+        let observed = checksum_file_observed(&p, "blake3", &mut |n| {
+            seen = n;
+            true
+        });
+        assert_eq!((observed.unwrap(), seen), (checksum_file(&p, "blake3").unwrap(), 3));
+        let e = checksum_file_observed(&p, "sha256", &mut |_| false).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
     }
 
     #[test]

@@ -377,8 +377,8 @@ impl Config {
         }
         if self.offering_of(&s.vm).is_none() {
             return Err(Refused(format!(
-                "{} has no offering; `nasbak assign {} OFFERING` first (the offering names the repository)",
-                s.vm, s.vm
+                "{} has no offering; assign it to one first (the offering names the repository)",
+                s.vm
             )));
         }
         self.schedules.push(s);
@@ -425,6 +425,83 @@ pub(crate) fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()
         .map_err(|e| io("writing", e))?;
     f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
     fs::rename(&tmp, path).map_err(|e| io("replacing", e))
+}
+
+/// An offering as listings show it: with the VMs assigned to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct OfferingSummary {
+    /// Its name.
+    pub name: String,
+    /// The repository its backups go to.
+    pub repository: String,
+    /// Its zone.
+    pub zone: Option<String>,
+    /// The default quiesce policy.
+    pub quiesce: String,
+    /// The retention (`None`: keep everything).
+    pub keep: Option<String>,
+    /// The VMs assigned to it.
+    pub vms: Vec<String>,
+}
+
+/// A schedule as listings show it: with when it last ran and how that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ScheduleSummary {
+    /// Its id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The interval.
+    pub every: String,
+    /// When in the interval.
+    pub at: String,
+    /// The time zone of `at`.
+    pub tz: String,
+    /// Keep at most this many of its backups (0: no limit).
+    pub keep: u32,
+    /// The quiesce policy.
+    pub quiesce: String,
+    /// When it last ran.
+    pub last_run: Option<DateTime<Utc>>,
+    /// How that ended.
+    pub last_outcome: Option<RunOutcome>,
+}
+
+impl Config {
+    /// Every offering, with its VMs.
+    pub fn offering_summaries(&self) -> Vec<OfferingSummary> {
+        self.offerings
+            .iter()
+            .map(|o| OfferingSummary {
+                name: o.name.clone(),
+                repository: o.repository.clone(),
+                zone: o.zone.clone(),
+                quiesce: o.quiesce.to_string(),
+                keep: o.keep.map(|k| k.to_string()),
+                vms: self.assignments.iter().filter(|(_, x)| **x == o.name).map(|(v, _)| v.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Every schedule, with its last run from `state`.
+    pub fn schedule_summaries(&self, state: &ScheduleState) -> Vec<ScheduleSummary> {
+        self.schedules
+            .iter()
+            .map(|s| ScheduleSummary {
+                id: s.id.clone(),
+                vm: s.vm.clone(),
+                every: s.every.to_string(),
+                at: s.at.clone(),
+                tz: s.tz.clone(),
+                keep: s.keep,
+                quiesce: s.quiesce.to_string(),
+                last_run: state.last_run.get(&s.id).copied(),
+                last_outcome: state.last_outcome.get(&s.id).cloned(),
+            })
+            .collect()
+    }
 }
 
 /// When each schedule last ran and how that ended (`/var/lib/nasbak/state.json`).

@@ -1,6 +1,112 @@
-//! The facade's error.
+//! The facade's error: [`BackupError`], with [`BackupError::kind`] for the cases callers handle
+//! and [`BackupError::step`] for the step of the workflow that failed.
+//!
+//! Messages say what went wrong and what would be valid, in the library's words: never which
+//! command of a tool to run (that wording belongs to the tool; the CLI adds its own hints).
 
 use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// The step of a workflow that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Step {
+    /// Reading the VM's state and configuration from the hypervisor.
+    Inspect,
+    /// Mounting (or reaching) the repository.
+    Mount,
+    /// Taking the VM's lock on the repository.
+    Lock,
+    /// Checking the repository's free space.
+    Space,
+    /// Freezing the guest's file systems.
+    Freeze,
+    /// The push backup job (start, copy, end).
+    Job,
+    /// Copying a shut-off VM's disks with qemu-img.
+    Convert,
+    /// Checksumming the files just written.
+    Checksum,
+    /// Writing the manifest.
+    Manifest,
+    /// Moving the finished backup into place.
+    Commit,
+    /// Checking a backup's files before a restore.
+    Check,
+    /// Restoring one disk.
+    Restore {
+        /// Its target device.
+        disk: String,
+    },
+    /// Attaching a restored volume to a VM.
+    Attach,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Inspect => f.write_str("reading the VM"),
+            Step::Mount => f.write_str("mounting the repository"),
+            Step::Lock => f.write_str("taking the VM lock"),
+            Step::Space => f.write_str("checking free space"),
+            Step::Freeze => f.write_str("freezing the guest"),
+            Step::Job => f.write_str("the copy of the disks (backup job)"),
+            Step::Convert => f.write_str("the copy of the disks (qemu-img)"),
+            Step::Checksum => f.write_str("the checksum"),
+            Step::Manifest => f.write_str("the manifest"),
+            Step::Commit => f.write_str("moving the backup into place"),
+            Step::Check => f.write_str("checking the backup"),
+            Step::Restore { disk } => write!(f, "the restore of disk {disk}"),
+            Step::Attach => f.write_str("attaching the volume"),
+        }
+    }
+}
+
+/// The cases a caller of the workflows may want to handle, whatever step they happened in (see
+/// [`BackupError::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A name, an id, a destination or another input is invalid.
+    InvalidInput,
+    /// The hypervisor has no such domain.
+    NoSuchDomain,
+    /// No such backup, repository, offering or disk.
+    NotFound,
+    /// The input does not say enough to choose (which repository, which backup).
+    Ambiguous,
+    /// The VM is running where it must be shut off.
+    DomainRunning,
+    /// The VM is neither running nor shut off.
+    DomainNotBackupable,
+    /// The repository cannot be mounted or reached, or went away.
+    RepositoryUnreachable,
+    /// Not enough free space on the repository.
+    NoSpace,
+    /// Another process holds the VM (a backup, restore or prune runs), or the lock was lost.
+    Busy,
+    /// The backup's disks do not match the VM's.
+    Mismatch,
+    /// A backup is damaged: its manifest unreadable or invalid, or no backup file.
+    DamagedBackup,
+    /// A backup file failed its check (qemu-img check or checksum).
+    CorruptFile,
+    /// The destination exists.
+    Exists,
+    /// A disk was left half-written by an interrupted restore.
+    HalfRestored,
+    /// Cancelled through the caller's handle.
+    Cancelled,
+    /// Something nasbak does not do.
+    Unsupported,
+    /// The configuration.
+    Configuration,
+    /// Anything else (see the error and its causes).
+    Other,
+}
 
 /// A workflow failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +181,7 @@ pub enum BackupError {
         what: String,
     },
     /// The VM must be shut off for this.
-    #[error("{vm} is running; shut it off before restoring (`virsh shutdown {vm}`)")]
+    #[error("{vm} is running; it must be shut off to restore it")]
     NotShutOff {
         /// The VM.
         vm: String,
@@ -105,7 +211,7 @@ pub enum BackupError {
         reason: String,
     },
     /// Nothing of that name.
-    #[error("{what} does not exist; `nasbak list` shows what does")]
+    #[error("{what} does not exist")]
     NotFound {
         /// What was looked for.
         what: String,
@@ -153,12 +259,12 @@ pub enum BackupError {
     },
     /// The repository went away (stopped answering, or was unmounted) while a workflow used it;
     /// `source` is the failure that followed.
-    #[error("the repository {repository} became unavailable during the {phase}: {state}")]
+    #[error("the repository {repository} became unavailable during {step}: {state}")]
     RepositoryUnavailable {
         /// The repository.
         repository: String,
         /// What was being done.
-        phase: &'static str,
+        step: Step,
         /// What the check of the repository found.
         state: String,
         /// The failure it caused.
@@ -186,9 +292,78 @@ pub enum BackupError {
         #[source]
         source: Box<BackupError>,
     },
+    /// A step of a workflow failed; `source` says how.
+    #[error("{step} failed")]
+    During {
+        /// The step.
+        step: Step,
+        /// The failure.
+        #[source]
+        source: Box<BackupError>,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
+}
+
+impl BackupError {
+    /// The case this error is, looking through the wrappers that say where it happened
+    /// ([`BackupError::During`], [`BackupError::RepositoryUnavailable`],
+    /// [`BackupError::StillFrozen`], [`BackupError::RestoreIncomplete`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BackupError::During { source, .. }
+            | BackupError::StillFrozen { source, .. }
+            | BackupError::RestoreIncomplete { source, .. } => source.kind(),
+            BackupError::Input(_) => ErrorKind::InvalidInput,
+            BackupError::Mount(_) | BackupError::RepositoryUnavailable { .. } => ErrorKind::RepositoryUnreachable,
+            BackupError::Config(_) => ErrorKind::Configuration,
+            BackupError::Lock(_) => ErrorKind::Busy,
+            BackupError::Libvirt(e) if e.is_no_domain() => ErrorKind::NoSuchDomain,
+            BackupError::NoSpace { .. } => ErrorKind::NoSpace,
+            BackupError::NotBackupable { .. } => ErrorKind::DomainNotBackupable,
+            BackupError::Unsupported { .. } => ErrorKind::Unsupported,
+            BackupError::NotShutOff { .. } => ErrorKind::DomainRunning,
+            BackupError::Mismatch { .. } => ErrorKind::Mismatch,
+            BackupError::Damaged { .. } => ErrorKind::CorruptFile,
+            BackupError::DamagedBackup { .. } => ErrorKind::DamagedBackup,
+            BackupError::NotFound { .. } => ErrorKind::NotFound,
+            BackupError::Exists { .. } => ErrorKind::Exists,
+            BackupError::Ambiguous { .. } => ErrorKind::Ambiguous,
+            BackupError::HalfRestored { .. } => ErrorKind::HalfRestored,
+            BackupError::Cancelled => ErrorKind::Cancelled,
+            _ => ErrorKind::Other,
+        }
+    }
+
+    /// The step of the workflow that failed, where one is known.
+    pub fn step(&self) -> Option<Step> {
+        match self {
+            BackupError::During { step, .. } => Some(step.clone()),
+            BackupError::RepositoryUnavailable { step, .. } => Some(step.clone()),
+            BackupError::StillFrozen { source, .. } | BackupError::RestoreIncomplete { source, .. } => source.step(),
+            BackupError::Mount(_) => Some(Step::Mount),
+            BackupError::Lock(_) | BackupError::HalfRestored { .. } => Some(Step::Lock),
+            BackupError::NoSpace { .. } => Some(Step::Space),
+            BackupError::Job(_) => Some(Step::Job),
+            BackupError::Agent(_) => Some(Step::Freeze),
+            BackupError::AttachFailed { .. } => Some(Step::Attach),
+            _ => None,
+        }
+    }
+}
+
+/// Wraps a failure of `step` as [`BackupError::During`]; a cancel stays [`BackupError::Cancelled`]
+/// and a failure that already says its step is left as it is.
+pub(crate) fn at(step: Step) -> impl FnOnce(BackupError) -> BackupError {
+    move |e| match e {
+        BackupError::Cancelled
+        | BackupError::During { .. }
+        | BackupError::RepositoryUnavailable { .. }
+        | BackupError::StillFrozen { .. }
+        | BackupError::RestoreIncomplete { .. } => e,
+        e => BackupError::During { step, source: Box::new(e) },
+    }
 }
 
 impl From<nasbak_libvirt::JobError> for BackupError {

@@ -22,24 +22,48 @@
 mod backup;
 mod catalog;
 mod checksum;
+pub mod clock;
 pub mod config;
+mod engine;
 mod error;
 mod fault;
 mod lock;
 #[cfg(test)]
 mod mocked;
+pub mod progress;
 pub mod prune;
 mod restore;
 pub mod schedule;
 mod service;
 mod watchdog;
 
-pub use backup::{AgentSource, BackupOutcome, BackupProgress, BackupRequest, Engine};
-pub use catalog::{BackupEntry, BackupKind, Catalog, FileStatus, FileVerdict};
-pub use checksum::{CHECKSUM_ALGORITHM, blake3_file, checksum_file, copy_verified, sha256_file};
-pub use error::{BackupError, chain};
+pub use backup::{BackupOutcome, BackupRequest, DEFAULT_BACKUP_TIMEOUT, SkippedDisk};
+pub use catalog::{BackupEntry, BackupKind, CapacityReport, Catalog, FileStatus, FileVerdict, VerifyReport};
+pub use checksum::{
+    CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
+};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::{AgentSource, DEFAULT_AGENT_TIMEOUT, Engine};
+pub use error::{BackupError, ErrorKind, Step, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
+pub use progress::{Observer, Phase, Progress};
 pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
-pub use restore::{RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks, parse_destination};
+pub use restore::{
+    Attachment, RestoreOutcome, RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
+    parse_destination,
+};
 pub use service::{DueRun, Placement, RunDue, placement};
 pub use {nasbak_agent, nasbak_libvirt, nasbak_process, nasbak_qemu_img, nasbak_repo};
+
+/// The mocks of every seam the engine composes, for embedders' tests (feature `mock`):
+/// [`MockHypervisor`](mock::MockHypervisor), [`MockAgentSource`](mock::MockAgentSource) (its
+/// transport is the stateful [`FakeAgent`](mock::FakeAgent)), [`MockImageTool`](mock::MockImageTool)
+/// and [`MockMounter`](mock::MockMounter).
+#[cfg(any(test, feature = "mock"))]
+pub mod mock {
+    pub use crate::engine::MockAgentSource;
+    pub use nasbak_agent::fake::FakeAgent;
+    pub use nasbak_libvirt::MockHypervisor;
+    pub use nasbak_qemu_img::MockImageTool;
+    pub use nasbak_repo::MockMounter;
+}

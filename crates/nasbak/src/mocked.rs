@@ -12,16 +12,20 @@ use nasbak_process::CommandError;
 use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
 use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts};
 
-use crate::backup::{AgentSource, BackupRequest, Engine};
+use crate::backup::BackupRequest;
+use crate::engine::{Engine, MockAgentSource};
 use crate::error::BackupError;
-use crate::restore::VolumeRestoreRequest;
+use crate::restore::{RestoreRequest, VolumeRestoreRequest};
 
-impl AgentSource for MockHypervisor {
-    type Transport = FakeAgent;
-    fn agent_transport(&self, _domain: &str) -> Result<FakeAgent, LibvirtError> {
-        Ok(FakeAgent::new(1))
-    }
+/// Guest agents that answer (a fresh fake per call), and no thaw watchdog.
+fn agents() -> MockAgentSource {
+    let mut agents = MockAgentSource::new();
+    agents.expect_agent_transport().returning(|_| Ok(FakeAgent::new(1)));
+    agents.expect_watchdog_uri().returning(|| None);
+    agents
 }
+
+type MockEngine = Engine<MockHypervisor, MockAgentSource, MockImageTool, MockMounter>;
 
 const XML: &str = "<domain><name>vm1</name><devices>\
     <disk type='file' device='disk'><driver type='qcow2'/><source file='/v/root1.qcow2'/><target dev='vda' bus='virtio'/></disk>\
@@ -61,11 +65,7 @@ fn images() -> MockImageTool {
     img
 }
 
-fn engine(
-    hv: MockHypervisor,
-    img: MockImageTool,
-    dir: &Path,
-) -> (Engine<MockHypervisor, MockImageTool, MockMounter>, BackupRepository) {
+fn engine(hv: MockHypervisor, img: MockImageTool, dir: &Path) -> (MockEngine, BackupRepository) {
     let repo = dir.join("repo");
     fs::create_dir_all(&repo).unwrap();
     let r = BackupRepository::new("r", RepositoryKind::Shared, repo.to_str().unwrap(), "", None).unwrap();
@@ -75,17 +75,14 @@ fn engine(
     mounter.expect_probe().returning(|_, _| Ok(()));
     mounter.expect_capacity().returning(|_, _| Ok(Capacity { total: 1 << 40, used: 0, available: 1 << 40 }));
     let mounts = RepositoryMounts::new(mounter, dir.join("run"), MountTimeouts::default());
-    (Engine { hypervisor: hv, images: img, mounts, agent_timeout: std::time::Duration::from_secs(1) }, r)
+    (Engine::new(hv, agents(), img, mounts).with_agent_timeout(std::time::Duration::from_secs(1)), r)
 }
 
 fn request(repo: &BackupRepository) -> BackupRequest {
-    BackupRequest {
-        vm: "vm1".into(),
-        repository: repo.clone(),
-        quiesce: QuiescePolicy::BestEffort,
-        timeout: std::time::Duration::from_secs(60),
-        schedule: Some("vm1-daily".into()),
-    }
+    BackupRequest::new("vm1", repo.clone())
+        .with_quiesce(QuiescePolicy::BestEffort)
+        .with_timeout(std::time::Duration::from_secs(60))
+        .with_schedule("vm1-daily")
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -101,7 +98,7 @@ fn a_stopped_vm_backup_writes_files_then_the_manifest_and_reports_progress() {
     let dir = tempfile::tempdir().unwrap();
     let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
     let mut seen = Vec::new();
-    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |p| seen.push(p)).unwrap();
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |p| seen.push(p.clone())).unwrap();
     let m = &out.manifest;
     assert_eq!(m.schedule.as_deref(), Some("vm1-daily"));
     assert_eq!(
@@ -110,7 +107,11 @@ fn a_stopped_vm_backup_writes_files_then_the_manifest_and_reports_progress() {
     );
     let backup = dir.path().join("repo").join(&out.relative_dir);
     assert_eq!(entries(&backup), ["datadisk.data1.qcow2", "domain-config.xml", "manifest.json", "root.root1.qcow2"]);
-    assert_eq!(seen.len(), 4, "two updates per disk, on the caller's thread: {seen:?}");
+    let converts: Vec<_> = seen.iter().filter(|p| p.phase == crate::Phase::Convert).collect();
+    assert_eq!(converts.len(), 4, "two updates per disk, on the caller's thread: {seen:?}");
+    assert_eq!((converts[1].disk.as_deref(), converts[1].done, converts[1].total), (Some("vda"), 1 << 20, 1 << 20));
+    let sums = seen.iter().filter(|p| p.phase == crate::Phase::Checksum && p.done == p.total).count();
+    assert_eq!(sums, 2, "each file's checksum told to its end: {seen:?}");
 }
 
 #[test]
@@ -151,7 +152,9 @@ fn restore_refuses_a_running_vm_and_a_mismatch_before_writing() {
     let mut img = MockImageTool::new();
     img.expect_convert().never();
     let (running, repo) = engine(hypervisor(DomainState::Running), img, dir.path());
-    let err = running.restore(&repo, "vm1", &id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = running
+        .restore(&RestoreRequest::new(repo.clone(), "vm1", id.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(err, BackupError::NotShutOff { .. }), "{err}");
     // The VM's vdb is now another volume: refused, nothing converted.
     let mut hv = MockHypervisor::new();
@@ -160,7 +163,9 @@ fn restore_refuses_a_running_vm_and_a_mismatch_before_writing() {
     let mut img = MockImageTool::new();
     img.expect_convert().never();
     let (moved, repo) = engine(hv, img, dir.path());
-    let err = moved.restore(&repo, "vm1", &id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = moved
+        .restore(&RestoreRequest::new(repo.clone(), "vm1", id.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     assert!(err.to_string().contains("vdb of the VM is volume data2"), "{err}");
 }
 
@@ -169,13 +174,12 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     let dir = tempfile::tempdir().unwrap();
     let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
     let id = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap().manifest.id;
-    let volume = |to: ImageLocation, format: ImageFormat, attach: Option<&str>| VolumeRestoreRequest {
-        vm: "vm1".into(),
-        id: id.clone(),
-        disk: "vdb".into(),
-        to,
-        format,
-        attach: attach.map(str::to_owned),
+    let volume = |repo: &BackupRepository, to: ImageLocation, format: ImageFormat, attach: Option<&str>| {
+        let r = VolumeRestoreRequest::new(repo.clone(), "vm1", id.clone(), "vdb", to).with_format(format);
+        match attach {
+            Some(vm) => r.attach_to(vm),
+            None => r,
+        }
     };
     // RBD in qcow2 and an existing file are refused before anything is read or written.
     let mut img = MockImageTool::new();
@@ -183,13 +187,12 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     img.expect_check().never();
     let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
     let rbd = crate::restore::parse_destination("rbd:pool/img").unwrap();
-    let err = strict.restore_volume(&repo, &volume(rbd, ImageFormat::Qcow2, None), &CancelHandle::new(), &mut |_| {});
+    let err = strict.restore_volume(&volume(&repo, rbd, ImageFormat::Qcow2, None), &CancelHandle::new(), &mut |_| {});
     assert!(matches!(err, Err(BackupError::Unsupported { .. })));
     let existing = dir.path().join("exists.qcow2");
     fs::write(&existing, b"keep me").unwrap();
     let err = strict.restore_volume(
-        &repo,
-        &volume(ImageLocation::Path(existing.clone()), ImageFormat::Qcow2, None),
+        &volume(&repo, ImageLocation::Path(existing.clone()), ImageFormat::Qcow2, None),
         &CancelHandle::new(),
         &mut |_| {},
     );
@@ -207,13 +210,13 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     let to = dir.path().join("new.qcow2");
     let v = e
         .restore_volume(
-            &repo,
-            &volume(ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
+            &volume(&repo, ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
             &CancelHandle::new(),
             &mut |_| {},
         )
         .unwrap();
-    assert_eq!(v.attached, Some(("vm2".into(), "vdc".into())));
+    let attached = v.attached.unwrap();
+    assert_eq!((attached.vm.as_str(), attached.target.as_str()), ("vm2", "vdc"));
     assert!(to.exists() && !dir.path().join("new.qcow2.nasbak-partial").exists());
     // An attach that fails says the volume is there.
     let mut hv = hypervisor(DomainState::Running);
@@ -222,8 +225,7 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     let to = dir.path().join("other.qcow2");
     let err = e
         .restore_volume(
-            &repo,
-            &volume(ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
+            &volume(&repo, ImageLocation::Path(to.clone()), ImageFormat::Qcow2, Some("vm2")),
             &CancelHandle::new(),
             &mut |_| {},
         )
@@ -241,7 +243,7 @@ fn run_due_does_nothing_while_another_run_holds_the_lock() {
     fs::create_dir_all(dir.path().join("state")).unwrap();
     let _held = crate::lock::VmLock::take(&dir.path().join("state"), "run-due").unwrap();
     let config = crate::config::Config::default();
-    let r = e.run_due(&config, &state, chrono::Utc::now(), &CancelHandle::new(), &mut |_, _| {}).unwrap();
+    let r = e.run_due(&config, &state, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert!(matches!(r, crate::RunDue::Busy(_)), "{r:?}");
 }
 
@@ -298,7 +300,10 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     let (e, repo) = engine(hv, img, dir.path());
     let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(out.manifest.disks[0].volume, "vm1-root");
-    let restored = e.restore(&repo, "vm1", &out.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let restored = e
+        .restore(&RestoreRequest::new(repo.clone(), "vm1", out.manifest.id.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap();
+    let restored = restored.restored;
     assert!(restored[0].location.starts_with("rbd:vms/vm1-root"), "{restored:?}");
     assert_eq!(restored[0].format, "raw");
 }
@@ -334,7 +339,9 @@ fn a_restore_that_fails_after_changing_volumes_says_which_changed() {
     });
     let (e, repo) = engine(hv, img, dir.path());
     let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    let err = e.restore(&repo, "vm1", &b.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), "vm1", b.manifest.id.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     match &err {
         BackupError::RestoreIncomplete { restored, partly_written, untouched, .. } => {
             assert_eq!(restored, &["vda"]);

@@ -122,7 +122,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         let layout = mounted.layout();
         let vm_dir = layout.vm_dir(&vm_name);
         let _lock = if dry_run || !vm_dir.is_dir() { None } else { Some(VmLock::take(&vm_dir, vm)?) };
-        let entries = list_mounted(layout.root(), Some(vm))?;
+        let entries = list_mounted(repository.name().as_str(), layout.root(), Some(vm))?;
         let damaged = entries
             .iter()
             .filter_map(|e| match &e.kind {

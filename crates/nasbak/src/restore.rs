@@ -14,14 +14,57 @@ use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Domain, DomainState, Hyperv
 use nasbak_qemu_img::{CheckVerdict, ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
 use nasbak_repo::{BackupId, BackupRepository, ManifestDisk, Mounter, VmName};
+use serde::Serialize;
 
-use crate::backup::{AgentSource, BackupProgress, Engine, cancelled_or, volume_of};
+use crate::backup::{cancelled_or, volume_of};
 use crate::catalog::{BackupKind, read_backup};
-use crate::error::BackupError;
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
+use crate::progress::{Observer, Phase, Progress};
+
+/// Restoring every disk of a shut-off VM from a backup. Built with [`RestoreRequest::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RestoreRequest {
+    /// The repository the backup is on.
+    pub repository: BackupRepository,
+    /// The VM the backup is of.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// Restore into this shut-off VM instead of the backup's own (disks paired by target only).
+    pub into: Option<String>,
+}
+
+impl RestoreRequest {
+    /// Restoring backup `id` of `vm` on `repository` into `vm`.
+    pub fn new(repository: BackupRepository, vm: impl Into<String>, id: impl Into<String>) -> Self {
+        RestoreRequest { repository, vm: vm.into(), id: id.into(), into: None }
+    }
+
+    /// Restores into another shut-off VM.
+    pub fn into_vm(mut self, vm: impl Into<String>) -> Self {
+        self.into = Some(vm.into());
+        self
+    }
+}
+
+/// A finished whole-VM restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RestoreOutcome {
+    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
+    pub backup: String,
+    /// The VM restored into.
+    pub vm: String,
+    /// Each disk restored.
+    pub restored: Vec<RestoredDisk>,
+}
 
 /// What was restored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RestoredDisk {
     /// The target device.
     pub target: String,
@@ -75,7 +118,8 @@ pub(crate) fn backup_disks(
     id: &str,
     current: Option<&Domain>,
 ) -> Result<Vec<ManifestDisk>, BackupError> {
-    let entry = read_backup(vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
+    let entry =
+        read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
     let files = match entry.kind {
         BackupKind::Nasbak(m) => return Ok(m.disks),
         BackupKind::Reference { files } => files,
@@ -111,9 +155,12 @@ pub(crate) fn backup_disks(
     Ok(disks)
 }
 
-/// Restoring one disk of a backup as a new volume.
+/// Restoring one disk of a backup as a new volume. Built with [`VolumeRestoreRequest::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct VolumeRestoreRequest {
+    /// The repository the backup is on.
+    pub repository: BackupRepository,
     /// The VM the backup is of.
     pub vm: String,
     /// The backup id.
@@ -128,15 +175,57 @@ pub struct VolumeRestoreRequest {
     pub attach: Option<String>,
 }
 
+impl VolumeRestoreRequest {
+    /// Restoring disk `disk` (its target in the backup) of backup `id` of `vm` on `repository`
+    /// to `to`, as qcow2 (raw for an RBD image), attached to no VM.
+    pub fn new(
+        repository: BackupRepository,
+        vm: impl Into<String>,
+        id: impl Into<String>,
+        disk: impl Into<String>,
+        to: ImageLocation,
+    ) -> Self {
+        let format = if matches!(to, ImageLocation::Rbd(_)) { ImageFormat::Raw } else { ImageFormat::Qcow2 };
+        VolumeRestoreRequest { repository, vm: vm.into(), id: id.into(), disk: disk.into(), to, format, attach: None }
+    }
+
+    /// The format to write.
+    pub fn with_format(mut self, format: ImageFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Attaches the new volume to `vm` (running or shut off) as its next free target.
+    pub fn attach_to(mut self, vm: impl Into<String>) -> Self {
+        self.attach = Some(vm.into());
+        self
+    }
+}
+
+/// Where a restored volume was attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Attachment {
+    /// The VM.
+    pub vm: String,
+    /// The target device it was attached as.
+    pub target: String,
+}
+
 /// A restored volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RestoredVolume {
+    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
+    pub backup: String,
+    /// The disk of the backup restored.
+    pub disk: String,
     /// Where it was written.
     pub location: String,
     /// Its format.
     pub format: String,
     /// The VM and target it was attached as.
-    pub attached: Option<(String, String)>,
+    pub attached: Option<Attachment>,
 }
 
 /// Parses `--to`: `rbd:POOL/IMAGE` (Ceph's default client and ceph.conf) or an absolute path.
@@ -163,9 +252,10 @@ pub fn parse_destination(to: &str) -> Result<ImageLocation, BackupError> {
     Ok(ImageLocation::Path(PathBuf::from(to)))
 }
 
-impl<H, I, M> Engine<H, I, M>
+impl<H, A, I, M> Engine<H, A, I, M>
 where
-    H: Hypervisor + AgentSource,
+    H: Hypervisor,
+    A: AgentSource,
     I: ImageTool + Sync,
     M: Mounter,
 {
@@ -176,22 +266,23 @@ where
     /// written in place as raw. Into another VM, disks pair by target only.
     pub fn restore(
         &self,
-        repository: &BackupRepository,
-        vm: &str,
-        id: &str,
-        into: Option<&str>,
+        request: &RestoreRequest,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(BackupProgress),
-    ) -> Result<Vec<RestoredDisk>, BackupError> {
+        observer: &mut dyn Observer,
+    ) -> Result<RestoreOutcome, BackupError> {
+        let (repository, vm, id) = (&request.repository, request.vm.as_str(), request.id.as_str());
         // The backup reference first: bad input is named before anything else is asked.
         let vm_name = VmName::new(vm)?;
         id.parse::<BackupId>()?;
-        let target_vm = into.unwrap_or(vm);
-        let state = self.hypervisor.domain_state(target_vm)?;
+        let target_vm = request.into.as_deref().unwrap_or(vm);
+        let inspect = || -> Result<_, BackupError> {
+            let state = self.hypervisor.domain_state(target_vm)?;
+            Ok((state, Domain::parse(&self.hypervisor.domain_xml(target_vm)?)?))
+        };
+        let (state, domain) = inspect().map_err(at(Step::Inspect))?;
         if state != DomainState::ShutOff {
             return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
         }
-        let domain = Domain::parse(&self.hypervisor.domain_xml(target_vm)?)?;
         let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
         let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
@@ -204,11 +295,11 @@ where
         let mut in_place = Vec::new();
         let mut copies = Vec::new();
         for (b, d) in &pairs {
-            self.check_image(&dir, b)?;
+            self.check_image(&dir, b).map_err(at(Step::Check))?;
             match restore_target(d)? {
                 RestoreTarget::Qcow2File(path) => copies.push((*b, *d, path)),
                 RestoreTarget::InPlace(location) => {
-                    self.check_sum(&dir, b)?;
+                    self.check_sum(&dir, b).map_err(at(Step::Check))?;
                     in_place.push((*b, *d, location));
                 }
             }
@@ -218,14 +309,24 @@ where
             remove_stale_stages(path);
             let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
-            self.copy_checked(&dir, b, &tmp, &d.target, cancel, progress).map_err(|e| {
-                crate::backup::repository_unavailable(&mounted, repository.name().to_string(), "restore copy", e)
+            self.copy_checked(&dir, b, &tmp, vm, &d.target, cancel, observer).map_err(|e| {
+                let step = Step::Restore { disk: d.target.clone() };
+                crate::backup::repository_unavailable(
+                    &mounted,
+                    repository.name().to_string(),
+                    step.clone(),
+                    at(step)(e),
+                )
             })?;
         }
         // From here on volumes change: a failure says which did and which did not.
         let mut restored = Vec::new();
         let all: Vec<String> = pairs.iter().map(|(_, d)| d.target.clone()).collect();
         let incomplete = |restored: &[RestoredDisk], partly: Option<&str>, e: BackupError| {
+            let e = match partly {
+                Some(disk) => at(Step::Restore { disk: disk.to_owned() })(e),
+                None => e,
+            };
             let done: Vec<String> = restored.iter().map(|r| r.target.clone()).collect();
             BackupError::RestoreIncomplete {
                 vm: target_vm.to_owned(),
@@ -248,19 +349,19 @@ where
                     shown, m.started, m.pid, m.host
                 )
             });
-            let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"))
+            let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"), self.clock.now())
                 .map_err(|e| incomplete(&restored, None, e))?;
             let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
             let mut first = true;
-            let mut report = |p: BackupProgress| {
+            let mut report = |p: &Progress| {
                 if std::mem::take(&mut first) {
                     crate::fault::point("restore-write");
                 }
-                progress(p)
+                observer(p)
             };
-            if let Err(e) = self.convert_reporting(r, cancel, &d.target, b.virtual_size, &mut report) {
+            if let Err(e) = self.convert_reporting(r, cancel, target_vm, &d.target, b.virtual_size, &mut report) {
                 return Err(incomplete(&restored, Some(&d.target), e));
             }
             mark.done();
@@ -268,16 +369,13 @@ where
         }
         for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
             if let Err(source) = fs::rename(tmp, path) {
-                return Err(incomplete(
-                    &restored,
-                    None,
-                    BackupError::Io { action: "replacing", path: path.clone(), source },
-                ));
+                let e = BackupError::Io { action: "replacing", path: path.clone(), source };
+                return Err(incomplete(&restored, None, at(Step::Restore { disk: d.target.clone() })(e)));
             }
             let location = path.display().to_string();
             restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note: None });
         }
-        Ok(restored)
+        Ok(RestoreOutcome { backup: format!("{vm}/{id}"), vm: target_vm.to_owned(), restored })
     }
 
     /// Restores one disk of a backup to a new file, block device or RBD image, and optionally
@@ -285,11 +383,11 @@ where
     /// file is never overwritten; everything is checked before anything is written.
     pub fn restore_volume(
         &self,
-        repository: &BackupRepository,
         request: &VolumeRestoreRequest,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<RestoredVolume, BackupError> {
+        let repository = &request.repository;
         let vm_name = VmName::new(&request.vm)?;
         request.id.parse::<BackupId>()?;
         if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
@@ -302,8 +400,11 @@ where
         }
         let attach_to = match &request.attach {
             Some(vm) => {
-                let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
-                Some((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
+                let inspect = || -> Result<_, BackupError> {
+                    let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
+                    Ok((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
+                };
+                Some(inspect().map_err(at(Step::Inspect))?)
             }
             None => None,
         };
@@ -342,50 +443,14 @@ where
             ),
         })?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
-        self.check_image(&dir, disk)?;
+        self.check_image(&dir, disk).map_err(at(Step::Check))?;
         if !matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) || is_block {
             // Converted straight into place: the checksum first.
-            self.check_sum(&dir, disk)?;
+            self.check_sum(&dir, disk).map_err(at(Step::Check))?;
         }
-        let source = ImageLocation::Path(dir.join(&disk.file));
-        let (source_for_xml, written) = match &request.to {
-            ImageLocation::Path(p) if is_block => {
-                let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
-                r.source_format = Some(ImageFormat::Qcow2);
-                r.target_exists = true;
-                self.convert_reporting(r, cancel, &disk.target, disk.virtual_size, progress)?;
-                (DiskSource::Block(p.clone()), ImageFormat::Raw)
-            }
-            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
-                // The backup file is a self-contained qcow2: a checked copy is the restore.
-                let staged = Staged(vec![stage_beside(p)?]);
-                self.copy_checked(&dir, disk, &staged.0[0], &disk.target, cancel, progress)?;
-                fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
-                    action: "moving into place",
-                    path: p.clone(),
-                    source,
-                })?;
-                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
-            }
-            ImageLocation::Path(p) => {
-                self.write_new_file(source, p, &request.format, cancel, &disk.target, disk.virtual_size, progress)?;
-                (DiskSource::File(p.clone()), request.format.clone())
-            }
-            ImageLocation::Rbd(spec) => {
-                let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
-                r.source_format = Some(ImageFormat::Qcow2);
-                self.convert_reporting(r, cancel, &disk.target, disk.virtual_size, progress)?;
-                let name = format!("{}/{}", spec.pool, spec.image);
-                let rbd = DiskSource::Network {
-                    protocol: "rbd".into(),
-                    name: Some(name),
-                    hosts: vec![],
-                    auth: None,
-                    config: None,
-                };
-                (rbd, ImageFormat::Raw)
-            }
-        };
+        let (source_for_xml, written) = self
+            .write_volume(request, &dir, disk, is_block, cancel, observer)
+            .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         let attached = match attach_to {
             Some((vm, running, domain)) => {
                 let (prefix, bus) = attach_bus(&disk.target, running);
@@ -396,11 +461,70 @@ where
                     vm: vm.clone(),
                     source,
                 })?;
-                Some((vm, target))
+                Some(Attachment { vm, target })
             }
             None => None,
         };
-        Ok(RestoredVolume { location: request.to.to_string(), format: written.to_string(), attached })
+        Ok(RestoredVolume {
+            backup: format!("{}/{}", request.vm, request.id),
+            disk: disk.target.clone(),
+            location: request.to.to_string(),
+            format: written.to_string(),
+            attached,
+        })
+    }
+
+    /// Writes the volume of [`Engine::restore_volume`]; returns its source for the domain XML
+    /// and the format written.
+    fn write_volume(
+        &self,
+        request: &VolumeRestoreRequest,
+        dir: &Path,
+        disk: &ManifestDisk,
+        is_block: bool,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(DiskSource, ImageFormat), BackupError> {
+        let vm = request.vm.as_str();
+        let source = ImageLocation::Path(dir.join(&disk.file));
+        Ok(match &request.to {
+            ImageLocation::Path(p) if is_block => {
+                let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                r.target_exists = true;
+                self.convert_reporting(r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                (DiskSource::Block(p.clone()), ImageFormat::Raw)
+            }
+            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
+                // The backup file is a self-contained qcow2: a checked copy is the restore.
+                let staged = Staged(vec![stage_beside(p)?]);
+                self.copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
+                fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
+                    action: "moving into place",
+                    path: p.clone(),
+                    source,
+                })?;
+                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
+            }
+            ImageLocation::Path(p) => {
+                self.write_new_file(source, p, &request.format, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                (DiskSource::File(p.clone()), request.format.clone())
+            }
+            ImageLocation::Rbd(spec) => {
+                let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                self.convert_reporting(r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                let name = format!("{}/{}", spec.pool, spec.image);
+                let rbd = DiskSource::Network {
+                    protocol: "rbd".into(),
+                    name: Some(name),
+                    hosts: vec![],
+                    auth: None,
+                    config: None,
+                };
+                (rbd, ImageFormat::Raw)
+            }
+        })
     }
 
     /// Writes a new file through `<path>.nasbak-partial` and a rename, so an interrupted restore
@@ -412,14 +536,15 @@ where
         path: &Path,
         format: &ImageFormat,
         cancel: &CancelHandle,
+        vm: &str,
         target: &str,
         size: u64,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         let tmp = stage_beside(path)?;
         let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
         r.source_format = Some(ImageFormat::Qcow2);
-        if let Err(e) = self.convert_reporting(r, cancel, target, size, progress) {
+        if let Err(e) = self.convert_reporting(r, cancel, vm, target, size, observer) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -435,9 +560,10 @@ where
         &self,
         mut request: ConvertRequest,
         cancel: &CancelHandle,
+        vm: &str,
         target: &str,
         size: u64,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         request.cancel = cancel.clone();
         let (tx, rx) = mpsc::channel::<f64>();
@@ -454,7 +580,10 @@ where
                 )
             });
             for percent in rx {
-                progress(BackupProgress::Disk { target: target.to_owned(), percent, size });
+                // qemu-img tells percent; with the disk's size known, it is told as bytes.
+                let (done, total) =
+                    if size > 0 { ((percent / 100.0 * size as f64) as u64, size) } else { (percent as u64, 100) };
+                observer(&Progress::new(Phase::Convert, vm, done, total).on_disk(target));
             }
             worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         });
@@ -491,14 +620,16 @@ where
 
     /// Copies a backup file to `tmp` in one pass that also checks its checksum; removes `tmp` on
     /// any failure.
+    #[allow(clippy::too_many_arguments)]
     fn copy_checked(
         &self,
         dir: &Path,
         disk: &ManifestDisk,
         tmp: &Path,
+        vm: &str,
         target: &str,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         let path = dir.join(&disk.file);
         let algorithm = disk.checksum.as_ref().map_or(crate::checksum::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
@@ -510,11 +641,7 @@ where
             if std::mem::take(&mut first) {
                 crate::fault::point("restore-copy");
             }
-            progress(BackupProgress::Disk {
-                target: target.to_owned(),
-                percent: if size > 0 { done as f64 * 100.0 / size as f64 } else { 100.0 },
-                size,
-            });
+            observer(&Progress::new(Phase::Copy, vm, done, size).on_disk(target));
             !cancel.is_cancelled()
         });
         let result = match copied {
@@ -578,14 +705,20 @@ pub(crate) struct RestoringMark {
 }
 
 impl RestoringMark {
-    fn write(dir: &Path, target: &str, location: &str, backup: &str) -> Result<RestoringMark, BackupError> {
+    fn write(
+        dir: &Path,
+        target: &str,
+        location: &str,
+        backup: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<RestoringMark, BackupError> {
         let path = dir.join(format!("{RESTORING_MARK}{target}"));
         let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
         let mark = RestoringMark {
             target: target.to_owned(),
             location: location.to_owned(),
             backup: backup.to_owned(),
-            started: chrono::Utc::now(),
+            started: now,
             host,
             pid: std::process::id(),
             path: path.clone(),

@@ -3,20 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use nasbak_agent::QuiescePolicy;
 use nasbak_libvirt::{CancelHandle, Hypervisor};
 use nasbak_qemu_img::ImageTool;
 use nasbak_repo::{BackupRepository, Mounter};
 use serde::Serialize;
 
-use crate::backup::{AgentSource, BackupProgress, BackupRequest, Engine};
+use crate::backup::BackupRequest;
 use crate::catalog::Catalog;
 use crate::config::{Config, RunOutcome, ScheduleState};
+use crate::engine::{AgentSource, Engine};
 use crate::error::BackupError;
 use crate::lock::VmLock;
+use crate::progress::{Observer, Progress};
 use crate::prune::PruneReport;
 
 /// Where a VM's backups go and how, from the command line and the configuration.
@@ -52,7 +52,7 @@ pub fn placement(
             return Err(BackupError::Ambiguous {
                 what: format!(
                     "which repository {vm}'s backup goes to: there are {} repositories and {vm} has no offering; \
-                     give --repo or --offering, or `nasbak assign {vm} OFFERING`",
+                     name a repository or an offering, or assign {vm} to an offering",
                     config.repositories.len()
                 ),
             });
@@ -64,19 +64,30 @@ pub fn placement(
 
 /// The outcome of one due schedule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct DueRun {
     /// The schedule.
     pub schedule: String,
     /// The VM.
     pub vm: String,
     /// The backup made (`REPO:VM/ID`), or why none was.
-    pub result: Result<String, String>,
-    /// Backups prune removed afterwards.
+    pub outcome: RunOutcome,
+    /// Backups prune removed afterwards (their ids).
     pub pruned: Vec<String>,
+    /// Why prune failed afterwards, if it did (the backup itself is made).
+    pub prune_error: Option<String>,
+}
+
+impl DueRun {
+    /// Whether the schedule's backup failed.
+    pub fn failed(&self) -> bool {
+        matches!(self.outcome, RunOutcome::Failed(_))
+    }
 }
 
 /// What `run-due` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RunDue {
     /// Another `run-due` holds the lock; nothing was done.
     Busy(String),
@@ -99,13 +110,15 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     }
 }
 
-impl<H, I, M> Engine<H, I, M>
+impl<H, A, I, M> Engine<H, A, I, M>
 where
-    H: Hypervisor + AgentSource,
+    H: Hypervisor,
+    A: AgentSource,
     I: ImageTool + Sync,
     M: Mounter,
 {
-    /// Runs every schedule due at `now`, one after the other, each followed by prune of its VM.
+    /// Runs every schedule due now (by the engine's clock), one after the other, each followed by
+    /// prune of its VM. Progress carries the schedule's id.
     /// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so
     /// a timer may call it every minute). A schedule whose backup fails is recorded as run and
     /// retried at its next occurrence; the failure is in the result.
@@ -113,10 +126,10 @@ where
         &self,
         config: &Config,
         state_path: &Path,
-        now: DateTime<Utc>,
         cancel: &CancelHandle,
-        progress: &mut dyn FnMut(&str, BackupProgress),
+        observer: &mut dyn Observer,
     ) -> Result<RunDue, BackupError> {
+        let now = self.clock.now();
         let state_dir = state_path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(state_dir).map_err(|source| BackupError::Io {
             action: "creating",
@@ -144,38 +157,32 @@ where
             state.last_outcome.remove(&s.id);
             state.save(state_path)?;
             let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
-                let request = BackupRequest {
-                    vm: s.vm.clone(),
-                    repository: p.repository,
-                    quiesce: p.quiesce,
-                    timeout: Duration::from_secs(24 * 3600),
-                    schedule: Some(s.id.clone()),
+                let request = BackupRequest::new(&s.vm, p.repository).with_quiesce(p.quiesce).with_schedule(&s.id);
+                let mut tagged = |p: &Progress| {
+                    let mut p = p.clone();
+                    p.schedule = Some(s.id.clone());
+                    observer(&p);
                 };
-                self.backup(&request, cancel, &mut |p| progress(&s.id, p))
+                self.backup(&request, cancel, &mut tagged)
             });
-            let (result, pruned) = match result {
-                Ok(outcome) => {
-                    let m = &outcome.manifest;
-                    let pruned = match self.catalog().prune_vm(config, &s.vm, false) {
-                        Ok(report) => report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(),
-                        Err(e) => vec![format!("prune failed: {e}")],
+            let (outcome, pruned, prune_error) = match result {
+                Ok(made) => {
+                    let (pruned, prune_error) = match self.catalog().prune_vm(config, &s.vm, false) {
+                        Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
+                        Err(e) => (Vec::new(), Some(crate::error::chain(&e))),
                     };
-                    (Ok(format!("{}:{}/{}", m.repository, m.vm, m.id)), pruned)
+                    (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
                 }
                 Err(BackupError::Cancelled) => {
                     state.last_outcome.insert(s.id.clone(), RunOutcome::Cancelled);
                     state.save(state_path)?;
                     return Err(BackupError::Cancelled);
                 }
-                Err(e) => (Err(crate::error::chain(&e)), Vec::new()),
+                Err(e) => (RunOutcome::Failed(crate::error::chain(&e)), Vec::new(), None),
             };
-            let outcome = match &result {
-                Ok(id) => RunOutcome::Succeeded(id.clone()),
-                Err(e) => RunOutcome::Failed(e.clone()),
-            };
-            state.last_outcome.insert(s.id.clone(), outcome);
+            state.last_outcome.insert(s.id.clone(), outcome.clone());
             state.save(state_path)?;
-            runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), result, pruned });
+            runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error });
         }
         Ok(RunDue::Ran(runs))
     }
@@ -218,7 +225,7 @@ web1 = "gold"
         let p = placement(&c, "db1", None, Some("gold"), Some(QuiescePolicy::Off)).unwrap();
         assert_eq!((p.repository.name().as_str(), p.quiesce), ("b", QuiescePolicy::Off));
         let e = placement(&c, "db1", None, None, None).unwrap_err().to_string();
-        assert!(e.contains("2 repositories") && e.contains("nasbak assign db1"), "{e}");
+        assert!(e.contains("2 repositories") && e.contains("assign db1 to an offering"), "{e}");
         assert!(matches!(placement(&c, "db1", Some("zz"), None, None), Err(BackupError::NotFound { .. })));
         assert!(matches!(placement(&c, "db1", None, Some("zz"), None), Err(BackupError::NotFound { .. })));
         let mut one = c.clone();

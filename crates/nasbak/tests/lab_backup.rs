@@ -12,16 +12,13 @@ use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{
     BackupMethod, BackupRepository, Manifest, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
 };
-use nasbak::{BackupError, BackupRequest, Engine, checksum_file, sha256_file};
+use nasbak::{BackupError, BackupRequest, Engine, RestoreRequest, checksum_file, sha256_file};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
-fn engine(runtime: &Path) -> Engine<LibvirtHypervisor, QemuImg, SystemMounter> {
-    Engine {
-        hypervisor: LibvirtHypervisor::connect(URI).unwrap(),
-        images: QemuImg::new(runtime),
-        mounts: RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default()),
-        agent_timeout: Duration::from_secs(10),
-    }
+fn engine(runtime: &Path) -> Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter> {
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default());
+    Engine::new(libvirt.clone(), libvirt, QemuImg::new(runtime), mounts).with_agent_timeout(Duration::from_secs(10))
 }
 
 /// A 256 MiB ext4 image repository and a runtime directory QEMU can traverse.
@@ -42,13 +39,7 @@ fn inspect(repo: &BackupRepository, runtime: &Path, f: impl FnOnce(&Path)) {
 }
 
 fn request(vm: &str, repo: &BackupRepository) -> BackupRequest {
-    BackupRequest {
-        vm: vm.into(),
-        repository: repo.clone(),
-        quiesce: QuiescePolicy::Required,
-        timeout: Duration::from_secs(300),
-        schedule: None,
-    }
+    BackupRequest::new(vm, repo.clone()).with_quiesce(QuiescePolicy::Required).with_timeout(Duration::from_secs(300))
 }
 
 #[test]
@@ -116,7 +107,7 @@ fn a_cancelled_backup_leaves_nothing_that_looks_complete_and_unmounts() {
     req.quiesce = QuiescePolicy::BestEffort;
     let err = e.backup(&req, &cancel, &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::Cancelled), "{err}");
-    let mount_point = e.mounts.mount_point(&repo);
+    let mount_point = e.mounts().mount_point(&repo);
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*mount_point.to_string_lossy()), "the repository is still mounted");
     inspect(&repo, &runtime, |root| {
@@ -141,10 +132,15 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     }
     // A running VM is refused, with nothing written.
     dom.start();
-    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(err, BackupError::NotShutOff { .. }), "{err}");
     dom.destroy();
-    let restored = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let restored = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap()
+        .restored;
     assert_eq!(restored.len(), 2);
     for (disk, file) in dom.disks().iter().zip(["a.txt", "b.txt"]) {
         let content = dom.read_ext4_file(&disk.path, file).unwrap_or_default();
@@ -153,8 +149,17 @@ fn restore_after_damage_gives_the_original_content_and_refuses_what_it_must() {
     let info = ExternalCommand::new("qemu-img").args(["info"]).arg(&dom.disks()[0].path).run().unwrap().stdout_text();
     assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
     // A backup id that is not a backup, or outside the VM, is refused.
-    assert!(e.restore(&repo, dom.name(), "2020.01.01.00.00.00", None, &CancelHandle::new(), &mut |_| {}).is_err());
-    assert!(e.restore(&repo, dom.name(), "../x", None, &CancelHandle::new(), &mut |_| {}).is_err());
+    assert!(
+        e.restore(
+            &RestoreRequest::new(repo.clone(), dom.name(), "2020.01.01.00.00.00"),
+            &CancelHandle::new(),
+            &mut |_| {}
+        )
+        .is_err()
+    );
+    assert!(
+        e.restore(&RestoreRequest::new(repo.clone(), dom.name(), "../x"), &CancelHandle::new(), &mut |_| {}).is_err()
+    );
 }
 
 #[test]
@@ -173,7 +178,9 @@ fn restore_refuses_a_backup_whose_disks_do_not_match_and_writes_nothing() {
     fs::write(&xml_path, xml).unwrap();
     nasbak_testlab::virsh(&["define", xml_path.to_str().unwrap()]).unwrap();
     let before = sha256_file(&other).unwrap();
-    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(err, BackupError::Mismatch { .. }) && err.to_string().contains("is volume other"), "{err}");
     assert_eq!(sha256_file(&other).unwrap(), before, "something was written");
 }
@@ -205,7 +212,7 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
     assert_eq!(list[0].kind, BackupKind::Reference { files: vec!["root.vol-7.qcow2".into()] });
     assert!(matches!(&list[1].kind, BackupKind::Nasbak(m) if **m == first.manifest));
     for b in &list {
-        let verdicts = e.catalog().verify(&repo, &b.vm, &b.id, &mut |_| {}).unwrap();
+        let verdicts = e.catalog().verify(&repo, &b.vm, &b.id, &CancelHandle::new(), &mut |_| {}).unwrap().files;
         assert!(!verdicts.is_empty() && verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
     }
     // One flipped byte in the data of a backup file: the checksum says so.
@@ -216,7 +223,8 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
         bytes[last] ^= 0xff;
         fs::write(&path, bytes).unwrap();
     });
-    let verdicts = e.catalog().verify(&repo, dom.name(), &second.manifest.id, &mut |_| {}).unwrap();
+    let verdicts =
+        e.catalog().verify(&repo, dom.name(), &second.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap().files;
     assert_eq!(verdicts[0].checksum_ok, Some(false), "{verdicts:?}");
     assert!(!verdicts[0].ok());
     // Delete: only a real backup, never the repository or the VM directory.

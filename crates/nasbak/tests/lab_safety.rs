@@ -10,16 +10,13 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryMounts, RetentionPolicy, SystemMounter};
-use nasbak::{BackupError, BackupKind, BackupProgress, BackupRequest, Engine, FileStatus, VmLock};
+use nasbak::{BackupError, BackupKind, BackupRequest, Engine, FileStatus, Phase, RestoreRequest, VmLock};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
-fn engine(runtime: &Path) -> Engine<LibvirtHypervisor, QemuImg, SystemMounter> {
-    Engine {
-        hypervisor: LibvirtHypervisor::connect(URI).unwrap(),
-        images: QemuImg::new(runtime),
-        mounts: RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default()),
-        agent_timeout: Duration::from_secs(10),
-    }
+fn engine(runtime: &Path) -> Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter> {
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default());
+    Engine::new(libvirt.clone(), libvirt, QemuImg::new(runtime), mounts).with_agent_timeout(Duration::from_secs(10))
 }
 
 /// A `shared` repository: a directory of the domain's, never mounted.
@@ -32,13 +29,7 @@ fn repository(dom: &LabDomain) -> (BackupRepository, PathBuf, PathBuf) {
 }
 
 fn request(vm: &str, repo: &BackupRepository) -> BackupRequest {
-    BackupRequest {
-        vm: vm.into(),
-        repository: repo.clone(),
-        quiesce: QuiescePolicy::Off,
-        timeout: Duration::from_secs(300),
-        schedule: None,
-    }
+    BackupRequest::new(vm, repo.clone()).with_quiesce(QuiescePolicy::Off).with_timeout(Duration::from_secs(300))
 }
 
 fn zero(disk: &nasbak_testlab::LabDisk) {
@@ -83,13 +74,23 @@ fn disks_with_colliding_names_are_each_backed_up_and_restored() {
         for d in &backup.manifest.disks {
             assert!(dir.join(&d.file).is_file(), "{} was written", d.file);
         }
-        let verdicts = e.catalog().verify(&repo, dom.name(), &backup.manifest.id, &mut |_| {}).unwrap();
+        let verdicts = e
+            .catalog()
+            .verify(&repo, dom.name(), &backup.manifest.id, &CancelHandle::new(), &mut |_| {})
+            .unwrap()
+            .files;
         assert!(verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
         for disk in dom.disks() {
             zero(disk);
         }
-        let restored =
-            e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+        let restored = e
+            .restore(
+                &RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id),
+                &CancelHandle::new(),
+                &mut |_| {},
+            )
+            .unwrap()
+            .restored;
         assert_eq!(restored.len(), 5);
         for (disk, want) in dom.disks().iter().zip(contents) {
             assert_eq!(
@@ -114,9 +115,11 @@ fn disks_with_colliding_names_are_each_backed_up_and_restored() {
     let manifest = root.join(dom.name()).join(&backup.id).join("manifest.json");
     let text = fs::read_to_string(&manifest).unwrap().replace("datadisk.data@vdc.qcow2", "datadisk.data@vdb.qcow2");
     fs::write(&manifest, text).unwrap();
-    let err = e.catalog().verify(&repo, dom.name(), &backup.id, &mut |_| {}).unwrap_err();
+    let err = e.catalog().verify(&repo, dom.name(), &backup.id, &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, BackupError::DamagedBackup { reason, .. } if reason.contains("share this file")), "{err}");
-    let err = e.restore(&repo, dom.name(), &backup.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     assert!(matches!(err, BackupError::DamagedBackup { .. }), "{err}");
 }
 
@@ -137,7 +140,7 @@ fn a_backup_with_a_damaged_manifest_is_listed_verified_pruned_around_and_deleted
     assert_eq!(listed.len(), 4, "{listed:?}");
     assert!(matches!(&listed[0].kind, BackupKind::Damaged { reason } if reason.contains("neither")), "{listed:?}");
     assert!(matches!(&listed[1].kind, BackupKind::Damaged { reason } if reason.contains("manifest is invalid")));
-    let err = e.catalog().verify(&repo, dom.name(), &ids[0], &mut |_| {}).unwrap_err();
+    let err = e.catalog().verify(&repo, dom.name(), &ids[0], &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::DamagedBackup { .. }), "{err}");
     // Prune with keep-last 1: the damaged ones are reported, not counted, not removed.
     let report = e.catalog().prune(&repo, dom.name(), Some(&RetentionPolicy::keep_last(1)), &Default::default(), false);
@@ -178,7 +181,7 @@ fn verify_tells_missing_unreadable_and_differing_files_apart() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     fs::write(file(3), bytes).unwrap();
-    let v = e.catalog().verify(&repo, dom.name(), &b.manifest.id, &mut |_| {}).unwrap();
+    let v = e.catalog().verify(&repo, dom.name(), &b.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap().files;
     let statuses: Vec<FileStatus> = v.iter().map(|v| v.status).collect();
     assert_eq!(statuses, [FileStatus::Ok, FileStatus::Missing, FileStatus::Unreadable, FileStatus::Differs], "{v:?}");
     assert!(v[2].error.as_deref().unwrap_or_default().contains("directory"), "{v:?}");
@@ -197,7 +200,7 @@ fn a_backup_cancelled_during_the_push_job_is_cancelled_not_failed() {
     let mut saw_job = false;
     let err = e
         .backup(&request(dom.name(), &repo), &cancel, &mut |p| {
-            if let BackupProgress::Bytes { .. } = p {
+            if p.phase == Phase::Job {
                 saw_job = true;
                 cancel.cancel();
             }
@@ -262,7 +265,9 @@ fn a_restore_that_fails_midway_says_which_volumes_changed() {
     // The second volume cannot be written (immutable, even for root).
     let second = &dom.disks()[1].path;
     ExternalCommand::new("chattr").arg("+i").arg(second).run().unwrap();
-    let err = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
     ExternalCommand::new("chattr").arg("-i").arg(second).run().unwrap();
     match &err {
         BackupError::RestoreIncomplete { restored, partly_written, untouched, .. } => {
@@ -275,7 +280,10 @@ fn a_restore_that_fails_midway_says_which_volumes_changed() {
     assert_eq!(dom.read_ext4_file(&dom.disks()[2].path, "f.txt"), None, "vdc was not touched");
     let refused = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(refused, BackupError::HalfRestored { .. }), "{refused}");
-    let restored = e.restore(&repo, dom.name(), &backup.manifest.id, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let restored = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &backup.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap()
+        .restored;
     assert!(restored[1].note.as_deref().unwrap_or_default().contains("had been interrupted"), "{restored:?}");
     for (disk, want) in dom.disks().iter().zip(["first", "second", "third"]) {
         assert_eq!(dom.read_ext4_file(&disk.path, "f.txt").as_deref(), Some(want));

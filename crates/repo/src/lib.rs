@@ -38,7 +38,8 @@ pub use model::manifest::{BackupMethod, Checksum, MANIFEST_VERSION, Manifest, Ma
 pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
-pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind};
+pub use model::reference::BackupRef;
+pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind, RepositorySummary};
 pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;

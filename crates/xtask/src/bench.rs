@@ -120,7 +120,9 @@ fn best_secs(secs: &[f64]) -> f64 {
 
 fn backup_id(config: &str, nasbak: &str) -> Result<String> {
     let out = cmd(nasbak).args(["--config", config, "--json", "list"]).run()?.stdout_text();
-    let id = out.split("\"id\":\"").last().and_then(|r| r.split('"').next()).context("a backup id in nasbak list")?;
+    // Each listed backup is an object that starts with its `REPO:VM/ID` (a manifest inside it
+    // starts with its version): the last one listed is the newest.
+    let id = out.split("{\"id\":\"").last().and_then(|r| r.split('"').next()).context("a backup id in nasbak list")?;
     Ok(id.to_owned())
 }
 

@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod mountinfo;
 pub mod name;
 pub mod options;
+pub mod reference;
 pub mod repository;
 pub mod retention;

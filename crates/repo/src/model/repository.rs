@@ -352,6 +352,36 @@ pub struct MountPlan {
     pub credentials: Option<CredentialsFile>,
 }
 
+/// What may be shown of a repository (listings, `--json`): its secrets redacted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RepositorySummary {
+    /// Its name.
+    pub name: String,
+    /// Its kind (`nfs`, `cifs`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its address.
+    pub address: String,
+    /// Its mount options, secret values shown as `***`.
+    pub options: String,
+    /// Its zone.
+    pub zone: Option<String>,
+}
+
+impl BackupRepository {
+    /// What may be shown of it.
+    pub fn summary(&self) -> RepositorySummary {
+        RepositorySummary {
+            name: self.name.to_string(),
+            kind: self.kind.to_string(),
+            address: self.address.to_string(),
+            options: self.mount_options.to_string(),
+            zone: self.zone.clone(),
+        }
+    }
+}
+
 /// A file of secrets handed to the mount helper by path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialsFile {

@@ -1,0 +1,291 @@
+//! The command line: every command, argument and value parser (clap), and nothing that runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use nasbak::config::{DEFAULT_CONFIG, DEFAULT_STATE};
+use nasbak::nasbak_agent::QuiescePolicy;
+use nasbak::nasbak_repo::{BackupRef, RetentionPolicy};
+use nasbak::schedule::{AT_FORMS, Every};
+
+#[derive(Parser)]
+#[command(
+    name = "nasbak",
+    version,
+    about = "Back up and restore KVM/libvirt VMs to network-attached storage",
+    after_help = "Backup ids are REPO:VM/BACKUP-ID (REPO: may be left out when it is unambiguous).\n\
+                  Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 refused, 5 partially failed, 6 damaged backup,\n\
+                  7 unreadable file, 130 cancelled."
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, env = "NASBAK_CONFIG", default_value = DEFAULT_CONFIG, global = true)]
+    pub config: PathBuf,
+    /// Where run-due keeps when each schedule last ran.
+    #[arg(long, env = "NASBAK_STATE", default_value = DEFAULT_STATE, global = true)]
+    pub state: PathBuf,
+    /// The libvirt URI.
+    #[arg(short = 'c', long = "connect", default_value = "qemu:///system", global = true)]
+    pub uri: String,
+    /// One JSON document on stdout; progress as JSON lines on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More detail in errors.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub fn quiesce_arg(s: &str) -> Result<QuiescePolicy, String> {
+    s.parse()
+}
+
+/// `90`, `90s`, `30m`, `2h`, `1d`.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration; expected a number with an optional unit s, m, h or d (90, 30m, 2h)");
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).filter(|secs| *secs > 0).map(Duration::from_secs).ok_or_else(bad)
+}
+
+pub fn keep_arg(s: &str) -> Result<RetentionPolicy, String> {
+    s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_arg("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration_arg("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(duration_arg("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(duration_arg("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["", "0", "m", "5 m", "5w", "-1", "99999999999999999999d"] {
+            assert!(duration_arg(bad).unwrap_err().contains("expected a number"), "{bad}");
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Backup repositories: add, list, show, remove, check, stats.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// Offerings: tie VMs to a repository with a default quiesce policy and retention.
+    #[command(subcommand)]
+    Offering(OfferingCommand),
+    /// Assign a VM to an offering (its backups, schedules and prune follow the offering).
+    Assign {
+        /// The VM (libvirt domain name).
+        vm: String,
+        /// The offering.
+        offering: String,
+    },
+    /// Remove a VM's assignment (refused while it has schedules).
+    Unassign {
+        /// The VM.
+        vm: String,
+    },
+    /// Back up a VM (running: push job with quiesce; shut off: qemu-img).
+    Backup {
+        /// The VM (libvirt domain name).
+        vm: String,
+        /// Use this offering's repository and quiesce policy.
+        #[arg(long, conflicts_with = "repo")]
+        offering: Option<String>,
+        /// Write to this repository (default: the VM's offering's, or the only one).
+        #[arg(long)]
+        repo: Option<String>,
+        /// Freeze the guest's file systems around the job start [default: the offering's, else best-effort].
+        #[arg(long, value_parser = quiesce_arg)]
+        quiesce: Option<QuiescePolicy>,
+        /// Abort the copy after this long (90, 90s, 30m, 2h, 1d).
+        #[arg(long, default_value = "24h", value_parser = duration_arg)]
+        timeout: Duration,
+    },
+    /// List complete backups (also those the reference system wrote).
+    List {
+        /// Only this VM.
+        vm: Option<String>,
+        /// Only this repository.
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// Show one backup's manifest.
+    Show {
+        /// The backup: REPO:VM/BACKUP-ID.
+        id: BackupRef,
+    },
+    /// Check backups' files (qemu-img check and checksums): exit 5 bad data, 6 damaged, 7 unreadable.
+    Verify {
+        /// The backup: REPO:VM/BACKUP-ID.
+        #[arg(required_unless_present = "all")]
+        id: Option<BackupRef>,
+        /// Every backup (of --repo, or of every repository).
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// With --all: only this repository.
+        #[arg(long, requires = "all")]
+        repo: Option<String>,
+    },
+    /// Delete one backup (never a VM directory or the repository).
+    Delete {
+        /// The backup: REPO:VM/BACKUP-ID.
+        id: BackupRef,
+    },
+    /// Restore every disk of a shut-off VM from a backup (disks matched by target and volume).
+    Restore {
+        /// The backup: REPO:VM/BACKUP-ID.
+        id: BackupRef,
+        /// Restore into this shut-off VM instead (disks matched by target only).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Restore one disk of a backup as a new volume, optionally attached to a VM.
+    RestoreVolume {
+        /// The backup: REPO:VM/BACKUP-ID.
+        id: BackupRef,
+        /// The disk, by its target in the backup (vda, vdb, ...).
+        #[arg(long)]
+        disk: String,
+        /// A new file, an existing block device, or rbd:POOL/IMAGE.
+        #[arg(long)]
+        to: String,
+        /// The format to write (RBD: raw).
+        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+        /// Attach it to this VM (running or shut off) as the next free target.
+        #[arg(long)]
+        attach: Option<String>,
+    },
+    /// Remove backups the offering's retention and the schedules' limits do not keep.
+    Prune {
+        /// Only this VM (default: every assigned VM).
+        vm: Option<String>,
+        /// Print the plan; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Backup schedules: add, list, remove.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Run the schedules that are due, then prune (safe to call every minute from a timer).
+    RunDue,
+}
+
+#[derive(Subcommand)]
+pub enum RepoCommand {
+    /// Add a repository (validated; use `repo check` to try it).
+    Add {
+        /// Its name.
+        name: String,
+        /// nfs, cifs, cephfs, shared or custom.
+        #[arg(long = "type")]
+        kind: String,
+        /// host:/export, //host/share, mon1,mon2:/path, /path, or a mount(8) source.
+        #[arg(long)]
+        address: String,
+        /// Mount options (secrets go to a credentials file at mount time).
+        #[arg(long, default_value = "")]
+        options: String,
+        /// The file system type, for a custom repository.
+        #[arg(long)]
+        fstype: Option<String>,
+        /// The zone.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// List repositories.
+    List,
+    /// Show one repository and how it is mounted.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Remove a repository from the configuration (its backups stay where they are).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Mount, write, read back and unmount; says so when root may not write (root_squash).
+    Check {
+        /// Its name.
+        name: String,
+    },
+    /// Capacity: total, used, available.
+    Stats {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OfferingCommand {
+    /// Add an offering.
+    Add {
+        /// Its name.
+        name: String,
+        /// The repository its backups go to.
+        #[arg(long)]
+        repo: String,
+        /// Its zone (must be the repository's when both are set).
+        #[arg(long)]
+        zone: Option<String>,
+        /// The default quiesce policy.
+        #[arg(long, default_value = "best-effort", value_parser = quiesce_arg)]
+        quiesce: QuiescePolicy,
+        /// Retention for prune: last=N,hourly=N,daily=N,weekly=N,monthly=N,yearly=N.
+        #[arg(long, value_parser = keep_arg)]
+        keep: Option<RetentionPolicy>,
+    },
+    /// List offerings and the VMs assigned to them.
+    List,
+    /// Remove an offering (refused while VMs are assigned to it).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule for a VM assigned to an offering.
+    #[command(after_help = format!("--at forms: {AT_FORMS}"))]
+    Add {
+        /// The VM.
+        vm: String,
+        /// hourly, daily, weekly or monthly.
+        #[arg(long)]
+        every: Every,
+        /// When in the interval (see below).
+        #[arg(long)]
+        at: String,
+        /// The time zone of --at (an IANA name).
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// Keep at most this many backups made by this schedule (0: no limit).
+        #[arg(long)]
+        keep: u32,
+        /// The quiesce policy.
+        #[arg(long, default_value = "best-effort", value_parser = quiesce_arg)]
+        quiesce: QuiescePolicy,
+    },
+    /// List schedules with their last run.
+    List,
+    /// Remove a schedule.
+    Remove {
+        /// Its id.
+        id: String,
+    },
+}

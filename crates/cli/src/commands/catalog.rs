@@ -1,0 +1,157 @@
+//! `list`, `show`, `verify`, `delete` and `prune`: the catalog, which never needs libvirt.
+
+use anyhow::{Result, anyhow};
+use nasbak::config::Config;
+use nasbak::nasbak_repo::BackupRef;
+use nasbak::{BackupError, BackupKind, FileStatus, VerifyReport};
+
+use super::{CatalogServices, cancel_on_interrupt, repo_of, repos};
+use crate::args::Cli;
+use crate::output::print_json;
+use crate::progress::Reporter;
+
+pub fn list(cli: &Cli, config: &Config, vm: Option<&str>, repo: Option<&str>) -> Result<u8> {
+    let services = CatalogServices::new();
+    let mut all = Vec::new();
+    for r in repos(config, repo)? {
+        all.extend(services.catalog().list(r, vm)?);
+    }
+    if cli.json {
+        print_json(&all)?;
+        return Ok(0);
+    }
+    for b in &all {
+        match &b.kind {
+            BackupKind::Damaged { reason } => println!("{}  DAMAGED: {reason}", b.reference()),
+            BackupKind::Nasbak(m) => println!(
+                "{}  {} disk(s)  nasbak{}",
+                b.reference(),
+                m.disks.len(),
+                m.schedule.as_ref().map(|s| format!("  schedule {s}")).unwrap_or_default()
+            ),
+            BackupKind::Reference { files } => println!("{}  {} disk(s)  reference", b.reference(), files.len()),
+        }
+    }
+    Ok(0)
+}
+
+pub fn show(cli: &Cli, config: &Config, id: &BackupRef) -> Result<u8> {
+    let r = repo_of(config, id)?;
+    let b = CatalogServices::new().catalog().entry(r, id.vm.as_str(), &id.id.to_string())?;
+    match &b.kind {
+        BackupKind::Damaged { reason } => {
+            Err(anyhow!(BackupError::DamagedBackup { backup: id.relative(), reason: reason.clone() }))
+        }
+        BackupKind::Nasbak(m) if !cli.json => {
+            println!("{}", m.to_json());
+            Ok(0)
+        }
+        _ => {
+            print_json(&b)?;
+            Ok(0)
+        }
+    }
+}
+
+pub fn verify(cli: &Cli, config: &Config, id: Option<&BackupRef>, all: bool, repo: Option<&str>) -> Result<u8> {
+    let services = CatalogServices::new();
+    let catalog = services.catalog();
+    let cancel = cancel_on_interrupt()?;
+    let mut reports: Vec<VerifyReport> = Vec::new();
+    if all {
+        for r in repos(config, repo)? {
+            let mut reporter = Reporter::new(cli.json, &format!("verify {}", r.name()));
+            let found = catalog.verify_all(r, None, &cancel, &mut |p| reporter.update(p));
+            reporter.finish();
+            reports.extend(found?);
+        }
+    } else {
+        let id = id.expect("clap requires ID without --all");
+        let r = repo_of(config, id)?;
+        let mut reporter = Reporter::new(cli.json, &format!("verify {id}"));
+        let report = catalog.verify(r, id.vm.as_str(), &id.id.to_string(), &cancel, &mut |p| reporter.update(p));
+        reporter.finish();
+        reports.push(match report {
+            Err(BackupError::DamagedBackup { reason, .. }) => {
+                VerifyReport::of_damaged(format!("{}:{}", r.name(), id.relative()), reason)
+            }
+            other => other?,
+        });
+    }
+    // The worst finding decides the exit code: damaged (6) over bad data (5) over unreadable (7).
+    let (mut damaged, mut bad, mut unreadable) = (0, 0, 0);
+    for report in &reports {
+        if let Some(reason) = &report.damaged {
+            damaged += 1;
+            if !cli.json {
+                println!("DAMAGED  {}  {reason}", report.backup);
+            }
+        }
+        for v in &report.files {
+            match v.status {
+                FileStatus::Ok => {}
+                FileStatus::Missing => damaged += 1,
+                FileStatus::Unreadable => unreadable += 1,
+                FileStatus::Differs | FileStatus::Corrupt => bad += 1,
+            }
+            if !cli.json {
+                let checksum = v.checksum_ok.map_or("not recorded", |ok| if ok { "matches" } else { "DIFFERS" });
+                let detail = match &v.error {
+                    Some(e) => e.clone(),
+                    None => format!("check {:?}, checksum {checksum}", v.check),
+                };
+                let verdict = if v.ok() { "ok " } else { "BAD" };
+                println!("{verdict}  {}  {}  {}  {detail}", report.backup, v.file, v.status);
+            }
+        }
+    }
+    if cli.json {
+        print_json(&reports)?;
+    }
+    Ok(if damaged > 0 {
+        6
+    } else if bad > 0 {
+        5
+    } else if unreadable > 0 {
+        7
+    } else {
+        0
+    })
+}
+
+pub fn delete(config: &Config, id: &BackupRef) -> Result<u8> {
+    let r = repo_of(config, id)?;
+    CatalogServices::new().catalog().delete(r, id.vm.as_str(), &id.id.to_string())?;
+    println!("deleted {}:{}", r.name(), id.relative());
+    Ok(0)
+}
+
+pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Result<u8> {
+    let vms: Vec<String> = match vm {
+        Some(v) => vec![v.to_owned()],
+        None => config.assignments.keys().cloned().collect(),
+    };
+    let services = CatalogServices::new();
+    let mut reports = Vec::new();
+    for v in &vms {
+        let report = services.catalog().prune_vm(config, v, dry_run)?;
+        if !cli.json {
+            for d in &report.damaged {
+                println!("DAMAGED  {v}/{}  ({}): not counted, not removed; verify or delete it", d.id, d.reason);
+            }
+            for d in &report.decisions {
+                let verb = match (d.keep, dry_run) {
+                    (true, _) => "keep  ",
+                    (false, true) => "would remove",
+                    (false, false) => "removed",
+                };
+                println!("{verb}  {v}/{}  ({})", d.id, d.reason);
+            }
+        }
+        reports.push(report);
+    }
+    if cli.json {
+        print_json(&reports)?;
+    }
+    Ok(0)
+}

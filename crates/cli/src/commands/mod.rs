@@ -1,0 +1,113 @@
+//! One module per command group; this one holds what they share: the services (libvirt only for
+//! the commands that touch a VM), Ctrl-C, and resolving repositories and backup references.
+
+mod backup;
+mod catalog;
+mod restore;
+mod settings;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use nasbak::config::Config;
+use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_qemu_img::QemuImg;
+use nasbak::nasbak_repo::{BackupRef, BackupRepository, MountTimeouts, RepositoryMounts, SystemMounter};
+use nasbak::{BackupError, Catalog, Engine};
+
+use crate::args::{Cli, Command};
+
+/// Where nasbak keeps its mount points, locks and temporary keyrings.
+pub const RUNTIME: &str = "/run/nasbak";
+
+/// Runs the command; returns the exit code of a command that ran to its end.
+pub fn run(cli: &Cli) -> Result<u8> {
+    let mut config = Config::load(&cli.config)?;
+    match &cli.command {
+        Command::Repo(cmd) => settings::repo(cli, &mut config, cmd),
+        Command::Offering(cmd) => settings::offering(cli, &mut config, cmd),
+        Command::Assign { vm, offering } => settings::assign(cli, &mut config, vm, offering),
+        Command::Unassign { vm } => settings::unassign(cli, &mut config, vm),
+        Command::Schedule(cmd) => settings::schedule(cli, &mut config, cmd),
+        Command::Backup { vm, offering, repo, quiesce, timeout } => {
+            backup::backup(cli, &config, vm, offering.as_deref(), repo.as_deref(), *quiesce, *timeout)
+        }
+        Command::RunDue => backup::run_due(cli, &config),
+        Command::List { vm, repo } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),
+        Command::Show { id } => catalog::show(cli, &config, id),
+        Command::Verify { id, all, repo } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
+        Command::Delete { id } => catalog::delete(&config, id),
+        Command::Prune { vm, dry_run } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
+        Command::Restore { id, vm } => restore::restore(cli, &config, id, vm.as_deref()),
+        Command::RestoreVolume { id, disk, to, format, attach } => {
+            restore::restore_volume(cli, &config, id, disk, to, format, attach.as_deref())
+        }
+    }
+}
+
+fn mounts() -> RepositoryMounts<SystemMounter> {
+    RepositoryMounts::new(SystemMounter::new(RUNTIME), RUNTIME, MountTimeouts::default())
+}
+
+/// qemu-img and the mounts: all the catalog commands need (never libvirt).
+struct CatalogServices {
+    images: QemuImg,
+    mounts: RepositoryMounts<SystemMounter>,
+}
+
+impl CatalogServices {
+    fn new() -> Self {
+        CatalogServices { images: QemuImg::new(RUNTIME), mounts: mounts() }
+    }
+    fn catalog(&self) -> Catalog<'_, QemuImg, SystemMounter> {
+        Catalog::new(&self.images, &self.mounts)
+    }
+}
+
+type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
+
+/// The engine over libvirt at `uri` (also the source of guest agents), qemu-img and the mounts.
+fn engine(uri: &str) -> Result<LibvirtEngine> {
+    let libvirt = LibvirtHypervisor::connect(uri).with_context(|| format!("connecting to {uri}"))?;
+    Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts())
+        .with_agent_timeout(Duration::from_secs(10)))
+}
+
+/// A cancel handle that Ctrl-C (and SIGTERM from systemd) triggers.
+fn cancel_on_interrupt() -> Result<CancelHandle> {
+    let cancel = CancelHandle::new();
+    let handle = cancel.clone();
+    ctrlc::set_handler(move || handle.cancel()).context("installing the Ctrl-C handler")?;
+    Ok(cancel)
+}
+
+fn not_found(what: String) -> anyhow::Error {
+    anyhow!(BackupError::NotFound { what })
+}
+
+/// The repository called `name`, or the only one there is.
+fn pick_repo<'a>(config: &'a Config, name: Option<&str>) -> Result<&'a BackupRepository> {
+    match name {
+        Some(n) => config.repository(n).ok_or_else(|| not_found(format!("repository {n}"))),
+        None if config.repositories.len() == 1 => Ok(&config.repositories[0]),
+        None => Err(anyhow!(BackupError::Ambiguous {
+            what: format!("which repository with REPO: or --repo (there are {})", config.repositories.len())
+        })),
+    }
+}
+
+/// The repository of a backup reference: the one it names, else the VM's offering's, else the
+/// only one there is.
+fn repo_of<'a>(config: &'a Config, id: &BackupRef) -> Result<&'a BackupRepository> {
+    let named = id.repository.as_ref().map(|r| r.as_str());
+    let repo = named.or_else(|| config.offering_of(id.vm.as_str()).map(|o| o.repository.as_str()));
+    pick_repo(config, repo)
+}
+
+/// Every repository, or only the one called `name`.
+fn repos<'a>(config: &'a Config, name: Option<&str>) -> Result<Vec<&'a BackupRepository>> {
+    Ok(match name {
+        Some(r) => vec![pick_repo(config, Some(r))?],
+        None => config.repositories.iter().collect(),
+    })
+}
