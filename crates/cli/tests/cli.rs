@@ -112,8 +112,13 @@ fn backup_damage_restore_verify_list_delete() {
     let (code, _, _) = nasbak(&config, &["delete", &format!("lab:{}/", dom.name())]);
     assert_ne!(code, 0, "a VM directory must never be deleted");
     ok(&config, &["delete", &id]);
-    let (code, _, _) = nasbak(&config, &["show", &id]);
+    let (code, _, err) = nasbak(&config, &["show", &id]);
     assert_eq!(code, 3, "not found");
+    assert!(err.contains("does not exist") && err.contains("hint: `nasbak list`"), "{err}");
+    // As JSON: every cause, and the case a tool can match on.
+    let (code, _, err) = nasbak(&config, &["--json", "show", &id]);
+    let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!((code, e["kind"].as_str()), (3, Some("not-found")), "{err}");
 }
 
 #[test]

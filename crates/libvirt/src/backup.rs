@@ -85,7 +85,7 @@ impl PushBackup {
 
     /// Parses a push backup document (as built here, or as `virsh backup-dumpxml` prints it).
     pub fn parse(xml: &str) -> Result<PushBackup, XmlError> {
-        let raw: RawBackup = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
+        let raw: XmlBackup = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
         let mut b = PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None };
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
             match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
@@ -99,27 +99,27 @@ impl PushBackup {
 }
 
 #[derive(Debug, Deserialize)]
-struct RawBackup {
-    disks: Option<RawBackupDisks>,
+struct XmlBackup {
+    disks: Option<XmlBackupDisks>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawBackupDisks {
+struct XmlBackupDisks {
     #[serde(rename = "disk", default)]
-    disks: Vec<RawBackupDisk>,
+    disks: Vec<XmlBackupDisk>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawBackupDisk {
+struct XmlBackupDisk {
     #[serde(rename = "@name")]
     name: String,
     #[serde(rename = "@backup")]
     backup: Option<String>,
-    target: Option<RawBackupTarget>,
+    target: Option<XmlBackupTarget>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawBackupTarget {
+struct XmlBackupTarget {
     #[serde(rename = "@file")]
     file: Option<String>,
 }
@@ -170,7 +170,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Parses a checkpoint document.
     pub fn parse(xml: &str) -> Result<Checkpoint, XmlError> {
-        let raw: RawCheckpoint = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
+        let raw: XmlCheckpoint = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
         Ok(Checkpoint {
             name: raw.name,
             parent: raw.parent.and_then(|p| p.name),
@@ -186,25 +186,25 @@ impl Checkpoint {
 }
 
 #[derive(Debug, Deserialize)]
-struct RawCheckpoint {
+struct XmlCheckpoint {
     name: Option<String>,
-    parent: Option<RawParent>,
-    disks: Option<RawCheckpointDisks>,
+    parent: Option<XmlParent>,
+    disks: Option<XmlCheckpointDisks>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawParent {
+struct XmlParent {
     name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawCheckpointDisks {
+struct XmlCheckpointDisks {
     #[serde(rename = "disk", default)]
-    disks: Vec<RawCheckpointDisk>,
+    disks: Vec<XmlCheckpointDisk>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawCheckpointDisk {
+struct XmlCheckpointDisk {
     #[serde(rename = "@name")]
     name: String,
     #[serde(rename = "@checkpoint")]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::raw::{RawAuth, RawBacking, RawDisk, RawDomain, RawSource, RawStatus};
+use crate::xml_shape::{XmlAuth, XmlBacking, XmlDisk, XmlDomain, XmlSource, XmlStatus};
 
 /// A domain XML document could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -185,9 +185,9 @@ impl Domain {
     /// ```
     pub fn parse(xml: &str) -> Result<Domain, XmlError> {
         let raw = if xml.contains("<domstatus") {
-            quick_xml::de::from_str::<RawStatus>(xml).map(|s| s.domain)
+            quick_xml::de::from_str::<XmlStatus>(xml).map(|s| s.domain)
         } else {
-            quick_xml::de::from_str::<RawDomain>(xml)
+            quick_xml::de::from_str::<XmlDomain>(xml)
         }
         .map_err(|e| XmlError { detail: e.to_string() })?;
         Ok(raw.into())
@@ -270,13 +270,13 @@ pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &st
     ))
 }
 
-impl From<RawDomain> for Domain {
-    fn from(r: RawDomain) -> Self {
+impl From<XmlDomain> for Domain {
+    fn from(r: XmlDomain) -> Self {
         Domain { name: r.name, uuid: r.uuid, disks: r.devices.disks.into_iter().map(Disk::from).collect() }
     }
 }
 
-fn auth(a: Option<RawAuth>) -> Option<NetworkAuth> {
+fn auth(a: Option<XmlAuth>) -> Option<NetworkAuth> {
     a.map(|a| NetworkAuth {
         username: a.username,
         secret_type: a.secret.as_ref().and_then(|s| s.kind.clone()),
@@ -285,7 +285,7 @@ fn auth(a: Option<RawAuth>) -> Option<NetworkAuth> {
     })
 }
 
-fn source(kind: Option<&str>, s: RawSource, outer_auth: Option<RawAuth>) -> Option<DiskSource> {
+fn source(kind: Option<&str>, s: XmlSource, outer_auth: Option<XmlAuth>) -> Option<DiskSource> {
     Some(match kind.unwrap_or("file") {
         "file" => DiskSource::File(s.file?.into()),
         "block" => DiskSource::Block(s.dev?.into()),
@@ -310,7 +310,7 @@ fn source(kind: Option<&str>, s: RawSource, outer_auth: Option<RawAuth>) -> Opti
     })
 }
 
-fn chain(mut next: Option<Box<RawBacking>>) -> Vec<BackingLayer> {
+fn chain(mut next: Option<Box<XmlBacking>>) -> Vec<BackingLayer> {
     let mut layers = Vec::new();
     while let Some(b) = next {
         let b = *b;
@@ -322,8 +322,8 @@ fn chain(mut next: Option<Box<RawBacking>>) -> Vec<BackingLayer> {
     layers
 }
 
-impl From<RawDisk> for Disk {
-    fn from(r: RawDisk) -> Self {
+impl From<XmlDisk> for Disk {
+    fn from(r: XmlDisk) -> Self {
         let device = match r.device.as_deref().unwrap_or("disk") {
             "cdrom" => DiskDevice::Cdrom,
             "floppy" => DiskDevice::Floppy,

@@ -234,7 +234,8 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
             if start.elapsed() > options.timeout {
                 return Err(JobError::TimedOut { domain: domain.clone(), timeout: options.timeout });
             }
-            thread::sleep(options.poll);
+            // Wakes at a cancel rather than at the end of the poll.
+            cancel.sleep(options.poll);
         }
         self.armed = false;
         let done: JobInfo = hv.completed_job(&domain).map_err(lost)?;
@@ -260,7 +261,8 @@ fn abort_and_wait<H: Hypervisor>(hv: &H, domain: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         match hv.current_job(domain) {
-            Ok(j) if j.kind == JobKind::Active => thread::sleep(Duration::from_millis(50)),
+            // QEMU ends an aborted job within a few milliseconds: look often.
+            Ok(j) if j.kind == JobKind::Active => thread::sleep(Duration::from_millis(5)),
             _ => break,
         }
     }

@@ -7,15 +7,29 @@
 //! target device name, never its position.
 //!
 //! ```
-//! # assert_eq!(nasbak_libvirt::DEFAULT_URI, "qemu:///system");
-//! let d = nasbak_libvirt::Domain::parse("<domain><name>vm1</name></domain>").unwrap();
-//! assert!(d.disks.is_empty());
+//! use std::path::Path;
+//! use nasbak_libvirt::{Domain, PushBackup};
+//!
+//! let domain = Domain::parse(
+//!     "<domain><name>vm1</name><devices>\
+//!        <disk type='file' device='disk'><driver type='qcow2'/><source file='/v/root.qcow2'/><target dev='vda'/></disk>\
+//!        <disk type='file' device='cdrom'><target dev='sda'/></disk>\
+//!      </devices></domain>",
+//! )?;
+//! // Which disks a backup takes, and why the others are left out.
+//! let (chosen, skipped) = domain.backup_selection();
+//! assert_eq!((chosen.len(), skipped[0].target.as_str()), (1, "sda"));
+//! // The push-backup document for libvirt: one qcow2 file per chosen disk.
+//! let backup = PushBackup::for_domain(&domain, Path::new("/backups/vm1"), |d| format!("{}.qcow2", d.target));
+//! assert!(backup.to_xml().contains("file='/backups/vm1/vda.qcow2'"));
+//! # Ok::<(), nasbak_libvirt::XmlError>(())
 //! ```
 //!
-//! The backup job runs through the [`Hypervisor`] seam: [`run_backup`] begins it, reports progress
-//! at least every 250 ms, notices completion within one poll (100 ms), tells completion from
-//! failure and cancellation, and aborts on timeout, cancel, error or panic. The calls the `virt`
-//! crate does not wrap (backup begin, abort) are in one FFI module.
+//! The backup job runs through the [`Hypervisor`] seam (mockable with the `mock` feature):
+//! [`start_backup`] begins it and [`RunningBackup::wait`] reports progress at least every
+//! 250 ms, notices completion within one 50 ms poll, tells completion from failure and
+//! cancellation, and aborts on timeout, cancel, error or panic ([`run_backup`] does both). The
+//! calls the `virt` crate does not wrap (backup begin, abort, job stats) are in one FFI module.
 
 #![deny(missing_docs)]
 
@@ -26,7 +40,7 @@ mod ffi;
 pub mod fuzz_checks;
 mod hypervisor;
 mod job;
-mod raw;
+mod xml_shape;
 
 pub use backup::{BackupTarget, Checkpoint, PushBackup};
 pub use domain::{

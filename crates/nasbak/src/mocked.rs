@@ -354,3 +354,41 @@ fn a_restore_that_fails_after_changing_volumes_says_which_changed() {
     assert!(text.contains("restored vda; partly written (restore again): vdb; unchanged: vdc"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");
 }
+
+#[test]
+fn errors_say_their_case_and_the_step_that_failed() {
+    use crate::error::{ErrorKind, Step};
+    let dir = tempfile::tempdir().unwrap();
+    // No such domain: found while reading the VM.
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|d| Err(LibvirtError::no_such_domain(d)));
+    let (e, repo) = engine(hv, MockImageTool::new(), dir.path());
+    let err = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert_eq!((err.kind(), err.step()), (ErrorKind::NoSuchDomain, Some(Step::Inspect)), "{err}");
+    assert!(crate::error::chain(&err).contains("reading the VM failed: libvirt: Domain not found"), "{err}");
+    // A copy that fails: the step is the copy, the cause is kept.
+    let mut img = MockImageTool::new();
+    img.expect_info().returning(|_| Ok(info(1 << 20)));
+    img.expect_convert().returning(|_, _| Err(ImageError::Output { action: "convert", detail: "disk full".into() }));
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let err = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert_eq!((err.kind(), err.step()), (ErrorKind::Other, Some(Step::Convert)), "{err}");
+    assert!(crate::error::chain(&err).contains("disk full"), "{err}");
+    // No space: the step is the space check.
+    let mut img = MockImageTool::new();
+    let huge = r#"{"filename":"x","format":"qcow2","virtual-size":1,"actual-size":9007199254740992}"#;
+    img.expect_info().returning(move |_| Ok(nasbak_qemu_img::parse_info(huge).unwrap()));
+    img.expect_convert().never();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let err = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert_eq!((err.kind(), err.step()), (ErrorKind::NoSpace, Some(Step::Space)), "{err}");
+    // A running VM is not restored into; no message names a command of a tool.
+    let id = {
+        let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+        e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap().manifest.id
+    };
+    let (e, repo) = engine(hypervisor(DomainState::Running), images(), dir.path());
+    let err = e.restore(&RestoreRequest::new(repo, "vm1", id), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DomainRunning);
+    assert!(!err.to_string().contains("virsh") && !err.to_string().contains('`'), "{err}");
+}

@@ -299,7 +299,7 @@ where
             match restore_target(d)? {
                 RestoreTarget::Qcow2File(path) => copies.push((*b, *d, path)),
                 RestoreTarget::InPlace(location) => {
-                    self.check_sum(&dir, b).map_err(at(Step::Check))?;
+                    self.check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     in_place.push((*b, *d, location));
                 }
             }
@@ -446,7 +446,7 @@ where
         self.check_image(&dir, disk).map_err(at(Step::Check))?;
         if !matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) || is_block {
             // Converted straight into place: the checksum first.
-            self.check_sum(&dir, disk).map_err(at(Step::Check))?;
+            self.check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
         let (source_for_xml, written) = self
             .write_volume(request, &dir, disk, is_block, cancel, observer)
@@ -601,13 +601,23 @@ where
     }
 
     /// The manifest's checksum of one backup file (none recorded: nothing to compare).
-    pub(crate) fn check_sum(&self, dir: &Path, disk: &ManifestDisk) -> Result<(), BackupError> {
+    pub(crate) fn check_sum(
+        &self,
+        dir: &Path,
+        disk: &ManifestDisk,
+        vm: &str,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
         let Some(sum) = &disk.checksum else { return Ok(()) };
         let path = dir.join(&disk.file);
-        let actual = crate::checksum::checksum_file(&path, &sum.algorithm).map_err(|source| BackupError::Io {
-            action: "checksumming",
-            path: path.clone(),
-            source,
+        let size = fs::metadata(&path).map_or(0, |m| m.len());
+        let mut report = |done: u64| {
+            observer(&Progress::new(Phase::Checksum, vm, done, size).on_disk(&disk.target));
+            !cancel.is_cancelled()
+        };
+        let actual = crate::checksum::checksum_file_observed(&path, &sum.algorithm, &mut report).map_err(|source| {
+            cancelled_or(cancel, BackupError::Io { action: "checksumming", path: path.clone(), source })
         })?;
         if actual != sum.value {
             return Err(BackupError::Damaged {

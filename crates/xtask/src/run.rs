@@ -36,6 +36,7 @@ pub fn test() -> Result<()> {
     // tests/nas.rs is built only for the NAS guest; lint it too.
     cargo(&["clippy", "-p", "nasbak-repo", "--features", "nas-guest", "--all-targets", "--", "-D", "warnings"], &[])?;
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    publish_dry_run()?;
     fuzz(10)?;
     let (passed, failed) = cargo_test(&["test", "--workspace", "--no-fail-fast"])?;
     println!("xtask: the real NFS and SMB tests inside the NAS guest (cargo xtask lab nas):");
@@ -50,7 +51,15 @@ pub fn test() -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+/// Every published crate packaged and built from its package, as `cargo publish` would (the lab
+/// fixtures and xtask are never published).
+pub fn publish_dry_run() -> Result<()> {
+    cargo(
+        &["publish", "--workspace", "--dry-run", "--allow-dirty", "--exclude", "nasbak-testlab", "--exclude", "xtask"],
+        &[],
+    )
+}
+
 /// `cargo xtask faults`: the fault matrix, a test target of nasbak-cli without the libtest
 /// harness that prints its own table and closing line.
 pub fn faults(rows: &[&str]) -> Result<()> {
@@ -60,6 +69,7 @@ pub fn faults(rows: &[&str]) -> Result<()> {
     cargo(&args, &[])
 }
 
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
 fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     println!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -4,58 +4,58 @@
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawDomain {
+pub(crate) struct XmlDomain {
     pub name: String,
     pub uuid: Option<String>,
     #[serde(default)]
-    pub devices: RawDevices,
+    pub devices: XmlDevices,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawStatus {
-    pub domain: RawDomain,
+pub(crate) struct XmlStatus {
+    pub domain: XmlDomain,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub(crate) struct RawDevices {
+pub(crate) struct XmlDevices {
     #[serde(rename = "disk", default)]
-    pub disks: Vec<RawDisk>,
+    pub disks: Vec<XmlDisk>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Flag {}
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawDisk {
+pub(crate) struct XmlDisk {
     #[serde(rename = "@type")]
     pub kind: Option<String>,
     #[serde(rename = "@device")]
     pub device: Option<String>,
-    pub driver: Option<RawDriver>,
-    pub source: Option<RawSource>,
+    pub driver: Option<XmlDriver>,
+    pub source: Option<XmlSource>,
     #[serde(rename = "backingStore")]
-    pub backing_store: Option<Box<RawBacking>>,
-    pub target: Option<RawTarget>,
+    pub backing_store: Option<Box<XmlBacking>>,
+    pub target: Option<XmlTarget>,
     pub readonly: Option<Flag>,
     pub shareable: Option<Flag>,
     pub serial: Option<String>,
-    pub auth: Option<RawAuth>,
+    pub auth: Option<XmlAuth>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawDriver {
+pub(crate) struct XmlDriver {
     #[serde(rename = "@type")]
     pub format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawFormat {
+pub(crate) struct XmlFormat {
     #[serde(rename = "@type")]
     pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub(crate) struct RawSource {
+pub(crate) struct XmlSource {
     #[serde(rename = "@file")]
     pub file: Option<String>,
     #[serde(rename = "@dev")]
@@ -69,19 +69,19 @@ pub(crate) struct RawSource {
     #[serde(rename = "@volume")]
     pub volume: Option<String>,
     #[serde(rename = "host", default)]
-    pub hosts: Vec<RawHost>,
-    pub auth: Option<RawAuth>,
-    pub config: Option<RawConfig>,
+    pub hosts: Vec<XmlHost>,
+    pub auth: Option<XmlAuth>,
+    pub config: Option<XmlConfig>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawConfig {
+pub(crate) struct XmlConfig {
     #[serde(rename = "@file")]
     pub file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawHost {
+pub(crate) struct XmlHost {
     #[serde(rename = "@name")]
     pub name: Option<String>,
     #[serde(rename = "@port")]
@@ -93,14 +93,14 @@ pub(crate) struct RawHost {
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawAuth {
+pub(crate) struct XmlAuth {
     #[serde(rename = "@username")]
     pub username: Option<String>,
-    pub secret: Option<RawSecret>,
+    pub secret: Option<XmlSecret>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawSecret {
+pub(crate) struct XmlSecret {
     #[serde(rename = "@type")]
     pub kind: Option<String>,
     #[serde(rename = "@usage")]
@@ -110,17 +110,17 @@ pub(crate) struct RawSecret {
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawBacking {
+pub(crate) struct XmlBacking {
     #[serde(rename = "@type")]
     pub kind: Option<String>,
-    pub format: Option<RawFormat>,
-    pub source: Option<RawSource>,
+    pub format: Option<XmlFormat>,
+    pub source: Option<XmlSource>,
     #[serde(rename = "backingStore")]
-    pub backing_store: Option<Box<RawBacking>>,
+    pub backing_store: Option<Box<XmlBacking>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct RawTarget {
+pub(crate) struct XmlTarget {
     #[serde(rename = "@dev")]
     pub dev: Option<String>,
     #[serde(rename = "@bus")]

@@ -1,0 +1,1 @@
+../../../examples/quiesce.rs

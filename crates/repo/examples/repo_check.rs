@@ -1,0 +1,1 @@
+../../../examples/repo_check.rs
