@@ -7,22 +7,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
-use nasbak_libvirt::{
-    CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup,
-};
+use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, DiskRole, MANIFEST_FILE, PARTIAL_SUFFIX, disk_file_names};
+use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
 use nasbak_repo::{
     BackupId, BackupMethod, BackupRef, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
-    VmName, VolumeName,
+    VmName,
 };
 use serde::Serialize;
 
-use crate::checksum::{CHECKSUM_ALGORITHM, checksum_file_observed};
+use crate::disks::{backup_files, source_location, volume_of};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
 use crate::progress::{Observer, Phase, Progress};
+use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
+use crate::transfer::{convert, write_synced};
 use crate::watchdog::ThawWatchdog;
 
 /// What to back up, where, how. Built with [`BackupRequest::new`] and the `with_` methods.
@@ -102,73 +102,6 @@ pub struct BackupOutcome {
     /// What the operator must know although the backup is complete (a guest that could not be
     /// thawed).
     pub warnings: Vec<String>,
-}
-
-/// The volume identity of a disk: the source file's stem when it is a valid name, else the target.
-pub(crate) fn volume_of(disk: &Disk) -> VolumeName {
-    let stem = match &disk.source {
-        Some(DiskSource::File(p) | DiskSource::Block(p)) => p.file_stem().map(|s| s.to_string_lossy().into_owned()),
-        Some(DiskSource::Volume { volume, .. }) => Some(volume.clone()),
-        Some(DiskSource::Network { name, .. }) => name.as_ref().and_then(|n| n.rsplit('/').next().map(str::to_owned)),
-        _ => None,
-    };
-    stem.and_then(|s| VolumeName::new(&s).ok())
-        .unwrap_or_else(|| VolumeName::new(&disk.target).expect("targets are plain names"))
-}
-
-/// Each chosen disk with its backup file: the first is the root disk, the others data disks;
-/// names are the reference's where unique, disambiguated by target where volumes collide
-/// ([`disk_file_names`]).
-pub(crate) fn backup_files<'a>(chosen: &[&'a Disk]) -> Vec<(&'a Disk, String)> {
-    let volumes: Vec<VolumeName> = chosen.iter().map(|d| volume_of(d)).collect();
-    let described: Vec<(DiskRole, &VolumeName, &str)> = chosen
-        .iter()
-        .zip(&volumes)
-        .enumerate()
-        .map(|(i, (d, v))| (if i == 0 { DiskRole::Root } else { DiskRole::Data }, v, d.target.as_str()))
-        .collect();
-    chosen.iter().copied().zip(disk_file_names(&described)).collect()
-}
-
-fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
-    disk_location(disk).ok_or_else(|| BackupError::Unsupported {
-        what: format!("disk {} of a shut-off VM with source {:?}", disk.target, disk.source),
-    })
-}
-
-/// Where qemu-img finds a disk: a file or block device path, or an RBD image with the domain's
-/// monitors, ceph.conf and client id (its key comes from that client's keyring on this host).
-pub(crate) fn disk_location(disk: &Disk) -> Option<ImageLocation> {
-    match &disk.source {
-        Some(DiskSource::File(p) | DiskSource::Block(p)) => Some(ImageLocation::Path(p.clone())),
-        Some(DiskSource::Network { protocol, name: Some(name), hosts, auth, config }) if protocol == "rbd" => {
-            let parts: Vec<&str> = name.split('/').collect();
-            let mut spec = match parts.as_slice() {
-                [pool, image] => nasbak_qemu_img::RbdSpec::new(pool, image),
-                [pool, namespace, image] => {
-                    let mut s = nasbak_qemu_img::RbdSpec::new(pool, image);
-                    s.namespace = Some((*namespace).to_owned());
-                    s
-                }
-                _ => return None,
-            };
-            spec.mon_hosts = hosts
-                .iter()
-                .filter_map(|h| {
-                    let host = h.name.clone()?;
-                    Some(match h.port {
-                        Some(port) if host.contains(':') => format!("[{host}]:{port}"),
-                        Some(port) => format!("{host}:{port}"),
-                        None => host,
-                    })
-                })
-                .collect();
-            spec.conf.clone_from(config);
-            spec.id = auth.as_ref().and_then(|a| a.username.clone());
-            Some(ImageLocation::Rbd(spec))
-        }
-        _ => None,
-    }
 }
 
 /// What a backup tells besides its manifest.
@@ -512,7 +445,7 @@ where
             let size = sizes.get(&disk.target).copied().unwrap_or(0);
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
-            self.convert_reporting(r, cancel, vm, &disk.target, size, observer)?;
+            convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;
         }
         Ok(())
     }
@@ -586,10 +519,4 @@ fn clean_partials(vm_dir: &Path) -> Vec<String> {
         }
     }
     removed
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), BackupError> {
-    use std::io::Write;
-    let mut f = fs::File::create(path).map_err(io("writing", path))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io("writing", path))
 }

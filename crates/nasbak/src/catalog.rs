@@ -349,7 +349,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         }
         let (checksum_ok, error) = match sum {
             None => (None, None),
-            Some(c) => match crate::checksum::checksum_file_observed(&path, &c.algorithm, progress) {
+            Some(c) => match crate::transfer::hash::checksum_file_observed(&path, &c.algorithm, progress) {
                 Ok(actual) => (Some(actual == c.value), None),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     (None, Some((FileStatus::Missing, e.to_string())))

@@ -21,9 +21,9 @@
 
 mod backup;
 mod catalog;
-mod checksum;
 pub mod clock;
 pub mod config;
+mod disks;
 mod engine;
 mod error;
 mod fault;
@@ -35,13 +35,11 @@ pub mod prune;
 mod restore;
 pub mod schedule;
 mod service;
+mod transfer;
 mod watchdog;
 
 pub use backup::{BackupOutcome, BackupRequest, DEFAULT_BACKUP_TIMEOUT, SkippedDisk};
 pub use catalog::{BackupEntry, BackupKind, CapacityReport, Catalog, FileStatus, FileVerdict, VerifyReport};
-pub use checksum::{
-    CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
-};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{AgentSource, DEFAULT_AGENT_TIMEOUT, Engine};
 pub use error::{BackupError, ErrorKind, Step, chain};
@@ -50,9 +48,11 @@ pub use progress::{Observer, Phase, Progress};
 pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
 pub use restore::{
     Attachment, RestoreOutcome, RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
-    parse_destination,
 };
 pub use service::{DueRun, Placement, RunDue, placement};
+pub use transfer::hash::{
+    CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
+};
 pub use {nasbak_agent, nasbak_libvirt, nasbak_process, nasbak_qemu_img, nasbak_repo};
 
 /// The mocks of every seam the engine composes, for embedders' tests (feature `mock`):

@@ -186,7 +186,7 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     img.expect_convert().never();
     img.expect_check().never();
     let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
-    let rbd = crate::restore::parse_destination("rbd:pool/img").unwrap();
+    let rbd: ImageLocation = "rbd:pool/img".parse().unwrap();
     let err = strict.restore_volume(&volume(&repo, rbd, ImageFormat::Qcow2, None), &CancelHandle::new(), &mut |_| {});
     assert!(matches!(err, Err(BackupError::Unsupported { .. })));
     let existing = dir.path().join("exists.qcow2");

@@ -28,13 +28,15 @@
 #![deny(missing_docs)]
 
 mod convert;
+#[doc(hidden)]
+pub mod fuzz_checks;
 mod info;
 mod location;
 mod tool;
 
 pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
-pub use location::{ImageLocation, RbdAuth, RbdSpec};
+pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
 #[cfg(any(test, feature = "mock"))]
 pub use tool::MockImageTool;
 pub use tool::{ImageError, ImageTimeouts, ImageTool, ProgressFn, QemuImg};

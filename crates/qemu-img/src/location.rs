@@ -29,6 +29,68 @@ impl From<PathBuf> for ImageLocation {
     }
 }
 
+/// A location that does not parse (see [`ImageLocation`]'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid image location {input:?} at byte {position}: {problem}; expected an absolute path or rbd:POOL/IMAGE (or rbd:POOL/NAMESPACE/IMAGE)"
+)]
+#[non_exhaustive]
+pub struct LocationError {
+    /// The input.
+    pub input: String,
+    /// Byte offset of the problem.
+    pub position: usize,
+    /// What is wrong there.
+    pub problem: String,
+}
+
+impl std::str::FromStr for ImageLocation {
+    type Err = LocationError;
+
+    /// `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE` (Ceph's default client and ceph.conf; plain
+    /// names without `/`, `:`, `@`, `\\` or control characters), or an absolute path. Its
+    /// `Display` gives the same text back.
+    fn from_str(s: &str) -> Result<Self, LocationError> {
+        let bad = |position: usize, problem: &str| LocationError {
+            input: s.to_owned(),
+            position,
+            problem: problem.to_owned(),
+        };
+        if let Some(pos) = s.find(|c: char| c.is_control()) {
+            return Err(bad(pos, "a control character is not allowed"));
+        }
+        if let Some(rest) = s.strip_prefix("rbd:") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            let mut offset = 4;
+            for part in &parts {
+                if part.is_empty() {
+                    return Err(bad(offset, "an empty name"));
+                }
+                if let Some(i) = part.find([':', '@', '\\']) {
+                    return Err(bad(offset + i, "pool, namespace and image must be plain names"));
+                }
+                offset += part.len() + 1;
+            }
+            let mut spec = match parts.as_slice() {
+                [pool, image] => RbdSpec::new(pool, image),
+                [pool, namespace, image] => {
+                    let mut spec = RbdSpec::new(pool, image);
+                    spec.namespace = Some((*namespace).to_owned());
+                    spec
+                }
+                [_] => return Err(bad(s.len(), "no /IMAGE after the pool")),
+                _ => return Err(bad(4, "more than POOL/NAMESPACE/IMAGE")),
+            };
+            spec.auth = RbdAuth::Default;
+            return Ok(ImageLocation::Rbd(spec));
+        }
+        if !s.starts_with('/') {
+            return Err(bad(0, "not an absolute path"));
+        }
+        Ok(ImageLocation::Path(PathBuf::from(s)))
+    }
+}
+
 impl fmt::Display for ImageLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -40,3 +40,17 @@ pub fn check_address(data: &[u8]) {
         Err(e) => assert!(e.position <= text.len(), "position {} outside {text:?}", e.position),
     }
 }
+
+/// Backup references: parsing never panics; whatever parses displays to the same text (the
+/// forms are canonical) and parses back to the same reference; errors point inside the input.
+pub fn check_backup_ref(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match text.parse::<crate::BackupRef>() {
+        Ok(r) => {
+            let shown = r.to_string();
+            assert_eq!(shown, text, "a reference displays as written");
+            assert_eq!(shown.parse::<crate::BackupRef>().as_ref(), Ok(&r));
+        }
+        Err(e) => assert!(e.position <= text.len(), "position {} outside {text:?}", e.position),
+    }
+}

@@ -23,3 +23,8 @@ fn mount_options_seeds() {
 fn address_seeds() {
     replay("address", nasbak_repo::fuzz_checks::check_address);
 }
+
+#[test]
+fn backup_ref_seeds() {
+    replay("backup_ref", nasbak_repo::fuzz_checks::check_backup_ref);
+}

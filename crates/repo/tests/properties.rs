@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Component, Path};
 
 use nasbak_repo::{
-    Address, BackupId, CephAddress, CephMonitor, CifsAddress, Host, MountOption, MountOptions, NfsAddress,
+    Address, BackupId, BackupRef, CephAddress, CephMonitor, CifsAddress, Host, MountOption, MountOptions, NfsAddress,
     RepositoryLayout, VmName,
 };
 use proptest::prelude::*;
@@ -205,5 +205,29 @@ mod disk_files {
             }
             prop_assert_eq!(disk_file_names(&disks), names, "deterministic");
         }
+    }
+}
+
+proptest! {
+    #[test]
+    fn backup_refs_round_trip(
+        repo in proptest::option::of("[A-Za-z0-9][A-Za-z0-9_-]{0,8}"),
+        vm in "[A-Za-z0-9][A-Za-z0-9_.-]{0,8}",
+        secs in 0i64..4_000_000_000,
+        seq in 1u32..5,
+    ) {
+        let time = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+        let mut id = BackupId::at(time);
+        for _ in 1..seq {
+            id = BackupId::next_after(time, &[id]);
+        }
+        let text = match &repo {
+            Some(r) => format!("{r}:{vm}/{id}"),
+            None => format!("{vm}/{id}"),
+        };
+        let parsed: BackupRef = text.parse().unwrap();
+        prop_assert_eq!(parsed.to_string(), text);
+        prop_assert_eq!(parsed.vm.as_str(), vm.as_str());
+        prop_assert_eq!(parsed.id, id);
     }
 }

@@ -246,7 +246,7 @@ pub fn fuzz(secs: u32) -> Result<()> {
         cargo(&["install", "--locked", "cargo-fuzz"], &[])?;
     }
     let fuzz_dir = workspace_root().join("fuzz");
-    for target in ["mount_options", "address", "domain_xml"] {
+    for target in ["mount_options", "address", "domain_xml", "backup_ref", "image_location"] {
         let corpus = fuzz_dir.join("corpus").join(target);
         fs::create_dir_all(&corpus)?;
         let seeds = fuzz_dir.join("seeds").join(target);

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use nasbak::config::Config;
-use nasbak::nasbak_qemu_img::ImageFormat;
+use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation};
 use nasbak::nasbak_repo::BackupRef;
 use nasbak::{RestoreRequest, VolumeRestoreRequest};
 
@@ -48,7 +48,7 @@ pub fn restore_volume(
     let r = repo_of(config, id)?;
     let format = format.parse::<ImageFormat>().unwrap_or_else(|never| match never {});
     let mut request =
-        VolumeRestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), disk, nasbak::parse_destination(to)?)
+        VolumeRestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), disk, to.parse::<ImageLocation>()?)
             .with_format(format);
     if let Some(vm) = attach {
         request = request.attach_to(vm);

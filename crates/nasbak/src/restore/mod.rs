@@ -1,0 +1,304 @@
+//! Restore: every disk of a shut-off VM from a backup, or one disk of a backup as a new volume
+//! (a file, a block device or an RBD image), optionally attached to a VM.
+//!
+//! Backup disks are matched to the VM's current disks by identity (target device and volume),
+//! never by position; every mismatch is reported before anything is written. Backups the
+//! reference system wrote (no manifest) are restored too: their file names give the volume, and
+//! the `domain-config.xml` saved with them gives each volume's target.
+
+use std::fs;
+use std::path::Path;
+
+use nasbak_libvirt::{Disk, Domain};
+use nasbak_qemu_img::{ImageFormat, ImageLocation};
+use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
+use nasbak_repo::{BackupRepository, ManifestDisk};
+use serde::Serialize;
+
+mod marks;
+mod vm;
+mod volume;
+
+pub use marks::RESTORING_MARK;
+pub(crate) use marks::{RestoringMark, interrupted_restores};
+
+use crate::catalog::{BackupKind, read_backup};
+use crate::disks::volume_of;
+use crate::error::BackupError;
+
+/// Restoring every disk of a shut-off VM from a backup. Built with [`RestoreRequest::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RestoreRequest {
+    /// The repository the backup is on.
+    pub repository: BackupRepository,
+    /// The VM the backup is of.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// Restore into this shut-off VM instead of the backup's own (disks paired by target only).
+    pub into: Option<String>,
+}
+
+impl RestoreRequest {
+    /// Restoring backup `id` of `vm` on `repository` into `vm`.
+    pub fn new(repository: BackupRepository, vm: impl Into<String>, id: impl Into<String>) -> Self {
+        RestoreRequest { repository, vm: vm.into(), id: id.into(), into: None }
+    }
+
+    /// Restores into another shut-off VM.
+    pub fn into_vm(mut self, vm: impl Into<String>) -> Self {
+        self.into = Some(vm.into());
+        self
+    }
+}
+
+/// A finished whole-VM restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RestoreOutcome {
+    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
+    pub backup: String,
+    /// The VM restored into.
+    pub vm: String,
+    /// Each disk restored.
+    pub restored: Vec<RestoredDisk>,
+}
+
+/// What was restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RestoredDisk {
+    /// The target device.
+    pub target: String,
+    /// Where it was written: a path, or `rbd:pool/image`.
+    pub location: String,
+    /// The format written.
+    pub format: String,
+    /// Said when an earlier restore of this disk had been interrupted while it wrote in place.
+    pub note: Option<String>,
+}
+
+/// Pairs each backup disk with the VM disk of the same identity, or says every mismatch. With
+/// `by_volume` false (restoring into another VM, whose volumes are its own), disks pair by
+/// target alone.
+pub fn match_disks<'a>(
+    disks: &'a [ManifestDisk],
+    domain: &'a Domain,
+    by_volume: bool,
+) -> Result<Vec<(&'a ManifestDisk, &'a Disk)>, BackupError> {
+    let (current, _) = domain.backup_selection();
+    let mut problems = Vec::new();
+    let mut pairs = Vec::new();
+    for b in disks {
+        match current.iter().find(|d| d.target == b.target) {
+            None => problems
+                .push(format!("the backup has disk {} ({}), the VM has no disk {}", b.target, b.volume, b.target)),
+            Some(d) if by_volume && volume_of(d).as_str() != b.volume => problems.push(format!(
+                "disk {} of the VM is volume {}, the backup's {} is volume {}",
+                d.target,
+                volume_of(d),
+                b.target,
+                b.volume
+            )),
+            Some(d) => pairs.push((b, *d)),
+        }
+    }
+    for d in &current {
+        if !disks.iter().any(|b| b.target == d.target) {
+            problems.push(format!("the VM's disk {} ({}) is not in the backup", d.target, volume_of(d)));
+        }
+    }
+    if problems.is_empty() { Ok(pairs) } else { Err(BackupError::Mismatch { vm: domain.name.clone(), problems }) }
+}
+
+/// The disks of a backup: from its manifest, or for a reference-system backup from its file
+/// names, each volume's target taken from the saved `domain-config.xml` (else from `current`,
+/// the VM as it is now).
+pub(crate) fn backup_disks(
+    dir: &Path,
+    vm: &str,
+    id: &str,
+    current: Option<&Domain>,
+) -> Result<Vec<ManifestDisk>, BackupError> {
+    let entry =
+        read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
+    let files = match entry.kind {
+        BackupKind::Nasbak(m) => return Ok(m.disks),
+        BackupKind::Reference { files } => files,
+        BackupKind::Damaged { reason } => {
+            return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
+        }
+    };
+    let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok());
+    let mut disks = Vec::new();
+    for file in files {
+        let (_, volume) = parse_disk_file_name(&file).expect("read_backup lists backup file names only");
+        let find = |d: &Domain| d.disks.iter().find(|x| volume_of(x) == volume).map(|x| x.target.clone());
+        let target = saved.as_ref().and_then(find).or_else(|| current.and_then(find)).ok_or_else(|| {
+            BackupError::Mismatch {
+                vm: vm.to_owned(),
+                problems: vec![format!(
+                    "the backup's file {file} is volume {volume}, which neither the saved domain-config.xml nor the VM has"
+                )],
+            }
+        })?;
+        disks.push(ManifestDisk {
+            target,
+            volume: volume.to_string(),
+            source: String::new(),
+            source_format: None,
+            file: file.clone(),
+            format: "qcow2".into(),
+            virtual_size: 0,
+            size: 0,
+            checksum: None,
+        });
+    }
+    Ok(disks)
+}
+
+/// Restoring one disk of a backup as a new volume. Built with [`VolumeRestoreRequest::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct VolumeRestoreRequest {
+    /// The repository the backup is on.
+    pub repository: BackupRepository,
+    /// The VM the backup is of.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// The disk, by its target in the backup (`vdb`).
+    pub disk: String,
+    /// Where to write: a new file or block device path, or an RBD image.
+    pub to: ImageLocation,
+    /// The format to write (RBD images are raw).
+    pub format: ImageFormat,
+    /// Attach the new volume to this VM (running or shut off).
+    pub attach: Option<String>,
+}
+
+impl VolumeRestoreRequest {
+    /// Restoring disk `disk` (its target in the backup) of backup `id` of `vm` on `repository`
+    /// to `to`, as qcow2 (raw for an RBD image), attached to no VM.
+    pub fn new(
+        repository: BackupRepository,
+        vm: impl Into<String>,
+        id: impl Into<String>,
+        disk: impl Into<String>,
+        to: ImageLocation,
+    ) -> Self {
+        let format = if matches!(to, ImageLocation::Rbd(_)) { ImageFormat::Raw } else { ImageFormat::Qcow2 };
+        VolumeRestoreRequest { repository, vm: vm.into(), id: id.into(), disk: disk.into(), to, format, attach: None }
+    }
+
+    /// The format to write.
+    pub fn with_format(mut self, format: ImageFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Attaches the new volume to `vm` (running or shut off) as its next free target.
+    pub fn attach_to(mut self, vm: impl Into<String>) -> Self {
+        self.attach = Some(vm.into());
+        self
+    }
+}
+
+/// Where a restored volume was attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Attachment {
+    /// The VM.
+    pub vm: String,
+    /// The target device it was attached as.
+    pub target: String,
+}
+
+/// A restored volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RestoredVolume {
+    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
+    pub backup: String,
+    /// The disk of the backup restored.
+    pub disk: String,
+    /// Where it was written.
+    pub location: String,
+    /// Its format.
+    pub format: String,
+    /// The VM and target it was attached as.
+    pub attached: Option<Attachment>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nasbak_repo::Manifest;
+
+    fn domain(disks: &[(&str, &str)]) -> Domain {
+        let mut xml = String::from("<domain><name>vm</name><devices>");
+        for (target, file) in disks {
+            xml.push_str(&format!("<disk type='file' device='disk'><driver type='qcow2'/><source file='{file}'/><target dev='{target}'/></disk>"));
+        }
+        xml.push_str("</devices></domain>");
+        Domain::parse(&xml).unwrap()
+    }
+
+    fn manifest(disks: &[(&str, &str)]) -> Manifest {
+        let t = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        Manifest {
+            version: 1,
+            id: "2026.01.01.00.00.00".into(),
+            repository: "r".into(),
+            vm: "vm".into(),
+            method: nasbak_repo::BackupMethod::QemuImg,
+            started: t,
+            finished: t,
+            quiesced: false,
+            quiesce_note: None,
+            libvirt_version: None,
+            qemu_version: None,
+            schedule: None,
+            disks: disks
+                .iter()
+                .map(|(target, volume)| ManifestDisk {
+                    target: target.to_string(),
+                    volume: volume.to_string(),
+                    source: String::new(),
+                    source_format: None,
+                    file: format!("datadisk.{volume}.qcow2"),
+                    format: "qcow2".into(),
+                    virtual_size: 1,
+                    size: 1,
+                    checksum: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn disks_pair_by_identity_not_position() {
+        // The VM lists its disks in another order than the backup (a data disk created first).
+        let d = domain(&[("vdb", "/v/data1.qcow2"), ("vda", "/v/root1.qcow2")]);
+        let m = manifest(&[("vda", "root1"), ("vdb", "data1")]);
+        let pairs = match_disks(&m.disks, &d, true).unwrap();
+        for (b, disk) in pairs {
+            assert_eq!(b.target, disk.target);
+        }
+    }
+
+    #[test]
+    fn every_mismatch_is_reported() {
+        let d = domain(&[("vda", "/v/root2.qcow2"), ("vdc", "/v/extra.qcow2")]);
+        let m = manifest(&[("vda", "root1"), ("vdb", "data1")]);
+        let e = match_disks(&m.disks, &d, true).unwrap_err().to_string();
+        // Into another VM, only targets count.
+        let e2 = match_disks(&m.disks, &d, false).unwrap_err().to_string();
+        assert!(!e2.contains("volume root2") && e2.contains("no disk vdb"), "{e2}");
+        assert!(e.contains("disk vda of the VM is volume root2, the backup's vda is volume root1"), "{e}");
+        assert!(e.contains("the VM has no disk vdb"), "{e}");
+        assert!(e.contains("the VM's disk vdc (extra) is not in the backup"), "{e}");
+        assert!(e.contains("nothing was written"), "{e}");
+    }
+}

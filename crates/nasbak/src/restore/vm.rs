@@ -1,0 +1,166 @@
+//! Whole-VM restore: every disk of a shut-off VM from a backup, checked before any volume
+//! changes; qcow2 volumes get a verified copy renamed over them, the others are written in place
+//! under a mark.
+
+use std::fs;
+use std::path::PathBuf;
+
+use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
+use nasbak_repo::{BackupId, Mounter, VmName};
+
+use super::marks::{RestoringMark, interrupted_restores};
+use super::{RestoreOutcome, RestoreRequest, RestoredDisk, backup_disks, match_disks};
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
+use crate::lock::VmLock;
+use crate::progress::{Observer, Progress};
+use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
+use crate::transfer::{check_image, check_sum, convert, copy_checked};
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Restores every disk of the shut-off VM `into` (the backup's own VM when `None`) from the
+    /// backup `<repository>/<vm>/<id>`. Backup files are checked (`qemu-img check` and their
+    /// SHA-256) before anything is written. qcow2 volumes get a self-contained qcow2 (no backing
+    /// file), written beside the volume and renamed over it; raw files and block devices are
+    /// written in place as raw. Into another VM, disks pair by target only.
+    pub fn restore(
+        &self,
+        request: &RestoreRequest,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<RestoreOutcome, BackupError> {
+        let (repository, vm, id) = (&request.repository, request.vm.as_str(), request.id.as_str());
+        // The backup reference first: bad input is named before anything else is asked.
+        let vm_name = VmName::new(vm)?;
+        id.parse::<BackupId>()?;
+        let target_vm = request.into.as_deref().unwrap_or(vm);
+        let inspect = || -> Result<_, BackupError> {
+            let state = self.hypervisor.domain_state(target_vm)?;
+            Ok((state, Domain::parse(&self.hypervisor.domain_xml(target_vm)?)?))
+        };
+        let (state, domain) = inspect().map_err(at(Step::Inspect))?;
+        if state != DomainState::ShutOff {
+            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
+        }
+        let mounted = self.mounts.acquire(repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
+        let disks = backup_disks(&dir, vm, id, Some(&domain))?;
+        let pairs = match_disks(&disks, &domain, target_vm == vm)?;
+        let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
+        // Everything is checked before a volume changes: qemu-img check of every file; the
+        // checksum of files written in place (raw, block) first, of qcow2 copies while they are
+        // copied beside their volumes. Only then are raw volumes written and the copies renamed.
+        let mut in_place = Vec::new();
+        let mut copies = Vec::new();
+        for (b, d) in &pairs {
+            check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+            match restore_target(d)? {
+                RestoreTarget::Qcow2File(path) => copies.push((*b, *d, path)),
+                RestoreTarget::InPlace(location) => {
+                    check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                    in_place.push((*b, *d, location));
+                }
+            }
+        }
+        let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
+        for (b, d, path) in &copies {
+            remove_stale_stages(path);
+            let tmp = stage_beside(path)?;
+            staged.0.push(tmp.clone());
+            copy_checked(&dir, b, &tmp, vm, &d.target, cancel, observer).map_err(|e| {
+                let step = Step::Restore { disk: d.target.clone() };
+                crate::backup::repository_unavailable(
+                    &mounted,
+                    repository.name().to_string(),
+                    step.clone(),
+                    at(step)(e),
+                )
+            })?;
+        }
+        // From here on volumes change: a failure says which did and which did not.
+        let mut restored = Vec::new();
+        let all: Vec<String> = pairs.iter().map(|(_, d)| d.target.clone()).collect();
+        let incomplete = |restored: &[RestoredDisk], partly: Option<&str>, e: BackupError| {
+            let e = match partly {
+                Some(disk) => at(Step::Restore { disk: disk.to_owned() })(e),
+                None => e,
+            };
+            let done: Vec<String> = restored.iter().map(|r| r.target.clone()).collect();
+            BackupError::RestoreIncomplete {
+                vm: target_vm.to_owned(),
+                untouched: all.iter().filter(|t| !done.contains(t) && Some(t.as_str()) != partly).cloned().collect(),
+                partly_written: partly.map(str::to_owned),
+                restored: done,
+                source: Box::new(e),
+            }
+        };
+        // A disk written in place is marked on the repository while it is written: a restore
+        // killed midway leaves the mark, which the next backup refuses on and the next restore
+        // reports.
+        let marks_dir = VmName::new(target_vm).map_or_else(|_| layout.vm_dir(&vm_name), |n| layout.vm_dir(&n));
+        let earlier = interrupted_restores(&marks_dir);
+        for (b, d, location) in in_place {
+            let shown = location.to_string();
+            let note = earlier.iter().find(|m| m.target == d.target).map(|m| {
+                format!(
+                    "the restore of {} begun {} (pid {} on {}) had been interrupted; this one rewrote it",
+                    shown, m.started, m.pid, m.host
+                )
+            });
+            let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"), self.clock.now())
+                .map_err(|e| incomplete(&restored, None, e))?;
+            let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
+            r.source_format = Some(ImageFormat::Qcow2);
+            r.target_exists = true;
+            let mut first = true;
+            let mut report = |p: &Progress| {
+                if std::mem::take(&mut first) {
+                    crate::fault::point("restore-write");
+                }
+                observer(p)
+            };
+            if let Err(e) = convert(&self.images, r, cancel, target_vm, &d.target, b.virtual_size, &mut report) {
+                return Err(incomplete(&restored, Some(&d.target), e));
+            }
+            mark.done();
+            restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into(), note });
+        }
+        for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
+            if let Err(source) = fs::rename(tmp, path) {
+                let e = BackupError::Io { action: "replacing", path: path.clone(), source };
+                return Err(incomplete(&restored, None, at(Step::Restore { disk: d.target.clone() })(e)));
+            }
+            let location = path.display().to_string();
+            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note: None });
+        }
+        Ok(RestoreOutcome { backup: format!("{vm}/{id}"), vm: target_vm.to_owned(), restored })
+    }
+}
+
+/// Where a VM disk is restored to.
+enum RestoreTarget {
+    /// A qcow2 file: restored as a checked copy of the backup file beside it, renamed over it.
+    Qcow2File(PathBuf),
+    /// A raw file, a block device or an RBD image: written in place as raw (`convert -n`).
+    InPlace(ImageLocation),
+}
+
+fn restore_target(disk: &Disk) -> Result<RestoreTarget, BackupError> {
+    let location = crate::disks::disk_location(disk).ok_or_else(|| BackupError::Unsupported {
+        what: format!("restoring disk {} with source {:?}", disk.target, disk.source),
+    })?;
+    Ok(match (location, &disk.source) {
+        (ImageLocation::Path(p), Some(DiskSource::File(_))) if disk.format.as_deref() == Some("qcow2") => {
+            RestoreTarget::Qcow2File(p)
+        }
+        (location, _) => RestoreTarget::InPlace(location),
+    })
+}

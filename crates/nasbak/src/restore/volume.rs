@@ -1,0 +1,202 @@
+//! One disk of a backup restored as a new volume (a file, a block device, an RBD image),
+//! optionally attached to a VM.
+
+use std::fs;
+use std::path::Path;
+
+use nasbak_libvirt::{CancelHandle, DiskSource, Domain, DomainState, Hypervisor, attach_bus, disk_attach_xml};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
+use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
+
+use super::{Attachment, RestoredVolume, VolumeRestoreRequest, backup_disks};
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
+use crate::lock::VmLock;
+use crate::progress::Observer;
+use crate::transfer::stage::{Staged, stage_beside};
+use crate::transfer::{check_image, check_sum, convert, copy_checked};
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Restores one disk of a backup to a new file, block device or RBD image, and optionally
+    /// attaches it to a VM with the right driver type and the next free target name. An existing
+    /// file is never overwritten; everything is checked before anything is written.
+    pub fn restore_volume(
+        &self,
+        request: &VolumeRestoreRequest,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<RestoredVolume, BackupError> {
+        let repository = &request.repository;
+        let vm_name = VmName::new(&request.vm)?;
+        request.id.parse::<BackupId>()?;
+        if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
+            return Err(BackupError::Unsupported { what: "RBD images in a format other than raw".into() });
+        }
+        if !matches!(request.format, ImageFormat::Raw | ImageFormat::Qcow2) {
+            return Err(BackupError::Unsupported {
+                what: format!("restoring as {}; use qcow2 or raw", request.format),
+            });
+        }
+        let attach_to = match &request.attach {
+            Some(vm) => {
+                let inspect = || -> Result<_, BackupError> {
+                    let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
+                    Ok((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
+                };
+                Some(inspect().map_err(at(Step::Inspect))?)
+            }
+            None => None,
+        };
+        let is_block = match &request.to {
+            ImageLocation::Path(p) => {
+                let meta = fs::metadata(p);
+                let block =
+                    meta.as_ref().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+                if meta.is_ok() && !block {
+                    return Err(BackupError::Exists { path: p.clone() });
+                }
+                if let Some((vm, _, d)) = &attach_to
+                    && d.disks
+                        .iter()
+                        .any(|x| matches!(&x.source, Some(DiskSource::File(f) | DiskSource::Block(f)) if f == p))
+                {
+                    return Err(BackupError::Unsupported {
+                        what: format!("{} is already a disk of {vm}", p.display()),
+                    });
+                }
+                block
+            }
+            ImageLocation::Rbd(_) => false,
+        };
+        let mounted = self.mounts.acquire(repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
+        let disks = backup_disks(&dir, &request.vm, &request.id, None)?;
+        let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
+            what: format!(
+                "disk {} in backup {}/{} (it has {})",
+                request.disk,
+                request.vm,
+                request.id,
+                disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
+        check_image(&self.images, &dir, disk).map_err(at(Step::Check))?;
+        if !matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) || is_block {
+            // Converted straight into place: the checksum first.
+            check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
+        }
+        let (source_for_xml, written) = self
+            .write_volume(request, &dir, disk, is_block, cancel, observer)
+            .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
+        let attached = match attach_to {
+            Some((vm, running, domain)) => {
+                let (prefix, bus) = attach_bus(&disk.target, running);
+                let target = domain.next_free_target(prefix);
+                let xml = disk_attach_xml(&source_for_xml, &written.to_string(), &target, bus)?;
+                self.hypervisor.attach_disk(&vm, &xml, running).map_err(|source| BackupError::AttachFailed {
+                    location: request.to.to_string(),
+                    vm: vm.clone(),
+                    source,
+                })?;
+                Some(Attachment { vm, target })
+            }
+            None => None,
+        };
+        Ok(RestoredVolume {
+            backup: format!("{}/{}", request.vm, request.id),
+            disk: disk.target.clone(),
+            location: request.to.to_string(),
+            format: written.to_string(),
+            attached,
+        })
+    }
+
+    /// Writes the volume of [`Engine::restore_volume`]; returns its source for the domain XML
+    /// and the format written.
+    fn write_volume(
+        &self,
+        request: &VolumeRestoreRequest,
+        dir: &Path,
+        disk: &ManifestDisk,
+        is_block: bool,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(DiskSource, ImageFormat), BackupError> {
+        let vm = request.vm.as_str();
+        let source = ImageLocation::Path(dir.join(&disk.file));
+        Ok(match &request.to {
+            ImageLocation::Path(p) if is_block => {
+                let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                r.target_exists = true;
+                convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                (DiskSource::Block(p.clone()), ImageFormat::Raw)
+            }
+            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
+                // The backup file is a self-contained qcow2: a checked copy is the restore.
+                let staged = Staged(vec![stage_beside(p)?]);
+                copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
+                fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
+                    action: "moving into place",
+                    path: p.clone(),
+                    source,
+                })?;
+                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
+            }
+            ImageLocation::Path(p) => {
+                self.write_new_file(source, p, &request.format, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                (DiskSource::File(p.clone()), request.format.clone())
+            }
+            ImageLocation::Rbd(spec) => {
+                let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                let name = format!("{}/{}", spec.pool, spec.image);
+                let rbd = DiskSource::Network {
+                    protocol: "rbd".into(),
+                    name: Some(name),
+                    hosts: vec![],
+                    auth: None,
+                    config: None,
+                };
+                (rbd, ImageFormat::Raw)
+            }
+        })
+    }
+
+    /// Writes a new file through `<path>.nasbak-partial` and a rename, so an interrupted restore
+    /// never leaves a file that looks complete.
+    #[allow(clippy::too_many_arguments)]
+    fn write_new_file(
+        &self,
+        source: ImageLocation,
+        path: &Path,
+        format: &ImageFormat,
+        cancel: &CancelHandle,
+        vm: &str,
+        target: &str,
+        size: u64,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        let tmp = stage_beside(path)?;
+        let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
+        r.source_format = Some(ImageFormat::Qcow2);
+        if let Err(e) = convert(&self.images, r, cancel, vm, target, size, observer) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, path).map_err(|source| BackupError::Io {
+            action: "moving into place",
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
