@@ -1,20 +1,67 @@
 //! nasbak: backup and recovery of KVM/libvirt VMs to network-attached storage.
 //!
 //! The facade composes the repository layer ([`nasbak_repo`]), libvirt ([`nasbak_libvirt`]),
-//! qemu-img ([`nasbak_qemu_img`]) and the guest agent ([`nasbak_agent`]) through their traits,
-//! and owns the workflows. The key decision: a backup is complete exactly when its
-//! `manifest.json` is in its final place. Everything is written into `<id>.partial`, the manifest
-//! last, and the directory is renamed into place; any failure removes the partial directory, and
-//! the next run removes what a killed run left.
+//! qemu-img ([`nasbak_qemu_img`]), the guest agent ([`nasbak_agent`]) and the process plumbing
+//! ([`nasbak_process`]) through their traits, and owns the workflows. An embedder builds an
+//! [`Engine`] from four seams (the hypervisor, the source of guest agents, qemu-img and the
+//! repository mounts; `nasbak::mock` has a mock of each with the `mock` feature) and drives
+//! typed requests through it. Outcomes are `Serialize` structs, every long phase tells its
+//! [`Progress`] to a closure and stops soon after its [`CancelHandle`](nasbak_process::CancelHandle)
+//! is cancelled from any thread, errors say their [`ErrorKind`] and the [`Step`] that failed, and
+//! a [`Clock`] decides backup ids and due schedules. `examples/embed.rs` is a complete program.
+//!
+//! The key decision: a backup is complete exactly when its `manifest.json` is in its final place.
+//! Everything is written into `<id>.partial`, the manifest last, and the directory is renamed
+//! into place; any failure removes the partial directory, and the next run removes what a killed
+//! run left.
+//!
+//! A backup and a restore through libvirt on this host:
+//!
+//! ```no_run
+//! use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+//! use nasbak::nasbak_qemu_img::QemuImg;
+//! use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter};
+//! use nasbak::{BackupRequest, Engine, ErrorKind, RestoreRequest};
+//!
+//! let libvirt = LibvirtHypervisor::connect("qemu:///system")?;
+//! let mounts = RepositoryMounts::new(SystemMounter::new("/run/nasbak"), "/run/nasbak", MountTimeouts::default());
+//! let engine = Engine::new(libvirt.clone(), libvirt, QemuImg::new("/run/nasbak"), mounts);
+//! let nas = BackupRepository::new("nas1", RepositoryKind::Nfs, "nas1:/exports/backup", "", None)?;
+//!
+//! let cancel = CancelHandle::new(); // cancel() from any thread stops the backup
+//! let made = engine.backup(&BackupRequest::new("web1", nas.clone()), &cancel, &mut |p| {
+//!     eprintln!("{} {}: {:.0} %", p.phase, p.disk.as_deref().unwrap_or("all disks"), p.percent())
+//! })?;
+//! println!("{}", serde_json::to_string(&made)?); // REPO:VM/ID, the manifest, what was skipped
+//!
+//! let restore = RestoreRequest::new(nas, "web1", made.manifest.id.as_str());
+//! match engine.restore(&restore, &CancelHandle::new(), &mut |_| {}) {
+//!     Err(e) if e.kind() == ErrorKind::DomainRunning => eprintln!("shut web1 off first"),
+//!     other => println!("{:?}", other?.restored),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The catalog needs no hypervisor, only qemu-img and the mounts:
 //!
 //! ```
-//! // The lock that keeps two hosts from backing up one VM at once lives on the repository:
+//! use nasbak::Catalog;
+//! use nasbak::nasbak_qemu_img::QemuImg;
+//! use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter};
+//!
 //! let dir = std::env::temp_dir().join(format!("nasbak-doc-{}", std::process::id()));
-//! std::fs::create_dir_all(&dir).unwrap();
-//! let lock = nasbak::VmLock::take(&dir, "vm1").unwrap();
-//! assert!(nasbak::VmLock::take(&dir, "vm1").is_err());
+//! let runtime = dir.join("runtime");
+//! std::fs::create_dir_all(dir.join("repo"))?;
+//! let repo = BackupRepository::new("local", RepositoryKind::Shared, dir.join("repo").to_str().unwrap(), "", None)?;
+//! let (images, mounts) = (QemuImg::new(&runtime), RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default()));
+//! let catalog = Catalog::new(&images, &mounts);
+//! assert!(catalog.list(&repo, None)?.is_empty());
+//! // The lock that keeps two hosts from backing up one VM at once lives on the repository.
+//! let lock = nasbak::VmLock::take(&dir.join("repo"), "vm1")?;
+//! assert!(nasbak::VmLock::take(&dir.join("repo"), "vm1").is_err());
 //! drop(lock);
-//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #![deny(missing_docs)]

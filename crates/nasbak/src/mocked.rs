@@ -392,3 +392,54 @@ fn errors_say_their_case_and_the_step_that_failed() {
     assert_eq!(err.kind(), ErrorKind::DomainRunning);
     assert!(!err.to_string().contains("virsh") && !err.to_string().contains('`'), "{err}");
 }
+
+#[test]
+fn the_clock_decides_backup_ids_and_due_schedules_without_sleeping() {
+    use crate::clock::ManualClock;
+    let dir = tempfile::tempdir().unwrap();
+    let t = chrono::DateTime::parse_from_rfc3339("2026-11-27T02:30:00Z").unwrap().to_utc();
+    let clock = ManualClock::new(t);
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let e = e.with_clock(clock.clone());
+    // Two backups in one second: the second id is that second's -2.
+    let a = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!((a.manifest.id.as_str(), b.manifest.id.as_str()), ("2026.11.27.02.30.00", "2026.11.27.02.30.00-2"));
+    assert_eq!((a.manifest.started, a.manifest.finished), (t, t));
+    // A daily schedule at 02:30 created the day before: due now, not again until tomorrow.
+    let config = crate::config::Config::parse(
+        &format!(
+            r#"
+[[repository]]
+name = "r"
+type = "shared"
+address = "{}"
+[[offering]]
+name = "gold"
+repository = "r"
+[assignments]
+vm1 = "gold"
+[[schedule]]
+id = "vm1-daily"
+vm = "vm1"
+every = "daily"
+at = "02:30"
+keep = 0
+created = "2026-11-26T12:00:00Z"
+"#,
+            dir.path().join("repo").display()
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let state = dir.path().join("state/state.json");
+    let ran = |e: &MockEngine| match e.run_due(&config, &state, &CancelHandle::new(), &mut |_| {}).unwrap() {
+        crate::RunDue::Ran(runs) => runs.len(),
+        crate::RunDue::Busy(holder) => panic!("busy: {holder}"),
+    };
+    assert_eq!(ran(&e), 1);
+    clock.advance(chrono::TimeDelta::hours(23));
+    assert_eq!(ran(&e), 0, "not due again the same day");
+    clock.advance(chrono::TimeDelta::hours(1));
+    assert_eq!(ran(&e), 1, "due again a day later");
+}

@@ -25,9 +25,9 @@ where
     I: ImageTool + Sync,
     M: Mounter,
 {
-    /// Restores every disk of the shut-off VM `into` (the backup's own VM when `None`) from the
-    /// backup `<repository>/<vm>/<id>`. Backup files are checked (`qemu-img check` and their
-    /// SHA-256) before anything is written. qcow2 volumes get a self-contained qcow2 (no backing
+    /// Restores every disk of the request's shut-off VM (the backup's own VM unless
+    /// [`RestoreRequest::into_vm`]) from the backup. Backup files are checked (`qemu-img check` and
+    /// their checksum: BLAKE3, or SHA-256 in older manifests) before anything is written. qcow2 volumes get a self-contained qcow2 (no backing
     /// file), written beside the volume and renamed over it; raw files and block devices are
     /// written in place as raw. Into another VM, disks pair by target only.
     pub fn restore(

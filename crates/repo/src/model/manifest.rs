@@ -24,7 +24,7 @@ pub enum BackupMethod {
 /// A checksum of a backup file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checksum {
-    /// The algorithm (`sha256`).
+    /// The algorithm: `blake3` (what nasbak writes), or `sha256` in older manifests.
     pub algorithm: String,
     /// The digest, lowercase hex.
     pub value: String,

@@ -446,6 +446,18 @@ mod tests {
     #[test]
     fn nfs_defaults_bound_hangs_and_yield_to_the_admin() {
         assert_eq!(plan_options(RepositoryKind::Nfs, "n:/e", ""), "soft,timeo=100,retrans=2");
+        // The defaults bound a stalled server: timeo (tenths of a second), backing off linearly
+        // over the first try and the retries.
+        let timeo = NFS_DEFAULT_OPTIONS
+            .iter()
+            .find(|(k, _)| *k == "timeo")
+            .and_then(|(_, v)| v.and_then(|v| v.parse::<u64>().ok()));
+        let retrans = NFS_DEFAULT_OPTIONS
+            .iter()
+            .find(|(k, _)| *k == "retrans")
+            .and_then(|(_, v)| v.and_then(|v| v.parse::<u64>().ok()));
+        let tries = retrans.unwrap() + 1;
+        assert_eq!(timeo.unwrap() / 10 * tries * (tries + 1) / 2, NFS_DEFAULT_STALL_BOUND_SECS);
         assert_eq!(plan_options(RepositoryKind::Nfs, "n:/e", "hard"), "hard,timeo=100,retrans=2");
         assert_eq!(plan_options(RepositoryKind::Nfs, "n:/e", "timeo=50,vers=3"), "timeo=50,vers=3,soft,retrans=2");
     }
