@@ -776,7 +776,7 @@ fn repository_gone_mid_restore() -> Row {
     if !again.status.success() {
         extra.push(format!("the restore run again failed: {}", text(&again)));
     }
-    let checks = lab.checks(&said, &["became unavailable during the restore copy"]);
+    let checks = lab.checks(&said, &["became unavailable during the restore of disk"]);
     row("repository stops answering mid-restore (sshfs)", checks, Some(time), extra, &said)
 }
 

@@ -166,6 +166,7 @@ impl std::fmt::Display for FileStatus {
 
 /// The verdict on one file of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct FileVerdict {
     /// The file name.
     pub file: String,

@@ -29,6 +29,7 @@ pub struct PruneCandidate {
 
 /// The decision on one backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PruneDecision {
     /// The backup id.
     pub id: String,
@@ -85,6 +86,7 @@ pub fn plan_prune(
 
 /// A backup prune did not count because it is damaged (see [`crate::BackupKind::Damaged`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct DamagedNote {
     /// The backup id.
     pub id: String,
@@ -94,6 +96,7 @@ pub struct DamagedNote {
 
 /// What prune decided, and whether it carried it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PruneReport {
     /// The VM.
     pub vm: String,

@@ -21,6 +21,7 @@ use crate::prune::PruneReport;
 
 /// Where a VM's backups go and how, from the command line and the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Placement {
     /// The repository.
     pub repository: BackupRepository,

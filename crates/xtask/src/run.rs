@@ -35,10 +35,16 @@ pub fn test() -> Result<()> {
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
     // tests/nas.rs is built only for the NAS guest; lint it too.
     cargo(&["clippy", "-p", "nasbak-repo", "--features", "nas-guest", "--all-targets", "--", "-D", "warnings"], &[])?;
+    // The facade's exported mocks and the test that uses them as an embedder would.
+    cargo(&["clippy", "-p", "nasbak", "--features", "mock", "--all-targets", "--", "-D", "warnings"], &[])?;
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     publish_dry_run()?;
     fuzz(10)?;
     let (passed, failed) = cargo_test(&["test", "--workspace", "--no-fail-fast"])?;
+    // What an embedder's tests do: the facade's mocks, exported by its `mock` feature.
+    let (mock_passed, mock_failed) =
+        cargo_test(&["test", "-p", "nasbak", "--features", "mock", "--test", "embedder_mocks"])?;
+    let (passed, failed) = (passed + mock_passed, failed + mock_failed);
     println!("xtask: the real NFS and SMB tests inside the NAS guest (cargo xtask lab nas):");
     let (nas_passed, nas_failed) = crate::lab::nas::run_tests()?;
     println!("{nas_passed} passed, {nas_failed} failed");
