@@ -367,22 +367,20 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
 
     /// The capacity of `repository` (mounted for the measurement, then released).
     pub fn capacity(&self, repository: &BackupRepository) -> Result<CapacityReport, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
-        let c = mounted.capacity()?;
-        mounted.release()?;
-        Ok(CapacityReport {
-            repository: repository.name().to_string(),
-            total: c.total,
-            used: c.used,
-            available: c.available,
-        })
+        self.measure(repository, false)
     }
 
     /// Checks `repository` end to end: mount, write a file, read it back, measure, unmount. Says
     /// so when root may not write (root_squash).
     pub fn check(&self, repository: &BackupRepository) -> Result<CapacityReport, BackupError> {
+        self.measure(repository, true)
+    }
+
+    fn measure(&self, repository: &BackupRepository, probe: bool) -> Result<CapacityReport, BackupError> {
         let mounted = self.mounts.acquire(repository)?;
-        mounted.check_writable()?;
+        if probe {
+            mounted.check_writable()?;
+        }
         let c = mounted.capacity()?;
         mounted.release()?;
         Ok(CapacityReport {

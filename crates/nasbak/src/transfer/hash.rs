@@ -110,11 +110,24 @@ pub fn checksum_file_observed(
     algorithm: &str,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> std::io::Result<String> {
+    hash_stream(path, algorithm, progress, |_| Ok(())).map(|(sum, _)| sum)
+}
+
+/// Reads `path` once, hashing it with `algorithm` and handing each chunk to `also`; tells
+/// `progress` the bytes read so far, which returns false to stop (an `Interrupted` error).
+/// Returns the checksum and the length.
+fn hash_stream(
+    path: &Path,
+    algorithm: &str,
+    progress: &mut dyn FnMut(u64) -> bool,
+    mut also: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(String, u64)> {
     let mut hasher = Hasher::new(algorithm)?;
     let mut len = 0u64;
     let mut stopped = false;
     read_pipelined(path, |data| {
         hasher.update(data);
+        also(data)?;
         len += data.len() as u64;
         stopped = !progress(len);
         Ok(!stopped)
@@ -122,7 +135,7 @@ pub fn checksum_file_observed(
     if stopped {
         return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
     }
-    Ok(hasher.finish())
+    Ok((hasher.finish(), len))
 }
 
 enum Hasher {
@@ -167,12 +180,9 @@ pub fn copy_verified(
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> std::io::Result<String> {
     const BLOCK: usize = 64 << 10;
-    let mut hasher = Hasher::new(algorithm)?;
+    Hasher::new(algorithm)?; // an unknown algorithm before the target is created
     let mut dst = OpenOptions::new().write(true).create_new(true).open(target)?;
-    let mut len = 0u64;
-    let mut stopped = false;
-    read_pipelined(source, |data| {
-        hasher.update(data);
+    let (sum, len) = hash_stream(source, algorithm, progress, |data| {
         for block in data.chunks(BLOCK) {
             if block.iter().all(|b| *b == 0) {
                 dst.seek(SeekFrom::Current(block.len() as i64))?;
@@ -180,19 +190,14 @@ pub fn copy_verified(
                 dst.write_all(block)?;
             }
         }
-        len += data.len() as u64;
-        stopped = !progress(len);
-        Ok(!stopped)
+        Ok(())
     })?;
-    if stopped {
-        return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled"));
-    }
     dst.set_len(len)?;
     dst.sync_all()?;
     if let Ok(meta) = fs::metadata(source) {
         let _ = fs::set_permissions(target, meta.permissions());
     }
-    Ok(hasher.finish())
+    Ok(sum)
 }
 
 #[cfg(test)]
