@@ -65,7 +65,7 @@ pub enum JobError {
         qemu: String,
     },
     /// Another job runs on the domain.
-    #[error("another job is already running on {domain}{}; wait for it or abort it (`virsh domjobabort {domain}`)", if *.is_backup { " (a backup)" } else { "" })]
+    #[error("another job is already running on {domain}{}; wait for it or abort it (libvirt: domjobabort)", if *.is_backup { " (a backup)" } else { "" })]
     Busy {
         /// The domain.
         domain: String,
@@ -98,9 +98,7 @@ pub enum JobError {
     },
     /// The job was aborted by something other than the caller (`virsh domjobabort`, another
     /// management tool, the domain going away).
-    #[error(
-        "the backup job of {domain} was aborted outside this process (virsh domjobabort, another tool, or the VM stopped)"
-    )]
+    #[error("the backup job of {domain} was aborted outside this process (by another tool, or the VM stopped)")]
     Aborted {
         /// The domain.
         domain: String,
@@ -345,7 +343,7 @@ mod tests {
         hv.expect_current_job().returning(|_| Ok(job(JobKind::Active, 1)));
         hv.expect_backup_begin().never();
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
-        assert!(r.unwrap_err().to_string().contains("virsh domjobabort vm1"));
+        assert!(r.unwrap_err().to_string().contains("another job is already running on vm1"));
     }
 
     #[test]

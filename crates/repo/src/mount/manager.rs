@@ -292,7 +292,7 @@ pub fn root_hint(kind: &crate::RepositoryKind) -> String {
     use crate::RepositoryKind as K;
     match kind {
         K::Nfs => "the NFS server squashes root (root_squash): export the directory with no_root_squash \
-                   (in /etc/exports: `/export HOST(rw,no_root_squash)`, then `exportfs -ra`), \
+                   (in /etc/exports: `/export HOST(rw,no_root_squash)`, re-exported), \
                    because QEMU and nasbak write as root"
             .into(),
         K::Cifs => "the share maps root to a user without write access: give the user in the credentials \
