@@ -11,8 +11,7 @@ use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOpt
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
 use nasbak_repo::{
-    BackupId, BackupMethod, BackupRef, BackupRepository, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, Mounter,
-    VmName,
+    BackupId, BackupMethod, BackupMode, BackupRef, BackupRepository, Checksum, Manifest, ManifestDisk, Mounter, VmName,
 };
 use serde::Serialize;
 
@@ -246,12 +245,15 @@ where
                 virtual_size: info.first().map_or(0, |i| i.virtual_size),
                 size,
                 checksum: Some(Checksum { algorithm: CHECKSUM_ALGORITHM.into(), value: digest }),
+                mode: BackupMode::Full,
+                backing: None,
+                full_reason: None,
             });
         }
         let versions = self.hypervisor.versions().ok();
         let v = |t: (u32, u32, u32)| format!("{}.{}.{}", t.0, t.1, t.2);
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
+        let mut manifest = Manifest {
+            version: 1,
             id: id.to_string(),
             repository: request.repository.name().to_string(),
             vm: request.vm.clone(),
@@ -264,7 +266,12 @@ where
             qemu_version: versions.map(|x| v(x.qemu)),
             schedule: request.schedule.clone(),
             disks,
+            mode: BackupMode::Full,
+            parent: None,
+            checkpoint: None,
+            full_reason: None,
         };
+        manifest.version = manifest.required_version();
         if cancel.is_cancelled() {
             return Err(BackupError::Cancelled);
         }

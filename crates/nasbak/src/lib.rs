@@ -68,6 +68,7 @@
 
 mod backup;
 mod catalog;
+pub mod chain;
 pub mod clock;
 pub mod config;
 mod disks;

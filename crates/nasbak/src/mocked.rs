@@ -443,3 +443,27 @@ created = "2026-11-26T12:00:00Z"
     clock.advance(chrono::TimeDelta::hours(1));
     assert_eq!(ran(&e), 1, "due again a day later");
 }
+
+#[test]
+fn an_incremental_backup_is_refused_by_restore_until_chains_restore() {
+    use nasbak_repo::{BackupMode, Manifest, backing_path};
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // The second made into an incremental on the first, as a later version would write it.
+    let path = dir.path().join("repo").join(&second.relative_dir).join("manifest.json");
+    let mut m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
+    m.mode = BackupMode::Incremental;
+    m.parent = Some(first.manifest.id.clone());
+    m.disks[0].mode = BackupMode::Incremental;
+    m.disks[0].backing = Some(backing_path(&first.manifest.id.parse().unwrap(), &first.manifest.disks[0].file));
+    m.version = m.required_version();
+    fs::write(&path, m.to_json()).unwrap();
+    let mut img = MockImageTool::new();
+    img.expect_convert().never();
+    let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let request = RestoreRequest::new(repo, "vm1", second.manifest.id.clone());
+    let err = strict.restore(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, BackupError::Unsupported { .. }) && err.to_string().contains("incremental"), "{err}");
+}

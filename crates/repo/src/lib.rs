@@ -34,7 +34,9 @@ pub use model::address::{Address, CephAddress, CephMonitor, CifsAddress, NfsAddr
 pub use model::error::ParseError;
 pub use model::host::Host;
 pub use model::layout::{BackupId, DiskRole, RepositoryLayout};
-pub use model::manifest::{BackupMethod, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk};
+pub use model::manifest::{
+    BackupMethod, BackupMode, CheckpointRecord, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, backing_path,
+};
 pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};

@@ -12,7 +12,7 @@ use std::path::Path;
 use nasbak_libvirt::{Disk, Domain};
 use nasbak_qemu_img::{ImageFormat, ImageLocation};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupRepository, ManifestDisk};
+use nasbak_repo::{BackupMode, BackupRepository, ManifestDisk};
 use serde::Serialize;
 
 mod marks;
@@ -124,6 +124,13 @@ pub(crate) fn backup_disks(
     let entry =
         read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
     let files = match entry.kind {
+        // Restoring a disk that builds on a parent needs the whole chain flattened; until that
+        // exists, such a backup is refused rather than restored from its top file alone.
+        BackupKind::Nasbak(m) if m.disks.iter().any(|d| d.mode == BackupMode::Incremental) => {
+            return Err(BackupError::Unsupported {
+                what: format!("restoring the incremental backup {vm}/{id} (this version restores full backups)"),
+            });
+        }
         BackupKind::Nasbak(m) => return Ok(m.disks),
         BackupKind::Reference { files } => files,
         BackupKind::Damaged { reason } => {
@@ -153,6 +160,9 @@ pub(crate) fn backup_disks(
             virtual_size: 0,
             size: 0,
             checksum: None,
+            mode: BackupMode::Full,
+            backing: None,
+            full_reason: None,
         });
     }
     Ok(disks)
@@ -272,8 +282,15 @@ mod tests {
                     virtual_size: 1,
                     size: 1,
                     checksum: None,
+                    mode: BackupMode::Full,
+                    backing: None,
+                    full_reason: None,
                 })
                 .collect(),
+            mode: BackupMode::Full,
+            parent: None,
+            checkpoint: None,
+            full_reason: None,
         }
     }
 

@@ -8,8 +8,47 @@ use super::error::ParseError;
 use super::layout::{BackupId, parse_disk_file_name};
 use super::name::VmName;
 
-/// The manifest format this code writes.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The newest manifest format this code reads and writes. A full backup is written as version 1
+/// (so older nasbak versions still read it); a backup with an incremental disk needs version 2,
+/// which older versions refuse rather than restore only the top of a chain.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// Whether a backup (or one disk of it) holds all the data or only what changed since its parent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupMode {
+    /// Every block: a self-contained file.
+    #[default]
+    Full,
+    /// The blocks changed since the parent backup: a qcow2 whose backing file is the same disk's
+    /// file in the parent.
+    Incremental,
+}
+
+impl std::fmt::Display for BackupMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupMode::Full => "full",
+            BackupMode::Incremental => "incremental",
+        })
+    }
+}
+
+/// The libvirt checkpoint a backup created, kept with the backup so that the chain can be
+/// continued on any host (the checkpoint redefined from here when libvirt lost it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The checkpoint's name (also each disk's bitmap name).
+    pub name: String,
+    /// Its `<domaincheckpoint>` definition as libvirt printed it.
+    pub xml: String,
+}
+
+/// The backing file an incremental disk file names: `../<parent id>/<file>`, relative to the
+/// backup's own directory, so that a chain resolves wherever the repository is mounted.
+pub fn backing_path(parent: &BackupId, file: &str) -> String {
+    format!("../{parent}/{file}")
+}
 
 /// How the disks were read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +90,16 @@ pub struct ManifestDisk {
     pub size: u64,
     /// The backup file's checksum.
     pub checksum: Option<Checksum>,
+    /// Full, or incremental on top of `backing`.
+    #[serde(default)]
+    pub mode: BackupMode,
+    /// For an incremental disk: its file's backing file, [`backing_path`] of the parent's file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<String>,
+    /// Why this disk was copied in full in an incremental backup (a new, resized or raw disk, a
+    /// missing bitmap, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
 }
 
 /// `manifest.json`.
@@ -83,6 +132,18 @@ pub struct Manifest {
     pub schedule: Option<String>,
     /// The disks.
     pub disks: Vec<ManifestDisk>,
+    /// Full (every disk self-contained), or incremental (at least one disk builds on `parent`).
+    #[serde(default)]
+    pub mode: BackupMode,
+    /// The backup of the same VM on the same repository this one builds on.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// The checkpoint this backup created in the domain, the base of the next incremental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Why a full backup was made although an incremental was asked for or possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
 }
 
 impl Manifest {
@@ -120,6 +181,7 @@ impl Manifest {
                 ));
             }
         }
+        m.check_chain()?;
         for (i, d) in m.disks.iter().enumerate() {
             if let Some(other) = m.disks[..i].iter().find(|o| o.file.eq_ignore_ascii_case(&d.file)) {
                 return Err(ParseError::new(
@@ -141,6 +203,68 @@ impl Manifest {
             }
         }
         Ok(m)
+    }
+
+    /// The version this manifest must be written as: 1 for a full backup, 2 when a disk is
+    /// incremental.
+    pub fn required_version(&self) -> u32 {
+        if self.mode == BackupMode::Full && self.disks.iter().all(|d| d.mode == BackupMode::Full) { 1 } else { 2 }
+    }
+
+    /// The chain fields agree: an incremental names an earlier parent, every incremental disk
+    /// points at `../<parent>/<backup file>`, a full has no incremental disk, and the version
+    /// is one that says so.
+    fn check_chain(&self) -> Result<(), ParseError> {
+        let bad = |input: &str, problem: String| {
+            ParseError::new(
+                "manifest",
+                input,
+                0,
+                problem,
+                "expected a full backup, or an incremental on an earlier backup",
+            )
+        };
+        let incremental_disks: Vec<&ManifestDisk> =
+            self.disks.iter().filter(|d| d.mode == BackupMode::Incremental).collect();
+        if self.version < self.required_version() {
+            return Err(bad(
+                "manifest.json",
+                format!("an incremental backup needs version 2, this says {}", self.version),
+            ));
+        }
+        match (self.mode, &self.parent) {
+            (BackupMode::Full, _) if !incremental_disks.is_empty() => {
+                return Err(bad(&incremental_disks[0].target, "a disk is incremental in a full backup".into()));
+            }
+            (BackupMode::Full, Some(p)) => return Err(bad(p, "a full backup has no parent".into())),
+            (BackupMode::Incremental, None) => {
+                return Err(bad("manifest.json", "an incremental backup names no parent".into()));
+            }
+            (BackupMode::Incremental, Some(p)) => {
+                let parent: BackupId = p.parse()?;
+                let own: BackupId = self.id.parse()?;
+                if parent >= own {
+                    return Err(bad(p, format!("the parent is not older than the backup {}", self.id)));
+                }
+                if incremental_disks.is_empty() {
+                    return Err(bad("manifest.json", "an incremental backup has no incremental disk".into()));
+                }
+                for d in &incremental_disks {
+                    let file = d.backing.as_deref().and_then(|b| b.strip_prefix(&format!("../{p}/")));
+                    if file.is_none_or(|f| parse_disk_file_name(f).is_none()) {
+                        return Err(bad(
+                            d.backing.as_deref().unwrap_or(&d.target),
+                            format!("disk {} must be backed by ../{p}/<its backup file>", d.target),
+                        ));
+                    }
+                }
+            }
+            (BackupMode::Full, None) => {}
+        }
+        if let Some(d) = self.disks.iter().find(|d| d.mode == BackupMode::Full && d.backing.is_some()) {
+            return Err(bad(&d.target, "a full disk has a backing file".into()));
+        }
+        Ok(())
     }
 
     /// The manifest as pretty JSON.
@@ -178,8 +302,54 @@ mod tests {
                 virtual_size: 1 << 30,
                 size: 1 << 20,
                 checksum: Some(Checksum { algorithm: "sha256".into(), value: "ab".repeat(32) }),
+                mode: BackupMode::Full,
+                backing: None,
+                full_reason: None,
             }],
+            mode: BackupMode::Full,
+            parent: None,
+            checkpoint: None,
+            full_reason: None,
         }
+    }
+
+    fn incremental() -> Manifest {
+        let mut m = sample();
+        m.id = "2027.01.16.08.00.00".into();
+        m.version = 2;
+        m.mode = BackupMode::Incremental;
+        m.parent = Some("2027.01.15.08.00.00".into());
+        m.checkpoint =
+            Some(CheckpointRecord { name: "nasbak-2027.01.16.08.00.00".into(), xml: "<domaincheckpoint/>".into() });
+        m.disks[0].mode = BackupMode::Incremental;
+        m.disks[0].backing = Some(backing_path(&"2027.01.15.08.00.00".parse().unwrap(), "root.vol-1.qcow2"));
+        m
+    }
+
+    #[test]
+    fn chains_are_checked() {
+        let m = incremental();
+        assert_eq!(m.required_version(), 2);
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        assert_eq!(sample().required_version(), 1);
+        let v1: Manifest = serde_json::from_str(&sample().to_json().replace(",\n  \"mode\": \"full\"", "")).unwrap();
+        assert_eq!(v1.mode, BackupMode::Full, "manifests written before incrementals read as full");
+        let broken = |f: &dyn Fn(&mut Manifest), what: &str| {
+            let mut m = incremental();
+            f(&mut m);
+            let e = Manifest::from_json(&m.to_json()).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        broken(&|m| m.version = 1, "needs version 2");
+        broken(&|m| m.parent = None, "names no parent");
+        broken(&|m| m.parent = Some("2027.01.17.00.00.00".into()), "not older");
+        broken(&|m| m.disks[0].backing = Some("../../etc/root.vol-1.qcow2".into()), "must be backed by");
+        broken(&|m| m.disks[0].backing = Some("/abs/root.vol-1.qcow2".into()), "must be backed by");
+        broken(&|m| m.mode = BackupMode::Full, "incremental in a full backup");
+        let mut full = sample();
+        full.disks[0].backing = Some("../2027.01.14.08.00.00/root.vol-1.qcow2".into());
+        let e = Manifest::from_json(&full.to_json()).unwrap_err().to_string();
+        assert!(e.contains("a full disk has a backing file"), "{e}");
     }
 
     #[test]
