@@ -14,6 +14,9 @@ pub struct BackupTarget {
     pub disk: String,
     /// The qcow2 file QEMU writes.
     pub file: PathBuf,
+    /// For an incremental copy of this disk: the checkpoint whose changes it copies (`None`: the
+    /// whole disk).
+    pub incremental: Option<String>,
 }
 
 /// A push-mode `<domainbackup>`: each listed disk into its own qcow2 file, every other disk of
@@ -35,7 +38,7 @@ impl PushBackup {
         PushBackup {
             targets: chosen
                 .iter()
-                .map(|d| BackupTarget { disk: d.target.clone(), file: dir.join(file_name(d)) })
+                .map(|d| BackupTarget { disk: d.target.clone(), file: dir.join(file_name(d)), incremental: None })
                 .collect(),
             excluded: skipped.into_iter().map(|s| s.target).collect(),
             checkpoint: None,
@@ -46,7 +49,7 @@ impl PushBackup {
     ///
     /// ```
     /// use nasbak_libvirt::{BackupTarget, PushBackup};
-    /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into() }],
+    /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into(), incremental: None }],
     ///                      excluded: vec!["hdc".into()], checkpoint: None };
     /// let xml = b.to_xml();
     /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
@@ -54,9 +57,17 @@ impl PushBackup {
     /// ```
     pub fn to_xml(&self) -> String {
         let mut x = String::from("<domainbackup mode='push'>\n  <disks>\n");
+        let any_incremental = self.targets.iter().any(|t| t.incremental.is_some());
         for t in &self.targets {
+            // Per disk (libvirt >= 7.6): an incremental copy names its checkpoint; in a backup
+            // with incremental disks, the others say they are full.
+            let mode = match &t.incremental {
+                Some(c) => format!(" backupmode='incremental' incremental='{}'", escape(c.as_str())),
+                None if any_incremental => " backupmode='full'".to_owned(),
+                None => String::new(),
+            };
             x.push_str(&format!(
-                "    <disk name='{}' backup='yes' type='file'>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
+                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
                 escape(t.disk.as_str()),
                 escape(t.file.to_string_lossy().as_ref())
             ));
@@ -90,7 +101,11 @@ impl PushBackup {
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
             match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
                 (Some("no"), _) => b.excluded.push(d.name),
-                (_, Some(file)) => b.targets.push(BackupTarget { disk: d.name, file: file.into() }),
+                (_, Some(file)) => b.targets.push(BackupTarget {
+                    disk: d.name,
+                    file: file.into(),
+                    incremental: d.incremental.filter(|_| d.backupmode.as_deref() != Some("full")),
+                }),
                 (_, None) => b.excluded.push(d.name),
             }
         }
@@ -115,6 +130,10 @@ struct XmlBackupDisk {
     name: String,
     #[serde(rename = "@backup")]
     backup: Option<String>,
+    #[serde(rename = "@backupmode")]
+    backupmode: Option<String>,
+    #[serde(rename = "@incremental")]
+    incremental: Option<String>,
     target: Option<XmlBackupTarget>,
 }
 
@@ -143,6 +162,15 @@ mod tests {
         assert_eq!(b.excluded, ["hdc"]);
         let back = PushBackup::parse(&b.to_xml()).unwrap();
         assert_eq!(back.targets, b.targets);
+        // An incremental copy of vda from checkpoint nasbak-0, vdb in full, read back the same.
+        b.targets[0].incremental = Some("nasbak-0".into());
+        let xml = b.to_xml();
+        assert!(
+            xml.contains("<disk name='vda' backup='yes' type='file' backupmode='incremental' incremental='nasbak-0'>"),
+            "{xml}"
+        );
+        assert!(xml.contains("<disk name='vdb' backup='yes' type='file' backupmode='full'>"), "{xml}");
+        assert_eq!(PushBackup::parse(&xml).unwrap().targets, b.targets);
         let c = b.checkpoint_xml().unwrap();
         let parsed = Checkpoint::parse(&c).unwrap();
         assert_eq!(parsed.name.as_deref(), Some("nasbak-1"));

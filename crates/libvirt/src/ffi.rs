@@ -168,16 +168,51 @@ pub(crate) fn checkpoint_names(domain: &Domain) -> Result<Vec<String>, Error> {
     Ok(names)
 }
 
-/// Deletes the checkpoint `name` (its bitmaps go with it) (`virDomainCheckpointDelete`).
-pub(crate) fn delete_checkpoint(domain: &Domain, name: &str) -> Result<(), Error> {
+/// The checkpoint `name` of `domain` (`virDomainCheckpointLookupByName`).
+fn lookup_checkpoint(domain: &Domain, name: &str) -> Result<CheckpointHandle, Error> {
     let c = cstring(name)?;
     // SAFETY: `domain.as_ptr()` is live and `c` is NUL-terminated for the call.
     let handle =
         CheckpointHandle(unsafe { virt::sys::virDomainCheckpointLookupByName(domain.as_ptr(), c.as_ptr(), 0) });
-    if handle.0.is_null() {
+    if handle.0.is_null() { Err(Error::last_error()) } else { Ok(handle) }
+}
+
+/// Deletes the checkpoint `name` (`virDomainCheckpointDelete`): with its bitmaps, or with
+/// `metadata_only` only libvirt's record of it (the bitmaps stay in the images).
+pub(crate) fn delete_checkpoint(domain: &Domain, name: &str, metadata_only: bool) -> Result<(), Error> {
+    let handle = lookup_checkpoint(domain, name)?;
+    let flags = if metadata_only { virt::sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY } else { 0 };
+    // SAFETY: `handle.0` is a live checkpoint pointer.
+    let rc = unsafe { virt::sys::virDomainCheckpointDelete(handle.0, flags) };
+    if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
+}
+
+/// The `<domaincheckpoint>` definition of checkpoint `name` (`virDomainCheckpointGetXMLDesc`).
+pub(crate) fn checkpoint_xml(domain: &Domain, name: &str) -> Result<String, Error> {
+    let handle = lookup_checkpoint(domain, name)?;
+    // SAFETY: `handle.0` is a live checkpoint pointer; libvirt returns a string it allocated.
+    let text = unsafe { virt::sys::virDomainCheckpointGetXMLDesc(handle.0, 0) };
+    if text.is_null() {
         return Err(Error::last_error());
     }
-    // SAFETY: `handle.0` is a live checkpoint pointer.
-    let rc = unsafe { virt::sys::virDomainCheckpointDelete(handle.0, 0) };
-    if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
+    // SAFETY: libvirt returned a NUL-terminated string, copied here before it is freed once.
+    let xml = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned();
+    // SAFETY: the string was allocated by libvirt for the caller and is freed exactly once.
+    unsafe { libc::free(text.cast()) };
+    Ok(xml)
+}
+
+/// Re-registers a checkpoint whose bitmaps are still in the images (`virDomainCheckpointCreateXML`
+/// with `REDEFINE`, and `REDEFINE_VALIDATE`, which checks the bitmaps, when `validate`).
+pub(crate) fn redefine_checkpoint(domain: &Domain, xml: &str, validate: bool) -> Result<(), Error> {
+    let c = cstring(xml)?;
+    let mut flags = virt::sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE;
+    if validate {
+        flags |= virt::sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE;
+    }
+    // SAFETY: `domain.as_ptr()` is live and `c` is NUL-terminated for the call; the returned
+    // pointer is owned (and freed) by the handle.
+    let handle =
+        CheckpointHandle(unsafe { virt::sys::virDomainCheckpointCreateXML(domain.as_ptr(), c.as_ptr(), flags) });
+    if handle.0.is_null() { Err(Error::last_error()) } else { Ok(()) }
 }

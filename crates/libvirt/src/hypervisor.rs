@@ -118,6 +118,13 @@ pub trait Hypervisor {
     fn checkpoints(&self, domain: &str) -> Result<Vec<String>, LibvirtError>;
     /// Deletes a checkpoint and its bitmaps.
     fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError>;
+    /// Forgets a checkpoint, keeping its bitmaps in the images.
+    fn forget_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError>;
+    /// The `<domaincheckpoint>` definition of a checkpoint.
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, LibvirtError>;
+    /// Re-registers a checkpoint from its definition (its bitmaps must still be in the images);
+    /// `validate` checks the bitmaps (the domain must run).
+    fn redefine_checkpoint(&self, domain: &str, xml: &str, validate: bool) -> Result<(), LibvirtError>;
     /// Attaches a `<disk>` to the domain's persistent definition, and to the running domain too
     /// when `live`.
     fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError>;
@@ -217,7 +224,19 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
-        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name)?)
+        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name, false)?)
+    }
+
+    fn forget_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
+        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name, true)?)
+    }
+
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, LibvirtError> {
+        Ok(ffi::checkpoint_xml(&self.lookup(domain)?, name)?)
+    }
+
+    fn redefine_checkpoint(&self, domain: &str, xml: &str, validate: bool) -> Result<(), LibvirtError> {
+        Ok(ffi::redefine_checkpoint(&self.lookup(domain)?, xml, validate)?)
     }
 
     fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError> {

@@ -385,7 +385,7 @@ mod tests {
     fn begin_failures_get_a_hint() {
         let dir = std::env::temp_dir();
         let backup = PushBackup {
-            targets: vec![crate::BackupTarget { disk: "vda".into(), file: dir.join("a.qcow2") }],
+            targets: vec![crate::BackupTarget { disk: "vda".into(), file: dir.join("a.qcow2"), incremental: None }],
             excluded: Vec::new(),
             checkpoint: None,
         };

@@ -254,3 +254,85 @@ fn a_backup_with_a_checkpoint_leaves_a_checkpoint_that_can_be_deleted() {
     assert!(hv.checkpoints(dom.name()).unwrap().is_empty());
     assert!(hv.delete_checkpoint(dom.name(), "nasbak-1").unwrap_err().message.contains("nasbak-1"));
 }
+
+/// Writes `pattern` over `len` at `offset` of the running domain's first disk through QEMU's
+/// block layer (HMP `qemu-io`): what a guest write does, dirty bitmaps included, without a guest.
+fn guest_write(dom: &LabDomain, pattern: u8, offset: &str, len: &str) {
+    let disk = dom.disks()[0].path.to_string_lossy().into_owned();
+    let info = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", "info block"]).unwrap();
+    let node = info
+        .lines()
+        .find(|l| l.contains(&disk))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no block node for {disk} in {info}"))
+        .trim()
+        .to_owned();
+    let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
+    let out = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &command]).unwrap();
+    assert!(!out.contains("error") && !out.contains("Error"), "{command}: {out}");
+}
+
+/// The disk as it is now, as raw (read with shared locks while QEMU runs).
+fn point_in_time(dom: &LabDomain, name: &str) -> PathBuf {
+    let raw = dom.dir().join(format!("{name}.raw"));
+    ExternalCommand::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(&dom.disks()[0].path)
+        .arg(&raw)
+        .run()
+        .unwrap();
+    raw
+}
+
+#[test]
+fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
+    let hv = hv();
+    let tool = QemuImg::new(std::env::temp_dir());
+    let dom = DomainSpec::new("incr").disk(DiskSpec::qcow2(32)).running(true).create();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let backup = |dir: &str, from: Option<&str>, checkpoint: &str| {
+        let mut b = PushBackup::for_domain(&domain, &out_dir(&dom, dir), |d| format!("{}.qcow2", d.target));
+        b.checkpoint = Some(checkpoint.into());
+        b.targets[0].incremental = from.map(str::to_owned);
+        start_backup(&hv, dom.name(), &b)
+            .unwrap()
+            .wait(JobOptions::default(), &CancelHandle::new(), &mut |_| {})
+            .unwrap();
+        b.targets[0].file.clone()
+    };
+    guest_write(&dom, 0x11, "0", "1M");
+    let full = backup("full", None, "c1");
+    let point1 = point_in_time(&dom, "point1");
+    guest_write(&dom, 0x22, "4M", "2M");
+    let inc = backup("inc1", Some("c1"), "c2");
+    let point2 = point_in_time(&dom, "point2");
+    // libvirt names the live disk as the incremental's backing file: point it at the parent,
+    // relative, so the chain resolves wherever the repository is mounted.
+    let header = tool.info(&ImageLocation::Path(inc.clone())).unwrap();
+    assert_eq!(header[0].backing_file.as_deref(), Some(dom.disks()[0].path.to_str().unwrap()), "{header:?}");
+    tool.set_backing(&inc, "../full/vda.qcow2", &ImageFormat::Qcow2).unwrap();
+    let chain = tool.info(&ImageLocation::Path(inc.clone())).unwrap();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    // The incremental holds about the changed data only (2 MiB written).
+    assert!(fs::metadata(&inc).unwrap().len() < 4 << 20, "{} bytes", fs::metadata(&inc).unwrap().len());
+    assert!(same_content(&full, &point1), "the full is the first point");
+    assert!(same_content(&inc, &point2), "the chain is the second point");
+    // libvirt's record of the checkpoints lost (a redefined domain, another host) and brought
+    // back from their definitions, oldest first, validated: the chain goes on.
+    let xml: Vec<String> = ["c1", "c2"].iter().map(|c| hv.checkpoint_xml(dom.name(), c).unwrap()).collect();
+    hv.forget_checkpoint(dom.name(), "c2").unwrap();
+    hv.forget_checkpoint(dom.name(), "c1").unwrap();
+    assert!(hv.checkpoints(dom.name()).unwrap().is_empty());
+    for x in &xml {
+        hv.redefine_checkpoint(dom.name(), x, true).unwrap();
+    }
+    let mut names = hv.checkpoints(dom.name()).unwrap();
+    names.sort();
+    assert_eq!(names, ["c1", "c2"]);
+    guest_write(&dom, 0x33, "8M", "1M");
+    let inc2 = backup("inc2", Some("c2"), "c3");
+    tool.set_backing(&inc2, "../inc1/vda.qcow2", &ImageFormat::Qcow2).unwrap();
+    let point3 = point_in_time(&dom, "point3");
+    assert!(same_content(&inc2, &point3), "the third point, through a redefined checkpoint");
+    assert_no_job(&hv, dom.name());
+}

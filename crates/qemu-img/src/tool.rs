@@ -26,6 +26,10 @@ pub trait ImageTool {
     fn compare(&self, a: &ImageLocation, b: &ImageLocation) -> Result<bool, ImageError>;
     /// Creates an empty image of `size` bytes.
     fn create(&self, image: &ImageLocation, format: &ImageFormat, size: u64) -> Result<(), ImageError>;
+    /// Points the qcow2 file `image` at `backing` (a path as written into the header, relative
+    /// to the image's directory when relative) of format `backing_format`, without reading or
+    /// copying data (`qemu-img rebase -u`): for a file whose data already is the difference.
+    fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError>;
 }
 
 /// An image operation failed.
@@ -183,5 +187,14 @@ impl ImageTool for QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "create", source })
+    }
+
+    fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError> {
+        self.command(self.timeouts.quick)
+            .args(["rebase", "-u", "-f", "qcow2", "-F", &backing_format.to_string(), "-b", backing])
+            .arg(image)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "rebase", source })
     }
 }
