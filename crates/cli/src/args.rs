@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use nasbak::chain::ModeRequest;
 use nasbak::config::{DEFAULT_CONFIG, DEFAULT_STATE};
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_repo::{BackupRef, RetentionPolicy};
@@ -113,6 +114,10 @@ pub enum Command {
         /// Abort the copy after this long (90, 90s, 30m, 2h, 1d).
         #[arg(long, default_value = "24h", value_parser = duration_arg)]
         timeout: Duration,
+        /// full, incremental (a full, with the reason, where an incremental cannot be proven
+        /// correct) or auto (incremental on a valid chain shorter than the offering's full-every).
+        #[arg(long, default_value = "auto")]
+        mode: ModeRequest,
     },
     /// List complete backups (also those the reference system wrote).
     List {
@@ -248,6 +253,9 @@ pub enum OfferingCommand {
         /// Retention for prune: last=N,hourly=N,daily=N,weekly=N,monthly=N,yearly=N.
         #[arg(long, value_parser = keep_arg)]
         keep: Option<RetentionPolicy>,
+        /// The longest chain (a full and its incrementals) before `auto` takes a full again [default: 7].
+        #[arg(long)]
+        full_every: Option<u32>,
     },
     /// List offerings and the VMs assigned to them.
     List,

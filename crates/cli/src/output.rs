@@ -34,7 +34,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         | ErrorKind::Mismatch
         | ErrorKind::Busy
         | ErrorKind::Exists
-        | ErrorKind::HalfRestored => 4,
+        | ErrorKind::HalfRestored
+        | ErrorKind::HasDependents => 4,
         ErrorKind::Ambiguous => 2,
         ErrorKind::DamagedBackup => 6,
         ErrorKind::Cancelled => 130,

@@ -592,3 +592,27 @@ fn disks_whose_names_collide_are_each_saved_and_restored() {
         assert_eq!(dom.read_ext4_file(&disk.path, "f.txt").as_deref(), Some(want), "{}", disk.target);
     }
 }
+
+/// `--mode`: a running VM's second backup is incremental on the first by default, `--mode full`
+/// says why it is full, `list` shows the chain, and the parent cannot be deleted first.
+#[test]
+fn backups_of_a_running_vm_form_a_chain() {
+    let dom = DomainSpec::new("clichain").disk(DiskSpec::qcow2(16)).running(true).create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    let first = json_of(&ok(&config, &["--json", "backup", dom.name()]));
+    assert_eq!((first["manifest"]["mode"].as_str(), first["manifest"]["parent"].is_null()), (Some("full"), true));
+    let second = json_of(&ok(&config, &["--json", "backup", dom.name()]));
+    assert_eq!(second["manifest"]["mode"], "incremental", "{second}");
+    assert_eq!(second["manifest"]["parent"], first["manifest"]["id"]);
+    let full = ok(&config, &["backup", dom.name(), "--mode", "full"]);
+    assert!(full.contains("(full,") && full.contains("full because a full backup was asked for"), "{full}");
+    let listed = ok(&config, &["list"]);
+    assert!(listed.contains(&format!("incremental on {}", first["manifest"]["id"].as_str().unwrap())), "{listed}");
+    let (code, _, err) = nasbak(&config, &["delete", first["id"].as_str().unwrap()]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("build on it"), "{err}");
+    let (code, _, err) = nasbak(&config, &["backup", dom.name(), "--mode", "sometimes"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("full, incremental or auto"), "{err}");
+}

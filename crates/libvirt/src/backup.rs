@@ -29,6 +29,8 @@ pub struct PushBackup {
     pub excluded: Vec<String>,
     /// A checkpoint to create with the backup (for later incrementals).
     pub checkpoint: Option<String>,
+    /// Backed-up disks that keep no dirty bitmap (not qcow2): the checkpoint leaves them out.
+    pub without_bitmap: Vec<String>,
 }
 
 impl PushBackup {
@@ -42,6 +44,11 @@ impl PushBackup {
                 .collect(),
             excluded: skipped.into_iter().map(|s| s.target).collect(),
             checkpoint: None,
+            without_bitmap: chosen
+                .iter()
+                .filter(|d| d.format.as_deref() != Some("qcow2"))
+                .map(|d| d.target.clone())
+                .collect(),
         }
     }
 
@@ -50,7 +57,7 @@ impl PushBackup {
     /// ```
     /// use nasbak_libvirt::{BackupTarget, PushBackup};
     /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into(), incremental: None }],
-    ///                      excluded: vec!["hdc".into()], checkpoint: None };
+    ///                      excluded: vec!["hdc".into()], checkpoint: None, without_bitmap: vec![] };
     /// let xml = b.to_xml();
     /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
     /// assert_eq!(PushBackup::parse(&xml).unwrap(), b);
@@ -80,12 +87,17 @@ impl PushBackup {
     }
 
     /// The `<domaincheckpoint>` to pass along with [`PushBackup::to_xml`], if a checkpoint is
-    /// wanted: a bitmap on every backed-up disk.
+    /// wanted and some backed-up disk can keep a bitmap: a bitmap on each such disk.
     pub fn checkpoint_xml(&self) -> Option<String> {
         let name = self.checkpoint.as_ref()?;
+        let bitmap = |t: &BackupTarget| !self.without_bitmap.contains(&t.disk);
+        if !self.targets.iter().any(bitmap) {
+            return None;
+        }
         let mut x = format!("<domaincheckpoint>\n  <name>{}</name>\n  <disks>\n", escape(name.as_str()));
         for t in &self.targets {
-            x.push_str(&format!("    <disk name='{}' checkpoint='bitmap'/>\n", escape(t.disk.as_str())));
+            let kind = if bitmap(t) { "bitmap" } else { "no" };
+            x.push_str(&format!("    <disk name='{}' checkpoint='{kind}'/>\n", escape(t.disk.as_str())));
         }
         for d in &self.excluded {
             x.push_str(&format!("    <disk name='{}' checkpoint='no'/>\n", escape(d.as_str())));
@@ -97,7 +109,8 @@ impl PushBackup {
     /// Parses a push backup document (as built here, or as `virsh backup-dumpxml` prints it).
     pub fn parse(xml: &str) -> Result<PushBackup, XmlError> {
         let raw: XmlBackup = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
-        let mut b = PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None };
+        let mut b =
+            PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None, without_bitmap: Vec::new() };
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
             match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
                 (Some("no"), _) => b.excluded.push(d.name),
@@ -160,8 +173,13 @@ mod tests {
         b.checkpoint = Some("nasbak-1".into());
         assert_eq!(b.targets.len(), 2);
         assert_eq!(b.excluded, ["hdc"]);
+        // The backup document does not say which disks get bitmaps (the checkpoint does).
+        let shape = |t: &[BackupTarget]| {
+            t.iter().map(|t| (t.disk.clone(), t.file.clone(), t.incremental.clone())).collect::<Vec<_>>()
+        };
         let back = PushBackup::parse(&b.to_xml()).unwrap();
-        assert_eq!(back.targets, b.targets);
+        assert_eq!(shape(&back.targets), shape(&b.targets));
+        assert_eq!(b.without_bitmap, ["vdb"], "a raw disk keeps no bitmap");
         // An incremental copy of vda from checkpoint nasbak-0, vdb in full, read back the same.
         b.targets[0].incremental = Some("nasbak-0".into());
         let xml = b.to_xml();
@@ -170,14 +188,14 @@ mod tests {
             "{xml}"
         );
         assert!(xml.contains("<disk name='vdb' backup='yes' type='file' backupmode='full'>"), "{xml}");
-        assert_eq!(PushBackup::parse(&xml).unwrap().targets, b.targets);
+        assert_eq!(shape(&PushBackup::parse(&xml).unwrap().targets), shape(&b.targets));
         let c = b.checkpoint_xml().unwrap();
         let parsed = Checkpoint::parse(&c).unwrap();
         assert_eq!(parsed.name.as_deref(), Some("nasbak-1"));
-        assert_eq!(parsed.disks, [("vda".to_owned(), true), ("vdb".to_owned(), true), ("hdc".to_owned(), false)]);
+        assert_eq!(parsed.disks, [("vda".to_owned(), true), ("vdb".to_owned(), false), ("hdc".to_owned(), false)]);
         assert!(
             c.contains("<name>nasbak-1</name>")
-                && c.contains("<disk name='vdb' checkpoint='bitmap'/>")
+                && c.contains("<disk name='vdb' checkpoint='no'/>")
                 && c.contains("<disk name='hdc' checkpoint='no'/>"),
             "{c}"
         );
@@ -196,6 +214,26 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// `xml` (a `<domaincheckpoint>` as libvirt prints it) without its `<parent>`: a definition
+    /// that can be redefined on its own after its parent checkpoint is gone.
+    ///
+    /// ```
+    /// let xml = "<domaincheckpoint>\n  <name>c2</name>\n  <parent>\n    <name>c1</name>\n  </parent>\n</domaincheckpoint>";
+    /// assert_eq!(nasbak_libvirt::Checkpoint::without_parent(xml), "<domaincheckpoint>\n  <name>c2</name>\n</domaincheckpoint>");
+    /// ```
+    pub fn without_parent(xml: &str) -> String {
+        match (xml.find("<parent>"), xml.find("</parent>")) {
+            (Some(start), Some(end)) if end > start => {
+                let end = end + "</parent>".len();
+                // The whole line the element sat on, when it had one to itself.
+                let line_start =
+                    xml[..start].rfind('\n').filter(|&i| xml[i + 1..start].trim().is_empty()).unwrap_or(start);
+                format!("{}{}", &xml[..line_start], &xml[end..])
+            }
+            _ => xml.to_owned(),
+        }
+    }
+
     /// Parses a checkpoint document.
     pub fn parse(xml: &str) -> Result<Checkpoint, XmlError> {
         let raw: XmlCheckpoint = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;

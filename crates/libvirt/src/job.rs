@@ -280,7 +280,7 @@ mod tests {
     }
 
     fn empty() -> PushBackup {
-        PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None }
+        PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None, without_bitmap: Vec::new() }
     }
 
     fn fast() -> JobOptions {
@@ -388,6 +388,7 @@ mod tests {
             targets: vec![crate::BackupTarget { disk: "vda".into(), file: dir.join("a.qcow2"), incremental: None }],
             excluded: Vec::new(),
             checkpoint: None,
+            without_bitmap: Vec::new(),
         };
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));

@@ -15,6 +15,7 @@ use nasbak_repo::{
 };
 use serde::Serialize;
 
+use crate::chain::{DEFAULT_FULL_EVERY, ModeRequest};
 use crate::disks::{backup_files, source_location, volume_of};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
@@ -38,13 +39,18 @@ pub struct BackupRequest {
     pub timeout: Duration,
     /// The schedule this backup is made for (recorded in the manifest for per-schedule retention).
     pub schedule: Option<String>,
+    /// Full, incremental, or auto (see [`crate::chain`]).
+    pub mode: ModeRequest,
+    /// The longest chain `auto` builds before it takes a full again.
+    pub full_every: u32,
 }
 
 /// The default time limit of a backup's copy.
 pub const DEFAULT_BACKUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl BackupRequest {
-    /// A backup of `vm` to `repository`, quiesced best-effort, with a 24 h limit on the copy.
+    /// A backup of `vm` to `repository`: incremental where a valid chain exists (`auto`), quiesced
+    /// best-effort, with a 24 h limit on the copy.
     pub fn new(vm: impl Into<String>, repository: BackupRepository) -> Self {
         BackupRequest {
             vm: vm.into(),
@@ -52,7 +58,21 @@ impl BackupRequest {
             quiesce: QuiescePolicy::default(),
             timeout: DEFAULT_BACKUP_TIMEOUT,
             schedule: None,
+            mode: ModeRequest::Auto,
+            full_every: DEFAULT_FULL_EVERY,
         }
+    }
+
+    /// Full, incremental or auto.
+    pub fn with_mode(mut self, mode: ModeRequest) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The longest chain `auto` builds.
+    pub fn with_full_every(mut self, full_every: u32) -> Self {
+        self.full_every = full_every;
+        self
     }
 
     /// The quiesce policy.
@@ -108,6 +128,23 @@ pub struct BackupOutcome {
 struct Notes {
     cleaned: Vec<String>,
     warnings: Vec<String>,
+}
+
+/// Until the backup is in place: on any way out, the checkpoint the backup created is deleted
+/// (with its bitmaps) and the parent's, if this backup redefined it, forgotten again.
+struct CheckpointGuard<'h, H: Hypervisor> {
+    hypervisor: &'h H,
+    vm: &'h str,
+    created: Option<String>,
+    redefined: Option<String>,
+}
+
+impl<H: Hypervisor> Drop for CheckpointGuard<'_, H> {
+    fn drop(&mut self) {
+        if let Some(created) = self.created.take() {
+            crate::incremental::after_failure(self.hypervisor, self.vm, self.redefined.as_deref(), &created);
+        }
+    }
 }
 
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
@@ -196,6 +233,32 @@ where
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
         let files = backup_files(&chosen);
+        // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
+        // the backup is in place, a failure deletes the checkpoint this backup creates.
+        let (chain, created) = match state {
+            DomainState::Running => (
+                crate::incremental::decide(
+                    &self.hypervisor,
+                    &request.vm,
+                    &vm_dir,
+                    request.mode,
+                    request.full_every,
+                    &files,
+                    &sizes,
+                ),
+                Some(crate::incremental::checkpoint_name(&id)),
+            ),
+            _ => (crate::incremental::stopped(request.mode, &files), None),
+        };
+        notes.cleaned.extend(
+            chain.removed.iter().map(|c| format!("removed the checkpoint {c}, which an interrupted run had left")),
+        );
+        let mut checkpoint_guard = CheckpointGuard {
+            hypervisor: &self.hypervisor,
+            vm: &request.vm,
+            created: created.clone(),
+            redefined: chain.redefined.then(|| chain.from.clone()).flatten(),
+        };
         // A failure while the repository is in use may be the repository going away: say so.
         let unavailable = |step: Step| {
             let mounted = &mounted;
@@ -205,8 +268,27 @@ where
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
                 let (q, note) = self
-                    .push(request, &domain, &partial, &files, cancel, &mut notes, observer)
+                    .push(
+                        request,
+                        &domain,
+                        &partial,
+                        &files,
+                        (&chain, created.as_deref()),
+                        cancel,
+                        &mut notes,
+                        observer,
+                    )
                     .map_err(unavailable(Step::Job))?;
+                // libvirt names the live disk as an incremental file's backing: point it at the
+                // same disk's file in the parent, relative, so the chain resolves wherever the
+                // repository is mounted.
+                for d in chain.plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental) {
+                    let (_, file) = files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
+                    let backing = d.backing.as_deref().expect("an incremental disk has its backing");
+                    self.images
+                        .set_backing(&partial.join(file), backing, &ImageFormat::Qcow2)
+                        .map_err(|e| unavailable(Step::Job)(e.into()))?;
+                }
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
@@ -235,6 +317,7 @@ where
             let digest = checksum_file_observed(&path, CHECKSUM_ALGORITHM, &mut report)
                 .map_err(|e| cancelled_or(cancel, io("checksumming", &path)(e)))
                 .map_err(unavailable(Step::Checksum))?;
+            let planned = chain.plan.disks.iter().find(|p| p.target == disk.target);
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
@@ -245,9 +328,9 @@ where
                 virtual_size: info.first().map_or(0, |i| i.virtual_size),
                 size,
                 checksum: Some(Checksum { algorithm: CHECKSUM_ALGORITHM.into(), value: digest }),
-                mode: BackupMode::Full,
-                backing: None,
-                full_reason: None,
+                mode: planned.map_or(BackupMode::Full, |p| p.mode),
+                backing: planned.and_then(|p| p.backing.clone()),
+                full_reason: planned.and_then(|p| p.full_reason.clone()),
             });
         }
         let versions = self.hypervisor.versions().ok();
@@ -266,10 +349,10 @@ where
             qemu_version: versions.map(|x| v(x.qemu)),
             schedule: request.schedule.clone(),
             disks,
-            mode: BackupMode::Full,
-            parent: None,
-            checkpoint: None,
-            full_reason: None,
+            mode: chain.plan.mode,
+            parent: chain.plan.parent.clone(),
+            checkpoint: created.as_deref().and_then(|c| crate::incremental::record(&self.hypervisor, &request.vm, c)),
+            full_reason: chain.plan.full_reason.clone(),
         };
         manifest.version = manifest.required_version();
         if cancel.is_cancelled() {
@@ -287,6 +370,18 @@ where
         cleanup.0 = None;
         if let Ok(d) = fs::File::open(&vm_dir) {
             let _ = d.sync_all();
+        }
+        // In place: the parent's checkpoint goes (with its bitmaps), this one's record is
+        // forgotten (its bitmaps stay for the next incremental).
+        checkpoint_guard.created = None;
+        checkpoint_guard.redefined = None;
+        if state == DomainState::Running {
+            crate::incremental::after_success(
+                &self.hypervisor,
+                &request.vm,
+                chain.parent_checkpoint.as_ref(),
+                created.as_deref(),
+            );
         }
         crate::fault::point("renamed");
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
@@ -361,15 +456,19 @@ where
         domain: &Domain,
         partial: &Path,
         files: &[(&Disk, String)],
+        (chain, checkpoint): (&crate::incremental::ChainDecision, Option<&str>),
         cancel: &CancelHandle,
         notes: &mut Notes,
         observer: &mut dyn Observer,
     ) -> Result<(bool, Option<String>), BackupError> {
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
+        backup.checkpoint = checkpoint.map(str::to_owned);
         for t in &mut backup.targets {
             let name =
                 files.iter().find(|(d, _)| d.target == t.disk).map(|(_, f)| f.clone()).expect("the same selection");
             t.file = partial.join(name);
+            let incremental = chain.plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
+            t.incremental = if incremental { chain.from.clone() } else { None };
         }
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.

@@ -307,24 +307,62 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         let entry = read_backup(repository.name().as_str(), vm, id, &dir)
             .ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
         let backup = entry.reference();
-        let files: Vec<(String, Option<nasbak_repo::Checksum>)> = match entry.kind {
-            BackupKind::Nasbak(m) => m.disks.into_iter().map(|d| (d.file, d.checksum)).collect(),
-            BackupKind::Reference { files } => files.into_iter().map(|f| (f, None)).collect(),
+        // Each file: the directory it is in, its name, its name as shown, its checksum. An
+        // incremental disk brings the files of its chain (shown as `../<backup>/<file>`), and
+        // its backing link is checked against its manifest.
+        let mut files: Vec<(std::path::PathBuf, String, String, Option<nasbak_repo::Checksum>)> = Vec::new();
+        let mut links = Vec::new();
+        match entry.kind {
+            BackupKind::Nasbak(m) => {
+                let vm_dir = dir.parent().unwrap_or(&dir).to_owned();
+                for d in &m.disks {
+                    files.push((dir.clone(), d.file.clone(), d.file.clone(), d.checksum.clone()));
+                    if let Some(backing) = &d.backing {
+                        links.push((d.file.clone(), backing.clone()));
+                    }
+                    for (parent_dir, parent) in crate::restore::ancestors(&vm_dir, vm, id, d)? {
+                        let shown = format!(
+                            "../{}/{}",
+                            parent_dir.file_name().unwrap_or_default().to_string_lossy(),
+                            parent.file
+                        );
+                        if !files.iter().any(|f| f.2 == shown) {
+                            files.push((parent_dir, parent.file.clone(), shown, parent.checksum.clone()));
+                        }
+                    }
+                }
+            }
+            BackupKind::Reference { files: names } => {
+                files.extend(names.into_iter().map(|f| (dir.clone(), f.clone(), f, None)));
+            }
             BackupKind::Damaged { reason } => {
                 return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
             }
-        };
-        let sizes: Vec<u64> = files.iter().map(|(f, _)| fs::metadata(dir.join(f)).map_or(0, |m| m.len())).collect();
+        }
+        let sizes: Vec<u64> = files.iter().map(|(d, f, _, _)| fs::metadata(d.join(f)).map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
         let mut processed = 0;
         observer(&Progress::new(Phase::Verify, vm, processed, total));
         let mut verdicts = Vec::new();
-        for ((file, sum), size) in files.into_iter().zip(sizes) {
+        for ((file_dir, file, shown, sum), size) in files.into_iter().zip(sizes) {
             let mut report = |done: u64| {
                 observer(&Progress::new(Phase::Verify, vm, processed + done.min(size), total));
                 !cancel.is_cancelled()
             };
-            verdicts.push(self.verify_file(&dir, file, sum, &mut report));
+            let mut verdict = self.verify_file(&file_dir, file.clone(), sum, &mut report);
+            verdict.file = shown;
+            if let Some((_, backing)) = links.iter().find(|(f, _)| *f == file && file_dir == dir)
+                && verdict.ok()
+                && let Some(problem) = self.link_problem(&dir.join(&file), &dir.join(backing))
+            {
+                verdict = FileVerdict::new(
+                    verdict.file,
+                    verdict.check,
+                    verdict.checksum_ok,
+                    Some((FileStatus::Corrupt, problem)),
+                );
+            }
+            verdicts.push(verdict);
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
@@ -332,6 +370,25 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
             observer(&Progress::new(Phase::Verify, vm, processed, total));
         }
         Ok(VerifyReport { backup, damaged: None, files: verdicts })
+    }
+
+    /// Why the backing link of `file` does not lead to `expected` (the parent's file its manifest
+    /// names), or `None` when it does.
+    fn link_problem(&self, file: &Path, expected: &Path) -> Option<String> {
+        let info = match self.images.info(&ImageLocation::Path(file.to_owned())) {
+            Ok(info) => info,
+            Err(e) => return Some(format!("its backing chain cannot be read: {}", crate::error::chain(&e))),
+        };
+        let actual = info.first().and_then(|i| i.backing_file.clone());
+        let same = |a: &Path| match (fs::canonicalize(a), fs::canonicalize(expected)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        match actual {
+            Some(a) if same(Path::new(&a)) => None,
+            Some(a) => Some(format!("its backing file is {a}, its manifest says {}", expected.display())),
+            None => Some(format!("it has no backing file, its manifest says {}", expected.display())),
+        }
     }
 
     fn verify_file(
@@ -400,7 +457,17 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
             return Err(BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) });
         }
         // Not while a backup, restore or prune of this VM runs.
-        let _lock = VmLock::take(&mounted.layout().vm_dir(&vm_name), vm)?;
+        let vm_dir = mounted.layout().vm_dir(&vm_name);
+        let _lock = VmLock::take(&vm_dir, vm)?;
+        // Never a backup a remaining one builds on: that one could no longer be restored.
+        let dependents: Vec<String> = list_mounted(repository.name().as_str(), mounted.root(), Some(vm))?
+            .into_iter()
+            .filter(|e| matches!(&e.kind, BackupKind::Nasbak(m) if m.parent.as_deref() == Some(id)))
+            .map(|e| e.id)
+            .collect();
+        if !dependents.is_empty() {
+            return Err(BackupError::HasDependents { backup: format!("{vm}/{id}"), dependents });
+        }
         delete_dir(&dir)
     }
 }

@@ -102,6 +102,10 @@ pub struct Offering {
     /// The retention `nasbak prune` applies to its VMs' backups (none: keep everything).
     #[serde(default, with = "keep_text", skip_serializing_if = "Option::is_none")]
     pub keep: Option<RetentionPolicy>,
+    /// The longest chain (a full and its incrementals) an `auto` backup builds before it takes a
+    /// full again (none: [`crate::chain::DEFAULT_FULL_EVERY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_every: Option<u32>,
 }
 
 /// A backup schedule of one VM (the VM's offering names the repository).
@@ -441,6 +445,8 @@ pub struct OfferingSummary {
     pub quiesce: String,
     /// The retention (`None`: keep everything).
     pub keep: Option<String>,
+    /// The longest chain `auto` backups build.
+    pub full_every: u32,
     /// The VMs assigned to it.
     pub vms: Vec<String>,
 }
@@ -480,6 +486,7 @@ impl Config {
                 zone: o.zone.clone(),
                 quiesce: o.quiesce.to_string(),
                 keep: o.keep.map(|k| k.to_string()),
+                full_every: o.full_every.unwrap_or(crate::chain::DEFAULT_FULL_EVERY),
                 vms: self.assignments.iter().filter(|(_, x)| **x == o.name).map(|(v, _)| v.clone()).collect(),
             })
             .collect()
@@ -672,6 +679,7 @@ created = "2026-11-27T12:00:00Z"
             zone: None,
             quiesce: QuiescePolicy::Off,
             keep: None,
+            full_every: None,
         };
         assert!(c.add_offering(o).unwrap_err().0.contains("not defined"));
     }

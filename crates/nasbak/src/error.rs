@@ -98,6 +98,8 @@ pub enum ErrorKind {
     Exists,
     /// A disk was left half-written by an interrupted restore.
     HalfRestored,
+    /// Other backups build on the backup (it cannot be deleted before them).
+    HasDependents,
     /// Cancelled through the caller's handle.
     Cancelled,
     /// Something nasbak does not do.
@@ -292,6 +294,14 @@ pub enum BackupError {
         #[source]
         source: Box<BackupError>,
     },
+    /// The backup is the parent of others: deleting it would leave them without their chain.
+    #[error("backup {backup} cannot be deleted: the incremental backups {} build on it; delete them first", .dependents.join(", "))]
+    HasDependents {
+        /// `VM/BACKUP-ID`.
+        backup: String,
+        /// The backups that build on it.
+        dependents: Vec<String>,
+    },
     /// A step of a workflow failed; `source` says how.
     #[error("{step} failed")]
     During {
@@ -331,6 +341,7 @@ impl BackupError {
             BackupError::Exists { .. } => ErrorKind::Exists,
             BackupError::Ambiguous { .. } => ErrorKind::Ambiguous,
             BackupError::HalfRestored { .. } => ErrorKind::HalfRestored,
+            BackupError::HasDependents { .. } => ErrorKind::HasDependents,
             BackupError::Cancelled => ErrorKind::Cancelled,
             _ => ErrorKind::Other,
         }

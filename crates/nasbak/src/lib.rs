@@ -75,6 +75,7 @@ mod disks;
 mod engine;
 mod error;
 mod fault;
+mod incremental;
 mod lock;
 #[cfg(test)]
 mod mocked;

@@ -445,13 +445,14 @@ created = "2026-11-26T12:00:00Z"
 }
 
 #[test]
-fn an_incremental_backup_is_refused_by_restore_until_chains_restore() {
+fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_refused() {
     use nasbak_repo::{BackupMode, Manifest, backing_path};
+    use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
     let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    // The second made into an incremental on the first, as a later version would write it.
+    // The second made into an incremental on the first (vda), as a running VM's backup is.
     let path = dir.path().join("repo").join(&second.relative_dir).join("manifest.json");
     let mut m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
     m.mode = BackupMode::Incremental;
@@ -460,10 +461,31 @@ fn an_incremental_backup_is_refused_by_restore_until_chains_restore() {
     m.disks[0].backing = Some(backing_path(&first.manifest.id.parse().unwrap(), &first.manifest.disks[0].file));
     m.version = m.required_version();
     fs::write(&path, m.to_json()).unwrap();
+    let converted = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&converted);
     let mut img = MockImageTool::new();
-    img.expect_convert().never();
+    img.expect_check()
+        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    img.expect_convert().returning(move |r, _| {
+        seen.lock().unwrap().push((r.source.to_string(), r.target.to_string(), r.target_format.clone()));
+        Ok(())
+    });
     let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
-    let request = RestoreRequest::new(repo, "vm1", second.manifest.id.clone());
-    let err = strict.restore(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
-    assert!(matches!(err, BackupError::Unsupported { .. }) && err.to_string().contains("incremental"), "{err}");
+    let to = ImageLocation::Path(dir.path().join("restored.qcow2"));
+    let request = VolumeRestoreRequest::new(repo.clone(), "vm1", second.manifest.id.clone(), "vda", to);
+    strict.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let calls = converted.lock().unwrap().clone();
+    let top = format!("{}/{}", second.relative_dir.display(), second.manifest.disks[0].file);
+    assert!(
+        calls.iter().any(|(src, _, format)| src.ends_with(&top) && *format == ImageFormat::Qcow2),
+        "the incremental disk is read through its chain into a self-contained qcow2: {calls:?}"
+    );
+    // Its parent gone: the chain is broken, the restore refused before anything is written.
+    fs::remove_dir_all(dir.path().join("repo").join(&first.relative_dir)).unwrap();
+    converted.lock().unwrap().clear();
+    let to = ImageLocation::Path(dir.path().join("again.qcow2"));
+    let request = VolumeRestoreRequest::new(repo, "vm1", second.manifest.id.clone(), "vda", to);
+    let err = strict.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, BackupError::DamagedBackup { .. }) && err.to_string().contains("chain is broken"), "{err}");
+    assert!(converted.lock().unwrap().is_empty());
 }

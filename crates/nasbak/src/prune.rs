@@ -134,7 +134,15 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             })
             .collect();
         let candidates: Vec<PruneCandidate> = entries.iter().filter_map(candidate).collect();
-        let decisions = plan_prune(&candidates, policy, schedule_keep);
+        let mut decisions = plan_prune(&candidates, policy, schedule_keep);
+        let parents: BTreeMap<String, String> = entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                BackupKind::Nasbak(m) => m.parent.clone().map(|p| (e.id.clone(), p)),
+                _ => None,
+            })
+            .collect();
+        keep_parents(&mut decisions, &parents);
         if !dry_run {
             for d in decisions.iter().filter(|d| !d.keep) {
                 let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{}", d.id))?;
@@ -142,6 +150,27 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             }
         }
         Ok(PruneReport { vm: vm.to_owned(), decisions, damaged, executed: !dry_run })
+    }
+}
+
+/// Keeps every backup a kept backup builds on (its parent, the parent's parent, ...), with the
+/// reason, so that prune never leaves a kept incremental without its chain. `parents` maps a
+/// backup id to its parent's.
+pub fn keep_parents(decisions: &mut [PruneDecision], parents: &BTreeMap<String, String>) {
+    loop {
+        let kept: Vec<String> = decisions.iter().filter(|d| d.keep).map(|d| d.id.clone()).collect();
+        let mut changed = false;
+        for child in kept {
+            let Some(parent) = parents.get(&child) else { continue };
+            if let Some(d) = decisions.iter_mut().find(|d| &d.id == parent && !d.keep) {
+                d.keep = true;
+                d.reason = format!("the kept backup {child} builds on it");
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
     }
 }
 
@@ -164,6 +193,42 @@ mod tests {
     fn c(id: &str, hour: u32, schedule: Option<&str>) -> PruneCandidate {
         let time = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap().and_hms_opt(hour, 0, 0).unwrap();
         PruneCandidate { id: id.into(), time, schedule: schedule.map(str::to_owned) }
+    }
+
+    #[test]
+    fn a_kept_incremental_keeps_its_chain() {
+        let backups = [c("a", 1, None), c("b", 2, None), c("c", 3, None), c("d", 4, None)];
+        let mut plan = plan_prune(&backups, Some(&RetentionPolicy::keep_last(1)), &BTreeMap::new());
+        // d builds on c, c on b; a is a separate full.
+        let parents = BTreeMap::from([("d".to_owned(), "c".to_owned()), ("c".to_owned(), "b".to_owned())]);
+        keep_parents(&mut plan, &parents);
+        let kept: Vec<&str> = plan.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["d", "c", "b"]);
+        assert_eq!(plan.iter().find(|d| d.id == "b").unwrap().reason, "the kept backup c builds on it");
+    }
+
+    proptest! {
+        #[test]
+        fn no_kept_backup_loses_its_parent(keep in prop::collection::vec(any::<bool>(), 1..20), links in prop::collection::vec(any::<bool>(), 1..20)) {
+            let n = keep.len();
+            let mut plan: Vec<PruneDecision> = (0..n)
+                .map(|i| PruneDecision { id: format!("{i:02}"), keep: keep[i], reason: String::new() })
+                .collect();
+            // Backup i builds on i-1 where links[i] says so.
+            let parents: BTreeMap<String, String> = (1..n)
+                .filter(|i| links.get(*i).copied().unwrap_or(false))
+                .map(|i| (format!("{i:02}"), format!("{:02}", i - 1)))
+                .collect();
+            keep_parents(&mut plan, &parents);
+            for d in plan.iter().filter(|d| d.keep) {
+                if let Some(p) = parents.get(&d.id) {
+                    prop_assert!(plan.iter().any(|x| &x.id == p && x.keep), "{} kept without its parent {}", d.id, p);
+                }
+            }
+            for (i, d) in plan.iter().enumerate() {
+                if keep[i] { prop_assert!(d.keep, "a backup the retention kept is still kept"); }
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Placement {
     pub repository: BackupRepository,
     /// The quiesce policy.
     pub quiesce: QuiescePolicy,
+    /// The longest chain an `auto` backup builds (the offering's, else the default).
+    pub full_every: u32,
 }
 
 /// Resolves the repository and quiesce policy of a backup of `vm`: an explicit repository, else
@@ -60,7 +62,8 @@ pub fn placement(
         }
     };
     let quiesce = quiesce.or(offering.map(|o| o.quiesce)).unwrap_or_default();
-    Ok(Placement { repository, quiesce })
+    let full_every = offering.and_then(|o| o.full_every).unwrap_or(crate::chain::DEFAULT_FULL_EVERY);
+    Ok(Placement { repository, quiesce, full_every })
 }
 
 /// The outcome of one due schedule.
@@ -158,7 +161,10 @@ where
             state.last_outcome.remove(&s.id);
             state.save(state_path)?;
             let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
-                let request = BackupRequest::new(&s.vm, p.repository).with_quiesce(p.quiesce).with_schedule(&s.id);
+                let request = BackupRequest::new(&s.vm, p.repository)
+                    .with_quiesce(p.quiesce)
+                    .with_full_every(p.full_every)
+                    .with_schedule(&s.id);
                 let mut tagged = |p: &Progress| {
                     let mut p = p.clone();
                     p.schedule = Some(s.id.clone());

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use nasbak::chain::ModeRequest;
 use nasbak::config::{Config, RunOutcome};
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::{BackupRequest, RunDue};
@@ -16,14 +17,18 @@ pub fn backup(
     cli: &Cli,
     config: &Config,
     vm: &str,
-    offering: Option<&str>,
-    repo: Option<&str>,
+    (offering, repo): (Option<&str>, Option<&str>),
     quiesce: Option<QuiescePolicy>,
     timeout: Duration,
+    mode: ModeRequest,
 ) -> Result<u8> {
     let p = nasbak::placement(config, vm, repo, offering, quiesce)?;
     let cancel = cancel_on_interrupt()?;
-    let request = BackupRequest::new(vm, p.repository).with_quiesce(p.quiesce).with_timeout(timeout);
+    let request = BackupRequest::new(vm, p.repository)
+        .with_quiesce(p.quiesce)
+        .with_timeout(timeout)
+        .with_mode(mode)
+        .with_full_every(p.full_every);
     let e = engine(&cli.uri)?;
     let mut reporter = Reporter::new(cli.json, &format!("backup {vm}"));
     let outcome = e.backup(&request, &cancel, &mut |p| reporter.update(p));
@@ -33,7 +38,17 @@ pub fn backup(
     if cli.json {
         print_json(&outcome)?;
     } else {
-        println!("backed up {} as {} ({} disk(s), quiesced: {})", m.vm, outcome.id, m.disks.len(), m.quiesced);
+        let chain = match &m.parent {
+            Some(parent) => format!("incremental on {parent}"),
+            None => "full".to_owned(),
+        };
+        println!("backed up {} as {} ({chain}, {} disk(s), quiesced: {})", m.vm, outcome.id, m.disks.len(), m.quiesced);
+        if let Some(why) = &m.full_reason {
+            println!("  full because {why}");
+        }
+        for d in m.disks.iter().filter(|d| d.full_reason.is_some()) {
+            println!("  {} copied in full: {}", d.target, d.full_reason.as_deref().unwrap_or_default());
+        }
         if let Some(note) = &m.quiesce_note {
             println!("  quiesce: {note}");
         }

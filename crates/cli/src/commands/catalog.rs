@@ -24,9 +24,10 @@ pub fn list(cli: &Cli, config: &Config, vm: Option<&str>, repo: Option<&str>) ->
         match &b.kind {
             BackupKind::Damaged { reason } => println!("{}  DAMAGED: {reason}", b.reference()),
             BackupKind::Nasbak(m) => println!(
-                "{}  {} disk(s)  nasbak{}",
+                "{}  {} disk(s)  nasbak  {}{}",
                 b.reference(),
                 m.disks.len(),
+                m.parent.as_ref().map_or_else(|| "full".to_owned(), |p| format!("incremental on {p}")),
                 m.schedule.as_ref().map(|s| format!("  schedule {s}")).unwrap_or_default()
             ),
             BackupKind::Reference { files } => println!("{}  {} disk(s)  reference", b.reference(), files.len()),

@@ -29,8 +29,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Assign { vm, offering } => settings::assign(cli, &mut config, vm, offering),
         Command::Unassign { vm } => settings::unassign(cli, &mut config, vm),
         Command::Schedule(cmd) => settings::schedule(cli, &mut config, cmd),
-        Command::Backup { vm, offering, repo, quiesce, timeout } => {
-            backup::backup(cli, &config, vm, offering.as_deref(), repo.as_deref(), *quiesce, *timeout)
+        Command::Backup { vm, offering, repo, quiesce, timeout, mode } => {
+            backup::backup(cli, &config, vm, (offering.as_deref(), repo.as_deref()), *quiesce, *timeout, *mode)
         }
         Command::RunDue => backup::run_due(cli, &config),
         Command::List { vm, repo } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),

@@ -100,13 +100,14 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
 
 pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result<u8> {
     match cmd {
-        OfferingCommand::Add { name, repo, zone, quiesce, keep } => {
+        OfferingCommand::Add { name, repo, zone, quiesce, keep, full_every } => {
             config.add_offering(Offering {
                 name: name.clone(),
                 repository: repo.clone(),
                 zone: zone.clone(),
                 quiesce: *quiesce,
                 keep: *keep,
+                full_every: *full_every,
             })?;
             config.save(&cli.config)?;
             println!("added offering {name}");
@@ -114,11 +115,12 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
         OfferingCommand::List => {
             print_rows(cli.json, &config.offering_summaries(), |o| {
                 format!(
-                    "{}  repo {}  quiesce {}  keep {}  vms: {}",
+                    "{}  repo {}  quiesce {}  keep {}  full every {}  vms: {}",
                     o.name,
                     o.repository,
                     o.quiesce,
                     o.keep.as_deref().unwrap_or("everything"),
+                    o.full_every,
                     o.vms.join(", ")
                 )
             })?;

@@ -124,13 +124,6 @@ pub(crate) fn backup_disks(
     let entry =
         read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
     let files = match entry.kind {
-        // Restoring a disk that builds on a parent needs the whole chain flattened; until that
-        // exists, such a backup is refused rather than restored from its top file alone.
-        BackupKind::Nasbak(m) if m.disks.iter().any(|d| d.mode == BackupMode::Incremental) => {
-            return Err(BackupError::Unsupported {
-                what: format!("restoring the incremental backup {vm}/{id} (this version restores full backups)"),
-            });
-        }
         BackupKind::Nasbak(m) => return Ok(m.disks),
         BackupKind::Reference { files } => files,
         BackupKind::Damaged { reason } => {
@@ -166,6 +159,46 @@ pub(crate) fn backup_disks(
         });
     }
     Ok(disks)
+}
+
+/// The backup files an incremental disk builds on, nearest first (empty for a full disk), each
+/// found through its backing link in its own backup's manifest: `vm_dir` is the VM's directory.
+/// A link to a backup or file that is not there is [`BackupError::DamagedBackup`]: the chain is
+/// broken and the disk cannot be restored from this backup.
+pub(crate) fn ancestors(
+    vm_dir: &Path,
+    vm: &str,
+    id: &str,
+    disk: &ManifestDisk,
+) -> Result<Vec<(std::path::PathBuf, ManifestDisk)>, BackupError> {
+    let mut chain = Vec::new();
+    let (mut current_id, mut current) = (id.to_owned(), disk.clone());
+    while current.mode == BackupMode::Incremental {
+        let broken = |reason: String| BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason };
+        let link = current.backing.clone().unwrap_or_default();
+        let (parent, file) = link
+            .strip_prefix("../")
+            .and_then(|rest| rest.split_once('/'))
+            .ok_or_else(|| broken(format!("disk {} of {current_id} has the backing {link:?}", current.target)))?;
+        let dir = vm_dir.join(parent);
+        let next = match read_backup("", vm, parent, &dir).map(|e| e.kind) {
+            Some(BackupKind::Nasbak(m)) => m.disks.into_iter().find(|d| d.file == file).ok_or_else(|| {
+                broken(format!("its chain is broken: backup {parent} has no file {file} for disk {}", current.target))
+            })?,
+            Some(BackupKind::Damaged { reason }) => {
+                return Err(broken(format!("its chain is broken: backup {parent} is damaged ({reason})")));
+            }
+            Some(BackupKind::Reference { .. }) | None => {
+                return Err(broken(format!("its chain is broken: backup {parent} is missing")));
+            }
+        };
+        chain.push((dir, next.clone()));
+        if chain.len() > 10_000 {
+            return Err(broken("its chain does not end".into()));
+        }
+        (current_id, current) = (parent.to_owned(), next);
+    }
+    Ok(chain)
 }
 
 /// Restoring one disk of a backup as a new volume. Built with [`VolumeRestoreRequest::new`].

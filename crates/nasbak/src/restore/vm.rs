@@ -10,7 +10,7 @@ use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{BackupId, Mounter, VmName};
 
 use super::marks::{RestoringMark, interrupted_restores};
-use super::{RestoreOutcome, RestoreRequest, RestoredDisk, backup_disks, match_disks};
+use super::{RestoreOutcome, RestoreRequest, RestoredDisk, ancestors, backup_disks, match_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
@@ -60,10 +60,24 @@ where
         // copied beside their volumes. Only then are raw volumes written and the copies renamed.
         let mut in_place = Vec::new();
         let mut copies = Vec::new();
+        let vm_dir = layout.vm_dir(&vm_name);
         for (b, d) in &pairs {
             check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+            // An incremental disk needs every file of its chain: each checked as its own
+            // backup's, then the chain read through (flattened) into a self-contained volume.
+            let chain = ancestors(&vm_dir, vm, id, b)?;
+            for (parent_dir, parent) in &chain {
+                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+                check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
+            }
+            let flatten = !chain.is_empty();
             match restore_target(d)? {
-                RestoreTarget::Qcow2File(path) => copies.push((*b, *d, path)),
+                RestoreTarget::Qcow2File(path) => {
+                    if flatten {
+                        check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                    }
+                    copies.push((*b, *d, path, flatten));
+                }
                 RestoreTarget::InPlace(location) => {
                     check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     in_place.push((*b, *d, location));
@@ -71,11 +85,19 @@ where
             }
         }
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
-        for (b, d, path) in &copies {
+        for (b, d, path, flatten) in &copies {
             remove_stale_stages(path);
             let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
-            copy_checked(&dir, b, &tmp, vm, &d.target, cancel, observer).map_err(|e| {
+            let copied = if *flatten {
+                let mut r =
+                    ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), tmp.clone(), ImageFormat::Qcow2);
+                r.source_format = Some(ImageFormat::Qcow2);
+                convert(&self.images, r, cancel, vm, &d.target, b.virtual_size, observer)
+            } else {
+                copy_checked(&dir, b, &tmp, vm, &d.target, cancel, observer)
+            };
+            copied.map_err(|e| {
                 let step = Step::Restore { disk: d.target.clone() };
                 crate::backup::repository_unavailable(
                     &mounted,
@@ -133,7 +155,7 @@ where
             mark.done();
             restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into(), note });
         }
-        for ((_, d, path), tmp) in copies.iter().zip(&staged.0) {
+        for ((_, d, path, _), tmp) in copies.iter().zip(&staged.0) {
             if let Err(source) = fs::rename(tmp, path) {
                 let e = BackupError::Io { action: "replacing", path: path.clone(), source };
                 return Err(incomplete(&restored, None, at(Step::Restore { disk: d.target.clone() })(e)));

@@ -8,7 +8,7 @@ use nasbak_libvirt::{CancelHandle, DiskSource, Domain, DomainState, Hypervisor, 
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
 
-use super::{Attachment, RestoredVolume, VolumeRestoreRequest, backup_disks};
+use super::{Attachment, RestoredVolume, VolumeRestoreRequest, ancestors, backup_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
@@ -89,12 +89,20 @@ where
         })?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
         check_image(&self.images, &dir, disk).map_err(at(Step::Check))?;
-        if !matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) || is_block {
+        // An incremental disk: every file of its chain checked, the chain read through.
+        let chain = ancestors(&layout.vm_dir(&vm_name), &request.vm, &request.id, disk)?;
+        for (parent_dir, parent) in &chain {
+            check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+            check_sum(parent_dir, parent, &request.vm, cancel, observer).map_err(at(Step::Check))?;
+        }
+        let flatten = !chain.is_empty();
+        let copy = matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) && !is_block;
+        if !copy || flatten {
             // Converted straight into place: the checksum first.
             check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
         let (source_for_xml, written) = self
-            .write_volume(request, &dir, disk, is_block, cancel, observer)
+            .write_volume(request, &dir, disk, is_block, flatten, cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         let attached = match attach_to {
             Some((vm, running, domain)) => {
@@ -121,12 +129,14 @@ where
 
     /// Writes the volume of [`Engine::restore_volume`]; returns its source for the domain XML
     /// and the format written.
+    #[allow(clippy::too_many_arguments)]
     fn write_volume(
         &self,
         request: &VolumeRestoreRequest,
         dir: &Path,
         disk: &ManifestDisk,
         is_block: bool,
+        flatten: bool,
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(DiskSource, ImageFormat), BackupError> {
@@ -140,7 +150,7 @@ where
                 convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
                 (DiskSource::Block(p.clone()), ImageFormat::Raw)
             }
-            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 => {
+            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 && !flatten => {
                 // The backup file is a self-contained qcow2: a checked copy is the restore.
                 let staged = Staged(vec![stage_beside(p)?]);
                 copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;

@@ -1,0 +1,225 @@
+//! Incremental backups on the engine's side: what the chain planner needs, gathered from the
+//! repository and libvirt; the parent's checkpoint readied; and the checkpoint housekeeping
+//! around the job.
+//!
+//! Between backups the domain carries no nasbak checkpoint metadata, only the bitmap of the
+//! newest backup's checkpoint inside its qcow2 images: the definition lives in that backup's
+//! manifest. Before an incremental the checkpoint is redefined from there (validated by
+//! libvirt), so a domain that was redefined or moved to another host continues its chain, and
+//! the domain can always be undefined. After the new backup is in place, the parent's checkpoint
+//! is deleted with its bitmaps and the new one is forgotten (its bitmaps stay); a backup that
+//! fails deletes the checkpoint it created and forgets the parent's again.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use nasbak_libvirt::{Checkpoint, Disk, Hypervisor};
+use nasbak_repo::model::layout::PARTIAL_SUFFIX;
+use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
+
+use crate::catalog::{BackupKind, read_backup};
+use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, ModeRequest, Parent, plan_chain};
+use crate::disks::volume_of;
+
+/// The name of the checkpoint a backup creates: `nasbak-<backup id>`.
+pub(crate) fn checkpoint_name(id: &BackupId) -> String {
+    format!("nasbak-{id}")
+}
+
+/// The newest complete backup of a VM, as the chain sees it.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// No backup of the VM on this repository.
+    None,
+    /// The newest cannot be built on.
+    Unusable(String),
+    /// The newest, and how many backups its chain holds.
+    Usable(Box<Manifest>, u32),
+}
+
+/// The newest backup in `vm_dir` and its chain, every parent read and checked on the way.
+pub(crate) fn newest_backup(vm_dir: &Path, vm: &str) -> Found {
+    let Ok(entries) = fs::read_dir(vm_dir) else { return Found::None };
+    let newest = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().filter(|n| !n.ends_with(PARTIAL_SUFFIX))?.parse::<BackupId>().ok())
+        .max();
+    let Some(newest) = newest else { return Found::None };
+    let read = |id: &str| match read_backup("", vm, id, &vm_dir.join(id)).map(|e| e.kind) {
+        Some(BackupKind::Nasbak(m)) => Ok(m),
+        Some(BackupKind::Damaged { reason }) => Err(format!("backup {id} is damaged: {reason}")),
+        Some(BackupKind::Reference { .. }) => Err(format!("backup {id} was written by the reference system")),
+        None => Err(format!("backup {id} is missing")),
+    };
+    let manifest = match read(&newest.to_string()) {
+        Ok(m) => m,
+        Err(reason) => return Found::Unusable(reason),
+    };
+    if manifest.checkpoint.is_none() {
+        return Found::Unusable(format!(
+            "backup {newest} recorded no checkpoint (a shut-off VM's backup, or one made before incrementals)"
+        ));
+    }
+    let mut chain_len = 1;
+    let mut current = manifest.clone();
+    while let Some(parent) = current.parent.clone() {
+        match read(&parent) {
+            Ok(m) => current = m,
+            Err(reason) => return Found::Unusable(format!("the chain of backup {newest} is broken: {reason}")),
+        }
+        chain_len += 1;
+        if chain_len > 10_000 {
+            return Found::Unusable(format!("the chain of backup {newest} does not end"));
+        }
+    }
+    Found::Usable(manifest, chain_len)
+}
+
+/// What the backup of a running VM will do about its chain.
+#[derive(Debug)]
+pub(crate) struct ChainDecision {
+    /// Full or incremental, disk by disk.
+    pub plan: ChainPlan,
+    /// The parent's checkpoint, when the backup builds on it.
+    pub from: Option<String>,
+    /// The parent's checkpoint record (for its housekeeping after the backup).
+    pub parent_checkpoint: Option<CheckpointRecord>,
+    /// Whether this backup redefined the parent's checkpoint in libvirt.
+    pub redefined: bool,
+    /// nasbak checkpoints an interrupted run left in libvirt, removed.
+    pub removed: Vec<String>,
+}
+
+/// Decides the chain of a backup of the running VM `vm` whose chosen disks are `files`, and
+/// readies the parent's checkpoint in libvirt when the backup builds on it. `sizes` are the
+/// disks' virtual sizes by target.
+pub(crate) fn decide<H: Hypervisor>(
+    hypervisor: &H,
+    vm: &str,
+    vm_dir: &Path,
+    requested: ModeRequest,
+    full_every: u32,
+    files: &[(&Disk, String)],
+    sizes: &HashMap<String, u64>,
+) -> ChainDecision {
+    let found = newest_backup(vm_dir, vm);
+    let (parent, record) = match &found {
+        Found::None => (Parent::None, None),
+        Found::Unusable(reason) => (Parent::Unusable { reason: reason.clone() }, None),
+        Found::Usable(m, chain_len) => (Parent::Usable { manifest: m, chain_len: *chain_len }, m.checkpoint.clone()),
+    };
+    let bitmaps: Vec<(String, bool)> =
+        record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
+    let facts: Vec<DiskFacts> = files
+        .iter()
+        .map(|(d, file)| DiskFacts {
+            target: d.target.clone(),
+            volume: volume_of(d).to_string(),
+            file: file.clone(),
+            virtual_size: sizes.get(&d.target).copied().unwrap_or(0),
+            bitmap: if d.format.as_deref() != Some("qcow2") {
+                BitmapState::Unsupported
+            } else if bitmaps.iter().any(|(t, b)| t == &d.target && *b) {
+                BitmapState::Valid
+            } else {
+                BitmapState::Missing
+            },
+        })
+        .collect();
+    // Holding the VM lock, a nasbak checkpoint libvirt still lists other than the newest
+    // backup's was left by an interrupted run: it goes, with its bitmaps. Other tools'
+    // checkpoints are never touched.
+    let mut removed = Vec::new();
+    for name in hypervisor.checkpoints(vm).unwrap_or_default() {
+        let ours = name.strip_prefix("nasbak-").is_some_and(|id| id.parse::<BackupId>().is_ok());
+        if ours && record.as_ref().is_none_or(|r| r.name != name) {
+            if hypervisor.delete_checkpoint(vm, &name).is_err() {
+                let _ = hypervisor.forget_checkpoint(vm, &name);
+            }
+            removed.push(name);
+        }
+    }
+    let state = match &record {
+        Some(r) if hypervisor.checkpoints(vm).is_ok_and(|names| names.contains(&r.name)) => CheckpointState::Present,
+        Some(_) => CheckpointState::Redefinable,
+        None => CheckpointState::Unusable { reason: "none recorded".into() },
+    };
+    let mut plan = plan_chain(requested, full_every, &parent, &state, &facts);
+    let mut redefined = false;
+    if plan.redefine_checkpoint
+        && let Some(r) = &record
+    {
+        // Validated: libvirt checks that every disk's bitmap is there and consistent.
+        match hypervisor.redefine_checkpoint(vm, &r.xml, true) {
+            Ok(()) => redefined = true,
+            Err(e) => {
+                let state = CheckpointState::Unusable { reason: format!("redefining it failed: {}", e.message) };
+                plan = plan_chain(requested, full_every, &parent, &state, &facts);
+            }
+        }
+    }
+    let from = (plan.mode == BackupMode::Incremental).then(|| record.as_ref().map(|r| r.name.clone())).flatten();
+    ChainDecision { plan, from, parent_checkpoint: record, redefined, removed }
+}
+
+/// The record of the checkpoint `name` the job created, standalone (its parent left out, since
+/// the parent is deleted once this backup is in place); `None` when libvirt has no such
+/// checkpoint (no disk could keep a bitmap).
+pub(crate) fn record<H: Hypervisor>(hypervisor: &H, vm: &str, name: &str) -> Option<CheckpointRecord> {
+    let xml = hypervisor.checkpoint_xml(vm, name).ok()?;
+    Some(CheckpointRecord { name: name.to_owned(), xml: Checkpoint::without_parent(&xml) })
+}
+
+/// After the backup is in place: the parent's checkpoint deleted with its bitmaps (defined
+/// again first when libvirt has forgotten it), the new checkpoint forgotten (its bitmaps stay
+/// for the next incremental). Best effort: a failure leaves at most a bitmap or a record behind,
+/// never a wrong backup.
+pub(crate) fn after_success<H: Hypervisor>(
+    hypervisor: &H,
+    vm: &str,
+    parent: Option<&CheckpointRecord>,
+    created: Option<&str>,
+) {
+    if let Some(p) = parent {
+        let defined = hypervisor.checkpoints(vm).is_ok_and(|n| n.contains(&p.name))
+            || hypervisor.redefine_checkpoint(vm, &p.xml, false).is_ok();
+        if defined && hypervisor.delete_checkpoint(vm, &p.name).is_err() {
+            let _ = hypervisor.forget_checkpoint(vm, &p.name);
+        }
+    }
+    if let Some(c) = created {
+        let _ = hypervisor.forget_checkpoint(vm, c);
+    }
+}
+
+/// After a failed backup: the checkpoint it created deleted with its bitmaps, the parent's
+/// forgotten again if this backup redefined it. The chain goes on from the parent next time.
+pub(crate) fn after_failure<H: Hypervisor>(hypervisor: &H, vm: &str, redefined: Option<&str>, created: &str) {
+    if hypervisor.checkpoints(vm).is_ok_and(|n| n.iter().any(|c| c == created)) {
+        let _ = hypervisor.delete_checkpoint(vm, created);
+    }
+    if let Some(p) = redefined {
+        let _ = hypervisor.forget_checkpoint(vm, p);
+    }
+}
+
+/// The chain of a shut-off VM's backup: full (its incrementals are not built yet), with the
+/// reason when an incremental was asked for.
+pub(crate) fn stopped(requested: ModeRequest, files: &[(&Disk, String)]) -> ChainDecision {
+    let facts: Vec<DiskFacts> = files
+        .iter()
+        .map(|(d, file)| DiskFacts {
+            target: d.target.clone(),
+            volume: volume_of(d).to_string(),
+            file: file.clone(),
+            virtual_size: 0,
+            bitmap: BitmapState::Unsupported,
+        })
+        .collect();
+    let mut plan = plan_chain(ModeRequest::Full, 0, &Parent::None, &CheckpointState::Present, &facts);
+    if requested == ModeRequest::Incremental {
+        plan.full_reason = Some("a shut-off VM is copied in full (incrementals read a running VM's bitmaps)".into());
+    }
+    ChainDecision { plan, from: None, parent_checkpoint: None, redefined: false, removed: Vec::new() }
+}
