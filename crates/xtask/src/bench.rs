@@ -170,7 +170,7 @@ pub fn bench(rounds: usize) -> Result<()> {
         }
         Ok(())
     };
-    let backup_args = ["--config", config.as_str(), "backup", DOMAIN, "--quiesce", "off"];
+    let backup_args = ["--config", config.as_str(), "backup", DOMAIN, "--quiesce", "off", "--mode", "full"];
 
     // Running VM.
     virsh(&["start", DOMAIN])?;
