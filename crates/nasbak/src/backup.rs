@@ -39,7 +39,7 @@ pub struct BackupRequest {
     pub timeout: Duration,
     /// The schedule this backup is made for (recorded in the manifest for per-schedule retention).
     pub schedule: Option<String>,
-    /// Full, incremental, or auto (see [`crate::chain`]).
+    /// Full, incremental, or auto (see [`mod@crate::chain`]).
     pub mode: ModeRequest,
     /// The longest chain `auto` builds before it takes a full again.
     pub full_every: u32,
