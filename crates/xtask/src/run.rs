@@ -60,9 +60,33 @@ pub fn test() -> Result<()> {
 /// Every published crate packaged and built from its package, as `cargo publish` would (the lab
 /// fixtures and xtask are never published).
 pub fn publish_dry_run() -> Result<()> {
+    // Cargo unpacks the packages of its temporary local registry under
+    // $CARGO_HOME/registry/src/-<hash>/ and reuses what an earlier run unpacked there for the
+    // same version, and it never rebuilds a registry package of a version it built before: a
+    // verify would build against old sources. So our crates' unpacked copies go first, and the
+    // verify builds in a target directory of its own, emptied first.
+    let target = workspace_root().join("target/publish-check");
+    if target.exists() {
+        fs::remove_dir_all(&target).with_context(|| format!("removing {}", target.display()))?;
+    }
+    let target = target.to_str().context("a UTF-8 target path")?.to_owned();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("no CARGO_HOME or HOME")?;
+    if let Ok(registries) = fs::read_dir(cargo_home.join("registry/src")) {
+        for registry in registries.flatten().filter(|r| r.file_name().to_string_lossy().starts_with('-')) {
+            for unpacked in fs::read_dir(registry.path()).into_iter().flatten().flatten() {
+                if unpacked.file_name().to_string_lossy().starts_with("nasbak") {
+                    fs::remove_dir_all(unpacked.path())
+                        .with_context(|| format!("removing the stale {}", unpacked.path().display()))?;
+                }
+            }
+        }
+    }
     cargo(
         &["publish", "--workspace", "--dry-run", "--allow-dirty", "--exclude", "nasbak-testlab", "--exclude", "xtask"],
-        &[],
+        &[("CARGO_TARGET_DIR", &target)],
     )
 }
 
