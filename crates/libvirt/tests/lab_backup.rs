@@ -255,35 +255,6 @@ fn a_backup_with_a_checkpoint_leaves_a_checkpoint_that_can_be_deleted() {
     assert!(hv.delete_checkpoint(dom.name(), "nasbak-1").unwrap_err().message.contains("nasbak-1"));
 }
 
-/// Writes `pattern` over `len` at `offset` of the running domain's first disk through QEMU's
-/// block layer (HMP `qemu-io`): what a guest write does, dirty bitmaps included, without a guest.
-fn guest_write(dom: &LabDomain, pattern: u8, offset: &str, len: &str) {
-    let disk = dom.disks()[0].path.to_string_lossy().into_owned();
-    let info = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", "info block"]).unwrap();
-    let node = info
-        .lines()
-        .find(|l| l.contains(&disk))
-        .and_then(|l| l.split(':').next())
-        .unwrap_or_else(|| panic!("no block node for {disk} in {info}"))
-        .trim()
-        .to_owned();
-    let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
-    let out = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &command]).unwrap();
-    assert!(!out.contains("error") && !out.contains("Error"), "{command}: {out}");
-}
-
-/// The disk as it is now, as raw (read with shared locks while QEMU runs).
-fn point_in_time(dom: &LabDomain, name: &str) -> PathBuf {
-    let raw = dom.dir().join(format!("{name}.raw"));
-    ExternalCommand::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(&dom.disks()[0].path)
-        .arg(&raw)
-        .run()
-        .unwrap();
-    raw
-}
-
 #[test]
 fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
     let hv = hv();
@@ -300,12 +271,12 @@ fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
             .unwrap();
         b.targets[0].file.clone()
     };
-    guest_write(&dom, 0x11, "0", "1M");
+    dom.write_through_qemu(0, 0x11, "0", "1M");
     let full = backup("full", None, "c1");
-    let point1 = point_in_time(&dom, "point1");
-    guest_write(&dom, 0x22, "4M", "2M");
+    let point1 = dom.raw_copy(0, "point1");
+    dom.write_through_qemu(0, 0x22, "4M", "2M");
     let inc = backup("inc1", Some("c1"), "c2");
-    let point2 = point_in_time(&dom, "point2");
+    let point2 = dom.raw_copy(0, "point2");
     // libvirt names the live disk as the incremental's backing file: point it at the parent,
     // relative, so the chain resolves wherever the repository is mounted.
     let header = tool.info(&ImageLocation::Path(inc.clone())).unwrap();
@@ -329,10 +300,10 @@ fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
     let mut names = hv.checkpoints(dom.name()).unwrap();
     names.sort();
     assert_eq!(names, ["c1", "c2"]);
-    guest_write(&dom, 0x33, "8M", "1M");
+    dom.write_through_qemu(0, 0x33, "8M", "1M");
     let inc2 = backup("inc2", Some("c2"), "c3");
     tool.set_backing(&inc2, "../inc1/vda.qcow2", &ImageFormat::Qcow2).unwrap();
-    let point3 = point_in_time(&dom, "point3");
+    let point3 = dom.raw_copy(0, "point3");
     assert!(same_content(&inc2, &point3), "the third point, through a redefined checkpoint");
     assert_no_job(&hv, dom.name());
 }

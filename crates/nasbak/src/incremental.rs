@@ -111,22 +111,19 @@ pub(crate) fn decide<H: Hypervisor>(
     };
     let bitmaps: Vec<(String, bool)> =
         record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
-    let facts: Vec<DiskFacts> = files
-        .iter()
-        .map(|(d, file)| DiskFacts {
-            target: d.target.clone(),
-            volume: volume_of(d).to_string(),
-            file: file.clone(),
-            virtual_size: sizes.get(&d.target).copied().unwrap_or(0),
-            bitmap: if d.format.as_deref() != Some("qcow2") {
+    let facts = disk_facts(
+        files,
+        |d| {
+            if d.format.as_deref() != Some("qcow2") {
                 BitmapState::Unsupported
             } else if bitmaps.iter().any(|(t, b)| t == &d.target && *b) {
                 BitmapState::Valid
             } else {
                 BitmapState::Missing
-            },
-        })
-        .collect();
+            }
+        },
+        sizes,
+    );
     // Holding the VM lock, a nasbak checkpoint libvirt still lists other than the newest
     // backup's was left by an interrupted run: it goes, with its bitmaps. Other tools'
     // checkpoints are never touched.
@@ -204,19 +201,29 @@ pub(crate) fn after_failure<H: Hypervisor>(hypervisor: &H, vm: &str, redefined: 
     }
 }
 
-/// The chain of a shut-off VM's backup: full (its incrementals are not built yet), with the
-/// reason when an incremental was asked for.
-pub(crate) fn stopped(requested: ModeRequest, files: &[(&Disk, String)]) -> ChainDecision {
-    let facts: Vec<DiskFacts> = files
+/// What the planner needs of each chosen disk: its identity, file, size (by target, from
+/// `sizes`) and `bitmap`.
+fn disk_facts(
+    files: &[(&Disk, String)],
+    bitmap: impl Fn(&Disk) -> BitmapState,
+    sizes: &HashMap<String, u64>,
+) -> Vec<DiskFacts> {
+    files
         .iter()
         .map(|(d, file)| DiskFacts {
             target: d.target.clone(),
             volume: volume_of(d).to_string(),
             file: file.clone(),
-            virtual_size: 0,
-            bitmap: BitmapState::Unsupported,
+            virtual_size: sizes.get(&d.target).copied().unwrap_or(0),
+            bitmap: bitmap(d),
         })
-        .collect();
+        .collect()
+}
+
+/// The chain of a shut-off VM's backup: full (its incrementals are not built yet), with the
+/// reason when an incremental was asked for.
+pub(crate) fn stopped(requested: ModeRequest, files: &[(&Disk, String)]) -> ChainDecision {
+    let facts = disk_facts(files, |_| BitmapState::Unsupported, &HashMap::new());
     let mut plan = plan_chain(ModeRequest::Full, 0, &Parent::None, &CheckpointState::Present, &facts);
     if requested == ModeRequest::Incremental {
         plan.full_reason = Some("a shut-off VM is copied in full (incrementals read a running VM's bitmaps)".into());

@@ -4,7 +4,7 @@
 //! kept backup without its parent.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
@@ -17,7 +17,7 @@ use nasbak::nasbak_repo::{
 use nasbak::{
     BackupError, BackupOutcome, BackupRequest, Engine, ErrorKind, FileStatus, RestoreRequest, VolumeRestoreRequest,
 };
-use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
+use nasbak_testlab::{DiskSpec, DomainSpec, URI};
 
 type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
 
@@ -25,29 +25,6 @@ fn engine(runtime: &Path) -> LabEngine {
     let libvirt = LibvirtHypervisor::connect(URI).unwrap();
     let mounts = RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default());
     Engine::new(libvirt.clone(), libvirt, QemuImg::new(runtime), mounts).with_agent_timeout(Duration::from_secs(10))
-}
-
-/// Writes `pattern` over `len` at `offset` of the running domain's first disk through QEMU's
-/// block layer (HMP `qemu-io`): what a guest write does, dirty bitmaps included.
-fn guest_write(dom: &LabDomain, pattern: u8, offset: &str, len: &str) {
-    let disk = dom.disks()[0].path.to_string_lossy().into_owned();
-    let info = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", "info block"]).unwrap();
-    let node = info.lines().find(|l| l.contains(&disk)).and_then(|l| l.split(':').next()).unwrap().trim().to_owned();
-    let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
-    let out = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &command]).unwrap();
-    assert!(!out.to_lowercase().contains("error"), "{command}: {out}");
-}
-
-/// The first disk as it is now, as raw (shared locks while QEMU runs).
-fn point(dom: &LabDomain, name: &str) -> PathBuf {
-    let raw = dom.dir().join(format!("{name}.raw"));
-    ExternalCommand::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(&dom.disks()[0].path)
-        .arg(&raw)
-        .run()
-        .unwrap();
-    raw
 }
 
 fn same(a: &Path, b: &Path) -> bool {
@@ -67,15 +44,15 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
         e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap()
     };
 
-    guest_write(&dom, 0x11, "0", "1M");
+    dom.write_through_qemu(0, 0x11, "0", "1M");
     let first = backup(ModeRequest::Auto);
     assert_eq!((first.manifest.mode, first.manifest.parent.as_deref()), (BackupMode::Full, None));
     assert!(first.manifest.checkpoint.is_some(), "a running VM's full starts a chain");
-    let point1 = point(&dom, "point1");
+    let point1 = dom.raw_copy(0, "point1");
     // Between backups the domain carries no nasbak checkpoint record (it can be undefined).
     assert!(e.hypervisor().checkpoints(dom.name()).unwrap().is_empty());
 
-    guest_write(&dom, 0x22, "4M", "2M");
+    dom.write_through_qemu(0, 0x22, "4M", "2M");
     let second = backup(ModeRequest::Incremental);
     let m = &second.manifest;
     assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Incremental, Some(first.manifest.id.as_str())));
@@ -88,12 +65,12 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     assert!(m.disks[1].full_reason.as_deref().unwrap().contains("no dirty bitmap"), "{m:?}");
     let inc_file = root.join(&second.relative_dir).join(&m.disks[0].file);
     assert!(fs::metadata(&inc_file).unwrap().len() < 4 << 20, "about the 2 MiB changed");
-    let point2 = point(&dom, "point2");
+    let point2 = dom.raw_copy(0, "point2");
 
-    guest_write(&dom, 0x33, "8M", "1M");
+    dom.write_through_qemu(0, 0x33, "8M", "1M");
     let third = backup(ModeRequest::Auto);
     assert_eq!(third.manifest.parent.as_deref(), Some(second.manifest.id.as_str()));
-    let point3 = point(&dom, "point3");
+    let point3 = dom.raw_copy(0, "point3");
 
     // Verify checks the whole chain: the third's files, and those it builds on.
     let report = e.catalog().verify(&repo, dom.name(), &third.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap();

@@ -326,6 +326,37 @@ impl LabDomain {
         }
     }
 
+    /// Writes `pattern` over `len` bytes at `offset` (qemu-io sizes: `4M`) of the running
+    /// domain's disk `index` through QEMU's block layer (HMP `qemu-io`): what a guest write does,
+    /// dirty bitmaps included, without a guest OS.
+    pub fn write_through_qemu(&self, index: usize, pattern: u8, offset: &str, len: &str) {
+        let disk = self.disks[index].path.to_string_lossy().into_owned();
+        let info = virsh(&["qemu-monitor-command", &self.name, "--hmp", "info block"]).expect("info block");
+        let node = info
+            .lines()
+            .find(|l| l.contains(&disk))
+            .and_then(|l| l.split(':').next())
+            .unwrap_or_else(|| panic!("no block node for {disk} in {info}"))
+            .trim()
+            .to_owned();
+        let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
+        let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io");
+        assert!(!out.to_lowercase().contains("error"), "{command}: {out}");
+    }
+
+    /// Disk `index` as it is now, copied to `<dir>/<name>.raw` (read with shared locks while
+    /// QEMU runs): the content a backup of this moment must give back.
+    pub fn raw_copy(&self, index: usize, name: &str) -> PathBuf {
+        let raw = self.dir.join(format!("{name}.raw"));
+        ExternalCommand::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(&self.disks[index].path)
+            .arg(&raw)
+            .run()
+            .expect("qemu-img convert");
+        raw
+    }
+
     /// A file's content in the ext4 file system on a disk image (any format qemu-img reads),
     /// if the file system and the file are there.
     pub fn read_ext4_file(&self, image: &Path, name: &str) -> Option<String> {
