@@ -218,7 +218,8 @@ where
         if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
             notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
-        notes.cleaned.extend(clean_partials(&vm_dir).into_iter().map(|p| format!("removed the unfinished backup {p}")));
+        let interrupted = clean_partials(&vm_dir);
+        notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
         let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
@@ -237,15 +238,7 @@ where
         // the backup is in place, a failure deletes the checkpoint this backup creates.
         let (chain, created) = match state {
             DomainState::Running => (
-                crate::incremental::decide(
-                    &self.hypervisor,
-                    &request.vm,
-                    &vm_dir,
-                    request.mode,
-                    request.full_every,
-                    &files,
-                    &sizes,
-                ),
+                crate::incremental::decide(&self.hypervisor, request, &vm_dir, &interrupted, &files, &sizes),
                 Some(crate::incremental::checkpoint_name(&id)),
             ),
             _ => (crate::incremental::stopped(request.mode, &files), None),

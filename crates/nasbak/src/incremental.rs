@@ -18,6 +18,7 @@ use nasbak_libvirt::{Checkpoint, Disk, Hypervisor};
 use nasbak_repo::model::layout::PARTIAL_SUFFIX;
 use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
+use crate::backup::BackupRequest;
 use crate::catalog::{BackupKind, read_backup};
 use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, ModeRequest, Parent, plan_chain};
 use crate::disks::volume_of;
@@ -91,18 +92,19 @@ pub(crate) struct ChainDecision {
     pub removed: Vec<String>,
 }
 
-/// Decides the chain of a backup of the running VM `vm` whose chosen disks are `files`, and
+/// Decides the chain of `request`'s backup of a running VM whose chosen disks are `files`, and
 /// readies the parent's checkpoint in libvirt when the backup builds on it. `sizes` are the
-/// disks' virtual sizes by target.
+/// disks' virtual sizes by target; `interrupted` the `.partial` directories of killed runs this
+/// backup just removed from `vm_dir`.
 pub(crate) fn decide<H: Hypervisor>(
     hypervisor: &H,
-    vm: &str,
+    request: &BackupRequest,
     vm_dir: &Path,
-    requested: ModeRequest,
-    full_every: u32,
+    interrupted: &[String],
     files: &[(&Disk, String)],
     sizes: &HashMap<String, u64>,
 ) -> ChainDecision {
+    let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
     let found = newest_backup(vm_dir, vm);
     let (parent, record) = match &found {
         Found::None => (Parent::None, None),
@@ -124,12 +126,15 @@ pub(crate) fn decide<H: Hypervisor>(
         },
         sizes,
     );
-    // Holding the VM lock, a nasbak checkpoint libvirt still lists other than the newest
-    // backup's was left by an interrupted run: it goes, with its bitmaps. Other tools'
-    // checkpoints are never touched.
+    // Holding the VM lock: a checkpoint libvirt still lists for a run of this VM on this
+    // repository that was killed (its `.partial` just removed), or for an older backup here,
+    // was left behind: it goes, with its bitmaps. Checkpoints of other repositories' chains and
+    // of other tools are never touched.
     let mut removed = Vec::new();
     for name in hypervisor.checkpoints(vm).unwrap_or_default() {
-        let ours = name.strip_prefix("nasbak-").is_some_and(|id| id.parse::<BackupId>().is_ok());
+        let Some(id) = name.strip_prefix("nasbak-").filter(|id| id.parse::<BackupId>().is_ok()) else { continue };
+        let killed = interrupted.iter().any(|p| p.strip_suffix(PARTIAL_SUFFIX) == Some(id));
+        let ours = killed || vm_dir.join(id).is_dir();
         if ours && record.as_ref().is_none_or(|r| r.name != name) {
             if hypervisor.delete_checkpoint(vm, &name).is_err() {
                 let _ = hypervisor.forget_checkpoint(vm, &name);

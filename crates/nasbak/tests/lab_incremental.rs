@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
-use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor, LibvirtHypervisor};
+use nasbak::nasbak_libvirt::{
+    CancelHandle, Domain, Hypervisor, JobOptions, LibvirtHypervisor, PushBackup, start_backup,
+};
 use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::{ImageLocation, ImageTool, QemuImg};
 use nasbak::nasbak_repo::{
@@ -67,9 +69,31 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     assert!(fs::metadata(&inc_file).unwrap().len() < 4 << 20, "about the 2 MiB changed");
     let point2 = dom.raw_copy(0, "point2");
 
+    // A run killed after its job started left its `.partial` and its checkpoint; another
+    // repository's chain of this VM has a checkpoint too. The next backup removes the killed
+    // run's and leaves the other repository's alone.
+    let killed = "2099.01.01.00.00.00";
+    fs::create_dir_all(root.join(dom.name()).join(format!("{killed}.partial"))).unwrap();
+    let hv = e.hypervisor();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    for (name, dir) in [(format!("nasbak-{killed}"), "killed"), ("nasbak-2098.01.01.00.00.00".to_owned(), "other")] {
+        let out = dom.dir().join(dir);
+        fs::create_dir_all(&out).unwrap();
+        fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut job = PushBackup::for_domain(&domain, &out, |d| format!("{}.qcow2", d.target));
+        job.checkpoint = Some(name);
+        start_backup(hv, dom.name(), &job)
+            .unwrap()
+            .wait(JobOptions::default(), &CancelHandle::new(), &mut |_| {})
+            .unwrap();
+    }
+
     dom.write_through_qemu(0, 0x33, "8M", "1M");
     let third = backup(ModeRequest::Auto);
     assert_eq!(third.manifest.parent.as_deref(), Some(second.manifest.id.as_str()));
+    assert!(third.cleaned.iter().any(|c| c.contains(&format!("checkpoint nasbak-{killed}"))), "{:?}", third.cleaned);
+    assert_eq!(hv.checkpoints(dom.name()).unwrap(), ["nasbak-2098.01.01.00.00.00"], "the other chain's stays");
+    hv.delete_checkpoint(dom.name(), "nasbak-2098.01.01.00.00.00").unwrap();
     let point3 = dom.raw_copy(0, "point3");
 
     // Verify checks the whole chain: the third's files, and those it builds on.
