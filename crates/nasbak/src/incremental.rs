@@ -59,7 +59,7 @@ pub(crate) fn newest_backup(vm_dir: &Path, vm: &str) -> Found {
     };
     if manifest.checkpoint.is_none() {
         return Found::Unusable(format!(
-            "backup {newest} recorded no checkpoint (a shut-off VM's backup, or one made before incrementals)"
+            "backup {newest} recorded no checkpoint (no disk of it keeps a dirty bitmap, it is a shut-off VM's, or it was made before incrementals)"
         ));
     }
     let mut chain_len = 1;

@@ -6,8 +6,6 @@ mod catalog;
 mod restore;
 mod settings;
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, anyhow};
 use nasbak::config::Config;
 use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
@@ -69,8 +67,7 @@ type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, Syste
 /// The engine over libvirt at `uri` (also the source of guest agents), qemu-img and the mounts.
 fn engine(uri: &str) -> Result<LibvirtEngine> {
     let libvirt = LibvirtHypervisor::connect(uri).with_context(|| format!("connecting to {uri}"))?;
-    Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts())
-        .with_agent_timeout(Duration::from_secs(10)))
+    Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()))
 }
 
 /// A cancel handle that Ctrl-C (and SIGTERM from systemd) triggers.
