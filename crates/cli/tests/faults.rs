@@ -684,6 +684,30 @@ fn start_refused_while_frozen() -> Row {
     row("job start refused with the guest frozen and the agent unreachable", checks, Some(time), extra, &said)
 }
 
+/// The parent's bitmap lost after nasbak decided on an incremental (and libvirt validated the
+/// checkpoint) but before the job started: libvirt refuses the incremental job, and nasbak takes
+/// a full instead, the reason recorded, instead of failing.
+fn bitmap_lost_at_job_start() -> Row {
+    let lab = Lab::new("bitmaplost", vec![DiskSpec::qcow2(32)], true, true, 1024);
+    let first: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let bitmap = format!("nasbak-{}", first["manifest"]["id"].as_str().unwrap());
+    let child = lab.spawn_paused(&["--json", "backup", lab.name(), "--mode", "incremental"], "chain-decided");
+    lab.dom.remove_bitmap(0, &bitmap);
+    let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
+    let said = text(&out);
+    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        Ok(v) if out.status.success() => {
+            if v["manifest"]["mode"] != "full" || v["manifest"]["parent"] != serde_json::Value::Null {
+                extra.push(format!("not a full backup: {}", v["manifest"]));
+            }
+        }
+        _ => extra.push(format!("the backup failed instead of taking a full: {said}")),
+    }
+    let checks = lab.checks(&said, &["libvirt refused the incremental job"]);
+    row("bitmap lost between the decision and the job start", checks, Some(time), extra, &said)
+}
+
 /// Lets a paused nasbak go on and waits (bounded) for it: its output and the time it took.
 fn resume(child: Child, extra: &mut Vec<String>) -> (Output, Duration) {
     let start = Instant::now();
@@ -892,6 +916,7 @@ fn main() {
         ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),
         ("agent-hangs-frozen", Box::new(agent_hangs_while_frozen)),
         ("start-refused-frozen", Box::new(start_refused_while_frozen)),
+        ("bitmap-lost-start", Box::new(bitmap_lost_at_job_start)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

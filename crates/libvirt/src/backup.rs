@@ -234,6 +234,40 @@ impl Checkpoint {
         }
     }
 
+    /// The checkpoint document `xml` with a bitmap kept for the disks in `keep` only: every
+    /// other disk of its `<disks>` becomes `checkpoint='no'`. Redefined so, libvirt validates
+    /// (and an incremental uses) the kept disks' bitmaps alone. Expects libvirt's own
+    /// formatting (each checkpoint disk one empty element).
+    ///
+    /// ```
+    /// let xml = "<domaincheckpoint><disks><disk name='vda' checkpoint='bitmap' bitmap='c'/><disk name='vdb' checkpoint='bitmap' bitmap='c'/></disks><domain><devices><disk type='file'/></devices></domain></domaincheckpoint>";
+    /// let kept = nasbak_libvirt::Checkpoint::with_bitmaps_only(xml, &["vdb"]);
+    /// assert_eq!(kept, "<domaincheckpoint><disks><disk name='vda' checkpoint='no'/><disk name='vdb' checkpoint='bitmap' bitmap='c'/></disks><domain><devices><disk type='file'/></devices></domain></domaincheckpoint>");
+    /// ```
+    pub fn with_bitmaps_only(xml: &str, keep: &[&str]) -> String {
+        let (Some(start), Some(end)) = (xml.find("<disks>"), xml.find("</disks>")) else { return xml.to_owned() };
+        if end < start {
+            return xml.to_owned();
+        }
+        let mut out = String::from(&xml[..start]);
+        let mut rest = &xml[start..end];
+        while let Some(i) = rest.find("<disk ") {
+            out.push_str(&rest[..i]);
+            let close = rest[i..].find("/>").map_or(rest.len(), |j| i + j + 2);
+            let element = &rest[i..close];
+            match attribute(element, "name") {
+                Some(name) if !keep.contains(&name) => {
+                    out.push_str(&format!("<disk name='{name}' checkpoint='no'/>"));
+                }
+                _ => out.push_str(element),
+            }
+            rest = &rest[close..];
+        }
+        out.push_str(rest);
+        out.push_str(&xml[end..]);
+        out
+    }
+
     /// Parses a checkpoint document.
     pub fn parse(xml: &str) -> Result<Checkpoint, XmlError> {
         let raw: XmlCheckpoint = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
@@ -249,6 +283,18 @@ impl Checkpoint {
                 .collect(),
         })
     }
+}
+
+/// The value of attribute `name` in one XML start tag (either quote).
+fn attribute<'a>(element: &'a str, name: &str) -> Option<&'a str> {
+    for quote in ['\'', '"'] {
+        let key = format!(" {name}={quote}");
+        if let Some(i) = element.find(&key) {
+            let value = &element[i + key.len()..];
+            return value.find(quote).map(|j| &value[..j]);
+        }
+    }
+    None
 }
 
 #[derive(Debug, Deserialize)]

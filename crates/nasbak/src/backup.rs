@@ -236,13 +236,22 @@ where
         let files = backup_files(&chosen);
         // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
         // the backup is in place, a failure deletes the checkpoint this backup creates.
-        let (chain, created) = match state {
+        let (mut chain, created) = match state {
             DomainState::Running => (
-                crate::incremental::decide(&self.hypervisor, request, &vm_dir, &interrupted, &files, &sizes),
+                crate::incremental::decide(
+                    &self.hypervisor,
+                    &self.images,
+                    request,
+                    &vm_dir,
+                    &interrupted,
+                    &files,
+                    &sizes,
+                ),
                 Some(crate::incremental::checkpoint_name(&id)),
             ),
             _ => (crate::incremental::stopped(request.mode, &files), None),
         };
+        crate::fault::point("chain-decided");
         notes.cleaned.extend(
             chain.removed.iter().map(|c| format!("removed the checkpoint {c}, which an interrupted run had left")),
         );
@@ -260,18 +269,29 @@ where
         };
         let (method, quiesced, quiesce_note) = match state {
             DomainState::Running => {
-                let (q, note) = self
-                    .push(
-                        request,
-                        &domain,
-                        &partial,
-                        &files,
-                        (&chain, created.as_deref()),
-                        cancel,
-                        &mut notes,
-                        observer,
-                    )
-                    .map_err(unavailable(Step::Job))?;
+                let mut push = |chain: &crate::incremental::ChainDecision, notes: &mut Notes| {
+                    let args = (&chain.plan, chain.from.as_deref(), created.as_deref());
+                    self.push(request, &domain, &partial, &files, args, cancel, notes, observer)
+                };
+                let (q, note) = match push(&chain, &mut notes) {
+                    // libvirt refused the incremental job although it accepted the checkpoint
+                    // (a bitmap found inconsistent when the job starts): a full instead, the
+                    // reason recorded. Never an error where a full would do.
+                    Err(PushFailure::Refused(e)) if chain.plan.mode == BackupMode::Incremental => {
+                        if cancel.is_cancelled() {
+                            return Err(BackupError::Cancelled);
+                        }
+                        let reason = format!("libvirt refused the incremental job: {}", crate::error::chain(&e));
+                        chain.plan = chain.plan.into_full(reason);
+                        chain.from = None;
+                        for (_, file) in &files {
+                            let _ = fs::remove_file(partial.join(file));
+                        }
+                        push(&chain, &mut notes)
+                    }
+                    other => other,
+                }
+                .map_err(|f| unavailable(Step::Job)(f.error()))?;
                 // libvirt names the live disk as an incremental file's backing: point it at the
                 // same disk's file in the parent, relative, so the chain resolves wherever the
                 // repository is mounted.
@@ -449,19 +469,19 @@ where
         domain: &Domain,
         partial: &Path,
         files: &[(&Disk, String)],
-        (chain, checkpoint): (&crate::incremental::ChainDecision, Option<&str>),
+        (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
         cancel: &CancelHandle,
         notes: &mut Notes,
         observer: &mut dyn Observer,
-    ) -> Result<(bool, Option<String>), BackupError> {
+    ) -> Result<(bool, Option<String>), PushFailure> {
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
         backup.checkpoint = checkpoint.map(str::to_owned);
         for t in &mut backup.targets {
             let name =
                 files.iter().find(|(d, _)| d.target == t.disk).map(|(_, f)| f.clone()).expect("the same selection");
             t.file = partial.join(name);
-            let incremental = chain.plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
-            t.incremental = if incremental { chain.from.clone() } else { None };
+            let incremental = plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
+            t.incremental = if incremental { from.map(str::to_owned) } else { None };
         }
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
@@ -488,14 +508,15 @@ where
                 thaw_failed = guard.map(|g| g.thaw()).and_then(Result::err);
                 match started {
                     Ok(job) => job,
+                    Err(e) if thaw_failed.is_none() => return Err(PushFailure::Refused(e.into())),
                     Err(e) => {
                         let settled = thaw_failed.map(|first| settle_thaw(agent, first, &mut watchdog, &request.vm));
-                        return Err(still_frozen(settled.and_then(|s| s.1), e.into()));
+                        return Err(still_frozen(settled.and_then(|s| s.1), e.into()).into());
                     }
                 }
             }
             (Err(e), QuiescePolicy::Required) => {
-                return Err(at(Step::Freeze)(BackupError::Libvirt(e.clone())));
+                return Err(at(Step::Freeze)(BackupError::Libvirt(e.clone())).into());
             }
             (Err(e), _) => {
                 outcome = nasbak_agent::QuiesceOutcome {
@@ -503,7 +524,7 @@ where
                     frozen_filesystems: 0,
                     note: Some(format!("not quiesced (crash-consistent): {e}")),
                 };
-                start_backup(&self.hypervisor, &request.vm, &backup)?
+                start_backup(&self.hypervisor, &request.vm, &backup).map_err(|e| PushFailure::Refused(e.into()))?
             }
         };
         crate::fault::point("job-started");
@@ -521,7 +542,7 @@ where
         // A guest that may still be frozen is said on every path: a warning with the backup, or
         // the error of a failed one.
         if let Err(e) = waited {
-            return Err(still_frozen(frozen, cancelled_or(cancel, e)));
+            return Err(still_frozen(frozen, cancelled_or(cancel, e)).into());
         }
         notes.warnings.extend(frozen);
         Ok((outcome.quiesced, outcome.note))
@@ -593,6 +614,27 @@ fn settle_thaw<T: AgentTransport>(
 }
 
 /// `e`, or [`BackupError::StillFrozen`] around it when the guest may still be frozen.
+/// How a push backup failed: libvirt refused to start the job (the guest thawed again), or
+/// anything else.
+enum PushFailure {
+    Refused(BackupError),
+    Failed(BackupError),
+}
+
+impl From<BackupError> for PushFailure {
+    fn from(e: BackupError) -> Self {
+        PushFailure::Failed(e)
+    }
+}
+
+impl PushFailure {
+    fn error(self) -> BackupError {
+        match self {
+            PushFailure::Refused(e) | PushFailure::Failed(e) => e,
+        }
+    }
+}
+
 fn still_frozen(warning: Option<String>, e: BackupError) -> BackupError {
     match warning {
         Some(warning) => BackupError::StillFrozen { warning, source: Box::new(e) },

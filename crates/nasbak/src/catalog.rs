@@ -353,7 +353,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
             verdict.file = shown;
             if let Some((_, backing)) = links.iter().find(|(f, _)| *f == file && file_dir == dir)
                 && verdict.ok()
-                && let Some(problem) = self.link_problem(&dir.join(&file), &dir.join(backing))
+                && let Some(problem) = link_problem(self.images, &dir.join(&file), &dir.join(backing))
             {
                 verdict = FileVerdict::new(
                     verdict.file,
@@ -370,25 +370,6 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
             observer(&Progress::new(Phase::Verify, vm, processed, total));
         }
         Ok(VerifyReport { backup, damaged: None, files: verdicts })
-    }
-
-    /// Why the backing link of `file` does not lead to `expected` (the parent's file its manifest
-    /// names), or `None` when it does.
-    fn link_problem(&self, file: &Path, expected: &Path) -> Option<String> {
-        let info = match self.images.info(&ImageLocation::Path(file.to_owned())) {
-            Ok(info) => info,
-            Err(e) => return Some(format!("its backing chain cannot be read: {}", crate::error::chain(&e))),
-        };
-        let actual = info.first().and_then(|i| i.backing_file.clone());
-        let same = |a: &Path| match (fs::canonicalize(a), fs::canonicalize(expected)) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-        match actual {
-            Some(a) if same(Path::new(&a)) => None,
-            Some(a) => Some(format!("its backing file is {a}, its manifest says {}", expected.display())),
-            None => Some(format!("it has no backing file, its manifest says {}", expected.display())),
-        }
     }
 
     fn verify_file(
@@ -512,6 +493,25 @@ pub(crate) fn list_mounted(repository: &str, root: &Path, vm: Option<&str>) -> R
         (a.vm.as_str(), a.id.parse::<BackupId>().ok()).cmp(&(b.vm.as_str(), b.id.parse::<BackupId>().ok()))
     });
     Ok(out)
+}
+
+/// Why the backing link of `file` does not lead to `expected` (the parent's file its manifest
+/// names), or `None` when it does.
+pub(crate) fn link_problem<I: ImageTool>(images: &I, file: &Path, expected: &Path) -> Option<String> {
+    let info = match images.info(&ImageLocation::Path(file.to_owned())) {
+        Ok(info) => info,
+        Err(e) => return Some(format!("its backing chain cannot be read: {}", crate::error::chain(&e))),
+    };
+    let actual = info.first().and_then(|i| i.backing_file.clone());
+    let same = |a: &Path| match (fs::canonicalize(a), fs::canonicalize(expected)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    match actual {
+        Some(a) if same(Path::new(&a)) => None,
+        Some(a) => Some(format!("its backing file is {a}, its manifest says {}", expected.display())),
+        None => Some(format!("it has no backing file, its manifest says {}", expected.display())),
+    }
 }
 
 #[cfg(test)]

@@ -99,6 +99,9 @@ pub struct DiskFacts {
     pub virtual_size: u64,
     /// Its bitmap for the parent's checkpoint.
     pub bitmap: BitmapState,
+    /// Why its files in the parent's chain cannot be built on (missing, truncated, failing
+    /// `qemu-img check`, a backing link elsewhere), when they cannot.
+    pub chain_problem: Option<String>,
 }
 
 /// The decision for one disk.
@@ -127,6 +130,24 @@ pub struct ChainPlan {
     pub full_reason: Option<String>,
     /// Each disk, in the order given.
     pub disks: Vec<DiskPlan>,
+}
+
+impl ChainPlan {
+    /// This plan turned into a full backup of the same disks, for `reason` (the incremental
+    /// was refused when it started).
+    pub fn into_full(self, reason: String) -> ChainPlan {
+        ChainPlan {
+            mode: BackupMode::Full,
+            parent: None,
+            redefine_checkpoint: false,
+            full_reason: Some(reason),
+            disks: self
+                .disks
+                .into_iter()
+                .map(|d| DiskPlan { mode: BackupMode::Full, backing: None, full_reason: None, ..d })
+                .collect(),
+        }
+    }
 }
 
 /// Decides the mode of a backup and of each of its disks. `full_every` is the longest chain
@@ -190,8 +211,14 @@ pub fn plan_chain(
                 (Some(p), _) if p.virtual_size != d.virtual_size => {
                     Some(format!("the disk was resized ({} bytes, {} before)", d.virtual_size, p.virtual_size))
                 }
+                (Some(_), _) if d.chain_problem.is_some() => Some(format!(
+                    "its file in the previous backup's chain cannot be built on: {}",
+                    d.chain_problem.as_deref().unwrap_or_default()
+                )),
                 (Some(_), BitmapState::Unsupported) => Some("its format keeps no dirty bitmap (raw, RBD)".to_owned()),
-                (Some(_), BitmapState::Missing) => Some("its dirty bitmap for the checkpoint is missing".to_owned()),
+                (Some(_), BitmapState::Missing) => {
+                    Some("its dirty bitmap for the checkpoint is missing or broken".to_owned())
+                }
                 (Some(_), BitmapState::Inconsistent) => {
                     Some("its dirty bitmap is inconsistent (in use after a crash, or not recording)".to_owned())
                 }
@@ -274,6 +301,7 @@ mod tests {
             file: format!("x.{volume}.qcow2"),
             virtual_size: size,
             bitmap,
+            chain_problem: None,
         }
     }
 
@@ -343,6 +371,10 @@ mod tests {
             ));
             assert!(r.contains("no disk can be incremental") && r.contains(said), "{r}");
         }
+        let mut damaged = disk("vda", "root", 100, BitmapState::Valid);
+        damaged.chain_problem = Some("root.root.qcow2 of 2026.11.30.02.00.00 is 1 bytes, its manifest says 9".into());
+        let r = reason(plan_chain(ModeRequest::Auto, 7, &usable, &CheckpointState::Present, &[damaged]));
+        assert!(r.contains("chain cannot be built on") && r.contains("its manifest says 9"), "{r}");
         let replaced = [disk("vda", "other", 100, BitmapState::Valid)];
         assert!(
             reason(plan_chain(ModeRequest::Auto, 7, &usable, &CheckpointState::Present, &replaced))
@@ -366,7 +398,7 @@ mod tests {
         /// was asked for always says why.
         #[test]
         fn incrementals_only_on_what_is_proven(
-            facts in proptest::collection::vec((0usize..4, 0usize..3, 1u64..4, bitmap()), 1..4),
+            facts in proptest::collection::vec((0usize..4, 0usize..3, 1u64..4, bitmap(), any::<bool>()), 1..4),
             chain_len in 1u32..10,
             full_every in 0u32..10,
             requested in prop_oneof![Just(ModeRequest::Full), Just(ModeRequest::Incremental), Just(ModeRequest::Auto)],
@@ -379,9 +411,11 @@ mod tests {
             let p = parent(&[("vda", "v0", 1), ("vdb", "v1", 2), ("vdc", "v2", 3)]);
             let targets = ["vda", "vdb", "vdc", "vdd"];
             let mut disks: Vec<DiskFacts> = Vec::new();
-            for (t, v, size, b) in facts {
+            for (t, v, size, b, damaged) in facts {
                 if disks.iter().all(|d| d.target != targets[t]) {
-                    disks.push(disk(targets[t], &format!("v{v}"), size, b));
+                    let mut facts = disk(targets[t], &format!("v{v}"), size, b);
+                    facts.chain_problem = damaged.then(|| "truncated".to_owned());
+                    disks.push(facts);
                 }
             }
             let usable = Parent::Usable { manifest: &p, chain_len };
@@ -393,6 +427,7 @@ mod tests {
                     let before = p.disks.iter().find(|x| x.target == d.target).unwrap();
                     prop_assert!(before.volume == d.volume && before.virtual_size == d.virtual_size);
                     prop_assert_eq!(d.bitmap, BitmapState::Valid);
+                    prop_assert!(d.chain_problem.is_none(), "never on a damaged chain");
                     prop_assert_eq!(planned.backing.clone(), Some(format!("../{}/{}", p.id, before.file)));
                     prop_assert!(requested != ModeRequest::Full);
                     let usable_checkpoint = !matches!(checkpoint, CheckpointState::Unusable { .. });

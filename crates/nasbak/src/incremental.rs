@@ -15,6 +15,7 @@ use std::fs;
 use std::path::Path;
 
 use nasbak_libvirt::{Checkpoint, Disk, Hypervisor};
+use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::PARTIAL_SUFFIX;
 use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
@@ -96,8 +97,9 @@ pub(crate) struct ChainDecision {
 /// readies the parent's checkpoint in libvirt when the backup builds on it. `sizes` are the
 /// disks' virtual sizes by target; `interrupted` the `.partial` directories of killed runs this
 /// backup just removed from `vm_dir`.
-pub(crate) fn decide<H: Hypervisor>(
+pub(crate) fn decide<H: Hypervisor, I: ImageTool>(
     hypervisor: &H,
+    images: &I,
     request: &BackupRequest,
     vm_dir: &Path,
     interrupted: &[String],
@@ -113,7 +115,11 @@ pub(crate) fn decide<H: Hypervisor>(
     };
     let bitmaps: Vec<(String, bool)> =
         record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
-    let facts = disk_facts(
+    let chain_problem = |target: &str| match &found {
+        Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
+        _ => None,
+    };
+    let mut facts = disk_facts(
         files,
         |d| {
             if d.format.as_deref() != Some("qcow2") {
@@ -125,6 +131,7 @@ pub(crate) fn decide<H: Hypervisor>(
             }
         },
         sizes,
+        chain_problem,
     );
     // Holding the VM lock: a checkpoint libvirt still lists for a run of this VM on this
     // repository that was killed (its `.partial` just removed), or for an older backup here,
@@ -152,17 +159,105 @@ pub(crate) fn decide<H: Hypervisor>(
     if plan.redefine_checkpoint
         && let Some(r) = &record
     {
-        // Validated: libvirt checks that every disk's bitmap is there and consistent.
-        match hypervisor.redefine_checkpoint(vm, &r.xml, true) {
-            Ok(()) => redefined = true,
-            Err(e) => {
-                let state = CheckpointState::Unusable { reason: format!("redefining it failed: {}", e.message) };
+        // Validated: libvirt checks that every disk's bitmap is there and consistent. When it
+        // refuses, each planned disk's bitmap is tried alone, and the chain goes on with those
+        // libvirt accepts; the others are copied in full.
+        let planned: Vec<&str> =
+            plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental).map(|d| d.target.as_str()).collect();
+        match redefine_accepted(hypervisor, vm, r, &planned) {
+            Ok(refused) => {
+                redefined = true;
+                if !refused.is_empty() {
+                    for f in facts.iter_mut().filter(|f| refused.contains(&f.target)) {
+                        f.bitmap = BitmapState::Missing;
+                    }
+                    plan = plan_chain(requested, full_every, &parent, &state, &facts);
+                }
+            }
+            Err(message) => {
+                let state = CheckpointState::Unusable { reason: format!("redefining it failed: {message}") };
                 plan = plan_chain(requested, full_every, &parent, &state, &facts);
             }
         }
     }
     let from = (plan.mode == BackupMode::Incremental).then(|| record.as_ref().map(|r| r.name.clone())).flatten();
     ChainDecision { plan, from, parent_checkpoint: record, redefined, removed }
+}
+
+/// Redefines the parent's checkpoint `r`, validated. When libvirt refuses it, each of the
+/// `planned` disks' bitmaps is tried alone and the checkpoint is redefined with the accepted
+/// ones only: returns the disks refused, or libvirt's first message when none is accepted.
+fn redefine_accepted<H: Hypervisor>(
+    hypervisor: &H,
+    vm: &str,
+    r: &CheckpointRecord,
+    planned: &[&str],
+) -> Result<Vec<String>, String> {
+    let first = match hypervisor.redefine_checkpoint(vm, &r.xml, true) {
+        Ok(()) => return Ok(Vec::new()),
+        Err(e) => e.message,
+    };
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for target in planned {
+        let alone = Checkpoint::with_bitmaps_only(&r.xml, &[target]);
+        if hypervisor.redefine_checkpoint(vm, &alone, true).is_ok() {
+            let _ = hypervisor.forget_checkpoint(vm, &r.name);
+            accepted.push(*target);
+        } else {
+            refused.push((*target).to_owned());
+        }
+    }
+    if accepted.is_empty() {
+        return Err(first);
+    }
+    hypervisor
+        .redefine_checkpoint(vm, &Checkpoint::with_bitmaps_only(&r.xml, &accepted), true)
+        .map_err(|e| e.message)?;
+    Ok(refused)
+}
+
+/// Why the files of disk `target` in the chain ending in backup `newest` cannot be built on, or
+/// `None` when they can. What is cheap to prove without reading the data: each file of the
+/// chain is there with the size its manifest records, `qemu-img check` finds it clean (or with
+/// leaks only), and each incremental file's backing link leads to the parent's file its
+/// manifest names. A changed byte inside the data is found by `verify`, which reads every byte.
+pub(crate) fn disk_chain_problem<I: ImageTool>(
+    images: &I,
+    vm_dir: &Path,
+    vm: &str,
+    newest: &Manifest,
+    target: &str,
+) -> Option<String> {
+    let disk = newest.disks.iter().find(|d| d.target == target)?;
+    let mut files = vec![(vm_dir.join(&newest.id), disk.clone())];
+    match crate::restore::ancestors(vm_dir, vm, &newest.id, disk) {
+        Ok(chain) => files.extend(chain),
+        Err(e) => return Some(crate::error::chain(&e)),
+    }
+    for (dir, d) in &files {
+        let path = dir.join(&d.file);
+        let shown = format!("{}/{}", dir.file_name().unwrap_or_default().to_string_lossy(), d.file);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => return Some(format!("{shown} cannot be read: {e}")),
+        };
+        if size != d.size {
+            return Some(format!("{shown} is {size} bytes, its manifest says {}", d.size));
+        }
+        let location = ImageLocation::Path(path.clone());
+        match images.check(&location, &ImageFormat::Qcow2).map(|c| c.verdict) {
+            Ok(CheckVerdict::Clean | CheckVerdict::Leaks) => {}
+            Ok(verdict) => return Some(format!("qemu-img check of {shown} says {verdict:?}")),
+            Err(e) => return Some(format!("qemu-img check of {shown} failed: {}", crate::error::chain(&e))),
+        }
+        if let Some(backing) = &d.backing
+            && let Some(problem) = crate::catalog::link_problem(images, &path, &dir.join(backing))
+        {
+            return Some(format!("{shown}: {problem}"));
+        }
+    }
+    None
 }
 
 /// The record of the checkpoint `name` the job created, standalone (its parent left out, since
@@ -184,15 +279,36 @@ pub(crate) fn after_success<H: Hypervisor>(
     created: Option<&str>,
 ) {
     if let Some(p) = parent {
-        let defined = hypervisor.checkpoints(vm).is_ok_and(|n| n.contains(&p.name))
-            || hypervisor.redefine_checkpoint(vm, &p.xml, false).is_ok();
-        if defined && hypervisor.delete_checkpoint(vm, &p.name).is_err() {
-            let _ = hypervisor.forget_checkpoint(vm, &p.name);
-        }
+        delete_everywhere(hypervisor, vm, p);
     }
     if let Some(c) = created {
         let _ = hypervisor.forget_checkpoint(vm, c);
     }
+}
+
+/// Deletes checkpoint `p` with every disk's bitmap of it, by its whole definition (the backup
+/// may have redefined it with some disks' bitmaps only). libvirt refuses the whole deletion when
+/// one disk's bitmap is gone (deleted, or lost in a crash): then each disk's bitmap is deleted
+/// on its own. What cannot be deleted is forgotten.
+fn delete_everywhere<H: Hypervisor>(hypervisor: &H, vm: &str, p: &CheckpointRecord) {
+    let forget = || {
+        if hypervisor.checkpoints(vm).is_ok_and(|n| n.contains(&p.name)) {
+            let _ = hypervisor.forget_checkpoint(vm, &p.name);
+        }
+    };
+    forget();
+    if hypervisor.redefine_checkpoint(vm, &p.xml, false).is_ok() && hypervisor.delete_checkpoint(vm, &p.name).is_ok() {
+        return;
+    }
+    let disks = Checkpoint::parse(&p.xml).map(|c| c.disks).unwrap_or_default();
+    for (target, _) in disks.iter().filter(|(_, bitmap)| *bitmap) {
+        forget();
+        let alone = Checkpoint::with_bitmaps_only(&p.xml, &[target]);
+        if hypervisor.redefine_checkpoint(vm, &alone, false).is_ok() {
+            let _ = hypervisor.delete_checkpoint(vm, &p.name);
+        }
+    }
+    forget();
 }
 
 /// After a failed backup: the checkpoint it created deleted with its bitmaps, the parent's
@@ -212,6 +328,7 @@ fn disk_facts(
     files: &[(&Disk, String)],
     bitmap: impl Fn(&Disk) -> BitmapState,
     sizes: &HashMap<String, u64>,
+    chain_problem: impl Fn(&str) -> Option<String>,
 ) -> Vec<DiskFacts> {
     files
         .iter()
@@ -221,6 +338,7 @@ fn disk_facts(
             file: file.clone(),
             virtual_size: sizes.get(&d.target).copied().unwrap_or(0),
             bitmap: bitmap(d),
+            chain_problem: chain_problem(&d.target),
         })
         .collect()
 }
@@ -228,7 +346,7 @@ fn disk_facts(
 /// The chain of a shut-off VM's backup: full (its incrementals are not built yet), with the
 /// reason when an incremental was asked for.
 pub(crate) fn stopped(requested: ModeRequest, files: &[(&Disk, String)]) -> ChainDecision {
-    let facts = disk_facts(files, |_| BitmapState::Unsupported, &HashMap::new());
+    let facts = disk_facts(files, |_| BitmapState::Unsupported, &HashMap::new(), |_| None);
     let mut plan = plan_chain(ModeRequest::Full, 0, &Parent::None, &CheckpointState::Present, &facts);
     if requested == ModeRequest::Incremental {
         plan.full_reason = Some("a shut-off VM is copied in full (incrementals read a running VM's bitmaps)".into());

@@ -30,7 +30,11 @@ fn engine(runtime: &Path) -> LabEngine {
 }
 
 fn same(a: &Path, b: &Path) -> bool {
-    ExternalCommand::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b).run().is_ok()
+    let out = ExternalCommand::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b).run_unchecked().unwrap();
+    if !out.status.success() {
+        eprintln!("qemu-img compare {} {}: {}", a.display(), b.display(), out.stdout_text());
+    }
+    out.status.success()
 }
 
 #[test]
@@ -136,4 +140,162 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     let restored = restored.unwrap_or_else(|err: BackupError| panic!("{}", nasbak::chain(&err)));
     assert_eq!(restored.restored.len(), 2);
     assert!(same(&dom.disks()[0].path, &point3));
+}
+
+/// Every way a chain breaks between backups ends in a correct backup and a stated reason: the
+/// domain redefined, a disk's bitmap deleted, a disk resized, a disk added, a parent file
+/// damaged, the VM crashed (its bitmaps inconsistent). The guest writes known data through its
+/// guest agent between backups, and every point restores exactly.
+#[test]
+fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
+    let mut dom = DomainSpec::new("incbreak")
+        .disk(DiskSpec::qcow2(32))
+        .disk(DiskSpec::qcow2(16))
+        .agent(true)
+        .acpi(true) // PCI hotplug, for the disk added
+        .running(true)
+        .create();
+    dom.wait_for_agent(Duration::from_secs(120));
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("breaks", kind, root.to_str().unwrap(), "", None).unwrap();
+    let e = engine(&dom.dir().join("runtime"));
+    let name = dom.name().to_owned();
+    let backup = |mode: ModeRequest| -> BackupOutcome {
+        let request = BackupRequest::new(&name, repo.clone()).with_mode(mode);
+        e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)))
+    };
+    let disk_of = |o: &BackupOutcome, target: &str| {
+        o.manifest.disks.iter().find(|d| d.target == target).cloned().unwrap_or_else(|| panic!("{target} in {o:?}"))
+    };
+    // Each point: the backup and the content of each of its disks then.
+    let mut points: Vec<(BackupOutcome, Vec<(String, std::path::PathBuf)>)> = Vec::new();
+    let mut keep = |o: &BackupOutcome, dom: &nasbak_testlab::LabDomain| {
+        let copies = (0..dom.disks().len())
+            .map(|i| (dom.disks()[i].target.clone(), dom.raw_copy(i, &format!("{}-{i}", o.manifest.id))))
+            .collect();
+        points.push((o.clone(), copies));
+    };
+
+    dom.write_through_agent("vda", 0x11, 0, 256 << 10);
+    dom.write_through_agent("vdb", 0x12, 0, 256 << 10);
+    let first = backup(ModeRequest::Auto);
+    assert_eq!(first.manifest.mode, BackupMode::Full);
+    keep(&first, &dom);
+
+    // The domain redefined (its definition and any checkpoint metadata gone, then defined again):
+    // the chain goes on, the parent's checkpoint redefined from the repository.
+    let definition = dom.dir().join("redefined.xml");
+    fs::write(&definition, nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap()).unwrap();
+    nasbak_testlab::virsh(&["undefine", dom.name(), "--checkpoints-metadata"]).unwrap();
+    nasbak_testlab::virsh(&["define", definition.to_str().unwrap()]).unwrap();
+    dom.write_through_agent("vda", 0x21, 1 << 20, 512 << 10);
+    let redefined = backup(ModeRequest::Auto);
+    assert_eq!(redefined.manifest.mode, BackupMode::Incremental, "{:?}", redefined.manifest);
+    assert!(redefined.manifest.disks.iter().all(|d| d.mode == BackupMode::Incremental), "{:?}", redefined.manifest);
+    let inc = root.join(&redefined.relative_dir).join(&disk_of(&redefined, "vda").file);
+    assert!(fs::metadata(&inc).unwrap().len() < 2 << 20, "about the 512 KiB the guest changed");
+    keep(&redefined, &dom);
+
+    // vdb's bitmap deleted: vdb in full with the reason, vda still incremental.
+    dom.remove_bitmap(1, &format!("nasbak-{}", redefined.manifest.id));
+    dom.write_through_agent("vda", 0x31, 2 << 20, 256 << 10);
+    dom.write_through_agent("vdb", 0x32, 1 << 20, 256 << 10);
+    let no_bitmap = backup(ModeRequest::Auto);
+    assert_eq!(no_bitmap.manifest.mode, BackupMode::Incremental, "{:?}", no_bitmap.manifest);
+    assert_eq!(disk_of(&no_bitmap, "vda").mode, BackupMode::Incremental);
+    let vdb = disk_of(&no_bitmap, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Full);
+    assert!(vdb.full_reason.as_deref().unwrap_or_default().contains("bitmap"), "{vdb:?}");
+    keep(&no_bitmap, &dom);
+
+    // vda resized: vda in full (its size said), vdb incremental again.
+    dom.resize(0, 48);
+    dom.write_through_qemu(0, 0x41, "40M", "1M");
+    dom.write_through_agent("vdb", 0x42, 2 << 20, 256 << 10);
+    let resized = backup(ModeRequest::Auto);
+    let vda = disk_of(&resized, "vda");
+    assert_eq!(vda.mode, BackupMode::Full);
+    assert!(vda.full_reason.as_deref().unwrap_or_default().contains("resized"), "{vda:?}");
+    assert_eq!(disk_of(&resized, "vdb").mode, BackupMode::Incremental);
+    keep(&resized, &dom);
+
+    // A disk added: it is copied in full, the others incremental.
+    dom.attach_qcow2("vdc", 8);
+    dom.write_through_qemu(2, 0x51, "1M", "1M");
+    dom.write_through_agent("vda", 0x52, 3 << 20, 256 << 10);
+    let added = backup(ModeRequest::Auto);
+    let vdc = disk_of(&added, "vdc");
+    assert_eq!(vdc.mode, BackupMode::Full);
+    assert!(vdc.full_reason.as_deref().unwrap_or_default().contains("new"), "{vdc:?}");
+    assert_eq!(disk_of(&added, "vda").mode, BackupMode::Incremental);
+    assert_eq!(disk_of(&added, "vdb").mode, BackupMode::Incremental);
+    keep(&added, &dom);
+
+    // The parent's vdb file damaged (cut short): vdb in full, the reason names the file.
+    let damaged = root.join(&added.relative_dir).join(&disk_of(&added, "vdb").file);
+    let len = fs::metadata(&damaged).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&damaged).unwrap().set_len(len / 2).unwrap();
+    dom.write_through_agent("vdb", 0x61, 3 << 20, 256 << 10);
+    let after_damage = backup(ModeRequest::Auto);
+    let vdb = disk_of(&after_damage, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Full);
+    assert!(vdb.full_reason.as_deref().unwrap_or_default().contains("manifest says"), "{vdb:?}");
+    assert_eq!(disk_of(&after_damage, "vda").mode, BackupMode::Incremental);
+    keep(&after_damage, &dom);
+
+    // The VM powered off (QEMU stops in order and stores its bitmaps) and started again: the
+    // chain goes on.
+    dom.destroy();
+    dom.start();
+    dom.wait_for_agent(Duration::from_secs(120));
+    dom.write_through_agent("vda", 0x71, 4 << 20, 256 << 10);
+    let restarted = backup(ModeRequest::Auto);
+    assert_eq!(restarted.manifest.mode, BackupMode::Incremental, "{:?}", restarted.manifest);
+    keep(&restarted, &dom);
+
+    // The host crashed (QEMU killed: its bitmaps were never stored, they are inconsistent): a
+    // full, with libvirt's reason.
+    dom.crash();
+    dom.start();
+    dom.wait_for_agent(Duration::from_secs(120));
+    dom.write_through_agent("vda", 0x72, 4 << 20, 256 << 10);
+    let crashed = backup(ModeRequest::Incremental);
+    assert_eq!(crashed.manifest.mode, BackupMode::Full, "{:?}", crashed.manifest);
+    assert!(crashed.manifest.full_reason.as_deref().unwrap_or_default().contains("bitmap"), "{:?}", crashed.manifest);
+    keep(&crashed, &dom);
+    // And the chain starts again from it.
+    dom.write_through_agent("vda", 0x81, 5 << 20, 256 << 10);
+    let again = backup(ModeRequest::Auto);
+    assert_eq!(again.manifest.mode, BackupMode::Incremental, "{:?}", again.manifest);
+    keep(&again, &dom);
+
+    // Each point restores exactly, disk by disk (but for the file damaged on purpose).
+    for (made, copies) in &points {
+        for (target, want) in copies {
+            if made.manifest.id == added.manifest.id && target == "vdb" {
+                continue;
+            }
+            let to = dom.dir().join(format!("restored-{}-{target}.qcow2", made.manifest.id));
+            let request = VolumeRestoreRequest::new(
+                repo.clone(),
+                dom.name(),
+                made.manifest.id.as_str(),
+                target,
+                ImageLocation::Path(to.clone()),
+            );
+            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{} {target}: {}", made.manifest.id, nasbak::chain(&err)));
+            assert!(same(&to, want), "{target} at {}: {:?}", made.manifest.id, made.manifest.disks);
+            let _ = fs::remove_file(&to);
+        }
+    }
+    // Only the newest backup's bitmap is left on the disks: the others (the broken ones
+    // included) went with their checkpoints.
+    let newest = format!("nasbak-{}", again.manifest.id);
+    for i in 0..dom.disks().len() {
+        assert_eq!(dom.bitmaps(i), std::slice::from_ref(&newest), "disk {i}");
+    }
+    assert!(e.hypervisor().checkpoints(dom.name()).unwrap().is_empty());
 }

@@ -313,6 +313,23 @@ impl LabDomain {
         let _ = virsh(&["destroy", &self.name]);
     }
 
+    /// Kills the domain's QEMU with SIGKILL, as a host crash would (nothing flushed, persistent
+    /// bitmaps not stored), and waits until libvirt sees it shut off.
+    pub fn crash(&self) {
+        let pid_file = Path::new("/run/libvirt/qemu").join(format!("{}.pid", self.name));
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+            .trim()
+            .parse()
+            .expect("a pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.is_running() {
+            assert!(Instant::now() < deadline, "{} still runs 30 s after its QEMU was killed", self.name);
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until libvirt shows a backup job running on the domain; panics after `timeout`.
     pub fn wait_for_backup_job(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -330,24 +347,126 @@ impl LabDomain {
     /// domain's disk `index` through QEMU's block layer (HMP `qemu-io`): what a guest write does,
     /// dirty bitmaps included, without a guest OS.
     pub fn write_through_qemu(&self, index: usize, pattern: u8, offset: &str, len: &str) {
-        let disk = self.disks[index].path.to_string_lossy().into_owned();
+        let node = self.block_node(&self.disks[index].path);
+        let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
+        let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io");
+        assert!(!out.to_lowercase().contains("error"), "{command}: {out}");
+    }
+
+    /// QEMU's block node name of the running domain's disk image at `path`.
+    fn block_node(&self, path: &Path) -> String {
+        let disk = path.to_string_lossy().into_owned();
         let info = virsh(&["qemu-monitor-command", &self.name, "--hmp", "info block"]).expect("info block");
-        let node = info
-            .lines()
+        info.lines()
             .find(|l| l.contains(&disk))
             .and_then(|l| l.split(':').next())
             .unwrap_or_else(|| panic!("no block node for {disk} in {info}"))
             .trim()
-            .to_owned();
-        let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
-        let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io");
-        assert!(!out.to_lowercase().contains("error"), "{command}: {out}");
+            .to_owned()
+    }
+
+    /// Writes `pattern` over `len` bytes at `offset` of the running guest's disk `/dev/<target>`
+    /// from inside the guest, through its guest agent (`guest-file-open` of the block device,
+    /// seek, write in chunks, flush, close): data a guest writes, through the guest's kernel.
+    /// The domain needs an agent.
+    pub fn write_through_agent(&self, target: &str, pattern: u8, offset: u64, len: u64) {
+        use base64::Engine as _;
+        let reply = |json: &str| -> serde_json::Value {
+            let text = self.agent_command(json);
+            serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| panic!("{json}: {e}: {text}"))["return"]
+                .clone()
+        };
+        let handle =
+            reply(&format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"/dev/{target}","mode":"r+"}}}}"#));
+        let handle = handle.as_i64().unwrap_or_else(|| panic!("guest-file-open of /dev/{target}: {handle}"));
+        reply(&format!(
+            r#"{{"execute":"guest-file-seek","arguments":{{"handle":{handle},"offset":{offset},"whence":"set"}}}}"#
+        ));
+        // One argument of virsh stays well under the kernel's 128 KiB limit.
+        const CHUNK: u64 = 64 << 10;
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            let data = base64::engine::general_purpose::STANDARD.encode(vec![pattern; n as usize]);
+            let written = reply(&format!(
+                r#"{{"execute":"guest-file-write","arguments":{{"handle":{handle},"buf-b64":"{data}"}}}}"#
+            ));
+            assert_eq!(written["count"].as_u64(), Some(n), "guest-file-write: {written}");
+            done += n;
+        }
+        reply(&format!(r#"{{"execute":"guest-file-flush","arguments":{{"handle":{handle}}}}}"#));
+        reply(&format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#));
+    }
+
+    /// Removes the persistent dirty bitmap `name` from the running domain's disk `index` (QMP
+    /// `block-dirty-bitmap-remove`), as a crash or another tool could lose it.
+    pub fn remove_bitmap(&self, index: usize, name: &str) {
+        let node = self.block_node(&self.disks[index].path);
+        let command =
+            format!(r#"{{"execute":"block-dirty-bitmap-remove","arguments":{{"node":"{node}","name":"{name}"}}}}"#);
+        let out = virsh(&["qemu-monitor-command", &self.name, &command]).expect("block-dirty-bitmap-remove");
+        assert!(!out.contains("error"), "{command}: {out}");
+    }
+
+    /// The names of the dirty bitmaps on the running domain's disk `index` (its image's node).
+    pub fn bitmaps(&self, index: usize) -> Vec<String> {
+        let node = self.block_node(&self.disks[index].path);
+        let command = r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#;
+        let out = virsh(&["qemu-monitor-command", &self.name, command]).expect("query-named-block-nodes");
+        let nodes: serde_json::Value = serde_json::from_str(&out).expect("QMP reply");
+        let mut names: Vec<String> = nodes["return"]
+            .as_array()
+            .expect("a list of nodes")
+            .iter()
+            .filter(|n| n["node-name"] == node.as_str())
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Grows the running domain's disk `index` to `size_mib` MiB (`virsh blockresize`).
+    pub fn resize(&self, index: usize, size_mib: u64) {
+        let target = &self.disks[index].target;
+        virsh(&["blockresize", &self.name, target, &format!("{size_mib}M")]).expect("blockresize");
+    }
+
+    /// Creates a qcow2 disk of `size_mib` MiB and attaches it to the running domain as
+    /// `target`, live and in its persistent definition.
+    pub fn attach_qcow2(&mut self, target: &str, size_mib: u64) {
+        let path = self.dir.join(format!("{target}-added.qcow2"));
+        run("qemu-img", &["create", "-q", "-f", "qcow2", path.to_str().expect("utf-8"), &format!("{size_mib}M")]);
+        let path_text = path.to_str().expect("utf-8");
+        virsh(&[
+            "attach-disk",
+            &self.name,
+            path_text,
+            target,
+            "--driver",
+            "qemu",
+            "--subdriver",
+            "qcow2",
+            "--targetbus",
+            "virtio",
+            "--live",
+            "--config",
+        ])
+        .expect("attach-disk");
+        self.disks.push(LabDisk { target: target.to_owned(), path, format: "qcow2", kind: DiskKind::Qcow2 });
     }
 
     /// Disk `index` as it is now, copied to `<dir>/<name>.raw` (read with shared locks while
     /// QEMU runs): the content a backup of this moment must give back.
     pub fn raw_copy(&self, index: usize, name: &str) -> PathBuf {
         let raw = self.dir.join(format!("{name}.raw"));
+        if self.is_running() {
+            // What the guest wrote may still sit in QEMU's image caches (a guest's write-back
+            // to its block device sends no flush): written to the file first.
+            let node = self.block_node(&self.disks[index].path);
+            let command = format!("qemu-io {node} flush");
+            virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io flush");
+        }
         ExternalCommand::new("qemu-img")
             .args(["convert", "-U", "-O", "raw"])
             .arg(&self.disks[index].path)
