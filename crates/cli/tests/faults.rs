@@ -708,6 +708,48 @@ fn bitmap_lost_at_job_start() -> Row {
     row("bitmap lost between the decision and the job start", checks, Some(time), extra, &said)
 }
 
+/// A prune killed in the middle of merging a kept incremental into a self-contained backup,
+/// after its new files and manifest were written and before the switch: nothing listed is
+/// incomplete (every backup verifies), and the next nasbak holding the VM's lock (the next
+/// backup) completes the merge and says so.
+fn prune_killed_mid_merge() -> Row {
+    let lab = Lab::new("mergekill", vec![DiskSpec::qcow2(64)], false, true, 1024);
+    lab.ok(&["offering", "add", "o", "--repo", &lab.repo, "--keep", "last=1"]);
+    lab.ok(&["assign", lab.name(), "o"]);
+    for (pattern, offset) in [(0x11, "0"), (0x22, "8M"), (0x33, "16M")] {
+        lab.dom.write_through_qemu(0, pattern, offset, "4M");
+        lab.ok(&["backup", lab.name()]);
+    }
+    let point = lab.dom.raw_copy(0, "point");
+    let mut child = lab.spawn_paused(&["prune", lab.name()], "merge-decided");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    let mut extra = Vec::new();
+    let out = lab.run(&["--json", "list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let newest = listed.as_array().and_then(|l| l.last()).map(|b| b["id"].as_str().unwrap_or_default().to_owned());
+    // The next backup completes the merge; then the merged backup gives the point back.
+    let next = lab.run(&["--json", "backup", lab.name(), "--mode", "full"]);
+    let said = text(&next);
+    if let Some(id) = newest {
+        let to = lab.dom.dir().join("merged.qcow2");
+        let restored = lab.run(&["restore-volume", &id, "--disk", "vda", "--to", to.to_str().unwrap()]);
+        let same = Command::new("qemu-img").args(["compare", "-U"]).arg(&to).arg(&point).status().unwrap().success();
+        if !restored.status.success() || !same {
+            extra.push(format!("the merged backup {id} does not give its point back: {}", text(&restored)));
+        }
+        let shown = lab.run(&["--json", "show", &id]);
+        let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap_or_default();
+        if shown["manifest"]["mode"] != "full" {
+            extra.push(format!("{id} is not merged: {}", shown["manifest"]));
+        }
+    } else {
+        extra.push(format!("no backup listed after the kill: {}", text(&out)));
+    }
+    let checks = lab.checks(&said, &["completed the merge of backup"]);
+    row("prune killed mid-merge, before the switch", checks, None, extra, &said)
+}
+
 /// Lets a paused nasbak go on and waits (bounded) for it: its output and the time it took.
 fn resume(child: Child, extra: &mut Vec<String>) -> (Output, Duration) {
     let start = Instant::now();
@@ -917,6 +959,7 @@ fn main() {
         ("agent-hangs-frozen", Box::new(agent_hangs_while_frozen)),
         ("start-refused-frozen", Box::new(start_refused_while_frozen)),
         ("bitmap-lost-start", Box::new(bitmap_lost_at_job_start)),
+        ("merge-kill", Box::new(prune_killed_mid_merge)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

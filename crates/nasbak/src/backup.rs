@@ -220,6 +220,11 @@ where
         }
         let interrupted = clean_partials(&vm_dir);
         notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
+        notes.cleaned.extend(
+            crate::merge::finish_merges(&vm_dir)
+                .iter()
+                .map(|b| format!("completed the merge of backup {b}, which an interrupted prune had left")),
+        );
         let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)

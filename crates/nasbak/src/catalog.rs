@@ -250,6 +250,11 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         Catalog { images, mounts }
     }
 
+    /// The image tool.
+    pub(crate) fn images(&self) -> &'a I {
+        self.images
+    }
+
     /// The repository mounts.
     pub fn mounts(&self) -> &'a RepositoryMounts<M> {
         self.mounts

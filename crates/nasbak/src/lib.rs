@@ -77,6 +77,7 @@ mod error;
 mod fault;
 mod incremental;
 mod lock;
+mod merge;
 #[cfg(test)]
 mod mocked;
 pub mod progress;

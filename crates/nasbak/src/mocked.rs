@@ -489,3 +489,50 @@ fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_ref
     assert!(matches!(err, BackupError::DamagedBackup { .. }) && err.to_string().contains("chain is broken"), "{err}");
     assert!(converted.lock().unwrap().is_empty());
 }
+
+#[test]
+fn prune_merges_a_kept_incremental_and_keeps_its_chain_when_the_merge_fails() {
+    use nasbak_repo::{BackupMode, Manifest, RetentionPolicy, backing_path};
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let path = dir.path().join("repo").join(&second.relative_dir).join("manifest.json");
+    let mut m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
+    m.mode = BackupMode::Incremental;
+    m.parent = Some(first.manifest.id.clone());
+    m.disks[0].mode = BackupMode::Incremental;
+    m.disks[0].backing = Some(backing_path(&first.manifest.id.parse().unwrap(), &first.manifest.disks[0].file));
+    m.version = m.required_version();
+    fs::write(&path, m.to_json()).unwrap();
+    let keep = RetentionPolicy::keep_last(1);
+    let ids = |e: &MockEngine| -> Vec<String> {
+        e.catalog().list(&repo, Some("vm1")).unwrap().into_iter().map(|b| b.id).collect()
+    };
+
+    // The parent's file fails qemu-img check: the merge is refused, the chain kept, said so.
+    let first_file = first.manifest.disks[0].file.clone();
+    let mut img = MockImageTool::new();
+    img.expect_check().returning(move |at, _| {
+        let bad = at.to_string().ends_with(&first_file) && !at.to_string().contains("merging");
+        let verdict = if bad { CheckVerdict::Corrupt } else { CheckVerdict::Clean };
+        Ok(CheckReport { verdict, corruptions: u64::from(bad), leaks: 0, check_errors: 0 })
+    });
+    img.expect_convert().never();
+    let (strict, _) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let report = strict.catalog().prune(&repo, "vm1", Some(&keep), &Default::default(), false).unwrap();
+    assert!(report.decisions.iter().all(|d| d.keep && d.merge_over.is_none()), "{report:?}");
+    assert!(report.decisions[0].reason.contains("merging it failed"), "{report:?}");
+    assert!(report.decisions[1].reason.contains("builds on it"), "{report:?}");
+    assert_eq!(ids(&strict).len(), 2);
+
+    // A clean chain: merged into a self-contained backup, then the parent goes.
+    let report = e.catalog().prune(&repo, "vm1", Some(&keep), &Default::default(), false).unwrap();
+    assert_eq!(report.decisions[0].merge_over.as_deref(), Some(first.manifest.id.as_str()), "{report:?}");
+    assert_eq!(ids(&e), std::slice::from_ref(&second.manifest.id));
+    let m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!((m.mode, m.parent, m.version), (BackupMode::Full, None, 1));
+    assert_eq!((m.disks[0].mode, m.disks[0].backing.as_deref()), (BackupMode::Full, None));
+    let entries: Vec<String> = entries(&dir.path().join("repo").join(&second.relative_dir));
+    assert!(entries.iter().all(|f| !f.ends_with(".merging")), "{entries:?}");
+}

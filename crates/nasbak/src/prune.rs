@@ -37,6 +37,9 @@ pub struct PruneDecision {
     pub keep: bool,
     /// Why (the rule that keeps it, or the limit that removes it).
     pub reason: String,
+    /// For a kept incremental whose parent goes: the parent. The backup is merged into a
+    /// self-contained one on the repository (a synthetic full) before the parent is removed.
+    pub merge_over: Option<String>,
 }
 
 /// Decides for every backup of one VM; the result is newest first.
@@ -79,7 +82,7 @@ pub fn plan_prune(
                 (None, Some(Some(r))) => (true, format!("kept by keep-{}", format!("{r:?}").to_lowercase())),
                 (None, None) => (true, "no limit applies".to_owned()),
             };
-            PruneDecision { id: c.id.clone(), keep, reason }
+            PruneDecision { id: c.id.clone(), keep, reason, merge_over: None }
         })
         .collect()
 }
@@ -108,10 +111,12 @@ pub struct PruneReport {
     pub executed: bool,
 }
 
-impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
+impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Prunes the backups of `vm` on `repository`: decides with [`plan_prune`] over its complete
-    /// backups and removes those not kept, all under the VM's lock (so a backup, restore or
-    /// delete of the VM cannot run in between). Damaged backups are reported, not counted.
+    /// backups, merges each kept incremental whose parent goes into a self-contained backup
+    /// ([`plan_merges`]; a merge that fails keeps the chain instead, the reason said), then
+    /// removes those not kept, all under the VM's lock (so a backup, restore or delete of the VM
+    /// cannot run in between). Damaged backups are reported, not counted.
     pub fn prune(
         &self,
         repository: &BackupRepository,
@@ -125,6 +130,9 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         let layout = mounted.layout();
         let vm_dir = layout.vm_dir(&vm_name);
         let _lock = if dry_run || !vm_dir.is_dir() { None } else { Some(VmLock::take(&vm_dir, vm)?) };
+        if !dry_run {
+            crate::merge::finish_merges(&vm_dir);
+        }
         let entries = list_mounted(repository.name().as_str(), layout.root(), Some(vm))?;
         let damaged = entries
             .iter()
@@ -135,15 +143,44 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             .collect();
         let candidates: Vec<PruneCandidate> = entries.iter().filter_map(candidate).collect();
         let mut decisions = plan_prune(&candidates, policy, schedule_keep);
-        let parents: BTreeMap<String, String> = entries
+        let mut parents: BTreeMap<String, String> = entries
             .iter()
             .filter_map(|e| match &e.kind {
                 BackupKind::Nasbak(m) => m.parent.clone().map(|p| (e.id.clone(), p)),
                 _ => None,
             })
             .collect();
-        keep_parents(&mut decisions, &parents);
+        plan_merges(&mut decisions, &parents);
         if !dry_run {
+            let merges: Vec<(String, String)> =
+                decisions.iter().rev().filter_map(|d| d.merge_over.clone().map(|p| (d.id.clone(), p))).collect();
+            for (id, parent) in merges {
+                // A failed merge before this one may have kept this one's parent after all.
+                if decisions.iter().any(|d| d.id == parent && d.keep) {
+                    let d = decisions.iter_mut().find(|d| d.id == id).expect("planned from the decisions");
+                    d.merge_over = None;
+                    d.reason = d.reason.replace(&merge_note(&parent), "");
+                    continue;
+                }
+                let merged = crate::merge::merge_backup(
+                    self.images(),
+                    &vm_dir,
+                    vm,
+                    &id,
+                    &parent,
+                    &nasbak_libvirt::CancelHandle::new(),
+                    &mut |_| {},
+                );
+                if merged.is_ok() {
+                    parents.remove(&id);
+                }
+                if let Err(e) = merged {
+                    let d = decisions.iter_mut().find(|d| d.id == id).expect("planned from the decisions");
+                    d.merge_over = None;
+                    d.reason = format!("{}; merging it failed ({}), so its chain is kept", d.reason, crate::chain(&e));
+                    keep_parents(&mut decisions, &parents);
+                }
+            }
             for d in decisions.iter().filter(|d| !d.keep) {
                 let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{}", d.id))?;
                 delete_dir(&dir)?;
@@ -151,6 +188,24 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         }
         Ok(PruneReport { vm: vm.to_owned(), decisions, damaged, executed: !dry_run })
     }
+}
+
+/// Marks each kept backup whose parent goes to be merged into a self-contained backup (a
+/// synthetic full) before the parent is removed, with the reason; the rest of the plan stays.
+/// Once merged it builds on nothing, and the kept backups built on it keep their chain.
+/// `parents` maps a backup id to its parent's.
+pub fn plan_merges(decisions: &mut [PruneDecision], parents: &BTreeMap<String, String>) {
+    let going: Vec<String> = decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()).collect();
+    for d in decisions.iter_mut().filter(|d| d.keep) {
+        if let Some(parent) = parents.get(&d.id).filter(|p| going.contains(p)) {
+            d.reason = format!("{}{}", d.reason, merge_note(parent));
+            d.merge_over = Some(parent.clone());
+        }
+    }
+}
+
+fn merge_note(parent: &str) -> String {
+    format!("; merged into a self-contained backup, since {parent} goes")
 }
 
 /// Keeps every backup a kept backup builds on (its parent, the parent's parent, ...), with the
@@ -207,18 +262,47 @@ mod tests {
         assert_eq!(plan.iter().find(|d| d.id == "b").unwrap().reason, "the kept backup c builds on it");
     }
 
+    #[test]
+    fn a_kept_incremental_whose_parent_goes_is_merged() {
+        let backups = [c("a", 1, None), c("b", 2, None), c("c", 3, None), c("d", 4, None)];
+        let mut plan = plan_prune(&backups, Some(&RetentionPolicy::keep_last(2)), &BTreeMap::new());
+        // d builds on c, c on b, b on a: c is kept and merged over b; a and b go.
+        let parents = BTreeMap::from([
+            ("d".to_owned(), "c".to_owned()),
+            ("c".to_owned(), "b".to_owned()),
+            ("b".to_owned(), "a".to_owned()),
+        ]);
+        plan_merges(&mut plan, &parents);
+        let kept: Vec<&str> = plan.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["d", "c"]);
+        let merges: Vec<(&str, &str)> =
+            plan.iter().filter_map(|d| Some((d.id.as_str(), d.merge_over.as_deref()?))).collect();
+        assert_eq!(merges, [("c", "b")]);
+        assert!(plan[1].reason.ends_with("merged into a self-contained backup, since b goes"), "{:?}", plan[1]);
+    }
+
     proptest! {
         #[test]
         fn no_kept_backup_loses_its_parent(keep in prop::collection::vec(any::<bool>(), 1..20), links in prop::collection::vec(any::<bool>(), 1..20)) {
             let n = keep.len();
             let mut plan: Vec<PruneDecision> = (0..n)
-                .map(|i| PruneDecision { id: format!("{i:02}"), keep: keep[i], reason: String::new() })
+                .map(|i| PruneDecision { id: format!("{i:02}"), keep: keep[i], reason: String::new(), merge_over: None })
                 .collect();
             // Backup i builds on i-1 where links[i] says so.
             let parents: BTreeMap<String, String> = (1..n)
                 .filter(|i| links.get(*i).copied().unwrap_or(false))
                 .map(|i| (format!("{i:02}"), format!("{:02}", i - 1)))
                 .collect();
+            // Merging: every kept backup whose parent goes is merged, no other; nothing else
+            // changes.
+            let mut merged = plan.clone();
+            plan_merges(&mut merged, &parents);
+            for (d, before) in merged.iter().zip(&plan) {
+                prop_assert_eq!(d.keep, before.keep);
+                let parent_goes = parents.get(&d.id).is_some_and(|p| merged.iter().any(|x| &x.id == p && !x.keep));
+                prop_assert_eq!(d.merge_over.is_some(), d.keep && parent_goes);
+                prop_assert_eq!(d.merge_over.as_ref(), d.merge_over.as_ref().and(parents.get(&d.id)));
+            }
             keep_parents(&mut plan, &parents);
             for d in plan.iter().filter(|d| d.keep) {
                 if let Some(p) = parents.get(&d.id) {

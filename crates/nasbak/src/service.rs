@@ -99,7 +99,7 @@ pub enum RunDue {
     Ran(Vec<DueRun>),
 }
 
-impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
+impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
     pub fn prune_vm(&self, config: &Config, vm: &str, dry_run: bool) -> Result<PruneReport, BackupError> {
         let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {

@@ -122,24 +122,50 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
         assert_eq!((info.len(), info[0].backing_file.clone()), (1, None), "self-contained");
     }
 
-    // A parent is never deleted before the backups that build on it; prune keeps it.
+    // A parent is never deleted before the backups that build on it.
     let err = e.catalog().delete(&repo, dom.name(), &second.manifest.id).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::HasDependents, "{err}");
-    let report =
-        e.catalog().prune(&repo, dom.name(), Some(&RetentionPolicy::keep_last(1)), &Default::default(), false).unwrap();
-    assert!(report.decisions.iter().all(|d| d.keep), "{report:?}");
-    assert!(report.decisions.iter().any(|d| d.reason.contains("builds on it")), "{report:?}");
+    // Prune keeping the newest only: its plan merges the third into a self-contained backup,
+    // then removes the other two.
+    let keep_last = RetentionPolicy::keep_last(1);
+    let prune = |dry_run| e.catalog().prune(&repo, dom.name(), Some(&keep_last), &Default::default(), dry_run).unwrap();
+    let plan = prune(true);
+    let merges: Vec<(&str, Option<&str>, bool)> =
+        plan.decisions.iter().map(|d| (d.id.as_str(), d.merge_over.as_deref(), d.keep)).collect();
+    let (i1, i2, i3) = (first.manifest.id.as_str(), second.manifest.id.as_str(), third.manifest.id.as_str());
+    assert_eq!(merges, [(i3, Some(i2), true), (i2, None, false), (i1, None, false)], "{plan:?}");
+    let report = prune(false);
+    assert!(report.executed && report.decisions[0].merge_over.is_some(), "{report:?}");
+    let left = e.catalog().list(&repo, Some(dom.name())).unwrap();
+    assert_eq!(left.len(), 1);
+    let merged = e.catalog().entry(&repo, dom.name(), i3).unwrap();
+    let nasbak::BackupKind::Nasbak(m) = &merged.kind else { panic!("{merged:?}") };
+    assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Full, None));
+    assert!(m.disks.iter().all(|d| d.mode == BackupMode::Full && d.backing.is_none()), "{m:?}");
+    assert!(m.disks[0].full_reason.as_deref().unwrap_or_default().contains("merged"), "{m:?}");
+    assert_eq!(m.checkpoint, third.manifest.checkpoint, "the chain goes on from it");
+    let report = e.catalog().verify(&repo, dom.name(), i3, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(report.files.iter().all(|f| f.status == FileStatus::Ok && !f.file.starts_with("../")), "{report:?}");
+    let to = dom.dir().join("merged.qcow2");
+    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), i3, "vda", ImageLocation::Path(to.clone()));
+    e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(same(&to, &point3), "the merged backup gives the third point back");
+    // The next incremental builds on the merged backup.
+    dom.write_through_qemu(0, 0x44, "12M", "1M");
+    let fourth = backup(ModeRequest::Auto);
+    assert_eq!(fourth.manifest.parent.as_deref(), Some(i3), "{:?}", fourth.manifest);
+    let point4 = dom.raw_copy(0, "point4");
 
     // The whole VM restored from the newest point of the chain.
     dom.destroy();
     let restored = e.restore(
-        &RestoreRequest::new(repo.clone(), dom.name(), third.manifest.id.as_str()),
+        &RestoreRequest::new(repo.clone(), dom.name(), fourth.manifest.id.as_str()),
         &CancelHandle::new(),
         &mut |_| {},
     );
     let restored = restored.unwrap_or_else(|err: BackupError| panic!("{}", nasbak::chain(&err)));
     assert_eq!(restored.restored.len(), 2);
-    assert!(same(&dom.disks()[0].path, &point3));
+    assert!(same(&dom.disks()[0].path, &point4));
 }
 
 /// Every way a chain breaks between backups ends in a correct backup and a stated reason: the
@@ -298,4 +324,29 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
         assert_eq!(dom.bitmaps(i), std::slice::from_ref(&newest), "disk {i}");
     }
     assert!(e.hypervisor().checkpoints(dom.name()).unwrap().is_empty());
+
+    // Prune keeping the newest three: the oldest kept (an incremental of full and incremental
+    // disks on the damaged backup's successor) is merged; every kept point still restores.
+    let keep_last = RetentionPolicy::keep_last(3);
+    let report = e.catalog().prune(&repo, dom.name(), Some(&keep_last), &Default::default(), false).unwrap();
+    let merged: Vec<&str> = report.decisions.iter().filter(|d| d.merge_over.is_some()).map(|d| d.id.as_str()).collect();
+    assert_eq!(merged, [restarted.manifest.id.as_str()], "{report:?}");
+    for (made, copies) in
+        points.iter().filter(|(o, _)| report.decisions.iter().any(|d| d.keep && d.id == o.manifest.id))
+    {
+        for (target, want) in copies {
+            let to = dom.dir().join(format!("kept-{}-{target}.qcow2", made.manifest.id));
+            let request = VolumeRestoreRequest::new(
+                repo.clone(),
+                dom.name(),
+                made.manifest.id.as_str(),
+                target,
+                ImageLocation::Path(to.clone()),
+            );
+            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{} {target}: {}", made.manifest.id, nasbak::chain(&err)));
+            assert!(same(&to, want), "{target} at {} after the merge", made.manifest.id);
+            let _ = fs::remove_file(&to);
+        }
+    }
 }

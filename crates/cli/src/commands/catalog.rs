@@ -142,6 +142,8 @@ pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Res
             }
             for d in &report.decisions {
                 let verb = match (d.keep, dry_run) {
+                    (true, true) if d.merge_over.is_some() => "would merge",
+                    (true, false) if d.merge_over.is_some() => "merged",
                     (true, _) => "keep  ",
                     (false, true) => "would remove",
                     (false, false) => "removed",

@@ -51,7 +51,7 @@ impl FromStr for BackupRef {
                 "backup reference",
                 s,
                 offset + e.position,
-                format!("the {} {}", e.what, e.problem),
+                format!("in the {}: {}", e.what, e.problem),
                 EXPECTED,
             )
         };
