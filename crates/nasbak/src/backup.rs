@@ -147,6 +147,23 @@ impl<H: Hypervisor> Drop for CheckpointGuard<'_, H> {
     }
 }
 
+/// Until a shut-off VM's backup is in place: on any way out, the bitmap it added to its disks'
+/// images is removed again.
+struct BitmapGuard<'i, I: ImageTool> {
+    images: &'i I,
+    name: String,
+    /// The disks (target, image) it was added to.
+    files: Vec<(String, PathBuf)>,
+}
+
+impl<I: ImageTool> Drop for BitmapGuard<'_, I> {
+    fn drop(&mut self) {
+        for (_, file) in self.files.drain(..) {
+            let _ = self.images.remove_bitmap(&file, &self.name);
+        }
+    }
+}
+
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -254,8 +271,25 @@ where
                 ),
                 Some(crate::incremental::checkpoint_name(&id)),
             ),
-            _ => (crate::incremental::stopped(request.mode, &files), None),
+            _ => (
+                crate::incremental::decide_stopped(&self.images, request, &vm_dir, &files, &sizes),
+                Some(crate::incremental::checkpoint_name(&id)),
+            ),
         };
+        // A shut-off VM's qcow2 disks get this backup's bitmap before anything is read (no one
+        // writes to them in between): the base of the next incremental. Until the backup is in
+        // place, a failure removes it again.
+        let mut bitmaps =
+            BitmapGuard { images: &self.images, name: created.clone().unwrap_or_default(), files: Vec::new() };
+        if state == DomainState::ShutOff {
+            for (disk, _) in &files {
+                if let Some(file) = crate::incremental::bitmap_file(disk)
+                    && self.images.add_bitmap(file, &bitmaps.name).is_ok()
+                {
+                    bitmaps.files.push((disk.target.clone(), file.to_owned()));
+                }
+            }
+        }
         crate::fault::point("chain-decided");
         notes.cleaned.extend(
             chain.removed.iter().map(|c| format!("removed the checkpoint {c}, which an interrupted run had left")),
@@ -297,21 +331,21 @@ where
                     other => other,
                 }
                 .map_err(|f| unavailable(Step::Job)(f.error()))?;
-                // libvirt names the live disk as an incremental file's backing: point it at the
-                // same disk's file in the parent, relative, so the chain resolves wherever the
-                // repository is mounted.
-                for d in chain.plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental) {
-                    let (_, file) = files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
-                    let backing = d.backing.as_deref().expect("an incremental disk has its backing");
-                    self.images
-                        .set_backing(&partial.join(file), backing, &ImageFormat::Qcow2)
-                        .map_err(|e| unavailable(Step::Job)(e.into()))?;
-                }
+                self.point_at_parents(&chain.plan, &files, &partial).map_err(unavailable(Step::Job))?;
                 (BackupMethod::PushJob, q, note)
             }
             DomainState::ShutOff => {
-                self.convert(&request.vm, &files, &sizes, &partial, cancel, observer)
-                    .map_err(unavailable(Step::Convert))?;
+                self.convert(
+                    &request.vm,
+                    &files,
+                    &sizes,
+                    &partial,
+                    (&chain.plan, chain.from.as_deref()),
+                    cancel,
+                    observer,
+                )
+                .map_err(unavailable(Step::Convert))?;
+                self.point_at_parents(&chain.plan, &files, &partial).map_err(unavailable(Step::Convert))?;
                 (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
             }
             DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
@@ -369,7 +403,16 @@ where
             disks,
             mode: chain.plan.mode,
             parent: chain.plan.parent.clone(),
-            checkpoint: created.as_deref().and_then(|c| crate::incremental::record(&self.hypervisor, &request.vm, c)),
+            checkpoint: match state {
+                DomainState::Running => {
+                    created.as_deref().and_then(|c| crate::incremental::record(&self.hypervisor, &request.vm, c))
+                }
+                _ => (!bitmaps.files.is_empty()).then(|| {
+                    let with: Vec<(&Disk, bool)> =
+                        files.iter().map(|(d, _)| (*d, bitmaps.files.iter().any(|(t, _)| *t == d.target))).collect();
+                    crate::incremental::offline_record(&bitmaps.name, &xml, &with, started.timestamp())
+                }),
+            },
             full_reason: chain.plan.full_reason.clone(),
         };
         manifest.version = manifest.required_version();
@@ -393,12 +436,22 @@ where
         // forgotten (its bitmaps stay for the next incremental).
         checkpoint_guard.created = None;
         checkpoint_guard.redefined = None;
+        bitmaps.files.clear();
         if state == DomainState::Running {
             crate::incremental::after_success(
                 &self.hypervisor,
                 &request.vm,
                 chain.parent_checkpoint.as_ref(),
                 created.as_deref(),
+            );
+        } else {
+            let disks: Vec<&Disk> = files.iter().map(|(d, _)| *d).collect();
+            crate::incremental::after_stopped_success(
+                &self.hypervisor,
+                &self.images,
+                &request.vm,
+                chain.parent_checkpoint.as_ref(),
+                &disks,
             );
         }
         crate::fault::point("renamed");
@@ -553,12 +606,33 @@ where
         Ok((outcome.quiesced, outcome.note))
     }
 
+    /// libvirt (and the offline copy) write an incremental file without a backing file, or with
+    /// the live disk as its backing: point each at the same disk's file in the parent, relative,
+    /// so the chain resolves wherever the repository is mounted.
+    fn point_at_parents(
+        &self,
+        plan: &crate::chain::ChainPlan,
+        files: &[(&Disk, String)],
+        partial: &Path,
+    ) -> Result<(), BackupError> {
+        for d in plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental) {
+            let (_, file) = files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
+            let backing = d.backing.as_deref().expect("an incremental disk has its backing");
+            self.images.set_backing(&partial.join(file), backing, &ImageFormat::Qcow2)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a shut-off VM's disks: each planned incremental disk's clusters its bitmap for
+    /// `from` marks (qemu-storage-daemon), the others whole (`qemu-img convert`).
+    #[allow(clippy::too_many_arguments)]
     fn convert(
         &self,
         vm: &str,
         files: &[(&Disk, String)],
         sizes: &std::collections::HashMap<String, u64>,
         partial: &Path,
+        (plan, from): (&crate::chain::ChainPlan, Option<&str>),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
@@ -568,6 +642,17 @@ where
             }
             let source = source_location(disk)?;
             let size = sizes.get(&disk.target).copied().unwrap_or(0);
+            let incremental = plan.disks.iter().any(|d| d.target == disk.target && d.mode == BackupMode::Incremental);
+            if let (true, Some(bitmap), ImageLocation::Path(path)) = (incremental, from, &source) {
+                let copy = nasbak_qemu_img::DirtyCopy {
+                    source: path.clone(),
+                    bitmap: bitmap.to_owned(),
+                    target: partial.join(file),
+                    cancel: cancel.clone(),
+                };
+                crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer)?;
+                continue;
+            }
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
             convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;

@@ -21,7 +21,7 @@ use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
 use crate::backup::BackupRequest;
 use crate::catalog::{BackupKind, read_backup};
-use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, ModeRequest, Parent, plan_chain};
+use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, Parent, plan_chain};
 use crate::disks::volume_of;
 
 /// The name of the checkpoint a backup creates: `nasbak-<backup id>`.
@@ -60,7 +60,7 @@ pub(crate) fn newest_backup(vm_dir: &Path, vm: &str) -> Found {
     };
     if manifest.checkpoint.is_none() {
         return Found::Unusable(format!(
-            "backup {newest} recorded no checkpoint (no disk of it keeps a dirty bitmap, it is a shut-off VM's, or it was made before incrementals)"
+            "backup {newest} recorded no checkpoint (no disk of it keeps a dirty bitmap, or it was made before incrementals)"
         ));
     }
     let mut chain_len = 1;
@@ -343,13 +343,102 @@ fn disk_facts(
         .collect()
 }
 
-/// The chain of a shut-off VM's backup: full (its incrementals are not built yet), with the
-/// reason when an incremental was asked for.
-pub(crate) fn stopped(requested: ModeRequest, files: &[(&Disk, String)]) -> ChainDecision {
-    let facts = disk_facts(files, |_| BitmapState::Unsupported, &HashMap::new(), |_| None);
-    let mut plan = plan_chain(ModeRequest::Full, 0, &Parent::None, &CheckpointState::Present, &facts);
-    if requested == ModeRequest::Incremental {
-        plan.full_reason = Some("a shut-off VM is copied in full (incrementals read a running VM's bitmaps)".into());
+/// A qcow2 file disk of a shut-off VM: its image path, which can carry persistent bitmaps.
+pub(crate) fn bitmap_file(disk: &Disk) -> Option<&Path> {
+    match &disk.source {
+        Some(nasbak_libvirt::DiskSource::File(p)) if disk.format.as_deref() == Some("qcow2") => Some(p),
+        _ => None,
     }
-    ChainDecision { plan, from: None, parent_checkpoint: None, redefined: false, removed: Vec::new() }
+}
+
+/// Decides the chain of `request`'s backup of a shut-off VM whose chosen disks are `files`.
+/// Each qcow2 disk's bitmap for the parent's checkpoint is read from its image (no process has
+/// it open, so its flags are reliable): there and enabled is valid; marked in use (QEMU died
+/// with the image open) or disabled is inconsistent. Nothing in libvirt is touched.
+pub(crate) fn decide_stopped<I: ImageTool>(
+    images: &I,
+    request: &BackupRequest,
+    vm_dir: &Path,
+    files: &[(&Disk, String)],
+    sizes: &HashMap<String, u64>,
+) -> ChainDecision {
+    let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
+    let found = newest_backup(vm_dir, vm);
+    let (parent, record) = match &found {
+        Found::None => (Parent::None, None),
+        Found::Unusable(reason) => (Parent::Unusable { reason: reason.clone() }, None),
+        Found::Usable(m, chain_len) => (Parent::Usable { manifest: m, chain_len: *chain_len }, m.checkpoint.clone()),
+    };
+    let recorded: Vec<(String, bool)> =
+        record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
+    let bitmap = |d: &Disk| {
+        let (Some(file), Some(r)) = (bitmap_file(d), &record) else { return BitmapState::Unsupported };
+        if !recorded.iter().any(|(t, b)| t == &d.target && *b) {
+            return BitmapState::Missing;
+        }
+        let info = images.info(&ImageLocation::Path(file.to_owned())).ok();
+        match info.as_ref().and_then(|i| i.first()).and_then(|top| top.bitmaps.iter().find(|b| b.name == r.name)) {
+            None => BitmapState::Missing,
+            Some(b) if b.flags.iter().any(|f| f == "in-use") || !b.flags.iter().any(|f| f == "auto") => {
+                BitmapState::Inconsistent
+            }
+            Some(_) => BitmapState::Valid,
+        }
+    };
+    let chain_problem = |target: &str| match &found {
+        Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
+        _ => None,
+    };
+    let facts = disk_facts(files, bitmap, sizes, chain_problem);
+    let plan = plan_chain(requested, full_every, &parent, &CheckpointState::Present, &facts);
+    let from = (plan.mode == BackupMode::Incremental).then(|| record.as_ref().map(|r| r.name.clone())).flatten();
+    ChainDecision { plan, from, parent_checkpoint: record, redefined: false, removed: Vec::new() }
+}
+
+/// The checkpoint record of a shut-off VM's backup `name`, whose bitmap was added to the
+/// disks `with_bitmap` (targets) of the domain `domain_xml`: the definition libvirt would have
+/// written, so that the next backup (of the VM running or not) builds on it, and libvirt can
+/// redefine it once the VM runs.
+pub(crate) fn offline_record(name: &str, domain_xml: &str, disks: &[(&Disk, bool)], now: i64) -> CheckpointRecord {
+    let mut xml =
+        format!("<domaincheckpoint>\n  <name>{name}</name>\n  <creationTime>{now}</creationTime>\n  <disks>\n");
+    for (d, bitmap) in disks {
+        if *bitmap {
+            xml.push_str(&format!("    <disk name='{}' checkpoint='bitmap' bitmap='{name}'/>\n", d.target));
+        } else {
+            xml.push_str(&format!("    <disk name='{}' checkpoint='no'/>\n", d.target));
+        }
+    }
+    xml.push_str("  </disks>\n");
+    let domain = domain_xml.trim();
+    let domain = domain.strip_prefix("<?xml").map_or(domain, |r| r.split_once("?>").map_or(r, |(_, rest)| rest.trim()));
+    xml.push_str(domain);
+    xml.push_str("\n</domaincheckpoint>\n");
+    CheckpointRecord { name: name.to_owned(), xml }
+}
+
+/// After a shut-off VM's backup is in place: the parent's bitmap removed from each qcow2 disk's
+/// image (the new one stays for the next incremental), and libvirt's record of the parent's
+/// checkpoint, should it have one, forgotten. Best effort.
+pub(crate) fn after_stopped_success<H: Hypervisor, I: ImageTool>(
+    hypervisor: &H,
+    images: &I,
+    vm: &str,
+    parent: Option<&CheckpointRecord>,
+    disks: &[&Disk],
+) {
+    let Some(p) = parent else { return };
+    for file in disks.iter().filter_map(|d| bitmap_file(d)) {
+        let has = images
+            .info(&ImageLocation::Path(file.to_owned()))
+            .ok()
+            .and_then(|i| i.into_iter().next())
+            .is_some_and(|top| top.bitmaps.iter().any(|b| b.name == p.name));
+        if has {
+            let _ = images.remove_bitmap(file, &p.name);
+        }
+    }
+    if hypervisor.checkpoints(vm).is_ok_and(|n| n.contains(&p.name)) {
+        let _ = hypervisor.forget_checkpoint(vm, &p.name);
+    }
 }

@@ -45,6 +45,7 @@ fn hypervisor(state: DomainState) -> MockHypervisor {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
     hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
     hv
 }
 
@@ -54,6 +55,8 @@ fn images() -> MockImageTool {
     img.expect_info().returning(|_| Ok(info(1 << 20)));
     img.expect_check()
         .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    img.expect_add_bitmap().returning(|_, _| Ok(()));
+    img.expect_remove_bitmap().returning(|_, _| Ok(()));
     img.expect_convert().returning(|r, progress| {
         progress(50.0);
         if let ImageLocation::Path(p) = &r.target {
@@ -120,6 +123,9 @@ fn a_failed_or_cancelled_copy_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut img = MockImageTool::new();
         img.expect_info().returning(|_| Ok(info(1 << 20)));
+        // The bitmap added for the next incremental goes again with the failed backup.
+        img.expect_add_bitmap().times(1).returning(|_, _| Ok(()));
+        img.expect_remove_bitmap().times(1).returning(|_, _| Ok(()));
         let cancel = CancelHandle::new();
         let trigger = cancel.clone();
         img.expect_convert().times(1).returning(move |r, _| {
@@ -369,6 +375,8 @@ fn errors_say_their_case_and_the_step_that_failed() {
     // A copy that fails: the step is the copy, the cause is kept.
     let mut img = MockImageTool::new();
     img.expect_info().returning(|_| Ok(info(1 << 20)));
+    img.expect_add_bitmap().returning(|_, _| Ok(()));
+    img.expect_remove_bitmap().returning(|_, _| Ok(()));
     img.expect_convert().returning(|_, _| Err(ImageError::Output { action: "convert", detail: "disk full".into() }));
     let (e, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
     let err = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();

@@ -70,7 +70,8 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     assert_eq!(m.disks[1].mode, BackupMode::Full, "the raw disk keeps no bitmap");
     assert!(m.disks[1].full_reason.as_deref().unwrap().contains("no dirty bitmap"), "{m:?}");
     let inc_file = root.join(&second.relative_dir).join(&m.disks[0].file);
-    assert!(fs::metadata(&inc_file).unwrap().len() < 4 << 20, "about the 2 MiB changed");
+    let len = fs::metadata(&inc_file).unwrap().len();
+    assert!((2 << 20..4 << 20).contains(&len), "about the 2 MiB changed: {len}");
     let point2 = dom.raw_copy(0, "point2");
 
     // A run killed after its job started left its `.partial` and its checkpoint; another
@@ -221,7 +222,8 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
     assert_eq!(redefined.manifest.mode, BackupMode::Incremental, "{:?}", redefined.manifest);
     assert!(redefined.manifest.disks.iter().all(|d| d.mode == BackupMode::Incremental), "{:?}", redefined.manifest);
     let inc = root.join(&redefined.relative_dir).join(&disk_of(&redefined, "vda").file);
-    assert!(fs::metadata(&inc).unwrap().len() < 2 << 20, "about the 512 KiB the guest changed");
+    let len = fs::metadata(&inc).unwrap().len();
+    assert!((512 << 10..2 << 20).contains(&len), "about the 512 KiB the guest changed: {len}");
     keep(&redefined, &dom);
 
     // vdb's bitmap deleted: vdb in full with the reason, vda still incremental.
@@ -348,5 +350,92 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
             assert!(same(&to, want), "{target} at {} after the merge", made.manifest.id);
             let _ = fs::remove_file(&to);
         }
+    }
+}
+
+/// A shut-off VM's backups form chains too, from the persistent bitmaps in its qcow2 images
+/// (copied offline by qemu-storage-daemon), and a chain goes on across the VM starting and
+/// stopping; a raw disk is copied in full with the reason; a VM that crashed (its bitmaps
+/// marked in use) gets a full with the reason. Every point restores exactly.
+#[test]
+fn a_shut_off_vm_gets_incrementals_from_its_bitmaps_across_starts_and_stops() {
+    let dom = DomainSpec::new("incoff").disk(DiskSpec::qcow2(32)).disk(DiskSpec::raw(8)).create();
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("offline", kind, root.to_str().unwrap(), "", None).unwrap();
+    let e = engine(&dom.dir().join("runtime"));
+    let backup = |mode: ModeRequest| -> BackupOutcome {
+        let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(mode);
+        e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)))
+    };
+    let bitmap_names = |dom: &nasbak_testlab::LabDomain| -> Vec<String> {
+        dom.stored_bitmaps(0).into_iter().map(|(n, _)| n).collect()
+    };
+    let mut points = Vec::new();
+
+    dom.write_offline(0, 0x11, "0", "1M");
+    let first = backup(ModeRequest::Auto);
+    assert_eq!(first.manifest.mode, BackupMode::Full);
+    let name = |o: &BackupOutcome| format!("nasbak-{}", o.manifest.id);
+    assert_eq!(first.manifest.checkpoint.as_ref().map(|c| c.name.clone()), Some(name(&first)));
+    assert_eq!(bitmap_names(&dom), [name(&first)], "the chain starts with a bitmap in the image");
+    points.push((first.clone(), dom.raw_copy(0, "p1")));
+
+    dom.write_offline(0, 0x22, "4M", "2M");
+    let second = backup(ModeRequest::Auto);
+    let m = &second.manifest;
+    assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Incremental, Some(first.manifest.id.as_str())), "{m:?}");
+    assert_eq!(m.disks[0].mode, BackupMode::Incremental);
+    assert!(m.disks[1].full_reason.as_deref().unwrap_or_default().contains("no dirty bitmap"), "{m:?}");
+    let inc = root.join(&second.relative_dir).join(&m.disks[0].file);
+    let len = fs::metadata(&inc).unwrap().len();
+    assert!((2 << 20..4 << 20).contains(&len), "about the 2 MiB changed: {len}");
+    assert_eq!(bitmap_names(&dom), [name(&second)], "the parent's bitmap went, the new one stays");
+    points.push((second.clone(), dom.raw_copy(0, "p2")));
+
+    // Started: the running VM's backup builds on the shut-off VM's (its checkpoint redefined
+    // from the definition nasbak wrote).
+    dom.start();
+    dom.write_through_qemu(0, 0x33, "8M", "1M");
+    let third = backup(ModeRequest::Auto);
+    assert_eq!(third.manifest.parent.as_deref(), Some(second.manifest.id.as_str()), "{:?}", third.manifest);
+    points.push((third.clone(), dom.raw_copy(0, "p3")));
+
+    // Stopped in order (QEMU stores the bitmaps): the next shut-off backup builds on it.
+    dom.destroy();
+    dom.write_offline(0, 0x44, "12M", "1M");
+    let fourth = backup(ModeRequest::Auto);
+    assert_eq!(fourth.manifest.parent.as_deref(), Some(third.manifest.id.as_str()), "{:?}", fourth.manifest);
+    assert_eq!(fourth.manifest.disks[0].mode, BackupMode::Incremental);
+    assert_eq!(bitmap_names(&dom), [name(&fourth)]);
+    points.push((fourth.clone(), dom.raw_copy(0, "p4")));
+
+    // Crashed while running: the bitmap is marked in use, so a full with the reason.
+    dom.start();
+    dom.write_through_qemu(0, 0x55, "16M", "1M");
+    dom.crash();
+    let crashed = backup(ModeRequest::Incremental);
+    assert_eq!(crashed.manifest.mode, BackupMode::Full, "{:?}", crashed.manifest);
+    assert!(
+        crashed.manifest.full_reason.as_deref().unwrap_or_default().contains("inconsistent"),
+        "{:?}",
+        crashed.manifest
+    );
+    assert_eq!(bitmap_names(&dom), [name(&crashed)], "the broken bitmap went too");
+    points.push((crashed.clone(), dom.raw_copy(0, "p5")));
+
+    for (made, want) in &points {
+        let to = dom.dir().join(format!("restored-{}.qcow2", made.manifest.id));
+        let request = VolumeRestoreRequest::new(
+            repo.clone(),
+            dom.name(),
+            made.manifest.id.as_str(),
+            "vda",
+            ImageLocation::Path(to.clone()),
+        );
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+            .unwrap_or_else(|err| panic!("{}: {}", made.manifest.id, nasbak::chain(&err)));
+        assert!(same(&to, want), "the point of {}", made.manifest.id);
     }
 }

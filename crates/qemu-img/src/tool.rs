@@ -7,6 +7,7 @@ use std::time::Duration;
 use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
+use crate::daemon::DirtyCopy;
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for};
 
@@ -30,6 +31,15 @@ pub trait ImageTool {
     /// to the image's directory when relative) of format `backing_format`, without reading or
     /// copying data (`qemu-img rebase -u`): for a file whose data already is the difference.
     fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError>;
+    /// Adds the persistent dirty bitmap `name` (enabled) to the qcow2 file `image`, which no
+    /// process has open (`qemu-img bitmap --add`).
+    fn add_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError>;
+    /// Removes the persistent bitmap `name` from the qcow2 file `image`, which no process has
+    /// open (`qemu-img bitmap --remove`).
+    fn remove_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError>;
+    /// Copies the clusters `copy.bitmap` marks dirty in `copy.source` (no process has it open)
+    /// into a new qcow2 file `copy.target` of the same size, the rest left unallocated.
+    fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
 }
 
 /// An image operation failed.
@@ -51,6 +61,14 @@ pub enum ImageError {
         /// What was being done.
         action: &'static str,
         /// What was wrong.
+        detail: String,
+    },
+    /// qemu-storage-daemon failed, timed out or could not run.
+    #[error("qemu-storage-daemon {action} failed: {detail}")]
+    Daemon {
+        /// What was being done.
+        action: &'static str,
+        /// What went wrong.
         detail: String,
     },
     /// A temporary keyring file could not be written.
@@ -196,5 +214,33 @@ impl ImageTool for QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "rebase", source })
+    }
+
+    fn add_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError> {
+        self.command(self.timeouts.quick)
+            .args(["bitmap", "--add", "-f", "qcow2"])
+            .arg(image)
+            .arg(name)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "bitmap --add", source })
+    }
+
+    fn remove_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError> {
+        self.command(self.timeouts.quick)
+            .args(["bitmap", "--remove", "-f", "qcow2"])
+            .arg(image)
+            .arg(name)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "bitmap --remove", source })
+    }
+
+    fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError> {
+        let source = ImageLocation::Path(copy.source.clone());
+        let size = self.info(&source)?.first().map_or(0, |i| i.virtual_size);
+        self.create(&ImageLocation::Path(copy.target.clone()), &ImageFormat::Qcow2, size)?;
+        let runtime = self.private_dir.parent().unwrap_or(&self.private_dir).to_owned();
+        crate::daemon::copy_dirty(copy, &runtime, self.timeouts.copy, &*progress)
     }
 }

@@ -347,10 +347,67 @@ impl LabDomain {
     /// domain's disk `index` through QEMU's block layer (HMP `qemu-io`): what a guest write does,
     /// dirty bitmaps included, without a guest OS.
     pub fn write_through_qemu(&self, index: usize, pattern: u8, offset: &str, len: &str) {
-        let node = self.block_node(&self.disks[index].path);
-        let command = format!("qemu-io {node} \"write -P {pattern:#x} {offset} {len}\"");
+        // Through the guest's own device (its qdev path), not a second user of the node, which
+        // the device's unshared write permission would refuse.
+        let device = self.qdev(&self.disks[index].path);
+        let command = format!("qemu-io -d {device} \"write -P {pattern:#x} {offset} {len}\"");
         let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io");
-        assert!(!out.to_lowercase().contains("error"), "{command}: {out}");
+        // HMP answers nothing when the write went through (its report goes to QEMU's own
+        // output), and the reason when it did not (a permission conflict, a bad offset).
+        assert!(out.trim().is_empty(), "{command}: {out}");
+    }
+
+    /// Writes `pattern` over `len` bytes at `offset` (qemu-io sizes) of the shut-off domain's
+    /// qcow2 disk `index` with `qemu-io`, through QEMU's block layer as the VM would: its
+    /// persistent bitmaps record the write.
+    pub fn write_offline(&self, index: usize, pattern: u8, offset: &str, len: &str) {
+        let disk = &self.disks[index];
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                disk.format,
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+                disk.path.to_str().expect("utf-8"),
+            ],
+        );
+    }
+
+    /// The persistent bitmaps of the shut-off domain's disk `index`, as `(name, flags)` from
+    /// `qemu-img info`.
+    pub fn stored_bitmaps(&self, index: usize) -> Vec<(String, Vec<String>)> {
+        let out = run("qemu-img", &["info", "-U", "--output=json", self.disks[index].path.to_str().expect("utf-8")]);
+        let info: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info JSON");
+        let mut bitmaps: Vec<(String, Vec<String>)> = info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                let flags = b["flags"].as_array().cloned().unwrap_or_default();
+                (
+                    b["name"].as_str().unwrap_or_default().to_owned(),
+                    flags.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect(),
+                )
+            })
+            .collect();
+        bitmaps.sort();
+        bitmaps
+    }
+
+    /// The qdev path of the device the running domain's disk image at `path` is attached to
+    /// (`/machine/peripheral/virtio-disk0/virtio-backend`), from HMP `info block`.
+    fn qdev(&self, path: &Path) -> String {
+        let disk = path.to_string_lossy().into_owned();
+        let info = virsh(&["qemu-monitor-command", &self.name, "--hmp", "info block"]).expect("info block");
+        info.lines()
+            .skip_while(|l| !l.contains(&disk))
+            .skip(1)
+            .take_while(|l| l.starts_with(' '))
+            .find_map(|l| l.trim().strip_prefix("Attached to:"))
+            .map(|d| d.trim().to_owned())
+            .unwrap_or_else(|| panic!("no device for {disk} in {info}"))
     }
 
     /// QEMU's block node name of the running domain's disk image at `path`.

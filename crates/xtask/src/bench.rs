@@ -7,6 +7,10 @@
 //!   driven by `virsh backup-begin` and 50 ms polling of `virsh domjobinfo --completed`, and
 //!   `virtnbdbackup -l copy` where it is installed;
 //! - stopped-VM backup: `nasbak backup` against `qemu-img convert -O qcow2`;
+//! - incremental backup of the running VM after it changed 20 MiB (1%): `nasbak backup --mode
+//!   incremental` against nasbak's full backup, the bare libvirt incremental push job from a
+//!   checkpoint, and `virtnbdbackup -l inc` where it is installed; the bytes the incremental
+//!   wrote; the synthetic-full merge (`nasbak prune` with keep last=1) against a new full;
 //! - restore: `nasbak restore` against `rsync -az` of the qcow2 and `cp --sparse=always`;
 //! - the peak RSS of the nasbak process (its own VmHWM, not qemu-img's).
 //!
@@ -126,6 +130,130 @@ fn backup_id(config: &str, nasbak: &str) -> Result<String> {
     Ok(id.to_owned())
 }
 
+/// How much the guest changes between a full and an incremental: 1% of the 2 GiB disk.
+const CHANGED_MIB: u64 = 20;
+
+/// The incremental rounds' figures.
+struct Incremental {
+    full: Vec<f64>,
+    incremental: Vec<f64>,
+    bare: Vec<f64>,
+    merge: Vec<f64>,
+    vnb: Vec<f64>,
+    /// The incremental file's size, each round.
+    written: Vec<u64>,
+    peak_rss_kib: u64,
+}
+
+/// Writes `CHANGED_MIB` MiB of `pattern` at `offset_mib` of the running VM's disk through QEMU's
+/// block layer (HMP `qemu-io`), as the guest would: the dirty bitmaps record it.
+fn change_in_guest(pattern: u8, offset_mib: u64) -> Result<()> {
+    let info = virsh(&["qemu-monitor-command", DOMAIN, "--hmp", "info block"])?;
+    // The guest's own device (a second user of the node would be refused write access).
+    let device = info
+        .lines()
+        .skip_while(|l| !l.contains("disk.qcow2"))
+        .find_map(|l| l.trim().strip_prefix("Attached to:"))
+        .context("the disk's device")?
+        .trim()
+        .to_owned();
+    let command = format!("qemu-io -d {device} \"write -P {pattern:#x} {offset_mib}M {CHANGED_MIB}M\"");
+    let out = virsh(&["qemu-monitor-command", DOMAIN, "--hmp", &command])?;
+    if !out.trim().is_empty() {
+        bail!("{command}: {out}");
+    }
+    Ok(())
+}
+
+/// Each round: a full backup, a checkpoint for the bare job (and virtnbdbackup's full where it
+/// is installed), `CHANGED_MIB` MiB changed, then the incremental three ways (nasbak, the bare
+/// libvirt push job from the checkpoint, virtnbdbackup), then prune merging the incremental over
+/// the full (keep last=1).
+fn incremental_rounds(nasbak: &str, config: &str, dir: &Path, vm_dir: &Path, rounds: usize) -> Result<Incremental> {
+    let mut r = Incremental {
+        full: Vec::new(),
+        incremental: Vec::new(),
+        bare: Vec::new(),
+        merge: Vec::new(),
+        vnb: Vec::new(),
+        written: Vec::new(),
+        peak_rss_kib: 0,
+    };
+    let has_vnb = crate::lab::packages::which("virtnbdbackup").is_some();
+    cmd(nasbak)
+        .args(["--config", config, "offering", "add", "bench-inc", "--repo", "bench", "--keep", "last=1"])
+        .run()?;
+    cmd(nasbak).args(["--config", config, "assign", DOMAIN, "bench-inc"]).run()?;
+    let backup = |mode: &'static str| ["--config", config, "backup", DOMAIN, "--quiesce", "off", "--mode", mode];
+    for round in 1..=rounds {
+        if vm_dir.exists() {
+            fs::remove_dir_all(vm_dir)?;
+        }
+        let full = timed(nasbak, &backup("full"))?;
+        println!("bench: incremental, round {round}: full backup {:.2} s", full.secs);
+        let _ = virsh(&["checkpoint-delete", DOMAIN, "bench-cp"]);
+        virsh(&["checkpoint-create-as", DOMAIN, "bench-cp"])?;
+        change_in_guest(0x40 + round as u8, 100 + 150 * round as u64)?;
+        let inc = timed(nasbak, &backup("incremental"))?;
+        println!("bench: incremental, round {round}: nasbak incremental {:.2} s", inc.secs);
+        let id = backup_id(config, nasbak)?;
+        let inc_dir = vm_dir.join(id.rsplit('/').next().context("id")?);
+        let manifest = fs::read_to_string(inc_dir.join("manifest.json"))?;
+        if !manifest.contains("\"mode\": \"incremental\"") && !manifest.contains("\"mode\":\"incremental\"") {
+            bail!("the incremental round {round} made no incremental backup: {manifest}");
+        }
+        let file = fs::read_dir(&inc_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|f| f.extension().is_some_and(|x| x == "qcow2"))
+            .context("the incremental's qcow2")?;
+        r.written.push(fs::metadata(&file)?.len());
+        let target = dir.join(format!("bare-inc-{round}.qcow2"));
+        let xml = dir.join("backup-inc.xml");
+        fs::write(
+            &xml,
+            format!(
+                "<domainbackup mode='push'><incremental>bench-cp</incremental><disks><disk name='vda' backup='yes' type='file'>\
+                 <driver type='qcow2'/><target file='{}'/></disk></disks></domainbackup>",
+                target.display()
+            ),
+        )?;
+        let bare = virsh_push(&xml)?;
+        println!("bench: incremental, round {round}: bare incremental push job {bare:.2} s");
+        fs::remove_file(&target)?;
+        virsh(&["checkpoint-delete", DOMAIN, "bench-cp"])?;
+        let merge = timed(nasbak, &["--config", config, "prune", DOMAIN])?;
+        println!("bench: incremental, round {round}: prune merging the incremental {:.2} s", merge.secs);
+        // virtnbdbackup refuses checkpoints it did not create: its own full, the same amount
+        // changed, its incremental, then its checkpoints removed.
+        if has_vnb {
+            let vnb_dir = dir.join(format!("vnb-inc-{round}"));
+            let _ = fs::remove_dir_all(&vnb_dir);
+            timed("virtnbdbackup", &["-d", DOMAIN, "-l", "full", "-o", &vnb_dir.to_string_lossy()])?;
+            change_in_guest(0x80 + round as u8, 1000 + 150 * round as u64)?;
+            let t = timed("virtnbdbackup", &["-d", DOMAIN, "-l", "inc", "-o", &vnb_dir.to_string_lossy()])?;
+            println!("bench: incremental, round {round}: virtnbdbackup incremental {:.2} s", t.secs);
+            r.vnb.push(t.secs);
+            fs::remove_dir_all(&vnb_dir)?;
+            let mut theirs: Vec<String> = virsh(&["checkpoint-list", DOMAIN, "--name"])?
+                .lines()
+                .filter(|l| l.starts_with("virtnbdbackup"))
+                .map(str::to_owned)
+                .collect();
+            theirs.sort();
+            for c in theirs.iter().rev() {
+                virsh(&["checkpoint-delete", DOMAIN, c])?;
+            }
+        }
+        r.peak_rss_kib = r.peak_rss_kib.max(full.peak_rss_kib).max(inc.peak_rss_kib).max(merge.peak_rss_kib);
+        r.full.push(full.secs);
+        r.incremental.push(inc.secs);
+        r.bare.push(bare);
+        r.merge.push(merge.secs);
+    }
+    Ok(r)
+}
+
 /// `cargo xtask bench [ROUNDS]`: best of `rounds` (3 by default).
 pub fn bench(rounds: usize) -> Result<()> {
     crate::lab::up()?;
@@ -205,6 +333,7 @@ pub fn bench(rounds: usize) -> Result<()> {
             fs::remove_dir_all(&out)?;
         }
     }
+    let inc = incremental_rounds(&nasbak, &config, &dir, &vm_dir, rounds)?;
     virsh(&["destroy", DOMAIN])?;
 
     // Stopped VM.
@@ -281,7 +410,33 @@ pub fn bench(rounds: usize) -> Result<()> {
     row("stopped-VM backup", ns, "qemu-img convert -O qcow2", best_secs(&convert), "<= 0.65x");
     row("restore", nre, "rsync -az", best_secs(&rsync), "<= 0.2x");
     row("restore", nre, "cp --sparse=always", best_secs(&cp), "<= 1.3x");
-    let rss = nr_rss.max(ns_rss).max(nre_rss);
+    let changed = CHANGED_MIB as f64;
+    let (full, incr, bare, merge) =
+        (best_secs(&inc.full), best_secs(&inc.incremental), best_secs(&inc.bare), best_secs(&inc.merge));
+    let written = inc.written.iter().copied().min().unwrap_or(0) as f64 / f64::from(1 << 20);
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.2}-{hi:.2} s")
+    };
+    row(&format!("incremental backup, {CHANGED_MIB} MiB changed"), incr, "full backup (nasbak)", full, "<= 0.25x");
+    row(&format!("incremental backup, {CHANGED_MIB} MiB changed"), incr, "bare incremental push job", bare, "<= 1.2x");
+    println!(
+        "| incremental file written | {written:.1} MiB | changed {changed:.0} MiB | {:.2}x | <= 2x |",
+        written / changed
+    );
+    row("synthetic-full merge (prune)", merge, "new full backup (nasbak)", full, "(comparison)");
+    println!(
+        "bench: ranges over {rounds} rounds: full {}, incremental {}, bare incremental job {}, merge {}",
+        range(&inc.full),
+        range(&inc.incremental),
+        range(&inc.bare),
+        range(&inc.merge)
+    );
+    if has_vnb {
+        println!("bench: virtnbdbackup incremental (same change): best {:.2} s", best_secs(&inc.vnb));
+    }
+    let rss = nr_rss.max(ns_rss).max(nre_rss).max(inc.peak_rss_kib);
     println!("| peak RSS of nasbak | {:.1} MiB | | | <= 30 MiB |", rss as f64 / 1024.0);
     Ok(())
 }

@@ -31,17 +31,40 @@ pub(crate) fn convert<I: ImageTool + Sync>(
     observer: &mut dyn Observer,
 ) -> Result<(), BackupError> {
     request.cancel = cancel.clone();
-    let (tx, rx) = mpsc::channel::<f64>();
     let request = &request;
+    with_progress(|progress| images.convert(request, progress), cancel, vm, target, size, observer)
+}
+
+/// Copies the clusters a bitmap marks dirty (see [`ImageTool::copy_dirty`]) on a helper thread,
+/// its progress handed to `observer` on this one.
+pub(crate) fn copy_dirty<I: ImageTool + Sync>(
+    images: &I,
+    copy: &nasbak_qemu_img::DirtyCopy,
+    vm: &str,
+    target: &str,
+    size: u64,
+    observer: &mut dyn Observer,
+) -> Result<(), BackupError> {
+    with_progress(|progress| images.copy_dirty(copy, progress), &copy.cancel, vm, target, size, observer)
+}
+
+/// Runs `work` on a helper thread; the percentages it tells reach `observer` on this one, as
+/// bytes of `size` when known.
+fn with_progress(
+    work: impl FnOnce(Arc<nasbak_qemu_img::ProgressFn>) -> Result<(), nasbak_qemu_img::ImageError> + Send,
+    cancel: &CancelHandle,
+    vm: &str,
+    target: &str,
+    size: u64,
+    observer: &mut dyn Observer,
+) -> Result<(), BackupError> {
+    let (tx, rx) = mpsc::channel::<f64>();
     let result = std::thread::scope(|scope| {
         let worker = scope.spawn(move || {
             let tx = std::sync::Mutex::new(tx);
-            images.convert(
-                request,
-                Arc::new(move |p| {
-                    let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(p);
-                }),
-            )
+            work(Arc::new(move |p| {
+                let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(p);
+            }))
         });
         for percent in rx {
             // qemu-img tells percent; with the disk's size known, it is told as bytes.

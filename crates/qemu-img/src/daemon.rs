@@ -1,0 +1,226 @@
+//! Copying what a dirty bitmap marks, from an image no VM has open: qemu-storage-daemon opens the
+//! source read-only and runs QEMU's backup job (`sync=bitmap`, the bitmap left as it is) into a
+//! new qcow2 file, driven over its QMP socket. This is what libvirt's incremental push job does
+//! for a running VM, for a shut-off one.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nasbak_process::CancelHandle;
+use serde_json::{Value, json};
+
+use crate::tool::{ImageError, ProgressFn};
+
+/// A copy of the clusters a bitmap marks dirty.
+#[derive(Debug, Clone)]
+pub struct DirtyCopy {
+    /// The qcow2 image (its VM shut off), opened read-only.
+    pub source: PathBuf,
+    /// The persistent bitmap whose dirty clusters are copied.
+    pub bitmap: String,
+    /// The new qcow2 file (created by the copy, of the source's virtual size); the clusters not
+    /// copied stay unallocated, to be read from a backing file.
+    pub target: PathBuf,
+    /// Cancelling it cancels the job and stops the daemon.
+    pub cancel: CancelHandle,
+}
+
+/// Runs `copy` with `qemu-storage-daemon` (its QMP socket in `runtime_dir`) into its target,
+/// already created as an empty qcow2 of the source's size; tells progress in percent; gives up
+/// after `timeout`.
+pub(crate) fn copy_dirty(
+    copy: &DirtyCopy,
+    runtime_dir: &Path,
+    timeout: Duration,
+    progress: &ProgressFn,
+) -> Result<(), ImageError> {
+    let err = |detail: String| ImageError::Daemon { action: "copying a bitmap's dirty clusters", detail };
+    std::fs::create_dir_all(runtime_dir).map_err(|e| err(format!("creating {}: {e}", runtime_dir.display())))?;
+    let socket = runtime_dir.join(format!("qsd-{}-{}.sock", std::process::id(), unique()));
+    let _ = std::fs::remove_file(&socket);
+    let source = json!({
+        "driver": "qcow2", "node-name": "src", "read-only": true,
+        "file": {"driver": "file", "filename": copy.source, "read-only": true}
+    });
+    let target = json!({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": copy.target}});
+    let mut daemon = Daemon(
+        Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!("socket,id=qmp,path={},server=on,wait=off", socket.display()))
+            .args(["--monitor", "chardev=qmp", "--blockdev"])
+            .arg(source.to_string())
+            .arg("--blockdev")
+            .arg(target.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(format!("starting qemu-storage-daemon: {e}")))?,
+        socket.clone(),
+    );
+    let mut qmp = Qmp::connect(&socket, &mut daemon.0).map_err(err)?;
+    let result = (|| {
+        qmp.execute(
+            "blockdev-backup",
+            json!({"job-id": "copy", "device": "src", "target": "tgt", "sync": "bitmap",
+                   "bitmap": copy.bitmap, "bitmap-mode": "never", "auto-dismiss": false}),
+        )?;
+        qmp.wait_job("copy", Instant::now() + timeout, &copy.cancel, progress)
+    })();
+    let _ = qmp.execute("quit", json!({}));
+    let exited = daemon.wait(Duration::from_secs(30));
+    result.map_err(|detail: String| {
+        if copy.cancel.is_cancelled() {
+            err("cancelled".into())
+        } else {
+            err(format!("{detail}{}", exited.err().map(|e| format!("; {e}")).unwrap_or_default()))
+        }
+    })
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The daemon process, killed and its socket removed on drop.
+struct Daemon(Child, PathBuf);
+
+impl Daemon {
+    /// Waits up to `limit` for the daemon to exit (after `quit`); its stderr when it failed.
+    fn wait(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    let mut text = String::new();
+                    if let Some(mut e) = self.0.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut e, &mut text);
+                    }
+                    return Err(format!("qemu-storage-daemon exited with {status}: {}", text.trim()));
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => return Err("qemu-storage-daemon did not exit".into()),
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// A QMP connection: one command at a time, events skipped.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects once the daemon listens (up to 10 s), reads the greeting, negotiates.
+    fn connect(socket: &Path, child: &mut Child) -> Result<Qmp, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline && child.try_wait().ok().flatten().is_none() => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    let mut text = String::new();
+                    if let Some(mut stderr) = child.stderr.take()
+                        && child.try_wait().ok().flatten().is_some()
+                    {
+                        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+                    }
+                    return Err(format!("its QMP socket {} does not answer: {e} {}", socket.display(), text.trim()));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("the QMP connection closed".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("unreadable QMP reply {line:?}: {e}")),
+            Err(e) => Err(format!("reading from QMP: {e}")),
+        }
+    }
+
+    /// Runs one command; its `return`, or its error's description.
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut message = json!({"execute": command});
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            message["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{message}").map_err(|e| format!("writing to QMP: {e}"))?;
+        loop {
+            let reply = self.read()?;
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(format!("{command}: {}", e["desc"].as_str().unwrap_or("failed")));
+            }
+            // An event: skipped.
+        }
+    }
+
+    /// Waits for job `id` to conclude (polled every 20 ms), telling progress; cancels it at a
+    /// cancel or the deadline. Dismisses it.
+    fn wait_job(
+        &mut self,
+        id: &str,
+        deadline: Instant,
+        cancel: &CancelHandle,
+        progress: &ProgressFn,
+    ) -> Result<(), String> {
+        let mut cancelled = None;
+        loop {
+            let jobs = self.execute("query-jobs", json!({}))?;
+            let job = jobs.as_array().and_then(|j| j.iter().find(|j| j["id"] == id)).cloned();
+            let Some(job) = job else { return Err(format!("job {id} disappeared")) };
+            let total = job["total-progress"].as_f64().unwrap_or(0.0);
+            if total > 0.0 {
+                progress(job["current-progress"].as_f64().unwrap_or(0.0) / total * 100.0);
+            }
+            if job["status"] == "concluded" {
+                let _ = self.execute("job-dismiss", json!({"id": id}));
+                if let Some(why) = cancelled {
+                    return Err(why);
+                }
+                return match job.get("error").and_then(Value::as_str) {
+                    Some(e) => Err(format!("job {id}: {e}")),
+                    None => Ok(()),
+                };
+            }
+            if cancelled.is_none() && (cancel.is_cancelled() || Instant::now() > deadline) {
+                let why = if cancel.is_cancelled() { "cancelled".to_owned() } else { format!("job {id} timed out") };
+                let _ = self.execute("job-cancel", json!({"id": id}));
+                cancelled = Some(why);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
