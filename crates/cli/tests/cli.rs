@@ -462,7 +462,8 @@ fn catalog_commands_work_without_libvirtd_and_show_damaged_backups() {
     ok(&config, &["offering", "add", "gold", "--repo", "lab", "--keep", "last=1"]);
     ok(&config, &["assign", dom.name(), "gold"]);
     ok(&config, &["backup", dom.name()]);
-    ok(&config, &["backup", dom.name()]);
+    // Independent fulls: the first is damaged below, the second must not build on it.
+    ok(&config, &["backup", dom.name(), "--mode", "full"]);
     let all = ids(&config);
     let vm_dir = dom.dir().join("repo").join(dom.name());
     std::fs::write(vm_dir.join(&all[0]).join("manifest.json"), "{ truncated").unwrap();
@@ -615,4 +616,19 @@ fn backups_of_a_running_vm_form_a_chain() {
     let (code, _, err) = nasbak(&config, &["backup", dom.name(), "--mode", "sometimes"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("full, incremental or auto"), "{err}");
+    // An incremental on the newest full, then prune keeping the newest only: the plan merges
+    // it over the full it builds on, and removes the other three.
+    let third = json_of(&ok(&config, &["--json", "backup", dom.name()]));
+    assert_eq!(third["manifest"]["mode"], "incremental", "{third}");
+    ok(&config, &["offering", "add", "o", "--repo", "lab", "--keep", "last=1"]);
+    ok(&config, &["assign", dom.name(), "o"]);
+    let plan = ok(&config, &["prune", "--dry-run"]);
+    let merge_line = format!("would merge  {}/{}", dom.name(), third["manifest"]["id"].as_str().unwrap());
+    assert!(plan.contains(&merge_line), "{plan}");
+    assert_eq!(plan.matches("would remove").count(), 3, "{plan}");
+    let done = ok(&config, &["prune"]);
+    assert!(done.contains("merged  "), "{done}");
+    let shown = json_of(&ok(&config, &["--json", "show", third["id"].as_str().unwrap()]));
+    assert_eq!((shown["manifest"]["mode"].as_str(), shown["manifest"]["parent"].is_null()), (Some("full"), true));
+    assert!(ok(&config, &["verify", third["id"].as_str().unwrap()]).starts_with("ok "));
 }

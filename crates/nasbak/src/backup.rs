@@ -242,6 +242,13 @@ where
                 .iter()
                 .map(|b| format!("completed the merge of backup {b}, which an interrupted prune had left")),
         );
+        // Checkpoints of backups deleted or pruned here since the last backup: their bitmaps go.
+        let running = state == DomainState::Running;
+        notes.cleaned.extend(
+            crate::incremental::remove_retired(&self.hypervisor, &self.images, &request.vm, running, &chosen, &vm_dir)
+                .iter()
+                .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
+        );
         let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
         let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
@@ -340,7 +347,7 @@ where
                     &files,
                     &sizes,
                     &partial,
-                    (&chain.plan, chain.from.as_deref()),
+                    (&mut chain.plan, chain.from.as_deref()),
                     cancel,
                     observer,
                 )
@@ -632,7 +639,7 @@ where
         files: &[(&Disk, String)],
         sizes: &std::collections::HashMap<String, u64>,
         partial: &Path,
-        (plan, from): (&crate::chain::ChainPlan, Option<&str>),
+        (plan, from): (&mut crate::chain::ChainPlan, Option<&str>),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
@@ -650,8 +657,18 @@ where
                     target: partial.join(file),
                     cancel: cancel.clone(),
                 };
-                crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer)?;
-                continue;
+                match crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer) {
+                    Ok(()) => continue,
+                    Err(e) if cancel.is_cancelled() => return Err(e),
+                    // Never an error where a full would do: this disk is copied whole instead.
+                    Err(e) => {
+                        let _ = fs::remove_file(partial.join(file));
+                        plan.disk_to_full(
+                            &disk.target,
+                            format!("its incremental copy failed: {}", crate::error::chain(&e)),
+                        );
+                    }
+                }
             }
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));

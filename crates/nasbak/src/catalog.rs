@@ -454,8 +454,23 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         if !dependents.is_empty() {
             return Err(BackupError::HasDependents { backup: format!("{vm}/{id}"), dependents });
         }
-        delete_dir(&dir)
+        retire_and_delete(&vm_dir, &dir)
     }
+}
+
+/// Removes a backup directory with [`delete_dir`], its checkpoint retired first (see
+/// [`crate::incremental::retire_checkpoint`]) so that the next backup of the VM removes its
+/// bitmaps. Run holding the VM's lock.
+pub(crate) fn retire_and_delete(vm_dir: &Path, dir: &Path) -> Result<(), BackupError> {
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(BackupKind::Nasbak(m)) = read_backup("", "", &id, dir).map(|e| e.kind) {
+        crate::incremental::retire_checkpoint(vm_dir, &m).map_err(|source| BackupError::Io {
+            action: "retiring the checkpoint of",
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    delete_dir(dir)
 }
 
 /// Removes a backup directory: first renamed to a `.partial` name (so that no reader ever sees

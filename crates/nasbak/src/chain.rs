@@ -133,6 +133,26 @@ pub struct ChainPlan {
 }
 
 impl ChainPlan {
+    /// Makes disk `target` a full copy for `reason` (its incremental copy failed); when no disk
+    /// is left incremental, the whole backup becomes full, the reasons listed.
+    pub fn disk_to_full(&mut self, target: &str, reason: String) {
+        for d in self.disks.iter_mut().filter(|d| d.target == target && d.mode == BackupMode::Incremental) {
+            d.mode = BackupMode::Full;
+            d.backing = None;
+            d.full_reason = Some(reason.clone());
+        }
+        if self.mode == BackupMode::Incremental && self.disks.iter().all(|d| d.mode == BackupMode::Full) {
+            let reasons: Vec<String> =
+                self.disks.iter().filter_map(|d| Some(format!("{}: {}", d.target, d.full_reason.as_ref()?))).collect();
+            self.mode = BackupMode::Full;
+            self.parent = None;
+            self.full_reason = Some(format!("no disk can be incremental ({})", reasons.join("; ")));
+            for d in &mut self.disks {
+                d.full_reason = None;
+            }
+        }
+    }
+
     /// This plan turned into a full backup of the same disks, for `reason` (the incremental
     /// was refused when it started).
     pub fn into_full(self, reason: String) -> ChainPlan {
@@ -318,6 +338,27 @@ mod tests {
         // Lost checkpoint metadata: redefined, still incremental.
         let plan = plan_chain(ModeRequest::Auto, 7, &usable, &CheckpointState::Redefinable, &disks);
         assert!(plan.redefine_checkpoint && plan.mode == BackupMode::Incremental);
+    }
+
+    #[test]
+    fn a_disk_whose_incremental_copy_failed_becomes_full_and_then_the_backup() {
+        let p = parent(&[("vda", "root", 100), ("vdb", "data", 50)]);
+        let usable = Parent::Usable { manifest: &p, chain_len: 1 };
+        let disks = [disk("vda", "root", 100, BitmapState::Valid), disk("vdb", "data", 50, BitmapState::Valid)];
+        let mut plan = plan_chain(ModeRequest::Auto, 7, &usable, &CheckpointState::Present, &disks);
+        plan.disk_to_full("vda", "the copy failed".into());
+        assert_eq!(
+            (plan.mode, plan.disks[0].mode, plan.disks[0].backing.as_deref()),
+            (BackupMode::Incremental, BackupMode::Full, None)
+        );
+        assert_eq!(plan.disks[0].full_reason.as_deref(), Some("the copy failed"));
+        plan.disk_to_full("vdb", "so did this one".into());
+        assert_eq!((plan.mode, plan.parent.as_deref()), (BackupMode::Full, None));
+        assert_eq!(
+            plan.full_reason.as_deref(),
+            Some("no disk can be incremental (vda: the copy failed; vdb: so did this one)")
+        );
+        assert!(plan.disks.iter().all(|d| d.full_reason.is_none()));
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub mod prune;
 mod restore;
 pub mod schedule;
 mod service;
+#[cfg(test)]
+mod test_support;
 mod transfer;
 mod watchdog;
 

@@ -544,3 +544,49 @@ fn prune_merges_a_kept_incremental_and_keeps_its_chain_when_the_merge_fails() {
     let entries: Vec<String> = entries(&dir.path().join("repo").join(&second.relative_dir));
     assert!(entries.iter().all(|f| !f.ends_with(".merging")), "{entries:?}");
 }
+
+#[test]
+fn a_shut_off_vms_incremental_copy_that_fails_becomes_a_full_with_the_reason() {
+    use nasbak_repo::BackupMode;
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let bitmap = first.manifest.checkpoint.clone().expect("a shut-off VM's qcow2 disk starts a chain").name;
+    // The image now carries the first backup's bitmap; the offline copy fails.
+    let mut img = images_with_bitmap(Arc::new(Mutex::new(bitmap)));
+    img.expect_copy_dirty().times(1).returning(|_, _| {
+        Err(ImageError::Daemon { action: "copying a bitmap's dirty clusters", detail: "no daemon here".into() })
+    });
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let m = &second.manifest;
+    assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Full, None), "{m:?}");
+    let reason = m.full_reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("vda: its incremental copy failed") && reason.contains("no daemon here"), "{reason}");
+    assert!(m.disks.iter().all(|d| d.mode == BackupMode::Full && d.backing.is_none()));
+}
+
+/// [`images`], whose images carry the persistent bitmap named in `bitmap`.
+fn images_with_bitmap(bitmap: std::sync::Arc<std::sync::Mutex<String>>) -> MockImageTool {
+    let mut img = MockImageTool::new();
+    img.expect_info().returning(move |_| {
+        let name = bitmap.lock().unwrap().clone();
+        let json = format!(
+            r#"{{"filename":"x","format":"qcow2","virtual-size":1048576,"actual-size":4096,
+            "format-specific":{{"type":"qcow2","data":{{"bitmaps":[{{"name":"{name}","granularity":65536,"flags":["auto"]}}]}}}}}}"#
+        );
+        Ok(nasbak_qemu_img::parse_info(&json).unwrap())
+    });
+    img.expect_check()
+        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    img.expect_add_bitmap().returning(|_, _| Ok(()));
+    img.expect_remove_bitmap().returning(|_, _| Ok(()));
+    img.expect_convert().returning(|r, _| {
+        if let ImageLocation::Path(p) = &r.target {
+            fs::write(p, b"image").unwrap();
+        }
+        Ok(())
+    });
+    img
+}

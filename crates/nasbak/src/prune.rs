@@ -12,7 +12,7 @@ use nasbak_qemu_img::ImageTool;
 use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy, VmName};
 use serde::Serialize;
 
-use crate::catalog::{BackupEntry, BackupKind, Catalog, delete_dir, list_mounted};
+use crate::catalog::{BackupEntry, BackupKind, Catalog, list_mounted, retire_and_delete};
 use crate::error::BackupError;
 use crate::lock::VmLock;
 
@@ -183,7 +183,7 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
             }
             for d in decisions.iter().filter(|d| !d.keep) {
                 let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{}", d.id))?;
-                delete_dir(&dir)?;
+                retire_and_delete(&vm_dir, &dir)?;
             }
         }
         Ok(PruneReport { vm: vm.to_owned(), decisions, damaged, executed: !dry_run })

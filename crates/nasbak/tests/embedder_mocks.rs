@@ -27,6 +27,7 @@ fn an_embedder_drives_the_engine_over_the_exported_mocks() {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
     hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
     let mut agents = MockAgentSource::new();
     agents.expect_agent_transport().returning(|_| Ok(FakeAgent::new(1)));
     let mut images = MockImageTool::new();
@@ -35,6 +36,10 @@ fn an_embedder_drives_the_engine_over_the_exported_mocks() {
     images
         .expect_check()
         .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
+    // A shut-off VM's qcow2 disk gets the backup's dirty bitmap (the base of the next
+    // incremental); one that fails is removed again.
+    images.expect_add_bitmap().times(1).returning(|_, _| Ok(()));
+    images.expect_remove_bitmap().returning(|_, _| Ok(()));
     images.expect_convert().returning(|r, progress| {
         progress(100.0);
         if let ImageLocation::Path(p) = &r.target {

@@ -192,7 +192,9 @@ fn list_verify_and_delete_see_our_backups_and_the_reference_systems() {
     let (repo, runtime) = repository(&dom);
     let e = engine(&runtime);
     let first = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    let second = e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // A second, independent full (chains are lab_incremental's).
+    let full = request(dom.name(), &repo).with_mode(nasbak::chain::ModeRequest::Full);
+    let second = e.backup(&full, &CancelHandle::new(), &mut |_| {}).unwrap();
     // A backup as the reference system writes it, and a leftover partial directory.
     inspect(&repo, &runtime, |root| {
         let vm_dir = root.join(dom.name());

@@ -4,7 +4,7 @@
 //! kept backup without its parent.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
@@ -19,7 +19,7 @@ use nasbak::nasbak_repo::{
 use nasbak::{
     BackupError, BackupOutcome, BackupRequest, Engine, ErrorKind, FileStatus, RestoreRequest, VolumeRestoreRequest,
 };
-use nasbak_testlab::{DiskSpec, DomainSpec, URI};
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
 type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
 
@@ -35,6 +35,17 @@ fn same(a: &Path, b: &Path) -> bool {
         eprintln!("qemu-img compare {} {}: {}", a.display(), b.display(), out.stdout_text());
     }
     out.status.success()
+}
+
+/// Disk `target` of backup `id` restored into a new qcow2 file in the domain's directory (its
+/// path); panics with the error's chain when the restore fails.
+fn restored(e: &LabEngine, repo: &BackupRepository, dom: &LabDomain, id: &str, target: &str) -> PathBuf {
+    let to = dom.dir().join(format!("restored-{id}-{target}.qcow2"));
+    let _ = fs::remove_file(&to);
+    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), id, target, ImageLocation::Path(to.clone()));
+    e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{id} {target}: {}", nasbak::chain(&err)));
+    to
 }
 
 #[test]
@@ -109,15 +120,7 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     // Every point restores exactly, as a self-contained volume.
     let images = QemuImg::new(dom.dir());
     for (made, want) in [(&first, &point1), (&second, &point2), (&third, &point3)] {
-        let to = dom.dir().join(format!("restored-{}.qcow2", made.manifest.id));
-        let request = VolumeRestoreRequest::new(
-            repo.clone(),
-            dom.name(),
-            made.manifest.id.as_str(),
-            "vda",
-            ImageLocation::Path(to.clone()),
-        );
-        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+        let to = restored(&e, &repo, &dom, &made.manifest.id, "vda");
         assert!(same(&to, want), "the point of {}", made.manifest.id);
         let info = images.info(&ImageLocation::Path(to)).unwrap();
         assert_eq!((info.len(), info[0].backing_file.clone()), (1, None), "self-contained");
@@ -147,26 +150,40 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
     assert_eq!(m.checkpoint, third.manifest.checkpoint, "the chain goes on from it");
     let report = e.catalog().verify(&repo, dom.name(), i3, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert!(report.files.iter().all(|f| f.status == FileStatus::Ok && !f.file.starts_with("../")), "{report:?}");
-    let to = dom.dir().join("merged.qcow2");
-    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), i3, "vda", ImageLocation::Path(to.clone()));
-    e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(same(&to, &point3), "the merged backup gives the third point back");
+    assert!(same(&restored(&e, &repo, &dom, i3, "vda"), &point3), "the merged backup gives the third point back");
     // The next incremental builds on the merged backup.
     dom.write_through_qemu(0, 0x44, "12M", "1M");
     let fourth = backup(ModeRequest::Auto);
     assert_eq!(fourth.manifest.parent.as_deref(), Some(i3), "{:?}", fourth.manifest);
     let point4 = dom.raw_copy(0, "point4");
+    let to = restored(&e, &repo, &dom, &fourth.manifest.id, "vda");
+    assert!(same(&to, &point4), "the incremental on the merged backup");
+    // The newest deleted: its checkpoint's bitmaps are removed by the next backup, which is a
+    // full (the parent's bitmap went when the deleted one was made) and says why.
+    assert_eq!(dom.bitmaps(0), [format!("nasbak-{}", fourth.manifest.id)]);
+    e.catalog().delete(&repo, dom.name(), &fourth.manifest.id).unwrap();
+    let fifth = backup(ModeRequest::Auto);
+    let removed = format!("removed the bitmaps of checkpoint nasbak-{}", fourth.manifest.id);
+    assert!(fifth.cleaned.iter().any(|c| c.contains(&removed)), "{:?}", fifth.cleaned);
+    assert_eq!(fifth.manifest.mode, BackupMode::Full);
+    assert!(
+        fifth.manifest.full_reason.as_deref().unwrap_or_default().contains("redefining it failed"),
+        "{:?}",
+        fifth.manifest
+    );
+    assert_eq!(dom.bitmaps(0), [format!("nasbak-{}", fifth.manifest.id)]);
+    let point5 = dom.raw_copy(0, "point5");
 
     // The whole VM restored from the newest point of the chain.
     dom.destroy();
     let restored = e.restore(
-        &RestoreRequest::new(repo.clone(), dom.name(), fourth.manifest.id.as_str()),
+        &RestoreRequest::new(repo.clone(), dom.name(), fifth.manifest.id.as_str()),
         &CancelHandle::new(),
         &mut |_| {},
     );
     let restored = restored.unwrap_or_else(|err: BackupError| panic!("{}", nasbak::chain(&err)));
     assert_eq!(restored.restored.len(), 2);
-    assert!(same(&dom.disks()[0].path, &point4));
+    assert!(same(&dom.disks()[0].path, &point5));
 }
 
 /// Every way a chain breaks between backups ends in a correct backup and a stated reason: the
@@ -198,7 +215,7 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
     };
     // Each point: the backup and the content of each of its disks then.
     let mut points: Vec<(BackupOutcome, Vec<(String, std::path::PathBuf)>)> = Vec::new();
-    let mut keep = |o: &BackupOutcome, dom: &nasbak_testlab::LabDomain| {
+    let mut keep = |o: &BackupOutcome, dom: &LabDomain| {
         let copies = (0..dom.disks().len())
             .map(|i| (dom.disks()[i].target.clone(), dom.raw_copy(i, &format!("{}-{i}", o.manifest.id))))
             .collect();
@@ -305,16 +322,7 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
             if made.manifest.id == added.manifest.id && target == "vdb" {
                 continue;
             }
-            let to = dom.dir().join(format!("restored-{}-{target}.qcow2", made.manifest.id));
-            let request = VolumeRestoreRequest::new(
-                repo.clone(),
-                dom.name(),
-                made.manifest.id.as_str(),
-                target,
-                ImageLocation::Path(to.clone()),
-            );
-            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
-                .unwrap_or_else(|err| panic!("{} {target}: {}", made.manifest.id, nasbak::chain(&err)));
+            let to = restored(&e, &repo, &dom, &made.manifest.id, target);
             assert!(same(&to, want), "{target} at {}: {:?}", made.manifest.id, made.manifest.disks);
             let _ = fs::remove_file(&to);
         }
@@ -337,16 +345,7 @@ fn every_break_in_a_chain_ends_in_a_correct_backup_and_a_stated_reason() {
         points.iter().filter(|(o, _)| report.decisions.iter().any(|d| d.keep && d.id == o.manifest.id))
     {
         for (target, want) in copies {
-            let to = dom.dir().join(format!("kept-{}-{target}.qcow2", made.manifest.id));
-            let request = VolumeRestoreRequest::new(
-                repo.clone(),
-                dom.name(),
-                made.manifest.id.as_str(),
-                target,
-                ImageLocation::Path(to.clone()),
-            );
-            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
-                .unwrap_or_else(|err| panic!("{} {target}: {}", made.manifest.id, nasbak::chain(&err)));
+            let to = restored(&e, &repo, &dom, &made.manifest.id, target);
             assert!(same(&to, want), "{target} at {} after the merge", made.manifest.id);
             let _ = fs::remove_file(&to);
         }
@@ -369,9 +368,7 @@ fn a_shut_off_vm_gets_incrementals_from_its_bitmaps_across_starts_and_stops() {
         let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(mode);
         e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)))
     };
-    let bitmap_names = |dom: &nasbak_testlab::LabDomain| -> Vec<String> {
-        dom.stored_bitmaps(0).into_iter().map(|(n, _)| n).collect()
-    };
+    let bitmap_names = |dom: &LabDomain| -> Vec<String> { dom.stored_bitmaps(0).into_iter().map(|(n, _)| n).collect() };
     let mut points = Vec::new();
 
     dom.write_offline(0, 0x11, "0", "1M");
@@ -426,16 +423,7 @@ fn a_shut_off_vm_gets_incrementals_from_its_bitmaps_across_starts_and_stops() {
     points.push((crashed.clone(), dom.raw_copy(0, "p5")));
 
     for (made, want) in &points {
-        let to = dom.dir().join(format!("restored-{}.qcow2", made.manifest.id));
-        let request = VolumeRestoreRequest::new(
-            repo.clone(),
-            dom.name(),
-            made.manifest.id.as_str(),
-            "vda",
-            ImageLocation::Path(to.clone()),
-        );
-        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
-            .unwrap_or_else(|err| panic!("{}: {}", made.manifest.id, nasbak::chain(&err)));
+        let to = restored(&e, &repo, &dom, &made.manifest.id, "vda");
         assert!(same(&to, want), "the point of {}", made.manifest.id);
     }
 }

@@ -130,9 +130,10 @@ fn a_backup_with_a_damaged_manifest_is_listed_verified_pruned_around_and_deleted
     let dom = DomainSpec::new("damaged").disk(DiskSpec::qcow2(16)).create();
     let (repo, root, runtime) = repository(&dom);
     let e = engine(&runtime);
-    let ids: Vec<String> = (0..3)
-        .map(|_| e.backup(&request(dom.name(), &repo), &CancelHandle::new(), &mut |_| {}).unwrap().manifest.id)
-        .collect();
+    // Three independent full backups (how prune treats chains is lab_incremental's).
+    let full = request(dom.name(), &repo).with_mode(nasbak::chain::ModeRequest::Full);
+    let ids: Vec<String> =
+        (0..3).map(|_| e.backup(&full, &CancelHandle::new(), &mut |_| {}).unwrap().manifest.id).collect();
     fs::write(root.join(dom.name()).join(&ids[0]).join("manifest.json"), b"\x00\x01 not a manifest").unwrap();
     // A directory named like a backup with nothing in it (a copy that never finished).
     fs::create_dir(root.join(dom.name()).join("2020.01.01.00.00.00")).unwrap();

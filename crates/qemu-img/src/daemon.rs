@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub(crate) fn copy_dirty(
     progress: &ProgressFn,
 ) -> Result<(), ImageError> {
     let err = |detail: String| ImageError::Daemon { action: "copying a bitmap's dirty clusters", detail };
+    if copy.cancel.is_cancelled() {
+        return Err(err("cancelled".into()));
+    }
     std::fs::create_dir_all(runtime_dir).map_err(|e| err(format!("creating {}: {e}", runtime_dir.display())))?;
     let socket = runtime_dir.join(format!("qsd-{}-{}.sock", std::process::id(), unique()));
     let _ = std::fs::remove_file(&socket);
@@ -46,8 +50,18 @@ pub(crate) fn copy_dirty(
         "file": {"driver": "file", "filename": copy.source, "read-only": true}
     });
     let target = json!({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": copy.target}});
+    let mut command = Command::new("qemu-storage-daemon");
+    // SAFETY: between fork and exec the closure only makes the prctl system call, which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| {
+            // Should nasbak die (SIGKILL included), the daemon goes with it rather than keep the
+            // VM's image open.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     let mut daemon = Daemon(
-        Command::new("qemu-storage-daemon")
+        command
             .arg("--chardev")
             .arg(format!("socket,id=qmp,path={},server=on,wait=off", socket.display()))
             .args(["--monitor", "chardev=qmp", "--blockdev"])
@@ -209,6 +223,9 @@ impl Qmp {
                 let _ = self.execute("job-dismiss", json!({"id": id}));
                 if let Some(why) = cancelled {
                     return Err(why);
+                }
+                if cancel.is_cancelled() {
+                    return Err("cancelled".into());
                 }
                 return match job.get("error").and_then(Value::as_str) {
                     Some(e) => Err(format!("job {id}: {e}")),

@@ -152,3 +152,70 @@ fn a_missing_image_gives_qemu_img_s_own_words() {
         "{text}"
     );
 }
+
+/// Bitmaps offline, and the copy of what one marks dirty through the real qemu-storage-daemon:
+/// only the written clusters are copied, the bitmap is left as it was, and with the source as
+/// its backing file the copy reads as the source; a cancel stops the job and leaves no daemon.
+#[test]
+fn a_bitmaps_dirty_clusters_are_copied_and_nothing_else() {
+    use nasbak_qemu_img::DirtyCopy;
+    let dir = tempfile::tempdir().unwrap();
+    let src = image_with_data(dir.path(), "src.qcow2", 64, 16);
+    let t = tool(dir.path());
+    t.add_bitmap(&src, "b1").unwrap();
+    let flags = |t: &QemuImg| {
+        t.info(&loc(&src)).unwrap()[0].bitmaps.iter().map(|b| (b.name.clone(), b.flags.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(flags(&t), [("b1".to_owned(), vec!["auto".to_owned()])]);
+    ExternalCommand::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xcd 20M 3M"]).arg(&src).run().unwrap();
+    let dst = dir.path().join("dirty.qcow2");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let copy = DirtyCopy { source: src.clone(), bitmap: "b1".into(), target: dst.clone(), cancel: Default::default() };
+    t.copy_dirty(&copy, Arc::new(move |p| sink.lock().unwrap().push(p))).unwrap();
+    assert_eq!(seen.lock().unwrap().last().copied(), Some(100.0));
+    let size = fs::metadata(&dst).unwrap().len();
+    assert!((3 << 20..5 << 20).contains(&size), "about the 3 MiB written: {size}");
+    assert_eq!(flags(&t), [("b1".to_owned(), vec!["auto".to_owned()])], "the bitmap is left as it was");
+    // Over the pre-write state (the source before the write, as the parent backup holds it),
+    // the copy reads as the source now.
+    let before = dir.path().join("before.qcow2");
+    let parent = image_with_data(dir.path(), "parent.qcow2", 64, 16);
+    fs::rename(&parent, &before).unwrap();
+    t.set_backing(&dst, "before.qcow2", &ImageFormat::Qcow2).unwrap();
+    assert!(t.compare(&loc(&dst), &loc(&src)).unwrap());
+    t.remove_bitmap(&src, "b1").unwrap();
+    assert!(flags(&t).is_empty());
+    // A missing bitmap: the daemon's own words.
+    let err = t.copy_dirty(&DirtyCopy { target: dir.path().join("none.qcow2"), ..copy.clone() }, Arc::new(|_| {}));
+    let text = err.unwrap_err().to_string();
+    assert!(text.contains("b1") || text.contains("bitmap"), "{text}");
+    // Cancelled before it starts: an error at once, and no daemon keeps the image open.
+    t.add_bitmap(&src, "b2").unwrap();
+    let cancel = nasbak_process::CancelHandle::new();
+    cancel.cancel();
+    let started = Instant::now();
+    let cancelled = DirtyCopy { bitmap: "b2".into(), target: dir.path().join("c.qcow2"), cancel, ..copy };
+    let err = t.copy_dirty(&cancelled, Arc::new(|_| {})).unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Cancelled while it copies (512 MiB dirty): the job is cancelled, the daemon stops and
+    // the image is free again (removing a bitmap needs it for writing).
+    ExternalCommand::new("qemu-img").args(["resize", "-q"]).arg(&src).arg("1G").run().unwrap();
+    ExternalCommand::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 64M 512M"]).arg(&src).run().unwrap();
+    let handle = nasbak_process::CancelHandle::new();
+    let trigger = handle.clone();
+    let midway = DirtyCopy { cancel: handle, target: dir.path().join("mid.qcow2"), ..cancelled };
+    let err = t
+        .copy_dirty(
+            &midway,
+            Arc::new(move |p| {
+                if p > 0.0 {
+                    trigger.cancel()
+                }
+            }),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    t.remove_bitmap(&src, "b2").expect("the image is free again");
+}

@@ -289,42 +289,7 @@ mod tests {
     }
 
     fn manifest(disks: &[(&str, &str)]) -> Manifest {
-        let t = chrono::DateTime::from_timestamp(0, 0).unwrap();
-        Manifest {
-            version: 1,
-            id: "2026.01.01.00.00.00".into(),
-            repository: "r".into(),
-            vm: "vm".into(),
-            method: nasbak_repo::BackupMethod::QemuImg,
-            started: t,
-            finished: t,
-            quiesced: false,
-            quiesce_note: None,
-            libvirt_version: None,
-            qemu_version: None,
-            schedule: None,
-            disks: disks
-                .iter()
-                .map(|(target, volume)| ManifestDisk {
-                    target: target.to_string(),
-                    volume: volume.to_string(),
-                    source: String::new(),
-                    source_format: None,
-                    file: format!("datadisk.{volume}.qcow2"),
-                    format: "qcow2".into(),
-                    virtual_size: 1,
-                    size: 1,
-                    checksum: None,
-                    mode: BackupMode::Full,
-                    backing: None,
-                    full_reason: None,
-                })
-                .collect(),
-            mode: BackupMode::Full,
-            parent: None,
-            checkpoint: None,
-            full_reason: None,
-        }
+        crate::test_support::manifest("2026.01.01.00.00.00", disks)
     }
 
     #[test]
