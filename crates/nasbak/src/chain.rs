@@ -271,47 +271,18 @@ pub fn plan_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nasbak_repo::{BackupMethod, ManifestDisk};
     use proptest::prelude::*;
 
     fn parent(disks: &[(&str, &str, u64)]) -> Manifest {
-        let t = chrono::DateTime::from_timestamp(0, 0).unwrap();
-        Manifest {
-            version: 1,
-            id: "2026.11.30.02.00.00".into(),
-            repository: "r".into(),
-            vm: "vm1".into(),
-            method: BackupMethod::PushJob,
-            started: t,
-            finished: t,
-            quiesced: true,
-            quiesce_note: None,
-            libvirt_version: None,
-            qemu_version: None,
-            schedule: None,
-            disks: disks
-                .iter()
-                .enumerate()
-                .map(|(i, (target, volume, size))| ManifestDisk {
-                    target: target.to_string(),
-                    volume: volume.to_string(),
-                    source: String::new(),
-                    source_format: Some("qcow2".into()),
-                    file: format!("{}.{volume}.qcow2", if i == 0 { "root" } else { "datadisk" }),
-                    format: "qcow2".into(),
-                    virtual_size: *size,
-                    size: 1,
-                    checksum: None,
-                    mode: BackupMode::Full,
-                    backing: None,
-                    full_reason: None,
-                })
-                .collect(),
-            mode: BackupMode::Full,
-            parent: None,
-            checkpoint: None,
-            full_reason: None,
+        let pairs: Vec<(&str, &str)> = disks.iter().map(|(t, v, _)| (*t, *v)).collect();
+        let mut m = crate::test_support::manifest("2026.11.30.02.00.00", &pairs);
+        for (i, (d, (_, volume, size))) in m.disks.iter_mut().zip(disks).enumerate() {
+            d.virtual_size = *size;
+            if i == 0 {
+                d.file = format!("root.{volume}.qcow2");
+            }
         }
+        m
     }
 
     fn disk(target: &str, volume: &str, size: u64, bitmap: BitmapState) -> DiskFacts {
