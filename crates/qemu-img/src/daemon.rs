@@ -241,3 +241,107 @@ impl Qmp {
         }
     }
 }
+
+/// A disk image (with its backing chain) shown read-only as a raw file through a FUSE export of
+/// a qemu-storage-daemon that runs on its own, beyond the process that started it, until
+/// [`ReadOnlyExport::stop`]. Nothing is ever written to the image: the daemon opens it, and
+/// every file of its chain, read-only, and the export refuses writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOnlyExport {
+    /// The file showing the image's guest-visible content (its virtual size, raw).
+    pub file: PathBuf,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+impl ReadOnlyExport {
+    /// Exports `image` (of `format`, `qcow2` or `raw`) read-only at `file`, a new or empty
+    /// regular file (created if missing); returns once the export is up, or fails within
+    /// `timeout`. The daemon's pid is kept beside the file, so that another process can find
+    /// the export again ([`ReadOnlyExport::find`]).
+    pub fn start(image: &Path, format: &str, file: &Path, timeout: Duration) -> Result<ReadOnlyExport, ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
+        // The daemon leaves the working directory: it is given absolute paths.
+        let absolute = |p: &Path| std::path::absolute(p).map_err(|e| err(format!("{}: {e}", p.display())));
+        let (image, file) = (&absolute(image)?, &absolute(file)?);
+        if !matches!(format, "qcow2" | "raw") {
+            return Err(err(format!("{format:?} is not an image format nasbak exports; expected qcow2 or raw")));
+        }
+        match std::fs::metadata(file) {
+            Ok(m) if m.is_file() && m.len() == 0 => {}
+            Ok(_) => return Err(err(format!("{} exists and is not an empty file", file.display()))),
+            Err(_) => {
+                std::fs::File::create(file).map_err(|e| err(format!("creating {}: {e}", file.display())))?;
+            }
+        }
+        let pid_file = pid_file(file);
+        let _ = std::fs::remove_file(&pid_file);
+        let node = json!({
+            "driver": format, "node-name": "image", "read-only": true,
+            "file": {"driver": "file", "filename": image, "read-only": true}
+        });
+        let export = json!({
+            "type": "fuse", "id": "export", "node-name": "image", "mountpoint": file, "writable": false
+        });
+        nasbak_process::ExternalCommand::new("qemu-storage-daemon")
+            .arg("--daemonize")
+            .arg("--pidfile")
+            .arg(&pid_file)
+            .arg("--blockdev")
+            .arg(node.to_string())
+            .arg("--export")
+            .arg(export.to_string())
+            .timeout(timeout)
+            .run()
+            .map_err(|e| err(e.to_string()))?;
+        ReadOnlyExport::find(file).ok_or_else(|| err(format!("the daemon exporting {} is not running", file.display())))
+    }
+
+    /// The export at `file` whose daemon still runs (found by the pid kept beside it, and
+    /// checked to be a qemu-storage-daemon exporting that file).
+    pub fn find(file: &Path) -> Option<ReadOnlyExport> {
+        let file = &std::path::absolute(file).ok()?;
+        let pid: u32 = std::fs::read_to_string(pid_file(file)).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let file_json = serde_json::to_string(&file.to_string_lossy()).ok()?;
+        (cmdline.contains("qemu-storage-daemon") && cmdline.contains(&file_json))
+            .then(|| ReadOnlyExport { file: file.to_owned(), pid })
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL after `timeout`), which ends the export; a FUSE
+    /// mount still left on the file is detached; the pid file is removed. The file itself
+    /// stays, empty.
+    pub fn stop(&self, timeout: Duration) -> Result<(), ImageError> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let err = |detail: String| ImageError::Daemon { action: "stopping a read-only export", detail };
+        let pid = Pid::from_raw(self.pid as i32);
+        let gone = || !Path::new(&format!("/proc/{}", self.pid)).exists();
+        if ReadOnlyExport::find(&self.file).is_some() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + timeout;
+            while !gone() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !gone() {
+                let _ = kill(pid, Signal::SIGKILL);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let target = self.file.to_string_lossy().replace(' ', "\\040");
+        if mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())) {
+            nix::mount::umount2(&self.file, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| err(format!("detaching the export at {}: {e}", self.file.display())))?;
+        }
+        let _ = std::fs::remove_file(pid_file(&self.file));
+        Ok(())
+    }
+}
+
+/// Where the pid of the daemon exporting `file` is kept: `.<file name>.pid` beside it.
+fn pid_file(file: &Path) -> PathBuf {
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    file.with_file_name(format!(".{name}.pid"))
+}

@@ -219,3 +219,54 @@ fn a_bitmaps_dirty_clusters_are_copied_and_nothing_else() {
     assert!(err.to_string().contains("cancelled"), "{err}");
     t.remove_bitmap(&src, "b2").expect("the image is free again");
 }
+
+/// A qcow2 chain shown read-only as a raw file through the real qemu-storage-daemon's FUSE
+/// export: the guest-visible content at its offsets (the chain read through), writes refused,
+/// the image never written, the export found again by another caller, and nothing left after
+/// stop (no daemon, no FUSE mount, no pid file).
+#[test]
+fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
+    use nasbak_qemu_img::ReadOnlyExport;
+    let dir = tempfile::tempdir().unwrap();
+    let base = image_with_data(dir.path(), "base.qcow2", 64, 2);
+    let top = dir.path().join("top.qcow2");
+    ExternalCommand::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2"])
+        .arg(&top)
+        .run()
+        .unwrap();
+    ExternalCommand::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 8M 1M"]).arg(&top).run().unwrap();
+    let before = (fs::read(&base).unwrap(), fs::read(&top).unwrap());
+    let file = dir.path().join("disk.raw");
+    let export = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30)).unwrap();
+    assert_eq!(fs::metadata(&file).unwrap().len(), 64 << 20);
+    let mut f = fs::File::open(&file).unwrap();
+    let mut at = |offset: u64| {
+        let mut b = [0u8; 4];
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b
+    };
+    assert_eq!(at(0), [0xab; 4], "the base's data, through the chain");
+    assert_eq!(at(8 << 20), [0x77; 4], "the top's data");
+    assert_eq!(at(32 << 20), [0; 4]);
+    assert!(OpenOptions::new().write(true).open(&file).and_then(|mut w| w.write_all(b"x")).is_err(), "read-only");
+    assert_eq!(ReadOnlyExport::find(&file).as_ref(), Some(&export), "found again by another caller");
+    // A second export onto a file in use, or of a format nasbak does not export, is refused.
+    let err = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30)).unwrap_err();
+    assert!(err.to_string().contains("not an empty file"), "{err}");
+    assert!(ReadOnlyExport::start(&top, "vmdk", &dir.path().join("x.raw"), Duration::from_secs(30)).is_err());
+    export.stop(Duration::from_secs(10)).unwrap();
+    assert!(!Path::new(&format!("/proc/{}", export.pid)).exists(), "the daemon is gone");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(file.to_str().unwrap()), "no FUSE mount left");
+    assert_eq!(fs::metadata(&file).unwrap().len(), 0, "the file is an empty file again");
+    assert!(ReadOnlyExport::find(&file).is_none());
+    assert_eq!((fs::read(&base).unwrap(), fs::read(&top).unwrap()), before, "the images were never written");
+    // A missing image: the daemon's own words, and no export left.
+    let gone = dir.path().join("gone.raw");
+    let err =
+        ReadOnlyExport::start(&dir.path().join("nope.qcow2"), "qcow2", &gone, Duration::from_secs(30)).unwrap_err();
+    assert!(err.to_string().contains("nope.qcow2"), "{err}");
+    assert!(ReadOnlyExport::find(&gone).is_none());
+}
