@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
 use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup};
-use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
 use nasbak_repo::{
     BackupId, BackupMethod, BackupMode, BackupRef, BackupRepository, Checksum, Manifest, ManifestDisk, Mounter, VmName,
@@ -249,7 +249,9 @@ where
                 .iter()
                 .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
         );
-        let sizes = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
+        let sources = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
+        let sizes: std::collections::HashMap<String, u64> =
+            sources.iter().map(|(target, top)| (target.clone(), top.virtual_size)).collect();
         let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
             .map_err(io("listing", &vm_dir))?
@@ -279,7 +281,7 @@ where
                 Some(crate::incremental::checkpoint_name(&id)),
             ),
             _ => (
-                crate::incremental::decide_stopped(&self.images, request, &vm_dir, &files, &sizes),
+                crate::incremental::decide_stopped(&self.images, request, &vm_dir, &interrupted, &files, &sources),
                 Some(crate::incremental::checkpoint_name(&id)),
             ),
         };
@@ -299,7 +301,10 @@ where
         }
         crate::fault::point("chain-decided");
         notes.cleaned.extend(
-            chain.removed.iter().map(|c| format!("removed the checkpoint {c}, which an interrupted run had left")),
+            chain
+                .removed
+                .iter()
+                .map(|c| format!("removed the checkpoint {c}: no backup of this VM here builds on it any more")),
         );
         let mut checkpoint_guard = CheckpointGuard {
             hypervisor: &self.hypervisor,
@@ -503,28 +508,29 @@ where
     }
 
     /// Refuses when the disks' allocated bytes exceed the space available; returns each disk's
-    /// virtual size by target (for progress), from the same `qemu-img info`.
+    /// `qemu-img info` by target (its virtual size for progress, its bitmaps for a shut-off
+    /// VM's chain), so no other step asks qemu-img again.
     fn check_space(
         &self,
         disks: &[&Disk],
         available: &u64,
         vm: &str,
-    ) -> Result<std::collections::HashMap<String, u64>, BackupError> {
+    ) -> Result<std::collections::HashMap<String, ImageInfo>, BackupError> {
         let mut needed = 0u64;
-        let mut sizes = std::collections::HashMap::new();
+        let mut sources = std::collections::HashMap::new();
         for d in disks {
             if let Ok(loc) = source_location(d)
                 && let Ok(info) = self.images.info(&loc)
-                && let Some(top) = info.first()
+                && let Some(top) = info.into_iter().next()
             {
                 needed += top.actual_size.unwrap_or(0);
-                sizes.insert(d.target.clone(), top.virtual_size);
+                sources.insert(d.target.clone(), top);
             }
         }
         if needed > *available {
             return Err(BackupError::NoSpace { vm: vm.to_owned(), needed, available: *available });
         }
-        Ok(sizes)
+        Ok(sources)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -15,7 +15,7 @@ use std::fs;
 use std::path::Path;
 
 use nasbak_libvirt::{Checkpoint, Disk, Hypervisor};
-use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
+use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageInfo, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::PARTIAL_SUFFIX;
 use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
@@ -93,6 +93,65 @@ pub(crate) struct ChainDecision {
     pub removed: Vec<String>,
 }
 
+/// The newest backup of a VM on this repository, as both deciders start from it.
+struct Previous {
+    found: Found,
+    /// Its checkpoint, when it can be built on.
+    record: Option<CheckpointRecord>,
+    /// The disks that checkpoint keeps a bitmap for.
+    recorded: Vec<String>,
+}
+
+impl Previous {
+    fn read(vm_dir: &Path, vm: &str) -> Previous {
+        let found = newest_backup(vm_dir, vm);
+        let record = match &found {
+            Found::Usable(m, _) => m.checkpoint.clone(),
+            _ => None,
+        };
+        let recorded = record
+            .as_ref()
+            .and_then(|r| Checkpoint::parse(&r.xml).ok())
+            .map(|c| c.disks.into_iter().filter(|(_, bitmap)| *bitmap).map(|(t, _)| t).collect())
+            .unwrap_or_default();
+        Previous { found, record, recorded }
+    }
+
+    fn parent(&self) -> Parent<'_> {
+        match &self.found {
+            Found::None => Parent::None,
+            Found::Unusable(reason) => Parent::Unusable { reason: reason.clone() },
+            Found::Usable(m, chain_len) => Parent::Usable { manifest: m, chain_len: *chain_len },
+        }
+    }
+
+    /// The facts of each chosen disk, its bitmap state told by `bitmap`.
+    fn facts<I: ImageTool>(
+        &self,
+        images: &I,
+        (vm_dir, vm): (&Path, &str),
+        files: &[(&Disk, String)],
+        sizes: &HashMap<String, u64>,
+        bitmap: impl Fn(&Disk) -> BitmapState,
+    ) -> Vec<DiskFacts> {
+        let chain_problem = |target: &str| match &self.found {
+            Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
+            _ => None,
+        };
+        disk_facts(files, bitmap, sizes, chain_problem)
+    }
+
+    /// Whether the checkpoint or bitmap `name` was left behind by this VM's runs on this
+    /// repository: a run that was killed (its `.partial`, among `interrupted`, just removed)
+    /// or an older backup here, and not the one the next incremental builds on. Those of other
+    /// repositories' chains and of other tools are never touched.
+    fn left_behind(&self, name: &str, vm_dir: &Path, interrupted: &[String]) -> bool {
+        let Some(id) = name.strip_prefix("nasbak-").filter(|id| id.parse::<BackupId>().is_ok()) else { return false };
+        let killed = interrupted.iter().any(|p| p.strip_suffix(PARTIAL_SUFFIX) == Some(id));
+        (killed || vm_dir.join(id).is_dir()) && self.record.as_ref().is_none_or(|r| r.name != name)
+    }
+}
+
 /// Decides the chain of `request`'s backup of a running VM whose chosen disks are `files`, and
 /// readies the parent's checkpoint in libvirt when the backup builds on it. `sizes` are the
 /// disks' virtual sizes by target; `interrupted` the `.partial` directories of killed runs this
@@ -107,50 +166,31 @@ pub(crate) fn decide<H: Hypervisor, I: ImageTool>(
     sizes: &HashMap<String, u64>,
 ) -> ChainDecision {
     let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
-    let found = newest_backup(vm_dir, vm);
-    let (parent, record) = match &found {
-        Found::None => (Parent::None, None),
-        Found::Unusable(reason) => (Parent::Unusable { reason: reason.clone() }, None),
-        Found::Usable(m, chain_len) => (Parent::Usable { manifest: m, chain_len: *chain_len }, m.checkpoint.clone()),
-    };
-    let bitmaps: Vec<(String, bool)> =
-        record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
-    let chain_problem = |target: &str| match &found {
-        Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
-        _ => None,
-    };
-    let mut facts = disk_facts(
-        files,
-        |d| {
-            if d.format.as_deref() != Some("qcow2") {
-                BitmapState::Unsupported
-            } else if bitmaps.iter().any(|(t, b)| t == &d.target && *b) {
-                BitmapState::Valid
-            } else {
-                BitmapState::Missing
-            }
-        },
-        sizes,
-        chain_problem,
-    );
-    // Holding the VM lock: a checkpoint libvirt still lists for a run of this VM on this
-    // repository that was killed (its `.partial` just removed), or for an older backup here,
-    // was left behind: it goes, with its bitmaps. Checkpoints of other repositories' chains and
-    // of other tools are never touched.
-    let mut removed = Vec::new();
-    for name in hypervisor.checkpoints(vm).unwrap_or_default() {
-        let Some(id) = name.strip_prefix("nasbak-").filter(|id| id.parse::<BackupId>().is_ok()) else { continue };
-        let killed = interrupted.iter().any(|p| p.strip_suffix(PARTIAL_SUFFIX) == Some(id));
-        let ours = killed || vm_dir.join(id).is_dir();
-        if ours && record.as_ref().is_none_or(|r| r.name != name) {
-            if hypervisor.delete_checkpoint(vm, &name).is_err() {
-                let _ = hypervisor.forget_checkpoint(vm, &name);
-            }
-            removed.push(name);
+    let previous = Previous::read(vm_dir, vm);
+    let parent = previous.parent();
+    let record = previous.record.clone();
+    let mut facts = previous.facts(images, (vm_dir, vm), files, sizes, |d| {
+        if d.format.as_deref() != Some("qcow2") {
+            BitmapState::Unsupported
+        } else if previous.recorded.contains(&d.target) {
+            BitmapState::Valid
+        } else {
+            BitmapState::Missing
         }
+    });
+    // Holding the VM lock: checkpoints libvirt still lists that this VM's runs here left
+    // behind go, with their bitmaps.
+    let mut listed = hypervisor.checkpoints(vm).unwrap_or_default();
+    let mut removed = Vec::new();
+    for name in listed.iter().filter(|n| previous.left_behind(n, vm_dir, interrupted)) {
+        if hypervisor.delete_checkpoint(vm, name).is_err() {
+            let _ = hypervisor.forget_checkpoint(vm, name);
+        }
+        removed.push(name.clone());
     }
+    listed.retain(|n| !removed.contains(n));
     let state = match &record {
-        Some(r) if hypervisor.checkpoints(vm).is_ok_and(|names| names.contains(&r.name)) => CheckpointState::Present,
+        Some(r) if listed.contains(&r.name) => CheckpointState::Present,
         Some(_) => CheckpointState::Redefinable,
         None => CheckpointState::Unusable { reason: "none recorded".into() },
     };
@@ -352,47 +392,48 @@ pub(crate) fn bitmap_file(disk: &Disk) -> Option<&Path> {
 }
 
 /// Decides the chain of `request`'s backup of a shut-off VM whose chosen disks are `files`.
-/// Each qcow2 disk's bitmap for the parent's checkpoint is read from its image (no process has
-/// it open, so its flags are reliable): there and enabled is valid; marked in use (QEMU died
-/// with the image open) or disabled is inconsistent. Nothing in libvirt is touched.
+/// Each qcow2 disk's bitmap for the parent's checkpoint is read from its image's `qemu-img
+/// info` in `sources` (by target; no process has the image open, so its flags are reliable):
+/// there and enabled is valid; marked in use (QEMU died with the image open) or disabled is
+/// inconsistent. Bitmaps this VM's runs here left behind (see the running case) are removed
+/// from the images. Nothing in libvirt is touched.
 pub(crate) fn decide_stopped<I: ImageTool>(
     images: &I,
     request: &BackupRequest,
     vm_dir: &Path,
+    interrupted: &[String],
     files: &[(&Disk, String)],
-    sizes: &HashMap<String, u64>,
+    sources: &HashMap<String, ImageInfo>,
 ) -> ChainDecision {
     let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
-    let found = newest_backup(vm_dir, vm);
-    let (parent, record) = match &found {
-        Found::None => (Parent::None, None),
-        Found::Unusable(reason) => (Parent::Unusable { reason: reason.clone() }, None),
-        Found::Usable(m, chain_len) => (Parent::Usable { manifest: m, chain_len: *chain_len }, m.checkpoint.clone()),
-    };
-    let recorded: Vec<(String, bool)> =
-        record.as_ref().and_then(|r| Checkpoint::parse(&r.xml).ok()).map(|c| c.disks).unwrap_or_default();
-    let bitmap = |d: &Disk| {
-        let (Some(file), Some(r)) = (bitmap_file(d), &record) else { return BitmapState::Unsupported };
-        if !recorded.iter().any(|(t, b)| t == &d.target && *b) {
+    let previous = Previous::read(vm_dir, vm);
+    let record = previous.record.clone();
+    let sizes: HashMap<String, u64> = sources.iter().map(|(t, i)| (t.clone(), i.virtual_size)).collect();
+    let facts = previous.facts(images, (vm_dir, vm), files, &sizes, |d| {
+        let (Some(_), Some(r)) = (bitmap_file(d), &record) else { return BitmapState::Unsupported };
+        if !previous.recorded.contains(&d.target) {
             return BitmapState::Missing;
         }
-        let info = images.info(&ImageLocation::Path(file.to_owned())).ok();
-        match info.as_ref().and_then(|i| i.first()).and_then(|top| top.bitmaps.iter().find(|b| b.name == r.name)) {
+        match sources.get(&d.target).and_then(|top| top.bitmaps.iter().find(|b| b.name == r.name)) {
             None => BitmapState::Missing,
             Some(b) if b.flags.iter().any(|f| f == "in-use") || !b.flags.iter().any(|f| f == "auto") => {
                 BitmapState::Inconsistent
             }
             Some(_) => BitmapState::Valid,
         }
-    };
-    let chain_problem = |target: &str| match &found {
-        Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
-        _ => None,
-    };
-    let facts = disk_facts(files, bitmap, sizes, chain_problem);
-    let plan = plan_chain(requested, full_every, &parent, &CheckpointState::Present, &facts);
+    });
+    let mut removed = Vec::new();
+    for (disk, _) in files {
+        let (Some(file), Some(top)) = (bitmap_file(disk), sources.get(&disk.target)) else { continue };
+        for b in top.bitmaps.iter().filter(|b| previous.left_behind(&b.name, vm_dir, interrupted)) {
+            if images.remove_bitmap(file, &b.name).is_ok() && !removed.contains(&b.name) {
+                removed.push(b.name.clone());
+            }
+        }
+    }
+    let plan = plan_chain(requested, full_every, &previous.parent(), &CheckpointState::Present, &facts);
     let from = (plan.mode == BackupMode::Incremental).then(|| record.as_ref().map(|r| r.name.clone())).flatten();
-    ChainDecision { plan, from, parent_checkpoint: record, redefined: false, removed: Vec::new() }
+    ChainDecision { plan, from, parent_checkpoint: record, redefined: false, removed }
 }
 
 /// The checkpoint record of a shut-off VM's backup `name`, whose bitmap was added to the
@@ -428,15 +469,9 @@ pub(crate) fn after_stopped_success<H: Hypervisor, I: ImageTool>(
     disks: &[&Disk],
 ) {
     let Some(p) = parent else { return };
+    // An image without that bitmap (a disk added since, a bitmap already gone) refuses: fine.
     for file in disks.iter().filter_map(|d| bitmap_file(d)) {
-        let has = images
-            .info(&ImageLocation::Path(file.to_owned()))
-            .ok()
-            .and_then(|i| i.into_iter().next())
-            .is_some_and(|top| top.bitmaps.iter().any(|b| b.name == p.name));
-        if has {
-            let _ = images.remove_bitmap(file, &p.name);
-        }
+        let _ = images.remove_bitmap(file, &p.name);
     }
     if hypervisor.checkpoints(vm).is_ok_and(|n| n.contains(&p.name)) {
         let _ = hypervisor.forget_checkpoint(vm, &p.name);

@@ -96,13 +96,15 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
     let pending = dir.join(format!("{MANIFEST_FILE}{MERGING_SUFFIX}"));
     staged.0.push(pending.clone());
     write_synced(&pending, merged.to_json().as_bytes())?;
+    // Decided: from here on the staged files are never removed. A switch that fails half-way
+    // is completed by the next prune or backup of the VM (`finish_merges`), not undone.
+    staged.0.clear();
     crate::fault::point("merge-decided");
     finish_merge(&dir).map_err(|source| BackupError::Io {
-        action: "switching to the merged files",
+        action: "switching to the merged files (the next prune or backup of the VM completes it)",
         path: dir,
         source,
     })?;
-    staged.0.clear();
     Ok(merged)
 }
 

@@ -452,16 +452,11 @@ created = "2026-11-26T12:00:00Z"
     assert_eq!(ran(&e), 1, "due again a day later");
 }
 
-#[test]
-fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_refused() {
+/// Makes `second` (in `dir`'s repository) into an incremental on `first` for its first disk, as
+/// a running VM's backup is; returns its manifest's path.
+fn make_incremental(dir: &Path, first: &crate::BackupOutcome, second: &crate::BackupOutcome) -> std::path::PathBuf {
     use nasbak_repo::{BackupMode, Manifest, backing_path};
-    use std::sync::{Arc, Mutex};
-    let dir = tempfile::tempdir().unwrap();
-    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
-    let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    // The second made into an incremental on the first (vda), as a running VM's backup is.
-    let path = dir.path().join("repo").join(&second.relative_dir).join("manifest.json");
+    let path = dir.join("repo").join(&second.relative_dir).join("manifest.json");
     let mut m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
     m.mode = BackupMode::Incremental;
     m.parent = Some(first.manifest.id.clone());
@@ -469,6 +464,18 @@ fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_ref
     m.disks[0].backing = Some(backing_path(&first.manifest.id.parse().unwrap(), &first.manifest.disks[0].file));
     m.version = m.required_version();
     fs::write(&path, m.to_json()).unwrap();
+    path
+}
+
+#[test]
+fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_refused() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // The second made into an incremental on the first (vda), as a running VM's backup is.
+    make_incremental(dir.path(), &first, &second);
     let converted = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&converted);
     let mut img = MockImageTool::new();
@@ -500,19 +507,12 @@ fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_ref
 
 #[test]
 fn prune_merges_a_kept_incremental_and_keeps_its_chain_when_the_merge_fails() {
-    use nasbak_repo::{BackupMode, Manifest, RetentionPolicy, backing_path};
+    use nasbak_repo::{BackupMode, Manifest, RetentionPolicy};
     let dir = tempfile::tempdir().unwrap();
     let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
     let first = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
-    let path = dir.path().join("repo").join(&second.relative_dir).join("manifest.json");
-    let mut m = Manifest::from_json(&fs::read_to_string(&path).unwrap()).unwrap();
-    m.mode = BackupMode::Incremental;
-    m.parent = Some(first.manifest.id.clone());
-    m.disks[0].mode = BackupMode::Incremental;
-    m.disks[0].backing = Some(backing_path(&first.manifest.id.parse().unwrap(), &first.manifest.disks[0].file));
-    m.version = m.required_version();
-    fs::write(&path, m.to_json()).unwrap();
+    let path = make_incremental(dir.path(), &first, &second);
     let keep = RetentionPolicy::keep_last(1);
     let ids = |e: &MockEngine| -> Vec<String> {
         e.catalog().list(&repo, Some("vm1")).unwrap().into_iter().map(|b| b.id).collect()

@@ -143,6 +143,18 @@ fn a_chain_of_incrementals_restores_every_point_and_survives_delete_and_prune() 
         plan.decisions.iter().map(|d| (d.id.as_str(), d.merge_over.as_deref(), d.keep)).collect();
     let (i1, i2, i3) = (first.manifest.id.as_str(), second.manifest.id.as_str(), third.manifest.id.as_str());
     assert_eq!(merges, [(i3, Some(i2), true), (i2, None, false), (i1, None, false)], "{plan:?}");
+    // A changed byte in the parent's file: the merge refuses to bake it into a full, and prune
+    // keeps the chain instead, saying why. Mended, the merge goes through.
+    let parent_file = root.join(&second.relative_dir).join(&second.manifest.disks[0].file);
+    let original = fs::read(&parent_file).unwrap();
+    let mut flipped = original.clone();
+    *flipped.last_mut().unwrap() ^= 0xff;
+    fs::write(&parent_file, &flipped).unwrap();
+    let refused = prune(false);
+    assert!(refused.decisions.iter().all(|d| d.keep && d.merge_over.is_none()), "{refused:?}");
+    assert!(refused.decisions[0].reason.contains("merging it failed"), "{refused:?}");
+    assert_eq!(e.catalog().list(&repo, Some(dom.name())).unwrap().len(), 3);
+    fs::write(&parent_file, &original).unwrap();
     let report = prune(false);
     assert!(report.executed && report.decisions[0].merge_over.is_some(), "{report:?}");
     let left = e.catalog().list(&repo, Some(dom.name())).unwrap();
@@ -409,7 +421,18 @@ fn a_shut_off_vm_gets_incrementals_from_its_bitmaps_across_starts_and_stops() {
     // Stopped in order (QEMU stores the bitmaps): the next shut-off backup builds on it.
     dom.destroy();
     dom.write_offline(0, 0x44, "12M", "1M");
+    // A run killed while the VM was shut off left its `.partial` and its bitmap in the image:
+    // the next backup removes both.
+    let killed = "2099.01.01.00.00.00";
+    fs::create_dir_all(root.join(dom.name()).join(format!("{killed}.partial"))).unwrap();
+    ExternalCommand::new("qemu-img")
+        .args(["bitmap", "--add", "-f", "qcow2"])
+        .arg(&dom.disks()[0].path)
+        .arg(format!("nasbak-{killed}"))
+        .run()
+        .unwrap();
     let fourth = backup(ModeRequest::Auto);
+    assert!(fourth.cleaned.iter().any(|c| c.contains(&format!("nasbak-{killed}"))), "{:?}", fourth.cleaned);
     assert_eq!(fourth.manifest.parent.as_deref(), Some(third.manifest.id.as_str()), "{:?}", fourth.manifest);
     assert_eq!(fourth.manifest.disks[0].mode, BackupMode::Incremental);
     assert_eq!(bitmap_names(&dom), [name(&fourth)]);

@@ -126,6 +126,17 @@ impl QemuImg {
             .map_err(|source| ImageError::Keyring { dir: self.private_dir.clone(), source })
     }
 
+    /// `qemu-img bitmap OP -f qcow2 IMAGE NAME`.
+    fn bitmap(&self, op: &'static str, image: &Path, name: &str) -> Result<(), ImageError> {
+        self.command(self.timeouts.quick)
+            .args(["bitmap", op, "-f", "qcow2"])
+            .arg(image)
+            .arg(name)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "bitmap", source })
+    }
+
     fn command(&self, timeout: Duration) -> ExternalCommand {
         ExternalCommand::new(&self.program).timeout(timeout)
     }
@@ -217,23 +228,11 @@ impl ImageTool for QemuImg {
     }
 
     fn add_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError> {
-        self.command(self.timeouts.quick)
-            .args(["bitmap", "--add", "-f", "qcow2"])
-            .arg(image)
-            .arg(name)
-            .run()
-            .map(drop)
-            .map_err(|source| ImageError::Command { action: "bitmap --add", source })
+        self.bitmap("--add", image, name)
     }
 
     fn remove_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError> {
-        self.command(self.timeouts.quick)
-            .args(["bitmap", "--remove", "-f", "qcow2"])
-            .arg(image)
-            .arg(name)
-            .run()
-            .map(drop)
-            .map_err(|source| ImageError::Command { action: "bitmap --remove", source })
+        self.bitmap("--remove", image, name)
     }
 
     fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError> {
