@@ -174,6 +174,23 @@ pub enum Command {
         #[arg(long)]
         attach: Option<String>,
     },
+    /// Show a backup's disks read-only under DIR (no restore): each disk's raw image and its
+    /// file systems mounted read-only, until `nasbak umount DIR`.
+    Mount {
+        /// The backup: REPO:VM/BACKUP-ID.
+        id: BackupRef,
+        /// An empty directory (created if missing).
+        dir: std::path::PathBuf,
+        /// Only this disk, by its target in the backup (vda, vdb, ...).
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Remove every trace of a backup mounted under DIR (file systems, loop devices, daemons,
+    /// and the repository's mount when nothing else uses it).
+    Umount {
+        /// The directory the backup is mounted under.
+        dir: std::path::PathBuf,
+    },
     /// Remove backups the offering's retention and the schedules' limits do not keep.
     Prune {
         /// Only this VM (default: every assigned VM).

@@ -50,6 +50,8 @@ fn every_command_has_help() {
         &["run-due", "--help"],
         &["repo", "check", "--help"],
         &["repo", "stats", "--help"],
+        &["mount", "--help"],
+        &["umount", "--help"],
     ] {
         let out = ok(&config, cmd);
         assert!(out.contains("Usage"), "{cmd:?}: {out}");
@@ -103,6 +105,17 @@ fn backup_damage_restore_verify_list_delete() {
     let cat = Command::new("debugfs").args(["-R", "cat /known.txt"]).arg(&raw).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "nasbak was here");
     assert!(ok(&config, &["verify", &id]).starts_with("ok "));
+    // Mounted read-only from a repository nasbak mounts: the repository stays mounted as long
+    // as the backup is, after nasbak has exited; umount takes both away.
+    let repo_mounted = || std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(" /run/nasbak/mnt/lab ");
+    assert!(!repo_mounted());
+    let mnt = dom.dir().join("browse");
+    ok(&config, &["mount", &id, mnt.to_str().unwrap()]);
+    assert!(repo_mounted(), "held by the export's daemon");
+    assert_eq!(std::fs::read_to_string(mnt.join("vda/fs/known.txt")).unwrap(), "nasbak was here");
+    let out = ok(&config, &["umount", mnt.to_str().unwrap()]);
+    assert!(out.contains("and the repository"), "{out}");
+    assert!(!repo_mounted() && !mnt.exists());
     let list: serde_json::Value = serde_json::from_str(&ok(&config, &["--json", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
@@ -387,6 +400,21 @@ fn a_reference_layout_backup_is_listed_verified_and_restored() {
     assert_eq!(list[0]["files"][0], "root.disk0.qcow2");
     let out = ok(&config, &["verify", &id]);
     assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 2, "{out}");
+    // Mounted read-only, a file copied out with cp, then unmounted without a trace.
+    let mnt = dom.dir().join("browse");
+    let out = ok(&config, &["mount", &id, mnt.to_str().unwrap(), "--disk", "vda"]);
+    assert!(out.contains("whole disk") && out.contains("(ext4, ro,"), "{out}");
+    let copy = dom.dir().join("ref.txt");
+    assert!(Command::new("cp").arg(mnt.join("vda/fs/ref.txt")).arg(&copy).status().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "from the reference");
+    let (code, _, err) = nasbak(&config, &["mount", &id, mnt.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already holds a mounted backup"), "{err}");
+    let out = ok(&config, &["--json", "umount", mnt.to_str().unwrap()]);
+    assert_eq!(json_of(&out)["exports"].as_array().unwrap().len(), 1, "{out}");
+    assert!(!mnt.exists());
+    let (code, _, err) = nasbak(&config, &["umount", mnt.to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
     // Damage the root disk, restore, the file is back.
     let disk = &dom.disks()[0].path;
     assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());

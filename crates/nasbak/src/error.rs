@@ -42,6 +42,13 @@ pub enum Step {
     },
     /// Attaching a restored volume to a VM.
     Attach,
+    /// Showing one disk of a backup read-only (its export).
+    Export {
+        /// Its target device.
+        disk: String,
+    },
+    /// Unmounting a mounted backup.
+    Unmount,
 }
 
 impl std::fmt::Display for Step {
@@ -60,6 +67,8 @@ impl std::fmt::Display for Step {
             Step::Check => f.write_str("checking the backup"),
             Step::Restore { disk } => write!(f, "the restore of disk {disk}"),
             Step::Attach => f.write_str("attaching the volume"),
+            Step::Export { disk } => write!(f, "showing disk {disk} read-only"),
+            Step::Unmount => f.write_str("unmounting the backup"),
         }
     }
 }
@@ -311,6 +320,23 @@ pub enum BackupError {
         #[source]
         source: Box<BackupError>,
     },
+    /// A directory given to mount a backup on cannot be used.
+    #[error("{path} {problem}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and what would do.
+        problem: String,
+    },
+    /// A system tool (mount, umount, losetup) failed.
+    #[error("{action} failed")]
+    Tool {
+        /// What was being done.
+        action: String,
+        /// argv, status, stderr.
+        #[source]
+        source: nasbak_process::CommandError,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -325,7 +351,7 @@ impl BackupError {
             BackupError::During { source, .. }
             | BackupError::StillFrozen { source, .. }
             | BackupError::RestoreIncomplete { source, .. } => source.kind(),
-            BackupError::Input(_) => ErrorKind::InvalidInput,
+            BackupError::Input(_) | BackupError::Directory { .. } => ErrorKind::InvalidInput,
             BackupError::Mount(_) | BackupError::RepositoryUnavailable { .. } => ErrorKind::RepositoryUnreachable,
             BackupError::Config(_) => ErrorKind::Configuration,
             BackupError::Lock(_) => ErrorKind::Busy,

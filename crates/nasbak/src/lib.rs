@@ -67,6 +67,7 @@
 #![deny(missing_docs)]
 
 mod backup;
+mod browse;
 mod catalog;
 pub mod chain;
 pub mod clock;
@@ -91,6 +92,10 @@ mod transfer;
 mod watchdog;
 
 pub use backup::{BackupOutcome, BackupRequest, DEFAULT_BACKUP_TIMEOUT, SkippedDisk};
+pub use browse::{
+    DISK_IMAGE_FILE, MOUNT_STATE_FILE, MountRequest, MountedBackup, MountedDisk, MountedFilesystem, NotMounted,
+    UnmountReport,
+};
 pub use catalog::{BackupEntry, BackupKind, CapacityReport, Catalog, FileStatus, FileVerdict, VerifyReport};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{AgentSource, DEFAULT_AGENT_TIMEOUT, Engine};

@@ -590,3 +590,45 @@ fn images_with_bitmap(bitmap: std::sync::Arc<std::sync::Mutex<String>>) -> MockI
     });
     img
 }
+
+#[test]
+fn a_mount_that_fails_half_way_leaves_nothing_and_says_which_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let mut img = images();
+    let exported = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = exported.clone();
+    img.expect_export_read_only().returning(move |image, format, file, hold| {
+        assert_eq!(format, &ImageFormat::Qcow2);
+        assert!(hold.is_none(), "a shared repository is not mounted by nasbak: nothing to hold");
+        seen.lock().unwrap().push(image.file_name().unwrap().to_string_lossy().into_owned());
+        if image.ends_with("datadisk.data1.qcow2") {
+            return Err(nasbak_qemu_img::ImageError::Daemon {
+                action: "exporting an image read-only",
+                detail: "no".into(),
+            });
+        }
+        fs::write(file, b"").unwrap();
+        Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 })
+    });
+    let (e, _) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let target = dir.path().join("browse");
+    let request = crate::MountRequest::new(repo.clone(), "vm1", &out.manifest.id, &target);
+    let err = e.catalog().mount(&request, &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.step(), Some(crate::Step::Export { disk: "vdb".into() }), "{err}");
+    assert_eq!(*exported.lock().unwrap(), ["root.root1.qcow2", "datadisk.data1.qcow2"]);
+    assert!(!target.exists(), "the directory it created, and everything in it, is gone");
+    // Only the disk asked for; a check that fails shows nothing at all.
+    let mut img = MockImageTool::new();
+    img.expect_check().returning(|_, _| {
+        Ok(CheckReport { verdict: CheckVerdict::Corrupt, corruptions: 1, leaks: 0, check_errors: 0 })
+    });
+    img.expect_export_read_only().never();
+    let (e, _) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    fs::create_dir(&target).unwrap();
+    let err = e.catalog().mount(&request.clone().only_disk("vdb"), &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::CorruptFile, "{err}");
+    assert!(err.to_string().contains("checking the backup"), "{err}");
+    assert_eq!(entries(&target), Vec::<String>::new(), "the user's directory stays, empty");
+}

@@ -259,7 +259,16 @@ impl ReadOnlyExport {
     /// regular file (created if missing); returns once the export is up, or fails within
     /// `timeout`. The daemon's pid is kept beside the file, so that another process can find
     /// the export again ([`ReadOnlyExport::find`]).
-    pub fn start(image: &Path, format: &str, file: &Path, timeout: Duration) -> Result<ReadOnlyExport, ImageError> {
+    ///
+    /// The daemon keeps `hold` open for as long as it runs: a lock on it (a shared `flock`
+    /// registering a user of the repository the image is on) lasts as long as the export.
+    pub fn start(
+        image: &Path,
+        format: &str,
+        file: &Path,
+        timeout: Duration,
+        hold: Option<&std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError> {
         let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
         // The daemon leaves the working directory: it is given absolute paths.
         let absolute = |p: &Path| std::path::absolute(p).map_err(|e| err(format!("{}: {e}", p.display())));
@@ -283,7 +292,21 @@ impl ReadOnlyExport {
         let export = json!({
             "type": "fuse", "id": "export", "node-name": "image", "mountpoint": file, "writable": false
         });
-        nasbak_process::ExternalCommand::new("qemu-storage-daemon")
+        // A duplicate of `hold` (the same open file, so the same lock) that the daemon inherits:
+        // the only descriptor made inheritable, closed here once the daemon runs.
+        let inherited = match hold {
+            Some(f) => {
+                let dup = f.try_clone().map_err(|e| err(format!("duplicating the file to hold: {e}")))?;
+                nix::fcntl::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&dup),
+                    nix::fcntl::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map_err(|e| err(format!("making the file to hold inheritable: {e}")))?;
+                Some(dup)
+            }
+            None => None,
+        };
+        let started = nasbak_process::ExternalCommand::new("qemu-storage-daemon")
             .arg("--daemonize")
             .arg("--pidfile")
             .arg(&pid_file)
@@ -292,8 +315,9 @@ impl ReadOnlyExport {
             .arg("--export")
             .arg(export.to_string())
             .timeout(timeout)
-            .run()
-            .map_err(|e| err(e.to_string()))?;
+            .run();
+        drop(inherited);
+        started.map_err(|e| err(e.to_string()))?;
         ReadOnlyExport::find(file).ok_or_else(|| err(format!("the daemon exporting {} is not running", file.display())))
     }
 

@@ -222,8 +222,8 @@ fn a_bitmaps_dirty_clusters_are_copied_and_nothing_else() {
 
 /// A qcow2 chain shown read-only as a raw file through the real qemu-storage-daemon's FUSE
 /// export: the guest-visible content at its offsets (the chain read through), writes refused,
-/// the image never written, the export found again by another caller, and nothing left after
-/// stop (no daemon, no FUSE mount, no pid file).
+/// the image never written, the export found again by another caller, a lock held by the daemon
+/// while it runs, and nothing left after stop (no daemon, no FUSE mount, no pid file, no lock).
 #[test]
 fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     use nasbak_qemu_img::ReadOnlyExport;
@@ -238,7 +238,14 @@ fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     ExternalCommand::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 8M 1M"]).arg(&top).run().unwrap();
     let before = (fs::read(&base).unwrap(), fs::read(&top).unwrap());
     let file = dir.path().join("disk.raw");
-    let export = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30)).unwrap();
+    // The daemon holds a lock for as long as it runs (what keeps a repository mounted).
+    let lock_path = dir.path().join("users.lock");
+    let lock = fs::File::create(&lock_path).unwrap();
+    lock.lock_shared().unwrap();
+    let export = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30), Some(&lock)).unwrap();
+    drop(lock);
+    let probe = fs::File::open(&lock_path).unwrap();
+    assert!(probe.try_lock().is_err(), "the daemon holds the shared lock after the caller let go");
     assert_eq!(fs::metadata(&file).unwrap().len(), 64 << 20);
     let mut f = fs::File::open(&file).unwrap();
     let mut at = |offset: u64| {
@@ -253,11 +260,12 @@ fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     assert!(OpenOptions::new().write(true).open(&file).and_then(|mut w| w.write_all(b"x")).is_err(), "read-only");
     assert_eq!(ReadOnlyExport::find(&file).as_ref(), Some(&export), "found again by another caller");
     // A second export onto a file in use, or of a format nasbak does not export, is refused.
-    let err = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30)).unwrap_err();
+    let err = ReadOnlyExport::start(&top, "qcow2", &file, Duration::from_secs(30), None).unwrap_err();
     assert!(err.to_string().contains("not an empty file"), "{err}");
-    assert!(ReadOnlyExport::start(&top, "vmdk", &dir.path().join("x.raw"), Duration::from_secs(30)).is_err());
+    assert!(ReadOnlyExport::start(&top, "vmdk", &dir.path().join("x.raw"), Duration::from_secs(30), None).is_err());
     export.stop(Duration::from_secs(10)).unwrap();
     assert!(!Path::new(&format!("/proc/{}", export.pid)).exists(), "the daemon is gone");
+    probe.try_lock().expect("the lock ends with the daemon");
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(file.to_str().unwrap()), "no FUSE mount left");
     assert_eq!(fs::metadata(&file).unwrap().len(), 0, "the file is an empty file again");
@@ -265,8 +273,8 @@ fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     assert_eq!((fs::read(&base).unwrap(), fs::read(&top).unwrap()), before, "the images were never written");
     // A missing image: the daemon's own words, and no export left.
     let gone = dir.path().join("gone.raw");
-    let err =
-        ReadOnlyExport::start(&dir.path().join("nope.qcow2"), "qcow2", &gone, Duration::from_secs(30)).unwrap_err();
+    let err = ReadOnlyExport::start(&dir.path().join("nope.qcow2"), "qcow2", &gone, Duration::from_secs(30), None)
+        .unwrap_err();
     assert!(err.to_string().contains("nope.qcow2"), "{err}");
     assert!(ReadOnlyExport::find(&gone).is_none());
 }

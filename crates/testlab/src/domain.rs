@@ -54,11 +54,35 @@ pub struct DiskSpec {
     ext4: bool,
     files: Vec<(String, Vec<u8>)>,
     name: Option<String>,
+    partitions: Vec<PartitionSpec>,
+}
+
+/// A partition of a disk with a GPT partition table ([`DiskSpec::partitions`]).
+#[derive(Debug, Clone)]
+pub struct PartitionSpec {
+    /// `ext4`, `xfs` (300 MiB at least), `swap`, or `none` (left blank).
+    pub fstype: &'static str,
+    /// Its size in MiB; 0 for the rest of the disk (last partition only).
+    pub size_mib: u64,
+    /// Files written at the file system's root.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl PartitionSpec {
+    /// A partition of `fstype` and `size_mib` MiB (0: the rest of the disk) holding `files`.
+    pub fn new(fstype: &'static str, size_mib: u64, files: &[(&str, &[u8])]) -> Self {
+        PartitionSpec { fstype, size_mib, files: files.iter().map(|(n, c)| (n.to_string(), c.to_vec())).collect() }
+    }
 }
 
 impl DiskSpec {
     fn new(kind: DiskKind, size_mib: u64) -> Self {
-        DiskSpec { kind, size_mib, ext4: false, files: Vec::new(), name: None }
+        DiskSpec { kind, size_mib, ext4: false, files: Vec::new(), name: None, partitions: Vec::new() }
+    }
+    /// Gives the disk a GPT partition table with these partitions, formatted and filled.
+    pub fn partitions(mut self, partitions: Vec<PartitionSpec>) -> Self {
+        self.partitions = partitions;
+        self
     }
     /// Puts a file disk (qcow2 or raw) at this path relative to the domain's directory
     /// (`a/data.qcow2`; directories are created), for layouts with odd names.
@@ -223,6 +247,9 @@ impl LabDomain {
             run("mkfs.ext4", &args);
             let _ = fs::remove_dir_all(&content);
         }
+        if !spec.partitions.is_empty() {
+            self.partition(&raw, &spec.partitions);
+        }
         let (target, path, format) = match spec.kind {
             DiskKind::Qcow2 => {
                 let q = self.dir.join(format!("disk{i}.qcow2"));
@@ -251,6 +278,51 @@ impl LabDomain {
             _ => path,
         };
         LabDisk { target, path, format, kind: spec.kind }
+    }
+
+    /// Writes a GPT with `parts` to the raw file, then formats and fills each partition through
+    /// a loop device (its partitions added with partx: nothing here runs udev).
+    fn partition(&self, raw: &Path, parts: &[PartitionSpec]) {
+        let mut script = String::from("label: gpt\n");
+        for p in parts {
+            script.push_str(&if p.size_mib == 0 { ",\n".to_owned() } else { format!(",{}M\n", p.size_mib) });
+        }
+        let sfdisk = std::process::Command::new("sfdisk")
+            .arg("-q")
+            .arg(raw)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                std::io::Write::write_all(c.stdin.as_mut().expect("piped"), script.as_bytes())?;
+                drop(c.stdin.take());
+                c.wait()
+            })
+            .unwrap_or_else(|e| lab_missing(&format!("sfdisk (package fdisk): {e}")));
+        assert!(sfdisk.success(), "sfdisk failed on {}", raw.display());
+        let dev = run("losetup", &["--find", "--show", "--partscan", raw.to_str().expect("utf-8")]).trim().to_owned();
+        let _ = ExternalCommand::new("partx").args(["-u", &dev]).timeout(Duration::from_secs(30)).run();
+        let mnt = self.dir.join("partition.mnt");
+        fs::create_dir_all(&mnt).expect("mount dir");
+        for (i, p) in parts.iter().enumerate() {
+            let part = format!("{dev}p{}", i + 1);
+            match p.fstype {
+                "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", &part]),
+                "xfs" => run("mkfs.xfs", &["-q", "-f", &part]),
+                "swap" => run("mkswap", &[&part]),
+                _ => String::new(),
+            };
+            if !p.files.is_empty() {
+                run("mount", &[&part, mnt.to_str().expect("utf-8")]);
+                for (name, data) in &p.files {
+                    fs::write(mnt.join(name), data).expect("write a file into a partition");
+                }
+                run("umount", &[mnt.to_str().expect("utf-8")]);
+            }
+        }
+        let _ = fs::remove_dir(&mnt);
+        let _ = ExternalCommand::new("partx").args(["-d", &dev]).timeout(Duration::from_secs(30)).run();
+        run("losetup", &["-d", &dev]);
     }
 
     fn xml(&self, (kernel, initrd): &(String, String), agent: bool, acpi: bool) -> String {

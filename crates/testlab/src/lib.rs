@@ -22,7 +22,9 @@
 mod domain;
 mod ssh;
 
-pub use domain::{DiskKind, DiskSpec, DomainSpec, LabDisk, LabDomain, shared_agent_guest, sweep_leftovers, virsh};
+pub use domain::{
+    DiskKind, DiskSpec, DomainSpec, LabDisk, LabDomain, PartitionSpec, shared_agent_guest, sweep_leftovers, virsh,
+};
 pub use ssh::{SshServer, pids_with_cmdline};
 
 /// The libvirt URI of the lab.

@@ -1,9 +1,10 @@
-//! `list`, `show`, `verify`, `delete` and `prune`: the catalog, which never needs libvirt.
+//! `list`, `show`, `verify`, `delete`, `prune`, `mount` and `umount`: the catalog, which never
+//! needs libvirt.
 
 use anyhow::{Result, anyhow};
 use nasbak::config::Config;
 use nasbak::nasbak_repo::BackupRef;
-use nasbak::{BackupError, BackupKind, FileStatus, VerifyReport};
+use nasbak::{BackupError, BackupKind, FileStatus, MountRequest, VerifyReport};
 
 use super::{CatalogServices, cancel_on_interrupt, repo_of, repos};
 use crate::args::Cli;
@@ -155,6 +156,56 @@ pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Res
     }
     if cli.json {
         print_json(&reports)?;
+    }
+    Ok(0)
+}
+
+pub fn mount(cli: &Cli, config: &Config, id: &BackupRef, dir: &std::path::Path, disk: Option<&str>) -> Result<u8> {
+    let r = repo_of(config, id)?;
+    let mut request = MountRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), dir);
+    if let Some(t) = disk {
+        request = request.only_disk(t);
+    }
+    let cancel = cancel_on_interrupt()?;
+    let mounted = CatalogServices::new().catalog().mount(&request, &cancel)?;
+    if cli.json {
+        print_json(&mounted)?;
+        return Ok(0);
+    }
+    println!("mounted {} read-only at {}", mounted.backup, mounted.dir.display());
+    for d in &mounted.disks {
+        let chain = if d.files > 1 { format!(", read through a chain of {} files", d.files) } else { String::new() };
+        println!("{}  {} ({} bytes{chain})", d.target, d.image.display(), d.size);
+        for f in &d.filesystems {
+            println!("  {}  {}  ({}, {})", part_name(f.partition), f.path.display(), f.fstype, f.options);
+        }
+        for n in &d.not_mounted {
+            println!("  {}  not mounted: {}", part_name(n.partition), n.reason);
+        }
+    }
+    println!("unmount with: nasbak umount {}", mounted.dir.display());
+    Ok(0)
+}
+
+fn part_name(partition: Option<u32>) -> String {
+    partition.map_or_else(|| "whole disk".to_owned(), |n| format!("partition {n}"))
+}
+
+pub fn umount(cli: &Cli, dir: &std::path::Path) -> Result<u8> {
+    let report = CatalogServices::new().catalog().unmount(dir)?;
+    if cli.json {
+        print_json(&report)?;
+        return Ok(0);
+    }
+    println!(
+        "unmounted {}: {} file system(s), {} export(s){}",
+        report.dir.display(),
+        report.unmounted.len(),
+        report.exports.len(),
+        if report.repository_unmounted { ", and the repository" } else { "" }
+    );
+    for p in &report.left {
+        println!("  left {} (not nasbak's)", p.display());
     }
     Ok(0)
 }

@@ -35,6 +35,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Show { id } => catalog::show(cli, &config, id),
         Command::Verify { id, all, repo } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
         Command::Delete { id } => catalog::delete(&config, id),
+        Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),
+        Command::Umount { dir } => catalog::umount(cli, dir),
         Command::Prune { vm, dry_run } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
         Command::Restore { id, vm } => restore::restore(cli, &config, id, vm.as_deref()),
         Command::RestoreVolume { id, disk, to, format, attach } => {

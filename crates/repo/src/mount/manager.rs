@@ -92,6 +92,32 @@ impl<M: Mounter> RepositoryMounts<M> {
         })
     }
 
+    /// Unmounts the repository called `name` if nasbak mounted it and no user is left (a user
+    /// may be another process, or a daemon that inherited a registration, see
+    /// [`MountedRepository::registration`]): what a process that let go of such a daemon calls.
+    pub fn unmount_if_unused(&self, name: &str) -> Result<ReleaseOutcome, MountError> {
+        let locks = self.runtime_dir.join("locks");
+        let users_path = locks.join(format!("{name}.users"));
+        if !users_path.exists() {
+            return Ok(ReleaseOutcome::StillInUse);
+        }
+        let root = self.runtime_dir.join("mnt").join(name);
+        let mutex = self.lock_mutex(&locks.join(format!("{name}.lock")))?;
+        let check = open_lock_file(&users_path)?;
+        let outcome = match check.try_lock() {
+            Ok(()) if self.mounter.mounts()?.iter().any(|m| m.mount_point == root) => {
+                ReleaseOutcome::Unmounted(self.mounter.unmount(&root, self.timeouts.unmount)?)
+            }
+            Ok(()) | Err(TryLockError::WouldBlock) => ReleaseOutcome::StillInUse,
+            Err(TryLockError::Error(source)) => {
+                return Err(MountError::Io { action: "locking", path: users_path, source });
+            }
+        };
+        drop(check);
+        drop(mutex);
+        Ok(outcome)
+    }
+
     fn ensure_mounted(&self, plan: &MountPlan, mount_point: &Path) -> Result<(), MountError> {
         let existing = self.mounter.mounts()?.into_iter().rev().find(|m| m.mount_point == mount_point);
         if let Some(found) = existing {
@@ -234,6 +260,14 @@ impl<M: Mounter> MountedRepository<'_, M> {
             .map_err(|e| MountError::Unresponsive { path: self.root.clone(), reason: e.to_string() })
     }
 
+    /// The open file whose shared lock registers this user (`None` for a repository nasbak
+    /// does not mount). A process that inherits it (a daemon serving files of the repository)
+    /// keeps the repository mounted for as long as it lives, after this user has let go;
+    /// [`RepositoryMounts::unmount_if_unused`] unmounts once it has ended.
+    pub fn registration(&self) -> Option<&File> {
+        self.users.as_ref()
+    }
+
     /// Capacity of the repository, under the probe timeout.
     pub fn capacity(&self) -> Result<Capacity, MountError> {
         self.owner.mounter.capacity(&self.root, self.owner.timeouts.probe)
@@ -370,6 +404,28 @@ mod tests {
         assert_eq!(a.root(), mp);
         assert_eq!(a.release().unwrap(), ReleaseOutcome::StillInUse);
         assert_eq!(b.release().unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
+    }
+
+    #[test]
+    fn a_registration_held_by_another_process_keeps_the_mount_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let mut m = MockMounter::new();
+        let mut seq = Sequence::new();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
+        m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
+        m.expect_unmount().times(1).in_sequence(&mut seq).returning(|_, _| Ok(UnmountOutcome::Clean));
+        let mounts = mounts(m, dir.path());
+        assert_eq!(mounts.unmount_if_unused("r1").unwrap(), ReleaseOutcome::StillInUse, "never used");
+        let a = mounts.acquire(&repo()).unwrap();
+        // What a daemon inherits: the same open file, so the same lock.
+        let daemon = a.registration().unwrap().try_clone().unwrap();
+        assert_eq!(a.release().unwrap(), ReleaseOutcome::StillInUse);
+        assert_eq!(mounts.unmount_if_unused("r1").unwrap(), ReleaseOutcome::StillInUse);
+        drop(daemon);
+        assert_eq!(mounts.unmount_if_unused("r1").unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
     }
 
     #[test]

@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "e2fsprogs",
     "util-linux",
+    "fdisk",
+    "xfsprogs",
     "fuse3",
     "sshfs",
     "openssh-server",
