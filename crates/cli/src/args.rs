@@ -156,7 +156,23 @@ pub enum Command {
         /// Restore into this shut-off VM instead (disks matched by target only).
         #[arg(long)]
         vm: Option<String>,
+        /// Start the VM within seconds on overlays over the backup while libvirt block jobs copy
+        /// the data onto its volumes; waits for the copies and finishes, unless --detach.
+        #[arg(long)]
+        instant: bool,
+        /// With --instant: return once the VM runs (the copies go on; see `nasbak instant`).
+        #[arg(long, requires = "instant")]
+        detach: bool,
+        /// With --instant: give up waiting after this long (the copies go on).
+        #[arg(long, default_value = "24h", value_parser = duration_arg, requires = "instant")]
+        timeout: Duration,
+        /// With --instant: copy each disk at most this fast, in MiB/s (spares the NAS).
+        #[arg(long, value_name = "MIB_PER_S", requires = "instant")]
+        bandwidth: Option<u64>,
     },
+    /// Instant restores in flight: list them, finish them, or cancel them.
+    #[command(subcommand)]
+    Instant(InstantCommand),
     /// Restore one disk of a backup as a new volume, optionally attached to a VM.
     RestoreVolume {
         /// The backup: REPO:VM/BACKUP-ID.
@@ -280,6 +296,27 @@ pub enum OfferingCommand {
     Remove {
         /// Its name.
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum InstantCommand {
+    /// Each instant restore in flight, with its copies' progress.
+    List,
+    /// Wait for the copies of VM's instant restore, check the backup's checksums, switch the VM
+    /// to its own volumes and remove the overlays.
+    Finish {
+        /// The VM.
+        vm: String,
+        /// Give up waiting after this long (the copies go on).
+        #[arg(long, default_value = "24h", value_parser = duration_arg)]
+        timeout: Duration,
+    },
+    /// Stop VM and abandon its instant restore (its volumes are left partly written and marked:
+    /// restore it again).
+    Cancel {
+        /// The VM.
+        vm: String,
     },
 }
 

@@ -52,6 +52,9 @@ fn every_command_has_help() {
         &["repo", "stats", "--help"],
         &["mount", "--help"],
         &["umount", "--help"],
+        &["instant", "--help"],
+        &["instant", "finish", "--help"],
+        &["instant", "cancel", "--help"],
     ] {
         let out = ok(&config, cmd);
         assert!(out.contains("Usage"), "{cmd:?}: {out}");
@@ -659,4 +662,50 @@ fn backups_of_a_running_vm_form_a_chain() {
     let shown = json_of(&ok(&config, &["--json", "show", third["id"].as_str().unwrap()]));
     assert_eq!((shown["manifest"]["mode"].as_str(), shown["manifest"]["parent"].is_null()), (Some("full"), true));
     assert!(ok(&config, &["verify", third["id"].as_str().unwrap()]).starts_with("ok "));
+}
+
+/// `restore --instant`: nasbak killed while the copy runs leaves the VM running and the copy
+/// going; `instant list` shows it, `instant finish` (another process) completes it; a detached
+/// one is cancelled.
+#[test]
+fn an_instant_restore_outlives_a_killed_nasbak() {
+    let dom = DomainSpec::new("cliinst").disk(DiskSpec::qcow2(64).ext4_with_files(&[("i.txt", b"instant")])).create();
+    let config = dom.dir().join("nasbak.toml");
+    shared_repo(&config, dom.dir());
+    let id = json_of(&ok(&config, &["--json", "backup", dom.name()]))["id"].as_str().unwrap().to_owned();
+    let disk = &dom.disks()[0].path;
+    assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .args(["restore", &id, "--instant", "--bandwidth", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("runs on its backup"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(dom.is_running(), "the VM runs on without nasbak");
+    let list = ok(&config, &["instant", "list"]);
+    assert!(list.contains(dom.name()) && list.contains("vda"), "{list}");
+    let done = json_of(&ok(&config, &["--json", "instant", "finish", dom.name()]));
+    assert_eq!(done["restored"][0]["location"], disk.to_str().unwrap());
+    assert!(!ok(&config, &["instant", "list"]).contains(dom.name()));
+    dom.destroy();
+    assert_eq!(dom.read_ext4_file(disk, "i.txt").as_deref(), Some("instant"));
+    // Detached, then cancelled: the VM stopped, its volume marked, a backup refused (exit 4).
+    let out = ok(&config, &["restore", &id, "--instant", "--detach", "--bandwidth", "8"]);
+    assert!(out.contains("nasbak instant finish"), "{out}");
+    let (code, _, err) = nasbak(&config, &["restore", &id, "--instant"]);
+    assert_eq!(code, 4, "{err}");
+    let out = ok(&config, &["instant", "cancel", dom.name()]);
+    assert!(out.contains("partly written"), "{out}");
+    assert!(!dom.is_running());
+    let (code, _, err) = nasbak(&config, &["backup", dom.name()]);
+    assert_eq!(code, 4, "{err}");
+    ok(&config, &["restore", &id]);
+    ok(&config, &["backup", dom.name()]);
 }

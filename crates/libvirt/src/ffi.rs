@@ -216,3 +216,61 @@ pub(crate) fn redefine_checkpoint(domain: &Domain, xml: &str, validate: bool) ->
         CheckpointHandle(unsafe { virt::sys::virDomainCheckpointCreateXML(domain.as_ptr(), c.as_ptr(), flags) });
     if handle.0.is_null() { Err(Error::last_error()) } else { Ok(()) }
 }
+
+/// `virDomainBlockCopy(dom, disk, dest_xml, params, n, flags)`, with the `bandwidth` parameter
+/// (bytes per second) when given.
+pub(crate) fn block_copy(
+    domain: &Domain,
+    disk: &str,
+    dest_xml: &str,
+    bandwidth: Option<u64>,
+    flags: u32,
+) -> Result<(), Error> {
+    let (d, x) = (cstring(disk)?, cstring(dest_xml)?);
+    let mut params = TypedParams { ptr: ptr::null_mut(), n: 0 };
+    if let Some(bytes) = bandwidth {
+        let mut max = 0;
+        // SAFETY: `params.ptr`/`params.n`/`max` are valid out pointers for libvirt's growable
+        // array (allocated by libvirt, freed by `TypedParams`'s drop); the name is a static
+        // NUL-terminated string.
+        let rc = unsafe {
+            virt::sys::virTypedParamsAddULLong(
+                &mut params.ptr,
+                &mut params.n,
+                &mut max,
+                virt::sys::VIR_DOMAIN_BLOCK_COPY_BANDWIDTH.as_ptr(),
+                bytes,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::last_error());
+        }
+    }
+    // SAFETY: `domain.as_ptr()` is live; `d` and `x` are NUL-terminated strings that outlive
+    // the call; `params` holds `params.n` parameters libvirt built (or is null with 0).
+    let rc =
+        unsafe { virt::sys::virDomainBlockCopy(domain.as_ptr(), d.as_ptr(), x.as_ptr(), params.ptr, params.n, flags) };
+    if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
+}
+
+/// `virDomainGetBlockJobInfo`: the block job on `disk` as `(type, cur, end)`, `None` when none.
+pub(crate) fn block_job_info(domain: &Domain, disk: &str) -> Result<Option<(i32, u64, u64)>, Error> {
+    let d = cstring(disk)?;
+    let mut info = virt::sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
+    // SAFETY: `domain.as_ptr()` is live, `d` is NUL-terminated, `info` is a valid struct that
+    // libvirt fills in during the call.
+    let rc = unsafe { virt::sys::virDomainGetBlockJobInfo(domain.as_ptr(), d.as_ptr(), &mut info, 0) };
+    match rc {
+        r if r < 0 => Err(Error::last_error()),
+        0 => Ok(None),
+        _ => Ok(Some((info.type_, info.cur, info.end))),
+    }
+}
+
+/// `virDomainBlockJobAbort(dom, disk, flags)`.
+pub(crate) fn block_job_abort(domain: &Domain, disk: &str, flags: u32) -> Result<(), Error> {
+    let d = cstring(disk)?;
+    // SAFETY: `domain.as_ptr()` is live and `d` is NUL-terminated for the call.
+    let rc = unsafe { virt::sys::virDomainBlockJobAbort(domain.as_ptr(), d.as_ptr(), flags) };
+    if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
+}

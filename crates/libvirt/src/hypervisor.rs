@@ -50,6 +50,32 @@ pub struct JobInfo {
     pub elapsed: Option<Duration>,
 }
 
+/// A block job on one disk (a copy started with [`Hypervisor::block_copy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockJob {
+    /// Bytes copied so far (libvirt's cursor).
+    pub cur: u64,
+    /// Bytes to copy in all; a copy whose `cur` equals `end` mirrors every write and is ready
+    /// to pivot.
+    pub end: u64,
+}
+
+impl BlockJob {
+    /// Whether the copy has caught up (ready to pivot).
+    pub fn ready(&self) -> bool {
+        self.end > 0 && self.cur == self.end
+    }
+}
+
+/// How a block copy treats its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockCopyFlags {
+    /// The destination exists and is used as it is (a block device, or an image made for it).
+    pub reuse_external: bool,
+    /// At most this many bytes per second (unlimited when `None`).
+    pub bandwidth: Option<u64>,
+}
+
 /// libvirt and QEMU versions, as `(major, minor, micro)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Versions {
@@ -128,6 +154,22 @@ pub trait Hypervisor {
     /// Attaches a `<disk>` to the domain's persistent definition, and to the running domain too
     /// when `live`.
     fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError>;
+    /// The domain's persistent definition, secrets included (for a definition to start from).
+    fn inactive_xml(&self, domain: &str) -> Result<String, LibvirtError>;
+    /// Starts the domain with `xml` as its running definition; a defined (persistent) domain of
+    /// that name and UUID keeps its persistent definition unchanged.
+    fn start_with_xml(&self, xml: &str) -> Result<(), LibvirtError>;
+    /// Starts a block copy of the running domain's disk `disk` (its target) to the destination
+    /// `<disk>` of `dest_xml`, as a transient job (not kept in the persistent definition): a
+    /// libvirt block job that goes on without the caller.
+    fn block_copy(&self, domain: &str, disk: &str, dest_xml: &str, flags: BlockCopyFlags) -> Result<(), LibvirtError>;
+    /// The block job on disk `disk`, if one runs.
+    fn block_job(&self, domain: &str, disk: &str) -> Result<Option<BlockJob>, LibvirtError>;
+    /// Ends the block job on `disk`: with `pivot`, the disk switches to the copy (which must be
+    /// ready); without, the copy is abandoned.
+    fn block_job_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError>;
+    /// Stops the domain at once (power off).
+    fn destroy(&self, domain: &str) -> Result<(), LibvirtError>;
 }
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...). Clones share the
@@ -245,6 +287,37 @@ impl Hypervisor for LibvirtHypervisor {
             flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
         }
         self.lookup(domain)?.attach_device_flags(disk_xml, flags)?;
+        Ok(())
+    }
+
+    fn inactive_xml(&self, domain: &str) -> Result<String, LibvirtError> {
+        Ok(self.lookup(domain)?.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?)
+    }
+
+    fn start_with_xml(&self, xml: &str) -> Result<(), LibvirtError> {
+        self.conn.create_domain_xml(xml, 0)?;
+        Ok(())
+    }
+
+    fn block_copy(&self, domain: &str, disk: &str, dest_xml: &str, flags: BlockCopyFlags) -> Result<(), LibvirtError> {
+        let mut f = virt::sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
+        if flags.reuse_external {
+            f |= virt::sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT;
+        }
+        Ok(ffi::block_copy(&self.lookup(domain)?, disk, dest_xml, flags.bandwidth, f)?)
+    }
+
+    fn block_job(&self, domain: &str, disk: &str) -> Result<Option<BlockJob>, LibvirtError> {
+        Ok(ffi::block_job_info(&self.lookup(domain)?, disk)?.map(|(_, cur, end)| BlockJob { cur, end }))
+    }
+
+    fn block_job_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
+        let flags = if pivot { virt::sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
+        Ok(ffi::block_job_abort(&self.lookup(domain)?, disk, flags)?)
+    }
+
+    fn destroy(&self, domain: &str) -> Result<(), LibvirtError> {
+        self.lookup(domain)?.destroy()?;
         Ok(())
     }
 }

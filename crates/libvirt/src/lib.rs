@@ -40,6 +40,7 @@ mod ffi;
 pub mod fuzz_checks;
 mod hypervisor;
 mod job;
+mod rewrite;
 mod xml_shape;
 
 pub use backup::{BackupTarget, Checkpoint, PushBackup};
@@ -52,8 +53,11 @@ pub const DEFAULT_URI: &str = "qemu:///system";
 
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
-pub use hypervisor::{DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions};
+pub use hypervisor::{
+    BlockCopyFlags, BlockJob, DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions,
+};
 pub use job::{
     CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup,
     start_backup,
 };
+pub use rewrite::{DiskSwap, swap_disk_sources};

@@ -488,14 +488,8 @@ fn teardown(dir: &Path) -> Result<UnmountReport, BackupError> {
         }
     }
     // 3. The daemons (a FUSE mount left by a daemon that died is detached).
-    let fuse = mount_points();
     for file in &exports {
-        let export = ReadOnlyExport::find(file);
-        if export.is_some() || fuse.contains(file) {
-            export
-                .unwrap_or(ReadOnlyExport { file: file.clone(), pid: 0 })
-                .stop(STOP_TIMEOUT)
-                .map_err(|e| at(Step::Unmount)(e.into()))?;
+        if ReadOnlyExport::stop_at(file, STOP_TIMEOUT).map_err(|e| at(Step::Unmount)(e.into()))? {
             report.exports.push(file.clone());
         }
     }

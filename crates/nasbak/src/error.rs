@@ -49,6 +49,8 @@ pub enum Step {
     },
     /// Unmounting a mounted backup.
     Unmount,
+    /// Starting the VM (an instant restore).
+    Start,
 }
 
 impl std::fmt::Display for Step {
@@ -69,6 +71,7 @@ impl std::fmt::Display for Step {
             Step::Attach => f.write_str("attaching the volume"),
             Step::Export { disk } => write!(f, "showing disk {disk} read-only"),
             Step::Unmount => f.write_str("unmounting the backup"),
+            Step::Start => f.write_str("starting the VM"),
         }
     }
 }
@@ -337,6 +340,30 @@ pub enum BackupError {
         #[source]
         source: nasbak_process::CommandError,
     },
+    /// An instant restore of the VM is in flight: finish or cancel it first.
+    #[error("an instant restore of {vm} is in flight ({}); finish or cancel it first", .dir.display())]
+    InFlight {
+        /// The VM.
+        vm: String,
+        /// Its directory.
+        dir: PathBuf,
+    },
+    /// A block copy of an instant restore is gone (it failed, or the VM stopped).
+    #[error(
+        "the copy of {vm}'s disk {disk} is gone (it failed, or the VM stopped): the instant restore can only be cancelled, then the VM restored again"
+    )]
+    CopyGone {
+        /// The VM.
+        vm: String,
+        /// Its disk.
+        disk: String,
+    },
+    /// Something took longer than it was given.
+    #[error("{what} timed out")]
+    TimedOut {
+        /// What.
+        what: String,
+    },
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -354,7 +381,7 @@ impl BackupError {
             BackupError::Input(_) | BackupError::Directory { .. } => ErrorKind::InvalidInput,
             BackupError::Mount(_) | BackupError::RepositoryUnavailable { .. } => ErrorKind::RepositoryUnreachable,
             BackupError::Config(_) => ErrorKind::Configuration,
-            BackupError::Lock(_) => ErrorKind::Busy,
+            BackupError::Lock(_) | BackupError::InFlight { .. } => ErrorKind::Busy,
             BackupError::Libvirt(e) if e.is_no_domain() => ErrorKind::NoSuchDomain,
             BackupError::NoSpace { .. } => ErrorKind::NoSpace,
             BackupError::NotBackupable { .. } => ErrorKind::DomainNotBackupable,

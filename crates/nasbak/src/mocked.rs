@@ -632,3 +632,53 @@ fn a_mount_that_fails_half_way_leaves_nothing_and_says_which_disk() {
     assert!(err.to_string().contains("checking the backup"), "{err}");
     assert_eq!(entries(&target), Vec::<String>::new(), "the user's directory stays, empty");
 }
+
+#[test]
+fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let mut hv = hypervisor(DomainState::ShutOff);
+    hv.expect_inactive_xml().returning(|_| Ok(XML.to_owned()));
+    hv.expect_start_with_xml().times(1).returning(|xml| {
+        assert!(xml.contains("vda.overlay.qcow2") && xml.contains("vdb.overlay.qcow2"), "{xml}");
+        assert!(!xml.contains("/v/root1.qcow2"), "{xml}");
+        Err(LibvirtError::new("Cannot access storage file"))
+    });
+    hv.expect_block_copy().never();
+    hv.expect_destroy().never();
+    let mut img = images();
+    img.expect_export_read_only().times(2).returning(|_, format, file, _| {
+        assert_eq!(format, &ImageFormat::Qcow2);
+        fs::write(file, vec![0u8; 4096]).unwrap();
+        Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 })
+    });
+    img.expect_create().returning(|at, format, _| {
+        assert_eq!(format, &ImageFormat::Qcow2, "only overlays are made before the VM runs");
+        if let ImageLocation::Path(p) = at {
+            fs::write(p, b"").unwrap();
+        }
+        Ok(())
+    });
+    img.expect_set_backing().times(2).returning(|_, backing, format| {
+        assert!(backing.ends_with(".backup.raw"), "{backing}");
+        assert_eq!(format, &ImageFormat::Raw);
+        Ok(())
+    });
+    let (e, _) = engine(hv, img, dir.path());
+    let work = dir.path().join("instant");
+    let instant = crate::InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), "vm1", &out.manifest.id))
+        .with_work_dir(&work);
+    let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.step(), Some(crate::Step::Start), "{err}");
+    assert_eq!(entries(&work), Vec::<String>::new(), "overlays, exports and state removed");
+    let vm_dir = dir.path().join("repo/vm1");
+    assert!(!entries(&vm_dir).iter().any(|f| f.starts_with(crate::RESTORING_MARK)), "no volume was touched");
+    // A running VM is refused before anything is made.
+    let mut hv = hypervisor(DomainState::Running);
+    hv.expect_inactive_xml().returning(|_| Ok(XML.to_owned()));
+    hv.expect_start_with_xml().never();
+    let (e, _) = engine(hv, MockImageTool::new(), dir.path());
+    let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::DomainRunning, "{err}");
+}

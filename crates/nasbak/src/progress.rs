@@ -22,6 +22,8 @@ pub enum Phase {
     Checksum,
     /// Verifying a backup's files.
     Verify,
+    /// libvirt block jobs moving an instant restore's data onto the VM's volumes.
+    Mirror,
 }
 
 impl std::fmt::Display for Phase {
@@ -32,6 +34,7 @@ impl std::fmt::Display for Phase {
             Phase::Copy => "copy",
             Phase::Checksum => "checksum",
             Phase::Verify => "verify",
+            Phase::Mirror => "mirror",
         })
     }
 }

@@ -333,6 +333,21 @@ impl ReadOnlyExport {
             .then(|| ReadOnlyExport { file: file.to_owned(), pid })
     }
 
+    /// Ends whatever export is at `file`: its daemon stopped if one runs, a FUSE mount left by
+    /// a daemon that died detached, the pid file removed. Whether there was anything to end.
+    pub fn stop_at(file: &Path, timeout: Duration) -> Result<bool, ImageError> {
+        let Ok(file) = std::path::absolute(file) else { return Ok(false) };
+        let mounted = fs_mounted(&file);
+        match ReadOnlyExport::find(&file) {
+            Some(export) => export.stop(timeout).map(|()| true),
+            None if mounted => ReadOnlyExport { file, pid: 0 }.stop(timeout).map(|()| true),
+            None => {
+                let _ = std::fs::remove_file(pid_file(&file));
+                Ok(false)
+            }
+        }
+    }
+
     /// Stops the daemon (SIGTERM, then SIGKILL after `timeout`), which ends the export; a FUSE
     /// mount still left on the file is detached; the pid file is removed. The file itself
     /// stays, empty.
@@ -353,15 +368,20 @@ impl ReadOnlyExport {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let target = self.file.to_string_lossy().replace(' ', "\\040");
-        if mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())) {
+        if fs_mounted(&self.file) {
             nix::mount::umount2(&self.file, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| err(format!("detaching the export at {}: {e}", self.file.display())))?;
         }
         let _ = std::fs::remove_file(pid_file(&self.file));
         Ok(())
     }
+}
+
+/// Whether something is mounted on `file` (mountinfo).
+fn fs_mounted(file: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = file.to_string_lossy().replace(' ', "\\040");
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
 }
 
 /// Where the pid of the daemon exporting `file` is kept: `.<file name>.pid` beside it.

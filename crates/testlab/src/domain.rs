@@ -660,8 +660,30 @@ impl Drop for LabDomain {
         for dev in &self.loops {
             let _ = ExternalCommand::new("losetup").args(["-d", dev]).timeout(Duration::from_secs(30)).run();
         }
+        release_under(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// What a test that failed half-way may have left under `dir`: file systems mounted there
+/// (detached, deepest first), processes serving files there (qemu-storage-daemon exports,
+/// killed), loop devices over its files (detached).
+fn release_under(dir: &Path) {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in mounts {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for pid in crate::ssh::pids_with_cmdline(dir.to_str().unwrap_or("/nonexistent")) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    detach_loops_under(dir);
 }
 
 fn remove_domain(name: &str, defined: bool) {
@@ -688,7 +710,7 @@ pub fn sweep_leftovers() {
         }
         remove_domain(name, true);
         let dir = Path::new(STATE).join("run").join(name);
-        detach_loops_under(&dir);
+        release_under(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
 }

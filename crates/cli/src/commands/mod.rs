@@ -38,7 +38,11 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),
         Command::Umount { dir } => catalog::umount(cli, dir),
         Command::Prune { vm, dry_run } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
-        Command::Restore { id, vm } => restore::restore(cli, &config, id, vm.as_deref()),
+        Command::Restore { id, vm, instant: false, .. } => restore::restore(cli, &config, id, vm.as_deref()),
+        Command::Restore { id, vm, instant: true, detach, timeout, bandwidth } => {
+            restore::instant(cli, &config, id, vm.as_deref(), (*detach, *timeout, *bandwidth))
+        }
+        Command::Instant(cmd) => restore::instant_command(cli, cmd),
         Command::RestoreVolume { id, disk, to, format, attach } => {
             restore::restore_volume(cli, &config, id, disk, to, format, attach.as_deref())
         }
@@ -64,7 +68,7 @@ impl CatalogServices {
     }
 }
 
-type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
+pub(crate) type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
 
 /// The engine over libvirt at `uri` (also the source of guest agents), qemu-img and the mounts.
 fn engine(uri: &str) -> Result<LibvirtEngine> {

@@ -1,13 +1,17 @@
-//! `restore` and `restore-volume`.
+//! `restore` (also `--instant`), `instant` and `restore-volume`.
 
 use anyhow::Result;
 use nasbak::config::Config;
 use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation};
 use nasbak::nasbak_repo::BackupRef;
-use nasbak::{RestoreRequest, VolumeRestoreRequest};
+use std::time::Duration;
+
+use nasbak::{
+    CopyState, DEFAULT_INSTANT_DIR, InstantFinished, InstantRestoreRequest, RestoreRequest, VolumeRestoreRequest,
+};
 
 use super::{cancel_on_interrupt, engine, repo_of};
-use crate::args::Cli;
+use crate::args::{Cli, InstantCommand};
 use crate::output::print_json;
 use crate::progress::Reporter;
 
@@ -68,4 +72,113 @@ pub fn restore_volume(
         }
     }
     Ok(0)
+}
+
+pub fn instant(
+    cli: &Cli,
+    config: &Config,
+    id: &BackupRef,
+    into: Option<&str>,
+    (detach, timeout, bandwidth): (bool, Duration, Option<u64>),
+) -> Result<u8> {
+    let r = repo_of(config, id)?;
+    let mut request = RestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string());
+    if let Some(vm) = into {
+        request = request.into_vm(vm);
+    }
+    let cancel = cancel_on_interrupt()?;
+    let e = engine(&cli.uri)?;
+    let started = std::time::Instant::now();
+    let mut request = InstantRestoreRequest::new(request);
+    if let Some(mib) = bandwidth {
+        request = request.with_bandwidth(mib.saturating_mul(1 << 20));
+    }
+    let state = e.instant_restore(&request, &cancel)?;
+    let vm = state.vm.clone();
+    if !cli.json {
+        println!(
+            "{vm} runs on its backup {} ({:.1} s); copying its disks",
+            state.backup,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if detach {
+        if cli.json {
+            print_json(&state)?;
+        } else {
+            println!("the copies go on without nasbak: `nasbak instant list`, then `nasbak instant finish {vm}`");
+        }
+        return Ok(0);
+    }
+    finish(cli, &e, &vm, timeout, &cancel)
+}
+
+fn finish(
+    cli: &Cli,
+    e: &super::LibvirtEngine,
+    vm: &str,
+    timeout: Duration,
+    cancel: &nasbak::nasbak_libvirt::CancelHandle,
+) -> Result<u8> {
+    let mut reporter = Reporter::new(cli.json, &format!("instant restore of {vm}"));
+    let finished = e.instant_finish(DEFAULT_INSTANT_DIR.as_ref(), vm, timeout, cancel, &mut |p| reporter.update(p));
+    reporter.finish();
+    let done: InstantFinished = match finished {
+        Err(err) if matches!(err.kind(), nasbak::ErrorKind::Cancelled) => {
+            eprintln!("{vm} runs and its copies go on: `nasbak instant finish {vm}` completes the restore");
+            return Err(err.into());
+        }
+        other => other?,
+    };
+    if cli.json {
+        print_json(&done)?;
+    } else {
+        for d in &done.restored {
+            println!("restored {} -> {} ({})", d.target, d.location, d.format);
+        }
+        println!("{vm} runs on its own volumes");
+    }
+    Ok(0)
+}
+
+pub fn instant_command(cli: &Cli, cmd: &InstantCommand) -> Result<u8> {
+    let e = engine(&cli.uri)?;
+    match cmd {
+        InstantCommand::List => {
+            let all = e.instant_restores(DEFAULT_INSTANT_DIR.as_ref())?;
+            if cli.json {
+                print_json(&all)?;
+                return Ok(0);
+            }
+            for s in &all {
+                let state = if s.running { "running" } else { "NOT RUNNING" };
+                println!("{}  from {}  since {}  {state}", s.restore.vm, s.restore.backup, s.restore.started);
+                for d in &s.disks {
+                    let copy = match &d.state {
+                        CopyState::Copying { done, total } => {
+                            format!("copying {:.0} %", *done as f64 * 100.0 / (*total).max(1) as f64)
+                        }
+                        CopyState::Ready { .. } => "ready to finish".to_owned(),
+                        CopyState::Gone => "NO COPY (cancel it, then restore again)".to_owned(),
+                        _ => "unknown".to_owned(),
+                    };
+                    println!("  {}  {copy}", d.target);
+                }
+            }
+            Ok(0)
+        }
+        InstantCommand::Finish { vm, timeout } => finish(cli, &e, vm, *timeout, &cancel_on_interrupt()?),
+        InstantCommand::Cancel { vm } => {
+            let c = e.instant_cancel(DEFAULT_INSTANT_DIR.as_ref(), vm)?;
+            if cli.json {
+                print_json(&c)?;
+            } else {
+                println!("{} stopped; its instant restore is undone", c.vm);
+                for v in &c.partly_written {
+                    println!("  {} is partly written: restore {} again", v.display(), c.vm);
+                }
+            }
+            Ok(0)
+        }
+    }
 }

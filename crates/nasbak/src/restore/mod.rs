@@ -15,10 +15,15 @@ use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
 use nasbak_repo::{BackupMode, BackupRepository, ManifestDisk};
 use serde::Serialize;
 
+mod instant;
 mod marks;
 mod vm;
 mod volume;
 
+pub use instant::{
+    CopyState, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished, InstantRestore,
+    InstantRestoreRequest, InstantStatus,
+};
 pub use marks::RESTORING_MARK;
 pub(crate) use marks::{RestoringMark, interrupted_restores};
 

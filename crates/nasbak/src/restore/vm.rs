@@ -161,7 +161,15 @@ where
                 return Err(incomplete(&restored, None, at(Step::Restore { disk: d.target.clone() })(e)));
             }
             let location = path.display().to_string();
-            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note: None });
+            // A mark an interrupted restore (in place, or instant) left on this disk: rewritten now.
+            let note = earlier.iter().find(|m| m.target == d.target).map(|m| {
+                m.clone().done();
+                format!(
+                    "the restore of {location} begun {} (pid {} on {}) had been interrupted; this one rewrote it",
+                    m.started, m.pid, m.host
+                )
+            });
+            restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note });
         }
         Ok(RestoreOutcome { backup: format!("{vm}/{id}"), vm: target_vm.to_owned(), restored })
     }

@@ -1,0 +1,605 @@
+//! Instant restore: a shut-off VM started within seconds on copy-on-write overlays over its
+//! backup, while libvirt block jobs move the data onto the VM's own volumes.
+//!
+//! For each disk:
+//! 1. the backup file (with its chain) is shown read-only as a raw file by a
+//!    qemu-storage-daemon (FUSE export, in the work directory), which keeps the repository
+//!    mounted for as long as it runs;
+//! 2. a qcow2 overlay over that export takes the guest's writes;
+//! 3. the volume is replaced by an empty image of the same format, size, owner and mode (a block
+//!    device is used as it is), marked half-written on the repository;
+//! 4. the domain is started with its disks on the overlays (its persistent definition is not
+//!    changed), and a block copy of each disk to its volume begins: a libvirt job that goes on
+//!    without nasbak.
+//!
+//! [`Engine::instant_finish`] waits until every copy has caught up, checks the backup files'
+//! checksums, switches each disk to its volume (pivot), and removes the overlays, the exports
+//! and the marks: the VM then runs on its own volumes, self-contained, with nothing left that
+//! points at the repository. [`Engine::instant_cancel`] stops the VM and removes everything
+//! but the marks (the volumes are partly written). The backup files are only ever read.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nasbak_libvirt::{
+    BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, Domain, DomainState, Hypervisor, swap_disk_sources,
+};
+use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
+use serde::{Deserialize, Serialize};
+
+use super::marks::{RESTORING_MARK, RestoringMark};
+use super::{RestoreRequest, RestoredDisk, ancestors, backup_disks, match_disks};
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
+use crate::lock::VmLock;
+use crate::progress::{Observer, Phase, Progress};
+use crate::transfer::check_image;
+use crate::transfer::stage::stage_beside;
+
+/// Where instant restores keep their overlays, exports and state by default: on local disk
+/// (the overlays take the guest's writes until the copies finish).
+pub const DEFAULT_INSTANT_DIR: &str = "/var/lib/nasbak/instant";
+const STATE_FILE: &str = "state.json";
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An instant restore to begin. Built with [`InstantRestoreRequest::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InstantRestoreRequest {
+    /// The backup, and the VM to restore (as for a whole-VM restore).
+    pub restore: RestoreRequest,
+    /// Where the overlays, exports and state go (`<work_dir>/<vm>/`).
+    pub work_dir: PathBuf,
+    /// At most this many bytes per second for each disk's copy (unlimited when `None`), to
+    /// spare the repository's server and the network.
+    pub bandwidth: Option<u64>,
+}
+
+impl InstantRestoreRequest {
+    /// An instant restore of `restore`, its files under [`DEFAULT_INSTANT_DIR`].
+    pub fn new(restore: RestoreRequest) -> Self {
+        InstantRestoreRequest { restore, work_dir: PathBuf::from(DEFAULT_INSTANT_DIR), bandwidth: None }
+    }
+
+    /// Limits each disk's copy to `bytes_per_second`.
+    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.bandwidth = Some(bytes_per_second);
+        self
+    }
+
+    /// Keeps the overlays, exports and state under `dir` instead.
+    pub fn with_work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.work_dir = dir.into();
+        self
+    }
+}
+
+/// An instant restore in flight (kept as `<work_dir>/<vm>/state.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InstantRestore {
+    /// The VM restored into.
+    pub vm: String,
+    /// The backup, `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// The repository's name.
+    pub repository: String,
+    /// When it began.
+    pub started: chrono::DateTime<chrono::Utc>,
+    /// Its directory (overlays, exports, state).
+    pub dir: PathBuf,
+    /// Where the half-written marks of its volumes are (the VM's directory on the repository).
+    pub marks: PathBuf,
+    /// Each disk.
+    pub disks: Vec<InstantDisk>,
+}
+
+/// One disk of an instant restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InstantDisk {
+    /// The target device.
+    pub target: String,
+    /// The VM's volume the data goes to.
+    pub volume: PathBuf,
+    /// Whether the volume is a block device.
+    pub block: bool,
+    /// The volume's format.
+    pub format: String,
+    /// The overlay the VM runs on until the pivot.
+    pub overlay: PathBuf,
+    /// The read-only export of the backup file the overlay reads through.
+    pub export: PathBuf,
+    /// The backup files of this disk (the newest first, then its chain), with the directory
+    /// each is in, for the checksums checked before the pivot.
+    pub files: Vec<(PathBuf, ManifestDisk)>,
+}
+
+/// Where an instant restore stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InstantStatus {
+    /// The restore.
+    pub restore: InstantRestore,
+    /// Whether the VM runs.
+    pub running: bool,
+    /// Each disk's copy.
+    pub disks: Vec<DiskCopy>,
+}
+
+/// One disk's block copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DiskCopy {
+    /// The target device.
+    pub target: String,
+    /// Where the copy stands.
+    pub state: CopyState,
+}
+
+/// Where a disk's block copy stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum CopyState {
+    /// Copying: `done` of `total` bytes.
+    Copying {
+        /// Bytes copied.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// Caught up: every write is mirrored; ready to finish.
+    Ready {
+        /// Bytes in all.
+        total: u64,
+    },
+    /// No copy runs (it failed, or the VM stopped): the restore can only be cancelled.
+    Gone,
+}
+
+/// A finished instant restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InstantFinished {
+    /// The backup, `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// The VM.
+    pub vm: String,
+    /// Each disk, now on its volume.
+    pub restored: Vec<RestoredDisk>,
+}
+
+/// What cancelling an instant restore did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InstantCancelled {
+    /// The VM (stopped).
+    pub vm: String,
+    /// The volumes left partly written (marked on the repository: restore them again).
+    pub partly_written: Vec<PathBuf>,
+}
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Starts the request's shut-off VM on overlays over the backup and begins the block
+    /// copies onto its volumes (see the module's documentation). Returns once the VM runs;
+    /// [`Engine::instant_finish`] completes the restore, [`Engine::instant_cancel`] undoes it.
+    /// Every backup file passes `qemu-img check` first; their checksums are checked before the
+    /// finish switches the VM to its volumes. A failure before the VM runs leaves everything
+    /// as it was.
+    pub fn instant_restore(
+        &self,
+        request: &InstantRestoreRequest,
+        cancel: &CancelHandle,
+    ) -> Result<InstantRestore, BackupError> {
+        let r = &request.restore;
+        let (repository, vm, id) = (&r.repository, r.vm.as_str(), r.id.as_str());
+        let vm_name = VmName::new(vm)?;
+        id.parse::<BackupId>()?;
+        let target_vm = r.into.as_deref().unwrap_or(vm);
+        let target_name = VmName::new(target_vm)?;
+        let inspect = || -> Result<_, BackupError> {
+            let state = self.hypervisor.domain_state(target_vm)?;
+            let xml = self.hypervisor.inactive_xml(target_vm)?;
+            Ok((state, Domain::parse(&xml)?, xml))
+        };
+        let (state, domain, xml) = inspect().map_err(at(Step::Inspect))?;
+        if state != DomainState::ShutOff {
+            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
+        }
+        let mounted = self.mounts.acquire(repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
+        let disks = backup_disks(&dir, vm, id, Some(&domain))?;
+        let pairs = match_disks(&disks, &domain, target_vm == vm)?;
+        let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
+        let work = request.work_dir.join(target_name.as_str());
+        make_private_dir(&request.work_dir)?;
+        match fs::create_dir(&work) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(BackupError::InFlight { vm: target_vm.to_owned(), dir: work });
+            }
+            Err(source) => return Err(BackupError::Io { action: "creating", path: work, source }),
+        }
+        let mut undo =
+            Undo { hypervisor: &self.hypervisor, vm: target_vm, dir: work.clone(), started: false, armed: true };
+        // Every file of every chain checked before anything changes.
+        let mut plan = Vec::new();
+        for (b, d) in &pairs {
+            let (volume, block) = match &d.source {
+                Some(DiskSource::File(p)) => (p.clone(), false),
+                Some(DiskSource::Block(p)) => (p.clone(), true),
+                other => {
+                    return Err(BackupError::Unsupported {
+                        what: format!(
+                            "an instant restore of disk {} ({other:?}); restore it without --instant",
+                            d.target
+                        ),
+                    });
+                }
+            };
+            check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+            let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
+            for (parent_dir, parent) in &chain {
+                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+            }
+            let mut files = vec![(dir.clone(), (*b).clone())];
+            files.extend(chain);
+            let format = d.format.clone().unwrap_or_else(|| "raw".into());
+            if !matches!(format.as_str(), "qcow2" | "raw") {
+                return Err(BackupError::Unsupported {
+                    what: format!("an instant restore into a {format} volume ({})", volume.display()),
+                });
+            }
+            plan.push(InstantDisk {
+                target: d.target.clone(),
+                overlay: work.join(format!("{}.overlay.qcow2", d.target)),
+                export: work.join(format!("{}.backup.raw", d.target)),
+                volume,
+                block,
+                format,
+                files,
+            });
+        }
+        let mut state = InstantRestore {
+            vm: target_vm.to_owned(),
+            backup: format!("{}:{vm}/{id}", repository.name()),
+            repository: repository.name().to_string(),
+            started: self.clock.now(),
+            dir: work.clone(),
+            marks: layout.vm_dir(&target_name),
+            disks: Vec::new(),
+        };
+        for (disk, (b, _)) in plan.into_iter().zip(&pairs) {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            let step = || Step::Restore { disk: disk.target.clone() };
+            let export = self
+                .images
+                .export_read_only(&dir.join(&b.file), &ImageFormat::Qcow2, &disk.export, mounted.registration())
+                .map_err(|e| at(step())(e.into()))?;
+            // libvirt looks at the backing chain as QEMU's user before it starts the domain.
+            fs::set_permissions(&export.file, fs::Permissions::from_mode(0o444)).map_err(|source| {
+                at(step())(BackupError::Io { action: "opening to QEMU", path: export.file.clone(), source })
+            })?;
+            let size = fs::metadata(&export.file).map_or(b.virtual_size, |m| m.len());
+            let overlay = ImageLocation::Path(disk.overlay.clone());
+            self.images.create(&overlay, &ImageFormat::Qcow2, size).map_err(|e| at(step())(e.into()))?;
+            self.images
+                .set_backing(&disk.overlay, &disk.export.to_string_lossy(), &ImageFormat::Raw)
+                .map_err(|e| at(step())(e.into()))?;
+            state.disks.push(disk);
+            write_state(&state)?;
+        }
+        let swaps: Vec<DiskSwap> = state
+            .disks
+            .iter()
+            .map(|d| DiskSwap {
+                target: d.target.clone(),
+                source: DiskSource::File(d.overlay.clone()),
+                format: "qcow2".into(),
+            })
+            .collect();
+        let live = swap_disk_sources(&xml, &swaps)?;
+        self.hypervisor.start_with_xml(&live).map_err(|e| at(Step::Start)(e.into()))?;
+        undo.started = true;
+        // The VM runs on the overlays; only now do its volumes change, each marked half-written
+        // on the repository until the finish.
+        for disk in &state.disks {
+            let step = || Step::Restore { disk: disk.target.clone() };
+            let mark = RestoringMark::write(
+                &state.marks,
+                &disk.target,
+                &disk.volume.to_string_lossy(),
+                &format!("{vm}/{id}"),
+                self.clock.now(),
+            )?;
+            if !disk.block
+                && let Err(e) = self.empty_volume(disk, size_of(&disk.export))
+            {
+                mark.done(); // the volume was not replaced
+                return Err(at(step())(e));
+            }
+            let (kind, attr) = if disk.block { ("block", "dev") } else { ("file", "file") };
+            let dest = format!(
+                "<disk type='{kind}'><source {attr}='{}'/><driver type='{}'/></disk>",
+                xml_escape(&disk.volume.to_string_lossy()),
+                disk.format
+            );
+            let flags = BlockCopyFlags { reuse_external: true, bandwidth: request.bandwidth };
+            self.hypervisor.block_copy(target_vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
+        }
+        // The daemons hold the repository now; the marks stay until the finish.
+        undo.armed = false;
+        Ok(state)
+    }
+
+    /// Replaces a file volume by an empty image of its format and size, with its owner and mode
+    /// (made beside it, then renamed over it).
+    fn empty_volume(&self, disk: &InstantDisk, size: u64) -> Result<(), BackupError> {
+        let meta = fs::metadata(&disk.volume).map_err(|source| BackupError::Io {
+            action: "reading",
+            path: disk.volume.clone(),
+            source,
+        })?;
+        let staged = stage_beside(&disk.volume)?;
+        let _ = fs::remove_file(&staged);
+        let format: ImageFormat = disk.format.parse().unwrap_or(ImageFormat::Raw);
+        let result = (|| {
+            self.images.create(&ImageLocation::Path(staged.clone()), &format, size)?;
+            let io = |source| BackupError::Io { action: "setting the owner and mode of", path: staged.clone(), source };
+            std::os::unix::fs::chown(&staged, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
+            fs::set_permissions(&staged, fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(io)?;
+            fs::rename(&staged, &disk.volume).map_err(|source| BackupError::Io {
+                action: "replacing",
+                path: disk.volume.clone(),
+                source,
+            })
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&staged);
+        }
+        result
+    }
+
+    /// The instant restores in flight under `work_dir`, with where their copies stand.
+    pub fn instant_restores(&self, work_dir: &Path) -> Result<Vec<InstantStatus>, BackupError> {
+        let mut all = Vec::new();
+        let Ok(entries) = fs::read_dir(work_dir) else { return Ok(all) };
+        let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        for name in names {
+            if let Some(state) = read_state(&work_dir.join(&name)) {
+                all.push(self.status_of(state));
+            }
+        }
+        Ok(all)
+    }
+
+    fn status_of(&self, restore: InstantRestore) -> InstantStatus {
+        let running = self.hypervisor.domain_state(&restore.vm).is_ok_and(|s| s == DomainState::Running);
+        let disks = restore
+            .disks
+            .iter()
+            .map(|d| {
+                let state = match self.hypervisor.block_job(&restore.vm, &d.target) {
+                    Ok(Some(j)) if j.ready() => CopyState::Ready { total: j.end },
+                    Ok(Some(j)) => CopyState::Copying { done: j.cur, total: j.end },
+                    _ => CopyState::Gone,
+                };
+                DiskCopy { target: d.target.clone(), state }
+            })
+            .collect();
+        InstantStatus { restore, running, disks }
+    }
+
+    /// Waits (up to `timeout`) until every block copy of `vm`'s instant restore has caught up,
+    /// checks the backup files' checksums (while the copies run), then switches each disk to
+    /// its volume and removes the overlays, the exports, the marks and the state. A cancel or
+    /// timeout while waiting leaves the restore in flight (the copies go on); a copy that is
+    /// gone, or a checksum that differs, fails with the restore left in flight, to be
+    /// cancelled.
+    pub fn instant_finish(
+        &self,
+        work_dir: &Path,
+        vm: &str,
+        timeout: Duration,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<InstantFinished, BackupError> {
+        let name = VmName::new(vm)?;
+        let state = read_state(&work_dir.join(name.as_str()))
+            .ok_or_else(|| BackupError::NotFound { what: format!("an instant restore of {vm} in flight") })?;
+        let deadline = Instant::now() + timeout;
+        let sums_cancel = CancelHandle::new();
+        let verified = std::thread::scope(|scope| {
+            let sums = scope.spawn(|| -> Result<(), BackupError> {
+                for disk in &state.disks {
+                    for (dir, file) in &disk.files {
+                        crate::transfer::check_sum(dir, file, vm, &sums_cancel, &mut |_| {})?;
+                    }
+                }
+                Ok(())
+            });
+            let waited = self.wait_ready(&state, deadline, cancel, observer);
+            if waited.is_err() {
+                sums_cancel.cancel();
+            }
+            let sums = sums.join().unwrap_or(Err(BackupError::Cancelled));
+            waited.and(sums.map_err(at(Step::Check)))
+        });
+        verified?;
+        for disk in &state.disks {
+            self.hypervisor
+                .block_job_end(vm, &disk.target, true)
+                .map_err(|e| at(Step::Restore { disk: disk.target.clone() })(e.into()))?;
+        }
+        let live = self.hypervisor.domain_xml(vm).map_err(|e| at(Step::Inspect)(e.into()))?;
+        if live.contains(&*state.dir.to_string_lossy()) {
+            return Err(BackupError::Unsupported {
+                what: format!("{vm} still reads from {} after the pivot", state.dir.display()),
+            });
+        }
+        let restored = state
+            .disks
+            .iter()
+            .map(|d| RestoredDisk {
+                target: d.target.clone(),
+                location: d.volume.display().to_string(),
+                format: d.format.clone(),
+                note: None,
+            })
+            .collect();
+        remove_files(&state)?;
+        for d in &state.disks {
+            let _ = fs::remove_file(state.marks.join(format!("{RESTORING_MARK}{}", d.target)));
+        }
+        let _ = fs::remove_file(state.dir.join(STATE_FILE));
+        let _ = fs::remove_dir(&state.dir);
+        let _ = self.mounts.unmount_if_unused(&state.repository);
+        Ok(InstantFinished { backup: state.backup, vm: vm.to_owned(), restored })
+    }
+
+    fn wait_ready(
+        &self,
+        state: &InstantRestore,
+        deadline: Instant,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        loop {
+            let status = self.status_of(state.clone());
+            let (mut done, mut total, mut ready) = (0, 0, true);
+            for d in &status.disks {
+                match d.state {
+                    CopyState::Ready { total: t } => (done, total) = (done + t, total + t),
+                    CopyState::Copying { done: c, total: t } => {
+                        (done, total, ready) = (done + c, total + t, false);
+                    }
+                    CopyState::Gone => {
+                        return Err(BackupError::CopyGone { vm: state.vm.clone(), disk: d.target.clone() });
+                    }
+                }
+            }
+            observer(&Progress::new(Phase::Mirror, &state.vm, done, total));
+            if ready {
+                return Ok(());
+            }
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            if Instant::now() > deadline {
+                return Err(BackupError::TimedOut { what: format!("waiting for the copies of {}'s disks", state.vm) });
+            }
+            cancel.sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Undoes `vm`'s instant restore: the copies abandoned, the VM stopped (what the guest
+    /// wrote since it started is lost), the overlays, exports and state removed. The volumes
+    /// are partly written: their marks stay on the repository until a restore rewrites them.
+    pub fn instant_cancel(&self, work_dir: &Path, vm: &str) -> Result<InstantCancelled, BackupError> {
+        let name = VmName::new(vm)?;
+        let state = read_state(&work_dir.join(name.as_str()))
+            .ok_or_else(|| BackupError::NotFound { what: format!("an instant restore of {vm} in flight") })?;
+        for d in &state.disks {
+            if matches!(self.hypervisor.block_job(vm, &d.target), Ok(Some(_))) {
+                let _ = self.hypervisor.block_job_end(vm, &d.target, false);
+            }
+        }
+        if self.hypervisor.domain_state(vm).is_ok_and(|s| s != DomainState::ShutOff) {
+            self.hypervisor.destroy(vm)?;
+        }
+        remove_files(&state)?;
+        let _ = fs::remove_file(state.dir.join(STATE_FILE));
+        let _ = fs::remove_dir(&state.dir);
+        let _ = self.mounts.unmount_if_unused(&state.repository);
+        Ok(InstantCancelled {
+            vm: vm.to_owned(),
+            partly_written: state.disks.iter().map(|d| d.volume.clone()).collect(),
+        })
+    }
+}
+
+fn size_of(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), BackupError> {
+    let io = |source| BackupError::Io { action: "creating", path: dir.to_owned(), source };
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).map_err(io)
+}
+
+fn write_state(state: &InstantRestore) -> Result<(), BackupError> {
+    let path = state.dir.join(STATE_FILE);
+    let tmp = state.dir.join(".state.json.tmp");
+    let text = serde_json::to_string_pretty(state).expect("the state serialises");
+    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|source| BackupError::Io {
+        action: "writing",
+        path,
+        source,
+    })
+}
+
+fn read_state(dir: &Path) -> Option<InstantRestore> {
+    serde_json::from_str(&fs::read_to_string(dir.join(STATE_FILE)).ok()?).ok()
+}
+
+/// Stops the exports and removes the overlays of `state` (those that exist).
+fn remove_files(state: &InstantRestore) -> Result<(), BackupError> {
+    for d in &state.disks {
+        ReadOnlyExport::stop_at(&d.export, STOP_TIMEOUT)?;
+        let _ = fs::remove_file(&d.export);
+        let _ = fs::remove_file(&d.overlay);
+    }
+    Ok(())
+}
+
+/// Undoes an instant restore that failed before it was handed over: the VM stopped if it was
+/// started, the exports, overlays and state removed; the marks of volumes already emptied stay
+/// (those volumes must be restored again).
+struct Undo<'a, H: Hypervisor> {
+    hypervisor: &'a H,
+    vm: &'a str,
+    dir: PathBuf,
+    started: bool,
+    armed: bool,
+}
+
+impl<H: Hypervisor> Drop for Undo<'_, H> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.started {
+            let _ = self.hypervisor.destroy(self.vm);
+        }
+        if let Some(state) = read_state(&self.dir) {
+            let _ = remove_files(&state);
+        }
+        // Exports and overlays made before the state recorded them.
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let _ = ReadOnlyExport::stop_at(&e.path(), STOP_TIMEOUT);
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
