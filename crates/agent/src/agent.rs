@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{AgentCommand, FreezeStatus, FsInfo, decode};
+use crate::protocol::{AgentCommand, ExecStarted, ExecStatus, FreezeStatus, FsInfo, decode};
 use crate::transport::AgentTransport;
 
 /// A guest-agent call failed.
@@ -136,5 +136,16 @@ impl<T: AgentTransport> GuestAgent<T> {
     /// `guest-get-fsinfo`.
     pub fn fsinfo(&self) -> Result<Vec<FsInfo>, AgentError> {
         self.call(AgentCommand::FsInfo)
+    }
+
+    /// Starts `path` with `args` in the guest (`guest-exec`, output captured); its guest pid.
+    pub fn exec(&self, path: &str, args: &[&str]) -> Result<i64, AgentError> {
+        let command = AgentCommand::Exec { path: path.to_owned(), args: args.iter().map(|a| a.to_string()).collect() };
+        self.call::<ExecStarted>(command).map(|s| s.pid)
+    }
+
+    /// Where a program [`GuestAgent::exec`] started stands (`guest-exec-status`).
+    pub fn exec_status(&self, pid: i64) -> Result<ExecStatus, AgentError> {
+        self.call(AgentCommand::ExecStatus(pid))
     }
 }

@@ -33,7 +33,7 @@ mod transport;
 pub use agent::{AgentError, GuestAgent};
 pub use guard::FreezeGuard;
 pub use policy::{QuiesceOutcome, QuiescePolicy, quiesce};
-pub use protocol::{AgentCommand, ErrorReply, FreezeStatus, FsDisk, FsInfo, decode};
+pub use protocol::{AgentCommand, ErrorReply, ExecStarted, ExecStatus, FreezeStatus, FsDisk, FsInfo, decode};
 pub use transport::{AgentTransport, LibvirtAgentTransport};
 
 #[cfg(test)]

@@ -19,6 +19,15 @@ pub enum AgentCommand {
     Status,
     /// `guest-get-fsinfo`.
     FsInfo,
+    /// `guest-exec`: runs a program in the guest (its output captured).
+    Exec {
+        /// The program's path in the guest.
+        path: String,
+        /// Its arguments.
+        args: Vec<String>,
+    },
+    /// `guest-exec-status` of a program `guest-exec` started.
+    ExecStatus(i64),
 }
 
 impl AgentCommand {
@@ -31,6 +40,8 @@ impl AgentCommand {
             AgentCommand::Thaw => "guest-fsfreeze-thaw",
             AgentCommand::Status => "guest-fsfreeze-status",
             AgentCommand::FsInfo => "guest-get-fsinfo",
+            AgentCommand::Exec { .. } => "guest-exec",
+            AgentCommand::ExecStatus(_) => "guest-exec-status",
         }
     }
 
@@ -40,9 +51,41 @@ impl AgentCommand {
             AgentCommand::FreezeList(points) => {
                 json!({"execute": self.name(), "arguments": {"mountpoints": points}}).to_string()
             }
+            AgentCommand::Exec { path, args } => json!({
+                "execute": self.name(),
+                "arguments": {"path": path, "arg": args, "capture-output": true}
+            })
+            .to_string(),
+            AgentCommand::ExecStatus(pid) => json!({"execute": self.name(), "arguments": {"pid": pid}}).to_string(),
             _ => json!({"execute": self.name()}).to_string(),
         }
     }
+}
+
+/// The reply of `guest-exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ExecStarted {
+    /// The program's pid in the guest.
+    pub pid: i64,
+}
+
+/// The reply of `guest-exec-status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ExecStatus {
+    /// Whether the program has ended.
+    pub exited: bool,
+    /// Its exit code, once it has ended normally.
+    #[serde(default)]
+    pub exitcode: Option<i32>,
+    /// The signal that ended it.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// Its standard output, base64.
+    #[serde(default, rename = "out-data")]
+    pub out_data: Option<String>,
+    /// Its standard error, base64.
+    #[serde(default, rename = "err-data")]
+    pub err_data: Option<String>,
 }
 
 /// The freeze state the agent reports.
@@ -109,6 +152,21 @@ pub fn decode<T: DeserializeOwned>(reply: &str) -> Result<Result<T, ErrorReply>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_asks_for_the_output_and_its_status_reads_back() {
+        let json = AgentCommand::Exec { path: "/bin/sh".into(), args: vec!["-c".into(), "exit 3".into()] }.to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["execute"], "guest-exec");
+        assert_eq!(v["arguments"]["arg"][1], "exit 3");
+        assert_eq!(v["arguments"]["capture-output"], true);
+        assert_eq!(AgentCommand::ExecStatus(42).to_json(), r#"{"arguments":{"pid":42},"execute":"guest-exec-status"}"#);
+        let s: ExecStatus =
+            decode(r#"{"return":{"exited":true,"exitcode":3,"out-data":"bm90IHJlYWR5Cg=="}}"#).unwrap().unwrap();
+        assert_eq!((s.exited, s.exitcode, s.out_data.as_deref()), (true, Some(3), Some("bm90IHJlYWR5Cg==")));
+        let running: ExecStatus = decode(r#"{"return":{"exited":false}}"#).unwrap().unwrap();
+        assert!(!running.exited && running.exitcode.is_none());
+    }
 
     #[test]
     fn commands_and_replies() {

@@ -143,6 +143,17 @@ pub enum Command {
         /// With --all: only this repository.
         #[arg(long, requires = "all")]
         repo: Option<String>,
+        /// Boot a throwaway copy of the VM from the backup (no network, disks on overlays):
+        /// passes when its guest agent answers (exit 0), fails with the console's last lines
+        /// (exit 5); a VM without a guest agent is unverifiable (exit 4).
+        #[arg(long, conflicts_with = "all")]
+        boot: bool,
+        /// With --boot: how long the guest has to answer.
+        #[arg(long, default_value = "5m", value_parser = duration_arg, requires = "boot")]
+        timeout: Duration,
+        /// With --boot: also run this command in the guest (`/bin/sh -c`); it must exit 0.
+        #[arg(long, requires = "boot")]
+        check: Option<String>,
     },
     /// Delete one backup (never a VM directory or the repository).
     Delete {
@@ -289,6 +300,12 @@ pub enum OfferingCommand {
         /// The longest chain (a full and its incrementals) before `auto` takes a full again [default: 7].
         #[arg(long)]
         full_every: Option<u32>,
+        /// Boot-verify each scheduled backup right after it is made (run-due).
+        #[arg(long)]
+        boot_verify: bool,
+        /// With --boot-verify: a command the guest must run with exit 0 (`/bin/sh -c`).
+        #[arg(long, requires = "boot_verify")]
+        boot_check: Option<String>,
     },
     /// List offerings and the VMs assigned to them.
     List,

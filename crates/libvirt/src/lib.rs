@@ -60,4 +60,4 @@ pub use job::{
     CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup,
     start_backup,
 };
-pub use rewrite::{DiskSwap, swap_disk_sources};
+pub use rewrite::{DiskSwap, Throwaway, has_agent_channel, swap_disk_sources, throwaway_definition};

@@ -76,6 +76,210 @@ pub fn swap_disk_sources(xml: &str, swaps: &[DiskSwap]) -> Result<String, XmlErr
     String::from_utf8(writer.into_inner()).map_err(|e| err(e.to_string()))
 }
 
+/// What makes a throwaway copy of a domain ([`throwaway_definition`]).
+#[derive(Debug, Clone)]
+pub struct Throwaway<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its UUID.
+    pub uuid: &'a str,
+    /// The disks it keeps, each on its new source; every other disk is dropped.
+    pub disks: &'a [DiskSwap],
+    /// The file its serial console is written to.
+    pub console_log: &'a std::path::Path,
+    /// Whether it gets a guest-agent channel.
+    pub agent: bool,
+}
+
+/// The devices a throwaway copy never has: what reaches the network or the host's devices and
+/// files, and the consoles and channels it gets afresh.
+const DROPPED_DEVICES: &[&[u8]] = &[
+    b"interface",
+    b"hostdev",
+    b"filesystem",
+    b"redirdev",
+    b"smartcard",
+    b"graphics",
+    b"serial",
+    b"console",
+    b"channel",
+    b"parallel",
+    b"shmem",
+];
+
+/// A copy of the domain definition `xml` that can run beside the domain without touching
+/// anything of it: another name and UUID, the disks of `t.disks` on their new sources and no
+/// other disk, no network interface, host device, shared file system, graphics, channel or
+/// console of its own, no NVRAM file and no fixed security label; a serial console written to
+/// `t.console_log` (the firmware's messages too), and a guest-agent channel when `t.agent`.
+pub fn throwaway_definition(xml: &str, t: &Throwaway<'_>) -> Result<String, XmlError> {
+    let err = |detail: String| XmlError { detail };
+    let mut reader = Reader::from_str(xml);
+    let mut writer = Writer::new(Vec::new());
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut disk: Option<(Vec<Event<'static>>, usize)> = None;
+    let mut skip: Option<usize> = None;
+    let mut replace_text: Option<String> = None;
+    let mut bios_seen = false;
+    let mut kept = Vec::new();
+    let write = |w: &mut Writer<Vec<u8>>, e: Event<'_>| w.write_event(e).map_err(|e| err(e.to_string()));
+    loop {
+        let event = reader.read_event().map_err(|e| err(format!("at byte {}: {e}", reader.buffer_position())))?;
+        if let Event::Eof = event {
+            break;
+        }
+        // Inside a dropped element: only the depth is followed.
+        if let Some(depth) = skip {
+            match &event {
+                Event::Start(_) => path.push(Vec::new()),
+                Event::End(_) => {
+                    path.pop();
+                    if path.len() == depth {
+                        skip = None;
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        // Inside a disk: buffered until its end, then swapped or dropped.
+        if let Some((events, depth)) = disk.as_mut() {
+            match &event {
+                Event::Start(_) => path.push(Vec::new()),
+                Event::End(_) => {
+                    path.pop();
+                }
+                _ => {}
+            }
+            events.push(event.into_owned());
+            if path.len() == *depth {
+                let (events, _) = disk.take().expect("inside a disk");
+                let target = target_of(&events);
+                if let Some(swap) = t.disks.iter().find(|s| Some(&s.target) == target.as_ref()) {
+                    kept.push(swap.target.clone());
+                    for e in rewrite(events, swap)? {
+                        write(&mut writer, e)?;
+                    }
+                }
+            }
+            continue;
+        }
+        let parent = path.last().cloned();
+        let parent = parent.as_deref();
+        let in_devices = parent == Some(b"devices".as_slice()) && path.len() == 2;
+        match event {
+            Event::Start(e) => {
+                let name = e.name().as_ref().to_vec();
+                let depth = path.len();
+                path.push(name.clone());
+                if in_devices && name == b"disk" {
+                    disk = Some((vec![Event::Start(e.into_owned())], depth));
+                } else if (in_devices && DROPPED_DEVICES.contains(&name.as_slice()))
+                    || (depth == 1 && name == b"seclabel")
+                    || (parent == Some(b"os".as_slice()) && name == b"nvram")
+                {
+                    skip = Some(depth);
+                } else {
+                    if depth == 1 && name == b"name" {
+                        replace_text = Some(t.name.to_owned());
+                    } else if depth == 1 && name == b"uuid" {
+                        replace_text = Some(t.uuid.to_owned());
+                    }
+                    if depth == 0 && name == b"domain" {
+                        // A live definition's `id` is not the throwaway's.
+                        let mut d = BytesStart::new("domain");
+                        for a in e.attributes().flatten().filter(|a| a.key.as_ref() != b"id") {
+                            d.push_attribute(a);
+                        }
+                        write(&mut writer, Event::Start(d))?;
+                    } else if parent == Some(b"os".as_slice()) && name == b"bios" {
+                        bios_seen = true;
+                        write(&mut writer, Event::Start(with_attribute(&e, "useserial", "yes")))?;
+                    } else {
+                        write(&mut writer, Event::Start(e))?;
+                    }
+                }
+            }
+            Event::Empty(e) => {
+                let qname = e.name();
+                let name = qname.as_ref();
+                if (in_devices && (name == b"disk" || DROPPED_DEVICES.contains(&name)))
+                    || (path.len() == 1 && name == b"seclabel")
+                    || (parent == Some(b"os".as_slice()) && name == b"nvram")
+                {
+                    continue;
+                }
+                if parent == Some(b"os".as_slice()) && name == b"bios" {
+                    bios_seen = true;
+                    write(&mut writer, Event::Empty(with_attribute(&e, "useserial", "yes")))?;
+                } else {
+                    write(&mut writer, Event::Empty(e))?;
+                }
+            }
+            Event::Text(text) => match replace_text.take() {
+                Some(new) => write(&mut writer, Event::Text(quick_xml::events::BytesText::new(&new)))?,
+                None => write(&mut writer, Event::Text(text))?,
+            },
+            Event::End(e) => {
+                let name = path.pop().unwrap_or_default();
+                if name == b"devices" && path.len() == 1 {
+                    let log = t.console_log.to_string_lossy();
+                    let mut serial = BytesStart::new("serial");
+                    serial.push_attribute(("type", "file"));
+                    write(&mut writer, Event::Start(serial))?;
+                    let mut source = BytesStart::new("source");
+                    source.push_attribute(("path", log.as_ref()));
+                    write(&mut writer, Event::Empty(source))?;
+                    write(&mut writer, Event::End(quick_xml::events::BytesEnd::new("serial")))?;
+                    if t.agent {
+                        let mut channel = BytesStart::new("channel");
+                        channel.push_attribute(("type", "unix"));
+                        write(&mut writer, Event::Start(channel))?;
+                        let mut target = BytesStart::new("target");
+                        target.push_attribute(("type", "virtio"));
+                        target.push_attribute(("name", "org.qemu.guest_agent.0"));
+                        write(&mut writer, Event::Empty(target))?;
+                        write(&mut writer, Event::End(quick_xml::events::BytesEnd::new("channel")))?;
+                    }
+                }
+                if name == b"os" && path.len() == 1 && !bios_seen {
+                    let mut bios = BytesStart::new("bios");
+                    bios.push_attribute(("useserial", "yes"));
+                    write(&mut writer, Event::Empty(bios))?;
+                }
+                replace_text = None;
+                write(&mut writer, Event::End(e))?;
+            }
+            other => write(&mut writer, other)?,
+        }
+    }
+    if let Some(s) = t.disks.iter().find(|s| !kept.contains(&s.target)) {
+        return Err(err(format!("the domain has no disk {}", s.target)));
+    }
+    String::from_utf8(writer.into_inner()).map_err(|e| err(e.to_string()))
+}
+
+/// Whether the domain definition `xml` has a guest-agent channel.
+pub fn has_agent_channel(xml: &str) -> bool {
+    let mut reader = Reader::from_str(xml);
+    let mut in_channel = false;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Eof) | Err(_) => return false,
+            Ok(Event::Start(e)) if e.name().as_ref() == b"channel" => in_channel = true,
+            Ok(Event::End(e)) if e.name().as_ref() == b"channel" => in_channel = false,
+            Ok(Event::Empty(e) | Event::Start(e))
+                if in_channel
+                    && e.name().as_ref() == b"target"
+                    && attribute(&e, b"name").as_deref() == Some("org.qemu.guest_agent.0") =>
+            {
+                return true;
+            }
+            _ => {}
+        }
+    }
+}
+
 fn attribute(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
     e.attributes()
         .flatten()
@@ -264,6 +468,43 @@ mod tests {
         // Unchanged disks stay byte for byte, escapes included.
         let untouched = swap_disk_sources(XML, &swaps[..1]).unwrap();
         assert!(untouched.contains("<source protocol='rbd' name='pool/web1-root'>"), "{untouched}");
+    }
+
+    #[test]
+    fn a_throwaway_copy_touches_nothing_of_the_domain() {
+        let live = XML.replace("<domain type='kvm'>", "<domain type='kvm' id='7'>").replace(
+            "<name>web1</name>",
+            "<name>web1</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os><type>hvm</type><loader>/x.fd</loader><nvram>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram></os><seclabel type='dynamic' model='dac'><label>+64055:+107</label></seclabel>",
+        ).replace("</devices>", "<channel type='unix'><source mode='bind' path='/run/web1.agent'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel><serial type='pty'/><graphics type='vnc' port='5901'/></devices>");
+        assert!(has_agent_channel(&live) && !has_agent_channel(XML));
+        let swaps = [DiskSwap {
+            target: "vdb".into(),
+            source: DiskSource::File("/w/vdb.qcow2".into()),
+            format: "qcow2".into(),
+        }];
+        let t = Throwaway {
+            name: "nasbak-verify-web1",
+            uuid: "99999999-8888-7777-6666-555555555555",
+            disks: &swaps,
+            console_log: std::path::Path::new("/w/console.log"),
+            agent: true,
+        };
+        let out = throwaway_definition(&live, &t).unwrap();
+        let d = Domain::parse(&out).unwrap();
+        assert_eq!(d.name, "nasbak-verify-web1");
+        assert_eq!(d.uuid.as_deref(), Some("99999999-8888-7777-6666-555555555555"));
+        assert_eq!(d.disks.len(), 1, "only the swapped disk: {out}");
+        assert_eq!(d.disks[0].source, Some(DiskSource::File(PathBuf::from("/w/vdb.qcow2"))));
+        for gone in
+            ["<interface", "5901", "/run/web1.agent", "nvram", "+64055", "id='7'", "pool/web1-root", "type='pty'"]
+        {
+            assert!(!out.contains(gone), "{gone} dropped: {out}");
+        }
+        for kept in ["<loader>/x.fd</loader>", "useserial=\"yes\"", "path=\"/w/console.log\"", "org.qemu.guest_agent.0"]
+        {
+            assert!(out.contains(kept), "{kept} in: {out}");
+        }
+        assert!(has_agent_channel(&out));
     }
 
     #[test]

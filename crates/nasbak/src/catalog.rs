@@ -53,6 +53,8 @@ pub struct BackupEntry {
     pub id: String,
     /// What it is.
     pub kind: BackupKind,
+    /// Its last boot verification (`nasbak verify --boot`), if it had one.
+    pub boot_verified: Option<crate::boot::BootVerification>,
 }
 
 impl BackupEntry {
@@ -77,6 +79,8 @@ impl Serialize for BackupEntry {
             files: Option<&'a [String]>,
             #[serde(skip_serializing_if = "Option::is_none")]
             damaged: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            boot_verified: Option<&'a crate::boot::BootVerification>,
         }
         let (written_by, manifest, files, damaged) = match &self.kind {
             BackupKind::Nasbak(m) => ("nasbak", Some(&**m), None, None),
@@ -92,6 +96,7 @@ impl Serialize for BackupEntry {
             manifest,
             files,
             damaged,
+            boot_verified: self.boot_verified.as_ref(),
         }
         .serialize(s)
     }
@@ -205,7 +210,10 @@ pub(crate) fn read_backup(repository: &str, vm: &str, id: &str, dir: &Path) -> O
     if !dir.is_dir() {
         return None;
     }
-    let entry = |kind| Some(BackupEntry { repository: repository.into(), vm: vm.into(), id: id.into(), kind });
+    let entry = |kind| {
+        let boot_verified = crate::boot::read_record(dir);
+        Some(BackupEntry { repository: repository.into(), vm: vm.into(), id: id.into(), kind, boot_verified })
+    };
     let manifest = dir.join(MANIFEST_FILE);
     match fs::read_to_string(&manifest) {
         Ok(text) => {

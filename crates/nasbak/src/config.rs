@@ -106,6 +106,12 @@ pub struct Offering {
     /// full again (none: [`crate::chain::DEFAULT_FULL_EVERY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_every: Option<u32>,
+    /// Boot-verify each scheduled backup right after it is made (`run-due`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_verify: bool,
+    /// The command a boot verification runs in the guest (`/bin/sh -c`), which must exit 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<String>,
 }
 
 /// A backup schedule of one VM (the VM's offering names the repository).
@@ -447,6 +453,8 @@ pub struct OfferingSummary {
     pub keep: Option<String>,
     /// The longest chain `auto` backups build.
     pub full_every: u32,
+    /// Whether scheduled backups are boot-verified.
+    pub boot_verify: bool,
     /// The VMs assigned to it.
     pub vms: Vec<String>,
 }
@@ -487,6 +495,7 @@ impl Config {
                 quiesce: o.quiesce.to_string(),
                 keep: o.keep.map(|k| k.to_string()),
                 full_every: o.full_every.unwrap_or(crate::chain::DEFAULT_FULL_EVERY),
+                boot_verify: o.boot_verify,
                 vms: self.assignments.iter().filter(|(_, x)| **x == o.name).map(|(v, _)| v.clone()).collect(),
             })
             .collect()
@@ -680,6 +689,8 @@ created = "2026-11-27T12:00:00Z"
             quiesce: QuiescePolicy::Off,
             keep: None,
             full_every: None,
+            boot_verify: false,
+            boot_check: None,
         };
         assert!(c.add_offering(o).unwrap_err().0.contains("not defined"));
     }

@@ -67,6 +67,7 @@
 #![deny(missing_docs)]
 
 mod backup;
+mod boot;
 mod browse;
 mod catalog;
 pub mod chain;
@@ -92,6 +93,9 @@ mod transfer;
 mod watchdog;
 
 pub use backup::{BackupOutcome, BackupRequest, DEFAULT_BACKUP_TIMEOUT, SkippedDisk};
+pub use boot::{
+    BOOT_VERIFY_FILE, BootResult, BootVerification, BootVerifyRequest, DEFAULT_BOOT_TIMEOUT, DEFAULT_VERIFY_DIR,
+};
 pub use browse::{
     DISK_IMAGE_FILE, MOUNT_STATE_FILE, MountRequest, MountedBackup, MountedDisk, MountedFilesystem, NotMounted,
     UnmountReport,

@@ -425,6 +425,7 @@ address = "{}"
 [[offering]]
 name = "gold"
 repository = "r"
+boot_verify = true
 [assignments]
 vm1 = "gold"
 [[schedule]]
@@ -442,7 +443,16 @@ created = "2026-11-26T12:00:00Z"
     .unwrap();
     let state = dir.path().join("state/state.json");
     let ran = |e: &MockEngine| match e.run_due(&config, &state, &CancelHandle::new(), &mut |_| {}).unwrap() {
-        crate::RunDue::Ran(runs) => runs.len(),
+        crate::RunDue::Ran(runs) => {
+            // The offering asks for boot verification: this VM has no guest agent, so each
+            // scheduled backup is recorded as unverifiable (never as good), and the run fails.
+            for r in &runs {
+                let v = r.boot_verified.clone().expect("verified").expect("ran");
+                assert_eq!(v.result, crate::BootResult::Unverifiable);
+                assert!(r.failed());
+            }
+            runs.len()
+        }
         crate::RunDue::Busy(holder) => panic!("busy: {holder}"),
     };
     assert_eq!(ran(&e), 1);

@@ -11,6 +11,7 @@ use nasbak_repo::{BackupRepository, Mounter};
 use serde::Serialize;
 
 use crate::backup::BackupRequest;
+use crate::boot::BootVerifyRequest;
 use crate::catalog::Catalog;
 use crate::config::{Config, RunOutcome, ScheduleState};
 use crate::engine::{AgentSource, Engine};
@@ -80,12 +81,17 @@ pub struct DueRun {
     pub pruned: Vec<String>,
     /// Why prune failed afterwards, if it did (the backup itself is made).
     pub prune_error: Option<String>,
+    /// The boot verification of the backup made, when the VM's offering asks for one: its
+    /// result, or why it could not run.
+    pub boot_verified: Option<Result<crate::boot::BootVerification, String>>,
 }
 
 impl DueRun {
-    /// Whether the schedule's backup failed.
+    /// Whether the schedule's backup failed, or its boot verification did not pass.
     pub fn failed(&self) -> bool {
         matches!(self.outcome, RunOutcome::Failed(_))
+            || matches!(&self.boot_verified, Some(Err(_)))
+            || matches!(&self.boot_verified, Some(Ok(v)) if v.result != crate::boot::BootResult::Passed)
     }
 }
 
@@ -172,8 +178,19 @@ where
                 };
                 self.backup(&request, cancel, &mut tagged)
             });
+            let mut boot_verified = None;
             let (outcome, pruned, prune_error) = match result {
                 Ok(made) => {
+                    let offering = config.offering_of(&s.vm);
+                    if let Some(o) = offering.filter(|o| o.boot_verify)
+                        && let Some(repository) = config.repository(&o.repository)
+                    {
+                        let mut r = BootVerifyRequest::new(repository.clone(), &s.vm, &made.manifest.id);
+                        if let Some(c) = &o.boot_check {
+                            r = r.with_check(c);
+                        }
+                        boot_verified = Some(self.verify_boot(&r, cancel).map_err(|e| crate::error::chain(&e)));
+                    }
                     let (pruned, prune_error) = match self.catalog().prune_vm(config, &s.vm, false) {
                         Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
                         Err(e) => (Vec::new(), Some(crate::error::chain(&e))),
@@ -189,7 +206,7 @@ where
             };
             state.last_outcome.insert(s.id.clone(), outcome.clone());
             state.save(state_path)?;
-            runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error });
+            runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified });
         }
         Ok(RunDue::Ran(runs))
     }

@@ -150,7 +150,15 @@ fn repo_vm_dir(repo: &BackupRepository, dom: &LabDomain) -> PathBuf {
 
 #[test]
 fn an_instant_restore_outlives_its_engine_and_is_cancelled_or_fails_clearly() {
-    let (dom, repo, id) = guest_with_backup("instant2");
+    let (dom, repo, full) = guest_with_backup("instant2");
+    // An incremental on the full (vda's changed clusters; vdb, raw, in full): the overlay reads
+    // through the chain.
+    dom.write_offline(0, 0x6b, "40M", "1M");
+    let e = engine(&dom.dir().join("runtime"));
+    let inc = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(inc.manifest.parent.as_deref(), Some(full.as_str()), "an incremental");
+    let id = inc.manifest.id;
+    zero(&dom.disks()[0].path, "qcow2");
     let work = dom.dir().join("instant");
     let request = InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), &id))
         .with_work_dir(&work)
@@ -166,6 +174,10 @@ fn an_instant_restore_outlives_its_engine_and_is_cancelled_or_fails_clearly() {
     e.instant_finish(&work, dom.name(), Duration::from_secs(600), &CancelHandle::new(), &mut |_| {})
         .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
     dom.destroy();
+    // The incremental's clusters (the guest, which mounted vda, wrote elsewhere only).
+    let got = fs::read(dom.raw_copy(0, "got-vda")).unwrap();
+    assert!(got[40 << 20..41 << 20].iter().all(|b| *b == 0x6b), "vda restored through its chain");
+    assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "known.txt").as_deref(), Some("from the backup"));
 
     // Cancelled: the VM stopped, nothing left but the marks of its partly written volumes, so
     // that a backup refuses until the VM is restored again.

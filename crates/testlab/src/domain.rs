@@ -55,6 +55,7 @@ pub struct DiskSpec {
     files: Vec<(String, Vec<u8>)>,
     name: Option<String>,
     partitions: Vec<PartitionSpec>,
+    bootable: bool,
 }
 
 /// A partition of a disk with a GPT partition table ([`DiskSpec::partitions`]).
@@ -77,7 +78,14 @@ impl PartitionSpec {
 
 impl DiskSpec {
     fn new(kind: DiskKind, size_mib: u64) -> Self {
-        DiskSpec { kind, size_mib, ext4: false, files: Vec::new(), name: None, partitions: Vec::new() }
+        DiskSpec { kind, size_mib, ext4: false, files: Vec::new(), name: None, partitions: Vec::new(), bootable: false }
+    }
+    /// Makes the disk boot the lab guest: an MBR with extlinux, an ext2 partition holding the
+    /// lab kernel and initramfs (for a domain that boots from its disk,
+    /// [`DomainSpec::boot_from_disk`]).
+    pub fn bootable(mut self) -> Self {
+        self.bootable = true;
+        self
     }
     /// Gives the disk a GPT partition table with these partitions, formatted and filled.
     pub fn partitions(mut self, partitions: Vec<PartitionSpec>) -> Self {
@@ -140,6 +148,7 @@ pub struct DomainSpec {
     agent: bool,
     running: bool,
     acpi: bool,
+    disk_boot: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -147,7 +156,14 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl DomainSpec {
     /// A domain whose name ends in `tag`, with no disks, no agent, shut off.
     pub fn new(tag: &str) -> Self {
-        DomainSpec { tag: tag.to_owned(), disks: Vec::new(), agent: false, running: false, acpi: false }
+        DomainSpec {
+            tag: tag.to_owned(),
+            disks: Vec::new(),
+            agent: false,
+            running: false,
+            acpi: false,
+            disk_boot: false,
+        }
     }
     /// Adds a disk.
     pub fn disk(mut self, disk: DiskSpec) -> Self {
@@ -163,6 +179,13 @@ impl DomainSpec {
     /// hotplug goes through ACPI; without it QEMU refuses `device_add` on `pci.0`).
     pub fn acpi(mut self, acpi: bool) -> Self {
         self.acpi = acpi;
+        self
+    }
+
+    /// Boots from the first disk (made with [`DiskSpec::bootable`]) through the firmware, whose
+    /// messages go to the serial console, rather than from the lab kernel directly.
+    pub fn boot_from_disk(mut self, yes: bool) -> Self {
+        self.disk_boot = yes;
         self
     }
 
@@ -187,7 +210,7 @@ impl DomainSpec {
             let disk = dom.make_disk(i, spec, &mut vd);
             dom.disks.push(disk);
         }
-        let xml = dom.xml(&guest, self.agent, self.acpi);
+        let xml = dom.xml(&guest, self.agent, self.acpi, self.disk_boot);
         let xml_path = dom.dir.join("domain.xml");
         fs::write(&xml_path, xml).expect("write domain xml");
         virsh(&["define", xml_path.to_str().expect("utf-8 path")])
@@ -250,6 +273,9 @@ impl LabDomain {
         if !spec.partitions.is_empty() {
             self.partition(&raw, &spec.partitions);
         }
+        if spec.bootable {
+            self.make_bootable(&raw);
+        }
         let (target, path, format) = match spec.kind {
             DiskKind::Qcow2 => {
                 let q = self.dir.join(format!("disk{i}.qcow2"));
@@ -278,6 +304,50 @@ impl LabDomain {
             _ => path,
         };
         LabDisk { target, path, format, kind: spec.kind }
+    }
+
+    /// An MBR with extlinux's boot code and one active ext2 partition holding the lab kernel,
+    /// initramfs and an extlinux configuration that boots them with the console on ttyS0.
+    fn make_bootable(&self, raw: &Path) {
+        let (kernel, initrd) = guest_paths();
+        let sfdisk = std::process::Command::new("sfdisk")
+            .arg("-q")
+            .arg(raw)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                std::io::Write::write_all(c.stdin.as_mut().expect("piped"), b"label: dos\n,,L,*\n")?;
+                drop(c.stdin.take());
+                c.wait()
+            })
+            .unwrap_or_else(|e| lab_missing(&format!("sfdisk (package fdisk): {e}")));
+        assert!(sfdisk.success(), "sfdisk failed on {}", raw.display());
+        let dev = run("losetup", &["--find", "--show", "--partscan", raw.to_str().expect("utf-8")]).trim().to_owned();
+        let _ = ExternalCommand::new("partx").args(["-u", &dev]).timeout(Duration::from_secs(30)).run();
+        let part = format!("{dev}p1");
+        run("mkfs.ext2", &["-q", "-F", &part]);
+        let mnt = self.dir.join("boot.mnt");
+        fs::create_dir_all(&mnt).expect("mount dir");
+        let m = mnt.to_str().expect("utf-8");
+        run("mount", &[&part, m]);
+        fs::copy(&kernel, mnt.join("vmlinuz")).expect("copy the kernel");
+        fs::copy(&initrd, mnt.join("initrd.img")).expect("copy the initramfs");
+        fs::write(
+            mnt.join("extlinux.conf"),
+            "DEFAULT lab\nPROMPT 0\nTIMEOUT 0\nLABEL lab\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND console=ttyS0\n",
+        )
+        .expect("extlinux.conf");
+        let installed = ExternalCommand::new("extlinux").args(["--install", m]).timeout(Duration::from_secs(60)).run();
+        run("umount", &[m]);
+        let _ = fs::remove_dir(&mnt);
+        let _ = ExternalCommand::new("partx").args(["-d", &dev]).timeout(Duration::from_secs(30)).run();
+        run("losetup", &["-d", &dev]);
+        installed.unwrap_or_else(|e| lab_missing(&format!("extlinux (package extlinux): {e}")));
+        let mbr = fs::read("/usr/lib/EXTLINUX/mbr.bin")
+            .unwrap_or_else(|e| lab_missing(&format!("/usr/lib/EXTLINUX/mbr.bin (package extlinux): {e}")));
+        let f = fs::OpenOptions::new().write(true).open(raw).expect("open the disk");
+        std::os::unix::fs::FileExt::write_all_at(&f, &mbr[..mbr.len().min(440)], 0).expect("write the boot code");
     }
 
     /// Writes a GPT with `parts` to the raw file, then formats and fills each partition through
@@ -325,12 +395,17 @@ impl LabDomain {
         run("losetup", &["-d", &dev]);
     }
 
-    fn xml(&self, (kernel, initrd): &(String, String), agent: bool, acpi: bool) -> String {
+    fn xml(&self, (kernel, initrd): &(String, String), agent: bool, acpi: bool, disk_boot: bool) -> String {
         let mut x = String::new();
+        let os = if disk_boot {
+            "<boot dev='hd'/><bios useserial='yes'/>".to_owned()
+        } else {
+            format!("<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0</cmdline>")
+        };
         let _ = write!(
             x,
             "<domain type='qemu'>\n  <name>{}</name>\n  <memory unit='MiB'>256</memory>\n  <vcpu>1</vcpu>\n  \
-             <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0</cmdline></os>\n  \
+             <os><type arch='x86_64'>hvm</type>{os}</os>\n  \
              {}<on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n  <devices>\n",
             self.name,
             if acpi { "<features><acpi/></features>\n  " } else { "" }

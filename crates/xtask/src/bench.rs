@@ -12,6 +12,10 @@
 //!   checkpoint, and `virtnbdbackup -l inc` where it is installed; the bytes the incremental
 //!   wrote; the synthetic-full merge (`nasbak prune` with keep last=1) against a new full;
 //! - restore: `nasbak restore` against `rsync -az` of the qcow2 and `cp --sparse=always`;
+//! - the ways to restore, on this disk and on an 8 GiB disk holding 4 GiB of pseudo-random data
+//!   (to show what grows with size): the full restore, the instant restore's time until the VM
+//!   runs (`restore --instant --detach`) and its total (then `instant finish`), and the time to a
+//!   mounted backup (`nasbak mount`);
 //! - the peak RSS of the nasbak process (its own VmHWM, not qemu-img's).
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
@@ -111,6 +115,79 @@ fn virsh_push(xml: &Path) -> Result<f64> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The ways to restore one backup, each round from a cold cache.
+#[derive(Default)]
+struct RestoreModes {
+    full: Vec<f64>,
+    to_running: Vec<f64>,
+    instant_total: Vec<f64>,
+    mount: Vec<f64>,
+}
+
+fn restore_modes(nasbak: &str, config: &str, id: &str, dir: &Path, rounds: usize) -> Result<RestoreModes> {
+    let mut m = RestoreModes::default();
+    let mnt = dir.join("mnt").to_string_lossy().into_owned();
+    for round in 1..=rounds {
+        m.full.push(timed(nasbak, &["--config", config, "restore", id])?.secs);
+        cold_cache()?;
+        let start = Instant::now();
+        cmd(nasbak).args(["--config", config, "restore", id, "--instant", "--detach"]).run()?;
+        m.to_running.push(start.elapsed().as_secs_f64());
+        cmd(nasbak).args(["--config", config, "instant", "finish", DOMAIN]).timeout(Duration::from_secs(3600)).run()?;
+        nix::unistd::sync();
+        m.instant_total.push(start.elapsed().as_secs_f64());
+        virsh(&["destroy", DOMAIN])?;
+        cold_cache()?;
+        let start = Instant::now();
+        cmd(nasbak).args(["--config", config, "mount", id, &mnt]).run()?;
+        m.mount.push(start.elapsed().as_secs_f64());
+        cmd(nasbak).args(["--config", config, "umount", &mnt]).run()?;
+        println!(
+            "bench: ways to restore, round {round}: full {:.2} s, instant running after {:.2} s and done after {:.2} s, mounted after {:.2} s",
+            m.full[round - 1],
+            m.to_running[round - 1],
+            m.instant_total[round - 1],
+            m.mount[round - 1]
+        );
+    }
+    Ok(m)
+}
+
+/// A raw file of `size_mib` holding `data_mib` of pseudo-random data, converted to the qcow2
+/// file `qcow2`.
+fn make_disk(dir: &Path, qcow2: &Path, size_mib: u64, data_mib: usize) -> Result<()> {
+    let raw = dir.join("disk.raw");
+    fs::File::create(&raw)?.set_len(size_mib << 20)?;
+    nasbak_testlab::fill_pseudo_random(&raw, data_mib);
+    cmd("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(qcow2)
+        .timeout(Duration::from_secs(3600))
+        .run()?;
+    fs::remove_file(&raw)?;
+    Ok(())
+}
+
+fn domain_xml(dir: &Path, disk: &Path) -> Result<()> {
+    let guest = fs::read_to_string(Path::new(STATE).join("guest.conf"))?;
+    let get = |k: &str| guest.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_default().to_owned();
+    fs::write(
+        dir.join("domain.xml"),
+        format!(
+            "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline></os>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+             <target dev='vda' bus='virtio'/></disk><memballoon model='none'/></devices></domain>",
+            get("kernel"),
+            get("initrd"),
+            disk.display()
+        ),
+    )?;
+    virsh(&["define", &dir.join("domain.xml").to_string_lossy()])?;
+    Ok(())
 }
 
 fn best(runs: &[Run]) -> (f64, u64) {
@@ -268,25 +345,8 @@ pub fn bench(rounds: usize) -> Result<()> {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
     println!("bench: a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data");
-    fs::File::create(dir.join("disk.raw"))?.set_len(2048 << 20)?;
-    nasbak_testlab::fill_pseudo_random(&dir.join("disk.raw"), 1024);
-    cmd("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", &p("disk.raw"), &p("disk.qcow2")]).run()?;
-    fs::remove_file(dir.join("disk.raw"))?;
-    let guest = fs::read_to_string(Path::new(STATE).join("guest.conf"))?;
-    let get = |k: &str| guest.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_default().to_owned();
-    fs::write(
-        dir.join("domain.xml"),
-        format!(
-            "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline></os>\
-             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
-             <target dev='vda' bus='virtio'/></disk><memballoon model='none'/></devices></domain>",
-            get("kernel"),
-            get("initrd"),
-            p("disk.qcow2")
-        ),
-    )?;
-    virsh(&["define", &p("domain.xml")])?;
+    make_disk(&dir, &dir.join("disk.qcow2"), 2048, 1024)?;
+    domain_xml(&dir, &dir.join("disk.qcow2"))?;
     let config = p("nasbak.toml");
     cmd(&nasbak)
         .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
@@ -378,6 +438,17 @@ pub fn bench(rounds: usize) -> Result<()> {
         cp.push(r.secs);
         fs::remove_file(&target)?;
     }
+    let modes2 = restore_modes(&nasbak, &config, &id, &dir, rounds)?;
+    // The same on an 8 GiB disk holding 4 GiB.
+    println!("bench: an 8 GiB qcow2 disk holding 4 GiB of pseudo-random data");
+    clear_backups()?;
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    fs::remove_file(dir.join("disk.qcow2"))?;
+    make_disk(&dir, &dir.join("disk8.qcow2"), 8192, 4096)?;
+    domain_xml(&dir, &dir.join("disk8.qcow2"))?;
+    cmd(&nasbak).args(backup_args).timeout(Duration::from_secs(3600)).run()?;
+    let id8 = backup_id(&config, &nasbak)?;
+    let modes8 = restore_modes(&nasbak, &config, &id8, &dir, rounds)?;
     let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
 
     let (nr, nr_rss) = best(&nasbak_running);
@@ -435,6 +506,25 @@ pub fn bench(rounds: usize) -> Result<()> {
     );
     if has_vnb {
         println!("bench: virtnbdbackup incremental (same change): best {:.2} s", best_secs(&inc.vnb));
+    }
+    for (size, m) in [("2 GiB disk, 1 GiB data", &modes2), ("8 GiB disk, 4 GiB data", &modes8)] {
+        let full = best_secs(&m.full);
+        row(
+            &format!("instant restore: VM running ({size})"),
+            best_secs(&m.to_running),
+            "full restore",
+            full,
+            "<= 0.25x",
+        );
+        row(&format!("instant restore: done ({size})"), best_secs(&m.instant_total), "full restore", full, "<= 1.5x");
+        row(&format!("backup mounted ({size})"), best_secs(&m.mount), "full restore", full, "(comparison)");
+        println!(
+            "bench: ranges over {rounds} rounds ({size}): full restore {}, instant running {}, instant done {}, mounted {}",
+            range(&m.full),
+            range(&m.to_running),
+            range(&m.instant_total),
+            range(&m.mount)
+        );
     }
     let rss = nr_rss.max(ns_rss).max(nre_rss).max(inc.peak_rss_kib);
     println!("| peak RSS of nasbak | {:.1} MiB | | | <= 30 MiB |", rss as f64 / 1024.0);

@@ -1,4 +1,4 @@
-//! `backup` and `run-due`.
+//! `backup`, `run-due` and `verify --boot` (the commands that run a VM).
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use anyhow::Result;
 use nasbak::chain::ModeRequest;
 use nasbak::config::{Config, RunOutcome};
 use nasbak::nasbak_agent::QuiescePolicy;
-use nasbak::{BackupRequest, RunDue};
+use nasbak::{BackupRequest, BootResult, BootVerifyRequest, RunDue};
 
 use super::{cancel_on_interrupt, engine};
 use crate::args::Cli;
@@ -113,9 +113,52 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
                     if let Some(e) = &r.prune_error {
                         println!("{}: prune of {} FAILED: {e}", r.schedule, r.vm);
                     }
+                    match &r.boot_verified {
+                        Some(Ok(v)) => {
+                            println!("{}: boot verification of {}: {:?}: {}", r.schedule, r.vm, v.result, v.detail)
+                        }
+                        Some(Err(e)) => println!("{}: boot verification of {} could not run: {e}", r.schedule, r.vm),
+                        None => {}
+                    }
                 }
             }
             Ok(if runs.iter().any(nasbak::DueRun::failed) { 5 } else { 0 })
         }
     }
+}
+
+/// `verify --boot`: needs libvirt, unlike the other verify.
+pub fn verify_boot(
+    cli: &Cli,
+    config: &Config,
+    id: &nasbak::nasbak_repo::BackupRef,
+    timeout: Duration,
+    check: Option<&str>,
+) -> Result<u8> {
+    let r = super::repo_of(config, id)?;
+    let mut request = BootVerifyRequest::new(r.clone(), id.vm.as_str(), id.id.to_string()).with_timeout(timeout);
+    if let Some(c) = check {
+        request = request.with_check(c);
+    }
+    let cancel = cancel_on_interrupt()?;
+    let e = engine(&cli.uri)?;
+    let v = e.verify_boot(&request, &cancel)?;
+    if cli.json {
+        print_json(&v)?;
+    } else {
+        let word = match v.result {
+            BootResult::Passed => "BOOTS",
+            BootResult::Failed => "DOES NOT BOOT",
+            _ => "UNVERIFIABLE",
+        };
+        println!("{word}  {}  {} ({:.1} s)", v.backup, v.detail, v.millis as f64 / 1000.0);
+        for line in &v.console {
+            println!("  console: {line}");
+        }
+    }
+    Ok(match v.result {
+        BootResult::Passed => 0,
+        BootResult::Failed => 5,
+        _ => 4,
+    })
 }

@@ -25,16 +25,31 @@ pub fn list(cli: &Cli, config: &Config, vm: Option<&str>, repo: Option<&str>) ->
         match &b.kind {
             BackupKind::Damaged { reason } => println!("{}  DAMAGED: {reason}", b.reference()),
             BackupKind::Nasbak(m) => println!(
-                "{}  {} disk(s)  nasbak  {}{}",
+                "{}  {} disk(s)  nasbak  {}{}{}",
                 b.reference(),
                 m.disks.len(),
                 m.parent.as_ref().map_or_else(|| "full".to_owned(), |p| format!("incremental on {p}")),
-                m.schedule.as_ref().map(|s| format!("  schedule {s}")).unwrap_or_default()
+                m.schedule.as_ref().map(|s| format!("  schedule {s}")).unwrap_or_default(),
+                boot_note(b)
             ),
-            BackupKind::Reference { files } => println!("{}  {} disk(s)  reference", b.reference(), files.len()),
+            BackupKind::Reference { files } => {
+                println!("{}  {} disk(s)  reference{}", b.reference(), files.len(), boot_note(b))
+            }
         }
     }
     Ok(0)
+}
+
+/// The last boot verification, for `list`.
+fn boot_note(b: &nasbak::BackupEntry) -> String {
+    b.boot_verified.as_ref().map_or_else(String::new, |v| {
+        let word = match v.result {
+            nasbak::BootResult::Passed => "boots",
+            nasbak::BootResult::Failed => "DOES NOT BOOT",
+            _ => "boot unverifiable",
+        };
+        format!("  {word} (verified {})", v.at.format("%Y-%m-%d %H:%M"))
+    })
 }
 
 pub fn show(cli: &Cli, config: &Config, id: &BackupRef) -> Result<u8> {
@@ -46,6 +61,9 @@ pub fn show(cli: &Cli, config: &Config, id: &BackupRef) -> Result<u8> {
         }
         BackupKind::Nasbak(m) if !cli.json => {
             println!("{}", m.to_json());
+            if let Some(v) = &b.boot_verified {
+                println!("boot verification:{}  {}", boot_note(&b), v.detail);
+            }
             Ok(0)
         }
         _ => {

@@ -33,7 +33,10 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::RunDue => backup::run_due(cli, &config),
         Command::List { vm, repo } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),
         Command::Show { id } => catalog::show(cli, &config, id),
-        Command::Verify { id, all, repo } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
+        Command::Verify { id: Some(id), boot: true, timeout, check, .. } => {
+            backup::verify_boot(cli, &config, id, *timeout, check.as_deref())
+        }
+        Command::Verify { id, all, repo, .. } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
         Command::Delete { id } => catalog::delete(&config, id),
         Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),
         Command::Umount { dir } => catalog::umount(cli, dir),

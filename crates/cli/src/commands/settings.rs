@@ -100,7 +100,7 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
 
 pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result<u8> {
     match cmd {
-        OfferingCommand::Add { name, repo, zone, quiesce, keep, full_every } => {
+        OfferingCommand::Add { name, repo, zone, quiesce, keep, full_every, boot_verify, boot_check } => {
             config.add_offering(Offering {
                 name: name.clone(),
                 repository: repo.clone(),
@@ -108,6 +108,8 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
                 quiesce: *quiesce,
                 keep: *keep,
                 full_every: *full_every,
+                boot_verify: *boot_verify,
+                boot_check: boot_check.clone(),
             })?;
             config.save(&cli.config)?;
             println!("added offering {name}");
@@ -115,12 +117,13 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
         OfferingCommand::List => {
             print_rows(cli.json, &config.offering_summaries(), |o| {
                 format!(
-                    "{}  repo {}  quiesce {}  keep {}  full every {}  vms: {}",
+                    "{}  repo {}  quiesce {}  keep {}  full every {}{}  vms: {}",
                     o.name,
                     o.repository,
                     o.quiesce,
                     o.keep.as_deref().unwrap_or("everything"),
                     o.full_every,
+                    if o.boot_verify { "  boot-verified" } else { "" },
                     o.vms.join(", ")
                 )
             })?;

@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "fdisk",
     "xfsprogs",
+    "extlinux",
     "fuse3",
     "sshfs",
     "openssh-server",

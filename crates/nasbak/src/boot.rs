@@ -1,0 +1,359 @@
+//! Boot-verified backups: a throwaway domain made from a backup's saved definition is started on
+//! overlays over the backup's files; the backup passes when the guest agent answers (and a check
+//! command run through it succeeds, where one is given) within a timeout.
+//!
+//! The throwaway domain ([`nasbak_libvirt::throwaway_definition`]) has its own name and UUID, no
+//! network interface, host device or shared file system, and only the backed-up disks, each a
+//! qcow2 overlay (in the work directory) over a read-only FUSE export of the backup file and its
+//! chain: nothing of the original VM, and nothing of the backup, is written. It is transient and
+//! destroyed, and the overlays and exports removed, on every path out. The result is kept beside
+//! the backup's manifest (`boot-verify.json`) and shown by `list` and `show`.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nasbak_agent::GuestAgent;
+use nasbak_libvirt::{
+    CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, Throwaway, has_agent_channel, throwaway_definition,
+};
+use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_repo::model::layout::DOMAIN_CONFIG_FILE;
+use nasbak_repo::{BackupId, Mounter, VmName};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{AgentSource, Engine};
+use crate::error::{BackupError, Step, at};
+use crate::lock::VmLock;
+use crate::restore::{ancestors, backup_disks};
+use crate::transfer::check_image;
+
+/// The file beside a backup's manifest that holds its last boot verification.
+pub const BOOT_VERIFY_FILE: &str = "boot-verify.json";
+/// How long a guest has to answer by default.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Where boot verifications keep their overlays, exports and console logs by default.
+pub const DEFAULT_VERIFY_DIR: &str = "/var/lib/nasbak/verify";
+/// How many of the console's last lines a failed verification keeps.
+const CONSOLE_LINES: usize = 20;
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A boot verification to run. Built with [`BootVerifyRequest::new`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BootVerifyRequest {
+    /// The repository the backup is on.
+    pub repository: nasbak_repo::BackupRepository,
+    /// The VM the backup is of.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// How long the guest has to answer (and the check to succeed).
+    pub timeout: Duration,
+    /// A command run in the guest through its agent (`/bin/sh -c COMMAND`) that must exit 0.
+    pub check: Option<String>,
+    /// Where the overlays, exports and console log go.
+    pub work_dir: PathBuf,
+}
+
+impl BootVerifyRequest {
+    /// Verifying backup `id` of `vm` on `repository` by booting it.
+    pub fn new(repository: nasbak_repo::BackupRepository, vm: impl Into<String>, id: impl Into<String>) -> Self {
+        BootVerifyRequest {
+            repository,
+            vm: vm.into(),
+            id: id.into(),
+            timeout: DEFAULT_BOOT_TIMEOUT,
+            check: None,
+            work_dir: PathBuf::from(DEFAULT_VERIFY_DIR),
+        }
+    }
+
+    /// Gives the guest `timeout` to answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Also runs `command` in the guest (`/bin/sh -c`); it must exit 0.
+    pub fn with_check(mut self, command: impl Into<String>) -> Self {
+        self.check = Some(command.into());
+        self
+    }
+
+    /// Keeps the overlays, exports and console log under `dir`.
+    pub fn with_work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.work_dir = dir.into();
+        self
+    }
+}
+
+/// The outcome of a boot verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum BootResult {
+    /// The guest booted: its agent answered (and the check succeeded).
+    Passed,
+    /// The guest did not answer in time, stopped, or the check failed.
+    Failed,
+    /// The VM has no guest agent: nasbak cannot tell a booted guest from a hung one.
+    Unverifiable,
+}
+
+/// A boot verification of a backup, as recorded beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BootVerification {
+    /// `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// The outcome.
+    pub result: BootResult,
+    /// When it ran.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// How long the guest took to answer (or how long it was given), in milliseconds.
+    pub millis: u64,
+    /// What happened, in words.
+    pub detail: String,
+    /// The console's last lines, for a failed boot.
+    pub console: Vec<String>,
+}
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Boots a throwaway copy of the backup's VM (see the module's documentation) and records
+    /// the result beside the backup. A boot that fails is a [`BootResult::Failed`] verification,
+    /// not an error; errors are what kept the verification from running (no such backup, a
+    /// damaged file, the repository).
+    pub fn verify_boot(
+        &self,
+        request: &BootVerifyRequest,
+        cancel: &CancelHandle,
+    ) -> Result<BootVerification, BackupError> {
+        let (vm, id) = (request.vm.as_str(), request.id.as_str());
+        let vm_name = VmName::new(vm)?;
+        id.parse::<BackupId>()?;
+        let mounted = self.mounts.acquire(&request.repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
+        let disks = backup_disks(&dir, vm, id, None)?;
+        let reference = format!("{}:{vm}/{id}", request.repository.name());
+        let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).map_err(|_| BackupError::Unsupported {
+            what: format!("booting backup {vm}/{id}: it has no saved domain definition ({DOMAIN_CONFIG_FILE})"),
+        })?;
+        let started = Instant::now();
+        let record =
+            |result: BootResult, detail: String, console: Vec<String>| -> Result<BootVerification, BackupError> {
+                let v = BootVerification {
+                    backup: reference.clone(),
+                    result,
+                    at: self.clock.now(),
+                    millis: started.elapsed().as_millis() as u64,
+                    detail,
+                    console,
+                };
+                write_record(&dir, &v)?;
+                Ok(v)
+            };
+        if !has_agent_channel(&saved) {
+            return record(
+                BootResult::Unverifiable,
+                "the VM has no guest agent channel: a booted guest cannot be told from a hung one".into(),
+                Vec::new(),
+            );
+        }
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let name = format!("nasbak-verify-{}-{}", &uuid[..8], vm);
+        let work = request.work_dir.join(&name);
+        fs::create_dir_all(&request.work_dir)
+            .and_then(|()| fs::create_dir(&work))
+            .map_err(|source| BackupError::Io { action: "creating", path: work.clone(), source })?;
+        let mut guard =
+            BootGuard { hypervisor: &self.hypervisor, name: name.clone(), dir: work.clone(), started: false };
+        let mut swaps = Vec::new();
+        {
+            let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
+            for b in &disks {
+                check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+                for (parent_dir, parent) in &ancestors(&layout.vm_dir(&vm_name), vm, id, b)? {
+                    check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+                }
+            }
+            for b in &disks {
+                let step = || Step::Export { disk: b.target.clone() };
+                let export = work.join(format!("{}.backup.raw", b.target));
+                let overlay = work.join(format!("{}.overlay.qcow2", b.target));
+                let e = self
+                    .images
+                    .export_read_only(&dir.join(&b.file), &ImageFormat::Qcow2, &export, mounted.registration())
+                    .map_err(|e| at(step())(e.into()))?;
+                fs::set_permissions(&e.file, fs::Permissions::from_mode(0o444)).map_err(|source| {
+                    at(step())(BackupError::Io { action: "opening to QEMU", path: e.file.clone(), source })
+                })?;
+                let size = fs::metadata(&e.file).map_or(b.virtual_size, |m| m.len());
+                self.images
+                    .create(&ImageLocation::Path(overlay.clone()), &ImageFormat::Qcow2, size)
+                    .map_err(|e| at(step())(e.into()))?;
+                self.images
+                    .set_backing(&overlay, &export.to_string_lossy(), &ImageFormat::Raw)
+                    .map_err(|e| at(step())(e.into()))?;
+                swaps.push(DiskSwap {
+                    target: b.target.clone(),
+                    source: DiskSource::File(overlay),
+                    format: "qcow2".into(),
+                });
+            }
+        }
+        let console_log = work.join("console.log");
+        let xml = throwaway_definition(
+            &saved,
+            &Throwaway { name: &name, uuid: &uuid, disks: &swaps, console_log: &console_log, agent: true },
+        )?;
+        if let Err(e) = self.hypervisor.start_with_xml(&xml) {
+            return record(BootResult::Failed, format!("the throwaway VM did not start: {e}"), tail(&console_log));
+        }
+        guard.started = true;
+        let deadline = Instant::now() + request.timeout;
+        let (result, detail) = loop {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            if !matches!(self.hypervisor.domain_state(&name), Ok(DomainState::Running)) {
+                break (
+                    BootResult::Failed,
+                    "the throwaway VM stopped (crashed, or powered off) before its agent answered".to_owned(),
+                );
+            }
+            let agent = self.agents.agent_transport(&name).map(|t| GuestAgent::new(t, Duration::from_secs(5)));
+            if let Ok(agent) = agent
+                && agent.ping().is_ok()
+            {
+                let answered = started.elapsed();
+                break match &request.check {
+                    None => {
+                        (BootResult::Passed, format!("the guest agent answered after {:.1} s", answered.as_secs_f64()))
+                    }
+                    Some(check) => run_check(&agent, check, deadline, cancel)?,
+                };
+            }
+            if Instant::now() > deadline {
+                break (
+                    BootResult::Failed,
+                    format!("the guest agent did not answer within {} s", request.timeout.as_secs()),
+                );
+            }
+            cancel.sleep(Duration::from_secs(1));
+        };
+        let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
+        drop(guard);
+        record(result, detail, console)
+    }
+}
+
+/// Runs `check` through the agent until it ends or `deadline`.
+fn run_check<T: nasbak_agent::AgentTransport>(
+    agent: &GuestAgent<T>,
+    check: &str,
+    deadline: Instant,
+    cancel: &CancelHandle,
+) -> Result<(BootResult, String), BackupError> {
+    let pid = match agent.exec("/bin/sh", &["-c", check]) {
+        Ok(pid) => pid,
+        Err(e) => return Ok((BootResult::Failed, format!("the check `{check}` could not be started: {e}"))),
+    };
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
+        match agent.exec_status(pid) {
+            Ok(s) if s.exited => {
+                let out = [s.out_data, s.err_data]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| base64_decode(&b))
+                    .collect::<Vec<_>>()
+                    .join("");
+                let out = out.trim();
+                return Ok(match (s.exitcode, s.signal) {
+                    (Some(0), _) => (BootResult::Passed, format!("the guest agent answered and `{check}` exited 0")),
+                    (code, signal) => (
+                        BootResult::Failed,
+                        format!(
+                            "the check `{check}` failed ({}){}",
+                            code.map_or_else(|| format!("signal {}", signal.unwrap_or(0)), |c| format!("exit {c}")),
+                            if out.is_empty() { String::new() } else { format!(": {out}") }
+                        ),
+                    ),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => return Ok((BootResult::Failed, format!("the check `{check}` could not be followed: {e}"))),
+        }
+        if Instant::now() > deadline {
+            return Ok((BootResult::Failed, format!("the check `{check}` did not end in time")));
+        }
+        cancel.sleep(Duration::from_millis(500));
+    }
+}
+
+fn base64_decode(text: &str) -> Option<String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The console's last lines, control characters dropped.
+fn tail(log: &Path) -> Vec<String> {
+    let bytes = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.chars().filter(|c| !c.is_control() || *c == '\t').collect::<String>())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(CONSOLE_LINES)..].to_vec()
+}
+
+fn write_record(dir: &Path, v: &BootVerification) -> Result<(), BackupError> {
+    let path = dir.join(BOOT_VERIFY_FILE);
+    let tmp = dir.join(format!(".{BOOT_VERIFY_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(v).expect("a verification serialises");
+    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|source| BackupError::Io {
+        action: "recording the boot verification in",
+        path,
+        source,
+    })
+}
+
+/// The last boot verification recorded beside the backup in `dir`, if any.
+pub(crate) fn read_record(dir: &Path) -> Option<BootVerification> {
+    serde_json::from_str(&fs::read_to_string(dir.join(BOOT_VERIFY_FILE)).ok()?).ok()
+}
+
+/// The throwaway domain destroyed, its exports stopped and its directory removed, on every path
+/// out.
+struct BootGuard<'a, H: Hypervisor> {
+    hypervisor: &'a H,
+    name: String,
+    dir: PathBuf,
+    started: bool,
+}
+
+impl<H: Hypervisor> Drop for BootGuard<'_, H> {
+    fn drop(&mut self) {
+        if self.started {
+            let _ = self.hypervisor.destroy(&self.name);
+        }
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let _ = ReadOnlyExport::stop_at(&e.path(), STOP_TIMEOUT);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
