@@ -10,7 +10,6 @@
 //! the backup's manifest (`boot-verify.json`) and shown by `list` and `show`.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use nasbak_agent::GuestAgent;
 use nasbak_libvirt::{
     CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, Throwaway, has_agent_channel, throwaway_definition,
 };
-use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 use nasbak_repo::model::layout::DOMAIN_CONFIG_FILE;
 use nasbak_repo::{BackupId, Mounter, VmName};
 use serde::{Deserialize, Serialize};
@@ -174,8 +173,13 @@ where
         fs::create_dir_all(&request.work_dir)
             .and_then(|()| fs::create_dir(&work))
             .map_err(|source| BackupError::Io { action: "creating", path: work.clone(), source })?;
-        let mut guard =
-            BootGuard { hypervisor: &self.hypervisor, name: name.clone(), dir: work.clone(), started: false };
+        let mut guard = BootGuard {
+            hypervisor: &self.hypervisor,
+            name: name.clone(),
+            dir: work.clone(),
+            sockets: Vec::new(),
+            started: false,
+        };
         let mut swaps = Vec::new();
         {
             let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
@@ -187,22 +191,26 @@ where
             }
             for b in &disks {
                 let step = || Step::Export { disk: b.target.clone() };
-                let export = work.join(format!("{}.backup.raw", b.target));
+                let export = crate::restore::nbd_socket()?;
+                guard.sockets.push(export.clone());
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
-                let e = self
-                    .images
-                    .export_read_only(&dir.join(&b.file), &ImageFormat::Qcow2, &export, mounted.registration())
-                    .map_err(|e| at(step())(e.into()))?;
-                fs::set_permissions(&e.file, fs::Permissions::from_mode(0o444)).map_err(|source| {
-                    at(step())(BackupError::Io { action: "opening to QEMU", path: e.file.clone(), source })
+                let uri = nasbak_qemu_img::nbd_uri(&export).ok_or_else(|| BackupError::Unsupported {
+                    what: format!("a boot verification with its work directory at {}", work.display()),
                 })?;
-                let size = fs::metadata(&e.file).map_or(b.virtual_size, |m| m.len());
+                let source = dir.join(&b.file);
+                self.images
+                    .export_read_only(ExportKind::Nbd, &source, &ImageFormat::Qcow2, &export, mounted.registration())
+                    .map_err(|e| at(step())(e.into()))?;
+                let size = self
+                    .images
+                    .info(&ImageLocation::Path(source.clone()))
+                    .ok()
+                    .and_then(|i| i.first().map(|i| i.virtual_size))
+                    .unwrap_or(b.virtual_size);
                 self.images
                     .create(&ImageLocation::Path(overlay.clone()), &ImageFormat::Qcow2, size)
                     .map_err(|e| at(step())(e.into()))?;
-                self.images
-                    .set_backing(&overlay, &export.to_string_lossy(), &ImageFormat::Raw)
-                    .map_err(|e| at(step())(e.into()))?;
+                self.images.set_backing(&overlay, &uri, &ImageFormat::Raw).map_err(|e| at(step())(e.into()))?;
                 swaps.push(DiskSwap {
                     target: b.target.clone(),
                     source: DiskSource::File(overlay),
@@ -341,6 +349,7 @@ struct BootGuard<'a, H: Hypervisor> {
     hypervisor: &'a H,
     name: String,
     dir: PathBuf,
+    sockets: Vec<PathBuf>,
     started: bool,
 }
 
@@ -349,10 +358,8 @@ impl<H: Hypervisor> Drop for BootGuard<'_, H> {
         if self.started {
             let _ = self.hypervisor.destroy(&self.name);
         }
-        if let Ok(entries) = fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let _ = ReadOnlyExport::stop_at(&e.path(), STOP_TIMEOUT);
-            }
+        for socket in &self.sockets {
+            let _ = ReadOnlyExport::stop_at(socket, STOP_TIMEOUT);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

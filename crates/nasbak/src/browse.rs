@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nasbak_process::{CancelHandle, ExternalCommand};
-use nasbak_qemu_img::{ImageFormat, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ExportKind, ImageFormat, ImageTool, ReadOnlyExport};
 use nasbak_repo::{BackupId, BackupRepository, Mounter, VmName};
 use serde::{Deserialize, Serialize};
 
@@ -229,7 +229,13 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 let image = disk_dir.join(DISK_IMAGE_FILE);
                 let format = disk.format.parse::<ImageFormat>().unwrap_or(ImageFormat::Qcow2);
                 self.images()
-                    .export_read_only(&backup_dir.join(&disk.file), &format, &image, mounted.registration())
+                    .export_read_only(
+                        ExportKind::Fuse,
+                        &backup_dir.join(&disk.file),
+                        &format,
+                        &image,
+                        mounted.registration(),
+                    )
                     .map_err(|e| at(Step::Export { disk: disk.target.clone() })(e.into()))?;
                 state.disks.push(MountedDisk {
                     target: disk.target.clone(),

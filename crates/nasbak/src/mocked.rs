@@ -609,7 +609,8 @@ fn a_mount_that_fails_half_way_leaves_nothing_and_says_which_disk() {
     let mut img = images();
     let exported = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = exported.clone();
-    img.expect_export_read_only().returning(move |image, format, file, hold| {
+    img.expect_export_read_only().returning(move |kind, image, format, file, hold| {
+        assert_eq!(kind, nasbak_qemu_img::ExportKind::Fuse, "a mount shows files");
         assert_eq!(format, &ImageFormat::Qcow2);
         assert!(hold.is_none(), "a shared repository is not mounted by nasbak: nothing to hold");
         seen.lock().unwrap().push(image.file_name().unwrap().to_string_lossy().into_owned());
@@ -658,9 +659,9 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
     hv.expect_block_copy().never();
     hv.expect_destroy().never();
     let mut img = images();
-    img.expect_export_read_only().times(2).returning(|_, format, file, _| {
+    img.expect_export_read_only().times(2).returning(|kind, _, format, file, _| {
+        assert_eq!(kind, nasbak_qemu_img::ExportKind::Nbd, "QEMU reads the backup through NBD");
         assert_eq!(format, &ImageFormat::Qcow2);
-        fs::write(file, vec![0u8; 4096]).unwrap();
         Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 })
     });
     img.expect_create().returning(|at, format, _| {
@@ -671,7 +672,7 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
         Ok(())
     });
     img.expect_set_backing().times(2).returning(|_, backing, format| {
-        assert!(backing.ends_with(".backup.raw"), "{backing}");
+        assert!(backing.starts_with("nbd+unix:///image?socket=/run/nasbak/nbd/"), "{backing}");
         assert_eq!(format, &ImageFormat::Raw);
         Ok(())
     });

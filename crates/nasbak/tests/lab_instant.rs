@@ -83,9 +83,23 @@ fn guest_with_backup(tag: &str) -> (LabDomain, BackupRepository, String) {
 
 #[test]
 fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
-    let (dom, repo, id) = guest_with_backup("instant");
+    // vda qcow2 ext4, vdb raw, vdc a block device: data in its first half, zeroes after.
+    let dom = DomainSpec::new("instant")
+        .disk(DiskSpec::qcow2(64).ext4_with_files(&[("known.txt", b"from the backup")]))
+        .disk(DiskSpec::raw(32))
+        .disk(DiskSpec::block(16))
+        .agent(true)
+        .create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[1].path, 32);
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[2].path, 8);
+    let repo = repo(&dom);
     let e = engine(&dom.dir().join("runtime"));
+    let id = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let id = id.manifest.id;
     let want_vdb = fs::read(&dom.disks()[1].path).unwrap();
+    let want_vdc = fs::read(&dom.disks()[2].path).unwrap();
+    // The block device holds other data everywhere before the restore: its zeroes must return.
+    fs::write(&dom.disks()[2].path, vec![0xff; 16 << 20]).unwrap();
     let inactive_before = e.hypervisor().inactive_xml(dom.name()).unwrap();
     zero(&dom.disks()[0].path, "qcow2");
     zero(&dom.disks()[1].path, "raw");
@@ -95,7 +109,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     let state = e.instant_restore(&request, &CancelHandle::new()).unwrap();
     eprintln!("running {:?} after the call", t.elapsed());
     assert!(dom.is_running());
-    assert_eq!(state.disks.len(), 2);
+    assert_eq!(state.disks.len(), 3);
     let live = e.hypervisor().domain_xml(dom.name()).unwrap();
     assert!(live.contains(&*state.disks[0].overlay.to_string_lossy()), "runs on the overlay: {live}");
     // A second instant restore of the same VM is refused while this one is in flight.
@@ -115,7 +129,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
             seen.push(p.clone())
         })
         .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
-    assert_eq!(done.restored.len(), 2);
+    assert_eq!(done.restored.len(), 3);
     assert!(seen.last().is_some_and(|p| p.done == p.total && p.total > 0), "{:?}", seen.last());
     // The VM runs on its own volumes: same paths and formats, nothing of the overlays or the
     // repository, and its persistent definition is as it was.
@@ -135,6 +149,7 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "known.txt").as_deref(), Some("from the backup"));
     assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "during.txt").as_deref(), Some("written during the restore"));
     assert!(fs::read(&dom.disks()[1].path).unwrap() == want_vdb, "vdb holds the backup's data");
+    assert!(fs::read(&dom.disks()[2].path).unwrap() == want_vdc, "vdc (block) too, its zeroes included");
     // Nothing left: no work files, no daemon, no mark; the backup verifies.
     assert!(!work.join(dom.name()).exists());
     assert!(nasbak_testlab::pids_with_cmdline(&work.to_string_lossy()).is_empty());

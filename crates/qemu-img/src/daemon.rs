@@ -242,16 +242,36 @@ impl Qmp {
     }
 }
 
-/// A disk image (with its backing chain) shown read-only as a raw file through a FUSE export of
-/// a qemu-storage-daemon that runs on its own, beyond the process that started it, until
-/// [`ReadOnlyExport::stop`]. Nothing is ever written to the image: the daemon opens it, and
-/// every file of its chain, read-only, and the export refuses writes.
+/// How a read-only export shows an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExportKind {
+    /// A raw file (FUSE): for tools that read files (loop devices, mount, partx).
+    Fuse,
+    /// An NBD server on a unix socket, export name `image`: for QEMU, whose NBD client never
+    /// blocks its main loop (reads of a FUSE file stuck on an unreachable repository would).
+    Nbd,
+}
+
+/// A disk image (with its backing chain) shown read-only through an export of a
+/// qemu-storage-daemon that runs on its own, beyond the process that started it, until
+/// [`ReadOnlyExport::stop`]: a raw file (FUSE) or an NBD unix socket. Nothing is ever written
+/// to the image: the daemon opens it, and every file of its chain, read-only, and the export
+/// refuses writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadOnlyExport {
-    /// The file showing the image's guest-visible content (its virtual size, raw).
+    /// The file showing the image's guest-visible content (its virtual size, raw), or the NBD
+    /// server's unix socket.
     pub file: PathBuf,
     /// The daemon's process id.
     pub pid: u32,
+}
+
+/// The NBD URI of the export served on `socket` (for a backing file name), or `None` when the
+/// path holds characters a URI would need escaped.
+pub fn nbd_uri(socket: &Path) -> Option<String> {
+    let s = socket.to_str()?;
+    s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)).then(|| format!("nbd+unix:///image?socket={s}"))
 }
 
 impl ReadOnlyExport {
@@ -269,6 +289,20 @@ impl ReadOnlyExport {
         timeout: Duration,
         hold: Option<&std::fs::File>,
     ) -> Result<ReadOnlyExport, ImageError> {
+        ReadOnlyExport::start_as(ExportKind::Fuse, image, format, file, timeout, hold)
+    }
+
+    /// As [`ReadOnlyExport::start`], shown as `kind`: for [`ExportKind::Nbd`], `file` is the
+    /// unix socket to create (it must not exist), opened to every local user (QEMU runs as its
+    /// own user).
+    pub fn start_as(
+        kind: ExportKind,
+        image: &Path,
+        format: &str,
+        file: &Path,
+        timeout: Duration,
+        hold: Option<&std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError> {
         let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
         // The daemon leaves the working directory: it is given absolute paths.
         let absolute = |p: &Path| std::path::absolute(p).map_err(|e| err(format!("{}: {e}", p.display())));
@@ -276,12 +310,16 @@ impl ReadOnlyExport {
         if !matches!(format, "qcow2" | "raw") {
             return Err(err(format!("{format:?} is not an image format nasbak exports; expected qcow2 or raw")));
         }
-        match std::fs::metadata(file) {
-            Ok(m) if m.is_file() && m.len() == 0 => {}
-            Ok(_) => return Err(err(format!("{} exists and is not an empty file", file.display()))),
-            Err(_) => {
+        match (kind, std::fs::metadata(file)) {
+            (ExportKind::Fuse, Ok(m)) if m.is_file() && m.len() == 0 => {}
+            (ExportKind::Fuse, Ok(_)) => {
+                return Err(err(format!("{} exists and is not an empty file", file.display())));
+            }
+            (ExportKind::Fuse, Err(_)) => {
                 std::fs::File::create(file).map_err(|e| err(format!("creating {}: {e}", file.display())))?;
             }
+            (_, Ok(_)) => return Err(err(format!("{} exists", file.display()))),
+            (_, Err(_)) => {}
         }
         let pid_file = pid_file(file);
         let _ = std::fs::remove_file(&pid_file);
@@ -289,9 +327,13 @@ impl ReadOnlyExport {
             "driver": format, "node-name": "image", "read-only": true,
             "file": {"driver": "file", "filename": image, "read-only": true}
         });
-        let export = json!({
-            "type": "fuse", "id": "export", "node-name": "image", "mountpoint": file, "writable": false
-        });
+        let export = match kind {
+            ExportKind::Fuse => json!({
+                "type": "fuse", "id": "export", "node-name": "image", "mountpoint": file, "writable": false
+            }),
+            _ => json!({"type": "nbd", "id": "export", "node-name": "image", "name": "image", "writable": false}),
+        };
+        let server = json!({"addr": {"type": "unix", "path": file}});
         // A duplicate of `hold` (the same open file, so the same lock) that the daemon inherits:
         // the only descriptor made inheritable, closed here once the daemon runs.
         let inherited = match hold {
@@ -306,18 +348,23 @@ impl ReadOnlyExport {
             }
             None => None,
         };
-        let started = nasbak_process::ExternalCommand::new("qemu-storage-daemon")
+        let mut command = nasbak_process::ExternalCommand::new("qemu-storage-daemon")
             .arg("--daemonize")
             .arg("--pidfile")
             .arg(&pid_file)
             .arg("--blockdev")
-            .arg(node.to_string())
-            .arg("--export")
-            .arg(export.to_string())
-            .timeout(timeout)
-            .run();
+            .arg(node.to_string());
+        if kind == ExportKind::Nbd {
+            command = command.arg("--nbd-server").arg(server.to_string());
+        }
+        let started = command.arg("--export").arg(export.to_string()).timeout(timeout).run();
         drop(inherited);
         started.map_err(|e| err(e.to_string()))?;
+        if kind == ExportKind::Nbd {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666))
+                .map_err(|e| err(format!("opening {} to QEMU: {e}", file.display())))?;
+        }
         ReadOnlyExport::find(file).ok_or_else(|| err(format!("the daemon exporting {} is not running", file.display())))
     }
 
@@ -334,7 +381,8 @@ impl ReadOnlyExport {
     }
 
     /// Ends whatever export is at `file`: its daemon stopped if one runs, a FUSE mount left by
-    /// a daemon that died detached, the pid file removed. Whether there was anything to end.
+    /// a daemon that died detached, an NBD socket removed, the pid file removed. Whether there
+    /// was anything to end.
     pub fn stop_at(file: &Path, timeout: Duration) -> Result<bool, ImageError> {
         let Ok(file) = std::path::absolute(file) else { return Ok(false) };
         let mounted = fs_mounted(&file);
@@ -343,6 +391,11 @@ impl ReadOnlyExport {
             None if mounted => ReadOnlyExport { file, pid: 0 }.stop(timeout).map(|()| true),
             None => {
                 let _ = std::fs::remove_file(pid_file(&file));
+                if std::fs::symlink_metadata(&file)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(&file);
+                }
                 Ok(false)
             }
         }
@@ -371,6 +424,11 @@ impl ReadOnlyExport {
         if fs_mounted(&self.file) {
             nix::mount::umount2(&self.file, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| err(format!("detaching the export at {}: {e}", self.file.display())))?;
+        }
+        if std::fs::symlink_metadata(&self.file)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            let _ = std::fs::remove_file(&self.file);
         }
         let _ = std::fs::remove_file(pid_file(&self.file));
         Ok(())

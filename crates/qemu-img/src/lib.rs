@@ -36,7 +36,7 @@ mod location;
 mod tool;
 
 pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
-pub use daemon::{DirtyCopy, ReadOnlyExport};
+pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, nbd_uri};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
 pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
 #[cfg(any(test, feature = "mock"))]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
-use crate::daemon::{DirtyCopy, ReadOnlyExport};
+use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for};
 
@@ -40,14 +40,15 @@ pub trait ImageTool {
     /// Copies the clusters `copy.bitmap` marks dirty in `copy.source` (no process has it open)
     /// into a new qcow2 file `copy.target` of the same size, the rest left unallocated.
     fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
-    /// Shows `image` (with its backing chain) read-only as a raw file at `file` (new or empty)
-    /// through a FUSE export of a daemonized qemu-storage-daemon that outlives the caller,
-    /// until [`ReadOnlyExport::stop`]. The daemon keeps `hold` open while it runs (see
-    /// [`ReadOnlyExport::start`]).
+    /// Shows `image` (with its backing chain) read-only at `file`, as a raw file (FUSE, `file`
+    /// new or empty) or an NBD unix socket (`file` new), through a daemonized
+    /// qemu-storage-daemon that outlives the caller, until [`ReadOnlyExport::stop`]. The daemon
+    /// keeps `hold` open while it runs (see [`ReadOnlyExport::start`]).
     // mockall needs the reference's lifetime named.
     #[allow(clippy::needless_lifetimes)]
     fn export_read_only<'a>(
         &self,
+        kind: ExportKind,
         image: &Path,
         format: &ImageFormat,
         file: &Path,
@@ -258,11 +259,12 @@ impl ImageTool for QemuImg {
 
     fn export_read_only(
         &self,
+        kind: ExportKind,
         image: &Path,
         format: &ImageFormat,
         file: &Path,
         hold: Option<&std::fs::File>,
     ) -> Result<ReadOnlyExport, ImageError> {
-        ReadOnlyExport::start(image, &format.to_string(), file, self.timeouts.quick, hold)
+        ReadOnlyExport::start_as(kind, image, &format.to_string(), file, self.timeouts.quick, hold)
     }
 }

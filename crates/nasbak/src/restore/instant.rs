@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use nasbak_libvirt::{
     BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, Domain, DomainState, Hypervisor, swap_disk_sources,
 };
-use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +111,7 @@ pub struct InstantDisk {
     pub format: String,
     /// The overlay the VM runs on until the pivot.
     pub overlay: PathBuf,
-    /// The read-only export of the backup file the overlay reads through.
+    /// The NBD socket of the read-only export of the backup file the overlay reads through.
     pub export: PathBuf,
     /// The backup files of this disk (the newest first, then its chain), with the directory
     /// each is in, for the checksums checked before the pivot.
@@ -264,7 +264,7 @@ where
             plan.push(InstantDisk {
                 target: d.target.clone(),
                 overlay: work.join(format!("{}.overlay.qcow2", d.target)),
-                export: work.join(format!("{}.backup.raw", d.target)),
+                export: nbd_socket()?,
                 volume,
                 block,
                 format,
@@ -280,27 +280,34 @@ where
             marks: layout.vm_dir(&target_name),
             disks: Vec::new(),
         };
+        let mut sizes = Vec::new();
         for (disk, (b, _)) in plan.into_iter().zip(&pairs) {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
+            // Recorded first, so that an undo finds its export.
+            state.disks.push(disk.clone());
+            write_state(&state)?;
             let step = || Step::Restore { disk: disk.target.clone() };
-            let export = self
-                .images
-                .export_read_only(&dir.join(&b.file), &ImageFormat::Qcow2, &disk.export, mounted.registration())
-                .map_err(|e| at(step())(e.into()))?;
-            // libvirt looks at the backing chain as QEMU's user before it starts the domain.
-            fs::set_permissions(&export.file, fs::Permissions::from_mode(0o444)).map_err(|source| {
-                at(step())(BackupError::Io { action: "opening to QEMU", path: export.file.clone(), source })
+            // QEMU reads the backup through NBD: its NBD client waits for an unreachable
+            // repository without blocking its main loop (reads of a FUSE file would).
+            let uri = nasbak_qemu_img::nbd_uri(&disk.export).ok_or_else(|| BackupError::Unsupported {
+                what: format!("an instant restore with its work directory at {}", work.display()),
             })?;
-            let size = fs::metadata(&export.file).map_or(b.virtual_size, |m| m.len());
+            let source = dir.join(&b.file);
+            self.images
+                .export_read_only(ExportKind::Nbd, &source, &ImageFormat::Qcow2, &disk.export, mounted.registration())
+                .map_err(|e| at(step())(e.into()))?;
+            let size = self
+                .images
+                .info(&ImageLocation::Path(source.clone()))
+                .ok()
+                .and_then(|i| i.first().map(|i| i.virtual_size))
+                .unwrap_or(b.virtual_size);
             let overlay = ImageLocation::Path(disk.overlay.clone());
             self.images.create(&overlay, &ImageFormat::Qcow2, size).map_err(|e| at(step())(e.into()))?;
-            self.images
-                .set_backing(&disk.overlay, &disk.export.to_string_lossy(), &ImageFormat::Raw)
-                .map_err(|e| at(step())(e.into()))?;
-            state.disks.push(disk);
-            write_state(&state)?;
+            self.images.set_backing(&disk.overlay, &uri, &ImageFormat::Raw).map_err(|e| at(step())(e.into()))?;
+            sizes.push(size);
         }
         let swaps: Vec<DiskSwap> = state
             .disks
@@ -316,7 +323,7 @@ where
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written
         // on the repository until the finish.
-        for disk in &state.disks {
+        for (disk, size) in state.disks.iter().zip(&sizes) {
             let step = || Step::Restore { disk: disk.target.clone() };
             let mark = RestoringMark::write(
                 &state.marks,
@@ -326,7 +333,7 @@ where
                 self.clock.now(),
             )?;
             if !disk.block
-                && let Err(e) = self.empty_volume(disk, size_of(&disk.export))
+                && let Err(e) = self.empty_volume(disk, *size)
             {
                 mark.done(); // the volume was not replaced
                 return Err(at(step())(e));
@@ -446,7 +453,9 @@ where
                 .map_err(|e| at(Step::Restore { disk: disk.target.clone() })(e.into()))?;
         }
         let live = self.hypervisor.domain_xml(vm).map_err(|e| at(Step::Inspect)(e.into()))?;
-        if live.contains(&*state.dir.to_string_lossy()) {
+        if live.contains(&*state.dir.to_string_lossy())
+            || state.disks.iter().any(|d| live.contains(&*d.export.to_string_lossy()))
+        {
             return Err(BackupError::Unsupported {
                 what: format!("{vm} still reads from {} after the pivot", state.dir.display()),
             });
@@ -532,9 +541,18 @@ where
     }
 }
 
-fn size_of(path: &Path) -> u64 {
-    fs::metadata(path).map_or(0, |m| m.len())
+/// Where the NBD socket of a new export goes: `/run/nasbak/nbd/<16 hex>.sock`, short enough
+/// for a unix socket's path (at most 107 bytes), whatever the work directory.
+pub(crate) fn nbd_socket() -> Result<PathBuf, BackupError> {
+    let dir = Path::new(NBD_SOCKET_DIR);
+    let io = |source| BackupError::Io { action: "creating", path: dir.to_owned(), source };
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io)?;
+    Ok(dir.join(format!("{}.sock", &uuid::Uuid::new_v4().simple().to_string()[..16])))
 }
+
+/// The directory of the exports' NBD sockets.
+pub(crate) const NBD_SOCKET_DIR: &str = "/run/nasbak/nbd";
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")

@@ -20,6 +20,7 @@ mod marks;
 mod vm;
 mod volume;
 
+pub(crate) use instant::nbd_socket;
 pub use instant::{
     CopyState, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished, InstantRestore,
     InstantRestoreRequest, InstantStatus,
