@@ -17,7 +17,7 @@ use nasbak_agent::GuestAgent;
 use nasbak_libvirt::{
     CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, Throwaway, has_agent_channel, throwaway_definition,
 };
-use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ImageTool, ReadOnlyExport};
 use nasbak_repo::model::layout::DOMAIN_CONFIG_FILE;
 use nasbak_repo::{BackupId, Mounter, VmName};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
-use crate::restore::{ancestors, backup_disks};
+use crate::restore::{Overlay, ancestors, backup_disks};
 use crate::transfer::check_image;
 
 /// The file beside a backup's manifest that holds its last boot verification.
@@ -190,27 +190,12 @@ where
                 }
             }
             for b in &disks {
-                let step = || Step::Export { disk: b.target.clone() };
                 let export = crate::restore::nbd_socket()?;
                 guard.sockets.push(export.clone());
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
-                let uri = nasbak_qemu_img::nbd_uri(&export).ok_or_else(|| BackupError::Unsupported {
-                    what: format!("a boot verification with its work directory at {}", work.display()),
-                })?;
-                let source = dir.join(&b.file);
-                self.images
-                    .export_read_only(ExportKind::Nbd, &source, &ImageFormat::Qcow2, &export, mounted.registration())
-                    .map_err(|e| at(step())(e.into()))?;
-                let size = self
-                    .images
-                    .info(&ImageLocation::Path(source.clone()))
-                    .ok()
-                    .and_then(|i| i.first().map(|i| i.virtual_size))
-                    .unwrap_or(b.virtual_size);
-                self.images
-                    .create(&ImageLocation::Path(overlay.clone()), &ImageFormat::Qcow2, size)
-                    .map_err(|e| at(step())(e.into()))?;
-                self.images.set_backing(&overlay, &uri, &ImageFormat::Raw).map_err(|e| at(step())(e.into()))?;
+                let over =
+                    Overlay { source: &dir.join(&b.file), size: b.virtual_size, socket: &export, file: &overlay };
+                over.make(&self.images, mounted.registration()).map_err(at(Step::Export { disk: b.target.clone() }))?;
                 swaps.push(DiskSwap {
                     target: b.target.clone(),
                     source: DiskSource::File(overlay),

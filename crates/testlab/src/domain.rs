@@ -223,6 +223,23 @@ impl DomainSpec {
     }
 }
 
+/// Writes the partition table `script` (sfdisk's input) to the disk file `raw`.
+fn sfdisk(raw: &Path, script: &str) {
+    let status = std::process::Command::new("sfdisk")
+        .arg("-q")
+        .arg(raw)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            std::io::Write::write_all(c.stdin.as_mut().expect("piped"), script.as_bytes())?;
+            drop(c.stdin.take());
+            c.wait()
+        })
+        .unwrap_or_else(|e| lab_missing(&format!("sfdisk (package fdisk): {e}")));
+    assert!(status.success(), "sfdisk failed on {}", raw.display());
+}
+
 fn guest_paths() -> (String, String) {
     let conf = fs::read_to_string(Path::new(STATE).join("guest.conf"))
         .unwrap_or_else(|_| lab_missing(&format!("{STATE}/guest.conf is missing (no test guest built)")));
@@ -310,19 +327,7 @@ impl LabDomain {
     /// initramfs and an extlinux configuration that boots them with the console on ttyS0.
     fn make_bootable(&self, raw: &Path) {
         let (kernel, initrd) = guest_paths();
-        let sfdisk = std::process::Command::new("sfdisk")
-            .arg("-q")
-            .arg(raw)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .and_then(|mut c| {
-                std::io::Write::write_all(c.stdin.as_mut().expect("piped"), b"label: dos\n,,L,*\n")?;
-                drop(c.stdin.take());
-                c.wait()
-            })
-            .unwrap_or_else(|e| lab_missing(&format!("sfdisk (package fdisk): {e}")));
-        assert!(sfdisk.success(), "sfdisk failed on {}", raw.display());
+        sfdisk(raw, "label: dos\n,,L,*\n");
         let dev = run("losetup", &["--find", "--show", "--partscan", raw.to_str().expect("utf-8")]).trim().to_owned();
         let _ = ExternalCommand::new("partx").args(["-u", &dev]).timeout(Duration::from_secs(30)).run();
         let part = format!("{dev}p1");
@@ -357,19 +362,7 @@ impl LabDomain {
         for p in parts {
             script.push_str(&if p.size_mib == 0 { ",\n".to_owned() } else { format!(",{}M\n", p.size_mib) });
         }
-        let sfdisk = std::process::Command::new("sfdisk")
-            .arg("-q")
-            .arg(raw)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .and_then(|mut c| {
-                std::io::Write::write_all(c.stdin.as_mut().expect("piped"), script.as_bytes())?;
-                drop(c.stdin.take());
-                c.wait()
-            })
-            .unwrap_or_else(|e| lab_missing(&format!("sfdisk (package fdisk): {e}")));
-        assert!(sfdisk.success(), "sfdisk failed on {}", raw.display());
+        sfdisk(raw, &script);
         let dev = run("losetup", &["--find", "--show", "--partscan", raw.to_str().expect("utf-8")]).trim().to_owned();
         let _ = ExternalCommand::new("partx").args(["-u", &dev]).timeout(Duration::from_secs(30)).run();
         let mnt = self.dir.join("partition.mnt");

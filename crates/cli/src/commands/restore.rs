@@ -15,12 +15,17 @@ use crate::args::{Cli, InstantCommand};
 use crate::output::print_json;
 use crate::progress::Reporter;
 
+/// Restoring backup `id` into its own VM, or into `into`.
+fn restore_request(config: &Config, id: &BackupRef, into: Option<&str>) -> Result<RestoreRequest> {
+    let request = RestoreRequest::new(repo_of(config, id)?.clone(), id.vm.as_str(), id.id.to_string());
+    Ok(match into {
+        Some(vm) => request.into_vm(vm),
+        None => request,
+    })
+}
+
 pub fn restore(cli: &Cli, config: &Config, id: &BackupRef, into: Option<&str>) -> Result<u8> {
-    let r = repo_of(config, id)?;
-    let mut request = RestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string());
-    if let Some(vm) = into {
-        request = request.into_vm(vm);
-    }
+    let request = restore_request(config, id, into)?;
     let cancel = cancel_on_interrupt()?;
     let e = engine(&cli.uri)?;
     let mut reporter = Reporter::new(cli.json, &format!("restore {id}"));
@@ -81,11 +86,7 @@ pub fn instant(
     into: Option<&str>,
     (detach, timeout, bandwidth): (bool, Duration, Option<u64>),
 ) -> Result<u8> {
-    let r = repo_of(config, id)?;
-    let mut request = RestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string());
-    if let Some(vm) = into {
-        request = request.into_vm(vm);
-    }
+    let request = restore_request(config, id, into)?;
     let cancel = cancel_on_interrupt()?;
     let e = engine(&cli.uri)?;
     let started = std::time::Instant::now();

@@ -288,25 +288,11 @@ where
             // Recorded first, so that an undo finds its export.
             state.disks.push(disk.clone());
             write_state(&state)?;
-            let step = || Step::Restore { disk: disk.target.clone() };
-            // QEMU reads the backup through NBD: its NBD client waits for an unreachable
-            // repository without blocking its main loop (reads of a FUSE file would).
-            let uri = nasbak_qemu_img::nbd_uri(&disk.export).ok_or_else(|| BackupError::Unsupported {
-                what: format!("an instant restore with its work directory at {}", work.display()),
-            })?;
-            let source = dir.join(&b.file);
-            self.images
-                .export_read_only(ExportKind::Nbd, &source, &ImageFormat::Qcow2, &disk.export, mounted.registration())
-                .map_err(|e| at(step())(e.into()))?;
-            let size = self
-                .images
-                .info(&ImageLocation::Path(source.clone()))
-                .ok()
-                .and_then(|i| i.first().map(|i| i.virtual_size))
-                .unwrap_or(b.virtual_size);
-            let overlay = ImageLocation::Path(disk.overlay.clone());
-            self.images.create(&overlay, &ImageFormat::Qcow2, size).map_err(|e| at(step())(e.into()))?;
-            self.images.set_backing(&disk.overlay, &uri, &ImageFormat::Raw).map_err(|e| at(step())(e.into()))?;
+            let over =
+                Overlay { source: &dir.join(&b.file), size: b.virtual_size, socket: &disk.export, file: &disk.overlay };
+            let size = over
+                .make(&self.images, mounted.registration())
+                .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
             sizes.push(size);
         }
         let swaps: Vec<DiskSwap> = state
@@ -538,6 +524,37 @@ where
             vm: vm.to_owned(),
             partly_written: state.disks.iter().map(|d| d.volume.clone()).collect(),
         })
+    }
+}
+
+/// A qcow2 overlay over a backup file (and its chain) that QEMU reads through a read-only NBD
+/// export: QEMU's NBD client waits for an unreachable repository without blocking its main loop
+/// (reads of a FUSE file would).
+pub(crate) struct Overlay<'a> {
+    /// The backup file.
+    pub source: &'a Path,
+    /// Its virtual size as its manifest says (used when qemu-img cannot tell).
+    pub size: u64,
+    /// The export's socket ([`nbd_socket`]).
+    pub socket: &'a Path,
+    /// The overlay to create.
+    pub file: &'a Path,
+}
+
+impl Overlay<'_> {
+    /// Starts the export (its daemon holding `hold`) and creates the overlay; the disk's size.
+    pub(crate) fn make<I: ImageTool>(&self, images: &I, hold: Option<&fs::File>) -> Result<u64, BackupError> {
+        let uri = nasbak_qemu_img::nbd_uri(self.socket)
+            .ok_or_else(|| BackupError::Unsupported { what: format!("an NBD socket at {}", self.socket.display()) })?;
+        images.export_read_only(ExportKind::Nbd, self.source, &ImageFormat::Qcow2, self.socket, hold)?;
+        let size = images
+            .info(&ImageLocation::Path(self.source.to_owned()))
+            .ok()
+            .and_then(|i| i.first().map(|i| i.virtual_size))
+            .unwrap_or(self.size);
+        images.create(&ImageLocation::Path(self.file.to_owned()), &ImageFormat::Qcow2, size)?;
+        images.set_backing(self.file, &uri, &ImageFormat::Raw)?;
+        Ok(size)
     }
 }
 

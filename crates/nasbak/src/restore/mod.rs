@@ -20,11 +20,11 @@ mod marks;
 mod vm;
 mod volume;
 
-pub(crate) use instant::nbd_socket;
 pub use instant::{
     CopyState, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished, InstantRestore,
     InstantRestoreRequest, InstantStatus,
 };
+pub(crate) use instant::{Overlay, nbd_socket};
 pub use marks::RESTORING_MARK;
 pub(crate) use marks::{RestoringMark, interrupted_restores};
 
