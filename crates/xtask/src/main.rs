@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask lab up | status | down`: the KVM lab (see `docs/lab.md`).
 //! - `cargo xtask lab nas`: the real NFS and SMB tests inside the NAS lab guest.
+//! - `cargo xtask lab ceph`: a one-node Ceph cluster (RBD pool, CephFS, users, libvirt secret).
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
@@ -22,6 +23,8 @@ commands:
   lab down      stop what `lab up` started and remove leftover test domains
   lab nas       boot the NAS guest (NFS and SMB servers on its loopback) and run the real NFS and
                 SMB tests of nasbak-repo inside it
+  lab ceph      bring up a one-node Ceph cluster (monitor on 127.0.0.1, in-memory OSD, MDS; pool
+                vms, CephFS labfs, users client.nasbak-vm and client.nasbak-fs, a libvirt secret)
   demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         ["lab", "status"] => lab::status(),
         ["lab", "down"] => lab::down(),
         ["lab", "nas"] => lab::nas::run(),
+        ["lab", "ceph"] => lab::ceph::up(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
         ["bench"] => bench::bench(3),

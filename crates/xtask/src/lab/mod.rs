@@ -4,6 +4,7 @@
 //! test domains live under [`STATE`]`/run`; what `lab up` started is written to [`STARTED`] so
 //! that `lab down` stops only that.
 
+pub mod ceph;
 mod cpio;
 mod daemons;
 mod guest;
@@ -102,6 +103,7 @@ pub fn down() -> Result<()> {
         println!("lab: removed test domain {name}");
     }
     daemons::stop_started()?;
+    ceph::stop()?;
     println!("lab: down");
     Ok(())
 }
