@@ -170,8 +170,10 @@ where
         let uuid = uuid::Uuid::new_v4().to_string();
         let name = format!("nasbak-verify-{}-{}", &uuid[..8], vm);
         let work = request.work_dir.join(&name);
+        sweep_abandoned(&self.hypervisor, &request.work_dir);
         fs::create_dir_all(&request.work_dir)
             .and_then(|()| fs::create_dir(&work))
+            .and_then(|()| fs::write(work.join(OWNER_FILE), std::process::id().to_string()))
             .map_err(|source| BackupError::Io { action: "creating", path: work.clone(), source })?;
         let mut guard = BootGuard {
             hypervisor: &self.hypervisor,
@@ -191,7 +193,7 @@ where
             }
             for b in &disks {
                 let export = crate::restore::nbd_socket()?;
-                guard.sockets.push(export.clone());
+                guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
                 let over =
                     Overlay { source: &dir.join(&b.file), size: b.virtual_size, socket: &export, file: &overlay };
@@ -328,6 +330,31 @@ pub(crate) fn read_record(dir: &Path) -> Option<BootVerification> {
     serde_json::from_str(&fs::read_to_string(dir.join(BOOT_VERIFY_FILE)).ok()?).ok()
 }
 
+/// In a verification's directory: the pid of the process running it.
+const OWNER_FILE: &str = "owner";
+/// In a verification's directory: the NBD sockets of its exports, a line each.
+const SOCKETS_FILE: &str = "sockets";
+
+/// What verifications whose process died (killed, so that no guard ran) left under
+/// `work_dir`: their throwaway domain (named like the directory) destroyed, their exports
+/// stopped, their directory removed.
+fn sweep_abandoned<H: Hypervisor>(hypervisor: &H, work_dir: &Path) {
+    let Ok(entries) = fs::read_dir(work_dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner = fs::read_to_string(e.path().join(OWNER_FILE)).ok().and_then(|p| p.trim().parse::<u32>().ok());
+        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !name.starts_with("nasbak-verify-") || alive {
+            continue;
+        }
+        let _ = hypervisor.destroy(&name);
+        for socket in fs::read_to_string(e.path().join(SOCKETS_FILE)).unwrap_or_default().lines() {
+            let _ = ReadOnlyExport::stop_at(Path::new(socket), STOP_TIMEOUT);
+        }
+        let _ = fs::remove_dir_all(e.path());
+    }
+}
+
 /// The throwaway domain destroyed, its exports stopped and its directory removed, on every path
 /// out.
 struct BootGuard<'a, H: Hypervisor> {
@@ -336,6 +363,16 @@ struct BootGuard<'a, H: Hypervisor> {
     dir: PathBuf,
     sockets: Vec<PathBuf>,
     started: bool,
+}
+
+impl<H: Hypervisor> BootGuard<'_, H> {
+    /// Records an export's socket (here and in the directory, for a sweep after a kill).
+    fn add_socket(&mut self, socket: &Path) -> Result<(), BackupError> {
+        self.sockets.push(socket.to_owned());
+        let list: Vec<String> = self.sockets.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let path = self.dir.join(SOCKETS_FILE);
+        fs::write(&path, list.join("\n")).map_err(|source| BackupError::Io { action: "writing", path, source })
+    }
 }
 
 impl<H: Hypervisor> Drop for BootGuard<'_, H> {

@@ -41,6 +41,7 @@ fn hypervisor(state: DomainState) -> MockHypervisor {
     let mut hv = MockHypervisor::new();
     hv.expect_domain_state().returning(move |_| Ok(state));
     hv.expect_domain_xml().returning(|_| Ok(XML.to_owned()));
+    hv.expect_inactive_xml().returning(|_| Ok(XML.to_owned()));
     hv.expect_current_job().returning(|_| {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
@@ -166,6 +167,7 @@ fn restore_refuses_a_running_vm_and_a_mismatch_before_writing() {
     let mut hv = MockHypervisor::new();
     hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
     hv.expect_domain_xml().returning(|_| Ok(XML.replace("data1.img", "data2.img")));
+    hv.expect_inactive_xml().returning(|_| Ok(XML.replace("data1.img", "data2.img")));
     let mut img = MockImageTool::new();
     img.expect_convert().never();
     let (moved, repo) = engine(hv, img, dir.path());
@@ -266,6 +268,7 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     hv.checkpoint();
     hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
     hv.expect_domain_xml().returning(|_| Ok(RBD_XML.to_owned()));
+    hv.expect_inactive_xml().returning(|_| Ok(RBD_XML.to_owned()));
     hv.expect_current_job().returning(|_| {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
@@ -325,6 +328,7 @@ fn a_restore_that_fails_after_changing_volumes_says_which_changed() {
     let mut hv = MockHypervisor::new();
     hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
     hv.expect_domain_xml().returning(|_| Ok(RAW2.to_owned()));
+    hv.expect_inactive_xml().returning(|_| Ok(RAW2.to_owned()));
     hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
     let mut img = images();
     img.checkpoint();

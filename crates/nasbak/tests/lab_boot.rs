@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
-use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor, LibvirtHypervisor};
-use nasbak::nasbak_qemu_img::QemuImg;
+use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor, LibvirtHypervisor, Throwaway, throwaway_definition};
+use nasbak::nasbak_qemu_img::{ExportKind, QemuImg, ReadOnlyExport};
 use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryMounts, SystemMounter};
 use nasbak::{BackupRequest, BootResult, BootVerifyRequest, Engine};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
@@ -74,6 +74,59 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     // Recorded with the backup, shown by list.
     let listed = e.catalog().entry(&repo, dom.name(), &good).unwrap();
     assert_eq!(listed.boot_verified.as_ref(), Some(&v));
+
+    // An offering that asks for it: run-due boot-verifies the scheduled backup it made.
+    let config = nasbak::config::Config::parse(
+        &format!(
+            "[[repository]]\nname = \"boot\"\ntype = \"shared\"\naddress = \"{}\"\n\
+             [[offering]]\nname = \"gold\"\nrepository = \"boot\"\nboot_verify = true\n\
+             boot_check = \"test -r /proc/cmdline\"\n\
+             [assignments]\n\"{vm}\" = \"gold\"\n\
+             [[schedule]]\nid = \"{vm}-daily\"\nvm = \"{vm}\"\nevery = \"daily\"\nat = \"02:30\"\nkeep = 10\n\
+             created = \"2026-11-26T12:00:00Z\"\n",
+            repo.shared_path().unwrap().display(),
+            vm = dom.name()
+        ),
+        Path::new("boot.toml"),
+    )
+    .unwrap();
+    let t = chrono::DateTime::parse_from_rfc3339("2026-11-27T02:30:00Z").unwrap().to_utc();
+    let scheduled = engine(&dom.dir().join("runtime")).with_clock(nasbak::ManualClock::new(t));
+    let ran = scheduled.run_due(&config, &dom.dir().join("state/state.json"), &cancel, &mut |_| {}).unwrap();
+    let nasbak::RunDue::Ran(runs) = ran else { panic!("busy") };
+    assert_eq!(runs.len(), 1);
+    let v = runs[0].boot_verified.clone().expect("the offering asks").expect("it ran");
+    assert_eq!(v.result, BootResult::Passed, "{v:?}");
+    assert!(!runs[0].failed());
+
+    // A verification whose process was killed (no guard ran) left its throwaway domain running,
+    // an export and its directory: the next verification sweeps them away.
+    let abandoned = work.join(format!("nasbak-verify-0badc0de-{}", dom.name()));
+    fs::create_dir_all(&abandoned).unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    fs::write(abandoned.join("owner"), dead.id().to_string()).unwrap();
+    let socket = work.join("abandoned.sock");
+    let file = fs::read_dir(repo.shared_path().unwrap().join(dom.name()).join(&good))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .unwrap();
+    let export =
+        ReadOnlyExport::start_as(ExportKind::Nbd, &file, "qcow2", &socket, Duration::from_secs(30), None).unwrap();
+    fs::write(abandoned.join("sockets"), socket.to_str().unwrap()).unwrap();
+    let name = abandoned.file_name().unwrap().to_str().unwrap().to_owned();
+    let uuid = "0badc0de-0000-4000-8000-000000000000";
+    let console = abandoned.join("console.log");
+    let t = Throwaway { name: &name, uuid, disks: &[], console_log: &console, agent: false };
+    let xml = throwaway_definition(&e.hypervisor().inactive_xml(dom.name()).unwrap(), &t).unwrap();
+    e.hypervisor().start_with_xml(&xml).unwrap();
+    assert!(throwaways().contains(&name));
+    verify(&good, 180, None);
+    assert!(!throwaways().contains(&name), "the abandoned throwaway domain is gone");
+    assert!(!abandoned.exists() && !socket.exists());
+    assert!(!Path::new(&format!("/proc/{}", export.pid)).exists(), "its export's daemon is stopped");
 
     // The boot disk zeroed, backed up: the backup does not boot, and the console says why.
     let zeroes = vec![0u8; 1 << 20];

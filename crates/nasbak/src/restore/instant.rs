@@ -23,15 +23,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nasbak_libvirt::{
-    BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, Domain, DomainState, Hypervisor, swap_disk_sources,
-};
+use nasbak_libvirt::{BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, swap_disk_sources};
 use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
-use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
+use nasbak_repo::{ManifestDisk, Mounter, VmName};
 use serde::{Deserialize, Serialize};
 
 use super::marks::{RESTORING_MARK, RestoringMark};
-use super::{RestoreRequest, RestoredDisk, ancestors, backup_disks, match_disks};
+use super::{RestoreRequest, RestoredDisk, ancestors, match_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
@@ -203,24 +201,11 @@ where
     ) -> Result<InstantRestore, BackupError> {
         let r = &request.restore;
         let (repository, vm, id) = (&r.repository, r.vm.as_str(), r.id.as_str());
-        let vm_name = VmName::new(vm)?;
-        id.parse::<BackupId>()?;
-        let target_vm = r.into.as_deref().unwrap_or(vm);
-        let target_name = VmName::new(target_vm)?;
-        let inspect = || -> Result<_, BackupError> {
-            let state = self.hypervisor.domain_state(target_vm)?;
-            let xml = self.hypervisor.inactive_xml(target_vm)?;
-            Ok((state, Domain::parse(&xml)?, xml))
-        };
-        let (state, domain, xml) = inspect().map_err(at(Step::Inspect))?;
-        if state != DomainState::ShutOff {
-            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
-        }
-        let mounted = self.mounts.acquire(repository)?;
+        let start = self.start_restore(r)?;
+        let (mounted, dir, target_vm, xml) = (&start.mounted, &start.dir, start.target_vm, &start.xml);
+        let (vm_name, target_name) = (VmName::new(vm)?, VmName::new(target_vm)?);
         let layout = mounted.layout();
-        let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
-        let disks = backup_disks(&dir, vm, id, Some(&domain))?;
-        let pairs = match_disks(&disks, &domain, target_vm == vm)?;
+        let pairs = match_disks(&start.disks, &start.domain, target_vm == vm)?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
         let work = request.work_dir.join(target_name.as_str());
         make_private_dir(&request.work_dir)?;
@@ -248,7 +233,7 @@ where
                     });
                 }
             };
-            check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
             let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
             for (parent_dir, parent) in &chain {
                 check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
@@ -304,7 +289,7 @@ where
                 format: "qcow2".into(),
             })
             .collect();
-        let live = swap_disk_sources(&xml, &swaps)?;
+        let live = swap_disk_sources(xml, &swaps)?;
         self.hypervisor.start_with_xml(&live).map_err(|e| at(Step::Start)(e.into()))?;
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written

@@ -9,10 +9,10 @@
 use std::fs;
 use std::path::Path;
 
-use nasbak_libvirt::{Disk, Domain};
+use nasbak_libvirt::{Disk, Domain, DomainState};
 use nasbak_qemu_img::{ImageFormat, ImageLocation};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupMode, BackupRepository, ManifestDisk};
+use nasbak_repo::{BackupId, BackupMode, BackupRepository, ManifestDisk, MountedRepository, Mounter, VmName};
 use serde::Serialize;
 
 mod instant;
@@ -30,7 +30,7 @@ pub(crate) use marks::{RestoringMark, interrupted_restores};
 
 use crate::catalog::{BackupKind, read_backup};
 use crate::disks::volume_of;
-use crate::error::BackupError;
+use crate::error::{BackupError, Step, at};
 
 /// Restoring every disk of a shut-off VM from a backup. Built with [`RestoreRequest::new`].
 #[derive(Debug, Clone)]
@@ -83,6 +83,48 @@ pub struct RestoredDisk {
     pub format: String,
     /// Said when an earlier restore of this disk had been interrupted while it wrote in place.
     pub note: Option<String>,
+}
+
+/// Where a whole-VM restore (plain or instant) starts, checked in this order: the backup
+/// reference, the VM (it must be shut off), the repository, the backup and its disks.
+pub(crate) struct RestoreStart<'a, M: Mounter> {
+    /// The repository, in use.
+    pub mounted: MountedRepository<'a, M>,
+    /// The backup's directory.
+    pub dir: std::path::PathBuf,
+    /// The VM restored into (the backup's own unless the request says another).
+    pub target_vm: &'a str,
+    /// Its persistent definition, secrets included, as text and as read.
+    pub xml: String,
+    pub domain: Domain,
+    /// The backup's disks.
+    pub disks: Vec<ManifestDisk>,
+}
+
+impl<H: nasbak_libvirt::Hypervisor, A: crate::engine::AgentSource, I: nasbak_qemu_img::ImageTool, M: Mounter>
+    crate::engine::Engine<H, A, I, M>
+{
+    /// The checks every whole-VM restore starts with (see [`RestoreStart`]).
+    pub(crate) fn start_restore<'a>(&'a self, request: &'a RestoreRequest) -> Result<RestoreStart<'a, M>, BackupError> {
+        // The backup reference first: bad input is named before anything else is asked.
+        VmName::new(&request.vm)?;
+        request.id.parse::<BackupId>()?;
+        let target_vm = request.into.as_deref().unwrap_or(&request.vm);
+        VmName::new(target_vm)?;
+        let inspect = || -> Result<_, BackupError> {
+            let state = self.hypervisor.domain_state(target_vm)?;
+            let xml = self.hypervisor.inactive_xml(target_vm)?;
+            Ok((state, Domain::parse(&xml)?, xml))
+        };
+        let (state, domain, xml) = inspect().map_err(at(Step::Inspect))?;
+        if state != DomainState::ShutOff {
+            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
+        }
+        let mounted = self.mounts.acquire(&request.repository)?;
+        let (_, _, dir) = mounted.layout().resolve_backup(&format!("{}/{}", request.vm, request.id))?;
+        let disks = backup_disks(&dir, &request.vm, &request.id, Some(&domain))?;
+        Ok(RestoreStart { mounted, dir, target_vm, xml, domain, disks })
+    }
 }
 
 /// Pairs each backup disk with the VM disk of the same identity, or says every mismatch. With

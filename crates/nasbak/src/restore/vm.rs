@@ -5,12 +5,12 @@
 use std::fs;
 use std::path::PathBuf;
 
-use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Domain, DomainState, Hypervisor};
+use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::{BackupId, Mounter, VmName};
+use nasbak_repo::{Mounter, VmName};
 
 use super::marks::{RestoringMark, interrupted_restores};
-use super::{RestoreOutcome, RestoreRequest, RestoredDisk, ancestors, backup_disks, match_disks};
+use super::{RestoreOutcome, RestoreRequest, RestoredDisk, ancestors, match_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
@@ -37,23 +37,11 @@ where
         observer: &mut dyn Observer,
     ) -> Result<RestoreOutcome, BackupError> {
         let (repository, vm, id) = (&request.repository, request.vm.as_str(), request.id.as_str());
-        // The backup reference first: bad input is named before anything else is asked.
+        let start = self.start_restore(request)?;
+        let (mounted, dir, target_vm) = (&start.mounted, &start.dir, start.target_vm);
         let vm_name = VmName::new(vm)?;
-        id.parse::<BackupId>()?;
-        let target_vm = request.into.as_deref().unwrap_or(vm);
-        let inspect = || -> Result<_, BackupError> {
-            let state = self.hypervisor.domain_state(target_vm)?;
-            Ok((state, Domain::parse(&self.hypervisor.domain_xml(target_vm)?)?))
-        };
-        let (state, domain) = inspect().map_err(at(Step::Inspect))?;
-        if state != DomainState::ShutOff {
-            return Err(BackupError::NotShutOff { vm: target_vm.to_owned() });
-        }
-        let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
-        let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
-        let disks = backup_disks(&dir, vm, id, Some(&domain))?;
-        let pairs = match_disks(&disks, &domain, target_vm == vm)?;
+        let pairs = match_disks(&start.disks, &start.domain, target_vm == vm)?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
         // Everything is checked before a volume changes: qemu-img check of every file; the
         // checksum of files written in place (raw, block) first, of qcow2 copies while they are
@@ -62,7 +50,7 @@ where
         let mut copies = Vec::new();
         let vm_dir = layout.vm_dir(&vm_name);
         for (b, d) in &pairs {
-            check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
+            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
             // An incremental disk needs every file of its chain: each checked as its own
             // backup's, then the chain read through (flattened) into a self-contained volume.
             let chain = ancestors(&vm_dir, vm, id, b)?;
@@ -74,12 +62,12 @@ where
             match restore_target(d)? {
                 RestoreTarget::Qcow2File(path) => {
                     if flatten {
-                        check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                        check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     }
                     copies.push((*b, *d, path, flatten));
                 }
                 RestoreTarget::InPlace(location) => {
-                    check_sum(&dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                    check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     in_place.push((*b, *d, location));
                 }
             }
@@ -95,16 +83,11 @@ where
                 r.source_format = Some(ImageFormat::Qcow2);
                 convert(&self.images, r, cancel, vm, &d.target, b.virtual_size, observer)
             } else {
-                copy_checked(&dir, b, &tmp, vm, &d.target, cancel, observer)
+                copy_checked(dir, b, &tmp, vm, &d.target, cancel, observer)
             };
             copied.map_err(|e| {
                 let step = Step::Restore { disk: d.target.clone() };
-                crate::backup::repository_unavailable(
-                    &mounted,
-                    repository.name().to_string(),
-                    step.clone(),
-                    at(step)(e),
-                )
+                crate::backup::repository_unavailable(mounted, repository.name().to_string(), step.clone(), at(step)(e))
             })?;
         }
         // From here on volumes change: a failure says which did and which did not.
