@@ -447,12 +447,17 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
     pub fn delete(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<(), BackupError> {
         let mounted = self.mounts.acquire(repository)?;
         let (vm_name, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
+        let missing = || BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) };
         if read_backup(repository.name().as_str(), vm, id, &dir).is_none() {
-            return Err(BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) });
+            return Err(missing());
         }
-        // Not while a backup, restore or prune of this VM runs.
+        // Not while a backup, restore or prune of this VM runs; and looked at again under the
+        // lock: a prune that held it may have removed the backup meanwhile.
         let vm_dir = mounted.layout().vm_dir(&vm_name);
         let _lock = VmLock::take(&vm_dir, vm)?;
+        if read_backup(repository.name().as_str(), vm, id, &dir).is_none() {
+            return Err(missing());
+        }
         // Never a backup a remaining one builds on: that one could no longer be restored.
         let dependents: Vec<String> = list_mounted(repository.name().as_str(), mounted.root(), Some(vm))?
             .into_iter()
