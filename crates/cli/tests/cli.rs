@@ -577,7 +577,22 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        dom.wait_for_backup_job(Duration::from_secs(60));
+        let mut child = child;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let job = || nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap_or_default();
+        while !["Backup", "Unbounded", "Bounded"].iter().any(|w| job().contains(w)) {
+            if child.try_wait().unwrap().is_some() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{args:?} ended before its job was seen ({:?}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(std::time::Instant::now() < deadline, "{args:?}: no backup job in 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
             .unwrap();
         let out = child.wait_with_output().unwrap();

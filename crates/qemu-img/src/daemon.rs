@@ -274,6 +274,9 @@ pub fn nbd_uri(socket: &Path) -> Option<String> {
     s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)).then(|| format!("nbd+unix:///image?socket={s}"))
 }
 
+/// How long a daemon sent SIGKILL is given to end before stopping it is an error.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
 impl ReadOnlyExport {
     /// Exports `image` (of `format`, `qcow2` or `raw`) read-only at `file`, a new or empty
     /// regular file (created if missing); returns once the export is up, or fails within
@@ -409,16 +412,31 @@ impl ReadOnlyExport {
         use nix::unistd::Pid;
         let err = |detail: String| ImageError::Daemon { action: "stopping a read-only export", detail };
         let pid = Pid::from_raw(self.pid as i32);
-        let gone = || !Path::new(&format!("/proc/{}", self.pid)).exists();
-        if ReadOnlyExport::find(&self.file).is_some() {
-            let _ = kill(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + timeout;
+        // Ended: reaped, or a zombie (which has closed its files, so let go of what it held).
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+            })
+        };
+        let wait = |limit: Duration| {
+            let deadline = Instant::now() + limit;
             while !gone() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if !gone() {
+            gone()
+        };
+        if ReadOnlyExport::find(&self.file).is_some() {
+            let _ = kill(pid, Signal::SIGTERM);
+            if !wait(timeout) {
                 let _ = kill(pid, Signal::SIGKILL);
-                std::thread::sleep(Duration::from_millis(100));
+                if !wait(KILL_WAIT) {
+                    return Err(err(format!(
+                        "the daemon exporting {} (pid {}) still runs {KILL_WAIT:?} after SIGKILL",
+                        self.file.display(),
+                        self.pid
+                    )));
+                }
             }
         }
         if fs_mounted(&self.file) {

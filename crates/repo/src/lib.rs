@@ -48,6 +48,6 @@ pub use mount::MockMounter;
 pub use nasbak_process::Secret;
 
 pub use mount::{
-    Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, SystemMounter,
-    UnmountOutcome,
+    Capacity, MountError, MountTimeouts, MountedRepository, Mounter, ReleaseOutcome, RepositoryMounts, RepositoryUser,
+    SystemMounter, UnmountOutcome,
 };

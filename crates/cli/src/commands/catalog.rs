@@ -222,6 +222,10 @@ pub fn umount(cli: &Cli, dir: &std::path::Path) -> Result<u8> {
         report.exports.len(),
         if report.repository_unmounted { ", and the repository" } else { "" }
     );
+    if !report.repository_unmounted && !report.repository_users.is_empty() {
+        let users: Vec<String> = report.repository_users.iter().map(ToString::to_string).collect();
+        println!("  the repository stays mounted, used by {}", users.join(", "));
+    }
     for p in &report.left {
         println!("  left {} (not nasbak's)", p.display());
     }

@@ -24,6 +24,21 @@ pub struct RepositoryMounts<M> {
     timeouts: MountTimeouts,
 }
 
+/// A process registered as a user of a repository (see [`RepositoryMounts::users`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RepositoryUser {
+    /// Its process id.
+    pub pid: u32,
+    /// Its command name (`/proc/<pid>/comm`).
+    pub command: String,
+}
+
+impl std::fmt::Display for RepositoryUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (pid {})", self.command, self.pid)
+    }
+}
+
 /// What releasing a repository did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {
@@ -74,7 +89,7 @@ impl<M: Mounter> RepositoryMounts<M> {
         make_dir(&self.runtime_dir.join("mnt"), 0o755)?;
         let name = repo.name().as_str();
         let mutex = self.lock_mutex(&locks.join(format!("{name}.lock")))?;
-        self.ensure_mounted(&plan, &mount_point)?;
+        self.ensure_mounted(&plan, &mount_point, &locks.join(format!("{name}.source")))?;
         let users_path = locks.join(format!("{name}.users"));
         let users = open_lock_file(&users_path)?;
         users.lock_shared().map_err(|source| MountError::Io {
@@ -106,7 +121,7 @@ impl<M: Mounter> RepositoryMounts<M> {
         let check = open_lock_file(&users_path)?;
         let outcome = match check.try_lock() {
             Ok(()) if self.mounter.mounts()?.iter().any(|m| m.mount_point == root) => {
-                ReleaseOutcome::Unmounted(self.mounter.unmount(&root, self.timeouts.unmount)?)
+                ReleaseOutcome::Unmounted(self.unmount(name, &root)?)
             }
             Ok(()) | Err(TryLockError::WouldBlock) => ReleaseOutcome::StillInUse,
             Err(TryLockError::Error(source)) => {
@@ -118,14 +133,42 @@ impl<M: Mounter> RepositoryMounts<M> {
         Ok(outcome)
     }
 
-    fn ensure_mounted(&self, plan: &MountPlan, mount_point: &Path) -> Result<(), MountError> {
+    /// The processes that hold a registration on the repository called `name` (its users file
+    /// open): this process's own included, found in `/proc/*/fd`. What to name when a repository
+    /// stays mounted after its last known user let go.
+    pub fn users(&self, name: &str) -> Vec<RepositoryUser> {
+        let users_path = self.runtime_dir.join("locks").join(format!("{name}.users"));
+        let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
+        let mut found = Vec::new();
+        for entry in procs.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
+            if fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == users_path)) {
+                let command = fs::read_to_string(entry.path().join("comm")).unwrap_or_default().trim().to_owned();
+                found.push(RepositoryUser { pid, command });
+            }
+        }
+        found
+    }
+
+    /// `record` keeps what nasbak mounted there (type and source, never options or secrets):
+    /// two configurations may each name a different repository `backup`, and the second must
+    /// not write into the first's share because the mount point is the same.
+    fn ensure_mounted(&self, plan: &MountPlan, mount_point: &Path, record: &Path) -> Result<(), MountError> {
+        let expected = format!("{}\n{}\n", plan.fstype, plan.source);
         let existing = self.mounter.mounts()?.into_iter().rev().find(|m| m.mount_point == mount_point);
         if let Some(found) = existing {
-            if !fstype_matches(&found.fstype, plan) {
+            let recorded = fs::read_to_string(record).ok();
+            let other = recorded.as_deref().filter(|r| *r != expected);
+            if !fstype_matches(&found.fstype, plan) || other.is_some() {
+                let found_source = match other.and_then(|r| r.lines().nth(1)) {
+                    Some(source) => format!("{source} (another repository of the same name)"),
+                    None => found.source,
+                };
                 return Err(MountError::Conflict {
                     mount_point: mount_point.to_owned(),
                     found_fstype: found.fstype,
-                    found_source: found.source,
+                    found_source,
                     expected_fstype: plan.fstype.clone(),
                 });
             }
@@ -149,7 +192,11 @@ impl<M: Mounter> RepositoryMounts<M> {
             let _ = self.mounter.unmount(mount_point, self.timeouts.unmount);
             return Err(MountError::Unresponsive { path: mount_point.to_owned(), reason: e.to_string() });
         }
-        Ok(())
+        fs::write(record, expected).map_err(|source| MountError::Io {
+            action: "recording what was mounted in",
+            path: record.to_owned(),
+            source,
+        })
     }
 
     fn lock_mutex(&self, path: &Path) -> Result<File, MountError> {
@@ -169,6 +216,13 @@ impl<M: Mounter> RepositoryMounts<M> {
         }
     }
 
+    /// Unmounts `root` and forgets what was mounted there (under the mutex).
+    fn unmount(&self, name: &str, root: &Path) -> Result<UnmountOutcome, MountError> {
+        let outcome = self.mounter.unmount(root, self.timeouts.unmount)?;
+        let _ = fs::remove_file(self.runtime_dir.join("locks").join(format!("{name}.source")));
+        Ok(outcome)
+    }
+
     fn release(&self, name: &str, root: &Path, users: File) -> Result<ReleaseOutcome, MountError> {
         let locks = self.runtime_dir.join("locks");
         let mutex = self.lock_mutex(&locks.join(format!("{name}.lock")))?;
@@ -176,7 +230,7 @@ impl<M: Mounter> RepositoryMounts<M> {
         let users_path = locks.join(format!("{name}.users"));
         let check = open_lock_file(&users_path)?;
         let outcome = match check.try_lock() {
-            Ok(()) => ReleaseOutcome::Unmounted(self.mounter.unmount(root, self.timeouts.unmount)?),
+            Ok(()) => ReleaseOutcome::Unmounted(self.unmount(name, root)?),
             Err(TryLockError::WouldBlock) => ReleaseOutcome::StillInUse,
             Err(TryLockError::Error(source)) => {
                 return Err(MountError::Io { action: "locking", path: users_path, source });
@@ -404,6 +458,30 @@ mod tests {
         assert_eq!(a.root(), mp);
         assert_eq!(a.release().unwrap(), ReleaseOutcome::StillInUse);
         assert_eq!(b.release().unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
+    }
+
+    #[test]
+    fn a_repository_of_the_same_name_elsewhere_is_refused_rather_than_written_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let mut m = MockMounter::new();
+        let mut seq = Sequence::new();
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
+        m.expect_mount().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        m.expect_probe().times(1).in_sequence(&mut seq).returning(|_, _| Ok(()));
+        m.expect_mounts().times(1).in_sequence(&mut seq).returning(move || Ok(vec![entry(&d, "nfs4")]));
+        let mounts = mounts(m, dir.path());
+        let a = mounts.acquire(&repo()).unwrap();
+        // Another configuration's `r1`: the same type, another server.
+        let other = BackupRepository::new("r1", RepositoryKind::Nfs, "othernas:/e", "", None).unwrap();
+        let err = mounts.acquire(&other).unwrap_err();
+        assert!(matches!(err, MountError::Conflict { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("nas:/e (another repository of the same name)") && text.contains("unmount it"), "{text}");
+        // The registration is named with this process.
+        let users = mounts.users("r1");
+        assert_eq!(users.iter().map(|u| u.pid).collect::<Vec<_>>(), vec![std::process::id()], "{users:?}");
+        std::mem::forget(a);
     }
 
     #[test]

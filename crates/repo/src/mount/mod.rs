@@ -14,7 +14,7 @@ use crate::model::repository::MountPlan;
 mod manager;
 mod system;
 
-pub use manager::{MountedRepository, ReleaseOutcome, RepositoryMounts, root_hint};
+pub use manager::{MountedRepository, ReleaseOutcome, RepositoryMounts, RepositoryUser, root_hint};
 pub use system::SystemMounter;
 
 use nasbak_process::CommandError;
