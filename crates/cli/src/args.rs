@@ -194,9 +194,9 @@ pub enum Command {
         /// A new file, an existing block device, or rbd:POOL/IMAGE.
         #[arg(long)]
         to: String,
-        /// The format to write (RBD: raw).
-        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
-        format: String,
+        /// The format to write [default: qcow2, raw for rbd:POOL/IMAGE (RBD images are raw)].
+        #[arg(long, value_parser = ["qcow2", "raw"])]
+        format: Option<String>,
         /// Attach it to this VM (running or shut off) as the next free target.
         #[arg(long)]
         attach: Option<String>,

@@ -257,8 +257,25 @@ pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &st
     let (kind, source_xml) = match source {
         DiskSource::File(p) => ("file", format!("<source file='{}'/>", xml_escape(&p.to_string_lossy()))),
         DiskSource::Block(p) => ("block", format!("<source dev='{}'/>", xml_escape(&p.to_string_lossy()))),
-        DiskSource::Network { protocol, name: Some(name), .. } if protocol == "rbd" => {
-            ("network", format!("<source protocol='rbd' name='{}'/>", xml_escape(name)))
+        DiskSource::Network { protocol, name: Some(name), hosts, auth, config } if protocol == "rbd" => {
+            // The monitors, ceph.conf and cephx user and secret: without them QEMU looks for
+            // /etc/ceph/ceph.conf and the admin's key.
+            let mut inner = String::new();
+            for h in hosts {
+                let Some(host) = &h.name else { continue };
+                inner.push_str(&format!("<host name='{}'", xml_escape(host)));
+                if let Some(port) = h.port {
+                    inner.push_str(&format!(" port='{port}'"));
+                }
+                inner.push_str("/>");
+            }
+            if let Some(c) = config {
+                inner.push_str(&format!("<config file='{}'/>", xml_escape(&c.to_string_lossy())));
+            }
+            if let Some(a) = auth {
+                inner.push_str(&auth_xml(a));
+            }
+            ("network", format!("<source protocol='rbd' name='{}'>{inner}</source>", xml_escape(name)))
         }
         other => return Err(XmlError { detail: format!("cannot attach a disk with source {other}") }),
     };
@@ -268,6 +285,25 @@ pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &st
         xml_escape(target),
         xml_escape(bus)
     ))
+}
+
+/// `<auth username=…><secret type=… uuid=…|usage=…/></auth>` of a network disk.
+fn auth_xml(a: &NetworkAuth) -> String {
+    let mut x = String::from("<auth");
+    if let Some(u) = &a.username {
+        x.push_str(&format!(" username='{}'", xml_escape(u)));
+    }
+    x.push_str("><secret");
+    if let Some(t) = &a.secret_type {
+        x.push_str(&format!(" type='{}'", xml_escape(t)));
+    }
+    match (&a.secret_uuid, &a.secret_usage) {
+        (Some(uuid), _) => x.push_str(&format!(" uuid='{}'", xml_escape(uuid))),
+        (None, Some(usage)) => x.push_str(&format!(" usage='{}'", xml_escape(usage))),
+        (None, None) => {}
+    }
+    x.push_str("/></auth>");
+    x
 }
 
 impl From<XmlDomain> for Domain {
@@ -372,5 +408,26 @@ mod tests {
         let back = Domain::parse(&format!("<domain><name>v</name><devices>{xml}</devices></domain>")).unwrap();
         assert_eq!(back.disks[0].source, Some(DiskSource::File("/v/it's.qcow2".into())));
         assert!(disk_attach_xml(&DiskSource::Other("nvme".into()), "raw", "vdc", "virtio").is_err());
+        // An RBD disk keeps its monitors, ceph.conf and cephx user and secret, and reads back
+        // the same.
+        let rbd = DiskSource::Network {
+            protocol: "rbd".into(),
+            name: Some("vms/new".into()),
+            hosts: vec![
+                NetworkHost { name: Some("10.0.0.1".into()), port: Some(6789), transport: None, socket: None },
+                NetworkHost { name: Some("mon2".into()), port: None, transport: None, socket: None },
+            ],
+            auth: Some(NetworkAuth {
+                username: Some("cloud".into()),
+                secret_type: Some("ceph".into()),
+                secret_usage: Some("client.cloud's".into()),
+                secret_uuid: None,
+            }),
+            config: Some("/etc/ceph/ceph.conf".into()),
+        };
+        let xml = disk_attach_xml(&rbd, "raw", "vdc", "virtio").unwrap();
+        assert!(xml.contains("usage='client.cloud&apos;s'"), "{xml}");
+        let parsed = Domain::parse(&format!("<domain><name>x</name><devices>{xml}</devices></domain>")).unwrap();
+        assert_eq!(parsed.disks[0].source.as_ref(), Some(&rbd));
     }
 }

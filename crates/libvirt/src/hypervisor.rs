@@ -170,6 +170,22 @@ pub trait Hypervisor {
     fn block_job_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError>;
     /// Stops the domain at once (power off).
     fn destroy(&self, domain: &str) -> Result<(), LibvirtError>;
+    /// The value of the secret a network disk's `<auth>` names (by UUID, else by usage), as
+    /// the text its user gives to the server: a Ceph key base64-encoded. libvirt refuses to give
+    /// out a secret defined `private='yes'`.
+    fn secret_value(&self, auth: &crate::NetworkAuth) -> Result<nasbak_process::Secret, LibvirtError>;
+    /// The size of the running domain's disk `disk` (its target) as QEMU sees it: no image is
+    /// opened and no key is needed, whatever the disk is (file, block device, RBD).
+    fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError>;
+}
+
+/// The size of a disk ([`Hypervisor::block_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// What the guest sees, in bytes.
+    pub capacity: u64,
+    /// What the image occupies on its storage, in bytes.
+    pub allocation: u64,
 }
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...). Clones share the
@@ -288,6 +304,39 @@ impl Hypervisor for LibvirtHypervisor {
         }
         self.lookup(domain)?.attach_device_flags(disk_xml, flags)?;
         Ok(())
+    }
+
+    fn secret_value(&self, auth: &crate::NetworkAuth) -> Result<nasbak_process::Secret, LibvirtError> {
+        let secret = match (&auth.secret_uuid, &auth.secret_usage, auth.secret_type.as_deref()) {
+            (Some(uuid), _, _) => self.conn.lookup_secret_by_uuid_string(uuid)?,
+            (None, Some(usage), Some("ceph")) => {
+                self.conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32, usage)?
+            }
+            (None, Some(usage), Some("iscsi")) => {
+                self.conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_ISCSI as i32, usage)?
+            }
+            _ => {
+                return Err(LibvirtError::new(format!(
+                    "the disk's <auth> names no secret by uuid, or by usage of type ceph or iscsi: {auth:?}"
+                )));
+            }
+        };
+        let mut value = secret.value(0)?;
+        let text = match auth.secret_type.as_deref() {
+            // libvirt keeps a Ceph key decoded; keyrings and `secret=` want it in base64.
+            Some("ceph") => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(&value)
+            }
+            _ => String::from_utf8_lossy(&value).into_owned(),
+        };
+        value.iter_mut().for_each(|b| *b = 0);
+        Ok(nasbak_process::Secret::new(text))
+    }
+
+    fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError> {
+        let info = self.lookup(domain)?.block_info(disk, 0)?;
+        Ok(BlockSize { capacity: info.capacity, allocation: info.allocation })
     }
 
     fn inactive_xml(&self, domain: &str) -> Result<String, LibvirtError> {

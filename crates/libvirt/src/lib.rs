@@ -54,7 +54,8 @@ pub const DEFAULT_URI: &str = "qemu:///system";
 #[cfg(any(test, feature = "mock"))]
 pub use hypervisor::MockHypervisor;
 pub use hypervisor::{
-    BlockCopyFlags, BlockJob, DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor, Versions,
+    BlockCopyFlags, BlockJob, BlockSize, DomainState, Hypervisor, JobInfo, JobKind, LibvirtError, LibvirtHypervisor,
+    Versions,
 };
 pub use job::{
     CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup,

@@ -1,6 +1,7 @@
 //! The backup workflow: mount, lock, check space, write into `<id>.partial`, save the domain
 //! XML, copy the disks (push job or qemu-img), checksum, write the manifest, rename into place.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use nasbak_repo::{
 use serde::Serialize;
 
 use crate::chain::{DEFAULT_FULL_EVERY, ModeRequest};
-use crate::disks::{backup_files, source_location, volume_of};
+use crate::disks::{backup_files, keyed_source, volume_of};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
@@ -180,6 +181,9 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Backu
     move |source| BackupError::Io { action, path, source }
 }
 
+/// Each disk's `qemu-img info` (when qemu-img could open it) and virtual size, by target.
+type Measured = (HashMap<String, ImageInfo>, HashMap<String, u64>);
+
 impl<H, A, I, M> Engine<H, A, I, M>
 where
     H: Hypervisor,
@@ -249,9 +253,7 @@ where
                 .iter()
                 .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
         );
-        let sources = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm)?;
-        let sizes: std::collections::HashMap<String, u64> =
-            sources.iter().map(|(target, top)| (target.clone(), top.virtual_size)).collect();
+        let (sources, sizes) = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm, running)?;
         let started = self.clock.now();
         let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
             .map_err(io("listing", &vm_dir))?
@@ -508,29 +510,31 @@ where
     }
 
     /// Refuses when the disks' allocated bytes exceed the space available; returns each disk's
-    /// `qemu-img info` by target (its virtual size for progress, its bitmaps for a shut-off
-    /// VM's chain), so no other step asks qemu-img again.
-    fn check_space(
-        &self,
-        disks: &[&Disk],
-        available: &u64,
-        vm: &str,
-    ) -> Result<std::collections::HashMap<String, ImageInfo>, BackupError> {
+    /// `qemu-img info` by target (its bitmaps for a shut-off VM's chain), so no other step asks
+    /// qemu-img again, and each disk's virtual size (for progress and the chain). A disk of a
+    /// running VM that qemu-img cannot open (an RBD disk whose key libvirt keeps private) is
+    /// measured by libvirt instead.
+    fn check_space(&self, disks: &[&Disk], available: &u64, vm: &str, running: bool) -> Result<Measured, BackupError> {
         let mut needed = 0u64;
-        let mut sources = std::collections::HashMap::new();
+        let mut sources = HashMap::new();
+        let mut sizes = HashMap::new();
         for d in disks {
-            if let Ok(loc) = source_location(d)
+            if let Ok(loc) = keyed_source(&self.hypervisor, d)
                 && let Ok(info) = self.images.info(&loc)
                 && let Some(top) = info.into_iter().next()
             {
                 needed += top.actual_size.unwrap_or(0);
+                sizes.insert(d.target.clone(), top.virtual_size);
                 sources.insert(d.target.clone(), top);
+            } else if running && let Ok(size) = self.hypervisor.block_size(vm, &d.target) {
+                needed += size.allocation;
+                sizes.insert(d.target.clone(), size.capacity);
             }
         }
         if needed > *available {
             return Err(BackupError::NoSpace { vm: vm.to_owned(), needed, available: *available });
         }
-        Ok(sources)
+        Ok((sources, sizes))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -653,7 +657,7 @@ where
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
-            let source = source_location(disk)?;
+            let source = keyed_source(&self.hypervisor, disk)?;
             let size = sizes.get(&disk.target).copied().unwrap_or(0);
             let incremental = plan.disks.iter().any(|d| d.target == disk.target && d.mode == BackupMode::Incremental);
             if let (true, Some(bitmap), ImageLocation::Path(path)) = (incremental, from, &source) {

@@ -228,6 +228,7 @@ pub fn plan_chain(
                 (Some(p), _) if p.volume != d.volume => {
                     Some(format!("the disk was replaced (volume {} was {})", d.volume, p.volume))
                 }
+                (Some(_), _) if d.virtual_size == 0 => Some("its size could not be read".to_owned()),
                 (Some(p), _) if p.virtual_size != d.virtual_size => {
                     Some(format!("the disk was resized ({} bytes, {} before)", d.virtual_size, p.virtual_size))
                 }

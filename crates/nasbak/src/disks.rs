@@ -34,14 +34,54 @@ pub(crate) fn backup_files<'a>(chosen: &[&'a Disk]) -> Vec<(&'a Disk, String)> {
     chosen.iter().copied().zip(disk_file_names(&described)).collect()
 }
 
-pub(crate) fn source_location(disk: &Disk) -> Result<ImageLocation, BackupError> {
-    disk_location(disk).ok_or_else(|| BackupError::Unsupported {
+/// [`disk_location`], and for an RBD disk whose `<auth>` names a libvirt secret that libvirt
+/// gives out, its key (written to a 0600 keyring for each command, never on argv). A private
+/// secret leaves the client's keyring on this host (`/etc/ceph/ceph.client.ID.keyring`).
+pub(crate) fn keyed_location(hypervisor: &impl nasbak_libvirt::Hypervisor, disk: &Disk) -> Option<ImageLocation> {
+    keyed_source(hypervisor, disk).ok()
+}
+
+/// [`keyed_location`], or an error naming a disk nasbak cannot read: a source it does not
+/// know, or an RBD disk whose key it cannot find (the secret private, no keyring on the host
+/// and no ceph.conf of the domain's that could name one).
+pub(crate) fn keyed_source(
+    hypervisor: &impl nasbak_libvirt::Hypervisor,
+    disk: &Disk,
+) -> Result<ImageLocation, BackupError> {
+    let mut location = disk_location(disk).ok_or_else(|| BackupError::Unsupported {
         what: format!("disk {} of a shut-off VM with source {:?}", disk.target, disk.source),
-    })
+    })?;
+    if let (ImageLocation::Rbd(spec), Some(DiskSource::Network { auth: Some(auth), .. })) =
+        (&mut location, &disk.source)
+        && (auth.secret_uuid.is_some() || auth.secret_usage.is_some())
+    {
+        match hypervisor.secret_value(auth) {
+            Ok(key) => spec.auth = nasbak_qemu_img::RbdAuth::Key(key),
+            Err(e) => {
+                let user = spec.id.clone().unwrap_or_else(|| "admin".into());
+                if spec.conf.is_none() && !host_keyring_exists(&user) {
+                    return Err(BackupError::NoCephKey {
+                        disk: disk.target.clone(),
+                        secret: auth.secret_uuid.clone().or_else(|| auth.secret_usage.clone()).unwrap_or_default(),
+                        user,
+                        reason: e.message,
+                    });
+                }
+            }
+        }
+    }
+    Ok(location)
+}
+
+/// Whether librados finds a keyring for `client.<user>` where it looks by default.
+fn host_keyring_exists(user: &str) -> bool {
+    [format!("/etc/ceph/ceph.client.{user}.keyring"), "/etc/ceph/ceph.keyring".into(), "/etc/ceph/keyring".into()]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists())
 }
 
 /// Where qemu-img finds a disk: a file or block device path, or an RBD image with the domain's
-/// monitors, ceph.conf and client id (its key comes from that client's keyring on this host).
+/// monitors, ceph.conf and client id (the key: see [`keyed_source`]).
 pub(crate) fn disk_location(disk: &Disk) -> Option<ImageLocation> {
     match &disk.source {
         Some(DiskSource::File(p) | DiskSource::Block(p)) => Some(ImageLocation::Path(p.clone())),

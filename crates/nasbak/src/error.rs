@@ -188,6 +188,21 @@ pub enum BackupError {
         /// The VM.
         vm: String,
     },
+    /// No key to reach an RBD disk with: libvirt keeps its secret private and the host has no
+    /// keyring for its user.
+    #[error(
+        "no key for disk {disk} (Ceph user client.{user}): libvirt does not give out its secret {secret} ({reason}) and /etc/ceph holds no keyring for that user; define the secret with private='no', or install /etc/ceph/ceph.client.{user}.keyring (mode 0600)"
+    )]
+    NoCephKey {
+        /// The disk's target.
+        disk: String,
+        /// The Ceph user (without `client.`).
+        user: String,
+        /// The secret, by UUID or usage.
+        secret: String,
+        /// libvirt's words.
+        reason: String,
+    },
     /// Something nasbak cannot do yet.
     #[error("not supported: {what}")]
     Unsupported {
@@ -380,7 +395,7 @@ impl BackupError {
             | BackupError::RestoreIncomplete { source, .. } => source.kind(),
             BackupError::Input(_) | BackupError::Directory { .. } => ErrorKind::InvalidInput,
             BackupError::Mount(_) | BackupError::RepositoryUnavailable { .. } => ErrorKind::RepositoryUnreachable,
-            BackupError::Config(_) => ErrorKind::Configuration,
+            BackupError::Config(_) | BackupError::NoCephKey { .. } => ErrorKind::Configuration,
             BackupError::Lock(_) | BackupError::InFlight { .. } => ErrorKind::Busy,
             BackupError::Libvirt(e) if e.is_no_domain() => ErrorKind::NoSuchDomain,
             BackupError::NoSpace { .. } => ErrorKind::NoSpace,

@@ -269,6 +269,10 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
     hv.expect_domain_xml().returning(|_| Ok(RBD_XML.to_owned()));
     hv.expect_inactive_xml().returning(|_| Ok(RBD_XML.to_owned()));
+    // The key comes from the libvirt secret the disk's <auth> names.
+    hv.expect_secret_value()
+        .withf(|a| a.secret_usage.as_deref() == Some("client.backup") && a.secret_type.as_deref() == Some("ceph"))
+        .returning(|_| Ok(nasbak_process::Secret::new("AQBkey==")));
     hv.expect_current_job().returning(|_| {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
@@ -286,6 +290,7 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
                     && s.image == "vm1-root"
                     && s.mon_hosts == ["mon1:6789", "mon2"]
                     && s.id.as_deref() == Some("backup")
+                    && matches!(&s.auth, nasbak_qemu_img::RbdAuth::Key(k) if k.expose() == "AQBkey==")
                     && r.source_format == Some(ImageFormat::Raw)
             }
             _ => false,
@@ -300,7 +305,8 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     // Restore: raw, into the existing image (-n).
     img.expect_convert()
         .withf(|r, _| {
-            matches!(&r.target, ImageLocation::Rbd(s) if s.image == "vm1-root")
+            matches!(&r.target, ImageLocation::Rbd(s) if s.image == "vm1-root"
+                && matches!(&s.auth, nasbak_qemu_img::RbdAuth::Key(_)))
                 && r.target_exists
                 && r.target_format == ImageFormat::Raw
         })

@@ -14,6 +14,9 @@ use crate::location::{ImageLocation, filename_for};
 /// Progress of a long operation, as a percentage from 0 to 100.
 pub type ProgressFn = dyn Fn(f64) + Send + Sync;
 
+/// How long removing an RBD image waits for the watch of a client that died with it open.
+const RBD_WATCH_WAIT: Duration = Duration::from_secs(60);
+
 /// What nasbak needs from an image tool.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 pub trait ImageTool {
@@ -40,6 +43,10 @@ pub trait ImageTool {
     /// Copies the clusters `copy.bitmap` marks dirty in `copy.source` (no process has it open)
     /// into a new qcow2 file `copy.target` of the same size, the rest left unallocated.
     fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
+    /// Removes the RBD image `image` (`rbd rm`, with the spec's monitors, client id and key; the
+    /// key in a 0600 keyring for the command's duration): what a restore that created it and
+    /// failed leaves behind.
+    fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError>;
     /// Shows `image` (with its backing chain) read-only at `file`, as a raw file (FUSE, `file`
     /// new or empty) or an NBD unix socket (`file` new), through a daemonized
     /// qemu-storage-daemon that outlives the caller, until [`ReadOnlyExport::stop`]. The daemon
@@ -230,6 +237,47 @@ impl ImageTool for QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "create", source })
+    }
+
+    fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError> {
+        use crate::location::RbdAuth;
+        let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
+        let keyring = match (&temp, &image.auth) {
+            (Some(t), _) => Some(t.path().to_owned()),
+            (None, RbdAuth::Keyring(k)) => Some(k.clone()),
+            _ => None,
+        };
+        let mut command = ExternalCommand::new("rbd").arg("rm").arg("--no-progress");
+        if let Some(id) = &image.id {
+            command = command.arg("--id").arg(id);
+        }
+        if let Some(conf) = &image.conf {
+            command = command.arg("--conf").arg(conf);
+        }
+        if !image.mon_hosts.is_empty() {
+            command = command.arg("--mon-host").arg(image.mon_hosts.join(","));
+        }
+        if let Some(k) = &keyring {
+            command = command.arg("--keyring").arg(k);
+        }
+        let mut spec = format!("{}/", image.pool);
+        if let Some(ns) = &image.namespace {
+            spec.push_str(&format!("{ns}/"));
+        }
+        spec.push_str(&image.image);
+        let command = command.arg(spec).timeout(self.timeouts.quick);
+        // A client killed with the image open (a cancelled qemu-img) leaves its watch until the
+        // cluster times it out (30 s by default): until then the image "still has watchers".
+        let deadline = std::time::Instant::now() + RBD_WATCH_WAIT;
+        loop {
+            match command.run() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("watchers") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(source) => return Err(ImageError::Command { action: "rbd rm", source }),
+            }
+        }
     }
 
     fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError> {

@@ -264,7 +264,10 @@ fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     assert!(err.to_string().contains("not an empty file"), "{err}");
     assert!(ReadOnlyExport::start(&top, "vmdk", &dir.path().join("x.raw"), Duration::from_secs(30), None).is_err());
     export.stop(Duration::from_secs(10)).unwrap();
-    assert!(!Path::new(&format!("/proc/{}", export.pid)).exists(), "the daemon is gone");
+    // Ended: reaped, or a zombie its new parent (init) has not reaped yet.
+    let stat = fs::read_to_string(format!("/proc/{}/stat", export.pid)).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    assert!(matches!(state, None | Some('Z' | 'X')), "the daemon is gone: {stat}");
     probe.try_lock().expect("the lock ends with the daemon");
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(file.to_str().unwrap()), "no FUSE mount left");

@@ -44,6 +44,9 @@ pub enum DiskKind {
     Block,
     /// A read-only cdrom (a raw file on the IDE bus).
     Cdrom,
+    /// An RBD image in the lab Ceph cluster's pool `vms` (`cargo xtask lab ceph`), a network
+    /// disk reached as `client.nasbak-vm` through the lab's libvirt secret.
+    Rbd,
 }
 
 /// One disk to create.
@@ -110,6 +113,11 @@ impl DiskSpec {
     pub fn block(size_mib: u64) -> Self {
         DiskSpec::new(DiskKind::Block, size_mib)
     }
+    /// An RBD image of `size_mib` MiB in the lab cluster (see [`DiskKind::Rbd`]); its
+    /// [`LabDisk::path`] is the raw file it was filled from, kept for comparisons.
+    pub fn rbd(size_mib: u64) -> Self {
+        DiskSpec::new(DiskKind::Rbd, size_mib)
+    }
     /// A 1 MiB cdrom.
     pub fn cdrom() -> Self {
         DiskSpec::new(DiskKind::Cdrom, 1)
@@ -138,6 +146,8 @@ pub struct LabDisk {
     pub format: &'static str,
     /// What backs it.
     pub kind: DiskKind,
+    /// `pool/image` of an RBD disk.
+    pub rbd: Option<String>,
 }
 
 /// A domain to create.
@@ -204,7 +214,8 @@ impl DomainSpec {
         let dir = Path::new(STATE).join("run").join(&name);
         fs::create_dir_all(&dir).unwrap_or_else(|e| lab_missing(&format!("cannot create {}: {e}", dir.display())));
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod domain dir");
-        let mut dom = LabDomain { name, dir, disks: Vec::new(), loops: Vec::new(), defined: false };
+        let mut dom =
+            LabDomain { name, dir, disks: Vec::new(), loops: Vec::new(), rbd_images: Vec::new(), defined: false };
         let mut vd = b'a';
         for (i, spec) in self.disks.iter().enumerate() {
             let disk = dom.make_disk(i, spec, &mut vd);
@@ -262,6 +273,7 @@ pub struct LabDomain {
     dir: PathBuf,
     disks: Vec<LabDisk>,
     loops: Vec<String>,
+    rbd_images: Vec<String>,
     defined: bool,
 }
 
@@ -310,6 +322,12 @@ impl LabDomain {
                 (next_vd(vd), PathBuf::from(dev), "raw")
             }
             DiskKind::Cdrom => ("hdc".to_owned(), raw, "raw"),
+            DiskKind::Rbd => {
+                let image = format!("{}-disk{i}", self.name);
+                crate::ceph::import(&raw, &image);
+                self.rbd_images.push(image);
+                (next_vd(vd), raw, "raw")
+            }
         };
         let path = match (&spec.name, spec.kind) {
             (Some(name), DiskKind::Qcow2 | DiskKind::Raw) => {
@@ -320,7 +338,8 @@ impl LabDomain {
             }
             _ => path,
         };
-        LabDisk { target, path, format, kind: spec.kind }
+        let rbd = (spec.kind == DiskKind::Rbd).then(|| format!("vms/{}-disk{i}", self.name));
+        LabDisk { target, path, format, kind: spec.kind, rbd }
     }
 
     /// An MBR with extlinux's boot code and one active ext2 partition holding the lab kernel,
@@ -407,6 +426,11 @@ impl LabDomain {
             let (ty, src, device, bus, ro) = match d.kind {
                 DiskKind::Block => ("block", format!("dev='{}'", d.path.display()), "disk", "virtio", ""),
                 DiskKind::Cdrom => ("file", format!("file='{}'", d.path.display()), "cdrom", "ide", "<readonly/>"),
+                DiskKind::Rbd => {
+                    let _ =
+                        writeln!(x, "    {}", crate::ceph::disk_xml(d.rbd.as_deref().unwrap_or_default(), &d.target));
+                    continue;
+                }
                 _ => ("file", format!("file='{}'", d.path.display()), "disk", "virtio", ""),
             };
             let _ = writeln!(
@@ -650,7 +674,7 @@ impl LabDomain {
             "--config",
         ])
         .expect("attach-disk");
-        self.disks.push(LabDisk { target: target.to_owned(), path, format: "qcow2", kind: DiskKind::Qcow2 });
+        self.disks.push(LabDisk { target: target.to_owned(), path, format: "qcow2", kind: DiskKind::Qcow2, rbd: None });
     }
 
     /// Disk `index` as it is now, copied to `<dir>/<name>.raw` (read with shared locks while
@@ -727,6 +751,9 @@ impl Drop for LabDomain {
         remove_domain(&self.name, self.defined);
         for dev in &self.loops {
             let _ = ExternalCommand::new("losetup").args(["-d", dev]).timeout(Duration::from_secs(30)).run();
+        }
+        for image in &self.rbd_images {
+            crate::ceph::remove(image);
         }
         release_under(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);

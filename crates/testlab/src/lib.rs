@@ -19,6 +19,7 @@
 
 #![deny(missing_docs)]
 
+pub mod ceph;
 mod domain;
 mod ssh;
 

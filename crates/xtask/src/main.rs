@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask lab up | status | down`: the KVM lab (see `docs/lab.md`).
 //! - `cargo xtask lab nas`: the real NFS and SMB tests inside the NAS lab guest.
-//! - `cargo xtask lab ceph`: a one-node Ceph cluster (RBD pool, CephFS, users, libvirt secret).
+//! - `cargo xtask lab ceph [up]`: a one-node Ceph cluster (RBD pool, CephFS, users, libvirt
+//!   secret), and the Ceph tests against it.
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
@@ -25,6 +26,8 @@ commands:
                 SMB tests of nasbak-repo inside it
   lab ceph      bring up a one-node Ceph cluster (monitor on 127.0.0.1, in-memory OSD, MDS; pool
                 vms, CephFS labfs, users client.nasbak-vm and client.nasbak-fs, a libvirt secret)
+                and run the Ceph tests against it (`N passed, M failed`)
+  lab ceph up   only bring the cluster up
   demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
@@ -43,7 +46,8 @@ fn main() -> Result<()> {
         ["lab", "status"] => lab::status(),
         ["lab", "down"] => lab::down(),
         ["lab", "nas"] => lab::nas::run(),
-        ["lab", "ceph"] => lab::ceph::up(),
+        ["lab", "ceph"] => lab::ceph::run(),
+        ["lab", "ceph", "up"] => lab::ceph::up(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
         ["bench"] => bench::bench(3),

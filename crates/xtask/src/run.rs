@@ -36,7 +36,8 @@ pub fn test() -> Result<()> {
     // tests/nas.rs is built only for the NAS guest; lint it too.
     cargo(&["clippy", "-p", "nasbak-repo", "--features", "nas-guest", "--all-targets", "--", "-D", "warnings"], &[])?;
     // The facade's exported mocks and the test that uses them as an embedder would.
-    cargo(&["clippy", "-p", "nasbak", "--features", "mock", "--all-targets", "--", "-D", "warnings"], &[])?;
+    // tests/lab_ceph.rs too, built only for the lab cluster.
+    cargo(&["clippy", "-p", "nasbak", "--features", "mock ceph-lab", "--all-targets", "--", "-D", "warnings"], &[])?;
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     publish_dry_run()?;
     fuzz(10)?;
@@ -49,7 +50,11 @@ pub fn test() -> Result<()> {
     let (nas_passed, nas_failed) = crate::lab::nas::run_tests()?;
     println!("{nas_passed} passed, {nas_failed} failed");
     let (passed, failed) = (passed + nas_passed, failed + nas_failed);
-    println!("xtask: all test binaries together, the NAS guest's included:");
+    println!("xtask: VMs with RBD disks against the lab Ceph cluster (cargo xtask lab ceph):");
+    let (ceph_passed, ceph_failed) = crate::lab::ceph::run_tests()?;
+    println!("{ceph_passed} passed, {ceph_failed} failed");
+    let (passed, failed) = (passed + ceph_passed, failed + ceph_failed);
+    println!("xtask: all test binaries together, the NAS guest's and the Ceph cluster's included:");
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} tests failed");
@@ -100,7 +105,7 @@ pub fn faults(rows: &[&str]) -> Result<()> {
 }
 
 /// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
-fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
+pub fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     println!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)

@@ -47,7 +47,7 @@ pub fn run(cli: &Cli) -> Result<u8> {
         }
         Command::Instant(cmd) => restore::instant_command(cli, cmd),
         Command::RestoreVolume { id, disk, to, format, attach } => {
-            restore::restore_volume(cli, &config, id, disk, to, format, attach.as_deref())
+            restore::restore_volume(cli, &config, id, disk, to, format.as_deref(), attach.as_deref())
         }
     }
 }

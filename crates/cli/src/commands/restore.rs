@@ -51,14 +51,15 @@ pub fn restore_volume(
     id: &BackupRef,
     disk: &str,
     to: &str,
-    format: &str,
+    format: Option<&str>,
     attach: Option<&str>,
 ) -> Result<u8> {
     let r = repo_of(config, id)?;
-    let format = format.parse::<ImageFormat>().unwrap_or_else(|never| match never {});
     let mut request =
-        VolumeRestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), disk, to.parse::<ImageLocation>()?)
-            .with_format(format);
+        VolumeRestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), disk, to.parse::<ImageLocation>()?);
+    if let Some(format) = format {
+        request = request.with_format(format.parse::<ImageFormat>().unwrap_or_else(|never| match never {}));
+    }
     if let Some(vm) = attach {
         request = request.attach_to(vm);
     }

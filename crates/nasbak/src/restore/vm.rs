@@ -59,7 +59,7 @@ where
                 check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
             }
             let flatten = !chain.is_empty();
-            match restore_target(d)? {
+            match restore_target(&self.hypervisor, d)? {
                 RestoreTarget::Qcow2File(path) => {
                     if flatten {
                         check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
@@ -166,8 +166,8 @@ enum RestoreTarget {
     InPlace(ImageLocation),
 }
 
-fn restore_target(disk: &Disk) -> Result<RestoreTarget, BackupError> {
-    let location = crate::disks::disk_location(disk).ok_or_else(|| BackupError::Unsupported {
+fn restore_target(hypervisor: &impl Hypervisor, disk: &Disk) -> Result<RestoreTarget, BackupError> {
+    let location = crate::disks::keyed_location(hypervisor, disk).ok_or_else(|| BackupError::Unsupported {
         what: format!("restoring disk {} with source {:?}", disk.target, disk.source),
     })?;
     Ok(match (location, &disk.source) {

@@ -74,6 +74,24 @@ where
             }
             ImageLocation::Rbd(_) => false,
         };
+        // A new RBD image is reached the way the VM it goes to reaches its RBD disks (monitors,
+        // ceph.conf, client id and key), and must not exist yet.
+        let mut request = request.clone();
+        let template = rbd_template(&self.hypervisor, attach_to.as_ref().map(|(_, _, d)| d));
+        if let (ImageLocation::Rbd(spec), Some((_, ImageLocation::Rbd(from)))) = (&mut request.to, &template) {
+            if spec.id.is_none() && spec.mon_hosts.is_empty() && spec.conf.is_none() {
+                spec.id.clone_from(&from.id);
+                spec.mon_hosts.clone_from(&from.mon_hosts);
+                spec.conf.clone_from(&from.conf);
+            }
+            if spec.auth == nasbak_qemu_img::RbdAuth::Default {
+                spec.auth = from.auth.clone();
+            }
+        }
+        if matches!(request.to, ImageLocation::Rbd(_)) && self.images.info(&request.to).is_ok() {
+            return Err(BackupError::Exists { path: request.to.to_string().into() });
+        }
+        let request = &request;
         let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
         let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
@@ -101,9 +119,16 @@ where
             // Converted straight into place: the checksum first.
             check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
-        let (source_for_xml, written) = self
+        let (mut source_for_xml, written) = self
             .write_volume(request, &dir, disk, is_block, flatten, cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
+        if let (
+            DiskSource::Network { hosts, auth, config, .. },
+            Some((Some(DiskSource::Network { hosts: h, auth: a, config: c, .. }), _)),
+        ) = (&mut source_for_xml, &template)
+        {
+            (*hosts, *auth, *config) = (h.clone(), a.clone(), c.clone());
+        }
         let attached = match attach_to {
             Some((vm, running, domain)) => {
                 let (prefix, bus) = attach_bus(&disk.target, running);
@@ -168,7 +193,24 @@ where
             ImageLocation::Rbd(spec) => {
                 let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
                 r.source_format = Some(ImageFormat::Qcow2);
-                convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                // qemu-img creates the image (it did not exist): a failure on the way removes it,
+                // so no image is left that looks like a restored volume.
+                if let Err(e) = convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer) {
+                    if self.images.info(&request.to).is_ok()
+                        && let Err(rm) = self.images.remove_rbd(spec)
+                    {
+                        return Err(BackupError::Io {
+                            action: "removing the half-written RBD image (remove it by hand: rbd rm)",
+                            path: request.to.to_string().into(),
+                            source: std::io::Error::other(format!(
+                                "{}, after: {}",
+                                crate::error::chain(&rm),
+                                crate::error::chain(&e)
+                            )),
+                        });
+                    }
+                    return Err(e);
+                }
                 let name = format!("{}/{}", spec.pool, spec.image);
                 let rbd = DiskSource::Network {
                     protocol: "rbd".into(),
@@ -209,4 +251,15 @@ where
             source,
         })
     }
+}
+
+/// The first RBD disk of the VM a new RBD volume is attached to: its source (monitors,
+/// authentication, ceph.conf for the new `<disk>`) and its location with its key, for
+/// qemu-img to reach the new image the same way.
+fn rbd_template(hypervisor: &impl Hypervisor, domain: Option<&Domain>) -> Option<(Option<DiskSource>, ImageLocation)> {
+    let disk = domain?
+        .disks
+        .iter()
+        .find(|d| matches!(&d.source, Some(DiskSource::Network { protocol, .. }) if protocol == "rbd"))?;
+    Some((disk.source.clone(), crate::disks::keyed_location(hypervisor, disk)?))
 }

@@ -1,0 +1,296 @@
+//! VMs with Ceph RBD disks against the lab's live cluster (`cargo xtask lab ceph`, which runs
+//! these tests with the `ceph-lab` feature): real libvirt, QEMU with librbd, qemu-img and the
+//! `rbd` tool. The disks reach the cluster as `client.nasbak-vm` through the lab's libvirt
+//! secret; nasbak finds the key there by itself (the tests read and write the images as the
+//! admin, so they never hand nasbak a key).
+#![cfg(feature = "ceph-lab")]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nasbak::chain::ModeRequest;
+use nasbak::nasbak_agent::QuiescePolicy;
+use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation, QemuImg};
+use nasbak::nasbak_repo::{
+    BackupMethod, BackupMode, BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
+};
+use nasbak::{BackupError, BackupOutcome, BackupRequest, Engine, RestoreRequest, VolumeRestoreRequest};
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, ceph};
+
+type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
+
+fn engine(runtime: &Path) -> LabEngine {
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default());
+    Engine::new(libvirt.clone(), libvirt, QemuImg::new(runtime), mounts).with_agent_timeout(Duration::from_secs(10))
+}
+
+fn repo(dom: &LabDomain) -> (BackupRepository, PathBuf) {
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = RepositoryKind::from_parts("shared", None).unwrap();
+    (BackupRepository::new("ceph", kind, root.to_str().unwrap(), "", None).unwrap(), dom.dir().join("runtime"))
+}
+
+/// A VM with a qcow2 root disk (vda) and a 64 MiB RBD data disk (vdb) full of pseudo-random
+/// bytes; neither is mounted by the guest, so a backup must equal them byte for byte.
+fn rbd_vm(tag: &str) -> LabDomain {
+    // ACPI: a running VM hot-plugs a restored volume.
+    let dom = DomainSpec::new(tag).disk(DiskSpec::qcow2(32)).disk(DiskSpec::rbd(64)).acpi(true).create();
+    let seed = &dom.disks()[1].path;
+    nasbak_testlab::fill_pseudo_random(seed, 64);
+    ceph::import(seed, &rbd_image(&dom));
+    dom
+}
+
+fn rbd_image(dom: &LabDomain) -> String {
+    dom.disks()[1].rbd.as_deref().unwrap().trim_start_matches("vms/").to_owned()
+}
+
+fn backup(e: &LabEngine, dom: &LabDomain, repo: &BackupRepository, mode: ModeRequest) -> BackupOutcome {
+    let request = BackupRequest::new(dom.name(), repo.clone())
+        .with_quiesce(QuiescePolicy::Off)
+        .with_mode(mode)
+        .with_timeout(Duration::from_secs(300));
+    e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|e| panic!("{e:#?}"))
+}
+
+/// `qemu-img compare` of a backup file (qcow2) with an RBD image read as the admin.
+fn same_as_rbd(backup_file: &Path, pool_image: &str) -> bool {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(backup_file)
+        .arg(ceph::admin_filename(pool_image))
+        .status()
+        .unwrap();
+    out.success()
+}
+
+fn backup_file(repo: &BackupRepository, outcome: &BackupOutcome, target: &str) -> PathBuf {
+    let disk = outcome.manifest.disks.iter().find(|d| d.target == target).unwrap();
+    repo.shared_path().unwrap().join(&outcome.relative_dir).join(&disk.file)
+}
+
+/// Whether any process's command line holds `needle` while `f` runs.
+fn watching_argv<T>(needle: &str, f: impl FnOnce() -> T) -> (T, bool) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, seen, needle) = (Arc::clone(&stop), Arc::clone(&seen), needle.to_owned());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for e in fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(cmdline) = fs::read(e.path().join("cmdline"))
+                        && String::from_utf8_lossy(&cmdline).contains(&needle)
+                    {
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    (out, seen.load(Ordering::SeqCst))
+}
+
+#[test]
+fn an_rbd_disk_is_backed_up_running_and_shut_off_and_gets_fulls_with_the_reason() {
+    let dom = rbd_vm("rbdbk");
+    let pool_image = format!("vms/{}", rbd_image(&dom));
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    dom.start();
+    // Running: libvirt's push job reads the RBD disk through QEMU.
+    let first = backup(&e, &dom, &repo, ModeRequest::Auto);
+    assert_eq!(first.manifest.method, BackupMethod::PushJob);
+    assert_eq!(first.manifest.disks.len(), 2);
+    assert!(same_as_rbd(&backup_file(&repo, &first, "vdb"), &pool_image), "the push backup differs from the image");
+    let vdb = first.manifest.disks.iter().find(|d| d.target == "vdb").unwrap();
+    assert!(vdb.source.starts_with("rbd:vms/"), "{vdb:?}");
+    // The next one: the qcow2 disk incremental, the RBD disk full, saying why.
+    dom.write_through_qemu(0, 0x5a, "0", "1M");
+    let second = backup(&e, &dom, &repo, ModeRequest::Auto);
+    let by = |t: &str| second.manifest.disks.iter().find(|d| d.target == t).unwrap().clone();
+    assert_eq!(by("vda").mode, BackupMode::Incremental, "{:?}", second.manifest);
+    assert_eq!(by("vdb").mode, BackupMode::Full);
+    let reason = by("vdb").full_reason.unwrap_or_default();
+    assert!(reason.contains("RBD"), "{reason}");
+    assert!(same_as_rbd(&backup_file(&repo, &second, "vdb"), &pool_image));
+    // Shut off: qemu-img reads the image with the domain's monitors and user, and the key
+    // libvirt keeps, in a keyring file; the key is never on a command line.
+    dom.destroy();
+    let key = ceph::key("nasbak-vm");
+    let (stopped, seen) = watching_argv(&key, || backup(&e, &dom, &repo, ModeRequest::Full));
+    assert!(!seen, "the key appeared on a command line");
+    assert_eq!(stopped.manifest.method, BackupMethod::QemuImg);
+    assert!(same_as_rbd(&backup_file(&repo, &stopped, "vdb"), &pool_image), "the qemu-img backup differs");
+    let keyrings: Vec<_> = fs::read_dir(&runtime).map(|r| r.flatten().collect()).unwrap_or_default();
+    assert!(
+        keyrings.iter().all(|e: &fs::DirEntry| !e.file_name().to_string_lossy().contains("keyring")),
+        "a keyring was left in {}",
+        runtime.display()
+    );
+}
+
+#[test]
+fn a_whole_vm_restore_writes_the_rbd_disk_in_place() {
+    let dom = rbd_vm("rbdrestore");
+    let image = rbd_image(&dom);
+    let pool_image = format!("vms/{image}");
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    let saved = backup(&e, &dom, &repo, ModeRequest::Full);
+    // Damaged: zeroes over the image.
+    let zeroes = dom.dir().join("zeroes.raw");
+    fs::File::create(&zeroes).unwrap().set_len(64 << 20).unwrap();
+    ceph::import(&zeroes, &image);
+    assert!(!same_as_rbd(&backup_file(&repo, &saved, "vdb"), &pool_image));
+    let outcome = e
+        .restore(&RestoreRequest::new(repo.clone(), dom.name(), &saved.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|e| panic!("{e:#?}"));
+    let vdb = outcome.restored.iter().find(|d| d.target == "vdb").unwrap();
+    assert!(vdb.location.starts_with("rbd:vms/"), "{vdb:?}");
+    assert!(same_as_rbd(&backup_file(&repo, &saved, "vdb"), &pool_image), "the RBD disk was not restored");
+    // The domain still reaches the same image the same way, and starts.
+    let xml = nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap();
+    assert!(xml.contains(&format!("name='{pool_image}'")) && xml.contains("usage='nasbak-lab"), "{xml}");
+    dom.start();
+}
+
+#[test]
+fn a_volume_restored_to_a_new_rbd_image_is_attached_and_a_failed_one_leaves_none() {
+    // Declared before the domain, so dropped after it: an attached image cannot be removed.
+    let images = Images::default();
+    let dom = rbd_vm("rbdvol");
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    let saved = backup(&e, &dom, &repo, ModeRequest::Full);
+    dom.start();
+    let new_image = format!("{}-restored", rbd_image(&dom));
+    let to: ImageLocation = format!("rbd:vms/{new_image}").parse().unwrap();
+    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), &saved.manifest.id, "vdb", to.clone())
+        .with_format(ImageFormat::Raw)
+        .attach_to(dom.name());
+    images.0.borrow_mut().push(new_image.clone());
+    let restored = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {});
+    let restored = restored.unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(restored.attached.as_ref().map(|a| a.target.as_str()), Some("vdc"));
+    assert!(same_as_rbd(&backup_file(&repo, &saved, "vdb"), &format!("vms/{new_image}")));
+    // Attached live, reaching the cluster as the VM's other RBD disk does.
+    let live = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
+    let disk = live.split("<disk ").find(|d| d.contains(&new_image)).unwrap_or_else(|| panic!("{live}"));
+    assert!(disk.contains("username='nasbak-vm'") && disk.contains("127.0.0.1"), "{disk}");
+    // An image that exists is never written over.
+    let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, BackupError::Exists { .. }), "{err}");
+    assert!(ceph::exists(&format!("vms/{new_image}")), "the existing image was removed");
+    // Cancelled once the copy has begun: the image it created is removed.
+    let failed_image = format!("{}-failed", rbd_image(&dom));
+    images.0.borrow_mut().push(failed_image.clone());
+    let to: ImageLocation = format!("rbd:vms/{failed_image}").parse().unwrap();
+    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), &saved.manifest.id, "vdb", to)
+        .with_format(ImageFormat::Raw)
+        .attach_to(dom.name());
+    let cancel = CancelHandle::new();
+    let created = Arc::new(AtomicBool::new(false));
+    let err = {
+        let (cancel, created) = (cancel.clone(), Arc::clone(&created));
+        let image = format!("vms/{failed_image}");
+        e.restore_volume(&request, &cancel.clone(), &mut move |p| {
+            if p.phase == nasbak::Phase::Convert && !created.load(Ordering::SeqCst) && ceph::exists(&image) {
+                created.store(true, Ordering::SeqCst);
+                cancel.cancel();
+            }
+        })
+        .unwrap_err()
+    };
+    assert!(created.load(Ordering::SeqCst), "the image was never seen created");
+    assert!(matches!(err, BackupError::Cancelled), "{err:#?}");
+    assert!(!ceph::exists(&format!("vms/{failed_image}")), "the half-written image was left");
+    let live = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
+    assert!(!live.contains(&failed_image), "{live}");
+}
+
+/// RBD images `vms/<name>` a test makes through nasbak, removed when dropped (a test that
+/// fails must not leave them).
+#[derive(Default)]
+struct Images(std::cell::RefCell<Vec<String>>);
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in self.0.borrow().iter() {
+            ceph::remove(image);
+        }
+    }
+}
+
+/// A libvirt secret defined `private='yes'` holding `client.nasbak-vm`'s key, undefined when
+/// dropped.
+struct PrivateSecret {
+    uuid: String,
+    usage: String,
+}
+
+impl PrivateSecret {
+    fn new(tag: &str) -> Self {
+        let usage = format!("nasbak-lab private {tag}");
+        let dir = tempfile::tempdir().unwrap();
+        let xml = dir.path().join("secret.xml");
+        fs::write(
+            &xml,
+            format!("<secret ephemeral='no' private='yes'><usage type='ceph'><name>{usage}</name></usage></secret>"),
+        )
+        .unwrap();
+        let out = nasbak_testlab::virsh(&["secret-define", xml.to_str().unwrap()]).unwrap();
+        let uuid = out.split_whitespace().find(|w| w.len() == 36).unwrap().to_owned();
+        let key_file = ceph::dir().join("client.nasbak-vm.key");
+        nasbak_testlab::virsh(&["secret-set-value", &uuid, "--file", key_file.to_str().unwrap()]).unwrap();
+        PrivateSecret { uuid, usage }
+    }
+}
+
+impl Drop for PrivateSecret {
+    fn drop(&mut self) {
+        let _ = nasbak_testlab::virsh(&["secret-undefine", &self.uuid]);
+    }
+}
+
+#[test]
+fn a_private_secret_still_backs_up_a_running_vm_and_names_the_fix_when_shut_off() {
+    let dom = rbd_vm("rbdprivate");
+    let secret = PrivateSecret::new(dom.name());
+    assert!(nasbak_testlab::virsh(&["secret-get-value", &secret.uuid]).is_err(), "libvirt keeps it private");
+    // The domain's RBD disk names the private secret.
+    let xml = nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap();
+    let xml = xml.replace(ceph::SECRET_USAGE, &secret.usage);
+    let file = dom.dir().join("private.xml");
+    fs::write(&file, xml).unwrap();
+    nasbak_testlab::virsh(&["define", file.to_str().unwrap()]).unwrap();
+    let pool_image = format!("vms/{}", rbd_image(&dom));
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    // Running: QEMU has the key; libvirt measures the disk; nothing needs it from nasbak.
+    dom.start();
+    let running = backup(&e, &dom, &repo, ModeRequest::Auto);
+    assert_eq!(running.manifest.method, BackupMethod::PushJob);
+    assert!(same_as_rbd(&backup_file(&repo, &running, "vdb"), &pool_image));
+    let vdb = running.manifest.disks.iter().find(|d| d.target == "vdb").unwrap();
+    assert_eq!(vdb.virtual_size, 64 << 20, "measured by libvirt");
+    // Shut off: no key to give qemu-img, and the error says what to do.
+    dom.destroy();
+    let request = BackupRequest::new(dom.name(), repo.clone()).with_quiesce(QuiescePolicy::Off);
+    let err = e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let text = nasbak::chain(&err);
+    assert!(matches!(err.kind(), nasbak::ErrorKind::Configuration), "{text}");
+    assert!(
+        text.contains("client.nasbak-vm") && text.contains("private='no'") && text.contains(&secret.usage),
+        "{text}"
+    );
+}
