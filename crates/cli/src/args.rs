@@ -200,6 +200,9 @@ pub enum Command {
         /// Attach it to this VM (running or shut off) as the next free target.
         #[arg(long)]
         attach: Option<String>,
+        /// Write at most this fast, in MiB/s (spares the storage it goes to).
+        #[arg(long, value_name = "MIB_PER_S")]
+        bandwidth: Option<u64>,
     },
     /// Show a backup's disks read-only under DIR (no restore): each disk's raw image and its
     /// file systems mounted read-only, until `nasbak umount DIR`.

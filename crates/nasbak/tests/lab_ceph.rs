@@ -191,13 +191,15 @@ fn a_volume_restored_to_a_new_rbd_image_is_attached_and_a_failed_one_leaves_none
     let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::Exists { .. }), "{err}");
     assert!(ceph::exists(&format!("vms/{new_image}")), "the existing image was removed");
-    // Cancelled once the copy has begun: the image it created is removed.
+    // Cancelled once the copy has begun (slowed to 8 MiB/s, so it runs for seconds): the
+    // image it created is removed.
     let failed_image = format!("{}-failed", rbd_image(&dom));
     images.0.borrow_mut().push(failed_image.clone());
     let to: ImageLocation = format!("rbd:vms/{failed_image}").parse().unwrap();
     let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), &saved.manifest.id, "vdb", to)
         .with_format(ImageFormat::Raw)
-        .attach_to(dom.name());
+        .attach_to(dom.name())
+        .with_bandwidth(8 << 20);
     let cancel = CancelHandle::new();
     let created = Arc::new(AtomicBool::new(false));
     let err = {

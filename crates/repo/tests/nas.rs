@@ -227,3 +227,85 @@ fn smb_options_an_admin_gives_arrive_as_written() {
     // kernel as they are: a quoted value arrives quoted.
     has_options(&e, &["vers=3.0", "rsize=65536", "sec=ntlmssp", "nobrl", "domain=\"WORKGROUP\""]);
 }
+
+// CephFS: the kernel client of the guest's Debian kernel, with mount.ceph, against the host's
+// lab cluster (`cargo xtask lab ceph`): the guest reaches the monitors and daemons at the
+// addresses they advertise (127.0.0.1) through its user-mode network (see nas-init.sh).
+
+/// The three monitors of the lab cluster, and its file system's root.
+const CEPHFS: &str = "127.0.0.1:6789,127.0.0.1:6790,127.0.0.1:6791:/";
+
+fn ceph_key() -> String {
+    std::env::var("NASBAK_CEPH_FS_KEY").expect("the NAS guest sets NASBAK_CEPH_FS_KEY")
+}
+
+#[test]
+fn cephfs_with_three_monitors_gets_its_key_only_through_a_secretfile() {
+    let key = ceph_key();
+    let r = repo("cephfs", RepositoryKind::CephFs, CEPHFS, &format!("name=nasbak-fs,secret={key}"));
+    assert!(
+        !format!("{r:?} {}", r.summary().options).contains(&key),
+        "the key shows in the repository's Debug or summary"
+    );
+    let runtime = tempfile::tempdir().unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime.path()), runtime.path(), timeouts());
+    let (m, seen) = watching_argv(&key, || mounts.acquire(&r));
+    let m = m.unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(!seen, "the key appeared in a process's argv");
+    for f in files_under(runtime.path()) {
+        assert!(!fs::read_to_string(&f).unwrap_or_default().contains(&key), "{} still holds the key", f.display());
+    }
+    let entry = mount_of(m.root()).unwrap();
+    assert_eq!(entry.fstype, "ceph");
+    assert!(!format!("{entry:?}").contains(&key), "the key shows in mountinfo: {entry:?}");
+    m.check_writable().unwrap_or_else(|e| panic!("{e}"));
+    let capacity = m.capacity().unwrap();
+    assert!(capacity.total > 0, "{capacity:?}");
+    let dir = m.root().join("cephfs-test");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("a.txt"), b"on cephfs").unwrap();
+    assert_eq!(fs::read(dir.join("a.txt")).unwrap(), b"on cephfs");
+    fs::remove_dir_all(&dir).unwrap();
+    let root = m.root().to_owned();
+    m.release().unwrap();
+    assert!(mount_of(&root).is_none(), "left mounted");
+}
+
+#[test]
+fn cephfs_with_a_wrong_key_fails_within_the_mount_timeout_and_leaves_nothing() {
+    // A well-formed key of the right user, with other secret bytes.
+    let key = ceph_key();
+    let mut wrong: Vec<char> = key.chars().collect();
+    let i = wrong.len() - 8;
+    wrong[i] = if wrong[i] == 'A' { 'B' } else { 'A' };
+    let wrong: String = wrong.into_iter().collect();
+    let r = repo("cephbad", RepositoryKind::CephFs, CEPHFS, &format!("name=nasbak-fs,secret={wrong}"));
+    let runtime = tempfile::tempdir().unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime.path()), runtime.path(), timeouts());
+    let started = Instant::now();
+    let e = mounts.acquire(&r).map(|_| ()).unwrap_err();
+    let took = started.elapsed();
+    let text = format!("{e} {e:?} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    println!("a wrong CephFS key failed after {took:?}: {e}");
+    assert!(took < timeouts().mount + Duration::from_secs(10), "took {took:?}: {text}");
+    assert!(!text.contains(&wrong), "the key is echoed: {text}");
+    assert!(text.contains("mounting"), "{text}");
+    assert!(mount_of(&mounts.mount_point(&r)).is_none(), "left mounted");
+    assert!(files_under(runtime.path()).iter().all(|f| !fs::read_to_string(f).unwrap_or_default().contains(&wrong)));
+}
+
+#[test]
+fn cephfs_with_no_monitor_answering_fails_within_the_mount_timeout_and_leaves_nothing() {
+    let r =
+        repo("cephnone", RepositoryKind::CephFs, "127.0.0.1:6799:/", &format!("name=nasbak-fs,secret={}", ceph_key()));
+    let runtime = tempfile::tempdir().unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime.path()), runtime.path(), timeouts());
+    let started = Instant::now();
+    let e = mounts.acquire(&r).map(|_| ()).unwrap_err();
+    let took = started.elapsed();
+    println!("no CephFS monitor answering failed after {took:?}: {e}");
+    assert!(took < timeouts().mount + Duration::from_secs(10), "took {took:?}: {e}");
+    assert!(matches!(e, MountError::Command { .. } | MountError::TimedOut { .. }), "{e:#?}");
+    assert!(mount_of(&mounts.mount_point(&r)).is_none(), "left mounted");
+}

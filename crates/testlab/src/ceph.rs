@@ -15,8 +15,8 @@ pub fn dir() -> PathBuf {
 }
 
 /// The monitors' v1 addresses (what a `<host>` of a network disk and a CephFS kernel mount
-/// name), `host:port`.
-pub const MONITORS: &[&str] = &["127.0.0.1:6789"];
+/// name), `host:port`: three, in one quorum.
+pub const MONITORS: &[&str] = &["127.0.0.1:6789", "127.0.0.1:6790", "127.0.0.1:6791"];
 /// The libvirt secret's usage name, holding `client.nasbak-vm`'s key.
 pub const SECRET_USAGE: &str = "nasbak-lab client.nasbak-vm";
 

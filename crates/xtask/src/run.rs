@@ -37,7 +37,10 @@ pub fn test() -> Result<()> {
     cargo(&["clippy", "-p", "nasbak-repo", "--features", "nas-guest", "--all-targets", "--", "-D", "warnings"], &[])?;
     // The facade's exported mocks and the test that uses them as an embedder would.
     // tests/lab_ceph.rs too, built only for the lab cluster.
-    cargo(&["clippy", "-p", "nasbak", "--features", "mock ceph-lab", "--all-targets", "--", "-D", "warnings"], &[])?;
+    cargo(
+        &["clippy", "-p", "nasbak", "--features", "mock ceph-lab nas-guest", "--all-targets", "--", "-D", "warnings"],
+        &[],
+    )?;
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     publish_dry_run()?;
     fuzz(10)?;

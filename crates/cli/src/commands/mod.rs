@@ -46,8 +46,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
             restore::instant(cli, &config, id, vm.as_deref(), (*detach, *timeout, *bandwidth))
         }
         Command::Instant(cmd) => restore::instant_command(cli, cmd),
-        Command::RestoreVolume { id, disk, to, format, attach } => {
-            restore::restore_volume(cli, &config, id, disk, to, format.as_deref(), attach.as_deref())
+        Command::RestoreVolume { id, disk, to, format, attach, bandwidth } => {
+            restore::restore_volume(cli, &config, id, disk, to, format.as_deref(), (attach.as_deref(), *bandwidth))
         }
     }
 }

@@ -52,7 +52,7 @@ pub fn restore_volume(
     disk: &str,
     to: &str,
     format: Option<&str>,
-    attach: Option<&str>,
+    (attach, bandwidth): (Option<&str>, Option<u64>),
 ) -> Result<u8> {
     let r = repo_of(config, id)?;
     let mut request =
@@ -62,6 +62,9 @@ pub fn restore_volume(
     }
     if let Some(vm) = attach {
         request = request.attach_to(vm);
+    }
+    if let Some(mib) = bandwidth {
+        request = request.with_bandwidth(mib.saturating_mul(1 << 20));
     }
     let cancel = cancel_on_interrupt()?;
     let e = engine(&cli.uri)?;

@@ -267,6 +267,9 @@ pub struct VolumeRestoreRequest {
     pub format: ImageFormat,
     /// Attach the new volume to this VM (running or shut off).
     pub attach: Option<String>,
+    /// Write at most this many bytes per second (`qemu-img convert -r`; a qcow2 file restored
+    /// as a checked copy is not limited).
+    pub bandwidth: Option<u64>,
 }
 
 impl VolumeRestoreRequest {
@@ -280,7 +283,16 @@ impl VolumeRestoreRequest {
         to: ImageLocation,
     ) -> Self {
         let format = if matches!(to, ImageLocation::Rbd(_)) { ImageFormat::Raw } else { ImageFormat::Qcow2 };
-        VolumeRestoreRequest { repository, vm: vm.into(), id: id.into(), disk: disk.into(), to, format, attach: None }
+        VolumeRestoreRequest {
+            repository,
+            vm: vm.into(),
+            id: id.into(),
+            disk: disk.into(),
+            to,
+            format,
+            attach: None,
+            bandwidth: None,
+        }
     }
 
     /// The format to write.
@@ -292,6 +304,12 @@ impl VolumeRestoreRequest {
     /// Attaches the new volume to `vm` (running or shut off) as its next free target.
     pub fn attach_to(mut self, vm: impl Into<String>) -> Self {
         self.attach = Some(vm.into());
+        self
+    }
+
+    /// Writes the volume at most `bytes_per_second` fast (spares the storage it goes to).
+    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.bandwidth = Some(bytes_per_second);
         self
     }
 }

@@ -170,6 +170,7 @@ where
         Ok(match &request.to {
             ImageLocation::Path(p) if is_block => {
                 let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
+                r.rate_limit = request.bandwidth;
                 r.source_format = Some(ImageFormat::Qcow2);
                 r.target_exists = true;
                 convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
@@ -187,11 +188,21 @@ where
                 (DiskSource::File(p.clone()), ImageFormat::Qcow2)
             }
             ImageLocation::Path(p) => {
-                self.write_new_file(source, p, &request.format, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                self.write_new_file(
+                    source,
+                    p,
+                    (&request.format, request.bandwidth),
+                    cancel,
+                    vm,
+                    &disk.target,
+                    disk.virtual_size,
+                    observer,
+                )?;
                 (DiskSource::File(p.clone()), request.format.clone())
             }
             ImageLocation::Rbd(spec) => {
                 let mut r = ConvertRequest::new(source, request.to.clone(), ImageFormat::Raw);
+                r.rate_limit = request.bandwidth;
                 r.source_format = Some(ImageFormat::Qcow2);
                 // qemu-img creates the image (it did not exist): a failure on the way removes it,
                 // so no image is left that looks like a restored volume.
@@ -231,7 +242,7 @@ where
         &self,
         source: ImageLocation,
         path: &Path,
-        format: &ImageFormat,
+        (format, bandwidth): (&ImageFormat, Option<u64>),
         cancel: &CancelHandle,
         vm: &str,
         target: &str,
@@ -240,6 +251,7 @@ where
     ) -> Result<(), BackupError> {
         let tmp = stage_beside(path)?;
         let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
+        r.rate_limit = bandwidth;
         r.source_format = Some(ImageFormat::Qcow2);
         if let Err(e) = convert(&self.images, r, cancel, vm, target, size, observer) {
             let _ = fs::remove_file(&tmp);

@@ -22,8 +22,12 @@ use crate::run::cmd;
 /// The packages (without recommends).
 const PACKAGES: &[&str] =
     &["ceph-mon", "ceph-mgr", "ceph-osd", "ceph-mds", "ceph-common", "ceph-fuse", "qemu-block-extra"];
-/// The monitor's addresses.
-const MON_ADDRS: &str = "[v2:127.0.0.1:3300,v1:127.0.0.1:6789]";
+/// The monitors: three, so that clients are given several and a quorum survives one down.
+const MONS: &[(&str, &str)] = &[
+    ("a", "[v2:127.0.0.1:3300,v1:127.0.0.1:6789]"),
+    ("b", "[v2:127.0.0.1:3301,v1:127.0.0.1:6790]"),
+    ("c", "[v2:127.0.0.1:3302,v1:127.0.0.1:6791]"),
+];
 /// The libvirt secret's usage name for the VM user's key.
 pub const SECRET_USAGE: &str = "nasbak-lab client.nasbak-vm";
 
@@ -62,7 +66,9 @@ pub fn up() -> Result<()> {
     crate::lab::packages::ensure_extra(PACKAGES)?;
     let started = Instant::now();
     let d = dir();
-    if health(&d).is_ok_and(|h| h.starts_with("HEALTH_OK")) {
+    let layout = layout();
+    let same_layout = fs::read_to_string(d.join("layout")).is_ok_and(|l| l == layout);
+    if same_layout && health(&d).is_ok_and(|h| h.starts_with("HEALTH_OK")) {
         libvirt_secret(&d.join("ceph.conf").to_string_lossy())?;
         println!("lab ceph: up (HEALTH_OK), {}", d.display());
         return Ok(());
@@ -81,8 +87,8 @@ pub fn up() -> Result<()> {
         format!(
             "[global]\n\
              fsid = {fsid}\n\
-             mon host = {MON_ADDRS}\n\
-             mon initial members = a\n\
+             mon host = {mon_host}\n\
+             mon initial members = a,b,c\n\
              auth cluster required = cephx\n\
              auth service required = cephx\n\
              auth client required = cephx\n\
@@ -100,6 +106,7 @@ pub fn up() -> Result<()> {
              keyring = {d}/$name.keyring\n\
              [mon]\n\
              mon data = {d}/mon/ceph-$id\n\
+             keyring = {d}/mon/ceph-$id/keyring\n\
              [mgr]\n\
              mgr data = {d}/mgr/ceph-$id\n\
              [osd]\n\
@@ -111,6 +118,7 @@ pub fn up() -> Result<()> {
              [client]\n\
              pid file =\n\
              admin socket = {run}/$name.$pid.asok\n",
+            mon_host = MONS.iter().map(|(_, a)| *a).collect::<Vec<_>>().join(","),
             run = p("run"),
             log = p("log"),
             d = d.display()
@@ -145,9 +153,17 @@ pub fn up() -> Result<()> {
     )?;
     tool("ceph-authtool", &[&mon_keyring, "--import-keyring", &admin_keyring])?;
     let monmap = p("monmap");
-    tool("monmaptool", &["--create", "--addv", "a", MON_ADDRS, "--fsid", &fsid, &monmap])?;
-    tool("ceph-mon", &["-c", &c, "--mkfs", "-i", "a", "--monmap", &monmap, "--keyring", &mon_keyring])?;
-    daemon("ceph-mon", &c, "a")?;
+    let mut args = vec!["--create"];
+    for (id, addrs) in MONS {
+        args.extend(["--addv", id, addrs]);
+    }
+    args.extend(["--fsid", &fsid, &monmap]);
+    tool("monmaptool", &args)?;
+    for (id, _) in MONS {
+        fs::create_dir_all(d.join(format!("mon/ceph-{id}")))?;
+        tool("ceph-mon", &["-c", &c, "--mkfs", "-i", id, "--monmap", &monmap, "--keyring", &mon_keyring])?;
+        daemon("ceph-mon", &c, id)?;
+    }
     // The manager.
     ceph(
         &c,
@@ -240,8 +256,25 @@ pub fn up() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    fs::write(d.join("layout"), layout)?;
     println!("lab ceph: up in {:.1} s, HEALTH_OK, {}", started.elapsed().as_secs_f64(), d.display());
     Ok(())
+}
+
+/// The key of `client.<user>` (base64), from its keyring in the lab directory.
+pub fn key(user: &str) -> Result<String> {
+    let keyring = dir().join(format!("client.{user}.keyring"));
+    let text = fs::read_to_string(&keyring).with_context(|| format!("reading {}", keyring.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("key = "))
+        .map(|k| k.trim().to_owned())
+        .with_context(|| format!("no key in {}", keyring.display()))
+}
+
+/// What the cluster is made of: a running cluster of another layout (an older lab) is rebuilt.
+fn layout() -> String {
+    let mons: Vec<String> = MONS.iter().map(|(id, addrs)| format!("mon.{id} {addrs}")).collect();
+    format!("{}; pool vms; fs labfs; client.nasbak-vm, client.nasbak-fs\n", mons.join(", "))
 }
 
 /// `ceph health` with the admin key.

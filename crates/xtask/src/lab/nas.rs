@@ -18,7 +18,10 @@ use crate::run::{cmd, workspace_root};
 
 const INITRD_INIT: &str = include_str!("nas-initrd-init.sh");
 const NAS_INIT: &str = include_str!("nas-init.sh");
-const PACKAGES: &str = "kmod,iproute2,nfs-kernel-server,rpcbind,nfs-common,samba,cifs-utils";
+/// NFS and SMB servers and clients; nftables and ceph-common (mount.ceph) for the CephFS
+/// client; qemu-utils for nasbak's own workflows on a CephFS repository.
+const PACKAGES: &str =
+    "kmod,iproute2,nfs-kernel-server,rpcbind,nfs-common,samba,cifs-utils,nftables,ceph-common,qemu-utils";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const DOMAIN: &str = "nasbak-nas";
 /// The Samba user of the lab share. The password is a lab fixture, not a secret of anyone's.
@@ -159,11 +162,11 @@ fn ensure() -> Result<NasGuest> {
     Ok(guest)
 }
 
-/// The `nas` test binary of nasbak-repo, built for the guest.
-fn test_binary() -> Result<PathBuf> {
+/// The test binary `test` of `package`, built with its `nas-guest` feature for the guest.
+fn test_binary(package: &str, test: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args(["test", "-p", "nasbak-repo", "--features", "nas-guest", "--test", "nas", "--no-run"])
+        .args(["test", "-p", package, "--features", "nas-guest", "--test", test, "--no-run"])
         .args(["--message-format=json"])
         .current_dir(workspace_root())
         .output()
@@ -173,7 +176,7 @@ fn test_binary() -> Result<PathBuf> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        .filter(|l| l.contains("\"name\":\"nas\"") && l.contains("\"executable\":\""))
+        .filter(|l| l.contains(&format!("\"name\":\"{test}\"")) && l.contains("\"executable\":\""))
         .find_map(|l| l.split("\"executable\":\"").nth(1).and_then(|r| r.split('"').next()).map(PathBuf::from))
         .context("cargo did not name the nas test executable")
 }
@@ -198,8 +201,13 @@ pub fn run() -> Result<()> {
 /// Runs the NAS guest's tests and returns how many passed and failed (an error when none ran).
 pub fn run_tests() -> Result<(u64, u64)> {
     super::up()?;
+    // The CephFS tests reach the host's lab cluster.
+    super::ceph::up()?;
+    let ceph_key = super::ceph::key("nasbak-fs")?;
     let guest = ensure()?;
-    let binary = test_binary()?;
+    // nasbak-repo's mount tests (NFS, SMB, CephFS), and nasbak's workflows on CephFS.
+    let binary = test_binary("nasbak-repo", "nas")?;
+    let workflows = test_binary("nasbak", "nas_cephfs")?;
     let dir = Path::new(STATE).join("nas");
     let _ = virsh(&["destroy", DOMAIN]);
     let _ = fs::remove_dir_all(&dir);
@@ -209,14 +217,17 @@ pub fn run_tests() -> Result<(u64, u64)> {
     let overlay = dir.join("root.qcow2");
     cmd("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&guest.root).arg(&overlay).run()?;
     fs::copy(&binary, dir.join("work/nas-tests"))?;
+    fs::copy(&workflows, dir.join("work/nasbak-tests"))?;
     fs::write(
         dir.join("work/run-tests"),
         format!(
             "#!/bin/bash\nexport NASBAK_SMB_USER={SMB_USER} NASBAK_SMB_PASSWORD={SMB_PASSWORD} RUST_BACKTRACE=1\n\
-             exec /work/nas-tests --test-threads=1 --show-output\n"
+             export NASBAK_CEPH_FS_KEY={ceph_key}\n\
+             /work/nas-tests --test-threads=1 --show-output\n\
+             /work/nasbak-tests --test-threads=1 --show-output\n"
         ),
     )?;
-    for f in ["work/nas-tests", "work/run-tests"] {
+    for f in ["work/nas-tests", "work/nasbak-tests", "work/run-tests"] {
         fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o755))?;
     }
     let work_img = dir.join("work.img");
@@ -230,6 +241,7 @@ pub fn run_tests() -> Result<(u64, u64)> {
          <on_crash>destroy</on_crash><devices>\
          <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
          <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>\
+         <interface type='user'><model type='virtio'/></interface>\
          <serial type='file'><source path='{}'/><target port='0'/></serial><memballoon model='none'/></devices></domain>",
         guest.kernel.display(),
         guest.initrd.display(),
@@ -264,16 +276,31 @@ pub fn run_tests() -> Result<(u64, u64)> {
     let results = cmd("debugfs").args(["-R", "cat /results.txt"]).arg(&work_img).run()?.stdout_text();
     let (mut passed, mut failed) = (0u64, 0u64);
     println!("lab nas: results ({:.0} s):", start.elapsed().as_secs_f64());
+    // One line per test as libtest wrote it (a test's own output may follow its name), and the
+    // counts from each binary's `test result:` line.
     for line in results.lines() {
         if let Some(rest) = line.strip_prefix("test ")
-            && let Some((name, verdict)) = rest.rsplit_once(" ... ")
+            && let Some((name, verdict)) = rest.split_once(" ... ")
         {
             println!("{name}: {verdict}");
-            match verdict.trim() {
-                "ok" => passed += 1,
-                _ => failed += 1,
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let part = part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ");
+                if let Some(n) = part.strip_suffix(" passed").and_then(|n| n.parse::<u64>().ok()) {
+                    passed += n;
+                }
+                if let Some(n) = part.strip_suffix(" failed").and_then(|n| n.parse::<u64>().ok()) {
+                    failed += n;
+                }
             }
         }
+    }
+    // A binary that died before its summary (a panic outside a test, a killed guest).
+    let binaries = 2;
+    if results.lines().filter(|l| l.starts_with("test result: ")).count() < binaries {
+        failed += 1;
+        println!("lab nas: a test binary ended without its summary line");
     }
     if failed > 0 || passed == 0 {
         println!("{results}");
