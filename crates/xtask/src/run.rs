@@ -13,6 +13,15 @@ pub fn cmd(program: &str) -> ExternalCommand {
     ExternalCommand::new(program).timeout(Duration::from_secs(600))
 }
 
+/// Prints `N passed, M failed` and fails when any of the `what` tests failed.
+pub fn conclude(what: &str, (passed, failed): (u64, u64)) -> Result<()> {
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} {what} tests failed");
+    }
+    Ok(())
+}
+
 /// Runs a cargo step with its output on our terminal.
 pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));

@@ -39,12 +39,7 @@ pub fn dir() -> PathBuf {
 /// `cargo xtask lab ceph`: the cluster up, then the Ceph tests with a closing
 /// `N passed, M failed`; fails on any failure.
 pub fn run() -> Result<()> {
-    let (passed, failed) = run_tests()?;
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} Ceph tests failed");
-    }
-    Ok(())
+    crate::run::conclude("Ceph", run_tests()?)
 }
 
 /// Brings the cluster up and runs the Ceph tests (`tests/lab_ceph.rs` of nasbak, built with

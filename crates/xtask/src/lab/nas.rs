@@ -187,15 +187,10 @@ fn virsh(args: &[&str]) -> Result<String> {
     Ok(cmd("virsh").args(&all).run()?.stdout_text())
 }
 
-/// `cargo xtask lab nas`: boots the NAS guest, runs the NFS and SMB tests inside it, prints one
-/// line per test and `N passed, M failed`; fails on any failure.
+/// `cargo xtask lab nas`: boots the NAS guest, runs the NFS, SMB and CephFS tests inside it,
+/// prints one line per test and `N passed, M failed`; fails on any failure.
 pub fn run() -> Result<()> {
-    let (passed, failed) = run_tests()?;
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} NAS tests failed");
-    }
-    Ok(())
+    crate::run::conclude("NAS", run_tests()?)
 }
 
 /// Runs the NAS guest's tests and returns how many passed and failed (an error when none ran).
