@@ -47,9 +47,6 @@ pub const DISK_IMAGE_FILE: &str = "disk.raw";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon has to stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an unmount waits for the repository's last user to be gone after its daemons
-/// stopped.
-const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Mounting a backup read-only. Built with [`MountRequest::new`].
 #[derive(Debug, Clone)]
@@ -289,20 +286,10 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             });
         };
         let mut report = teardown(&dir)?;
-        // A daemon just stopped lets go of its registration as it exits; while no process
-        // holds one, a user still seen is one on its way out, so it is asked again (bounded).
-        let deadline = std::time::Instant::now() + RELEASE_WAIT;
-        loop {
-            let outcome = self.mounts().unmount_if_unused(&state.repository)?;
-            if matches!(outcome, nasbak_repo::ReleaseOutcome::Unmounted(_)) {
-                report.repository_unmounted = true;
-                break;
-            }
+        report.repository_unmounted =
+            matches!(self.mounts().unmount_if_unused(&state.repository)?, nasbak_repo::ReleaseOutcome::Unmounted(_));
+        if !report.repository_unmounted {
             report.repository_users = self.mounts().users(&state.repository);
-            if !report.repository_users.is_empty() || std::time::Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(report)
     }

@@ -75,9 +75,14 @@ pub(crate) fn keyed_source(
 
 /// Whether librados finds a keyring for `client.<user>` where it looks by default.
 fn host_keyring_exists(user: &str) -> bool {
-    [format!("/etc/ceph/ceph.client.{user}.keyring"), "/etc/ceph/ceph.keyring".into(), "/etc/ceph/keyring".into()]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists())
+    [
+        format!("/etc/ceph/ceph.client.{user}.keyring"),
+        "/etc/ceph/ceph.keyring".into(),
+        "/etc/ceph/keyring".into(),
+        "/etc/ceph/keyring.bin".into(),
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists())
 }
 
 /// Where qemu-img finds a disk: a file or block device path, or an RBD image with the domain's

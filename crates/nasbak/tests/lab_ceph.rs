@@ -187,6 +187,15 @@ fn a_volume_restored_to_a_new_rbd_image_is_attached_and_a_failed_one_leaves_none
     let live = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
     let disk = live.split("<disk ").find(|d| d.contains(&new_image)).unwrap_or_else(|| panic!("{live}"));
     assert!(disk.contains("username='nasbak-vm'") && disk.contains("127.0.0.1"), "{disk}");
+    // Attached to no VM: reached the way the backed-up disk was (its saved definition).
+    let loose_image = format!("{}-loose", rbd_image(&dom));
+    images.0.borrow_mut().push(loose_image.clone());
+    let loose: ImageLocation = format!("rbd:vms/{loose_image}").parse().unwrap();
+    let alone = VolumeRestoreRequest::new(repo.clone(), dom.name(), &saved.manifest.id, "vdb", loose);
+    let restored_alone =
+        e.restore_volume(&alone, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!((restored_alone.format.as_str(), restored_alone.attached.as_ref()), ("raw", None));
+    assert!(same_as_rbd(&backup_file(&repo, &saved, "vdb"), &format!("vms/{loose_image}")));
     // An image that exists is never written over.
     let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, BackupError::Exists { .. }), "{err}");

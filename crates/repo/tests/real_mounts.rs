@@ -83,6 +83,36 @@ fn loop_mounted_ext4_image() {
     assert_eq!(fs::read(m.root().join("hello.txt")).unwrap(), b"backup bytes");
 }
 
+/// Two configurations each name a repository `same`, on two images: the second is refused
+/// while the first is mounted (it would have written into the first's file system), and is
+/// mounted once the first is gone.
+#[test]
+fn a_repository_of_the_same_name_on_another_image_is_refused_while_the_first_is_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = ["a.img", "b.img"].iter().map(|n| dir.path().join(n)).collect();
+    for image in &images {
+        fs::File::create(image).unwrap().set_len(32 << 20).unwrap();
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+    }
+    let first = custom("same", "ext4", images[0].to_str().unwrap(), "");
+    let second = custom("same", "ext4", images[1].to_str().unwrap(), "");
+    let runtime = tempfile::tempdir().unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime.path()), runtime.path(), short_timeouts());
+    let a = mounts.acquire(&first).unwrap_or_else(|e| panic!("{e:#?}"));
+    fs::write(a.root().join("first.txt"), b"first").unwrap();
+    let err = mounts.acquire(&second).map(|_| ()).unwrap_err();
+    assert!(matches!(err, MountError::Conflict { .. }), "{err:#?}");
+    assert!(err.to_string().contains(images[0].to_str().unwrap()), "{err}");
+    // The same repository is still shared.
+    let again = mounts.acquire(&first).unwrap();
+    assert_eq!(fs::read(again.root().join("first.txt")).unwrap(), b"first");
+    assert_eq!(again.release().unwrap(), ReleaseOutcome::StillInUse);
+    assert_eq!(a.release().unwrap(), ReleaseOutcome::Unmounted(UnmountOutcome::Clean));
+    let b = mounts.acquire(&second).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(!b.root().join("first.txt").exists(), "the second repository is its own image");
+    b.release().unwrap();
+}
+
 #[test]
 fn bind_mount() {
     let src = tempfile::tempdir().unwrap();

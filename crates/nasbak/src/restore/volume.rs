@@ -74,10 +74,24 @@ where
             }
             ImageLocation::Rbd(_) => false,
         };
-        // A new RBD image is reached the way the VM it goes to reaches its RBD disks (monitors,
-        // ceph.conf, client id and key), and must not exist yet.
+        let mounted = self.mounts.acquire(repository)?;
+        let layout = mounted.layout();
+        let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
+        let disks = backup_disks(&dir, &request.vm, &request.id, None)?;
+        let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
+            what: format!(
+                "disk {} in backup {}/{} (it has {})",
+                request.disk,
+                request.vm,
+                request.id,
+                disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        // A new RBD image is reached the way the VM it goes to reaches its RBD disks, else the
+        // way the backed-up disk was reached (its saved definition): monitors, ceph.conf, client
+        // id and key. It must not exist yet.
         let mut request = request.clone();
-        let template = rbd_template(&self.hypervisor, attach_to.as_ref().map(|(_, _, d)| d));
+        let template = rbd_template(&self.hypervisor, attach_to.as_ref().map(|(_, _, d)| d), &dir, &disk.target);
         if let (ImageLocation::Rbd(spec), Some((_, ImageLocation::Rbd(from)))) = (&mut request.to, &template) {
             if spec.id.is_none() && spec.mon_hosts.is_empty() && spec.conf.is_none() {
                 spec.id.clone_from(&from.id);
@@ -92,19 +106,6 @@ where
             return Err(BackupError::Exists { path: request.to.to_string().into() });
         }
         let request = &request;
-        let mounted = self.mounts.acquire(repository)?;
-        let layout = mounted.layout();
-        let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
-        let disks = backup_disks(&dir, &request.vm, &request.id, None)?;
-        let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
-            what: format!(
-                "disk {} in backup {}/{} (it has {})",
-                request.disk,
-                request.vm,
-                request.id,
-                disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        })?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
         check_image(&self.images, &dir, disk).map_err(at(Step::Check))?;
         // An incremental disk: every file of its chain checked, the chain read through.
@@ -265,13 +266,30 @@ where
     }
 }
 
-/// The first RBD disk of the VM a new RBD volume is attached to: its source (monitors,
-/// authentication, ceph.conf for the new `<disk>`) and its location with its key, for
-/// qemu-img to reach the new image the same way.
-fn rbd_template(hypervisor: &impl Hypervisor, domain: Option<&Domain>) -> Option<(Option<DiskSource>, ImageLocation)> {
-    let disk = domain?
-        .disks
-        .iter()
-        .find(|d| matches!(&d.source, Some(DiskSource::Network { protocol, .. }) if protocol == "rbd"))?;
+/// How a new RBD volume reaches the cluster: the first RBD disk of the VM it is attached to,
+/// else the backed-up disk `target` in the backup's saved definition (in `dir`) when it was
+/// an RBD disk, else that definition's first RBD disk. Its source (monitors, authentication,
+/// ceph.conf for the new `<disk>`) and its location with its key, for qemu-img to reach the
+/// new image the same way.
+fn rbd_template(
+    hypervisor: &impl Hypervisor,
+    attach_to: Option<&Domain>,
+    dir: &Path,
+    target: &str,
+) -> Option<(Option<DiskSource>, ImageLocation)> {
+    let is_rbd = |d: &&nasbak_libvirt::Disk| matches!(&d.source, Some(DiskSource::Network { protocol, .. }) if protocol == "rbd");
+    let saved = fs::read_to_string(dir.join(nasbak_repo::model::layout::DOMAIN_CONFIG_FILE))
+        .ok()
+        .and_then(|xml| Domain::parse(&xml).ok());
+    let disk = match (attach_to.and_then(|d| d.disks.iter().find(is_rbd)), &saved) {
+        (Some(disk), _) => disk,
+        (None, Some(saved)) => saved
+            .disks
+            .iter()
+            .filter(is_rbd)
+            .find(|d| d.target == target)
+            .or_else(|| saved.disks.iter().find(is_rbd))?,
+        (None, None) => return None,
+    };
     Some((disk.source.clone(), crate::disks::keyed_location(hypervisor, disk)?))
 }

@@ -24,6 +24,10 @@ pub struct RepositoryMounts<M> {
     timeouts: MountTimeouts,
 }
 
+/// How long [`RepositoryMounts::unmount_if_unused`] waits for a registration whose holder is
+/// on its way out.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// A process registered as a user of a repository (see [`RepositoryMounts::users`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RepositoryUser {
@@ -110,20 +114,39 @@ impl<M: Mounter> RepositoryMounts<M> {
     /// Unmounts the repository called `name` if nasbak mounted it and no user is left (a user
     /// may be another process, or a daemon that inherited a registration, see
     /// [`MountedRepository::registration`]): what a process that let go of such a daemon calls.
+    ///
+    /// A daemon just stopped lets go of its registration as it exits: while the registration
+    /// is held but no process is seen holding it ([`RepositoryMounts::users`]), it is one on
+    /// its way out, and the check is made again (for at most 5 s).
     pub fn unmount_if_unused(&self, name: &str) -> Result<ReleaseOutcome, MountError> {
+        let deadline = Instant::now() + RELEASE_WAIT;
+        loop {
+            match self.unmount_if_unheld(name)? {
+                Some(outcome) => return Ok(outcome),
+                None if Instant::now() < deadline && self.users(name).is_empty() => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                None => return Ok(ReleaseOutcome::StillInUse),
+            }
+        }
+    }
+
+    /// One try of [`RepositoryMounts::unmount_if_unused`]: `None` while a registration is held.
+    fn unmount_if_unheld(&self, name: &str) -> Result<Option<ReleaseOutcome>, MountError> {
         let locks = self.runtime_dir.join("locks");
         let users_path = locks.join(format!("{name}.users"));
         if !users_path.exists() {
-            return Ok(ReleaseOutcome::StillInUse);
+            return Ok(Some(ReleaseOutcome::StillInUse));
         }
         let root = self.runtime_dir.join("mnt").join(name);
         let mutex = self.lock_mutex(&locks.join(format!("{name}.lock")))?;
         let check = open_lock_file(&users_path)?;
         let outcome = match check.try_lock() {
             Ok(()) if self.mounter.mounts()?.iter().any(|m| m.mount_point == root) => {
-                ReleaseOutcome::Unmounted(self.unmount(name, &root)?)
+                Some(ReleaseOutcome::Unmounted(self.unmount(name, &root)?))
             }
-            Ok(()) | Err(TryLockError::WouldBlock) => ReleaseOutcome::StillInUse,
+            Ok(()) => Some(ReleaseOutcome::StillInUse),
+            Err(TryLockError::WouldBlock) => None,
             Err(TryLockError::Error(source)) => {
                 return Err(MountError::Io { action: "locking", path: users_path, source });
             }
