@@ -479,7 +479,7 @@ where
     /// A nasbak process killed during a push job leaves the job running, writing into its
     /// `.partial` directory. Holding the VM lock (so that process is gone), abort such a job:
     /// a backup job whose targets are all inside this VM's directory on this repository.
-    fn abort_orphaned_job(&self, vm: &str, vm_dir: &Path) -> Result<bool, BackupError> {
+    pub(crate) fn abort_orphaned_job(&self, vm: &str, vm_dir: &Path) -> Result<bool, BackupError> {
         let job = self.hypervisor.current_job(vm)?;
         if job.kind != nasbak_libvirt::JobKind::Active || !job.is_backup {
             return Ok(false);
@@ -495,7 +495,15 @@ where
         if !ours {
             return Ok(false);
         }
-        self.hypervisor.abort_job(vm)?;
+        if let Err(e) = self.hypervisor.abort_job(vm) {
+            // The job may have ended by itself since it was seen (it goes on without nasbak):
+            // then there is nothing left to abort, and its directory is cleaned up as any other.
+            if self.hypervisor.current_job(vm)?.kind != nasbak_libvirt::JobKind::Active {
+                let _ = self.hypervisor.completed_job(vm);
+                return Ok(false);
+            }
+            return Err(e.into());
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.hypervisor.current_job(vm)?.kind == nasbak_libvirt::JobKind::Active {
             if std::time::Instant::now() > deadline {

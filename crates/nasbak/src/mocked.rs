@@ -703,3 +703,30 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
     let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
     assert_eq!(err.kind(), crate::ErrorKind::DomainRunning, "{err}");
 }
+
+#[test]
+fn an_orphaned_job_that_ends_by_itself_before_the_abort_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm_dir = dir.path().join("vm1");
+    let target = vm_dir.join("2026.01.01.00.00.00.partial").join("root.qcow2");
+    let mut hv = MockHypervisor::new();
+    let mut seq = mockall::Sequence::new();
+    hv.expect_current_job().times(1).in_sequence(&mut seq).returning(|_| {
+        Ok(JobInfo { kind: JobKind::Active, is_backup: true, processed: 1, total: 2, error: None, elapsed: None })
+    });
+    let xml = format!(
+        "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'><target file='{}'/></disk></disks></domainbackup>",
+        target.display()
+    );
+    hv.expect_backup_xml().times(1).in_sequence(&mut seq).returning(move |_| Ok(xml.clone()));
+    hv.expect_abort_job()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_| Err(LibvirtError::new("Requested operation is not valid: no job is active on the domain")));
+    hv.expect_current_job().times(1).in_sequence(&mut seq).returning(|_| {
+        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+    });
+    hv.expect_completed_job().returning(|_| Err(LibvirtError::new("none")));
+    let (e, _) = engine(hv, images(), dir.path());
+    assert!(!e.abort_orphaned_job("vm1", &vm_dir).unwrap(), "nothing was aborted");
+}
