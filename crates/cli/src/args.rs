@@ -29,6 +29,11 @@ pub struct Cli {
     /// The libvirt URI.
     #[arg(short = 'c', long = "connect", default_value = "qemu:///system", global = true)]
     pub uri: String,
+    /// The longest one libvirt call may take before the operation fails: a VM's QEMU or
+    /// libvirtd that stops answering never hangs nasbak [default: nasbak_libvirt's
+    /// DEFAULT_CALL_TIMEOUT, 60s].
+    #[arg(long, global = true, value_parser = duration_arg)]
+    pub libvirt_timeout: Option<Duration>,
     /// One JSON document on stdout; progress as JSON lines on stderr.
     #[arg(long, global = true)]
     pub json: bool,

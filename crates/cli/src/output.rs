@@ -53,6 +53,11 @@ fn hint(e: &anyhow::Error) -> Option<String> {
         }
         (_, BackupError::NotShutOff { vm }) => Some(format!("shut it off first: `virsh shutdown {vm}`")),
         (ErrorKind::DamagedBackup, _) => Some("`nasbak delete` removes it".into()),
+        (ErrorKind::Unresponsive, _) => Some(
+            "a stopped or stuck QEMU (or libvirtd) does not answer: look at its storage (a stalled NFS server or \
+             repository) and at `virsh domstate --reason`; calls that did not answer may still take effect"
+                .into(),
+        ),
         _ => None,
     }
 }

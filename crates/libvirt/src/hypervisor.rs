@@ -1,7 +1,9 @@
 //! The hypervisor seam, and its real implementation on the `virt` crate.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use nasbak_process::run_with_timeout;
 use virt::connect::Connect;
 use virt::domain::Domain as VirtDomain;
 
@@ -85,30 +87,47 @@ pub struct Versions {
     pub qemu: (u32, u32, u32),
 }
 
-/// A libvirt call failed.
+/// A libvirt call failed, or did not answer by its deadline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("libvirt: {message}")]
 #[non_exhaustive]
 pub struct LibvirtError {
-    /// libvirt's words.
+    /// libvirt's words, or what did not answer.
     pub message: String,
     no_domain: bool,
+    timed_out: bool,
 }
 
 impl LibvirtError {
     /// An error with libvirt's words (for other implementations of [`Hypervisor`] and mocks).
     pub fn new(message: impl Into<String>) -> Self {
-        LibvirtError { message: message.into(), no_domain: false }
+        LibvirtError { message: message.into(), no_domain: false, timed_out: false }
     }
 
     /// The error libvirt gives for a domain it does not have.
     pub fn no_such_domain(domain: &str) -> Self {
-        LibvirtError { message: format!("Domain not found: no domain with matching name '{domain}'"), no_domain: true }
+        LibvirtError {
+            message: format!("Domain not found: no domain with matching name '{domain}'"),
+            no_domain: true,
+            timed_out: false,
+        }
+    }
+
+    /// A call that did not answer by its deadline (see [`crate::deadline`]); `message` says
+    /// what stopped answering and what is left in flight.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        LibvirtError { message: message.into(), no_domain: false, timed_out: true }
     }
 
     /// Whether libvirt said there is no such domain.
     pub fn is_no_domain(&self) -> bool {
         self.no_domain
+    }
+
+    /// Whether the call did not answer by its deadline: libvirtd or the domain's QEMU stopped
+    /// answering, and the call may still take effect later.
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
     }
 }
 
@@ -117,6 +136,7 @@ impl From<virt::error::Error> for LibvirtError {
         LibvirtError {
             message: e.message().to_owned(),
             no_domain: matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)),
+            timed_out: false,
         }
     }
 }
@@ -190,35 +210,166 @@ pub struct BlockSize {
 
 /// A connection to libvirt (`qemu:///system`, `qemu+ssh://host/system`, ...). Clones share the
 /// connection.
+///
+/// Every call runs under a deadline (see [`crate::deadline`]): on a helper thread, waited for
+/// until the earlier of the call timeout and the deadline the calling thread's operation set.
+///
+/// A call that did not answer is left on its connection, and the calls after it go over a new
+/// one: libvirtd goes on answering other connections, but on this kind of host one of its
+/// clients with a call stuck behind a silent QEMU also had calls that need no QEMU at all
+/// (`virDomainGetState`, `virConnectGetVersion`) go unanswered, one time in two.
 #[derive(Debug, Clone)]
 pub struct LibvirtHypervisor {
-    conn: std::sync::Arc<Connect>,
+    conn: Arc<Mutex<Arc<Connect>>>,
+    uri: String,
+    call_timeout: Duration,
 }
 
 fn split_version(v: u32) -> (u32, u32, u32) {
     (v / 1_000_000, (v / 1000) % 1000, v % 1000)
 }
 
+/// What a call is, for the error when it does not answer.
+struct Call {
+    api: &'static str,
+    domain: Option<String>,
+    detail: Option<String>,
+}
+
+impl Call {
+    fn new(api: &'static str) -> Self {
+        Call { api, domain: None, detail: None }
+    }
+    fn on(api: &'static str, domain: &str) -> Self {
+        Call { api, domain: Some(domain.to_owned()), detail: None }
+    }
+    fn about(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+    fn describe(&self) -> String {
+        let mut s = self.api.to_owned();
+        if let Some(d) = &self.domain {
+            s.push_str(&format!(" on domain '{d}'"));
+        }
+        if let Some(d) = &self.detail {
+            s.push_str(&format!(" ({d})"));
+        }
+        s
+    }
+}
+
+/// How long the probe that tells a silent QEMU from a silent libvirtd may take.
+const PROBE: Duration = Duration::from_secs(1);
+
 impl LibvirtHypervisor {
-    /// Connects to `uri`. Also silences libvirt's default error printer (errors come back as
-    /// values).
+    /// Connects to `uri` (under the default call timeout). Also silences libvirt's default error
+    /// printer (errors come back as values).
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         virt::error::clear_error_callback();
-        Ok(LibvirtHypervisor { conn: std::sync::Arc::new(Connect::open(Some(uri))?) })
+        let owned = uri.to_owned();
+        let deadline = crate::deadline::for_call(crate::deadline::DEFAULT_CALL_TIMEOUT);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match run_with_timeout(wait, move || Connect::open(Some(&owned))) {
+            Some(conn) => Ok(LibvirtHypervisor {
+                conn: Arc::new(Mutex::new(Arc::new(conn?))),
+                uri: uri.to_owned(),
+                call_timeout: crate::deadline::DEFAULT_CALL_TIMEOUT,
+            }),
+            None => Err(LibvirtError::timeout(format!(
+                "connecting to {uri} did not answer within {}: libvirtd is not answering (is it running?)",
+                crate::deadline::human(wait)
+            ))),
+        }
+    }
+
+    /// The same connection, each call of which takes at most `timeout` (the default is
+    /// [`DEFAULT_CALL_TIMEOUT`](crate::deadline::DEFAULT_CALL_TIMEOUT)).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// The longest one call may take.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
     /// The connection's URI as libvirt states it (for helpers that run `virsh`).
     pub fn uri(&self) -> Result<String, LibvirtError> {
-        Ok(self.conn.uri()?)
+        self.call(Call::new("virConnectGetURI"), |conn| Ok(conn.uri()?))
     }
 
     /// The domain handle, for callers that need `virt` directly (the guest agent).
     pub fn lookup(&self, domain: &str) -> Result<VirtDomain, LibvirtError> {
-        Ok(self.conn.lookup_domain_by_name(domain)?)
+        let owned = domain.to_owned();
+        self.call(Call::on("virDomainLookupByName", domain), move |conn| Ok(conn.lookup_domain_by_name(&owned)?))
+    }
+
+    /// Runs `f` on a helper thread and waits for it until the call's deadline.
+    fn call<T: Send + 'static>(
+        &self,
+        what: Call,
+        f: impl FnOnce(&Connect) -> Result<T, LibvirtError> + Send + 'static,
+    ) -> Result<T, LibvirtError> {
+        let started = Instant::now();
+        let deadline = crate::deadline::for_call(self.call_timeout);
+        let wait = deadline.saturating_duration_since(started);
+        if wait.is_zero() {
+            return Err(LibvirtError::timeout(format!(
+                "{} was not sent: the operation's deadline had passed",
+                what.describe()
+            )));
+        }
+        let conn = self.connection();
+        match run_with_timeout(wait, move || f(&conn)) {
+            Some(result) => result,
+            None => Err(self.silent(&what, started.elapsed())),
+        }
+    }
+
+    fn connection(&self) -> Arc<Connect> {
+        Arc::clone(&self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Runs `f` on the domain `domain` (looked up on the helper thread too).
+    fn on_domain<T: Send + 'static>(
+        &self,
+        what: Call,
+        f: impl FnOnce(&VirtDomain) -> Result<T, LibvirtError> + Send + 'static,
+    ) -> Result<T, LibvirtError> {
+        let name = what.domain.clone().unwrap_or_default();
+        self.call(what, move |conn| f(&conn.lookup_domain_by_name(&name)?))
+    }
+
+    /// The error for a call that did not answer: whose silence it is (libvirtd answers a new
+    /// connection and a version query that never reaches QEMU, or it does not), and what is
+    /// left in flight. The new connection replaces the one the call is stuck on.
+    fn silent(&self, what: &Call, waited: Duration) -> LibvirtError {
+        let uri = self.uri.clone();
+        let fresh = run_with_timeout(PROBE, move || {
+            let conn = Connect::open(Some(&uri)).ok()?;
+            conn.lib_version().is_ok().then_some(conn)
+        })
+        .flatten();
+        let libvirtd_answers = fresh.is_some();
+        if let Some(conn) = fresh {
+            *self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(conn);
+        }
+        let who = match (&what.domain, libvirtd_answers) {
+            (Some(d), true) => format!("the QEMU of domain '{d}' is not answering (libvirtd is)"),
+            (None, true) => "libvirtd answers other calls but not this one".to_owned(),
+            (_, false) => "libvirtd is not answering".to_owned(),
+        };
+        LibvirtError::timeout(format!(
+            "{} timed out after {}: {who}; the call is left in flight on a helper thread and may still take effect",
+            what.describe(),
+            crate::deadline::human(waited)
+        ))
     }
 
     fn job(&self, domain: &str, flags: u32) -> Result<JobInfo, LibvirtError> {
-        let stats = ffi::job_stats(&self.lookup(domain)?, flags)?;
+        let stats = self.on_domain(Call::on("virDomainGetJobStats", domain), move |d| Ok(ffi::job_stats(d, flags)?))?;
         let kind = match stats.kind as u32 {
             virt::sys::VIR_DOMAIN_JOB_NONE => JobKind::None,
             virt::sys::VIR_DOMAIN_JOB_COMPLETED => JobKind::Completed,
@@ -239,15 +390,17 @@ impl LibvirtHypervisor {
 
 impl Hypervisor for LibvirtHypervisor {
     fn versions(&self) -> Result<Versions, LibvirtError> {
-        Ok(Versions { libvirt: split_version(self.conn.lib_version()?), qemu: split_version(self.conn.hyp_version()?) })
+        self.call(Call::new("virConnectGetVersion"), |conn| {
+            Ok(Versions { libvirt: split_version(conn.lib_version()?), qemu: split_version(conn.hyp_version()?) })
+        })
     }
 
     fn domain_xml(&self, domain: &str) -> Result<String, LibvirtError> {
-        Ok(self.lookup(domain)?.xml_desc(0)?)
+        self.on_domain(Call::on("virDomainGetXMLDesc", domain), |d| Ok(d.xml_desc(0)?))
     }
 
     fn domain_state(&self, domain: &str) -> Result<DomainState, LibvirtError> {
-        let (state, _) = self.lookup(domain)?.state()?;
+        let (state, _) = self.on_domain(Call::on("virDomainGetState", domain), |d| Ok(d.state()?))?;
         use virt::domain::DomainState as S;
         use virt::enumutil::Enum;
         Ok(match state {
@@ -258,7 +411,10 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn backup_begin(&self, domain: &str, backup_xml: &str, checkpoint_xml: Option<String>) -> Result<(), LibvirtError> {
-        Ok(ffi::backup_begin(&self.lookup(domain)?, backup_xml, checkpoint_xml.as_deref())?)
+        let xml = backup_xml.to_owned();
+        self.on_domain(Call::on("virDomainBackupBegin", domain), move |d| {
+            Ok(ffi::backup_begin(d, &xml, checkpoint_xml.as_deref())?)
+        })
     }
 
     fn current_job(&self, domain: &str) -> Result<JobInfo, LibvirtError> {
@@ -270,31 +426,40 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn abort_job(&self, domain: &str) -> Result<(), LibvirtError> {
-        Ok(ffi::abort_job(&self.lookup(domain)?)?)
+        self.on_domain(Call::on("virDomainAbortJob", domain), |d| Ok(ffi::abort_job(d)?))
     }
 
     fn backup_xml(&self, domain: &str) -> Result<String, LibvirtError> {
-        Ok(ffi::backup_xml(&self.lookup(domain)?)?)
+        self.on_domain(Call::on("virDomainBackupGetXMLDesc", domain), |d| Ok(ffi::backup_xml(d)?))
     }
 
     fn checkpoints(&self, domain: &str) -> Result<Vec<String>, LibvirtError> {
-        Ok(ffi::checkpoint_names(&self.lookup(domain)?)?)
+        self.on_domain(Call::on("virDomainListAllCheckpoints", domain), |d| Ok(ffi::checkpoint_names(d)?))
     }
 
     fn delete_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
-        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name, false)?)
+        let owned = name.to_owned();
+        let call = Call::on("virDomainCheckpointDelete", domain).about(format!("checkpoint {name}"));
+        self.on_domain(call, move |d| Ok(ffi::delete_checkpoint(d, &owned, false)?))
     }
 
     fn forget_checkpoint(&self, domain: &str, name: &str) -> Result<(), LibvirtError> {
-        Ok(ffi::delete_checkpoint(&self.lookup(domain)?, name, true)?)
+        let owned = name.to_owned();
+        let call = Call::on("virDomainCheckpointDelete", domain).about(format!("checkpoint {name}, metadata only"));
+        self.on_domain(call, move |d| Ok(ffi::delete_checkpoint(d, &owned, true)?))
     }
 
     fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, LibvirtError> {
-        Ok(ffi::checkpoint_xml(&self.lookup(domain)?, name)?)
+        let owned = name.to_owned();
+        let call = Call::on("virDomainCheckpointGetXMLDesc", domain).about(format!("checkpoint {name}"));
+        self.on_domain(call, move |d| Ok(ffi::checkpoint_xml(d, &owned)?))
     }
 
     fn redefine_checkpoint(&self, domain: &str, xml: &str, validate: bool) -> Result<(), LibvirtError> {
-        Ok(ffi::redefine_checkpoint(&self.lookup(domain)?, xml, validate)?)
+        let owned = xml.to_owned();
+        self.on_domain(Call::on("virDomainCheckpointCreateXML", domain).about("redefine"), move |d| {
+            Ok(ffi::redefine_checkpoint(d, &owned, validate)?)
+        })
     }
 
     fn attach_disk(&self, domain: &str, disk_xml: &str, live: bool) -> Result<(), LibvirtError> {
@@ -302,50 +467,39 @@ impl Hypervisor for LibvirtHypervisor {
         if live {
             flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
         }
-        self.lookup(domain)?.attach_device_flags(disk_xml, flags)?;
-        Ok(())
+        let owned = disk_xml.to_owned();
+        self.on_domain(Call::on("virDomainAttachDeviceFlags", domain), move |d| {
+            d.attach_device_flags(&owned, flags)?;
+            Ok(())
+        })
     }
 
     fn secret_value(&self, auth: &crate::NetworkAuth) -> Result<nasbak_process::Secret, LibvirtError> {
-        let secret = match (&auth.secret_uuid, &auth.secret_usage, auth.secret_type.as_deref()) {
-            (Some(uuid), _, _) => self.conn.lookup_secret_by_uuid_string(uuid)?,
-            (None, Some(usage), Some("ceph")) => {
-                self.conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32, usage)?
-            }
-            (None, Some(usage), Some("iscsi")) => {
-                self.conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_ISCSI as i32, usage)?
-            }
-            _ => {
-                return Err(LibvirtError::new(format!(
-                    "the disk's <auth> names no secret by uuid, or by usage of type ceph or iscsi: {auth:?}"
-                )));
-            }
-        };
-        let mut value = secret.value(0)?;
-        let text = match auth.secret_type.as_deref() {
-            // libvirt keeps a Ceph key decoded; keyrings and `secret=` want it in base64.
-            Some("ceph") => {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD.encode(&value)
-            }
-            _ => String::from_utf8_lossy(&value).into_owned(),
-        };
-        value.iter_mut().for_each(|b| *b = 0);
-        Ok(nasbak_process::Secret::new(text))
+        let auth = auth.clone();
+        self.call(Call::new("virSecretGetValue"), move |conn| secret_value(conn, &auth))
     }
 
     fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError> {
-        let info = self.lookup(domain)?.block_info(disk, 0)?;
+        let owned = disk.to_owned();
+        let info = self
+            .on_domain(Call::on("virDomainGetBlockInfo", domain).about(format!("disk {disk}")), move |d| {
+                Ok(d.block_info(&owned, 0)?)
+            })?;
         Ok(BlockSize { capacity: info.capacity, allocation: info.allocation })
     }
 
     fn inactive_xml(&self, domain: &str) -> Result<String, LibvirtError> {
-        Ok(self.lookup(domain)?.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?)
+        self.on_domain(Call::on("virDomainGetXMLDesc", domain).about("inactive"), |d| {
+            Ok(d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?)
+        })
     }
 
     fn start_with_xml(&self, xml: &str) -> Result<(), LibvirtError> {
-        self.conn.create_domain_xml(xml, 0)?;
-        Ok(())
+        let owned = xml.to_owned();
+        self.call(Call::new("virDomainCreateXML"), move |conn| {
+            conn.create_domain_xml(&owned, 0)?;
+            Ok(())
+        })
     }
 
     fn block_copy(&self, domain: &str, disk: &str, dest_xml: &str, flags: BlockCopyFlags) -> Result<(), LibvirtError> {
@@ -353,20 +507,60 @@ impl Hypervisor for LibvirtHypervisor {
         if flags.reuse_external {
             f |= virt::sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT;
         }
-        Ok(ffi::block_copy(&self.lookup(domain)?, disk, dest_xml, flags.bandwidth, f)?)
+        let (disk_owned, dest) = (disk.to_owned(), dest_xml.to_owned());
+        self.on_domain(Call::on("virDomainBlockCopy", domain).about(format!("disk {disk}")), move |d| {
+            Ok(ffi::block_copy(d, &disk_owned, &dest, flags.bandwidth, f)?)
+        })
     }
 
     fn block_job(&self, domain: &str, disk: &str) -> Result<Option<BlockJob>, LibvirtError> {
-        Ok(ffi::block_job_info(&self.lookup(domain)?, disk)?.map(|(_, cur, end)| BlockJob { cur, end }))
+        let owned = disk.to_owned();
+        let call = Call::on("virDomainGetBlockJobInfo", domain).about(format!("disk {disk}"));
+        let info = self.on_domain(call, move |d| Ok(ffi::block_job_info(d, &owned)?))?;
+        Ok(info.map(|(_, cur, end)| BlockJob { cur, end }))
     }
 
     fn block_job_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<(), LibvirtError> {
         let flags = if pivot { virt::sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
-        Ok(ffi::block_job_abort(&self.lookup(domain)?, disk, flags)?)
+        let owned = disk.to_owned();
+        let what = if pivot { "pivot" } else { "abandon" };
+        let call = Call::on("virDomainBlockJobAbort", domain).about(format!("disk {disk}, {what}"));
+        self.on_domain(call, move |d| Ok(ffi::block_job_abort(d, &owned, flags)?))
     }
 
     fn destroy(&self, domain: &str) -> Result<(), LibvirtError> {
-        self.lookup(domain)?.destroy()?;
-        Ok(())
+        self.on_domain(Call::on("virDomainDestroy", domain), |d| {
+            d.destroy()?;
+            Ok(())
+        })
     }
+}
+
+/// The value of the secret `auth` names (see [`Hypervisor::secret_value`]).
+fn secret_value(conn: &Connect, auth: &crate::NetworkAuth) -> Result<nasbak_process::Secret, LibvirtError> {
+    let secret = match (&auth.secret_uuid, &auth.secret_usage, auth.secret_type.as_deref()) {
+        (Some(uuid), _, _) => conn.lookup_secret_by_uuid_string(uuid)?,
+        (None, Some(usage), Some("ceph")) => {
+            conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32, usage)?
+        }
+        (None, Some(usage), Some("iscsi")) => {
+            conn.lookup_secret_by_usage(virt::sys::VIR_SECRET_USAGE_TYPE_ISCSI as i32, usage)?
+        }
+        _ => {
+            return Err(LibvirtError::new(format!(
+                "the disk's <auth> names no secret by uuid, or by usage of type ceph or iscsi: {auth:?}"
+            )));
+        }
+    };
+    let mut value = secret.value(0)?;
+    let text = match auth.secret_type.as_deref() {
+        // libvirt keeps a Ceph key decoded; keyrings and `secret=` want it in base64.
+        Some("ceph") => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&value)
+        }
+        _ => String::from_utf8_lossy(&value).into_owned(),
+    };
+    value.iter_mut().for_each(|b| *b = 0);
+    Ok(nasbak_process::Secret::new(text))
 }

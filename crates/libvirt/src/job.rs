@@ -122,6 +122,30 @@ pub enum JobError {
         #[source]
         source: LibvirtError,
     },
+    /// libvirtd or the domain's QEMU stopped answering while the job was started or followed.
+    #[error(
+        "the backup job of {domain} could not be followed: libvirt did not answer in time; an abort was sent, and the job may run on until QEMU answers again (the next backup of {domain} aborts it)"
+    )]
+    Unresponsive {
+        /// The domain.
+        domain: String,
+        /// The call that did not answer ([`LibvirtError::is_timeout`]).
+        #[source]
+        source: LibvirtError,
+    },
+}
+
+impl JobError {
+    /// A libvirt error while following `domain`'s job: [`JobError::Unresponsive`] for a call
+    /// that did not answer, else [`JobError::Libvirt`].
+    fn following(domain: &str, source: LibvirtError) -> JobError {
+        let domain = domain.to_owned();
+        if source.is_timeout() {
+            JobError::Unresponsive { domain, source }
+        } else {
+            JobError::Libvirt { domain, source }
+        }
+    }
 }
 
 fn version_text(v: (u32, u32, u32)) -> String {
@@ -179,14 +203,21 @@ pub fn start_backup<'a, H: Hypervisor>(
 ) -> Result<RunningBackup<'a, H>, JobError> {
     let target_dirs: Vec<PathBuf> =
         backup.targets.iter().filter_map(|t| t.file.parent().map(Path::to_path_buf)).collect();
-    let current = hv.current_job(domain).map_err(|source| JobError::Libvirt { domain: domain.to_owned(), source })?;
+    let current = hv.current_job(domain).map_err(|source| JobError::following(domain, source))?;
     if current.kind == JobKind::Active {
         return Err(JobError::Busy { domain: domain.to_owned(), is_backup: current.is_backup });
     }
-    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml()).map_err(|e| JobError::BeginFailed {
-        domain: domain.to_owned(),
-        hint: begin_hint(&e.message, &target_dirs),
-        message: e.message,
+    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml()).map_err(|e| {
+        if e.is_timeout() {
+            // The begin may still take effect once QEMU answers: the abort goes after it.
+            abort_and_wait(hv, domain);
+            return JobError::following(domain, e);
+        }
+        JobError::BeginFailed {
+            domain: domain.to_owned(),
+            hint: begin_hint(&e.message, &target_dirs),
+            message: e.message,
+        }
     })?;
     Ok(RunningBackup { hv, domain: domain.to_owned(), armed: true })
 }
@@ -214,7 +245,7 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
     ) -> Result<JobSummary, JobError> {
         let domain = self.domain.clone();
         let hv = self.hv;
-        let lost = |source| JobError::Libvirt { domain: domain.clone(), source };
+        let lost = |source| JobError::following(&domain, source);
         let start = Instant::now();
         let mut last_report: Option<Instant> = None;
         loop {
@@ -253,10 +284,15 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
     }
 }
 
-/// Aborts the job and waits (at most 30 s) until libvirt no longer lists it.
+/// Aborts the job and waits until libvirt no longer lists it, within the cleanup budget
+/// ([`crate::deadline::CLEANUP_BUDGET`]) whatever the operation's deadline was: a QEMU that does
+/// not answer gets the abort sent and is left with it.
 fn abort_and_wait<H: Hypervisor>(hv: &H, domain: &str) {
-    let _ = hv.abort_job(domain);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + crate::deadline::CLEANUP_BUDGET;
+    let _scope = crate::deadline::scope(deadline);
+    if hv.abort_job(domain).is_err_and(|e| e.is_timeout()) {
+        return;
+    }
     while Instant::now() < deadline {
         match hv.current_job(domain) {
             // QEMU ends an aborted job within a few milliseconds: look often.

@@ -34,6 +34,7 @@
 #![deny(missing_docs)]
 
 mod backup;
+pub mod deadline;
 mod domain;
 mod ffi;
 #[doc(hidden)]

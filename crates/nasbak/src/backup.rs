@@ -201,6 +201,8 @@ where
         observer: &mut dyn Observer,
     ) -> Result<BackupOutcome, BackupError> {
         let vm = VmName::new(&request.vm)?;
+        // Every libvirt call of the backup ends by its timeout, whatever the VM's QEMU does.
+        let _deadline = nasbak_libvirt::deadline::scope(std::time::Instant::now() + request.timeout);
         let inspect = || -> Result<_, BackupError> {
             let state = self.hypervisor.domain_state(&request.vm)?;
             let xml = self.hypervisor.domain_xml(&request.vm)?;

@@ -215,15 +215,21 @@ where
         }
         guard.started = true;
         let deadline = Instant::now() + request.timeout;
+        // Every libvirt call of the wait ends by the timeout, whatever the throwaway's QEMU does.
+        let _scope = nasbak_libvirt::deadline::scope(deadline);
         let (result, detail) = loop {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
-            if !matches!(self.hypervisor.domain_state(&name), Ok(DomainState::Running)) {
-                break (
-                    BootResult::Failed,
-                    "the throwaway VM stopped (crashed, or powered off) before its agent answered".to_owned(),
-                );
+            match self.hypervisor.domain_state(&name) {
+                Ok(DomainState::Running) => {}
+                Err(e) if e.is_timeout() => break (BootResult::Failed, format!("the throwaway VM: {e}")),
+                _ => {
+                    break (
+                        BootResult::Failed,
+                        "the throwaway VM stopped (crashed, or powered off) before its agent answered".to_owned(),
+                    );
+                }
             }
             let agent = self.agents.agent_transport(&name).map(|t| GuestAgent::new(t, Duration::from_secs(5)));
             if let Ok(agent) = agent
@@ -378,6 +384,11 @@ impl<H: Hypervisor> BootGuard<'_, H> {
 impl<H: Hypervisor> Drop for BootGuard<'_, H> {
     fn drop(&mut self) {
         if self.started {
+            // Destroying needs no answer from the throwaway's QEMU (libvirt kills it), but it
+            // gets a budget of its own after the verification's deadline.
+            let _scope = nasbak_libvirt::deadline::scope(
+                Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET + Duration::from_secs(30),
+            );
             let _ = self.hypervisor.destroy(&self.name);
         }
         for socket in &self.sockets {

@@ -114,6 +114,9 @@ pub enum ErrorKind {
     HasDependents,
     /// Cancelled through the caller's handle.
     Cancelled,
+    /// libvirtd or the VM's QEMU stopped answering: a libvirt call did not answer by its
+    /// deadline (see `nasbak_libvirt::deadline`), and may still take effect later.
+    Unresponsive,
     /// Something nasbak does not do.
     Unsupported,
     /// The configuration.
@@ -373,6 +376,16 @@ pub enum BackupError {
         /// Its disk.
         disk: String,
     },
+    /// libvirt did not say where something stands: the VM's QEMU or libvirtd did not answer
+    /// in time (or failed); what was asked may still take effect.
+    #[error("libvirt gave no answer about {what}")]
+    Unanswered {
+        /// What was asked about, and what is left in flight.
+        what: String,
+        /// libvirt's error, or the call that did not answer.
+        #[source]
+        source: nasbak_libvirt::LibvirtError,
+    },
     /// Something took longer than it was given.
     #[error("{what} timed out")]
     TimedOut {
@@ -398,6 +411,10 @@ impl BackupError {
             BackupError::Config(_) | BackupError::NoCephKey { .. } => ErrorKind::Configuration,
             BackupError::Lock(_) | BackupError::InFlight { .. } => ErrorKind::Busy,
             BackupError::Libvirt(e) if e.is_no_domain() => ErrorKind::NoSuchDomain,
+            BackupError::Libvirt(e) | BackupError::Unanswered { source: e, .. } if e.is_timeout() => {
+                ErrorKind::Unresponsive
+            }
+            BackupError::Job(nasbak_libvirt::JobError::Unresponsive { .. }) => ErrorKind::Unresponsive,
             BackupError::NoSpace { .. } => ErrorKind::NoSpace,
             BackupError::NotBackupable { .. } => ErrorKind::DomainNotBackupable,
             BackupError::Unsupported { .. } => ErrorKind::Unsupported,

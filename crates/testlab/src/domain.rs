@@ -480,18 +480,20 @@ impl LabDomain {
     /// Kills the domain's QEMU with SIGKILL, as a host crash would (nothing flushed, persistent
     /// bitmaps not stored), and waits until libvirt sees it shut off.
     pub fn crash(&self) {
-        let pid_file = Path::new("/run/libvirt/qemu").join(format!("{}.pid", self.name));
-        let pid: i32 = fs::read_to_string(&pid_file)
-            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
-            .trim()
-            .parse()
-            .expect("a pid");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
+        let pid = qemu_pid(&self.name);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.is_running() {
             assert!(Instant::now() < deadline, "{} still runs 30 s after its QEMU was killed", self.name);
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops the domain's QEMU (SIGSTOP): a QEMU whose monitor and guest agent never answer, as
+    /// one stuck on a stalled NAS. It runs again (SIGCONT) when the guard drops, also when the
+    /// test panics.
+    pub fn freeze_qemu(&self) -> FrozenQemu {
+        FrozenQemu::of(&self.name)
     }
 
     /// Waits until libvirt shows a backup job running on the domain; panics after `timeout`.
@@ -851,4 +853,40 @@ pub fn shared_agent_guest() -> &'static LabDomain {
         dom.wait_for_agent(Duration::from_secs(90));
         dom
     })
+}
+
+/// The pid of the running domain `name`'s QEMU (libvirt's pid file).
+pub fn qemu_pid(name: &str) -> nix::unistd::Pid {
+    let pid_file = Path::new("/run/libvirt/qemu").join(format!("{name}.pid"));
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .expect("a pid");
+    nix::unistd::Pid::from_raw(pid)
+}
+
+/// A domain's QEMU stopped with SIGSTOP ([`LabDomain::freeze_qemu`]); SIGCONT on drop.
+#[derive(Debug)]
+pub struct FrozenQemu {
+    pid: nix::unistd::Pid,
+}
+
+impl FrozenQemu {
+    /// Stops the QEMU of the running domain `name` (a lab domain, or a throwaway one nasbak
+    /// started).
+    pub fn of(name: &str) -> FrozenQemu {
+        let pid = qemu_pid(name);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP QEMU");
+        FrozenQemu { pid }
+    }
+
+    /// Lets QEMU run again now.
+    pub fn thaw(self) {}
+}
+
+impl Drop for FrozenQemu {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
+    }
 }

@@ -29,7 +29,7 @@ pub fn backup(
         .with_timeout(timeout)
         .with_mode(mode)
         .with_full_every(p.full_every);
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let mut reporter = Reporter::new(cli.json, &format!("backup {vm}"));
     let outcome = e.backup(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
@@ -68,7 +68,7 @@ pub fn backup(
 
 pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     let cancel = cancel_on_interrupt()?;
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let mut reporter: Option<(String, Reporter)> = None;
     let outcome = e.run_due(config, &cli.state, &cancel, &mut |p| {
         let id = p.schedule.as_deref().unwrap_or_default();
@@ -141,7 +141,7 @@ pub fn verify_boot(
         request = request.with_check(c);
     }
     let cancel = cancel_on_interrupt()?;
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let v = e.verify_boot(&request, &cancel)?;
     if cli.json {
         print_json(&v)?;

@@ -74,8 +74,12 @@ impl CatalogServices {
 pub(crate) type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
 
 /// The engine over libvirt at `uri` (also the source of guest agents), qemu-img and the mounts.
-fn engine(uri: &str) -> Result<LibvirtEngine> {
-    let libvirt = LibvirtHypervisor::connect(uri).with_context(|| format!("connecting to {uri}"))?;
+fn engine(cli: &Cli) -> Result<LibvirtEngine> {
+    let uri = &cli.uri;
+    let mut libvirt = LibvirtHypervisor::connect(uri).with_context(|| format!("connecting to {uri}"))?;
+    if let Some(timeout) = cli.libvirt_timeout {
+        libvirt = libvirt.with_call_timeout(timeout);
+    }
     Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()))
 }
 

@@ -27,7 +27,7 @@ fn restore_request(config: &Config, id: &BackupRef, into: Option<&str>) -> Resul
 pub fn restore(cli: &Cli, config: &Config, id: &BackupRef, into: Option<&str>) -> Result<u8> {
     let request = restore_request(config, id, into)?;
     let cancel = cancel_on_interrupt()?;
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let mut reporter = Reporter::new(cli.json, &format!("restore {id}"));
     let outcome = e.restore(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
@@ -67,7 +67,7 @@ pub fn restore_volume(
         request = request.with_bandwidth(mib.saturating_mul(1 << 20));
     }
     let cancel = cancel_on_interrupt()?;
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let mut reporter = Reporter::new(cli.json, &format!("restore {disk} of {id}"));
     let restored = e.restore_volume(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
@@ -92,7 +92,7 @@ pub fn instant(
 ) -> Result<u8> {
     let request = restore_request(config, id, into)?;
     let cancel = cancel_on_interrupt()?;
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     let started = std::time::Instant::now();
     let mut request = InstantRestoreRequest::new(request);
     if let Some(mib) = bandwidth {
@@ -147,7 +147,7 @@ fn finish(
 }
 
 pub fn instant_command(cli: &Cli, cmd: &InstantCommand) -> Result<u8> {
-    let e = engine(&cli.uri)?;
+    let e = engine(cli)?;
     match cmd {
         InstantCommand::List => {
             let all = e.instant_restores(DEFAULT_INSTANT_DIR.as_ref())?;
@@ -165,6 +165,7 @@ pub fn instant_command(cli: &Cli, cmd: &InstantCommand) -> Result<u8> {
                         }
                         CopyState::Ready { .. } => "ready to finish".to_owned(),
                         CopyState::Gone => "NO COPY (cancel it, then restore again)".to_owned(),
+                        CopyState::Unknown { error } => format!("UNKNOWN: {error}"),
                         _ => "unknown".to_owned(),
                     };
                     println!("  {}  {copy}", d.target);

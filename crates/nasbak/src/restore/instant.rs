@@ -157,6 +157,12 @@ pub enum CopyState {
     },
     /// No copy runs (it failed, or the VM stopped): the restore can only be cancelled.
     Gone,
+    /// libvirt did not say (the VM's QEMU or libvirtd did not answer in time, or failed): the
+    /// copy may still run.
+    Unknown {
+        /// What libvirt said, or what did not answer.
+        error: String,
+    },
 }
 
 /// A finished instant restore.
@@ -371,15 +377,23 @@ where
             .disks
             .iter()
             .map(|d| {
-                let state = match self.hypervisor.block_job(&restore.vm, &d.target) {
-                    Ok(Some(j)) if j.ready() => CopyState::Ready { total: j.end },
-                    Ok(Some(j)) => CopyState::Copying { done: j.cur, total: j.end },
-                    _ => CopyState::Gone,
-                };
+                let state =
+                    self.copy_state(&restore.vm, &d.target).unwrap_or_else(|e| CopyState::Unknown { error: e.message });
                 DiskCopy { target: d.target.clone(), state }
             })
             .collect();
         InstantStatus { restore, running, disks }
+    }
+
+    /// Where the block copy of `vm`'s disk `target` stands; an error when libvirt does not say.
+    fn copy_state(&self, vm: &str, target: &str) -> Result<CopyState, nasbak_libvirt::LibvirtError> {
+        match self.hypervisor.block_job(vm, target) {
+            Ok(Some(j)) if j.ready() => Ok(CopyState::Ready { total: j.end }),
+            Ok(Some(j)) => Ok(CopyState::Copying { done: j.cur, total: j.end }),
+            Ok(None) => Ok(CopyState::Gone),
+            Err(e) if e.is_no_domain() => Ok(CopyState::Gone),
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits (up to `timeout`) until every block copy of `vm`'s instant restore has caught up,
@@ -400,6 +414,8 @@ where
         let state = read_state(&work_dir.join(name.as_str()))
             .ok_or_else(|| BackupError::NotFound { what: format!("an instant restore of {vm} in flight") })?;
         let deadline = Instant::now() + timeout;
+        // Every libvirt call of the wait ends by the timeout, whatever QEMU does.
+        let waiting = nasbak_libvirt::deadline::scope(deadline);
         let sums_cancel = CancelHandle::new();
         let verified = std::thread::scope(|scope| {
             let sums = scope.spawn(|| -> Result<(), BackupError> {
@@ -418,6 +434,10 @@ where
             waited.and(sums.map_err(at(Step::Check)))
         });
         verified?;
+        drop(waiting);
+        // Every copy caught up: the switch gets the cleanup budget (a pivot left half done
+        // would leave the restore neither in flight nor finished).
+        let _switch = nasbak_libvirt::deadline::scope(Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET);
         for disk in &state.disks {
             self.hypervisor
                 .block_job_end(vm, &disk.target, true)
@@ -459,15 +479,18 @@ where
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         loop {
-            let status = self.status_of(state.clone());
             let (mut done, mut total, mut ready) = (0, 0, true);
-            for d in &status.disks {
-                match d.state {
+            for d in &state.disks {
+                let copy = self.copy_state(&state.vm, &d.target).map_err(|e| {
+                    let what = format!("the copy of {}'s disk {} (the restore stays in flight)", state.vm, d.target);
+                    at(Step::Restore { disk: d.target.clone() })(BackupError::Unanswered { what, source: e })
+                })?;
+                match copy {
                     CopyState::Ready { total: t } => (done, total) = (done + t, total + t),
                     CopyState::Copying { done: c, total: t } => {
                         (done, total, ready) = (done + c, total + t, false);
                     }
-                    CopyState::Gone => {
+                    CopyState::Gone | CopyState::Unknown { .. } => {
                         return Err(BackupError::CopyGone { vm: state.vm.clone(), disk: d.target.clone() });
                     }
                 }
@@ -493,9 +516,14 @@ where
         let name = VmName::new(vm)?;
         let state = read_state(&work_dir.join(name.as_str()))
             .ok_or_else(|| BackupError::NotFound { what: format!("an instant restore of {vm} in flight") })?;
-        for d in &state.disks {
-            if matches!(self.hypervisor.block_job(vm, &d.target), Ok(Some(_))) {
-                let _ = self.hypervisor.block_job_end(vm, &d.target, false);
+        {
+            // The VM is destroyed next whatever the copies do: abandoning them gets the
+            // cleanup budget, and a QEMU that does not answer is not waited for.
+            let _scope = nasbak_libvirt::deadline::scope(Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET);
+            for d in &state.disks {
+                if matches!(self.hypervisor.block_job(vm, &d.target), Ok(Some(_))) {
+                    let _ = self.hypervisor.block_job_end(vm, &d.target, false);
+                }
             }
         }
         if self.hypervisor.domain_state(vm).is_ok_and(|s| s != DomainState::ShutOff) {
