@@ -206,21 +206,47 @@ fn an_instant_restore_outlives_its_engine_and_is_cancelled_or_fails_clearly() {
     assert_eq!(err.kind(), ErrorKind::HalfRestored, "{err}");
     e.restore(&RestoreRequest::new(repo.clone(), dom.name(), &id), &CancelHandle::new(), &mut |_| {}).unwrap();
 
-    // The repository stops answering (its export's daemon stopped, as reads stall on an NFS
-    // hard mount): the copy waits, finish gives up at its timeout with the VM still running on
-    // the backup; once it answers again, finish completes.
+    // The repository stops answering while the guest reads from it, and QEMU with it: the
+    // export's daemon stopped (as reads stall on an NFS hard mount), a guest read of vdb blocks
+    // the copy has not reached blocked on it, and the VM's QEMU stopped (what a vCPU thread
+    // holding QEMU's global lock during a blocked read does to its monitor under TCG; stopped
+    // here so that every run takes this path). Finish returns by its timeout with the restore in
+    // flight and says QEMU does not answer; once both run again, finish completes.
     let state = e.instant_restore(&request, &CancelHandle::new()).unwrap();
     // The export's daemon only (QEMU's command line names the export too).
     let signal = |state: &nasbak::InstantRestore, disk: usize, s: nix::sys::signal::Signal| {
         let export = ReadOnlyExport::find(&state.disks[disk].export).expect("the export runs");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(export.pid as i32), s).unwrap();
     };
+    dom.wait_for_agent(Duration::from_secs(120));
+    let open = dom.agent_command(r#"{"execute":"guest-file-open","arguments":{"path":"/dev/vdb","mode":"r"}}"#);
+    let h = serde_json::from_str::<serde_json::Value>(&open).unwrap()["return"].as_i64().unwrap();
+    dom.agent_command(&format!(
+        r#"{{"execute":"guest-file-seek","arguments":{{"handle":{h},"offset":{},"whence":"set"}}}}"#,
+        24 << 20
+    ));
     signal(&state, 1, nix::sys::signal::Signal::SIGSTOP);
+    let name = dom.name().to_owned();
+    let read = std::thread::spawn(move || {
+        let cmd = format!(r#"{{"execute":"guest-file-read","arguments":{{"handle":{h},"count":65536}}}}"#);
+        nasbak_testlab::virsh(&["qemu-agent-command", &name, "--timeout", "300", &cmd])
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let frozen = dom.freeze_qemu();
+    let t = Instant::now();
     let err =
         e.instant_finish(&work, dom.name(), Duration::from_secs(5), &CancelHandle::new(), &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("timed out"), "{}", nasbak::chain(&err));
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(8), "finish returned after {took:?}, not by its 5 s timeout");
+    assert!(!read.is_finished(), "the guest's read was blocked all along");
+    assert_eq!(err.kind(), ErrorKind::Unresponsive, "{}", nasbak::chain(&err));
+    let said = nasbak::chain(&err);
+    assert!(said.contains("is not answering") && said.contains("stays in flight"), "{said}");
     assert!(dom.is_running());
+    frozen.thaw();
     signal(&state, 1, nix::sys::signal::Signal::SIGCONT);
+    let read = read.join().unwrap();
+    assert!(read.as_ref().is_ok_and(|r| r.contains("buf-b64")), "the guest's read ends: {read:?}");
     e.instant_finish(&work, dom.name(), Duration::from_secs(600), &CancelHandle::new(), &mut |_| {})
         .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
     dom.destroy();

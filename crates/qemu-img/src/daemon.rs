@@ -412,12 +412,16 @@ impl ReadOnlyExport {
         use nix::unistd::Pid;
         let err = |detail: String| ImageError::Daemon { action: "stopping a read-only export", detail };
         let pid = Pid::from_raw(self.pid as i32);
-        // Ended: reaped, or a zombie (which has closed its files, so let go of what it held).
+        // Ended: reaped, or a zombie whose threads have all ended. A thread-group leader is a
+        // zombie as soon as its own thread exits, while the daemon's other threads may still
+        // hold its files (and the locks they carry): those are let go with the last thread.
         let gone = || {
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |stat| {
+            let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |stat| {
                 stat.rsplit_once(')')
                     .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
-            })
+            });
+            let threads = std::fs::read_dir(format!("/proc/{}/task", self.pid)).map_or(0, Iterator::count);
+            zombie && threads <= 1
         };
         let wait = |limit: Duration| {
             let deadline = Instant::now() + limit;

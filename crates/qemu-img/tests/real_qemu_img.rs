@@ -281,3 +281,25 @@ fn an_image_chain_is_exported_read_only_and_the_export_stops_cleanly() {
     assert!(err.to_string().contains("nope.qcow2"), "{err}");
     assert!(ReadOnlyExport::find(&gone).is_none());
 }
+
+#[test]
+fn the_lock_an_export_holds_is_free_when_stop_returns_ten_times_in_a_row() {
+    use nasbak_qemu_img::ReadOnlyExport;
+    // The daemon's threads outlive its main thread by a moment: stop must wait for the last of
+    // them, or a new export right after a stop meets the old one's lock.
+    let dir = tempfile::tempdir().unwrap();
+    let image = image_with_data(dir.path(), "img.qcow2", 16, 1);
+    let lock_path = dir.path().join("users.lock");
+    for round in 0..10 {
+        let file = dir.path().join(format!("disk{round}.raw"));
+        let lock = fs::File::create(&lock_path).unwrap();
+        lock.lock_shared().unwrap();
+        let export = ReadOnlyExport::start(&image, "qcow2", &file, Duration::from_secs(30), Some(&lock)).unwrap();
+        drop(lock);
+        let probe = fs::File::open(&lock_path).unwrap();
+        assert!(probe.try_lock().is_err(), "round {round}: the daemon holds the lock");
+        export.stop(Duration::from_secs(10)).unwrap();
+        probe.try_lock().unwrap_or_else(|e| panic!("round {round}: the lock is held after stop returned: {e:?}"));
+        probe.unlock().unwrap();
+    }
+}
