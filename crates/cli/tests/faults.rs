@@ -750,6 +750,131 @@ fn prune_killed_mid_merge() -> Row {
     row("prune killed mid-merge, before the switch", checks, None, extra, &said)
 }
 
+/// Waits (at most 60 s) until libvirt lists no job on the domain: what a stopped QEMU was sent
+/// (an abort) takes effect once it runs again.
+fn wait_no_job(lab: &Lab, extra: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !virsh(&["domjobinfo", lab.name()]).unwrap_or_default().contains("None") {
+        if Instant::now() > deadline {
+            extra.push("a job still runs 60 s after QEMU ran again".into());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The VM's QEMU stops (SIGSTOP) right after the push job started, as a QEMU stuck on a stalled
+/// NAS does: no libvirt call about the job is answered. nasbak fails within its libvirt timeout
+/// and the cleanup budget (no hang), says QEMU does not answer and that an abort was sent, and
+/// leaves nothing that looks complete; once QEMU runs again the abort ends the job.
+fn qemu_frozen_mid_job() -> Row {
+    let disks = vec![DiskSpec::raw(32).ext4(), DiskSpec::raw(1024)];
+    let lab = Lab::new("qfrozenjob", disks, true, true, 2048);
+    // 768 MiB of random data: the job takes seconds, QEMU is stopped within milliseconds.
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[1].path, 768);
+    let child = lab
+        .spawn_paused(&["--libvirt-timeout", "10s", "backup", lab.name(), "--quiesce", "best-effort"], "job-started");
+    let frozen = lab.dom.freeze_qemu();
+    let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
+    frozen.thaw();
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the backup succeeded with its VM's QEMU stopped".into());
+    }
+    // 10 s for the poll, 10 s of cleanup budget for the abort, and slack for a loaded machine.
+    if time > Duration::from_secs(45) {
+        extra.push(format!("nasbak took {time:?} to give up on a stopped QEMU"));
+    }
+    wait_no_job(&lab, &mut extra);
+    let checks = lab.checks(&said, &["is not answering", "an abort was sent"]);
+    row("VM's QEMU stopped (SIGSTOP) during the push job", checks, Some(time), extra, &said)
+}
+
+/// A VM instant-restored from a backup, whose QEMU then stops (SIGSTOP): `instant finish
+/// --timeout 10s` returns by its timeout, says QEMU does not answer, and leaves the restore in
+/// flight; once QEMU runs again, finish completes.
+fn qemu_frozen_instant_finish() -> Row {
+    let lab = Lab::new("qfrozeninst", vec![DiskSpec::qcow2(64)], false, false, 1024);
+    let _ = random_qcow2(&lab, 32);
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    lab.ok(&["restore", &id, "--instant", "--detach", "--bandwidth", "4"]);
+    let mut extra = Vec::new();
+    let frozen = lab.dom.freeze_qemu();
+    let start = Instant::now();
+    let child = lab
+        .command(&["instant", "finish", lab.name(), "--timeout", "10s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(child, Duration::from_secs(120), &mut extra);
+    let time = start.elapsed();
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("finish succeeded with the VM's QEMU stopped".into());
+    }
+    if time > Duration::from_secs(20) {
+        extra.push(format!("finish took {time:?}, not its 10 s timeout"));
+    }
+    frozen.thaw();
+    let listed = lab.run(&["instant", "list"]);
+    if !String::from_utf8_lossy(&listed.stdout).contains(lab.name()) {
+        extra.push(format!("the restore is no longer in flight: {}", text(&listed)));
+    }
+    let finished = lab.run(&["instant", "finish", lab.name(), "--timeout", "5m"]);
+    if !finished.status.success() {
+        extra.push(format!("finish after QEMU ran again: {}", text(&finished)));
+    }
+    let checks = lab.checks(&said, &["is not answering", "stays in flight"]);
+    lab.dom.destroy();
+    row("VM's QEMU stopped (SIGSTOP) during an instant restore", checks, Some(time), extra, &said)
+}
+
+/// A boot verification whose throwaway VM's QEMU stops (SIGSTOP) as soon as it started:
+/// `verify --boot --timeout 20s` ends by its timeout with the verification failed (exit 5), the
+/// throwaway domain destroyed and its exports stopped.
+fn qemu_frozen_boot_verify() -> Row {
+    let lab = Lab::new("qfrozenboot", vec![DiskSpec::qcow2(64).ext4()], true, false, 1024);
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let child = lab.spawn_paused(&["verify", "--boot", &id, "--timeout", "20s"], "boot-started");
+    let throwaway = virsh(&["list", "--name"])
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .find(|n| n.starts_with("nasbak-verify-") && n.ends_with(lab.name()))
+        .map(str::to_owned);
+    let mut extra = Vec::new();
+    let frozen = throwaway.as_deref().map(nasbak_testlab::FrozenQemu::of);
+    if frozen.is_none() {
+        extra.push("no throwaway domain runs at boot-started".into());
+    }
+    let (out, time) = resume(child, &mut extra);
+    drop(frozen);
+    let said = text(&out);
+    if out.status.code() != Some(5) {
+        extra.push(format!("expected exit 5 (verification failed): {said}"));
+    }
+    // 20 s for the guest, the destroy of a stopped QEMU (libvirt's SIGTERM, then SIGKILL after
+    // 10 s), and slack for a loaded machine.
+    if time > Duration::from_secs(60) {
+        extra.push(format!("verify --boot took {time:?} with a 20 s timeout"));
+    }
+    let left = virsh(&["list", "--all", "--name"]).unwrap_or_default();
+    if left.lines().any(|n| n.contains("nasbak-verify-") && n.ends_with(lab.name())) {
+        extra.push(format!("the throwaway domain is left: {left}"));
+    }
+    if let Some(name) = &throwaway
+        && !nasbak_testlab::pids_with_cmdline(name).is_empty()
+    {
+        extra.push(format!("processes of {name} are left"));
+    }
+    let checks = lab.checks(&said, &["did not answer"]);
+    row("throwaway VM's QEMU stopped (SIGSTOP) during a boot verification", checks, Some(time), extra, &said)
+}
+
 /// Lets a paused nasbak go on and waits (bounded) for it: its output and the time it took.
 fn resume(child: Child, extra: &mut Vec<String>) -> (Output, Duration) {
     let start = Instant::now();
@@ -941,10 +1066,16 @@ fn bad_input() -> Row {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
+    // Row filters; libtest's flags (`--list`, `--format terse`, ...) are understood or passed
+    // over, so that `cargo xtask test` runs this binary as it runs the others.
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let list = all.iter().any(|a| a == "--list");
+    let args: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with('-') && (*i == 0 || all[i - 1] != "--format"))
+        .map(|(_, a)| a.clone())
+        .collect();
     type Fault = Box<dyn Fn() -> Row>;
     let rows: Vec<(&str, Fault)> = vec![
         ("kill-mounted", Box::new(|| kill_at("SIGKILL after mounting", "mounted", &["\"cleaned\":[]"]))),
@@ -965,6 +1096,9 @@ fn main() {
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),
         ("repo-unmounted-backup", Box::new(repository_unmounted_mid_backup)),
         ("repo-gone-restore", Box::new(repository_gone_mid_restore)),
+        ("qemu-frozen-backup", Box::new(qemu_frozen_mid_job)),
+        ("qemu-frozen-instant", Box::new(qemu_frozen_instant_finish)),
+        ("qemu-frozen-boot", Box::new(qemu_frozen_boot_verify)),
         ("two-backups", Box::new(two_backups_of_one_vm)),
         ("several-vms", Box::new(several_vms_at_once)),
         ("race", Box::new(backup_prune_delete_race)),
@@ -972,8 +1106,15 @@ fn main() {
         ("raw-restore-kill", Box::new(restore_killed_mid_write)),
         ("bad-input", Box::new(bad_input)),
     ];
+    let chosen = || rows.iter().filter(|(k, _)| args.is_empty() || args.iter().any(|a| k.contains(a.as_str())));
+    if list {
+        for (key, _) in chosen() {
+            println!("{key}: test");
+        }
+        return;
+    }
     let mut results = Vec::new();
-    for (key, f) in rows.iter().filter(|(k, _)| args.is_empty() || args.iter().any(|a| k.contains(a.as_str()))) {
+    for (key, f) in chosen() {
         eprintln!("faults: {key} ...");
         let started = Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -989,6 +1130,7 @@ fn main() {
             )
         });
         eprintln!("faults: {key} done in {:.0?}", started.elapsed());
+        println!("test {key} ... {}", if r.passed() { "ok" } else { "FAILED" });
         results.push(r);
     }
     let mut table = String::new();

@@ -214,15 +214,22 @@ where
             return record(BootResult::Failed, format!("the throwaway VM did not start: {e}"), tail(&console_log));
         }
         guard.started = true;
+        crate::fault::point("boot-started");
         let deadline = Instant::now() + request.timeout;
         // Every libvirt call of the wait ends by the timeout, whatever the throwaway's QEMU does.
         let _scope = nasbak_libvirt::deadline::scope(deadline);
+        let did_not_answer = || format!("the guest agent did not answer within {} s", request.timeout.as_secs());
         let (result, detail) = loop {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break (BootResult::Failed, did_not_answer());
+            }
             match self.hypervisor.domain_state(&name) {
                 Ok(DomainState::Running) => {}
+                Err(_) if Instant::now() >= deadline => break (BootResult::Failed, did_not_answer()),
                 Err(e) if e.is_timeout() => break (BootResult::Failed, format!("the throwaway VM: {e}")),
                 _ => {
                     break (
@@ -231,7 +238,9 @@ where
                     );
                 }
             }
-            let agent = self.agents.agent_transport(&name).map(|t| GuestAgent::new(t, Duration::from_secs(5)));
+            // Each ping ends by the deadline too (the agent's calls have their own).
+            let ping = left.min(Duration::from_secs(5));
+            let agent = self.agents.agent_transport(&name).map(|t| GuestAgent::new(t, ping));
             if let Ok(agent) = agent
                 && agent.ping().is_ok()
             {
@@ -243,13 +252,7 @@ where
                     Some(check) => run_check(&agent, check, deadline, cancel)?,
                 };
             }
-            if Instant::now() > deadline {
-                break (
-                    BootResult::Failed,
-                    format!("the guest agent did not answer within {} s", request.timeout.as_secs()),
-                );
-            }
-            cancel.sleep(Duration::from_secs(1));
+            cancel.sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
         };
         let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
         drop(guard);

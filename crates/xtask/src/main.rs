@@ -8,9 +8,12 @@
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
 //! - `cargo xtask faults [ROW...]`: the fault matrix (`docs/reliability.md`).
+//! - `cargo xtask tests [--times N] [--deadline SECS] BINARY [FILTER...]`: some test binaries
+//!   under the deadline `test` gives each (see `deadline.rs`), N times, with their run times.
 //! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test (the NAS guest's too), a short fuzz run.
 
 mod bench;
+mod deadline;
 mod lab;
 mod run;
 
@@ -35,6 +38,9 @@ commands:
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
                 (docs/reliability.md)
+  tests [--times N] [--deadline SECS] BINARY [FILTER...]
+                lab up, then the test binaries whose package/target name contains BINARY (tests
+                matching FILTER), N times, each under the deadline `test` gives a binary
   test          lab up, fmt --check, clippy -D warnings, doc -D warnings, all tests (also those in
                 the NAS guest, and the fault matrix), a short fuzz run";
 
@@ -55,6 +61,7 @@ fn main() -> Result<()> {
         ["fuzz"] => run::fuzz(30),
         ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
         ["faults", rows @ ..] => run::faults(rows),
+        ["tests", rest @ ..] => run::tests(rest),
         ["help"] | ["--help"] | ["-h"] | [] => {
             println!("{USAGE}");
             Ok(())

@@ -53,11 +53,22 @@ pub fn test() -> Result<()> {
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     publish_dry_run()?;
     fuzz(10)?;
-    let (passed, failed) = cargo_test(&["test", "--workspace", "--no-fail-fast"])?;
+    // Every test binary under a deadline (see deadline.rs), the doc tests through cargo.
+    let limits = crate::deadline::Limits::from_env()?;
+    let mut binaries = crate::deadline::test_binaries(&["test", "--workspace"])?;
     // What an embedder's tests do: the facade's mocks, exported by its `mock` feature.
-    let (mock_passed, mock_failed) =
-        cargo_test(&["test", "-p", "nasbak", "--features", "mock", "--test", "embedder_mocks"])?;
-    let (passed, failed) = (passed + mock_passed, failed + mock_failed);
+    binaries.extend(crate::deadline::test_binaries(&[
+        "test",
+        "-p",
+        "nasbak",
+        "--features",
+        "mock",
+        "--test",
+        "embedder_mocks",
+    ])?);
+    let (passed, failed) = crate::deadline::run_all(&binaries, limits)?;
+    let (doc_passed, doc_failed) = cargo_test(&["test", "--workspace", "--doc"])?;
+    let (passed, failed) = (passed + doc_passed, failed + doc_failed);
     println!("xtask: the real NFS and SMB tests inside the NAS guest (cargo xtask lab nas):");
     let (nas_passed, nas_failed) = crate::lab::nas::run_tests()?;
     println!("{nas_passed} passed, {nas_failed} failed");
@@ -72,6 +83,54 @@ pub fn test() -> Result<()> {
         bail!("{failed} tests failed");
     }
     Ok(())
+}
+
+/// `cargo xtask tests [--times N] [--deadline SECS] BINARY [FILTER...]`: the test binaries
+/// whose `package/target` name contains BINARY, each run N times (default 1) under the deadline
+/// of `cargo xtask test` (or SECS), with the time of every run: for a test that must pass ten
+/// times in a row, and to watch a hung test fail by name.
+pub fn tests(args: &[&str]) -> Result<()> {
+    let mut limits = crate::deadline::Limits::from_env()?;
+    let (mut times, mut rest) = (1u32, Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |what: &str| -> Result<u64> {
+            let v = it.next().with_context(|| format!("{a} needs {what}"))?;
+            v.parse().with_context(|| format!("{a} {v:?}: expected {what}"))
+        };
+        match *a {
+            "--times" => times = u32::try_from(value("a count")?)?,
+            "--deadline" => limits.per_binary = Duration::from_secs(value("seconds")?),
+            _ => rest.push(*a),
+        }
+    }
+    let Some((binary, filters)) = rest.split_first() else {
+        bail!("which test binary? (package/target, or part of it)")
+    };
+    crate::lab::up()?;
+    let chosen: Vec<_> = crate::deadline::test_binaries(&["test", "--workspace"])?
+        .into_iter()
+        .filter(|b| b.name.contains(binary))
+        .collect();
+    if chosen.is_empty() {
+        bail!("no test binary's name contains {binary:?}");
+    }
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for round in 1..=times {
+        for bin in &chosen {
+            let started = std::time::Instant::now();
+            let out = crate::deadline::run_binary(bin, filters, limits.per_binary)?;
+            let verdict = if out.failed.is_empty() { "ok".to_owned() } else { format!("FAILED {:?}", out.failed) };
+            println!(
+                "xtask: round {round} of {times}: {} in {:.1} s: {verdict}",
+                bin.name,
+                started.elapsed().as_secs_f64()
+            );
+            passed += out.passed;
+            failed += out.failed.len() as u64;
+        }
+    }
+    conclude("chosen", (passed, failed))
 }
 
 /// Every published crate packaged and built from its package, as `cargo publish` would (the lab

@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "sshfs",
     "openssh-server",
     "openssh-client",
+    // Backtraces of a test that exceeds its deadline (`cargo xtask test`).
+    "gdb",
 ];
 
 fn installed(package: &str) -> bool {
