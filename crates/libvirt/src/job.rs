@@ -418,6 +418,41 @@ mod tests {
     }
 
     #[test]
+    fn a_job_whose_qemu_stops_answering_is_unresponsive_and_aborted_once() {
+        // The first poll finds no job, the next ones time out: the wait fails with
+        // Unresponsive (the timeout as its source), an abort is sent once and not waited on.
+        let mut hv = MockHypervisor::new();
+        let mut n = 0;
+        hv.expect_current_job().returning(move |_| {
+            n += 1;
+            if n == 1 { Ok(job(JobKind::None, 0)) } else { Err(LibvirtError::timeout("QEMU is not answering")) }
+        });
+        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_abort_job().times(1).returning(|_| Err(LibvirtError::timeout("QEMU is not answering")));
+        hv.expect_completed_job().never();
+        let (r, _) = run(&hv, fast(), &CancelHandle::new());
+        match r.unwrap_err() {
+            JobError::Unresponsive { domain, source } => {
+                assert_eq!(domain, "vm1");
+                assert!(source.is_timeout());
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_begin_that_does_not_answer_is_followed_by_an_abort() {
+        // The begin may take effect once QEMU answers again: the abort goes after it.
+        let mut hv = MockHypervisor::new();
+        hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
+        hv.expect_backup_begin().returning(|_, _, _| Err(LibvirtError::timeout("not answering")));
+        hv.expect_abort_job().times(1).returning(|_| Ok(()));
+        hv.expect_completed_job().returning(|_| Ok(job(JobKind::None, 0)));
+        let (r, _) = run(&hv, fast(), &CancelHandle::new());
+        assert!(matches!(r.unwrap_err(), JobError::Unresponsive { .. }));
+    }
+
+    #[test]
     fn begin_failures_get_a_hint() {
         let dir = std::env::temp_dir();
         let backup = PushBackup {

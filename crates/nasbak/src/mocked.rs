@@ -730,3 +730,36 @@ fn an_orphaned_job_that_ends_by_itself_before_the_abort_is_not_an_error() {
     let (e, _) = engine(hv, images(), dir.path());
     assert!(!e.abort_orphaned_job("vm1", &vm_dir).unwrap(), "nothing was aborted");
 }
+
+#[test]
+fn a_running_vms_qemu_that_stops_answering_mid_job_fails_unresponsive_and_leaves_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let begun = Arc::new(AtomicBool::new(false));
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::Running));
+    hv.expect_domain_xml().returning(|_| Ok(XML.to_owned()));
+    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
+    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    let b = Arc::clone(&begun);
+    hv.expect_current_job().returning(move |_| {
+        if b.load(Ordering::SeqCst) {
+            Err(LibvirtError::timeout("virDomainGetJobStats timed out: the QEMU of domain 'vm1' is not answering"))
+        } else {
+            Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+        }
+    });
+    let b = Arc::clone(&begun);
+    hv.expect_backup_begin().returning(move |_, _, _| {
+        b.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+    hv.expect_abort_job().times(1).returning(|_| Err(LibvirtError::timeout("not answering")));
+    hv.expect_completed_job().never();
+    let (e, repo) = engine(hv, images(), dir.path());
+    let err = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Unresponsive, "{}", crate::error::chain(&err));
+    assert!(crate::error::chain(&err).contains("is not answering"), "{}", crate::error::chain(&err));
+    assert_eq!(entries(&dir.path().join("repo/vm1")), Vec::<String>::new(), "no .partial, no backup");
+}
