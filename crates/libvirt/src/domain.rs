@@ -248,13 +248,31 @@ pub fn attach_bus(original_target: &str, running: bool) -> (&'static str, &'stat
     }
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+fn xml_escape(s: &str) -> std::borrow::Cow<'_, str> {
+    quick_xml::escape::escape(s)
 }
 
 /// The `<disk>` element attaching an image: a file, a block device or an rbd image.
 pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &str) -> Result<String, XmlError> {
-    let (kind, source_xml) = match source {
+    let (kind, source_xml) = source_xml(source)?;
+    Ok(format!(
+        "<disk type='{kind}' device='disk'><driver name='qemu' type='{}'/>{source_xml}<target dev='{}' bus='{}'/></disk>",
+        xml_escape(format),
+        xml_escape(target),
+        xml_escape(bus)
+    ))
+}
+
+/// The `<disk>` element of a block copy's destination: the image and its format only (the disk
+/// keeps its target).
+pub fn disk_copy_destination_xml(source: &DiskSource, format: &str) -> Result<String, XmlError> {
+    let (kind, source_xml) = source_xml(source)?;
+    Ok(format!("<disk type='{kind}'>{source_xml}<driver type='{}'/></disk>", xml_escape(format)))
+}
+
+/// A `<disk>`'s type and `<source>` element.
+fn source_xml(source: &DiskSource) -> Result<(&'static str, String), XmlError> {
+    Ok(match source {
         DiskSource::File(p) => ("file", format!("<source file='{}'/>", xml_escape(&p.to_string_lossy()))),
         DiskSource::Block(p) => ("block", format!("<source dev='{}'/>", xml_escape(&p.to_string_lossy()))),
         DiskSource::Network { protocol, name: Some(name), hosts, auth, config } if protocol == "rbd" => {
@@ -278,13 +296,7 @@ pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &st
             ("network", format!("<source protocol='rbd' name='{}'>{inner}</source>", xml_escape(name)))
         }
         other => return Err(XmlError { detail: format!("cannot attach a disk with source {other}") }),
-    };
-    Ok(format!(
-        "<disk type='{kind}' device='disk'><driver name='qemu' type='{}'/>{source_xml}<target dev='{}' bus='{}'/></disk>",
-        xml_escape(format),
-        xml_escape(target),
-        xml_escape(bus)
-    ))
+    })
 }
 
 /// `<auth username=…><secret type=… uuid=…|usage=…/></auth>` of a network disk.

@@ -325,9 +325,8 @@ fn tail(log: &Path) -> Vec<String> {
 
 fn write_record(dir: &Path, v: &BootVerification) -> Result<(), BackupError> {
     let path = dir.join(BOOT_VERIFY_FILE);
-    let tmp = dir.join(format!(".{BOOT_VERIFY_FILE}.tmp"));
     let text = serde_json::to_string_pretty(v).expect("a verification serialises");
-    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|source| BackupError::Io {
+    nasbak_repo::store::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| BackupError::Io {
         action: "recording the boot verification in",
         path,
         source,

@@ -338,7 +338,11 @@ fn prepare_dir(dir: &Path) -> Result<bool, BackupError> {
 fn write_state(state: &MountedBackup) -> Result<(), BackupError> {
     let path = state.dir.join(MOUNT_STATE_FILE);
     let text = serde_json::to_string_pretty(state).expect("the state serialises");
-    fs::write(&path, text).map_err(|source| BackupError::Io { action: "writing", path, source })
+    nasbak_repo::store::write_atomic(&path, text.as_bytes(), 0o600).map_err(|source| BackupError::Io {
+        action: "writing",
+        path,
+        source,
+    })
 }
 
 fn read_state(dir: &Path) -> Option<MountedBackup> {

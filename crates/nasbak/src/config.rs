@@ -28,9 +28,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -423,18 +421,7 @@ pub(crate) fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
     }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("writing", e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("replacing", e))
+    nasbak_repo::store::write_atomic(path, data, mode).map_err(|e| io("writing", e))
 }
 
 /// An offering as listings show it: with the VMs assigned to it.

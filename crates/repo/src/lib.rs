@@ -29,6 +29,7 @@
 pub mod fuzz_checks;
 pub mod model;
 pub mod mount;
+pub mod store;
 
 pub use model::address::{Address, CephAddress, CephMonitor, CifsAddress, NfsAddress};
 pub use model::error::ParseError;

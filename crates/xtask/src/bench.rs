@@ -201,9 +201,10 @@ fn best_secs(secs: &[f64]) -> f64 {
 
 fn backup_id(config: &str, nasbak: &str) -> Result<String> {
     let out = cmd(nasbak).args(["--config", config, "--json", "list"]).run()?.stdout_text();
-    // Each listed backup is an object that starts with its `REPO:VM/ID` (a manifest inside it
-    // starts with its version): the last one listed is the newest.
-    let id = out.split("{\"id\":\"").last().and_then(|r| r.split('"').next()).context("a backup id in nasbak list")?;
+    // The last one listed is the newest.
+    let list: serde_json::Value = serde_json::from_str(&out).context("nasbak list --json")?;
+    let id =
+        list.as_array().and_then(|l| l.last()).and_then(|b| b["id"].as_str()).context("a backup in nasbak list")?;
     Ok(id.to_owned())
 }
 
@@ -276,7 +277,10 @@ fn incremental_rounds(nasbak: &str, config: &str, dir: &Path, vm_dir: &Path, rou
         let id = backup_id(config, nasbak)?;
         let inc_dir = vm_dir.join(id.rsplit('/').next().context("id")?);
         let manifest = fs::read_to_string(inc_dir.join("manifest.json"))?;
-        if !manifest.contains("\"mode\": \"incremental\"") && !manifest.contains("\"mode\":\"incremental\"") {
+        let mode = serde_json::from_str::<serde_json::Value>(&manifest)
+            .ok()
+            .and_then(|m| m["mode"].as_str().map(str::to_owned));
+        if mode.as_deref() != Some("incremental") {
             bail!("the incremental round {round} made no incremental backup: {manifest}");
         }
         let file = fs::read_dir(&inc_dir)?

@@ -240,32 +240,18 @@ fn wait_for_agent(domain: &str) -> Result<()> {
 
 /// Reads a file inside the guest through the guest agent.
 fn guest_cat(domain: &str, path: &str) -> Result<String> {
-    let open = agent(domain, &format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"{path}"}}}}"#))?;
-    let handle: String = open.chars().filter(|c| c.is_ascii_digit()).collect();
-    let read = agent(domain, &format!(r#"{{"execute":"guest-file-read","arguments":{{"handle":{handle}}}}}"#))?;
-    let _ = agent(domain, &format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#));
-    let b64 = read.split("\"buf-b64\":\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
-    Ok(String::from_utf8_lossy(&base64_decode(b64)).into_owned())
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
+    let reply = |json: &str| -> Result<serde_json::Value> {
+        let text = agent(domain, json)?;
+        serde_json::from_str(&text).with_context(|| format!("the guest agent's reply {text:?}"))
     };
-    let digits: Vec<u8> = s.bytes().filter_map(value).collect();
-    digits
-        .chunks(4)
-        .flat_map(|c| {
-            let n = c.iter().enumerate().fold(0u32, |acc, (i, d)| acc | (u32::from(*d) << (18 - 6 * i)));
-            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-            bytes.into_iter().take(c.len().saturating_sub(1))
-        })
-        .collect()
+    let open = reply(&format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"{path}"}}}}"#))?;
+    let handle = open["return"].as_i64().context("a file handle from guest-file-open")?;
+    let read = reply(&format!(r#"{{"execute":"guest-file-read","arguments":{{"handle":{handle}}}}}"#));
+    let _ = agent(domain, &format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#));
+    let b64 = read?["return"]["buf-b64"].as_str().context("buf-b64 from guest-file-read")?.to_owned();
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).context("the guest agent's base64")?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// `cargo xtask demo`: the README's main job on the embedded default: a `custom` repository on a

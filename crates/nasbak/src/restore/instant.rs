@@ -315,12 +315,9 @@ where
                 mark.done(); // the volume was not replaced
                 return Err(at(step())(e));
             }
-            let (kind, attr) = if disk.block { ("block", "dev") } else { ("file", "file") };
-            let dest = format!(
-                "<disk type='{kind}'><source {attr}='{}'/><driver type='{}'/></disk>",
-                xml_escape(&disk.volume.to_string_lossy()),
-                disk.format
-            );
+            let volume =
+                if disk.block { DiskSource::Block(disk.volume.clone()) } else { DiskSource::File(disk.volume.clone()) };
+            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format)?;
             let flags = BlockCopyFlags { reuse_external: true, bandwidth: request.bandwidth };
             self.hypervisor.block_copy(target_vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
         }
@@ -584,10 +581,6 @@ pub(crate) fn nbd_socket() -> Result<PathBuf, BackupError> {
 /// The directory of the exports' NBD sockets.
 pub(crate) const NBD_SOCKET_DIR: &str = "/run/nasbak/nbd";
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
-}
-
 fn make_private_dir(dir: &Path) -> Result<(), BackupError> {
     let io = |source| BackupError::Io { action: "creating", path: dir.to_owned(), source };
     fs::create_dir_all(dir).map_err(io)?;
@@ -596,9 +589,8 @@ fn make_private_dir(dir: &Path) -> Result<(), BackupError> {
 
 fn write_state(state: &InstantRestore) -> Result<(), BackupError> {
     let path = state.dir.join(STATE_FILE);
-    let tmp = state.dir.join(".state.json.tmp");
     let text = serde_json::to_string_pretty(state).expect("the state serialises");
-    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|source| BackupError::Io {
+    nasbak_repo::store::write_atomic(&path, text.as_bytes(), 0o600).map_err(|source| BackupError::Io {
         action: "writing",
         path,
         source,

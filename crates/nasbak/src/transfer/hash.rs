@@ -13,10 +13,6 @@ use sha2::{Digest, Sha256};
 /// The algorithm new backups record.
 pub const CHECKSUM_ALGORITHM: &str = "blake3";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 const CHUNK: usize = 2 << 20;
 
 /// Reads `path` on a helper thread, 2 MiB at a time with up to three chunks in flight, and hands
@@ -74,7 +70,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         hasher.update(chunk);
         Ok(true)
     })?;
-    Ok(hex(&hasher.finalize()))
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The lowercase hex BLAKE3 of a file (each chunk hashed on every core).
@@ -164,7 +160,7 @@ impl Hasher {
     fn finish(self) -> String {
         match self {
             Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
-            Hasher::Sha256(h) => hex(&h.finalize()),
+            Hasher::Sha256(h) => format!("{:x}", h.finalize()),
         }
     }
 }

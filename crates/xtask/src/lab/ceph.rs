@@ -46,8 +46,10 @@ pub fn run() -> Result<()> {
 /// its `ceph-lab` feature); how many passed and failed (an error when none ran).
 pub fn run_tests() -> Result<(u64, u64)> {
     up()?;
-    let (passed, failed) =
-        crate::run::cargo_test(&["test", "-p", "nasbak", "--features", "ceph-lab", "--test", "lab_ceph"])?;
+    // Under the deadline every test binary has (see deadline.rs).
+    let binaries =
+        crate::deadline::test_binaries(&["test", "-p", "nasbak", "--features", "ceph-lab", "--test", "lab_ceph"])?;
+    let (passed, failed) = crate::deadline::run_all(&binaries, crate::deadline::Limits::from_env()?)?;
     if passed + failed == 0 {
         bail!("no Ceph test ran");
     }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use super::guest::{MODULES, find_file, fnv, kernel_deb};
 use super::{CACHE, STATE, URI, cpio};
-use crate::run::{cmd, workspace_root};
+use crate::run::cmd;
 
 const INITRD_INIT: &str = include_str!("nas-initrd-init.sh");
 const NAS_INIT: &str = include_str!("nas-init.sh");
@@ -164,21 +164,8 @@ fn ensure() -> Result<NasGuest> {
 
 /// The test binary `test` of `package`, built with its `nas-guest` feature for the guest.
 fn test_binary(package: &str, test: &str) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["test", "-p", package, "--features", "nas-guest", "--test", test, "--no-run"])
-        .args(["--message-format=json"])
-        .current_dir(workspace_root())
-        .output()
-        .context("building the NAS tests")?;
-    if !out.status.success() {
-        bail!("building the NAS tests failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.contains(&format!("\"name\":\"{test}\"")) && l.contains("\"executable\":\""))
-        .find_map(|l| l.split("\"executable\":\"").nth(1).and_then(|r| r.split('"').next()).map(PathBuf::from))
-        .context("cargo did not name the nas test executable")
+    let built = crate::deadline::test_binaries(&["test", "-p", package, "--features", "nas-guest", "--test", test])?;
+    built.into_iter().next().map(|b| b.path).context("cargo did not name the nas test executable")
 }
 
 fn virsh(args: &[&str]) -> Result<String> {
@@ -248,7 +235,8 @@ pub fn run_tests() -> Result<(u64, u64)> {
     let start = Instant::now();
     println!("lab nas: booting the NAS guest");
     virsh(&["create", &dir.join("domain.xml").to_string_lossy()])?;
-    let deadline = start + Duration::from_secs(45 * 60);
+    // It takes about 130 s; 15 minutes keep a hung NAS test from eating CI's hour.
+    let deadline = start + Duration::from_secs(15 * 60);
     let mut shown = 0;
     loop {
         let text = fs::read_to_string(&console).unwrap_or_default();
@@ -264,7 +252,7 @@ pub fn run_tests() -> Result<(u64, u64)> {
         }
         if Instant::now() > deadline {
             let _ = virsh(&["destroy", DOMAIN]);
-            bail!("the NAS guest did not finish within 45 minutes; see {}", console.display());
+            bail!("the NAS guest did not finish within 15 minutes; see {}", console.display());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
