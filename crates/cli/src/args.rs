@@ -1,6 +1,7 @@
 //! The command line: every command, argument and value parser (clap), and nothing that runs.
 
 use std::path::PathBuf;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -30,10 +31,9 @@ pub struct Cli {
     #[arg(short = 'c', long = "connect", default_value = "qemu:///system", global = true)]
     pub uri: String,
     /// The longest one libvirt call may take before the operation fails: a VM's QEMU or
-    /// libvirtd that stops answering never hangs nasbak [default: nasbak_libvirt's
-    /// DEFAULT_CALL_TIMEOUT, 60s].
-    #[arg(long, global = true, value_parser = duration_arg)]
-    pub libvirt_timeout: Option<Duration>,
+    /// libvirtd that stops answering never hangs nasbak.
+    #[arg(long, global = true, default_value = &**CALL_TIMEOUT, value_parser = duration_arg)]
+    pub libvirt_timeout: Duration,
     /// One JSON document on stdout; progress as JSON lines on stderr.
     #[arg(long, global = true)]
     pub json: bool,
@@ -44,23 +44,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The library's defaults, as the help shows them (never spelled again here).
+static CALL_TIMEOUT: LazyLock<String> = LazyLock::new(|| text(nasbak::nasbak_libvirt::deadline::DEFAULT_CALL_TIMEOUT));
+static BACKUP_TIMEOUT: LazyLock<String> = LazyLock::new(|| text(nasbak::DEFAULT_BACKUP_TIMEOUT));
+static BOOT_TIMEOUT: LazyLock<String> = LazyLock::new(|| text(nasbak::DEFAULT_BOOT_TIMEOUT));
+static FINISH_TIMEOUT: LazyLock<String> = LazyLock::new(|| text(nasbak::DEFAULT_FINISH_TIMEOUT));
+
+fn text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 pub fn quiesce_arg(s: &str) -> Result<QuiescePolicy, String> {
     s.parse()
 }
 
-/// `90`, `90s`, `30m`, `2h`, `1d`.
+/// `90` (seconds), or what humantime reads: `90s`, `30m`, `2h`, `1d`, `1h 30m`; above zero.
 pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration; expected a number with an optional unit s, m, h or d (90, 30m, 2h)");
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(bad()),
+    let bad =
+        || format!("{s:?} is not a duration; expected a number of seconds or a number with a unit (90, 30m, 2h, 1d)");
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|_| bad())?,
     };
-    n.checked_mul(scale).filter(|secs| *secs > 0).map(Duration::from_secs).ok_or_else(bad)
+    if d.is_zero() { Err(bad()) } else { Ok(d) }
 }
 
 pub fn keep_arg(s: &str) -> Result<RetentionPolicy, String> {
@@ -77,8 +83,18 @@ mod tests {
         assert_eq!(duration_arg("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(duration_arg("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(duration_arg("1d"), Ok(Duration::from_secs(86400)));
-        for bad in ["", "0", "m", "5 m", "5w", "-1", "99999999999999999999d"] {
+        assert_eq!(duration_arg("1h 30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "0", "0s", "m", "5x", "-1", "99999999999999999999d"] {
             assert!(duration_arg(bad).unwrap_err().contains("expected a number"), "{bad}");
+        }
+        // The library's defaults, as the help shows them, read back as themselves.
+        for (shown, value) in [
+            (&*CALL_TIMEOUT, nasbak::nasbak_libvirt::deadline::DEFAULT_CALL_TIMEOUT),
+            (&*BACKUP_TIMEOUT, nasbak::DEFAULT_BACKUP_TIMEOUT),
+            (&*BOOT_TIMEOUT, nasbak::DEFAULT_BOOT_TIMEOUT),
+            (&*FINISH_TIMEOUT, nasbak::DEFAULT_FINISH_TIMEOUT),
+        ] {
+            assert_eq!(duration_arg(shown), Ok(value), "{shown}");
         }
     }
 }
@@ -117,7 +133,7 @@ pub enum Command {
         #[arg(long, value_parser = quiesce_arg)]
         quiesce: Option<QuiescePolicy>,
         /// Abort the copy after this long (90, 90s, 30m, 2h, 1d).
-        #[arg(long, default_value = "24h", value_parser = duration_arg)]
+        #[arg(long, default_value = &**BACKUP_TIMEOUT, value_parser = duration_arg)]
         timeout: Duration,
         /// full, incremental (a full, with the reason, where an incremental cannot be proven
         /// correct) or auto (incremental on a valid chain shorter than the offering's full-every).
@@ -154,7 +170,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "all")]
         boot: bool,
         /// With --boot: how long the guest has to answer.
-        #[arg(long, default_value = "5m", value_parser = duration_arg, requires = "boot")]
+        #[arg(long, default_value = &**BOOT_TIMEOUT, value_parser = duration_arg, requires = "boot")]
         timeout: Duration,
         /// With --boot: also run this command in the guest (`/bin/sh -c`); it must exit 0.
         #[arg(long, requires = "boot")]
@@ -180,7 +196,7 @@ pub enum Command {
         #[arg(long, requires = "instant")]
         detach: bool,
         /// With --instant: give up waiting after this long (the copies go on).
-        #[arg(long, default_value = "24h", value_parser = duration_arg, requires = "instant")]
+        #[arg(long, default_value = &**FINISH_TIMEOUT, value_parser = duration_arg, requires = "instant")]
         timeout: Duration,
         /// With --instant: copy each disk at most this fast, in MiB/s (spares the NAS).
         #[arg(long, value_name = "MIB_PER_S", requires = "instant")]
@@ -334,7 +350,7 @@ pub enum InstantCommand {
         /// The VM.
         vm: String,
         /// Give up waiting after this long (the copies go on).
-        #[arg(long, default_value = "24h", value_parser = duration_arg)]
+        #[arg(long, default_value = &**FINISH_TIMEOUT, value_parser = duration_arg)]
         timeout: Duration,
     },
     /// Stop VM and abandon its instant restore (its volumes are left partly written and marked:

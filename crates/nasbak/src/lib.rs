@@ -108,9 +108,9 @@ pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use progress::{Observer, Phase, Progress};
 pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
 pub use restore::{
-    Attachment, CopyState, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished,
-    InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome, RestoreRequest, RestoredDisk,
-    RestoredVolume, VolumeRestoreRequest, match_disks,
+    Attachment, CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk,
+    InstantFinished, InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome,
+    RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
 };
 pub use service::{DueRun, Placement, RunDue, placement};
 pub use transfer::hash::{

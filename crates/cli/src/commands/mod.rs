@@ -76,10 +76,9 @@ pub(crate) type LibvirtEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, Qem
 /// The engine over libvirt at `uri` (also the source of guest agents), qemu-img and the mounts.
 fn engine(cli: &Cli) -> Result<LibvirtEngine> {
     let uri = &cli.uri;
-    let mut libvirt = LibvirtHypervisor::connect(uri).with_context(|| format!("connecting to {uri}"))?;
-    if let Some(timeout) = cli.libvirt_timeout {
-        libvirt = libvirt.with_call_timeout(timeout);
-    }
+    let libvirt = LibvirtHypervisor::connect(uri)
+        .with_context(|| format!("connecting to {uri}"))?
+        .with_call_timeout(cli.libvirt_timeout);
     Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()))
 }
 

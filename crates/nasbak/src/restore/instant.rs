@@ -40,6 +40,9 @@ use crate::transfer::stage::stage_beside;
 /// Where instant restores keep their overlays, exports and state by default: on local disk
 /// (the overlays take the guest's writes until the copies finish).
 pub const DEFAULT_INSTANT_DIR: &str = "/var/lib/nasbak/instant";
+
+/// How long an instant restore's finish waits for its copies when the caller does not say.
+pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const STATE_FILE: &str = "state.json";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -21,8 +21,8 @@ mod vm;
 mod volume;
 
 pub use instant::{
-    CopyState, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished, InstantRestore,
-    InstantRestoreRequest, InstantStatus,
+    CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished,
+    InstantRestore, InstantRestoreRequest, InstantStatus,
 };
 pub(crate) use instant::{Overlay, nbd_socket};
 pub use marks::RESTORING_MARK;
