@@ -189,7 +189,7 @@ fn result_line(line: &str) -> Option<(&str, Option<bool>)> {
 }
 
 /// libtest's closing counts: `test result: ok. 3 passed; 1 failed; ...`.
-fn closing_counts(line: &str) -> Option<(u64, u64)> {
+pub fn closing_counts(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| {
         rest.split(';')

@@ -188,17 +188,9 @@ pub fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(';')
-                    .find_map(|part| {
-                        part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)
-                    })
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
+        if let Some((p, f)) = crate::deadline::closing_counts(&line) {
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait()?;

@@ -267,16 +267,9 @@ pub fn run_tests() -> Result<(u64, u64)> {
         {
             println!("{name}: {verdict}");
         }
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let part = part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ");
-                if let Some(n) = part.strip_suffix(" passed").and_then(|n| n.parse::<u64>().ok()) {
-                    passed += n;
-                }
-                if let Some(n) = part.strip_suffix(" failed").and_then(|n| n.parse::<u64>().ok()) {
-                    failed += n;
-                }
-            }
+        if let Some((p, f)) = crate::deadline::closing_counts(line) {
+            passed += p;
+            failed += f;
         }
     }
     // A binary that died before its summary (a panic outside a test, a killed guest).
