@@ -372,6 +372,9 @@ where
     }
 
     fn status_of(&self, restore: InstantRestore) -> InstantStatus {
+        // A listing answers within the cleanup budget per VM, whatever its QEMU does: a copy
+        // libvirt does not report in time is shown as unknown.
+        let _scope = nasbak_libvirt::deadline::scope(Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET);
         let running = self.hypervisor.domain_state(&restore.vm).is_ok_and(|s| s == DomainState::Running);
         let disks = restore
             .disks
