@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use nasbak::chain::ModeRequest;
-use nasbak::config::{DEFAULT_CONFIG, DEFAULT_STATE};
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_repo::{BackupRef, RetentionPolicy};
-use nasbak::schedule::{AT_FORMS, Every};
+use nasbak_service::config::{DEFAULT_CONFIG, DEFAULT_STATE};
+use nasbak_service::schedule::{AT_FORMS, Every};
 
 #[derive(Parser)]
 #[command(

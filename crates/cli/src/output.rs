@@ -1,8 +1,8 @@
 //! What the operator reads: JSON documents (the library's outcome types serialised), the exit
 //! codes, and errors with their causes and the CLI's hints.
 
-use nasbak::config::Refused;
 use nasbak::{BackupError, ErrorKind};
+use nasbak_service::config::Refused;
 use serde::Serialize;
 
 /// Prints `value` as one JSON document on stdout.

@@ -135,9 +135,10 @@ pub enum BackupError {
     /// The repository could not be mounted or measured.
     #[error(transparent)]
     Mount(#[from] nasbak_repo::MountError),
-    /// The configuration or the schedule state.
+    /// The configuration or the schedule state, as the crate that keeps them (`nasbak-service`)
+    /// says.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// The VM lock.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),

@@ -72,7 +72,6 @@ mod browse;
 mod catalog;
 pub mod chain;
 pub mod clock;
-pub mod config;
 mod disks;
 mod engine;
 mod error;
@@ -85,8 +84,6 @@ mod mocked;
 pub mod progress;
 pub mod prune;
 mod restore;
-pub mod schedule;
-mod service;
 #[cfg(test)]
 mod test_support;
 mod transfer;
@@ -112,7 +109,6 @@ pub use restore::{
     InstantFinished, InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome,
     RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
 };
-pub use service::{DueRun, Placement, RunDue, placement};
 pub use transfer::hash::{
     CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
 };

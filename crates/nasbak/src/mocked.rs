@@ -241,20 +241,6 @@ fn restore_volume_checks_everything_first_and_attaches_as_the_next_free_target()
     assert!(err.to_string().contains("it is complete and stays there") && to.exists(), "{err}");
 }
 
-#[test]
-fn run_due_does_nothing_while_another_run_holds_the_lock() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut hv = MockHypervisor::new();
-    hv.expect_domain_state().never();
-    let (e, _) = engine(hv, MockImageTool::new(), dir.path());
-    let state = dir.path().join("state/state.json");
-    fs::create_dir_all(dir.path().join("state")).unwrap();
-    let _held = crate::lock::VmLock::take(&dir.path().join("state"), "run-due").unwrap();
-    let config = crate::config::Config::default();
-    let r = e.run_due(&config, &state, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(matches!(r, crate::RunDue::Busy(_)), "{r:?}");
-}
-
 const RBD_XML: &str = "<domain><name>vm1</name><devices>\
     <disk type='network' device='disk'><driver type='raw'/>\
     <source protocol='rbd' name='vms/vm1-root'><host name='mon1' port='6789'/><host name='mon2'/></source>\
@@ -412,7 +398,7 @@ fn errors_say_their_case_and_the_step_that_failed() {
 }
 
 #[test]
-fn the_clock_decides_backup_ids_and_due_schedules_without_sleeping() {
+fn the_clock_decides_backup_ids_without_sleeping() {
     use crate::clock::ManualClock;
     let dir = tempfile::tempdir().unwrap();
     let t = chrono::DateTime::parse_from_rfc3339("2026-11-27T02:30:00Z").unwrap().to_utc();
@@ -424,52 +410,6 @@ fn the_clock_decides_backup_ids_and_due_schedules_without_sleeping() {
     let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!((a.manifest.id.as_str(), b.manifest.id.as_str()), ("2026.11.27.02.30.00", "2026.11.27.02.30.00-2"));
     assert_eq!((a.manifest.started, a.manifest.finished), (t, t));
-    // A daily schedule at 02:30 created the day before: due now, not again until tomorrow.
-    let config = crate::config::Config::parse(
-        &format!(
-            r#"
-[[repository]]
-name = "r"
-type = "shared"
-address = "{}"
-[[offering]]
-name = "gold"
-repository = "r"
-boot_verify = true
-[assignments]
-vm1 = "gold"
-[[schedule]]
-id = "vm1-daily"
-vm = "vm1"
-every = "daily"
-at = "02:30"
-keep = 0
-created = "2026-11-26T12:00:00Z"
-"#,
-            dir.path().join("repo").display()
-        ),
-        Path::new("t.toml"),
-    )
-    .unwrap();
-    let state = dir.path().join("state/state.json");
-    let ran = |e: &MockEngine| match e.run_due(&config, &state, &CancelHandle::new(), &mut |_| {}).unwrap() {
-        crate::RunDue::Ran(runs) => {
-            // The offering asks for boot verification: this VM has no guest agent, so each
-            // scheduled backup is recorded as unverifiable (never as good), and the run fails.
-            for r in &runs {
-                let v = r.boot_verified.clone().expect("verified").expect("ran");
-                assert_eq!(v.result, crate::BootResult::Unverifiable);
-                assert!(r.failed());
-            }
-            runs.len()
-        }
-        crate::RunDue::Busy(holder) => panic!("busy: {holder}"),
-    };
-    assert_eq!(ran(&e), 1);
-    clock.advance(chrono::TimeDelta::hours(23));
-    assert_eq!(ran(&e), 0, "not due again the same day");
-    clock.advance(chrono::TimeDelta::hours(1));
-    assert_eq!(ran(&e), 1, "due again a day later");
 }
 
 /// Makes `second` (in `dir`'s repository) into an incremental on `first` for its first disk, as

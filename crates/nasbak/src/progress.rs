@@ -49,7 +49,7 @@ pub struct Progress {
     pub vm: String,
     /// The disk (target device) the work is on; `None` when the phase covers every disk.
     pub disk: Option<String>,
-    /// The schedule the work is for (`run_due`).
+    /// The schedule the work is for (`nasbak_service::run_due` sets it).
     pub schedule: Option<String>,
     /// Bytes done.
     pub done: u64,

@@ -76,7 +76,7 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     assert_eq!(listed.boot_verified.as_ref(), Some(&v));
 
     // An offering that asks for it: run-due boot-verifies the scheduled backup it made.
-    let config = nasbak::config::Config::parse(
+    let config = nasbak_service::config::Config::parse(
         &format!(
             "[[repository]]\nname = \"boot\"\ntype = \"shared\"\naddress = \"{}\"\n\
              [[offering]]\nname = \"gold\"\nrepository = \"boot\"\nboot_verify = true\n\
@@ -92,8 +92,9 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     .unwrap();
     let t = chrono::DateTime::parse_from_rfc3339("2026-11-27T02:30:00Z").unwrap().to_utc();
     let scheduled = engine(&dom.dir().join("runtime")).with_clock(nasbak::ManualClock::new(t));
-    let ran = scheduled.run_due(&config, &dom.dir().join("state/state.json"), &cancel, &mut |_| {}).unwrap();
-    let nasbak::RunDue::Ran(runs) = ran else { panic!("busy") };
+    let state = dom.dir().join("state/state.json");
+    let ran = nasbak_service::run_due(&scheduled, &config, &state, &cancel, &mut |_| {}).unwrap();
+    let nasbak_service::RunDue::Ran(runs) = ran else { panic!("busy") };
     assert_eq!(runs.len(), 1);
     let v = runs[0].boot_verified.clone().expect("the offering asks").expect("it ran");
     assert_eq!(v.result, BootResult::Passed, "{v:?}");

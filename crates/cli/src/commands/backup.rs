@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use nasbak::chain::ModeRequest;
-use nasbak::config::{Config, RunOutcome};
 use nasbak::nasbak_agent::QuiescePolicy;
-use nasbak::{BackupRequest, BootResult, BootVerifyRequest, RunDue};
+use nasbak::{BackupRequest, BootResult, BootVerifyRequest};
+use nasbak_service::RunDue;
+use nasbak_service::config::{Config, RunOutcome};
 
 use super::{cancel_on_interrupt, engine};
 use crate::args::Cli;
@@ -22,7 +23,7 @@ pub fn backup(
     timeout: Duration,
     mode: ModeRequest,
 ) -> Result<u8> {
-    let p = nasbak::placement(config, vm, repo, offering, quiesce)?;
+    let p = nasbak_service::placement(config, vm, repo, offering, quiesce)?;
     let cancel = cancel_on_interrupt()?;
     let request = BackupRequest::new(vm, p.repository)
         .with_quiesce(p.quiesce)
@@ -70,7 +71,7 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     let cancel = cancel_on_interrupt()?;
     let e = engine(cli)?;
     let mut reporter: Option<(String, Reporter)> = None;
-    let outcome = e.run_due(config, &cli.state, &cancel, &mut |p| {
+    let outcome = nasbak_service::run_due(&e, config, &cli.state, &cancel, &mut |p| {
         let id = p.schedule.as_deref().unwrap_or_default();
         if reporter.as_ref().is_none_or(|(current, _)| current != id) {
             if let Some((_, r)) = reporter.take() {
@@ -122,7 +123,7 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
                     }
                 }
             }
-            Ok(if runs.iter().any(nasbak::DueRun::failed) { 5 } else { 0 })
+            Ok(if runs.iter().any(nasbak_service::DueRun::failed) { 5 } else { 0 })
         }
     }
 }

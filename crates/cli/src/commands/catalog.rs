@@ -2,9 +2,9 @@
 //! needs libvirt.
 
 use anyhow::{Result, anyhow};
-use nasbak::config::Config;
 use nasbak::nasbak_repo::BackupRef;
 use nasbak::{BackupError, BackupKind, FileStatus, MountRequest, VerifyReport};
+use nasbak_service::config::Config;
 
 use super::{CatalogServices, cancel_on_interrupt, repo_of, repos};
 use crate::args::Cli;
@@ -154,7 +154,7 @@ pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Res
     let services = CatalogServices::new();
     let mut reports = Vec::new();
     for v in &vms {
-        let report = services.catalog().prune_vm(config, v, dry_run)?;
+        let report = nasbak_service::prune_vm(&services.catalog(), config, v, dry_run)?;
         if !cli.json {
             for d in &report.damaged {
                 println!("DAMAGED  {v}/{}  ({}): not counted, not removed; verify or delete it", d.id, d.reason);

@@ -7,11 +7,11 @@ mod restore;
 mod settings;
 
 use anyhow::{Context, Result, anyhow};
-use nasbak::config::Config;
 use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{BackupRef, BackupRepository, MountTimeouts, RepositoryMounts, SystemMounter};
 use nasbak::{BackupError, Catalog, Engine};
+use nasbak_service::config::Config;
 
 use crate::args::{Cli, Command};
 

@@ -1,9 +1,9 @@
 //! `restore` (also `--instant`), `instant` and `restore-volume`.
 
 use anyhow::Result;
-use nasbak::config::Config;
 use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation};
 use nasbak::nasbak_repo::BackupRef;
+use nasbak_service::config::Config;
 use std::time::Duration;
 
 use nasbak::{

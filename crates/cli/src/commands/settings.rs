@@ -2,9 +2,9 @@
 
 use anyhow::{Result, anyhow};
 use nasbak::BackupError;
-use nasbak::config::{Config, Offering, Refused, Schedule, ScheduleState};
 use nasbak::nasbak_repo::{BackupRepository, RepositoryKind};
-use nasbak::schedule::{At, parse_tz};
+use nasbak_service::config::{Config, Offering, Refused, Schedule, ScheduleState};
+use nasbak_service::schedule::{At, parse_tz};
 
 use super::{CatalogServices, RUNTIME, pick_repo};
 use crate::args::{Cli, OfferingCommand, RepoCommand, ScheduleCommand};

@@ -32,7 +32,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use nasbak_agent::QuiescePolicy;
+use nasbak::nasbak_agent::QuiescePolicy;
+use nasbak::nasbak_repo;
 use nasbak_repo::{BackupRepository, RetentionPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -67,7 +68,7 @@ mod as_text {
 
 /// Serializes an optional retention policy as its text (`last=3,daily=7`).
 mod keep_text {
-    use nasbak_repo::RetentionPolicy;
+    use nasbak::nasbak_repo::RetentionPolicy;
 
     pub fn serialize<S: serde::Serializer>(v: &Option<RetentionPolicy>, s: S) -> Result<S::Ok, S::Error> {
         match v {
@@ -101,7 +102,7 @@ pub struct Offering {
     #[serde(default, with = "keep_text", skip_serializing_if = "Option::is_none")]
     pub keep: Option<RetentionPolicy>,
     /// The longest chain (a full and its incrementals) an `auto` backup builds before it takes a
-    /// full again (none: [`crate::chain::DEFAULT_FULL_EVERY`]).
+    /// full again (none: [`nasbak::chain::DEFAULT_FULL_EVERY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_every: Option<u32>,
     /// Boot-verify each scheduled backup right after it is made (`run-due`).
@@ -481,7 +482,7 @@ impl Config {
                 zone: o.zone.clone(),
                 quiesce: o.quiesce.to_string(),
                 keep: o.keep.map(|k| k.to_string()),
-                full_every: o.full_every.unwrap_or(crate::chain::DEFAULT_FULL_EVERY),
+                full_every: o.full_every.unwrap_or(nasbak::chain::DEFAULT_FULL_EVERY),
                 boot_verify: o.boot_verify,
                 vms: self.assignments.iter().filter(|(_, x)| **x == o.name).map(|(v, _)| v.clone()).collect(),
             })

@@ -1,0 +1,264 @@
+//! The service layer over the configuration: which repository and policy a VM's backup uses,
+//! prune by offering and schedule, and `run-due` (what a systemd timer calls every minute).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use nasbak::nasbak_agent::QuiescePolicy;
+use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor};
+use nasbak::nasbak_qemu_img::ImageTool;
+use nasbak::nasbak_repo::{BackupRepository, Mounter};
+use nasbak::prune::PruneReport;
+use nasbak::{
+    AgentSource, BackupError, BackupRequest, BootResult, BootVerification, BootVerifyRequest, Catalog, Engine,
+    LockError, Observer, Progress, VmLock, chain,
+};
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError, RunOutcome, ScheduleState};
+
+/// Where a VM's backups go and how, from the command line and the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Placement {
+    /// The repository.
+    pub repository: BackupRepository,
+    /// The quiesce policy.
+    pub quiesce: QuiescePolicy,
+    /// The longest chain an `auto` backup builds (the offering's, else the default).
+    pub full_every: u32,
+}
+
+/// Resolves the repository and quiesce policy of a backup of `vm`: an explicit repository, else
+/// an explicit offering, else the VM's assigned offering, else the only repository there is. An
+/// explicit quiesce policy wins over the offering's.
+pub fn placement(
+    config: &Config,
+    vm: &str,
+    repository: Option<&str>,
+    offering: Option<&str>,
+    quiesce: Option<QuiescePolicy>,
+) -> Result<Placement, BackupError> {
+    let not_found = |what: String| BackupError::NotFound { what };
+    let offering = match offering {
+        Some(o) => Some(config.offering(o).ok_or_else(|| not_found(format!("offering {o}")))?),
+        None if repository.is_none() => config.offering_of(vm),
+        None => None,
+    };
+    let repo_name = repository.map(str::to_owned).or_else(|| offering.map(|o| o.repository.clone()));
+    let repository = match repo_name {
+        Some(name) => config.repository(&name).ok_or_else(|| not_found(format!("repository {name}")))?.clone(),
+        None if config.repositories.len() == 1 => config.repositories[0].clone(),
+        None => {
+            return Err(BackupError::Ambiguous {
+                what: format!(
+                    "which repository {vm}'s backup goes to: there are {} repositories and {vm} has no offering; \
+                     name a repository or an offering, or assign {vm} to an offering",
+                    config.repositories.len()
+                ),
+            });
+        }
+    };
+    let quiesce = quiesce.or(offering.map(|o| o.quiesce)).unwrap_or_default();
+    let full_every = offering.and_then(|o| o.full_every).unwrap_or(nasbak::chain::DEFAULT_FULL_EVERY);
+    Ok(Placement { repository, quiesce, full_every })
+}
+
+/// The outcome of one due schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DueRun {
+    /// The schedule.
+    pub schedule: String,
+    /// The VM.
+    pub vm: String,
+    /// The backup made (`REPO:VM/ID`), or why none was.
+    pub outcome: RunOutcome,
+    /// Backups prune removed afterwards (their ids).
+    pub pruned: Vec<String>,
+    /// Why prune failed afterwards, if it did (the backup itself is made).
+    pub prune_error: Option<String>,
+    /// The boot verification of the backup made, when the VM's offering asks for one: its
+    /// result, or why it could not run.
+    pub boot_verified: Option<Result<BootVerification, String>>,
+}
+
+impl DueRun {
+    /// Whether the schedule's backup failed, or its boot verification did not pass.
+    pub fn failed(&self) -> bool {
+        matches!(self.outcome, RunOutcome::Failed(_))
+            || matches!(&self.boot_verified, Some(Err(_)))
+            || matches!(&self.boot_verified, Some(Ok(v)) if v.result != BootResult::Passed)
+    }
+}
+
+/// What `run-due` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunDue {
+    /// Another `run-due` holds the lock; nothing was done.
+    Busy(String),
+    /// The schedules that were due, in configuration order.
+    Ran(Vec<DueRun>),
+}
+
+/// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
+pub fn prune_vm<I: ImageTool + Sync, M: Mounter>(
+    catalog: &Catalog<'_, I, M>,
+    config: &Config,
+    vm: &str,
+    dry_run: bool,
+) -> Result<PruneReport, BackupError> {
+    let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {
+        what: format!("an offering of {vm} (prune follows the offering's retention)"),
+    })?;
+    let repository = config
+        .repository(&offering.repository)
+        .ok_or_else(|| BackupError::NotFound { what: format!("repository {}", offering.repository) })?;
+    let limits: BTreeMap<String, u32> =
+        config.schedules.iter().filter(|s| s.vm == vm).map(|s| (s.id.clone(), s.keep)).collect();
+    catalog.prune(repository, vm, offering.keep.as_ref(), &limits, dry_run)
+}
+
+/// The configuration or the schedule state failed: the engine's error of that kind.
+fn config_error(e: ConfigError) -> BackupError {
+    BackupError::Config(Box::new(e))
+}
+
+/// Runs every schedule due now (by the engine's clock), one after the other, each followed by
+/// prune of its VM. Progress carries the schedule's id.
+/// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so
+/// a timer may call it every minute). A schedule whose backup fails is recorded as run and
+/// retried at its next occurrence; the failure is in the result.
+pub fn run_due<H, A, I, M>(
+    engine: &Engine<H, A, I, M>,
+    config: &Config,
+    state_path: &Path,
+    cancel: &CancelHandle,
+    observer: &mut dyn Observer,
+) -> Result<RunDue, BackupError>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    let now = engine.clock().now();
+    let state_dir = state_path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(state_dir).map_err(|source| BackupError::Io {
+        action: "creating",
+        path: state_dir.to_owned(),
+        source,
+    })?;
+    let _lock = match VmLock::take(state_dir, "run-due") {
+        Ok(l) => l,
+        Err(LockError::Held { holder, .. }) => return Ok(RunDue::Busy(holder)),
+        Err(e) => return Err(e.into()),
+    };
+    let mut state = ScheduleState::load(state_path).map_err(config_error)?;
+    let mut runs = Vec::new();
+    for s in &config.schedules {
+        let due = s
+            .is_due(state.last_run.get(&s.id).copied(), now)
+            .map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })?;
+        if !due {
+            continue;
+        }
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
+        state.last_run.insert(s.id.clone(), now);
+        state.last_outcome.remove(&s.id);
+        state.save(state_path).map_err(config_error)?;
+        let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
+            let request = BackupRequest::new(&s.vm, p.repository)
+                .with_quiesce(p.quiesce)
+                .with_full_every(p.full_every)
+                .with_schedule(&s.id);
+            let mut tagged = |p: &Progress| {
+                let mut p = p.clone();
+                p.schedule = Some(s.id.clone());
+                observer(&p);
+            };
+            engine.backup(&request, cancel, &mut tagged)
+        });
+        let mut boot_verified = None;
+        let (outcome, pruned, prune_error) = match result {
+            Ok(made) => {
+                let offering = config.offering_of(&s.vm);
+                if let Some(o) = offering.filter(|o| o.boot_verify)
+                    && let Some(repository) = config.repository(&o.repository)
+                {
+                    let mut r = BootVerifyRequest::new(repository.clone(), &s.vm, &made.manifest.id);
+                    if let Some(c) = &o.boot_check {
+                        r = r.with_check(c);
+                    }
+                    boot_verified = Some(engine.verify_boot(&r, cancel).map_err(|e| chain(&e)));
+                }
+                let (pruned, prune_error) = match prune_vm(&engine.catalog(), config, &s.vm, false) {
+                    Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
+                    Err(e) => (Vec::new(), Some(chain(&e))),
+                };
+                (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
+            }
+            Err(BackupError::Cancelled) => {
+                state.last_outcome.insert(s.id.clone(), RunOutcome::Cancelled);
+                state.save(state_path).map_err(config_error)?;
+                return Err(BackupError::Cancelled);
+            }
+            Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None),
+        };
+        state.last_outcome.insert(s.id.clone(), outcome.clone());
+        state.save(state_path).map_err(config_error)?;
+        runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified });
+    }
+    Ok(RunDue::Ran(runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+[[repository]]
+name = "a"
+type = "shared"
+address = "/srv/a"
+[[repository]]
+name = "b"
+type = "shared"
+address = "/srv/b"
+[[offering]]
+name = "gold"
+repository = "b"
+quiesce = "required"
+[assignments]
+web1 = "gold"
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn placement_follows_flags_then_offering_then_the_only_repository() {
+        let c = config();
+        let p = placement(&c, "web1", None, None, None).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("b", QuiescePolicy::Required));
+        let p = placement(&c, "web1", Some("a"), None, None).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("a", QuiescePolicy::BestEffort));
+        let p = placement(&c, "db1", None, Some("gold"), Some(QuiescePolicy::Off)).unwrap();
+        assert_eq!((p.repository.name().as_str(), p.quiesce), ("b", QuiescePolicy::Off));
+        let e = placement(&c, "db1", None, None, None).unwrap_err().to_string();
+        assert!(e.contains("2 repositories") && e.contains("assign db1 to an offering"), "{e}");
+        assert!(matches!(placement(&c, "db1", Some("zz"), None, None), Err(BackupError::NotFound { .. })));
+        assert!(matches!(placement(&c, "db1", None, Some("zz"), None), Err(BackupError::NotFound { .. })));
+        let mut one = c.clone();
+        one.repositories.truncate(1);
+        one.offerings.clear();
+        one.assignments.clear();
+        assert_eq!(placement(&one, "db1", None, None, None).unwrap().repository.name().as_str(), "a");
+    }
+}
