@@ -123,11 +123,15 @@ pub fn test_binaries(args: &[&str]) -> Result<Vec<TestBinary>> {
     Ok(binaries)
 }
 
-/// The package name in a cargo package id: `path+file:///w/crates/repo#nasbak-repo@0.1.0`, or
-/// the older `nasbak-repo 0.1.0 (path+file:///...)`.
+/// The package name in a cargo package id: `path+file:///w/crates/repo#nasbak-repo@0.1.0`,
+/// `path+file:///w/crates/nasbak#0.1.0` (a package named as its directory), or the older
+/// `nasbak-repo 0.1.0 (path+file:///...)`.
 fn package_name(id: &str) -> Option<String> {
-    if let Some((_, tail)) = id.rsplit_once('#') {
-        return Some(tail.split('@').next()?.to_owned());
+    if let Some((url, tail)) = id.rsplit_once('#') {
+        return match tail.split_once('@') {
+            Some((name, _)) => Some(name.to_owned()),
+            None => Some(url.rsplit('/').next()?.to_owned()),
+        };
     }
     Some(id.split(' ').next()?.to_owned())
 }
@@ -355,6 +359,7 @@ mod tests {
         assert_eq!(closing_counts("test result: FAILED. 3 passed; 1 failed; 0 ignored"), Some((3, 1)));
         assert_eq!(package_name("path+file:///w/crates/repo#nasbak-repo@0.1.0").as_deref(), Some("nasbak-repo"));
         assert_eq!(package_name("nasbak-repo 0.1.0 (path+file:///w)").as_deref(), Some("nasbak-repo"));
+        assert_eq!(package_name("path+file:///w/crates/nasbak#0.1.0").as_deref(), Some("nasbak"));
         let gdb = "Thread 2 (Thread 0x7f (LWP 12) \"stuck_test_nam\"):\n#0 poll\nThread 1 (LWP 11) \"main\"):\n#0 x\n";
         assert_eq!(thread_blocks(gdb).len(), 2);
     }
