@@ -11,89 +11,18 @@ use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
 use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
-use nasbak_repo::{
-    BackupId, BackupMethod, BackupMode, BackupRef, BackupRepository, Checksum, Manifest, ManifestDisk, Mounter, VmName,
-};
+use nasbak_repo::{BackupId, BackupMethod, BackupMode, BackupRef, Checksum, Manifest, ManifestDisk, Mounter, VmName};
 use serde::Serialize;
 
-use crate::chain::{DEFAULT_FULL_EVERY, ModeRequest};
 use crate::disks::{backup_files, keyed_source, volume_of};
 use crate::engine::{AgentSource, Engine};
-use crate::error::{BackupError, Step, at};
+use crate::error::{BackupError, Step, at, cancelled_or, repository_unavailable};
 use crate::lock::VmLock;
 use crate::progress::{Observer, Phase, Progress};
+use crate::request::BackupRequest;
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
 use crate::transfer::{convert, write_synced};
 use crate::watchdog::ThawWatchdog;
-
-/// What to back up, where, how. Built with [`BackupRequest::new`] and the `with_` methods.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct BackupRequest {
-    /// The VM (libvirt domain name).
-    pub vm: String,
-    /// The repository.
-    pub repository: BackupRepository,
-    /// Quiesce policy (running VMs).
-    pub quiesce: QuiescePolicy,
-    /// Time limit of the copy.
-    pub timeout: Duration,
-    /// The schedule this backup is made for (recorded in the manifest for per-schedule retention).
-    pub schedule: Option<String>,
-    /// Full, incremental, or auto (see [`mod@crate::chain`]).
-    pub mode: ModeRequest,
-    /// The longest chain `auto` builds before it takes a full again.
-    pub full_every: u32,
-}
-
-/// The default time limit of a backup's copy.
-pub const DEFAULT_BACKUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
-impl BackupRequest {
-    /// A backup of `vm` to `repository`: incremental where a valid chain exists (`auto`), quiesced
-    /// best-effort, with a 24 h limit on the copy.
-    pub fn new(vm: impl Into<String>, repository: BackupRepository) -> Self {
-        BackupRequest {
-            vm: vm.into(),
-            repository,
-            quiesce: QuiescePolicy::default(),
-            timeout: DEFAULT_BACKUP_TIMEOUT,
-            schedule: None,
-            mode: ModeRequest::Auto,
-            full_every: DEFAULT_FULL_EVERY,
-        }
-    }
-
-    /// Full, incremental or auto.
-    pub fn with_mode(mut self, mode: ModeRequest) -> Self {
-        self.mode = mode;
-        self
-    }
-
-    /// The longest chain `auto` builds.
-    pub fn with_full_every(mut self, full_every: u32) -> Self {
-        self.full_every = full_every;
-        self
-    }
-
-    /// The quiesce policy.
-    pub fn with_quiesce(mut self, quiesce: QuiescePolicy) -> Self {
-        self.quiesce = quiesce;
-        self
-    }
-
-    /// The time limit of the copy.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// The schedule the backup is made for.
-    pub fn with_schedule(mut self, schedule: impl Into<String>) -> Self {
-        self.schedule = Some(schedule.into());
-        self
-    }
-}
 
 /// A disk of the VM that was not backed up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -698,25 +627,6 @@ where
     }
 }
 
-/// `e`, or [`BackupError::RepositoryUnavailable`] with `e` as its cause when the repository is
-/// no longer mounted or no longer answers.
-pub(crate) fn repository_unavailable<M: Mounter>(
-    mounted: &nasbak_repo::MountedRepository<'_, M>,
-    repository: String,
-    step: Step,
-    e: BackupError,
-) -> BackupError {
-    if matches!(e, BackupError::Cancelled) {
-        return e;
-    }
-    match mounted.health() {
-        Ok(()) => e,
-        Err(state) => {
-            BackupError::RepositoryUnavailable { repository, step, state: state.to_string(), source: Box::new(e) }
-        }
-    }
-}
-
 /// After the thaw right after the job start failed (`first`): tries again (three times); if that
 /// fails too, hands the thaw to the watchdog. Returns the note for the manifest and, when the
 /// guest may still be frozen, the warning for the operator.
@@ -767,11 +677,6 @@ fn still_frozen(warning: Option<String>, e: BackupError) -> BackupError {
         Some(warning) => BackupError::StillFrozen { warning, source: Box::new(e) },
         None => e,
     }
-}
-
-/// A failure after a cancel is the cancel.
-pub(crate) fn cancelled_or(cancel: &CancelHandle, e: impl Into<BackupError>) -> BackupError {
-    if cancel.is_cancelled() { BackupError::Cancelled } else { e.into() }
 }
 
 /// Removes `<id>.partial` directories of earlier interrupted runs (the caller holds the VM lock,

@@ -489,3 +489,27 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 fn list(items: &[String]) -> String {
     if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }
+
+/// `e`, or [`BackupError::RepositoryUnavailable`] with `e` as its cause when the repository is
+/// no longer mounted or no longer answers.
+pub(crate) fn repository_unavailable<M: nasbak_repo::Mounter>(
+    mounted: &nasbak_repo::MountedRepository<'_, M>,
+    repository: String,
+    step: Step,
+    e: BackupError,
+) -> BackupError {
+    if matches!(e, BackupError::Cancelled) {
+        return e;
+    }
+    match mounted.health() {
+        Ok(()) => e,
+        Err(state) => {
+            BackupError::RepositoryUnavailable { repository, step, state: state.to_string(), source: Box::new(e) }
+        }
+    }
+}
+
+/// A failure after a cancel is the cancel.
+pub(crate) fn cancelled_or(cancel: &nasbak_process::CancelHandle, e: impl Into<BackupError>) -> BackupError {
+    if cancel.is_cancelled() { BackupError::Cancelled } else { e.into() }
+}

@@ -19,10 +19,10 @@ use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageInfo, ImageLocation, Image
 use nasbak_repo::model::layout::PARTIAL_SUFFIX;
 use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
-use crate::backup::BackupRequest;
 use crate::catalog::{BackupKind, read_backup};
 use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, Parent, plan_chain};
 use crate::disks::volume_of;
+use crate::request::BackupRequest;
 
 /// The name of the checkpoint a backup creates: `nasbak-<backup id>`.
 pub(crate) fn checkpoint_name(id: &BackupId) -> String {

@@ -83,13 +83,14 @@ mod merge;
 mod mocked;
 pub mod progress;
 pub mod prune;
+mod request;
 mod restore;
 #[cfg(test)]
 mod test_support;
 mod transfer;
 mod watchdog;
 
-pub use backup::{BackupOutcome, BackupRequest, DEFAULT_BACKUP_TIMEOUT, SkippedDisk};
+pub use backup::{BackupOutcome, SkippedDisk};
 pub use boot::{
     BOOT_VERIFY_FILE, BootResult, BootVerification, BootVerifyRequest, DEFAULT_BOOT_TIMEOUT, DEFAULT_VERIFY_DIR,
 };
@@ -104,6 +105,7 @@ pub use error::{BackupError, ErrorKind, Step, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use progress::{Observer, Phase, Progress};
 pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
+pub use request::{BackupRequest, DEFAULT_BACKUP_TIMEOUT};
 pub use restore::{
     Attachment, CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk,
     InstantFinished, InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome,

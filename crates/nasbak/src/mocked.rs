@@ -12,9 +12,9 @@ use nasbak_process::CommandError;
 use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
 use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts};
 
-use crate::backup::BackupRequest;
 use crate::engine::{Engine, MockAgentSource};
 use crate::error::BackupError;
+use crate::request::BackupRequest;
 use crate::restore::{RestoreRequest, VolumeRestoreRequest};
 
 /// Guest agents that answer (a fresh fake per call), and no thaw watchdog.

@@ -87,7 +87,7 @@ where
             };
             copied.map_err(|e| {
                 let step = Step::Restore { disk: d.target.clone() };
-                crate::backup::repository_unavailable(mounted, repository.name().to_string(), step.clone(), at(step)(e))
+                crate::error::repository_unavailable(mounted, repository.name().to_string(), step.clone(), at(step)(e))
             })?;
         }
         // From here on volumes change: a failure says which did and which did not.

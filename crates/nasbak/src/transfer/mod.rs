@@ -16,8 +16,8 @@ use nasbak_libvirt::CancelHandle;
 use nasbak_qemu_img::{CheckVerdict, ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::ManifestDisk;
 
-use crate::backup::cancelled_or;
 use crate::error::BackupError;
+use crate::error::cancelled_or;
 use crate::progress::{Observer, Phase, Progress};
 
 /// Runs one conversion on a helper thread and hands its progress to `progress` on this one.
