@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
+use crate::export::{Overlay, nbd_socket};
 use crate::lock::VmLock;
-use crate::restore::{Overlay, ancestors, backup_disks};
+use crate::restore::{ancestors, backup_disks};
 use crate::transfer::check_image;
 
 /// The file beside a backup's manifest that holds its last boot verification.
@@ -192,7 +193,7 @@ where
                 }
             }
             for b in &disks {
-                let export = crate::restore::nbd_socket()?;
+                let export = nbd_socket()?;
                 guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
                 let over =

@@ -75,6 +75,7 @@ pub mod clock;
 mod disks;
 mod engine;
 mod error;
+mod export;
 mod fault;
 mod incremental;
 mod lock;

@@ -24,7 +24,6 @@ pub use instant::{
     CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished,
     InstantRestore, InstantRestoreRequest, InstantStatus,
 };
-pub(crate) use instant::{Overlay, nbd_socket};
 pub use marks::RESTORING_MARK;
 pub(crate) use marks::{RestoringMark, interrupted_restores};
 
