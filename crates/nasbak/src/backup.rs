@@ -20,8 +20,9 @@ use crate::error::{BackupError, Step, at, cancelled_or, repository_unavailable};
 use crate::lock::VmLock;
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::BackupRequest;
+use crate::store::write_synced;
+use crate::transfer::convert;
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
-use crate::transfer::{convert, write_synced};
 use crate::watchdog::ThawWatchdog;
 
 /// A disk of the VM that was not backed up.
@@ -151,18 +152,24 @@ where
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
         let lock = VmLock::take(&vm_dir, vm.as_str())?;
         let mut notes = Notes { cleaned: lock.takeovers().to_vec(), warnings: Vec::new() };
-        let half: Vec<_> = crate::restore::interrupted_restores(&vm_dir)
+        let half: Vec<_> = crate::store::marks::interrupted_restores(&vm_dir)
             .into_iter()
             .filter(|m| chosen.iter().any(|d| d.target == m.target))
             .collect();
         if !half.is_empty() {
             return Err(BackupError::HalfRestored {
                 vm: request.vm.clone(),
-                problems: half.iter().map(crate::restore::RestoringMark::describe).collect(),
+                problems: half.iter().map(crate::store::marks::RestoringMark::describe).collect(),
                 marks: half
                     .iter()
                     .map(|m| {
-                        format!("{}:{}/{}{}", request.repository.name(), vm, crate::restore::RESTORING_MARK, m.target)
+                        format!(
+                            "{}:{}/{}{}",
+                            request.repository.name(),
+                            vm,
+                            crate::store::marks::RESTORING_MARK,
+                            m.target
+                        )
                     })
                     .collect(),
             });

@@ -20,17 +20,14 @@ use nasbak_libvirt::{
 use nasbak_qemu_img::{ImageTool, ReadOnlyExport};
 use nasbak_repo::model::layout::DOMAIN_CONFIG_FILE;
 use nasbak_repo::{BackupId, Mounter, VmName};
-use serde::{Deserialize, Serialize};
 
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::export::{Overlay, nbd_socket};
 use crate::lock::VmLock;
-use crate::restore::{ancestors, backup_disks};
+use crate::store::{BootResult, BootVerification, ancestors, backup_disks, write_record};
 use crate::transfer::check_image;
 
-/// The file beside a backup's manifest that holds its last boot verification.
-pub const BOOT_VERIFY_FILE: &str = "boot-verify.json";
 /// How long a guest has to answer by default.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Where boot verifications keep their overlays, exports and console logs by default.
@@ -87,37 +84,6 @@ impl BootVerifyRequest {
         self.work_dir = dir.into();
         self
     }
-}
-
-/// The outcome of a boot verification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum BootResult {
-    /// The guest booted: its agent answered (and the check succeeded).
-    Passed,
-    /// The guest did not answer in time, stopped, or the check failed.
-    Failed,
-    /// The VM has no guest agent: nasbak cannot tell a booted guest from a hung one.
-    Unverifiable,
-}
-
-/// A boot verification of a backup, as recorded beside it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct BootVerification {
-    /// `REPO:VM/BACKUP-ID`.
-    pub backup: String,
-    /// The outcome.
-    pub result: BootResult,
-    /// When it ran.
-    pub at: chrono::DateTime<chrono::Utc>,
-    /// How long the guest took to answer (or how long it was given), in milliseconds.
-    pub millis: u64,
-    /// What happened, in words.
-    pub detail: String,
-    /// The console's last lines, for a failed boot.
-    pub console: Vec<String>,
 }
 
 impl<H, A, I, M> Engine<H, A, I, M>
@@ -322,21 +288,6 @@ fn tail(log: &Path) -> Vec<String> {
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(CONSOLE_LINES)..].to_vec()
-}
-
-fn write_record(dir: &Path, v: &BootVerification) -> Result<(), BackupError> {
-    let path = dir.join(BOOT_VERIFY_FILE);
-    let text = serde_json::to_string_pretty(v).expect("a verification serialises");
-    nasbak_repo::store::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| BackupError::Io {
-        action: "recording the boot verification in",
-        path,
-        source,
-    })
-}
-
-/// The last boot verification recorded beside the backup in `dir`, if any.
-pub(crate) fn read_record(dir: &Path) -> Option<BootVerification> {
-    serde_json::from_str(&fs::read_to_string(dir.join(BOOT_VERIFY_FILE)).ok()?).ok()
 }
 
 /// In a verification's directory: the pid of the process running it.

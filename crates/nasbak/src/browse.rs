@@ -33,10 +33,10 @@ use nasbak_qemu_img::{ExportKind, ImageFormat, ImageTool, ReadOnlyExport};
 use nasbak_repo::{BackupId, BackupRepository, Mounter, VmName};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::Catalog;
+use crate::engine::Catalog;
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
-use crate::restore::{ancestors, backup_disks};
+use crate::store::{ancestors, backup_disks};
 use crate::transfer::check_image;
 
 /// The file in a mount directory that says what is mounted there.

@@ -11,96 +11,14 @@ use std::path::Path;
 
 use nasbak_process::CancelHandle;
 use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::model::layout::{MANIFEST_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupId, BackupRepository, Manifest, Mounter, RepositoryMounts, VmName};
+use nasbak_repo::{BackupRepository, Mounter};
 use serde::Serialize;
 
+use crate::engine::Catalog;
 use crate::error::BackupError;
 use crate::lock::VmLock;
 use crate::progress::{Observer, Phase, Progress};
-
-/// Who wrote a backup, or why it cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackupKind {
-    /// nasbak, with its manifest.
-    Nasbak(Box<Manifest>),
-    /// The reference system: its disk files, no manifest.
-    Reference {
-        /// The disk files.
-        files: Vec<String>,
-    },
-    /// A directory named like a backup whose manifest cannot be read or is invalid, or that holds
-    /// no backup file. It is listed, verified (as damaged) and deletable, never restored from.
-    Damaged {
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// A backup found on a repository.
-///
-/// Serialised (the CLI's `list --json`) as `id` (`REPO:VM/BACKUP-ID`), `repository`, `vm`,
-/// `backup`, `written_by` (`nasbak`, `reference` or `unknown`), and `manifest` (nasbak's),
-/// `files` (the reference system's) or `damaged` (the reason).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BackupEntry {
-    /// The repository it is on.
-    pub repository: String,
-    /// The VM.
-    pub vm: String,
-    /// The backup id.
-    pub id: String,
-    /// What it is.
-    pub kind: BackupKind,
-    /// Its last boot verification (`nasbak verify --boot`), if it had one.
-    pub boot_verified: Option<crate::boot::BootVerification>,
-}
-
-impl BackupEntry {
-    /// `REPO:VM/BACKUP-ID`.
-    pub fn reference(&self) -> String {
-        format!("{}:{}/{}", self.repository, self.vm, self.id)
-    }
-}
-
-impl Serialize for BackupEntry {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Shown<'a> {
-            id: String,
-            repository: &'a str,
-            vm: &'a str,
-            backup: &'a str,
-            written_by: &'static str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            manifest: Option<&'a Manifest>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            files: Option<&'a [String]>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            damaged: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            boot_verified: Option<&'a crate::boot::BootVerification>,
-        }
-        let (written_by, manifest, files, damaged) = match &self.kind {
-            BackupKind::Nasbak(m) => ("nasbak", Some(&**m), None, None),
-            BackupKind::Reference { files } => ("reference", None, Some(files.as_slice()), None),
-            BackupKind::Damaged { reason } => ("unknown", None, None, Some(reason.as_str())),
-        };
-        Shown {
-            id: self.reference(),
-            repository: &self.repository,
-            vm: &self.vm,
-            backup: &self.id,
-            written_by,
-            manifest,
-            files,
-            damaged,
-            boot_verified: self.boot_verified.as_ref(),
-        }
-        .serialize(s)
-    }
-}
+use crate::store::{BackupEntry, BackupKind, ancestors, link_problem, list_mounted, read_backup, retire_and_delete};
 
 /// A repository's capacity, in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -203,82 +121,18 @@ impl FileVerdict {
     }
 }
 
-/// Reads the backup directory `dir` (`None`: there is no such directory). A manifest that cannot
-/// be read or is invalid, and a directory with neither a manifest nor a backup file, give
-/// [`BackupKind::Damaged`].
-pub(crate) fn read_backup(repository: &str, vm: &str, id: &str, dir: &Path) -> Option<BackupEntry> {
-    if !dir.is_dir() {
-        return None;
-    }
-    let entry = |kind| {
-        let boot_verified = crate::boot::read_record(dir);
-        Some(BackupEntry { repository: repository.into(), vm: vm.into(), id: id.into(), kind, boot_verified })
-    };
-    let manifest = dir.join(MANIFEST_FILE);
-    match fs::read_to_string(&manifest) {
-        Ok(text) => {
-            return entry(match Manifest::from_json(&text) {
-                Ok(m) => BackupKind::Nasbak(Box::new(m)),
-                Err(e) => BackupKind::Damaged { reason: format!("its manifest is invalid: {e}") },
-            });
-        }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return entry(BackupKind::Damaged { reason: format!("its manifest cannot be read: {e}") });
-        }
-        Err(_) => {}
-    }
-    let mut files: Vec<String> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| parse_disk_file_name(n).is_some())
-            .collect(),
-        Err(e) => return entry(BackupKind::Damaged { reason: format!("its directory cannot be read: {e}") }),
-    };
-    files.sort();
-    // Root first, as the reference writes it.
-    files.sort_by_key(|f| !f.starts_with("root."));
-    if files.is_empty() {
-        return entry(BackupKind::Damaged { reason: "it holds neither a manifest.json nor a backup file".into() });
-    }
-    entry(BackupKind::Reference { files })
-}
-
-/// The catalog of backups on repositories: list, verify, delete and prune. It needs qemu-img
-/// (to check images) and the repository mounts, never a hypervisor.
-#[derive(Debug)]
-pub struct Catalog<'a, I, M> {
-    images: &'a I,
-    mounts: &'a RepositoryMounts<M>,
-}
-
-impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
-    /// A catalog over these services.
-    pub fn new(images: &'a I, mounts: &'a RepositoryMounts<M>) -> Self {
-        Catalog { images, mounts }
-    }
-
-    /// The image tool.
-    pub(crate) fn images(&self) -> &'a I {
-        self.images
-    }
-
-    /// The repository mounts.
-    pub fn mounts(&self) -> &'a RepositoryMounts<M> {
-        self.mounts
-    }
-
+impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// The backups on `repository` (of `vm` only, when given), oldest first: complete ones and
     /// damaged ones ([`BackupKind::Damaged`]). Partial directories of backups still being
     /// written and anything not named like a backup are not listed.
     pub fn list(&self, repository: &BackupRepository, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
+        let mounted = self.mounts().acquire(repository)?;
         list_mounted(repository.name().as_str(), mounted.root(), vm)
     }
 
     /// One backup (complete or damaged); [`BackupError::NotFound`] when there is none of that id.
     pub fn entry(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<BackupEntry, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
+        let mounted = self.mounts().acquire(repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         read_backup(repository.name().as_str(), vm, id, &dir)
             .ok_or_else(|| BackupError::NotFound { what: format!("backup {}:{vm}/{id}", repository.name()) })
@@ -315,7 +169,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<VerifyReport, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
+        let mounted = self.mounts().acquire(repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         let entry = read_backup(repository.name().as_str(), vm, id, &dir)
             .ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
@@ -333,7 +187,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
                     if let Some(backing) = &d.backing {
                         links.push((d.file.clone(), backing.clone()));
                     }
-                    for (parent_dir, parent) in crate::restore::ancestors(&vm_dir, vm, id, d)? {
+                    for (parent_dir, parent) in ancestors(&vm_dir, vm, id, d)? {
                         let shown = format!(
                             "../{}/{}",
                             parent_dir.file_name().unwrap_or_default().to_string_lossy(),
@@ -366,7 +220,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
             verdict.file = shown;
             if let Some((_, backing)) = links.iter().find(|(f, _)| *f == file && file_dir == dir)
                 && verdict.ok()
-                && let Some(problem) = link_problem(self.images, &dir.join(&file), &dir.join(backing))
+                && let Some(problem) = link_problem(self.images(), &dir.join(&file), &dir.join(backing))
             {
                 verdict = FileVerdict::new(
                     verdict.file,
@@ -409,7 +263,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
                 Err(e) => (None, Some((FileStatus::Unreadable, format!("reading it failed: {e}")))),
             },
         };
-        let check = match self.images.check(&ImageLocation::Path(path), &ImageFormat::Qcow2) {
+        let check = match self.images().check(&ImageLocation::Path(path), &ImageFormat::Qcow2) {
             Ok(r) => r.verdict,
             Err(_) => CheckVerdict::Incomplete,
         };
@@ -428,7 +282,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
     }
 
     fn measure(&self, repository: &BackupRepository, probe: bool) -> Result<CapacityReport, BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
+        let mounted = self.mounts().acquire(repository)?;
         if probe {
             mounted.check_writable()?;
         }
@@ -445,7 +299,7 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
     /// Deletes one backup, complete or damaged. Only `VM/BACKUP-ID` naming an existing backup
     /// directory is accepted: never the repository, a VM directory, or anything else.
     pub fn delete(&self, repository: &BackupRepository, vm: &str, id: &str) -> Result<(), BackupError> {
-        let mounted = self.mounts.acquire(repository)?;
+        let mounted = self.mounts().acquire(repository)?;
         let (vm_name, _, dir) = mounted.layout().resolve_backup(&format!("{vm}/{id}"))?;
         let missing = || BackupError::NotFound { what: format!("backup {vm}/{id} on {}", repository.name()) };
         if read_backup(repository.name().as_str(), vm, id, &dir).is_none() {
@@ -471,85 +325,10 @@ impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
     }
 }
 
-/// Removes a backup directory with [`delete_dir`], its checkpoint retired first (see
-/// [`crate::incremental::retire_checkpoint`]) so that the next backup of the VM removes its
-/// bitmaps. Run holding the VM's lock.
-pub(crate) fn retire_and_delete(vm_dir: &Path, dir: &Path) -> Result<(), BackupError> {
-    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if let Some(BackupKind::Nasbak(m)) = read_backup("", "", &id, dir).map(|e| e.kind) {
-        crate::incremental::retire_checkpoint(vm_dir, &m).map_err(|source| BackupError::Io {
-            action: "retiring the checkpoint of",
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    delete_dir(dir)
-}
-
-/// Removes a backup directory: first renamed to a `.partial` name (so that no reader ever sees
-/// a half-deleted backup as complete or damaged; a partial directory is removed by the next
-/// backup of the VM if this one is interrupted), then removed.
-pub(crate) fn delete_dir(dir: &Path) -> Result<(), BackupError> {
-    let mut doomed = dir.as_os_str().to_owned();
-    doomed.push(".deleting");
-    doomed.push(nasbak_repo::model::layout::PARTIAL_SUFFIX);
-    let doomed = std::path::PathBuf::from(doomed);
-    fs::rename(dir, &doomed).map_err(|source| BackupError::Io { action: "deleting", path: dir.to_owned(), source })?;
-    fs::remove_dir_all(&doomed).map_err(|source| BackupError::Io { action: "deleting", path: doomed, source })
-}
-
-/// The backups below a mounted repository root (see [`Catalog::list`]).
-pub(crate) fn list_mounted(repository: &str, root: &Path, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
-    let mut out = Vec::new();
-    let vms: Vec<String> = match vm {
-        Some(v) => vec![VmName::new(v)?.to_string()],
-        None => fs::read_dir(root)
-            .map_err(|source| BackupError::Io { action: "listing", path: root.to_owned(), source })?
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| VmName::new(n).is_ok())
-            .collect(),
-    };
-    for v in vms {
-        let Ok(entries) = fs::read_dir(root.join(&v)) else { continue };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.parse::<BackupId>().is_ok()
-                && let Some(entry) = read_backup(repository, &v, &name, &e.path())
-            {
-                out.push(entry);
-            }
-        }
-    }
-    out.sort_by(|a, b| {
-        (a.vm.as_str(), a.id.parse::<BackupId>().ok()).cmp(&(b.vm.as_str(), b.id.parse::<BackupId>().ok()))
-    });
-    Ok(out)
-}
-
-/// Why the backing link of `file` does not lead to `expected` (the parent's file its manifest
-/// names), or `None` when it does.
-pub(crate) fn link_problem<I: ImageTool>(images: &I, file: &Path, expected: &Path) -> Option<String> {
-    let info = match images.info(&ImageLocation::Path(file.to_owned())) {
-        Ok(info) => info,
-        Err(e) => return Some(format!("its backing chain cannot be read: {}", crate::error::chain(&e))),
-    };
-    let actual = info.first().and_then(|i| i.backing_file.clone());
-    let same = |a: &Path| match (fs::canonicalize(a), fs::canonicalize(expected)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    match actual {
-        Some(a) if same(Path::new(&a)) => None,
-        Some(a) => Some(format!("its backing file is {a}, its manifest says {}", expected.display())),
-        None => Some(format!("it has no backing file, its manifest says {}", expected.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nasbak_repo::model::layout::MANIFEST_FILE;
 
     #[test]
     fn every_backup_directory_is_a_backup_or_damaged_with_a_reason() {

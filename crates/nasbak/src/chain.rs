@@ -9,34 +9,7 @@
 use nasbak_repo::{BackupMode, Manifest, backing_path};
 use serde::Serialize;
 
-/// The mode an operator asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModeRequest {
-    /// Always a full backup.
-    Full,
-    /// An incremental; a full (with the reason) where one cannot be proven correct.
-    Incremental,
-    /// An incremental when a valid chain exists and is shorter than `full_every`, else a full.
-    #[default]
-    Auto,
-}
-
-impl std::str::FromStr for ModeRequest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "full" => Ok(ModeRequest::Full),
-            "incremental" => Ok(ModeRequest::Incremental),
-            "auto" => Ok(ModeRequest::Auto),
-            other => Err(format!("{other:?} is not a backup mode; expected full, incremental or auto")),
-        }
-    }
-}
-
-/// How many backups a chain holds at most (its full and the incrementals on it) before `auto`
-/// takes a full again, when the offering does not say.
-pub const DEFAULT_FULL_EVERY: u32 = 7;
+pub use crate::request::{DEFAULT_FULL_EVERY, ModeRequest};
 
 /// The previous backup of the VM on this repository, as far as the chain is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -122,7 +122,33 @@ where
     }
 
     /// The catalog (list, show, verify, delete, prune) over this engine's qemu-img and mounts.
-    pub fn catalog(&self) -> crate::Catalog<'_, I, M> {
-        crate::Catalog::new(&self.images, &self.mounts)
+    pub fn catalog(&self) -> Catalog<'_, I, M> {
+        Catalog::new(&self.images, &self.mounts)
+    }
+}
+
+/// The catalog of backups on repositories: list, verify, delete, prune and mount. It needs
+/// qemu-img (to check images) and the repository mounts, never a hypervisor. Like [`Engine`], a
+/// facade the catalog's workflows add their methods to.
+#[derive(Debug)]
+pub struct Catalog<'a, I, M> {
+    images: &'a I,
+    mounts: &'a RepositoryMounts<M>,
+}
+
+impl<'a, I: ImageTool, M: Mounter> Catalog<'a, I, M> {
+    /// A catalog over these services.
+    pub fn new(images: &'a I, mounts: &'a RepositoryMounts<M>) -> Self {
+        Catalog { images, mounts }
+    }
+
+    /// The image tool.
+    pub(crate) fn images(&self) -> &'a I {
+        self.images
+    }
+
+    /// The repository mounts.
+    pub fn mounts(&self) -> &'a RepositoryMounts<M> {
+        self.mounts
     }
 }

@@ -19,10 +19,10 @@ use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageInfo, ImageLocation, Image
 use nasbak_repo::model::layout::PARTIAL_SUFFIX;
 use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
-use crate::catalog::{BackupKind, read_backup};
 use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, Parent, plan_chain};
 use crate::disks::volume_of;
 use crate::request::BackupRequest;
+use crate::store::{BackupKind, read_backup};
 
 /// The name of the checkpoint a backup creates: `nasbak-<backup id>`.
 pub(crate) fn checkpoint_name(id: &BackupId) -> String {
@@ -271,7 +271,7 @@ pub(crate) fn disk_chain_problem<I: ImageTool>(
 ) -> Option<String> {
     let disk = newest.disks.iter().find(|d| d.target == target)?;
     let mut files = vec![(vm_dir.join(&newest.id), disk.clone())];
-    match crate::restore::ancestors(vm_dir, vm, &newest.id, disk) {
+    match crate::store::ancestors(vm_dir, vm, &newest.id, disk) {
         Ok(chain) => files.extend(chain),
         Err(e) => return Some(crate::error::chain(&e)),
     }
@@ -292,7 +292,7 @@ pub(crate) fn disk_chain_problem<I: ImageTool>(
             Err(e) => return Some(format!("qemu-img check of {shown} failed: {}", crate::error::chain(&e))),
         }
         if let Some(backing) = &d.backing
-            && let Some(problem) = crate::catalog::link_problem(images, &path, &dir.join(backing))
+            && let Some(problem) = crate::store::link_problem(images, &path, &dir.join(backing))
         {
             return Some(format!("{shown}: {problem}"));
         }
@@ -478,44 +478,6 @@ pub(crate) fn after_stopped_success<H: Hypervisor, I: ImageTool>(
     }
 }
 
-/// The directory in a VM's directory on the repository where `delete` and `prune` leave the
-/// checkpoints of the backups they removed whose bitmaps may still live in the VM's images, for
-/// the next backup of the VM (which has the hypervisor) to remove.
-pub(crate) const RETIRED_DIR: &str = ".nasbak-retired-checkpoints";
-
-/// Called holding the VM's lock, before backup `removed` goes: when it is the VM's newest
-/// backup here and recorded a checkpoint, that checkpoint's bitmaps are still in the VM's
-/// images (an older backup's went when the next one was made): its record is left in
-/// [`RETIRED_DIR`] for the next backup to remove.
-pub(crate) fn retire_checkpoint(vm_dir: &Path, removed: &Manifest) -> std::io::Result<()> {
-    let Some(record) = &removed.checkpoint else { return Ok(()) };
-    let Ok(id) = removed.id.parse::<BackupId>() else { return Ok(()) };
-    let newer = fs::read_dir(vm_dir)?
-        .flatten()
-        .any(|e| e.file_name().to_str().and_then(|n| n.parse::<BackupId>().ok()).is_some_and(|other| other > id));
-    if newer {
-        return Ok(());
-    }
-    let dir = vm_dir.join(RETIRED_DIR);
-    fs::create_dir_all(&dir)?;
-    let json = serde_json::to_string(record).map_err(std::io::Error::other)?;
-    crate::transfer::write_synced(&dir.join(format!("{}.json", record.name)), json.as_bytes())
-        .map_err(|e| std::io::Error::other(crate::error::chain(&e)))
-}
-
-/// The checkpoints `delete` and `prune` retired in `vm_dir`, each with the file that holds it
-/// (removed once its bitmaps are gone).
-pub(crate) fn retired_checkpoints(vm_dir: &Path) -> Vec<(std::path::PathBuf, CheckpointRecord)> {
-    let Ok(entries) = fs::read_dir(vm_dir.join(RETIRED_DIR)) else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let record = serde_json::from_str(&fs::read_to_string(e.path()).ok()?).ok()?;
-            Some((e.path(), record))
-        })
-        .collect()
-}
-
 /// Removes the bitmaps of the retired checkpoints of `vm_dir`: from a running VM through
 /// libvirt, from a shut-off one's qcow2 images with qemu-img. Returns what it removed.
 pub(crate) fn remove_retired<H: Hypervisor, I: ImageTool>(
@@ -527,7 +489,7 @@ pub(crate) fn remove_retired<H: Hypervisor, I: ImageTool>(
     vm_dir: &Path,
 ) -> Vec<String> {
     let mut removed = Vec::new();
-    for (file, record) in retired_checkpoints(vm_dir) {
+    for (file, record) in crate::store::retired_checkpoints(vm_dir) {
         if running {
             delete_everywhere(hypervisor, vm, &record);
         } else {
@@ -543,6 +505,7 @@ pub(crate) fn remove_retired<H: Hypervisor, I: ImageTool>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::retire_checkpoint;
 
     fn manifest(id: &str, checkpoint: bool) -> Manifest {
         let mut m = crate::test_support::manifest(id, &[]);
@@ -562,9 +525,9 @@ mod tests {
         retire_checkpoint(dir.path(), &manifest("2026.11.30.02.00.00", true)).unwrap();
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-9", true)).unwrap();
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-10", false)).unwrap();
-        assert!(retired_checkpoints(dir.path()).is_empty());
+        assert!(crate::store::retired_checkpoints(dir.path()).is_empty());
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-10", true)).unwrap();
-        let retired = retired_checkpoints(dir.path());
+        let retired = crate::store::retired_checkpoints(dir.path());
         assert_eq!(retired.len(), 1);
         assert_eq!(retired[0].1.name, "nasbak-2026.12.01.02.00.00-10");
     }

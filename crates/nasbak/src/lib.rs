@@ -86,22 +86,21 @@ pub mod progress;
 pub mod prune;
 mod request;
 mod restore;
+mod store;
 #[cfg(test)]
 mod test_support;
 mod transfer;
 mod watchdog;
 
 pub use backup::{BackupOutcome, SkippedDisk};
-pub use boot::{
-    BOOT_VERIFY_FILE, BootResult, BootVerification, BootVerifyRequest, DEFAULT_BOOT_TIMEOUT, DEFAULT_VERIFY_DIR,
-};
+pub use boot::{BootVerifyRequest, DEFAULT_BOOT_TIMEOUT, DEFAULT_VERIFY_DIR};
 pub use browse::{
     DISK_IMAGE_FILE, MOUNT_STATE_FILE, MountRequest, MountedBackup, MountedDisk, MountedFilesystem, NotMounted,
     UnmountReport,
 };
-pub use catalog::{BackupEntry, BackupKind, CapacityReport, Catalog, FileStatus, FileVerdict, VerifyReport};
+pub use catalog::{CapacityReport, FileStatus, FileVerdict, VerifyReport};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{AgentSource, DEFAULT_AGENT_TIMEOUT, Engine};
+pub use engine::{AgentSource, Catalog, DEFAULT_AGENT_TIMEOUT, Engine};
 pub use error::{BackupError, ErrorKind, Step, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use progress::{Observer, Phase, Progress};
@@ -112,6 +111,7 @@ pub use restore::{
     InstantFinished, InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome,
     RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
 };
+pub use store::{BOOT_VERIFY_FILE, BackupEntry, BackupKind, BootResult, BootVerification};
 pub use transfer::hash::{
     CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
 };

@@ -27,12 +27,13 @@ use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::MANIFEST_FILE;
 use nasbak_repo::{BackupMode, Checksum, Manifest, ManifestDisk};
 
-use crate::catalog::{BackupKind, read_backup};
 use crate::error::BackupError;
 use crate::progress::Observer;
+use crate::store::write_synced;
+use crate::store::{BackupKind, read_backup};
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file};
 use crate::transfer::stage::Staged;
-use crate::transfer::{check_image, check_sum, convert, write_synced};
+use crate::transfer::{check_image, check_sum, convert};
 
 /// The suffix of a merge's new files until they are renamed into place.
 pub const MERGING_SUFFIX: &str = ".merging";
@@ -59,7 +60,7 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
     let mut merged = manifest.clone();
     let mut staged = Staged(Vec::new());
     for d in merged.disks.iter_mut().filter(|d| d.mode == BackupMode::Incremental) {
-        let chain = crate::restore::ancestors(vm_dir, vm, id, d)?;
+        let chain = crate::store::ancestors(vm_dir, vm, id, d)?;
         for (from, file) in std::iter::once((dir.clone(), d.clone())).chain(chain) {
             check_image(images, &from, &file)?;
             check_sum(&from, &file, vm, cancel, observer)?;

@@ -12,9 +12,10 @@ use nasbak_qemu_img::ImageTool;
 use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy, VmName};
 use serde::Serialize;
 
-use crate::catalog::{BackupEntry, BackupKind, Catalog, list_mounted, retire_and_delete};
+use crate::engine::Catalog;
 use crate::error::BackupError;
 use crate::lock::VmLock;
+use crate::store::{BackupEntry, BackupKind, list_mounted, retire_and_delete};
 
 /// One backup, as prune sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nasbak_agent::QuiescePolicy;
 use nasbak_repo::BackupRepository;
 
-use crate::chain::{DEFAULT_FULL_EVERY, ModeRequest};
+use serde::Serialize;
 
 /// What to back up, where, how. Built with [`BackupRequest::new`] and the `with_` methods.
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct BackupRequest {
     pub timeout: Duration,
     /// The schedule this backup is made for (recorded in the manifest for per-schedule retention).
     pub schedule: Option<String>,
-    /// Full, incremental, or auto (see [`mod@crate::chain`]).
+    /// Full, incremental, or auto (the chain planner decides).
     pub mode: ModeRequest,
     /// The longest chain `auto` builds before it takes a full again.
     pub full_every: u32,
@@ -77,3 +77,32 @@ impl BackupRequest {
         self
     }
 }
+
+/// The mode an operator asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModeRequest {
+    /// Always a full backup.
+    Full,
+    /// An incremental; a full (with the reason) where one cannot be proven correct.
+    Incremental,
+    /// An incremental when a valid chain exists and is shorter than `full_every`, else a full.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for ModeRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(ModeRequest::Full),
+            "incremental" => Ok(ModeRequest::Incremental),
+            "auto" => Ok(ModeRequest::Auto),
+            other => Err(format!("{other:?} is not a backup mode; expected full, incremental or auto")),
+        }
+    }
+}
+
+/// How many backups a chain holds at most (its full and the incrementals on it) before `auto`
+/// takes a full again, when the offering does not say.
+pub const DEFAULT_FULL_EVERY: u32 = 7;

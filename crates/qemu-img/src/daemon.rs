@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nasbak_process::CancelHandle;
 use serde_json::{Value, json};
 
-use crate::tool::{ImageError, ProgressFn};
+use crate::error::{ImageError, ProgressFn};
 
 /// A copy of the clusters a bitmap marks dirty.
 #[derive(Debug, Clone)]

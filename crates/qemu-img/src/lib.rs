@@ -29,6 +29,7 @@
 
 mod convert;
 mod daemon;
+mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
 mod info;
@@ -37,8 +38,9 @@ mod tool;
 
 pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
 pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, nbd_uri};
+pub use error::{ImageError, ProgressFn};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
 pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
 #[cfg(any(test, feature = "mock"))]
 pub use tool::MockImageTool;
-pub use tool::{ImageError, ImageTimeouts, ImageTool, ProgressFn, QemuImg};
+pub use tool::{ImageTimeouts, ImageTool, QemuImg};

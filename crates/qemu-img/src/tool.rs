@@ -8,11 +8,9 @@ use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
 use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
+use crate::error::{ImageError, ProgressFn};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for};
-
-/// Progress of a long operation, as a percentage from 0 to 100.
-pub type ProgressFn = dyn Fn(f64) + Send + Sync;
 
 /// How long removing an RBD image waits for the watch of a client that died with it open.
 const RBD_WATCH_WAIT: Duration = Duration::from_secs(60);
@@ -61,46 +59,6 @@ pub trait ImageTool {
         file: &Path,
         hold: Option<&'a std::fs::File>,
     ) -> Result<ReadOnlyExport, ImageError>;
-}
-
-/// An image operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ImageError {
-    /// qemu-img failed, timed out or could not run.
-    #[error("qemu-img {action} failed")]
-    Command {
-        /// What was being done.
-        action: &'static str,
-        /// argv (no secrets), status, stderr.
-        #[source]
-        source: CommandError,
-    },
-    /// qemu-img printed something we could not read.
-    #[error("could not read the output of qemu-img {action}: {detail}")]
-    Output {
-        /// What was being done.
-        action: &'static str,
-        /// What was wrong.
-        detail: String,
-    },
-    /// qemu-storage-daemon failed, timed out or could not run.
-    #[error("qemu-storage-daemon {action} failed: {detail}")]
-    Daemon {
-        /// What was being done.
-        action: &'static str,
-        /// What went wrong.
-        detail: String,
-    },
-    /// A temporary keyring file could not be written.
-    #[error("could not write a temporary keyring in {dir}")]
-    Keyring {
-        /// The directory.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Time limits for qemu-img.

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::exec::{cargo, cmd, workspace_root};
 use crate::lab::{STATE, URI};
-use crate::run::{cargo, cmd, workspace_root};
 
 const DOMAIN: &str = "nasbak-bench";
 

@@ -29,7 +29,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::run::cmd;
+use nasbak_process::ExternalCommand;
 
 /// How long a test binary, and the whole test phase, may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +166,7 @@ pub fn run_all(binaries: &[TestBinary], limits: Limits) -> Result<(u64, u64)> {
 
 /// The tests of `bin` (with `filters`), by name.
 pub fn list(bin: &TestBinary, filters: &[&str]) -> Result<Vec<String>> {
-    let out = cmd(&bin.path.to_string_lossy())
+    let out = ExternalCommand::new(&bin.path)
         .args(["--list", "--format", "terse"])
         .args(filters)
         .current_dir(&bin.dir)
@@ -305,7 +305,7 @@ fn pad_failed(mut named: Vec<String>, count: u64, bin: &str) -> Vec<String> {
 /// after the test; the kernel keeps its first 15 bytes), or of every thread when none matches;
 /// a note instead when gdb is missing or does not answer in a minute.
 fn backtraces(pid: u32, hung: &[String]) -> String {
-    let out = cmd("gdb")
+    let out = ExternalCommand::new("gdb")
         .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "set pagination off", "-ex", "thread apply all bt 40"])
         .timeout(Duration::from_secs(60))
         .run_unchecked();

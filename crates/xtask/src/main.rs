@@ -8,13 +8,16 @@
 //! - `cargo xtask bench`: nasbak against virsh, qemu-img, rsync and cp, side by side.
 //! - `cargo xtask fuzz [SECS]`: short fuzz runs of every target.
 //! - `cargo xtask faults [ROW...]`: the fault matrix (`docs/reliability.md`).
+//! - `cargo xtask layers`: no module circle in any crate; `nasbak` within its layers.
 //! - `cargo xtask tests [--times N] [--deadline SECS] BINARY [FILTER...]`: some test binaries
 //!   under the deadline `test` gives each (see `deadline.rs`), N times, with their run times.
 //! - `cargo xtask test`: what CI runs: lab up, fmt, clippy, doc, every test (the NAS guest's too), a short fuzz run.
 
 mod bench;
 mod deadline;
+mod exec;
 mod lab;
+mod layers;
 mod run;
 
 use anyhow::{Result, bail};
@@ -38,6 +41,8 @@ commands:
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
                 (docs/reliability.md)
+  layers        no module circle in any crate, and nasbak's modules within their layers
+                (crates/xtask/src/layers.rs)
   tests [--times N] [--deadline SECS] BINARY [FILTER...]
                 lab up, then the test binaries whose package/target name contains BINARY (tests
                 matching FILTER), N times, each under the deadline `test` gives a binary
@@ -62,6 +67,7 @@ fn main() -> Result<()> {
         ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
         ["faults", rows @ ..] => run::faults(rows),
         ["tests", rest @ ..] => run::tests(rest),
+        ["layers"] => layers::check(),
         ["help"] | ["--help"] | ["-h"] | [] => {
             println!("{USAGE}");
             Ok(())

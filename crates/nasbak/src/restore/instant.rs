@@ -30,12 +30,13 @@ use crate::export::{Overlay, nbd_socket};
 use nasbak_repo::{ManifestDisk, Mounter, VmName};
 use serde::{Deserialize, Serialize};
 
-use super::marks::{RESTORING_MARK, RestoringMark};
-use super::{RestoreRequest, RestoredDisk, ancestors, match_disks};
+use super::{RestoreRequest, RestoredDisk, match_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
 use crate::progress::{Observer, Phase, Progress};
+use crate::store::ancestors;
+use crate::store::marks::{RESTORING_MARK, RestoringMark};
 use crate::transfer::check_image;
 use crate::transfer::stage::stage_beside;
 

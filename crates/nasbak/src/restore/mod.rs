@@ -6,30 +6,24 @@
 //! reference system wrote (no manifest) are restored too: their file names give the volume, and
 //! the `domain-config.xml` saved with them gives each volume's target.
 
-use std::fs;
-use std::path::Path;
-
 use nasbak_libvirt::{Disk, Domain, DomainState};
 use nasbak_qemu_img::{ImageFormat, ImageLocation};
-use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
-use nasbak_repo::{BackupId, BackupMode, BackupRepository, ManifestDisk, MountedRepository, Mounter, VmName};
+use nasbak_repo::{BackupId, BackupRepository, ManifestDisk, MountedRepository, Mounter, VmName};
 use serde::Serialize;
 
 mod instant;
-mod marks;
 mod vm;
 mod volume;
 
+pub use crate::store::marks::RESTORING_MARK;
 pub use instant::{
     CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished,
     InstantRestore, InstantRestoreRequest, InstantStatus,
 };
-pub use marks::RESTORING_MARK;
-pub(crate) use marks::{RestoringMark, interrupted_restores};
 
-use crate::catalog::{BackupKind, read_backup};
 use crate::disks::volume_of;
 use crate::error::{BackupError, Step, at};
+use crate::store::backup_disks;
 
 /// Restoring every disk of a shut-off VM from a backup. Built with [`RestoreRequest::new`].
 #[derive(Debug, Clone)]
@@ -157,95 +151,6 @@ pub fn match_disks<'a>(
         }
     }
     if problems.is_empty() { Ok(pairs) } else { Err(BackupError::Mismatch { vm: domain.name.clone(), problems }) }
-}
-
-/// The disks of a backup: from its manifest, or for a reference-system backup from its file
-/// names, each volume's target taken from the saved `domain-config.xml` (else from `current`,
-/// the VM as it is now).
-pub(crate) fn backup_disks(
-    dir: &Path,
-    vm: &str,
-    id: &str,
-    current: Option<&Domain>,
-) -> Result<Vec<ManifestDisk>, BackupError> {
-    let entry =
-        read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
-    let files = match entry.kind {
-        BackupKind::Nasbak(m) => return Ok(m.disks),
-        BackupKind::Reference { files } => files,
-        BackupKind::Damaged { reason } => {
-            return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
-        }
-    };
-    let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok());
-    let mut disks = Vec::new();
-    for file in files {
-        let (_, volume) = parse_disk_file_name(&file).expect("read_backup lists backup file names only");
-        let find = |d: &Domain| d.disks.iter().find(|x| volume_of(x) == volume).map(|x| x.target.clone());
-        let target = saved.as_ref().and_then(find).or_else(|| current.and_then(find)).ok_or_else(|| {
-            BackupError::Mismatch {
-                vm: vm.to_owned(),
-                problems: vec![format!(
-                    "the backup's file {file} is volume {volume}, which neither the saved domain-config.xml nor the VM has"
-                )],
-            }
-        })?;
-        disks.push(ManifestDisk {
-            target,
-            volume: volume.to_string(),
-            source: String::new(),
-            source_format: None,
-            file: file.clone(),
-            format: "qcow2".into(),
-            virtual_size: 0,
-            size: 0,
-            checksum: None,
-            mode: BackupMode::Full,
-            backing: None,
-            full_reason: None,
-        });
-    }
-    Ok(disks)
-}
-
-/// The backup files an incremental disk builds on, nearest first (empty for a full disk), each
-/// found through its backing link in its own backup's manifest: `vm_dir` is the VM's directory.
-/// A link to a backup or file that is not there is [`BackupError::DamagedBackup`]: the chain is
-/// broken and the disk cannot be restored from this backup.
-pub(crate) fn ancestors(
-    vm_dir: &Path,
-    vm: &str,
-    id: &str,
-    disk: &ManifestDisk,
-) -> Result<Vec<(std::path::PathBuf, ManifestDisk)>, BackupError> {
-    let mut chain = Vec::new();
-    let (mut current_id, mut current) = (id.to_owned(), disk.clone());
-    while current.mode == BackupMode::Incremental {
-        let broken = |reason: String| BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason };
-        let link = current.backing.clone().unwrap_or_default();
-        let (parent, file) = link
-            .strip_prefix("../")
-            .and_then(|rest| rest.split_once('/'))
-            .ok_or_else(|| broken(format!("disk {} of {current_id} has the backing {link:?}", current.target)))?;
-        let dir = vm_dir.join(parent);
-        let next = match read_backup("", vm, parent, &dir).map(|e| e.kind) {
-            Some(BackupKind::Nasbak(m)) => m.disks.into_iter().find(|d| d.file == file).ok_or_else(|| {
-                broken(format!("its chain is broken: backup {parent} has no file {file} for disk {}", current.target))
-            })?,
-            Some(BackupKind::Damaged { reason }) => {
-                return Err(broken(format!("its chain is broken: backup {parent} is damaged ({reason})")));
-            }
-            Some(BackupKind::Reference { .. }) | None => {
-                return Err(broken(format!("its chain is broken: backup {parent} is missing")));
-            }
-        };
-        chain.push((dir, next.clone()));
-        if chain.len() > 10_000 {
-            return Err(broken("its chain does not end".into()));
-        }
-        (current_id, current) = (parent.to_owned(), next);
-    }
-    Ok(chain)
 }
 
 /// Restoring one disk of a backup as a new volume. Built with [`VolumeRestoreRequest::new`].

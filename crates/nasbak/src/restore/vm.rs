@@ -9,12 +9,13 @@ use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{Mounter, VmName};
 
-use super::marks::{RestoringMark, interrupted_restores};
-use super::{RestoreOutcome, RestoreRequest, RestoredDisk, ancestors, match_disks};
+use super::{RestoreOutcome, RestoreRequest, RestoredDisk, match_disks};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
 use crate::progress::{Observer, Progress};
+use crate::store::ancestors;
+use crate::store::marks::{RestoringMark, interrupted_restores};
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
 use crate::transfer::{check_image, check_sum, convert, copy_checked};
 

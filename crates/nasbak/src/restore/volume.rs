@@ -8,11 +8,12 @@ use nasbak_libvirt::{CancelHandle, DiskSource, Domain, DomainState, Hypervisor, 
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
 
-use super::{Attachment, RestoredVolume, VolumeRestoreRequest, ancestors, backup_disks};
+use super::{Attachment, RestoredVolume, VolumeRestoreRequest};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::lock::VmLock;
 use crate::progress::Observer;
+use crate::store::{ancestors, backup_disks};
 use crate::transfer::stage::{Staged, stage_beside};
 use crate::transfer::{check_image, check_sum, convert, copy_checked};
 

@@ -155,11 +155,3 @@ pub(crate) fn copy_checked(
     }
     result
 }
-
-/// Writes `data` to a new file at `path` and syncs it.
-pub(crate) fn write_synced(path: &Path, data: &[u8]) -> Result<(), BackupError> {
-    use std::io::Write;
-    let io = |source| BackupError::Io { action: "writing", path: path.to_owned(), source };
-    let mut f = fs::File::create(path).map_err(io)?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io)
-}

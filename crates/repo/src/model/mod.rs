@@ -3,7 +3,7 @@
 //!
 //! Invariant: nothing in this module does any I/O (no files, no processes, no clock). It can
 //! be fuzzed and property-tested freely, and everything with side effects lives in
-//! [`crate::mount`].
+//! the `mount` and `store` modules.
 
 pub mod address;
 pub mod error;

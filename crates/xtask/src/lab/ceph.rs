@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::exec::cmd;
 use crate::lab::STATE;
-use crate::run::cmd;
 
 /// The packages (without recommends).
 const PACKAGES: &[&str] =
@@ -39,7 +39,7 @@ pub fn dir() -> PathBuf {
 /// `cargo xtask lab ceph`: the cluster up, then the Ceph tests with a closing
 /// `N passed, M failed`; fails on any failure.
 pub fn run() -> Result<()> {
-    crate::run::conclude("Ceph", run_tests()?)
+    crate::exec::conclude("Ceph", run_tests()?)
 }
 
 /// Brings the cluster up and runs the Ceph tests (`tests/lab_ceph.rs` of nasbak, built with

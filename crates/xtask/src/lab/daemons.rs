@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::{STARTED, TEST_DOMAIN_PREFIX, URI};
-use crate::run::cmd;
+use crate::exec::cmd;
 
 /// `(libvirt, qemu)` versions as `virsh version` reports them.
 pub fn versions() -> Result<(String, String)> {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::CACHE;
 use super::cpio;
-use crate::run::cmd;
+use crate::exec::cmd;
 
 const INIT: &str = include_str!("guest-init.sh");
 

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::run::cmd;
+use crate::exec::cmd;
 
 /// Cached build products (the guest kernel and initramfs, downloaded packages).
 pub const CACHE: &str = "/var/cache/nasbak-lab";

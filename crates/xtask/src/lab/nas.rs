@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use super::guest::{MODULES, find_file, fnv, kernel_deb};
 use super::{CACHE, STATE, URI, cpio};
-use crate::run::cmd;
+use crate::exec::cmd;
 
 const INITRD_INIT: &str = include_str!("nas-initrd-init.sh");
 const NAS_INIT: &str = include_str!("nas-init.sh");
@@ -177,7 +177,7 @@ fn virsh(args: &[&str]) -> Result<String> {
 /// `cargo xtask lab nas`: boots the NAS guest, runs the NFS, SMB and CephFS tests inside it,
 /// prints one line per test and `N passed, M failed`; fails on any failure.
 pub fn run() -> Result<()> {
-    crate::run::conclude("NAS", run_tests()?)
+    crate::exec::conclude("NAS", run_tests()?)
 }
 
 /// Runs the NAS guest's tests and returns how many passed and failed (an error when none ran).

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::run::cmd;
+use crate::exec::cmd;
 
 /// Everything the lab and the tests use, except qemu-utils (see [`ensure`]).
 const PACKAGES: &[&str] = &[
