@@ -96,6 +96,86 @@ impl<I: ImageTool> Drop for BitmapGuard<'_, I> {
 }
 
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
+/// One backup in flight: what its phases share.
+struct Run<'r> {
+    request: &'r BackupRequest,
+    vm: &'r VmName,
+    state: DomainState,
+    /// The domain's definition, as saved with the backup.
+    xml: &'r str,
+    domain: &'r Domain,
+    vm_dir: &'r Path,
+    /// `<id>.partial`, where everything is written.
+    partial: &'r Path,
+    /// Each disk backed up, with its file's name.
+    files: &'r [(&'r Disk, String)],
+    /// Each disk's virtual size, by target.
+    sizes: &'r HashMap<String, u64>,
+    cancel: &'r CancelHandle,
+    /// A failure of a step while the repository is in use: the repository's going away, if it did.
+    unavailable: &'r dyn Fn(Step, BackupError) -> BackupError,
+}
+
+/// How the disks were copied.
+struct Copied {
+    method: BackupMethod,
+    quiesced: bool,
+    note: Option<String>,
+}
+
+/// What the manifest is made of beyond the run.
+struct ManifestParts<'p> {
+    id: &'p BackupId,
+    started: chrono::DateTime<chrono::Utc>,
+    copied: Copied,
+    disks: Vec<ManifestDisk>,
+    chain: &'p crate::incremental::ChainDecision,
+    created: Option<&'p str>,
+}
+
+/// A VM left half-written by an interrupted restore is refused (its disks are not the VM's).
+fn refuse_half_restored(
+    request: &BackupRequest,
+    vm: &VmName,
+    vm_dir: &Path,
+    chosen: &[&Disk],
+) -> Result<(), BackupError> {
+    let half: Vec<_> = crate::store::marks::interrupted_restores(vm_dir)
+        .into_iter()
+        .filter(|m| chosen.iter().any(|d| d.target == m.target))
+        .collect();
+    if half.is_empty() {
+        return Ok(());
+    }
+    Err(BackupError::HalfRestored {
+        vm: request.vm.clone(),
+        problems: half.iter().map(crate::store::marks::RestoringMark::describe).collect(),
+        marks: half
+            .iter()
+            .map(|m| {
+                format!("{}:{}/{}{}", request.repository.name(), vm, crate::store::marks::RESTORING_MARK, m.target)
+            })
+            .collect(),
+    })
+}
+
+/// `manifest.json` written last (synced), then, only while the lock is still ours (a holder
+/// that stalled past its lease abandons), the partial directory renamed into place and the
+/// rename synced.
+fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -> Result<(), BackupError> {
+    let manifest_path = run.partial.join(MANIFEST_FILE);
+    write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(|e| (run.unavailable)(Step::Manifest, e))?;
+    crate::fault::point("manifest");
+    lock.check(run.vm.as_str()).map_err(|e| at(Step::Commit)(e.into()))?;
+    fs::rename(run.partial, final_dir)
+        .map_err(io("moving the finished backup into place", final_dir))
+        .map_err(|e| (run.unavailable)(Step::Commit, e))?;
+    if let Ok(d) = fs::File::open(run.vm_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
@@ -133,13 +213,7 @@ where
         let vm = VmName::new(&request.vm)?;
         // Every libvirt call of the backup ends by its timeout, whatever the VM's QEMU does.
         let _deadline = nasbak_libvirt::deadline::scope(std::time::Instant::now() + request.timeout);
-        let inspect = || -> Result<_, BackupError> {
-            let state = self.hypervisor.domain_state(&request.vm)?;
-            let xml = self.hypervisor.domain_xml(&request.vm)?;
-            let domain = Domain::parse(&xml)?;
-            Ok((state, xml, domain))
-        };
-        let (state, xml, domain) = inspect().map_err(at(Step::Inspect))?;
+        let (state, xml, domain) = self.inspect(&request.vm).map_err(at(Step::Inspect))?;
         let (chosen, skipped) = domain.backup_selection();
         if chosen.is_empty() {
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
@@ -151,94 +225,40 @@ where
         fs::create_dir_all(&vm_dir).map_err(io("creating", &vm_dir))?;
         let _ = fs::set_permissions(&vm_dir, fs::Permissions::from_mode(0o755));
         let lock = VmLock::take(&vm_dir, vm.as_str())?;
+        refuse_half_restored(request, &vm, &vm_dir, &chosen)?;
         let mut notes = Notes { cleaned: lock.takeovers().to_vec(), warnings: Vec::new() };
-        let half: Vec<_> = crate::store::marks::interrupted_restores(&vm_dir)
-            .into_iter()
-            .filter(|m| chosen.iter().any(|d| d.target == m.target))
-            .collect();
-        if !half.is_empty() {
-            return Err(BackupError::HalfRestored {
-                vm: request.vm.clone(),
-                problems: half.iter().map(crate::store::marks::RestoringMark::describe).collect(),
-                marks: half
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "{}:{}/{}{}",
-                            request.repository.name(),
-                            vm,
-                            crate::store::marks::RESTORING_MARK,
-                            m.target
-                        )
-                    })
-                    .collect(),
-            });
-        }
-        if state == DomainState::Running && self.abort_orphaned_job(&request.vm, &vm_dir)? {
-            notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
-        }
-        let interrupted = clean_partials(&vm_dir);
-        notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
-        notes.cleaned.extend(
-            crate::merge::finish_merges(&vm_dir)
-                .iter()
-                .map(|b| format!("completed the merge of backup {b}, which an interrupted prune had left")),
-        );
-        // Checkpoints of backups deleted or pruned here since the last backup: their bitmaps go.
+        let interrupted = self.clean_leftovers(request, state, &vm_dir, &chosen, &mut notes)?;
         let running = state == DomainState::Running;
-        notes.cleaned.extend(
-            crate::incremental::remove_retired(&self.hypervisor, &self.images, &request.vm, running, &chosen, &vm_dir)
-                .iter()
-                .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
-        );
         let (sources, sizes) = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm, running)?;
-        let started = self.clock.now();
-        let existing: Vec<BackupId> = fs::read_dir(&vm_dir)
-            .map_err(io("listing", &vm_dir))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.trim_end_matches(PARTIAL_SUFFIX).parse().ok()))
-            .collect();
-        let id = BackupId::next_after(started, &existing);
+        let (started, id) = self.next_id(&vm_dir)?;
         let partial = layout.partial_dir(&vm, &id);
         fs::create_dir(&partial).map_err(io("creating", &partial))?;
         let mut cleanup = RemoveOnDrop(Some(partial.clone()));
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
         let files = backup_files(&chosen);
-        // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
-        // the backup is in place, a failure deletes the checkpoint this backup creates.
-        let (mut chain, created) = match state {
-            DomainState::Running => (
-                crate::incremental::decide(
-                    &self.hypervisor,
-                    &self.images,
-                    request,
-                    &vm_dir,
-                    &interrupted,
-                    &files,
-                    &sizes,
-                ),
-                Some(crate::incremental::checkpoint_name(&id)),
-            ),
-            _ => (
-                crate::incremental::decide_stopped(&self.images, request, &vm_dir, &interrupted, &files, &sources),
-                Some(crate::incremental::checkpoint_name(&id)),
-            ),
+        // A failure while the repository is in use may be the repository going away: say so.
+        let unavailable = |step: Step, e: BackupError| {
+            repository_unavailable(&mounted, request.repository.name().to_string(), step.clone(), at(step)(e))
         };
-        // A shut-off VM's qcow2 disks get this backup's bitmap before anything is read (no one
-        // writes to them in between): the base of the next incremental. Until the backup is in
-        // place, a failure removes it again.
-        let mut bitmaps =
-            BitmapGuard { images: &self.images, name: created.clone().unwrap_or_default(), files: Vec::new() };
-        if state == DomainState::ShutOff {
-            for (disk, _) in &files {
-                if let Some(file) = crate::incremental::bitmap_file(disk)
-                    && self.images.add_bitmap(file, &bitmaps.name).is_ok()
-                {
-                    bitmaps.files.push((disk.target.clone(), file.to_owned()));
-                }
-            }
-        }
+        let run = Run {
+            request,
+            vm: &vm,
+            state,
+            xml: &xml,
+            domain: &domain,
+            vm_dir: &vm_dir,
+            partial: &partial,
+            files: &files,
+            sizes: &sizes,
+            cancel,
+            unavailable: &unavailable,
+        };
+        // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
+        // the backup is in place, a failure deletes the checkpoint this backup creates, and
+        // removes the bitmaps a shut-off VM's disks got.
+        let (mut chain, created) = self.decide_chain(&run, &id, &interrupted, &sources);
+        let mut bitmaps = self.offline_bitmaps(&run, created.clone().unwrap_or_default());
         crate::fault::point("chain-decided");
         notes.cleaned.extend(
             chain
@@ -252,76 +272,212 @@ where
             created: created.clone(),
             redefined: chain.redefined.then(|| chain.from.clone()).flatten(),
         };
-        // A failure while the repository is in use may be the repository going away: say so.
-        let unavailable = |step: Step| {
-            let mounted = &mounted;
-            let repository = request.repository.name().to_string();
-            move |e: BackupError| repository_unavailable(mounted, repository, step.clone(), at(step)(e))
+        let copied = self.copy_disks(&run, &mut chain, created.as_deref(), &mut notes, observer)?;
+        crate::fault::point("checksum");
+        let disks = self.checksum_disks(&run, &chain.plan, observer)?;
+        let parts = ManifestParts { id: &id, started, copied, disks, chain: &chain, created: created.as_deref() };
+        let manifest = self.manifest(&run, parts, &bitmaps);
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
+        let final_dir = layout.backup_dir(&vm, &id);
+        commit(&run, &manifest, &lock, &final_dir)?;
+        // In place: nothing is undone any more. The parent's checkpoint goes (with its bitmaps),
+        // this one's record is forgotten (its bitmaps stay for the next incremental).
+        cleanup.0 = None;
+        checkpoint_guard.created = None;
+        checkpoint_guard.redefined = None;
+        bitmaps.files.clear();
+        self.after_commit(&run, &chain, created.as_deref());
+        crate::fault::point("renamed");
+        let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
+        let skipped =
+            skipped.into_iter().map(|s| SkippedDisk { target: s.target, reason: s.reason.to_owned() }).collect();
+        let id = BackupRef::new(Some(request.repository.name().clone()), vm, id);
+        Ok(BackupOutcome { id, manifest, relative_dir, skipped, cleaned: notes.cleaned, warnings: notes.warnings })
+    }
+
+    /// The VM's state, its definition as libvirt gives it, and that definition parsed.
+    fn inspect(&self, vm: &str) -> Result<(DomainState, String, Domain), BackupError> {
+        let state = self.hypervisor.domain_state(vm)?;
+        let xml = self.hypervisor.domain_xml(vm)?;
+        let domain = Domain::parse(&xml)?;
+        Ok((state, xml, domain))
+    }
+
+    /// What interrupted runs left, cleaned holding the VM's lock: a push job still writing into
+    /// a `.partial` directory, the `.partial` directories, a merge half done, and the bitmaps of
+    /// checkpoints whose backups were deleted. Returns the removed `.partial` directories (their
+    /// checkpoints are stale).
+    fn clean_leftovers(
+        &self,
+        request: &BackupRequest,
+        state: DomainState,
+        vm_dir: &Path,
+        chosen: &[&Disk],
+        notes: &mut Notes,
+    ) -> Result<Vec<String>, BackupError> {
+        let running = state == DomainState::Running;
+        if running && self.abort_orphaned_job(&request.vm, vm_dir)? {
+            notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
+        }
+        let interrupted = clean_partials(vm_dir);
+        notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
+        notes.cleaned.extend(
+            crate::merge::finish_merges(vm_dir)
+                .iter()
+                .map(|b| format!("completed the merge of backup {b}, which an interrupted prune had left")),
+        );
+        // Checkpoints of backups deleted or pruned here since the last backup: their bitmaps go.
+        notes.cleaned.extend(
+            crate::incremental::remove_retired(&self.hypervisor, &self.images, &request.vm, running, chosen, vm_dir)
+                .iter()
+                .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
+        );
+        Ok(interrupted)
+    }
+
+    /// Now (by the engine's clock), and the id of a backup made now: after every backup of that
+    /// second in `vm_dir`, finished or not.
+    fn next_id(&self, vm_dir: &Path) -> Result<(chrono::DateTime<chrono::Utc>, BackupId), BackupError> {
+        let started = self.clock.now();
+        let existing: Vec<BackupId> = fs::read_dir(vm_dir)
+            .map_err(io("listing", vm_dir))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.trim_end_matches(PARTIAL_SUFFIX).parse().ok()))
+            .collect();
+        Ok((started, BackupId::next_after(started, &existing)))
+    }
+
+    /// Full or incremental, disk by disk (see `incremental`), and the checkpoint this backup
+    /// creates.
+    fn decide_chain(
+        &self,
+        run: &Run<'_>,
+        id: &BackupId,
+        interrupted: &[String],
+        sources: &HashMap<String, ImageInfo>,
+    ) -> (crate::incremental::ChainDecision, Option<String>) {
+        let chain = match run.state {
+            DomainState::Running => crate::incremental::decide(
+                &self.hypervisor,
+                &self.images,
+                run.request,
+                run.vm_dir,
+                interrupted,
+                run.files,
+                run.sizes,
+            ),
+            _ => crate::incremental::decide_stopped(
+                &self.images,
+                run.request,
+                run.vm_dir,
+                interrupted,
+                run.files,
+                sources,
+            ),
         };
-        let (method, quiesced, quiesce_note) = match state {
+        (chain, Some(crate::incremental::checkpoint_name(id)))
+    }
+
+    /// A shut-off VM's qcow2 disks get this backup's bitmap `name` before anything is read (no
+    /// one writes to them in between): the base of the next incremental. The guard removes
+    /// them again unless the backup is put in place.
+    fn offline_bitmaps(&self, run: &Run<'_>, name: String) -> BitmapGuard<'_, I> {
+        let mut bitmaps = BitmapGuard { images: &self.images, name, files: Vec::new() };
+        if run.state == DomainState::ShutOff {
+            for (disk, _) in run.files {
+                if let Some(file) = crate::incremental::bitmap_file(disk)
+                    && self.images.add_bitmap(file, &bitmaps.name).is_ok()
+                {
+                    bitmaps.files.push((disk.target.clone(), file.to_owned()));
+                }
+            }
+        }
+        bitmaps
+    }
+
+    /// Copies the disks into the partial directory: a running VM's through libvirt's push job
+    /// (an incremental job libvirt refuses at its start is taken again as a full), a shut-off
+    /// VM's through qemu-img; each incremental file then points at its parent's.
+    fn copy_disks(
+        &self,
+        run: &Run<'_>,
+        chain: &mut crate::incremental::ChainDecision,
+        created: Option<&str>,
+        notes: &mut Notes,
+        observer: &mut dyn Observer,
+    ) -> Result<Copied, BackupError> {
+        match run.state {
             DomainState::Running => {
                 let mut push = |chain: &crate::incremental::ChainDecision, notes: &mut Notes| {
-                    let args = (&chain.plan, chain.from.as_deref(), created.as_deref());
-                    self.push(request, &domain, &partial, &files, args, cancel, notes, observer)
+                    self.push(run, (&chain.plan, chain.from.as_deref(), created), notes, observer)
                 };
-                let (q, note) = match push(&chain, &mut notes) {
+                let (quiesced, note) = match push(chain, notes) {
                     // libvirt refused the incremental job although it accepted the checkpoint
                     // (a bitmap found inconsistent when the job starts): a full instead, the
                     // reason recorded. Never an error where a full would do.
                     Err(PushFailure::Refused(e)) if chain.plan.mode == BackupMode::Incremental => {
-                        if cancel.is_cancelled() {
+                        if run.cancel.is_cancelled() {
                             return Err(BackupError::Cancelled);
                         }
                         let reason = format!("libvirt refused the incremental job: {}", crate::error::chain(&e));
-                        chain.plan = chain.plan.into_full(reason);
+                        chain.plan = chain.plan.clone().into_full(reason);
                         chain.from = None;
-                        for (_, file) in &files {
-                            let _ = fs::remove_file(partial.join(file));
+                        for (_, file) in run.files {
+                            let _ = fs::remove_file(run.partial.join(file));
                         }
-                        push(&chain, &mut notes)
+                        push(chain, notes)
                     }
                     other => other,
                 }
-                .map_err(|f| unavailable(Step::Job)(f.error()))?;
-                self.point_at_parents(&chain.plan, &files, &partial).map_err(unavailable(Step::Job))?;
-                (BackupMethod::PushJob, q, note)
+                .map_err(|f| (run.unavailable)(Step::Job, f.error()))?;
+                self.point_at_parents(&chain.plan, run.files, run.partial)
+                    .map_err(|e| (run.unavailable)(Step::Job, e))?;
+                Ok(Copied { method: BackupMethod::PushJob, quiesced, note })
             }
             DomainState::ShutOff => {
-                self.convert(
-                    &request.vm,
-                    &files,
-                    &sizes,
-                    &partial,
-                    (&mut chain.plan, chain.from.as_deref()),
-                    cancel,
-                    observer,
-                )
-                .map_err(unavailable(Step::Convert))?;
-                self.point_at_parents(&chain.plan, &files, &partial).map_err(unavailable(Step::Convert))?;
-                (BackupMethod::QemuImg, false, Some("the VM was shut off".to_owned()))
+                let from = chain.from.clone();
+                self.convert(run, (&mut chain.plan, from.as_deref()), observer)
+                    .map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                self.point_at_parents(&chain.plan, run.files, run.partial)
+                    .map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                Ok(Copied {
+                    method: BackupMethod::QemuImg,
+                    quiesced: false,
+                    note: Some("the VM was shut off".to_owned()),
+                })
             }
-            DomainState::Other => return Err(BackupError::NotBackupable { vm: request.vm.clone() }),
-        };
-        crate::fault::point("checksum");
+            DomainState::Other => Err(BackupError::NotBackupable { vm: run.request.vm.clone() }),
+        }
+    }
+
+    /// Each file written, checksummed (cancellable, with progress), as its manifest entry.
+    fn checksum_disks(
+        &self,
+        run: &Run<'_>,
+        plan: &crate::chain::ChainPlan,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<ManifestDisk>, BackupError> {
         let mut disks = Vec::new();
-        for (disk, file) in &files {
-            if cancel.is_cancelled() {
+        for (disk, file) in run.files {
+            if run.cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
-            let path = partial.join(file);
+            let path = run.partial.join(file);
             let info = self
                 .images
                 .info(&ImageLocation::Path(path.clone()))
-                .map_err(|e| unavailable(Step::Checksum)(e.into()))?;
+                .map_err(|e| (run.unavailable)(Step::Checksum, e.into()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
             let mut report = |done: u64| {
-                observer(&Progress::new(Phase::Checksum, &request.vm, done, size).on_disk(&disk.target));
-                !cancel.is_cancelled()
+                observer(&Progress::new(Phase::Checksum, &run.request.vm, done, size).on_disk(&disk.target));
+                !run.cancel.is_cancelled()
             };
             let digest = checksum_file_observed(&path, CHECKSUM_ALGORITHM, &mut report)
-                .map_err(|e| cancelled_or(cancel, io("checksumming", &path)(e)))
-                .map_err(unavailable(Step::Checksum))?;
-            let planned = chain.plan.disks.iter().find(|p| p.target == disk.target);
+                .map_err(|e| cancelled_or(run.cancel, io("checksumming", &path)(e)))
+                .map_err(|e| (run.unavailable)(Step::Checksum, e))?;
+            let planned = plan.disks.iter().find(|p| p.target == disk.target);
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
                 volume: volume_of(disk).to_string(),
@@ -337,81 +493,66 @@ where
                 full_reason: planned.and_then(|p| p.full_reason.clone()),
             });
         }
+        Ok(disks)
+    }
+
+    /// The backup's manifest: its disks, how it was made, its chain and its checkpoint.
+    fn manifest(&self, run: &Run<'_>, parts: ManifestParts<'_>, bitmaps: &BitmapGuard<'_, I>) -> Manifest {
         let versions = self.hypervisor.versions().ok();
         let v = |t: (u32, u32, u32)| format!("{}.{}.{}", t.0, t.1, t.2);
+        let checkpoint = match run.state {
+            DomainState::Running => {
+                parts.created.and_then(|c| crate::incremental::record(&self.hypervisor, &run.request.vm, c))
+            }
+            _ => (!bitmaps.files.is_empty()).then(|| {
+                let with: Vec<(&Disk, bool)> =
+                    run.files.iter().map(|(d, _)| (*d, bitmaps.files.iter().any(|(t, _)| *t == d.target))).collect();
+                crate::incremental::offline_record(&bitmaps.name, run.xml, &with, parts.started.timestamp())
+            }),
+        };
         let mut manifest = Manifest {
             version: 1,
-            id: id.to_string(),
-            repository: request.repository.name().to_string(),
-            vm: request.vm.clone(),
-            method,
-            started,
+            id: parts.id.to_string(),
+            repository: run.request.repository.name().to_string(),
+            vm: run.request.vm.clone(),
+            method: parts.copied.method,
+            started: parts.started,
             finished: self.clock.now(),
-            quiesced,
-            quiesce_note,
+            quiesced: parts.copied.quiesced,
+            quiesce_note: parts.copied.note,
             libvirt_version: versions.map(|x| v(x.libvirt)),
             qemu_version: versions.map(|x| v(x.qemu)),
-            schedule: request.schedule.clone(),
-            disks,
-            mode: chain.plan.mode,
-            parent: chain.plan.parent.clone(),
-            checkpoint: match state {
-                DomainState::Running => {
-                    created.as_deref().and_then(|c| crate::incremental::record(&self.hypervisor, &request.vm, c))
-                }
-                _ => (!bitmaps.files.is_empty()).then(|| {
-                    let with: Vec<(&Disk, bool)> =
-                        files.iter().map(|(d, _)| (*d, bitmaps.files.iter().any(|(t, _)| *t == d.target))).collect();
-                    crate::incremental::offline_record(&bitmaps.name, &xml, &with, started.timestamp())
-                }),
-            },
-            full_reason: chain.plan.full_reason.clone(),
+            schedule: run.request.schedule.clone(),
+            disks: parts.disks,
+            mode: parts.chain.plan.mode,
+            parent: parts.chain.plan.parent.clone(),
+            checkpoint,
+            full_reason: parts.chain.plan.full_reason.clone(),
         };
         manifest.version = manifest.required_version();
-        if cancel.is_cancelled() {
-            return Err(BackupError::Cancelled);
-        }
-        let manifest_path = partial.join(MANIFEST_FILE);
-        write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(unavailable(Step::Manifest))?;
-        crate::fault::point("manifest");
-        // Only while the lock is still ours: a holder that stalled past its lease abandons.
-        lock.check(vm.as_str()).map_err(|e| at(Step::Commit)(e.into()))?;
-        let final_dir = layout.backup_dir(&vm, &id);
-        fs::rename(&partial, &final_dir)
-            .map_err(io("moving the finished backup into place", &final_dir))
-            .map_err(unavailable(Step::Commit))?;
-        cleanup.0 = None;
-        if let Ok(d) = fs::File::open(&vm_dir) {
-            let _ = d.sync_all();
-        }
-        // In place: the parent's checkpoint goes (with its bitmaps), this one's record is
-        // forgotten (its bitmaps stay for the next incremental).
-        checkpoint_guard.created = None;
-        checkpoint_guard.redefined = None;
-        bitmaps.files.clear();
-        if state == DomainState::Running {
+        manifest
+    }
+
+    /// Once the backup is in place: the parent's checkpoint goes with its bitmaps; this one's
+    /// record is forgotten, its bitmaps stay for the next incremental.
+    fn after_commit(&self, run: &Run<'_>, chain: &crate::incremental::ChainDecision, created: Option<&str>) {
+        if run.state == DomainState::Running {
             crate::incremental::after_success(
                 &self.hypervisor,
-                &request.vm,
+                &run.request.vm,
                 chain.parent_checkpoint.as_ref(),
-                created.as_deref(),
+                created,
             );
         } else {
-            let disks: Vec<&Disk> = files.iter().map(|(d, _)| *d).collect();
+            let disks: Vec<&Disk> = run.files.iter().map(|(d, _)| *d).collect();
             crate::incremental::after_stopped_success(
                 &self.hypervisor,
                 &self.images,
-                &request.vm,
+                &run.request.vm,
                 chain.parent_checkpoint.as_ref(),
                 &disks,
             );
         }
-        crate::fault::point("renamed");
-        let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
-        let skipped =
-            skipped.into_iter().map(|s| SkippedDisk { target: s.target, reason: s.reason.to_owned() }).collect();
-        let id = BackupRef::new(Some(request.repository.name().clone()), vm, id);
-        Ok(BackupOutcome { id, manifest, relative_dir, skipped, cleaned: notes.cleaned, warnings: notes.warnings })
     }
 
     /// A nasbak process killed during a push job leaves the job running, writing into its
@@ -483,18 +624,14 @@ where
         Ok((sources, sizes))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
-        request: &BackupRequest,
-        domain: &Domain,
-        partial: &Path,
-        files: &[(&Disk, String)],
+        run: &Run<'_>,
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
-        cancel: &CancelHandle,
         notes: &mut Notes,
         observer: &mut dyn Observer,
     ) -> Result<(bool, Option<String>), PushFailure> {
+        let (request, domain, partial, files, cancel) = (run.request, run.domain, run.partial, run.files, run.cancel);
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
         backup.checkpoint = checkpoint.map(str::to_owned);
         for t in &mut backup.targets {
@@ -588,17 +725,14 @@ where
 
     /// Copies a shut-off VM's disks: each planned incremental disk's clusters its bitmap for
     /// `from` marks (qemu-storage-daemon), the others whole (`qemu-img convert`).
-    #[allow(clippy::too_many_arguments)]
     fn convert(
         &self,
-        vm: &str,
-        files: &[(&Disk, String)],
-        sizes: &std::collections::HashMap<String, u64>,
-        partial: &Path,
+        run: &Run<'_>,
         (plan, from): (&mut crate::chain::ChainPlan, Option<&str>),
-        cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
+        let (vm, files, sizes, partial, cancel) =
+            (run.request.vm.as_str(), run.files, run.sizes, run.partial, run.cancel);
         for (disk, file) in files {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);

@@ -122,7 +122,7 @@ where
             check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
         let (mut source_for_xml, written) = self
-            .write_volume(request, &dir, disk, is_block, flatten, cancel, observer)
+            .write_volume(request, (&dir, disk), (is_block, flatten), cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         if let (
             DiskSource::Network { hosts, auth, config, .. },
@@ -156,14 +156,11 @@ where
 
     /// Writes the volume of [`Engine::restore_volume`]; returns its source for the domain XML
     /// and the format written.
-    #[allow(clippy::too_many_arguments)]
     fn write_volume(
         &self,
         request: &VolumeRestoreRequest,
-        dir: &Path,
-        disk: &ManifestDisk,
-        is_block: bool,
-        flatten: bool,
+        (dir, disk): (&Path, &ManifestDisk),
+        (is_block, flatten): (bool, bool),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(DiskSource, ImageFormat), BackupError> {
@@ -191,13 +188,10 @@ where
             }
             ImageLocation::Path(p) => {
                 self.write_new_file(
-                    source,
-                    p,
+                    (source, p),
                     (&request.format, request.bandwidth),
                     cancel,
-                    vm,
-                    &disk.target,
-                    disk.virtual_size,
+                    (vm, &disk.target, disk.virtual_size),
                     observer,
                 )?;
                 (DiskSource::File(p.clone()), request.format.clone())
@@ -239,16 +233,12 @@ where
 
     /// Writes a new file through `<path>.nasbak-partial` and a rename, so an interrupted restore
     /// never leaves a file that looks complete.
-    #[allow(clippy::too_many_arguments)]
     fn write_new_file(
         &self,
-        source: ImageLocation,
-        path: &Path,
+        (source, path): (ImageLocation, &Path),
         (format, bandwidth): (&ImageFormat, Option<u64>),
         cancel: &CancelHandle,
-        vm: &str,
-        target: &str,
-        size: u64,
+        (vm, target, size): (&str, &str, u64),
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
         let tmp = stage_beside(path)?;

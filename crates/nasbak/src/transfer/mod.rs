@@ -116,7 +116,6 @@ pub(crate) fn check_sum(
 
 /// Copies a backup file to `tmp` in one pass that also checks its checksum; removes `tmp` on
 /// any failure.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn copy_checked(
     dir: &Path,
     disk: &ManifestDisk,
