@@ -113,150 +113,203 @@ const DROPPED_DEVICES: &[&[u8]] = &[
 /// console of its own, no NVRAM file and no fixed security label; a serial console written to
 /// `t.console_log` (the firmware's messages too), and a guest-agent channel when `t.agent`.
 pub fn throwaway_definition(xml: &str, t: &Throwaway<'_>) -> Result<String, XmlError> {
-    let err = |detail: String| XmlError { detail };
     let mut reader = Reader::from_str(xml);
-    let mut writer = Writer::new(Vec::new());
-    let mut path: Vec<Vec<u8>> = Vec::new();
-    let mut disk: Option<(Vec<Event<'static>>, usize)> = None;
-    let mut skip: Option<usize> = None;
-    let mut replace_text: Option<String> = None;
-    let mut bios_seen = false;
-    let mut kept = Vec::new();
-    let write = |w: &mut Writer<Vec<u8>>, e: Event<'_>| w.write_event(e).map_err(|e| err(e.to_string()));
+    let mut out = ThrowawayWriter {
+        t,
+        writer: Writer::new(Vec::new()),
+        path: Vec::new(),
+        disk: None,
+        skip: None,
+        replace_text: None,
+        bios_seen: false,
+        kept: Vec::new(),
+    };
     loop {
-        let event = reader.read_event().map_err(|e| err(format!("at byte {}: {e}", reader.buffer_position())))?;
-        if let Event::Eof = event {
-            break;
-        }
-        // Inside a dropped element: only the depth is followed.
-        if let Some(depth) = skip {
-            match &event {
-                Event::Start(_) => path.push(Vec::new()),
-                Event::End(_) => {
-                    path.pop();
-                    if path.len() == depth {
-                        skip = None;
-                    }
-                }
-                _ => {}
-            }
-            continue;
-        }
-        // Inside a disk: buffered until its end, then swapped or dropped.
-        if let Some((events, depth)) = disk.as_mut() {
-            match &event {
-                Event::Start(_) => path.push(Vec::new()),
-                Event::End(_) => {
-                    path.pop();
-                }
-                _ => {}
-            }
-            events.push(event.into_owned());
-            if path.len() == *depth {
-                let (events, _) = disk.take().expect("inside a disk");
-                let target = target_of(&events);
-                if let Some(swap) = t.disks.iter().find(|s| Some(&s.target) == target.as_ref()) {
-                    kept.push(swap.target.clone());
-                    for e in rewrite(events, swap)? {
-                        write(&mut writer, e)?;
-                    }
-                }
-            }
-            continue;
-        }
-        let parent = path.last().cloned();
-        let parent = parent.as_deref();
-        let in_devices = parent == Some(b"devices".as_slice()) && path.len() == 2;
+        let event = reader
+            .read_event()
+            .map_err(|e| XmlError { detail: format!("at byte {}: {e}", reader.buffer_position()) })?;
         match event {
-            Event::Start(e) => {
-                let name = e.name().as_ref().to_vec();
-                let depth = path.len();
-                path.push(name.clone());
-                if in_devices && name == b"disk" {
-                    disk = Some((vec![Event::Start(e.into_owned())], depth));
-                } else if (in_devices && DROPPED_DEVICES.contains(&name.as_slice()))
-                    || (depth == 1 && name == b"seclabel")
-                    || (parent == Some(b"os".as_slice()) && name == b"nvram")
-                {
-                    skip = Some(depth);
-                } else {
-                    if depth == 1 && name == b"name" {
-                        replace_text = Some(t.name.to_owned());
-                    } else if depth == 1 && name == b"uuid" {
-                        replace_text = Some(t.uuid.to_owned());
-                    }
-                    if depth == 0 && name == b"domain" {
-                        // A live definition's `id` is not the throwaway's.
-                        let mut d = BytesStart::new("domain");
-                        for a in e.attributes().flatten().filter(|a| a.key.as_ref() != b"id") {
-                            d.push_attribute(a);
-                        }
-                        write(&mut writer, Event::Start(d))?;
-                    } else if parent == Some(b"os".as_slice()) && name == b"bios" {
-                        bios_seen = true;
-                        write(&mut writer, Event::Start(with_attribute(&e, "useserial", "yes")))?;
-                    } else {
-                        write(&mut writer, Event::Start(e))?;
-                    }
-                }
-            }
-            Event::Empty(e) => {
-                let qname = e.name();
-                let name = qname.as_ref();
-                if (in_devices && (name == b"disk" || DROPPED_DEVICES.contains(&name)))
-                    || (path.len() == 1 && name == b"seclabel")
-                    || (parent == Some(b"os".as_slice()) && name == b"nvram")
-                {
-                    continue;
-                }
-                if parent == Some(b"os".as_slice()) && name == b"bios" {
-                    bios_seen = true;
-                    write(&mut writer, Event::Empty(with_attribute(&e, "useserial", "yes")))?;
-                } else {
-                    write(&mut writer, Event::Empty(e))?;
-                }
-            }
-            Event::Text(text) => match replace_text.take() {
-                Some(new) => write(&mut writer, Event::Text(quick_xml::events::BytesText::new(&new)))?,
-                None => write(&mut writer, Event::Text(text))?,
+            Event::Eof => break,
+            // Inside a dropped element: only the depth is followed.
+            e if out.skip.is_some() => out.skipped(&e),
+            // Inside a disk: buffered until its end, then swapped or dropped.
+            e if out.disk.is_some() => out.buffered(e)?,
+            Event::Start(e) => out.start(e)?,
+            Event::Empty(e) => out.empty(e)?,
+            Event::Text(text) => match out.replace_text.take() {
+                Some(new) => out.write(Event::Text(quick_xml::events::BytesText::new(&new)))?,
+                None => out.write(Event::Text(text))?,
             },
-            Event::End(e) => {
-                let name = path.pop().unwrap_or_default();
-                if name == b"devices" && path.len() == 1 {
-                    let log = t.console_log.to_string_lossy();
-                    let mut serial = BytesStart::new("serial");
-                    serial.push_attribute(("type", "file"));
-                    write(&mut writer, Event::Start(serial))?;
-                    let mut source = BytesStart::new("source");
-                    source.push_attribute(("path", log.as_ref()));
-                    write(&mut writer, Event::Empty(source))?;
-                    write(&mut writer, Event::End(quick_xml::events::BytesEnd::new("serial")))?;
-                    if t.agent {
-                        let mut channel = BytesStart::new("channel");
-                        channel.push_attribute(("type", "unix"));
-                        write(&mut writer, Event::Start(channel))?;
-                        let mut target = BytesStart::new("target");
-                        target.push_attribute(("type", "virtio"));
-                        target.push_attribute(("name", "org.qemu.guest_agent.0"));
-                        write(&mut writer, Event::Empty(target))?;
-                        write(&mut writer, Event::End(quick_xml::events::BytesEnd::new("channel")))?;
-                    }
-                }
-                if name == b"os" && path.len() == 1 && !bios_seen {
-                    let mut bios = BytesStart::new("bios");
-                    bios.push_attribute(("useserial", "yes"));
-                    write(&mut writer, Event::Empty(bios))?;
-                }
-                replace_text = None;
-                write(&mut writer, Event::End(e))?;
-            }
-            other => write(&mut writer, other)?,
+            Event::End(e) => out.end(e)?,
+            other => out.write(other)?,
         }
     }
-    if let Some(s) = t.disks.iter().find(|s| !kept.contains(&s.target)) {
-        return Err(err(format!("the domain has no disk {}", s.target)));
+    if let Some(s) = t.disks.iter().find(|s| !out.kept.contains(&s.target)) {
+        return Err(XmlError { detail: format!("the domain has no disk {}", s.target) });
     }
-    String::from_utf8(writer.into_inner()).map_err(|e| err(e.to_string()))
+    String::from_utf8(out.writer.into_inner()).map_err(|e| XmlError { detail: e.to_string() })
+}
+
+/// The state of [`throwaway_definition`] while it copies a definition, event by event.
+struct ThrowawayWriter<'t> {
+    t: &'t Throwaway<'t>,
+    writer: Writer<Vec<u8>>,
+    /// The names of the open elements.
+    path: Vec<Vec<u8>>,
+    /// A `<disk>` being buffered, and the depth it opened at.
+    disk: Option<(Vec<Event<'static>>, usize)>,
+    /// The depth of an element being dropped.
+    skip: Option<usize>,
+    /// The text that replaces the next text (the new name or UUID).
+    replace_text: Option<String>,
+    bios_seen: bool,
+    /// The targets of the disks kept (swapped).
+    kept: Vec<String>,
+}
+
+impl ThrowawayWriter<'_> {
+    fn write(&mut self, e: Event<'_>) -> Result<(), XmlError> {
+        self.writer.write_event(e).map_err(|e| XmlError { detail: e.to_string() })
+    }
+
+    fn parent(&self) -> Option<&[u8]> {
+        self.path.last().map(Vec::as_slice)
+    }
+
+    fn in_devices(&self) -> bool {
+        self.parent() == Some(b"devices".as_slice()) && self.path.len() == 2
+    }
+
+    /// An event inside a dropped element.
+    fn skipped(&mut self, event: &Event<'_>) {
+        match event {
+            Event::Start(_) => self.path.push(Vec::new()),
+            Event::End(_) => {
+                self.path.pop();
+                if Some(self.path.len()) == self.skip {
+                    self.skip = None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An event inside a `<disk>`: at its end, the disk is written swapped, or dropped.
+    fn buffered(&mut self, event: Event<'_>) -> Result<(), XmlError> {
+        match &event {
+            Event::Start(_) => self.path.push(Vec::new()),
+            Event::End(_) => {
+                self.path.pop();
+            }
+            _ => {}
+        }
+        let (events, depth) = self.disk.as_mut().expect("inside a disk");
+        events.push(event.into_owned());
+        if self.path.len() == *depth {
+            let (events, _) = self.disk.take().expect("inside a disk");
+            let target = target_of(&events);
+            if let Some(swap) = self.t.disks.iter().find(|s| Some(&s.target) == target.as_ref()) {
+                self.kept.push(swap.target.clone());
+                for e in rewrite(events, swap)? {
+                    self.write(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, e: BytesStart<'_>) -> Result<(), XmlError> {
+        let (in_devices, parent) = (self.in_devices(), self.parent().map(<[u8]>::to_vec));
+        let parent = parent.as_deref();
+        let name = e.name().as_ref().to_vec();
+        let depth = self.path.len();
+        self.path.push(name.clone());
+        if in_devices && name == b"disk" {
+            self.disk = Some((vec![Event::Start(e.into_owned())], depth));
+            return Ok(());
+        }
+        if (in_devices && DROPPED_DEVICES.contains(&name.as_slice()))
+            || (depth == 1 && name == b"seclabel")
+            || (parent == Some(b"os".as_slice()) && name == b"nvram")
+        {
+            self.skip = Some(depth);
+            return Ok(());
+        }
+        if depth == 1 && name == b"name" {
+            self.replace_text = Some(self.t.name.to_owned());
+        } else if depth == 1 && name == b"uuid" {
+            self.replace_text = Some(self.t.uuid.to_owned());
+        }
+        if depth == 0 && name == b"domain" {
+            // A live definition's `id` is not the throwaway's.
+            let mut d = BytesStart::new("domain");
+            for a in e.attributes().flatten().filter(|a| a.key.as_ref() != b"id") {
+                d.push_attribute(a);
+            }
+            self.write(Event::Start(d))
+        } else if parent == Some(b"os".as_slice()) && name == b"bios" {
+            self.bios_seen = true;
+            self.write(Event::Start(with_attribute(&e, "useserial", "yes")))
+        } else {
+            self.write(Event::Start(e))
+        }
+    }
+
+    fn empty(&mut self, e: BytesStart<'_>) -> Result<(), XmlError> {
+        let (in_devices, parent) = (self.in_devices(), self.parent().map(<[u8]>::to_vec));
+        let parent = parent.as_deref();
+        let qname = e.name();
+        let name = qname.as_ref();
+        if (in_devices && (name == b"disk" || DROPPED_DEVICES.contains(&name)))
+            || (self.path.len() == 1 && name == b"seclabel")
+            || (parent == Some(b"os".as_slice()) && name == b"nvram")
+        {
+            return Ok(());
+        }
+        if parent == Some(b"os".as_slice()) && name == b"bios" {
+            self.bios_seen = true;
+            self.write(Event::Empty(with_attribute(&e, "useserial", "yes")))
+        } else {
+            self.write(Event::Empty(e))
+        }
+    }
+
+    fn end(&mut self, e: quick_xml::events::BytesEnd<'_>) -> Result<(), XmlError> {
+        let name = self.path.pop().unwrap_or_default();
+        if name == b"devices" && self.path.len() == 1 {
+            self.console_and_agent()?;
+        }
+        if name == b"os" && self.path.len() == 1 && !self.bios_seen {
+            let mut bios = BytesStart::new("bios");
+            bios.push_attribute(("useserial", "yes"));
+            self.write(Event::Empty(bios))?;
+        }
+        self.replace_text = None;
+        self.write(Event::End(e))
+    }
+
+    /// At the end of `<devices>`: a serial console into the log file, and the agent's channel.
+    fn console_and_agent(&mut self) -> Result<(), XmlError> {
+        let log = self.t.console_log.to_string_lossy().into_owned();
+        let mut serial = BytesStart::new("serial");
+        serial.push_attribute(("type", "file"));
+        self.write(Event::Start(serial))?;
+        let mut source = BytesStart::new("source");
+        source.push_attribute(("path", log.as_str()));
+        self.write(Event::Empty(source))?;
+        self.write(Event::End(quick_xml::events::BytesEnd::new("serial")))?;
+        if self.t.agent {
+            let mut channel = BytesStart::new("channel");
+            channel.push_attribute(("type", "unix"));
+            self.write(Event::Start(channel))?;
+            let mut target = BytesStart::new("target");
+            target.push_attribute(("type", "virtio"));
+            target.push_attribute(("name", "org.qemu.guest_agent.0"));
+            self.write(Event::Empty(target))?;
+            self.write(Event::End(quick_xml::events::BytesEnd::new("channel")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether the domain definition `xml` has a guest-agent channel.

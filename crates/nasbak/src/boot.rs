@@ -182,11 +182,26 @@ where
         }
         guard.started = true;
         crate::fault::point("boot-started");
+        let (result, detail) = self.wait_for_agent(&name, request, started, cancel)?;
+        let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
+        drop(guard);
+        record(result, detail, console)
+    }
+
+    /// Waits until the throwaway VM `name`'s guest agent answers (and the request's check
+    /// passes), it stops, or the request's timeout: the result and what happened, in words.
+    fn wait_for_agent(
+        &self,
+        name: &str,
+        request: &BootVerifyRequest,
+        started: Instant,
+        cancel: &CancelHandle,
+    ) -> Result<(BootResult, String), BackupError> {
         let deadline = Instant::now() + request.timeout;
         // Every libvirt call of the wait ends by the timeout, whatever the throwaway's QEMU does.
         let _scope = nasbak_libvirt::deadline::scope(deadline);
         let did_not_answer = || format!("the guest agent did not answer within {} s", request.timeout.as_secs());
-        let (result, detail) = loop {
+        let outcome = loop {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
@@ -194,7 +209,7 @@ where
             if left.is_zero() {
                 break (BootResult::Failed, did_not_answer());
             }
-            match self.hypervisor.domain_state(&name) {
+            match self.hypervisor.domain_state(name) {
                 Ok(DomainState::Running) => {}
                 Err(_) if Instant::now() >= deadline => break (BootResult::Failed, did_not_answer()),
                 Err(e) if e.is_timeout() => break (BootResult::Failed, format!("the throwaway VM: {e}")),
@@ -207,7 +222,7 @@ where
             }
             // Each ping ends by the deadline too (the agent's calls have their own).
             let ping = left.min(Duration::from_secs(5));
-            let agent = self.agents.agent_transport(&name).map(|t| GuestAgent::new(t, ping));
+            let agent = self.agents.agent_transport(name).map(|t| GuestAgent::new(t, ping));
             if let Ok(agent) = agent
                 && agent.ping().is_ok()
             {
@@ -221,9 +236,7 @@ where
             }
             cancel.sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
         };
-        let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
-        drop(guard);
-        record(result, detail, console)
+        Ok(outcome)
     }
 }
 

@@ -231,43 +231,7 @@ where
         let mut undo =
             Undo { hypervisor: &self.hypervisor, vm: target_vm, dir: work.clone(), started: false, armed: true };
         // Every file of every chain checked before anything changes.
-        let mut plan = Vec::new();
-        for (b, d) in &pairs {
-            let (volume, block) = match &d.source {
-                Some(DiskSource::File(p)) => (p.clone(), false),
-                Some(DiskSource::Block(p)) => (p.clone(), true),
-                other => {
-                    return Err(BackupError::Unsupported {
-                        what: format!(
-                            "an instant restore of disk {} ({other:?}); restore it without --instant",
-                            d.target
-                        ),
-                    });
-                }
-            };
-            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
-            let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
-            for (parent_dir, parent) in &chain {
-                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
-            }
-            let mut files = vec![(dir.clone(), (*b).clone())];
-            files.extend(chain);
-            let format = d.format.clone().unwrap_or_else(|| "raw".into());
-            if !matches!(format.as_str(), "qcow2" | "raw") {
-                return Err(BackupError::Unsupported {
-                    what: format!("an instant restore into a {format} volume ({})", volume.display()),
-                });
-            }
-            plan.push(InstantDisk {
-                target: d.target.clone(),
-                overlay: work.join(format!("{}.overlay.qcow2", d.target)),
-                export: nbd_socket()?,
-                volume,
-                block,
-                format,
-                files,
-            });
-        }
+        let plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id), &work)?;
         let mut state = InstantRestore {
             vm: target_vm.to_owned(),
             backup: format!("{}:{vm}/{id}", repository.name()),
@@ -306,13 +270,78 @@ where
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written
         // on the repository until the finish.
-        for (disk, size) in state.disks.iter().zip(&sizes) {
+        self.start_copies(&state, &sizes, &format!("{vm}/{id}"), request.bandwidth)?;
+        // The daemons hold the repository now; the marks stay until the finish.
+        undo.armed = false;
+        Ok(state)
+    }
+
+    /// What each disk of an instant restore will be (its volume, overlay, export and the files
+    /// of its chain), every file of every chain checked first: `dir` is the backup's directory,
+    /// `vm_dir` the VM's on the repository, `work` the restore's own directory.
+    fn plan_disks(
+        &self,
+        pairs: &[(&ManifestDisk, &nasbak_libvirt::Disk)],
+        (dir, vm_dir): (&Path, &Path),
+        (vm, id): (&str, &str),
+        work: &Path,
+    ) -> Result<Vec<InstantDisk>, BackupError> {
+        let mut plan = Vec::new();
+        for (b, d) in pairs {
+            let (volume, block) = match &d.source {
+                Some(DiskSource::File(p)) => (p.clone(), false),
+                Some(DiskSource::Block(p)) => (p.clone(), true),
+                other => {
+                    return Err(BackupError::Unsupported {
+                        what: format!(
+                            "an instant restore of disk {} ({other:?}); restore it without --instant",
+                            d.target
+                        ),
+                    });
+                }
+            };
+            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
+            let chain = ancestors(vm_dir, vm, id, b)?;
+            for (parent_dir, parent) in &chain {
+                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+            }
+            let mut files = vec![(dir.to_owned(), (*b).clone())];
+            files.extend(chain);
+            let format = d.format.clone().unwrap_or_else(|| "raw".into());
+            if !matches!(format.as_str(), "qcow2" | "raw") {
+                return Err(BackupError::Unsupported {
+                    what: format!("an instant restore into a {format} volume ({})", volume.display()),
+                });
+            }
+            plan.push(InstantDisk {
+                target: d.target.clone(),
+                overlay: work.join(format!("{}.overlay.qcow2", d.target)),
+                export: nbd_socket()?,
+                volume,
+                block,
+                format,
+                files,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Each volume of the running VM marked half-written on the repository (`backup` is
+    /// `VM/ID`), emptied (a file volume) and given a libvirt block copy from the VM's overlay.
+    fn start_copies(
+        &self,
+        state: &InstantRestore,
+        sizes: &[u64],
+        backup: &str,
+        bandwidth: Option<u64>,
+    ) -> Result<(), BackupError> {
+        for (disk, size) in state.disks.iter().zip(sizes) {
             let step = || Step::Restore { disk: disk.target.clone() };
             let mark = RestoringMark::write(
                 &state.marks,
                 &disk.target,
                 &disk.volume.to_string_lossy(),
-                &format!("{vm}/{id}"),
+                backup,
                 self.clock.now(),
             )?;
             if !disk.block
@@ -324,12 +353,10 @@ where
             let volume =
                 if disk.block { DiskSource::Block(disk.volume.clone()) } else { DiskSource::File(disk.volume.clone()) };
             let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format)?;
-            let flags = BlockCopyFlags { reuse_external: true, bandwidth: request.bandwidth };
-            self.hypervisor.block_copy(target_vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
+            let flags = BlockCopyFlags { reuse_external: true, bandwidth };
+            self.hypervisor.block_copy(&state.vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
         }
-        // The daemons hold the repository now; the marks stay until the finish.
-        undo.armed = false;
-        Ok(state)
+        Ok(())
     }
 
     /// Replaces a file volume by an empty image of its format and size, with its owner and mode

@@ -3,11 +3,11 @@
 //! under a mark.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::{Mounter, VmName};
+use nasbak_repo::{ManifestDisk, Mounter, VmName};
 
 use super::{RestoreOutcome, RestoreRequest, RestoredDisk, match_disks};
 use crate::engine::{AgentSource, Engine};
@@ -47,32 +47,8 @@ where
         // Everything is checked before a volume changes: qemu-img check of every file; the
         // checksum of files written in place (raw, block) first, of qcow2 copies while they are
         // copied beside their volumes. Only then are raw volumes written and the copies renamed.
-        let mut in_place = Vec::new();
-        let mut copies = Vec::new();
-        let vm_dir = layout.vm_dir(&vm_name);
-        for (b, d) in &pairs {
-            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
-            // An incremental disk needs every file of its chain: each checked as its own
-            // backup's, then the chain read through (flattened) into a self-contained volume.
-            let chain = ancestors(&vm_dir, vm, id, b)?;
-            for (parent_dir, parent) in &chain {
-                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
-                check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
-            }
-            let flatten = !chain.is_empty();
-            match restore_target(&self.hypervisor, d)? {
-                RestoreTarget::Qcow2File(path) => {
-                    if flatten {
-                        check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
-                    }
-                    copies.push((*b, *d, path, flatten));
-                }
-                RestoreTarget::InPlace(location) => {
-                    check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
-                    in_place.push((*b, *d, location));
-                }
-            }
-        }
+        let (in_place, copies) =
+            self.check_and_sort(&pairs, (dir, &layout.vm_dir(&vm_name)), vm, id, cancel, observer)?;
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
         for (b, d, path, flatten) in &copies {
             remove_stale_stages(path);
@@ -157,7 +133,53 @@ where
         }
         Ok(RestoreOutcome { backup: format!("{vm}/{id}"), vm: target_vm.to_owned(), restored })
     }
+
+    /// Every file of every disk's chain checked (qemu-img check; checksums of what is written in
+    /// place, and of a chain's files), and each disk sorted: written in place (raw, block, RBD),
+    /// or a qcow2 copy beside its volume (flattened when the disk is incremental).
+    fn check_and_sort<'p>(
+        &self,
+        pairs: &[(&'p ManifestDisk, &'p Disk)],
+        (dir, vm_dir): (&Path, &Path),
+        vm: &str,
+        id: &str,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(Vec<InPlace<'p>>, Vec<Copy<'p>>), BackupError> {
+        let mut in_place = Vec::new();
+        let mut copies = Vec::new();
+        for (b, d) in pairs {
+            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
+            // An incremental disk needs every file of its chain: each checked as its own
+            // backup's, then the chain read through (flattened) into a self-contained volume.
+            let chain = ancestors(vm_dir, vm, id, b)?;
+            for (parent_dir, parent) in &chain {
+                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+                check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
+            }
+            let flatten = !chain.is_empty();
+            match restore_target(&self.hypervisor, d)? {
+                RestoreTarget::Qcow2File(path) => {
+                    if flatten {
+                        check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                    }
+                    copies.push((*b, *d, path, flatten));
+                }
+                RestoreTarget::InPlace(location) => {
+                    check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                    in_place.push((*b, *d, location));
+                }
+            }
+        }
+        Ok((in_place, copies))
+    }
 }
+
+/// A disk written in place: the backup's, the VM's, where.
+type InPlace<'p> = (&'p ManifestDisk, &'p Disk, ImageLocation);
+/// A disk restored as a copy beside its qcow2 volume: the backup's, the VM's, the volume, and
+/// whether its chain is flattened.
+type Copy<'p> = (&'p ManifestDisk, &'p Disk, PathBuf, bool);
 
 /// Where a VM disk is restored to.
 enum RestoreTarget {

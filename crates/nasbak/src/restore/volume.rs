@@ -17,6 +17,9 @@ use crate::store::{ancestors, backup_disks};
 use crate::transfer::stage::{Staged, stage_beside};
 use crate::transfer::{check_image, check_sum, convert, copy_checked};
 
+/// The VM a restored volume is attached to: its name, whether it runs, its definition.
+type AttachTo = (String, bool, Domain);
+
 impl<H, A, I, M> Engine<H, A, I, M>
 where
     H: Hypervisor,
@@ -36,45 +39,7 @@ where
         let repository = &request.repository;
         let vm_name = VmName::new(&request.vm)?;
         request.id.parse::<BackupId>()?;
-        if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
-            return Err(BackupError::Unsupported { what: "RBD images in a format other than raw".into() });
-        }
-        if !matches!(request.format, ImageFormat::Raw | ImageFormat::Qcow2) {
-            return Err(BackupError::Unsupported {
-                what: format!("restoring as {}; use qcow2 or raw", request.format),
-            });
-        }
-        let attach_to = match &request.attach {
-            Some(vm) => {
-                let inspect = || -> Result<_, BackupError> {
-                    let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
-                    Ok((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
-                };
-                Some(inspect().map_err(at(Step::Inspect))?)
-            }
-            None => None,
-        };
-        let is_block = match &request.to {
-            ImageLocation::Path(p) => {
-                let meta = fs::metadata(p);
-                let block =
-                    meta.as_ref().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
-                if meta.is_ok() && !block {
-                    return Err(BackupError::Exists { path: p.clone() });
-                }
-                if let Some((vm, _, d)) = &attach_to
-                    && d.disks
-                        .iter()
-                        .any(|x| matches!(&x.source, Some(DiskSource::File(f) | DiskSource::Block(f)) if f == p))
-                {
-                    return Err(BackupError::Unsupported {
-                        what: format!("{} is already a disk of {vm}", p.display()),
-                    });
-                }
-                block
-            }
-            ImageLocation::Rbd(_) => false,
-        };
+        let (attach_to, is_block) = self.check_destination(request)?;
         let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
         let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
@@ -152,6 +117,53 @@ where
             format: written.to_string(),
             attached,
         })
+    }
+
+    /// The destination checked before anything is read: a format nasbak writes there, a file that
+    /// does not exist yet (or a block device), not already a disk of the VM it is attached to.
+    /// Returns the VM to attach to (its name, whether it runs, its definition) and whether the
+    /// destination is a block device.
+    fn check_destination(&self, request: &VolumeRestoreRequest) -> Result<(Option<AttachTo>, bool), BackupError> {
+        if matches!(request.to, ImageLocation::Rbd(_)) && request.format != ImageFormat::Raw {
+            return Err(BackupError::Unsupported { what: "RBD images in a format other than raw".into() });
+        }
+        if !matches!(request.format, ImageFormat::Raw | ImageFormat::Qcow2) {
+            return Err(BackupError::Unsupported {
+                what: format!("restoring as {}; use qcow2 or raw", request.format),
+            });
+        }
+        let attach_to = match &request.attach {
+            Some(vm) => {
+                let inspect = || -> Result<_, BackupError> {
+                    let running = self.hypervisor.domain_state(vm)? == DomainState::Running;
+                    Ok((vm.clone(), running, Domain::parse(&self.hypervisor.domain_xml(vm)?)?))
+                };
+                Some(inspect().map_err(at(Step::Inspect))?)
+            }
+            None => None,
+        };
+        let is_block = match &request.to {
+            ImageLocation::Path(p) => {
+                let meta = fs::metadata(p);
+                let block =
+                    meta.as_ref().is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+                if meta.is_ok() && !block {
+                    return Err(BackupError::Exists { path: p.clone() });
+                }
+                if let Some((vm, _, d)) = &attach_to
+                    && d.disks
+                        .iter()
+                        .any(|x| matches!(&x.source, Some(DiskSource::File(f) | DiskSource::Block(f)) if f == p))
+                {
+                    return Err(BackupError::Unsupported {
+                        what: format!("{} is already a disk of {vm}", p.display()),
+                    });
+                }
+                block
+            }
+            ImageLocation::Rbd(_) => false,
+        };
+        Ok((attach_to, is_block))
     }
 
     /// Writes the volume of [`Engine::restore_volume`]; returns its source for the domain XML
