@@ -159,7 +159,7 @@ where
                 }
             }
             for b in &disks {
-                let export = nbd_socket()?;
+                let export = nbd_socket(&self.runtime_dir)?;
                 guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
                 let over =

@@ -1,5 +1,6 @@
 //! The engine: the services a workflow composes, each behind its seam.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,12 @@ pub struct Engine<H, A, I, M> {
     pub(crate) mounts: RepositoryMounts<M>,
     pub(crate) agent_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) runtime_dir: PathBuf,
 }
+
+/// Where the engine keeps what lives only while this host runs (the NBD sockets of instant
+/// restores and boot verifications, under `nbd/`) when the embedder does not say.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/nasbak";
 
 /// The default time limit of each guest-agent call.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,7 +87,15 @@ where
             mounts,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             clock: Arc::new(SystemClock),
+            runtime_dir: PathBuf::from(DEFAULT_RUNTIME_DIR),
         }
+    }
+
+    /// Keeps the engine's runtime files (NBD sockets) under `dir` (default
+    /// [`DEFAULT_RUNTIME_DIR`]); short, as a unix socket's path must be.
+    pub fn with_runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.runtime_dir = dir.into();
+        self
     }
 
     /// The time limit of each guest-agent call.

@@ -42,15 +42,42 @@ impl Overlay<'_> {
     }
 }
 
-/// Where the NBD socket of a new export goes: `/run/nasbak/nbd/<16 hex>.sock`, short enough
-/// for a unix socket's path (at most 107 bytes), whatever the work directory.
-pub(crate) fn nbd_socket() -> Result<PathBuf, BackupError> {
-    let dir = Path::new(NBD_SOCKET_DIR);
-    let io = |source| BackupError::Io { action: "creating", path: dir.to_owned(), source };
-    fs::create_dir_all(dir).map_err(io)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io)?;
-    Ok(dir.join(format!("{}.sock", &uuid::Uuid::new_v4().simple().to_string()[..16])))
+/// Where the NBD socket of a new export goes: `<runtime>/nbd/<16 hex>.sock` (the engine's
+/// runtime directory, `Engine::with_runtime_dir`), whatever the work directory, refused when it
+/// is longer than a unix socket's path may be (107 bytes).
+pub(crate) fn nbd_socket(runtime: &Path) -> Result<PathBuf, BackupError> {
+    let dir = runtime.join("nbd");
+    let socket = dir.join(format!("{}.sock", &uuid::Uuid::new_v4().simple().to_string()[..16]));
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(BackupError::Unsupported {
+            what: format!(
+                "NBD sockets under {} ({} bytes, at most {MAX_SOCKET_PATH} for a unix socket): give the engine a shorter runtime directory",
+                dir.display(),
+                socket.as_os_str().len()
+            ),
+        });
+    }
+    let io = |source| BackupError::Io { action: "creating", path: dir.clone(), source };
+    fs::create_dir_all(&dir).map_err(io)?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(io)?;
+    Ok(socket)
 }
 
-/// The directory of the exports' NBD sockets.
-pub(crate) const NBD_SOCKET_DIR: &str = "/run/nasbak/nbd";
+/// The longest path of a unix socket (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_go_under_the_runtime_directory_and_a_too_long_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = nbd_socket(dir.path()).unwrap();
+        assert!(s.starts_with(dir.path().join("nbd")) && s.extension().is_some_and(|e| e == "sock"), "{s:?}");
+        let long = dir.path().join("x".repeat(120));
+        let err = nbd_socket(&long).unwrap_err().to_string();
+        assert!(err.contains("at most 107") && err.contains("shorter runtime directory"), "{err}");
+        assert!(!long.exists(), "nothing made for a refused directory");
+    }
+}

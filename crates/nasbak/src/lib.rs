@@ -100,7 +100,7 @@ pub use browse::{
 };
 pub use catalog::{CapacityReport, FileStatus, FileVerdict, VerifyReport};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{AgentSource, Catalog, DEFAULT_AGENT_TIMEOUT, Engine};
+pub use engine::{AgentSource, Catalog, DEFAULT_AGENT_TIMEOUT, DEFAULT_RUNTIME_DIR, Engine};
 pub use error::{BackupError, ErrorKind, Step, chain};
 pub use lock::{LOCK_FILE, LockError, VmLock};
 pub use progress::{Observer, Phase, Progress};

@@ -79,7 +79,7 @@ fn engine(cli: &Cli) -> Result<LibvirtEngine> {
     let libvirt = LibvirtHypervisor::connect(uri)
         .with_context(|| format!("connecting to {uri}"))?
         .with_call_timeout(cli.libvirt_timeout);
-    Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()))
+    Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()).with_runtime_dir(RUNTIME))
 }
 
 /// A cancel handle that Ctrl-C (and SIGTERM from systemd) triggers.

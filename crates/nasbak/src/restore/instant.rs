@@ -316,7 +316,7 @@ where
             plan.push(InstantDisk {
                 target: d.target.clone(),
                 overlay: work.join(format!("{}.overlay.qcow2", d.target)),
-                export: nbd_socket()?,
+                export: nbd_socket(&self.runtime_dir)?,
                 volume,
                 block,
                 format,
