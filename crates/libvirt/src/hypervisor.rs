@@ -96,12 +96,13 @@ pub struct LibvirtError {
     pub message: String,
     no_domain: bool,
     timed_out: bool,
+    not_sent: bool,
 }
 
 impl LibvirtError {
     /// An error with libvirt's words (for other implementations of [`Hypervisor`] and mocks).
     pub fn new(message: impl Into<String>) -> Self {
-        LibvirtError { message: message.into(), no_domain: false, timed_out: false }
+        LibvirtError { message: message.into(), no_domain: false, timed_out: false, not_sent: false }
     }
 
     /// The error libvirt gives for a domain it does not have.
@@ -110,13 +111,27 @@ impl LibvirtError {
             message: format!("Domain not found: no domain with matching name '{domain}'"),
             no_domain: true,
             timed_out: false,
+            not_sent: false,
         }
     }
 
     /// A call that did not answer by its deadline (see [`crate::deadline`]); `message` says
     /// what stopped answering and what is left in flight.
     pub fn timeout(message: impl Into<String>) -> Self {
-        LibvirtError { message: message.into(), no_domain: false, timed_out: true }
+        LibvirtError { message: message.into(), no_domain: false, timed_out: true, not_sent: false }
+    }
+
+    /// A call never sent: the deadline of the operation it served had passed (see
+    /// [`crate::deadline`]). The operation ran out of time; nothing is left in flight.
+    pub fn past_deadline(message: impl Into<String>) -> Self {
+        LibvirtError { message: message.into(), no_domain: false, timed_out: true, not_sent: true }
+    }
+
+    /// Whether the call was never sent because its operation's deadline had passed (a
+    /// [`LibvirtError::is_timeout`] that says the operation ran out of time, not that libvirt
+    /// or QEMU stopped answering).
+    pub fn is_past_deadline(&self) -> bool {
+        self.not_sent
     }
 
     /// Whether libvirt said there is no such domain.
@@ -137,6 +152,7 @@ impl From<virt::error::Error> for LibvirtError {
             message: e.message().to_owned(),
             no_domain: matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)),
             timed_out: false,
+            not_sent: false,
         }
     }
 }
@@ -316,7 +332,7 @@ impl LibvirtHypervisor {
         let deadline = crate::deadline::for_call(self.call_timeout);
         let wait = deadline.saturating_duration_since(started);
         if wait.is_zero() {
-            return Err(LibvirtError::timeout(format!(
+            return Err(LibvirtError::past_deadline(format!(
                 "{} was not sent: the operation's deadline had passed",
                 what.describe()
             )));

@@ -245,7 +245,14 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
     ) -> Result<JobSummary, JobError> {
         let domain = self.domain.clone();
         let hv = self.hv;
-        let lost = |source| JobError::following(&domain, source);
+        // A poll not sent because the operation's deadline passed: the operation's time is up.
+        let lost = |source: LibvirtError| {
+            if source.is_past_deadline() {
+                JobError::TimedOut { domain: domain.clone(), timeout: options.timeout }
+            } else {
+                JobError::following(&domain, source)
+            }
+        };
         let start = Instant::now();
         let mut last_report: Option<Instant> = None;
         loop {
@@ -438,6 +445,23 @@ mod tests {
             }
             e => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn a_poll_past_the_operations_deadline_is_the_jobs_timeout() {
+        // The operation's time ran out before a poll: the job timed out (and is aborted), it is
+        // not a QEMU that stopped answering.
+        let mut hv = MockHypervisor::new();
+        let mut n = 0;
+        hv.expect_current_job().returning(move |_| {
+            n += 1;
+            if n == 1 { Ok(job(JobKind::None, 0)) } else { Err(LibvirtError::past_deadline("not sent")) }
+        });
+        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_abort_job().times(1).returning(|_| Ok(()));
+        hv.expect_completed_job().returning(|_| Ok(job(JobKind::Cancelled, 0)));
+        let (r, _) = run(&hv, fast(), &CancelHandle::new());
+        assert!(matches!(r.unwrap_err(), JobError::TimedOut { .. }));
     }
 
     #[test]

@@ -5,7 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use nasbak_libvirt::{DomainState, Hypervisor, LibvirtHypervisor, deadline};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use nasbak_libvirt::{
+    CancelHandle, Domain, DomainState, Hypervisor, JobError, JobKind, JobOptions, LibvirtHypervisor, PushBackup,
+    deadline, start_backup,
+};
 use nasbak_testlab::{DiskSpec, DomainSpec, URI};
 
 fn hv() -> LibvirtHypervisor {
@@ -52,7 +58,7 @@ fn a_frozen_qemu_never_holds_a_libvirt_call_past_its_deadline() {
         patient.abort_job(dom.name())
     });
     let err = r.expect_err("not sent");
-    assert!(err.is_timeout() && err.to_string().contains("was not sent"), "{err}");
+    assert!(err.is_timeout() && err.is_past_deadline() && err.to_string().contains("was not sent"), "{err}");
     assert!(took < Duration::from_millis(100), "{took:?}");
 
     // libvirtd alone still answers what it knows without QEMU.
@@ -81,4 +87,26 @@ fn connecting_where_no_libvirtd_listens_fails_at_once_naming_the_socket() {
     let err = r.expect_err("nothing listens");
     assert!(err.to_string().contains("/nonexistent/libvirt-sock"), "{err}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_job_whose_operation_ran_out_of_time_times_out_and_is_aborted() {
+    // A push job followed under a deadline that has passed: its poll is never sent, the wait
+    // says the job timed out (not that QEMU stopped answering), and the abort gets a budget of
+    // its own: no job is left.
+    let dom = DomainSpec::new("pastdeadline").disk(DiskSpec::raw(256)).running(true).create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 200);
+    let hv = hv();
+    let out = dom.dir().join("out");
+    fs::create_dir_all(&out).unwrap();
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o755)).unwrap();
+    let domain = Domain::parse(&hv.domain_xml(dom.name()).unwrap()).unwrap();
+    let backup = PushBackup::for_domain(&domain, &out, |d| format!("{}.qcow2", d.target));
+    let job = start_backup(&hv, dom.name(), &backup).unwrap();
+    let err = {
+        let _scope = deadline::scope(Instant::now());
+        job.wait(JobOptions::default(), &CancelHandle::new(), &mut |_| {}).unwrap_err()
+    };
+    assert!(matches!(err, JobError::TimedOut { .. }), "{err}");
+    assert_eq!(hv.current_job(dom.name()).unwrap().kind, JobKind::None, "no job is left");
 }

@@ -73,6 +73,9 @@ struct CheckpointGuard<'h, H: Hypervisor> {
 impl<H: Hypervisor> Drop for CheckpointGuard<'_, H> {
     fn drop(&mut self) {
         if let Some(created) = self.created.take() {
+            // The backup may have failed at its deadline: undoing gets a budget of its own.
+            let _scope =
+                nasbak_libvirt::deadline::scope(std::time::Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET);
             crate::incremental::after_failure(self.hypervisor, self.vm, self.redefined.as_deref(), &created);
         }
     }

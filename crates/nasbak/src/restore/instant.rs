@@ -515,6 +515,11 @@ where
             let (mut done, mut total, mut ready) = (0, 0, true);
             for d in &state.disks {
                 let copy = self.copy_state(&state.vm, &d.target).map_err(|e| {
+                    if e.is_past_deadline() {
+                        return BackupError::TimedOut {
+                            what: format!("waiting for the copies of {}'s disks", state.vm),
+                        };
+                    }
                     let what = format!("the copy of {}'s disk {} (the restore stays in flight)", state.vm, d.target);
                     at(Step::Restore { disk: d.target.clone() })(BackupError::Unanswered { what, source: e })
                 })?;
