@@ -12,47 +12,18 @@ use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOpt
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
 use nasbak_repo::{BackupId, BackupMethod, BackupMode, BackupRef, Checksum, Manifest, ManifestDisk, Mounter, VmName};
-use serde::Serialize;
 
 use crate::disks::{backup_files, keyed_source, volume_of};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at, cancelled_or, repository_unavailable};
-use crate::lock::VmLock;
+use crate::outcome::{BackupOutcome, SkippedDisk};
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::BackupRequest;
-use crate::store::write_synced;
 use crate::transfer::convert;
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
 use crate::watchdog::ThawWatchdog;
-
-/// A disk of the VM that was not backed up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct SkippedDisk {
-    /// Its target device.
-    pub target: String,
-    /// Why not (a cdrom, no medium, shareable, ...).
-    pub reason: String,
-}
-
-/// A finished backup.
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct BackupOutcome {
-    /// The backup, `REPO:VM/BACKUP-ID`.
-    pub id: BackupRef,
-    /// Its manifest.
-    pub manifest: Manifest,
-    /// Its directory on the (now released) repository, relative to the repository root.
-    pub relative_dir: PathBuf,
-    /// Disks not backed up, and why.
-    pub skipped: Vec<SkippedDisk>,
-    /// What this run cleaned up after earlier interrupted runs.
-    pub cleaned: Vec<String>,
-    /// What the operator must know although the backup is complete (a guest that could not be
-    /// thawed).
-    pub warnings: Vec<String>,
-}
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::write_synced;
 
 /// What a backup tells besides its manifest.
 #[derive(Debug, Default)]
@@ -143,7 +114,7 @@ fn refuse_half_restored(
     vm_dir: &Path,
     chosen: &[&Disk],
 ) -> Result<(), BackupError> {
-    let half: Vec<_> = crate::store::marks::interrupted_restores(vm_dir)
+    let half: Vec<_> = nasbak_repo::store::interrupted_restores(vm_dir)
         .into_iter()
         .filter(|m| chosen.iter().any(|d| d.target == m.target))
         .collect();
@@ -152,12 +123,10 @@ fn refuse_half_restored(
     }
     Err(BackupError::HalfRestored {
         vm: request.vm.clone(),
-        problems: half.iter().map(crate::store::marks::RestoringMark::describe).collect(),
+        problems: half.iter().map(nasbak_repo::store::RestoringMark::describe).collect(),
         marks: half
             .iter()
-            .map(|m| {
-                format!("{}:{}/{}{}", request.repository.name(), vm, crate::store::marks::RESTORING_MARK, m.target)
-            })
+            .map(|m| format!("{}:{}/{}{}", request.repository.name(), vm, nasbak_repo::store::RESTORING_MARK, m.target))
             .collect(),
     })
 }
@@ -167,7 +136,8 @@ fn refuse_half_restored(
 /// rename synced.
 fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -> Result<(), BackupError> {
     let manifest_path = run.partial.join(MANIFEST_FILE);
-    write_synced(&manifest_path, manifest.to_json().as_bytes()).map_err(|e| (run.unavailable)(Step::Manifest, e))?;
+    write_synced(&manifest_path, manifest.to_json().as_bytes())
+        .map_err(|e| (run.unavailable)(Step::Manifest, e.into()))?;
     crate::fault::point("manifest");
     lock.check(run.vm.as_str()).map_err(|e| at(Step::Commit)(e.into()))?;
     fs::rename(run.partial, final_dir)
@@ -324,10 +294,10 @@ where
         if running && self.abort_orphaned_job(&request.vm, vm_dir)? {
             notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
-        let interrupted = clean_partials(vm_dir);
+        let interrupted = nasbak_repo::store::clean_partials(vm_dir);
         notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
         notes.cleaned.extend(
-            crate::merge::finish_merges(vm_dir)
+            nasbak_repo::store::finish_merges(vm_dir)
                 .iter()
                 .map(|b| format!("completed the merge of backup {b}, which an interrupted prune had left")),
         );
@@ -821,19 +791,4 @@ fn still_frozen(warning: Option<String>, e: BackupError) -> BackupError {
         Some(warning) => BackupError::StillFrozen { warning, source: Box::new(e) },
         None => e,
     }
-}
-
-/// Removes `<id>.partial` directories of earlier interrupted runs (the caller holds the VM lock,
-/// so none of them is being written); returns their names.
-fn clean_partials(vm_dir: &Path) -> Vec<String> {
-    let mut removed = Vec::new();
-    if let Ok(entries) = fs::read_dir(vm_dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(PARTIAL_SUFFIX) && fs::remove_dir_all(e.path()).is_ok() {
-                removed.push(name);
-            }
-        }
-    }
-    removed
 }

@@ -24,67 +24,15 @@ use nasbak_repo::{BackupId, Mounter, VmName};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::export::{Overlay, nbd_socket};
-use crate::lock::VmLock;
-use crate::store::{BootResult, BootVerification, ancestors, backup_disks, write_record};
+use crate::request::BootVerifyRequest;
+use crate::store::backup_disks;
 use crate::transfer::check_image;
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::{BootResult, BootVerification, ancestors, write_record};
 
-/// How long a guest has to answer by default.
-pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Where boot verifications keep their overlays, exports and console logs by default.
-pub const DEFAULT_VERIFY_DIR: &str = "/var/lib/nasbak/verify";
 /// How many of the console's last lines a failed verification keeps.
 const CONSOLE_LINES: usize = 20;
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A boot verification to run. Built with [`BootVerifyRequest::new`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct BootVerifyRequest {
-    /// The repository the backup is on.
-    pub repository: nasbak_repo::BackupRepository,
-    /// The VM the backup is of.
-    pub vm: String,
-    /// The backup id.
-    pub id: String,
-    /// How long the guest has to answer (and the check to succeed).
-    pub timeout: Duration,
-    /// A command run in the guest through its agent (`/bin/sh -c COMMAND`) that must exit 0.
-    pub check: Option<String>,
-    /// Where the overlays, exports and console log go.
-    pub work_dir: PathBuf,
-}
-
-impl BootVerifyRequest {
-    /// Verifying backup `id` of `vm` on `repository` by booting it.
-    pub fn new(repository: nasbak_repo::BackupRepository, vm: impl Into<String>, id: impl Into<String>) -> Self {
-        BootVerifyRequest {
-            repository,
-            vm: vm.into(),
-            id: id.into(),
-            timeout: DEFAULT_BOOT_TIMEOUT,
-            check: None,
-            work_dir: PathBuf::from(DEFAULT_VERIFY_DIR),
-        }
-    }
-
-    /// Gives the guest `timeout` to answer.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Also runs `command` in the guest (`/bin/sh -c`); it must exit 0.
-    pub fn with_check(mut self, command: impl Into<String>) -> Self {
-        self.check = Some(command.into());
-        self
-    }
-
-    /// Keeps the overlays, exports and console log under `dir`.
-    pub fn with_work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.work_dir = dir.into();
-        self
-    }
-}
 
 impl<H, A, I, M> Engine<H, A, I, M>
 where
@@ -116,14 +64,9 @@ where
         let started = Instant::now();
         let record =
             |result: BootResult, detail: String, console: Vec<String>| -> Result<BootVerification, BackupError> {
-                let v = BootVerification {
-                    backup: reference.clone(),
-                    result,
-                    at: self.clock.now(),
-                    millis: started.elapsed().as_millis() as u64,
-                    detail,
-                    console,
-                };
+                let mut v = BootVerification::new(reference.clone(), result, self.clock.now(), detail);
+                v.millis = started.elapsed().as_millis() as u64;
+                v.console = console;
                 write_record(&dir, &v)?;
                 Ok(v)
             };

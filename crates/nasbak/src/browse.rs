@@ -30,14 +30,16 @@ use std::time::Duration;
 
 use nasbak_process::{CancelHandle, ExternalCommand};
 use nasbak_qemu_img::{ExportKind, ImageFormat, ImageTool, ReadOnlyExport};
-use nasbak_repo::{BackupId, BackupRepository, Mounter, VmName};
-use serde::{Deserialize, Serialize};
+use nasbak_repo::{BackupId, Mounter, VmName};
 
 use crate::engine::Catalog;
 use crate::error::{BackupError, Step, at};
-use crate::lock::VmLock;
-use crate::store::{ancestors, backup_disks};
+use crate::outcome::{MountedBackup, MountedDisk, MountedFilesystem, NotMounted, UnmountReport};
+use crate::request::MountRequest;
+use crate::store::backup_disks;
 use crate::transfer::check_image;
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::ancestors;
 
 /// The file in a mount directory that says what is mounted there.
 pub const MOUNT_STATE_FILE: &str = ".nasbak-mount.json";
@@ -47,119 +49,6 @@ pub const DISK_IMAGE_FILE: &str = "disk.raw";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon has to stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Mounting a backup read-only. Built with [`MountRequest::new`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct MountRequest {
-    /// The repository the backup is on.
-    pub repository: BackupRepository,
-    /// The VM the backup is of.
-    pub vm: String,
-    /// The backup id.
-    pub id: String,
-    /// Where to show it: an empty directory, or one to create.
-    pub dir: PathBuf,
-    /// Only this disk (its target in the backup); every disk when `None`.
-    pub disk: Option<String>,
-}
-
-impl MountRequest {
-    /// Mounting every disk of backup `id` of `vm` on `repository` under `dir`.
-    pub fn new(
-        repository: BackupRepository,
-        vm: impl Into<String>,
-        id: impl Into<String>,
-        dir: impl Into<PathBuf>,
-    ) -> Self {
-        MountRequest { repository, vm: vm.into(), id: id.into(), dir: dir.into(), disk: None }
-    }
-
-    /// Mounts only the disk whose target in the backup is `target`.
-    pub fn only_disk(mut self, target: impl Into<String>) -> Self {
-        self.disk = Some(target.into());
-        self
-    }
-}
-
-/// A backup mounted read-only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct MountedBackup {
-    /// `REPO:VM/BACKUP-ID`.
-    pub backup: String,
-    /// The directory it is mounted under.
-    pub dir: PathBuf,
-    /// The repository's name (unmounted with the backup when nothing else uses it).
-    pub repository: String,
-    /// Whether nasbak created `dir` (removed again by unmount).
-    pub created_dir: bool,
-    /// Each disk shown.
-    pub disks: Vec<MountedDisk>,
-}
-
-/// One disk of a mounted backup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct MountedDisk {
-    /// The target device in the backup.
-    pub target: String,
-    /// The raw image showing the disk's content, read-only.
-    pub image: PathBuf,
-    /// The disk's virtual size in bytes.
-    pub size: u64,
-    /// How many backup files the content is read from (1 for a full, more for a chain).
-    pub files: usize,
-    /// The file systems mounted.
-    pub filesystems: Vec<MountedFilesystem>,
-    /// The partitions (or the whole disk) not mounted, and why.
-    pub not_mounted: Vec<NotMounted>,
-}
-
-/// A file system of a mounted disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct MountedFilesystem {
-    /// The partition number, or `None` for a disk without a partition table.
-    pub partition: Option<u32>,
-    /// Where its files are.
-    pub path: PathBuf,
-    /// Its type (`ext4`, `xfs`, ...).
-    pub fstype: String,
-    /// The options it was mounted with.
-    pub options: String,
-}
-
-/// A partition (or a whole disk) whose content was not mounted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct NotMounted {
-    /// The partition number, or `None` for the whole disk.
-    pub partition: Option<u32>,
-    /// Why (no file system, swap, an LVM volume, the mount's error).
-    pub reason: String,
-}
-
-/// What unmounting a backup removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct UnmountReport {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The file systems unmounted.
-    pub unmounted: Vec<PathBuf>,
-    /// The loop devices detached (those mount(8) had not cleared itself).
-    pub loop_devices: Vec<String>,
-    /// The exports stopped (their image files).
-    pub exports: Vec<PathBuf>,
-    /// Whether the repository was unmounted (it stays while other users have it).
-    pub repository_unmounted: bool,
-    /// The processes that keep the repository mounted, when it stays (another backup mounted
-    /// from it, an instant restore, a backup running).
-    pub repository_users: Vec<nasbak_repo::RepositoryUser>,
-    /// Files left in the directory that nasbak did not put there (kept).
-    pub left: Vec<PathBuf>,
-}
 
 impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// Shows a backup's disks read-only under `request.dir` (see the module's documentation):

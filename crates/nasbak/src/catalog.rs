@@ -12,114 +12,14 @@ use std::path::Path;
 use nasbak_process::CancelHandle;
 use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{BackupRepository, Mounter};
-use serde::Serialize;
 
 use crate::engine::Catalog;
 use crate::error::BackupError;
-use crate::lock::VmLock;
+use crate::outcome::{CapacityReport, FileStatus, FileVerdict, VerifyReport};
 use crate::progress::{Observer, Phase, Progress};
-use crate::store::{BackupEntry, BackupKind, ancestors, link_problem, list_mounted, read_backup, retire_and_delete};
-
-/// A repository's capacity, in bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct CapacityReport {
-    /// The repository.
-    pub repository: String,
-    /// Size of its file system.
-    pub total: u64,
-    /// In use.
-    pub used: u64,
-    /// Available to a writer.
-    pub available: u64,
-}
-
-/// What verify found in one backup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct VerifyReport {
-    /// The backup, `REPO:VM/BACKUP-ID`.
-    pub backup: String,
-    /// Why the backup is damaged (its manifest unreadable or invalid): then no file was checked.
-    pub damaged: Option<String>,
-    /// Each file's verdict.
-    pub files: Vec<FileVerdict>,
-}
-
-impl VerifyReport {
-    /// The report on a damaged backup (`REPO:VM/BACKUP-ID`), which has no file to check.
-    pub fn of_damaged(backup: impl Into<String>, reason: impl Into<String>) -> Self {
-        VerifyReport { backup: backup.into(), damaged: Some(reason.into()), files: Vec::new() }
-    }
-
-    /// Whether the backup is complete and every file is good.
-    pub fn ok(&self) -> bool {
-        self.damaged.is_none() && self.files.iter().all(FileVerdict::ok)
-    }
-}
-
-/// What is wrong with one file of a backup, or that nothing is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FileStatus {
-    /// Readable, `qemu-img check` clean (or only leaks), the checksum matches (or none recorded).
-    Ok,
-    /// The content differs from the checksum in the manifest.
-    Differs,
-    /// `qemu-img check` found corruption or could not check the image.
-    Corrupt,
-    /// The manifest lists the file but it is not there.
-    Missing,
-    /// Reading the file failed (an I/O error: the repository may be unreachable; the data may be
-    /// fine).
-    Unreadable,
-}
-
-impl std::fmt::Display for FileStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FileStatus::Ok => "ok",
-            FileStatus::Differs => "DIFFERS",
-            FileStatus::Corrupt => "CORRUPT",
-            FileStatus::Missing => "MISSING",
-            FileStatus::Unreadable => "UNREADABLE",
-        })
-    }
-}
-
-/// The verdict on one file of a backup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct FileVerdict {
-    /// The file name.
-    pub file: String,
-    /// qemu-img check's verdict (`Incomplete` when it could not run).
-    pub check: CheckVerdict,
-    /// Whether the checksum matches the manifest (`None`: none recorded, or the file could not
-    /// be read; see `error`).
-    pub checksum_ok: Option<bool>,
-    /// Why the file could not be read, if it could not.
-    pub error: Option<String>,
-    /// The file's status, from the above.
-    pub status: FileStatus,
-}
-
-impl FileVerdict {
-    fn new(file: String, check: CheckVerdict, checksum_ok: Option<bool>, error: Option<(FileStatus, String)>) -> Self {
-        let status = match &error {
-            Some((status, _)) => *status,
-            None if checksum_ok == Some(false) => FileStatus::Differs,
-            None if !matches!(check, CheckVerdict::Clean | CheckVerdict::Leaks) => FileStatus::Corrupt,
-            None => FileStatus::Ok,
-        };
-        FileVerdict { file, check, checksum_ok, error: error.map(|(_, e)| e), status }
-    }
-
-    /// Whether the file is good.
-    pub fn ok(&self) -> bool {
-        self.status == FileStatus::Ok
-    }
-}
+use crate::store::link_problem;
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::{BackupEntry, BackupKind, ancestors, list_backups, read_backup, retire_and_delete};
 
 impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// The backups on `repository` (of `vm` only, when given), oldest first: complete ones and
@@ -127,7 +27,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// written and anything not named like a backup are not listed.
     pub fn list(&self, repository: &BackupRepository, vm: Option<&str>) -> Result<Vec<BackupEntry>, BackupError> {
         let mounted = self.mounts().acquire(repository)?;
-        list_mounted(repository.name().as_str(), mounted.root(), vm)
+        Ok(list_backups(repository.name().as_str(), mounted.root(), vm)?)
     }
 
     /// One backup (complete or damaged); [`BackupError::NotFound`] when there is none of that id.
@@ -313,7 +213,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             return Err(missing());
         }
         // Never a backup a remaining one builds on: that one could no longer be restored.
-        let dependents: Vec<String> = list_mounted(repository.name().as_str(), mounted.root(), Some(vm))?
+        let dependents: Vec<String> = list_backups(repository.name().as_str(), mounted.root(), Some(vm))?
             .into_iter()
             .filter(|e| matches!(&e.kind, BackupKind::Nasbak(m) if m.parent.as_deref() == Some(id)))
             .map(|e| e.id)
@@ -321,7 +221,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         if !dependents.is_empty() {
             return Err(BackupError::HasDependents { backup: format!("{vm}/{id}"), dependents });
         }
-        retire_and_delete(&vm_dir, &dir)
+        Ok(retire_and_delete(&vm_dir, &dir)?)
     }
 }
 

@@ -141,7 +141,7 @@ pub enum BackupError {
     Config(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// The VM lock.
     #[error(transparent)]
-    Lock(#[from] crate::lock::LockError),
+    Lock(#[from] nasbak_repo::store::LockError),
     /// libvirt.
     #[error(transparent)]
     Libvirt(#[from] nasbak_libvirt::LibvirtError),
@@ -460,6 +460,24 @@ pub(crate) fn at(step: Step) -> impl FnOnce(BackupError) -> BackupError {
         | BackupError::StillFrozen { .. }
         | BackupError::RestoreIncomplete { .. } => e,
         e => BackupError::During { step, source: Box::new(e) },
+    }
+}
+
+impl From<nasbak_repo::store::StoreError> for BackupError {
+    /// The store's errors are the engine's: the same variants, the same words.
+    fn from(e: nasbak_repo::store::StoreError) -> Self {
+        use nasbak_repo::store::StoreError;
+        match e {
+            StoreError::Io { action, path, source } => BackupError::Io { action, path, source },
+            StoreError::Damaged { backup, reason } => BackupError::DamagedBackup { backup, reason },
+            StoreError::NotFound { what } => BackupError::NotFound { what },
+            StoreError::Input(e) => BackupError::Input(e),
+            other => BackupError::Io {
+                action: "using the repository's store",
+                path: Default::default(),
+                source: std::io::Error::other(other),
+            },
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, Parent, plan_chain};
 use crate::disks::volume_of;
 use crate::request::BackupRequest;
-use crate::store::{BackupKind, read_backup};
+use nasbak_repo::store::{BackupKind, read_backup};
 
 /// The name of the checkpoint a backup creates: `nasbak-<backup id>`.
 pub(crate) fn checkpoint_name(id: &BackupId) -> String {
@@ -271,7 +271,7 @@ pub(crate) fn disk_chain_problem<I: ImageTool>(
 ) -> Option<String> {
     let disk = newest.disks.iter().find(|d| d.target == target)?;
     let mut files = vec![(vm_dir.join(&newest.id), disk.clone())];
-    match crate::store::ancestors(vm_dir, vm, &newest.id, disk) {
+    match nasbak_repo::store::ancestors(vm_dir, vm, &newest.id, disk) {
         Ok(chain) => files.extend(chain),
         Err(e) => return Some(crate::error::chain(&e)),
     }
@@ -489,7 +489,7 @@ pub(crate) fn remove_retired<H: Hypervisor, I: ImageTool>(
     vm_dir: &Path,
 ) -> Vec<String> {
     let mut removed = Vec::new();
-    for (file, record) in crate::store::retired_checkpoints(vm_dir) {
+    for (file, record) in nasbak_repo::store::retired_checkpoints(vm_dir) {
         if running {
             delete_everywhere(hypervisor, vm, &record);
         } else {
@@ -505,7 +505,7 @@ pub(crate) fn remove_retired<H: Hypervisor, I: ImageTool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::retire_checkpoint;
+    use nasbak_repo::store::retire_checkpoint;
 
     fn manifest(id: &str, checkpoint: bool) -> Manifest {
         let mut m = crate::test_support::manifest(id, &[]);
@@ -525,9 +525,9 @@ mod tests {
         retire_checkpoint(dir.path(), &manifest("2026.11.30.02.00.00", true)).unwrap();
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-9", true)).unwrap();
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-10", false)).unwrap();
-        assert!(crate::store::retired_checkpoints(dir.path()).is_empty());
+        assert!(nasbak_repo::store::retired_checkpoints(dir.path()).is_empty());
         retire_checkpoint(dir.path(), &manifest("2026.12.01.02.00.00-10", true)).unwrap();
-        let retired = crate::store::retired_checkpoints(dir.path());
+        let retired = nasbak_repo::store::retired_checkpoints(dir.path());
         assert_eq!(retired.len(), 1);
         assert_eq!(retired[0].1.name, "nasbak-2026.12.01.02.00.00-10");
     }

@@ -78,10 +78,10 @@ mod error;
 mod export;
 mod fault;
 mod incremental;
-mod lock;
 mod merge;
 #[cfg(test)]
 mod mocked;
+mod outcome;
 pub mod progress;
 pub mod prune;
 mod request;
@@ -92,26 +92,25 @@ mod test_support;
 mod transfer;
 mod watchdog;
 
-pub use backup::{BackupOutcome, SkippedDisk};
-pub use boot::{BootVerifyRequest, DEFAULT_BOOT_TIMEOUT, DEFAULT_VERIFY_DIR};
-pub use browse::{
-    DISK_IMAGE_FILE, MOUNT_STATE_FILE, MountRequest, MountedBackup, MountedDisk, MountedFilesystem, NotMounted,
-    UnmountReport,
-};
-pub use catalog::{CapacityReport, FileStatus, FileVerdict, VerifyReport};
+pub use browse::{DISK_IMAGE_FILE, MOUNT_STATE_FILE};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{AgentSource, Catalog, DEFAULT_AGENT_TIMEOUT, DEFAULT_RUNTIME_DIR, Engine};
 pub use error::{BackupError, ErrorKind, Step, chain};
-pub use lock::{LOCK_FILE, LockError, VmLock};
-pub use progress::{Observer, Phase, Progress};
-pub use prune::{DamagedNote, PruneDecision, PruneReport, plan_prune};
-pub use request::{BackupRequest, DEFAULT_BACKUP_TIMEOUT};
-pub use restore::{
-    Attachment, CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk,
-    InstantFinished, InstantRestore, InstantRestoreRequest, InstantStatus, RESTORING_MARK, RestoreOutcome,
-    RestoreRequest, RestoredDisk, RestoredVolume, VolumeRestoreRequest, match_disks,
+pub use nasbak_repo::store::lock::{LOCK_FILE, LockError, VmLock};
+pub use nasbak_repo::store::{BOOT_VERIFY_FILE, BackupEntry, BackupKind, BootResult, BootVerification, RESTORING_MARK};
+pub use outcome::{
+    Attachment, BackupOutcome, CapacityReport, CopyState, DamagedNote, DiskCopy, FileStatus, FileVerdict,
+    InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, MountedBackup, MountedDisk,
+    MountedFilesystem, NotMounted, PruneDecision, PruneReport, RestoreOutcome, RestoredDisk, RestoredVolume,
+    SkippedDisk, UnmountReport, VerifyReport,
 };
-pub use store::{BOOT_VERIFY_FILE, BackupEntry, BackupKind, BootResult, BootVerification};
+pub use progress::{Observer, Phase, Progress};
+pub use prune::plan_prune;
+pub use request::{
+    BackupRequest, BootVerifyRequest, DEFAULT_BACKUP_TIMEOUT, DEFAULT_BOOT_TIMEOUT, DEFAULT_FINISH_TIMEOUT,
+    DEFAULT_INSTANT_DIR, DEFAULT_VERIFY_DIR, InstantRestoreRequest, MountRequest, RestoreRequest, VolumeRestoreRequest,
+};
+pub use restore::match_disks;
 pub use transfer::hash::{
     CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
 };

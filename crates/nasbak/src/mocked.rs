@@ -14,8 +14,8 @@ use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, Reposi
 
 use crate::engine::{Engine, MockAgentSource};
 use crate::error::BackupError;
-use crate::request::BackupRequest;
-use crate::restore::{RestoreRequest, VolumeRestoreRequest};
+
+use crate::request::{BackupRequest, RestoreRequest, VolumeRestoreRequest};
 
 /// Guest agents that answer (a fresh fake per call), and no thaw watchdog.
 fn agents() -> MockAgentSource {

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use chrono::NaiveDateTime;
 use nasbak_qemu_img::ImageTool;
 use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy, VmName};
-use serde::Serialize;
 
 use crate::engine::Catalog;
 use crate::error::BackupError;
-use crate::lock::VmLock;
-use crate::store::{BackupEntry, BackupKind, list_mounted, retire_and_delete};
+pub use crate::outcome::{DamagedNote, PruneDecision, PruneReport};
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::{BackupEntry, BackupKind, list_backups, retire_and_delete};
 
 /// One backup, as prune sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,21 +26,6 @@ pub struct PruneCandidate {
     pub time: NaiveDateTime,
     /// The schedule that made it, if any.
     pub schedule: Option<String>,
-}
-
-/// The decision on one backup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PruneDecision {
-    /// The backup id.
-    pub id: String,
-    /// Whether it stays.
-    pub keep: bool,
-    /// Why (the rule that keeps it, or the limit that removes it).
-    pub reason: String,
-    /// For a kept incremental whose parent goes: the parent. The backup is merged into a
-    /// self-contained one on the repository (a synthetic full) before the parent is removed.
-    pub merge_over: Option<String>,
 }
 
 /// Decides for every backup of one VM; the result is newest first.
@@ -88,30 +73,6 @@ pub fn plan_prune(
         .collect()
 }
 
-/// A backup prune did not count because it is damaged (see [`crate::BackupKind::Damaged`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct DamagedNote {
-    /// The backup id.
-    pub id: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-/// What prune decided, and whether it carried it out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PruneReport {
-    /// The VM.
-    pub vm: String,
-    /// Every complete backup of the VM, newest first.
-    pub decisions: Vec<PruneDecision>,
-    /// Damaged backups: neither counted by the retention nor removed; verify or delete them.
-    pub damaged: Vec<DamagedNote>,
-    /// False for a dry run.
-    pub executed: bool,
-}
-
 impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Prunes the backups of `vm` on `repository`: decides with [`plan_prune`] over its complete
     /// backups, merges each kept incremental whose parent goes into a self-contained backup
@@ -132,9 +93,9 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
         let vm_dir = layout.vm_dir(&vm_name);
         let _lock = if dry_run || !vm_dir.is_dir() { None } else { Some(VmLock::take(&vm_dir, vm)?) };
         if !dry_run {
-            crate::merge::finish_merges(&vm_dir);
+            nasbak_repo::store::finish_merges(&vm_dir);
         }
-        let entries = list_mounted(repository.name().as_str(), layout.root(), Some(vm))?;
+        let entries = list_backups(repository.name().as_str(), layout.root(), Some(vm))?;
         let damaged = entries
             .iter()
             .filter_map(|e| match &e.kind {

@@ -1,7 +1,9 @@
 //! `cargo xtask layers`: the engine's layering, checked. In every crate of the workspace no
-//! top-level module may reach another in a circle; in `nasbak` each module may use only its own
-//! layer and the layers below it ([`NASBAK_LAYERS`], the one place the map lives), and a
-//! workflow never uses another workflow: what two of them share moves down a layer.
+//! top-level module may reach another in a circle; in the layered crates ([`LAYERED`], the one
+//! place the maps live: `nasbak` and `nasbak-repo`) each module may use only its own layer and
+//! the layers below it, and the modules of a layer kept apart ([`APART`]: the engine's
+//! workflows, the repository's mount and store) never use each other: what two of them share
+//! moves down a layer.
 //!
 //! A module's uses are the `crate::MODULE` paths in its files (imports, paths in code, doc
 //! links): what names a module is a dependency on it.
@@ -12,13 +14,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+/// A crate's layers, bottom-up: each a name and its top-level modules.
+pub type LayerMap = &'static [(&'static str, &'static [&'static str])];
+
 /// The layers of the `nasbak` crate, bottom-up: a module may use its own layer and those below.
 /// `lib.rs` and the crate's own tests (`mocked.rs`, `test_support.rs`) stand above them all.
 pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
-    // The requests, errors, progress, clock and fault points every workflow speaks, the VM lease
-    // and a disk's identity.
-    ("types", &["error", "progress", "clock", "fault", "request", "disks", "lock"]),
-    // What a repository holds: backups, chains of files, the records beside them.
+    // The requests and outcomes of every workflow, the errors, progress, clock and fault points
+    // they speak, and a disk's identity. (The VM lease is in `nasbak_repo::store`.)
+    ("types", &["error", "progress", "clock", "fault", "request", "outcome", "disks"]),
+    // The engine's side of the repository's store (`nasbak_repo::store`): what needs the
+    // hypervisor's or qemu-img's view of a backup.
     ("store", &["store"]),
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
     // thaw watchdog.
@@ -31,7 +37,20 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     ("workflows", &["backup", "restore", "boot", "browse", "catalog", "prune"]),
 ];
 
-const WORKFLOWS: &str = "workflows";
+/// The layers of `nasbak-repo`, bottom-up: the pure model never does I/O; mounting and the
+/// store (backups, chains, records, the VM lease) are I/O over it, beside each other.
+pub const REPO_LAYERS: &[(&str, &[&str])] = &[
+    ("model", &["model"]),
+    ("io", &["mount", "store"]),
+    // The checks `fuzz/` drives, over the model.
+    ("checks", &["fuzz_checks"]),
+];
+
+/// The crates held to a layer map, by their directory under `crates/`.
+pub const LAYERED: &[(&str, LayerMap)] = &[("nasbak", NASBAK_LAYERS), ("repo", REPO_LAYERS)];
+
+/// The layers whose modules never use each other.
+const APART: &[&str] = &["workflows", "io"];
 const ABOVE_ALL: &[&str] = &["lib", "mocked", "test_support"];
 /// Test-only helpers (`#[cfg(test)]`) any module's tests may use.
 const TEST_HELPERS: &[&str] = &["test_support"];
@@ -126,9 +145,7 @@ fn layer_violations(uses: &BTreeMap<String, BTreeSet<String>>, layers: &[(&str, 
             continue;
         }
         let Some(own) = layer_of(module) else {
-            problems.push(format!(
-                "module {module} is in no layer: place it in NASBAK_LAYERS (crates/xtask/src/layers.rs)"
-            ));
+            problems.push(format!("module {module} is in no layer: place it in LAYERED (crates/xtask/src/layers.rs)"));
             continue;
         };
         for u in used.iter().filter(|u| !TEST_HELPERS.contains(&u.as_str())) {
@@ -141,8 +158,9 @@ fn layer_violations(uses: &BTreeMap<String, BTreeSet<String>>, layers: &[(&str, 
                     "{module} ({}) uses {u} ({}), a layer above it: move what they share down",
                     layers[own].0, layers[l].0
                 )),
-                Some(l) if l == own && layers[own].0 == WORKFLOWS => problems.push(format!(
-                    "workflow {module} uses workflow {u}: workflows never use each other; move what they share down"
+                Some(l) if l == own && APART.contains(&layers[own].0) && u != module => problems.push(format!(
+                    "{module} uses {u}, and the modules of layer {} never use each other; move what they share down",
+                    layers[own].0
                 )),
                 Some(_) => {}
             }
@@ -162,16 +180,21 @@ pub fn check() -> Result<()> {
         if let Some(c) = circle(&uses) {
             problems.push(format!("{}: the modules use each other in a circle: {c}", src.display()));
         }
-        if src.ends_with("crates/nasbak/src") {
-            problems.extend(layer_violations(&uses, NASBAK_LAYERS));
+        for (name, layers) in LAYERED {
+            if src.ends_with(format!("crates/{name}/src")) {
+                problems.extend(layer_violations(&uses, layers).into_iter().map(|p| format!("{name}: {p}")));
+            }
         }
     }
     if !problems.is_empty() {
         bail!("the layering is broken:\n  {}", problems.join("\n  "));
     }
-    println!("layers: no module circle in {} crates; nasbak keeps its layers", crates.len());
-    for (layer, modules) in NASBAK_LAYERS.iter().rev() {
-        println!("  {layer:<10} {}", modules.join(" "));
+    println!("layers: no module circle in {} crates; the layered crates keep their layers", crates.len());
+    for (name, layers) in LAYERED {
+        println!("  {name}");
+        for (layer, modules) in layers.iter().rev() {
+            println!("    {layer:<10} {}", modules.join(" "));
+        }
     }
     Ok(())
 }

@@ -28,170 +28,23 @@ use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 
 use crate::export::{Overlay, nbd_socket};
 use nasbak_repo::{ManifestDisk, Mounter, VmName};
-use serde::{Deserialize, Serialize};
 
-use super::{RestoreRequest, RestoredDisk, match_disks};
+use super::match_disks;
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
-use crate::lock::VmLock;
+use crate::outcome::{
+    CopyState, DiskCopy, InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, RestoredDisk,
+};
 use crate::progress::{Observer, Phase, Progress};
-use crate::store::ancestors;
-use crate::store::marks::{RESTORING_MARK, RestoringMark};
+use crate::request::InstantRestoreRequest;
 use crate::transfer::check_image;
 use crate::transfer::stage::stage_beside;
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::ancestors;
+use nasbak_repo::store::{RESTORING_MARK, RestoringMark};
 
-/// Where instant restores keep their overlays, exports and state by default: on local disk
-/// (the overlays take the guest's writes until the copies finish).
-pub const DEFAULT_INSTANT_DIR: &str = "/var/lib/nasbak/instant";
-
-/// How long an instant restore's finish waits for its copies when the caller does not say.
-pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const STATE_FILE: &str = "state.json";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An instant restore to begin. Built with [`InstantRestoreRequest::new`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct InstantRestoreRequest {
-    /// The backup, and the VM to restore (as for a whole-VM restore).
-    pub restore: RestoreRequest,
-    /// Where the overlays, exports and state go (`<work_dir>/<vm>/`).
-    pub work_dir: PathBuf,
-    /// At most this many bytes per second for each disk's copy (unlimited when `None`), to
-    /// spare the repository's server and the network.
-    pub bandwidth: Option<u64>,
-}
-
-impl InstantRestoreRequest {
-    /// An instant restore of `restore`, its files under [`DEFAULT_INSTANT_DIR`].
-    pub fn new(restore: RestoreRequest) -> Self {
-        InstantRestoreRequest { restore, work_dir: PathBuf::from(DEFAULT_INSTANT_DIR), bandwidth: None }
-    }
-
-    /// Limits each disk's copy to `bytes_per_second`.
-    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> Self {
-        self.bandwidth = Some(bytes_per_second);
-        self
-    }
-
-    /// Keeps the overlays, exports and state under `dir` instead.
-    pub fn with_work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.work_dir = dir.into();
-        self
-    }
-}
-
-/// An instant restore in flight (kept as `<work_dir>/<vm>/state.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct InstantRestore {
-    /// The VM restored into.
-    pub vm: String,
-    /// The backup, `REPO:VM/BACKUP-ID`.
-    pub backup: String,
-    /// The repository's name.
-    pub repository: String,
-    /// When it began.
-    pub started: chrono::DateTime<chrono::Utc>,
-    /// Its directory (overlays, exports, state).
-    pub dir: PathBuf,
-    /// Where the half-written marks of its volumes are (the VM's directory on the repository).
-    pub marks: PathBuf,
-    /// Each disk.
-    pub disks: Vec<InstantDisk>,
-}
-
-/// One disk of an instant restore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct InstantDisk {
-    /// The target device.
-    pub target: String,
-    /// The VM's volume the data goes to.
-    pub volume: PathBuf,
-    /// Whether the volume is a block device.
-    pub block: bool,
-    /// The volume's format.
-    pub format: String,
-    /// The overlay the VM runs on until the pivot.
-    pub overlay: PathBuf,
-    /// The NBD socket of the read-only export of the backup file the overlay reads through.
-    pub export: PathBuf,
-    /// The backup files of this disk (the newest first, then its chain), with the directory
-    /// each is in, for the checksums checked before the pivot.
-    pub files: Vec<(PathBuf, ManifestDisk)>,
-}
-
-/// Where an instant restore stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct InstantStatus {
-    /// The restore.
-    pub restore: InstantRestore,
-    /// Whether the VM runs.
-    pub running: bool,
-    /// Each disk's copy.
-    pub disks: Vec<DiskCopy>,
-}
-
-/// One disk's block copy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct DiskCopy {
-    /// The target device.
-    pub target: String,
-    /// Where the copy stands.
-    pub state: CopyState,
-}
-
-/// Where a disk's block copy stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum CopyState {
-    /// Copying: `done` of `total` bytes.
-    Copying {
-        /// Bytes copied.
-        done: u64,
-        /// Bytes in all.
-        total: u64,
-    },
-    /// Caught up: every write is mirrored; ready to finish.
-    Ready {
-        /// Bytes in all.
-        total: u64,
-    },
-    /// No copy runs (it failed, or the VM stopped): the restore can only be cancelled.
-    Gone,
-    /// libvirt did not say (the VM's QEMU or libvirtd did not answer in time, or failed): the
-    /// copy may still run.
-    Unknown {
-        /// What libvirt said, or what did not answer.
-        error: String,
-    },
-}
-
-/// A finished instant restore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct InstantFinished {
-    /// The backup, `REPO:VM/BACKUP-ID`.
-    pub backup: String,
-    /// The VM.
-    pub vm: String,
-    /// Each disk, now on its volume.
-    pub restored: Vec<RestoredDisk>,
-}
-
-/// What cancelling an instant restore did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct InstantCancelled {
-    /// The VM (stopped).
-    pub vm: String,
-    /// The volumes left partly written (marked on the repository: restore them again).
-    pub partly_written: Vec<PathBuf>,
-}
 
 impl<H, A, I, M> Engine<H, A, I, M>
 where

@@ -7,76 +7,16 @@
 //! the `domain-config.xml` saved with them gives each volume's target.
 
 use nasbak_libvirt::{Disk, Domain, DomainState};
-use nasbak_qemu_img::{ImageFormat, ImageLocation};
-use nasbak_repo::{BackupId, BackupRepository, ManifestDisk, MountedRepository, Mounter, VmName};
-use serde::Serialize;
+use nasbak_repo::{BackupId, ManifestDisk, MountedRepository, Mounter, VmName};
 
 mod instant;
 mod vm;
 mod volume;
 
-pub use crate::store::marks::RESTORING_MARK;
-pub use instant::{
-    CopyState, DEFAULT_FINISH_TIMEOUT, DEFAULT_INSTANT_DIR, DiskCopy, InstantCancelled, InstantDisk, InstantFinished,
-    InstantRestore, InstantRestoreRequest, InstantStatus,
-};
-
 use crate::disks::volume_of;
 use crate::error::{BackupError, Step, at};
+use crate::request::RestoreRequest;
 use crate::store::backup_disks;
-
-/// Restoring every disk of a shut-off VM from a backup. Built with [`RestoreRequest::new`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct RestoreRequest {
-    /// The repository the backup is on.
-    pub repository: BackupRepository,
-    /// The VM the backup is of.
-    pub vm: String,
-    /// The backup id.
-    pub id: String,
-    /// Restore into this shut-off VM instead of the backup's own (disks paired by target only).
-    pub into: Option<String>,
-}
-
-impl RestoreRequest {
-    /// Restoring backup `id` of `vm` on `repository` into `vm`.
-    pub fn new(repository: BackupRepository, vm: impl Into<String>, id: impl Into<String>) -> Self {
-        RestoreRequest { repository, vm: vm.into(), id: id.into(), into: None }
-    }
-
-    /// Restores into another shut-off VM.
-    pub fn into_vm(mut self, vm: impl Into<String>) -> Self {
-        self.into = Some(vm.into());
-        self
-    }
-}
-
-/// A finished whole-VM restore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct RestoreOutcome {
-    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
-    pub backup: String,
-    /// The VM restored into.
-    pub vm: String,
-    /// Each disk restored.
-    pub restored: Vec<RestoredDisk>,
-}
-
-/// What was restored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct RestoredDisk {
-    /// The target device.
-    pub target: String,
-    /// Where it was written: a path, or `rbd:pool/image`.
-    pub location: String,
-    /// The format written.
-    pub format: String,
-    /// Said when an earlier restore of this disk had been interrupted while it wrote in place.
-    pub note: Option<String>,
-}
 
 /// Where a whole-VM restore (plain or instant) starts, checked in this order: the backup
 /// reference, the VM (it must be shut off), the repository, the backup and its disks.
@@ -151,97 +91,6 @@ pub fn match_disks<'a>(
         }
     }
     if problems.is_empty() { Ok(pairs) } else { Err(BackupError::Mismatch { vm: domain.name.clone(), problems }) }
-}
-
-/// Restoring one disk of a backup as a new volume. Built with [`VolumeRestoreRequest::new`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct VolumeRestoreRequest {
-    /// The repository the backup is on.
-    pub repository: BackupRepository,
-    /// The VM the backup is of.
-    pub vm: String,
-    /// The backup id.
-    pub id: String,
-    /// The disk, by its target in the backup (`vdb`).
-    pub disk: String,
-    /// Where to write: a new file or block device path, or an RBD image.
-    pub to: ImageLocation,
-    /// The format to write (RBD images are raw).
-    pub format: ImageFormat,
-    /// Attach the new volume to this VM (running or shut off).
-    pub attach: Option<String>,
-    /// Write at most this many bytes per second (`qemu-img convert -r`; a qcow2 file restored
-    /// as a checked copy is not limited).
-    pub bandwidth: Option<u64>,
-}
-
-impl VolumeRestoreRequest {
-    /// Restoring disk `disk` (its target in the backup) of backup `id` of `vm` on `repository`
-    /// to `to`, as qcow2 (raw for an RBD image), attached to no VM.
-    pub fn new(
-        repository: BackupRepository,
-        vm: impl Into<String>,
-        id: impl Into<String>,
-        disk: impl Into<String>,
-        to: ImageLocation,
-    ) -> Self {
-        let format = if matches!(to, ImageLocation::Rbd(_)) { ImageFormat::Raw } else { ImageFormat::Qcow2 };
-        VolumeRestoreRequest {
-            repository,
-            vm: vm.into(),
-            id: id.into(),
-            disk: disk.into(),
-            to,
-            format,
-            attach: None,
-            bandwidth: None,
-        }
-    }
-
-    /// The format to write.
-    pub fn with_format(mut self, format: ImageFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// Attaches the new volume to `vm` (running or shut off) as its next free target.
-    pub fn attach_to(mut self, vm: impl Into<String>) -> Self {
-        self.attach = Some(vm.into());
-        self
-    }
-
-    /// Writes the volume at most `bytes_per_second` fast (spares the storage it goes to).
-    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> Self {
-        self.bandwidth = Some(bytes_per_second);
-        self
-    }
-}
-
-/// Where a restored volume was attached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct Attachment {
-    /// The VM.
-    pub vm: String,
-    /// The target device it was attached as.
-    pub target: String,
-}
-
-/// A restored volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct RestoredVolume {
-    /// The backup restored from, `VM/BACKUP-ID` on the request's repository.
-    pub backup: String,
-    /// The disk of the backup restored.
-    pub disk: String,
-    /// Where it was written.
-    pub location: String,
-    /// Its format.
-    pub format: String,
-    /// The VM and target it was attached as.
-    pub attached: Option<Attachment>,
 }
 
 #[cfg(test)]

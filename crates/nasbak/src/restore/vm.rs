@@ -9,15 +9,17 @@ use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{ManifestDisk, Mounter, VmName};
 
-use super::{RestoreOutcome, RestoreRequest, RestoredDisk, match_disks};
+use super::match_disks;
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
-use crate::lock::VmLock;
+use crate::outcome::{RestoreOutcome, RestoredDisk};
 use crate::progress::{Observer, Progress};
-use crate::store::ancestors;
-use crate::store::marks::{RestoringMark, interrupted_restores};
+use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
 use crate::transfer::{check_image, check_sum, convert, copy_checked};
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::ancestors;
+use nasbak_repo::store::{RestoringMark, interrupted_restores};
 
 impl<H, A, I, M> Engine<H, A, I, M>
 where
@@ -98,7 +100,7 @@ where
                 )
             });
             let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"), self.clock.now())
-                .map_err(|e| incomplete(&restored, None, e))?;
+                .map_err(|e| incomplete(&restored, None, e.into()))?;
             let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;

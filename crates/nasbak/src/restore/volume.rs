@@ -8,14 +8,16 @@ use nasbak_libvirt::{CancelHandle, DiskSource, Domain, DomainState, Hypervisor, 
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
 use nasbak_repo::{BackupId, ManifestDisk, Mounter, VmName};
 
-use super::{Attachment, RestoredVolume, VolumeRestoreRequest};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
-use crate::lock::VmLock;
+use crate::outcome::{Attachment, RestoredVolume};
 use crate::progress::Observer;
-use crate::store::{ancestors, backup_disks};
+use crate::request::VolumeRestoreRequest;
+use crate::store::backup_disks;
 use crate::transfer::stage::{Staged, stage_beside};
 use crate::transfer::{check_image, check_sum, convert, copy_checked};
+use nasbak_repo::store::VmLock;
+use nasbak_repo::store::ancestors;
 
 /// The VM a restored volume is attached to: its name, whether it runs, its definition.
 type AttachTo = (String, bool, Domain);
