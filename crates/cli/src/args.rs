@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use nasbak::chain::ModeRequest;
 use nasbak::nasbak_agent::QuiescePolicy;
-use nasbak::nasbak_repo::{BackupRef, RetentionPolicy};
+use nasbak::nasbak_repo::{BackupRef, Compression, Encryption, KeySource, RetentionPolicy};
 use nasbak_service::config::{DEFAULT_CONFIG, DEFAULT_STATE};
 use nasbak_service::schedule::{AT_FORMS, Every};
 
@@ -71,6 +71,43 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
 
 pub fn keep_arg(s: &str) -> Result<RetentionPolicy, String> {
     s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
+}
+
+/// `zstd` or `none`.
+pub fn compression_arg(s: &str) -> Result<Compression, String> {
+    s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
+}
+
+/// `luks` or `none`.
+pub fn encryption_arg(s: &str) -> Result<Encryption, String> {
+    s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
+}
+
+/// An absolute path.
+pub fn key_file_arg(s: &str) -> Result<KeySource, String> {
+    KeySource::file(s).map_err(|e| e.to_string())
+}
+
+/// A UUID.
+pub fn key_secret_arg(s: &str) -> Result<KeySource, String> {
+    KeySource::libvirt_secret(s).map_err(|e| e.to_string())
+}
+
+/// How a repository protects its future backup files.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProtectionArgs {
+    /// Compress new backup files: zstd or none.
+    #[arg(long = "compress", value_name = "zstd|none", value_parser = compression_arg)]
+    pub compression: Option<Compression>,
+    /// Encrypt new backup files: luks or none (luks needs --key-file or --key-secret).
+    #[arg(long = "encrypt", value_name = "luks|none", value_parser = encryption_arg)]
+    pub encryption: Option<Encryption>,
+    /// The passphrase's file: root-owned, mode 0600 (its value never leaves it but to QEMU).
+    #[arg(long, value_name = "PATH", value_parser = key_file_arg, conflicts_with = "key_secret")]
+    pub key_file: Option<KeySource>,
+    /// The passphrase as a libvirt secret, by UUID.
+    #[arg(long, value_name = "UUID", value_parser = key_secret_arg)]
+    pub key_secret: Option<KeySource>,
 }
 
 #[cfg(test)]
@@ -278,6 +315,15 @@ pub enum RepoCommand {
         /// The zone.
         #[arg(long)]
         zone: Option<String>,
+        #[command(flatten)]
+        protection: ProtectionArgs,
+    },
+    /// Change how a repository protects its future backups (earlier backups keep theirs).
+    Set {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        protection: ProtectionArgs,
     },
     /// List repositories.
     List,

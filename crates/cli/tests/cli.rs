@@ -731,3 +731,65 @@ fn an_instant_restore_outlives_a_killed_nasbak() {
     ok(&config, &["restore", &id]);
     ok(&config, &["backup", dom.name()]);
 }
+
+#[test]
+fn repository_protection_is_set_checked_shown_and_never_silently_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    let dom = DomainSpec::new("cliprotect").disk(DiskSpec::qcow2(16)).create();
+    let dir = dom.dir();
+    let config = dir.join("nasbak.toml");
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let key = dir.join("backup.key");
+    std::fs::write(&key, "a-random-passphrase-of-enough-length-0123456789").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let add = |extra: &[&str]| {
+        let mut args = vec!["repo", "add", "p", "--type", "shared", "--address", repo.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        nasbak(&config, &args)
+    };
+    // A key file others may read is refused, with the fix; nothing is saved.
+    let (code, _, err) = add(&["--encrypt", "luks", "--key-file", key.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("mode 0644") && err.contains("chmod 600"), "{err}");
+    assert!(!config.exists() || !std::fs::read_to_string(&config).unwrap().contains("[[repository]]"));
+    // Encryption without a key, a key without encryption, an unknown compression.
+    let (_, _, err) = add(&["--encrypt", "luks"]);
+    assert!(err.contains("needs a key") && err.contains("--key-file"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, _, err) = add(&["--key-file", key.to_str().unwrap()]);
+    assert!(err.contains("encryption is none"), "{err}");
+    let (code, _, err) = add(&["--compress", "gzip"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("zstd or none"), "{err}");
+    // Set, shown (where the key is, never what), changed for later backups.
+    let (code, out, err) = add(&["--compress", "zstd", "--encrypt", "luks", "--key-file", key.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let shown = ok(&config, &["repo", "show", "p"]);
+    assert!(shown.contains("compression: zstd") && shown.contains("encryption: luks"), "{shown}");
+    assert!(shown.contains(&format!("key: file:{}", key.display())), "{shown}");
+    let json = json_of(&ok(&config, &["--json", "repo", "show", "p"]));
+    assert_eq!(json["compression"], "zstd");
+    assert_eq!(json["encryption"], "luks");
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(!saved.contains("a-random-passphrase") && !shown.contains("a-random-passphrase"));
+    ok(&config, &["repo", "set", "p", "--compress", "none"]);
+    let shown = ok(&config, &["repo", "show", "p"]);
+    assert!(shown.contains("compression: none") && shown.contains("encryption: luks"), "{shown}");
+    // A shut-off VM's backup is stored encrypted; verify opens it with the key.
+    let made = json_of(&ok(&config, &["--json", "backup", dom.name(), "--repo", "p"]));
+    assert_eq!(made["manifest"]["disks"][0]["stored_as"], "encrypted", "{made}");
+    let id = made["id"].as_str().unwrap().to_owned();
+    let verified = ok(&config, &["verify", &id]);
+    assert!(!verified.contains("corrupt") && !verified.contains("differs"), "{verified}");
+    // A running VM: refused in this version, never written in plaintext.
+    dom.start();
+    let (code, out, err) = nasbak(&config, &["backup", dom.name(), "--repo", "p"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("shut-off VMs only"), "{err}");
+    assert_eq!(std::fs::read_dir(repo.join(dom.name())).unwrap().count(), 1, "only the first backup");
+    dom.destroy();
+    ok(&config, &["repo", "set", "p", "--encrypt", "none"]);
+    let shown = ok(&config, &["repo", "show", "p"]);
+    assert!(shown.contains("encryption: none") && shown.contains("key: -"), "{shown}");
+}

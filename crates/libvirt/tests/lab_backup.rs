@@ -281,7 +281,7 @@ fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
     // relative, so the chain resolves wherever the repository is mounted.
     let header = tool.info(&ImageLocation::Path(inc.clone())).unwrap();
     assert_eq!(header[0].backing_file.as_deref(), Some(dom.disks()[0].path.to_str().unwrap()), "{header:?}");
-    tool.set_backing(&inc, "../full/vda.qcow2", &ImageFormat::Qcow2).unwrap();
+    tool.set_backing(&ImageLocation::Path(inc.clone()), "../full/vda.qcow2", &ImageFormat::Qcow2).unwrap();
     let chain = tool.info(&ImageLocation::Path(inc.clone())).unwrap();
     assert_eq!(chain.len(), 2, "{chain:?}");
     // The incremental holds about the changed data only (2 MiB written).
@@ -302,7 +302,7 @@ fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
     assert_eq!(names, ["c1", "c2"]);
     dom.write_through_qemu(0, 0x33, "8M", "1M");
     let inc2 = backup("inc2", Some("c2"), "c3");
-    tool.set_backing(&inc2, "../inc1/vda.qcow2", &ImageFormat::Qcow2).unwrap();
+    tool.set_backing(&ImageLocation::Path(inc2.clone()), "../inc1/vda.qcow2", &ImageFormat::Qcow2).unwrap();
     let point3 = dom.raw_copy(0, "point3");
     assert!(same_content(&inc2, &point3), "the third point, through a redefined checkpoint");
     assert_no_job(&hv, dom.name());

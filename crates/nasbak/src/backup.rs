@@ -9,15 +9,21 @@ use std::time::Duration;
 
 use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
 use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup};
-use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool};
+use nasbak_qemu_img::{
+    CheckVerdict, ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool, StoredImage, StoredLayout,
+};
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
-use nasbak_repo::{BackupId, BackupMethod, BackupMode, BackupRef, Checksum, Manifest, ManifestDisk, Mounter, VmName};
+use nasbak_repo::store::{BackupKind, ancestors, read_backup};
+use nasbak_repo::{
+    BackupId, BackupMethod, BackupMode, BackupRef, Checksum, FileFormat, Manifest, ManifestDisk, Mounter, VmName,
+};
 
 use crate::disks::{backup_files, keyed_source, volume_of};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at, cancelled_or, repository_unavailable};
 use crate::outcome::{BackupOutcome, SkippedDisk};
 use crate::progress::{Observer, Phase, Progress};
+use crate::protect::Key;
 use crate::request::BackupRequest;
 use crate::transfer::convert;
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
@@ -69,7 +75,6 @@ impl<I: ImageTool> Drop for BitmapGuard<'_, I> {
     }
 }
 
-/// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 /// One backup in flight: what its phases share.
 struct Run<'r> {
     request: &'r BackupRequest,
@@ -88,6 +93,10 @@ struct Run<'r> {
     cancel: &'r CancelHandle,
     /// A failure of a step while the repository is in use: the repository's going away, if it did.
     unavailable: &'r dyn Fn(Step, BackupError) -> BackupError,
+    /// How this backup's files are stored (the repository's protection).
+    format: FileFormat,
+    /// The repository's key, when it encrypts.
+    key: Option<&'r Key>,
 }
 
 /// How the disks were copied.
@@ -134,6 +143,23 @@ fn refuse_half_restored(
 /// `manifest.json` written last (synced), then, only while the lock is still ours (a holder
 /// that stalled past its lease abandons), the partial directory renamed into place and the
 /// rename synced.
+/// A running VM and a repository set to compress or encrypt: this version writes those backups
+/// of shut-off VMs only, so it refuses rather than write plaintext where protection was asked
+/// for.
+fn refuse_protection(request: &BackupRequest, state: DomainState) -> Result<(), BackupError> {
+    let protection = request.repository.protection();
+    if protection.is_plain() || state != DomainState::Running {
+        return Ok(());
+    }
+    Err(BackupError::Unsupported {
+        what: format!(
+            "backing up running VM {} to repository {} ({protection}): this version compresses and encrypts the backups of shut-off VMs only",
+            request.vm,
+            request.repository.name()
+        ),
+    })
+}
+
 fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -> Result<(), BackupError> {
     let manifest_path = run.partial.join(MANIFEST_FILE);
     write_synced(&manifest_path, manifest.to_json().as_bytes())
@@ -149,6 +175,7 @@ fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -
     Ok(())
 }
 
+/// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
@@ -184,9 +211,12 @@ where
         observer: &mut dyn Observer,
     ) -> Result<BackupOutcome, BackupError> {
         let vm = VmName::new(&request.vm)?;
+        // A key that cannot be used stops the backup before anything is asked of the VM.
+        let key = crate::protect::resolve_key(&self.hypervisor, request.repository.protection(), &self.runtime_dir)?;
         // Every libvirt call of the backup ends by its timeout, whatever the VM's QEMU does.
         let _deadline = nasbak_libvirt::deadline::scope(std::time::Instant::now() + request.timeout);
         let (state, xml, domain) = self.inspect(&request.vm).map_err(at(Step::Inspect))?;
+        refuse_protection(request, state)?;
         let (chosen, skipped) = domain.backup_selection();
         if chosen.is_empty() {
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
@@ -226,11 +256,14 @@ where
             sizes: &sizes,
             cancel,
             unavailable: &unavailable,
+            format: request.repository.protection().file_format(),
+            key: key.as_ref(),
         };
         // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
         // the backup is in place, a failure deletes the checkpoint this backup creates, and
         // removes the bitmaps a shut-off VM's disks got.
         let (mut chain, created) = self.decide_chain(&run, &id, &interrupted, &sources);
+        self.keep_chain_uniform(&run, &mut chain)?;
         let mut bitmaps = self.offline_bitmaps(&run, created.clone().unwrap_or_default());
         crate::fault::point("chain-decided");
         notes.cleaned.extend(
@@ -353,6 +386,65 @@ where
         (chain, Some(crate::incremental::checkpoint_name(id)))
     }
 
+    /// A chain is stored one way. An incremental on a parent whose files are stored otherwise
+    /// than the repository now asks (its protection changed) starts a new chain with a full,
+    /// the reason recorded. An encrypted parent must open with the repository's key, file by
+    /// file down to its full: if it does not, the backup stops here, before any data moves.
+    fn keep_chain_uniform(
+        &self,
+        run: &Run<'_>,
+        chain: &mut crate::incremental::ChainDecision,
+    ) -> Result<(), BackupError> {
+        let Some(parent) = chain.plan.parent.clone().filter(|_| chain.plan.mode == BackupMode::Incremental) else {
+            return Ok(());
+        };
+        let dir = run.vm_dir.join(&parent);
+        let Some(BackupKind::Nasbak(m)) = read_backup("", &run.request.vm, &parent, &dir).map(|e| e.kind) else {
+            return Ok(());
+        };
+        if let Some(other) = m.disks.iter().map(|d| d.stored_as).find(|f| *f != run.format) {
+            chain.plan = chain.plan.clone().into_full(format!(
+                "the repository now stores backups {}, its chain's files are stored {other}: a new chain starts",
+                run.format
+            ));
+            chain.from = None;
+            return Ok(());
+        }
+        if !run.format.is_encrypted() {
+            return Ok(());
+        }
+        let shown = format!("{}:{}/{parent}", run.request.repository.name(), run.request.vm);
+        for d in &m.disks {
+            let below = ancestors(run.vm_dir, &run.request.vm, &parent, d)?;
+            let image = crate::protect::disk_image(&dir, d, &below, run.key, &shown)?;
+            let problem = match self.images.check(&image, &ImageFormat::Qcow2) {
+                Ok(r) if matches!(r.verdict, CheckVerdict::Clean | CheckVerdict::Leaks) => continue,
+                Ok(r) => format!("qemu-img check says {:?}", r.verdict),
+                Err(e) => {
+                    if e.is_wrong_key() {
+                        return Err(BackupError::KeyNeeded {
+                            backup: shown,
+                            detail: format!(
+                                "the next backup builds on it, and disk {} does not open with the key",
+                                d.target
+                            ),
+                        });
+                    }
+                    crate::error::chain(&e)
+                }
+            };
+            // Damaged rather than locked: never an error where a full would do.
+            chain.plan.disk_to_full(
+                &d.target,
+                format!("its file in the previous backup's chain cannot be built on: {problem}"),
+            );
+        }
+        if chain.plan.mode == BackupMode::Full {
+            chain.from = None;
+        }
+        Ok(())
+    }
+
     /// A shut-off VM's qcow2 disks get this backup's bitmap `name` before anything is read (no
     /// one writes to them in between): the base of the next incremental. The guard removes
     /// them again unless the backup is put in place.
@@ -405,16 +497,14 @@ where
                     other => other,
                 }
                 .map_err(|f| (run.unavailable)(Step::Job, f.error()))?;
-                self.point_at_parents(&chain.plan, run.files, run.partial)
-                    .map_err(|e| (run.unavailable)(Step::Job, e))?;
+                self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
                 Ok(Copied { method: BackupMethod::PushJob, quiesced, note })
             }
             DomainState::ShutOff => {
                 let from = chain.from.clone();
                 self.convert(run, (&mut chain.plan, from.as_deref()), observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
-                self.point_at_parents(&chain.plan, run.files, run.partial)
-                    .map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 Ok(Copied {
                     method: BackupMethod::QemuImg,
                     quiesced: false,
@@ -438,10 +528,15 @@ where
                 return Err(BackupError::Cancelled);
             }
             let path = run.partial.join(file);
-            let info = self
-                .images
-                .info(&ImageLocation::Path(path.clone()))
-                .map_err(|e| (run.unavailable)(Step::Checksum, e.into()))?;
+            let opened = match run.format {
+                FileFormat::Plain | FileFormat::Compressed => ImageLocation::Path(path.clone()),
+                other => ImageLocation::Stored(StoredImage::single(
+                    path.clone(),
+                    crate::protect::layout_of(other),
+                    run.key.map(|k| k.path().to_owned()),
+                )),
+            };
+            let info = self.images.info(&opened).map_err(|e| (run.unavailable)(Step::Checksum, e.into()))?;
             let size = fs::metadata(&path).map_err(io("measuring", &path))?.len();
             let mut report = |done: u64| {
                 observer(&Progress::new(Phase::Checksum, &run.request.vm, done, size).on_disk(&disk.target));
@@ -464,6 +559,7 @@ where
                 mode: planned.map_or(BackupMode::Full, |p| p.mode),
                 backing: planned.and_then(|p| p.backing.clone()),
                 full_reason: planned.and_then(|p| p.full_reason.clone()),
+                stored_as: run.format,
             });
         }
         Ok(disks)
@@ -682,16 +778,24 @@ where
     /// libvirt (and the offline copy) write an incremental file without a backing file, or with
     /// the live disk as its backing: point each at the same disk's file in the parent, relative,
     /// so the chain resolves wherever the repository is mounted.
-    fn point_at_parents(
-        &self,
-        plan: &crate::chain::ChainPlan,
-        files: &[(&Disk, String)],
-        partial: &Path,
-    ) -> Result<(), BackupError> {
+    ///
+    /// A compressed qcow2 inside a LUKS container names no backing file: its chain is given by
+    /// the manifests whenever it is opened.
+    fn point_at_parents(&self, run: &Run<'_>, plan: &crate::chain::ChainPlan) -> Result<(), BackupError> {
         for d in plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental) {
-            let (_, file) = files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
+            let (_, file) = run.files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
             let backing = d.backing.as_deref().expect("an incremental disk has its backing");
-            self.images.set_backing(&partial.join(file), backing, &ImageFormat::Qcow2)?;
+            let path = run.partial.join(file);
+            let image = match run.format {
+                FileFormat::CompressedInLuks => continue,
+                FileFormat::Encrypted => ImageLocation::Stored(StoredImage::single(
+                    path,
+                    StoredLayout::Qcow2Luks,
+                    run.key.map(|k| k.path().to_owned()),
+                )),
+                FileFormat::Plain | FileFormat::Compressed => ImageLocation::Path(path),
+            };
+            self.images.set_backing(&image, backing, &ImageFormat::Qcow2)?;
         }
         Ok(())
     }
@@ -719,6 +823,7 @@ where
                     bitmap: bitmap.to_owned(),
                     target: partial.join(file),
                     cancel: cancel.clone(),
+                    protection: crate::protect::target_protection(run.format, run.key),
                 };
                 match crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer) {
                     Ok(()) => continue,
@@ -735,6 +840,7 @@ where
             }
             let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
             r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
+            r.protection = crate::protect::target_protection(run.format, run.key);
             convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;
         }
         Ok(())

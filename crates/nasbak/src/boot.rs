@@ -96,6 +96,7 @@ where
         {
             let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
             for b in &disks {
+                crate::protect::refuse_encrypted(b, &format!("{vm}/{id}"), "a boot verification")?;
                 check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
                 for (parent_dir, parent) in &ancestors(&layout.vm_dir(&vm_name), vm, id, b)? {
                     check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;

@@ -104,6 +104,8 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
+                let shown = format!("{}/{}", request.vm, request.id);
+                crate::protect::refuse_encrypted(disk, &shown, "a mount")?;
                 let chain = ancestors(&layout.vm_dir(&vm), &request.vm, &request.id, disk)?;
                 check_image(self.images(), &backup_dir, disk).map_err(at(Step::Check))?;
                 for (parent_dir, parent) in &chain {

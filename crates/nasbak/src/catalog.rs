@@ -11,7 +11,7 @@ use std::path::Path;
 
 use nasbak_process::CancelHandle;
 use nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::{BackupRepository, Mounter};
+use nasbak_repo::{BackupRepository, FileFormat, ManifestDisk, Mounter};
 
 use crate::engine::Catalog;
 use crate::error::BackupError;
@@ -77,46 +77,68 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         // Each file: the directory it is in, its name, its name as shown, its checksum. An
         // incremental disk brings the files of its chain (shown as `../<backup>/<file>`), and
         // its backing link is checked against its manifest.
-        let mut files: Vec<(std::path::PathBuf, String, String, Option<nasbak_repo::Checksum>)> = Vec::new();
+        let mut files: Vec<(std::path::PathBuf, String, String, Option<nasbak_repo::Checksum>, Opened)> = Vec::new();
         let mut links = Vec::new();
         match entry.kind {
             BackupKind::Nasbak(m) => {
                 let vm_dir = dir.parent().unwrap_or(&dir).to_owned();
+                // Encrypted files are checked with the repository's key file when it has one;
+                // without it, their checksums still say whether what is stored is intact.
+                let key = match m.disks.iter().any(|d| d.stored_as.is_encrypted()) {
+                    true => crate::protect::file_key(repository.protection()).ok().flatten(),
+                    false => None,
+                };
                 for d in &m.disks {
-                    files.push((dir.clone(), d.file.clone(), d.file.clone(), d.checksum.clone()));
-                    if let Some(backing) = &d.backing {
+                    let chain = ancestors(&vm_dir, vm, id, d)?;
+                    let how = opened(&dir, d, &chain, key.as_ref(), &backup);
+                    // A key that opens nothing is said as such, not as damage in every file.
+                    if let Opened::As(image) = &how
+                        && let Err(e) = self.images().check(image, &ImageFormat::Qcow2)
+                        && e.is_wrong_key()
+                    {
+                        return Err(BackupError::KeyNeeded {
+                            backup: backup.clone(),
+                            detail: format!("disk {} does not open with the repository's key file", d.target),
+                        });
+                    }
+                    files.push((dir.clone(), d.file.clone(), d.file.clone(), d.checksum.clone(), how));
+                    // A qcow2 inside a LUKS container names no backing file: its chain is the
+                    // manifests'.
+                    if let Some(backing) = d.backing.as_ref().filter(|_| d.stored_as != FileFormat::CompressedInLuks) {
                         links.push((d.file.clone(), backing.clone()));
                     }
-                    for (parent_dir, parent) in ancestors(&vm_dir, vm, id, d)? {
+                    for (i, (parent_dir, parent)) in chain.iter().enumerate() {
                         let shown = format!(
                             "../{}/{}",
                             parent_dir.file_name().unwrap_or_default().to_string_lossy(),
                             parent.file
                         );
                         if !files.iter().any(|f| f.2 == shown) {
-                            files.push((parent_dir, parent.file.clone(), shown, parent.checksum.clone()));
+                            let how = opened(parent_dir, parent, &chain[i + 1..], key.as_ref(), &backup);
+                            files.push((parent_dir.clone(), parent.file.clone(), shown, parent.checksum.clone(), how));
                         }
                     }
                 }
             }
             BackupKind::Reference { files: names } => {
-                files.extend(names.into_iter().map(|f| (dir.clone(), f.clone(), f, None)));
+                files.extend(names.into_iter().map(|f| (dir.clone(), f.clone(), f, None, Opened::ByPath)));
             }
             BackupKind::Damaged { reason } => {
                 return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
             }
         }
-        let sizes: Vec<u64> = files.iter().map(|(d, f, _, _)| fs::metadata(d.join(f)).map_or(0, |m| m.len())).collect();
+        let sizes: Vec<u64> =
+            files.iter().map(|(d, f, _, _, _)| fs::metadata(d.join(f)).map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
         let mut processed = 0;
         observer(&Progress::new(Phase::Verify, vm, processed, total));
         let mut verdicts = Vec::new();
-        for ((file_dir, file, shown, sum), size) in files.into_iter().zip(sizes) {
+        for ((file_dir, file, shown, sum, opened), size) in files.into_iter().zip(sizes) {
             let mut report = |done: u64| {
                 observer(&Progress::new(Phase::Verify, vm, processed + done.min(size), total));
                 !cancel.is_cancelled()
             };
-            let mut verdict = self.verify_file(&file_dir, file.clone(), sum, &mut report);
+            let mut verdict = self.verify_file(&file_dir, (file.clone(), sum, opened), &mut report);
             verdict.file = shown;
             if let Some((_, backing)) = links.iter().find(|(f, _)| *f == file && file_dir == dir)
                 && verdict.ok()
@@ -142,8 +164,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     fn verify_file(
         &self,
         dir: &Path,
-        file: String,
-        sum: Option<nasbak_repo::Checksum>,
+        (file, sum, opened): (String, Option<nasbak_repo::Checksum>, Opened),
         progress: &mut dyn FnMut(u64) -> bool,
     ) -> FileVerdict {
         let path = dir.join(&file);
@@ -163,7 +184,13 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 Err(e) => (None, Some((FileStatus::Unreadable, format!("reading it failed: {e}")))),
             },
         };
-        let check = match self.images().check(&ImageLocation::Path(path), &ImageFormat::Qcow2) {
+        let image = match opened {
+            Opened::ByPath => ImageLocation::Path(path),
+            Opened::As(image) => image,
+            // Encrypted, and no key to open it: its checksum is all that is checked.
+            Opened::NotWithoutKey => return FileVerdict::new(file, CheckVerdict::Unsupported, checksum_ok, error),
+        };
+        let check = match self.images().check(&image, &ImageFormat::Qcow2) {
             Ok(r) => r.verdict,
             Err(_) => CheckVerdict::Incomplete,
         };
@@ -222,6 +249,33 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             return Err(BackupError::HasDependents { backup: format!("{vm}/{id}"), dependents });
         }
         Ok(retire_and_delete(&vm_dir, &dir)?)
+    }
+}
+
+/// How `verify` opens a file for `qemu-img check`.
+enum Opened {
+    /// By its path (plain and compressed files, and reference backups).
+    ByPath,
+    /// Encrypted: with the key and the chain below it.
+    As(ImageLocation),
+    /// Encrypted, and the repository gives no key file: not opened.
+    NotWithoutKey,
+}
+
+/// How the file of `disk` in `dir`, with `chain` below it, is opened for its check.
+fn opened(
+    dir: &Path,
+    disk: &ManifestDisk,
+    chain: &[(std::path::PathBuf, ManifestDisk)],
+    key: Option<&crate::protect::Key>,
+    backup: &str,
+) -> Opened {
+    if !disk.stored_as.is_encrypted() {
+        return Opened::ByPath;
+    }
+    match crate::protect::disk_image(dir, disk, chain, key, backup) {
+        Ok(image) if key.is_some() => Opened::As(image),
+        _ => Opened::NotWithoutKey,
     }
 }
 

@@ -119,6 +119,8 @@ pub enum ErrorKind {
     Unresponsive,
     /// Something nasbak does not do.
     Unsupported,
+    /// An encrypted backup and a key that does not open it, or no key at all.
+    KeyRejected,
     /// The configuration.
     Configuration,
     /// Anything else (see the error and its causes).
@@ -139,6 +141,20 @@ pub enum BackupError {
     /// says.
     #[error(transparent)]
     Config(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// An encrypted backup that needs a key the repository does not give, or that its key does
+    /// not open. Nothing was written.
+    #[error(
+        "backup {backup} cannot be opened with the repository's key: {detail}; the repository must be given the key the backup was written with"
+    )]
+    KeyNeeded {
+        /// `VM/BACKUP-ID` (with the repository, `REPO:VM/BACKUP-ID`, where known).
+        backup: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An encryption key file that cannot be used (its mode, owner, or content).
+    #[error(transparent)]
+    Key(#[from] nasbak_repo::store::KeyError),
     /// The VM lock.
     #[error(transparent)]
     Lock(#[from] nasbak_repo::store::LockError),
@@ -407,7 +423,7 @@ impl BackupError {
             BackupError::During { source, .. }
             | BackupError::StillFrozen { source, .. }
             | BackupError::RestoreIncomplete { source, .. } => source.kind(),
-            BackupError::Input(_) | BackupError::Directory { .. } => ErrorKind::InvalidInput,
+            BackupError::Input(_) | BackupError::Directory { .. } | BackupError::Key(_) => ErrorKind::InvalidInput,
             BackupError::Mount(_) | BackupError::RepositoryUnavailable { .. } => ErrorKind::RepositoryUnreachable,
             BackupError::Config(_) | BackupError::NoCephKey { .. } => ErrorKind::Configuration,
             BackupError::Lock(_) | BackupError::InFlight { .. } => ErrorKind::Busy,
@@ -419,6 +435,7 @@ impl BackupError {
             BackupError::NoSpace { .. } => ErrorKind::NoSpace,
             BackupError::NotBackupable { .. } => ErrorKind::DomainNotBackupable,
             BackupError::Unsupported { .. } => ErrorKind::Unsupported,
+            BackupError::KeyNeeded { .. } => ErrorKind::KeyRejected,
             BackupError::NotShutOff { .. } => ErrorKind::DomainRunning,
             BackupError::Mismatch { .. } => ErrorKind::Mismatch,
             BackupError::Damaged { .. } => ErrorKind::CorruptFile,

@@ -37,7 +37,7 @@ impl Overlay<'_> {
             .and_then(|i| i.first().map(|i| i.virtual_size))
             .unwrap_or(self.size);
         images.create(&ImageLocation::Path(self.file.to_owned()), &ImageFormat::Qcow2, size)?;
-        images.set_backing(self.file, &uri, &ImageFormat::Raw)?;
+        images.set_backing(&ImageLocation::Path(self.file.to_owned()), &uri, &ImageFormat::Raw)?;
         Ok(size)
     }
 }

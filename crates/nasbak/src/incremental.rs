@@ -285,13 +285,18 @@ pub(crate) fn disk_chain_problem<I: ImageTool>(
         if size != d.size {
             return Some(format!("{shown} is {size} bytes, its manifest says {}", d.size));
         }
-        let location = ImageLocation::Path(path.clone());
-        match images.check(&location, &ImageFormat::Qcow2).map(|c| c.verdict) {
-            Ok(CheckVerdict::Clean | CheckVerdict::Leaks) => {}
-            Ok(verdict) => return Some(format!("qemu-img check of {shown} says {verdict:?}")),
-            Err(e) => return Some(format!("qemu-img check of {shown} failed: {}", crate::error::chain(&e))),
+        // An encrypted file opens only with the key: the backup checks it with the key once the
+        // chain is decided (`keep_chain_uniform`).
+        if !d.stored_as.is_encrypted() {
+            let location = ImageLocation::Path(path.clone());
+            match images.check(&location, &ImageFormat::Qcow2).map(|c| c.verdict) {
+                Ok(CheckVerdict::Clean | CheckVerdict::Leaks) => {}
+                Ok(verdict) => return Some(format!("qemu-img check of {shown} says {verdict:?}")),
+                Err(e) => return Some(format!("qemu-img check of {shown} failed: {}", crate::error::chain(&e))),
+            }
         }
-        if let Some(backing) = &d.backing
+        // A qcow2 inside a LUKS container names no backing file: its chain is the manifests'.
+        if let Some(backing) = d.backing.as_ref().filter(|_| d.stored_as != nasbak_repo::FileFormat::CompressedInLuks)
             && let Some(problem) = crate::store::link_problem(images, &path, &dir.join(backing))
         {
             return Some(format!("{shown}: {problem}"));

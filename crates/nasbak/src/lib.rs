@@ -83,6 +83,7 @@ mod merge;
 mod mocked;
 mod outcome;
 pub mod progress;
+mod protect;
 pub mod prune;
 mod request;
 mod restore;

@@ -58,6 +58,8 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
     let mut merged = manifest.clone();
     let mut staged = Staged(Vec::new());
     for d in merged.disks.iter_mut().filter(|d| d.mode == BackupMode::Incremental) {
+        // Prune keeps the chain of a merge that fails, the reason said.
+        crate::protect::refuse_encrypted(d, &backup, "a merge")?;
         let chain = nasbak_repo::store::ancestors(vm_dir, vm, id, d)?;
         for (from, file) in std::iter::once((dir.clone(), d.clone())).chain(chain) {
             check_image(images, &from, &file)?;
@@ -72,6 +74,8 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
             ImageFormat::Qcow2,
         );
         request.source_format = Some(ImageFormat::Qcow2);
+        // The merged file is stored like the chain it replaces (compressed stays compressed).
+        request.protection = crate::protect::target_protection(d.stored_as, None);
         convert(images, request, cancel, vm, &d.target, d.virtual_size, observer)?;
         let io = |action: &'static str| {
             let path = tmp.clone();

@@ -337,7 +337,7 @@ fn a_restore_that_fails_after_changing_volumes_says_which_changed() {
             fs::write(p, b"image").unwrap();
             Ok(())
         }
-        ImageLocation::Rbd(_) => unreachable!(),
+        ImageLocation::Rbd(_) | ImageLocation::Stored(_) => unreachable!(),
     });
     let (e, repo) = engine(hv, img, dir.path());
     let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();

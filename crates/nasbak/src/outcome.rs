@@ -353,7 +353,8 @@ impl std::fmt::Display for FileStatus {
 pub struct FileVerdict {
     /// The file name.
     pub file: String,
-    /// qemu-img check's verdict (`Incomplete` when it could not run).
+    /// qemu-img check's verdict (`Incomplete` when it could not run; `Unsupported` for an
+    /// encrypted file verified without its key, of which only the checksum was checked).
     pub check: CheckVerdict,
     /// Whether the checksum matches the manifest (`None`: none recorded, or the file could not
     /// be read; see `error`).
@@ -374,7 +375,10 @@ impl FileVerdict {
         let status = match &error {
             Some((status, _)) => *status,
             None if checksum_ok == Some(false) => FileStatus::Differs,
-            None if !matches!(check, CheckVerdict::Clean | CheckVerdict::Leaks) => FileStatus::Corrupt,
+            // `Unsupported`: an encrypted file verified without its key, its checksum the check.
+            None if !matches!(check, CheckVerdict::Clean | CheckVerdict::Leaks | CheckVerdict::Unsupported) => {
+                FileStatus::Corrupt
+            }
             None => FileStatus::Ok,
         };
         FileVerdict { file, check, checksum_ok, error: error.map(|(_, e)| e), status }

@@ -59,6 +59,7 @@ pub(crate) fn backup_disks(
             mode: BackupMode::Full,
             backing: None,
             full_reason: None,
+            stored_as: nasbak_repo::FileFormat::Plain,
         });
     }
     Ok(disks)

@@ -34,6 +34,7 @@ pub(crate) fn manifest(id: &str, disks: &[(&str, &str)]) -> Manifest {
                 mode: BackupMode::Full,
                 backing: None,
                 full_reason: None,
+                stored_as: nasbak_repo::FileFormat::Plain,
             })
             .collect(),
         mode: BackupMode::Full,

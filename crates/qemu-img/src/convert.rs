@@ -4,6 +4,7 @@ use nasbak_process::CancelHandle;
 
 use crate::info::ImageFormat;
 use crate::location::ImageLocation;
+use crate::stored::{StoredLayout, TargetProtection};
 
 /// qcow2 compression of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,10 @@ pub struct ConvertRequest {
     pub source_cache: Option<CacheMode>,
     /// Compression of a qcow2 target.
     pub compression: Compression,
+    /// Writes the qcow2 target compressed, encrypted or both (its key as a secret object);
+    /// replaces `compression`. A [`StoredLayout::Qcow2InLuks`] target is created first as its
+    /// container, then written through it.
+    pub protection: Option<TargetProtection>,
     /// A rate limit in bytes per second (`-r`).
     pub rate_limit: Option<u64>,
     /// The target exists already (`-n`): a block device, an existing RBD image or a file to
@@ -84,6 +89,7 @@ impl ConvertRequest {
             target_cache: None,
             source_cache: None,
             compression: Compression::None,
+            protection: None,
             rate_limit: None,
             target_exists: false,
             cancel: CancelHandle::new(),
@@ -96,7 +102,12 @@ impl ConvertRequest {
         if let Some(f) = &self.source_format {
             a.extend(["-f".into(), f.to_string()]);
         }
-        a.extend(["-O".into(), self.target_format.to_string()]);
+        let into_container = self.protection.as_ref().is_some_and(|p| p.layout == StoredLayout::Qcow2InLuks);
+        if into_container {
+            a.push("--target-image-opts".into());
+        } else {
+            a.extend(["-O".into(), self.target_format.to_string()]);
+        }
         if self.out_of_order {
             a.push("-W".into());
         }
@@ -107,10 +118,19 @@ impl ConvertRequest {
         if let Some(c) = self.source_cache {
             a.extend(["-T".into(), c.as_str().into()]);
         }
-        match self.compression {
-            Compression::None => {}
-            Compression::Zlib => a.push("-c".into()),
-            Compression::Zstd => a.extend(["-c".into(), "-o".into(), "compression_type=zstd".into()]),
+        match (&self.protection, self.compression) {
+            (Some(_), _) if into_container => a.push("-c".into()),
+            (Some(p), _) => {
+                if p.compressed {
+                    a.push("-c".into());
+                }
+                for o in p.create_options() {
+                    a.extend(["-o".into(), o]);
+                }
+            }
+            (None, Compression::None) => {}
+            (None, Compression::Zlib) => a.push("-c".into()),
+            (None, Compression::Zstd) => a.extend(["-c".into(), "-o".into(), "compression_type=zstd".into()]),
         }
         if let Some(r) = self.rate_limit {
             a.extend(["-r".into(), r.to_string()]);

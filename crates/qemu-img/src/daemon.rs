@@ -14,6 +14,7 @@ use nasbak_process::CancelHandle;
 use serde_json::{Value, json};
 
 use crate::error::{ImageError, ProgressFn};
+use crate::stored::{StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, key_object_args};
 
 /// A copy of the clusters a bitmap marks dirty.
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub struct DirtyCopy {
     pub target: PathBuf,
     /// Cancelling it cancels the job and stops the daemon.
     pub cancel: CancelHandle,
+    /// How the target is written (compressed clusters, encrypted, both); none: plain.
+    pub protection: Option<TargetProtection>,
 }
 
 /// Runs `copy` with `qemu-storage-daemon` (its QMP socket in `runtime_dir`) into its target,
@@ -49,7 +52,22 @@ pub(crate) fn copy_dirty(
         "driver": "qcow2", "node-name": "src", "read-only": true,
         "file": {"driver": "file", "filename": copy.source, "read-only": true}
     });
-    let target = json!({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": copy.target}});
+    let file = json!({"driver": "file", "filename": copy.target});
+    let layout = copy.protection.as_ref().map(|p| p.layout);
+    let mut target = match layout {
+        None | Some(StoredLayout::Qcow2) => json!({"driver": "qcow2", "file": file}),
+        Some(StoredLayout::Qcow2Luks) => json!({
+            "driver": "qcow2", "file": file,
+            "encrypt": {"format": "luks", "key-secret": TARGET_KEY_SECRET_ID}
+        }),
+        Some(StoredLayout::Qcow2InLuks) => json!({
+            "driver": "qcow2",
+            "file": {"driver": "luks", "key-secret": TARGET_KEY_SECRET_ID, "file": file}
+        }),
+    };
+    target["node-name"] = json!("tgt");
+    let compress = copy.protection.as_ref().is_some_and(|p| p.compressed);
+    let key = copy.protection.as_ref().and_then(|p| p.key.as_deref());
     let mut command = Command::new("qemu-storage-daemon");
     // SAFETY: between fork and exec the closure only makes the prctl system call, which is
     // async-signal-safe; it allocates nothing and takes no lock.
@@ -64,7 +82,9 @@ pub(crate) fn copy_dirty(
         command
             .arg("--chardev")
             .arg(format!("socket,id=qmp,path={},server=on,wait=off", socket.display()))
-            .args(["--monitor", "chardev=qmp", "--blockdev"])
+            .args(["--monitor", "chardev=qmp"])
+            .args(key_object_args(TARGET_KEY_SECRET_ID, key))
+            .arg("--blockdev")
             .arg(source.to_string())
             .arg("--blockdev")
             .arg(target.to_string())
@@ -80,7 +100,8 @@ pub(crate) fn copy_dirty(
         qmp.execute(
             "blockdev-backup",
             json!({"job-id": "copy", "device": "src", "target": "tgt", "sync": "bitmap",
-                   "bitmap": copy.bitmap, "bitmap-mode": "never", "auto-dismiss": false}),
+                   "bitmap": copy.bitmap, "bitmap-mode": "never", "auto-dismiss": false,
+                   "compress": compress}),
         )?;
         qmp.wait_job("copy", Instant::now() + timeout, &copy.cancel, progress)
     })();

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use nasbak_process::CommandError;
 
+/// What QEMU says when the key opens none of a LUKS header's keyslots.
+pub(crate) const WRONG_KEY: &str = "Invalid password, cannot unlock any keyslot";
+
 /// Progress of a long operation, as a percentage from 0 to 100.
 pub type ProgressFn = dyn Fn(f64) + Send + Sync;
 
@@ -45,4 +48,17 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ImageError {
+    /// Whether the key given did not open an encrypted image (no LUKS keyslot took it), as
+    /// opposed to a damaged image or a failure to run.
+    pub fn is_wrong_key(&self) -> bool {
+        let said = match self {
+            ImageError::Command { source: CommandError::Failed { stderr, .. }, .. } => stderr.as_str(),
+            ImageError::Daemon { detail, .. } | ImageError::Output { detail, .. } => detail.as_str(),
+            _ => return false,
+        };
+        said.contains(WRONG_KEY)
+    }
 }

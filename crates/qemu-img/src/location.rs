@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nasbak_process::Secret;
 
+use crate::stored::{KEY_SECRET_ID, StoredImage, key_object_args};
+
 /// An image qemu-img reads or writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageLocation {
@@ -15,6 +17,14 @@ pub enum ImageLocation {
     Path(PathBuf),
     /// A Ceph RBD image.
     Rbd(RbdSpec),
+    /// A qcow2 chain stored compressed, encrypted or both, opened with its key.
+    Stored(StoredImage),
+}
+
+impl From<StoredImage> for ImageLocation {
+    fn from(s: StoredImage) -> Self {
+        ImageLocation::Stored(s)
+    }
 }
 
 impl From<&Path> for ImageLocation {
@@ -96,6 +106,7 @@ impl fmt::Display for ImageLocation {
         match self {
             ImageLocation::Path(p) => write!(f, "{}", p.display()),
             ImageLocation::Rbd(r) => write!(f, "{}", r.filename(None)),
+            ImageLocation::Stored(s) => write!(f, "{}", s.top().unwrap_or(Path::new("")).display()),
         }
     }
 }
@@ -202,6 +213,7 @@ pub(crate) fn filename_for(
 ) -> std::io::Result<(String, Option<TempKeyring>)> {
     match location {
         ImageLocation::Path(p) => Ok((p.to_string_lossy().into_owned(), None)),
+        ImageLocation::Stored(s) => Ok((s.filename(true), None)),
         ImageLocation::Rbd(spec) => match &spec.auth {
             RbdAuth::Key(key) => {
                 fs::DirBuilder::new().recursive(true).mode(0o700).create(private_dir)?;
@@ -215,6 +227,14 @@ pub(crate) fn filename_for(
             }
             _ => Ok((spec.filename(None), None)),
         },
+    }
+}
+
+/// The `--object` arguments a command that opens `location` needs (the key of a stored chain).
+pub(crate) fn objects_for(location: &ImageLocation) -> Vec<String> {
+    match location {
+        ImageLocation::Stored(s) if s.needs_key() => key_object_args(KEY_SECRET_ID, s.key.as_deref()),
+        _ => Vec::new(),
     }
 }
 

@@ -8,9 +8,56 @@ use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
 use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
-use crate::error::{ImageError, ProgressFn};
+use crate::error::{ImageError, ProgressFn, WRONG_KEY};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
-use crate::location::{ImageLocation, filename_for};
+use crate::location::{ImageLocation, filename_for, objects_for};
+use crate::stored::{
+    PBKDF_ITER_TIME_MS, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, escape_opt, key_object_args,
+};
+
+/// The payload a LUKS container needs for a qcow2 of `size` bytes written in full: the data,
+/// its L2 and refcount tables (well under 1/512 of it) and 32 MiB for the rest of the metadata.
+pub(crate) fn container_payload(size: u64) -> u64 {
+    let bytes = size + size / 512 + (32 << 20);
+    bytes.div_ceil(1 << 20) << 20
+}
+
+/// `--target-image-opts` of the qcow2 inside the LUKS container at `path`, keyed by the target
+/// key.
+fn container_image_opts(path: &Path) -> String {
+    format!(
+        "driver=qcow2,file.driver=luks,file.key-secret={TARGET_KEY_SECRET_ID},file.file.filename={}",
+        escape_opt(&path.to_string_lossy())
+    )
+}
+
+/// What a command's output is handed to, chunk by chunk.
+type OutputFn = dyn Fn(&[u8]) + Send + Sync;
+
+/// What QEMU says when it could not time its PBKDF benchmark (the thread's CPU time did not
+/// advance over the first round, which a busy host makes likely): a new LUKS keyslot was not
+/// made, and trying again is all there is to do.
+const PBKDF_UNTIMED: &str = "Unable to get accurate CPU usage";
+
+/// Runs `run` again (four more times at most) while it fails only with [`PBKDF_UNTIMED`].
+fn retry_pbkdf<T>(run: impl Fn() -> Result<T, CommandError>) -> Result<T, CommandError> {
+    let mut tries = 1;
+    loop {
+        match run() {
+            Err(CommandError::Failed { stderr, .. }) if tries < 5 && stderr.contains(PBKDF_UNTIMED) => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Removes a file on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 /// How long removing an RBD image waits for the watch of a client that died with it open.
 const RBD_WATCH_WAIT: Duration = Duration::from_secs(60);
@@ -28,10 +75,21 @@ pub trait ImageTool {
     fn compare(&self, a: &ImageLocation, b: &ImageLocation) -> Result<bool, ImageError>;
     /// Creates an empty image of `size` bytes.
     fn create(&self, image: &ImageLocation, format: &ImageFormat, size: u64) -> Result<(), ImageError>;
+    /// Creates an empty qcow2 file of `size` bytes protected as `protection` says, its header
+    /// naming `backing` (a qcow2, not opened) when given; a qcow2 inside a LUKS container names
+    /// none (its chain is given whenever it is opened).
+    fn create_protected(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: Option<String>,
+        protection: &TargetProtection,
+    ) -> Result<(), ImageError>;
     /// Points the qcow2 file `image` at `backing` (a path as written into the header, relative
     /// to the image's directory when relative) of format `backing_format`, without reading or
     /// copying data (`qemu-img rebase -u`): for a file whose data already is the difference.
-    fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError>;
+    fn set_backing(&self, image: &ImageLocation, backing: &str, backing_format: &ImageFormat)
+    -> Result<(), ImageError>;
     /// Adds the persistent dirty bitmap `name` (enabled) to the qcow2 file `image`, which no
     /// process has open (`qemu-img bitmap --add`).
     fn add_bitmap(&self, image: &Path, name: &str) -> Result<(), ImageError>;
@@ -116,6 +174,67 @@ impl QemuImg {
             .map_err(|source| ImageError::Command { action: "bitmap", source })
     }
 
+    /// `qemu-img create -f qcow2` with the protection's options (and key), `backing` named in
+    /// its header without being opened.
+    fn create_qcow2(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: Option<&str>,
+        protection: &TargetProtection,
+    ) -> Result<(), ImageError> {
+        let mut command = self
+            .command(self.timeouts.quick)
+            .args(["create", "-q", "-f", "qcow2"])
+            .args(key_object_args(TARGET_KEY_SECRET_ID, protection.key.as_deref()));
+        for o in protection.create_options() {
+            command = command.arg("-o").arg(o);
+        }
+        if let Some(b) = backing {
+            command = command.args(["-u", "-F", "qcow2", "-b", b]);
+        }
+        retry_pbkdf(|| command.clone().arg(image).arg(size.to_string()).run())
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "create", source })
+    }
+
+    /// Creates a LUKS container at `image` whose payload is an empty zstd-compressed qcow2 of
+    /// `size` bytes (see [`StoredLayout::Qcow2InLuks`]). The container is sparse and sized for
+    /// the worst case (every cluster written uncompressed, with its tables), so only what is
+    /// written takes space. The empty qcow2 is made beside the private keyrings and copied into
+    /// the payload as bytes. Its header names no backing file: a backing name there would point
+    /// at a LUKS container QEMU cannot open by name, and would conflict with the chain that
+    /// every reader gives ([`crate::StoredImage`]).
+    fn create_container(&self, image: &Path, size: u64, protection: &TargetProtection) -> Result<(), ImageError> {
+        let key = protection.key.as_deref();
+        let keyring = |source| ImageError::Keyring { dir: self.private_dir.clone(), source };
+        std::fs::create_dir_all(&self.private_dir).map_err(keyring)?;
+        let inner = self.private_dir.join(format!("inner-{}.qcow2", uuid::Uuid::new_v4()));
+        let _remove = RemoveOnDrop(inner.clone());
+        let inner_protection = TargetProtection::new(StoredLayout::Qcow2, true, None);
+        self.create_qcow2(&inner, size, None, &inner_protection)?;
+        let create = self
+            .command(self.timeouts.quick)
+            .args(["create", "-q", "-f", "luks"])
+            .args(key_object_args(TARGET_KEY_SECRET_ID, key))
+            .args(["-o", &format!("key-secret={TARGET_KEY_SECRET_ID},iter-time={PBKDF_ITER_TIME_MS}")])
+            .arg(image)
+            .arg(container_payload(size).to_string());
+        retry_pbkdf(|| create.run()).map_err(|source| ImageError::Command { action: "create", source })?;
+        self.command(self.timeouts.quick)
+            .args(["convert", "-n", "-f", "raw"])
+            .args(key_object_args(TARGET_KEY_SECRET_ID, key))
+            .arg(&inner)
+            .arg("--target-image-opts")
+            .arg(format!(
+                "driver=luks,key-secret={TARGET_KEY_SECRET_ID},file.filename={}",
+                escape_opt(&image.to_string_lossy())
+            ))
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "convert", source })
+    }
+
     fn command(&self, timeout: Duration) -> ExternalCommand {
         ExternalCommand::new(&self.program).timeout(timeout)
     }
@@ -124,17 +243,41 @@ impl QemuImg {
 impl ImageTool for QemuImg {
     fn info(&self, image: &ImageLocation) -> Result<Vec<ImageInfo>, ImageError> {
         let (name, _keyring) = self.name(image)?;
-        let out = self
-            .command(self.timeouts.quick)
-            .args(["info", "--output=json", "--backing-chain", "-U", &name])
-            .run()
-            .map_err(|source| ImageError::Command { action: "info", source })?;
+        let command = match image {
+            // The chain's backing files are given, not followed: the top file alone.
+            ImageLocation::Stored(stored) => self
+                .command(self.timeouts.quick)
+                .args(["info", "--output=json", "-U"])
+                .args(objects_for(image))
+                .arg(stored.filename(false)),
+            _ => self.command(self.timeouts.quick).args(["info", "--output=json", "--backing-chain", "-U", &name]),
+        };
+        let out = command.run().map_err(|source| ImageError::Command { action: "info", source })?;
         parse_info(&out.stdout_text()).map_err(|e| ImageError::Output { action: "info", detail: e.to_string() })
     }
 
     fn convert(&self, request: &ConvertRequest, progress: Arc<ProgressFn>) -> Result<(), ImageError> {
         let (source, _k1) = self.name(&request.source)?;
         let (target, _k2) = self.name(&request.target)?;
+        let mut objects = objects_for(&request.source);
+        let mut request = request.clone();
+        let mut target = target;
+        if let Some(p) = request.protection.clone() {
+            objects.extend(key_object_args(TARGET_KEY_SECRET_ID, p.key.as_deref()));
+            if p.layout == StoredLayout::Qcow2InLuks {
+                let ImageLocation::Path(path) = &request.target else {
+                    return Err(ImageError::Output {
+                        action: "convert",
+                        detail: "a compressed and encrypted target must be a file".into(),
+                    });
+                };
+                let size = self.info(&request.source)?.first().map_or(0, |i| i.virtual_size);
+                self.create_container(path, size, &p)?;
+                target = container_image_opts(path);
+                request.target_exists = true;
+            }
+        }
+        let request = &request;
         let pending = Arc::new(Mutex::new(String::new()));
         let observer = {
             let pending = Arc::clone(&pending);
@@ -150,19 +293,36 @@ impl ImageTool for QemuImg {
                 }
             })
         };
-        self.command(self.timeouts.copy)
-            .args(request.args(&source, &target))
-            .cancel_on(&request.cancel)
-            .run_observed(observer)
+        // Secret objects go after the subcommand.
+        let mut args = request.args(&source, &target);
+        args.splice(1..1, objects);
+        let command = self.command(self.timeouts.copy).args(args).cancel_on(&request.cancel);
+        let observer: Arc<OutputFn> = observer;
+        retry_pbkdf(|| command.run_observed(Arc::clone(&observer)))
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })
     }
 
     fn check(&self, image: &ImageLocation, format: &ImageFormat) -> Result<CheckReport, ImageError> {
         let (name, _keyring) = self.name(image)?;
-        let cmd = self.command(self.timeouts.copy).args(["check", "--output=json", "-f", &format.to_string(), &name]);
+        let cmd = self
+            .command(self.timeouts.copy)
+            .args(["check", "--output=json", "-f", &format.to_string()])
+            .args(objects_for(image))
+            .arg(&name);
         let out = cmd.run_unchecked().map_err(|source| ImageError::Command { action: "check", source })?;
         let code = out.status.code().unwrap_or(-1);
+        // A key that opens no keyslot is no verdict on the image: said as the failure it is.
+        if out.stderr_text().contains(WRONG_KEY) {
+            return Err(ImageError::Command {
+                action: "check",
+                source: CommandError::Failed {
+                    argv: cmd.display_argv(),
+                    status: out.status,
+                    stderr: out.stderr_text(),
+                },
+            });
+        }
         parse_check(code, &out.stdout_text()).ok_or_else(|| ImageError::Command {
             action: "check",
             source: CommandError::Failed { argv: cmd.display_argv(), status: out.status, stderr: out.stderr_text() },
@@ -172,7 +332,17 @@ impl ImageTool for QemuImg {
     fn compare(&self, a: &ImageLocation, b: &ImageLocation) -> Result<bool, ImageError> {
         let (an, _k1) = self.name(a)?;
         let (bn, _k2) = self.name(b)?;
-        let cmd = self.command(self.timeouts.copy).args(["compare", "-U", &an, &bn]);
+        let objects = match (objects_for(a), objects_for(b)) {
+            (x, y) if y.is_empty() || x == y => x,
+            (x, y) if x.is_empty() => y,
+            _ => {
+                return Err(ImageError::Output {
+                    action: "compare",
+                    detail: "two images encrypted with different keys cannot be compared in one command".into(),
+                });
+            }
+        };
+        let cmd = self.command(self.timeouts.copy).args(["compare", "-U"]).args(objects).args([&an, &bn]);
         let out = cmd.run_unchecked().map_err(|source| ImageError::Command { action: "compare", source })?;
         match out.status.code() {
             Some(0) => Ok(true),
@@ -195,6 +365,19 @@ impl ImageTool for QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "create", source })
+    }
+
+    fn create_protected(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: Option<String>,
+        protection: &TargetProtection,
+    ) -> Result<(), ImageError> {
+        if protection.layout == StoredLayout::Qcow2InLuks {
+            return self.create_container(image, size, protection);
+        }
+        self.create_qcow2(image, size, backing.as_deref(), protection)
     }
 
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError> {
@@ -238,10 +421,31 @@ impl ImageTool for QemuImg {
         }
     }
 
-    fn set_backing(&self, image: &Path, backing: &str, backing_format: &ImageFormat) -> Result<(), ImageError> {
+    fn set_backing(
+        &self,
+        image: &ImageLocation,
+        backing: &str,
+        backing_format: &ImageFormat,
+    ) -> Result<(), ImageError> {
+        // Only the header changes: the top file alone is opened (with its key when encrypted).
+        if let ImageLocation::Stored(s) = image
+            && s.chain.first().is_some_and(|f| f.layout == StoredLayout::Qcow2InLuks)
+        {
+            return Err(ImageError::Output {
+                action: "rebase",
+                detail: "a qcow2 inside a LUKS container names no backing file: its chain is given when it is opened"
+                    .into(),
+            });
+        }
+        let name = match image {
+            ImageLocation::Stored(s) => s.filename(false),
+            other => self.name(other)?.0,
+        };
         self.command(self.timeouts.quick)
-            .args(["rebase", "-u", "-f", "qcow2", "-F", &backing_format.to_string(), "-b", backing])
-            .arg(image)
+            .args(["rebase", "-u"])
+            .args(objects_for(image))
+            .args(["-F", &backing_format.to_string(), "-b", backing])
+            .arg(name)
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "rebase", source })
@@ -258,7 +462,10 @@ impl ImageTool for QemuImg {
     fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError> {
         let source = ImageLocation::Path(copy.source.clone());
         let size = self.info(&source)?.first().map_or(0, |i| i.virtual_size);
-        self.create(&ImageLocation::Path(copy.target.clone()), &ImageFormat::Qcow2, size)?;
+        match &copy.protection {
+            Some(p) => self.create_protected(&copy.target, size, None, p)?,
+            None => self.create(&ImageLocation::Path(copy.target.clone()), &ImageFormat::Qcow2, size)?,
+        }
         let runtime = self.private_dir.parent().unwrap_or(&self.private_dir).to_owned();
         crate::daemon::copy_dirty(copy, &runtime, self.timeouts.copy, &*progress)
     }

@@ -171,7 +171,13 @@ fn a_bitmaps_dirty_clusters_are_copied_and_nothing_else() {
     let dst = dir.path().join("dirty.qcow2");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&seen);
-    let copy = DirtyCopy { source: src.clone(), bitmap: "b1".into(), target: dst.clone(), cancel: Default::default() };
+    let copy = DirtyCopy {
+        source: src.clone(),
+        bitmap: "b1".into(),
+        target: dst.clone(),
+        cancel: Default::default(),
+        protection: None,
+    };
     t.copy_dirty(&copy, Arc::new(move |p| sink.lock().unwrap().push(p))).unwrap();
     assert_eq!(seen.lock().unwrap().last().copied(), Some(100.0));
     let size = fs::metadata(&dst).unwrap().len();
@@ -182,7 +188,7 @@ fn a_bitmaps_dirty_clusters_are_copied_and_nothing_else() {
     let before = dir.path().join("before.qcow2");
     let parent = image_with_data(dir.path(), "parent.qcow2", 64, 16);
     fs::rename(&parent, &before).unwrap();
-    t.set_backing(&dst, "before.qcow2", &ImageFormat::Qcow2).unwrap();
+    t.set_backing(&ImageLocation::Path(dst.clone()), "before.qcow2", &ImageFormat::Qcow2).unwrap();
     assert!(t.compare(&loc(&dst), &loc(&src)).unwrap());
     t.remove_bitmap(&src, "b1").unwrap();
     assert!(flags(&t).is_empty());

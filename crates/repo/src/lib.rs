@@ -41,6 +41,7 @@ pub use model::manifest::{
 pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
+pub use model::protection::{Compression, Encryption, FileFormat, KeySource, Protection};
 pub use model::reference::BackupRef;
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind, RepositorySummary};
 pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};

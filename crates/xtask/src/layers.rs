@@ -28,7 +28,7 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     ("store", &["store"]),
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
     // thaw watchdog.
-    ("images", &["transfer", "export", "watchdog"]),
+    ("images", &["transfer", "export", "protect", "watchdog"]),
     // Chain decisions and merges, over the store.
     ("chains", &["chain", "incremental", "merge"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).

@@ -2,12 +2,13 @@
 
 use anyhow::{Result, anyhow};
 use nasbak::BackupError;
-use nasbak::nasbak_repo::{BackupRepository, RepositoryKind};
+use nasbak::nasbak_repo::store::check_key_file;
+use nasbak::nasbak_repo::{BackupRepository, Encryption, KeySource, Protection, RepositoryKind};
 use nasbak_service::config::{Config, Offering, Refused, Schedule, ScheduleState};
 use nasbak_service::schedule::{At, parse_tz};
 
 use super::{CatalogServices, RUNTIME, pick_repo};
-use crate::args::{Cli, OfferingCommand, RepoCommand, ScheduleCommand};
+use crate::args::{Cli, OfferingCommand, ProtectionArgs, RepoCommand, ScheduleCommand};
 use crate::output::{print_json, print_rows};
 
 pub fn assign(cli: &Cli, config: &mut Config, vm: &str, offering: &str) -> Result<u8> {
@@ -24,17 +25,46 @@ pub fn unassign(cli: &Cli, config: &mut Config, vm: &str) -> Result<u8> {
     Ok(0)
 }
 
+/// `current` changed by what `args` give: an unset flag keeps its setting, `--encrypt none` drops
+/// the key, and a new key replaces the old. A key file is checked (root-owned, 0600) here, so a
+/// bad one is refused before any backup is tried.
+fn protection_of(current: &Protection, args: &ProtectionArgs) -> Result<Protection> {
+    let compression = args.compression.unwrap_or(current.compression());
+    let encryption = args.encryption.unwrap_or(current.encryption());
+    let given = args.key_file.clone().or_else(|| args.key_secret.clone());
+    let key = match encryption {
+        Encryption::None if given.is_none() => None,
+        Encryption::None => given,
+        Encryption::Luks => given.or_else(|| current.key().cloned()),
+    };
+    if let Some(path) = key.as_ref().and_then(KeySource::path) {
+        check_key_file(path).map_err(BackupError::from)?;
+    }
+    Ok(Protection::new(compression, encryption, key)?)
+}
+
 pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
     match cmd {
-        RepoCommand::Add { name, kind, address, options, fstype, zone } => {
+        RepoCommand::Add { name, kind, address, options, fstype, zone, protection } => {
             let kind = RepositoryKind::from_parts(kind, fstype.as_deref())?;
-            let r = BackupRepository::new(name, kind, address, options, zone.as_deref())?;
+            let r = BackupRepository::new(name, kind, address, options, zone.as_deref())?
+                .with_protection(protection_of(&Protection::none(), protection)?);
             if config.repository(name).is_some() {
                 return Err(Refused(format!("a repository named {name} exists already; remove it first")).into());
             }
+            let shown = r.protection().to_string();
             config.repositories.push(r);
             config.save(&cli.config)?;
-            println!("added repository {name}");
+            println!("added repository {name} ({shown})");
+        }
+        RepoCommand::Set { name, protection } => {
+            let current = pick_repo(config, Some(name))?.clone();
+            let changed = protection_of(current.protection(), protection)?;
+            let shown = changed.to_string();
+            let r = config.repositories.iter_mut().find(|r| r.name().as_str() == name).expect("picked above");
+            *r = current.with_protection(changed);
+            config.save(&cli.config)?;
+            println!("repository {name}: {shown}, for backups from now on (earlier backups keep theirs)");
         }
         RepoCommand::List => {
             let rows: Vec<_> = config.repositories.iter().map(BackupRepository::summary).collect();
@@ -42,13 +72,20 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
         }
         RepoCommand::Show { name } => {
             let r = pick_repo(config, Some(name))?;
+            if cli.json {
+                return print_json(&r.summary()).map(|()| 0);
+            }
+            let p = r.protection();
             println!(
-                "name: {}\ntype: {}\naddress: {}\noptions: {}\nzone: {}",
+                "name: {}\ntype: {}\naddress: {}\noptions: {}\nzone: {}\ncompression: {}\nencryption: {}\nkey: {}",
                 r.name(),
                 r.kind(),
                 r.address(),
                 r.mount_options(),
-                r.zone().unwrap_or("-")
+                r.zone().unwrap_or("-"),
+                p.compression(),
+                p.encryption(),
+                p.key().map(ToString::to_string).unwrap_or_else(|| "-".into())
             );
             if let Some(plan) = r.mount_plan() {
                 println!(

@@ -153,6 +153,7 @@ where
                     });
                 }
             };
+            crate::protect::refuse_encrypted(b, &format!("{vm}/{id}"), "an instant restore")?;
             check_image(&self.images, dir, b).map_err(at(Step::Check))?;
             let chain = ancestors(vm_dir, vm, id, b)?;
             for (parent_dir, parent) in &chain {

@@ -7,16 +7,17 @@ use std::path::{Path, PathBuf};
 
 use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
-use nasbak_repo::{ManifestDisk, Mounter, VmName};
+use nasbak_repo::{FileFormat, ManifestDisk, Mounter, VmName};
 
 use super::match_disks;
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::outcome::{RestoreOutcome, RestoredDisk};
 use crate::progress::{Observer, Progress};
+use crate::protect::{Key, disk_image, resolve_key};
 use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
-use crate::transfer::{check_image, check_sum, convert, copy_checked};
+use crate::transfer::{check_chain, check_sum, convert, copy_checked};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RestoringMark, interrupted_restores};
@@ -46,19 +47,30 @@ where
         let layout = mounted.layout();
         let pairs = match_disks(&start.disks, &start.domain, target_vm == vm)?;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
+        // An encrypted backup needs the repository's key (a chain is stored one way, like its
+        // top file): checked before anything is read.
+        let key = match pairs.iter().any(|(b, _)| b.stored_as.is_encrypted()) {
+            true => resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?,
+            false => None,
+        };
+        let shown = format!("{}:{vm}/{id}", repository.name());
         // Everything is checked before a volume changes: qemu-img check of every file; the
         // checksum of files written in place (raw, block) first, of qcow2 copies while they are
         // copied beside their volumes. Only then are raw volumes written and the copies renamed.
         let (in_place, copies) =
-            self.check_and_sort(&pairs, (dir, &layout.vm_dir(&vm_name)), vm, id, cancel, observer)?;
+            self.check_and_sort(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), cancel, observer)?;
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
         for (b, d, path, flatten) in &copies {
             remove_stale_stages(path);
             let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
             let copied = if *flatten {
-                let mut r =
-                    ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), tmp.clone(), ImageFormat::Qcow2);
+                let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
+                let mut r = ConvertRequest::new(
+                    disk_image(dir, b, &chain, key.as_ref(), &shown)?,
+                    tmp.clone(),
+                    ImageFormat::Qcow2,
+                );
                 r.source_format = Some(ImageFormat::Qcow2);
                 convert(&self.images, r, cancel, vm, &d.target, b.virtual_size, observer)
             } else {
@@ -101,7 +113,11 @@ where
             });
             let mark = RestoringMark::write(&marks_dir, &d.target, &shown, &format!("{vm}/{id}"), self.clock.now())
                 .map_err(|e| incomplete(&restored, None, e.into()))?;
-            let mut r = ConvertRequest::new(ImageLocation::Path(dir.join(&b.file)), location, ImageFormat::Raw);
+            let chain =
+                ancestors(&layout.vm_dir(&vm_name), vm, id, b).map_err(|e| incomplete(&restored, None, e.into()))?;
+            let source =
+                disk_image(dir, b, &chain, key.as_ref(), &shown).map_err(|e| incomplete(&restored, None, e))?;
+            let mut r = ConvertRequest::new(source, location, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
             let mut first = true;
@@ -143,23 +159,24 @@ where
         &self,
         pairs: &[(&'p ManifestDisk, &'p Disk)],
         (dir, vm_dir): (&Path, &Path),
-        vm: &str,
-        id: &str,
+        (vm, id, key): (&str, &str, Option<&Key>),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(Vec<InPlace<'p>>, Vec<Copy<'p>>), BackupError> {
         let mut in_place = Vec::new();
         let mut copies = Vec::new();
         for (b, d) in pairs {
-            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
             // An incremental disk needs every file of its chain: each checked as its own
             // backup's, then the chain read through (flattened) into a self-contained volume.
             let chain = ancestors(vm_dir, vm, id, b)?;
+            let shown = format!("{vm}/{id}");
+            check_chain(&self.images, (dir, b), &chain, key, &shown).map_err(at(Step::Check))?;
             for (parent_dir, parent) in &chain {
-                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
                 check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
             }
-            let flatten = !chain.is_empty();
+            // A compressed or encrypted file is read through qemu-img into a plain volume, never
+            // copied as it is stored.
+            let flatten = !chain.is_empty() || b.stored_as != FileFormat::Plain;
             match restore_target(&self.hypervisor, d)? {
                 RestoreTarget::Qcow2File(path) => {
                     if flatten {

@@ -12,10 +12,11 @@ use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::outcome::{Attachment, RestoredVolume};
 use crate::progress::Observer;
+use crate::protect::{disk_image, resolve_key};
 use crate::request::VolumeRestoreRequest;
 use crate::store::backup_disks;
 use crate::transfer::stage::{Staged, stage_beside};
-use crate::transfer::{check_image, check_sum, convert, copy_checked};
+use crate::transfer::{check_chain, check_sum, convert, copy_checked};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 
@@ -75,21 +76,28 @@ where
         }
         let request = &request;
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), &request.vm)?;
-        check_image(&self.images, &dir, disk).map_err(at(Step::Check))?;
-        // An incremental disk: every file of its chain checked, the chain read through.
+        // An incremental disk: every file of its chain checked, the chain read through. An
+        // encrypted one with the repository's key, checked before anything is read.
         let chain = ancestors(&layout.vm_dir(&vm_name), &request.vm, &request.id, disk)?;
+        let key = match disk.stored_as.is_encrypted() {
+            true => resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?,
+            false => None,
+        };
+        let shown = format!("{}:{}/{}", repository.name(), request.vm, request.id);
+        check_chain(&self.images, (&dir, disk), &chain, key.as_ref(), &shown).map_err(at(Step::Check))?;
         for (parent_dir, parent) in &chain {
-            check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
             check_sum(parent_dir, parent, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
-        let flatten = !chain.is_empty();
+        // A compressed or encrypted file is read through qemu-img, never copied as it is stored.
+        let flatten = !chain.is_empty() || disk.stored_as != nasbak_repo::FileFormat::Plain;
+        let source = disk_image(&dir, disk, &chain, key.as_ref(), &shown)?;
         let copy = matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) && !is_block;
         if !copy || flatten {
             // Converted straight into place: the checksum first.
             check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
         }
         let (mut source_for_xml, written) = self
-            .write_volume(request, (&dir, disk), (is_block, flatten), cancel, observer)
+            .write_volume(request, (&dir, disk, source), (is_block, flatten), cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         if let (
             DiskSource::Network { hosts, auth, config, .. },
@@ -164,6 +172,11 @@ where
                 block
             }
             ImageLocation::Rbd(_) => false,
+            ImageLocation::Stored(_) => {
+                return Err(BackupError::Unsupported {
+                    what: "restoring a volume into a compressed or encrypted qcow2 file".into(),
+                });
+            }
         };
         Ok((attach_to, is_block))
     }
@@ -173,13 +186,12 @@ where
     fn write_volume(
         &self,
         request: &VolumeRestoreRequest,
-        (dir, disk): (&Path, &ManifestDisk),
+        (dir, disk, source): (&Path, &ManifestDisk, ImageLocation),
         (is_block, flatten): (bool, bool),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(DiskSource, ImageFormat), BackupError> {
         let vm = request.vm.as_str();
-        let source = ImageLocation::Path(dir.join(&disk.file));
         Ok(match &request.to {
             ImageLocation::Path(p) if is_block => {
                 let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
@@ -241,6 +253,11 @@ where
                     config: None,
                 };
                 (rbd, ImageFormat::Raw)
+            }
+            ImageLocation::Stored(_) => {
+                return Err(BackupError::Unsupported {
+                    what: "restoring a volume into a compressed or encrypted qcow2 file".into(),
+                });
             }
         })
     }

@@ -9,7 +9,7 @@ pub mod hash;
 pub(crate) mod stage;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 
 use nasbak_libvirt::CancelHandle;
@@ -19,6 +19,7 @@ use nasbak_repo::ManifestDisk;
 use crate::error::BackupError;
 use crate::error::cancelled_or;
 use crate::progress::{Observer, Phase, Progress};
+use crate::protect::{Key, disk_image};
 
 /// Runs one conversion on a helper thread and hands its progress to `progress` on this one.
 pub(crate) fn convert<I: ImageTool + Sync>(
@@ -83,6 +84,42 @@ pub(crate) fn check_image<I: ImageTool>(images: &I, dir: &Path, disk: &ManifestD
     let report = images.check(&ImageLocation::Path(path.clone()), &ImageFormat::Qcow2)?;
     if !matches!(report.verdict, CheckVerdict::Clean | CheckVerdict::Leaks) {
         return Err(BackupError::Damaged { path, detail: format!("qemu-img check: {report:?}") });
+    }
+    Ok(())
+}
+
+/// `qemu-img check` of a backup disk's file (in `dir`) and of every file below it (`chain`,
+/// nearest first, as `ancestors` gives it): plain and compressed files by their path, encrypted
+/// ones with the key, each with the chain below it. A key that does not open an encrypted file
+/// is [`BackupError::KeyNeeded`], naming `backup`.
+pub(crate) fn check_chain<I: ImageTool>(
+    images: &I,
+    (dir, disk): (&Path, &ManifestDisk),
+    chain: &[(PathBuf, ManifestDisk)],
+    key: Option<&Key>,
+    backup: &str,
+) -> Result<(), BackupError> {
+    let mut all = vec![(dir.to_owned(), disk.clone())];
+    all.extend(chain.iter().cloned());
+    for (i, (d, m)) in all.iter().enumerate() {
+        if !m.stored_as.is_encrypted() {
+            check_image(images, d, m)?;
+            continue;
+        }
+        let image = disk_image(d, m, &all[i + 1..], key, backup)?;
+        let report = images.check(&image, &ImageFormat::Qcow2).map_err(|e| {
+            if e.is_wrong_key() {
+                BackupError::KeyNeeded {
+                    backup: backup.to_owned(),
+                    detail: format!("{} does not open with it", m.file),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+        if !matches!(report.verdict, CheckVerdict::Clean | CheckVerdict::Leaks) {
+            return Err(BackupError::Damaged { path: d.join(&m.file), detail: format!("qemu-img check: {report:?}") });
+        }
     }
     Ok(())
 }

@@ -7,11 +7,14 @@ use serde::{Deserialize, Serialize};
 use super::error::ParseError;
 use super::layout::{BackupId, parse_disk_file_name};
 use super::name::VmName;
+use super::protection::FileFormat;
 
 /// The newest manifest format this code reads and writes. A full backup is written as version 1
 /// (so older nasbak versions still read it); a backup with an incremental disk needs version 2,
-/// which older versions refuse rather than restore only the top of a chain.
-pub const MANIFEST_VERSION: u32 = 2;
+/// which older versions refuse rather than restore only the top of a chain; a backup with a
+/// compressed or encrypted file needs version 3, which older versions refuse rather than open
+/// such a file as a plain qcow2.
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// Whether a backup (or one disk of it) holds all the data or only what changed since its parent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -100,6 +103,14 @@ pub struct ManifestDisk {
     /// missing bitmap, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
+    /// How the backup file is stored: plain, compressed, encrypted, or compressed inside a LUKS
+    /// container. Readers open the file by this, never by probing.
+    #[serde(default, skip_serializing_if = "is_plain")]
+    pub stored_as: FileFormat,
+}
+
+fn is_plain(f: &FileFormat) -> bool {
+    *f == FileFormat::Plain
 }
 
 /// `manifest.json`.
@@ -208,7 +219,13 @@ impl Manifest {
     /// The version this manifest must be written as: 1 for a full backup, 2 when a disk is
     /// incremental.
     pub fn required_version(&self) -> u32 {
-        if self.mode == BackupMode::Full && self.disks.iter().all(|d| d.mode == BackupMode::Full) { 1 } else { 2 }
+        if self.disks.iter().any(|d| d.stored_as != FileFormat::Plain) {
+            3
+        } else if self.mode == BackupMode::Full && self.disks.iter().all(|d| d.mode == BackupMode::Full) {
+            1
+        } else {
+            2
+        }
     }
 
     /// The chain fields agree: an incremental names an earlier parent, every incremental disk
@@ -229,7 +246,7 @@ impl Manifest {
         if self.version < self.required_version() {
             return Err(bad(
                 "manifest.json",
-                format!("an incremental backup needs version 2, this says {}", self.version),
+                format!("this backup needs version {}, it says {}", self.required_version(), self.version),
             ));
         }
         match (self.mode, &self.parent) {
@@ -305,6 +322,7 @@ mod tests {
                 mode: BackupMode::Full,
                 backing: None,
                 full_reason: None,
+                stored_as: FileFormat::Plain,
             }],
             mode: BackupMode::Full,
             parent: None,
@@ -340,7 +358,7 @@ mod tests {
             let e = Manifest::from_json(&m.to_json()).unwrap_err().to_string();
             assert!(e.contains(what), "{what}: {e}");
         };
-        broken(&|m| m.version = 1, "needs version 2");
+        broken(&|m| m.version = 1, "needs version 2, it says 1");
         broken(&|m| m.parent = None, "names no parent");
         broken(&|m| m.parent = Some("2027.01.17.00.00.00".into()), "not older");
         broken(&|m| m.disks[0].backing = Some("../../etc/root.vol-1.qcow2".into()), "must be backed by");

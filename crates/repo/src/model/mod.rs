@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod mountinfo;
 pub mod name;
 pub mod options;
+pub mod protection;
 pub mod reference;
 pub mod repository;
 pub mod retention;

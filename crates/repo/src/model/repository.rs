@@ -10,6 +10,7 @@ use super::address::Address;
 use super::error::ParseError;
 use super::name::RepositoryName;
 use super::options::{MountOption, MountOptions};
+use super::protection::{Compression, Encryption, KeySource, Protection};
 use nasbak_process::Secret;
 
 /// What kind of storage a repository is, which decides how its address is parsed and mounted.
@@ -220,6 +221,7 @@ pub struct BackupRepository {
     address: Address,
     mount_options: MountOptions,
     zone: Option<String>,
+    protection: Protection,
 }
 
 impl BackupRepository {
@@ -255,7 +257,14 @@ impl BackupRepository {
                 "leave the options empty",
             ));
         }
-        Ok(BackupRepository { name, kind, address, mount_options, zone: zone.map(str::to_owned) })
+        Ok(BackupRepository {
+            name,
+            kind,
+            address,
+            mount_options,
+            zone: zone.map(str::to_owned),
+            protection: Protection::none(),
+        })
     }
 
     /// The repository's name.
@@ -274,6 +283,18 @@ impl BackupRepository {
     pub fn mount_options(&self) -> &MountOptions {
         &self.mount_options
     }
+    /// How its backup files are protected (compression, encryption, key); none unless set with
+    /// [`BackupRepository::with_protection`].
+    pub fn protection(&self) -> &Protection {
+        &self.protection
+    }
+
+    /// The repository with `protection` for its future backups (compression, encryption, key).
+    pub fn with_protection(mut self, protection: Protection) -> Self {
+        self.protection = protection;
+        self
+    }
+
     /// The zone, if any.
     pub fn zone(&self) -> Option<&str> {
         self.zone.as_deref()
@@ -367,6 +388,13 @@ pub struct RepositorySummary {
     pub options: String,
     /// Its zone.
     pub zone: Option<String>,
+    /// The compression of its new backup files (`zstd` or `none`).
+    pub compression: String,
+    /// The encryption of its new backup files (`luks` or `none`).
+    pub encryption: String,
+    /// Where the key comes from (`file:PATH` or `libvirt-secret:UUID`), never the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl BackupRepository {
@@ -378,6 +406,9 @@ impl BackupRepository {
             address: self.address.to_string(),
             options: self.mount_options.to_string(),
             zone: self.zone.clone(),
+            compression: self.protection.compression().to_string(),
+            encryption: self.protection.encryption().to_string(),
+            key: self.protection.key().map(ToString::to_string),
         }
     }
 }
@@ -404,13 +435,25 @@ struct RepositoryRecord {
     options: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     zone: Option<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    compression: Compression,
+    #[serde(default, skip_serializing_if = "is_default")]
+    encryption: Encryption,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl TryFrom<RepositoryRecord> for BackupRepository {
     type Error = ParseError;
     fn try_from(r: RepositoryRecord) -> Result<Self, ParseError> {
         let kind = RepositoryKind::from_parts(&r.kind, r.fstype.as_deref())?;
-        BackupRepository::new(&r.name, kind, &r.address, &r.options, r.zone.as_deref())
+        let key = r.key.as_deref().map(str::parse::<KeySource>).transpose()?;
+        let protection = Protection::new(r.compression, r.encryption, key)?;
+        Ok(BackupRepository::new(&r.name, kind, &r.address, &r.options, r.zone.as_deref())?.with_protection(protection))
     }
 }
 
@@ -427,6 +470,9 @@ impl From<BackupRepository> for RepositoryRecord {
             address: r.address.to_string(),
             options: r.mount_options.to_mount_string(),
             zone: r.zone,
+            compression: r.protection.compression(),
+            encryption: r.protection.encryption(),
+            key: r.protection.key().map(ToString::to_string),
         }
     }
 }

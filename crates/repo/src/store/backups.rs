@@ -284,6 +284,7 @@ mod tests {
                 mode,
                 backing: parent.map(|p| backing_path(&p.parse().unwrap(), "root.a.qcow2")),
                 full_reason: None,
+                stored_as: crate::FileFormat::Plain,
             }],
             mode,
             parent: parent.map(Into::into),

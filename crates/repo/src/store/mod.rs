@@ -1,8 +1,8 @@
 //! I/O on what a repository holds, beside the pure [`crate::model`] and over it: the backups and
 //! their chains ([`list_backups`], [`read_backup`], [`ancestors`], [`delete_dir`]), the records
 //! kept beside them (boot verifications, retired checkpoints, restore marks, the merge journal,
-//! `.partial` directories), the VM lease lock ([`VmLock`]), and [`write_atomic`], the one way a
-//! record is replaced.
+//! `.partial` directories), the VM lease lock ([`VmLock`]), encryption key files ([`keys`]), and
+//! [`write_atomic`], the one way a record is replaced.
 //!
 //! Every workflow of the `nasbak` engine reads and writes the repository through this module,
 //! never through another workflow.
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 mod backups;
 mod journal;
+pub mod keys;
 pub mod lock;
 mod marks;
 mod records;
@@ -22,6 +23,7 @@ pub use backups::{
     BackupEntry, BackupKind, ancestors, clean_partials, delete_dir, list_backups, read_backup, retire_and_delete,
 };
 pub use journal::{MERGING_SUFFIX, finish_merge, finish_merges};
+pub use keys::{KeyError, check_key_file, read_key_file};
 pub use lock::{DEFAULT_LEASE, LOCK_FILE, LockError, LockOptions, VmLock};
 pub use marks::{RESTORING_MARK, RestoringMark, interrupted_restores};
 pub use records::{

@@ -1,0 +1,181 @@
+//! A repository's protection applied to backup files: its key resolved to a file QEMU reads,
+//! how each new file is written, and how a stored file (and its chain) is opened.
+//!
+//! The key never reaches argv, the environment of a child, a log or an error: qemu-img and
+//! qemu-storage-daemon read it from the key file (`--object secret,file=`). A key kept as a
+//! libvirt secret is written for the length of the operation to a 0600 file in a 0700
+//! directory under the runtime directory, and removed when the [`Key`] drops.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nasbak_libvirt::{Hypervisor, NetworkAuth};
+use nasbak_qemu_img::{ImageLocation, StoredFile, StoredImage, StoredLayout, TargetProtection};
+use nasbak_repo::{FileFormat, KeySource, ManifestDisk, Protection};
+
+use crate::error::BackupError;
+
+/// The key of an encrypted repository, as a file QEMU reads.
+#[derive(Debug)]
+pub(crate) struct Key {
+    path: PathBuf,
+    /// Written by nasbak (from a libvirt secret): removed on drop.
+    temporary: bool,
+}
+
+impl Key {
+    /// The key file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The key `protection` names, checked (a key file: root-owned, owner-only, long enough) or
+/// fetched (a libvirt secret, through `hypervisor`); none when it encrypts nothing.
+pub(crate) fn resolve_key<H: Hypervisor>(
+    hypervisor: &H,
+    protection: &Protection,
+    runtime_dir: &Path,
+) -> Result<Option<Key>, BackupError> {
+    match protection.key() {
+        None => Ok(None),
+        Some(KeySource::File(path)) => {
+            nasbak_repo::store::check_key_file(path)?;
+            Ok(Some(Key { path: path.clone(), temporary: false }))
+        }
+        Some(KeySource::LibvirtSecret(uuid)) => {
+            let auth = NetworkAuth {
+                username: None,
+                secret_type: Some("passphrase".into()),
+                secret_usage: None,
+                secret_uuid: Some(uuid.to_string()),
+            };
+            let value = hypervisor.secret_value(&auth)?;
+            let dir = runtime_dir.join("private");
+            let io = |source| BackupError::Io { action: "writing the key for QEMU into", path: dir.clone(), source };
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io)?;
+            let path = dir.join(format!("key-{}", uuid::Uuid::new_v4()));
+            let key = Key { path: path.clone(), temporary: true };
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+            f.write_all(value.expose().as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+            Ok(Some(key))
+        }
+    }
+}
+
+/// The key of `protection` where no hypervisor is at hand (the catalog): a key file, checked;
+/// none for a key kept as a libvirt secret.
+pub(crate) fn file_key(protection: &Protection) -> Result<Option<Key>, BackupError> {
+    match protection.key() {
+        Some(KeySource::File(path)) => {
+            nasbak_repo::store::check_key_file(path)?;
+            Ok(Some(Key { path: path.clone(), temporary: false }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// How a file of format `format` is laid out.
+pub(crate) fn layout_of(format: FileFormat) -> StoredLayout {
+    match format {
+        FileFormat::Plain | FileFormat::Compressed => StoredLayout::Qcow2,
+        FileFormat::Encrypted => StoredLayout::Qcow2Luks,
+        FileFormat::CompressedInLuks => StoredLayout::Qcow2InLuks,
+    }
+}
+
+/// How a new file of format `format` is written (none: plain).
+pub(crate) fn target_protection(format: FileFormat, key: Option<&Key>) -> Option<TargetProtection> {
+    (format != FileFormat::Plain)
+        .then(|| TargetProtection::new(layout_of(format), format.is_compressed(), key.map(|k| k.path.clone())))
+}
+
+/// The image a backup disk reads as: the file at `dir/<file>` with the files it builds on
+/// (`chain`, nearest first, as `nasbak_repo::store::ancestors` gives them). A chain of plain or
+/// compressed files is opened by its top file's path (qemu-img follows the relative backing
+/// names); an encrypted chain is given file by file with the key, which must be there.
+pub(crate) fn disk_image(
+    dir: &Path,
+    disk: &ManifestDisk,
+    chain: &[(PathBuf, ManifestDisk)],
+    key: Option<&Key>,
+    backup: &str,
+) -> Result<ImageLocation, BackupError> {
+    let top = dir.join(&disk.file);
+    let encrypted = disk.stored_as.is_encrypted() || chain.iter().any(|(_, d)| d.stored_as.is_encrypted());
+    if !encrypted {
+        return Ok(ImageLocation::Path(top));
+    }
+    let Some(key) = key else {
+        return Err(BackupError::KeyNeeded {
+            backup: backup.to_owned(),
+            detail: format!("disk {} is stored {}", disk.target, disk.stored_as),
+        });
+    };
+    let mut files = vec![StoredFile { path: top, layout: layout_of(disk.stored_as) }];
+    files.extend(chain.iter().map(|(d, m)| StoredFile { path: d.join(&m.file), layout: layout_of(m.stored_as) }));
+    Ok(ImageLocation::Stored(StoredImage { chain: files, key: Some(key.path.clone()) }))
+}
+
+/// Instant restore, mount and boot verification read a backup in place through exports that
+/// take no key yet: an encrypted disk is refused, named, with what works instead.
+pub(crate) fn refuse_encrypted(disk: &ManifestDisk, backup: &str, what: &str) -> Result<(), BackupError> {
+    if !disk.stored_as.is_encrypted() {
+        return Ok(());
+    }
+    Err(BackupError::Unsupported {
+        what: format!(
+            "{what} of backup {backup}: its disk {} is encrypted, and {what} reads backups in place without a key in this version; restore it instead",
+            disk.target
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_map_to_layouts_and_protections() {
+        assert_eq!(layout_of(FileFormat::Compressed), StoredLayout::Qcow2);
+        assert_eq!(layout_of(FileFormat::CompressedInLuks), StoredLayout::Qcow2InLuks);
+        assert!(target_protection(FileFormat::Plain, None).is_none());
+        let key = Key { path: "/k".into(), temporary: false };
+        let p = target_protection(FileFormat::Encrypted, Some(&key)).unwrap();
+        assert_eq!((p.layout, p.compressed, p.key.as_deref()), (StoredLayout::Qcow2Luks, false, Some(Path::new("/k"))));
+        let p = target_protection(FileFormat::Compressed, None).unwrap();
+        assert_eq!((p.layout, p.compressed), (StoredLayout::Qcow2, true));
+    }
+
+    #[test]
+    fn an_encrypted_chain_is_opened_file_by_file_and_needs_the_key() {
+        let mut top = crate::test_support::manifest("2", &[("vda", "a")]).disks.remove(0);
+        let mut parent = top.clone();
+        let plain = disk_image(Path::new("/r/vm/2"), &top, &[(PathBuf::from("/r/vm/1"), parent.clone())], None, "vm/2")
+            .unwrap();
+        assert_eq!(plain, ImageLocation::Path("/r/vm/2/datadisk.a.qcow2".into()));
+        top.stored_as = FileFormat::Encrypted;
+        parent.stored_as = FileFormat::Encrypted;
+        let chain = [(PathBuf::from("/r/vm/1"), parent)];
+        let e = disk_image(Path::new("/r/vm/2"), &top, &chain, None, "vm/2").unwrap_err();
+        assert!(e.to_string().contains("vm/2") && e.to_string().contains("key"), "{e}");
+        let key = Key { path: "/k".into(), temporary: false };
+        let ImageLocation::Stored(s) = disk_image(Path::new("/r/vm/2"), &top, &chain, Some(&key), "vm/2").unwrap()
+        else {
+            panic!("an encrypted chain is a stored image")
+        };
+        assert_eq!(s.chain.len(), 2);
+        assert_eq!(s.chain[1].path, Path::new("/r/vm/1/datadisk.a.qcow2"));
+        assert_eq!(s.key.as_deref(), Some(Path::new("/k")));
+    }
+}
