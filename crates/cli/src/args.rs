@@ -138,9 +138,12 @@ mod tests {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Backup repositories: add, list, show, remove, check, stats.
+    /// Backup repositories: add, set, list, show, remove, check, stats.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// The key of an encrypted repository: rotate, check.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Offerings: tie VMs to a repository with a default quiesce policy and retention.
     #[command(subcommand)]
     Offering(OfferingCommand),
@@ -346,6 +349,28 @@ pub enum RepoCommand {
     Stats {
         /// Its name.
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Give every encrypted backup of the repository the new key and remove the old one (LUKS
+    /// keyslots changed in place, no data rewritten); the repository then uses the new key.
+    /// Run it again to finish a rotation that was interrupted.
+    Rotate {
+        /// The repository.
+        repo: String,
+        /// The new key's file: root-owned, mode 0600, at least 32 bytes.
+        #[arg(long, value_name = "PATH")]
+        new_key_file: PathBuf,
+    },
+    /// Say which backups of the repository open with its key (or with --key-file).
+    Check {
+        /// The repository.
+        repo: String,
+        /// Check this key file instead of the repository's.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
 }
 

@@ -750,6 +750,67 @@ fn prune_killed_mid_merge() -> Row {
     row("prune killed mid-merge, before the switch", checks, None, extra, &said)
 }
 
+/// A key rotation of an encrypted repository killed between a file's two header changes (its new
+/// key added, its old one not yet removed): every file opens with the old key or the new one,
+/// and `key rotate` run again finishes, after which every backup verifies with the new key.
+fn rotation_killed() -> Row {
+    let lab = Lab::new("rotatekill", vec![DiskSpec::qcow2(64)], false, false, 1024);
+    let key = |name: &str, value: &str| {
+        let path = lab.dom.dir().join(name);
+        fs::write(&path, value).unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (old, new) = (
+        key("old.key", "the old key of the rotation row, 0123456789"),
+        key("new.key", "the new key of the rotation row, 9876543210"),
+    );
+    lab.ok(&["repo", "set", &lab.repo, "--encrypt", "luks", "--key-file", &old]);
+    for (pattern, offset) in [(0x11, "0"), (0x22, "8M")] {
+        lab.dom.write_offline(0, pattern, offset, "4M");
+        lab.ok(&["backup", lab.name()]);
+    }
+    let mut child = lab.spawn_paused(&["key", "rotate", &lab.repo, "--new-key-file", &new], "key-added");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    let mut extra = Vec::new();
+    // Every file opens with one of the two keys.
+    let opening = |k: &str| -> Vec<(String, Vec<String>)> {
+        let out = lab.run(&["--json", "key", "check", &lab.repo, "--key-file", k]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        report["backups"]
+            .as_array()
+            .map(|bs| {
+                bs.iter()
+                    .map(|b| {
+                        let files = b["not_opening"].as_array().cloned().unwrap_or_default();
+                        (
+                            b["backup"].as_str().unwrap_or_default().to_owned(),
+                            files.iter().map(|f| f.to_string()).collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (with_old, with_new) = (opening(&old), opening(&new));
+    if with_old.is_empty() {
+        extra.push("key check listed no backup".into());
+    }
+    for ((backup, a), (_, b)) in with_old.iter().zip(&with_new) {
+        if let Some(f) = a.iter().find(|f| b.contains(f)) {
+            extra.push(format!("{backup}: {f} opens with neither key after the kill"));
+        }
+    }
+    let rerun = lab.run(&["key", "rotate", &lab.repo, "--new-key-file", &new]);
+    let said = text(&rerun);
+    if !lab.run(&["key", "check", &lab.repo]).status.success() {
+        extra.push("after the second run a backup does not open with the repository's (new) key".into());
+    }
+    let checks = lab.checks(&said, &["files rotated"]);
+    row("key rotation killed between a file's header changes", checks, None, extra, &said)
+}
+
 /// Waits (at most 60 s) until libvirt lists no job on the domain: what a stopped QEMU was sent
 /// (an abort) takes effect once it runs again.
 fn wait_no_job(lab: &Lab, extra: &mut Vec<String>) {
@@ -1091,6 +1152,7 @@ fn main() {
         ("start-refused-frozen", Box::new(start_refused_while_frozen)),
         ("bitmap-lost-start", Box::new(bitmap_lost_at_job_start)),
         ("merge-kill", Box::new(prune_killed_mid_merge)),
+        ("rotate-kill", Box::new(rotation_killed)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

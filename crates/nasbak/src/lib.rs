@@ -78,6 +78,7 @@ mod error;
 mod export;
 mod fault;
 mod incremental;
+mod keys;
 mod merge;
 #[cfg(test)]
 mod mocked;
@@ -101,9 +102,9 @@ pub use nasbak_repo::store::lock::{LOCK_FILE, LockError, VmLock};
 pub use nasbak_repo::store::{BOOT_VERIFY_FILE, BackupEntry, BackupKind, BootResult, BootVerification, RESTORING_MARK};
 pub use outcome::{
     Attachment, BackupOutcome, CapacityReport, CopyState, DamagedNote, DiskCopy, FileStatus, FileVerdict,
-    InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, MountedBackup, MountedDisk,
-    MountedFilesystem, NotMounted, PruneDecision, PruneReport, RestoreOutcome, RestoredDisk, RestoredVolume,
-    SkippedDisk, UnmountReport, VerifyReport,
+    InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, KeyCheckEntry, KeyCheckReport,
+    KeyRotation, MountedBackup, MountedDisk, MountedFilesystem, NotMounted, PruneDecision, PruneReport, RestoreOutcome,
+    RestoredDisk, RestoredVolume, SkippedDisk, UnmountReport, VerifyReport,
 };
 pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;

@@ -428,3 +428,48 @@ pub struct PruneReport {
     /// False for a dry run.
     pub executed: bool,
 }
+
+/// What a key rotation did (see `Catalog::rotate_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KeyRotation {
+    /// The repository.
+    pub repository: String,
+    /// The encrypted backup files found.
+    pub files: usize,
+    /// Those this run gave the new key and took the old one from.
+    pub rotated: usize,
+    /// Those an earlier run had finished already.
+    pub already: usize,
+}
+
+/// Which backups of a repository open with a key (see `Catalog::check_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KeyCheckReport {
+    /// The repository.
+    pub repository: String,
+    /// Every backup of it.
+    pub backups: Vec<KeyCheckEntry>,
+}
+
+impl KeyCheckReport {
+    /// Whether every encrypted backup opens with the key.
+    pub fn ok(&self) -> bool {
+        self.backups.iter().all(|b| b.opens)
+    }
+}
+
+/// One backup and the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KeyCheckEntry {
+    /// `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// Whether any of its files is encrypted.
+    pub encrypted: bool,
+    /// Whether every encrypted file opens with the key (true for a backup with none).
+    pub opens: bool,
+    /// The files that do not open with it.
+    pub not_opening: Vec<String>,
+}

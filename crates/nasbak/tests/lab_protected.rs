@@ -278,3 +278,83 @@ fn a_file_of_each_kind_reads_with_stock_qemu_img_as_the_docs_say() {
     }
     let _ = FileStatus::Ok;
 }
+
+#[test]
+fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next() {
+    use nasbak::nasbak_qemu_img::{ImageTool, StoredFile, StoredLayout};
+    let dom = DomainSpec::new("rotate").disk(DiskSpec::qcow2(16)).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let catalog = Catalog::new(e.images(), e.mounts());
+    let old = key_file(dom.dir(), "old.key", "the old key of this repository, 0123456789");
+    let new = key_file(dom.dir(), "new.key", "the new key of this repository, 9876543210");
+    let mut made = Vec::new();
+    for (name, compression) in [("luks", Compression::None), ("both", Compression::Zstd)] {
+        let root = dom.dir().join(format!("repo-{name}"));
+        let repo = repository(name, &root, compression, Encryption::Luks, Some(&old));
+        dom.write_offline(0, 0x11, "0", "2M");
+        let full = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+        dom.write_offline(0, 0x22, "4M", "1M");
+        let inc = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert_eq!(inc.manifest.mode, BackupMode::Incremental);
+        made.push((repo, root, full, inc, dom.raw_copy(0, &format!("{name}-point"))));
+    }
+    for (repo, root, full, inc, point) in &made {
+        let files: Vec<(PathBuf, StoredFile)> = [full, inc]
+            .iter()
+            .map(|b| {
+                let d = &b.manifest.disks[0];
+                let layout = match d.stored_as {
+                    FileFormat::Encrypted => StoredLayout::Qcow2Luks,
+                    _ => StoredLayout::Qcow2InLuks,
+                };
+                let path = root.join(&b.relative_dir).join(&d.file);
+                (path.clone(), StoredFile { path, layout })
+            })
+            .collect();
+        let before: Vec<Vec<u8>> = files.iter().map(|(p, _)| fs::read(p).unwrap()).collect();
+        assert!(catalog.check_key(repo, None).unwrap().ok());
+        let check = catalog.check_key(repo, Some(&new)).unwrap();
+        assert!(!check.ok() && check.backups.iter().all(|b| b.encrypted && !b.opens), "{check:?}");
+        // Every file gets the new key and loses the old one. (A run killed half-way is the
+        // fault matrix's `rotate-kill` row.)
+        let done = catalog.rotate_key(repo, &new, &CancelHandle::new()).unwrap();
+        assert_eq!((done.files, done.rotated, done.already), (2, 2, 0), "{done:?}");
+        assert!(!root.join(&full.relative_dir).join(".nasbak-key-rotation.json").exists(), "no journal left");
+        for (_, f) in &files {
+            assert!(e.images().opens_with(f, &new).unwrap());
+            assert!(!e.images().opens_with(f, &old).unwrap(), "the old key no longer reads the data");
+        }
+        // Only headers changed: the bytes past the LUKS header are the same.
+        for ((path, _), was) in files.iter().zip(&before) {
+            let now = fs::read(path).unwrap();
+            assert_eq!(now.len(), was.len());
+            let changed = now.iter().zip(was).filter(|(a, b)| a != b).count();
+            assert!(changed <= 1 << 20, "{}: {changed} bytes changed", path.display());
+        }
+        // A third run finds nothing to do; the repository with the new key restores the chain.
+        let again = catalog.rotate_key(repo, &new, &CancelHandle::new()).unwrap();
+        assert_eq!((again.rotated, again.already), (0, 2), "nothing left to do: {again:?}");
+        let repo_new = repo.clone().with_protection(
+            Protection::new(repo.protection().compression(), Encryption::Luks, Some(KeySource::File(new.clone())))
+                .unwrap(),
+        );
+        assert!(catalog.check_key(&repo_new, None).unwrap().ok());
+        // The manifests have the new checksums: verify passes with the new key, and without it.
+        let report =
+            catalog.verify(&repo_new, dom.name(), &inc.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(report.ok() && report.files.iter().all(|f| f.check == CheckVerdict::Clean), "{report:?}");
+        let to = dom.dir().join(format!("{}-rotated.qcow2", repo.name()));
+        let request = VolumeRestoreRequest::new(
+            repo_new.clone(),
+            dom.name(),
+            inc.manifest.id.as_str(),
+            "vda",
+            ImageLocation::Path(to.clone()),
+        );
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(same(&to, point));
+        // The old key, and the same key given as new, are refused with the reason.
+        let err = catalog.rotate_key(&repo_new, &new, &CancelHandle::new()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::KeyRejected, "{}", nasbak::chain(&err));
+    }
+}

@@ -99,6 +99,10 @@ impl StoredImage {
             };
             if with_backing && !rest.is_empty() {
                 n["backing"] = node(rest, true);
+            } else if with_backing && first.layout == StoredLayout::Qcow2Luks {
+                // The chain ends here: the header's backing name is not followed (it could not
+                // be opened without the key anyway).
+                n["backing"] = Value::Null;
             }
             n
         }

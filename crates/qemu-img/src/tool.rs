@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::json;
+
 use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
@@ -12,7 +14,8 @@ use crate::error::{ImageError, ProgressFn, WRONG_KEY};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for, objects_for};
 use crate::stored::{
-    PBKDF_ITER_TIME_MS, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, escape_opt, key_object_args,
+    KEY_SECRET_ID, PBKDF_ITER_TIME_MS, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection,
+    escape_opt, key_object_args,
 };
 
 /// The payload a LUKS container needs for a qcow2 of `size` bytes written in full: the data,
@@ -99,6 +102,14 @@ pub trait ImageTool {
     /// Copies the clusters `copy.bitmap` marks dirty in `copy.source` (no process has it open)
     /// into a new qcow2 file `copy.target` of the same size, the rest left unallocated.
     fn copy_dirty(&self, copy: &DirtyCopy, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
+    /// Whether `key` opens the encrypted file `file` (its backing files are not opened); a
+    /// plain or compressed file needs no key and opens.
+    fn opens_with(&self, file: &StoredFile, key: &Path) -> Result<bool, ImageError>;
+    /// Gives the encrypted file `file`, opened with `key`, the passphrase in `new_key` as well (a
+    /// new LUKS keyslot: only the header changes, the data is not rewritten).
+    fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError>;
+    /// Removes the passphrase in `old_key` from the encrypted file `file`, opened with `key`.
+    fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError>;
     /// Removes the RBD image `image` (`rbd rm`, with the spec's monitors, client id and key; the
     /// key in a 0600 keyring for the command's duration): what a restore that created it and
     /// failed leaves behind.
@@ -233,6 +244,44 @@ impl QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })
+    }
+
+    /// `qemu-img amend` of the LUKS header of `file` (opened with `key`): a keyslot for `other`
+    /// added (`add`), or the keyslot `other` opens removed. Backing files are not opened.
+    fn amend_key(&self, file: &StoredFile, key: &Path, other: &Path, add: bool) -> Result<(), ImageError> {
+        let path = json!(file.path);
+        let (node, prefix) = match file.layout {
+            StoredLayout::Qcow2Luks => (
+                json!({"driver": "qcow2", "encrypt": {"format": "luks", "key-secret": KEY_SECRET_ID},
+                       "file": {"driver": "file", "filename": path}, "backing": null}),
+                "encrypt.",
+            ),
+            StoredLayout::Qcow2InLuks => (
+                json!({"driver": "luks", "key-secret": KEY_SECRET_ID, "file": {"driver": "file", "filename": path}}),
+                "",
+            ),
+            StoredLayout::Qcow2 => {
+                return Err(ImageError::Output {
+                    action: "amend",
+                    detail: format!("{} is not encrypted", file.path.display()),
+                });
+            }
+        };
+        let options = if add {
+            format!(
+                "{prefix}state=active,{prefix}new-secret={TARGET_KEY_SECRET_ID},{prefix}iter-time={PBKDF_ITER_TIME_MS}"
+            )
+        } else {
+            format!("{prefix}state=inactive,{prefix}old-secret={TARGET_KEY_SECRET_ID}")
+        };
+        let command = self
+            .command(self.timeouts.quick)
+            .arg("amend")
+            .args(key_object_args(KEY_SECRET_ID, Some(key)))
+            .args(key_object_args(TARGET_KEY_SECRET_ID, Some(other)))
+            .args(["-o", &options])
+            .arg(format!("json:{node}"));
+        retry_pbkdf(|| command.run()).map(drop).map_err(|source| ImageError::Command { action: "amend", source })
     }
 
     fn command(&self, timeout: Duration) -> ExternalCommand {
@@ -468,6 +517,26 @@ impl ImageTool for QemuImg {
         }
         let runtime = self.private_dir.parent().unwrap_or(&self.private_dir).to_owned();
         crate::daemon::copy_dirty(copy, &runtime, self.timeouts.copy, &*progress)
+    }
+
+    fn opens_with(&self, file: &StoredFile, key: &Path) -> Result<bool, ImageError> {
+        if !file.layout.needs_key() {
+            return Ok(true);
+        }
+        let opened = StoredImage::single(file.path.clone(), file.layout, Some(key.to_owned()));
+        match self.check(&ImageLocation::Stored(opened), &ImageFormat::Qcow2) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_wrong_key() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError> {
+        self.amend_key(file, key, new_key, true)
+    }
+
+    fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError> {
+        self.amend_key(file, key, old_key, false)
     }
 
     fn export_read_only(

@@ -34,7 +34,7 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // The facades the workflows add their methods to (`Engine`, `Catalog`).
     ("facade", &["engine"]),
     // The workflows: none uses another.
-    ("workflows", &["backup", "restore", "boot", "browse", "catalog", "prune"]),
+    ("workflows", &["backup", "restore", "boot", "browse", "catalog", "prune", "keys"]),
 ];
 
 /// The layers of `nasbak-repo`, bottom-up: the pure model never does I/O; mounting and the

@@ -23,6 +23,7 @@ pub fn run(cli: &Cli) -> Result<u8> {
     let mut config = Config::load(&cli.config)?;
     match &cli.command {
         Command::Repo(cmd) => settings::repo(cli, &mut config, cmd),
+        Command::Key(cmd) => settings::key(cli, &mut config, cmd),
         Command::Offering(cmd) => settings::offering(cli, &mut config, cmd),
         Command::Assign { vm, offering } => settings::assign(cli, &mut config, vm, offering),
         Command::Unassign { vm } => settings::unassign(cli, &mut config, vm),

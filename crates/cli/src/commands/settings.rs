@@ -7,8 +7,8 @@ use nasbak::nasbak_repo::{BackupRepository, Encryption, KeySource, Protection, R
 use nasbak_service::config::{Config, Offering, Refused, Schedule, ScheduleState};
 use nasbak_service::schedule::{At, parse_tz};
 
-use super::{CatalogServices, RUNTIME, pick_repo};
-use crate::args::{Cli, OfferingCommand, ProtectionArgs, RepoCommand, ScheduleCommand};
+use super::{CatalogServices, RUNTIME, cancel_on_interrupt, pick_repo};
+use crate::args::{Cli, KeyCommand, OfferingCommand, ProtectionArgs, RepoCommand, ScheduleCommand};
 use crate::output::{print_json, print_rows};
 
 pub fn assign(cli: &Cli, config: &mut Config, vm: &str, offering: &str) -> Result<u8> {
@@ -41,6 +41,60 @@ fn protection_of(current: &Protection, args: &ProtectionArgs) -> Result<Protecti
         check_key_file(path).map_err(BackupError::from)?;
     }
     Ok(Protection::new(compression, encryption, key)?)
+}
+
+/// `key rotate`: every encrypted file given the new key and the old one removed, the repository
+/// switched to the new key, then once more for files a backup wrote with the old key meanwhile.
+/// `key check`: which backups open with the key.
+pub fn key(cli: &Cli, config: &mut Config, cmd: &KeyCommand) -> Result<u8> {
+    let services = CatalogServices::new();
+    let catalog = services.catalog();
+    match cmd {
+        KeyCommand::Rotate { repo, new_key_file } => {
+            let current = pick_repo(config, Some(repo))?.clone();
+            let cancel = cancel_on_interrupt()?;
+            let first = catalog.rotate_key(&current, new_key_file, &cancel)?;
+            let new_key = KeySource::file(&new_key_file.to_string_lossy())?;
+            let p = current.protection();
+            let switched = Protection::new(p.compression(), p.encryption(), Some(new_key))?;
+            let r = config.repositories.iter_mut().find(|r| r.name().as_str() == repo).expect("picked above");
+            *r = current.clone().with_protection(switched);
+            config.save(&cli.config)?;
+            // Files a backup wrote with the old key while the first pass ran.
+            let second = catalog.rotate_key(&current, new_key_file, &cancel)?;
+            let rotated = first.rotated + second.rotated;
+            if cli.json {
+                return print_json(&serde_json::json!({
+                    "repository": repo, "files": first.files.max(second.files), "rotated": rotated,
+                    "already": first.already
+                }))
+                .map(|()| 0);
+            }
+            println!(
+                "repository {repo}: {rotated} files rotated to {} ({} already were); it uses the new key from now on",
+                new_key_file.display(),
+                first.already
+            );
+            Ok(0)
+        }
+        KeyCommand::Check { repo, key_file } => {
+            let r = pick_repo(config, Some(repo))?;
+            let report = catalog.check_key(r, key_file.as_deref())?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                for b in &report.backups {
+                    let said = match (b.encrypted, b.opens) {
+                        (false, _) => "not encrypted".to_owned(),
+                        (true, true) => "opens".to_owned(),
+                        (true, false) => format!("does not open ({})", b.not_opening.join(", ")),
+                    };
+                    println!("{}  {said}", b.backup);
+                }
+            }
+            Ok(if report.ok() { 0 } else { 1 })
+        }
+    }
 }
 
 pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
