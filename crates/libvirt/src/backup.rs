@@ -31,6 +31,10 @@ pub struct PushBackup {
     pub checkpoint: Option<String>,
     /// Backed-up disks that keep no dirty bitmap (not qcow2): the checkpoint leaves them out.
     pub without_bitmap: Vec<String>,
+    /// Every target exists already as a raw file that QEMU writes as it is (an export nasbak
+    /// serves, which stores it compressed or encrypted): `<driver type='raw'/>`, and libvirt
+    /// told to reuse the files (`VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`).
+    pub into_existing_raw: bool,
 }
 
 impl PushBackup {
@@ -49,6 +53,7 @@ impl PushBackup {
                 .filter(|d| d.format.as_deref() != Some("qcow2"))
                 .map(|d| d.target.clone())
                 .collect(),
+            into_existing_raw: false,
         }
     }
 
@@ -57,7 +62,8 @@ impl PushBackup {
     /// ```
     /// use nasbak_libvirt::{BackupTarget, PushBackup};
     /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into(), incremental: None }],
-    ///                      excluded: vec!["hdc".into()], checkpoint: None, without_bitmap: vec![] };
+    ///                      excluded: vec!["hdc".into()], checkpoint: None, without_bitmap: vec![],
+    ///                      into_existing_raw: false };
     /// let xml = b.to_xml();
     /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
     /// assert_eq!(PushBackup::parse(&xml).unwrap(), b);
@@ -73,8 +79,9 @@ impl PushBackup {
                 None if any_incremental => " backupmode='full'".to_owned(),
                 None => String::new(),
             };
+            let driver = if self.into_existing_raw { "raw" } else { "qcow2" };
             x.push_str(&format!(
-                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <driver type='qcow2'/>\n      <target file='{}'/>\n    </disk>\n",
+                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <driver type='{driver}'/>\n      <target file='{}'/>\n    </disk>\n",
                 escape(t.disk.as_str()),
                 escape(t.file.to_string_lossy().as_ref())
             ));
@@ -109,8 +116,13 @@ impl PushBackup {
     /// Parses a push backup document (as built here, or as `virsh backup-dumpxml` prints it).
     pub fn parse(xml: &str) -> Result<PushBackup, XmlError> {
         let raw: XmlBackup = quick_xml::de::from_str(xml).map_err(|e| XmlError { detail: e.to_string() })?;
-        let mut b =
-            PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None, without_bitmap: Vec::new() };
+        let mut b = PushBackup {
+            targets: Vec::new(),
+            excluded: Vec::new(),
+            checkpoint: None,
+            without_bitmap: Vec::new(),
+            into_existing_raw: false,
+        };
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
             match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
                 (Some("no"), _) => b.excluded.push(d.name),

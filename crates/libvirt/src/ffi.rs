@@ -11,15 +11,22 @@ fn cstring(s: &str) -> Result<CString, Error> {
     CString::new(s).map_err(|_| Error::last_error())
 }
 
-/// `virDomainBackupBegin(dom, backup_xml, checkpoint_xml, 0)`.
-pub(crate) fn backup_begin(domain: &Domain, backup_xml: &str, checkpoint_xml: Option<&str>) -> Result<(), Error> {
+/// `virDomainBackupBegin(dom, backup_xml, checkpoint_xml, flags)`: `VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL` when the
+/// targets exist already.
+pub(crate) fn backup_begin(
+    domain: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+    reuse_external: bool,
+) -> Result<(), Error> {
     let backup = cstring(backup_xml)?;
     let checkpoint = checkpoint_xml.map(cstring).transpose()?;
     let checkpoint_ptr = checkpoint.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+    let flags = if reuse_external { virt::sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL } else { 0 };
     // SAFETY: `domain.as_ptr()` is a live virDomainPtr owned by `domain` for the whole call;
     // `backup` and `checkpoint` are NUL-terminated strings that outlive the call (libvirt copies
     // what it keeps); a null checkpoint pointer is allowed by the API.
-    let rc = unsafe { virt::sys::virDomainBackupBegin(domain.as_ptr(), backup.as_ptr(), checkpoint_ptr, 0) };
+    let rc = unsafe { virt::sys::virDomainBackupBegin(domain.as_ptr(), backup.as_ptr(), checkpoint_ptr, flags) };
     if rc < 0 { Err(Error::last_error()) } else { Ok(()) }
 }
 

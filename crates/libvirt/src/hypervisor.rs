@@ -167,7 +167,13 @@ pub trait Hypervisor {
     /// Whether the domain runs.
     fn domain_state(&self, domain: &str) -> Result<DomainState, LibvirtError>;
     /// Starts a backup job.
-    fn backup_begin(&self, domain: &str, backup_xml: &str, checkpoint_xml: Option<String>) -> Result<(), LibvirtError>;
+    fn backup_begin(
+        &self,
+        domain: &str,
+        backup_xml: &str,
+        checkpoint_xml: Option<String>,
+        reuse_external: bool,
+    ) -> Result<(), LibvirtError>;
     /// The job running now (`None` kind when there is none).
     fn current_job(&self, domain: &str) -> Result<JobInfo, LibvirtError>;
     /// The statistics of the job that ended last, consumed by this call.
@@ -426,10 +432,16 @@ impl Hypervisor for LibvirtHypervisor {
         })
     }
 
-    fn backup_begin(&self, domain: &str, backup_xml: &str, checkpoint_xml: Option<String>) -> Result<(), LibvirtError> {
+    fn backup_begin(
+        &self,
+        domain: &str,
+        backup_xml: &str,
+        checkpoint_xml: Option<String>,
+        reuse_external: bool,
+    ) -> Result<(), LibvirtError> {
         let xml = backup_xml.to_owned();
         self.on_domain(Call::on("virDomainBackupBegin", domain), move |d| {
-            Ok(ffi::backup_begin(d, &xml, checkpoint_xml.as_deref())?)
+            Ok(ffi::backup_begin(d, &xml, checkpoint_xml.as_deref(), reuse_external)?)
         })
     }
 

@@ -207,7 +207,7 @@ pub fn start_backup<'a, H: Hypervisor>(
     if current.kind == JobKind::Active {
         return Err(JobError::Busy { domain: domain.to_owned(), is_backup: current.is_backup });
     }
-    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml()).map_err(|e| {
+    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml(), backup.into_existing_raw).map_err(|e| {
         if e.is_timeout() {
             // The begin may still take effect once QEMU answers: the abort goes after it.
             abort_and_wait(hv, domain);
@@ -323,7 +323,13 @@ mod tests {
     }
 
     fn empty() -> PushBackup {
-        PushBackup { targets: Vec::new(), excluded: Vec::new(), checkpoint: None, without_bitmap: Vec::new() }
+        PushBackup {
+            targets: Vec::new(),
+            excluded: Vec::new(),
+            checkpoint: None,
+            without_bitmap: Vec::new(),
+            into_existing_raw: false,
+        }
     }
 
     fn fast() -> JobOptions {
@@ -349,7 +355,7 @@ mod tests {
         let mut hv = MockHypervisor::new();
         let mut seq = Sequence::new();
         hv.expect_current_job().times(1).in_sequence(&mut seq).returning(|_| Ok(job(JobKind::None, 0)));
-        hv.expect_backup_begin().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(()));
+        hv.expect_backup_begin().times(1).in_sequence(&mut seq).returning(|_, _, _, _| Ok(()));
         for p in [10, 60] {
             hv.expect_current_job().times(1).in_sequence(&mut seq).returning(move |_| Ok(job(JobKind::Active, p)));
         }
@@ -370,7 +376,7 @@ mod tests {
             n += 1;
             Ok(job(if n == 2 { JobKind::Active } else { JobKind::None }, 0))
         });
-        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
         hv.expect_completed_job()
             .returning(|_| Ok(JobInfo { error: Some("No space left on device".into()), ..job(JobKind::Failed, 5) }));
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
@@ -400,7 +406,7 @@ mod tests {
                 n += 1;
                 Ok(job(if n == 1 || a.load(Ordering::SeqCst) { JobKind::None } else { JobKind::Active }, 0))
             });
-            hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+            hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
             let a = Arc::clone(&aborted);
             hv.expect_abort_job().times(1).returning(move |_| {
                 a.store(true, Ordering::SeqCst);
@@ -434,7 +440,7 @@ mod tests {
             n += 1;
             if n == 1 { Ok(job(JobKind::None, 0)) } else { Err(LibvirtError::timeout("QEMU is not answering")) }
         });
-        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
         hv.expect_abort_job().times(1).returning(|_| Err(LibvirtError::timeout("QEMU is not answering")));
         hv.expect_completed_job().never();
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
@@ -457,7 +463,7 @@ mod tests {
             n += 1;
             if n == 1 { Ok(job(JobKind::None, 0)) } else { Err(LibvirtError::past_deadline("not sent")) }
         });
-        hv.expect_backup_begin().returning(|_, _, _| Ok(()));
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
         hv.expect_abort_job().times(1).returning(|_| Ok(()));
         hv.expect_completed_job().returning(|_| Ok(job(JobKind::Cancelled, 0)));
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
@@ -469,7 +475,7 @@ mod tests {
         // The begin may take effect once QEMU answers again: the abort goes after it.
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
-        hv.expect_backup_begin().returning(|_, _, _| Err(LibvirtError::timeout("not answering")));
+        hv.expect_backup_begin().returning(|_, _, _, _| Err(LibvirtError::timeout("not answering")));
         hv.expect_abort_job().times(1).returning(|_| Ok(()));
         hv.expect_completed_job().returning(|_| Ok(job(JobKind::None, 0)));
         let (r, _) = run(&hv, fast(), &CancelHandle::new());
@@ -484,10 +490,11 @@ mod tests {
             excluded: Vec::new(),
             checkpoint: None,
             without_bitmap: Vec::new(),
+            into_existing_raw: false,
         };
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
-        hv.expect_backup_begin().returning(|_, _, _| {
+        hv.expect_backup_begin().returning(|_, _, _, _| {
             Err(LibvirtError::new("internal error: unable to execute QEMU command 'blockdev-add': Could not open '/x/a.qcow2': No such file or directory"))
         });
         let mut seen = Vec::new();

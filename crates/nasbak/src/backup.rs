@@ -11,6 +11,7 @@ use nasbak_agent::{AgentTransport, GuestAgent, QuiescePolicy, quiesce};
 use nasbak_libvirt::{CancelHandle, Disk, Domain, DomainState, Hypervisor, JobOptions, PushBackup, start_backup};
 use nasbak_qemu_img::{
     CheckVerdict, ConvertRequest, ImageFormat, ImageInfo, ImageLocation, ImageTool, StoredImage, StoredLayout,
+    WritableExport,
 };
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
 use nasbak_repo::store::{BackupKind, ancestors, read_backup};
@@ -143,23 +144,6 @@ fn refuse_half_restored(
 /// `manifest.json` written last (synced), then, only while the lock is still ours (a holder
 /// that stalled past its lease abandons), the partial directory renamed into place and the
 /// rename synced.
-/// A running VM and a repository set to compress or encrypt: this version writes those backups
-/// of shut-off VMs only, so it refuses rather than write plaintext where protection was asked
-/// for.
-fn refuse_protection(request: &BackupRequest, state: DomainState) -> Result<(), BackupError> {
-    let protection = request.repository.protection();
-    if protection.is_plain() || state != DomainState::Running {
-        return Ok(());
-    }
-    Err(BackupError::Unsupported {
-        what: format!(
-            "backing up running VM {} to repository {} ({protection}): this version compresses and encrypts the backups of shut-off VMs only",
-            request.vm,
-            request.repository.name()
-        ),
-    })
-}
-
 fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -> Result<(), BackupError> {
     let manifest_path = run.partial.join(MANIFEST_FILE);
     write_synced(&manifest_path, manifest.to_json().as_bytes())
@@ -216,7 +200,6 @@ where
         // Every libvirt call of the backup ends by its timeout, whatever the VM's QEMU does.
         let _deadline = nasbak_libvirt::deadline::scope(std::time::Instant::now() + request.timeout);
         let (state, xml, domain) = self.inspect(&request.vm).map_err(at(Step::Inspect))?;
-        refuse_protection(request, state)?;
         let (chosen, skipped) = domain.backup_selection();
         if chosen.is_empty() {
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
@@ -710,6 +693,16 @@ where
             let incremental = plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
             t.incremental = if incremental { from.map(str::to_owned) } else { None };
         }
+        // A protected repository: the job writes raw files that store it compressed, encrypted
+        // or both; made before the guest is frozen.
+        let exports = self.protected_targets(run, plan)?;
+        if !exports.is_empty() {
+            backup.into_existing_raw = true;
+            for t in &mut backup.targets {
+                let export = exports.iter().find(|(target, _)| *target == t.disk).expect("one export per disk");
+                t.file = export.1.mountpoint().to_owned();
+            }
+        }
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
         let mut watchdog = self.agents.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
@@ -772,7 +765,51 @@ where
             return Err(still_frozen(frozen, cancelled_or(cancel, e)).into());
         }
         notes.warnings.extend(frozen);
+        // The job is done: each protected file flushed and closed, complete only then.
+        for (target, export) in exports {
+            export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(nasbak_process_context(&target, e)))?;
+        }
         Ok((outcome.quiesced, outcome.note))
+    }
+
+    /// For a repository that compresses or encrypts: each disk's file created in the partial
+    /// directory as its protection says (an incremental naming its parent's file, except inside
+    /// a LUKS container) and exported writable as a raw file for the push job, with the chain it
+    /// builds on (see `WritableExport`). None for a plain repository.
+    fn protected_targets(
+        &self,
+        run: &Run<'_>,
+        plan: &crate::chain::ChainPlan,
+    ) -> Result<Vec<(String, WritableExport)>, BackupError> {
+        let Some(protection) = crate::protect::target_protection(run.format, run.key) else { return Ok(Vec::new()) };
+        let dir = self.runtime_dir.join("exports");
+        let io = |action: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| BackupError::Io { action, path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        // QEMU runs as another user: it must reach the exports.
+        for d in [self.runtime_dir.as_path(), dir.as_path()] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", d))?;
+        }
+        let id = run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut exports = Vec::new();
+        for (disk, file) in run.files {
+            let planned = plan.disks.iter().find(|d| d.target == disk.target);
+            let backing = planned.filter(|d| d.mode == BackupMode::Incremental).and_then(|d| d.backing.clone());
+            let header = backing.clone().filter(|_| run.format != FileFormat::CompressedInLuks);
+            let size = run.sizes.get(&disk.target).copied().unwrap_or(0);
+            let path = run.partial.join(file);
+            self.images.create_protected(&path, size, header, &protection)?;
+            let chain = match &backing {
+                Some(b) => Some(crate::protect::parent_chain(run.vm_dir, &run.request.vm, b, run.key)?),
+                None => None,
+            };
+            let mountpoint = dir.join(format!("{}-{}-{}.raw", run.request.vm, id, disk.target));
+            let export = WritableExport::start(&path, &protection, chain.as_ref(), &mountpoint, &self.runtime_dir)?;
+            exports.push((disk.target.clone(), export));
+        }
+        Ok(exports)
     }
 
     /// libvirt (and the offline copy) write an incremental file without a backing file, or with
@@ -846,6 +883,18 @@ where
         Ok(())
     }
 }
+
+/// A protected file's export that failed to finish, said with its disk.
+fn nasbak_process_context(target: &str, e: nasbak_qemu_img::ImageError) -> BackupError {
+    BackupError::Io {
+        action: "finishing the protected backup file of disk",
+        path: target.into(),
+        source: std::io::Error::other(crate::error::chain(&e)),
+    }
+}
+
+/// How long a protected backup file's export may take to flush and stop once the job is done.
+const EXPORT_FINISH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// After the thaw right after the job start failed (`first`): tries again (three times); if that
 /// fails too, hands the thaw to the watchdog. Returns the note for the manifest and, when the

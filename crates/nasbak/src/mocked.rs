@@ -691,7 +691,7 @@ fn a_running_vms_qemu_that_stops_answering_mid_job_fails_unresponsive_and_leaves
         }
     });
     let b = Arc::clone(&begun);
-    hv.expect_backup_begin().returning(move |_, _, _| {
+    hv.expect_backup_begin().returning(move |_, _, _, _| {
         b.store(true, Ordering::SeqCst);
         Ok(())
     });

@@ -127,6 +127,33 @@ pub(crate) fn disk_image(
     Ok(ImageLocation::Stored(StoredImage { chain: files, key: Some(key.path.clone()) }))
 }
 
+/// The chain an incremental file builds on, as a stored image: the parent's file its backing
+/// link `../<parent>/<file>` names (in `vm_dir`), and every file below it, each with its layout
+/// from its own manifest, the key given when any is encrypted.
+pub(crate) fn parent_chain(
+    vm_dir: &Path,
+    vm: &str,
+    backing: &str,
+    key: Option<&Key>,
+) -> Result<StoredImage, BackupError> {
+    let broken = |reason: String| BackupError::DamagedBackup { backup: format!("{vm}/{backing}"), reason };
+    let (parent, file) = backing
+        .strip_prefix("../")
+        .and_then(|rest| rest.split_once('/'))
+        .ok_or_else(|| broken(format!("the backing link {backing:?} is not ../<backup>/<file>")))?;
+    let dir = vm_dir.join(parent);
+    let disk = match nasbak_repo::store::read_backup("", vm, parent, &dir).map(|e| e.kind) {
+        Some(nasbak_repo::store::BackupKind::Nasbak(m)) => m.disks.into_iter().find(|d| d.file == file),
+        _ => None,
+    }
+    .ok_or_else(|| broken(format!("backup {parent} has no file {file}")))?;
+    let below = nasbak_repo::store::ancestors(vm_dir, vm, parent, &disk)?;
+    let mut files = vec![StoredFile { path: dir.join(&disk.file), layout: layout_of(disk.stored_as) }];
+    files.extend(below.iter().map(|(d, m)| StoredFile { path: d.join(&m.file), layout: layout_of(m.stored_as) }));
+    let needs_key = files.iter().any(|f| f.layout.needs_key());
+    Ok(StoredImage { chain: files, key: key.filter(|_| needs_key).map(|k| k.path.clone()) })
+}
+
 /// Instant restore, mount and boot verification read a backup in place through exports that
 /// take no key yet: an encrypted disk is refused, named, with what works instead.
 pub(crate) fn refuse_encrypted(disk: &ManifestDisk, backup: &str, what: &str) -> Result<(), BackupError> {

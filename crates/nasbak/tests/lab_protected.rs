@@ -220,15 +220,7 @@ fn shut_off_backups_are_stored_as_the_repository_says_and_every_point_restores()
         assert!(same(&dom.disks()[1].path, &p1b), "{name}: vdb is the full's point again");
     }
 
-    // A running VM and a protected repository: refused in this version, nothing written.
-    dom.start();
-    let root = dom.dir().join("repo-running");
-    let repo = repository("running", &root, Compression::Zstd, Encryption::None, None);
-    let err = e.backup(&BackupRequest::new(dom.name(), repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unsupported, "{}", nasbak::chain(&err));
-    assert!(!root.join(dom.name()).exists() || fs::read_dir(root.join(dom.name())).unwrap().count() == 0);
     // A key file others may read is refused before anything else.
-    dom.destroy();
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
     let repo = repository("loose", &dom.dir().join("repo-loose"), Compression::None, Encryption::Luks, Some(&key));
     let err = e.backup(&BackupRequest::new(dom.name(), repo), &CancelHandle::new(), &mut |_| {}).unwrap_err();
@@ -356,5 +348,60 @@ fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next(
         // The old key, and the same key given as new, are refused with the reason.
         let err = catalog.rotate_key(&repo_new, &new, &CancelHandle::new()).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::KeyRejected, "{}", nasbak::chain(&err));
+    }
+}
+
+#[test]
+fn running_backups_go_through_an_export_and_every_point_restores() {
+    let dom = DomainSpec::new("protrun").disk(DiskSpec::qcow2(32)).disk(DiskSpec::raw(8)).running(true).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let catalog = Catalog::new(e.images(), e.mounts());
+    let key = key_file(dom.dir(), "backup.key", "the key of the running VM's repository, 0123456789");
+    for (name, compression, encryption, format) in [
+        ("zstd", Compression::Zstd, Encryption::None, FileFormat::Compressed),
+        ("luks", Compression::None, Encryption::Luks, FileFormat::Encrypted),
+        ("both", Compression::Zstd, Encryption::Luks, FileFormat::CompressedInLuks),
+    ] {
+        let root = dom.dir().join(format!("repo-{name}"));
+        let k = (encryption == Encryption::Luks).then_some(key.as_path());
+        let repo = repository(name, &root, compression, encryption, k);
+        let backup = || {
+            let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(ModeRequest::Auto);
+            e.backup(&request, &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{name}: {}", nasbak::chain(&err)))
+        };
+        dom.write_through_qemu(0, 0x11, "0", "4M");
+        let full = backup();
+        assert!(full.manifest.disks.iter().all(|d| d.stored_as == format), "{name}: {:?}", full.manifest.disks);
+        let p1 = dom.raw_copy(0, &format!("{name}-r1"));
+        dom.write_through_qemu(0, 0x22, "8M", "2M");
+        // Zeroes over data the full holds: the incremental must say so, not fall through to it.
+        dom.write_through_qemu(0, 0x00, "0", "1M");
+        let inc = backup();
+        let m = &inc.manifest;
+        assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Incremental, Some(full.manifest.id.as_str())), "{m:?}");
+        assert_eq!(m.disks[0].mode, BackupMode::Incremental);
+        assert!(m.disks.iter().all(|d| d.stored_as == format), "{name}");
+        let allocated = fs::metadata(root.join(&inc.relative_dir).join(&m.disks[0].file)).unwrap().blocks_on_disk();
+        assert!(allocated < 8 << 20, "{name}: the incremental holds about the 3 MiB changed: {allocated}");
+        let p2 = dom.raw_copy(0, &format!("{name}-r2"));
+        for (id, want) in [(&full.manifest.id, &p1), (&inc.manifest.id, &p2)] {
+            let to = dom.dir().join(format!("{name}-run-{id}.qcow2"));
+            let request = VolumeRestoreRequest::new(
+                repo.clone(),
+                dom.name(),
+                id.as_str(),
+                "vda",
+                ImageLocation::Path(to.clone()),
+            );
+            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{name} {id}: {}", nasbak::chain(&err)));
+            assert!(same(&to, want), "{name}: the point of {id}");
+        }
+        let report = catalog.verify(&repo, dom.name(), &inc.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(report.ok(), "{name}: {report:?}");
+        // The exports are gone: nothing left mounted under the runtime directory.
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&dom.dir().join("runtime").join("exports").to_string_lossy().to_string()), "{name}");
     }
 }

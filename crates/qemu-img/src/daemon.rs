@@ -14,7 +14,9 @@ use nasbak_process::CancelHandle;
 use serde_json::{Value, json};
 
 use crate::error::{ImageError, ProgressFn};
-use crate::stored::{StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, key_object_args};
+use crate::stored::{
+    KEY_SECRET_ID, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, escape_opt, key_object_args,
+};
 
 /// A copy of the clusters a bitmap marks dirty.
 #[derive(Debug, Clone)]
@@ -52,19 +54,7 @@ pub(crate) fn copy_dirty(
         "driver": "qcow2", "node-name": "src", "read-only": true,
         "file": {"driver": "file", "filename": copy.source, "read-only": true}
     });
-    let file = json!({"driver": "file", "filename": copy.target});
-    let layout = copy.protection.as_ref().map(|p| p.layout);
-    let mut target = match layout {
-        None | Some(StoredLayout::Qcow2) => json!({"driver": "qcow2", "file": file}),
-        Some(StoredLayout::Qcow2Luks) => json!({
-            "driver": "qcow2", "file": file,
-            "encrypt": {"format": "luks", "key-secret": TARGET_KEY_SECRET_ID}
-        }),
-        Some(StoredLayout::Qcow2InLuks) => json!({
-            "driver": "qcow2",
-            "file": {"driver": "luks", "key-secret": TARGET_KEY_SECRET_ID, "file": file}
-        }),
-    };
+    let mut target = target_node(&copy.target, copy.protection.as_ref().map(|p| p.layout));
     target["node-name"] = json!("tgt");
     let compress = copy.protection.as_ref().is_some_and(|p| p.compressed);
     let key = copy.protection.as_ref().and_then(|p| p.key.as_deref());
@@ -114,6 +104,140 @@ pub(crate) fn copy_dirty(
             err(format!("{detail}{}", exited.err().map(|e| format!("; {e}")).unwrap_or_default()))
         }
     })
+}
+
+/// The block node of a new qcow2 file at `path` written as `layout` says (plain without one), its
+/// key the target key.
+fn target_node(path: &Path, layout: Option<StoredLayout>) -> Value {
+    let file = json!({"driver": "file", "filename": path});
+    match layout {
+        None | Some(StoredLayout::Qcow2) => json!({"driver": "qcow2", "file": file}),
+        Some(StoredLayout::Qcow2Luks) => json!({
+            "driver": "qcow2", "file": file,
+            "encrypt": {"format": "luks", "key-secret": TARGET_KEY_SECRET_ID}
+        }),
+        Some(StoredLayout::Qcow2InLuks) => json!({
+            "driver": "qcow2",
+            "file": {"driver": "luks", "key-secret": TARGET_KEY_SECRET_ID, "file": file}
+        }),
+    }
+}
+
+/// A new protected qcow2 file written as a plain raw file: qemu-storage-daemon opens the target
+/// (as its protection says, with the chain it builds on) and exports it writable over FUSE at a
+/// mount point, so that a writer that knows only raw files, libvirt's push job, writes it
+/// compressed (through QEMU's `compress` filter), encrypted, or both.
+///
+/// The daemon dies with this process (SIGKILL included); the writer then gets write errors,
+/// never a file that looks complete. [`WritableExport::finish`] flushes and stops it: only then
+/// is the target complete.
+pub struct WritableExport {
+    daemon: Daemon,
+    qmp: Qmp,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for WritableExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritableExport").field("mountpoint", &self.mountpoint).finish_non_exhaustive()
+    }
+}
+
+impl WritableExport {
+    /// Exports `target` (an existing, empty protected qcow2, see `ImageTool::create_protected`)
+    /// writable at `mountpoint` (created as an empty file, mode 0600, readable by others through
+    /// the export for QEMU), its backing chain `backing` given when it builds on one. The QMP
+    /// socket goes in `runtime_dir`.
+    pub fn start(
+        target: &Path,
+        protection: &TargetProtection,
+        backing: Option<&StoredImage>,
+        mountpoint: &Path,
+        runtime_dir: &Path,
+    ) -> Result<WritableExport, ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "exporting a backup target", detail };
+        std::fs::create_dir_all(runtime_dir).map_err(|e| err(format!("creating {}: {e}", runtime_dir.display())))?;
+        if fs_mounted(mountpoint) {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        std::fs::write(mountpoint, b"").map_err(|e| err(format!("creating {}: {e}", mountpoint.display())))?;
+        let socket = runtime_dir.join(format!("qsd-{}-{}.sock", std::process::id(), unique()));
+        let _ = std::fs::remove_file(&socket);
+        let mut node = target_node(target, Some(protection.layout));
+        if let Some(b) = backing {
+            node["backing"] = b.json(true);
+        }
+        node["node-name"] = json!("tgt");
+        let mut blockdevs = vec![node.to_string()];
+        let exported = if protection.compressed {
+            blockdevs.push(json!({"driver": "compress", "node-name": "out", "file": "tgt"}).to_string());
+            "out"
+        } else {
+            "tgt"
+        };
+        let mut command = Command::new("qemu-storage-daemon");
+        // SAFETY: as in `copy_dirty`: only the async-signal-safe prctl between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        command
+            .arg("--chardev")
+            .arg(format!("socket,id=qmp,path={},server=on,wait=off", socket.display()))
+            .args(["--monitor", "chardev=qmp"])
+            .args(key_object_args(KEY_SECRET_ID, backing.and_then(|b| b.key.as_deref())))
+            .args(key_object_args(TARGET_KEY_SECRET_ID, protection.key.as_deref()));
+        for b in &blockdevs {
+            command.arg("--blockdev").arg(b);
+        }
+        let mut daemon = Daemon(
+            command
+                .arg("--export")
+                .arg(format!(
+                    "type=fuse,id=out,node-name={exported},mountpoint={},writable=on,allow-other=on",
+                    escape_opt(&mountpoint.to_string_lossy())
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| err(format!("starting qemu-storage-daemon: {e}")))?,
+            socket,
+        );
+        // The greeting comes once the daemon has processed its options: the export is mounted.
+        let qmp = Qmp::connect(&daemon.1.clone(), &mut daemon.0).map_err(err)?;
+        if !fs_mounted(mountpoint) {
+            return Err(err(format!("the export at {} is not mounted", mountpoint.display())));
+        }
+        Ok(WritableExport { daemon, qmp, mountpoint: mountpoint.to_owned() })
+    }
+
+    /// The raw file the writer writes.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Flushes the target and stops the daemon, within `timeout`: the target is complete when
+    /// this returns `Ok`.
+    pub fn finish(mut self, timeout: Duration) -> Result<(), ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "finishing a backup target", detail };
+        self.qmp.execute("quit", json!({})).map_err(err)?;
+        self.daemon.wait(timeout).map_err(err)
+    }
+}
+
+impl Drop for WritableExport {
+    fn drop(&mut self) {
+        if self.daemon.0.try_wait().ok().flatten().is_none() {
+            let _ = self.daemon.0.kill();
+            let _ = self.daemon.0.wait();
+        }
+        if fs_mounted(&self.mountpoint) {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_file(&self.mountpoint);
+    }
 }
 
 fn unique() -> u64 {

@@ -38,7 +38,7 @@ mod stored;
 mod tool;
 
 pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
-pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, nbd_uri};
+pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, WritableExport, nbd_uri};
 pub use error::{ImageError, ProgressFn};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
 pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
