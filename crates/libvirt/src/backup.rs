@@ -211,6 +211,12 @@ mod tests {
                 && c.contains("<disk name='hdc' checkpoint='no'/>"),
             "{c}"
         );
+        // Into existing raw files (the exports of a protected repository): raw drivers.
+        assert!(xml.contains("<driver type='qcow2'/>") && !xml.contains("<driver type='raw'/>"));
+        b.into_existing_raw = true;
+        let raw = b.to_xml();
+        assert_eq!(raw.matches("<driver type='raw'/>").count(), 2, "{raw}");
+        assert_eq!(shape(&PushBackup::parse(&raw).unwrap().targets), shape(&b.targets));
     }
 }
 
