@@ -128,6 +128,20 @@ pub struct Disk {
     pub serial: Option<String>,
     /// The backing chain below the source, top first.
     pub backing_chain: Vec<BackingLayer>,
+    /// The disk's own encryption, QEMU decrypting it with a libvirt secret (`None`: plain).
+    pub encryption: Option<DiskEncryption>,
+}
+
+/// A disk's own encryption: `<encryption format='luks'>` in its `<source>` (or, as older
+/// libvirt wrote it, in the `<disk>`), its passphrase a libvirt secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskEncryption {
+    /// `luks` (a qcow2 disk's built-in LUKS, or a raw LUKS volume), or another format.
+    pub format: String,
+    /// The passphrase's libvirt secret, by UUID.
+    pub secret_uuid: Option<String>,
+    /// The passphrase's libvirt secret, by usage (a volume's path).
+    pub secret_usage: Option<String>,
 }
 
 /// Why a disk is not backed up.
@@ -379,7 +393,14 @@ impl From<XmlDisk> for Disk {
             _ => DiskDevice::Disk,
         };
         let target = r.target.as_ref().and_then(|t| t.dev.clone()).unwrap_or_default();
+        let encryption =
+            r.source.as_ref().and_then(|s| s.encryption.as_ref()).or(r.encryption.as_ref()).map(|e| DiskEncryption {
+                format: e.format.clone().unwrap_or_default(),
+                secret_uuid: e.secret.as_ref().and_then(|s| s.uuid.clone()),
+                secret_usage: e.secret.as_ref().and_then(|s| s.usage.clone()),
+            });
         Disk {
+            encryption,
             device,
             source: r.source.and_then(|s| source(r.kind.as_deref(), s, r.auth)),
             format: r.driver.and_then(|d| d.format),

@@ -40,6 +40,15 @@ pub(crate) struct XmlDisk {
     pub shareable: Option<Flag>,
     pub serial: Option<String>,
     pub auth: Option<XmlAuth>,
+    /// The older place of a disk's encryption (libvirt moved it into `<source>`).
+    pub encryption: Option<XmlEncryption>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlEncryption {
+    #[serde(rename = "@format")]
+    pub format: Option<String>,
+    pub secret: Option<XmlSecret>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +81,7 @@ pub(crate) struct XmlSource {
     pub hosts: Vec<XmlHost>,
     pub auth: Option<XmlAuth>,
     pub config: Option<XmlConfig>,
+    pub encryption: Option<XmlEncryption>,
 }
 
 #[derive(Debug, Deserialize)]

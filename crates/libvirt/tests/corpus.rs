@@ -91,6 +91,24 @@ fn the_model_reads_what_backup_needs() {
     // 105 disks by target.
     let many = get("pci-bridge-many-disks.xml");
     assert!(many.disks.len() >= 100 && many.disk("vdzd").is_some());
+    // A disk's own encryption, in its <source> and in the older place, the <disk>.
+    for (name, encrypted) in [("luks-disks-source-qcow2.xml", 2), ("encrypted-disk.xml", 1), ("luks-disks.xml", 2)] {
+        let d = get(name);
+        let with: Vec<_> = d.disks.iter().filter_map(|x| x.encryption.as_ref()).collect();
+        assert!(with.len() >= encrypted, "{name}: {with:?}");
+        assert!(with.iter().all(|e| e.secret_uuid.is_some() || e.secret_usage.is_some()), "{name}: {with:?}");
+    }
+    let qcow2 = get("luks-disks-source-qcow2.xml");
+    let vda = qcow2.disk("vda").unwrap().encryption.clone().unwrap();
+    assert_eq!(
+        (vda.format.as_str(), vda.secret_uuid.as_deref()),
+        ("luks", Some("0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"))
+    );
+    assert_eq!(
+        qcow2.disk("vdb").unwrap().encryption.as_ref().unwrap().secret_usage.as_deref(),
+        Some("/storage/guest_disks/encryptdisk2")
+    );
+    assert!(get("disk-cdrom.xml").disks.iter().all(|x| x.encryption.is_none()));
 }
 
 #[test]

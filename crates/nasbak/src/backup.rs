@@ -204,6 +204,13 @@ where
         if chosen.is_empty() {
             return Err(BackupError::NothingToBackUp { vm: request.vm.clone() });
         }
+        let repository = request.repository.name().to_string();
+        crate::protect::refuse_plaintext_of_encrypted(
+            &chosen,
+            request.repository.protection(),
+            vm.as_str(),
+            &repository,
+        )?;
         let mounted = self.mounts.acquire(&request.repository)?;
         crate::fault::point("mounted");
         let layout = mounted.layout();
@@ -852,7 +859,19 @@ where
                 return Err(BackupError::Cancelled);
             }
             let source = keyed_source(&self.hypervisor, disk)?;
+            // An encrypted volume is read with its own passphrase (and written with the
+            // repository's key).
+            let volume_key = crate::protect::volume_key(&self.hypervisor, disk, &self.runtime_dir)?;
+            let source = match (&volume_key, source) {
+                (Some(k), ImageLocation::Path(p)) => {
+                    ImageLocation::Stored(StoredImage::single(p, StoredLayout::Qcow2Luks, Some(k.path().to_owned())))
+                }
+                (_, source) => source,
+            };
             let size = sizes.get(&disk.target).copied().unwrap_or(0);
+            if volume_key.is_some() {
+                plan.disk_to_full(&disk.target, "an encrypted volume of a shut-off VM is copied whole".into());
+            }
             let incremental = plan.disks.iter().any(|d| d.target == disk.target && d.mode == BackupMode::Incremental);
             if let (true, Some(bitmap), ImageLocation::Path(path)) = (incremental, from, &source) {
                 let copy = nasbak_qemu_img::DirtyCopy {

@@ -60,17 +60,85 @@ pub(crate) fn resolve_key<H: Hypervisor>(
                 secret_usage: None,
                 secret_uuid: Some(uuid.to_string()),
             };
-            let value = hypervisor.secret_value(&auth)?;
-            let dir = runtime_dir.join("private");
-            let io = |source| BackupError::Io { action: "writing the key for QEMU into", path: dir.clone(), source };
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io)?;
-            let path = dir.join(format!("key-{}", uuid::Uuid::new_v4()));
-            let key = Key { path: path.clone(), temporary: true };
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
-            f.write_all(value.expose().as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
-            Ok(Some(key))
+            secret_key(hypervisor, &auth, runtime_dir).map(Some)
         }
     }
+}
+
+/// The value of the libvirt secret `auth` names, written for QEMU to a 0600 file in a 0700
+/// directory under `runtime_dir`, removed when the key drops.
+fn secret_key<H: Hypervisor>(hypervisor: &H, auth: &NetworkAuth, runtime_dir: &Path) -> Result<Key, BackupError> {
+    let value = hypervisor.secret_value(auth)?;
+    let dir = runtime_dir.join("private");
+    let io = |source| BackupError::Io { action: "writing the key for QEMU into", path: dir.clone(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io)?;
+    let path = dir.join(format!("key-{}", uuid::Uuid::new_v4()));
+    let key = Key { path: path.clone(), temporary: true };
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+    f.write_all(value.expose().as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+    Ok(key)
+}
+
+/// A VM disk that is itself encrypted (a LUKS qcow2 volume, as the reference system's volume
+/// encryption makes them): its passphrase, from the libvirt secret the disk names, as a file
+/// QEMU reads. `None` for a plain disk. A disk encrypted otherwise (a raw LUKS volume, another
+/// format, a backing chain below it) is refused, named: nasbak never reads it as plaintext nor
+/// writes it back as one.
+pub(crate) fn volume_key<H: Hypervisor>(
+    hypervisor: &H,
+    disk: &nasbak_libvirt::Disk,
+    runtime_dir: &Path,
+) -> Result<Option<Key>, BackupError> {
+    let Some(e) = &disk.encryption else { return Ok(None) };
+    if e.format != "luks" || disk.format.as_deref() != Some("qcow2") || !disk.backing_chain.is_empty() {
+        return Err(BackupError::Unsupported {
+            what: format!(
+                "disk {} is encrypted ({} on a {} volume{}); nasbak handles LUKS-encrypted qcow2 volumes without a backing chain",
+                disk.target,
+                e.format,
+                disk.format.as_deref().unwrap_or("unknown"),
+                if disk.backing_chain.is_empty() { "" } else { " with a backing chain" }
+            ),
+        });
+    }
+    let auth = NetworkAuth {
+        username: None,
+        secret_type: Some("passphrase".into()),
+        secret_usage: e.secret_usage.clone(),
+        secret_uuid: e.secret_uuid.clone(),
+    };
+    secret_key(hypervisor, &auth, runtime_dir).map(Some).map_err(|err| match err {
+        BackupError::Libvirt(l) if l.message.contains("private") => BackupError::Unsupported {
+            what: format!(
+                "reading the encrypted disk {} without QEMU: its passphrase is a private libvirt secret ({}), which no client may read; back the VM up while it runs (QEMU decrypts it), or define the secret with private='no'",
+                disk.target,
+                e.secret_uuid.clone().or_else(|| e.secret_usage.clone()).unwrap_or_default()
+            ),
+        },
+        other => other,
+    })
+}
+
+/// An encrypted volume's backup would be plaintext on a repository that does not encrypt:
+/// refused, naming the disk and what to do. (Encrypting it with the volume's own secret instead
+/// would make the backup depend on a secret kept in one host's libvirt: lost with that host,
+/// where a backup is needed most.)
+pub(crate) fn refuse_plaintext_of_encrypted(
+    disks: &[&nasbak_libvirt::Disk],
+    protection: &Protection,
+    vm: &str,
+    repository: &str,
+) -> Result<(), BackupError> {
+    let Some(d) = disks.iter().find(|d| d.encryption.is_some()) else { return Ok(()) };
+    if protection.encryption() == nasbak_repo::Encryption::Luks {
+        return Ok(());
+    }
+    Err(BackupError::Unsupported {
+        what: format!(
+            "backing up {vm} to repository {repository}: its disk {} is an encrypted volume, and the repository does not encrypt, so its backup would be plaintext; give the repository encryption and a key",
+            d.target
+        ),
+    })
 }
 
 /// The key of `protection` where no hypervisor is at hand (the catalog): a key file, checked;

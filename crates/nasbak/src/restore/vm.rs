@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use nasbak_libvirt::{CancelHandle, Disk, DiskSource, Hypervisor};
-use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, StoredLayout, TargetProtection};
 use nasbak_repo::{FileFormat, ManifestDisk, Mounter, VmName};
 
 use super::match_disks;
@@ -72,6 +72,11 @@ where
                     ImageFormat::Qcow2,
                 );
                 r.source_format = Some(ImageFormat::Qcow2);
+                // Written encrypted again with the volume's own passphrase (held until written).
+                let volume_key = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)?;
+                r.protection = volume_key
+                    .as_ref()
+                    .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
                 convert(&self.images, r, cancel, vm, &d.target, b.virtual_size, observer)
             } else {
                 copy_checked(dir, b, &tmp, vm, &d.target, cancel, observer)
@@ -176,13 +181,21 @@ where
             }
             // A compressed or encrypted file is read through qemu-img into a plain volume, never
             // copied as it is stored.
-            let flatten = !chain.is_empty() || b.stored_as != FileFormat::Plain;
+            // An encrypted VM disk gets its volume back encrypted with its own passphrase, through
+            // qemu-img: its secret must be there before anything is written.
+            let encrypted = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)?.is_some();
+            let flatten = !chain.is_empty() || b.stored_as != FileFormat::Plain || encrypted;
             match restore_target(&self.hypervisor, d)? {
                 RestoreTarget::Qcow2File(path) => {
                     if flatten {
                         check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     }
                     copies.push((*b, *d, path, flatten));
+                }
+                RestoreTarget::InPlace(_) if encrypted => {
+                    return Err(BackupError::Unsupported {
+                        what: format!("restoring the encrypted disk {} in place", d.target),
+                    });
                 }
                 RestoreTarget::InPlace(location) => {
                     check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
