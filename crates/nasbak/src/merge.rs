@@ -29,9 +29,10 @@ use nasbak_repo::{BackupMode, Checksum, Manifest, ManifestDisk};
 
 use crate::error::BackupError;
 use crate::progress::Observer;
+use crate::protect::{Key, disk_image};
 use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file};
 use crate::transfer::stage::Staged;
-use crate::transfer::{check_image, check_sum, convert};
+use crate::transfer::{check_chain, check_sum, convert};
 use nasbak_repo::store::write_synced;
 use nasbak_repo::store::{BackupKind, read_backup};
 use nasbak_repo::store::{MERGING_SUFFIX, finish_merge};
@@ -43,8 +44,8 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
     images: &I,
     vm_dir: &Path,
     vm: &str,
-    id: &str,
-    parent: &str,
+    (id, parent): (&str, &str),
+    key: Option<&Key>,
     cancel: &CancelHandle,
     observer: &mut dyn Observer,
 ) -> Result<Manifest, BackupError> {
@@ -58,31 +59,29 @@ pub(crate) fn merge_backup<I: ImageTool + Sync>(
     let mut merged = manifest.clone();
     let mut staged = Staged(Vec::new());
     for d in merged.disks.iter_mut().filter(|d| d.mode == BackupMode::Incremental) {
-        // Prune keeps the chain of a merge that fails, the reason said.
-        crate::protect::refuse_encrypted(d, &backup, "a merge")?;
+        // An encrypted chain is read with the repository's key; without it the merge fails and
+        // prune keeps the chain, the reason said.
         let chain = nasbak_repo::store::ancestors(vm_dir, vm, id, d)?;
-        for (from, file) in std::iter::once((dir.clone(), d.clone())).chain(chain) {
-            check_image(images, &from, &file)?;
+        check_chain(images, (&dir, d), &chain, key, &backup)?;
+        for (from, file) in std::iter::once((dir.clone(), d.clone())).chain(chain.iter().cloned()) {
             check_sum(&from, &file, vm, cancel, observer)?;
         }
         let tmp = dir.join(format!("{}{MERGING_SUFFIX}", d.file));
         let _ = fs::remove_file(&tmp);
         staged.0.push(tmp.clone());
-        let mut request = ConvertRequest::new(
-            ImageLocation::Path(dir.join(&d.file)),
-            ImageLocation::Path(tmp.clone()),
-            ImageFormat::Qcow2,
-        );
+        let source = disk_image(&dir, d, &chain, key, &backup)?;
+        let mut request = ConvertRequest::new(source, ImageLocation::Path(tmp.clone()), ImageFormat::Qcow2);
         request.source_format = Some(ImageFormat::Qcow2);
-        // The merged file is stored like the chain it replaces (compressed stays compressed).
-        request.protection = crate::protect::target_protection(d.stored_as, None);
+        // The merged file is stored like the chain it replaces.
+        request.protection = crate::protect::target_protection(d.stored_as, key);
         convert(images, request, cancel, vm, &d.target, d.virtual_size, observer)?;
         let io = |action: &'static str| {
             let path = tmp.clone();
             move |source| BackupError::Io { action, path, source }
         };
         fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing"))?;
-        check_image(images, &dir, &ManifestDisk { file: format!("{}{MERGING_SUFFIX}", d.file), ..d.clone() })?;
+        let merging = ManifestDisk { file: format!("{}{MERGING_SUFFIX}", d.file), ..d.clone() };
+        check_chain(images, (&dir, &merging), &[], key, &backup)?;
         d.size = fs::metadata(&tmp).map_err(io("measuring"))?.len();
         let value = checksum_file(&tmp, CHECKSUM_ALGORITHM).map_err(io("checksumming"))?;
         d.checksum = Some(Checksum { algorithm: CHECKSUM_ALGORITHM.into(), value });

@@ -114,6 +114,9 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
             .collect();
         plan_merges(&mut decisions, &parents);
         if !dry_run {
+            // An encrypted chain is merged with the repository's key file (none: the merge
+            // fails and the chain is kept, the reason said).
+            let key = crate::protect::file_key(repository.protection()).ok().flatten();
             let merges: Vec<(String, String)> =
                 decisions.iter().rev().filter_map(|d| d.merge_over.clone().map(|p| (d.id.clone(), p))).collect();
             for (id, parent) in merges {
@@ -128,8 +131,8 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
                     self.images(),
                     &vm_dir,
                     vm,
-                    &id,
-                    &parent,
+                    (&id, &parent),
+                    key.as_ref(),
                     &nasbak_libvirt::CancelHandle::new(),
                     &mut |_| {},
                 );

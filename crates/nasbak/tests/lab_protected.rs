@@ -547,3 +547,117 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let said = nasbak::chain(&err);
     assert!(said.contains("private libvirt secret") && said.contains("while it runs"), "{said}");
 }
+
+/// Whether any process's command line or environment holds each of `needles` while `f` runs.
+fn watching_processes<T>(needles: &[&str], f: impl FnOnce() -> T) -> (T, Vec<bool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Vec<AtomicBool>> = Arc::new(needles.iter().map(|_| AtomicBool::new(false)).collect());
+    let watcher = {
+        let (stop, seen) = (Arc::clone(&stop), Arc::clone(&seen));
+        let needles: Vec<String> = needles.iter().map(|n| n.to_string()).collect();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for e in fs::read_dir("/proc").unwrap().flatten() {
+                    for part in ["cmdline", "environ"] {
+                        if let Ok(bytes) = fs::read(e.path().join(part)) {
+                            let text = String::from_utf8_lossy(&bytes);
+                            for (i, n) in needles.iter().enumerate() {
+                                if text.contains(n.as_str()) {
+                                    seen[i].store(true, Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    (out, seen.iter().map(|s| s.load(Ordering::SeqCst)).collect())
+}
+
+#[test]
+fn the_key_is_never_on_a_command_line_or_in_an_environment() {
+    let dom = DomainSpec::new("keyargv").disk(DiskSpec::qcow2(32)).running(true).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let catalog = Catalog::new(e.images(), e.mounts());
+    let value = "argv-watch-secret-value-0123456789abcdef";
+    let key = key_file(dom.dir(), "watched.key", value);
+    let new_value = "argv-watch-new-secret-value-9876543210fedcba";
+    let new = key_file(dom.dir(), "watched.new.key", new_value);
+    let root = dom.dir().join("repo");
+    let repo = repository("watched", &root, Compression::Zstd, Encryption::Luks, Some(&key));
+    let path = key.to_string_lossy().into_owned();
+    let needles = [value, new_value, path.as_str()];
+    let (ids, seen) = watching_processes(&needles, || {
+        dom.write_through_qemu(0, 0x11, "0", "2M");
+        let running =
+            e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+        dom.destroy();
+        dom.write_offline(0, 0x22, "4M", "1M");
+        let stopped =
+            e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+        let to = dom.dir().join("watched.qcow2");
+        let request = VolumeRestoreRequest::new(
+            repo.clone(),
+            dom.name(),
+            stopped.manifest.id.as_str(),
+            "vda",
+            ImageLocation::Path(to),
+        );
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(
+            catalog.verify(&repo, dom.name(), &stopped.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap().ok()
+        );
+        catalog.rotate_key(&repo, &new, &CancelHandle::new()).unwrap();
+        (running.manifest.id, stopped.manifest.id)
+    });
+    assert!(!seen[0] && !seen[1], "a key's value was on a command line or in an environment: {seen:?}");
+    // The watch works: the key file's path, which qemu-img and qemu-storage-daemon are given, was seen.
+    assert!(seen[2], "the watch saw no command line naming the key file");
+    assert_ne!(ids.0, ids.1);
+}
+
+#[test]
+fn prune_merges_a_protected_chain_into_a_full_stored_the_same_way() {
+    use nasbak::nasbak_repo::RetentionPolicy;
+    let dom = DomainSpec::new("protmerge").disk(DiskSpec::qcow2(32)).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let catalog = Catalog::new(e.images(), e.mounts());
+    let key = key_file(dom.dir(), "merge.key", "the key of the merged chains, 0123456789abcdef");
+    for (name, compression, encryption, format) in [
+        ("luks", Compression::None, Encryption::Luks, FileFormat::Encrypted),
+        ("both", Compression::Zstd, Encryption::Luks, FileFormat::CompressedInLuks),
+    ] {
+        let root = dom.dir().join(format!("repo-{name}"));
+        let repo = repository(name, &root, compression, encryption, Some(&key));
+        let backup =
+            || e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+        dom.write_offline(0, 0x11, "0", "4M");
+        let full = backup();
+        dom.write_offline(0, 0x22, "8M", "2M");
+        let inc = backup();
+        assert_eq!(inc.manifest.parent.as_deref(), Some(full.manifest.id.as_str()));
+        let point = dom.raw_copy(0, &format!("{name}-merge"));
+        let report = catalog
+            .prune(&repo, dom.name(), Some(&RetentionPolicy::keep_last(1)), &Default::default(), false)
+            .unwrap_or_else(|err| panic!("{name}: {}", nasbak::chain(&err)));
+        assert!(report.decisions.iter().any(|d| d.id == full.manifest.id && !d.keep), "{name}: {report:?}");
+        let left = catalog.list(&repo, Some(dom.name())).unwrap();
+        assert_eq!(left.len(), 1, "{name}: {left:?}");
+        let nasbak::BackupKind::Nasbak(m) = &left[0].kind else { panic!("{left:?}") };
+        assert_eq!(m.mode, BackupMode::Full, "{name}: merged");
+        assert!(m.disks.iter().all(|d| d.stored_as == format), "{name}: stored as before: {:?}", m.disks);
+        assert!(catalog.verify(&repo, dom.name(), &m.id, &CancelHandle::new(), &mut |_| {}).unwrap().ok());
+        let to = dom.dir().join(format!("{name}-merged.qcow2"));
+        let request =
+            VolumeRestoreRequest::new(repo.clone(), dom.name(), m.id.as_str(), "vda", ImageLocation::Path(to.clone()));
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(same(&to, &point), "{name}: the merged full holds the incremental's point");
+    }
+}
