@@ -26,7 +26,7 @@ use crate::error::{BackupError, Step, at};
 use crate::export::{Overlay, nbd_socket};
 use crate::request::BootVerifyRequest;
 use crate::store::backup_disks;
-use crate::transfer::check_image;
+use crate::transfer::check_chain;
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::{BootResult, BootVerification, ancestors, write_record};
 
@@ -95,19 +95,25 @@ where
         let mut swaps = Vec::new();
         {
             let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
-            for b in &disks {
-                crate::protect::refuse_encrypted(b, &format!("{vm}/{id}"), "a boot verification")?;
-                check_image(&self.images, &dir, b).map_err(at(Step::Check))?;
-                for (parent_dir, parent) in &ancestors(&layout.vm_dir(&vm_name), vm, id, b)? {
-                    check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+            // An encrypted backup is read with the repository's key.
+            let key = match disks.iter().any(|b| b.stored_as.is_encrypted()) {
+                true => {
+                    crate::protect::resolve_key(&self.hypervisor, request.repository.protection(), &self.runtime_dir)?
                 }
-            }
+                false => None,
+            };
+            let mut chains = Vec::new();
             for b in &disks {
+                let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
+                check_chain(&self.images, (&dir, b), &chain, key.as_ref(), &reference).map_err(at(Step::Check))?;
+                chains.push(chain);
+            }
+            for (b, chain) in disks.iter().zip(&chains) {
                 let export = nbd_socket(&self.runtime_dir)?;
                 guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
-                let over =
-                    Overlay { source: &dir.join(&b.file), size: b.virtual_size, socket: &export, file: &overlay };
+                let source = crate::protect::disk_image(&dir, b, chain, key.as_ref(), &reference)?;
+                let over = Overlay { source: &source, size: b.virtual_size, socket: &export, file: &overlay };
                 over.make(&self.images, mounted.registration()).map_err(at(Step::Export { disk: b.target.clone() }))?;
                 swaps.push(DiskSwap {
                     target: b.target.clone(),

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nasbak_process::{CancelHandle, ExternalCommand};
-use nasbak_qemu_img::{ExportKind, ImageFormat, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 use nasbak_repo::{BackupId, Mounter, VmName};
 
 use crate::engine::Catalog;
@@ -37,7 +37,7 @@ use crate::error::{BackupError, Step, at};
 use crate::outcome::{MountedBackup, MountedDisk, MountedFilesystem, NotMounted, UnmountReport};
 use crate::request::MountRequest;
 use crate::store::backup_disks;
-use crate::transfer::check_image;
+use crate::transfer::check_chain;
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 
@@ -98,22 +98,24 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             // Held while the files are checked and opened: a prune or delete waits. Once the
             // daemons have the files open, they read them even if the backup is deleted.
             let _lock = VmLock::take(&layout.vm_dir(&vm), &request.vm)?;
-            // Every file of every chain checked before anything is shown.
+            // Every file of every chain checked before anything is shown; an encrypted one with
+            // the repository's key file.
+            let key = match selected.iter().any(|d| d.stored_as.is_encrypted()) {
+                true => crate::protect::file_key(request.repository.protection())?,
+                false => None,
+            };
+            let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
             let mut chains = Vec::new();
             for disk in &selected {
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
-                let shown = format!("{}/{}", request.vm, request.id);
-                crate::protect::refuse_encrypted(disk, &shown, "a mount")?;
                 let chain = ancestors(&layout.vm_dir(&vm), &request.vm, &request.id, disk)?;
-                check_image(self.images(), &backup_dir, disk).map_err(at(Step::Check))?;
-                for (parent_dir, parent) in &chain {
-                    check_image(self.images(), parent_dir, parent).map_err(at(Step::Check))?;
-                }
-                chains.push(chain.len());
+                check_chain(self.images(), (&backup_dir, disk), &chain, key.as_ref(), &shown)
+                    .map_err(at(Step::Check))?;
+                chains.push(chain);
             }
-            for (disk, chain) in selected.iter().zip(chains) {
+            for (disk, chain) in selected.iter().zip(&chains) {
                 let disk_dir = dir.join(&disk.target);
                 fs::create_dir(&disk_dir).map_err(|source| BackupError::Io {
                     action: "creating",
@@ -122,20 +124,24 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 })?;
                 let image = disk_dir.join(DISK_IMAGE_FILE);
                 let format = disk.format.parse::<ImageFormat>().unwrap_or(ImageFormat::Qcow2);
-                self.images()
-                    .export_read_only(
+                let exported = match crate::protect::disk_image(&backup_dir, disk, chain, key.as_ref(), &shown)? {
+                    ImageLocation::Stored(stored) => {
+                        self.images().export_stored(ExportKind::Fuse, &stored, &image, mounted.registration())
+                    }
+                    _ => self.images().export_read_only(
                         ExportKind::Fuse,
                         &backup_dir.join(&disk.file),
                         &format,
                         &image,
                         mounted.registration(),
-                    )
-                    .map_err(|e| at(Step::Export { disk: disk.target.clone() })(e.into()))?;
+                    ),
+                };
+                exported.map_err(|e| at(Step::Export { disk: disk.target.clone() })(e.into()))?;
                 state.disks.push(MountedDisk {
                     target: disk.target.clone(),
                     size: fs::metadata(&image).map_or(0, |m| m.len()),
                     image,
-                    files: chain + 1,
+                    files: chain.len() + 1,
                     filesystems: Vec::new(),
                     not_mounted: Vec::new(),
                 });

@@ -15,8 +15,8 @@ use crate::error::BackupError;
 /// export: QEMU's NBD client waits for an unreachable repository without blocking its main loop
 /// (reads of a FUSE file would).
 pub(crate) struct Overlay<'a> {
-    /// The backup file.
-    pub source: &'a Path,
+    /// The backup file and its chain: by path, or stored (compressed, encrypted) with its key.
+    pub source: &'a ImageLocation,
     /// Its virtual size as its manifest says (used when qemu-img cannot tell).
     pub size: u64,
     /// The export's socket ([`nbd_socket`]).
@@ -30,12 +30,16 @@ impl Overlay<'_> {
     pub(crate) fn make<I: ImageTool>(&self, images: &I, hold: Option<&fs::File>) -> Result<u64, BackupError> {
         let uri = nasbak_qemu_img::nbd_uri(self.socket)
             .ok_or_else(|| BackupError::Unsupported { what: format!("an NBD socket at {}", self.socket.display()) })?;
-        images.export_read_only(ExportKind::Nbd, self.source, &ImageFormat::Qcow2, self.socket, hold)?;
-        let size = images
-            .info(&ImageLocation::Path(self.source.to_owned()))
-            .ok()
-            .and_then(|i| i.first().map(|i| i.virtual_size))
-            .unwrap_or(self.size);
+        match self.source {
+            ImageLocation::Stored(stored) => images.export_stored(ExportKind::Nbd, stored, self.socket, hold)?,
+            ImageLocation::Path(path) => {
+                images.export_read_only(ExportKind::Nbd, path, &ImageFormat::Qcow2, self.socket, hold)?
+            }
+            ImageLocation::Rbd(_) => {
+                return Err(BackupError::Unsupported { what: "an overlay over an RBD image".into() });
+            }
+        };
+        let size = images.info(self.source).ok().and_then(|i| i.first().map(|i| i.virtual_size)).unwrap_or(self.size);
         images.create(&ImageLocation::Path(self.file.to_owned()), &ImageFormat::Qcow2, size)?;
         images.set_backing(&ImageLocation::Path(self.file.to_owned()), &uri, &ImageFormat::Raw)?;
         Ok(size)

@@ -4,7 +4,8 @@
 //! The key never reaches argv, the environment of a child, a log or an error: qemu-img and
 //! qemu-storage-daemon read it from the key file (`--object secret,file=`). A key kept as a
 //! libvirt secret is written for the length of the operation to a 0600 file in a 0700
-//! directory under the runtime directory, and removed when the [`Key`] drops.
+//! directory under the runtime directory, and removed when the [`Key`] drops. The daemons that
+//! export a backup read it as they start, and need it no longer.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -220,20 +221,6 @@ pub(crate) fn parent_chain(
     files.extend(below.iter().map(|(d, m)| StoredFile { path: d.join(&m.file), layout: layout_of(m.stored_as) }));
     let needs_key = files.iter().any(|f| f.layout.needs_key());
     Ok(StoredImage { chain: files, key: key.filter(|_| needs_key).map(|k| k.path.clone()) })
-}
-
-/// Instant restore, mount and boot verification read a backup in place through exports that
-/// take no key yet: an encrypted disk is refused, named, with what works instead.
-pub(crate) fn refuse_encrypted(disk: &ManifestDisk, backup: &str, what: &str) -> Result<(), BackupError> {
-    if !disk.stored_as.is_encrypted() {
-        return Ok(());
-    }
-    Err(BackupError::Unsupported {
-        what: format!(
-            "{what} of backup {backup}: its disk {} is encrypted, and {what} reads backups in place without a key in this version; restore it instead",
-            disk.target
-        ),
-    })
 }
 
 #[cfg(test)]

@@ -160,3 +160,27 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     assert_eq!(v.result, BootResult::Unverifiable, "{v:?}");
     assert!(v.detail.contains("no guest agent"), "{v:?}");
 }
+
+#[test]
+fn an_encrypted_and_compressed_backup_boots_read_with_the_repository_key() {
+    use nasbak::nasbak_repo::{Compression, Encryption, KeySource, Protection};
+    use std::os::unix::fs::PermissionsExt;
+    let dom = DomainSpec::new("bootenc").disk(DiskSpec::raw(64).bootable()).agent(true).boot_from_disk(true).create();
+    let key = dom.dir().join("boot.key");
+    fs::write(&key, "the key of the boot-verified repository, 0123456789").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let protection = Protection::new(Compression::Zstd, Encryption::Luks, Some(KeySource::File(key))).unwrap();
+    let repo = repo(&dom).with_protection(protection);
+    let e = engine(&dom.dir().join("runtime"));
+    let cancel = CancelHandle::new();
+    let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(ModeRequest::Full);
+    let made = e.backup(&request, &cancel, &mut |_| {}).unwrap();
+    assert!(made.manifest.disks.iter().all(|d| d.stored_as == nasbak::nasbak_repo::FileFormat::CompressedInLuks));
+    let r = BootVerifyRequest::new(repo, dom.name(), made.manifest.id.as_str())
+        .with_work_dir(dom.dir().join("verify"))
+        .with_timeout(Duration::from_secs(180));
+    let v = e.verify_boot(&r, &cancel).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(v.result, BootResult::Passed, "{v:?}");
+    let left: Vec<String> = throwaways().into_iter().filter(|t| t.ends_with(dom.name())).collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -458,23 +458,60 @@ impl ReadOnlyExport {
         if !matches!(format, "qcow2" | "raw") {
             return Err(err(format!("{format:?} is not an image format nasbak exports; expected qcow2 or raw")));
         }
-        match (kind, std::fs::metadata(file)) {
-            (ExportKind::Fuse, Ok(m)) if m.is_file() && m.len() == 0 => {}
-            (ExportKind::Fuse, Ok(_)) => {
-                return Err(err(format!("{} exists and is not an empty file", file.display())));
-            }
-            (ExportKind::Fuse, Err(_)) => {
-                std::fs::File::create(file).map_err(|e| err(format!("creating {}: {e}", file.display())))?;
-            }
-            (_, Ok(_)) => return Err(err(format!("{} exists", file.display()))),
-            (_, Err(_)) => {}
-        }
-        let pid_file = pid_file(file);
-        let _ = std::fs::remove_file(&pid_file);
+        Self::check_export_file(kind, file)?;
         let node = json!({
             "driver": format, "node-name": "image", "read-only": true,
             "file": {"driver": "file", "filename": image, "read-only": true}
         });
+        Self::start_node(kind, node, Vec::new(), file, timeout, hold)
+    }
+
+    /// [`ReadOnlyExport::start_as`] of a stored chain (compressed, encrypted or both), opened
+    /// file by file with its key (read by the daemon as it starts).
+    pub fn start_stored(
+        kind: ExportKind,
+        image: &StoredImage,
+        file: &Path,
+        timeout: Duration,
+        hold: Option<&std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
+        let file = &std::path::absolute(file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+        Self::check_export_file(kind, file)?;
+        let mut node = image.json(true);
+        node["node-name"] = json!("image");
+        node["read-only"] = json!(true);
+        let objects = if image.needs_key() { key_object_args(KEY_SECRET_ID, image.key.as_deref()) } else { Vec::new() };
+        Self::start_node(kind, node, objects, file, timeout, hold)
+    }
+
+    /// `file` may take an export of `kind`: an empty file for FUSE (created when missing), a
+    /// path with nothing at it for an NBD socket.
+    fn check_export_file(kind: ExportKind, file: &Path) -> Result<(), ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
+        match (kind, std::fs::metadata(file)) {
+            (ExportKind::Fuse, Ok(m)) if m.is_file() && m.len() == 0 => Ok(()),
+            (ExportKind::Fuse, Ok(_)) => Err(err(format!("{} exists and is not an empty file", file.display()))),
+            (ExportKind::Fuse, Err(_)) => {
+                std::fs::File::create(file).map(drop).map_err(|e| err(format!("creating {}: {e}", file.display())))
+            }
+            (_, Ok(_)) => Err(err(format!("{} exists", file.display()))),
+            (_, Err(_)) => Ok(()),
+        }
+    }
+
+    /// Starts the daemon exporting block node `node` (named `image`) at `file`.
+    fn start_node(
+        kind: ExportKind,
+        node: Value,
+        objects: Vec<String>,
+        file: &Path,
+        timeout: Duration,
+        hold: Option<&std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "exporting an image read-only", detail };
+        let pid_file = pid_file(file);
+        let _ = std::fs::remove_file(&pid_file);
         let export = match kind {
             ExportKind::Fuse => json!({
                 "type": "fuse", "id": "export", "node-name": "image", "mountpoint": file, "writable": false
@@ -500,6 +537,7 @@ impl ReadOnlyExport {
             .arg("--daemonize")
             .arg("--pidfile")
             .arg(&pid_file)
+            .args(objects)
             .arg("--blockdev")
             .arg(node.to_string());
         if kind == ExportKind::Nbd {

@@ -114,6 +114,18 @@ pub trait ImageTool {
     /// key in a 0600 keyring for the command's duration): what a restore that created it and
     /// failed leaves behind.
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError>;
+    /// Shows the stored chain `image` (compressed, encrypted or both) read-only at `file`, as
+    /// [`ImageTool::export_read_only`] does a plain one; the key is read by the daemon as it
+    /// starts.
+    // mockall needs the reference's lifetime named.
+    #[allow(clippy::needless_lifetimes)]
+    fn export_stored<'a>(
+        &self,
+        kind: ExportKind,
+        image: &StoredImage,
+        file: &Path,
+        hold: Option<&'a std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError>;
     /// Shows `image` (with its backing chain) read-only at `file`, as a raw file (FUSE, `file`
     /// new or empty) or an NBD unix socket (`file` new), through a daemonized
     /// qemu-storage-daemon that outlives the caller, until [`ReadOnlyExport::stop`]. The daemon
@@ -537,6 +549,16 @@ impl ImageTool for QemuImg {
 
     fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError> {
         self.amend_key(file, key, old_key, false)
+    }
+
+    fn export_stored(
+        &self,
+        kind: ExportKind,
+        image: &StoredImage,
+        file: &Path,
+        hold: Option<&std::fs::File>,
+    ) -> Result<ReadOnlyExport, ImageError> {
+        ReadOnlyExport::start_stored(kind, image, file, self.timeouts.quick, hold)
     }
 
     fn export_read_only(

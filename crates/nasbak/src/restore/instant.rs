@@ -37,7 +37,7 @@ use crate::outcome::{
 };
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::InstantRestoreRequest;
-use crate::transfer::check_image;
+use crate::transfer::check_chain;
 use crate::transfer::stage::stage_beside;
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
@@ -83,8 +83,13 @@ where
         }
         let mut undo =
             Undo { hypervisor: &self.hypervisor, vm: target_vm, dir: work.clone(), started: false, armed: true };
+        // An encrypted backup is read with the repository's key: checked before anything changes.
+        let key = match pairs.iter().any(|(b, _)| b.stored_as.is_encrypted()) {
+            true => crate::protect::resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?,
+            false => None,
+        };
         // Every file of every chain checked before anything changes.
-        let plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id), &work)?;
+        let plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), &work)?;
         let mut state = InstantRestore {
             vm: target_vm.to_owned(),
             backup: format!("{}:{vm}/{id}", repository.name()),
@@ -102,8 +107,9 @@ where
             // Recorded first, so that an undo finds its export.
             state.disks.push(disk.clone());
             write_state(&state)?;
-            let over =
-                Overlay { source: &dir.join(&b.file), size: b.virtual_size, socket: &disk.export, file: &disk.overlay };
+            let source =
+                crate::protect::disk_image(&disk.files[0].0, b, &disk.files[1..], key.as_ref(), &state.backup)?;
+            let over = Overlay { source: &source, size: b.virtual_size, socket: &disk.export, file: &disk.overlay };
             let size = over
                 .make(&self.images, mounted.registration())
                 .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
@@ -136,7 +142,7 @@ where
         &self,
         pairs: &[(&ManifestDisk, &nasbak_libvirt::Disk)],
         (dir, vm_dir): (&Path, &Path),
-        (vm, id): (&str, &str),
+        (vm, id, key): (&str, &str, Option<&crate::protect::Key>),
         work: &Path,
     ) -> Result<Vec<InstantDisk>, BackupError> {
         let mut plan = Vec::new();
@@ -153,12 +159,16 @@ where
                     });
                 }
             };
-            crate::protect::refuse_encrypted(b, &format!("{vm}/{id}"), "an instant restore")?;
-            check_image(&self.images, dir, b).map_err(at(Step::Check))?;
-            let chain = ancestors(vm_dir, vm, id, b)?;
-            for (parent_dir, parent) in &chain {
-                check_image(&self.images, parent_dir, parent).map_err(at(Step::Check))?;
+            if d.encryption.is_some() {
+                return Err(BackupError::Unsupported {
+                    what: format!(
+                        "an instant restore of the encrypted disk {}; restore it without --instant",
+                        d.target
+                    ),
+                });
             }
+            let chain = ancestors(vm_dir, vm, id, b)?;
+            check_chain(&self.images, (dir, b), &chain, key, &format!("{vm}/{id}")).map_err(at(Step::Check))?;
             let mut files = vec![(dir.to_owned(), (*b).clone())];
             files.extend(chain);
             let format = d.format.clone().unwrap_or_else(|| "raw".into());
