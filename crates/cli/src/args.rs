@@ -401,6 +401,12 @@ pub enum OfferingCommand {
         /// With --boot-verify: a command the guest must run with exit 0 (`/bin/sh -c`).
         #[arg(long, requires = "boot_verify")]
         boot_check: Option<String>,
+        /// Compress this offering's backups (zstd|none), whatever the repository says.
+        #[arg(long = "compress", value_name = "zstd|none", value_parser = compression_arg)]
+        compression: Option<Compression>,
+        /// Encrypt this offering's backups (luks|none) with the repository's key.
+        #[arg(long = "encrypt", value_name = "luks|none", value_parser = encryption_arg)]
+        encryption: Option<Encryption>,
     },
     /// List offerings and the VMs assigned to them.
     List,

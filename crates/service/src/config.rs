@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_repo;
-use nasbak_repo::{BackupRepository, RetentionPolicy};
+use nasbak_repo::{BackupRepository, Compression, Encryption, ParseError, Protection, RetentionPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,25 @@ pub struct Offering {
     /// The command a boot verification runs in the guest (`/bin/sh -c`), which must exit 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_check: Option<String>,
+    /// Overrides the repository's compression for this offering's backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Overrides the repository's encryption for this offering's backups. The key stays the
+    /// repository's: restore, verify, `key rotate` and `key check` find every backup's key on its
+    /// repository, so an offering cannot encrypt on a repository that has no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+impl Offering {
+    /// The protection of this offering's backups on `repository` (its own, the offering's
+    /// overrides applied).
+    pub fn protection_on(&self, repository: &BackupRepository) -> Result<Protection, ParseError> {
+        let own = repository.protection();
+        let encryption = self.encryption.unwrap_or(own.encryption());
+        let key = (encryption == Encryption::Luks).then(|| own.key().cloned()).flatten();
+        Protection::new(self.compression.unwrap_or(own.compression()), encryption, key)
+    }
 }
 
 /// A backup schedule of one VM (the VM's offering names the repository).
@@ -305,6 +324,12 @@ impl Config {
         nasbak_repo::RepositoryName::new(&o.name).map_err(|e| Refused(e.to_string()))?;
         let repo = self.repository(&o.repository).ok_or_else(|| {
             Refused(format!("offering {} names repository {}, which is not defined", o.name, o.repository))
+        })?;
+        o.protection_on(repo).map_err(|e| {
+            Refused(format!(
+                "offering {} cannot encrypt on repository {}, which has no key: {e} (set the key on the repository)",
+                o.name, o.repository
+            ))
         })?;
         if let (Some(oz), Some(rz)) = (o.zone.as_deref(), repo.zone())
             && oz != rz
@@ -679,8 +704,17 @@ created = "2026-11-27T12:00:00Z"
             full_every: None,
             boot_verify: false,
             boot_check: None,
+            compression: None,
+            encryption: None,
         };
-        assert!(c.add_offering(o).unwrap_err().0.contains("not defined"));
+        assert!(c.add_offering(o.clone()).unwrap_err().0.contains("not defined"));
+        // An offering may compress or encrypt on its repository, with the repository's key only.
+        let keyless = Offering { repository: "nas1".into(), encryption: Some(Encryption::Luks), ..o.clone() };
+        assert!(c.add_offering(keyless).unwrap_err().0.contains("has no key"), "refused");
+        let zstd = Offering { repository: "nas1".into(), compression: Some(Compression::Zstd), ..o };
+        let p = zstd.protection_on(c.repository("nas1").unwrap()).unwrap();
+        assert_eq!((p.compression(), p.encryption()), (Compression::Zstd, Encryption::None));
+        c.add_offering(zstd).unwrap();
     }
 
     #[test]

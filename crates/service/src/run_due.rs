@@ -59,6 +59,14 @@ pub fn placement(
             });
         }
     };
+    // The offering's compression and encryption, where its backups go to its repository.
+    let repository = match offering.filter(|o| *o.repository == *repository.name().as_str()) {
+        Some(o) => {
+            let protection = o.protection_on(&repository)?;
+            repository.with_protection(protection)
+        }
+        None => repository,
+    };
     let quiesce = quiesce.or(offering.map(|o| o.quiesce)).unwrap_or_default();
     let full_every = offering.and_then(|o| o.full_every).unwrap_or(nasbak::chain::DEFAULT_FULL_EVERY);
     Ok(Placement { repository, quiesce, full_every })
@@ -260,5 +268,13 @@ web1 = "gold"
         one.offerings.clear();
         one.assignments.clear();
         assert_eq!(placement(&one, "db1", None, None, None).unwrap().repository.name().as_str(), "a");
+        // An offering that compresses: its backups to its repository are compressed; the same
+        // repository named directly keeps its own setting.
+        let mut z = c.clone();
+        z.offerings[0].compression = Some(nasbak::nasbak_repo::Compression::Zstd);
+        let p = placement(&z, "web1", None, None, None).unwrap();
+        assert_eq!(p.repository.protection().compression(), nasbak::nasbak_repo::Compression::Zstd);
+        let p = placement(&z, "web1", Some("b"), None, None).unwrap();
+        assert_eq!(p.repository.protection().compression(), nasbak::nasbak_repo::Compression::None);
     }
 }

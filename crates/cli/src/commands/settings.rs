@@ -191,7 +191,18 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
 
 pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result<u8> {
     match cmd {
-        OfferingCommand::Add { name, repo, zone, quiesce, keep, full_every, boot_verify, boot_check } => {
+        OfferingCommand::Add {
+            name,
+            repo,
+            zone,
+            quiesce,
+            keep,
+            full_every,
+            boot_verify,
+            boot_check,
+            compression,
+            encryption,
+        } => {
             config.add_offering(Offering {
                 name: name.clone(),
                 repository: repo.clone(),
@@ -201,6 +212,8 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
                 full_every: *full_every,
                 boot_verify: *boot_verify,
                 boot_check: boot_check.clone(),
+                compression: *compression,
+                encryption: *encryption,
             })?;
             config.save(&cli.config)?;
             println!("added offering {name}");
