@@ -750,6 +750,44 @@ fn prune_killed_mid_merge() -> Row {
     row("prune killed mid-merge, before the switch", checks, None, extra, &said)
 }
 
+/// SIGKILL with the push job of a running VM writing into an encrypted and compressed
+/// repository (through qemu-storage-daemon's export): the daemon dies with nasbak, the watchdog
+/// aborts the job, and the next backup cleans up (the partial directory, the dead export) and
+/// succeeds; every listed backup verifies.
+fn kill_encrypted_backup() -> Row {
+    let disks = vec![DiskSpec::raw(32).ext4(), DiskSpec::raw(256)];
+    let lab = Lab::new("kencrypted", disks, true, false, 1024);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[1].path, 200);
+    let key = lab.dom.dir().join("repo.key");
+    fs::write(&key, "the key of the encrypted kill row, 0123456789").unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.to_string_lossy().into_owned();
+    lab.ok(&["repo", "set", &lab.repo, "--compress", "zstd", "--encrypt", "luks", "--key-file", &key]);
+    lab.dom.start();
+    lab.dom.wait_for_agent(Duration::from_secs(120));
+    let mut child = lab.spawn_paused(&["--json", "backup", lab.name(), "--quiesce", "required"], "job-started");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    let mut extra = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !virsh(&["domjobinfo", lab.name()]).unwrap_or_default().contains("None") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let next = lab.run(&["--json", "backup", lab.name(), "--quiesce", "best-effort"]);
+    let said = text(&next);
+    let made: serde_json::Value = serde_json::from_slice(&next.stdout).unwrap_or_default();
+    if made["manifest"]["disks"][0]["stored_as"] != "compressed-in-luks" {
+        extra.push(format!("the next backup is not stored compressed in LUKS: {}", made["manifest"]));
+    }
+    let exports = Path::new(RUNTIME).join("exports").join(lab.name());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mounts.contains(&*exports.to_string_lossy()) {
+        extra.push(format!("an export is still mounted under {}", exports.display()));
+    }
+    let checks = lab.checks(&said, &["unfinished backup"]);
+    row("SIGKILL with the job writing an encrypted backup", checks, None, extra, &said)
+}
+
 /// A key rotation of an encrypted repository killed between a file's two header changes (its new
 /// key added, its old one not yet removed): every file opens with the old key or the new one,
 /// and `key rotate` run again finishes, after which every backup verifies with the new key.
@@ -1153,6 +1191,7 @@ fn main() {
         ("bitmap-lost-start", Box::new(bitmap_lost_at_job_start)),
         ("merge-kill", Box::new(prune_killed_mid_merge)),
         ("rotate-kill", Box::new(rotation_killed)),
+        ("kill-encrypted", Box::new(kill_encrypted_backup)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

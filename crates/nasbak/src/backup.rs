@@ -789,17 +789,25 @@ where
         plan: &crate::chain::ChainPlan,
     ) -> Result<Vec<(String, WritableExport)>, BackupError> {
         let Some(protection) = crate::protect::target_protection(run.format, run.key) else { return Ok(Vec::new()) };
-        let dir = self.runtime_dir.join("exports");
+        // One directory per VM: what a killed backup of this VM left is told apart from the
+        // exports of another VM's backup in flight.
+        let dir = self.runtime_dir.join("exports").join(run.request.vm.as_str());
         let io = |action: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source| BackupError::Io { action, path, source }
         };
         fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         // QEMU runs as another user: it must reach the exports.
-        for d in [self.runtime_dir.as_path(), dir.as_path()] {
+        for d in [self.runtime_dir.as_path(), &self.runtime_dir.join("exports"), dir.as_path()] {
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", d))?;
         }
         let id = run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // Exports a killed backup of this VM left (its daemon died with it): holding the VM's
+        // lock, none is in use.
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_file(e.path());
+        }
         let mut exports = Vec::new();
         for (disk, file) in run.files {
             let planned = plan.disks.iter().find(|d| d.target == disk.target);
@@ -812,7 +820,7 @@ where
                 Some(b) => Some(crate::protect::parent_chain(run.vm_dir, &run.request.vm, b, run.key)?),
                 None => None,
             };
-            let mountpoint = dir.join(format!("{}-{}-{}.raw", run.request.vm, id, disk.target));
+            let mountpoint = dir.join(format!("{id}-{}.raw", disk.target));
             let export = WritableExport::start(&path, &protection, chain.as_ref(), &mountpoint, &self.runtime_dir)?;
             exports.push((disk.target.clone(), export));
         }

@@ -42,12 +42,22 @@ type OutputFn = dyn Fn(&[u8]) + Send + Sync;
 /// made, and trying again is all there is to do.
 const PBKDF_UNTIMED: &str = "Unable to get accurate CPU usage";
 
-/// Runs `run` again (four more times at most) while it fails only with [`PBKDF_UNTIMED`].
+/// How many times a command that QEMU failed to time its PBKDF in is run in all. One try in ten
+/// failed so on this machine with two builds running, and runs of failures come while a TCG
+/// guest keeps the cores busy: the tries are spread out, and cheap (a failed timing takes
+/// milliseconds).
+const PBKDF_TRIES: u32 = 30;
+
+/// Runs `run` again (up to [`PBKDF_TRIES`] in all, a little later each time) while it fails
+/// only with [`PBKDF_UNTIMED`].
 fn retry_pbkdf<T>(run: impl Fn() -> Result<T, CommandError>) -> Result<T, CommandError> {
     let mut tries = 1;
     loop {
         match run() {
-            Err(CommandError::Failed { stderr, .. }) if tries < 5 && stderr.contains(PBKDF_UNTIMED) => tries += 1,
+            Err(CommandError::Failed { stderr, .. }) if tries < PBKDF_TRIES && stderr.contains(PBKDF_UNTIMED) => {
+                std::thread::sleep(Duration::from_millis(10 * u64::from(tries)));
+                tries += 1;
+            }
             other => return other,
         }
     }
