@@ -16,7 +16,12 @@
 //!   (to show what grows with size): the full restore, the instant restore's time until the VM
 //!   runs (`restore --instant --detach`) and its total (then `instant finish`), and the time to a
 //!   mounted backup (`nasbak mount`);
-//! - the peak RSS of the nasbak process (its own VmHWM, not qemu-img's).
+//! - the peak RSS of the nasbak process (its own VmHWM, not qemu-img's);
+//! - compressed and encrypted repositories (docs/encryption.md), on a 2 GiB disk holding 512 MiB
+//!   of random data and 512 MiB of this host's `/usr` files: full backups of the running VM to a
+//!   plain, a zstd, a LUKS and a zstd-in-LUKS repository (time, size against `qemu-img convert -c
+//!   -o compression_type=zstd`), restore-volume from each, an encrypted incremental after 1%
+//!   changed, and `key rotate` of a repository holding 20 encrypted backups.
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
@@ -532,5 +537,212 @@ pub fn bench(rounds: usize) -> Result<()> {
     }
     let rss = nr_rss.max(ns_rss).max(nre_rss).max(inc.peak_rss_kib);
     println!("| peak RSS of nasbak | {:.1} MiB | | | <= 30 MiB |", rss as f64 / 1024.0);
+    protected_rounds(&nasbak, rounds)
+}
+
+/// `cargo xtask bench protected`: only the compressed and encrypted repositories' part.
+pub fn protected(rounds: usize) -> Result<()> {
+    crate::lab::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = workspace_root().join("target/release/nasbak").to_string_lossy().into_owned();
+    protected_rounds(&nasbak, rounds)
+}
+
+/// The repositories of the protected rounds: name and `repo add` flags.
+const PROTECTED: [(&str, &[&str]); 4] = [
+    ("plain", &[]),
+    ("zstd", &["--compress", "zstd"]),
+    ("luks", &["--encrypt", "luks"]),
+    ("both", &["--compress", "zstd", "--encrypt", "luks"]),
+];
+
+/// A 2 GiB disk holding a realistic mix: 512 MiB of pseudo-random data, 512 MiB of this host's
+/// own files from `/usr` (binaries, libraries, text) one after the other, the rest zero.
+fn make_mixed_disk(dir: &Path, qcow2: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let raw = dir.join("mix.raw");
+    fs::File::create(&raw)?.set_len(2048 << 20)?;
+    nasbak_testlab::fill_pseudo_random(&raw, 512);
+    let mut f = fs::OpenOptions::new().write(true).open(&raw)?;
+    f.seek(SeekFrom::Start(512 << 20))?;
+    let (mut written, mut dirs) = (0u64, vec![Path::new("/usr").to_path_buf()]);
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (path, kind) = (e.path(), e.file_type()?);
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() && written < 512 << 20 {
+                let data = fs::read(&path).unwrap_or_default();
+                let take = data.len().min(((512u64 << 20) - written) as usize);
+                f.write_all(&data[..take])?;
+                written += take as u64;
+            }
+        }
+    }
+    drop(f);
+    cmd("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(qcow2).run()?;
+    fs::remove_file(&raw)?;
+    Ok(())
+}
+
+/// The bytes the qcow2 files under `dir` take on the disk.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
+}
+
+/// Compressed and encrypted backups (docs/encryption.md): the running VM's full backup to a plain,
+/// a zstd, a LUKS and a zstd-in-LUKS repository (time and size), against `qemu-img convert -c -o
+/// compression_type=zstd` of the same disk; restore-volume from each; an encrypted incremental
+/// after 1% changed; and `key rotate` of a repository with 20 encrypted backups.
+fn protected_rounds(nasbak: &str, rounds: usize) -> Result<()> {
+    let dir = Path::new(STATE).join("bench-protected");
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    println!("bench: protected repositories, a 2 GiB disk holding 512 MiB of random data and 512 MiB of /usr");
+    make_mixed_disk(&dir, &dir.join("disk.qcow2"))?;
+    domain_xml(&dir, &dir.join("disk.qcow2"))?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let key = dir.join("repo.key");
+    let random = cmd("head").args(["-c", "32", "/dev/urandom"]).run()?.stdout;
+    use base64::Engine as _;
+    fs::write(&key, base64::engine::general_purpose::STANDARD.encode(random))?;
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))?;
+    let config = p("nasbak.toml");
+    for (name, flags) in PROTECTED {
+        let root = p(&format!("repo-{name}"));
+        fs::create_dir_all(&root)?;
+        let mut args = vec!["--config", &config, "repo", "add", name, "--type", "shared", "--address", &root];
+        args.extend_from_slice(flags);
+        let key = key.to_string_lossy().into_owned();
+        if name == "luks" || name == "both" {
+            cmd(nasbak).args(&args).args(["--key-file", &key]).run()?;
+        } else {
+            cmd(nasbak).args(&args).run()?;
+        }
+    }
+    let vm_dir = |name: &str| dir.join(format!("repo-{name}")).join(DOMAIN);
+    virsh(&["start", DOMAIN])?;
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); PROTECTED.len()];
+    let mut sizes = vec![0u64; PROTECTED.len()];
+    let (mut restores, mut incrementals): (Vec<Vec<f64>>, Vec<f64>) = (vec![Vec::new(); PROTECTED.len()], Vec::new());
+    for round in 1..=rounds {
+        for (i, (name, _)) in PROTECTED.iter().enumerate() {
+            let _ = fs::remove_dir_all(vm_dir(name));
+            let args = ["--config", &config, "backup", DOMAIN, "--repo", name, "--quiesce", "off", "--mode", "full"];
+            let r = timed(nasbak, &args)?;
+            let backup =
+                fs::read_dir(vm_dir(name))?.flatten().map(|e| e.path()).find(|d| d.is_dir()).context("a backup")?;
+            sizes[i] = allocated(&backup);
+            println!("bench: protected, round {round}: {name} full {:.2} s, {} MiB", r.secs, sizes[i] >> 20);
+            times[i].push(r.secs);
+            let id = format!("{name}:{DOMAIN}/{}", backup.file_name().unwrap_or_default().to_string_lossy());
+            let to = p(&format!("restored-{name}.qcow2"));
+            let _ = fs::remove_file(&to);
+            let r = timed(nasbak, &["--config", &config, "restore-volume", &id, "--disk", "vda", "--to", &to])?;
+            println!("bench: protected, round {round}: {name} restore {:.2} s", r.secs);
+            restores[i].push(r.secs);
+            fs::remove_file(&to)?;
+        }
+        change_in_guest(0x40 + round as u8, 1024 + 32 * round as u64)?;
+        let args =
+            ["--config", &config, "backup", DOMAIN, "--repo", "luks", "--quiesce", "off", "--mode", "incremental"];
+        let r = timed(nasbak, &args)?;
+        println!("bench: protected, round {round}: luks incremental ({CHANGED_MIB} MiB changed) {:.2} s", r.secs);
+        incrementals.push(r.secs);
+    }
+    let zstd_file = p("qemu-img-zstd.qcow2");
+    cmd("qemu-img")
+        .args(["convert", "-U", "-c", "-O", "qcow2", "-o", "compression_type=zstd", &p("disk.qcow2"), &zstd_file])
+        .run()?;
+    let qemu_zstd = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&zstd_file)?) * 512;
+    virsh(&["destroy", DOMAIN])?;
+    // Key rotation of a repository holding 20 encrypted backups (a full and 19 incrementals of
+    // the shut-off VM).
+    let _ = fs::remove_dir_all(vm_dir("luks"));
+    for _ in 0..20 {
+        cmd(nasbak).args(["--config", &config, "backup", DOMAIN, "--repo", "luks", "--quiesce", "off"]).run()?;
+    }
+    let files: Vec<std::path::PathBuf> = fs::read_dir(vm_dir("luks"))?
+        .flatten()
+        .flat_map(|b| fs::read_dir(b.path()).into_iter().flatten().flatten().map(|f| f.path()))
+        .filter(|f| f.extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    let before: Vec<Vec<u8>> = files.iter().map(fs::read).collect::<Result<_, _>>()?;
+    let new_key = dir.join("repo.new.key");
+    fs::write(
+        &new_key,
+        base64::engine::general_purpose::STANDARD.encode(cmd("head").args(["-c", "32", "/dev/urandom"]).run()?.stdout),
+    )?;
+    fs::set_permissions(&new_key, fs::Permissions::from_mode(0o600))?;
+    let r =
+        timed(nasbak, &["--config", &config, "key", "rotate", "luks", "--new-key-file", &new_key.to_string_lossy()])?;
+    let changed = files
+        .iter()
+        .zip(&before)
+        .map(|(f, was)| fs::read(f).map(|now| now.iter().zip(was).filter(|(a, b)| a != b).count()).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+
+    println!();
+    println!("bench: best of {rounds}, protected repositories (2 GiB disk: 512 MiB random, 512 MiB of /usr)");
+    println!("| operation | nasbak | compared with | ratio | target |");
+    println!("|---|---|---|---|---|");
+    let t = |i: usize| best_secs(&times[i]);
+    let rt = |i: usize| best_secs(&restores[i]);
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!(
+        "| compressed full backup, size | {:.0} MiB | qemu-img convert -c zstd {:.0} MiB | {:.2}x | <= 1.05x |",
+        mib(sizes[1]),
+        mib(qemu_zstd),
+        sizes[1] as f64 / qemu_zstd as f64
+    );
+    println!(
+        "| compressed full backup, time | {:.2} s | uncompressed full {:.2} s | {:.2}x | <= 1.5x |",
+        t(1),
+        t(0),
+        t(1) / t(0)
+    );
+    println!(
+        "| encrypted full backup, time | {:.2} s | unencrypted full {:.2} s | {:.2}x | <= 1.25x |",
+        t(2),
+        t(0),
+        t(2) / t(0)
+    );
+    println!(
+        "| compressed and encrypted full, time | {:.2} s | unencrypted full {:.2} s | {:.2}x | (comparison) |",
+        t(3),
+        t(0),
+        t(3) / t(0)
+    );
+    println!("| encrypted restore | {:.2} s | plain restore {:.2} s | {:.2}x | <= 1.3x |", rt(2), rt(0), rt(2) / rt(0));
+    println!(
+        "| compressed restore | {:.2} s | plain restore {:.2} s | {:.2}x | <= 1.3x |",
+        rt(1),
+        rt(0),
+        rt(1) / rt(0)
+    );
+    let ib = best_secs(&incrementals);
+    println!(
+        "| encrypted incremental, 1% changed | {ib:.2} s | encrypted full {:.2} s | {:.2}x | <= 0.3x |",
+        t(2),
+        ib / t(2)
+    );
+    println!(
+        "| encrypted full backup, size | {:.0} MiB | unencrypted full {:.0} MiB | {:.3}x | <= 1.01x |",
+        mib(sizes[2]),
+        mib(sizes[0]),
+        sizes[2] as f64 / sizes[0] as f64
+    );
+    println!(
+        "| key rotation, 20 backups ({} files) | {:.2} s, at most {:.2} MiB changed per file | | | < 2 s, <= 1 MiB per file |",
+        files.len(),
+        r.secs,
+        changed as f64 / f64::from(1 << 20)
+    );
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
     Ok(())
 }

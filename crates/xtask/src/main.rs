@@ -37,6 +37,7 @@ commands:
   demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
+  bench protected [ROUNDS]  only the compressed and encrypted repositories' part
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
@@ -62,6 +63,10 @@ fn main() -> Result<()> {
         ["test"] => run::test(),
         ["demo"] => run::demo(),
         ["bench"] => bench::bench(3),
+        ["bench", "protected"] => bench::protected(3),
+        ["bench", "protected", n] => {
+            bench::protected(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
         ["bench", n] => bench::bench(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?),
         ["fuzz"] => run::fuzz(30),
         ["fuzz", secs] => run::fuzz(secs.parse().map_err(|_| anyhow::anyhow!("SECS must be a number, not {secs:?}"))?),
