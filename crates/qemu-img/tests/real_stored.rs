@@ -163,6 +163,9 @@ fn image_opts(v: &serde_json::Value) -> String {
                 }
             }
             serde_json::Value::String(s) => out.push(format!("{prefix}={}", s.replace(',', ",,"))),
+            // No way to say null in this syntax: left out (the file it stands for names no
+            // backing file anyway).
+            serde_json::Value::Null => {}
             other => out.push(format!("{prefix}={other}")),
         }
     }
