@@ -624,11 +624,14 @@ where
         }
         let Ok(xml) = self.hypervisor.backup_xml(vm) else { return Ok(false) };
         let running = PushBackup::parse(&xml)?;
+        // Into this VM's `.partial` directory, or into the exports of a protected repository's
+        // backup of this VM (`<runtime>/exports/<vm>/`).
+        let exports = self.runtime_dir.join("exports").join(vm);
         let ours = !running.targets.is_empty()
             && running.targets.iter().all(|t| {
-                t.file
-                    .parent()
-                    .is_some_and(|p| p.parent() == Some(vm_dir) && p.to_string_lossy().ends_with(PARTIAL_SUFFIX))
+                t.file.parent().is_some_and(|p| {
+                    (p.parent() == Some(vm_dir) && p.to_string_lossy().ends_with(PARTIAL_SUFFIX)) || p == exports
+                })
             });
         if !ours {
             return Ok(false);

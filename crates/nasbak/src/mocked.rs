@@ -672,6 +672,41 @@ fn an_orphaned_job_that_ends_by_itself_before_the_abort_is_not_an_error() {
 }
 
 #[test]
+fn an_orphaned_job_writing_through_a_protected_export_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm_dir = dir.path().join("repo/vm1");
+    let runtime = dir.path().join("runtime");
+    let job = |kind| Ok(JobInfo { kind, is_backup: true, processed: 1, total: 2, error: None, elapsed: None });
+    let xml_into = |target: &Path| {
+        format!(
+            "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'><driver type='raw'/><target file='{}'/></disk></disks></domainbackup>",
+            target.display()
+        )
+    };
+    // This VM's export: aborted.
+    let ours = xml_into(&runtime.join("exports/vm1/2026.01.01.00.00.00.partial-vda.raw"));
+    let mut hv = MockHypervisor::new();
+    let mut seq = mockall::Sequence::new();
+    hv.expect_current_job().times(1).in_sequence(&mut seq).returning(move |_| job(JobKind::Active));
+    hv.expect_backup_xml().times(1).in_sequence(&mut seq).returning(move |_| Ok(ours.clone()));
+    hv.expect_abort_job().times(1).in_sequence(&mut seq).returning(|_| Ok(()));
+    hv.expect_current_job().returning(move |_| job(JobKind::None));
+    hv.expect_completed_job().returning(|_| Err(LibvirtError::new("none")));
+    let (e, _) = engine(hv, images(), dir.path());
+    let e = e.with_runtime_dir(&runtime);
+    assert!(e.abort_orphaned_job("vm1", &vm_dir).unwrap(), "aborted");
+    // Another VM's export: never touched.
+    let theirs = xml_into(&runtime.join("exports/vm10/2026.01.01.00.00.00.partial-vda.raw"));
+    let mut hv = MockHypervisor::new();
+    hv.expect_current_job().returning(move |_| job(JobKind::Active));
+    hv.expect_backup_xml().returning(move |_| Ok(theirs.clone()));
+    hv.expect_abort_job().never();
+    let (e, _) = engine(hv, images(), dir.path());
+    let e = e.with_runtime_dir(&runtime);
+    assert!(!e.abort_orphaned_job("vm1", &vm_dir).unwrap());
+}
+
+#[test]
 fn a_running_vms_qemu_that_stops_answering_mid_job_fails_unresponsive_and_leaves_nothing() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
