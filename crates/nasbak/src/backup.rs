@@ -777,7 +777,7 @@ where
         notes.warnings.extend(frozen);
         // The job is done: each protected file flushed and closed, complete only then.
         for (target, export) in exports {
-            export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(nasbak_process_context(&target, e)))?;
+            export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
         Ok((outcome.quiesced, outcome.note))
     }
@@ -915,7 +915,7 @@ where
 }
 
 /// A protected file's export that failed to finish, said with its disk.
-fn nasbak_process_context(target: &str, e: nasbak_qemu_img::ImageError) -> BackupError {
+fn export_not_finished(target: &str, e: nasbak_qemu_img::ImageError) -> BackupError {
     BackupError::Io {
         action: "finishing the protected backup file of disk",
         path: target.into(),
