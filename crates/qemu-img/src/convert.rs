@@ -4,7 +4,7 @@ use nasbak_process::CancelHandle;
 
 use crate::info::ImageFormat;
 use crate::location::ImageLocation;
-use crate::stored::{StoredLayout, TargetProtection};
+use crate::stored::TargetProtection;
 
 /// qcow2 compression of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,9 @@ impl ConvertRequest {
         if let Some(f) = &self.source_format {
             a.extend(["-f".into(), f.to_string()]);
         }
-        let into_container = self.protection.as_ref().is_some_and(|p| p.layout == StoredLayout::Qcow2InLuks);
+        // An encrypted target is made beforehand (by nasbak, without QEMU's PBKDF timing) and
+        // named by its image options.
+        let into_container = self.protection.as_ref().is_some_and(|p| p.layout.needs_key());
         if into_container {
             a.push("--target-image-opts".into());
         } else {
@@ -119,7 +121,11 @@ impl ConvertRequest {
             a.extend(["-T".into(), c.as_str().into()]);
         }
         match (&self.protection, self.compression) {
-            (Some(_), _) if into_container => a.push("-c".into()),
+            (Some(p), _) if into_container => {
+                if p.compressed {
+                    a.push("-c".into());
+                }
+            }
             (Some(p), _) => {
                 if p.compressed {
                     a.push("-c".into());

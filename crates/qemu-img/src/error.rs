@@ -39,6 +39,9 @@ pub enum ImageError {
         /// What went wrong.
         detail: String,
     },
+    /// A LUKS header could not be read, opened or changed by nasbak itself.
+    #[error(transparent)]
+    Luks(#[from] crate::luks::LuksError),
     /// A temporary keyring file could not be written.
     #[error("could not write a temporary keyring in {dir}")]
     Keyring {
@@ -55,6 +58,7 @@ impl ImageError {
     /// opposed to a damaged image or a failure to run.
     pub fn is_wrong_key(&self) -> bool {
         let said = match self {
+            ImageError::Luks(crate::luks::LuksError::WrongKey { .. }) => return true,
             ImageError::Command { source: CommandError::Failed { stderr, .. }, .. } => stderr.as_str(),
             ImageError::Daemon { detail, .. } | ImageError::Output { detail, .. } => detail.as_str(),
             _ => return false,

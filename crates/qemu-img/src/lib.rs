@@ -34,6 +34,7 @@ mod error;
 pub mod fuzz_checks;
 mod info;
 mod location;
+pub mod luks;
 mod stored;
 mod tool;
 
@@ -42,9 +43,7 @@ pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, WritableExport, nbd_uri}
 pub use error::{ImageError, ProgressFn};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
 pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
-pub use stored::{
-    KEY_SECRET_ID, PBKDF_ITER_TIME_MS, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection,
-};
+pub use stored::{KEY_SECRET_ID, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection};
 #[cfg(any(test, feature = "mock"))]
 pub use tool::MockImageTool;
 pub use tool::{ImageTimeouts, ImageTool, QemuImg};

@@ -26,12 +26,6 @@ pub const KEY_SECRET_ID: &str = "nasbak-key";
 /// another id, since a source and its copy may have different keys.
 pub const TARGET_KEY_SECRET_ID: &str = "nasbak-target-key";
 
-/// The time LUKS spends deriving a keyslot's key from the passphrase, in milliseconds. QEMU's
-/// default (2 s) guards a weak passphrase typed by a person; a backup key is a random string of
-/// at least 32 characters (a shorter one is refused), which no PBKDF time makes any stronger,
-/// while every file of a chain pays it on every open and a rotation pays it twice per file.
-pub const PBKDF_ITER_TIME_MS: u32 = 20;
-
 /// How a qcow2 file is laid out on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoredLayout {
@@ -153,16 +147,13 @@ impl TargetProtection {
     }
 
     /// The `-o` options of `qemu-img create` or `convert` for a qcow2 of this protection (for
-    /// [`StoredLayout::Qcow2InLuks`], those of the inner qcow2).
+    /// [`StoredLayout::Qcow2InLuks`], those of the inner qcow2). An encrypted file is never made
+    /// by qemu-img: nasbak writes its empty qcow2 and LUKS header itself ([`crate::luks`]),
+    /// since QEMU 7.2 spends seconds timing its PBKDF for each.
     pub fn create_options(&self) -> Vec<String> {
         let mut o = Vec::new();
         if self.compressed {
             o.push("compression_type=zstd".to_owned());
-        }
-        if self.layout == StoredLayout::Qcow2Luks {
-            o.push(format!(
-                "encrypt.format=luks,encrypt.key-secret={TARGET_KEY_SECRET_ID},encrypt.iter-time={PBKDF_ITER_TIME_MS}"
-            ));
         }
         o
     }
@@ -206,11 +197,8 @@ mod tests {
         assert!(both.compressed);
         assert_eq!(both.create_options(), ["compression_type=zstd"]);
         let enc = TargetProtection::new(StoredLayout::Qcow2Luks, true, Some("/k".into()));
-        assert!(!enc.compressed, "qcow2 refuses both in one image");
-        assert_eq!(
-            enc.create_options(),
-            ["encrypt.format=luks,encrypt.key-secret=nasbak-target-key,encrypt.iter-time=20"]
-        );
+        assert!(!enc.compressed, "qcow2 refuses compression with its own encryption");
+        assert!(enc.create_options().is_empty(), "nasbak makes an encrypted file itself");
         assert_eq!(TargetProtection::new(StoredLayout::Qcow2, true, None).create_options(), ["compression_type=zstd"]);
         assert!(TargetProtection::new(StoredLayout::Qcow2, false, None).create_options().is_empty());
     }

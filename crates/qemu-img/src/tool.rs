@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
-
 use nasbak_process::{CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
@@ -13,9 +11,9 @@ use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
 use crate::error::{ImageError, ProgressFn, WRONG_KEY};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for, objects_for};
+use crate::luks::{LuksError, LuksFile};
 use crate::stored::{
-    KEY_SECRET_ID, PBKDF_ITER_TIME_MS, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection,
-    escape_opt, key_object_args,
+    StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection, escape_opt, key_object_args,
 };
 
 /// The payload a LUKS container needs for a qcow2 of `size` bytes written in full: the data,
@@ -25,42 +23,40 @@ pub(crate) fn container_payload(size: u64) -> u64 {
     bytes.div_ceil(1 << 20) << 20
 }
 
-/// `--target-image-opts` of the qcow2 inside the LUKS container at `path`, keyed by the target
-/// key.
-fn container_image_opts(path: &Path) -> String {
-    format!(
-        "driver=qcow2,file.driver=luks,file.key-secret={TARGET_KEY_SECRET_ID},file.file.filename={}",
-        escape_opt(&path.to_string_lossy())
-    )
+/// `--target-image-opts` of the encrypted file at `path` laid out as `layout` (the qcow2 inside a
+/// LUKS container, or a LUKS-encrypted qcow2), keyed by the target key.
+fn encrypted_image_opts(path: &Path, layout: StoredLayout) -> String {
+    let file = escape_opt(&path.to_string_lossy());
+    match layout {
+        StoredLayout::Qcow2InLuks => {
+            format!("driver=qcow2,file.driver=luks,file.key-secret={TARGET_KEY_SECRET_ID},file.file.filename={file}")
+        }
+        _ => format!("driver=qcow2,encrypt.key-secret={TARGET_KEY_SECRET_ID},file.filename={file}"),
+    }
 }
 
 /// What a command's output is handed to, chunk by chunk.
 type OutputFn = dyn Fn(&[u8]) + Send + Sync;
 
-/// What QEMU says when it could not time its PBKDF benchmark (the thread's CPU time did not
-/// advance over the first round, which a busy host makes likely): a new LUKS keyslot was not
-/// made, and trying again is all there is to do.
-const PBKDF_UNTIMED: &str = "Unable to get accurate CPU usage";
+/// The passphrase in the key file `path`: its bytes as they are, as QEMU's secret objects read
+/// them (`file=`), zeroed when dropped.
+fn read_passphrase(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, ImageError> {
+    std::fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|source| LuksError::Io { action: "read the key in", path: path.to_owned(), source }.into())
+}
 
-/// How many times a command that QEMU failed to time its PBKDF in is run in all. One try in ten
-/// failed so on this machine with two builds running, and runs of failures come while a TCG
-/// guest keeps the cores busy: the tries are spread out, and cheap (a failed timing takes
-/// milliseconds).
-const PBKDF_TRIES: u32 = 30;
-
-/// Runs `run` again (up to [`PBKDF_TRIES`] in all, a little later each time) while it fails
-/// only with [`PBKDF_UNTIMED`].
-fn retry_pbkdf<T>(run: impl Fn() -> Result<T, CommandError>) -> Result<T, CommandError> {
-    let mut tries = 1;
-    loop {
-        match run() {
-            Err(CommandError::Failed { stderr, .. }) if tries < PBKDF_TRIES && stderr.contains(PBKDF_UNTIMED) => {
-                std::thread::sleep(Duration::from_millis(10 * u64::from(tries)));
-                tries += 1;
-            }
-            other => return other,
-        }
+/// `image` is to be encrypted and no key was given.
+fn no_key(image: &Path) -> ImageError {
+    ImageError::Output {
+        action: "create",
+        detail: format!("{} is to be encrypted and no key was given", image.display()),
     }
+}
+
+/// The key given opens none of `file`'s keyslots.
+fn wrong_key(file: &StoredFile) -> ImageError {
+    LuksError::WrongKey { path: file.path.clone() }.into()
 }
 
 /// Removes a file on drop.
@@ -216,6 +212,10 @@ impl QemuImg {
         backing: Option<&str>,
         protection: &TargetProtection,
     ) -> Result<(), ImageError> {
+        if protection.layout == StoredLayout::Qcow2Luks {
+            let passphrase = read_passphrase(protection.key.as_deref().ok_or_else(|| no_key(image))?)?;
+            return Ok(crate::luks::create_encrypted_qcow2(image, size, backing, &passphrase)?);
+        }
         let mut command = self
             .command(self.timeouts.quick)
             .args(["create", "-q", "-f", "qcow2"])
@@ -226,7 +226,10 @@ impl QemuImg {
         if let Some(b) = backing {
             command = command.args(["-u", "-F", "qcow2", "-b", b]);
         }
-        retry_pbkdf(|| command.clone().arg(image).arg(size.to_string()).run())
+        command
+            .arg(image)
+            .arg(size.to_string())
+            .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "create", source })
     }
@@ -246,14 +249,8 @@ impl QemuImg {
         let _remove = RemoveOnDrop(inner.clone());
         let inner_protection = TargetProtection::new(StoredLayout::Qcow2, true, None);
         self.create_qcow2(&inner, size, None, &inner_protection)?;
-        let create = self
-            .command(self.timeouts.quick)
-            .args(["create", "-q", "-f", "luks"])
-            .args(key_object_args(TARGET_KEY_SECRET_ID, key))
-            .args(["-o", &format!("key-secret={TARGET_KEY_SECRET_ID},iter-time={PBKDF_ITER_TIME_MS}")])
-            .arg(image)
-            .arg(container_payload(size).to_string());
-        retry_pbkdf(|| create.run()).map_err(|source| ImageError::Command { action: "create", source })?;
+        let passphrase = read_passphrase(key.ok_or_else(|| no_key(image))?)?;
+        crate::luks::create_container(image, container_payload(size), &passphrase)?;
         self.command(self.timeouts.quick)
             .args(["convert", "-n", "-f", "raw"])
             .args(key_object_args(TARGET_KEY_SECRET_ID, key))
@@ -266,44 +263,6 @@ impl QemuImg {
             .run()
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })
-    }
-
-    /// `qemu-img amend` of the LUKS header of `file` (opened with `key`): a keyslot for `other`
-    /// added (`add`), or the keyslot `other` opens removed. Backing files are not opened.
-    fn amend_key(&self, file: &StoredFile, key: &Path, other: &Path, add: bool) -> Result<(), ImageError> {
-        let path = json!(file.path);
-        let (node, prefix) = match file.layout {
-            StoredLayout::Qcow2Luks => (
-                json!({"driver": "qcow2", "encrypt": {"format": "luks", "key-secret": KEY_SECRET_ID},
-                       "file": {"driver": "file", "filename": path}, "backing": null}),
-                "encrypt.",
-            ),
-            StoredLayout::Qcow2InLuks => (
-                json!({"driver": "luks", "key-secret": KEY_SECRET_ID, "file": {"driver": "file", "filename": path}}),
-                "",
-            ),
-            StoredLayout::Qcow2 => {
-                return Err(ImageError::Output {
-                    action: "amend",
-                    detail: format!("{} is not encrypted", file.path.display()),
-                });
-            }
-        };
-        let options = if add {
-            format!(
-                "{prefix}state=active,{prefix}new-secret={TARGET_KEY_SECRET_ID},{prefix}iter-time={PBKDF_ITER_TIME_MS}"
-            )
-        } else {
-            format!("{prefix}state=inactive,{prefix}old-secret={TARGET_KEY_SECRET_ID}")
-        };
-        let command = self
-            .command(self.timeouts.quick)
-            .arg("amend")
-            .args(key_object_args(KEY_SECRET_ID, Some(key)))
-            .args(key_object_args(TARGET_KEY_SECRET_ID, Some(other)))
-            .args(["-o", &options])
-            .arg(format!("json:{node}"));
-        retry_pbkdf(|| command.run()).map(drop).map_err(|source| ImageError::Command { action: "amend", source })
     }
 
     fn command(&self, timeout: Duration) -> ExternalCommand {
@@ -335,16 +294,16 @@ impl ImageTool for QemuImg {
         let mut target = target;
         if let Some(p) = request.protection.clone() {
             objects.extend(key_object_args(TARGET_KEY_SECRET_ID, p.key.as_deref()));
-            if p.layout == StoredLayout::Qcow2InLuks {
+            if p.layout.needs_key() {
                 let ImageLocation::Path(path) = &request.target else {
                     return Err(ImageError::Output {
                         action: "convert",
-                        detail: "a compressed and encrypted target must be a file".into(),
+                        detail: "an encrypted target must be a file".into(),
                     });
                 };
                 let size = self.info(&request.source)?.first().map_or(0, |i| i.virtual_size);
-                self.create_container(path, size, &p)?;
-                target = container_image_opts(path);
+                self.create_protected(path, size, None, &p)?;
+                target = encrypted_image_opts(path, p.layout);
                 request.target_exists = true;
             }
         }
@@ -369,7 +328,8 @@ impl ImageTool for QemuImg {
         args.splice(1..1, objects);
         let command = self.command(self.timeouts.copy).args(args).cancel_on(&request.cancel);
         let observer: Arc<OutputFn> = observer;
-        retry_pbkdf(|| command.run_observed(Arc::clone(&observer)))
+        command
+            .run_observed(Arc::clone(&observer))
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })
     }
@@ -545,20 +505,23 @@ impl ImageTool for QemuImg {
         if !file.layout.needs_key() {
             return Ok(true);
         }
-        let opened = StoredImage::single(file.path.clone(), file.layout, Some(key.to_owned()));
-        match self.check(&ImageLocation::Stored(opened), &ImageFormat::Qcow2) {
-            Ok(_) => Ok(true),
-            Err(e) if e.is_wrong_key() => Ok(false),
-            Err(e) => Err(e),
-        }
+        let luks = LuksFile::open(&file.path, file.layout)?;
+        Ok(luks.unlock(&read_passphrase(key)?)?.is_some())
     }
 
     fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError> {
-        self.amend_key(file, key, new_key, true)
+        let mut luks = LuksFile::open(&file.path, file.layout)?;
+        let master = luks.unlock(&read_passphrase(key)?)?.ok_or_else(|| wrong_key(file))?;
+        Ok(luks.add(&master, &read_passphrase(new_key)?)?)
     }
 
     fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError> {
-        self.amend_key(file, key, old_key, false)
+        let mut luks = LuksFile::open(&file.path, file.layout)?;
+        luks.unlock(&read_passphrase(key)?)?.ok_or_else(|| wrong_key(file))?;
+        match luks.unlock(&read_passphrase(old_key)?)? {
+            Some(old) => Ok(luks.remove(&old)?),
+            None => Ok(()),
+        }
     }
 
     fn export_stored(
