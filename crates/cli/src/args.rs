@@ -83,9 +83,15 @@ pub fn encryption_arg(s: &str) -> Result<Encryption, String> {
     s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
 }
 
-/// An absolute path.
+/// A key file's path (made absolute).
 pub fn key_file_arg(s: &str) -> Result<KeySource, String> {
-    KeySource::file(s).map_err(|e| e.to_string())
+    // A path relative to where the command runs is kept as the absolute path it names: the
+    // configuration outlives the working directory.
+    let absolute = match std::path::Path::new(s).is_relative() && !s.is_empty() {
+        true => std::env::current_dir().map_err(|e| format!("key file {s:?}: {e}"))?.join(s),
+        false => std::path::PathBuf::from(s),
+    };
+    KeySource::file(&absolute.to_string_lossy()).map_err(|e| e.to_string())
 }
 
 /// A UUID.
@@ -357,20 +363,28 @@ pub enum KeyCommand {
     /// Give every encrypted backup of the repository the new key and remove the old one (LUKS
     /// keyslots changed in place, no data rewritten); the repository then uses the new key.
     /// Run it again to finish a rotation that was interrupted.
+    #[command(group = clap::ArgGroup::new("new_key").required(true).args(["new_key_file", "new_key_secret"]))]
     Rotate {
-        /// The repository.
+        /// The repository (its key a file or a libvirt secret).
         repo: String,
         /// The new key's file: root-owned, mode 0600, at least 32 bytes.
-        #[arg(long, value_name = "PATH")]
-        new_key_file: PathBuf,
+        #[arg(long, value_name = "PATH", value_parser = key_file_arg)]
+        new_key_file: Option<KeySource>,
+        /// The new key as a libvirt secret (by UUID) of at least 32 bytes.
+        #[arg(long, value_name = "UUID", value_parser = key_secret_arg)]
+        new_key_secret: Option<KeySource>,
     },
-    /// Say which backups of the repository open with its key (or with --key-file).
+    /// Say which backups of the repository open with its key (or with --key-file or
+    /// --key-secret).
     Check {
         /// The repository.
         repo: String,
-        /// Check this key file instead of the repository's.
-        #[arg(long, value_name = "PATH")]
-        key_file: Option<PathBuf>,
+        /// Check this key file instead of the repository's key.
+        #[arg(long, value_name = "PATH", value_parser = key_file_arg, conflicts_with = "key_secret")]
+        key_file: Option<KeySource>,
+        /// Check this libvirt secret (by UUID) instead of the repository's key.
+        #[arg(long, value_name = "UUID", value_parser = key_secret_arg)]
+        key_secret: Option<KeySource>,
     },
 }
 

@@ -14,7 +14,7 @@ use nasbak_qemu_img::{
     WritableExport,
 };
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, MANIFEST_FILE, PARTIAL_SUFFIX};
-use nasbak_repo::store::{BackupKind, ancestors, read_backup};
+use nasbak_repo::store::{BackupKind, ancestors, read_backup, write_atomic};
 use nasbak_repo::{
     BackupId, BackupMethod, BackupMode, BackupRef, Checksum, FileFormat, Manifest, ManifestDisk, Mounter, VmName,
 };
@@ -27,7 +27,7 @@ use crate::progress::{Observer, Phase, Progress};
 use crate::protect::Key;
 use crate::request::BackupRequest;
 use crate::transfer::convert;
-use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file_observed};
+use crate::transfer::hash::{checksum_algorithm_for, checksum_file_observed};
 use crate::watchdog::ThawWatchdog;
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::write_synced;
@@ -223,7 +223,7 @@ where
         let interrupted = self.clean_leftovers(request, state, &vm_dir, &chosen, &mut notes)?;
         let running = state == DomainState::Running;
         let (sources, sizes) = self.check_space(&chosen, &mounted.capacity()?.available, &request.vm, running)?;
-        let (started, id) = self.next_id(&vm_dir)?;
+        let (started, id) = self.next_id(&vm_dir, vm.as_str())?;
         let partial = layout.partial_dir(&vm, &id);
         fs::create_dir(&partial).map_err(io("creating", &partial))?;
         let mut cleanup = RemoveOnDrop(Some(partial.clone()));
@@ -334,15 +334,25 @@ where
     }
 
     /// Now (by the engine's clock), and the id of a backup made now: after every backup of that
-    /// second in `vm_dir`, finished or not.
-    fn next_id(&self, vm_dir: &Path) -> Result<(chrono::DateTime<chrono::Utc>, BackupId), BackupError> {
+    /// second in `vm_dir`, finished or not, and after the last id this host gave the VM in any
+    /// repository (kept under the runtime directory). The checkpoint a backup creates, and its
+    /// bitmaps in the VM's images, are named after the id: two repositories' backups of one VM
+    /// in the same second must not name theirs alike.
+    fn next_id(&self, vm_dir: &Path, vm: &str) -> Result<(chrono::DateTime<chrono::Utc>, BackupId), BackupError> {
         let started = self.clock.now();
-        let existing: Vec<BackupId> = fs::read_dir(vm_dir)
+        let mut existing: Vec<BackupId> = fs::read_dir(vm_dir)
             .map_err(io("listing", vm_dir))?
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.trim_end_matches(PARTIAL_SUFFIX).parse().ok()))
             .collect();
-        Ok((started, BackupId::next_after(started, &existing)))
+        let record = self.runtime_dir.join("last-ids").join(vm);
+        existing.extend(fs::read_to_string(&record).ok().and_then(|t| t.trim().parse::<BackupId>().ok()));
+        let id = BackupId::next_after(started, &existing);
+        let dir = self.runtime_dir.join("last-ids");
+        fs::create_dir_all(&dir)
+            .and_then(|()| write_atomic(&record, id.to_string().as_bytes(), 0o644))
+            .map_err(io("recording the backup id in", &dir))?;
+        Ok((started, id))
     }
 
     /// Full or incremental, disk by disk (see `incremental`), and the checkpoint this backup
@@ -532,7 +542,8 @@ where
                 observer(&Progress::new(Phase::Checksum, &run.request.vm, done, size).on_disk(&disk.target));
                 !run.cancel.is_cancelled()
             };
-            let digest = checksum_file_observed(&path, CHECKSUM_ALGORITHM, &mut report)
+            let algorithm = checksum_algorithm_for(&path, crate::protect::layout_of(run.format));
+            let digest = checksum_file_observed(&path, &algorithm, &mut report)
                 .map_err(|e| cancelled_or(run.cancel, io("checksumming", &path)(e)))
                 .map_err(|e| (run.unavailable)(Step::Checksum, e))?;
             let planned = plan.disks.iter().find(|p| p.target == disk.target);
@@ -545,7 +556,7 @@ where
                 format: "qcow2".into(),
                 virtual_size: info.first().map_or(0, |i| i.virtual_size),
                 size,
-                checksum: Some(Checksum { algorithm: CHECKSUM_ALGORITHM.into(), value: digest }),
+                checksum: Some(Checksum { algorithm, value: digest }),
                 mode: planned.map_or(BackupMode::Full, |p| p.mode),
                 backing: planned.and_then(|p| p.backing.clone()),
                 full_reason: planned.and_then(|p| p.full_reason.clone()),

@@ -12,17 +12,20 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use nasbak_libvirt::Hypervisor;
 use nasbak_process::CancelHandle;
 use nasbak_qemu_img::{ImageTool, StoredFile};
 use nasbak_repo::model::layout::MANIFEST_FILE;
-use nasbak_repo::store::{BackupKind, VmLock, check_key_file, list_backups, read_key_file, write_atomic};
-use nasbak_repo::{BackupRepository, Checksum, Manifest, Mounter, VmName};
+use nasbak_repo::store::{BackupKind, MIN_KEY_LEN, VmLock, check_key_file, list_backups, write_atomic};
+use nasbak_repo::{
+    BackupRepository, Checksum, Compression, Encryption, KeySource, Manifest, Mounter, Protection, VmName,
+};
 
-use crate::engine::Catalog;
+use crate::engine::{Catalog, Engine};
 use crate::error::BackupError;
 use crate::outcome::{KeyCheckEntry, KeyCheckReport, KeyRotation};
-use crate::protect::{file_key, layout_of};
-use crate::transfer::hash::{CHECKSUM_ALGORITHM, checksum_file};
+use crate::protect::{Key, file_key, layout_of, resolve_key};
+use crate::transfer::hash::{CHECKSUM_ALGORITHM, blake3_region, checksum_algorithm_for, checksum_file, split_bounds};
 
 /// The journal a rotation keeps in a backup's directory while it changes that backup's files:
 /// each file it began with, and its checksum before.
@@ -34,6 +37,8 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// lock. Changing the repository's setting to the new key is the caller's, once this
     /// returns; a backup that ran meanwhile with the old key is finished by running this again.
     /// A file that opens with neither key stops the rotation, named.
+    /// A repository whose key is a libvirt secret is rotated by [`Engine::rotate_key`], which
+    /// reads the secret.
     pub fn rotate_key(
         &self,
         repository: &BackupRepository,
@@ -42,12 +47,24 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
     ) -> Result<KeyRotation, BackupError> {
         let old = file_key(repository.protection())?.ok_or_else(|| BackupError::Unsupported {
             what: format!(
-                "rotating the key of repository {}: it has no key file (only a key file is rotated)",
+                "rotating the key of repository {} without libvirt: its key is not a file (a libvirt secret is read by the engine's rotate_key)",
                 repository.name()
             ),
         })?;
         check_key_file(new_key)?;
-        if read_key_file(new_key)?.expose() == read_key_file(old.path())?.expose() {
+        self.rotate_key_files(repository, old.path(), new_key, cancel)
+    }
+
+    /// [`Catalog::rotate_key`] from the key in the file `old` (the repository's current key,
+    /// wherever it is kept) to the key in the file `new`, both checked by the caller.
+    pub(crate) fn rotate_key_files(
+        &self,
+        repository: &BackupRepository,
+        old: &Path,
+        new_key: &Path,
+        cancel: &CancelHandle,
+    ) -> Result<KeyRotation, BackupError> {
+        if matches!((fs::read(new_key), fs::read(old)), (Ok(a), Ok(b)) if a == b) {
             return Err(BackupError::KeyNeeded {
                 backup: format!("{}:", repository.name()),
                 detail: format!("{} holds the key the repository has now; give a new one", new_key.display()),
@@ -62,7 +79,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 if cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
-                self.rotate_backup((&backup, &dir, manifest), (old.path(), new_key), &mut report)?;
+                self.rotate_backup((&backup, &dir, manifest), (old, new_key), &mut report)?;
             }
         }
         Ok(report)
@@ -107,17 +124,40 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 _ => {}
             }
             let algorithm = d.checksum.as_ref().map_or(CHECKSUM_ALGORITHM, |c| c.algorithm.as_str()).to_owned();
+            // A split checksum (`blake3-split@`) covers the LUKS header as a part of its own: only
+            // that part is read, before and after. Its other parts (the data, which a rotation
+            // never touches) stay as the manifest says, and `verify` still reads them all.
+            let split = split_bounds(&algorithm);
+            let parts: Option<Vec<String>> = match (split, &d.checksum) {
+                (Some(_), Some(c)) => Some(c.value.split(':').map(str::to_owned).collect()),
+                _ => None,
+            };
+            if split.is_some() && parts.as_ref().is_none_or(|p| p.len() != 3) {
+                return Err(BackupError::Damaged {
+                    path: dir.join(MANIFEST_FILE),
+                    detail: format!("the checksum of {} is not three parts, as {algorithm} has", d.file),
+                });
+            }
+            let header_sum = |(offset, len): (u64, u64)| {
+                blake3_region(&file.path, offset, len).map_err(io("checksumming", &file.path))
+            };
             if !touched {
                 // What the manifest says, before the header changes: never a damaged file made
                 // to look intact.
-                let sum = checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?;
-                if let Some(c) = d.checksum.as_ref().filter(|c| c.value != sum) {
+                let (sum, expected) = match (split, &parts) {
+                    (Some(bounds), Some(p)) => (header_sum(bounds)?, p[1].clone()),
+                    _ => (
+                        checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?,
+                        d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
+                    ),
+                };
+                if d.checksum.is_some() && sum != expected {
                     return Err(BackupError::Damaged {
                         path: file.path.clone(),
-                        detail: format!("{algorithm} is {sum}, the manifest says {}; not rotated", c.value),
+                        detail: format!("{algorithm} is {sum}, the manifest says {expected}; not rotated"),
                     });
                 }
-                journal.insert(d.file.clone(), sum);
+                journal.insert(d.file.clone(), d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or(sum));
                 let text = serde_json::to_string(&journal).expect("a journal serialises");
                 write_atomic(&journal_path, text.as_bytes(), 0o600).map_err(io("writing", &journal_path))?;
             }
@@ -128,8 +168,19 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 }
                 self.images().remove_key(&file, new, old)?;
             }
-            let value = checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?;
-            d.checksum = Some(Checksum { algorithm, value });
+            d.checksum = Some(match (split, parts) {
+                (Some(bounds), Some(mut p)) => {
+                    p[1] = header_sum(bounds)?;
+                    Checksum { algorithm, value: p.join(":") }
+                }
+                // A whole-file checksum (a backup of an earlier nasbak) becomes a split one: read
+                // once more now, never again.
+                _ => {
+                    let algorithm = checksum_algorithm_for(&file.path, file.layout);
+                    let value = checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?;
+                    Checksum { algorithm, value }
+                }
+            });
             changed = true;
             report.rotated += 1;
         }
@@ -155,10 +206,22 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             (None, Some(k)) => k.path().to_owned(),
             (None, None) => {
                 return Err(BackupError::Unsupported {
-                    what: format!("checking the key of repository {}: it has no key file; give one", repository.name()),
+                    what: format!(
+                        "checking the key of repository {} without libvirt: it has no key file; give one (a libvirt secret is read by the engine's check_key)",
+                        repository.name()
+                    ),
                 });
             }
         };
+        self.check_key_file_of(repository, &key)
+    }
+
+    /// [`Catalog::check_key`] with the key in the file `key`, checked by the caller.
+    pub(crate) fn check_key_file_of(
+        &self,
+        repository: &BackupRepository,
+        key: &Path,
+    ) -> Result<KeyCheckReport, BackupError> {
         let mounted = self.mounts().acquire(repository)?;
         let name = repository.name().to_string();
         let mut backups = Vec::new();
@@ -170,7 +233,7 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             for d in m.disks.iter().filter(|d| d.stored_as.is_encrypted()) {
                 encrypted = true;
                 let file = StoredFile { path: dir.join(&d.file), layout: layout_of(d.stored_as) };
-                if !self.images().opens_with(&file, &key)? {
+                if !self.images().opens_with(&file, key)? {
                     not_opening.push(d.file.clone());
                 }
             }
@@ -182,6 +245,72 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             });
         }
         Ok(KeyCheckReport { repository: name, backups })
+    }
+}
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: crate::engine::AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// [`Catalog::rotate_key`] for a repository whose key is kept anywhere (a key file or a
+    /// libvirt secret), to the key `new` names (a key file, checked as every key file is, or a
+    /// libvirt secret of at least 32 bytes). A secret's value is read through libvirt into a
+    /// 0600 file under the runtime directory for the rotation's length, never onto argv.
+    pub fn rotate_key(
+        &self,
+        repository: &BackupRepository,
+        new: &KeySource,
+        cancel: &CancelHandle,
+    ) -> Result<KeyRotation, BackupError> {
+        let old = self.repository_key(repository, "rotating")?;
+        let new_key = self.given_key(new)?;
+        self.catalog().rotate_key_files(repository, old.path(), new_key.path(), cancel)
+    }
+
+    /// [`Catalog::check_key`] with the key `key` names, or the repository's own (a key file or
+    /// a libvirt secret).
+    pub fn check_key(
+        &self,
+        repository: &BackupRepository,
+        key: Option<&KeySource>,
+    ) -> Result<KeyCheckReport, BackupError> {
+        let key = match key {
+            Some(k) => self.given_key(k)?,
+            None => self.repository_key(repository, "checking")?,
+        };
+        self.catalog().check_key_file_of(repository, key.path())
+    }
+
+    /// The key of `repository` as a file, for `doing` its key.
+    fn repository_key(&self, repository: &BackupRepository, doing: &str) -> Result<Key, BackupError> {
+        resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?.ok_or_else(|| {
+            BackupError::Unsupported {
+                what: format!("{doing} the key of repository {}: it is not encrypted", repository.name()),
+            }
+        })
+    }
+
+    /// The key `source` names as a file, checked: a key file as every key file is, a libvirt
+    /// secret for its length.
+    fn given_key(&self, source: &KeySource) -> Result<Key, BackupError> {
+        let protection = Protection::new(Compression::None, Encryption::Luks, Some(source.clone()))?;
+        let key =
+            resolve_key(&self.hypervisor, &protection, &self.runtime_dir)?.expect("an encrypting protection has a key");
+        if let KeySource::LibvirtSecret(uuid) = source {
+            let len = fs::metadata(key.path()).map(|m| m.len()).unwrap_or(0);
+            if len < MIN_KEY_LEN {
+                return Err(BackupError::KeyNeeded {
+                    backup: String::new(),
+                    detail: format!(
+                        "libvirt secret {uuid} holds {len} bytes; a repository key needs at least {MIN_KEY_LEN} (a random string)"
+                    ),
+                });
+            }
+        }
+        Ok(key)
     }
 }
 

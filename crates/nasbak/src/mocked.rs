@@ -79,7 +79,8 @@ fn engine(hv: MockHypervisor, img: MockImageTool, dir: &Path) -> (MockEngine, Ba
     mounter.expect_probe().returning(|_, _| Ok(()));
     mounter.expect_capacity().returning(|_, _| Ok(Capacity { total: 1 << 40, used: 0, available: 1 << 40 }));
     let mounts = RepositoryMounts::new(mounter, dir.join("run"), MountTimeouts::default());
-    (Engine::new(hv, agents(), img, mounts).with_agent_timeout(std::time::Duration::from_secs(1)), r)
+    let e = Engine::new(hv, agents(), img, mounts).with_agent_timeout(std::time::Duration::from_secs(1));
+    (e.with_runtime_dir(dir.join("run")), r)
 }
 
 fn request(repo: &BackupRepository) -> BackupRequest {
@@ -410,6 +411,13 @@ fn the_clock_decides_backup_ids_without_sleeping() {
     let b = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!((a.manifest.id.as_str(), b.manifest.id.as_str()), ("2026.11.27.02.30.00", "2026.11.27.02.30.00-2"));
     assert_eq!((a.manifest.started, a.manifest.finished), (t, t));
+    // Another repository in that second: its id (and so its checkpoint's and bitmaps' names on
+    // the VM) follows the last one this host gave the VM, not only the ids in that repository.
+    let other_root = dir.path().join("other");
+    fs::create_dir_all(&other_root).unwrap();
+    let other = BackupRepository::new("o", RepositoryKind::Shared, other_root.to_str().unwrap(), "", None).unwrap();
+    let c = e.backup(&request(&other), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(c.manifest.id.as_str(), "2026.11.27.02.30.00-3");
 }
 
 /// Makes `second` (in `dir`'s repository) into an incremental on `first` for its first disk, as
@@ -622,7 +630,7 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
         Ok(())
     });
     img.expect_set_backing().times(2).returning(|_, backing, format| {
-        assert!(backing.starts_with("nbd+unix:///image?socket=/run/nasbak/nbd/"), "{backing}");
+        assert!(backing.starts_with("nbd+unix:///image?socket=/") && backing.contains("/run/nbd/"), "{backing}");
         assert_eq!(format, &ImageFormat::Raw);
         Ok(())
     });

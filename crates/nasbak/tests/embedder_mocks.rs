@@ -52,7 +52,9 @@ fn an_embedder_drives_the_engine_over_the_exported_mocks() {
     mounter.expect_capacity().returning(|_, _| Ok(Capacity { total: 1 << 40, used: 0, available: 1 << 40 }));
     let mounts = RepositoryMounts::new(mounter, dir.path().join("run"), MountTimeouts::default());
     let t = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap().to_utc();
-    let engine = Engine::new(hv, agents, images, mounts).with_clock(ManualClock::new(t));
+    let engine = Engine::new(hv, agents, images, mounts)
+        .with_clock(ManualClock::new(t))
+        .with_runtime_dir(dir.path().join("run"));
     fs::create_dir_all(dir.path().join("repo")).unwrap();
     let repo = BackupRepository::new("r", RepositoryKind::Shared, dir.path().join("repo").to_str().unwrap(), "", None)
         .unwrap();

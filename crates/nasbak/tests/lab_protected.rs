@@ -311,7 +311,7 @@ fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next(
         let full = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
         dom.write_offline(0, 0x22, "4M", "1M");
         let inc = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
-        assert_eq!(inc.manifest.mode, BackupMode::Incremental);
+        assert_eq!(inc.manifest.mode, BackupMode::Incremental, "{:?}", inc.manifest.full_reason);
         made.push((repo, root, full, inc, dom.raw_copy(0, &format!("{name}-point"))));
     }
     for (repo, root, full, inc, point) in &made {
@@ -684,4 +684,76 @@ fn prune_merges_a_protected_chain_into_a_full_stored_the_same_way() {
         e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
         assert!(same(&to, &point), "{name}: the merged full holds the incremental's point");
     }
+}
+
+#[test]
+fn a_key_kept_as_a_libvirt_secret_rotates_to_another_secret_and_to_a_file() {
+    let dom = DomainSpec::new("rotsecret").disk(DiskSpec::qcow2(16)).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let cancel = CancelHandle::new();
+    let value = |name: &str, v: &str| key_file(dom.dir(), name, v);
+    let first = VolumeSecret::define(
+        dom.dir(),
+        &dom.dir().join("key-1"),
+        &value("v1", "the first secret of this repository 0123"),
+        false,
+    );
+    let second = VolumeSecret::define(
+        dom.dir(),
+        &dom.dir().join("key-2"),
+        &value("v2", "the second secret of this repository 4567"),
+        false,
+    );
+    let secret = |s: &VolumeSecret| KeySource::libvirt_secret(&s.0).unwrap();
+    let root = dom.dir().join("repo");
+    let with_key = |key: KeySource| {
+        repository("sec", &root, Compression::None, Encryption::None, None)
+            .with_protection(Protection::new(Compression::None, Encryption::Luks, Some(key)).unwrap())
+    };
+    let repo = with_key(secret(&first));
+    dom.write_offline(0, 0x31, "0", "2M");
+    let full = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &cancel, &mut |_| {}).unwrap();
+    dom.write_offline(0, 0x32, "4M", "1M");
+    let inc = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &cancel, &mut |_| {}).unwrap();
+    assert_eq!((full.manifest.disks[0].stored_as, inc.manifest.mode), (FileFormat::Encrypted, BackupMode::Incremental));
+    let point = dom.raw_copy(0, "secret-point");
+
+    // Without libvirt, a secret cannot be read: the catalog says where to go.
+    let catalog = Catalog::new(e.images(), e.mounts());
+    let err = catalog.rotate_key(&repo, &dom.dir().join("v2"), &cancel).unwrap_err();
+    assert!(nasbak::chain(&err).contains("libvirt secret"), "{}", nasbak::chain(&err));
+
+    assert!(e.check_key(&repo, None).unwrap().ok());
+    assert!(!e.check_key(&repo, Some(&secret(&second))).unwrap().ok());
+    let done = e.rotate_key(&repo, &secret(&second), &cancel).unwrap();
+    assert_eq!((done.files, done.rotated, done.already), (2, 2, 0), "{done:?}");
+    let repo = with_key(secret(&second));
+    assert!(e.check_key(&repo, None).unwrap().ok());
+    assert!(!e.check_key(&repo, Some(&secret(&first))).unwrap().ok(), "the first secret no longer opens them");
+
+    // From a secret to a key file; the chain restores with it, and verify passes.
+    let file = value("k3", "a key file for this repository now, 89ab");
+    let done = e.rotate_key(&repo, &KeySource::File(file.clone()), &cancel).unwrap();
+    assert_eq!(done.rotated, 2, "{done:?}");
+    let repo = with_key(KeySource::File(file));
+    assert!(catalog.check_key(&repo, None).unwrap().ok());
+    let report = catalog.verify(&repo, dom.name(), &inc.manifest.id, &cancel, &mut |_| {}).unwrap();
+    assert!(report.ok() && report.files.iter().all(|f| f.check == CheckVerdict::Clean), "{report:?}");
+    let to = dom.dir().join("secret-restored.qcow2");
+    let request = VolumeRestoreRequest::new(
+        repo.clone(),
+        dom.name(),
+        inc.manifest.id.as_str(),
+        "vda",
+        ImageLocation::Path(to.clone()),
+    );
+    e.restore_volume(&request, &cancel, &mut |_| {}).unwrap();
+    assert!(same(&to, &point));
+
+    // A secret too short to be a repository key is refused before anything changes.
+    let short = VolumeSecret::define(dom.dir(), &dom.dir().join("key-4"), &value("v4", "short"), false);
+    let err = e.rotate_key(&repo, &secret(&short), &cancel).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::KeyRejected, "{}", nasbak::chain(&err));
+    assert!(nasbak::chain(&err).contains("at least 32"), "{}", nasbak::chain(&err));
+    assert!(catalog.check_key(&repo, None).unwrap().ok());
 }

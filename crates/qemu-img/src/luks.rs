@@ -336,6 +336,12 @@ impl LuksFile {
         Ok(LuksFile { path: path.to_owned(), base, header })
     }
 
+    /// Where the LUKS header (the partition header and every keyslot's material) lies in the
+    /// file: its offset and length. Changing keys changes nothing outside it.
+    pub fn region(&self) -> (u64, u64) {
+        (self.base, u64::from(self.header.payload_sectors()) * SECTOR)
+    }
+
     /// How many keyslots hold a key.
     pub fn active_slots(&self) -> usize {
         self.header.slots.iter().filter(|s| s.active).count()
@@ -623,6 +629,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), header_len() + (1 << 20));
         let mut luks = LuksFile::open(&path, StoredLayout::Qcow2InLuks).unwrap();
         assert_eq!(luks.active_slots(), 1);
+        assert_eq!(luks.region(), (0, header_len()));
         assert!(luks.unlock(b"another passphrase").unwrap().is_none());
         let key = luks.unlock(b"first passphrase of 32 bytes....").unwrap().unwrap();
         luks.add(&key, b"second").unwrap();

@@ -7,7 +7,7 @@ use nasbak::nasbak_repo::{BackupRepository, Encryption, KeySource, Protection, R
 use nasbak_service::config::{Config, Offering, Refused, Schedule, ScheduleState};
 use nasbak_service::schedule::{At, parse_tz};
 
-use super::{CatalogServices, RUNTIME, cancel_on_interrupt, pick_repo};
+use super::{CatalogServices, RUNTIME, cancel_on_interrupt, engine, pick_repo};
 use crate::args::{Cli, KeyCommand, OfferingCommand, ProtectionArgs, RepoCommand, ScheduleCommand};
 use crate::output::{print_json, print_rows};
 
@@ -50,18 +50,27 @@ pub fn key(cli: &Cli, config: &mut Config, cmd: &KeyCommand) -> Result<u8> {
     let services = CatalogServices::new();
     let catalog = services.catalog();
     match cmd {
-        KeyCommand::Rotate { repo, new_key_file } => {
+        KeyCommand::Rotate { repo, new_key_file, new_key_secret } => {
             let current = pick_repo(config, Some(repo))?.clone();
+            let new_key = new_key_file.clone().or_else(|| new_key_secret.clone()).expect("clap requires one");
             let cancel = cancel_on_interrupt()?;
-            let first = catalog.rotate_key(&current, new_key_file, &cancel)?;
-            let new_key = KeySource::file(&new_key_file.to_string_lossy())?;
+            // Key files alone need no libvirt; a libvirt secret is read through it.
+            let libvirt =
+                !matches!((current.protection().key(), &new_key), (Some(KeySource::File(_)), KeySource::File(_)));
+            let engine = if libvirt { Some(engine(cli)?) } else { None };
+            let rotate = |repository: &BackupRepository| match (&engine, &new_key) {
+                (Some(e), _) => e.rotate_key(repository, &new_key, &cancel),
+                (None, KeySource::File(path)) => catalog.rotate_key(repository, path, &cancel),
+                (None, KeySource::LibvirtSecret(_)) => unreachable!("a libvirt secret goes through libvirt"),
+            };
+            let first = rotate(&current)?;
             let p = current.protection();
-            let switched = Protection::new(p.compression(), p.encryption(), Some(new_key))?;
+            let switched = Protection::new(p.compression(), p.encryption(), Some(new_key.clone()))?;
             let r = config.repositories.iter_mut().find(|r| r.name().as_str() == repo).expect("picked above");
             *r = current.clone().with_protection(switched);
             config.save(&cli.config)?;
             // Files a backup wrote with the old key while the first pass ran.
-            let second = catalog.rotate_key(&current, new_key_file, &cancel)?;
+            let second = rotate(&current)?;
             let rotated = first.rotated + second.rotated;
             if cli.json {
                 return print_json(&serde_json::json!({
@@ -71,15 +80,19 @@ pub fn key(cli: &Cli, config: &mut Config, cmd: &KeyCommand) -> Result<u8> {
                 .map(|()| 0);
             }
             println!(
-                "repository {repo}: {rotated} files rotated to {} ({} already were); it uses the new key from now on",
-                new_key_file.display(),
+                "repository {repo}: {rotated} files rotated to {new_key} ({} already were); it uses the new key from now on",
                 first.already
             );
             Ok(0)
         }
-        KeyCommand::Check { repo, key_file } => {
+        KeyCommand::Check { repo, key_file, key_secret } => {
             let r = pick_repo(config, Some(repo))?;
-            let report = catalog.check_key(r, key_file.as_deref())?;
+            let given = key_file.clone().or_else(|| key_secret.clone());
+            let report = match (&given, r.protection().key()) {
+                (Some(KeySource::File(path)), _) => catalog.check_key(r, Some(path))?,
+                (None, Some(KeySource::File(_)) | None) => catalog.check_key(r, None)?,
+                _ => engine(cli)?.check_key(r, given.as_ref())?,
+            };
             if cli.json {
                 print_json(&report)?;
             } else {

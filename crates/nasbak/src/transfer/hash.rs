@@ -86,16 +86,61 @@ pub fn blake3_file(path: &Path) -> std::io::Result<String> {
 fn unknown(algorithm: &str) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::Unsupported,
-        format!("unknown checksum algorithm {algorithm:?}; this nasbak knows blake3 and sha256"),
+        format!(
+            "unknown checksum algorithm {algorithm:?}; this nasbak knows blake3, sha256 and {SPLIT_PREFIX}OFFSET+LENGTH"
+        ),
     )
 }
 
-/// The checksum of `path` with `algorithm` (`blake3` or `sha256`).
+/// The prefix of the checksum algorithm of an encrypted backup file: `blake3-split@A+L` is the
+/// BLAKE3 of each of three parts of the file, `[0, A)`, `[A, A+L)` (its LUKS header: keyslots)
+/// and `[A+L, end)`, written `H1:H2:H3`. Every byte is covered, as by `blake3`, and a key
+/// rotation, which changes the header alone, hashes the header alone (2 MiB) instead of the
+/// whole file. Each part is checked with stock tools (`dd ... | b3sum`).
+pub const SPLIT_PREFIX: &str = "blake3-split@";
+
+/// The split algorithm for a LUKS header of `len` bytes at `offset` (see [`SPLIT_PREFIX`]).
+pub fn split_algorithm(offset: u64, len: u64) -> String {
+    format!("{SPLIT_PREFIX}{offset}+{len}")
+}
+
+/// The header's offset and length a split algorithm names; `None` for another algorithm.
+pub fn split_bounds(algorithm: &str) -> Option<(u64, u64)> {
+    let (offset, len) = algorithm.strip_prefix(SPLIT_PREFIX)?.split_once('+')?;
+    Some((offset.parse().ok()?, len.parse().ok()?))
+}
+
+/// The checksum algorithm for the backup file at `path`, stored as `layout`: split at its LUKS
+/// header when it has one ([`SPLIT_PREFIX`]), else [`CHECKSUM_ALGORITHM`] (also when the header
+/// cannot be read: the whole file is then hashed as one, which is as sound, only slower to
+/// rotate).
+pub fn checksum_algorithm_for(path: &Path, layout: nasbak_qemu_img::StoredLayout) -> String {
+    match nasbak_qemu_img::luks::LuksFile::open(path, layout) {
+        Ok(luks) if layout.needs_key() => {
+            let (offset, len) = luks.region();
+            split_algorithm(offset, len)
+        }
+        _ => CHECKSUM_ALGORITHM.to_owned(),
+    }
+}
+
+/// The BLAKE3 (hex) of the `len` bytes of `path` at `offset` (fewer where the file ends).
+pub fn blake3_region(path: &Path, offset: u64, len: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file.take(len), &mut hasher)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The checksum of `path` with `algorithm` (`blake3`, `sha256` or a split one, see
+/// [`SPLIT_PREFIX`]).
 pub fn checksum_file(path: &Path, algorithm: &str) -> std::io::Result<String> {
     match algorithm {
         "blake3" => blake3_file(path),
         "sha256" => sha256_file(path),
-        other => Err(unknown(other)),
+        other => hash_stream(path, other, &mut |_| true, |_| Ok(())).map(|(sum, _)| sum),
     }
 }
 
@@ -137,6 +182,12 @@ fn hash_stream(
 enum Hasher {
     Blake3(Box<blake3::Hasher>),
     Sha256(Sha256),
+    /// Three BLAKE3s, split at two offsets ([`SPLIT_PREFIX`]), and how far the data has come.
+    Split {
+        at: [u64; 2],
+        parts: Box<[blake3::Hasher; 3]>,
+        pos: u64,
+    },
 }
 
 impl Hasher {
@@ -144,16 +195,28 @@ impl Hasher {
         match algorithm {
             "blake3" => Ok(Hasher::Blake3(Box::default())),
             "sha256" => Ok(Hasher::Sha256(Sha256::new())),
-            other => Err(unknown(other)),
+            other => match split_bounds(other) {
+                Some((offset, len)) => Ok(Hasher::Split { at: [offset, offset + len], parts: Box::default(), pos: 0 }),
+                None => Err(unknown(other)),
+            },
         }
     }
 
-    fn update(&mut self, data: &[u8]) {
+    fn update(&mut self, mut data: &[u8]) {
         match self {
             Hasher::Blake3(h) => {
                 h.update_rayon(data);
             }
             Hasher::Sha256(h) => h.update(data),
+            Hasher::Split { at, parts, pos } => {
+                while !data.is_empty() {
+                    let part = at.iter().filter(|b| **b <= *pos).count();
+                    let room = at.get(part).map_or(data.len() as u64, |b| b - *pos);
+                    let n = room.min(data.len() as u64) as usize;
+                    parts[part].update_rayon(&data[..n]);
+                    (*pos, data) = (*pos + n as u64, &data[n..]);
+                }
+            }
         }
     }
 
@@ -161,6 +224,9 @@ impl Hasher {
         match self {
             Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
             Hasher::Sha256(h) => format!("{:x}", h.finalize()),
+            Hasher::Split { parts, .. } => {
+                parts.iter().map(|h| h.finalize().to_hex().to_string()).collect::<Vec<_>>().join(":")
+            }
         }
     }
 }
@@ -210,7 +276,7 @@ mod tests {
             checksum_file(&p, "blake3").unwrap(),
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
-        assert!(checksum_file(&p, "md5").unwrap_err().to_string().contains("blake3 and sha256"));
+        assert!(checksum_file(&p, "md5").unwrap_err().to_string().contains("blake3, sha256"));
         let mut seen = 0;
         let observed = checksum_file_observed(&p, "blake3", &mut |n| {
             seen = n;
@@ -219,6 +285,28 @@ mod tests {
         assert_eq!((observed.unwrap(), seen), (checksum_file(&p, "blake3").unwrap(), 3));
         let e = checksum_file_observed(&p, "sha256", &mut |_| false).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
+    }
+
+    #[test]
+    fn a_split_checksum_is_the_blake3_of_each_part_wherever_the_reads_fall() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        // Boundaries inside and across the 2 MiB reads, and a file ending inside the header.
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        fs::write(&p, &data).unwrap();
+        let b3 = |d: &[u8]| blake3::hash(d).to_hex().to_string();
+        for (offset, len) in [(0u64, 100u64), (262_144, 2_068_480), (2_097_151, 3), (4_999_000, 2_068_480)] {
+            let algorithm = split_algorithm(offset, len);
+            assert_eq!(split_bounds(&algorithm), Some((offset, len)));
+            let (a, b) = (offset as usize, ((offset + len) as usize).min(data.len()));
+            let expected = format!("{}:{}:{}", b3(&data[..a]), b3(&data[a..b]), b3(&data[b..]));
+            assert_eq!(checksum_file(&p, &algorithm).unwrap(), expected, "{algorithm}");
+            assert_eq!(blake3_region(&p, offset, len).unwrap(), b3(&data[a..b]));
+            let observed = checksum_file_observed(&p, &algorithm, &mut |_| true).unwrap();
+            assert_eq!(observed, expected);
+        }
+        assert_eq!(split_bounds("blake3"), None);
+        assert_eq!(split_bounds("blake3-split@x+1"), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use backups::{
     BackupEntry, BackupKind, ancestors, clean_partials, delete_dir, list_backups, read_backup, retire_and_delete,
 };
 pub use journal::{MERGING_SUFFIX, finish_merge, finish_merges};
-pub use keys::{KeyError, check_key_file, read_key_file};
+pub use keys::{KeyError, MIN_KEY_LEN, check_key_file, read_key_file};
 pub use lock::{DEFAULT_LEASE, LOCK_FILE, LockError, LockOptions, VmLock};
 pub use marks::{RESTORING_MARK, RestoringMark, interrupted_restores};
 pub use records::{
