@@ -148,7 +148,7 @@ impl TargetProtection {
 
     /// The `-o` options of `qemu-img create` or `convert` for a qcow2 of this protection (for
     /// [`StoredLayout::Qcow2InLuks`], those of the inner qcow2). An encrypted file is never made
-    /// by qemu-img: nasbak writes its empty qcow2 and LUKS header itself ([`crate::luks`]),
+    /// by qemu-img: nasbak writes its empty qcow2 and LUKS header itself (the `luks` module),
     /// since QEMU 7.2 spends seconds timing its PBKDF for each.
     pub fn create_options(&self) -> Vec<String> {
         let mut o = Vec::new();
