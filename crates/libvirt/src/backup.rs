@@ -35,6 +35,10 @@ pub struct PushBackup {
     /// serves, which stores it compressed or encrypted): `<driver type='raw'/>`, and libvirt
     /// told to reuse the files (`VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`).
     pub into_existing_raw: bool,
+    /// Every target exists already as an empty LUKS-encrypted qcow2, opened with the
+    /// passphrase in the libvirt secret of this UUID: `<encryption format='luks'>` in each
+    /// target, and libvirt told to reuse the files. QEMU encrypts what the job writes.
+    pub encryption_secret: Option<String>,
 }
 
 impl PushBackup {
@@ -54,7 +58,13 @@ impl PushBackup {
                 .map(|d| d.target.clone())
                 .collect(),
             into_existing_raw: false,
+            encryption_secret: None,
         }
+    }
+
+    /// Whether the targets exist before the job (`VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`).
+    pub fn reuses_targets(&self) -> bool {
+        self.into_existing_raw || self.encryption_secret.is_some()
     }
 
     /// The `<domainbackup mode='push'>` document.
@@ -63,7 +73,7 @@ impl PushBackup {
     /// use nasbak_libvirt::{BackupTarget, PushBackup};
     /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into(), incremental: None }],
     ///                      excluded: vec!["hdc".into()], checkpoint: None, without_bitmap: vec![],
-    ///                      into_existing_raw: false };
+    ///                      into_existing_raw: false, encryption_secret: None };
     /// let xml = b.to_xml();
     /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
     /// assert_eq!(PushBackup::parse(&xml).unwrap(), b);
@@ -80,10 +90,17 @@ impl PushBackup {
                 None => String::new(),
             };
             let driver = if self.into_existing_raw { "raw" } else { "qcow2" };
+            let file = escape(t.file.to_string_lossy().as_ref()).into_owned();
+            let target = match &self.encryption_secret {
+                None => format!("<target file='{file}'/>"),
+                Some(uuid) => format!(
+                    "<target file='{file}'>\n        <encryption format='luks'>\n          <secret type='passphrase' uuid='{}'/>\n        </encryption>\n      </target>",
+                    escape(uuid.as_str())
+                ),
+            };
             x.push_str(&format!(
-                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <driver type='{driver}'/>\n      <target file='{}'/>\n    </disk>\n",
+                "    <disk name='{}' backup='yes' type='file'{mode}>\n      <driver type='{driver}'/>\n      {target}\n    </disk>\n",
                 escape(t.disk.as_str()),
-                escape(t.file.to_string_lossy().as_ref())
             ));
         }
         for d in &self.excluded {
@@ -122,8 +139,12 @@ impl PushBackup {
             checkpoint: None,
             without_bitmap: Vec::new(),
             into_existing_raw: false,
+            encryption_secret: None,
         };
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
+            if let Some(uuid) = d.target.as_ref().and_then(|t| t.encryption.as_ref()).and_then(|e| e.secret.as_ref()) {
+                b.encryption_secret = uuid.uuid.clone();
+            }
             match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
                 (Some("no"), _) => b.excluded.push(d.name),
                 (_, Some(file)) => b.targets.push(BackupTarget {
@@ -166,6 +187,18 @@ struct XmlBackupDisk {
 struct XmlBackupTarget {
     #[serde(rename = "@file")]
     file: Option<String>,
+    encryption: Option<XmlEncryption>,
+}
+
+#[derive(Debug, Deserialize)]
+struct XmlEncryption {
+    secret: Option<XmlSecret>,
+}
+
+#[derive(Debug, Deserialize)]
+struct XmlSecret {
+    #[serde(rename = "@uuid")]
+    uuid: Option<String>,
 }
 
 #[cfg(test)]
@@ -217,6 +250,21 @@ mod tests {
         let raw = b.to_xml();
         assert_eq!(raw.matches("<driver type='raw'/>").count(), 2, "{raw}");
         assert_eq!(shape(&PushBackup::parse(&raw).unwrap().targets), shape(&b.targets));
+        assert!(b.reuses_targets());
+        // Into existing LUKS-encrypted qcow2 files: each target names the secret; reused.
+        b.into_existing_raw = false;
+        assert!(!b.reuses_targets());
+        b.encryption_secret = Some("0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f".into());
+        let enc = b.to_xml();
+        assert_eq!(enc.matches("<encryption format='luks'>").count(), 2, "{enc}");
+        assert_eq!(enc.matches("<secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/>").count(), 2);
+        assert_eq!(enc.matches("<driver type='qcow2'/>").count(), 2, "{enc}");
+        let back = PushBackup::parse(&enc).unwrap();
+        assert_eq!(
+            (shape(&back.targets), back.encryption_secret.clone()),
+            (shape(&b.targets), b.encryption_secret.clone())
+        );
+        assert!(b.reuses_targets());
     }
 }
 

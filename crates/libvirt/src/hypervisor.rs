@@ -216,6 +216,17 @@ pub trait Hypervisor {
     /// the text its user gives to the server: a Ceph key base64-encoded. libvirt refuses to give
     /// out a secret defined `private='yes'`.
     fn secret_value(&self, auth: &crate::NetworkAuth) -> Result<nasbak_process::Secret, LibvirtError>;
+    /// Defines a passphrase secret that lives in libvirtd's memory only (`ephemeral='yes'`,
+    /// `private='yes'`: never written to disk, never given back to a client), holding `value`,
+    /// described as `description`, for QEMU to open an encrypted file with. Returns its UUID;
+    /// [`Hypervisor::undefine_secret`] removes it.
+    fn define_transient_secret(
+        &self,
+        description: &str,
+        value: &nasbak_process::Secret,
+    ) -> Result<String, LibvirtError>;
+    /// Removes the secret of UUID `uuid`.
+    fn undefine_secret(&self, uuid: &str) -> Result<(), LibvirtError>;
     /// The size of the running domain's disk `disk` (its target) as QEMU sees it: no image is
     /// opened and no key is needed, whatever the disk is (file, block device, RBD).
     fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError>;
@@ -507,6 +518,35 @@ impl Hypervisor for LibvirtHypervisor {
         self.call(Call::new("virSecretGetValue"), move |conn| secret_value(conn, &auth))
     }
 
+    fn define_transient_secret(
+        &self,
+        description: &str,
+        value: &nasbak_process::Secret,
+    ) -> Result<String, LibvirtError> {
+        let xml = format!(
+            "<secret ephemeral='yes' private='yes'><description>{}</description></secret>",
+            quick_xml::escape::escape(description)
+        );
+        let value = ZeroOnDrop(value.expose().as_bytes().to_vec());
+        self.call(Call::new("virSecretDefineXML"), move |conn| {
+            let secret = conn.define_secret_xml(&xml, 0)?;
+            let uuid = secret.uuid_string()?;
+            if let Err(e) = secret.set_value(&value.0, 0) {
+                let _ = secret.undefine();
+                return Err(e.into());
+            }
+            Ok(uuid)
+        })
+    }
+
+    fn undefine_secret(&self, uuid: &str) -> Result<(), LibvirtError> {
+        let uuid = uuid.to_owned();
+        self.call(Call::new("virSecretUndefine"), move |conn| {
+            conn.lookup_secret_by_uuid_string(&uuid)?.undefine()?;
+            Ok(())
+        })
+    }
+
     fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError> {
         let owned = disk.to_owned();
         let info = self
@@ -561,6 +601,15 @@ impl Hypervisor for LibvirtHypervisor {
             d.destroy()?;
             Ok(())
         })
+    }
+}
+
+/// Bytes zeroed when dropped.
+struct ZeroOnDrop(Vec<u8>);
+
+impl Drop for ZeroOnDrop {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(|b| *b = 0);
     }
 }
 

@@ -207,7 +207,7 @@ pub fn start_backup<'a, H: Hypervisor>(
     if current.kind == JobKind::Active {
         return Err(JobError::Busy { domain: domain.to_owned(), is_backup: current.is_backup });
     }
-    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml(), backup.into_existing_raw).map_err(|e| {
+    hv.backup_begin(domain, &backup.to_xml(), backup.checkpoint_xml(), backup.reuses_targets()).map_err(|e| {
         if e.is_timeout() {
             // The begin may still take effect once QEMU answers: the abort goes after it.
             abort_and_wait(hv, domain);
@@ -329,6 +329,7 @@ mod tests {
             checkpoint: None,
             without_bitmap: Vec::new(),
             into_existing_raw: false,
+            encryption_secret: None,
         }
     }
 
@@ -491,6 +492,7 @@ mod tests {
             checkpoint: None,
             without_bitmap: Vec::new(),
             into_existing_raw: false,
+            encryption_secret: None,
         };
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));

@@ -159,6 +159,18 @@ fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -
     Ok(())
 }
 
+/// A transient libvirt secret holding the repository's key for a push job; undefined on drop.
+struct JobSecret<'h, H: Hypervisor> {
+    hypervisor: &'h H,
+    uuid: String,
+}
+
+impl<H: Hypervisor> Drop for JobSecret<'_, H> {
+    fn drop(&mut self) {
+        let _ = self.hypervisor.undefine_secret(&self.uuid);
+    }
+}
+
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -714,9 +726,14 @@ where
             let incremental = plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
             t.incremental = if incremental { from.map(str::to_owned) } else { None };
         }
-        // A protected repository: the job writes raw files that store it compressed, encrypted
-        // or both; made before the guest is frozen.
-        let exports = self.protected_targets(run, plan)?;
+        // An encrypting repository: the job writes LUKS-encrypted qcow2 files nasbak made, QEMU
+        // encrypting with the key given it as a transient libvirt secret. A compressing one: the
+        // job writes raw files that store it compressed (or compressed and encrypted). Both made
+        // before the guest is frozen.
+        let job_secret = self.encrypted_targets(run)?;
+        backup.encryption_secret = job_secret.as_ref().map(|s| s.uuid.clone());
+        let exports: Vec<(String, WritableExport)> =
+            if job_secret.is_some() { Vec::new() } else { self.protected_targets(run, plan)? };
         if !exports.is_empty() {
             backup.into_existing_raw = true;
             for t in &mut backup.targets {
@@ -791,6 +808,31 @@ where
             export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
         Ok((outcome.quiesced, outcome.note))
+    }
+
+    /// For a repository that encrypts and does not compress: each disk's file created empty in
+    /// the partial directory as a LUKS-encrypted qcow2 of the disk's size (an incremental's
+    /// parent named once the job is done, see `point_at_parents`: during the job libvirt gives
+    /// QEMU the live disk as its backing), and the repository's key defined as a transient
+    /// libvirt secret for QEMU to open them with (undefined when the returned guard drops).
+    /// QEMU then encrypts what the push job writes, in its own I/O path. None otherwise.
+    fn encrypted_targets(&self, run: &Run<'_>) -> Result<Option<JobSecret<'_, H>>, BackupError> {
+        if run.format != FileFormat::Encrypted {
+            return Ok(None);
+        }
+        let protection = crate::protect::target_protection(run.format, run.key).expect("an encrypting format");
+        for (disk, file) in run.files {
+            let size = run.sizes.get(&disk.target).copied().unwrap_or(0);
+            self.images.create_protected(&run.partial.join(file), size, None, &protection)?;
+        }
+        let key = run.key.ok_or_else(|| BackupError::KeyNeeded {
+            backup: format!("{}:{}", run.request.repository.name(), run.request.vm),
+            detail: "the repository encrypts and no key was resolved".into(),
+        })?;
+        let value = nasbak_repo::store::read_key_file(key.path())?;
+        let description = format!("nasbak: the key of a backup of {} (pid {})", run.request.vm, std::process::id());
+        let uuid = self.hypervisor.define_transient_secret(&description, &value)?;
+        Ok(Some(JobSecret { hypervisor: &self.hypervisor, uuid }))
     }
 
     /// For a repository that compresses or encrypts: each disk's file created in the partial

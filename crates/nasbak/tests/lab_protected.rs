@@ -376,7 +376,7 @@ fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next(
 }
 
 #[test]
-fn running_backups_go_through_an_export_and_every_point_restores() {
+fn running_backups_go_through_qemus_encryption_or_an_export_and_every_point_restores() {
     let dom = DomainSpec::new("protrun").disk(DiskSpec::qcow2(32)).disk(DiskSpec::raw(8)).running(true).create();
     let e = engine(&dom.dir().join("runtime"));
     let catalog = Catalog::new(e.images(), e.mounts());
@@ -395,7 +395,14 @@ fn running_backups_go_through_an_export_and_every_point_restores() {
                 .unwrap_or_else(|err| panic!("{name}: {}", nasbak::chain(&err)))
         };
         dom.write_through_qemu(0, 0x11, "0", "4M");
-        let full = backup();
+        // An encrypting repository: QEMU encrypts what the job writes (no export, no daemon);
+        // a compressing one: the job writes through an export.
+        let exports = dom.dir().join("runtime").join("exports").to_string_lossy().into_owned();
+        let ephemeral = || nasbak_testlab::virsh(&["secret-list", "--ephemeral"]).unwrap().lines().count();
+        let secrets_before = ephemeral();
+        let (full, seen) = watching_processes(&[&exports], backup);
+        assert_eq!(seen[0], compression == Compression::Zstd, "{name}: an export served the job: {}", seen[0]);
+        assert_eq!(ephemeral(), secrets_before, "{name}: the job's transient secret is gone");
         assert!(full.manifest.disks.iter().all(|d| d.stored_as == format), "{name}: {:?}", full.manifest.disks);
         let p1 = dom.raw_copy(0, &format!("{name}-r1"));
         dom.write_through_qemu(0, 0x22, "8M", "2M");

@@ -17,7 +17,7 @@ use crate::progress::{Observer, Progress};
 use crate::protect::{Key, disk_image, resolve_key};
 use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
-use crate::transfer::{check_chain, check_sum, convert, copy_checked};
+use crate::transfer::{Checked, check_chain, check_sum, convert, convert_checked, copy_checked};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RestoringMark, interrupted_restores};
@@ -60,7 +60,7 @@ where
         let (in_place, copies) =
             self.check_and_sort(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), cancel, observer)?;
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
-        for (b, d, path, flatten) in &copies {
+        for (b, d, path, flatten, checked) in &copies {
             remove_stale_stages(path);
             let tmp = stage_beside(path)?;
             staged.0.push(tmp.clone());
@@ -77,7 +77,7 @@ where
                 r.protection = volume_key
                     .as_ref()
                     .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
-                convert(&self.images, r, cancel, vm, &d.target, b.virtual_size, observer)
+                convert_checked(&self.images, (r, checked), cancel, (vm, &d.target, b.virtual_size), observer)
             } else {
                 copy_checked(dir, b, &tmp, vm, &d.target, cancel, observer)
             };
@@ -138,7 +138,7 @@ where
             mark.done();
             restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into(), note });
         }
-        for ((_, d, path, _), tmp) in copies.iter().zip(&staged.0) {
+        for ((_, d, path, _, _), tmp) in copies.iter().zip(&staged.0) {
             if let Err(source) = fs::rename(tmp, path) {
                 let e = BackupError::Io { action: "replacing", path: path.clone(), source };
                 return Err(incomplete(&restored, None, at(Step::Restore { disk: d.target.clone() })(e)));
@@ -176,9 +176,6 @@ where
             let chain = ancestors(vm_dir, vm, id, b)?;
             let shown = format!("{vm}/{id}");
             check_chain(&self.images, (dir, b), &chain, key, &shown).map_err(at(Step::Check))?;
-            for (parent_dir, parent) in &chain {
-                check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
-            }
             // A compressed or encrypted file is read through qemu-img into a plain volume, never
             // copied as it is stored.
             // An encrypted VM disk gets its volume back encrypted with its own passphrase, through
@@ -187,10 +184,13 @@ where
             let flatten = !chain.is_empty() || b.stored_as != FileFormat::Plain || encrypted;
             match restore_target(&self.hypervisor, d)? {
                 RestoreTarget::Qcow2File(path) => {
+                    // Checked while it is copied or converted beside the volume (renamed over it
+                    // only when every disk is done).
+                    let mut checked: Vec<Checked> = chain;
                     if flatten {
-                        check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
+                        checked.push((dir.to_owned(), (*b).clone()));
                     }
-                    copies.push((*b, *d, path, flatten));
+                    copies.push((*b, *d, path, flatten, checked));
                 }
                 RestoreTarget::InPlace(_) if encrypted => {
                     return Err(BackupError::Unsupported {
@@ -198,6 +198,9 @@ where
                     });
                 }
                 RestoreTarget::InPlace(location) => {
+                    for (parent_dir, parent) in &chain {
+                        check_sum(parent_dir, parent, vm, cancel, observer).map_err(at(Step::Check))?;
+                    }
                     check_sum(dir, b, vm, cancel, observer).map_err(at(Step::Check))?;
                     in_place.push((*b, *d, location));
                 }
@@ -209,9 +212,9 @@ where
 
 /// A disk written in place: the backup's, the VM's, where.
 type InPlace<'p> = (&'p ManifestDisk, &'p Disk, ImageLocation);
-/// A disk restored as a copy beside its qcow2 volume: the backup's, the VM's, the volume, and
-/// whether its chain is flattened.
-type Copy<'p> = (&'p ManifestDisk, &'p Disk, PathBuf, bool);
+/// A disk restored as a copy beside its qcow2 volume: the backup's, the VM's, the volume,
+/// whether its chain is flattened, and the files checked while it is (a flattened chain's).
+type Copy<'p> = (&'p ManifestDisk, &'p Disk, PathBuf, bool, Vec<Checked>);
 
 /// Where a VM disk is restored to.
 enum RestoreTarget {

@@ -16,7 +16,7 @@ use crate::protect::{disk_image, resolve_key};
 use crate::request::VolumeRestoreRequest;
 use crate::store::backup_disks;
 use crate::transfer::stage::{Staged, stage_beside};
-use crate::transfer::{check_chain, check_sum, convert, copy_checked};
+use crate::transfer::{Checked, check_chain, check_sum, convert, convert_checked, copy_checked};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 
@@ -85,19 +85,25 @@ where
         };
         let shown = format!("{}:{}/{}", repository.name(), request.vm, request.id);
         check_chain(&self.images, (&dir, disk), &chain, key.as_ref(), &shown).map_err(at(Step::Check))?;
-        for (parent_dir, parent) in &chain {
-            check_sum(parent_dir, parent, &request.vm, cancel, observer).map_err(at(Step::Check))?;
-        }
         // A compressed or encrypted file is read through qemu-img, never copied as it is stored.
         let flatten = !chain.is_empty() || disk.stored_as != nasbak_repo::FileFormat::Plain;
         let source = disk_image(&dir, disk, &chain, key.as_ref(), &shown)?;
         let copy = matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) && !is_block;
+        // Every file the conversion reads has its checksum checked: before anything is written
+        // into a block device or an RBD image; while a new file is written beside its place
+        // (renamed into it only when both are done); as it is copied, for a plain full.
+        let staged = matches!(request.to, ImageLocation::Path(_)) && !is_block && (!copy || flatten);
+        let mut checked: Vec<Checked> = chain.clone();
         if !copy || flatten {
-            // Converted straight into place: the checksum first.
-            check_sum(&dir, disk, &request.vm, cancel, observer).map_err(at(Step::Check))?;
+            checked.push((dir.clone(), disk.clone()));
+        }
+        if !staged {
+            for (d, file) in std::mem::take(&mut checked) {
+                check_sum(d.as_path(), &file, &request.vm, cancel, observer).map_err(at(Step::Check))?;
+            }
         }
         let (mut source_for_xml, written) = self
-            .write_volume(request, (&dir, disk, source), (is_block, flatten), cancel, observer)
+            .write_volume(request, (&dir, disk, source, &checked), (is_block, flatten), cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         if let (
             DiskSource::Network { hosts, auth, config, .. },
@@ -186,7 +192,7 @@ where
     fn write_volume(
         &self,
         request: &VolumeRestoreRequest,
-        (dir, disk, source): (&Path, &ManifestDisk, ImageLocation),
+        (dir, disk, source, checked): (&Path, &ManifestDisk, ImageLocation, &[Checked]),
         (is_block, flatten): (bool, bool),
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
@@ -214,7 +220,7 @@ where
             }
             ImageLocation::Path(p) => {
                 self.write_new_file(
-                    (source, p),
+                    (source, p, checked),
                     (&request.format, request.bandwidth),
                     cancel,
                     (vm, &disk.target, disk.virtual_size),
@@ -263,10 +269,11 @@ where
     }
 
     /// Writes a new file through `<path>.nasbak-partial` and a rename, so an interrupted restore
-    /// never leaves a file that looks complete.
+    /// never leaves a file that looks complete; the checksums of `checked` are checked meanwhile,
+    /// and the file is renamed only when they match.
     fn write_new_file(
         &self,
-        (source, path): (ImageLocation, &Path),
+        (source, path, checked): (ImageLocation, &Path, &[Checked]),
         (format, bandwidth): (&ImageFormat, Option<u64>),
         cancel: &CancelHandle,
         (vm, target, size): (&str, &str, u64),
@@ -276,7 +283,7 @@ where
         let mut r = ConvertRequest::new(source, tmp.clone(), format.clone());
         r.rate_limit = bandwidth;
         r.source_format = Some(ImageFormat::Qcow2);
-        if let Err(e) = convert(&self.images, r, cancel, vm, target, size, observer) {
+        if let Err(e) = convert_checked(&self.images, (r, checked), cancel, (vm, target, size), observer) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }

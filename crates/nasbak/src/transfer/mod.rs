@@ -36,6 +36,30 @@ pub(crate) fn convert<I: ImageTool + Sync>(
     with_progress(|progress| images.convert(request, progress), cancel, vm, target, size, observer)
 }
 
+/// A backup file to check against its manifest's checksum: its directory and its entry.
+pub(crate) type Checked = (PathBuf, ManifestDisk);
+
+/// [`convert`] while the checksums of `checked` (the backup files the conversion reads) are
+/// checked on another thread, so the two reads of each file overlap instead of following each
+/// other. Only for a target staged beside its place (a new file, renamed into place by the
+/// caller once this returns `Ok`): both must succeed, and when both fail the damaged file is
+/// the error said.
+pub(crate) fn convert_checked<I: ImageTool + Sync>(
+    images: &I,
+    (request, checked): (ConvertRequest, &[Checked]),
+    cancel: &CancelHandle,
+    (vm, target, size): (&str, &str, u64),
+    observer: &mut dyn Observer,
+) -> Result<(), BackupError> {
+    std::thread::scope(|s| {
+        let checking =
+            s.spawn(|| checked.iter().try_for_each(|(dir, disk)| check_sum(dir, disk, vm, cancel, &mut |_| {})));
+        let converted = convert(images, request, cancel, vm, target, size, observer);
+        let sums = checking.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        sums.map_err(crate::error::at(crate::error::Step::Check)).and(converted)
+    })
+}
+
 /// Copies the clusters a bitmap marks dirty (see [`ImageTool::copy_dirty`]) on a helper thread,
 /// its progress handed to `observer` on this one.
 pub(crate) fn copy_dirty<I: ImageTool + Sync>(
