@@ -31,7 +31,7 @@ use crate::transfer::hash::{CHECKSUM_ALGORITHM, blake3_region, checksum_algorith
 /// each file it began with, and its checksum before.
 pub const ROTATION_JOURNAL: &str = ".nasbak-key-rotation.json";
 
-impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
+impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Gives every encrypted backup file of `repository` the key in the file `new_key` and
     /// removes the repository's current key (its key file) from it, VM by VM under each VM's
     /// lock. Changing the repository's setting to the new key is the caller's, once this
@@ -75,123 +75,12 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         let mut report = KeyRotation { repository: name.clone(), files: 0, rotated: 0, already: 0 };
         for (vm, backups) in encrypted_backups(&name, mounted.root())? {
             let _lock = VmLock::take(&mounted.root().join(&vm), &vm)?;
-            for (backup, dir, manifest) in backups {
-                if cancel.is_cancelled() {
-                    return Err(BackupError::Cancelled);
-                }
-                self.rotate_backup((&backup, &dir, manifest), (old, new_key), &mut report)?;
-            }
+            let done = rotate_in_parallel(self.images(), &backups, (old, new_key), cancel)?;
+            report.files += done.files;
+            report.rotated += done.rotated;
+            report.already += done.already;
         }
         Ok(report)
-    }
-
-    /// The encrypted files of one backup (in `dir`, described by `manifest`) rotated from `old`
-    /// to `new`, and its manifest's checksums updated, since a file's header is part of what its
-    /// checksum covers. Before a file's header changes, its checksum is checked against the
-    /// manifest and kept in the backup's rotation journal ([`ROTATION_JOURNAL`]); a run killed
-    /// before the manifest is updated leaves the journal, which tells the next run that the
-    /// changed bytes are its own.
-    fn rotate_backup(
-        &self,
-        (backup, dir, mut manifest): (&str, &Path, Manifest),
-        (old, new): (&Path, &Path),
-        report: &mut KeyRotation,
-    ) -> Result<(), BackupError> {
-        let journal_path = dir.join(ROTATION_JOURNAL);
-        let mut journal: BTreeMap<String, String> =
-            fs::read_to_string(&journal_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-        let io = |action: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| BackupError::Io { action, path, source }
-        };
-        let mut changed = false;
-        for d in manifest.disks.iter_mut().filter(|d| d.stored_as.is_encrypted()) {
-            report.files += 1;
-            let file = StoredFile { path: dir.join(&d.file), layout: layout_of(d.stored_as) };
-            let (has_new, has_old) = (self.images().opens_with(&file, new)?, self.images().opens_with(&file, old)?);
-            let touched = journal.contains_key(&d.file);
-            match (has_new, has_old) {
-                (true, false) if !touched => {
-                    report.already += 1;
-                    continue;
-                }
-                (false, false) => {
-                    return Err(BackupError::KeyNeeded {
-                        backup: backup.to_owned(),
-                        detail: format!("{} opens with neither the repository's key nor the new one", d.file),
-                    });
-                }
-                _ => {}
-            }
-            let algorithm = d.checksum.as_ref().map_or(CHECKSUM_ALGORITHM, |c| c.algorithm.as_str()).to_owned();
-            // A split checksum (`blake3-split@`) covers the LUKS header as a part of its own: only
-            // that part is read, before and after. Its other parts (the data, which a rotation
-            // never touches) stay as the manifest says, and `verify` still reads them all.
-            let split = split_bounds(&algorithm);
-            let parts: Option<Vec<String>> = match (split, &d.checksum) {
-                (Some(_), Some(c)) => Some(c.value.split(':').map(str::to_owned).collect()),
-                _ => None,
-            };
-            if split.is_some() && parts.as_ref().is_none_or(|p| p.len() != 3) {
-                return Err(BackupError::Damaged {
-                    path: dir.join(MANIFEST_FILE),
-                    detail: format!("the checksum of {} is not three parts, as {algorithm} has", d.file),
-                });
-            }
-            let header_sum = |(offset, len): (u64, u64)| {
-                blake3_region(&file.path, offset, len).map_err(io("checksumming", &file.path))
-            };
-            if !touched {
-                // What the manifest says, before the header changes: never a damaged file made
-                // to look intact.
-                let (sum, expected) = match (split, &parts) {
-                    (Some(bounds), Some(p)) => (header_sum(bounds)?, p[1].clone()),
-                    _ => (
-                        checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?,
-                        d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
-                    ),
-                };
-                if d.checksum.is_some() && sum != expected {
-                    return Err(BackupError::Damaged {
-                        path: file.path.clone(),
-                        detail: format!("{algorithm} is {sum}, the manifest says {expected}; not rotated"),
-                    });
-                }
-                journal.insert(d.file.clone(), d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or(sum));
-                let text = serde_json::to_string(&journal).expect("a journal serialises");
-                write_atomic(&journal_path, text.as_bytes(), 0o600).map_err(io("writing", &journal_path))?;
-            }
-            if has_old {
-                if !has_new {
-                    self.images().add_key(&file, old, new)?;
-                    crate::fault::point("key-added");
-                }
-                self.images().remove_key(&file, new, old)?;
-            }
-            d.checksum = Some(match (split, parts) {
-                (Some(bounds), Some(mut p)) => {
-                    p[1] = header_sum(bounds)?;
-                    Checksum { algorithm, value: p.join(":") }
-                }
-                // A whole-file checksum (a backup of an earlier nasbak) becomes a split one: read
-                // once more now, never again.
-                _ => {
-                    let algorithm = checksum_algorithm_for(&file.path, file.layout);
-                    let value = checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?;
-                    Checksum { algorithm, value }
-                }
-            });
-            changed = true;
-            report.rotated += 1;
-        }
-        if changed {
-            let path = dir.join(MANIFEST_FILE);
-            write_atomic(&path, manifest.to_json().as_bytes(), 0o644).map_err(io("writing", &path))?;
-        }
-        match fs::remove_file(&journal_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", &journal_path)(e)),
-            _ => Ok(()),
-        }
     }
 
     /// Which backups of `repository` open with the key in `key` (the repository's own key file
@@ -312,6 +201,161 @@ where
         }
         Ok(key)
     }
+}
+
+/// The encrypted files of one backup (in `dir`, described by `manifest`) rotated from `old`
+/// to `new`, and its manifest's checksums updated, since a file's header is part of what its
+/// checksum covers. Before a file's header changes, its checksum is checked against the
+/// manifest and kept in the backup's rotation journal ([`ROTATION_JOURNAL`]); a run killed
+/// before the manifest is updated leaves the journal, which tells the next run that the
+/// changed bytes are its own.
+fn rotate_backup<I: ImageTool>(
+    images: &I,
+    (backup, dir, mut manifest): (&str, &Path, Manifest),
+    (old, new): (&Path, &Path),
+    report: &mut KeyRotation,
+) -> Result<(), BackupError> {
+    let journal_path = dir.join(ROTATION_JOURNAL);
+    let mut journal: BTreeMap<String, String> =
+        fs::read_to_string(&journal_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| BackupError::Io { action, path, source }
+    };
+    let mut changed = false;
+    for d in manifest.disks.iter_mut().filter(|d| d.stored_as.is_encrypted()) {
+        report.files += 1;
+        let file = StoredFile { path: dir.join(&d.file), layout: layout_of(d.stored_as) };
+        let (has_new, has_old) = (images.opens_with(&file, new)?, images.opens_with(&file, old)?);
+        let touched = journal.contains_key(&d.file);
+        match (has_new, has_old) {
+            (true, false) if !touched => {
+                report.already += 1;
+                continue;
+            }
+            (false, false) => {
+                return Err(BackupError::KeyNeeded {
+                    backup: backup.to_owned(),
+                    detail: format!("{} opens with neither the repository's key nor the new one", d.file),
+                });
+            }
+            _ => {}
+        }
+        let algorithm = d.checksum.as_ref().map_or(CHECKSUM_ALGORITHM, |c| c.algorithm.as_str()).to_owned();
+        // A split checksum (`blake3-split@`) covers the LUKS header as a part of its own: only
+        // that part is read, before and after. Its other parts (the data, which a rotation
+        // never touches) stay as the manifest says, and `verify` still reads them all.
+        let split = split_bounds(&algorithm);
+        let parts: Option<Vec<String>> = match (split, &d.checksum) {
+            (Some(_), Some(c)) => Some(c.value.split(':').map(str::to_owned).collect()),
+            _ => None,
+        };
+        if split.is_some() && parts.as_ref().is_none_or(|p| p.len() != 3) {
+            return Err(BackupError::Damaged {
+                path: dir.join(MANIFEST_FILE),
+                detail: format!("the checksum of {} is not three parts, as {algorithm} has", d.file),
+            });
+        }
+        let header_sum =
+            |(offset, len): (u64, u64)| blake3_region(&file.path, offset, len).map_err(io("checksumming", &file.path));
+        if !touched {
+            // What the manifest says, before the header changes: never a damaged file made
+            // to look intact.
+            let (sum, expected) = match (split, &parts) {
+                (Some(bounds), Some(p)) => (header_sum(bounds)?, p[1].clone()),
+                _ => (
+                    checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?,
+                    d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
+                ),
+            };
+            if d.checksum.is_some() && sum != expected {
+                return Err(BackupError::Damaged {
+                    path: file.path.clone(),
+                    detail: format!("{algorithm} is {sum}, the manifest says {expected}; not rotated"),
+                });
+            }
+            journal.insert(d.file.clone(), d.checksum.as_ref().map(|c| c.value.clone()).unwrap_or(sum));
+            let text = serde_json::to_string(&journal).expect("a journal serialises");
+            write_atomic(&journal_path, text.as_bytes(), 0o600).map_err(io("writing", &journal_path))?;
+        }
+        if has_old {
+            if !has_new {
+                images.add_key(&file, old, new)?;
+                crate::fault::point("key-added");
+            }
+            images.remove_key(&file, new, old)?;
+        }
+        d.checksum = Some(match (split, parts) {
+            (Some(bounds), Some(mut p)) => {
+                p[1] = header_sum(bounds)?;
+                Checksum { algorithm, value: p.join(":") }
+            }
+            // A whole-file checksum (a backup of an earlier nasbak) becomes a split one: read
+            // once more now, never again.
+            _ => {
+                let algorithm = checksum_algorithm_for(&file.path, file.layout);
+                let value = checksum_file(&file.path, &algorithm).map_err(io("checksumming", &file.path))?;
+                Checksum { algorithm, value }
+            }
+        });
+        changed = true;
+        report.rotated += 1;
+    }
+    if changed {
+        let path = dir.join(MANIFEST_FILE);
+        write_atomic(&path, manifest.to_json().as_bytes(), 0o644).map_err(io("writing", &path))?;
+    }
+    match fs::remove_file(&journal_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", &journal_path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The backups of one VM rotated (see `rotate_backup`), on as many threads as there are cores:
+/// a rotation is mostly PBKDF2, one core's work per keyslot opened or made. The first error
+/// stops the others at their next backup and is returned.
+fn rotate_in_parallel<I: ImageTool + Sync>(
+    images: &I,
+    backups: &[Encrypted],
+    keys: (&Path, &Path),
+    cancel: &CancelHandle,
+) -> Result<KeyRotation, BackupError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, backups.len().max(1));
+    let failed = AtomicBool::new(false);
+    let results: Vec<Result<KeyRotation, BackupError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let failed = &failed;
+                s.spawn(move || {
+                    let mut done = KeyRotation { repository: String::new(), files: 0, rotated: 0, already: 0 };
+                    for (backup, dir, manifest) in backups.iter().skip(w).step_by(workers) {
+                        if cancel.is_cancelled() {
+                            return Err(BackupError::Cancelled);
+                        }
+                        if failed.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let rotated = rotate_backup(images, (backup, dir, manifest.clone()), keys, &mut done);
+                        if rotated.is_err() {
+                            failed.store(true, Ordering::SeqCst);
+                        }
+                        rotated?;
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut total = KeyRotation { repository: String::new(), files: 0, rotated: 0, already: 0 };
+    for r in results {
+        let r = r?;
+        total.files += r.files;
+        total.rotated += r.rotated;
+        total.already += r.already;
+    }
+    Ok(total)
 }
 
 /// A backup to rotate: its reference (`REPO:VM/BACKUP-ID`), its directory and its manifest.

@@ -114,7 +114,8 @@ pub use request::{
 };
 pub use restore::match_disks;
 pub use transfer::hash::{
-    CHECKSUM_ALGORITHM, blake3_file, checksum_file, checksum_file_observed, copy_verified, sha256_file,
+    CHECKSUM_ALGORITHM, SPLIT_PREFIX, blake3_file, blake3_region, checksum_algorithm_for, checksum_file,
+    checksum_file_observed, copy_verified, sha256_file, split_algorithm, split_bounds,
 };
 pub use {nasbak_agent, nasbak_libvirt, nasbak_process, nasbak_qemu_img, nasbak_repo};
 

@@ -44,11 +44,15 @@ const HEADER_SECTORS: u64 = 8;
 /// qcow2's header extension for the LUKS header.
 const QCOW2_CRYPTO_EXT: u32 = 0x0537_be77;
 
-/// The PBKDF2 iterations of a keyslot this module makes, and of a new header's master-key
-/// digest: a few milliseconds of one core here, about what `iter-time=20` gave the keyslots QEMU
+/// The PBKDF2 iterations of a keyslot this module makes: a few milliseconds of one core here, about what `iter-time=20` gave the keyslots QEMU
 /// made for earlier versions of nasbak (88 562 on this machine). A backup key is a random string of at least 32 characters;
 /// stretching it buys nothing, while every open of every file of a chain pays it.
 pub const KEYSLOT_ITERATIONS: u32 = 100_000;
+
+/// The PBKDF2 iterations of a new header's master-key digest: LUKS1's minimum (QEMU's and
+/// cryptsetup's). The digest only tells the right master key (512 random bits) from a wrong
+/// one; stretching it would protect nothing, while every keyslot tried on every open pays it.
+pub const DIGEST_ITERATIONS: u32 = 1000;
 
 /// A LUKS header could not be read, opened or changed.
 #[derive(Debug, thiserror::Error)]
@@ -485,9 +489,9 @@ fn write_new_header(file: &File, path: &Path, base: u64, passphrase: &[u8]) -> R
     let mut salt = [0u8; SALT_LEN];
     random(path, &mut salt)?;
     b[132..164].copy_from_slice(&salt);
-    b[164..168].copy_from_slice(&KEYSLOT_ITERATIONS.to_be_bytes());
+    b[164..168].copy_from_slice(&DIGEST_ITERATIONS.to_be_bytes());
     let mut digest = [0u8; DIGEST_LEN];
-    hash.pbkdf2(&master, &salt, KEYSLOT_ITERATIONS, &mut digest);
+    hash.pbkdf2(&master, &salt, DIGEST_ITERATIONS, &mut digest);
     b[112..132].copy_from_slice(&digest);
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
     b[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
