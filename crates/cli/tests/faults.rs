@@ -755,16 +755,30 @@ fn prune_killed_mid_merge() -> Row {
 /// aborts the job, and the next backup cleans up (the partial directory, the dead export) and
 /// succeeds; every listed backup verifies.
 fn kill_encrypted_backup() -> Row {
+    kill_protected_backup("kencrypted", true)
+}
+
+/// SIGKILL with the push job of a running VM writing into an encrypting repository (QEMU
+/// encrypting, the key a transient libvirt secret): the watchdog aborts the job, and the next
+/// backup cleans up (the partial directory, the dead run's secret) and succeeds.
+fn kill_qemu_encrypted_backup() -> Row {
+    kill_protected_backup("kqemuenc", false)
+}
+
+fn kill_protected_backup(name: &str, compress: bool) -> Row {
     let disks = vec![DiskSpec::raw(32).ext4(), DiskSpec::raw(256)];
-    let lab = Lab::new("kencrypted", disks, true, false, 1024);
+    let lab = Lab::new(name, disks, true, false, 1024);
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[1].path, 200);
     let key = lab.dom.dir().join("repo.key");
     fs::write(&key, "the key of the encrypted kill row, 0123456789").unwrap();
     fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let key = key.to_string_lossy().into_owned();
-    lab.ok(&["repo", "set", &lab.repo, "--compress", "zstd", "--encrypt", "luks", "--key-file", &key]);
+    let compression = if compress { "zstd" } else { "none" };
+    lab.ok(&["repo", "set", &lab.repo, "--compress", compression, "--encrypt", "luks", "--key-file", &key]);
     lab.dom.start();
     lab.dom.wait_for_agent(Duration::from_secs(120));
+    let secrets = || virsh(&["secret-list", "--ephemeral"]).unwrap_or_default().lines().count();
+    let before = secrets();
     let mut child = lab.spawn_paused(&["--json", "backup", lab.name(), "--quiesce", "required"], "job-started");
     signal(&child, Signal::SIGKILL);
     child.wait().unwrap();
@@ -776,16 +790,28 @@ fn kill_encrypted_backup() -> Row {
     let next = lab.run(&["--json", "backup", lab.name(), "--quiesce", "best-effort"]);
     let said = text(&next);
     let made: serde_json::Value = serde_json::from_slice(&next.stdout).unwrap_or_default();
-    if made["manifest"]["disks"][0]["stored_as"] != "compressed-in-luks" {
-        extra.push(format!("the next backup is not stored compressed in LUKS: {}", made["manifest"]));
+    let stored = if compress { "compressed-in-luks" } else { "encrypted" };
+    if made["manifest"]["disks"][0]["stored_as"] != stored {
+        extra.push(format!("the next backup is not stored {stored}: {}", made["manifest"]));
     }
     let exports = Path::new(RUNTIME).join("exports").join(lab.name());
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     if mounts.contains(&*exports.to_string_lossy()) {
         extra.push(format!("an export is still mounted under {}", exports.display()));
     }
+    if secrets() != before {
+        extra.push(format!(
+            "a transient secret is left in libvirt: {}",
+            virsh(&["secret-list", "--ephemeral"]).unwrap_or_default()
+        ));
+    }
     let checks = lab.checks(&said, &["unfinished backup"]);
-    row("SIGKILL with the job writing an encrypted backup", checks, None, extra, &said)
+    let title = if compress {
+        "SIGKILL with the job writing an encrypted backup"
+    } else {
+        "SIGKILL with QEMU encrypting the job's backup"
+    };
+    row(title, checks, None, extra, &said)
 }
 
 /// A key rotation of an encrypted repository killed between a file's two header changes (its new
@@ -1192,6 +1218,7 @@ fn main() {
         ("merge-kill", Box::new(prune_killed_mid_merge)),
         ("rotate-kill", Box::new(rotation_killed)),
         ("kill-encrypted", Box::new(kill_encrypted_backup)),
+        ("kill-qemu-encrypted", Box::new(kill_qemu_encrypted_backup)),
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),

@@ -227,6 +227,10 @@ pub trait Hypervisor {
     ) -> Result<String, LibvirtError>;
     /// Removes the secret of UUID `uuid`.
     fn undefine_secret(&self, uuid: &str) -> Result<(), LibvirtError>;
+    /// The transient (ephemeral) secrets whose description starts with `prefix`: their UUIDs and
+    /// descriptions. What [`Hypervisor::define_transient_secret`] defined for a process killed
+    /// before it undefined them.
+    fn transient_secrets(&self, prefix: &str) -> Result<Vec<(String, String)>, LibvirtError>;
     /// The size of the running domain's disk `disk` (its target) as QEMU sees it: no image is
     /// opened and no key is needed, whatever the disk is (file, block device, RBD).
     fn block_size(&self, domain: &str, disk: &str) -> Result<BlockSize, LibvirtError>;
@@ -544,6 +548,25 @@ impl Hypervisor for LibvirtHypervisor {
         self.call(Call::new("virSecretUndefine"), move |conn| {
             conn.lookup_secret_by_uuid_string(&uuid)?.undefine()?;
             Ok(())
+        })
+    }
+
+    fn transient_secrets(&self, prefix: &str) -> Result<Vec<(String, String)>, LibvirtError> {
+        let prefix = prefix.to_owned();
+        self.call(Call::new("virConnectListAllSecrets"), move |conn| {
+            let mut found = Vec::new();
+            for secret in conn.list_all_secrets(virt::sys::VIR_CONNECT_LIST_SECRETS_EPHEMERAL)? {
+                let xml = secret.xml_desc(0)?;
+                let description = xml
+                    .split_once("<description>")
+                    .and_then(|(_, rest)| rest.split_once("</description>"))
+                    .map(|(d, _)| quick_xml::escape::unescape(d).map_or_else(|_| d.to_owned(), |c| c.into_owned()))
+                    .unwrap_or_default();
+                if description.starts_with(&prefix) {
+                    found.push((secret.uuid_string()?, description));
+                }
+            }
+            Ok(found)
         })
     }
 

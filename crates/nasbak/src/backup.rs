@@ -159,6 +159,11 @@ fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -
     Ok(())
 }
 
+/// The description of the transient secret a backup of `vm` defines, up to its pid and `)`.
+fn job_secret_prefix(vm: &str) -> String {
+    format!("nasbak: the key of a backup of {vm} (pid ")
+}
+
 /// A transient libvirt secret holding the repository's key for a push job; undefined on drop.
 struct JobSecret<'h, H: Hypervisor> {
     hypervisor: &'h H,
@@ -329,6 +334,9 @@ where
         if running && self.abort_orphaned_job(&request.vm, vm_dir)? {
             notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
+        if running && request.repository.protection().encryption() == nasbak_repo::Encryption::Luks {
+            notes.cleaned.extend(self.remove_leaked_secrets(&request.vm));
+        }
         let interrupted = nasbak_repo::store::clean_partials(vm_dir);
         notes.cleaned.extend(interrupted.iter().map(|p| format!("removed the unfinished backup {p}")));
         notes.cleaned.extend(
@@ -343,6 +351,25 @@ where
                 .map(|c| format!("removed the bitmaps of checkpoint {c}, whose backup was deleted")),
         );
         Ok(interrupted)
+    }
+
+    /// The transient secrets a killed backup of `vm` left in libvirt (see `encrypted_targets`):
+    /// those whose process is gone are undefined. Said, never an error: a secret nobody can read
+    /// back is no danger, only clutter.
+    fn remove_leaked_secrets(&self, vm: &str) -> Vec<String> {
+        let prefix = job_secret_prefix(vm);
+        let mut removed = Vec::new();
+        for (uuid, description) in self.hypervisor.transient_secrets(&prefix).unwrap_or_default() {
+            let pid =
+                description.strip_prefix(&prefix).and_then(|p| p.strip_suffix(')')).and_then(|p| p.parse::<u32>().ok());
+            let gone = pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
+            if gone && self.hypervisor.undefine_secret(&uuid).is_ok() {
+                removed.push(format!(
+                    "removed the transient key secret {uuid} an interrupted backup of {vm} left in libvirt"
+                ));
+            }
+        }
+        removed
     }
 
     /// Now (by the engine's clock), and the id of a backup made now: after every backup of that
@@ -830,7 +857,7 @@ where
             detail: "the repository encrypts and no key was resolved".into(),
         })?;
         let value = nasbak_repo::store::read_key_file(key.path())?;
-        let description = format!("nasbak: the key of a backup of {} (pid {})", run.request.vm, std::process::id());
+        let description = format!("{}{})", job_secret_prefix(&run.request.vm), std::process::id());
         let uuid = self.hypervisor.define_transient_secret(&description, &value)?;
         Ok(Some(JobSecret { hypervisor: &self.hypervisor, uuid }))
     }

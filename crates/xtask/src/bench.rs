@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::exec::{cargo, cmd, workspace_root};
+use crate::exec::{cargo, cmd};
 use crate::lab::{STATE, URI};
 
 const DOMAIN: &str = "nasbak-bench";
@@ -345,7 +345,7 @@ pub fn bench(rounds: usize) -> Result<()> {
     crate::lab::up()?;
     crate::lab::packages::ensure_extra(&["rsync"])?;
     cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
-    let nasbak = workspace_root().join("target/release/nasbak").to_string_lossy().into_owned();
+    let nasbak = crate::exec::built_binary("release");
     let dir = Path::new(STATE).join("bench");
     let _ = virsh(&["destroy", DOMAIN]);
     let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
@@ -544,7 +544,7 @@ pub fn bench(rounds: usize) -> Result<()> {
 pub fn protected(rounds: usize) -> Result<()> {
     crate::lab::up()?;
     cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
-    let nasbak = workspace_root().join("target/release/nasbak").to_string_lossy().into_owned();
+    let nasbak = crate::exec::built_binary("release");
     protected_rounds(&nasbak, rounds)
 }
 

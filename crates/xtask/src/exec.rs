@@ -61,6 +61,17 @@ pub fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// The `nasbak` binary `cargo build` just made in `profile` (`debug` or `release`): under
+/// `CARGO_TARGET_DIR` when it is set (cargo puts it there), else under the workspace's `target/`.
+/// (The benchmark once ran a stale `target/release/nasbak` while cargo built elsewhere.)
+pub fn built_binary(profile: &str) -> String {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_relative() { workspace_root().join(t) } else { t })
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join(profile).join("nasbak").to_string_lossy().into_owned()
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

@@ -195,8 +195,7 @@ fn guest_cat(domain: &str, path: &str) -> Result<String> {
 pub fn demo() -> Result<()> {
     crate::lab::up()?;
     cargo(&["build", "--quiet", "-p", "nasbak-cli"], &[])?;
-    let nasbak = workspace_root().join("target/debug/nasbak");
-    let nasbak = nasbak.to_str().context("utf-8 path")?.to_owned();
+    let nasbak = crate::exec::built_binary("debug");
     let dir = Path::new(crate::lab::STATE).join("demo");
     let domain = "nasbak-demo";
     let _ = cmd("virsh").args(["-c", crate::lab::URI, "destroy", domain]).run();
