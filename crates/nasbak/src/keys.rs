@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use nasbak_libvirt::Hypervisor;
 use nasbak_process::CancelHandle;
-use nasbak_qemu_img::{ImageTool, StoredFile};
+use nasbak_qemu_img::{ImageTool, Rekeyed, StoredFile};
 use nasbak_repo::model::layout::MANIFEST_FILE;
 use nasbak_repo::store::{BackupKind, MIN_KEY_LEN, VmLock, check_key_file, list_backups, write_atomic};
 use nasbak_repo::{
@@ -226,21 +226,7 @@ fn rotate_backup<I: ImageTool>(
     for d in manifest.disks.iter_mut().filter(|d| d.stored_as.is_encrypted()) {
         report.files += 1;
         let file = StoredFile { path: dir.join(&d.file), layout: layout_of(d.stored_as) };
-        let (has_new, has_old) = (images.opens_with(&file, new)?, images.opens_with(&file, old)?);
         let touched = journal.contains_key(&d.file);
-        match (has_new, has_old) {
-            (true, false) if !touched => {
-                report.already += 1;
-                continue;
-            }
-            (false, false) => {
-                return Err(BackupError::KeyNeeded {
-                    backup: backup.to_owned(),
-                    detail: format!("{} opens with neither the repository's key nor the new one", d.file),
-                });
-            }
-            _ => {}
-        }
         let algorithm = d.checksum.as_ref().map_or(CHECKSUM_ALGORITHM, |c| c.algorithm.as_str()).to_owned();
         // A split checksum (`blake3-split@`) covers the LUKS header as a part of its own: only
         // that part is read, before and after. Its other parts (the data, which a rotation
@@ -278,12 +264,25 @@ fn rotate_backup<I: ImageTool>(
             let text = serde_json::to_string(&journal).expect("a journal serialises");
             write_atomic(&journal_path, text.as_bytes(), 0o600).map_err(io("writing", &journal_path))?;
         }
-        if has_old {
-            if !has_new {
-                images.add_key(&file, old, new)?;
-                crate::fault::point("key-added");
+        // The new key added (each key tried once), then the old one's keyslot removed: a run
+        // killed between the two leaves a file both keys open.
+        let rekeyed = images.begin_rekey(&file, old, new).map_err(|e| match e.is_wrong_key() {
+            true => BackupError::KeyNeeded {
+                backup: backup.to_owned(),
+                detail: format!("{} opens with neither the repository's key nor the new one", d.file),
+            },
+            false => e.into(),
+        })?;
+        match rekeyed {
+            Rekeyed::Already if !touched => {
+                report.already += 1;
+                continue;
             }
-            images.remove_key(&file, new, old)?;
+            Rekeyed::Already => {}
+            Rekeyed::Added { old_slot } => {
+                crate::fault::point("key-added");
+                images.finish_rekey(&file, old_slot)?;
+            }
         }
         d.checksum = Some(match (split, parts) {
             (Some(bounds), Some(mut p)) => {

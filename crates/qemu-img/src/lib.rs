@@ -46,4 +46,4 @@ pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
 pub use stored::{KEY_SECRET_ID, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection};
 #[cfg(any(test, feature = "mock"))]
 pub use tool::MockImageTool;
-pub use tool::{ImageTimeouts, ImageTool, QemuImg};
+pub use tool::{ImageTimeouts, ImageTool, QemuImg, Rekeyed};

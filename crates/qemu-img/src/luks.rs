@@ -298,6 +298,13 @@ pub struct MasterKey {
     slot: usize,
 }
 
+impl MasterKey {
+    /// The keyslot the passphrase opened.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MasterKey").field("slot", &self.slot).finish_non_exhaustive()
@@ -394,9 +401,17 @@ impl LuksFile {
         self.write_header(&file)
     }
 
-    /// Removes the keyslot `key` was opened with: marked inactive (synced), then its material
-    /// overwritten with random bytes. The file's last keyslot is never removed.
+    /// Removes the keyslot `key` was opened with (see [`LuksFile::remove_slot`]).
     pub fn remove(&mut self, key: &MasterKey) -> Result<(), LuksError> {
+        self.remove_slot(key.slot)
+    }
+
+    /// Removes the keyslot `slot`: marked inactive (synced), then its material overwritten with
+    /// random bytes. An inactive slot is left as it is; the file's last keyslot is never removed.
+    pub fn remove_slot(&mut self, slot: usize) -> Result<(), LuksError> {
+        if !self.header.slots.get(slot).is_some_and(|s| s.active) {
+            return Ok(());
+        }
         if self.active_slots() < 2 {
             return Err(LuksError::Slots {
                 path: self.path.clone(),
@@ -404,7 +419,7 @@ impl LuksFile {
             });
         }
         let file = self.writable()?;
-        let slot = &mut self.header.slots[key.slot];
+        let slot = &mut self.header.slots[slot];
         (slot.active, slot.iterations, slot.salt) = (false, 0, [0; SALT_LEN]);
         let offset = slot.offset;
         self.write_header(&file)?;

@@ -71,6 +71,18 @@ impl Drop for RemoveOnDrop {
 /// How long removing an RBD image waits for the watch of a client that died with it open.
 const RBD_WATCH_WAIT: Duration = Duration::from_secs(60);
 
+/// What [`ImageTool::begin_rekey`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rekeyed {
+    /// The file had the old key (in keyslot `old_slot`): it has the new one too now.
+    Added {
+        /// The keyslot the old key opens, for [`ImageTool::finish_rekey`].
+        old_slot: usize,
+    },
+    /// The file had the new key only already.
+    Already,
+}
+
 /// What nasbak needs from an image tool.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 pub trait ImageTool {
@@ -116,6 +128,15 @@ pub trait ImageTool {
     fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError>;
     /// Removes the passphrase in `old_key` from the encrypted file `file`, opened with `key`.
     fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError>;
+    /// The first half of moving the encrypted file `file` from the key in `old` to the key in
+    /// `new`: a keyslot for `new` added when it does not open the file yet. Each key is tried
+    /// once. Returns the keyslot `old` opens, for [`ImageTool::finish_rekey`], or that the file
+    /// has the new key only already; a file neither key opens is `ImageError::Luks` with
+    /// `LuksError::WrongKey`.
+    fn begin_rekey(&self, file: &StoredFile, old: &Path, new: &Path) -> Result<Rekeyed, ImageError>;
+    /// The second half: the keyslot `old_slot` (from [`ImageTool::begin_rekey`]) removed, never
+    /// the file's last one.
+    fn finish_rekey(&self, file: &StoredFile, old_slot: usize) -> Result<(), ImageError>;
     /// Removes the RBD image `image` (`rbd rm`, with the spec's monitors, client id and key; the
     /// key in a 0600 keyring for the command's duration): what a restore that created it and
     /// failed leaves behind.
@@ -513,6 +534,25 @@ impl ImageTool for QemuImg {
         let mut luks = LuksFile::open(&file.path, file.layout)?;
         let master = luks.unlock(&read_passphrase(key)?)?.ok_or_else(|| wrong_key(file))?;
         Ok(luks.add(&master, &read_passphrase(new_key)?)?)
+    }
+
+    fn begin_rekey(&self, file: &StoredFile, old: &Path, new: &Path) -> Result<Rekeyed, ImageError> {
+        let mut luks = LuksFile::open(&file.path, file.layout)?;
+        let (old_key, new_key) = (read_passphrase(old)?, read_passphrase(new)?);
+        match (luks.unlock(&old_key)?, luks.unlock(&new_key)?) {
+            (None, None) => Err(wrong_key(file)),
+            (None, Some(_)) => Ok(Rekeyed::Already),
+            (Some(master), opened) => {
+                if opened.is_none() {
+                    luks.add(&master, &new_key)?;
+                }
+                Ok(Rekeyed::Added { old_slot: master.slot() })
+            }
+        }
+    }
+
+    fn finish_rekey(&self, file: &StoredFile, old_slot: usize) -> Result<(), ImageError> {
+        Ok(LuksFile::open(&file.path, file.layout)?.remove_slot(old_slot)?)
     }
 
     fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError> {
