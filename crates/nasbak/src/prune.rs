@@ -79,6 +79,9 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// ([`plan_merges`]; a merge that fails keeps the chain instead, the reason said), then
     /// removes those not kept, all under the VM's lock (so a backup, restore or delete of the VM
     /// cannot run in between). Damaged backups are reported, not counted.
+    ///
+    /// An encrypted chain is merged with the repository's key file; a repository whose key is a
+    /// libvirt secret is pruned by [`crate::Engine::prune`], which reads it.
     pub fn prune(
         &self,
         repository: &BackupRepository,
@@ -86,6 +89,20 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
         policy: Option<&RetentionPolicy>,
         schedule_keep: &BTreeMap<String, u32>,
         dry_run: bool,
+    ) -> Result<PruneReport, BackupError> {
+        let key = crate::protect::file_key(repository.protection()).ok().flatten();
+        self.prune_keyed(repository, vm, (policy, schedule_keep), dry_run, key.as_ref())
+    }
+
+    /// [`Catalog::prune`] with the repository's key resolved by the caller (none: an encrypted
+    /// chain's merge fails and the chain is kept, the reason said).
+    pub(crate) fn prune_keyed(
+        &self,
+        repository: &BackupRepository,
+        vm: &str,
+        (policy, schedule_keep): (Option<&RetentionPolicy>, &BTreeMap<String, u32>),
+        dry_run: bool,
+        key: Option<&crate::protect::Key>,
     ) -> Result<PruneReport, BackupError> {
         let vm_name = VmName::new(vm)?;
         let mounted = self.mounts().acquire(repository)?;
@@ -114,9 +131,6 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
             .collect();
         plan_merges(&mut decisions, &parents);
         if !dry_run {
-            // An encrypted chain is merged with the repository's key file (none: the merge
-            // fails and the chain is kept, the reason said).
-            let key = crate::protect::file_key(repository.protection()).ok().flatten();
             let merges: Vec<(String, String)> =
                 decisions.iter().rev().filter_map(|d| d.merge_over.clone().map(|p| (d.id.clone(), p))).collect();
             for (id, parent) in merges {
@@ -132,7 +146,7 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
                     &vm_dir,
                     vm,
                     (&id, &parent),
-                    key.as_ref(),
+                    key,
                     &nasbak_libvirt::CancelHandle::new(),
                     &mut |_| {},
                 );
@@ -191,6 +205,30 @@ pub fn keep_parents(decisions: &mut [PruneDecision], parents: &BTreeMap<String, 
         if !changed {
             return;
         }
+    }
+}
+
+impl<H, A, I, M> crate::Engine<H, A, I, M>
+where
+    H: nasbak_libvirt::Hypervisor,
+    A: crate::AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// [`Catalog::prune`] with the repository's key wherever it is kept: a key file, or a
+    /// libvirt secret read through libvirt (into a 0600 file for the prune's length). A key that
+    /// cannot be read keeps an encrypted chain unmerged, the reason said.
+    pub fn prune(
+        &self,
+        repository: &BackupRepository,
+        vm: &str,
+        policy: Option<&RetentionPolicy>,
+        schedule_keep: &BTreeMap<String, u32>,
+        dry_run: bool,
+    ) -> Result<PruneReport, BackupError> {
+        let key =
+            crate::protect::resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir).ok().flatten();
+        self.catalog().prune_keyed(repository, vm, (policy, schedule_keep), dry_run, key.as_ref())
     }
 }
 

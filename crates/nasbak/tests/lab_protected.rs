@@ -763,4 +763,24 @@ fn a_key_kept_as_a_libvirt_secret_rotates_to_another_secret_and_to_a_file() {
     assert_eq!(err.kind(), ErrorKind::KeyRejected, "{}", nasbak::chain(&err));
     assert!(nasbak::chain(&err).contains("at least 32"), "{}", nasbak::chain(&err));
     assert!(catalog.check_key(&repo, None).unwrap().ok());
+
+    // Back to a secret; prune merges the chain with it through the engine. The catalog alone
+    // cannot read the secret: its merge fails and keeps the chain, the reason said.
+    let done = e.rotate_key(&repo, &secret(&second), &cancel).unwrap();
+    assert_eq!(done.rotated, 2, "{done:?}");
+    let repo = with_key(secret(&second));
+    let keep = nasbak::nasbak_repo::RetentionPolicy::keep_last(1);
+    let kept = catalog.prune(&repo, dom.name(), Some(&keep), &Default::default(), false).unwrap();
+    assert!(kept.decisions.iter().all(|d| d.keep), "the chain is kept whole: {kept:?}");
+    assert_eq!(catalog.list(&repo, Some(dom.name())).unwrap().len(), 2);
+    let merged = e.prune(&repo, dom.name(), Some(&keep), &Default::default(), false).unwrap();
+    assert!(merged.decisions.iter().any(|d| d.id == full.manifest.id && !d.keep), "{merged:?}");
+    let left = catalog.list(&repo, Some(dom.name())).unwrap();
+    let nasbak::BackupKind::Nasbak(m) = &left[0].kind else { panic!("{left:?}") };
+    assert_eq!((left.len(), m.mode, m.disks[0].stored_as), (1, BackupMode::Full, FileFormat::Encrypted), "{left:?}");
+    let to = dom.dir().join("secret-merged.qcow2");
+    let request =
+        VolumeRestoreRequest::new(repo.clone(), dom.name(), m.id.as_str(), "vda", ImageLocation::Path(to.clone()));
+    e.restore_volume(&request, &cancel, &mut |_| {}).unwrap();
+    assert!(same(&to, &point), "the merged full holds the incremental's point");
 }

@@ -60,8 +60,9 @@ pub struct ConvertRequest {
     /// Compression of a qcow2 target.
     pub compression: Compression,
     /// Writes the qcow2 target compressed, encrypted or both (its key as a secret object);
-    /// replaces `compression`. A [`StoredLayout::Qcow2InLuks`] target is created first as its
-    /// container, then written through it.
+    /// replaces `compression`. An encrypted target ([`crate::StoredLayout::Qcow2Luks`], or the
+    /// container of a [`crate::StoredLayout::Qcow2InLuks`]) is created first by nasbak, then
+    /// written through its image options.
     pub protection: Option<TargetProtection>,
     /// A rate limit in bytes per second (`-r`).
     pub rate_limit: Option<u64>,

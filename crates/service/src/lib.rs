@@ -27,4 +27,4 @@ pub mod config;
 mod run_due;
 pub mod schedule;
 
-pub use run_due::{DueRun, Placement, RunDue, placement, prune_vm, run_due};
+pub use run_due::{DueRun, Placement, RunDue, placement, prune_vm, prune_vm_with, run_due};

@@ -7,7 +7,7 @@ use std::path::Path;
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor};
 use nasbak::nasbak_qemu_img::ImageTool;
-use nasbak::nasbak_repo::{BackupRepository, Mounter};
+use nasbak::nasbak_repo::{BackupRepository, Mounter, RetentionPolicy};
 use nasbak::prune::PruneReport;
 use nasbak::{
     AgentSource, BackupError, BackupRequest, BootResult, BootVerification, BootVerifyRequest, Catalog, Engine,
@@ -111,11 +111,42 @@ pub enum RunDue {
 }
 
 /// Prunes `vm` by its offering's retention and its schedules' limits (none: nothing goes).
+/// Encrypted chains are merged with the repository's key file; [`prune_vm_with`] reads a key
+/// kept as a libvirt secret.
 pub fn prune_vm<I: ImageTool + Sync, M: Mounter>(
     catalog: &Catalog<'_, I, M>,
     config: &Config,
     vm: &str,
     dry_run: bool,
+) -> Result<PruneReport, BackupError> {
+    prune_vm_by(config, vm, |repository, keep, limits| catalog.prune(repository, vm, keep, limits, dry_run))
+}
+
+/// [`prune_vm`] through the engine, which reads a repository key kept as a libvirt secret.
+pub fn prune_vm_with<H, A, I, M>(
+    engine: &Engine<H, A, I, M>,
+    config: &Config,
+    vm: &str,
+    dry_run: bool,
+) -> Result<PruneReport, BackupError>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    prune_vm_by(config, vm, |repository, keep, limits| engine.prune(repository, vm, keep, limits, dry_run))
+}
+
+/// The offering's retention and the schedules' limits of `vm`, handed to `prune`.
+fn prune_vm_by(
+    config: &Config,
+    vm: &str,
+    prune: impl FnOnce(
+        &BackupRepository,
+        Option<&RetentionPolicy>,
+        &BTreeMap<String, u32>,
+    ) -> Result<PruneReport, BackupError>,
 ) -> Result<PruneReport, BackupError> {
     let offering = config.offering_of(vm).ok_or_else(|| BackupError::NotFound {
         what: format!("an offering of {vm} (prune follows the offering's retention)"),
@@ -125,7 +156,7 @@ pub fn prune_vm<I: ImageTool + Sync, M: Mounter>(
         .ok_or_else(|| BackupError::NotFound { what: format!("repository {}", offering.repository) })?;
     let limits: BTreeMap<String, u32> =
         config.schedules.iter().filter(|s| s.vm == vm).map(|s| (s.id.clone(), s.keep)).collect();
-    catalog.prune(repository, vm, offering.keep.as_ref(), &limits, dry_run)
+    prune(repository, offering.keep.as_ref(), &limits)
 }
 
 /// The configuration or the schedule state failed: the engine's error of that kind.
@@ -203,7 +234,7 @@ where
                     }
                     boot_verified = Some(engine.verify_boot(&r, cancel).map_err(|e| chain(&e)));
                 }
-                let (pruned, prune_error) = match prune_vm(&engine.catalog(), config, &s.vm, false) {
+                let (pruned, prune_error) = match prune_vm_with(engine, config, &s.vm, false) {
                     Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
                     Err(e) => (Vec::new(), Some(chain(&e))),
                 };

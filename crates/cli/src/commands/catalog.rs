@@ -2,7 +2,7 @@
 //! needs libvirt.
 
 use anyhow::{Result, anyhow};
-use nasbak::nasbak_repo::BackupRef;
+use nasbak::nasbak_repo::{BackupRef, KeySource};
 use nasbak::{BackupError, BackupKind, FileStatus, MountRequest, VerifyReport};
 use nasbak_service::config::Config;
 
@@ -152,9 +152,21 @@ pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Res
         None => config.assignments.keys().cloned().collect(),
     };
     let services = CatalogServices::new();
+    // A repository whose key is a libvirt secret: its encrypted chains are merged with the key
+    // read through libvirt (connected only then).
+    let secret_keyed = |v: &str| {
+        config
+            .offering_of(v)
+            .and_then(|o| config.repository(&o.repository))
+            .is_some_and(|r| matches!(r.protection().key(), Some(KeySource::LibvirtSecret(_))))
+    };
+    let libvirt = if !dry_run && vms.iter().any(|v| secret_keyed(v)) { Some(super::engine(cli)?) } else { None };
     let mut reports = Vec::new();
     for v in &vms {
-        let report = nasbak_service::prune_vm(&services.catalog(), config, v, dry_run)?;
+        let report = match &libvirt {
+            Some(e) if secret_keyed(v) => nasbak_service::prune_vm_with(e, config, v, dry_run)?,
+            _ => nasbak_service::prune_vm(&services.catalog(), config, v, dry_run)?,
+        };
         if !cli.json {
             for d in &report.damaged {
                 println!("DAMAGED  {v}/{}  ({}): not counted, not removed; verify or delete it", d.id, d.reason);
