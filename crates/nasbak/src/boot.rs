@@ -62,11 +62,13 @@ where
             what: format!("booting backup {vm}/{id}: it has no saved domain definition ({DOMAIN_CONFIG_FILE})"),
         })?;
         let started = Instant::now();
+        let booted = std::cell::Cell::new(None);
         let record =
             |result: BootResult, detail: String, console: Vec<String>| -> Result<BootVerification, BackupError> {
                 let mut v = BootVerification::new(reference.clone(), result, self.clock.now(), detail);
                 v.millis = started.elapsed().as_millis() as u64;
                 v.console = console;
+                v.boot_millis = booted.get();
                 write_record(&dir, &v)?;
                 Ok(v)
             };
@@ -132,22 +134,26 @@ where
         }
         guard.started = true;
         crate::fault::point("boot-started");
-        let (result, detail) = self.wait_for_agent(&name, request, started, cancel)?;
+        let booting = Instant::now();
+        let (result, detail, answered) = self.wait_for_agent(&name, request, (booting, &console_log), cancel)?;
+        booted.set(answered.map(|a| a.as_millis() as u64));
         let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
         drop(guard);
         record(result, detail, console)
     }
 
     /// Waits until the throwaway VM `name`'s guest agent answers (and the request's check
-    /// passes), it stops, or the request's timeout: the result and what happened, in words.
+    /// passes), it stops, its console (`console_log`) shows that the boot failed (see
+    /// [`BOOT_FAILED`]), or the request's timeout: the result and what happened, in words.
     fn wait_for_agent(
         &self,
         name: &str,
         request: &BootVerifyRequest,
-        started: Instant,
+        (started, console_log): (Instant, &Path),
         cancel: &CancelHandle,
-    ) -> Result<(BootResult, String), BackupError> {
+    ) -> Result<(BootResult, String, Option<Duration>), BackupError> {
         let deadline = Instant::now() + request.timeout;
+        let mut answered_after = None;
         // Every libvirt call of the wait ends by the timeout, whatever the throwaway's QEMU does.
         let _scope = nasbak_libvirt::deadline::scope(deadline);
         let did_not_answer = || format!("the guest agent did not answer within {} s", request.timeout.as_secs());
@@ -170,6 +176,16 @@ where
                     );
                 }
             }
+            // The firmware (or the kernel) said it gave up: waiting longer shows nothing more.
+            if let Some(line) = boot_failed(console_log) {
+                break (
+                    BootResult::Failed,
+                    format!(
+                        "the boot failed after {:.1} s: the console says {line:?}",
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
+            }
             // Each ping ends by the deadline too (the agent's calls have their own).
             let ping = left.min(Duration::from_secs(5));
             let agent = self.agents.agent_transport(name).map(|t| GuestAgent::new(t, ping));
@@ -177,6 +193,7 @@ where
                 && agent.ping().is_ok()
             {
                 let answered = started.elapsed();
+                answered_after = Some(answered);
                 break match &request.check {
                     None => {
                         (BootResult::Passed, format!("the guest agent answered after {:.1} s", answered.as_secs_f64()))
@@ -186,7 +203,7 @@ where
             }
             cancel.sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
         };
-        Ok(outcome)
+        Ok((outcome.0, outcome.1, answered_after))
     }
 }
 
@@ -239,6 +256,37 @@ fn run_check<T: nasbak_agent::AgentTransport>(
 fn base64_decode(text: &str) -> Option<String> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(text).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// What a console shows when a boot has failed for good: the firmware found nothing to boot
+/// after trying every device (SeaBIOS, OVMF), a boot sector's own last words, or the kernel gave
+/// up. Matched case-insensitively. Not "Boot failed: ..." alone: SeaBIOS says it of each device
+/// it cannot boot (an empty CD-ROM drive) before it tries the next.
+const BOOT_FAILED: &[&str] = &[
+    "no bootable device",
+    "no bootable option or device was found",
+    "operating system not found",
+    "missing operating system",
+    "kernel panic - not syncing",
+];
+
+/// The first console line showing the boot failed (see [`BOOT_FAILED`]), if any.
+fn boot_failed(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    // The last 64 KiB are enough: a firmware that gave up prints it last, and retries.
+    let mut file = fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines()
+        .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+        .find(|l| {
+            let lower = l.to_lowercase();
+            BOOT_FAILED.iter().any(|m| lower.contains(m))
+        })
+        .map(|l| l.trim().to_owned())
 }
 
 /// The console's last lines, control characters dropped.
@@ -312,5 +360,34 @@ impl<H: Hypervisor> Drop for BootGuard<'_, H> {
             let _ = ReadOnlyExport::stop_at(socket, STOP_TIMEOUT);
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::*;
+
+    #[test]
+    fn a_console_shows_a_failed_boot_only_when_nothing_is_left_to_try() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        assert_eq!(boot_failed(&log), None, "no console yet");
+        let tried = "SeaBIOS (version 1.16.2-debian-1.16.2-1)\r\nBooting from DVD/CD...\r\n\
+                     Boot failed: Could not read from CDROM (code 0003)\r\nBooting from Hard Disk...\r\n";
+        fs::write(&log, tried).unwrap();
+        assert_eq!(boot_failed(&log), None, "one device failing is no failed boot");
+        fs::write(
+            &log,
+            format!("{tried}Boot failed: not a bootable disk\r\n\r\nNo bootable device.  Retrying in 60 seconds.\r\n"),
+        )
+        .unwrap();
+        assert_eq!(boot_failed(&log).as_deref(), Some("No bootable device.  Retrying in 60 seconds."));
+        fs::write(&log, "[    1.2] Kernel panic - not syncing: VFS: Unable to mount root fs\n").unwrap();
+        assert!(boot_failed(&log).unwrap().starts_with("[    1.2] Kernel panic"));
+        // Only the last 64 KiB are read: an old failure scrolled far back is not the boot's.
+        let mut long = String::from("No bootable device.\n");
+        long.push_str(&"x".repeat(70 << 10));
+        fs::write(&log, long).unwrap();
+        assert_eq!(boot_failed(&log), None);
     }
 }

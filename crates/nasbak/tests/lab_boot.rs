@@ -65,6 +65,9 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     let v = verify(&good, 180, None);
     assert_eq!(v.result, BootResult::Passed, "{v:?}");
     assert!(v.detail.contains("agent answered"), "{v:?}");
+    // The time to boot (start to the agent's first answer) is recorded, within the whole.
+    let booted = v.boot_millis.expect("a passed boot has its time to boot");
+    assert!(booted > 0 && booted <= v.millis, "{v:?}");
     // A check run through the agent: one that succeeds, one that fails with its code.
     let v = verify(&good, 180, Some("grep -q console=ttyS0 /proc/cmdline"));
     assert_eq!(v.result, BootResult::Passed, "{v:?}");
@@ -133,8 +136,15 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     let zeroes = vec![0u8; 1 << 20];
     fs::write(&dom.disks()[0].path, [zeroes.as_slice(); 64].concat()).unwrap();
     let broken = backup();
-    let v = verify(&broken, 40, None);
+    // Given 300 s (the default), it fails as soon as the firmware gives up.
+    let began = std::time::Instant::now();
+    let v = verify(&broken, 300, None);
+    let took = began.elapsed();
     assert_eq!(v.result, BootResult::Failed, "{v:?}");
+    eprintln!("the zeroed boot disk failed after {took:?}: {}", v.detail);
+    assert!(took < Duration::from_secs(30), "a boot that cannot succeed fails fast: {took:?} ({v:?})");
+    assert!(v.detail.contains("No bootable device"), "the firmware's words are said: {}", v.detail);
+    assert_eq!(v.boot_millis, None, "it never booted");
     let console = v.console.join("\n");
     assert!(console.to_lowercase().contains("boot"), "the firmware's lines: {console}");
 

@@ -40,13 +40,18 @@ pub struct BootVerification {
     pub detail: String,
     /// The console's last lines, for a failed boot.
     pub console: Vec<String>,
+    /// How long the guest took to boot: from the throwaway VM's start to its guest agent's first
+    /// answer, in milliseconds (what an operator waits for a restore of it to come up). None
+    /// when the agent never answered, and in records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_millis: Option<u64>,
 }
 
 impl BootVerification {
     /// A verification of backup `backup` (`REPO:VM/BACKUP-ID`) with `result` at `at`, what
     /// happened in `detail`; no time taken and no console lines yet.
     pub fn new(backup: String, result: BootResult, at: chrono::DateTime<chrono::Utc>, detail: String) -> Self {
-        BootVerification { backup, result, at, millis: 0, detail, console: Vec::new() }
+        BootVerification { backup, result, at, millis: 0, detail, console: Vec::new(), boot_millis: None }
     }
 }
 
