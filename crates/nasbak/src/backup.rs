@@ -334,7 +334,8 @@ where
         if running && self.abort_orphaned_job(&request.vm, vm_dir)? {
             notes.cleaned.push(format!("aborted the backup job of {} left running by an interrupted run", request.vm));
         }
-        if running && request.repository.protection().encryption() == nasbak_repo::Encryption::Luks {
+        // A killed backup's transient key secret, whatever state the VM is in now.
+        if request.repository.protection().encryption() == nasbak_repo::Encryption::Luks {
             notes.cleaned.extend(self.remove_leaked_secrets(&request.vm));
         }
         let interrupted = nasbak_repo::store::clean_partials(vm_dir);
@@ -856,7 +857,13 @@ where
             backup: format!("{}:{}", run.request.repository.name(), run.request.vm),
             detail: "the repository encrypts and no key was resolved".into(),
         })?;
-        let value = nasbak_repo::store::read_key_file(key.path())?;
+        // The key as QEMU's secret objects read it from the file: its bytes as they are (a key
+        // from a libvirt secret was written there by nasbak; a key file was checked already).
+        let bytes = fs::read(key.path()).map_err(io("reading the repository's key from", key.path()))?;
+        let value = String::from_utf8(bytes).map(nasbak_process::Secret::new).map_err(|_| BackupError::KeyNeeded {
+            backup: format!("{}:{}", run.request.repository.name(), run.request.vm),
+            detail: "the repository's key is not UTF-8 text, which libvirt needs to hand it to QEMU; use a text key (head -c 32 /dev/urandom | base64)".into(),
+        })?;
         let description = format!("{}{})", job_secret_prefix(&run.request.vm), std::process::id());
         let uuid = self.hypervisor.define_transient_secret(&description, &value)?;
         Ok(Some(JobSecret { hypervisor: &self.hypervisor, uuid }))

@@ -62,21 +62,25 @@ where
             what: format!("booting backup {vm}/{id}: it has no saved domain definition ({DOMAIN_CONFIG_FILE})"),
         })?;
         let started = Instant::now();
-        let booted = std::cell::Cell::new(None);
-        let record =
-            |result: BootResult, detail: String, console: Vec<String>| -> Result<BootVerification, BackupError> {
-                let mut v = BootVerification::new(reference.clone(), result, self.clock.now(), detail);
-                v.millis = started.elapsed().as_millis() as u64;
-                v.console = console;
-                v.boot_millis = booted.get();
-                write_record(&dir, &v)?;
-                Ok(v)
-            };
+        // `booted`: how long the guest took to answer, when it did.
+        let record = |result: BootResult,
+                      detail: String,
+                      console: Vec<String>,
+                      booted: Option<Duration>|
+         -> Result<BootVerification, BackupError> {
+            let mut v = BootVerification::new(reference.clone(), result, self.clock.now(), detail);
+            v.millis = started.elapsed().as_millis() as u64;
+            v.console = console;
+            v.boot_millis = booted.map(|b| b.as_millis() as u64);
+            write_record(&dir, &v)?;
+            Ok(v)
+        };
         if !has_agent_channel(&saved) {
             return record(
                 BootResult::Unverifiable,
                 "the VM has no guest agent channel: a booted guest cannot be told from a hung one".into(),
                 Vec::new(),
+                None,
             );
         }
         let uuid = uuid::Uuid::new_v4().to_string();
@@ -130,16 +134,20 @@ where
             &Throwaway { name: &name, uuid: &uuid, disks: &swaps, console_log: &console_log, agent: true },
         )?;
         if let Err(e) = self.hypervisor.start_with_xml(&xml) {
-            return record(BootResult::Failed, format!("the throwaway VM did not start: {e}"), tail(&console_log));
+            return record(
+                BootResult::Failed,
+                format!("the throwaway VM did not start: {e}"),
+                tail(&console_log),
+                None,
+            );
         }
         guard.started = true;
         crate::fault::point("boot-started");
         let booting = Instant::now();
         let (result, detail, answered) = self.wait_for_agent(&name, request, (booting, &console_log), cancel)?;
-        booted.set(answered.map(|a| a.as_millis() as u64));
         let console = if result == BootResult::Passed { Vec::new() } else { tail(&console_log) };
         drop(guard);
-        record(result, detail, console)
+        record(result, detail, console, answered)
     }
 
     /// Waits until the throwaway VM `name`'s guest agent answers (and the request's check

@@ -123,11 +123,6 @@ pub trait ImageTool {
     /// Whether `key` opens the encrypted file `file` (its backing files are not opened); a
     /// plain or compressed file needs no key and opens.
     fn opens_with(&self, file: &StoredFile, key: &Path) -> Result<bool, ImageError>;
-    /// Gives the encrypted file `file`, opened with `key`, the passphrase in `new_key` as well (a
-    /// new LUKS keyslot: only the header changes, the data is not rewritten).
-    fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError>;
-    /// Removes the passphrase in `old_key` from the encrypted file `file`, opened with `key`.
-    fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError>;
     /// The first half of moving the encrypted file `file` from the key in `old` to the key in
     /// `new`: a keyslot for `new` added when it does not open the file yet. Each key is tried
     /// once. Returns the keyslot `old` opens, for [`ImageTool::finish_rekey`], or that the file
@@ -530,12 +525,6 @@ impl ImageTool for QemuImg {
         Ok(luks.unlock(&read_passphrase(key)?)?.is_some())
     }
 
-    fn add_key(&self, file: &StoredFile, key: &Path, new_key: &Path) -> Result<(), ImageError> {
-        let mut luks = LuksFile::open(&file.path, file.layout)?;
-        let master = luks.unlock(&read_passphrase(key)?)?.ok_or_else(|| wrong_key(file))?;
-        Ok(luks.add(&master, &read_passphrase(new_key)?)?)
-    }
-
     fn begin_rekey(&self, file: &StoredFile, old: &Path, new: &Path) -> Result<Rekeyed, ImageError> {
         let mut luks = LuksFile::open(&file.path, file.layout)?;
         let (old_key, new_key) = (read_passphrase(old)?, read_passphrase(new)?);
@@ -553,15 +542,6 @@ impl ImageTool for QemuImg {
 
     fn finish_rekey(&self, file: &StoredFile, old_slot: usize) -> Result<(), ImageError> {
         Ok(LuksFile::open(&file.path, file.layout)?.remove_slot(old_slot)?)
-    }
-
-    fn remove_key(&self, file: &StoredFile, key: &Path, old_key: &Path) -> Result<(), ImageError> {
-        let mut luks = LuksFile::open(&file.path, file.layout)?;
-        luks.unlock(&read_passphrase(key)?)?.ok_or_else(|| wrong_key(file))?;
-        match luks.unlock(&read_passphrase(old_key)?)? {
-            Some(old) => Ok(luks.remove(&old)?),
-            None => Ok(()),
-        }
     }
 
     fn export_stored(

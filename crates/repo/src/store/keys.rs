@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use nasbak_process::Secret;
 
 /// The shortest key accepted, in bytes: LUKS spends little time deriving keyslot keys
-/// (`nasbak_qemu_img::PBKDF_ITER_TIME_MS`), which is safe for a random key and not for a word.
+/// (`nasbak_qemu_img::luks::KEYSLOT_ITERATIONS`), which is safe for a random key and not for a word.
 pub const MIN_KEY_LEN: u64 = 32;
 
 /// Why a key file cannot be used.
