@@ -50,10 +50,10 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon has to stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
+impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Shows a backup's disks read-only under `request.dir` (see the module's documentation):
-    /// every file of each disk's chain is checked first (`qemu-img check`); a failure on the
-    /// way leaves nothing behind. The mount lasts beyond this call, until [`Catalog::unmount`].
+    /// every file of each disk's chain is checked (`qemu-img check`, while the exports start)
+    /// before any file system is mounted; a failure on the way leaves nothing behind. The mount lasts beyond this call, until [`Catalog::unmount`].
     pub fn mount(&self, request: &MountRequest, cancel: &CancelHandle) -> Result<MountedBackup, BackupError> {
         let vm = VmName::new(&request.vm)?;
         request.id.parse::<BackupId>()?;
@@ -98,55 +98,68 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             // Held while the files are checked and opened: a prune or delete waits. Once the
             // daemons have the files open, they read them even if the backup is deleted.
             let _lock = VmLock::take(&layout.vm_dir(&vm), &request.vm)?;
-            // Every file of every chain checked before anything is shown; an encrypted one with
-            // the repository's key file.
+            // Every file of every chain checked before any file system is mounted; an encrypted
+            // one with the repository's key file.
             let key = match selected.iter().any(|d| d.stored_as.is_encrypted()) {
                 true => crate::protect::file_key(request.repository.protection())?,
                 false => None,
             };
             let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
-            let mut chains = Vec::new();
-            for disk in &selected {
-                if cancel.is_cancelled() {
-                    return Err(BackupError::Cancelled);
-                }
-                let chain = ancestors(&layout.vm_dir(&vm), &request.vm, &request.id, disk)?;
-                check_chain(self.images(), (&backup_dir, disk), &chain, key.as_ref(), &shown)
-                    .map_err(at(Step::Check))?;
-                chains.push(chain);
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
             }
-            for (disk, chain) in selected.iter().zip(&chains) {
-                let disk_dir = dir.join(&disk.target);
-                fs::create_dir(&disk_dir).map_err(|source| BackupError::Io {
-                    action: "creating",
-                    path: disk_dir.clone(),
-                    source,
-                })?;
-                let image = disk_dir.join(DISK_IMAGE_FILE);
-                let format = disk.format.parse::<ImageFormat>().unwrap_or(ImageFormat::Qcow2);
-                let exported = match crate::protect::disk_image(&backup_dir, disk, chain, key.as_ref(), &shown)? {
-                    ImageLocation::Stored(stored) => {
-                        self.images().export_stored(ExportKind::Fuse, &stored, &image, mounted.registration())
-                    }
-                    _ => self.images().export_read_only(
-                        ExportKind::Fuse,
-                        &backup_dir.join(&disk.file),
-                        &format,
-                        &image,
-                        mounted.registration(),
-                    ),
-                };
-                exported.map_err(|e| at(Step::Export { disk: disk.target.clone() })(e.into()))?;
-                state.disks.push(MountedDisk {
-                    target: disk.target.clone(),
-                    size: fs::metadata(&image).map_or(0, |m| m.len()),
-                    image,
-                    files: chain.len() + 1,
-                    filesystems: Vec::new(),
-                    not_mounted: Vec::new(),
+            let chains = selected
+                .iter()
+                .map(|disk| ancestors(&layout.vm_dir(&vm), &request.vm, &request.id, disk))
+                .collect::<Result<Vec<_>, _>>()?;
+            // The files are checked while the exports start (no file system is mounted before
+            // both are done; a failure of either undoes the exports).
+            std::thread::scope(|s| {
+                let images = self.images();
+                let checking = s.spawn(|| {
+                    selected.iter().zip(&chains).try_for_each(|(disk, chain)| {
+                        check_chain(images, (&backup_dir, disk), chain, key.as_ref(), &shown)
+                    })
                 });
-                write_state(&state)?;
-            }
+                let exported = (|| {
+                    for (disk, chain) in selected.iter().zip(&chains) {
+                        let disk_dir = dir.join(&disk.target);
+                        fs::create_dir(&disk_dir).map_err(|source| BackupError::Io {
+                            action: "creating",
+                            path: disk_dir.clone(),
+                            source,
+                        })?;
+                        let image = disk_dir.join(DISK_IMAGE_FILE);
+                        let format = disk.format.parse::<ImageFormat>().unwrap_or(ImageFormat::Qcow2);
+                        let source = crate::protect::disk_image(&backup_dir, disk, chain, key.as_ref(), &shown)?;
+                        let exported = match source {
+                            ImageLocation::Stored(stored) => {
+                                self.images().export_stored(ExportKind::Fuse, &stored, &image, mounted.registration())
+                            }
+                            _ => self.images().export_read_only(
+                                ExportKind::Fuse,
+                                &backup_dir.join(&disk.file),
+                                &format,
+                                &image,
+                                mounted.registration(),
+                            ),
+                        };
+                        exported.map_err(|e| at(Step::Export { disk: disk.target.clone() })(e.into()))?;
+                        state.disks.push(MountedDisk {
+                            target: disk.target.clone(),
+                            size: fs::metadata(&image).map_or(0, |m| m.len()),
+                            image,
+                            files: chain.len() + 1,
+                            filesystems: Vec::new(),
+                            not_mounted: Vec::new(),
+                        });
+                        write_state(&state)?;
+                    }
+                    Ok(())
+                })();
+                let checked = checking.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                checked.map_err(at(Step::Check)).and(exported)
+            })?;
         }
         for i in 0..state.disks.len() {
             if cancel.is_cancelled() {

@@ -449,20 +449,56 @@ fn an_incremental_backup_is_restored_through_its_chain_and_a_broken_chain_is_ref
     let mut img = MockImageTool::new();
     img.expect_check()
         .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
-    img.expect_convert().returning(move |r, _| {
-        seen.lock().unwrap().push((r.source.to_string(), r.target.to_string(), r.target_format.clone()));
+    // Plain files: the chain's files copied beside the target as the repository lays them out,
+    // the incremental committed into the full's copy, which becomes the volume.
+    img.expect_convert().never();
+    img.expect_commit().returning(move |top, base, _, _| {
+        seen.lock().unwrap().push((top.to_owned(), base.to_owned(), fs::read(top).unwrap()));
         Ok(())
     });
     let (strict, repo) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
-    let to = ImageLocation::Path(dir.path().join("restored.qcow2"));
-    let request = VolumeRestoreRequest::new(repo.clone(), "vm1", second.manifest.id.clone(), "vda", to);
+    let to = dir.path().join("restored.qcow2");
+    let request = VolumeRestoreRequest::new(
+        repo.clone(),
+        "vm1",
+        second.manifest.id.clone(),
+        "vda",
+        ImageLocation::Path(to.clone()),
+    );
     strict.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
     let calls = converted.lock().unwrap().clone();
-    let top = format!("{}/{}", second.relative_dir.display(), second.manifest.disks[0].file);
-    assert!(
-        calls.iter().any(|(src, _, format)| src.ends_with(&top) && *format == ImageFormat::Qcow2),
-        "the incremental disk is read through its chain into a self-contained qcow2: {calls:?}"
+    let (top, base, top_bytes) = &calls[0];
+    let file = |m: &crate::BackupOutcome| dir.path().join("repo").join(&m.relative_dir).join(&m.manifest.disks[0].file);
+    assert!(top.ends_with(format!("{}/{}", second.manifest.id, second.manifest.disks[0].file)), "{calls:?}");
+    assert!(base.ends_with(format!("{}/{}", first.manifest.id, first.manifest.disks[0].file)), "{calls:?}");
+    assert_eq!(top.parent().unwrap().parent(), base.parent().unwrap().parent(), "one workspace");
+    assert_eq!(*top_bytes, fs::read(file(&second)).unwrap(), "the incremental's copy");
+    assert_eq!(fs::read(&to).unwrap(), fs::read(file(&first)).unwrap(), "the full's copy, committed into");
+    assert!(!top.exists() && entries(dir.path()).iter().all(|f| !f.contains("nasbak-restore")), "nothing left");
+    // The incremental fails qemu-img check (while the files are copied): said, never committed,
+    // nothing left.
+    let mut img = MockImageTool::new();
+    let bad = second.manifest.disks[0].file.clone();
+    let bad_id = second.manifest.id.clone();
+    img.expect_check().returning(move |at, _| {
+        let corrupt = at.to_string().contains(&bad_id) && at.to_string().ends_with(&bad);
+        let verdict = if corrupt { CheckVerdict::Corrupt } else { CheckVerdict::Clean };
+        Ok(CheckReport { verdict, corruptions: u64::from(corrupt), leaks: 0, check_errors: 0 })
+    });
+    img.expect_commit().never();
+    let (failing, _) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
+    let to = dir.path().join("failed.qcow2");
+    let request = VolumeRestoreRequest::new(
+        repo.clone(),
+        "vm1",
+        second.manifest.id.clone(),
+        "vda",
+        ImageLocation::Path(to.clone()),
     );
+    let err = failing.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let text = crate::chain(&err);
+    assert!(err.kind() == crate::ErrorKind::CorruptFile && text.contains(&second.manifest.disks[0].file), "{text}");
+    assert!(!to.exists() && entries(dir.path()).iter().all(|f| !f.contains("nasbak-restore")), "nothing left");
     // Its parent gone: the chain is broken, the restore refused before anything is written.
     fs::remove_dir_all(dir.path().join("repo").join(&first.relative_dir)).unwrap();
     converted.lock().unwrap().clear();

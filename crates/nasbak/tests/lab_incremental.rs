@@ -457,3 +457,112 @@ fn a_shut_off_vm_gets_incrementals_from_its_bitmaps_across_starts_and_stops() {
         assert!(same(&to, want), "the point of {}", made.manifest.id);
     }
 }
+
+/// What is left beside `path` by a restore: staged files and chain workspaces.
+fn staged_beside(path: &Path) -> Vec<String> {
+    let dir = path.parent().unwrap();
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".nasbak-restore"))
+        .collect()
+}
+
+/// A restore from deep in a chain reads each backup file once: the full is copied (its checksum
+/// checked as it is copied) and the incrementals are committed into the copy. Its progress is
+/// the bytes written; a damaged file, a cancel and a killed run's leftovers leave nothing behind.
+#[test]
+fn a_restore_from_deep_in_a_chain_reads_each_file_once_and_leaves_nothing_behind() {
+    let dom = DomainSpec::new("incdeep").disk(DiskSpec::qcow2(48)).running(true).create();
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("deep", kind, root.to_str().unwrap(), "", None).unwrap();
+    let e = engine(&dom.dir().join("runtime"));
+    dom.write_through_qemu(0, 0x11, "0", "16M");
+    let mut made = Vec::new();
+    // A full, then five incrementals: new data, data over data, zeros over data, data at the end.
+    for (i, (pattern, offset, len)) in [
+        (0x11, "0", "1M"),
+        (0x22, "2M", "1M"),
+        (0x33, "2M", "512K"),
+        (0x00, "8M", "2M"),
+        (0x44, "47M", "1M"),
+        (0x55, "20M", "3M"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            dom.write_through_qemu(0, pattern, offset, len);
+        }
+        let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(ModeRequest::Auto);
+        let out = e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert_eq!(out.manifest.mode, if i == 0 { BackupMode::Full } else { BackupMode::Incremental });
+        made.push(out);
+    }
+    let point = dom.raw_copy(0, "deep-top");
+    let top = made.last().unwrap();
+    let files: Vec<u64> = made
+        .iter()
+        .map(|m| fs::metadata(root.join(&m.relative_dir).join(&m.manifest.disks[0].file)).unwrap().len())
+        .collect();
+    let incrementals: u64 = files[1..].iter().sum();
+
+    // Progress: the bytes written (every file copied, the incrementals' again), never going back.
+    let to = dom.dir().join("deep.qcow2");
+    let request =
+        VolumeRestoreRequest::new(repo.clone(), dom.name(), &top.manifest.id, "vda", ImageLocation::Path(to.clone()));
+    let mut seen = Vec::new();
+    e.restore_volume(&request, &CancelHandle::new(), &mut |p| seen.push(p.clone()))
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(same(&to, &point), "the top of the chain restored exactly");
+    let info = QemuImg::new(dom.dir()).info(&ImageLocation::Path(to.clone())).unwrap();
+    assert_eq!(info.len(), 1, "self-contained: {info:?}");
+    let total = files.iter().sum::<u64>() + incrementals;
+    assert!(seen.iter().all(|p| p.total == total && p.phase == nasbak::Phase::Copy), "{total}: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].done <= w[1].done), "{seen:?}");
+    assert_eq!(seen.last().map(|p| p.done), Some(total), "{seen:?}");
+    assert!(seen.iter().any(|p| p.done > files.iter().sum::<u64>()), "the commit's bytes are told: {seen:?}");
+    assert!(staged_beside(&to).is_empty(), "{:?}", staged_beside(&to));
+
+    // A cancel while the full is copied: nothing written, nothing left.
+    let to2 = dom.dir().join("deep2.qcow2");
+    let request2 =
+        VolumeRestoreRequest::new(repo.clone(), dom.name(), &top.manifest.id, "vda", ImageLocation::Path(to2.clone()));
+    let cancel = CancelHandle::new();
+    let err = e.restore_volume(&request2, &cancel, &mut |_| cancel.cancel()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{}", nasbak::chain(&err));
+    assert!(!to2.exists() && staged_beside(&to2).is_empty(), "{:?}", staged_beside(&to2));
+
+    // A damaged incremental in the middle: named, nothing written, nothing left.
+    let middle = root.join(&made[2].relative_dir).join(&made[2].manifest.disks[0].file);
+    let saved = fs::read(&middle).unwrap();
+    let mut bad = saved.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 0xff;
+    fs::write(&middle, &bad).unwrap();
+    let err = e.restore_volume(&request2, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    let text = nasbak::chain(&err);
+    assert!(text.contains(&made[2].manifest.disks[0].file) && text.contains("manifest says"), "{text}");
+    assert!(!to2.exists() && staged_beside(&to2).is_empty(), "{:?}", staged_beside(&to2));
+    fs::write(&middle, &saved).unwrap();
+
+    // The whole VM: a killed restore's workspace beside the volume is removed, the volume is
+    // the top's point.
+    dom.destroy();
+    let volume = &dom.disks()[0].path;
+    let name = volume.file_name().unwrap().to_string_lossy().into_owned();
+    let stale = volume.with_file_name(format!(".{name}.999999999-0.nasbak-restore.chain"));
+    fs::create_dir_all(stale.join("2026.01.01.00.00.00")).unwrap();
+    fs::write(stale.join("2026.01.01.00.00.00").join("vda.qcow2"), b"left by a killed restore").unwrap();
+    let out = e.restore(
+        &RestoreRequest::new(repo.clone(), dom.name(), top.manifest.id.as_str()),
+        &CancelHandle::new(),
+        &mut |_| {},
+    );
+    out.unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(same(volume, &point));
+    assert!(staged_beside(volume).is_empty(), "{:?}", staged_beside(volume));
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nasbak_process::{CommandError, ExternalCommand};
+use nasbak_process::{CancelHandle, CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
 use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
@@ -90,6 +90,17 @@ pub trait ImageTool {
     fn info(&self, image: &ImageLocation) -> Result<Vec<ImageInfo>, ImageError>;
     /// Converts (copies) an image, reporting progress.
     fn convert(&self, request: &ConvertRequest, progress: Arc<ProgressFn>) -> Result<(), ImageError>;
+    /// Writes what the qcow2 file `top` and every file between it and `base` hold into `base`
+    /// (`qemu-img commit -d -b base`), so that `base` reads as `top` did; `top` and the files
+    /// between are left as they were in content but no longer needed. All are nasbak's own
+    /// copies (the files are opened read-write). Cancelling kills qemu-img.
+    fn commit(
+        &self,
+        top: &Path,
+        base: &Path,
+        cancel: &CancelHandle,
+        progress: Arc<ProgressFn>,
+    ) -> Result<(), ImageError>;
     /// Checks an image's consistency.
     fn check(&self, image: &ImageLocation, format: &ImageFormat) -> Result<CheckReport, ImageError>;
     /// Whether two images have the same guest-visible content.
@@ -286,6 +297,22 @@ impl QemuImg {
     }
 }
 
+/// What qemu-img prints with `-p`, told to `progress` as percentages.
+fn progress_observer(progress: Arc<ProgressFn>) -> Arc<OutputFn> {
+    let pending = Mutex::new(String::new());
+    Arc::new(move |chunk: &[u8]| {
+        let mut text = pending.lock().unwrap_or_else(|e| e.into_inner());
+        text.push_str(&String::from_utf8_lossy(chunk));
+        if let Some(p) = last_progress(&text) {
+            progress(p);
+        }
+        // Keep only the unfinished tail.
+        if let Some(i) = text.rfind(['\r', '\n']) {
+            text.drain(..=i);
+        }
+    })
+}
+
 impl ImageTool for QemuImg {
     fn info(&self, image: &ImageLocation) -> Result<Vec<ImageInfo>, ImageError> {
         let (name, _keyring) = self.name(image)?;
@@ -324,30 +351,34 @@ impl ImageTool for QemuImg {
             }
         }
         let request = &request;
-        let pending = Arc::new(Mutex::new(String::new()));
-        let observer = {
-            let pending = Arc::clone(&pending);
-            Arc::new(move |chunk: &[u8]| {
-                let mut text = pending.lock().unwrap_or_else(|e| e.into_inner());
-                text.push_str(&String::from_utf8_lossy(chunk));
-                if let Some(p) = last_progress(&text) {
-                    progress(p);
-                }
-                // Keep only the unfinished tail.
-                if let Some(i) = text.rfind(['\r', '\n']) {
-                    text.drain(..=i);
-                }
-            })
-        };
         // Secret objects go after the subcommand.
         let mut args = request.args(&source, &target);
         args.splice(1..1, objects);
         let command = self.command(self.timeouts.copy).args(args).cancel_on(&request.cancel);
-        let observer: Arc<OutputFn> = observer;
         command
-            .run_observed(Arc::clone(&observer))
+            .run_observed(progress_observer(progress))
             .map(drop)
             .map_err(|source| ImageError::Command { action: "convert", source })
+    }
+
+    fn commit(
+        &self,
+        top: &Path,
+        base: &Path,
+        cancel: &CancelHandle,
+        progress: Arc<ProgressFn>,
+    ) -> Result<(), ImageError> {
+        // -d: the top is not emptied afterwards (it is a copy removed next); the base by the
+        // name its chain gives, as qemu-img looks it up in the chain.
+        self.command(self.timeouts.copy)
+            .args(["commit", "-p", "-d", "-f", "qcow2"])
+            .arg("-b")
+            .arg(base)
+            .arg(top)
+            .cancel_on(cancel)
+            .run_observed(progress_observer(progress))
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "commit", source })
     }
 
     fn check(&self, image: &ImageLocation, format: &ImageFormat) -> Result<CheckReport, ImageError> {

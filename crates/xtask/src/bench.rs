@@ -21,7 +21,10 @@
 //!   of random data and 512 MiB of this host's `/usr` files: full backups of the running VM to a
 //!   plain, a zstd, a LUKS and a zstd-in-LUKS repository (time, size against `qemu-img convert -c
 //!   -o compression_type=zstd`), restore-volume from each, an encrypted incremental after 1%
-//!   changed, and `key rotate` of a repository holding 20 encrypted backups.
+//!   changed, and `key rotate` of a repository holding 20 encrypted backups;
+//! - `cargo xtask bench chain`: every way to restore, from the end of a chain of ten incrementals
+//!   (20 MiB changed each) against from its full: restore, instant restore, mount, boot
+//!   verification.
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
@@ -185,7 +188,9 @@ fn domain_xml(dir: &Path, disk: &Path) -> Result<()> {
             "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64'>hvm</type><kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline></os>\
              <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
-             <target dev='vda' bus='virtio'/></disk><memballoon model='none'/></devices></domain>",
+             <target dev='vda' bus='virtio'/></disk>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             <serial type='pty'/><console type='pty'/><memballoon model='none'/></devices></domain>",
             get("kernel"),
             get("initrd"),
             disk.display()
@@ -198,6 +203,13 @@ fn domain_xml(dir: &Path, disk: &Path) -> Result<()> {
 fn best(runs: &[Run]) -> (f64, u64) {
     let secs = runs.iter().map(|r| r.secs).fold(f64::INFINITY, f64::min);
     (secs, runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0))
+}
+
+/// The lowest and highest of `v`, as `lo-hi s`.
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    format!("{lo:.2}-{hi:.2} s")
 }
 
 fn best_secs(secs: &[f64]) -> f64 {
@@ -494,11 +506,6 @@ pub fn bench(rounds: usize) -> Result<()> {
     let (full, incr, bare, merge) =
         (best_secs(&inc.full), best_secs(&inc.incremental), best_secs(&inc.bare), best_secs(&inc.merge));
     let written = inc.written.iter().copied().min().unwrap_or(0) as f64 / f64::from(1 << 20);
-    let range = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(0.0, f64::max);
-        format!("{lo:.2}-{hi:.2} s")
-    };
     row(&format!("incremental backup, {CHANGED_MIB} MiB changed"), incr, "full backup (nasbak)", full, "<= 0.25x");
     row(&format!("incremental backup, {CHANGED_MIB} MiB changed"), incr, "bare incremental push job", bare, "<= 1.2x");
     println!(
@@ -818,5 +825,81 @@ fn protected_rounds(nasbak: &str, rounds: usize) -> Result<()> {
         changed as f64 / f64::from(1 << 20)
     );
     let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    Ok(())
+}
+
+/// `cargo xtask bench chain [ROUNDS]`: every way to restore, from the end of a chain against
+/// from its full. The 2 GiB disk holding 1 GiB of the main bench gets a full backup of the
+/// running VM and then ten incrementals of `CHANGED_MIB` MiB each (1 % of the disk, at ten
+/// places); then, each round from a cold cache, the full (depth 0) and the tenth incremental
+/// (depth 10) are restored (`nasbak restore`), instantly restored (until the VM runs, and in
+/// all), mounted, and boot-verified (`verify --boot`).
+pub fn chain(rounds: usize) -> Result<()> {
+    crate::lab::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = crate::exec::built_binary("release");
+    let dir = Path::new(STATE).join("bench-chain");
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("repo"))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    println!("bench: chain, a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data, a full and ten incrementals");
+    make_disk(&dir, &dir.join("disk.qcow2"), 2048, 1024)?;
+    domain_xml(&dir, &dir.join("disk.qcow2"))?;
+    let config = p("nasbak.toml");
+    cmd(&nasbak)
+        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
+        .run()?;
+    virsh(&["start", DOMAIN])?;
+    let backup = |mode: &'static str| -> Result<String> {
+        cmd(&nasbak)
+            .args(["--config", &config, "backup", DOMAIN, "--quiesce", "off", "--mode", mode])
+            .timeout(Duration::from_secs(600))
+            .run()?;
+        backup_id(&config, &nasbak)
+    };
+    let full = backup("full")?;
+    let mut top = full.clone();
+    for k in 1..=10u64 {
+        change_in_guest(0x60 + k as u8, 100 + 90 * k)?;
+        top = backup("incremental")?;
+    }
+    let manifest = fs::read_to_string(
+        dir.join("repo").join(DOMAIN).join(top.rsplit('/').next().context("id")?).join("manifest.json"),
+    )?;
+    if !manifest.contains("\"incremental\"") {
+        bail!("the tenth backup is not an incremental: {manifest}");
+    }
+    virsh(&["destroy", DOMAIN])?;
+    let mut boot: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut modes = [RestoreModes::default(), RestoreModes::default()];
+    for round in 1..=rounds {
+        for (depth, id) in [full.as_str(), top.as_str()].into_iter().enumerate() {
+            let m = restore_modes(&nasbak, &config, id, &dir, 1)?;
+            let b = timed(&nasbak, &["--config", &config, "verify", id, "--boot"])?.secs;
+            println!("bench: chain, round {round}, depth {}: boot verification {b:.2} s", depth * 10);
+            boot[depth].push(b);
+            modes[depth].full.extend(m.full);
+            modes[depth].to_running.extend(m.to_running);
+            modes[depth].instant_total.extend(m.instant_total);
+            modes[depth].mount.extend(m.mount);
+        }
+    }
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    println!("\n| operation | depth 10 | depth 0 | depth 10 / depth 0 | target | range (depth 10; depth 0) |");
+    println!("|---|---|---|---|---|---|");
+    let rows: [(&str, &[f64], &[f64]); 5] = [
+        ("restore", &modes[1].full, &modes[0].full),
+        ("instant restore: VM running", &modes[1].to_running, &modes[0].to_running),
+        ("instant restore: done", &modes[1].instant_total, &modes[0].instant_total),
+        ("backup mounted", &modes[1].mount, &modes[0].mount),
+        ("boot verification", &boot[1], &boot[0]),
+    ];
+    for (what, deep, base) in rows {
+        let (d, b) = (best_secs(deep), best_secs(base));
+        println!("| {what} | {d:.2} s | {b:.2} s | {:.2}x | <= 1.2x | {}; {} |", d / b, range(deep), range(base));
+    }
     Ok(())
 }

@@ -38,6 +38,7 @@ commands:
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
   bench protected [ROUNDS]  only the compressed and encrypted repositories' part
+  bench chain [ROUNDS]      every way to restore, from the end of a chain of ten against its full
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
@@ -64,6 +65,10 @@ fn main() -> Result<()> {
         ["demo"] => run::demo(),
         ["bench"] => bench::bench(3),
         ["bench", "protected"] => bench::protected(3),
+        ["bench", "chain"] => bench::chain(3),
+        ["bench", "chain", n] => {
+            bench::chain(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
         ["bench", "protected", n] => {
             bench::protected(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }

@@ -17,7 +17,9 @@ use crate::progress::{Observer, Progress};
 use crate::protect::{Key, disk_image, resolve_key};
 use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
-use crate::transfer::{Checked, check_chain, check_sum, convert, convert_checked, copy_checked};
+use crate::transfer::{
+    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, is_plain_chain, restore_chain,
+};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RestoringMark, interrupted_restores};
@@ -66,18 +68,23 @@ where
             staged.0.push(tmp.clone());
             let copied = if *flatten {
                 let chain = ancestors(&layout.vm_dir(&vm_name), vm, id, b)?;
-                let mut r = ConvertRequest::new(
-                    disk_image(dir, b, &chain, key.as_ref(), &shown)?,
-                    tmp.clone(),
-                    ImageFormat::Qcow2,
-                );
-                r.source_format = Some(ImageFormat::Qcow2);
                 // Written encrypted again with the volume's own passphrase (held until written).
                 let volume_key = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)?;
-                r.protection = volume_key
-                    .as_ref()
-                    .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
-                convert_checked(&self.images, (r, checked), cancel, (vm, &d.target, b.virtual_size), observer)
+                if volume_key.is_none() && is_plain_chain(b, &chain) {
+                    // Each file read once, the full at copy speed.
+                    restore_chain(&self.images, (dir, b, &chain, &shown), &tmp, (vm, &d.target), cancel, observer)
+                } else {
+                    let mut r = ConvertRequest::new(
+                        disk_image(dir, b, &chain, key.as_ref(), &shown)?,
+                        tmp.clone(),
+                        ImageFormat::Qcow2,
+                    );
+                    r.source_format = Some(ImageFormat::Qcow2);
+                    r.protection = volume_key
+                        .as_ref()
+                        .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
+                    convert_checked(&self.images, (r, checked), cancel, (vm, &d.target, b.virtual_size), observer)
+                }
             } else {
                 copy_checked(dir, b, &tmp, vm, &d.target, cancel, observer)
             };
@@ -175,14 +182,20 @@ where
             // backup's, then the chain read through (flattened) into a self-contained volume.
             let chain = ancestors(vm_dir, vm, id, b)?;
             let shown = format!("{vm}/{id}");
-            check_chain(&self.images, (dir, b), &chain, key, &shown).map_err(at(Step::Check))?;
             // A compressed or encrypted file is read through qemu-img into a plain volume, never
             // copied as it is stored.
             // An encrypted VM disk gets its volume back encrypted with its own passphrase, through
             // qemu-img: its secret must be there before anything is written.
             let encrypted = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)?.is_some();
             let flatten = !chain.is_empty() || b.stored_as != FileFormat::Plain || encrypted;
-            match restore_target(&self.hypervisor, d)? {
+            let target = restore_target(&self.hypervisor, d)?;
+            // A chain of plain files restored as a copy is checked while it is copied
+            // (restore_chain), before any volume changes.
+            let copied_chain = matches!(target, RestoreTarget::Qcow2File(_)) && !encrypted && is_plain_chain(b, &chain);
+            if !(flatten && copied_chain) {
+                check_chain(&self.images, (dir, b), &chain, key, &shown).map_err(at(Step::Check))?;
+            }
+            match target {
                 RestoreTarget::Qcow2File(path) => {
                     // Checked while it is copied or converted beside the volume (renamed over it
                     // only when every disk is done).

@@ -241,6 +241,19 @@ pub fn copy_verified(
     algorithm: &str,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> std::io::Result<String> {
+    copy_hashed(source, target, algorithm, progress, true)
+}
+
+/// [`copy_verified`], the target synced only when `sync` says so: a copy that is worked on and
+/// removed before the page cache writes it back (a chain's incremental in a restore's
+/// workspace) never costs the disk a write.
+pub(crate) fn copy_hashed(
+    source: &Path,
+    target: &Path,
+    algorithm: &str,
+    progress: &mut dyn FnMut(u64) -> bool,
+    sync: bool,
+) -> std::io::Result<String> {
     const BLOCK: usize = 64 << 10;
     Hasher::new(algorithm)?; // an unknown algorithm before the target is created
     let mut dst = OpenOptions::new().write(true).create_new(true).open(target)?;
@@ -255,7 +268,9 @@ pub fn copy_verified(
         Ok(())
     })?;
     dst.set_len(len)?;
-    dst.sync_all()?;
+    if sync {
+        dst.sync_all()?;
+    }
     if let Ok(meta) = fs::metadata(source) {
         let _ = fs::set_permissions(target, meta.permissions());
     }

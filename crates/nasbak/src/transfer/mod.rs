@@ -33,7 +33,7 @@ pub(crate) fn convert<I: ImageTool + Sync>(
 ) -> Result<(), BackupError> {
     request.cancel = cancel.clone();
     let request = &request;
-    with_progress(|progress| images.convert(request, progress), cancel, vm, target, size, observer)
+    with_progress(|progress| images.convert(request, progress), cancel, observer, &|p| as_bytes(p, vm, target, size))
 }
 
 /// A backup file to check against its manifest's checksum: its directory and its entry.
@@ -70,18 +70,24 @@ pub(crate) fn copy_dirty<I: ImageTool + Sync>(
     size: u64,
     observer: &mut dyn Observer,
 ) -> Result<(), BackupError> {
-    with_progress(|progress| images.copy_dirty(copy, progress), &copy.cancel, vm, target, size, observer)
+    with_progress(|progress| images.copy_dirty(copy, progress), &copy.cancel, observer, &|p| {
+        as_bytes(p, vm, target, size)
+    })
+}
+
+/// qemu-img's percentage as a [`Phase::Convert`] progress, as bytes of `size` when known.
+fn as_bytes(percent: f64, vm: &str, target: &str, size: u64) -> Progress {
+    let (done, total) = if size > 0 { ((percent / 100.0 * size as f64) as u64, size) } else { (percent as u64, 100) };
+    Progress::new(Phase::Convert, vm, done, total).on_disk(target)
 }
 
 /// Runs `work` on a helper thread; the percentages it tells reach `observer` on this one, as
-/// bytes of `size` when known.
+/// `progress` makes them.
 fn with_progress(
     work: impl FnOnce(Arc<nasbak_qemu_img::ProgressFn>) -> Result<(), nasbak_qemu_img::ImageError> + Send,
     cancel: &CancelHandle,
-    vm: &str,
-    target: &str,
-    size: u64,
     observer: &mut dyn Observer,
+    progress: &dyn Fn(f64) -> Progress,
 ) -> Result<(), BackupError> {
     let (tx, rx) = mpsc::channel::<f64>();
     let result = std::thread::scope(|scope| {
@@ -92,10 +98,7 @@ fn with_progress(
             }))
         });
         for percent in rx {
-            // qemu-img tells percent; with the disk's size known, it is told as bytes.
-            let (done, total) =
-                if size > 0 { ((percent / 100.0 * size as f64) as u64, size) } else { (percent as u64, 100) };
-            observer(&Progress::new(Phase::Convert, vm, done, total).on_disk(target));
+            observer(&progress(percent));
         }
         worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
@@ -116,7 +119,7 @@ pub(crate) fn check_image<I: ImageTool>(images: &I, dir: &Path, disk: &ManifestD
 /// nearest first, as `ancestors` gives it): plain and compressed files by their path, encrypted
 /// ones with the key, each with the chain below it. A key that does not open an encrypted file
 /// is [`BackupError::KeyNeeded`], naming `backup`.
-pub(crate) fn check_chain<I: ImageTool>(
+pub(crate) fn check_chain<I: ImageTool + Sync>(
     images: &I,
     (dir, disk): (&Path, &ManifestDisk),
     chain: &[(PathBuf, ManifestDisk)],
@@ -125,10 +128,44 @@ pub(crate) fn check_chain<I: ImageTool>(
 ) -> Result<(), BackupError> {
     let mut all = vec![(dir.to_owned(), disk.clone())];
     all.extend(chain.iter().cloned());
-    for (i, (d, m)) in all.iter().enumerate() {
+    // The files are checked a few at a time: each check is mostly qemu-img starting and reading
+    // a little metadata from a cold cache, so a chain's checks overlap. The first failing file
+    // in chain order is the error said.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<(), BackupError>>>> =
+        all.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..CHECKS_AT_ONCE.min(all.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= all.len() {
+                        break;
+                    }
+                    let r = check_one(images, &all, i, key, backup);
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    results.into_iter().try_for_each(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or(Ok(())))
+}
+
+/// How many `qemu-img check`s of one chain run at once.
+const CHECKS_AT_ONCE: usize = 12;
+
+/// [`check_chain`]'s check of the file `all[i]`, with the files below it.
+fn check_one<I: ImageTool>(
+    images: &I,
+    all: &[(PathBuf, ManifestDisk)],
+    i: usize,
+    key: Option<&Key>,
+    backup: &str,
+) -> Result<(), BackupError> {
+    let (d, m) = &all[i];
+    {
         if !m.stored_as.is_encrypted() {
-            check_image(images, d, m)?;
-            continue;
+            return check_image(images, d, m);
         }
         let image = disk_image(d, m, &all[i + 1..], key, backup)?;
         let report = images.check(&image, &ImageFormat::Qcow2).map_err(|e| {
@@ -186,22 +223,39 @@ pub(crate) fn copy_checked(
     cancel: &CancelHandle,
     observer: &mut dyn Observer,
 ) -> Result<(), BackupError> {
-    let path = dir.join(&disk.file);
-    let algorithm = disk.checksum.as_ref().map_or(hash::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
-    let size = fs::metadata(&path).map_or(0, |m| m.len());
-    // The staged name is this process's own (its pid is in it); copy_verified creates it anew.
-    let _ = fs::remove_file(tmp);
+    let size = fs::metadata(dir.join(&disk.file)).map_or(0, |m| m.len());
     let mut first = true;
-    let copied = hash::copy_verified(&path, tmp, algorithm, &mut |done| {
+    let result = copy_file_checked((dir, disk), (tmp, true), cancel, &mut |done| {
         if std::mem::take(&mut first) {
             crate::fault::point("restore-copy");
         }
         observer(&Progress::new(Phase::Copy, vm, done, size).on_disk(target));
-        !cancel.is_cancelled()
     });
-    let result = match copied {
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
+/// Copies the backup file `disk` (in `dir`) to `to` (created anew) in one pass that also checks
+/// its checksum, synced when `sync` says so; `copied` is told the bytes copied so far.
+fn copy_file_checked(
+    (dir, disk): (&Path, &ManifestDisk),
+    (to, sync): (&Path, bool),
+    cancel: &CancelHandle,
+    copied: &mut dyn FnMut(u64),
+) -> Result<(), BackupError> {
+    let path = dir.join(&disk.file);
+    let algorithm = disk.checksum.as_ref().map_or(hash::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
+    // The staged name is this process's own (its pid is in it); copy_verified creates it anew.
+    let _ = fs::remove_file(to);
+    let mut report = |done| {
+        copied(done);
+        !cancel.is_cancelled()
+    };
+    match hash::copy_hashed(&path, to, algorithm, &mut report, sync) {
         Err(_) if cancel.is_cancelled() => Err(BackupError::Cancelled),
-        Err(source) => Err(BackupError::Io { action: "copying", path: path.clone(), source }),
+        Err(source) => Err(BackupError::Io { action: "copying", path, source }),
         Ok(actual) => match &disk.checksum {
             Some(sum) if sum.value != actual => Err(BackupError::Damaged {
                 path,
@@ -209,9 +263,117 @@ pub(crate) fn copy_checked(
             }),
             _ => Ok(()),
         },
-    };
+    }
+}
+
+/// Whether `disk` and every file below it (`chain`) are stored as plain qcow2 files, as
+/// [`restore_chain`] needs them.
+pub(crate) fn is_plain_chain(disk: &ManifestDisk, chain: &[Checked]) -> bool {
+    std::iter::once(disk).chain(chain.iter().map(|(_, m)| m)).all(|m| m.stored_as == nasbak_repo::FileFormat::Plain)
+}
+
+/// The directory beside the staged file `tmp` where [`restore_chain`] lays out its copies.
+fn chain_workspace(tmp: &Path) -> PathBuf {
+    let mut name = tmp.as_os_str().to_owned();
+    name.push(stage::CHAIN_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Restores an incremental disk stored as plain qcow2 files (`disk` in `dir` on top of `chain`,
+/// nearest first, as `ancestors` gives it) into the staged file `tmp`, as one self-contained
+/// qcow2, reading each backup file once, as a restore of a full does:
+/// - every file is copied, its checksum checked as it is copied, into a directory beside `tmp`
+///   laid out as the repository is (`<backup id>/<file>`), so that each copy's backing link (the
+///   repository's relative `../<id>/<file>`) leads to the copy below it, never to the repository;
+/// - qemu-img then commits the incrementals' copies into the full's copy, which becomes `tmp`.
+///
+/// The full's copy goes at the speed of a copy instead of through a conversion of the whole
+/// chain. `qemu-img check` of every file (errors name the backup as `backup`) runs meanwhile on
+/// another thread and must pass before the commit reads them. The copies are not synced (the
+/// incrementals' are gone before the page cache would write them back); the result is, once.
+/// Progress is the bytes written: every file copied, then the incrementals' again. The
+/// directory is removed whatever happens, and `tmp` on failure.
+pub(crate) fn restore_chain<I: ImageTool + Sync>(
+    images: &I,
+    (dir, disk, chain, backup): (&Path, &ManifestDisk, &[Checked], &str),
+    tmp: &Path,
+    (vm, target): (&str, &str),
+    cancel: &CancelHandle,
+    observer: &mut dyn Observer,
+) -> Result<(), BackupError> {
+    struct Workspace(PathBuf);
+    impl Drop for Workspace {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let work = Workspace(chain_workspace(tmp));
+    let result = std::thread::scope(|s| {
+        let checking = s.spawn(|| check_chain(images, (dir, disk), chain, None, backup));
+        let copied = copy_chain(dir, disk, chain, &work.0, (vm, target), cancel, observer);
+        let checked = checking.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A file that fails its check is the error said, whatever the copy did.
+        let (copies, done, total) = checked.map_err(crate::error::at(crate::error::Step::Check)).and(copied)?;
+        let (base, top) = (&copies[0], &copies[copies.len() - 1]);
+        let incrementals = total - done;
+        with_progress(|progress| images.commit(top, base, cancel, progress), cancel, observer, &|percent| {
+            let n = done + (percent / 100.0 * incrementals as f64) as u64;
+            Progress::new(Phase::Copy, vm, n.min(total), total).on_disk(target)
+        })?;
+        let synced = fs::File::open(base).and_then(|f| f.sync_all());
+        synced.map_err(|source| BackupError::Io { action: "syncing", path: base.clone(), source })?;
+        fs::rename(base, tmp).map_err(|source| BackupError::Io {
+            action: "moving into place",
+            path: tmp.to_owned(),
+            source,
+        })
+    });
     if result.is_err() {
         let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// [`restore_chain`]'s copies into `work`, the full first: their paths, the bytes copied, and
+/// the bytes to write in all (the copies, then the incrementals' again).
+fn copy_chain(
+    dir: &Path,
+    disk: &ManifestDisk,
+    chain: &[Checked],
+    work: &Path,
+    (vm, target): (&str, &str),
+    cancel: &CancelHandle,
+    observer: &mut dyn Observer,
+) -> Result<(Vec<PathBuf>, u64, u64), BackupError> {
+    let _ = fs::remove_dir_all(work);
+    fs::create_dir(work).map_err(|source| BackupError::Io { action: "creating", path: work.to_owned(), source })?;
+    let files: Vec<(&Path, &ManifestDisk)> =
+        chain.iter().rev().map(|(d, m)| (d.as_path(), m)).chain(std::iter::once((dir, disk))).collect();
+    let sizes: Vec<u64> = files.iter().map(|(d, m)| fs::metadata(d.join(&m.file)).map_or(0, |x| x.len())).collect();
+    let total = sizes.iter().sum::<u64>() + sizes[1..].iter().sum::<u64>();
+    let mut done = 0;
+    let mut copies = Vec::new();
+    for ((d, m), size) in files.iter().zip(&sizes) {
+        let id = d.file_name().ok_or_else(|| BackupError::Damaged {
+            path: d.to_path_buf(),
+            detail: "a backup directory without a name".into(),
+        })?;
+        let to = work.join(id).join(&m.file);
+        let parent = to.parent().unwrap_or(work);
+        fs::create_dir_all(parent).map_err(|source| BackupError::Io {
+            action: "creating",
+            path: parent.to_owned(),
+            source,
+        })?;
+        let mut first = true;
+        copy_file_checked((d, m), (&to, false), cancel, &mut |n| {
+            if std::mem::take(&mut first) {
+                crate::fault::point("restore-copy");
+            }
+            observer(&Progress::new(Phase::Copy, vm, done + n, total).on_disk(target));
+        })?;
+        done += size;
+        copies.push(to);
+    }
+    Ok((copies, done, total))
 }

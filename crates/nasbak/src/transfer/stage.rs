@@ -7,6 +7,9 @@ use crate::error::BackupError;
 
 /// The suffix of the files a restore writes beside a volume before renaming them over it.
 pub const STAGE_SUFFIX: &str = ".nasbak-restore";
+/// Appended to a staged file's name for the directory where a chain is put together
+/// (see [`super::restore_chain`]).
+pub(crate) const CHAIN_SUFFIX: &str = ".chain";
 
 /// Creates, exclusively, an empty file beside `path` to write a restored volume into before it
 /// is renamed over `path`: `.<file name>.<pid>-<n>.nasbak-restore`. Never derived by changing an
@@ -34,14 +37,17 @@ pub(crate) fn remove_stale_stages(path: &Path) {
         let file = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = file
             .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(STAGE_SUFFIX))
+            .and_then(|rest| rest.strip_suffix(CHAIN_SUFFIX).unwrap_or(rest).strip_suffix(STAGE_SUFFIX))
             .and_then(|rest| rest.split_once('-'))
             .and_then(|(pid, _)| pid.parse::<u32>().ok())
         else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_file(e.path());
+            match e.file_type() {
+                Ok(t) if t.is_dir() => drop(fs::remove_dir_all(e.path())),
+                _ => drop(fs::remove_file(e.path())),
+            }
         }
     }
 }
