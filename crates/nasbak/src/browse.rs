@@ -34,6 +34,7 @@ use nasbak_repo::{BackupId, Mounter, VmName};
 
 use crate::engine::Catalog;
 use crate::error::{BackupError, Step, at};
+use crate::lvm::Placement;
 use crate::outcome::{MountedBackup, MountedDisk, MountedFilesystem, NotMounted, UnmountReport};
 use crate::request::MountRequest;
 use crate::store::backup_disks;
@@ -324,7 +325,6 @@ fn mount_options(fstype: &str, usage: &str, kernel: &str) -> Result<String, Stri
     let known = |t: &str| kernel.lines().any(|l| l.split_whitespace().last() == Some(t));
     let replay = match fstype {
         "swap" => return Err("swap space".into()),
-        "LVM2_member" => return Err("an LVM physical volume: its logical volumes are not mounted".into()),
         "crypto_LUKS" => return Err("encrypted (LUKS): not mounted".into()),
         "linux_raid_member" => return Err("part of a software RAID: not mounted".into()),
         _ if usage != "filesystem" => return Err(format!("{fstype} ({usage}), not a file system")),
@@ -337,23 +337,53 @@ fn mount_options(fstype: &str, usage: &str, kernel: &str) -> Result<String, Stri
     Ok(format!("ro,nodev,nosuid,noexec{replay}"))
 }
 
-/// Mounts what each region of `disk`'s image holds.
+/// Mounts what each region of `disk`'s image holds; the linear logical volumes of an LVM
+/// physical volume are regions too (read from its metadata, nothing activated on the host).
 fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<NotMounted>), BackupError> {
     let kernel = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let (mut mounted, mut not) = (Vec::new(), Vec::new());
-    let regions = match regions(&disk.image, disk.size) {
-        Ok(r) => r,
+    let mut regions: Vec<(Region, Option<String>)> = match regions(&disk.image, disk.size) {
+        Ok(r) => r.into_iter().map(|r| (r, None)).collect(),
         Err(why) => {
-            not.push(NotMounted { partition: None, reason: format!("its partition table could not be read: {why}") });
+            not.push(NotMounted {
+                partition: None,
+                logical_volume: None,
+                reason: format!("its partition table could not be read: {why}"),
+            });
             Vec::new()
         }
     };
-    for region in regions {
-        let skip = |reason: String| NotMounted { partition: region.partition, reason };
+    let mut i = 0;
+    while i < regions.len() {
+        let (region, lv) = regions[i].clone();
+        i += 1;
+        let skip = |reason: String| NotMounted { partition: region.partition, logical_volume: lv.clone(), reason };
         let Some((fstype, usage)) = probe(&disk.image, &region) else {
             not.push(skip("no file system found".into()));
             continue;
         };
+        if fstype == "LVM2_member" && lv.is_none() {
+            match physical_volume(&disk.image, &region) {
+                Ok(lvs) if lvs.is_empty() => not.push(skip("an LVM physical volume without logical volumes".into())),
+                Ok(lvs) => {
+                    for v in lvs {
+                        let name = Some(format!("{}/{}", v.vg, v.name));
+                        match v.placement {
+                            Placement::Range { offset, size } => {
+                                let inner =
+                                    Region { partition: region.partition, offset: region.offset + offset, size };
+                                regions.push((inner, name));
+                            }
+                            Placement::NotMountable(reason) => {
+                                not.push(NotMounted { partition: region.partition, logical_volume: name, reason });
+                            }
+                        }
+                    }
+                }
+                Err(why) => not.push(skip(format!("an LVM physical volume whose metadata could not be read: {why}"))),
+            }
+            continue;
+        }
         let options = match mount_options(&fstype, &usage, &kernel) {
             Ok(o) => o,
             Err(reason) => {
@@ -361,7 +391,11 @@ fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<
                 continue;
             }
         };
-        let name = region.partition.map_or_else(|| "fs".to_owned(), |n| format!("part{n}"));
+        let name = match (&lv, region.partition) {
+            (Some(lv), _) => format!("{LV_DIR_PREFIX}{}", safe_name(lv)),
+            (None, Some(n)) => format!("part{n}"),
+            (None, None) => "fs".to_owned(),
+        };
         let path = disk.image.with_file_name(name);
         fs::create_dir(&path).map_err(|source| BackupError::Io { action: "creating", path: path.clone(), source })?;
         let loop_options = format!("{options},loop,offset={},sizelimit={}", region.offset, region.size);
@@ -372,7 +406,13 @@ fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<
             .timeout(TOOL_TIMEOUT)
             .run();
         match result {
-            Ok(_) => mounted.push(MountedFilesystem { partition: region.partition, path, fstype, options }),
+            Ok(_) => mounted.push(MountedFilesystem {
+                partition: region.partition,
+                logical_volume: lv.clone(),
+                path,
+                fstype,
+                options,
+            }),
             Err(e) => {
                 let _ = fs::remove_dir(&path);
                 let why = e.stderr().trim().to_owned();
@@ -384,6 +424,28 @@ fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<
         }
     }
     Ok((mounted, not))
+}
+
+/// Where a logical volume's file system is mounted in its disk's directory: `lv-VG-LV`.
+const LV_DIR_PREFIX: &str = "lv-";
+
+/// `VG/LV` as one directory name: `VG-LV`, anything but letters, digits, `+_.-` made `_` (the
+/// names are the guest's).
+fn safe_name(lv: &str) -> String {
+    lv.chars()
+        .map(|c| match c {
+            '/' => '-',
+            c if c.is_ascii_alphanumeric() || "+_.-".contains(c) => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// The logical volumes of the LVM physical volume in `region` of `image`.
+fn physical_volume(image: &Path, region: &Region) -> Result<Vec<crate::lvm::LogicalVolume>, String> {
+    use std::os::unix::fs::FileExt;
+    let file = fs::File::open(image).map_err(|e| format!("opening {}: {e}", image.display()))?;
+    crate::lvm::logical_volumes(&mut |offset, buf| file.read_exact_at(buf, region.offset + offset), region.size)
 }
 
 /// Everything under `dir` (a directory holding the state file) that a mount made, found from
@@ -426,7 +488,9 @@ fn teardown(dir: &Path) -> Result<UnmountReport, BackupError> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let ours = (name == DISK_IMAGE_FILE && p.metadata().is_ok_and(|m| m.len() == 0))
                 || name == format!(".{DISK_IMAGE_FILE}.pid")
-                || (p.is_dir() && (name == "fs" || name.starts_with("part")) && fs::remove_dir(&p).is_ok());
+                || (p.is_dir()
+                    && (name == "fs" || name.starts_with("part") || name.starts_with(LV_DIR_PREFIX))
+                    && fs::remove_dir(&p).is_ok());
             if ours && p.exists() {
                 let _ = fs::remove_file(&p);
             }

@@ -79,6 +79,7 @@ mod export;
 mod fault;
 mod incremental;
 mod keys;
+mod lvm;
 mod merge;
 #[cfg(test)]
 mod mocked;

@@ -624,12 +624,15 @@ fn a_mount_that_fails_half_way_leaves_nothing_and_says_which_disk() {
     assert_eq!(err.step(), Some(crate::Step::Export { disk: "vdb".into() }), "{err}");
     assert_eq!(*exported.lock().unwrap(), ["root.root1.qcow2", "datadisk.data1.qcow2"]);
     assert!(!target.exists(), "the directory it created, and everything in it, is gone");
-    // Only the disk asked for; a check that fails shows nothing at all.
+    // Only the disk asked for; a check that fails (while the export starts) leaves nothing.
     let mut img = MockImageTool::new();
     img.expect_check().returning(|_, _| {
         Ok(CheckReport { verdict: CheckVerdict::Corrupt, corruptions: 1, leaks: 0, check_errors: 0 })
     });
-    img.expect_export_read_only().never();
+    img.expect_export_read_only().times(..=1).returning(|_, _, _, file, _| {
+        fs::write(file, b"").unwrap();
+        Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 })
+    });
     let (e, _) = engine(hypervisor(DomainState::ShutOff), img, dir.path());
     fs::create_dir(&target).unwrap();
     let err = e.catalog().mount(&request.clone().only_disk("vdb"), &CancelHandle::new()).unwrap_err();

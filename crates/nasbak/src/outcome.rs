@@ -241,6 +241,9 @@ pub struct MountedDisk {
 pub struct MountedFilesystem {
     /// The partition number, or `None` for a disk without a partition table.
     pub partition: Option<u32>,
+    /// The LVM logical volume it is on (`VG/LV`, in the partition), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_volume: Option<String>,
     /// Where its files are.
     pub path: PathBuf,
     /// Its type (`ext4`, `xfs`, ...).
@@ -255,7 +258,10 @@ pub struct MountedFilesystem {
 pub struct NotMounted {
     /// The partition number, or `None` for the whole disk.
     pub partition: Option<u32>,
-    /// Why (no file system, swap, an LVM volume, the mount's error).
+    /// The LVM logical volume not mounted (`VG/LV`, in the partition), if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_volume: Option<String>,
+    /// Why (no file system, swap, an LVM volume that is not linear, the mount's error).
     pub reason: String,
 }
 

@@ -2,7 +2,9 @@
 //! disks hold a GPT with ext4, swap and xfs partitions and a whole-disk ext4 is mounted; known
 //! files are read back with their checksums; nothing can be written; unmount leaves no mount,
 //! loop device, daemon or directory; verify passes afterwards. An incremental is read through
-//! its chain, and a damaged file fails clearly with nothing left behind.
+//! its chain, and a damaged file fails clearly with nothing left behind. A disk laid out as a
+//! RHEL-family installer lays it out (a boot partition, then LVM with root and swap) shows its
+//! linear logical volumes, without activating anything on the host.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -13,7 +15,7 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{BackupMode, BackupRepository, MountTimeouts, RepositoryMounts, SystemMounter};
 use nasbak::{BackupRequest, Engine, ErrorKind, MOUNT_STATE_FILE, MountRequest};
-use nasbak_testlab::{DiskSpec, DomainSpec, PartitionSpec, URI};
+use nasbak_testlab::{DiskSpec, DomainSpec, LogicalVolumeSpec, PartitionSpec, URI};
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -201,4 +203,86 @@ fn a_backup_is_mounted_read_only_read_back_and_unmounted_without_a_trace() {
     assert_eq!(err.kind(), ErrorKind::CorruptFile, "{}", nasbak::chain(&err));
     assert!(nasbak::chain(&err).contains(&damaged.disks[0].file), "{}", nasbak::chain(&err));
     assert!(!dir.exists() && traces(&dom.dir().join("browse")).is_empty());
+}
+
+/// What LVM on the host sees: its volume groups, and device-mapper devices.
+fn host_lvm() -> (String, Vec<String>) {
+    let vgs = nasbak::nasbak_process::ExternalCommand::new("vgs")
+        .args(["--noheadings", "-o", "vg_name,vg_uuid"])
+        .run_unchecked()
+        .map(|o| o.stdout_text())
+        .unwrap_or_default();
+    let dm = fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("dm-"))
+        .collect();
+    (vgs, dm)
+}
+
+#[test]
+fn an_installers_lvm_layout_is_mounted_read_only_without_touching_the_hosts_lvm() {
+    let boot = b"vmlinuz and friends\n".to_vec();
+    let etc = b"root:x:0:0:root:/root:/bin/bash\n".to_vec();
+    let big = pseudo_random(3 << 20, 21);
+    let dom = DomainSpec::new("lvm")
+        .disk(DiskSpec::qcow2(160).partitions(vec![
+            PartitionSpec::new("ext4", 32, &[("boot.txt", &boot)]),
+            PartitionSpec::lvm(
+                0,
+                "rhel",
+                vec![
+                    // Extended after the others were made: two pieces.
+                    LogicalVolumeSpec::new("data", "none", 8, &[]).extended(8),
+                    LogicalVolumeSpec::new("root", "ext4", 48, &[("passwd", &etc), ("big.bin", &big)]),
+                    LogicalVolumeSpec::new("swap", "swap", 8, &[]),
+                ],
+            ),
+        ]))
+        .create();
+    let before = host_lvm();
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("lvm", kind, root.to_str().unwrap(), "", None).unwrap();
+    let runtime = dom.dir().join("runtime");
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default());
+    let e = Engine::new(libvirt.clone(), libvirt, QemuImg::new(&runtime), mounts);
+    let cancel = CancelHandle::new();
+    let full = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &cancel, &mut |_| {}).unwrap().manifest;
+    let catalog = e.catalog();
+    let dir = dom.dir().join("lvm-mount");
+    let mounted = catalog.mount(&MountRequest::new(repo.clone(), dom.name(), &full.id, &dir), &cancel).unwrap();
+    let vda = &mounted.disks[0];
+    let fs_of: Vec<_> =
+        vda.filesystems.iter().map(|f| (f.partition, f.logical_volume.clone(), f.fstype.clone())).collect();
+    assert_eq!(
+        fs_of,
+        [(Some(1), None, "ext4".to_owned()), (Some(2), Some("rhel/root".to_owned()), "ext4".to_owned())],
+        "{mounted:?}"
+    );
+    assert!(vda.filesystems[1].path.ends_with("vda/lv-rhel-root"), "{:?}", vda.filesystems[1].path);
+    assert_eq!(fs::read(dir.join("vda/part1/boot.txt")).unwrap(), boot);
+    assert_eq!(fs::read(dir.join("vda/lv-rhel-root/passwd")).unwrap(), etc);
+    assert!(holds(&dir.join("vda/lv-rhel-root/big.bin"), &big));
+    // Copied out, as a file restore does.
+    let copy = dom.dir().join("big.copy");
+    let status = std::process::Command::new("cp").arg(dir.join("vda/lv-rhel-root/big.bin")).arg(&copy).status();
+    assert!(status.unwrap().success());
+    assert!(holds(&copy, &big));
+    assert!(fs::write(dir.join("vda/lv-rhel-root/new"), b"x").is_err(), "read-only");
+    let not: Vec<_> = vda.not_mounted.iter().map(|n| (n.logical_volume.clone(), n.reason.clone())).collect();
+    assert!(not.iter().any(|(lv, why)| lv.as_deref() == Some("rhel/swap") && why == "swap space"), "{not:?}");
+    assert!(
+        not.iter().any(|(lv, why)| lv.as_deref() == Some("rhel/data") && why.contains("2 separate pieces")),
+        "{not:?}"
+    );
+    // Nothing activated on the host: its volume groups and device-mapper devices as they were.
+    assert_eq!(host_lvm(), before);
+    let report = catalog.unmount(&dir).unwrap();
+    assert_eq!(report.unmounted.len(), 2, "{report:?}");
+    assert!(!dir.exists() && traces(&dom.dir().join("lvm-mount")).is_empty());
+    assert_eq!(host_lvm(), before);
 }

@@ -64,18 +64,67 @@ pub struct DiskSpec {
 /// A partition of a disk with a GPT partition table ([`DiskSpec::partitions`]).
 #[derive(Debug, Clone)]
 pub struct PartitionSpec {
-    /// `ext4`, `xfs` (300 MiB at least), `swap`, or `none` (left blank).
+    /// `ext4`, `xfs` (300 MiB at least), `swap`, `lvm` (a physical volume, see
+    /// [`PartitionSpec::lvm`]) or `none` (left blank).
     pub fstype: &'static str,
     /// Its size in MiB; 0 for the rest of the disk (last partition only).
     pub size_mib: u64,
     /// Files written at the file system's root.
     pub files: Vec<(String, Vec<u8>)>,
+    /// For `lvm`: the volume group's name and its logical volumes, made in this order.
+    pub lvm: Option<(String, Vec<LogicalVolumeSpec>)>,
+}
+
+/// A logical volume of an LVM partition ([`PartitionSpec::lvm`]).
+#[derive(Debug, Clone)]
+pub struct LogicalVolumeSpec {
+    /// Its name.
+    pub name: String,
+    /// `ext4`, `xfs`, `swap` or `none`.
+    pub fstype: &'static str,
+    /// Its size in MiB.
+    pub size_mib: u64,
+    /// MiB added after every logical volume is made (`lvextend`): a second piece, elsewhere on
+    /// the physical volume (such a volume is left unformatted).
+    pub extend_mib: u64,
+    /// Files written at the file system's root.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl LogicalVolumeSpec {
+    /// A logical volume `name` of `size_mib` MiB formatted `fstype`, holding `files`.
+    pub fn new(name: &str, fstype: &'static str, size_mib: u64, files: &[(&str, &[u8])]) -> Self {
+        LogicalVolumeSpec {
+            name: name.to_owned(),
+            fstype,
+            size_mib,
+            extend_mib: 0,
+            files: files.iter().map(|(n, c)| (n.to_string(), c.to_vec())).collect(),
+        }
+    }
+    /// The same, extended by `mib` MiB once every logical volume is made (two pieces).
+    pub fn extended(mut self, mib: u64) -> Self {
+        self.extend_mib = mib;
+        self
+    }
 }
 
 impl PartitionSpec {
     /// A partition of `fstype` and `size_mib` MiB (0: the rest of the disk) holding `files`.
     pub fn new(fstype: &'static str, size_mib: u64, files: &[(&str, &[u8])]) -> Self {
-        PartitionSpec { fstype, size_mib, files: files.iter().map(|(n, c)| (n.to_string(), c.to_vec())).collect() }
+        PartitionSpec {
+            fstype,
+            size_mib,
+            files: files.iter().map(|(n, c)| (n.to_string(), c.to_vec())).collect(),
+            lvm: None,
+        }
+    }
+    /// An LVM physical volume of `size_mib` MiB holding the volume group `vg` with these
+    /// logical volumes, as an installer makes one (RHEL's: `rhel` with `root` and `swap`). LVM's
+    /// own tools write the metadata (nothing is activated: `--driverloaded n`); each file
+    /// system is written at the offset LVM reports for its volume.
+    pub fn lvm(size_mib: u64, vg: &str, lvs: Vec<LogicalVolumeSpec>) -> Self {
+        PartitionSpec { fstype: "lvm", size_mib, files: Vec::new(), lvm: Some((vg.to_owned(), lvs)) }
     }
 }
 
@@ -392,6 +441,11 @@ impl LabDomain {
                 "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", &part]),
                 "xfs" => run("mkfs.xfs", &["-q", "-f", &part]),
                 "swap" => run("mkswap", &[&part]),
+                "lvm" => {
+                    let (vg, lvs) = p.lvm.as_ref().expect("an lvm partition has its volumes");
+                    self.volume_group(raw, &part, vg, lvs);
+                    String::new()
+                }
                 _ => String::new(),
             };
             if !p.files.is_empty() {
@@ -405,6 +459,85 @@ impl LabDomain {
         let _ = fs::remove_dir(&mnt);
         let _ = ExternalCommand::new("partx").args(["-d", &dev]).timeout(Duration::from_secs(30)).run();
         run("losetup", &["-d", &dev]);
+    }
+
+    /// Makes the volume group `vg` with `lvs` on the partition device `part` of the disk file
+    /// `raw`, and formats and fills each single-piece volume through a loop device at the offset
+    /// LVM itself reports (`pvs` and `lvs`): nothing is activated, nothing is left on the host.
+    fn volume_group(&self, raw: &Path, part: &str, vg: &str, lvs: &[LogicalVolumeSpec]) {
+        let config =
+            format!("devices {{ filter = [ \"a|^{part}$|\", \"r|.*|\" ] }} backup {{ backup = 0 archive = 0 }}");
+        let lvm = |args: &[&str]| -> String {
+            let mut all: Vec<&str> = args.to_vec();
+            all.extend(["--config", &config]);
+            run(all[0], &all[1..])
+        };
+        lvm(&["pvcreate", "-q", "-y", part]);
+        lvm(&["vgcreate", "-q", "-s", "4m", vg, part]);
+        for lv in lvs {
+            let size = format!("{}m", lv.size_mib);
+            lvm(&["lvcreate", "-q", "--driverloaded", "n", "-an", "-Zn", "-L", &size, "-n", &lv.name, vg]);
+        }
+        for lv in lvs.iter().filter(|l| l.extend_mib > 0) {
+            let more = format!("+{}m", lv.extend_mib);
+            lvm(&["lvextend", "-q", "--driverloaded", "n", "-L", &more, &format!("{vg}/{}", lv.name)]);
+        }
+        // Where the partition starts in the disk file, and where each volume starts in it.
+        let start: u64 = fs::read_to_string(format!(
+            "/sys/class/block/{}/start",
+            Path::new(part).file_name().and_then(|n| n.to_str()).expect("a partition device name")
+        ))
+        .expect("the partition's start")
+        .trim()
+        .parse::<u64>()
+        .expect("a sector number")
+            * 512;
+        let pe_start: u64 = lvm(&["pvs", "--noheadings", "--nosuffix", "--units", "b", "-o", "pe_start", part])
+            .trim()
+            .parse()
+            .expect("pe_start");
+        let mnt = self.dir.join("lv.mnt");
+        fs::create_dir_all(&mnt).expect("mount dir");
+        for lv in lvs.iter().filter(|l| l.extend_mib == 0 && l.fstype != "none") {
+            let ranges = lvm(&["lvs", "--noheadings", "-o", "seg_pe_ranges", &format!("{vg}/{}", lv.name)]);
+            let first: u64 = ranges
+                .trim()
+                .rsplit(':')
+                .next()
+                .and_then(|r| r.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("the extents of {}: {ranges}", lv.name));
+            let offset = start + pe_start + first * (4 << 20);
+            let dev = run(
+                "losetup",
+                &[
+                    "--find",
+                    "--show",
+                    "--offset",
+                    &offset.to_string(),
+                    "--sizelimit",
+                    &(lv.size_mib << 20).to_string(),
+                    raw.to_str().expect("utf-8"),
+                ],
+            )
+            .trim()
+            .to_owned();
+            match lv.fstype {
+                "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", &dev]),
+                "xfs" => run("mkfs.xfs", &["-q", "-f", &dev]),
+                "swap" => run("mkswap", &[&dev]),
+                other => panic!("a logical volume formatted {other}"),
+            };
+            if !lv.files.is_empty() {
+                run("mount", &[&dev, mnt.to_str().expect("utf-8")]);
+                for (name, data) in &lv.files {
+                    fs::write(mnt.join(name), data).expect("write a file into a logical volume");
+                }
+                run("umount", &[mnt.to_str().expect("utf-8")]);
+            }
+            run("losetup", &["-d", &dev]);
+        }
+        let _ = fs::remove_dir(&mnt);
     }
 
     fn xml(&self, (kernel, initrd): &(String, String), agent: bool, acpi: bool, disk_boot: bool) -> String {

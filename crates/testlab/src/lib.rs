@@ -24,8 +24,8 @@ mod domain;
 mod ssh;
 
 pub use domain::{
-    DiskKind, DiskSpec, DomainSpec, FrozenQemu, LabDisk, LabDomain, PartitionSpec, qemu_pid, shared_agent_guest,
-    sweep_leftovers, virsh,
+    DiskKind, DiskSpec, DomainSpec, FrozenQemu, LabDisk, LabDomain, LogicalVolumeSpec, PartitionSpec, qemu_pid,
+    shared_agent_guest, sweep_leftovers, virsh,
 };
 pub use ssh::{SshServer, pids_with_cmdline};
 

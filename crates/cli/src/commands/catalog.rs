@@ -207,10 +207,11 @@ pub fn mount(cli: &Cli, config: &Config, id: &BackupRef, dir: &std::path::Path, 
         let chain = if d.files > 1 { format!(", read through a chain of {} files", d.files) } else { String::new() };
         println!("{}  {} ({} bytes{chain})", d.target, d.image.display(), d.size);
         for f in &d.filesystems {
-            println!("  {}  {}  ({}, {})", part_name(f.partition), f.path.display(), f.fstype, f.options);
+            let place = where_in(f.partition, f.logical_volume.as_deref());
+            println!("  {place}  {}  ({}, {})", f.path.display(), f.fstype, f.options);
         }
         for n in &d.not_mounted {
-            println!("  {}  not mounted: {}", part_name(n.partition), n.reason);
+            println!("  {}  not mounted: {}", where_in(n.partition, n.logical_volume.as_deref()), n.reason);
         }
     }
     println!("unmount with: nasbak umount {}", mounted.dir.display());
@@ -219,6 +220,14 @@ pub fn mount(cli: &Cli, config: &Config, id: &BackupRef, dir: &std::path::Path, 
 
 fn part_name(partition: Option<u32>) -> String {
     partition.map_or_else(|| "whole disk".to_owned(), |n| format!("partition {n}"))
+}
+
+/// A partition, or a logical volume in it: `partition 2, logical volume rhel/root`.
+fn where_in(partition: Option<u32>, logical_volume: Option<&str>) -> String {
+    match logical_volume {
+        Some(lv) => format!("{}, logical volume {lv}", part_name(partition)),
+        None => part_name(partition),
+    }
 }
 
 pub fn umount(cli: &Cli, dir: &std::path::Path) -> Result<u8> {
