@@ -234,17 +234,19 @@ pub enum Command {
         /// Restore into this shut-off VM instead (disks matched by target only).
         #[arg(long)]
         vm: Option<String>,
-        /// Start the VM within seconds on overlays over the backup while libvirt block jobs copy
-        /// the data onto its volumes; waits for the copies and finishes, unless --detach.
+        /// Start the VM within seconds on overlays over the backup while the backup is copied
+        /// onto its volumes, then mirror what the guest wrote and switch the VM to them, unless
+        /// --detach.
         #[arg(long)]
         instant: bool,
-        /// With --instant: return once the VM runs (the copies go on; see `nasbak instant`).
+        /// With --instant: return once the VM runs; `nasbak instant finish` copies and switches.
         #[arg(long, requires = "instant")]
         detach: bool,
-        /// With --instant: give up waiting after this long (the copies go on).
+        /// With --instant: give up after this long (the VM runs on; finish it later).
         #[arg(long, default_value = &**FINISH_TIMEOUT, value_parser = duration_arg, requires = "instant")]
         timeout: Duration,
-        /// With --instant: copy each disk at most this fast, in MiB/s (spares the NAS).
+        /// With --instant: copy each disk at most this fast, in MiB/s (spares the NAS; the whole
+        /// disk then goes through a libvirt block copy that starts with the VM).
         #[arg(long, value_name = "MIB_PER_S", requires = "instant")]
         bandwidth: Option<u64>,
     },
@@ -435,16 +437,17 @@ pub enum OfferingCommand {
 pub enum InstantCommand {
     /// Each instant restore in flight, with its copies' progress.
     List,
-    /// Wait for the copies of VM's instant restore, check the backup's checksums, switch the VM
-    /// to its own volumes and remove the overlays.
+    /// Complete VM's instant restore: copy the backup onto its volumes (checksums checked) if
+    /// not done yet, mirror what the guest wrote, switch the VM to its own volumes and remove
+    /// the overlays.
     Finish {
         /// The VM.
         vm: String,
-        /// Give up waiting after this long (the copies go on).
+        /// Give up after this long (the VM runs on; run finish again).
         #[arg(long, default_value = &**FINISH_TIMEOUT, value_parser = duration_arg)]
         timeout: Duration,
     },
-    /// Stop VM and abandon its instant restore (its volumes are left partly written and marked:
+    /// Stop VM and abandon its instant restore (volumes already written are left marked:
     /// restore it again).
     Cancel {
         /// The VM.

@@ -718,6 +718,33 @@ fn an_instant_restore_outlives_a_killed_nasbak() {
     assert!(!ok(&config, &["instant", "list"]).contains(dom.name()));
     dom.destroy();
     assert_eq!(dom.read_ext4_file(disk, "i.txt").as_deref(), Some("instant"));
+    // The default way (the backup copied by nasbak, then the guest's writes mirrored), killed
+    // once the VM runs: the VM runs on, `instant finish` copies what is missing and completes.
+    assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .args(["restore", &id, "--instant"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("runs on its backup"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(dom.is_running(), "the VM runs on without nasbak");
+    let done = json_of(&ok(&config, &["--json", "instant", "finish", dom.name()]));
+    assert_eq!(done["restored"][0]["location"], disk.to_str().unwrap());
+    dom.destroy();
+    assert_eq!(dom.read_ext4_file(disk, "i.txt").as_deref(), Some("instant"));
+    let left: Vec<_> = std::fs::read_dir(disk.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // Detached, then cancelled: the VM stopped, its volume marked, a backup refused (exit 4).
     let out = ok(&config, &["restore", &id, "--instant", "--detach", "--bandwidth", "8"]);
     assert!(out.contains("nasbak instant finish"), "{out}");

@@ -918,13 +918,26 @@ fn qemu_frozen_mid_job() -> Row {
 
 /// A VM instant-restored from a backup, whose QEMU then stops (SIGSTOP): `instant finish
 /// --timeout 10s` returns by its timeout, says QEMU does not answer, and leaves the restore in
-/// flight; once QEMU runs again, finish completes.
+/// flight; once QEMU runs again, finish completes. With a bandwidth limit (a block copy of the
+/// whole disk runs from the start).
 fn qemu_frozen_instant_finish() -> Row {
-    let lab = Lab::new("qfrozeninst", vec![DiskSpec::qcow2(64)], false, false, 1024);
+    qemu_frozen_instant("qfrozeninst", &["--bandwidth", "4"], "VM's QEMU stopped (SIGSTOP) during an instant restore")
+}
+
+/// The same by default: the finish copies the backup onto the volume, then starts the mirror of
+/// the guest's writes, which QEMU must answer.
+fn qemu_frozen_instant_finish_copy() -> Row {
+    qemu_frozen_instant("qfrozencopy", &[], "VM's QEMU stopped (SIGSTOP) before an instant restore's finish copies")
+}
+
+fn qemu_frozen_instant(tag: &str, extra_args: &[&str], title: &'static str) -> Row {
+    let lab = Lab::new(tag, vec![DiskSpec::qcow2(64)], false, false, 1024);
     let _ = random_qcow2(&lab, 32);
     let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
     let id = out["id"].as_str().unwrap().to_owned();
-    lab.ok(&["restore", &id, "--instant", "--detach", "--bandwidth", "4"]);
+    let mut args = vec!["restore", &id, "--instant", "--detach"];
+    args.extend_from_slice(extra_args);
+    lab.ok(&args);
     let mut extra = Vec::new();
     let frozen = lab.dom.freeze_qemu();
     let start = Instant::now();
@@ -954,7 +967,58 @@ fn qemu_frozen_instant_finish() -> Row {
     }
     let checks = lab.checks(&said, &["is not answering", "stays in flight"]);
     lab.dom.destroy();
-    row("VM's QEMU stopped (SIGSTOP) during an instant restore", checks, Some(time), extra, &said)
+    row(title, checks, Some(time), extra, &said)
+}
+
+/// An instant restore's finish (the default: the backup copied onto the volume, then the
+/// guest's writes mirrored) killed while it copies: the VM runs on, the volume is as it was (the
+/// copy is staged beside it), `instant list` shows the restore; the next finish removes the
+/// staged copy, completes, and the volume holds the backup.
+fn instant_finish_killed_mid_copy() -> Row {
+    let lab = Lab::new("instkill", vec![DiskSpec::qcow2(256)], false, false, 1024);
+    let disk = random_qcow2(&lab, 128);
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let want = lab.dom.dir().join("want.raw");
+    let _ = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&disk).arg(&want).status();
+    let _ = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 64M"]).arg(&disk).output();
+    let before = nasbak::checksum_file(&disk, "blake3").unwrap();
+    lab.ok(&["restore", &id, "--instant", "--detach"]);
+    let mut extra = Vec::new();
+    let mut child = lab.spawn_paused(&["instant", "finish", lab.name()], "restore-copy");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    if !lab.dom.is_running() {
+        extra.push("the VM stopped with the killed finish".into());
+    }
+    if nasbak::checksum_file(&disk, "blake3").unwrap() != before {
+        extra.push("the volume changed although the finish was killed before the rename".into());
+    }
+    if !String::from_utf8_lossy(&lab.run(&["instant", "list"]).stdout).contains(lab.name()) {
+        extra.push("the restore is no longer in flight".into());
+    }
+    let finished = lab.run(&["instant", "finish", lab.name(), "--timeout", "5m"]);
+    let said = text(&finished);
+    if !finished.status.success() {
+        extra.push(format!("the finish run again failed: {said}"));
+    }
+    lab.dom.destroy();
+    let same = Command::new("qemu-img").args(["compare", "-U"]).arg(&want).arg(&disk).output();
+    if !same.is_ok_and(|o| o.status.success()) {
+        extra.push("the volume does not hold the backup".into());
+    }
+    let staged: Vec<_> = fs::read_dir(lab.dom.dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
+        .map(|e| e.file_name())
+        .collect();
+    if !staged.is_empty() {
+        extra.push(format!("staged files left: {staged:?}"));
+    }
+    let _ = fs::remove_file(&want);
+    let checks = lab.checks(&said, &["runs on its own volumes"]);
+    row("instant restore's finish killed mid-copy, then run again", checks, None, extra, &said)
 }
 
 /// A boot verification whose throwaway VM's QEMU stops (SIGSTOP) as soon as it started:
@@ -1226,6 +1290,8 @@ fn main() {
         ("repo-gone-restore", Box::new(repository_gone_mid_restore)),
         ("qemu-frozen-backup", Box::new(qemu_frozen_mid_job)),
         ("qemu-frozen-instant", Box::new(qemu_frozen_instant_finish)),
+        ("qemu-frozen-copy", Box::new(qemu_frozen_instant_finish_copy)),
+        ("instant-finish-kill", Box::new(instant_finish_killed_mid_copy)),
         ("qemu-frozen-boot", Box::new(qemu_frozen_boot_verify)),
         ("two-backups", Box::new(two_backups_of_one_vm)),
         ("several-vms", Box::new(several_vms_at_once)),

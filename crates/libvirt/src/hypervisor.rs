@@ -74,6 +74,10 @@ impl BlockJob {
 pub struct BlockCopyFlags {
     /// The destination exists and is used as it is (a block device, or an image made for it).
     pub reuse_external: bool,
+    /// Only what the disk's top image holds is copied (`VIR_DOMAIN_BLOCK_COPY_SHALLOW`): with
+    /// `reuse_external`, the destination already holds what the images below it hold (a copy
+    /// of them, with no backing file of its own); after the pivot it is the whole disk.
+    pub shallow: bool,
     /// At most this many bytes per second (unlimited when `None`).
     pub bandwidth: Option<u64>,
 }
@@ -597,6 +601,9 @@ impl Hypervisor for LibvirtHypervisor {
         let mut f = virt::sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
         if flags.reuse_external {
             f |= virt::sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT;
+        }
+        if flags.shallow {
+            f |= virt::sys::VIR_DOMAIN_BLOCK_COPY_SHALLOW;
         }
         let (disk_owned, dest) = (disk.to_owned(), dest_xml.to_owned());
         self.on_domain(Call::on("virDomainBlockCopy", domain).about(format!("disk {disk}")), move |d| {

@@ -128,6 +128,15 @@ pub struct InstantDisk {
     /// The backup files of this disk (the newest first, then its chain), with the directory
     /// each is in, for the checksums checked before the pivot.
     pub files: Vec<(PathBuf, ManifestDisk)>,
+    /// The volume is written by the finish (`Engine::instant_finish`): the backup copied onto
+    /// it in one pass that checks its checksums, then only what the guest wrote meanwhile
+    /// mirrored (a shallow block copy). Without it (restores begun by an earlier nasbak, and
+    /// encrypted backups), a block copy of the whole disk began when the VM started.
+    #[serde(default)]
+    pub copy_at_finish: bool,
+    /// The finish has put the backup's copy in place of the volume.
+    #[serde(default)]
+    pub copied: bool,
 }
 
 /// Where an instant restore stands.
@@ -169,6 +178,9 @@ pub enum CopyState {
         /// Bytes in all.
         total: u64,
     },
+    /// Nothing copied yet: the finish copies the backup onto the volume, then mirrors what the
+    /// guest wrote.
+    Pending,
     /// No copy runs (it failed, or the VM stopped): the restore can only be cancelled.
     Gone,
     /// libvirt did not say (the VM's QEMU or libvirtd did not answer in time, or failed): the

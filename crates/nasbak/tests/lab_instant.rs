@@ -34,15 +34,24 @@ fn repo(dom: &LabDomain) -> BackupRepository {
 
 /// Writes `content` to `path` in the guest and flushes it to the disk (a freeze and thaw).
 fn guest_write(dom: &LabDomain, path: &str, content: &[u8]) {
-    let open =
-        dom.agent_command(&format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"{path}","mode":"w"}}}}"#));
-    let handle: serde_json::Value = serde_json::from_str(&open).unwrap();
+    guest_write_to(dom.name(), path, content);
+}
+
+/// Writes `content` to `path` in the guest of the domain `name` through its agent, and syncs
+/// (a freeze and thaw).
+fn guest_write_to(name: &str, path: &str, content: &[u8]) {
+    let agent = |json: &str| {
+        nasbak_testlab::virsh(&["qemu-agent-command", name, "--timeout", "30", json])
+            .unwrap_or_else(|e| panic!("{json} on {name}: {e}"))
+    };
+    let open = agent(&format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"{path}","mode":"w"}}}}"#));
+    let handle: serde_json::Value = serde_json::from_str(open.trim()).unwrap();
     let h = handle["return"].as_i64().unwrap();
     let data = base64::engine::general_purpose::STANDARD.encode(content);
-    dom.agent_command(&format!(r#"{{"execute":"guest-file-write","arguments":{{"handle":{h},"buf-b64":"{data}"}}}}"#));
-    dom.agent_command(&format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{h}}}}}"#));
-    dom.agent_command(r#"{"execute":"guest-fsfreeze-freeze"}"#);
-    dom.agent_command(r#"{"execute":"guest-fsfreeze-thaw"}"#);
+    agent(&format!(r#"{{"execute":"guest-file-write","arguments":{{"handle":{h},"buf-b64":"{data}"}}}}"#));
+    agent(&format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{h}}}}}"#));
+    agent(r#"{"execute":"guest-fsfreeze-freeze"}"#);
+    agent(r#"{"execute":"guest-fsfreeze-thaw"}"#);
 }
 
 /// The content of `path` in the guest.
@@ -122,13 +131,25 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     let listed = e.instant_restores(&work).unwrap();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].running);
-    assert!(listed[0].disks.iter().all(|d| !matches!(d.state, CopyState::Gone)), "{listed:?}");
+    // Nothing is copied until the finish: it copies the backup onto the volumes, then mirrors
+    // what the guest wrote.
+    assert!(listed[0].disks.iter().all(|d| matches!(d.state, CopyState::Pending)), "{listed:?}");
     let mut seen = Vec::new();
+    // The guest writes while the finish copies and mirrors: whenever it lands, it is kept.
+    let writer = {
+        let name = dom.name().to_owned();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            guest_write_to(&name, "/data/during-finish.txt", b"written while the finish ran");
+        })
+    };
     let done = e
         .instant_finish(&work, dom.name(), Duration::from_secs(600), &CancelHandle::new(), &mut |p| {
             seen.push(p.clone())
         })
         .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    writer.join().unwrap();
+    assert!(seen.iter().any(|p| p.phase == nasbak::Phase::Copy), "the backup copied by the finish");
     assert_eq!(done.restored.len(), 3);
     assert!(seen.last().is_some_and(|p| p.done == p.total && p.total > 0), "{:?}", seen.last());
     // The VM runs on its own volumes: same paths and formats, nothing of the overlays or the
@@ -148,6 +169,10 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     assert!(vda["actual-size"].as_u64().unwrap() < 16 << 20, "as sparse as the backup: {vda}");
     assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "known.txt").as_deref(), Some("from the backup"));
     assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "during.txt").as_deref(), Some("written during the restore"));
+    assert_eq!(
+        dom.read_ext4_file(&dom.disks()[0].path, "during-finish.txt").as_deref(),
+        Some("written while the finish ran")
+    );
     assert!(fs::read(&dom.disks()[1].path).unwrap() == want_vdb, "vdb holds the backup's data");
     assert!(fs::read(&dom.disks()[2].path).unwrap() == want_vdc, "vdc (block) too, its zeroes included");
     // Nothing left: no work files, no daemon, no mark; the backup verifies.
@@ -157,6 +182,21 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     assert!(!marks.iter().any(|m| m.to_string_lossy().contains(RESTORING_MARK)), "{marks:?}");
     let verify = e.catalog().verify(&repo, dom.name(), &id, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert!(verify.ok(), "{verify:?}");
+
+    // Cancelled before the finish: the file volumes were never touched (their marks go, their
+    // data is as it was); the block device keeps its mark (a finish writes it in place).
+    let before = fs::read(&dom.disks()[0].path).unwrap();
+    e.instant_restore(&request, &CancelHandle::new()).unwrap();
+    let cancelled = e.instant_cancel(&work, dom.name()).unwrap();
+    assert_eq!(cancelled.partly_written, [dom.disks()[2].path.clone()]);
+    assert!(fs::read(&dom.disks()[0].path).unwrap() == before, "vda untouched");
+    let marks: Vec<String> = fs::read_dir(repo_vm_dir(&repo, &dom))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|m| m.contains(RESTORING_MARK))
+        .collect();
+    assert_eq!(marks, [format!("{RESTORING_MARK}vdc")]);
 }
 
 fn repo_vm_dir(repo: &BackupRepository, dom: &LabDomain) -> PathBuf {
@@ -264,4 +304,79 @@ fn an_instant_restore_outlives_its_engine_and_is_cancelled_or_fails_clearly() {
     e.instant_cancel(&work, dom.name()).unwrap();
     assert!(!dom.is_running() && !work.join(dom.name()).exists());
     assert!(nasbak_testlab::pids_with_cmdline(&work.to_string_lossy()).is_empty());
+}
+
+/// `instant_restore_and_finish`: the backup is copied beside the volumes while the VM starts,
+/// the VM runs on its backup meanwhile, what the guest writes is kept through the pivot, and
+/// nothing is left behind; from an incremental (its chain committed) too.
+#[test]
+fn an_instant_restore_in_one_call_copies_while_the_vm_starts_and_keeps_the_guests_writes() {
+    let (dom, repo, full) = guest_with_backup("instant3");
+    dom.write_offline(0, 0x5c, "40M", "1M");
+    let e = engine(&dom.dir().join("runtime"));
+    let inc = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(inc.manifest.parent.as_deref(), Some(full.as_str()), "an incremental");
+    let want_vdb = fs::read(&dom.disks()[1].path).unwrap();
+    zero(&dom.disks()[0].path, "qcow2");
+    zero(&dom.disks()[1].path, "raw");
+    let work = dom.dir().join("instant");
+    let request = InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), &inc.manifest.id))
+        .with_work_dir(&work);
+    let (mut running, mut seen) = (0, Vec::new());
+    let mut writer = None;
+    let done = e
+        .instant_restore_and_finish(
+            &request,
+            Duration::from_secs(600),
+            &CancelHandle::new(),
+            &mut |state| {
+                running += 1;
+                assert!(dom.is_running(), "told once the VM runs");
+                assert!(state.disks.iter().all(|d| d.copy_at_finish));
+                // The guest writes as soon as it is up: during the copy, the mirror or after.
+                let name = dom.name().to_owned();
+                writer = Some(std::thread::spawn(move || {
+                    for _ in 0..240 {
+                        let ping = nasbak_testlab::virsh(&[
+                            "qemu-agent-command",
+                            &name,
+                            "--timeout",
+                            "2",
+                            r#"{"execute":"guest-ping"}"#,
+                        ]);
+                        if ping.is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    guest_write_to(&name, "/data/one-call.txt", b"kept through the pivot");
+                }));
+            },
+            &mut |p| seen.push(p.clone()),
+        )
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    writer.take().unwrap().join().unwrap();
+    assert_eq!(running, 1);
+    assert_eq!(done.restored.len(), 2);
+    assert!(seen.iter().any(|p| p.phase == nasbak::Phase::Copy), "copied by nasbak: {seen:?}");
+    assert!(seen.iter().any(|p| p.phase == nasbak::Phase::Mirror), "then mirrored: {seen:?}");
+    assert_eq!(guest_read(&dom, "/data/one-call.txt"), b"kept through the pivot");
+    let live = e.hypervisor().domain_xml(dom.name()).unwrap();
+    assert!(!live.contains(&*work.to_string_lossy()) && !live.contains("<backingStore type"), "{live}");
+    dom.destroy();
+    assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "known.txt").as_deref(), Some("from the backup"));
+    assert_eq!(dom.read_ext4_file(&dom.disks()[0].path, "one-call.txt").as_deref(), Some("kept through the pivot"));
+    let got = fs::read(dom.raw_copy(0, "got-vda")).unwrap();
+    assert!(got[40 << 20..41 << 20].iter().all(|b| *b == 0x5c), "vda restored through its chain");
+    assert!(fs::read(&dom.disks()[1].path).unwrap() == want_vdb, "vdb holds the backup's data");
+    assert!(!work.join(dom.name()).exists());
+    let staged: Vec<_> = fs::read_dir(dom.dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+    let marks: Vec<PathBuf> = fs::read_dir(repo_vm_dir(&repo, &dom)).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(!marks.iter().any(|m| m.to_string_lossy().contains(RESTORING_MARK)), "{marks:?}");
 }

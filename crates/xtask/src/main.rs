@@ -39,6 +39,7 @@ commands:
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
   bench protected [ROUNDS]  only the compressed and encrypted repositories' part
   bench chain [ROUNDS]      every way to restore, from the end of a chain of ten against its full
+  bench restores [ROUNDS]   full, instant (the guest writing) and mount, on a 2 and an 8 GiB disk
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
@@ -66,6 +67,10 @@ fn main() -> Result<()> {
         ["bench"] => bench::bench(3),
         ["bench", "protected"] => bench::protected(3),
         ["bench", "chain"] => bench::chain(3),
+        ["bench", "restores"] => bench::restores(3),
+        ["bench", "restores", n] => {
+            bench::restores(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
         ["bench", "chain", n] => {
             bench::chain(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }

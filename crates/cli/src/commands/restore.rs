@@ -98,24 +98,55 @@ pub fn instant(
     if let Some(mib) = bandwidth {
         request = request.with_bandwidth(mib.saturating_mul(1 << 20));
     }
-    let state = e.instant_restore(&request, &cancel)?;
-    let vm = state.vm.clone();
-    if !cli.json {
-        println!(
-            "{vm} runs on its backup {} ({:.1} s); copying its disks",
-            state.backup,
-            started.elapsed().as_secs_f64()
+    let running = |state: &nasbak::InstantRestore| {
+        if !cli.json {
+            println!(
+                "{} runs on its backup {} ({:.1} s); copying its disks",
+                state.vm,
+                state.backup,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    if !detach {
+        // Copied from the start (beside the volumes while the VM starts), then finished.
+        let mut reporter = None;
+        let mut vm = String::new();
+        let finished = e.instant_restore_and_finish(
+            &request,
+            timeout,
+            &cancel,
+            &mut |state| {
+                running(state);
+                vm.clone_from(&state.vm);
+            },
+            &mut |p| {
+                reporter
+                    .get_or_insert_with(|| Reporter::new(cli.json, &format!("instant restore of {}", p.vm)))
+                    .update(p)
+            },
         );
+        if let Some(r) = reporter {
+            r.finish();
+        }
+        return report_finished(cli, &vm, finished);
     }
-    if detach {
+    let state = e.instant_restore(&request, &cancel)?;
+    running(&state);
+    let vm = state.vm.clone();
+    let at_finish = state.disks.iter().any(|d| d.copy_at_finish);
+    {
         if cli.json {
             print_json(&state)?;
+        } else if at_finish {
+            println!(
+                "`nasbak instant finish {vm}` copies the backup onto its volumes, mirrors what the guest wrote meanwhile and switches {vm} to them"
+            );
         } else {
             println!("the copies go on without nasbak: `nasbak instant list`, then `nasbak instant finish {vm}`");
         }
-        return Ok(0);
+        Ok(0)
     }
-    finish(cli, &e, &vm, timeout, &cancel)
 }
 
 fn finish(
@@ -128,9 +159,14 @@ fn finish(
     let mut reporter = Reporter::new(cli.json, &format!("instant restore of {vm}"));
     let finished = e.instant_finish(DEFAULT_INSTANT_DIR.as_ref(), vm, timeout, cancel, &mut |p| reporter.update(p));
     reporter.finish();
+    report_finished(cli, vm, finished)
+}
+
+/// What a finish says: the volumes restored, or (cancelled) that the restore is in flight.
+fn report_finished(cli: &Cli, vm: &str, finished: Result<InstantFinished, nasbak::BackupError>) -> Result<u8> {
     let done: InstantFinished = match finished {
-        Err(err) if matches!(err.kind(), nasbak::ErrorKind::Cancelled) => {
-            eprintln!("{vm} runs and its copies go on: `nasbak instant finish {vm}` completes the restore");
+        Err(err) if matches!(err.kind(), nasbak::ErrorKind::Cancelled) && !vm.is_empty() => {
+            eprintln!("{vm} runs on (its restore in flight): `nasbak instant finish {vm}` completes the restore");
             return Err(err.into());
         }
         other => other?,
@@ -164,6 +200,7 @@ pub fn instant_command(cli: &Cli, cmd: &InstantCommand) -> Result<u8> {
                             format!("copying {:.0} %", *done as f64 * 100.0 / (*total).max(1) as f64)
                         }
                         CopyState::Ready { .. } => "ready to finish".to_owned(),
+                        CopyState::Pending => "runs on its backup; `nasbak instant finish` copies it".to_owned(),
                         CopyState::Gone => "NO COPY (cancel it, then restore again)".to_owned(),
                         CopyState::Unknown { error } => format!("UNKNOWN: {error}"),
                         _ => "unknown".to_owned(),

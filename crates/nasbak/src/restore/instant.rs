@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nasbak_libvirt::{BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, swap_disk_sources};
-use nasbak_qemu_img::{ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 
 use crate::export::{Overlay, nbd_socket};
 use nasbak_repo::{ManifestDisk, Mounter, VmName};
@@ -37,8 +37,8 @@ use crate::outcome::{
 };
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::InstantRestoreRequest;
-use crate::transfer::check_chain;
-use crate::transfer::stage::stage_beside;
+use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
+use crate::transfer::{check_chain, convert_checked, copy_checked, is_plain_chain, restore_chain};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RESTORING_MARK, RestoringMark};
@@ -63,6 +63,76 @@ where
         &self,
         request: &InstantRestoreRequest,
         cancel: &CancelHandle,
+    ) -> Result<InstantRestore, BackupError> {
+        self.start_instant(request, cancel, None)
+    }
+
+    /// An instant restore from start to finish in one call: the VM started on its backup as
+    /// [`Engine::instant_restore`] does (`on_running` is told once it runs), while the backup
+    /// is already being copied beside its file volumes (from the moment every file is checked);
+    /// then [`Engine::instant_finish`] with `timeout`: the copies put in place, the guest's
+    /// writes mirrored, the pivot. A failure once the VM runs leaves the restore in flight, as
+    /// a failed finish does.
+    pub fn instant_restore_and_finish(
+        &self,
+        request: &InstantRestoreRequest,
+        timeout: Duration,
+        cancel: &CancelHandle,
+        on_running: &mut dyn FnMut(&InstantRestore),
+        observer: &mut dyn Observer,
+    ) -> Result<InstantFinished, BackupError> {
+        let (plan_tx, plan_rx) = std::sync::mpsc::channel::<InstantRestore>();
+        let (progress_tx, progress_rx) = std::sync::mpsc::channel::<Progress>();
+        let images = &self.images;
+        // The copies stop at the caller's cancel, and when the VM could not be started.
+        let stop = CancelHandle::new();
+        let vm = std::thread::scope(|s| -> Result<String, BackupError> {
+            let stop_copies = &stop;
+            let copier = s.spawn(move || -> Result<Vec<(usize, Staged)>, BackupError> {
+                let Ok(plan) = plan_rx.recv() else { return Ok(Vec::new()) };
+                let mut staged = Vec::new();
+                for (i, d) in plan.disks.iter().enumerate().filter(|(_, d)| d.copy_at_finish && !d.block) {
+                    let mut tell = |p: &Progress| {
+                        if cancel.is_cancelled() {
+                            stop_copies.cancel();
+                        }
+                        drop(progress_tx.send(p.clone()));
+                    };
+                    let backup = (plan.vm.as_str(), plan.backup.as_str());
+                    staged.push((i, copy_beside_volume(images, d, backup, stop_copies, &mut tell)?));
+                }
+                Ok(staged)
+            });
+            let started = self.start_instant(request, cancel, Some(plan_tx));
+            if started.is_err() {
+                stop.cancel();
+            }
+            if let Ok(state) = &started {
+                on_running(state);
+            }
+            for p in progress_rx {
+                observer(&p);
+            }
+            let copied = copier.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let mut state = started?;
+            // The VM runs on its overlays: the copies go in place of the volumes.
+            for (i, mut staged) in copied? {
+                put_in_place(&state.disks[i], &mut staged)?;
+                state.disks[i].copied = true;
+                write_state(&state)?;
+            }
+            Ok(state.vm)
+        })?;
+        self.instant_finish(&request.work_dir, &vm, timeout, cancel, observer)
+    }
+
+    /// [`Engine::instant_restore`]; with `plan_to`, the restore's record (every file checked,
+    /// nothing changed yet) is sent there before the exports are made and the VM is started.
+    fn start_instant(
+        &self,
+        request: &InstantRestoreRequest,
+        cancel: &CancelHandle,
+        plan_to: Option<std::sync::mpsc::Sender<InstantRestore>>,
     ) -> Result<InstantRestore, BackupError> {
         let r = &request.restore;
         let (repository, vm, id) = (&r.repository, r.vm.as_str(), r.id.as_str());
@@ -89,7 +159,14 @@ where
             false => None,
         };
         // Every file of every chain checked before anything changes.
-        let plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), &work)?;
+        let mut plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), &work)?;
+        // The finish copies the backup onto each volume in one pass and mirrors only what the
+        // guest wrote; an encrypted backup (its key is not kept for the finish), and a restore
+        // with a bandwidth limit (libvirt's limits the whole copy), keep a block copy of the
+        // whole disk from the start.
+        for d in &mut plan {
+            d.copy_at_finish = key.is_none() && request.bandwidth.is_none();
+        }
         let mut state = InstantRestore {
             vm: target_vm.to_owned(),
             backup: format!("{}:{vm}/{id}", repository.name()),
@@ -99,6 +176,11 @@ where
             marks: layout.vm_dir(&target_name),
             disks: Vec::new(),
         };
+        // The copies may start now: every file is checked, nothing changed yet. (Started only
+        // as the VM starts, they cost the total more than they gain the start: measured.)
+        if let Some(to) = plan_to {
+            let _ = to.send(InstantRestore { disks: plan.clone(), ..state.clone() });
+        }
         let mut sizes = Vec::new();
         for (disk, (b, _)) in plan.into_iter().zip(&pairs) {
             if cancel.is_cancelled() {
@@ -185,13 +267,16 @@ where
                 block,
                 format,
                 files,
+                copy_at_finish: false,
+                copied: false,
             });
         }
         Ok(plan)
     }
 
     /// Each volume of the running VM marked half-written on the repository (`backup` is
-    /// `VM/ID`), emptied (a file volume) and given a libvirt block copy from the VM's overlay.
+    /// `VM/ID`); unless the finish copies it, emptied (a file volume) and given a libvirt block
+    /// copy from the VM's overlay.
     fn start_copies(
         &self,
         state: &InstantRestore,
@@ -208,6 +293,9 @@ where
                 backup,
                 self.clock.now(),
             )?;
+            if disk.copy_at_finish {
+                continue;
+            }
             if !disk.block
                 && let Err(e) = self.empty_volume(disk, *size)
             {
@@ -217,7 +305,7 @@ where
             let volume =
                 if disk.block { DiskSource::Block(disk.volume.clone()) } else { DiskSource::File(disk.volume.clone()) };
             let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format)?;
-            let flags = BlockCopyFlags { reuse_external: true, bandwidth };
+            let flags = BlockCopyFlags { reuse_external: true, shallow: false, bandwidth };
             self.hypervisor.block_copy(&state.vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
         }
         Ok(())
@@ -274,8 +362,11 @@ where
             .disks
             .iter()
             .map(|d| {
-                let state =
-                    self.copy_state(&restore.vm, &d.target).unwrap_or_else(|e| CopyState::Unknown { error: e.message });
+                let state = match self.copy_state(&restore.vm, &d.target) {
+                    Ok(CopyState::Gone) if d.copy_at_finish && running => CopyState::Pending,
+                    Ok(state) => state,
+                    Err(e) => CopyState::Unknown { error: e.message },
+                };
                 DiskCopy { target: d.target.clone(), state }
             })
             .collect();
@@ -308,15 +399,19 @@ where
         observer: &mut dyn Observer,
     ) -> Result<InstantFinished, BackupError> {
         let name = VmName::new(vm)?;
-        let state = read_state(&work_dir.join(name.as_str()))
+        let mut state = read_state(&work_dir.join(name.as_str()))
             .ok_or_else(|| BackupError::NotFound { what: format!("an instant restore of {vm} in flight") })?;
         let deadline = Instant::now() + timeout;
-        // Every libvirt call of the wait ends by the timeout, whatever QEMU does.
+        // Every libvirt call of the copy and the wait ends by the timeout, whatever QEMU does.
         let waiting = nasbak_libvirt::deadline::scope(deadline);
+        // The volumes the finish writes: the backup copied on, then the guest's writes mirrored.
+        self.copy_onto_volumes(&mut state, cancel, observer)?;
+        let state = state;
         let sums_cancel = CancelHandle::new();
         let verified = std::thread::scope(|scope| {
             let sums = scope.spawn(|| -> Result<(), BackupError> {
-                for disk in &state.disks {
+                // A copy made by the finish checked its files' checksums as it read them.
+                for disk in state.disks.iter().filter(|d| !d.copy_at_finish) {
                     for (dir, file) in &disk.files {
                         crate::transfer::check_sum(dir, file, vm, &sums_cancel, &mut |_| {})?;
                     }
@@ -368,6 +463,63 @@ where
         Ok(InstantFinished { backup: state.backup, vm: vm.to_owned(), restored })
     }
 
+    /// For each disk the finish writes ([`InstantDisk::copy_at_finish`]) whose mirror has not
+    /// begun: the backup written onto its volume (unless an interrupted finish did), then a
+    /// shallow block copy from the overlay (the guest's writes only) into it.
+    fn copy_onto_volumes(
+        &self,
+        state: &mut InstantRestore,
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        let vm = state.vm.clone();
+        for i in 0..state.disks.len() {
+            let d = state.disks[i].clone();
+            let step = || Step::Restore { disk: d.target.clone() };
+            if !d.copy_at_finish || matches!(self.hypervisor.block_job(&vm, &d.target), Ok(Some(_))) {
+                continue;
+            }
+            if !d.copied {
+                self.copy_onto_volume(&d, (&vm, &state.backup), cancel, observer).map_err(at(step()))?;
+                state.disks[i].copied = true;
+                write_state(state)?;
+            }
+            let volume = if d.block { DiskSource::Block(d.volume.clone()) } else { DiskSource::File(d.volume.clone()) };
+            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &d.format)?;
+            let flags = BlockCopyFlags { reuse_external: true, shallow: true, bandwidth: None };
+            self.hypervisor.block_copy(&vm, &d.target, &dest, flags).map_err(|e| {
+                if e.is_past_deadline() {
+                    return BackupError::TimedOut { what: format!("starting the mirror of {vm}'s disk {}", d.target) };
+                }
+                let what = format!("the mirror of {vm}'s disk {} (the restore stays in flight)", d.target);
+                at(step())(BackupError::Unanswered { what, source: e })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The backup of `d` written onto its volume, every file's checksum checked as it is read:
+    /// a file volume through [`copy_beside_volume`] and [`put_in_place`]; a block
+    /// device written in place (it is marked half-written on the repository).
+    fn copy_onto_volume(
+        &self,
+        d: &InstantDisk,
+        (vm, backup): (&str, &str),
+        cancel: &CancelHandle,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        if d.block {
+            let (dir, top) = &d.files[0];
+            let source = crate::protect::disk_image(dir, top, &d.files[1..], None, backup)?;
+            let mut r = ConvertRequest::new(source, ImageLocation::Path(d.volume.clone()), ImageFormat::Raw);
+            r.source_format = Some(ImageFormat::Qcow2);
+            r.target_exists = true;
+            return convert_checked(&self.images, (r, &d.files), cancel, (vm, &d.target, top.virtual_size), observer);
+        }
+        let mut staged = copy_beside_volume(&self.images, d, (vm, backup), cancel, observer)?;
+        put_in_place(d, &mut staged)
+    }
+
     fn wait_ready(
         &self,
         state: &InstantRestore,
@@ -392,7 +544,7 @@ where
                     CopyState::Copying { done: c, total: t } => {
                         (done, total, ready) = (done + c, total + t, false);
                     }
-                    CopyState::Gone | CopyState::Unknown { .. } => {
+                    CopyState::Gone | CopyState::Pending | CopyState::Unknown { .. } => {
                         return Err(BackupError::CopyGone { vm: state.vm.clone(), disk: d.target.clone() });
                     }
                 }
@@ -432,12 +584,17 @@ where
             self.hypervisor.destroy(vm)?;
         }
         remove_files(&state)?;
+        // A volume the finish had not yet written is as it was: its mark goes.
+        let untouched = |d: &&InstantDisk| d.copy_at_finish && !d.copied && !d.block;
+        for d in state.disks.iter().filter(untouched) {
+            let _ = fs::remove_file(state.marks.join(format!("{RESTORING_MARK}{}", d.target)));
+        }
         let _ = fs::remove_file(state.dir.join(STATE_FILE));
         let _ = fs::remove_dir(&state.dir);
         let _ = self.mounts.unmount_if_unused(&state.repository);
         Ok(InstantCancelled {
             vm: vm.to_owned(),
-            partly_written: state.disks.iter().map(|d| d.volume.clone()).collect(),
+            partly_written: state.disks.iter().filter(|d| !untouched(d)).map(|d| d.volume.clone()).collect(),
         })
     }
 }
@@ -469,6 +626,58 @@ fn remove_files(state: &InstantRestore) -> Result<(), BackupError> {
         let _ = fs::remove_file(&d.export);
         let _ = fs::remove_file(&d.overlay);
     }
+    Ok(())
+}
+
+/// The backup of the file volume of `d` written beside it, every file's checksum checked
+/// as it is read: a full's file copied, a chain's files copied and committed, a compressed
+/// file or a raw volume converted. Removed on drop unless [`put_in_place`] renamed it.
+fn copy_beside_volume<I: ImageTool + Sync>(
+    images: &I,
+    d: &InstantDisk,
+    (vm, backup): (&str, &str),
+    cancel: &CancelHandle,
+    observer: &mut dyn Observer,
+) -> Result<Staged, BackupError> {
+    let (dir, top) = &d.files[0];
+    let chain = &d.files[1..];
+    let format: ImageFormat = d.format.parse().unwrap_or(ImageFormat::Raw);
+    remove_stale_stages(&d.volume);
+    let staged = Staged(vec![stage_beside(&d.volume)?]);
+    let tmp = &staged.0[0];
+    let plain = is_plain_chain(top, chain);
+    if format == ImageFormat::Qcow2 && plain && chain.is_empty() {
+        copy_checked(dir, top, tmp, vm, &d.target, cancel, observer)?;
+    } else if format == ImageFormat::Qcow2 && plain {
+        restore_chain(images, (dir, top, chain, backup), tmp, (vm, &d.target), cancel, observer)?;
+    } else {
+        let _ = fs::remove_file(tmp);
+        let source = crate::protect::disk_image(dir, top, chain, None, backup)?;
+        let mut r = ConvertRequest::new(source, ImageLocation::Path(tmp.clone()), format);
+        r.source_format = Some(ImageFormat::Qcow2);
+        convert_checked(images, (r, &d.files), cancel, (vm, &d.target, top.virtual_size), observer)?;
+    }
+    Ok(staged)
+}
+
+/// The copy `staged` (from [`copy_beside_volume`]) given the owner and mode of the
+/// volume of `d` and renamed over it.
+fn put_in_place(d: &InstantDisk, staged: &mut Staged) -> Result<(), BackupError> {
+    let tmp = staged.0[0].clone();
+    let meta = fs::metadata(&d.volume).map_err(|source| BackupError::Io {
+        action: "reading",
+        path: d.volume.clone(),
+        source,
+    })?;
+    let io = |source| BackupError::Io { action: "setting the owner and mode of", path: tmp.clone(), source };
+    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(io)?;
+    fs::rename(&tmp, &d.volume).map_err(|source| BackupError::Io {
+        action: "replacing",
+        path: d.volume.clone(),
+        source,
+    })?;
+    staged.0.clear();
     Ok(())
 }
 
