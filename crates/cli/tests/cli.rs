@@ -686,6 +686,23 @@ fn backups_of_a_running_vm_form_a_chain() {
     assert!(ok(&config, &["verify", third["id"].as_str().unwrap()]).starts_with("ok "));
 }
 
+/// Runs nasbak with `args` until it says the VM runs on its backup, then kills it.
+fn killed_once_running(config: &std::path::Path, args: &[&str]) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("runs on its backup"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// `restore --instant`: nasbak killed while the copy runs leaves the VM running and the copy
 /// going; `instant list` shows it, `instant finish` (another process) completes it; a detached
 /// one is cancelled.
@@ -697,19 +714,7 @@ fn an_instant_restore_outlives_a_killed_nasbak() {
     let id = json_of(&ok(&config, &["--json", "backup", dom.name()]))["id"].as_str().unwrap().to_owned();
     let disk = &dom.disks()[0].path;
     assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
-        .arg("--config")
-        .arg(&config)
-        .args(["restore", &id, "--instant", "--bandwidth", "8"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    assert!(line.contains("runs on its backup"), "{line}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    killed_once_running(&config, &["restore", &id, "--instant", "--bandwidth", "8"]);
     assert!(dom.is_running(), "the VM runs on without nasbak");
     let list = ok(&config, &["instant", "list"]);
     assert!(list.contains(dom.name()) && list.contains("vda"), "{list}");
@@ -721,19 +726,7 @@ fn an_instant_restore_outlives_a_killed_nasbak() {
     // The default way (the backup copied by nasbak, then the guest's writes mirrored), killed
     // once the VM runs: the VM runs on, `instant finish` copies what is missing and completes.
     assert!(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 8M"]).arg(disk).status().unwrap().success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
-        .arg("--config")
-        .arg(&config)
-        .args(["restore", &id, "--instant"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    assert!(line.contains("runs on its backup"), "{line}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    killed_once_running(&config, &["restore", &id, "--instant"]);
     assert!(dom.is_running(), "the VM runs on without nasbak");
     let done = json_of(&ok(&config, &["--json", "instant", "finish", dom.name()]));
     assert_eq!(done["restored"][0]["location"], disk.to_str().unwrap());

@@ -498,6 +498,16 @@ fn libvirtd_restarted_mid_job() -> Row {
     row("libvirtd restarted during the push job", checks, Some(time), extra, &said)
 }
 
+/// What restores staged in `dir` and left there.
+fn staged_files(dir: &Path) -> Vec<std::ffi::OsString> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
+        .map(|e| e.file_name())
+        .collect()
+}
+
 fn restore_killed_mid_copy() -> Row {
     let lab = Lab::new("restkill", vec![DiskSpec::qcow2(256)], false, false, 1024);
     let disk = random_qcow2(&lab, 128);
@@ -527,12 +537,7 @@ fn restore_killed_mid_copy() -> Row {
         extra.push("the volume was not restored".into());
     }
     let _ = fs::remove_file(&backup_file);
-    let staged: Vec<_> = fs::read_dir(lab.dom.dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
-        .map(|e| e.file_name())
-        .collect();
+    let staged = staged_files(lab.dom.dir());
     if !staged.is_empty() {
         extra.push(format!("staged files left: {staged:?}"));
     }
@@ -1007,12 +1012,7 @@ fn instant_finish_killed_mid_copy() -> Row {
     if !same.is_ok_and(|o| o.status.success()) {
         extra.push("the volume does not hold the backup".into());
     }
-    let staged: Vec<_> = fs::read_dir(lab.dom.dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("nasbak-restore"))
-        .map(|e| e.file_name())
-        .collect();
+    let staged = staged_files(lab.dom.dir());
     if !staged.is_empty() {
         extra.push(format!("staged files left: {staged:?}"));
     }

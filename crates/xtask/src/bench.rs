@@ -887,19 +887,8 @@ pub fn chain(rounds: usize) -> Result<()> {
     cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
     let nasbak = crate::exec::built_binary("release");
     let dir = Path::new(STATE).join("bench-chain");
-    let _ = virsh(&["destroy", DOMAIN]);
-    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("repo"))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
     println!("bench: chain, a 2 GiB qcow2 disk holding 1 GiB of pseudo-random data, a full and ten incrementals");
-    make_disk(&dir, &dir.join("disk.qcow2"), 2048, 1024)?;
-    domain_xml(&dir, &dir.join("disk.qcow2"))?;
-    let config = p("nasbak.toml");
-    cmd(&nasbak)
-        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
-        .run()?;
+    let config = fresh_vm(&nasbak, &dir, 2048, 1024)?;
     virsh(&["start", DOMAIN])?;
     let backup = |mode: &'static str| -> Result<String> {
         cmd(&nasbak)
@@ -961,20 +950,9 @@ pub fn restores(rounds: usize) -> Result<()> {
     let nasbak = crate::exec::built_binary("release");
     let dir = Path::new(STATE).join("bench-restores");
     let mut lines = Vec::new();
-    for (size_mib, data_mib) in [(2048u64, 1024usize), (8192, 4096)] {
-        let _ = virsh(&["destroy", DOMAIN]);
-        let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("repo"))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-        let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    for (size_mib, data_mib) in [(2048u64, 1024u64), (8192, 4096)] {
         println!("bench: restores, a {size_mib} MiB qcow2 disk holding {data_mib} MiB of pseudo-random data");
-        make_disk(&dir, &dir.join("disk.qcow2"), size_mib, data_mib)?;
-        domain_xml(&dir, &dir.join("disk.qcow2"))?;
-        let config = p("nasbak.toml");
-        cmd(&nasbak)
-            .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
-            .run()?;
+        let config = fresh_vm(&nasbak, &dir, size_mib, data_mib as usize)?;
         cmd(&nasbak)
             .args(["--config", &config, "backup", DOMAIN, "--quiesce", "off", "--mode", "full"])
             .timeout(Duration::from_secs(3600))
@@ -1011,4 +989,23 @@ pub fn restores(rounds: usize) -> Result<()> {
         println!("{l}");
     }
     Ok(())
+}
+
+/// The bench VM made afresh in `dir` (anything of an earlier run removed): a qcow2 disk of
+/// `size_mib` MiB holding `data_mib` MiB of pseudo-random data, defined (shut off), and a
+/// `shared` repository `bench` in `dir/repo`. Returns the nasbak configuration file.
+fn fresh_vm(nasbak: &str, dir: &Path, size_mib: u64, data_mib: usize) -> Result<String> {
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir.join("repo"))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    make_disk(dir, &dir.join("disk.qcow2"), size_mib, data_mib)?;
+    domain_xml(dir, &dir.join("disk.qcow2"))?;
+    let config = p("nasbak.toml");
+    cmd(nasbak)
+        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
+        .run()?;
+    Ok(config)
 }

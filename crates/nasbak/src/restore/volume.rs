@@ -108,7 +108,7 @@ where
             }
         }
         let (mut source_for_xml, written) = self
-            .write_volume(request, (&dir, disk, source, &chain, &checked), (is_block, flatten), cancel, observer)
+            .write_volume(request, (&dir, disk, source, &chain, &checked), is_block, cancel, observer)
             .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
         if let (
             DiskSource::Network { hosts, auth, config, .. },
@@ -198,7 +198,7 @@ where
         &self,
         request: &VolumeRestoreRequest,
         (dir, disk, source, chain, checked): (&Path, &ManifestDisk, ImageLocation, &[Checked], &[Checked]),
-        (is_block, flatten): (bool, bool),
+        is_block: bool,
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(DiskSource, ImageFormat), BackupError> {
@@ -212,29 +212,17 @@ where
                 convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
                 (DiskSource::Block(p.clone()), ImageFormat::Raw)
             }
-            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 && !flatten => {
-                // The backup file is a self-contained qcow2: a checked copy is the restore.
-                let staged = Staged(vec![stage_beside(p)?]);
-                copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
-                fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
-                    action: "moving into place",
-                    path: p.clone(),
-                    source,
-                })?;
-                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
-            }
             ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 && is_plain_chain(disk, chain) => {
-                let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
-                // An incremental of plain files: each read once, the full at copy speed.
+                // Plain files: a full's self-contained qcow2 is copied (checked as it is
+                // copied); an incremental's chain has each file read once, the full at copy speed.
                 let staged = Staged(vec![stage_beside(p)?]);
-                restore_chain(
-                    &self.images,
-                    (dir, disk, chain, &shown),
-                    &staged.0[0],
-                    (vm, &disk.target),
-                    cancel,
-                    observer,
-                )?;
+                if chain.is_empty() {
+                    copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
+                } else {
+                    let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
+                    let files = (dir, disk, chain, shown.as_str());
+                    restore_chain(&self.images, files, &staged.0[0], (vm, &disk.target), cancel, observer)?;
+                }
                 fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
                     action: "moving into place",
                     path: p.clone(),
