@@ -429,16 +429,23 @@ fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<
 /// Where a logical volume's file system is mounted in its disk's directory: `lv-VG-LV`.
 const LV_DIR_PREFIX: &str = "lv-";
 
-/// `VG/LV` as one directory name: `VG-LV`, anything but letters, digits, `+_.-` made `_` (the
-/// names are the guest's).
+/// `VG/LV` as one directory name the way device-mapper names it: `VG-LV`, each `-` in a name
+/// doubled (`my-vg/root` is `my--vg-root`, never the same as `my/vg-root`); anything but
+/// letters, digits and `+_.-` made `_` (the names are the guest's).
 fn safe_name(lv: &str) -> String {
-    lv.chars()
-        .map(|c| match c {
-            '/' => '-',
-            c if c.is_ascii_alphanumeric() || "+_.-".contains(c) => c,
-            _ => '_',
-        })
-        .collect()
+    let clean = |part: &str| -> String {
+        part.chars()
+            .map(|c| match c {
+                '-' => "--".to_owned(),
+                c if c.is_ascii_alphanumeric() || "+_.".contains(c) => c.to_string(),
+                _ => "_".to_owned(),
+            })
+            .collect()
+    };
+    match lv.split_once('/') {
+        Some((vg, name)) => format!("{}-{}", clean(vg), clean(name)),
+        None => clean(lv),
+    }
 }
 
 /// The logical volumes of the LVM physical volume in `region` of `image`.
@@ -548,6 +555,15 @@ mod tests {
         assert_eq!(parse_blkid(text), Some(("ext4".into(), "filesystem".into())));
         assert_eq!(parse_blkid("PTTYPE=gpt\n"), None, "a partition table is no file system");
         assert_eq!(parse_blkid(""), None);
+    }
+
+    #[test]
+    fn logical_volumes_get_device_mapper_style_names_that_cannot_collide_or_escape() {
+        assert_eq!(safe_name("rhel/root"), "rhel-root");
+        assert_eq!(safe_name("my-vg/root"), "my--vg-root");
+        assert_ne!(safe_name("my-vg/root"), safe_name("my/vg-root"));
+        assert_eq!(safe_name("vg/../x"), "vg-.._x");
+        assert!(!safe_name("a/b/c").contains('/'));
     }
 
     #[test]
