@@ -14,8 +14,9 @@
 //! The file systems are mounted through loop devices that mount(8) sets up over `disk.raw` (at
 //! the partition's offset, read-only, cleared when unmounted), with `ro,nodev,nosuid,noexec`
 //! and, for the journalling file systems, their option that replays nothing (ext3/ext4
-//! `noload`, xfs `norecovery`, btrfs `rescue=nologreplay`). Nothing writes to the backup: the
-//! daemon opens every file of the chain read-only and its export refuses writes.
+//! `noload`, xfs `norecovery`, btrfs `rescue=nologreplay`, at the top of its tree:
+//! `subvolid=5`). Nothing writes to the backup: the daemon opens every file of the chain
+//! read-only and its export refuses writes.
 //!
 //! [`Catalog::unmount`] finds what is there again from the system (mounts and loop devices
 //! under `DIR`, the daemons' pid files) rather than from memory, so it also cleans up after a
@@ -331,7 +332,9 @@ fn mount_options(fstype: &str, usage: &str, kernel: &str) -> Result<String, Stri
         _ if !known(fstype) => return Err(format!("{fstype}: this kernel does not mount it")),
         "ext3" | "ext4" => ",noload",
         "xfs" => ",norecovery",
-        "btrfs" => ",rescue=nologreplay",
+        // The top of the tree, whatever subvolume is the default: every subvolume is a
+        // directory in it (`@`, `@home`, snapshots).
+        "btrfs" => ",rescue=nologreplay,subvolid=5",
         _ => "",
     };
     Ok(format!("ro,nodev,nosuid,noexec{replay}"))
@@ -571,7 +574,7 @@ mod tests {
         let kernel = "\text4\n\txfs\n\tbtrfs\nnodev\ttmpfs\n";
         assert_eq!(mount_options("ext4", "filesystem", kernel).unwrap(), "ro,nodev,nosuid,noexec,noload");
         assert_eq!(mount_options("xfs", "filesystem", kernel).unwrap(), "ro,nodev,nosuid,noexec,norecovery");
-        assert!(mount_options("btrfs", "filesystem", kernel).unwrap().ends_with("rescue=nologreplay"));
+        assert!(mount_options("btrfs", "filesystem", kernel).unwrap().ends_with("rescue=nologreplay,subvolid=5"));
         assert_eq!(mount_options("swap", "other", kernel).unwrap_err(), "swap space");
         assert!(mount_options("LVM2_member", "raid", kernel).unwrap_err().contains("LVM"));
         assert!(mount_options("vfat", "filesystem", kernel).unwrap_err().contains("does not mount"));

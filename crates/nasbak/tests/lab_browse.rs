@@ -286,3 +286,38 @@ fn an_installers_lvm_layout_is_mounted_read_only_without_touching_the_hosts_lvm(
     assert!(!dir.exists() && traces(&dom.dir().join("lvm-mount")).is_empty());
     assert_eq!(host_lvm(), before);
 }
+
+/// A btrfs root laid out as openSUSE and Ubuntu lay it out (subvolumes `@` and `@home`, `@` the
+/// default one) shows every subvolume, not only the default one.
+#[test]
+fn every_btrfs_subvolume_is_shown_whatever_the_default_one() {
+    let root_file = b"PRETTY_NAME=test\n".to_vec();
+    let home_file = pseudo_random(1 << 20, 33);
+    let dom = DomainSpec::new("btrfs")
+        .disk(DiskSpec::qcow2(192).partitions(vec![PartitionSpec::new(
+            "btrfs",
+            0,
+            &[("@/os-release", &root_file), ("@home/user.bin", &home_file), ("top.txt", b"top")],
+        )]))
+        .create();
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("btrfs", kind, root.to_str().unwrap(), "", None).unwrap();
+    let runtime = dom.dir().join("runtime");
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default());
+    let e = Engine::new(libvirt.clone(), libvirt, QemuImg::new(&runtime), mounts);
+    let cancel = CancelHandle::new();
+    let full = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &cancel, &mut |_| {}).unwrap().manifest;
+    let dir = dom.dir().join("btrfs-mount");
+    let mounted = e.catalog().mount(&MountRequest::new(repo.clone(), dom.name(), &full.id, &dir), &cancel).unwrap();
+    let fs0 = &mounted.disks[0].filesystems[0];
+    assert_eq!(fs0.fstype, "btrfs");
+    assert!(fs0.options.contains("subvolid=5"), "{fs0:?}");
+    assert_eq!(fs::read(dir.join("vda/part1/@/os-release")).unwrap(), root_file);
+    assert!(holds(&dir.join("vda/part1/@home/user.bin"), &home_file));
+    assert_eq!(fs::read(dir.join("vda/part1/top.txt")).unwrap(), b"top");
+    e.catalog().unmount(&dir).unwrap();
+    assert!(!dir.exists() && traces(&dom.dir().join("btrfs-mount")).is_empty());
+}

@@ -64,8 +64,10 @@ pub struct DiskSpec {
 /// A partition of a disk with a GPT partition table ([`DiskSpec::partitions`]).
 #[derive(Debug, Clone)]
 pub struct PartitionSpec {
-    /// `ext4`, `xfs` (300 MiB at least), `swap`, `lvm` (a physical volume, see
-    /// [`PartitionSpec::lvm`]) or `none` (left blank).
+    /// `ext4`, `xfs` (300 MiB at least), `btrfs` (120 MiB at least; a file named `SUBVOL/...`
+    /// goes into the subvolume `SUBVOL`, made for it, and a subvolume named `@` becomes the
+    /// default one, as openSUSE and Ubuntu lay out their root), `swap`, `lvm` (a physical volume,
+    /// see [`PartitionSpec::lvm`]) or `none` (left blank).
     pub fstype: &'static str,
     /// Its size in MiB; 0 for the rest of the disk (last partition only).
     pub size_mib: u64,
@@ -440,6 +442,7 @@ impl LabDomain {
             match p.fstype {
                 "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", &part]),
                 "xfs" => run("mkfs.xfs", &["-q", "-f", &part]),
+                "btrfs" => run("mkfs.btrfs", &["-q", "-f", &part]),
                 "swap" => run("mkswap", &[&part]),
                 "lvm" => {
                     let (vg, lvs) = p.lvm.as_ref().expect("an lvm partition has its volumes");
@@ -451,7 +454,15 @@ impl LabDomain {
             if !p.files.is_empty() {
                 run("mount", &[&part, mnt.to_str().expect("utf-8")]);
                 for (name, data) in &p.files {
+                    if let Some((sub, _)) = name.split_once('/').filter(|_| p.fstype == "btrfs")
+                        && !mnt.join(sub).exists()
+                    {
+                        run("btrfs", &["subvolume", "create", mnt.join(sub).to_str().expect("utf-8")]);
+                    }
                     fs::write(mnt.join(name), data).expect("write a file into a partition");
+                }
+                if p.fstype == "btrfs" && mnt.join("@").exists() {
+                    run("btrfs", &["subvolume", "set-default", mnt.join("@").to_str().expect("utf-8")]);
                 }
                 run("umount", &[mnt.to_str().expect("utf-8")]);
             }

@@ -19,6 +19,10 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "fdisk",
     "xfsprogs",
+    // Guest layouts that mounted backups show: LVM (written with LVM's own tools, nothing
+    // activated) and btrfs subvolumes.
+    "lvm2",
+    "btrfs-progs",
     "extlinux",
     "fuse3",
     "sshfs",
