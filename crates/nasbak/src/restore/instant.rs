@@ -649,7 +649,8 @@ fn copy_beside_volume<I: ImageTool + Sync>(
     if format == ImageFormat::Qcow2 && plain && chain.is_empty() {
         copy_checked(dir, top, tmp, vm, &d.target, cancel, observer)?;
     } else if format == ImageFormat::Qcow2 && plain {
-        restore_chain(images, (dir, top, chain, backup), tmp, (vm, &d.target), cancel, observer)?;
+        // Checked when the restore began (a second round of checks would slow the VM's start).
+        restore_chain(images, (dir, top, chain, None), tmp, (vm, &d.target), cancel, observer)?;
     } else {
         let _ = fs::remove_file(tmp);
         let source = crate::protect::disk_image(dir, top, chain, None, backup)?;

@@ -72,7 +72,7 @@ where
                 let volume_key = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)?;
                 if volume_key.is_none() && is_plain_chain(b, &chain) {
                     // Each file read once, the full at copy speed.
-                    restore_chain(&self.images, (dir, b, &chain, &shown), &tmp, (vm, &d.target), cancel, observer)
+                    restore_chain(&self.images, (dir, b, &chain, Some(&shown)), &tmp, (vm, &d.target), cancel, observer)
                 } else {
                     let mut r = ConvertRequest::new(
                         disk_image(dir, b, &chain, key.as_ref(), &shown)?,

@@ -220,7 +220,7 @@ where
                     copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
                 } else {
                     let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
-                    let files = (dir, disk, chain, shown.as_str());
+                    let files = (dir, disk, chain, Some(shown.as_str()));
                     restore_chain(&self.images, files, &staged.0[0], (vm, &disk.target), cancel, observer)?;
                 }
                 fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {

@@ -288,14 +288,15 @@ fn chain_workspace(tmp: &Path) -> PathBuf {
 /// - qemu-img then commits the incrementals' copies into the full's copy, which becomes `tmp`.
 ///
 /// The full's copy goes at the speed of a copy instead of through a conversion of the whole
-/// chain. `qemu-img check` of every file (errors name the backup as `backup`) runs meanwhile on
-/// another thread and must pass before the commit reads them. The copies are not synced (the
+/// chain. With `check` (the backup's name, for errors), `qemu-img check` of every file runs
+/// meanwhile on another thread and must pass before the commit reads them; without, the caller
+/// has checked them. The copies are not synced (the
 /// incrementals' are gone before the page cache would write them back); the result is, once.
 /// Progress is the bytes written: every file copied, then the incrementals' again. The
 /// directory is removed whatever happens, and `tmp` on failure.
 pub(crate) fn restore_chain<I: ImageTool + Sync>(
     images: &I,
-    (dir, disk, chain, backup): (&Path, &ManifestDisk, &[Checked], &str),
+    (dir, disk, chain, check): (&Path, &ManifestDisk, &[Checked], Option<&str>),
     tmp: &Path,
     (vm, target): (&str, &str),
     cancel: &CancelHandle,
@@ -309,7 +310,10 @@ pub(crate) fn restore_chain<I: ImageTool + Sync>(
     }
     let work = Workspace(chain_workspace(tmp));
     let result = std::thread::scope(|s| {
-        let checking = s.spawn(|| check_chain(images, (dir, disk), chain, None, backup));
+        let checking = s.spawn(|| match check {
+            Some(backup) => check_chain(images, (dir, disk), chain, None, backup),
+            None => Ok(()),
+        });
         let copied = copy_chain(dir, disk, chain, &work.0, (vm, target), cancel, observer);
         let checked = checking.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // A file that fails its check is the error said, whatever the copy did.
