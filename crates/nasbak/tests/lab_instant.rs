@@ -183,9 +183,19 @@ fn an_instant_restore_runs_the_vm_at_once_and_leaves_it_on_its_own_volumes() {
     let verify = e.catalog().verify(&repo, dom.name(), &id, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert!(verify.ok(), "{verify:?}");
 
+    // The VM stopped before the finish (its writes gone with it): the finish copies nothing over
+    // its volumes and says the restore can only be cancelled.
+    let before = fs::read(&dom.disks()[0].path).unwrap();
+    e.instant_restore(&request, &CancelHandle::new()).unwrap();
+    dom.destroy();
+    let err =
+        e.instant_finish(&work, dom.name(), Duration::from_secs(60), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(nasbak::chain(&err).contains("can only be cancelled"), "{}", nasbak::chain(&err));
+    assert!(fs::read(&dom.disks()[0].path).unwrap() == before, "vda untouched");
+    e.instant_cancel(&work, dom.name()).unwrap();
+
     // Cancelled before the finish: the file volumes were never touched (their marks go, their
     // data is as it was); the block device keeps its mark (a finish writes it in place).
-    let before = fs::read(&dom.disks()[0].path).unwrap();
     e.instant_restore(&request, &CancelHandle::new()).unwrap();
     let cancelled = e.instant_cancel(&work, dom.name()).unwrap();
     assert_eq!(cancelled.partly_written, [dom.disks()[2].path.clone()]);

@@ -100,11 +100,14 @@ pub fn instant(
     }
     let running = |state: &nasbak::InstantRestore| {
         if !cli.json {
+            // Detached, a copy left to the finish has not begun.
+            let copying = !detach || state.disks.iter().any(|d| !d.copy_at_finish);
             println!(
-                "{} runs on its backup {} ({:.1} s); copying its disks",
+                "{} runs on its backup {} ({:.1} s){}",
                 state.vm,
                 state.backup,
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                if copying { "; copying its disks" } else { "" }
             );
         }
     };

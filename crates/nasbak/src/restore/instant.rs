@@ -479,6 +479,11 @@ where
             if !d.copy_at_finish || matches!(self.hypervisor.block_job(&vm, &d.target), Ok(Some(_))) {
                 continue;
             }
+            // A VM that stopped (crashed, destroyed) took the guest's writes with it: nothing is
+            // copied over its volume; the restore can only be cancelled.
+            if !self.hypervisor.domain_state(&vm).is_ok_and(|s| s == DomainState::Running) {
+                return Err(BackupError::CopyGone { vm: vm.clone(), disk: d.target.clone() });
+            }
             if !d.copied {
                 self.copy_onto_volume(&d, (&vm, &state.backup), cancel, observer).map_err(at(step()))?;
                 state.disks[i].copied = true;
