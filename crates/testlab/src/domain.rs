@@ -954,6 +954,68 @@ pub fn sweep_leftovers() {
         release_under(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
+    release_dead_origins();
+    if let Ok(entries) = fs::read_dir(Path::new(STATE).join("run")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead_test_in(&format!("/{name}")) {
+                release_under(&entry.path());
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether `origin` (a path, an sshfs source) lies in the run directory of a test process that
+/// no longer exists: `.../nasbak-t-<pid>-...` with no `/proc/<pid>`.
+fn dead_test_in(origin: &str) -> bool {
+    let needle = format!("/{PREFIX}");
+    origin.match_indices(&needle).any(|(at, _)| {
+        let pid = origin[at + needle.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
+        pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+    })
+}
+
+/// Mounts anywhere (a repository's mount point under /run/nasbak/mnt, say) whose file system
+/// comes from a dead test's files: a loop device over one of its images (even deleted), a bind
+/// mount of one of its directories, an sshfs of one of its shares. A killed test run leaves
+/// these behind where its own directory's sweep cannot see them, and the next run's repository
+/// of the same name would find its mount point taken. Then the loop devices over such files.
+fn release_dead_origins() {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<PathBuf> = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(root), Some(target)) = (fields.get(3), fields.get(4)) else { continue };
+        let source = fields.iter().position(|f| *f == "-").and_then(|i| fields.get(i + 2)).copied().unwrap_or("");
+        let origin = match source.strip_prefix("/dev/") {
+            Some(dev) if dev.starts_with("loop") => {
+                fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file")).unwrap_or_default()
+            }
+            _ => format!("{source} {root}"),
+        };
+        if dead_test_in(&origin.replace("\\040", " ")) {
+            targets.push(PathBuf::from(target.replace("\\040", " ")));
+        }
+    }
+    targets.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in targets {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let Ok(out) = ExternalCommand::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .timeout(Duration::from_secs(30))
+        .run()
+    else {
+        return;
+    };
+    for line in out.stdout_text().lines() {
+        if let Some((dev, file)) = line.trim().split_once(' ')
+            && dead_test_in(file.trim())
+        {
+            let _ = ExternalCommand::new("losetup").args(["-d", dev]).timeout(Duration::from_secs(30)).run();
+        }
+    }
 }
 
 fn detach_loops_under(dir: &Path) {
