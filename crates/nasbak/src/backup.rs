@@ -98,6 +98,8 @@ struct Run<'r> {
     format: FileFormat,
     /// The repository's key, when it encrypts.
     key: Option<&'r Key>,
+    /// The RBD disks read from snapshots of their images (those nasbak reaches), by target.
+    rbd: &'r HashMap<String, crate::rbd::RbdDisk>,
 }
 
 /// How the disks were copied.
@@ -247,6 +249,12 @@ where
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", &partial))?;
         fs::write(partial.join(DOMAIN_CONFIG_FILE), &xml).map_err(io("writing", &partial))?;
         let files = backup_files(&chosen);
+        let rbd = match state {
+            DomainState::Running | DomainState::ShutOff => {
+                crate::rbd::reachable(&self.hypervisor, &self.images, &chosen)
+            }
+            DomainState::Other => HashMap::new(),
+        };
         // A failure while the repository is in use may be the repository going away: say so.
         let unavailable = |step: Step, e: BackupError| {
             repository_unavailable(&mounted, request.repository.name().to_string(), step.clone(), at(step)(e))
@@ -265,6 +273,7 @@ where
             unavailable: &unavailable,
             format: request.repository.protection().file_format(),
             key: key.as_ref(),
+            rbd: &rbd,
         };
         // Full or incremental, disk by disk; the parent's checkpoint readied in libvirt. Until
         // the backup is in place, a failure deletes the checkpoint this backup creates, and
@@ -285,9 +294,11 @@ where
             created: created.clone(),
             redefined: chain.redefined.then(|| chain.from.clone()).flatten(),
         };
-        let copied = self.copy_disks(&run, &mut chain, created.as_deref(), &mut notes, observer)?;
+        // The RBD snapshots this backup takes; removed again unless it is put in place.
+        let mut snapshots = crate::rbd::Snapshots::new(&self.images, crate::incremental::checkpoint_name(&id));
+        let copied = self.copy_disks(&run, &mut chain, (created.as_deref(), &mut snapshots), &mut notes, observer)?;
         crate::fault::point("checksum");
-        let disks = self.checksum_disks(&run, &chain.plan, observer)?;
+        let disks = self.checksum_disks(&run, &chain.plan, &snapshots, observer)?;
         let parts = ManifestParts { id: &id, started, copied, disks, chain: &chain, created: created.as_deref() };
         let manifest = self.manifest(&run, parts, &bitmaps);
         if cancel.is_cancelled() {
@@ -301,7 +312,9 @@ where
         checkpoint_guard.created = None;
         checkpoint_guard.redefined = None;
         bitmaps.files.clear();
+        snapshots.keep();
         self.after_commit(&run, &chain, created.as_deref());
+        notes.cleaned.extend(crate::rbd::remove_older(&self.images, &rbd, &vm_dir, &interrupted, &snapshots.name));
         crate::fault::point("renamed");
         let relative_dir = final_dir.strip_prefix(layout.root()).unwrap_or(&final_dir).to_owned();
         let skipped =
@@ -411,7 +424,7 @@ where
                 run.request,
                 run.vm_dir,
                 interrupted,
-                run.files,
+                (run.files, run.rbd),
                 run.sizes,
             ),
             _ => crate::incremental::decide_stopped(
@@ -419,7 +432,7 @@ where
                 run.request,
                 run.vm_dir,
                 interrupted,
-                run.files,
+                (run.files, run.rbd),
                 sources,
             ),
         };
@@ -509,14 +522,19 @@ where
         &self,
         run: &Run<'_>,
         chain: &mut crate::incremental::ChainDecision,
-        created: Option<&str>,
+        (created, snapshots): (Option<&str>, &mut crate::rbd::Snapshots<'_, I>),
         notes: &mut Notes,
         observer: &mut dyn Observer,
     ) -> Result<Copied, BackupError> {
         match run.state {
             DomainState::Running => {
                 let mut push = |chain: &crate::incremental::ChainDecision, notes: &mut Notes| {
-                    self.push(run, (&chain.plan, chain.from.as_deref(), created), notes, observer)
+                    self.push(
+                        run,
+                        (&chain.plan, chain.from.as_deref(), created),
+                        (notes, &mut *snapshots),
+                        &mut *observer,
+                    )
                 };
                 let (quiesced, note) = match push(chain, notes) {
                     // libvirt refused the incremental job although it accepted the checkpoint
@@ -537,12 +555,17 @@ where
                     other => other,
                 }
                 .map_err(|f| (run.unavailable)(Step::Job, f.error()))?;
+                self.copy_rbd(run, &mut chain.plan, snapshots, observer)
+                    .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
                 Ok(Copied { method: BackupMethod::PushJob, quiesced, note })
             }
             DomainState::ShutOff => {
                 let from = chain.from.clone();
+                snapshots.take(run.rbd)?;
                 self.convert(run, (&mut chain.plan, from.as_deref()), observer)
+                    .map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 Ok(Copied {
@@ -560,6 +583,7 @@ where
         &self,
         run: &Run<'_>,
         plan: &crate::chain::ChainPlan,
+        snapshots: &crate::rbd::Snapshots<'_, I>,
         observer: &mut dyn Observer,
     ) -> Result<Vec<ManifestDisk>, BackupError> {
         let mut disks = Vec::new();
@@ -601,6 +625,7 @@ where
                 backing: planned.and_then(|p| p.backing.clone()),
                 full_reason: planned.and_then(|p| p.full_reason.clone()),
                 stored_as: run.format,
+                rbd_snapshot: snapshots.record(&disk.target),
             });
         }
         Ok(disks)
@@ -741,12 +766,17 @@ where
         &self,
         run: &Run<'_>,
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
-        notes: &mut Notes,
+        (notes, snapshots): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>),
         observer: &mut dyn Observer,
     ) -> Result<(bool, Option<String>), PushFailure> {
         let (request, domain, partial, files, cancel) = (run.request, run.domain, run.partial, run.files, run.cancel);
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
         backup.checkpoint = checkpoint.map(str::to_owned);
+        // RBD disks nasbak reaches are read from their snapshots, taken right after the job
+        // starts (the guest still frozen), not by the job.
+        backup.targets.retain(|t| !run.rbd.contains_key(&t.disk));
+        backup.without_bitmap.retain(|t| !run.rbd.contains_key(t));
+        backup.excluded.extend(run.rbd.keys().cloned());
         for t in &mut backup.targets {
             let name =
                 files.iter().find(|(d, _)| d.target == t.disk).map(|(_, f)| f.clone()).expect("the same selection");
@@ -769,6 +799,17 @@ where
                 t.file = export.1.mountpoint().to_owned();
             }
         }
+        // The job started (none when every disk is read from an RBD snapshot), then the RBD
+        // snapshots taken: a snapshot that fails drops the job, which aborts it.
+        let begin = |backup: &PushBackup, snapshots: &mut crate::rbd::Snapshots<'_, I>| {
+            let job = if backup.targets.is_empty() {
+                None
+            } else {
+                Some(start_backup(&self.hypervisor, &request.vm, backup).map_err(|e| PushFailure::Refused(e.into()))?)
+            };
+            snapshots.take(run.rbd).map_err(|e| PushFailure::Failed(at(Step::Job)(e)))?;
+            Ok::<_, PushFailure>(job)
+        };
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
         let mut watchdog = self.agents.watchdog_uri().and_then(|uri| ThawWatchdog::arm(&uri, &request.vm));
@@ -788,16 +829,16 @@ where
                 let (guard, o) = quiesce(agent, request.quiesce, None).map_err(|e| at(Step::Freeze)(e.into()))?;
                 outcome = o;
                 crate::fault::point("frozen");
-                let started = start_backup(&self.hypervisor, &request.vm, &backup);
+                let started = begin(&backup, snapshots);
                 // Thawed right after the start, whatever happened; a thaw that fails (retried
                 // three times) is tried again once the job has ended, and said in any case.
                 thaw_failed = guard.map(|g| g.thaw()).and_then(Result::err);
                 match started {
                     Ok(job) => job,
-                    Err(e) if thaw_failed.is_none() => return Err(PushFailure::Refused(e.into())),
+                    Err(e) if thaw_failed.is_none() => return Err(e),
                     Err(e) => {
                         let settled = thaw_failed.map(|first| settle_thaw(agent, first, &mut watchdog, &request.vm));
-                        return Err(still_frozen(settled.and_then(|s| s.1), e.into()).into());
+                        return Err(still_frozen(settled.and_then(|s| s.1), e.error()).into());
                     }
                 }
             }
@@ -810,14 +851,19 @@ where
                     frozen_filesystems: 0,
                     note: Some(format!("not quiesced (crash-consistent): {e}")),
                 };
-                start_backup(&self.hypervisor, &request.vm, &backup).map_err(|e| PushFailure::Refused(e.into()))?
+                begin(&backup, snapshots)?
             }
         };
         crate::fault::point("job-started");
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        let waited = job.wait(options, cancel, &mut |p| {
-            observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
-        });
+        let waited = match job {
+            Some(job) => job
+                .wait(options, cancel, &mut |p| {
+                    observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
+                })
+                .map(drop),
+            None => Ok(()),
+        };
         let mut frozen = None;
         if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
             let (note, warning) = settle_thaw(agent, first, &mut watchdog, &request.vm);
@@ -849,7 +895,7 @@ where
             return Ok(None);
         }
         let protection = crate::protect::target_protection(run.format, run.key).expect("an encrypting format");
-        for (disk, file) in run.files {
+        for (disk, file) in run.files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
             let size = run.sizes.get(&disk.target).copied().unwrap_or(0);
             self.images.create_protected(&run.partial.join(file), size, None, &protection)?;
         }
@@ -899,7 +945,7 @@ where
             let _ = fs::remove_file(e.path());
         }
         let mut exports = Vec::new();
-        for (disk, file) in run.files {
+        for (disk, file) in run.files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
             let planned = plan.disks.iter().find(|d| d.target == disk.target);
             let backing = planned.filter(|d| d.mode == BackupMode::Incremental).and_then(|d| d.backing.clone());
             let header = backing.clone().filter(|_| run.format != FileFormat::CompressedInLuks);
@@ -952,7 +998,8 @@ where
     ) -> Result<(), BackupError> {
         let (vm, files, sizes, partial, cancel) =
             (run.request.vm.as_str(), run.files, run.sizes, run.partial, run.cancel);
-        for (disk, file) in files {
+        // RBD disks read from snapshots are copied by `copy_rbd`.
+        for (disk, file) in files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
             if cancel.is_cancelled() {
                 return Err(BackupError::Cancelled);
             }
@@ -998,6 +1045,91 @@ where
             convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;
         }
         Ok(())
+    }
+}
+
+impl<H, A, I, M> Engine<H, A, I, M>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    /// Copies the RBD disks read from this backup's snapshots (see `crate::rbd`): a full disk
+    /// whole from its snapshot (`qemu-img convert`), an incremental one as what changed since
+    /// the parent's snapshot. An incremental copy that fails is taken whole instead, the reason
+    /// recorded: never an error where a full would do.
+    fn copy_rbd(
+        &self,
+        run: &Run<'_>,
+        plan: &mut crate::chain::ChainPlan,
+        snapshots: &crate::rbd::Snapshots<'_, I>,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        let vm = run.request.vm.as_str();
+        for (disk, file) in run.files.iter().filter(|(d, _)| run.rbd.contains_key(&d.target)) {
+            if run.cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            let source = run.rbd[&disk.target].spec.at_snapshot(&snapshots.name);
+            let size = run.sizes.get(&disk.target).copied().unwrap_or(0);
+            let path = run.partial.join(file);
+            let backing = plan
+                .disks
+                .iter()
+                .find(|d| d.target == disk.target && d.mode == BackupMode::Incremental)
+                .and_then(|d| d.backing.clone());
+            if let (Some(backing), Some(parent)) = (backing, plan.parent.clone()) {
+                match self.rbd_increment(run, (&disk.target, &source, &parent), (&path, &backing, size), observer) {
+                    Ok(()) => continue,
+                    Err(e) if run.cancel.is_cancelled() => return Err(e),
+                    Err(e) => {
+                        let _ = fs::remove_file(&path);
+                        plan.disk_to_full(
+                            &disk.target,
+                            format!("its incremental copy failed: {}", crate::error::chain(&e)),
+                        );
+                    }
+                }
+            }
+            let mut r = ConvertRequest::new(ImageLocation::Rbd(source), path, ImageFormat::Qcow2);
+            r.source_format = Some(ImageFormat::Raw);
+            r.protection = crate::protect::target_protection(run.format, run.key);
+            convert(&self.images, r, run.cancel, vm, &disk.target, size, observer)?;
+        }
+        Ok(())
+    }
+
+    /// Writes into the new file `path` (of `size` bytes, building on `backing`) what changed
+    /// in the RBD image `source` of disk `disk` (at this backup's snapshot) since the snapshot
+    /// of backup `parent`, as the repository stores files.
+    fn rbd_increment(
+        &self,
+        run: &Run<'_>,
+        (disk, source, parent): (&str, &nasbak_qemu_img::RbdSpec, &str),
+        (path, backing, size): (&Path, &str, u64),
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        let protection = crate::protect::target_protection(run.format, run.key)
+            .unwrap_or_else(|| nasbak_qemu_img::TargetProtection::new(StoredLayout::Qcow2, false, None));
+        let header = Some(backing.to_owned()).filter(|_| run.format != FileFormat::CompressedInLuks);
+        self.images.create_protected(path, size, header, &protection)?;
+        let chain = crate::protect::parent_chain(run.vm_dir, &run.request.vm, backing, run.key)?;
+        let dir = self.runtime_dir.join("exports").join(run.request.vm.as_str());
+        fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let id = run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let copy = nasbak_qemu_img::RbdDiffCopy {
+            image: source.clone(),
+            // The parent's snapshot is named after it, as this backup's is.
+            from: format!("nasbak-{parent}"),
+            target: path.to_owned(),
+            size,
+            protection,
+            backing: Some(chain),
+            mountpoint: dir.join(format!("{id}-{disk}.rbd.raw")),
+            cancel: run.cancel.clone(),
+        };
+        crate::transfer::copy_rbd_diff(&self.images, &copy, &run.request.vm, disk, observer)
     }
 }
 

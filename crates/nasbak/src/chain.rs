@@ -55,8 +55,22 @@ pub enum BitmapState {
     Missing,
     /// Marked in use (the VM crashed while it was open) or not recording: it cannot be trusted.
     Inconsistent,
-    /// The disk's format holds no persistent bitmap (raw, RBD).
+    /// The disk's format holds no persistent bitmap (raw).
     Unsupported,
+    /// An RBD disk whose image holds the snapshot the parent was read from: its changes since
+    /// come from RBD's diff.
+    Snapshot,
+    /// An RBD disk whose image no longer holds the parent's snapshot.
+    SnapshotMissing,
+    /// An RBD disk whose image holds a snapshot of the parent's name that is not the one the
+    /// parent recorded (made by someone else, or the image deep-copied).
+    SnapshotForeign,
+    /// An RBD disk whose image is not the one the parent was read from (removed and created
+    /// again under its name).
+    ImageReplaced,
+    /// An RBD disk whose image nasbak cannot reach itself (no key for it on this host, or
+    /// `rbd` fails): read through the backup job, in full.
+    RbdUnreachable,
 }
 
 /// What is known of one disk of the VM now.
@@ -209,14 +223,28 @@ pub fn plan_chain(
                     "its file in the previous backup's chain cannot be built on: {}",
                     d.chain_problem.as_deref().unwrap_or_default()
                 )),
-                (Some(_), BitmapState::Unsupported) => Some("its format keeps no dirty bitmap (raw, RBD)".to_owned()),
+                (Some(_), BitmapState::Unsupported) => Some("its format keeps no dirty bitmap (raw)".to_owned()),
+                (Some(_), BitmapState::SnapshotMissing) => {
+                    Some("its RBD image no longer holds the snapshot the previous backup was read from".to_owned())
+                }
+                (Some(_), BitmapState::SnapshotForeign) => Some(
+                    "its RBD image's snapshot of the previous backup's name is not the one that backup recorded"
+                        .to_owned(),
+                ),
+                (Some(_), BitmapState::ImageReplaced) => {
+                    Some("its RBD image was replaced (removed and created again) since the previous backup".to_owned())
+                }
+                (Some(_), BitmapState::RbdUnreachable) => Some(
+                    "nasbak cannot read its RBD image's snapshots (no key for it on this host, or rbd failed)"
+                        .to_owned(),
+                ),
                 (Some(_), BitmapState::Missing) => {
                     Some("its dirty bitmap for the checkpoint is missing or broken".to_owned())
                 }
                 (Some(_), BitmapState::Inconsistent) => {
                     Some("its dirty bitmap is inconsistent (in use after a crash, or not recording)".to_owned())
                 }
-                (Some(p), BitmapState::Valid) => {
+                (Some(p), BitmapState::Valid | BitmapState::Snapshot) => {
                     plan.mode = BackupMode::Incremental;
                     plan.backing = Some(backing_path(&parent_id, &p.file));
                     None
@@ -347,6 +375,10 @@ mod tests {
             (BitmapState::Missing, "missing"),
             (BitmapState::Inconsistent, "inconsistent"),
             (BitmapState::Unsupported, "no dirty bitmap"),
+            (BitmapState::SnapshotMissing, "no longer holds the snapshot"),
+            (BitmapState::SnapshotForeign, "not the one that backup recorded"),
+            (BitmapState::ImageReplaced, "RBD image was replaced"),
+            (BitmapState::RbdUnreachable, "cannot read its RBD image's snapshots"),
         ] {
             let r = reason(plan_chain(
                 ModeRequest::Auto,
@@ -373,13 +405,18 @@ mod tests {
             Just(BitmapState::Valid),
             Just(BitmapState::Missing),
             Just(BitmapState::Inconsistent),
-            Just(BitmapState::Unsupported)
+            Just(BitmapState::Unsupported),
+            Just(BitmapState::Snapshot),
+            Just(BitmapState::SnapshotMissing),
+            Just(BitmapState::SnapshotForeign),
+            Just(BitmapState::ImageReplaced),
+            Just(BitmapState::RbdUnreachable)
         ]
     }
 
     proptest! {
         /// Whatever the facts: a disk is incremental only when it is in the parent with the same
-        /// volume and size and a valid bitmap, and points at that disk's parent file; a full disk
+        /// volume and size and a valid bitmap (or its RBD image holds the parent's snapshot), and points at that disk's parent file; a full disk
         /// has no backing; an incremental backup names its parent; a full of an incremental that
         /// was asked for always says why.
         #[test]
@@ -412,7 +449,7 @@ mod tests {
                 if planned.mode == BackupMode::Incremental {
                     let before = p.disks.iter().find(|x| x.target == d.target).unwrap();
                     prop_assert!(before.volume == d.volume && before.virtual_size == d.virtual_size);
-                    prop_assert_eq!(d.bitmap, BitmapState::Valid);
+                    prop_assert!(matches!(d.bitmap, BitmapState::Valid | BitmapState::Snapshot), "proven changes only");
                     prop_assert!(d.chain_problem.is_none(), "never on a damaged chain");
                     prop_assert_eq!(planned.backing.clone(), Some(format!("../{}/{}", p.id, before.file)));
                     prop_assert!(requested != ModeRequest::Full);

@@ -21,6 +21,7 @@ use nasbak_repo::{BackupId, BackupMode, CheckpointRecord, Manifest};
 
 use crate::chain::{BitmapState, ChainPlan, CheckpointState, DiskFacts, Parent, plan_chain};
 use crate::disks::volume_of;
+use crate::rbd::RbdDisk;
 use crate::request::BackupRequest;
 use nasbak_repo::store::{BackupKind, read_backup};
 
@@ -58,9 +59,9 @@ pub(crate) fn newest_backup(vm_dir: &Path, vm: &str) -> Found {
         Ok(m) => m,
         Err(reason) => return Found::Unusable(reason),
     };
-    if manifest.checkpoint.is_none() {
+    if manifest.checkpoint.is_none() && manifest.disks.iter().all(|d| d.rbd_snapshot.is_none()) {
         return Found::Unusable(format!(
-            "backup {newest} recorded no checkpoint (no disk of it keeps a dirty bitmap, or it was made before incrementals)"
+            "backup {newest} recorded no checkpoint and no RBD snapshot (no disk of it keeps a dirty bitmap, or it was made before incrementals)"
         ));
     }
     let mut chain_len = 1;
@@ -125,12 +126,13 @@ impl Previous {
         }
     }
 
-    /// The facts of each chosen disk, its bitmap state told by `bitmap`.
+    /// The facts of each chosen disk, its bitmap state told by `bitmap`; an RBD disk's by its
+    /// image's snapshots (`rbd`: the images nasbak reaches).
     fn facts<I: ImageTool>(
         &self,
         images: &I,
         (vm_dir, vm): (&Path, &str),
-        files: &[(&Disk, String)],
+        (files, rbd): (&[(&Disk, String)], &HashMap<String, RbdDisk>),
         sizes: &HashMap<String, u64>,
         bitmap: impl Fn(&Disk) -> BitmapState,
     ) -> Vec<DiskFacts> {
@@ -138,7 +140,18 @@ impl Previous {
             Found::Usable(m, _) => disk_chain_problem(images, vm_dir, vm, m, target),
             _ => None,
         };
-        disk_facts(files, bitmap, sizes, chain_problem)
+        let before = |target: &str| match &self.found {
+            Found::Usable(m, _) => m.disks.iter().find(|d| d.target == target),
+            _ => None,
+        };
+        let state = |d: &Disk| {
+            if crate::rbd::is_rbd(d) {
+                crate::rbd::snapshot_state(rbd.get(&d.target), before(&d.target))
+            } else {
+                bitmap(d)
+            }
+        };
+        disk_facts(files, state, sizes, chain_problem)
     }
 
     /// Whether the checkpoint or bitmap `name` was left behind by this VM's runs on this
@@ -162,14 +175,14 @@ pub(crate) fn decide<H: Hypervisor, I: ImageTool>(
     request: &BackupRequest,
     vm_dir: &Path,
     interrupted: &[String],
-    files: &[(&Disk, String)],
+    (files, rbd): (&[(&Disk, String)], &HashMap<String, RbdDisk>),
     sizes: &HashMap<String, u64>,
 ) -> ChainDecision {
     let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
     let previous = Previous::read(vm_dir, vm);
     let parent = previous.parent();
     let record = previous.record.clone();
-    let mut facts = previous.facts(images, (vm_dir, vm), files, sizes, |d| {
+    let mut facts = previous.facts(images, (vm_dir, vm), (files, rbd), sizes, |d| {
         if d.format.as_deref() != Some("qcow2") {
             BitmapState::Unsupported
         } else if previous.recorded.contains(&d.target) {
@@ -189,21 +202,32 @@ pub(crate) fn decide<H: Hypervisor, I: ImageTool>(
         removed.push(name.clone());
     }
     listed.retain(|n| !removed.contains(n));
+    // A parent with RBD snapshots and no checkpoint (no disk of it kept a bitmap) needs none:
+    // its RBD disks build on their snapshots, and any other disk's bitmap is missing.
+    let by_snapshot = |f: &DiskFacts| f.bitmap == BitmapState::Snapshot;
     let state = match &record {
         Some(r) if listed.contains(&r.name) => CheckpointState::Present,
         Some(_) => CheckpointState::Redefinable,
+        None if facts.iter().any(by_snapshot) => CheckpointState::Present,
         None => CheckpointState::Unusable { reason: "none recorded".into() },
     };
     let mut plan = plan_chain(requested, full_every, &parent, &state, &facts);
     let mut redefined = false;
+    // Validated: libvirt checks that every disk's bitmap is there and consistent. When it
+    // refuses, each planned disk's bitmap is tried alone, and the chain goes on with those
+    // libvirt accepts; the others are copied in full. RBD disks have none to check.
+    let planned: Vec<String> = plan
+        .disks
+        .iter()
+        .filter(|d| d.mode == BackupMode::Incremental)
+        .filter(|d| !facts.iter().any(|f| f.target == d.target && by_snapshot(f)))
+        .map(|d| d.target.clone())
+        .collect();
     if plan.redefine_checkpoint
+        && !planned.is_empty()
         && let Some(r) = &record
     {
-        // Validated: libvirt checks that every disk's bitmap is there and consistent. When it
-        // refuses, each planned disk's bitmap is tried alone, and the chain goes on with those
-        // libvirt accepts; the others are copied in full.
-        let planned: Vec<&str> =
-            plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental).map(|d| d.target.as_str()).collect();
+        let planned: Vec<&str> = planned.iter().map(String::as_str).collect();
         match redefine_accepted(hypervisor, vm, r, &planned) {
             Ok(refused) => {
                 redefined = true;
@@ -220,7 +244,12 @@ pub(crate) fn decide<H: Hypervisor, I: ImageTool>(
             }
         }
     }
-    let from = (plan.mode == BackupMode::Incremental).then(|| record.as_ref().map(|r| r.name.clone())).flatten();
+    // The job builds on the parent's checkpoint only for disks with a bitmap.
+    let with_bitmap = plan
+        .disks
+        .iter()
+        .any(|d| d.mode == BackupMode::Incremental && !facts.iter().any(|f| f.target == d.target && by_snapshot(f)));
+    let from = with_bitmap.then(|| record.as_ref().map(|r| r.name.clone())).flatten();
     ChainDecision { plan, from, parent_checkpoint: record, redefined, removed }
 }
 
@@ -407,14 +436,14 @@ pub(crate) fn decide_stopped<I: ImageTool>(
     request: &BackupRequest,
     vm_dir: &Path,
     interrupted: &[String],
-    files: &[(&Disk, String)],
+    (files, rbd): (&[(&Disk, String)], &HashMap<String, RbdDisk>),
     sources: &HashMap<String, ImageInfo>,
 ) -> ChainDecision {
     let (vm, requested, full_every) = (request.vm.as_str(), request.mode, request.full_every);
     let previous = Previous::read(vm_dir, vm);
     let record = previous.record.clone();
     let sizes: HashMap<String, u64> = sources.iter().map(|(t, i)| (t.clone(), i.virtual_size)).collect();
-    let facts = previous.facts(images, (vm_dir, vm), files, &sizes, |d| {
+    let facts = previous.facts(images, (vm_dir, vm), (files, rbd), &sizes, |d| {
         let (Some(_), Some(r)) = (bitmap_file(d), &record) else { return BitmapState::Unsupported };
         if !previous.recorded.contains(&d.target) {
             return BitmapState::Missing;

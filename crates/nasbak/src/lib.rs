@@ -87,6 +87,7 @@ mod outcome;
 pub mod progress;
 mod protect;
 pub mod prune;
+mod rbd;
 mod request;
 mod restore;
 mod store;

@@ -249,7 +249,9 @@ const RBD_XML: &str = "<domain><name>vm1</name><devices>\
     <target dev='vda' bus='virtio'/></disk></devices></domain>";
 
 #[test]
-fn rbd_disks_are_read_and_restored_through_qemu_img() {
+fn rbd_disks_are_read_from_snapshots_built_on_by_their_diff_and_restored_through_qemu_img() {
+    use nasbak_qemu_img::{RbdImageFacts, RbdSnapshot};
+    use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let mut hv = hypervisor(DomainState::ShutOff);
     hv.checkpoint();
@@ -269,12 +271,34 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
     img.expect_info().returning(|_| Ok(info(1 << 20)));
     img.expect_check()
         .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
-    // Backup: the source is the RBD image with the domain's monitors and client id.
+    // The image's snapshots, as the mock cluster keeps them.
+    let snaps = Arc::new(Mutex::new(Vec::<RbdSnapshot>::new()));
+    let listed = Arc::clone(&snaps);
+    img.expect_rbd_image().returning(move |_| {
+        Ok(RbdImageFacts { id: "img1".into(), size: 1 << 20, snapshots: listed.lock().unwrap().clone() })
+    });
+    let taken = Arc::clone(&snaps);
+    img.expect_rbd_snapshot_create()
+        .withf(|s, name| s.image == "vm1-root" && s.snapshot.is_none() && name.starts_with("nasbak-"))
+        .times(2)
+        .returning(move |_, name| {
+            let mut v = taken.lock().unwrap();
+            let id = v.len() as u64 + 10;
+            v.push(RbdSnapshot { id, name: name.into(), size: 1 << 20 });
+            Ok(())
+        });
+    let removed = Arc::clone(&snaps);
+    img.expect_rbd_snapshot_remove().returning(move |_, name| {
+        removed.lock().unwrap().retain(|s| s.name != name);
+        Ok(())
+    });
+    // Backup: the source is the RBD image's new snapshot with the domain's monitors and client id.
     img.expect_convert()
         .withf(|r, _| match &r.source {
             ImageLocation::Rbd(s) => {
                 s.pool == "vms"
                     && s.image == "vm1-root"
+                    && s.snapshot.as_deref().is_some_and(|n| n.starts_with("nasbak-"))
                     && s.mon_hosts == ["mon1:6789", "mon2"]
                     && s.id.as_deref() == Some("backup")
                     && matches!(&s.auth, nasbak_qemu_img::RbdAuth::Key(k) if k.expose() == "AQBkey==")
@@ -299,9 +323,37 @@ fn rbd_disks_are_read_and_restored_through_qemu_img() {
         })
         .times(1)
         .returning(|_, _| Ok(()));
+    // The second backup: what changed since the first's snapshot, into a file backed by the
+    // first's.
+    img.expect_create_protected().times(1).returning(|p, _, backing, _| {
+        assert!(backing.as_deref().is_some_and(|b| b.starts_with("../")), "{backing:?}");
+        fs::write(p, b"").unwrap();
+        Ok(())
+    });
+    img.expect_copy_rbd_diff()
+        .withf(|c, _| c.from.starts_with("nasbak-") && c.image.snapshot.as_deref().is_some_and(|s| *s != c.from))
+        .times(1)
+        .returning(|c, _| {
+            fs::write(&c.target, b"changes").unwrap();
+            Ok(7)
+        });
+    img.expect_set_backing().returning(|_, _, _| Ok(()));
     let (e, repo) = engine(hv, img, dir.path());
     let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(out.manifest.disks[0].volume, "vm1-root");
+    let first = out.manifest.disks[0].rbd_snapshot.clone().expect("the snapshot recorded");
+    assert_eq!(
+        (first.name.as_str(), first.id, first.image_id.as_str()),
+        (&*format!("nasbak-{}", out.manifest.id), 10, "img1")
+    );
+    let second = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(second.manifest.mode, nasbak_repo::BackupMode::Incremental, "{:?}", second.manifest);
+    assert_eq!(second.manifest.parent.as_deref(), Some(out.manifest.id.as_str()));
+    assert_eq!(second.manifest.disks[0].rbd_snapshot.as_ref().map(|r| r.id), Some(11));
+    // The first's snapshot went once the second was in place; the second's stays.
+    let left: Vec<String> = snaps.lock().unwrap().iter().map(|s| s.name.clone()).collect();
+    assert_eq!(left, [format!("nasbak-{}", second.manifest.id)]);
+    assert!(second.cleaned.iter().any(|c| c.contains("removed the RBD snapshot")), "{:?}", second.cleaned);
     let restored = e
         .restore(&RestoreRequest::new(repo.clone(), "vm1", out.manifest.id.clone()), &CancelHandle::new(), &mut |_| {})
         .unwrap();

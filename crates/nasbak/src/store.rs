@@ -60,6 +60,7 @@ pub(crate) fn backup_disks(
             backing: None,
             full_reason: None,
             stored_as: nasbak_repo::FileFormat::Plain,
+            rbd_snapshot: None,
         });
     }
     Ok(disks)

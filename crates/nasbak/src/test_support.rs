@@ -35,6 +35,7 @@ pub(crate) fn manifest(id: &str, disks: &[(&str, &str)]) -> Manifest {
                 backing: None,
                 full_reason: None,
                 stored_as: nasbak_repo::FileFormat::Plain,
+                rbd_snapshot: None,
             })
             .collect(),
         mode: BackupMode::Full,

@@ -100,43 +100,100 @@ fn watching_argv<T>(needle: &str, f: impl FnOnce() -> T) -> (T, bool) {
     (out, seen.load(Ordering::SeqCst))
 }
 
+/// The nasbak snapshots on `pool/image`, by name.
+fn nasbak_snapshots(pool_image: &str) -> Vec<String> {
+    let out = ceph::rbd(&["snap", "ls", "--format", "json", pool_image]).unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    list.iter().filter_map(|s| s["name"].as_str()).filter(|n| n.starts_with("nasbak-")).map(str::to_owned).collect()
+}
+
+/// Writes `pattern` over `len` bytes at `offset` of `pool/image` as the admin (the VM shut
+/// off).
+fn write_rbd(pool_image: &str, pattern: u8, offset: &str, len: &str) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P {pattern:#x} {offset} {len}")])
+        .arg(ceph::admin_filename(pool_image))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn disk_of(outcome: &BackupOutcome, target: &str) -> nasbak::nasbak_repo::ManifestDisk {
+    outcome.manifest.disks.iter().find(|d| d.target == target).unwrap().clone()
+}
+
 #[test]
-fn an_rbd_disk_is_backed_up_running_and_shut_off_and_gets_fulls_with_the_reason() {
+fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals_hold_only_the_changes() {
     let dom = rbd_vm("rbdbk");
-    let pool_image = format!("vms/{}", rbd_image(&dom));
+    let image = rbd_image(&dom);
+    let pool_image = format!("vms/{image}");
     let (repo, runtime) = repo(&dom);
     let e = engine(&runtime);
     dom.start();
-    // Running: libvirt's push job reads the RBD disk through QEMU.
+    // Running: the qcow2 disk through the push job, the RBD disk from a snapshot taken as the
+    // job starts, which stays on the image for the next incremental.
     let first = backup(&e, &dom, &repo, ModeRequest::Auto);
     assert_eq!(first.manifest.method, BackupMethod::PushJob);
     assert_eq!(first.manifest.disks.len(), 2);
-    assert!(same_as_rbd(&backup_file(&repo, &first, "vdb"), &pool_image), "the push backup differs from the image");
-    let vdb = first.manifest.disks.iter().find(|d| d.target == "vdb").unwrap();
+    assert!(same_as_rbd(&backup_file(&repo, &first, "vdb"), &pool_image), "the RBD backup differs from the image");
+    let vdb = disk_of(&first, "vdb");
     assert!(vdb.source.starts_with("rbd:vms/"), "{vdb:?}");
-    // The next one: the qcow2 disk incremental, the RBD disk full, saying why.
+    let snapshot = vdb.rbd_snapshot.clone().expect("the snapshot recorded");
+    assert_eq!(snapshot.name, format!("nasbak-{}", first.manifest.id));
+    assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", first.manifest.id)]);
+    // 1 MiB written by the guest on each disk: both incremental; the RBD disk's file holds
+    // that MiB, not the 64 MiB image.
     dom.write_through_qemu(0, 0x5a, "0", "1M");
+    dom.write_through_qemu(1, 0x5b, "8M", "1M");
     let second = backup(&e, &dom, &repo, ModeRequest::Auto);
-    let by = |t: &str| second.manifest.disks.iter().find(|d| d.target == t).unwrap().clone();
-    assert_eq!(by("vda").mode, BackupMode::Incremental, "{:?}", second.manifest);
-    assert_eq!(by("vdb").mode, BackupMode::Full);
-    let reason = by("vdb").full_reason.unwrap_or_default();
-    assert!(reason.contains("RBD"), "{reason}");
-    assert!(same_as_rbd(&backup_file(&repo, &second, "vdb"), &pool_image));
-    // Shut off: qemu-img reads the image with the domain's monitors and user, and the key
-    // libvirt keeps, in a keyring file; the key is never on a command line.
+    assert_eq!(second.manifest.mode, BackupMode::Incremental, "{:?}", second.manifest);
+    assert_eq!(disk_of(&second, "vda").mode, BackupMode::Incremental);
+    let vdb = disk_of(&second, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Incremental, "{vdb:?}");
+    assert!(vdb.size < 8 << 20, "the incremental RBD file is {} bytes", vdb.size);
+    assert!(same_as_rbd(&backup_file(&repo, &second, "vdb"), &pool_image), "the chain differs from the image");
+    // The first's snapshot went once the second was in place.
+    assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", second.manifest.id)]);
+    // Shut off: the same snapshots, read with the key libvirt keeps, which is never on a
+    // command line (rbd and qemu-img get it in a keyring file).
     dom.destroy();
+    write_rbd(&pool_image, 0x33, "20M", "2M");
+    write_rbd(&pool_image, 0x00, "8M", "512k");
     let key = ceph::key("nasbak-vm");
-    let (stopped, seen) = watching_argv(&key, || backup(&e, &dom, &repo, ModeRequest::Full));
+    let (third, seen) = watching_argv(&key, || backup(&e, &dom, &repo, ModeRequest::Auto));
     assert!(!seen, "the key appeared on a command line");
-    assert_eq!(stopped.manifest.method, BackupMethod::QemuImg);
-    assert!(same_as_rbd(&backup_file(&repo, &stopped, "vdb"), &pool_image), "the qemu-img backup differs");
-    let keyrings: Vec<_> = fs::read_dir(&runtime).map(|r| r.flatten().collect()).unwrap_or_default();
-    assert!(
-        keyrings.iter().all(|e: &fs::DirEntry| !e.file_name().to_string_lossy().contains("keyring")),
-        "a keyring was left in {}",
-        runtime.display()
-    );
+    assert_eq!(third.manifest.method, BackupMethod::QemuImg);
+    let vdb = disk_of(&third, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Incremental, "{vdb:?}");
+    assert!(vdb.size < 8 << 20, "the incremental RBD file is {} bytes", vdb.size);
+    assert!(same_as_rbd(&backup_file(&repo, &third, "vdb"), &pool_image), "the shut-off chain differs");
+    let keyrings: Vec<_> = fs::read_dir(runtime.join("private")).map(|r| r.flatten().collect()).unwrap_or_default();
+    assert!(keyrings.iter().all(|e: &fs::DirEntry| !e.file_name().to_string_lossy().contains("keyring")));
+    // Restored from the end of that chain, after the image was damaged.
+    write_rbd(&pool_image, 0x77, "0", "64M");
+    e.restore(&RestoreRequest::new(repo.clone(), dom.name(), &third.manifest.id), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(same_as_rbd(&backup_file(&repo, &third, "vdb"), &pool_image), "the chain was not restored");
+    // The snapshot removed by hand: a full, saying why.
+    ceph::rbd(&["snap", "rm", "--no-progress", &format!("{pool_image}@nasbak-{}", third.manifest.id)]).unwrap();
+    let fourth = backup(&e, &dom, &repo, ModeRequest::Auto);
+    let vdb = disk_of(&fourth, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Full);
+    let reason = vdb.full_reason.or(fourth.manifest.full_reason.clone()).unwrap_or_default();
+    assert!(reason.contains("no longer holds the snapshot"), "{reason}");
+    // The image replaced under its name (removed, created again): a full, saying why.
+    let raw = dom.dir().join("again.raw");
+    ceph::export(&pool_image, &raw);
+    ceph::rbd(&["snap", "purge", "--no-progress", &pool_image]).unwrap();
+    ceph::remove(&image);
+    ceph::import(&raw, &image);
+    let fifth = backup(&e, &dom, &repo, ModeRequest::Auto);
+    let vdb = disk_of(&fifth, "vdb");
+    assert_eq!(vdb.mode, BackupMode::Full);
+    let reason = vdb.full_reason.or(fifth.manifest.full_reason.clone()).unwrap_or_default();
+    assert!(reason.contains("replaced"), "{reason}");
+    assert!(same_as_rbd(&backup_file(&repo, &fifth, "vdb"), &pool_image));
+    assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", fifth.manifest.id)]);
 }
 
 #[test]

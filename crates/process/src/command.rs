@@ -111,7 +111,28 @@ impl ExternalCommand {
         self.spawn_and_wait(None)
     }
 
+    /// Runs the command with its stdout handed, chunk by chunk, to `sink` (on a reader thread)
+    /// and never kept: for a stream larger than memory (`rbd export-diff ... -`). When `sink`
+    /// returns `false` the command's process group is killed and nothing more is read. The
+    /// call returns once the command has exited and `sink` has seen all it wrote (or at the
+    /// timeout, or at a cancel); success means exit 0. The returned output's `stdout` is empty.
+    pub fn run_streamed(&self, sink: StdoutSink) -> Result<CommandOutput, CommandError> {
+        let output = self.spawn_and_wait_with(Output::Streamed(sink))?;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            Err(CommandError::Failed { argv: self.display_argv(), status: output.status, stderr: output.stderr_text() })
+        }
+    }
+
     fn spawn_and_wait(&self, observer: Option<StdoutObserver>) -> Result<CommandOutput, CommandError> {
+        self.spawn_and_wait_with(match observer {
+            Some(o) => Output::Observed(o),
+            None => Output::Kept,
+        })
+    }
+
+    fn spawn_and_wait_with(&self, output: Output) -> Result<CommandOutput, CommandError> {
         let mut command = Command::new(&self.program);
         if let Some(dir) = &self.dir {
             command.current_dir(dir);
@@ -126,8 +147,9 @@ impl ExternalCommand {
             .spawn()
             .map_err(|source| CommandError::Spawn { argv: self.display_argv(), source })?;
         let pid = child.id();
-        let stdout = read_in_background(child.stdout.take(), observer);
-        let stderr = read_in_background(child.stderr.take(), None);
+        let streamed = matches!(output, Output::Streamed(_));
+        let stdout = read_in_background(child.stdout.take(), output, pid);
+        let stderr = read_in_background(child.stderr.take(), Output::Kept, pid);
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let _ = tx.send(child.wait());
@@ -157,8 +179,13 @@ impl ExternalCommand {
             }
         };
         // A daemon forked by the child (sshfs) may keep a pipe open: read what is there, briefly.
+        // A streamed stdout is waited for until the deadline: its sink may still be writing
+        // what the pipe held when the command exited.
         let grace = Duration::from_secs(2);
-        Ok(CommandOutput { status, stdout: collect(stdout, grace), stderr: collect(stderr, grace) })
+        let stdout_wait =
+            if streamed { deadline.saturating_duration_since(std::time::Instant::now()).max(grace) } else { grace };
+        let stdout = collect(stdout, stdout_wait);
+        Ok(CommandOutput { status, stdout, stderr: collect(stderr, grace) })
     }
 }
 
@@ -184,19 +211,42 @@ struct PipeReader {
 /// A callback that sees a command's stdout as it is written.
 pub type StdoutObserver = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
-fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>, observer: Option<StdoutObserver>) -> PipeReader {
+/// A consumer of a command's whole stdout ([`ExternalCommand::run_streamed`]): `false` stops
+/// the command.
+pub type StdoutSink = Box<dyn FnMut(&[u8]) -> bool + Send>;
+
+/// What becomes of a pipe's bytes.
+enum Output {
+    /// Kept in memory.
+    Kept,
+    /// Kept, and shown to an observer as they come.
+    Observed(StdoutObserver),
+    /// Handed to a sink, not kept.
+    Streamed(StdoutSink),
+}
+
+fn read_in_background<R: Read + Send + 'static>(pipe: Option<R>, mut output: Output, pid: u32) -> PipeReader {
     let (tx, done) = mpsc::channel();
     let buf = Arc::new(Mutex::new(Vec::new()));
     if let Some(mut pipe) = pipe {
         let buf = Arc::clone(&buf);
         thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
+            let size = if matches!(output, Output::Streamed(_)) { 1 << 20 } else { 8192 };
+            let mut chunk = vec![0u8; size];
             while let Ok(n) = pipe.read(&mut chunk) {
                 if n == 0 {
                     break;
                 }
-                if let Some(observe) = &observer {
-                    observe(&chunk[..n]);
+                match &mut output {
+                    Output::Streamed(sink) => {
+                        if !sink(&chunk[..n]) {
+                            kill_group(pid);
+                            break;
+                        }
+                        continue;
+                    }
+                    Output::Observed(observe) => observe(&chunk[..n]),
+                    Output::Kept => {}
                 }
                 buf.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
             }
@@ -292,6 +342,27 @@ impl CommandError {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_streamed_stdout_is_seen_whole_and_not_kept_and_a_sink_can_stop_it() {
+        let seen = Arc::new(Mutex::new(0usize));
+        let counter = Arc::clone(&seen);
+        let out = ExternalCommand::new("head")
+            .args(["-c", "3000001", "/dev/zero"])
+            .run_streamed(Box::new(move |b| {
+                *counter.lock().unwrap() += b.len();
+                true
+            }))
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), 3_000_001);
+        assert!(out.stdout.is_empty());
+        // `yes` never ends by itself: the sink's `false` kills it.
+        let started = Instant::now();
+        let err =
+            ExternalCommand::new("yes").timeout(Duration::from_secs(30)).run_streamed(Box::new(|_| false)).unwrap_err();
+        assert!(matches!(err, CommandError::Failed { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 
     #[test]
     fn success_failure_and_stderr() {

@@ -36,6 +36,6 @@ pub mod secret;
 pub mod timed;
 
 pub use cancel::CancelHandle;
-pub use command::{CommandError, CommandOutput, ExternalCommand, StdoutObserver};
+pub use command::{CommandError, CommandOutput, ExternalCommand, StdoutObserver, StdoutSink};
 pub use secret::Secret;
 pub use timed::run_with_timeout;

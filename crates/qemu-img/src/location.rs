@@ -139,6 +139,8 @@ pub struct RbdSpec {
     pub mon_hosts: Vec<String>,
     /// Authentication.
     pub auth: RbdAuth,
+    /// A snapshot of the image to read instead of the image itself (read-only).
+    pub snapshot: Option<String>,
 }
 
 /// Escapes `:` and `\` as QEMU's rbd filename syntax wants.
@@ -157,7 +159,13 @@ impl RbdSpec {
             conf: None,
             mon_hosts: Vec::new(),
             auth: RbdAuth::Default,
+            snapshot: None,
         }
+    }
+
+    /// The same image's snapshot `name`.
+    pub fn at_snapshot(&self, name: &str) -> RbdSpec {
+        RbdSpec { snapshot: Some(name.to_owned()), ..self.clone() }
     }
 
     /// QEMU's `rbd:` filename, pointing at `keyring` when given (the key itself never appears).
@@ -168,6 +176,9 @@ impl RbdSpec {
             s.push('/');
         }
         s.push_str(&escape(&self.image));
+        if let Some(snap) = &self.snapshot {
+            s.push_str(&format!("@{}", escape(snap)));
+        }
         if let Some(id) = &self.id {
             s.push_str(&format!(":id={}", escape(id)));
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nasbak_process::{CancelHandle, CommandError, ExternalCommand};
 
 use crate::convert::{ConvertRequest, last_progress};
-use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport};
+use crate::daemon::{DirtyCopy, ExportKind, ReadOnlyExport, WritableExport};
 use crate::error::{ImageError, ProgressFn, WRONG_KEY};
 use crate::info::{CheckReport, ImageFormat, ImageInfo, parse_check, parse_info};
 use crate::location::{ImageLocation, filename_for, objects_for};
@@ -147,6 +147,17 @@ pub trait ImageTool {
     /// key in a 0600 keyring for the command's duration): what a restore that created it and
     /// failed leaves behind.
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError>;
+    /// The RBD image's id, size and snapshots (`rbd info`, `rbd snap ls`).
+    fn rbd_image(&self, image: &crate::location::RbdSpec) -> Result<crate::rbd::RbdImageFacts, ImageError>;
+    /// Takes the snapshot `name` of the RBD image (`rbd snap create`). With the image open in a
+    /// running QEMU, librbd asks that client (the lock owner) to flush and take it.
+    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError>;
+    /// Removes the snapshot `name` of the RBD image (`rbd snap rm`).
+    fn rbd_snapshot_remove(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError>;
+    /// Writes into `copy.target` what changed in the image between the snapshots `copy.from`
+    /// and `copy.image.snapshot` (`rbd export-diff`, streamed through the target's writable
+    /// export); tells progress in percent of the image; returns the bytes of changed data.
+    fn copy_rbd_diff(&self, copy: &crate::rbd::RbdDiffCopy, progress: Arc<ProgressFn>) -> Result<u64, ImageError>;
     /// Shows the stored chain `image` (compressed, encrypted or both) read-only at `file`, as
     /// [`ImageTool::export_read_only`] does a plain one; the key is read by the daemon as it
     /// starts.
@@ -459,32 +470,9 @@ impl ImageTool for QemuImg {
     }
 
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError> {
-        use crate::location::RbdAuth;
         let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
-        let keyring = match (&temp, &image.auth) {
-            (Some(t), _) => Some(t.path().to_owned()),
-            (None, RbdAuth::Keyring(k)) => Some(k.clone()),
-            _ => None,
-        };
-        let mut command = ExternalCommand::new("rbd").arg("rm").arg("--no-progress");
-        if let Some(id) = &image.id {
-            command = command.arg("--id").arg(id);
-        }
-        if let Some(conf) = &image.conf {
-            command = command.arg("--conf").arg(conf);
-        }
-        if !image.mon_hosts.is_empty() {
-            command = command.arg("--mon-host").arg(image.mon_hosts.join(","));
-        }
-        if let Some(k) = &keyring {
-            command = command.arg("--keyring").arg(k);
-        }
-        let mut spec = format!("{}/", image.pool);
-        if let Some(ns) = &image.namespace {
-            spec.push_str(&format!("{ns}/"));
-        }
-        spec.push_str(&image.image);
-        let command = command.arg(spec).timeout(self.timeouts.quick);
+        let command = crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path())).arg("rm").arg("--no-progress");
+        let command = command.arg(crate::rbd::image_name(image)).timeout(self.timeouts.quick);
         // A client killed with the image open (a cancelled qemu-img) leaves its watch until the
         // cluster times it out (30 s by default): until then the image "still has watchers".
         let deadline = std::time::Instant::now() + RBD_WATCH_WAIT;
@@ -497,6 +485,112 @@ impl ImageTool for QemuImg {
                 Err(source) => return Err(ImageError::Command { action: "rbd rm", source }),
             }
         }
+    }
+
+    fn rbd_image(&self, image: &crate::location::RbdSpec) -> Result<crate::rbd::RbdImageFacts, ImageError> {
+        let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
+        let run = |op: &str, action: &'static str| {
+            crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path()))
+                .args(op.split(' '))
+                .args(["--format", "json"])
+                .arg(crate::rbd::image_name(&crate::location::RbdSpec { snapshot: None, ..image.clone() }))
+                .timeout(self.timeouts.quick)
+                .run()
+                .map(|o| o.stdout_text())
+                .map_err(|source| ImageError::Command { action, source })
+        };
+        let info = run("info", "rbd info")?;
+        let snaps = run("snap ls", "rbd snap ls")?;
+        crate::rbd::parse_image_facts(&info, &snaps).map_err(|detail| ImageError::Output { action: "rbd info", detail })
+    }
+
+    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError> {
+        let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
+        crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path()))
+            .args(["snap", "create", "--no-progress"])
+            .arg(crate::rbd::image_name(&image.at_snapshot(name)))
+            .timeout(self.timeouts.quick)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "rbd snap create", source })
+    }
+
+    fn rbd_snapshot_remove(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError> {
+        let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
+        crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path()))
+            .args(["snap", "rm", "--no-progress"])
+            .arg(crate::rbd::image_name(&image.at_snapshot(name)))
+            .timeout(self.timeouts.quick)
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "rbd snap rm", source })
+    }
+
+    fn copy_rbd_diff(&self, copy: &crate::rbd::RbdDiffCopy, progress: Arc<ProgressFn>) -> Result<u64, ImageError> {
+        let err = |detail: String| ImageError::Daemon { action: "copying an RBD image's changes", detail };
+        let to = copy.image.snapshot.clone().ok_or_else(|| err("no snapshot to copy up to".into()))?;
+        let size = copy.size;
+        // The daemon's QMP socket goes in the runtime directory (the private one's parent).
+        let runtime = self.private_dir.parent().unwrap_or(&self.private_dir).to_owned();
+        let export =
+            WritableExport::start(&copy.target, &copy.protection, copy.backing.as_ref(), &copy.mountpoint, &runtime)?;
+        let file = crate::rbd::open_for_writes(export.mountpoint())
+            .map_err(|e| err(format!("opening {}: {e}", export.mountpoint().display())))?;
+        let (_, temp) = self.name(&ImageLocation::Rbd(copy.image.clone()))?;
+        let command = crate::rbd::rbd_command(&copy.image, temp.as_ref().map(|t| t.path()))
+            .args(["export-diff", "--no-progress", "--from-snap"])
+            .arg(&copy.from)
+            .arg(crate::rbd::image_name(&copy.image))
+            .arg("-")
+            .timeout(self.timeouts.copy)
+            .cancel_on(&copy.cancel);
+        // The stream is parsed and written on the command's reader thread; what it found is
+        // handed back here.
+        let state = Arc::new(Mutex::new((crate::rbd::DiffParser::new(), None::<String>, 0u64)));
+        let shared = Arc::clone(&state);
+        let (from, file) = (copy.from.clone(), Arc::new(file));
+        let writer_file = Arc::clone(&file);
+        let last_percent = Mutex::new(-1i64);
+        let ran = command.run_streamed(Box::new(move |chunk| {
+            let mut guard = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let (parser, failure, written) = &mut *guard;
+            let mut writer =
+                crate::rbd::DiffWriter { file: &writer_file, from: &from, to: &to, size, written: 0, position: 0 };
+            let result = parser.feed(chunk, &mut |e| writer.apply(e));
+            *written += writer.written;
+            if size > 0 && writer.position > 0 {
+                let percent = (writer.position as f64 / size as f64 * 100.0).min(100.0);
+                let mut last = last_percent.lock().unwrap_or_else(|e| e.into_inner());
+                if percent as i64 > *last {
+                    *last = percent as i64;
+                    progress(percent);
+                }
+            }
+            match result {
+                Ok(()) => true,
+                Err(e) => {
+                    *failure = Some(e);
+                    false
+                }
+            }
+        }));
+        let (parser, failure, written) = std::mem::take(&mut *state.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(detail) = failure {
+            return Err(err(format!(
+                "the rbd export-diff stream of {}: {detail}",
+                crate::rbd::image_name(&copy.image)
+            )));
+        }
+        ran.map_err(|source| ImageError::Command { action: "rbd export-diff", source })?;
+        if !parser.finished() {
+            return Err(err(format!(
+                "the rbd export-diff stream of {} ended early",
+                crate::rbd::image_name(&copy.image)
+            )));
+        }
+        drop(file);
+        export.finish(Duration::from_secs(120))?;
+        Ok(written)
     }
 
     fn set_backing(

@@ -659,7 +659,12 @@ impl LabDomain {
     pub fn write_through_qemu(&self, index: usize, pattern: u8, offset: &str, len: &str) {
         // Through the guest's own device (its qdev path), not a second user of the node, which
         // the device's unshared write permission would refuse.
-        let device = self.qdev(&self.disks[index].path);
+        // An RBD disk is found in QEMU's block list by its image's name.
+        let disk = &self.disks[index];
+        let device = match disk.rbd.as_deref().and_then(|r| r.rsplit('/').next()) {
+            Some(image) => self.qdev(Path::new(image)),
+            None => self.qdev(&disk.path),
+        };
         let command = format!("qemu-io -d {device} \"write -P {pattern:#x} {offset} {len}\"");
         let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &command]).expect("qemu-io");
         // HMP answers nothing when the write went through (its report goes to QEMU's own

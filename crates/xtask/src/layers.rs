@@ -30,7 +30,7 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored).
     ("images", &["transfer", "export", "protect", "watchdog", "lvm"]),
     // Chain decisions and merges, over the store.
-    ("chains", &["chain", "incremental", "merge"]),
+    ("chains", &["chain", "incremental", "merge", "rbd"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).
     ("facade", &["engine"]),
     // The workflows: none uses another.

@@ -75,6 +75,21 @@ pub(crate) fn copy_dirty<I: ImageTool + Sync>(
     })
 }
 
+/// Copies what changed in an RBD image between two snapshots (see
+/// [`ImageTool::copy_rbd_diff`]) on a helper thread, its progress handed to `observer` on this
+/// one.
+pub(crate) fn copy_rbd_diff<I: ImageTool + Sync>(
+    images: &I,
+    copy: &nasbak_qemu_img::RbdDiffCopy,
+    vm: &str,
+    target: &str,
+    observer: &mut dyn Observer,
+) -> Result<(), BackupError> {
+    with_progress(|progress| images.copy_rbd_diff(copy, progress).map(drop), &copy.cancel, observer, &|p| {
+        as_bytes(p, vm, target, copy.size)
+    })
+}
+
 /// qemu-img's percentage as a [`Phase::Convert`] progress, as bytes of `size` when known.
 fn as_bytes(percent: f64, vm: &str, target: &str, size: u64) -> Progress {
     let (done, total) = if size > 0 { ((percent / 100.0 * size as f64) as u64, size) } else { (percent as u64, 100) };

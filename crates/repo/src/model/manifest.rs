@@ -107,6 +107,23 @@ pub struct ManifestDisk {
     /// container. Readers open the file by this, never by probing.
     #[serde(default, skip_serializing_if = "is_plain")]
     pub stored_as: FileFormat,
+    /// For a disk on Ceph RBD: the snapshot of its image this backup was read from, kept on the
+    /// image for the next incremental (whose file then holds what changed since it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd_snapshot: Option<RbdSnapshotRecord>,
+}
+
+/// The RBD snapshot a backup of a disk was read from: what the next incremental proves it
+/// builds on before it reads the differences since it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdSnapshotRecord {
+    /// The snapshot's name on the image (`nasbak-<backup id>`).
+    pub name: String,
+    /// The snapshot's id in the image: a snapshot of the same name made elsewhere (another
+    /// tool, a deep copy of the image) has another.
+    pub id: u64,
+    /// The image's id: an image removed and created again under its name has another.
+    pub image_id: String,
 }
 
 fn is_plain(f: &FileFormat) -> bool {
@@ -323,6 +340,7 @@ mod tests {
                 backing: None,
                 full_reason: None,
                 stored_as: FileFormat::Plain,
+                rbd_snapshot: None,
             }],
             mode: BackupMode::Full,
             parent: None,

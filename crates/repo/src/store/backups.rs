@@ -285,6 +285,7 @@ mod tests {
                 backing: parent.map(|p| backing_path(&p.parse().unwrap(), "root.a.qcow2")),
                 full_reason: None,
                 stored_as: crate::FileFormat::Plain,
+                rbd_snapshot: None,
             }],
             mode,
             parent: parent.map(Into::into),
