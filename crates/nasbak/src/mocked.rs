@@ -285,7 +285,7 @@ fn rbd_disks_are_read_from_snapshots_built_on_by_their_diff_and_restored_through
             let mut v = taken.lock().unwrap();
             let id = v.len() as u64 + 10;
             v.push(RbdSnapshot { id, name: name.into(), size: 1 << 20 });
-            Ok(())
+            Ok(id)
         });
     let removed = Arc::clone(&snaps);
     img.expect_rbd_snapshot_remove().returning(move |_, name| {

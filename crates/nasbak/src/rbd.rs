@@ -86,33 +86,45 @@ impl<'a, I: ImageTool> Snapshots<'a, I> {
         Snapshots { images, name, taken: Vec::new(), kept: false }
     }
 
-    /// Takes the snapshot of each disk in `disks` and reads back its id (a running VM: with
-    /// its guest frozen). A failure stops at once; what was taken goes on drop.
-    pub(crate) fn take(&mut self, disks: &HashMap<String, RbdDisk>) -> Result<(), BackupError> {
-        let mut targets: Vec<&String> = disks.keys().collect();
+    /// Takes the snapshot of each disk in `disks` not taken yet, all at once (the monitors
+    /// batch snapshot ids: with Ceph's default `paxos_propose_interval` each round costs up to
+    /// a second, however many images), a running VM's with its guest frozen. Any failure is the
+    /// error; what was taken goes on drop.
+    pub(crate) fn take(&mut self, disks: &HashMap<String, RbdDisk>) -> Result<(), BackupError>
+    where
+        I: Sync,
+    {
+        let mut targets: Vec<&String> = disks.keys().filter(|t| !self.taken.iter().any(|(x, _, _)| x == *t)).collect();
         targets.sort();
-        for target in targets {
-            if self.taken.iter().any(|(t, _, _)| t == target) {
-                continue;
-            }
+        let (images, name) = (self.images, self.name.as_str());
+        let results: Vec<(&String, Result<u64, nasbak_qemu_img::ImageError>)> = std::thread::scope(|scope| {
+            let running: Vec<_> = targets
+                .iter()
+                .map(|t| (*t, scope.spawn(move || images.rbd_snapshot_create(&disks[*t].spec, name))))
+                .collect();
+            running.into_iter().map(|(t, h)| (t, h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))).collect()
+        });
+        let mut first_error = None;
+        for (target, result) in results {
             let disk = &disks[target];
-            self.images.rbd_snapshot_create(&disk.spec, &self.name)?;
-            // Said taken at once: should reading it back fail, it still goes on drop.
-            self.taken.push((
-                target.clone(),
-                disk.spec.clone(),
-                RbdSnapshotRecord { name: self.name.clone(), id: 0, image_id: String::new() },
-            ));
-            let facts = self.images.rbd_image(&disk.spec)?;
-            let snapshot =
-                facts.snapshots.iter().find(|s| s.name == self.name).ok_or_else(|| BackupError::Unsupported {
-                    what: format!("an RBD image whose new snapshot {} is not listed after it was taken", self.name),
-                })?;
-            if let Some(last) = self.taken.last_mut() {
-                last.2 = RbdSnapshotRecord { name: self.name.clone(), id: snapshot.id, image_id: facts.id };
+            match result {
+                Ok(id) => self.taken.push((
+                    target.clone(),
+                    disk.spec.clone(),
+                    RbdSnapshotRecord { name: self.name.clone(), id, image_id: disk.facts.id.clone() },
+                )),
+                Err(e) => {
+                    // It may exist all the same (the listing failed): it goes on drop too.
+                    self.taken.push((
+                        target.clone(),
+                        disk.spec.clone(),
+                        RbdSnapshotRecord { name: self.name.clone(), id: 0, image_id: String::new() },
+                    ));
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// The snapshot taken of disk `target`, for its manifest entry.
@@ -136,18 +148,33 @@ impl<I: ImageTool> Drop for Snapshots<'_, I> {
     }
 }
 
+/// Removes each `(image, snapshot)` at once (see [`Snapshots::take`] for why at once); the
+/// ones removed.
+fn remove_all<'s, I: ImageTool + Sync>(images: &I, doomed: &[(&'s RbdSpec, &'s str)]) -> Vec<(&'s RbdSpec, &'s str)> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = doomed
+            .iter()
+            .map(|(spec, name)| (*spec, *name, scope.spawn(move || images.rbd_snapshot_remove(spec, name))))
+            .collect();
+        running
+            .into_iter()
+            .filter_map(|(spec, name, h)| h.join().is_ok_and(|r| r.is_ok()).then_some((spec, name)))
+            .collect()
+    })
+}
+
 /// After a backup is in place: each RBD disk's older nasbak snapshots of this VM's runs on this
 /// repository (a backup here, or a killed run's `.partial` among `interrupted`) removed, all but
 /// `newest`. Snapshots of other repositories' chains and of other tools stay. Best effort:
 /// returns what was removed, as notes.
-pub(crate) fn remove_older<I: ImageTool>(
+pub(crate) fn remove_older<I: ImageTool + Sync>(
     images: &I,
     disks: &HashMap<String, RbdDisk>,
     vm_dir: &Path,
     interrupted: &[String],
     newest: &str,
 ) -> Vec<String> {
-    let mut removed = Vec::new();
+    let mut doomed: Vec<(&RbdSpec, &str)> = Vec::new();
     for disk in disks.values() {
         for snapshot in &disk.facts.snapshots {
             let Some(id) = snapshot.name.strip_prefix("nasbak-").filter(|id| id.parse::<BackupId>().is_ok()) else {
@@ -155,12 +182,15 @@ pub(crate) fn remove_older<I: ImageTool>(
             };
             let ours =
                 vm_dir.join(id).is_dir() || interrupted.iter().any(|p| p.strip_suffix(PARTIAL_SUFFIX) == Some(id));
-            if ours && snapshot.name != newest && images.rbd_snapshot_remove(&disk.spec, &snapshot.name).is_ok() {
-                removed.push(format!("removed the RBD snapshot {}@{}", disk.spec.image, snapshot.name));
+            if ours && snapshot.name != newest {
+                doomed.push((&disk.spec, &snapshot.name));
             }
         }
     }
-    removed
+    remove_all(images, &doomed)
+        .into_iter()
+        .map(|(spec, name)| format!("removed the RBD snapshot {}@{name}", spec.image))
+        .collect()
 }
 
 #[cfg(test)]

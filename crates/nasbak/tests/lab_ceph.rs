@@ -194,6 +194,23 @@ fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals
     assert!(reason.contains("replaced"), "{reason}");
     assert!(same_as_rbd(&backup_file(&repo, &fifth, "vdb"), &pool_image));
     assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", fifth.manifest.id)]);
+    // A backup cancelled while it copies the RBD disk: its snapshot goes with it, the last
+    // backup's stays, and the next builds on that one.
+    write_rbd(&pool_image, 0x44, "40M", "1M");
+    let cancel = CancelHandle::new();
+    let request = BackupRequest::new(dom.name(), repo.clone()).with_quiesce(QuiescePolicy::Off);
+    let err = e
+        .backup(&request, &cancel, &mut |p| {
+            if p.disk.as_deref() == Some("vdb") {
+                cancel.cancel();
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, BackupError::Cancelled), "{err:#?}");
+    assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", fifth.manifest.id)]);
+    let sixth = backup(&e, &dom, &repo, ModeRequest::Auto);
+    assert_eq!(disk_of(&sixth, "vdb").mode, BackupMode::Incremental);
+    assert!(same_as_rbd(&backup_file(&repo, &sixth, "vdb"), &pool_image));
 }
 
 #[test]

@@ -117,12 +117,13 @@ struct Snap {
 /// Reads `rbd info --format json` and `rbd snap ls --format json` output.
 pub fn parse_image_facts(info: &str, snapshots: &str) -> Result<RbdImageFacts, String> {
     let i: Info = serde_json::from_str(info).map_err(|e| format!("unreadable rbd info output: {e}"))?;
+    Ok(RbdImageFacts { id: i.id, size: i.size, snapshots: parse_snapshots(snapshots)? })
+}
+
+/// Reads `rbd snap ls --format json` output.
+pub fn parse_snapshots(snapshots: &str) -> Result<Vec<RbdSnapshot>, String> {
     let s: Vec<Snap> = serde_json::from_str(snapshots).map_err(|e| format!("unreadable rbd snap ls output: {e}"))?;
-    Ok(RbdImageFacts {
-        id: i.id,
-        size: i.size,
-        snapshots: s.into_iter().map(|s| RbdSnapshot { id: s.id, name: s.name, size: s.size }).collect(),
-    })
+    Ok(s.into_iter().map(|s| RbdSnapshot { id: s.id, name: s.name, size: s.size }).collect())
 }
 
 /// One record of an `rbd export-diff` stream.

@@ -149,9 +149,10 @@ pub trait ImageTool {
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError>;
     /// The RBD image's id, size and snapshots (`rbd info`, `rbd snap ls`).
     fn rbd_image(&self, image: &crate::location::RbdSpec) -> Result<crate::rbd::RbdImageFacts, ImageError>;
-    /// Takes the snapshot `name` of the RBD image (`rbd snap create`). With the image open in a
-    /// running QEMU, librbd asks that client (the lock owner) to flush and take it.
-    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError>;
+    /// Takes the snapshot `name` of the RBD image (`rbd snap create`) and returns its id. With
+    /// the image open in a running QEMU, librbd asks that client (the lock owner) to flush and
+    /// take it.
+    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<u64, ImageError>;
     /// Removes the snapshot `name` of the RBD image (`rbd snap rm`).
     fn rbd_snapshot_remove(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError>;
     /// Writes into `copy.target` what changed in the image between the snapshots `copy.from`
@@ -499,20 +500,38 @@ impl ImageTool for QemuImg {
                 .map(|o| o.stdout_text())
                 .map_err(|source| ImageError::Command { action, source })
         };
-        let info = run("info", "rbd info")?;
-        let snaps = run("snap ls", "rbd snap ls")?;
-        crate::rbd::parse_image_facts(&info, &snaps).map_err(|detail| ImageError::Output { action: "rbd info", detail })
+        // Each `rbd` connects to the cluster on its own: both at once.
+        let (info, snaps) = std::thread::scope(|scope| {
+            let info = scope.spawn(|| run("info", "rbd info"));
+            let snaps = run("snap ls", "rbd snap ls");
+            (info.join().unwrap_or_else(|e| std::panic::resume_unwind(e)), snaps)
+        });
+        crate::rbd::parse_image_facts(&info?, &snaps?)
+            .map_err(|detail| ImageError::Output { action: "rbd info", detail })
     }
 
-    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError> {
+    fn rbd_snapshot_create(&self, image: &crate::location::RbdSpec, name: &str) -> Result<u64, ImageError> {
         let (_, temp) = self.name(&ImageLocation::Rbd(image.clone()))?;
-        crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path()))
+        let rbd = || crate::rbd::rbd_command(image, temp.as_ref().map(|t| t.path())).timeout(self.timeouts.quick);
+        rbd()
             .args(["snap", "create", "--no-progress"])
             .arg(crate::rbd::image_name(&image.at_snapshot(name)))
-            .timeout(self.timeouts.quick)
             .run()
-            .map(drop)
-            .map_err(|source| ImageError::Command { action: "rbd snap create", source })
+            .map_err(|source| ImageError::Command { action: "rbd snap create", source })?;
+        let listed = rbd()
+            .args(["snap", "ls", "--format", "json"])
+            .arg(crate::rbd::image_name(&crate::location::RbdSpec { snapshot: None, ..image.clone() }))
+            .run()
+            .map_err(|source| ImageError::Command { action: "rbd snap ls", source })?;
+        crate::rbd::parse_snapshots(&listed.stdout_text())
+            .map_err(|detail| ImageError::Output { action: "rbd snap ls", detail })?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.id)
+            .ok_or_else(|| ImageError::Output {
+                action: "rbd snap create",
+                detail: format!("the new snapshot {name} is not listed"),
+            })
     }
 
     fn rbd_snapshot_remove(&self, image: &crate::location::RbdSpec, name: &str) -> Result<(), ImageError> {

@@ -25,6 +25,11 @@
 //! - `cargo xtask bench chain`: every way to restore, from the end of a chain of ten incrementals
 //!   (20 MiB changed each) against from its full: restore, instant restore, mount, boot
 //!   verification.
+//! - `cargo xtask bench rbd`: a running VM whose disk is a 2 GiB RBD image holding 1 GiB of
+//!   pseudo-random data, on the lab cluster: the incremental backup after 1% of the image
+//!   changed (20 scattered MiB, written through the guest's device) against a full, the bytes it
+//!   wrote against those changed, and the whole-VM restore onto the image from that incremental
+//!   against from the full.
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
@@ -989,6 +994,135 @@ pub fn restores(rounds: usize) -> Result<()> {
         println!("{l}");
     }
     Ok(())
+}
+
+/// `cargo xtask bench rbd [ROUNDS]`: incremental backups of an RBD disk (see the module
+/// documentation).
+pub fn rbd(rounds: usize) -> Result<()> {
+    crate::lab::ceph::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = crate::exec::built_binary("release");
+    let mut lines = Vec::new();
+    // One size: the lab cluster keeps its objects in RAM (memstore), and filling an 8 GiB
+    // image takes minutes there.
+    for (size_mib, data_mib) in [(2048u64, 1024usize)] {
+        lines.extend(rbd_rounds(&nasbak, size_mib, data_mib, rounds)?);
+    }
+    println!("\n| operation | nasbak | against | ratio | target | range (nasbak; against) |");
+    println!("|---|---|---|---|---|---|");
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// `bench rbd` on an RBD image of `size_mib` MiB holding `data_mib` MiB: its table rows.
+fn rbd_rounds(nasbak: &str, size_mib: u64, data_mib: usize, rounds: usize) -> Result<Vec<String>> {
+    let dir = Path::new(STATE).join("bench-rbd");
+    let image = "nasbak-bench-rbd";
+    let pool_image = format!("vms/{image}");
+    println!(
+        "bench: rbd, a running VM whose disk is a {size_mib} MiB RBD image holding {data_mib} MiB of pseudo-random data"
+    );
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = nasbak_testlab::ceph::rbd(&["snap", "purge", "--no-progress", &pool_image]);
+    nasbak_testlab::ceph::remove(image);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("repo"))?;
+    let raw = dir.join("disk.raw");
+    fs::File::create(&raw)?.set_len(size_mib << 20)?;
+    nasbak_testlab::fill_pseudo_random(&raw, data_mib);
+    nasbak_testlab::ceph::import(&raw, image);
+    fs::remove_file(&raw)?;
+    // The bench domain's XML with the RBD disk in place of its file disk.
+    domain_xml(&dir, &dir.join("unused.qcow2"))?;
+    let xml = fs::read_to_string(dir.join("domain.xml"))?;
+    let start = xml.find("<disk").context("a disk")?;
+    let end = xml.find("</disk>").context("a disk's end")? + "</disk>".len();
+    let xml = format!("{}{}{}", &xml[..start], nasbak_testlab::ceph::disk_xml(&pool_image, "vda"), &xml[end..]);
+    fs::write(dir.join("domain.xml"), xml)?;
+    virsh(&["undefine", DOMAIN])?;
+    virsh(&["define", &dir.join("domain.xml").to_string_lossy()])?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let config = p("nasbak.toml");
+    cmd(nasbak)
+        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
+        .run()?;
+    let backup = |mode: &'static str| {
+        timed(nasbak, &["--config", &config, "backup", DOMAIN, "--quiesce", "off", "--mode", mode]).map(|r| r.secs)
+    };
+    let (mut full, mut incremental, mut written) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut restore_full, mut restore_incremental) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        virsh(&["start", DOMAIN])?;
+        full.push(backup("full")?);
+        let full_id = backup_id(&config, nasbak)?;
+        // 1% of the image, in 20 places, as the guest would write it.
+        let info = virsh(&["qemu-monitor-command", DOMAIN, "--hmp", "info block"])?;
+        let device = info
+            .lines()
+            .skip_while(|l| !l.contains(image))
+            .find_map(|l| l.trim().strip_prefix("Attached to:"))
+            .context("the RBD disk's device")?
+            .trim()
+            .to_owned();
+        for k in 0..CHANGED_MIB {
+            let command = format!("qemu-io -d {device} \"write -P {:#x} {}M 1M\"", 0x40 + round as u64, 37 + k * 97);
+            let out = virsh(&["qemu-monitor-command", DOMAIN, "--hmp", &command])?;
+            if !out.trim().is_empty() {
+                bail!("{command}: {out}");
+            }
+        }
+        incremental.push(backup("incremental")?);
+        let inc_id = backup_id(&config, nasbak)?;
+        let manifest: serde_json::Value = serde_json::from_str(&fs::read_to_string(
+            dir.join("repo").join(DOMAIN).join(inc_id.rsplit('/').next().context("id")?).join("manifest.json"),
+        )?)?;
+        let disk = &manifest["disks"][0];
+        if disk["mode"] != "incremental" {
+            bail!("the RBD disk's backup is not incremental: {disk}");
+        }
+        written.push(disk["size"].as_u64().unwrap_or(0));
+        virsh(&["destroy", DOMAIN])?;
+        restore_full.push(timed(nasbak, &["--config", &config, "restore", &full_id])?.secs);
+        restore_incremental.push(timed(nasbak, &["--config", &config, "restore", &inc_id])?.secs);
+        println!(
+            "bench: rbd, round {round}: full {:.2} s, incremental {:.2} s ({} KiB written), restore full {:.2} s, restore incremental {:.2} s",
+            full[round - 1],
+            incremental[round - 1],
+            written[round - 1] >> 10,
+            restore_full[round - 1],
+            restore_incremental[round - 1]
+        );
+    }
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = nasbak_testlab::ceph::rbd(&["snap", "purge", "--no-progress", &pool_image]);
+    nasbak_testlab::ceph::remove(image);
+    let changed = CHANGED_MIB << 20;
+    let most = written.iter().copied().max().unwrap_or(0);
+    let size = format!("{} GiB image", size_mib / 1024);
+    let (i, f) = (best_secs(&incremental), best_secs(&full));
+    let (ri, rf) = (best_secs(&restore_incremental), best_secs(&restore_full));
+    Ok(vec![
+        format!(
+            "| incremental RBD backup after {CHANGED_MIB} MiB changed, {size} | {i:.2} s | full RBD backup {f:.2} s | {:.2}x | <= 0.25x | {}; {} |",
+            i / f,
+            range(&incremental),
+            range(&full)
+        ),
+        format!(
+            "| bytes written by that incremental (largest), {size} | {:.1} MiB | changed {CHANGED_MIB} MiB | {:.2}x | <= 2x | |",
+            most as f64 / 1048576.0,
+            most as f64 / changed as f64
+        ),
+        format!(
+            "| restore of the incremental point onto RBD, {size} | {ri:.2} s | full restore {rf:.2} s | {:.2}x | <= 1.2x | {}; {} |",
+            ri / rf,
+            range(&restore_incremental),
+            range(&restore_full)
+        ),
+    ])
 }
 
 /// The bench VM made afresh in `dir` (anything of an earlier run removed): a qcow2 disk of
