@@ -1002,12 +1002,9 @@ pub fn rbd(rounds: usize) -> Result<()> {
     crate::lab::ceph::up()?;
     cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
     let nasbak = crate::exec::built_binary("release");
-    let mut lines = Vec::new();
     // One size: the lab cluster keeps its objects in RAM (memstore), and filling an 8 GiB
     // image takes minutes there.
-    for (size_mib, data_mib) in [(2048u64, 1024usize)] {
-        lines.extend(rbd_rounds(&nasbak, size_mib, data_mib, rounds)?);
-    }
+    let lines = rbd_rounds(&nasbak, 2048, 1024, rounds)?;
     println!("\n| operation | nasbak | against | ratio | target | range (nasbak; against) |");
     println!("|---|---|---|---|---|---|");
     for l in lines {
