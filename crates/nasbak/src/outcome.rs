@@ -115,10 +115,13 @@ pub struct InstantRestore {
 pub struct InstantDisk {
     /// The target device.
     pub target: String,
-    /// The VM's volume the data goes to.
+    /// The VM's volume the data goes to (`rbd:POOL/IMAGE` for an RBD image).
     pub volume: PathBuf,
     /// Whether the volume is a block device.
     pub block: bool,
+    /// For an RBD image: its `POOL/IMAGE` (the domain's definition says how it is reached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<String>,
     /// The volume's format.
     pub format: String,
     /// The overlay the VM runs on until the pivot.
@@ -137,6 +140,14 @@ pub struct InstantDisk {
     /// The finish has put the backup's copy in place of the volume.
     #[serde(default)]
     pub copied: bool,
+}
+
+impl InstantDisk {
+    /// Whether the volume is written in place (a block device, an RBD image), not replaced by
+    /// a file made beside it.
+    pub fn in_place(&self) -> bool {
+        self.block || self.rbd.is_some()
+    }
 }
 
 /// Where an instant restore stands.

@@ -13,12 +13,15 @@ use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
 use nasbak::nasbak_agent::QuiescePolicy;
-use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor, LibvirtHypervisor};
 use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation, QemuImg};
 use nasbak::nasbak_repo::{
     BackupMethod, BackupMode, BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
 };
-use nasbak::{BackupError, BackupOutcome, BackupRequest, Engine, RestoreRequest, VolumeRestoreRequest};
+use nasbak::{
+    BackupError, BackupOutcome, BackupRequest, BootResult, BootVerifyRequest, Engine, InstantRestoreRequest,
+    RestoreRequest, VolumeRestoreRequest,
+};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI, ceph};
 
 type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
@@ -211,6 +214,99 @@ fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals
     let sixth = backup(&e, &dom, &repo, ModeRequest::Auto);
     assert_eq!(disk_of(&sixth, "vdb").mode, BackupMode::Incremental);
     assert!(same_as_rbd(&backup_file(&repo, &sixth, "vdb"), &pool_image));
+}
+
+/// Writes `pattern` over `len` bytes at `offset` of the running domain `vm`'s disk whose node
+/// reads `needle` (a path, an image name), through the guest's own device (HMP `qemu-io`).
+fn write_via_device(vm: &str, needle: &str, pattern: u8, offset: &str, len: &str) {
+    let info = nasbak_testlab::virsh(&["qemu-monitor-command", vm, "--hmp", "info block"]).unwrap();
+    let device = info
+        .lines()
+        .skip_while(|l| !l.contains(needle))
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .find_map(|l| l.trim().strip_prefix("Attached to:"))
+        .unwrap_or_else(|| panic!("no device for {needle} in {info}"))
+        .trim()
+        .to_owned();
+    let command = format!("qemu-io -d {device} \"write -P {pattern:#x} {offset} {len}\"");
+    let out = nasbak_testlab::virsh(&["qemu-monitor-command", vm, "--hmp", &command]).unwrap();
+    assert!(out.trim().is_empty(), "{command}: {out}");
+}
+
+#[test]
+fn an_rbd_vm_is_boot_verified_without_the_cluster_and_restored_instantly_onto_a_new_image() {
+    let dom = DomainSpec::new("rbdinstant").disk(DiskSpec::qcow2(32)).disk(DiskSpec::rbd(64)).agent(true).create();
+    let seed = &dom.disks()[1].path;
+    nasbak_testlab::fill_pseudo_random(seed, 64);
+    let image = rbd_image(&dom);
+    let pool_image = format!("vms/{image}");
+    ceph::import(seed, &image);
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    let saved = backup(&e, &dom, &repo, ModeRequest::Full);
+    let id = saved.manifest.id.clone();
+    // The image gone (its snapshot too): boot verification runs on overlays over the backup
+    // and never needs the cluster.
+    ceph::rbd(&["snap", "purge", "--no-progress", &pool_image]).unwrap();
+    ceph::remove(&image);
+    assert!(!ceph::exists(&pool_image));
+    let work = dom.dir().join("verify");
+    let v = e
+        .verify_boot(
+            &BootVerifyRequest::new(repo.clone(), dom.name(), &id)
+                .with_work_dir(&work)
+                .with_timeout(Duration::from_secs(180)),
+            &CancelHandle::new(),
+        )
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(v.result, BootResult::Passed, "{v:?}");
+    assert!(!ceph::exists(&pool_image), "boot verification created nothing on the cluster");
+    // Instant restore: the VM runs on overlays at once; the finish makes the image anew from the
+    // backup and mirrors what the guest wrote meanwhile onto it.
+    let work = dom.dir().join("instant");
+    let request = InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), &id)).with_work_dir(&work);
+    let state =
+        e.instant_restore(&request, &CancelHandle::new()).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(dom.is_running());
+    let vdb = state.disks.iter().find(|d| d.target == "vdb").unwrap();
+    assert_eq!(vdb.rbd.as_deref(), Some(pool_image.as_str()), "{vdb:?}");
+    write_via_device(dom.name(), "vdb.overlay", 0x5c, "4M", "1M");
+    let done = e
+        .instant_finish(&work, dom.name(), Duration::from_secs(300), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(done.restored.len(), 2);
+    let live = e.hypervisor().domain_xml(dom.name()).unwrap();
+    assert!(live.contains(&pool_image) && !live.contains(&*work.to_string_lossy()), "{live}");
+    assert!(live.contains(ceph::SECRET_USAGE), "reached with its <auth>: {live}");
+    // Written after the pivot, the guest's writes go to the image itself.
+    write_via_device(dom.name(), &image, 0x5d, "8M", "1M");
+    dom.destroy();
+    // The image holds the backup, the write made before the pivot, and the one after.
+    let want = dom.dir().join("want.raw");
+    let made = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(backup_file(&repo, &saved, "vdb"))
+        .arg(&want)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (pattern, offset) in [(0x5c, "4M"), (0x5d, "8M")] {
+        let w = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P {pattern:#x} {offset} 1M")])
+            .arg(&want)
+            .output()
+            .unwrap();
+        assert!(w.status.success());
+    }
+    let same = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&want)
+        .arg(ceph::admin_filename(&pool_image))
+        .status()
+        .unwrap();
+    assert!(same.success(), "the image is not the backup with the guest's writes");
+    assert!(!work.join(dom.name()).exists(), "nothing left of the instant restore");
 }
 
 #[test]

@@ -91,7 +91,7 @@ where
             let copier = s.spawn(move || -> Result<Vec<(usize, Staged)>, BackupError> {
                 let Ok(plan) = plan_rx.recv() else { return Ok(Vec::new()) };
                 let mut staged = Vec::new();
-                for (i, d) in plan.disks.iter().enumerate().filter(|(_, d)| d.copy_at_finish && !d.block) {
+                for (i, d) in plan.disks.iter().enumerate().filter(|(_, d)| d.copy_at_finish && !d.in_place()) {
                     let mut tell = |p: &Progress| {
                         if cancel.is_cancelled() {
                             stop_copies.cancel();
@@ -229,9 +229,13 @@ where
     ) -> Result<Vec<InstantDisk>, BackupError> {
         let mut plan = Vec::new();
         for (b, d) in pairs {
-            let (volume, block) = match &d.source {
-                Some(DiskSource::File(p)) => (p.clone(), false),
-                Some(DiskSource::Block(p)) => (p.clone(), true),
+            let (volume, block, rbd) = match &d.source {
+                Some(DiskSource::File(p)) => (p.clone(), false, None),
+                Some(DiskSource::Block(p)) => (p.clone(), true, None),
+                // An RBD image: written in place, reached as the domain reaches it.
+                Some(DiskSource::Network { protocol, name: Some(name), .. }) if protocol == "rbd" => {
+                    (PathBuf::from(format!("rbd:{name}")), false, Some(name.clone()))
+                }
                 other => {
                     return Err(BackupError::Unsupported {
                         what: format!(
@@ -265,6 +269,7 @@ where
                 export: nbd_socket(&self.runtime_dir)?,
                 volume,
                 block,
+                rbd,
                 format,
                 files,
                 copy_at_finish: false,
@@ -296,19 +301,56 @@ where
             if disk.copy_at_finish {
                 continue;
             }
-            if !disk.block
+            if !disk.in_place()
                 && let Err(e) = self.empty_volume(disk, *size)
             {
                 mark.done(); // the volume was not replaced
                 return Err(at(step())(e));
             }
-            let volume =
-                if disk.block { DiskSource::Block(disk.volume.clone()) } else { DiskSource::File(disk.volume.clone()) };
+            if disk.rbd.is_some() {
+                self.rbd_volume(&state.vm, disk, *size).map_err(at(step()))?;
+            }
+            let volume = self.volume_source(&state.vm, disk)?;
             let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format)?;
             let flags = BlockCopyFlags { reuse_external: true, shallow: false, bandwidth };
             self.hypervisor.block_copy(&state.vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
         }
         Ok(())
+    }
+
+    /// Where the block copy of `disk` goes: its file or block device, or its RBD image as the
+    /// domain `vm`'s definition reaches it (monitors, `<auth>`).
+    fn volume_source(&self, vm: &str, disk: &InstantDisk) -> Result<DiskSource, BackupError> {
+        if disk.rbd.is_none() {
+            return Ok(if disk.block {
+                DiskSource::Block(disk.volume.clone())
+            } else {
+                DiskSource::File(disk.volume.clone())
+            });
+        }
+        self.defined_disk(vm, &disk.target)?.source.ok_or_else(|| BackupError::Unsupported {
+            what: format!("an instant restore of disk {} whose defined source is gone", disk.target),
+        })
+    }
+
+    /// Disk `target` of the domain `vm` as it is defined (not as it runs on its overlays).
+    fn defined_disk(&self, vm: &str, target: &str) -> Result<nasbak_libvirt::Disk, BackupError> {
+        let xml = self.hypervisor.inactive_xml(vm)?;
+        nasbak_libvirt::Domain::parse(&xml)?.disks.into_iter().find(|d| d.target == target).ok_or_else(|| {
+            BackupError::Unsupported { what: format!("an instant restore of disk {target}, which {vm} no longer has") }
+        })
+    }
+
+    /// The RBD image of `disk` (of the domain `vm`), with the key the domain's secret holds;
+    /// created (raw, `size` bytes) when it is gone, so that the restore brings it back.
+    fn rbd_volume(&self, vm: &str, disk: &InstantDisk, size: u64) -> Result<ImageLocation, BackupError> {
+        let location = crate::disks::keyed_source(&self.hypervisor, &self.defined_disk(vm, &disk.target)?)?;
+        if let ImageLocation::Rbd(spec) = &location
+            && self.images.rbd_image(spec).is_err()
+        {
+            self.images.create(&location, &ImageFormat::Raw, size)?;
+        }
+        Ok(location)
     }
 
     /// Replaces a file volume by an empty image of its format and size, with its owner and mode
@@ -489,7 +531,7 @@ where
                 state.disks[i].copied = true;
                 write_state(state)?;
             }
-            let volume = if d.block { DiskSource::Block(d.volume.clone()) } else { DiskSource::File(d.volume.clone()) };
+            let volume = self.volume_source(&vm, &d)?;
             let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &d.format)?;
             let flags = BlockCopyFlags { reuse_external: true, shallow: true, bandwidth: None };
             self.hypervisor.block_copy(&vm, &d.target, &dest, flags).map_err(|e| {
@@ -513,10 +555,14 @@ where
         cancel: &CancelHandle,
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
-        if d.block {
+        if d.in_place() {
             let (dir, top) = &d.files[0];
             let source = crate::protect::disk_image(dir, top, &d.files[1..], None, backup)?;
-            let mut r = ConvertRequest::new(source, ImageLocation::Path(d.volume.clone()), ImageFormat::Raw);
+            let target = match &d.rbd {
+                Some(_) => self.rbd_volume(vm, d, top.virtual_size)?,
+                None => ImageLocation::Path(d.volume.clone()),
+            };
+            let mut r = ConvertRequest::new(source, target, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
             return convert_checked(&self.images, (r, &d.files), cancel, (vm, &d.target, top.virtual_size), observer);
@@ -590,7 +636,7 @@ where
         }
         remove_files(&state)?;
         // A volume the finish had not yet written is as it was: its mark goes.
-        let untouched = |d: &&InstantDisk| d.copy_at_finish && !d.copied && !d.block;
+        let untouched = |d: &&InstantDisk| d.copy_at_finish && !d.copied && !d.in_place();
         for d in state.disks.iter().filter(untouched) {
             let _ = fs::remove_file(state.marks.join(format!("{RESTORING_MARK}{}", d.target)));
         }
