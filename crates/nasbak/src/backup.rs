@@ -626,6 +626,7 @@ where
                 full_reason: planned.and_then(|p| p.full_reason.clone()),
                 stored_as: run.format,
                 rbd_snapshot: snapshots.record(&disk.target),
+                reference: false,
             });
         }
         Ok(disks)

@@ -79,6 +79,8 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         // its backing link is checked against its manifest.
         let mut files: Vec<(std::path::PathBuf, String, String, Option<nasbak_repo::Checksum>, Opened)> = Vec::new();
         let mut links = Vec::new();
+        // Files whose chain cannot be followed, and why (a reference-system file).
+        let mut problems: Vec<(String, String)> = Vec::new();
         match entry.kind {
             BackupKind::Nasbak(m) => {
                 let vm_dir = dir.parent().unwrap_or(&dir).to_owned();
@@ -121,7 +123,35 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
                 }
             }
             BackupKind::Reference { files: names } => {
-                files.extend(names.into_iter().map(|f| (dir.clone(), f.clone(), f, None, Opened::ByPath)));
+                // Each file alone (its header's backing name is not opened: it may point at the
+                // reference script's old mount point), then the files of its chain, resolved in
+                // the repository; a name that leads elsewhere is the file's damage.
+                let vm_dir = dir.parent().unwrap_or(&dir).to_owned();
+                let alone = |d: &Path, f: &str| {
+                    Opened::As(ImageLocation::Stored(nasbak_qemu_img::StoredImage::single(
+                        d.join(f),
+                        nasbak_qemu_img::StoredLayout::Qcow2,
+                        None,
+                    )))
+                };
+                for f in names {
+                    files.push((dir.clone(), f.clone(), f.clone(), None, alone(&dir, &f)));
+                    let chain = nasbak_repo::store::reference_disk(&vm_dir, vm, id, &f, "")
+                        .and_then(|d| ancestors(&vm_dir, vm, id, &d));
+                    match chain {
+                        Ok(chain) => {
+                            for (parent_dir, parent) in chain {
+                                let backup_name = parent_dir.file_name().unwrap_or_default().to_string_lossy();
+                                let shown = format!("../{backup_name}/{}", parent.file);
+                                if !files.iter().any(|x| x.2 == shown) {
+                                    let how = alone(&parent_dir, &parent.file);
+                                    files.push((parent_dir.clone(), parent.file.clone(), shown, None, how));
+                                }
+                            }
+                        }
+                        Err(e) => problems.push((f.clone(), crate::error::chain(&BackupError::from(e)))),
+                    }
+                }
             }
             BackupKind::Damaged { reason } => {
                 return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
@@ -140,6 +170,14 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             };
             let mut verdict = self.verify_file(&file_dir, (file.clone(), sum, opened), &mut report);
             verdict.file = shown;
+            if let Some((_, problem)) = problems.iter().find(|(f, _)| *f == verdict.file) {
+                verdict = FileVerdict::new(
+                    verdict.file,
+                    verdict.check,
+                    verdict.checksum_ok,
+                    Some((FileStatus::Corrupt, problem.clone())),
+                );
+            }
             if let Some((_, backing)) = links.iter().find(|(f, _)| *f == file && file_dir == dir)
                 && verdict.ok()
                 && let Some(problem) = link_problem(self.images(), &dir.join(&file), &dir.join(backing))
@@ -242,7 +280,15 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         // Never a backup a remaining one builds on: that one could no longer be restored.
         let dependents: Vec<String> = list_backups(repository.name().as_str(), mounted.root(), Some(vm))?
             .into_iter()
-            .filter(|e| matches!(&e.kind, BackupKind::Nasbak(m) if m.parent.as_deref() == Some(id)))
+            .filter(|e| match &e.kind {
+                BackupKind::Nasbak(m) => m.parent.as_deref() == Some(id),
+                // A reference-system incremental whose file's header leads to this backup.
+                BackupKind::Reference { files } => files.iter().any(|f| {
+                    nasbak_repo::store::reference_disk(&vm_dir, vm, &e.id, f, "")
+                        .is_ok_and(|d| d.backing.is_some_and(|b| b.starts_with(&format!("../{id}/"))))
+                }),
+                BackupKind::Damaged { .. } => false,
+            })
             .map(|e| e.id)
             .collect();
         if !dependents.is_empty() {

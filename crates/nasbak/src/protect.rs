@@ -172,7 +172,8 @@ pub(crate) fn target_protection(format: FileFormat, key: Option<&Key>) -> Option
 /// The image a backup disk reads as: the file at `dir/<file>` with the files it builds on
 /// (`chain`, nearest first, as `nasbak_repo::store::ancestors` gives them). A chain of plain or
 /// compressed files is opened by its top file's path (qemu-img follows the relative backing
-/// names); an encrypted chain is given file by file with the key, which must be there.
+/// names); an encrypted chain, and a reference-system chain, are given file by file (the
+/// encrypted one with the key, which must be there).
 pub(crate) fn disk_image(
     dir: &Path,
     disk: &ManifestDisk,
@@ -182,6 +183,13 @@ pub(crate) fn disk_image(
 ) -> Result<ImageLocation, BackupError> {
     let top = dir.join(&disk.file);
     let encrypted = disk.stored_as.is_encrypted() || chain.iter().any(|(_, d)| d.stored_as.is_encrypted());
+    // A reference-system chain's headers may name their parents by the reference script's
+    // long-gone mount point: its files are given one by one, as resolved in the repository.
+    if std::iter::once(disk).chain(chain.iter().map(|(_, d)| d)).any(|d| d.reference) && !encrypted {
+        let mut files = vec![StoredFile { path: top, layout: StoredLayout::Qcow2 }];
+        files.extend(chain.iter().map(|(d, m)| StoredFile { path: d.join(&m.file), layout: StoredLayout::Qcow2 }));
+        return Ok(ImageLocation::Stored(StoredImage { chain: files, key: None }));
+    }
     if !encrypted {
         return Ok(ImageLocation::Path(top));
     }

@@ -8,16 +8,16 @@ use std::path::Path;
 
 use nasbak_libvirt::Domain;
 use nasbak_qemu_img::{ImageLocation, ImageTool};
+use nasbak_repo::ManifestDisk;
 use nasbak_repo::model::layout::{DOMAIN_CONFIG_FILE, parse_disk_file_name};
 use nasbak_repo::store::{BackupKind, read_backup};
-use nasbak_repo::{BackupMode, ManifestDisk};
 
 use crate::disks::volume_of;
 use crate::error::BackupError;
 
 /// The disks of a backup: from its manifest, or for a reference-system backup from its file
-/// names, each volume's target taken from the saved `domain-config.xml` (else from `current`,
-/// the VM as it is now).
+/// names and headers (see `nasbak_repo::store::reference_disk`), each volume's target taken
+/// from the saved `domain-config.xml` (else from `current`, the VM as it is now).
 pub(crate) fn backup_disks(
     dir: &Path,
     vm: &str,
@@ -46,22 +46,9 @@ pub(crate) fn backup_disks(
                 )],
             }
         })?;
-        disks.push(ManifestDisk {
-            target,
-            volume: volume.to_string(),
-            source: String::new(),
-            source_format: None,
-            file: file.clone(),
-            format: "qcow2".into(),
-            virtual_size: 0,
-            size: 0,
-            checksum: None,
-            mode: BackupMode::Full,
-            backing: None,
-            full_reason: None,
-            stored_as: nasbak_repo::FileFormat::Plain,
-            rbd_snapshot: None,
-        });
+        // Its size and chain from the file's header (a 4.23 incremental names its parent's file).
+        let vm_dir = dir.parent().unwrap_or(dir);
+        disks.push(nasbak_repo::store::reference_disk(vm_dir, vm, id, &file, &target)?);
     }
     Ok(disks)
 }

@@ -36,6 +36,7 @@ pub(crate) fn manifest(id: &str, disks: &[(&str, &str)]) -> Manifest {
                 full_reason: None,
                 stored_as: nasbak_repo::FileFormat::Plain,
                 rbd_snapshot: None,
+                reference: false,
             })
             .collect(),
         mode: BackupMode::Full,

@@ -566,3 +566,187 @@ fn a_restore_from_deep_in_a_chain_reads_each_file_once_and_leaves_nothing_behind
     assert!(same(volume, &point));
     assert!(staged_beside(volume).is_empty(), "{:?}", staged_beside(volume));
 }
+
+/// How the reference system's script (4.23) names a volume's file: `<role>.<volume>.qcow2`,
+/// the volume being the last part of its path (a CloudStack volume path is a UUID without an
+/// extension; the lab's disk files have one, left out here).
+fn reference_file(dom: &LabDomain, index: usize) -> String {
+    let stem = dom.disks()[index].path.file_stem().unwrap().to_string_lossy().into_owned();
+    format!("{}.{stem}.qcow2", if index == 0 { "root" } else { "datadisk" })
+}
+
+/// A backup of the running `dom` into `<root>/<vm>/<ts>/` as the reference script writes it:
+/// a push job (full, or incremental since the checkpoint `parent`) creating the checkpoint
+/// `checkpoint`, polled with `domjobinfo --completed --keep-completed`, then `domain-config.xml`;
+/// an incremental's files re-pointed at their parents with `qemu-img rebase -u`, by a path
+/// relative to the backup's directory, or (`absolute`) by the path they had under a temporary
+/// mount point of the script's (`/tmp/csbackup.XXXXX`), which does not exist here.
+fn reference_backup(
+    dom: &LabDomain,
+    root: &Path,
+    ts: &str,
+    (checkpoint, parent): (&str, Option<(&str, &str)>),
+    absolute: bool,
+) {
+    let dest = root.join(dom.name()).join(ts);
+    fs::create_dir_all(&dest).unwrap();
+    let mut backup = String::from("<domainbackup mode='push'>");
+    if let Some((bitmap, _)) = parent {
+        backup.push_str(&format!("<incremental>{bitmap}</incremental>"));
+    }
+    backup.push_str("<disks>");
+    let mut cp = format!("<domaincheckpoint><name>{checkpoint}</name><disks>");
+    let targets = ["vda", "vdb"];
+    for (i, target) in targets.iter().enumerate() {
+        let mode = if parent.is_some() { "" } else { " backupmode='full'" };
+        let file = dest.join(reference_file(dom, i));
+        backup.push_str(&format!(
+            "<disk name='{target}' backup='yes' type='file'{mode}><driver type='qcow2'/><target file='{}'/></disk>",
+            file.display()
+        ));
+        cp.push_str(&format!("<disk name='{target}'/>"));
+    }
+    backup.push_str("</disks></domainbackup>");
+    cp.push_str("</disks></domaincheckpoint>");
+    fs::write(dest.join("backup.xml"), backup).unwrap();
+    fs::write(dest.join("checkpoint.xml"), cp).unwrap();
+    let (b, c) = (dest.join("backup.xml"), dest.join("checkpoint.xml"));
+    nasbak_testlab::virsh(&[
+        "backup-begin",
+        "--domain",
+        dom.name(),
+        "--backupxml",
+        b.to_str().unwrap(),
+        "--checkpointxml",
+        c.to_str().unwrap(),
+    ])
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !nasbak_testlab::virsh(&["domjobinfo", dom.name(), "--completed", "--keep-completed"])
+        .unwrap_or_default()
+        .contains("Completed")
+    {
+        assert!(std::time::Instant::now() < deadline, "the reference job did not complete");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let xml = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
+    fs::write(dest.join("domain-config.xml"), xml).unwrap();
+    if let Some((_, parent_ts)) = parent {
+        for i in 0..targets.len() {
+            let name = reference_file(dom, i);
+            let backing = if absolute {
+                format!("/tmp/csbackup.Q7x2p/{}/{parent_ts}/{name}", dom.name())
+            } else {
+                format!("../{parent_ts}/{name}")
+            };
+            ExternalCommand::new("qemu-img")
+                .args(["rebase", "-u", "-F", "qcow2", "-b", &backing])
+                .arg(dest.join(&name))
+                .run()
+                .unwrap();
+        }
+    }
+    let _ = fs::remove_file(dest.join("backup.xml"));
+    let _ = fs::remove_file(dest.join("checkpoint.xml"));
+}
+
+/// Every file under `dir`, with its bytes' digest.
+fn digests(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut all = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            all.extend(digests(&e.path()));
+        } else {
+            all.push((e.path(), nasbak::sha256_file(&e.path()).unwrap()));
+        }
+    }
+    all.sort();
+    all
+}
+
+#[test]
+fn the_reference_systems_incremental_chains_are_listed_verified_and_restored_never_written() {
+    let dom = DomainSpec::new("incref").disk(DiskSpec::qcow2(32)).disk(DiskSpec::qcow2(16)).running(true).create();
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = nasbak::nasbak_repo::RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("ref", kind, root.to_str().unwrap(), "", None).unwrap();
+    let e = engine(&dom.dir().join("runtime"));
+    // A full, an incremental re-pointed relatively, one re-pointed by the script's mount point.
+    let ts = ["2026.03.01.00.00.00", "2026.03.02.00.00.00", "2026.03.03.00.00.00"];
+    dom.write_through_qemu(0, 0x31, "0", "1M");
+    reference_backup(&dom, &root, ts[0], ("backup-1", None), false);
+    let points = [dom.raw_copy(0, "ref0"), PathBuf::new(), PathBuf::new()];
+    dom.write_through_qemu(0, 0x32, "2M", "1M");
+    dom.write_through_qemu(1, 0x42, "1M", "1M");
+    reference_backup(&dom, &root, ts[1], ("backup-2", Some(("backup-1", ts[0]))), false);
+    let points = [points[0].clone(), dom.raw_copy(0, "ref1"), PathBuf::new()];
+    let data1 = dom.raw_copy(1, "ref1-data");
+    dom.write_through_qemu(0, 0x33, "4M", "1M");
+    reference_backup(&dom, &root, ts[2], ("backup-3", Some(("backup-2", ts[1]))), true);
+    let points = [points[0].clone(), points[1].clone(), dom.raw_copy(0, "ref2")];
+    let before = digests(&root.join(dom.name()));
+
+    // Listed as the reference system's; verified with their chains (the mount-point name is
+    // resolved in the repository, never opened).
+    let list = e.catalog().list(&repo, Some(dom.name())).unwrap();
+    assert_eq!(list.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ts);
+    assert!(list.iter().all(|b| matches!(b.kind, nasbak::BackupKind::Reference { .. })));
+    for id in ts {
+        let report = e.catalog().verify(&repo, dom.name(), id, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(report.ok(), "{id}: {report:?}");
+    }
+    let last = e.catalog().verify(&repo, dom.name(), ts[2], &CancelHandle::new(), &mut |_| {}).unwrap();
+    let shown: Vec<&str> = last.files.iter().map(|f| f.file.as_str()).collect();
+    assert!(shown.contains(&&*format!("../{}/{}", ts[0], reference_file(&dom, 0))), "{shown:?}");
+    // Every point restores exactly, the data disk too.
+    for (id, want) in ts.iter().zip(&points) {
+        assert!(same(&restored(&e, &repo, &dom, id, "vda"), want), "vda of {id}");
+    }
+    assert!(same(&restored(&e, &repo, &dom, ts[1], "vdb"), &data1), "vdb of {}", ts[1]);
+    // A whole-VM restore from the end of the chain.
+    dom.destroy();
+    dom.write_offline(0, 0x99, "0", "8M");
+    e.restore(&RestoreRequest::new(repo.clone(), dom.name(), ts[2]), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(same(&dom.disks()[0].path, &points[2]), "the whole-VM restore");
+    // The chain's base cannot be deleted while an incremental builds on it.
+    let err = e.catalog().delete(&repo, dom.name(), ts[1]).unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::HasDependents), "{}", nasbak::chain(&err));
+    // nasbak's first backup of the VM is a full, saying why, and nothing of theirs changed.
+    dom.start();
+    let ours = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(ours.manifest.mode, BackupMode::Full);
+    let reason = ours.manifest.full_reason.clone().unwrap_or_default();
+    assert!(reason.contains("reference system"), "{reason}");
+    let after: Vec<(PathBuf, String)> =
+        digests(&root.join(dom.name())).into_iter().filter(|(p, _)| before.iter().any(|(b, _)| b == p)).collect();
+    assert_eq!(after, before, "a reference backup was written");
+    // A reference file whose backing name leads out of the VM's backups: said, never followed.
+    let stray = root.join(dom.name()).join("2026.03.04.00.00.00");
+    fs::create_dir_all(&stray).unwrap();
+    let file = stray.join(reference_file(&dom, 0));
+    ExternalCommand::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+        .arg(&dom.disks()[0].path)
+        .arg(&file)
+        .arg("32M")
+        .run()
+        .unwrap();
+    let report =
+        e.catalog().verify(&repo, dom.name(), "2026.03.04.00.00.00", &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(!report.ok(), "{report:?}");
+    let said = format!("{report:?}");
+    assert!(said.contains("backing file") && said.contains(&*dom.disks()[0].path.to_string_lossy()), "{said}");
+    let to = dom.dir().join("stray.qcow2");
+    let request = VolumeRestoreRequest::new(
+        repo.clone(),
+        dom.name(),
+        "2026.03.04.00.00.00",
+        "vda",
+        ImageLocation::Path(to.clone()),
+    );
+    let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(nasbak::chain(&err).contains("backing file"), "{}", nasbak::chain(&err));
+    assert!(!to.exists());
+}

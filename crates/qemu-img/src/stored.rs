@@ -93,9 +93,10 @@ impl StoredImage {
             };
             if with_backing && !rest.is_empty() {
                 n["backing"] = node(rest, true);
-            } else if with_backing && first.layout == StoredLayout::Qcow2Luks {
-                // The chain ends here: the header's backing name is not followed (it could not
-                // be opened without the key anyway).
+            } else if with_backing {
+                // The chain ends here: the header's backing name is not followed (an encrypted
+                // one could not be opened without the key anyway; a reference-system file's may
+                // name a path outside the repository).
                 n["backing"] = Value::Null;
             }
             n
@@ -179,7 +180,8 @@ mod tests {
         assert_eq!(j["file"]["file"]["filename"], "/r/vm/2/root.a.qcow2");
         assert_eq!(j["backing"]["encrypt"]["key-secret"], KEY_SECRET_ID);
         assert_eq!(j["backing"]["backing"]["file"]["filename"], "/r/vm/0/root.a.qcow2");
-        assert!(j["backing"]["backing"].get("backing").is_none(), "the full's header has no backing");
+        // The chain ends where it is given: no header's backing name is followed.
+        assert!(j["backing"]["backing"]["backing"].is_null() && j["backing"]["backing"].get("backing").is_some());
         assert!(chain.json(false).get("backing").is_none());
         assert!(chain.filename(true).starts_with("json:{"));
         assert!(chain.needs_key());

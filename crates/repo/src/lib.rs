@@ -43,6 +43,7 @@ pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
 pub use model::protection::{Compression, Encryption, FileFormat, KeySource, Protection};
+pub use model::qcow2::{Qcow2Header, parse_qcow2_header, resolve_backing};
 pub use model::reference::BackupRef;
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind, RepositorySummary};
 pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};

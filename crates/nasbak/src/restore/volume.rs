@@ -48,7 +48,11 @@ where
         let mounted = self.mounts.acquire(repository)?;
         let layout = mounted.layout();
         let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
-        let disks = backup_disks(&dir, &request.vm, &request.id, None)?;
+        // A reference-system backup of a shut-off VM saved no definition: its volumes are found
+        // among the VM's disks as it is defined now, if it is.
+        let current =
+            self.hypervisor.inactive_xml(&request.vm).ok().and_then(|x| nasbak_libvirt::Domain::parse(&x).ok());
+        let disks = backup_disks(&dir, &request.vm, &request.id, current.as_ref())?;
         let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
             what: format!(
                 "disk {} in backup {}/{} (it has {})",

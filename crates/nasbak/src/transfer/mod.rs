@@ -123,7 +123,17 @@ fn with_progress(
 /// `qemu-img check` of one backup file.
 pub(crate) fn check_image<I: ImageTool>(images: &I, dir: &Path, disk: &ManifestDisk) -> Result<(), BackupError> {
     let path = dir.join(&disk.file);
-    let report = images.check(&ImageLocation::Path(path.clone()), &ImageFormat::Qcow2)?;
+    // A reference-system file alone: its header may name its parent by a path outside the
+    // repository, which qemu-img must not open.
+    let image = match disk.reference {
+        true => ImageLocation::Stored(nasbak_qemu_img::StoredImage::single(
+            path.clone(),
+            nasbak_qemu_img::StoredLayout::Qcow2,
+            None,
+        )),
+        false => ImageLocation::Path(path.clone()),
+    };
+    let report = images.check(&image, &ImageFormat::Qcow2)?;
     if !matches!(report.verdict, CheckVerdict::Clean | CheckVerdict::Leaks) {
         return Err(BackupError::Damaged { path, detail: format!("qemu-img check: {report:?}") });
     }
@@ -284,7 +294,11 @@ fn copy_file_checked(
 /// Whether `disk` and every file below it (`chain`) are stored as plain qcow2 files, as
 /// [`restore_chain`] needs them.
 pub(crate) fn is_plain_chain(disk: &ManifestDisk, chain: &[Checked]) -> bool {
-    std::iter::once(disk).chain(chain.iter().map(|(_, m)| m)).all(|m| m.stored_as == nasbak_repo::FileFormat::Plain)
+    // A reference-system file's header may name its parent by a path that is not in the
+    // repository: those chains are converted, given file by file.
+    std::iter::once(disk)
+        .chain(chain.iter().map(|(_, m)| m))
+        .all(|m| m.stored_as == nasbak_repo::FileFormat::Plain && !(m.reference && m.backing.is_some()))
 }
 
 /// The directory beside the staged file `tmp` where [`restore_chain`] lays out its copies.

@@ -111,6 +111,11 @@ pub struct ManifestDisk {
     /// image for the next incremental (whose file then holds what changed since it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbd_snapshot: Option<RbdSnapshotRecord>,
+    /// Read from a reference-system backup, which has no manifest (never in a manifest): its
+    /// entry was made from its file (the header's size and backing name, resolved inside the
+    /// repository), so its chain is opened file by file, never by the names in the headers.
+    #[serde(skip)]
+    pub reference: bool,
 }
 
 /// The RBD snapshot a backup of a disk was read from: what the next incremental proves it
@@ -341,6 +346,7 @@ mod tests {
                 full_reason: None,
                 stored_as: FileFormat::Plain,
                 rbd_snapshot: None,
+                reference: false,
             }],
             mode: BackupMode::Full,
             parent: None,

@@ -14,6 +14,7 @@ pub mod mountinfo;
 pub mod name;
 pub mod options;
 pub mod protection;
+pub mod qcow2;
 pub mod reference;
 pub mod repository;
 pub mod retention;

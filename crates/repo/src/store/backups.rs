@@ -220,9 +220,13 @@ pub fn ancestors(
             Some(BackupKind::Damaged { reason }) => {
                 return Err(broken(format!("its chain is broken: backup {parent} is damaged ({reason})")));
             }
-            Some(BackupKind::Reference { .. }) | None => {
-                return Err(broken(format!("its chain is broken: backup {parent} is missing")));
+            Some(BackupKind::Reference { files }) if files.iter().any(|f| f == file) => {
+                reference_disk(vm_dir, vm, parent, file, &current.target)?
             }
+            Some(BackupKind::Reference { .. }) => {
+                return Err(broken(format!("its chain is broken: backup {parent} has no file {file}")));
+            }
+            None => return Err(broken(format!("its chain is broken: backup {parent} is missing"))),
         };
         chain.push((dir, next.clone()));
         if chain.len() > 10_000 {
@@ -231,6 +235,56 @@ pub fn ancestors(
         (current_id, current) = (parent.to_owned(), next);
     }
     Ok(chain)
+}
+
+/// How much of a qcow2 file's start is read for its header and backing name.
+const HEADER_READ: usize = 64 << 10;
+
+/// The entry of file `file` of the reference-system backup `id` of VM `vm` (in `vm_dir`), as
+/// disk `target`: its size and virtual size, and, when its header names a backing file (an
+/// incremental of the reference's 4.23 script), that file resolved inside the VM's directory
+/// ([`crate::resolve_backing`]) as `../<backup>/<file>`. A header that cannot be read, or a
+/// backing name that leads anywhere else, is [`StoreError::Damaged`].
+pub fn reference_disk(vm_dir: &Path, vm: &str, id: &str, file: &str, target: &str) -> Result<ManifestDisk, StoreError> {
+    let damaged =
+        |reason: String| StoreError::Damaged { backup: format!("{vm}/{id}"), reason: format!("{file}: {reason}") };
+    let (_, volume) = parse_disk_file_name(file).ok_or_else(|| damaged("not a backup file name".into()))?;
+    let path = vm_dir.join(id).join(file);
+    let mut head = Vec::with_capacity(HEADER_READ);
+    let size = fs::File::open(&path)
+        .and_then(|f| {
+            let size = f.metadata()?.len();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, HEADER_READ as u64), &mut head)?;
+            Ok(size)
+        })
+        .map_err(|e| damaged(format!("cannot be read: {e}")))?;
+    let header = crate::parse_qcow2_header(&head).map_err(damaged)?;
+    let backing = match &header.backing {
+        None => None,
+        Some(name) => {
+            let vm_name = VmName::new(vm).map_err(|e| damaged(e.to_string()))?;
+            let this: BackupId = id.parse().map_err(|_| damaged(format!("{id} is not a backup id")))?;
+            let (parent, parent_file) = crate::resolve_backing(&vm_name, &this, name).map_err(damaged)?;
+            Some(crate::backing_path(&parent, &parent_file))
+        }
+    };
+    Ok(ManifestDisk {
+        target: target.to_owned(),
+        volume: volume.to_string(),
+        source: String::new(),
+        source_format: None,
+        file: file.to_owned(),
+        format: "qcow2".into(),
+        virtual_size: header.virtual_size,
+        size,
+        checksum: None,
+        mode: if backing.is_some() { BackupMode::Incremental } else { BackupMode::Full },
+        backing,
+        full_reason: None,
+        stored_as: crate::FileFormat::Plain,
+        rbd_snapshot: None,
+        reference: true,
+    })
 }
 
 /// Removes `<id>.partial` directories that interrupted runs left in `vm_dir` (a backup being
@@ -286,6 +340,7 @@ mod tests {
                 full_reason: None,
                 stored_as: crate::FileFormat::Plain,
                 rbd_snapshot: None,
+                reference: false,
             }],
             mode,
             parent: parent.map(Into::into),

@@ -20,7 +20,8 @@ mod marks;
 mod records;
 
 pub use backups::{
-    BackupEntry, BackupKind, ancestors, clean_partials, delete_dir, list_backups, read_backup, retire_and_delete,
+    BackupEntry, BackupKind, ancestors, clean_partials, delete_dir, list_backups, read_backup, reference_disk,
+    retire_and_delete,
 };
 pub use journal::{MERGING_SUFFIX, finish_merge, finish_merges};
 pub use keys::{KeyError, MIN_KEY_LEN, check_key_file, read_key_file};
