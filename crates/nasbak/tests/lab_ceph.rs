@@ -310,6 +310,73 @@ fn an_rbd_vm_is_boot_verified_without_the_cluster_and_restored_instantly_onto_a_
 }
 
 #[test]
+fn the_reference_systems_backups_of_an_rbd_vm_are_verified_and_restored_and_never_written() {
+    let dom = rbd_vm("rbdref");
+    let image = rbd_image(&dom);
+    let pool_image = format!("vms/{image}");
+    let (repo, runtime) = repo(&dom);
+    let e = engine(&runtime);
+    let root = repo.shared_path().unwrap().to_owned();
+    // As the script names them: the root disk by its file's name, the RBD disk by its image's.
+    let root_stem = dom.disks()[0].path.file_stem().unwrap().to_string_lossy().into_owned();
+    let files = [("vda", format!("root.{root_stem}.qcow2")), ("vdb", format!("datadisk.{image}.qcow2"))];
+    // Running: the push job (4.22 restores these onto RBD).
+    dom.start();
+    let running = root.join(dom.name()).join("2026.02.01.00.00.00");
+    nasbak_testlab::reference::push_backup(&dom, &running, &files, None, None);
+    dom.destroy();
+    let image_then = dom.dir().join("image-then.raw");
+    ceph::export(&pool_image, &image_then);
+    // Shut off: qemu-img convert from the rbd: filename, and no domain-config.xml.
+    write_rbd(&pool_image, 0x66, "16M", "1M");
+    let stopped = root.join(dom.name()).join("2026.02.02.00.00.00");
+    nasbak_testlab::reference::convert(&dom.disks()[0].path.to_string_lossy(), &stopped, &files[0].1);
+    nasbak_testlab::reference::convert(&ceph::admin_filename(&pool_image), &stopped, &files[1].1);
+    let image_later = dom.dir().join("image-later.raw");
+    ceph::export(&pool_image, &image_later);
+    let before = fs::read_dir(root.join(dom.name()))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten().map(|f| f.path()).collect::<Vec<_>>())
+        .map(|p| (p.clone(), nasbak::sha256_file(&p).unwrap()))
+        .collect::<Vec<_>>();
+    for id in ["2026.02.01.00.00.00", "2026.02.02.00.00.00"] {
+        let report = e.catalog().verify(&repo, dom.name(), id, &CancelHandle::new(), &mut |_| {}).unwrap();
+        assert!(report.ok(), "{id}: {report:?}");
+    }
+    // The running VM's backup restored whole onto the RBD image in place.
+    write_rbd(&pool_image, 0x77, "0", "64M");
+    e.restore(&RestoreRequest::new(repo.clone(), dom.name(), "2026.02.01.00.00.00"), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    let compare = |raw: &Path, other: &str| {
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+            .arg(raw)
+            .arg(other)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(compare(&image_then, &ceph::admin_filename(&pool_image)), "the image is not the backup's");
+    // The shut-off VM's backup (no saved definition: the volume found among the VM's disks)
+    // restored as a new RBD image.
+    let new_image = format!("{image}-ref");
+    let to = ImageLocation::Rbd(nasbak::nasbak_qemu_img::RbdSpec::new("vms", &new_image));
+    let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), "2026.02.02.00.00.00", "vdb", to);
+    let restored = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {});
+    let same = restored.is_ok() && compare(&image_later, &ceph::admin_filename(&format!("vms/{new_image}")));
+    ceph::remove(&new_image);
+    assert!(same, "{:?}", restored.map_err(|e| nasbak::chain(&e)));
+    // nasbak's first backup of the VM: a full, saying why; theirs as they were.
+    let ours = backup(&e, &dom, &repo, ModeRequest::Auto);
+    assert_eq!(ours.manifest.mode, BackupMode::Full);
+    assert!(ours.manifest.full_reason.clone().unwrap_or_default().contains("reference system"), "{:?}", ours.manifest);
+    for (path, digest) in &before {
+        assert_eq!(&nasbak::sha256_file(path).unwrap(), digest, "{} was written", path.display());
+    }
+}
+
+#[test]
 fn a_whole_vm_restore_writes_the_rbd_disk_in_place() {
     let dom = rbd_vm("rbdrestore");
     let image = rbd_image(&dom);

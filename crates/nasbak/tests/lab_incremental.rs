@@ -575,12 +575,10 @@ fn reference_file(dom: &LabDomain, index: usize) -> String {
     format!("{}.{stem}.qcow2", if index == 0 { "root" } else { "datadisk" })
 }
 
-/// A backup of the running `dom` into `<root>/<vm>/<ts>/` as the reference script writes it:
-/// a push job (full, or incremental since the checkpoint `parent`) creating the checkpoint
-/// `checkpoint`, polled with `domjobinfo --completed --keep-completed`, then `domain-config.xml`;
-/// an incremental's files re-pointed at their parents with `qemu-img rebase -u`, by a path
-/// relative to the backup's directory, or (`absolute`) by the path they had under a temporary
-/// mount point of the script's (`/tmp/csbackup.XXXXX`), which does not exist here.
+/// A backup of the running `dom` into `<root>/<vm>/<ts>/` as the reference script writes it
+/// (see `nasbak_testlab::reference`), an incremental's files re-pointed at their parents by a
+/// path relative to the backup's directory, or (`absolute`) by the path they had under a
+/// temporary mount point of the script's (`/tmp/csbackup.XXXXX`), which does not exist here.
 fn reference_backup(
     dom: &LabDomain,
     root: &Path,
@@ -589,65 +587,18 @@ fn reference_backup(
     absolute: bool,
 ) {
     let dest = root.join(dom.name()).join(ts);
-    fs::create_dir_all(&dest).unwrap();
-    let mut backup = String::from("<domainbackup mode='push'>");
-    if let Some((bitmap, _)) = parent {
-        backup.push_str(&format!("<incremental>{bitmap}</incremental>"));
-    }
-    backup.push_str("<disks>");
-    let mut cp = format!("<domaincheckpoint><name>{checkpoint}</name><disks>");
-    let targets = ["vda", "vdb"];
-    for (i, target) in targets.iter().enumerate() {
-        let mode = if parent.is_some() { "" } else { " backupmode='full'" };
-        let file = dest.join(reference_file(dom, i));
-        backup.push_str(&format!(
-            "<disk name='{target}' backup='yes' type='file'{mode}><driver type='qcow2'/><target file='{}'/></disk>",
-            file.display()
-        ));
-        cp.push_str(&format!("<disk name='{target}'/>"));
-    }
-    backup.push_str("</disks></domainbackup>");
-    cp.push_str("</disks></domaincheckpoint>");
-    fs::write(dest.join("backup.xml"), backup).unwrap();
-    fs::write(dest.join("checkpoint.xml"), cp).unwrap();
-    let (b, c) = (dest.join("backup.xml"), dest.join("checkpoint.xml"));
-    nasbak_testlab::virsh(&[
-        "backup-begin",
-        "--domain",
-        dom.name(),
-        "--backupxml",
-        b.to_str().unwrap(),
-        "--checkpointxml",
-        c.to_str().unwrap(),
-    ])
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !nasbak_testlab::virsh(&["domjobinfo", dom.name(), "--completed", "--keep-completed"])
-        .unwrap_or_default()
-        .contains("Completed")
-    {
-        assert!(std::time::Instant::now() < deadline, "the reference job did not complete");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let xml = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
-    fs::write(dest.join("domain-config.xml"), xml).unwrap();
+    let disks = [("vda", reference_file(dom, 0)), ("vdb", reference_file(dom, 1))];
+    nasbak_testlab::reference::push_backup(dom, &dest, &disks, Some(checkpoint), parent.map(|p| p.0));
     if let Some((_, parent_ts)) = parent {
-        for i in 0..targets.len() {
-            let name = reference_file(dom, i);
+        for (_, name) in &disks {
             let backing = if absolute {
                 format!("/tmp/csbackup.Q7x2p/{}/{parent_ts}/{name}", dom.name())
             } else {
                 format!("../{parent_ts}/{name}")
             };
-            ExternalCommand::new("qemu-img")
-                .args(["rebase", "-u", "-F", "qcow2", "-b", &backing])
-                .arg(dest.join(&name))
-                .run()
-                .unwrap();
+            nasbak_testlab::reference::rebase(&dest.join(name), &backing);
         }
     }
-    let _ = fs::remove_file(dest.join("backup.xml"));
-    let _ = fs::remove_file(dest.join("checkpoint.xml"));
 }
 
 /// Every file under `dir`, with its bytes' digest.

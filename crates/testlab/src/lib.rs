@@ -21,6 +21,7 @@
 
 pub mod ceph;
 mod domain;
+pub mod reference;
 mod ssh;
 
 pub use domain::{

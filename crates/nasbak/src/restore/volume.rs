@@ -66,7 +66,12 @@ where
         // way the backed-up disk was reached (its saved definition): monitors, ceph.conf, client
         // id and key. It must not exist yet.
         let mut request = request.clone();
-        let template = rbd_template(&self.hypervisor, attach_to.as_ref().map(|(_, _, d)| d), &dir, &disk.target);
+        let template = rbd_template(
+            &self.hypervisor,
+            (attach_to.as_ref().map(|(_, _, d)| d), current.as_ref()),
+            &dir,
+            &disk.target,
+        );
         if let (ImageLocation::Rbd(spec), Some((_, ImageLocation::Rbd(from)))) = (&mut request.to, &template) {
             if spec.id.is_none() && spec.mon_hosts.is_empty() && spec.conf.is_none() {
                 spec.id.clone_from(&from.id);
@@ -312,20 +317,24 @@ where
 }
 
 /// How a new RBD volume reaches the cluster: the first RBD disk of the VM it is attached to,
-/// else the backed-up disk `target` in the backup's saved definition (in `dir`) when it was
-/// an RBD disk, else that definition's first RBD disk. Its source (monitors, authentication,
+/// else the backed-up disk `target` in the backup's saved definition (in `dir`; without one, in
+/// `current`, the backed-up VM's definition now) when it was an RBD disk, else that
+/// definition's first RBD disk. Its source (monitors, authentication,
 /// ceph.conf for the new `<disk>`) and its location with its key, for qemu-img to reach the
 /// new image the same way.
 fn rbd_template(
     hypervisor: &impl Hypervisor,
-    attach_to: Option<&Domain>,
+    (attach_to, current): (Option<&Domain>, Option<&Domain>),
     dir: &Path,
     target: &str,
 ) -> Option<(Option<DiskSource>, ImageLocation)> {
     let is_rbd = |d: &&nasbak_libvirt::Disk| matches!(&d.source, Some(DiskSource::Network { protocol, .. }) if protocol == "rbd");
+    // A reference-system backup of a shut-off VM saved no definition: the VM's own, if it is
+    // defined, says how its disk was reached.
     let saved = fs::read_to_string(dir.join(nasbak_repo::model::layout::DOMAIN_CONFIG_FILE))
         .ok()
-        .and_then(|xml| Domain::parse(&xml).ok());
+        .and_then(|xml| Domain::parse(&xml).ok())
+        .or_else(|| current.cloned());
     let disk = match (attach_to.and_then(|d| d.disks.iter().find(is_rbd)), &saved) {
         (Some(disk), _) => disk,
         (None, Some(saved)) => saved
