@@ -307,6 +307,30 @@ fn an_rbd_vm_is_boot_verified_without_the_cluster_and_restored_instantly_onto_a_
         .unwrap();
     assert!(same.success(), "the image is not the backup with the guest's writes");
     assert!(!work.join(dom.name()).exists(), "nothing left of the instant restore");
+    // Paths out, as for a block device: the VM stopped before the finish (its writes gone with
+    // it) gets nothing copied over its image and can only be cancelled; a cancel stops the VM,
+    // leaves the image as it was and marked (a finish writes it in place), and nothing behind.
+    let image_before = dom.dir().join("image-before.raw");
+    ceph::export(&pool_image, &image_before);
+    e.instant_restore(&request, &CancelHandle::new()).unwrap();
+    dom.destroy();
+    let err =
+        e.instant_finish(&work, dom.name(), Duration::from_secs(60), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(nasbak::chain(&err).contains("can only be cancelled"), "{}", nasbak::chain(&err));
+    e.instant_restore(&request, &CancelHandle::new()).unwrap_err();
+    let cancelled = e.instant_cancel(&work, dom.name()).unwrap();
+    assert!(
+        cancelled.partly_written.iter().any(|p| p.to_string_lossy() == format!("rbd:{pool_image}")),
+        "{cancelled:?}"
+    );
+    assert!(!dom.is_running() && !work.join(dom.name()).exists());
+    let unchanged = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&image_before)
+        .arg(ceph::admin_filename(&pool_image))
+        .status()
+        .unwrap();
+    assert!(unchanged.success(), "the image changed although nothing was finished");
 }
 
 #[test]
