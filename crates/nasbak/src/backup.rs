@@ -989,73 +989,6 @@ where
         Ok(())
     }
 
-    /// Copies a shut-off VM's disks: each planned incremental disk's clusters its bitmap for
-    /// `from` marks (qemu-storage-daemon), the others whole (`qemu-img convert`).
-    fn convert(
-        &self,
-        run: &Run<'_>,
-        (plan, from): (&mut crate::chain::ChainPlan, Option<&str>),
-        observer: &mut dyn Observer,
-    ) -> Result<(), BackupError> {
-        let (vm, files, sizes, partial, cancel) =
-            (run.request.vm.as_str(), run.files, run.sizes, run.partial, run.cancel);
-        // RBD disks read from snapshots are copied by `copy_rbd`.
-        for (disk, file) in files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
-            if cancel.is_cancelled() {
-                return Err(BackupError::Cancelled);
-            }
-            let source = keyed_source(&self.hypervisor, disk)?;
-            // An encrypted volume is read with its own passphrase (and written with the
-            // repository's key).
-            let volume_key = crate::protect::volume_key(&self.hypervisor, disk, &self.runtime_dir)?;
-            let source = match (&volume_key, source) {
-                (Some(k), ImageLocation::Path(p)) => {
-                    ImageLocation::Stored(StoredImage::single(p, StoredLayout::Qcow2Luks, Some(k.path().to_owned())))
-                }
-                (_, source) => source,
-            };
-            let size = sizes.get(&disk.target).copied().unwrap_or(0);
-            if volume_key.is_some() {
-                plan.disk_to_full(&disk.target, "an encrypted volume of a shut-off VM is copied whole".into());
-            }
-            let incremental = plan.disks.iter().any(|d| d.target == disk.target && d.mode == BackupMode::Incremental);
-            if let (true, Some(bitmap), ImageLocation::Path(path)) = (incremental, from, &source) {
-                let copy = nasbak_qemu_img::DirtyCopy {
-                    source: path.clone(),
-                    bitmap: bitmap.to_owned(),
-                    target: partial.join(file),
-                    cancel: cancel.clone(),
-                    protection: crate::protect::target_protection(run.format, run.key),
-                };
-                match crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer) {
-                    Ok(()) => continue,
-                    Err(e) if cancel.is_cancelled() => return Err(e),
-                    // Never an error where a full would do: this disk is copied whole instead.
-                    Err(e) => {
-                        let _ = fs::remove_file(partial.join(file));
-                        plan.disk_to_full(
-                            &disk.target,
-                            format!("its incremental copy failed: {}", crate::error::chain(&e)),
-                        );
-                    }
-                }
-            }
-            let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
-            r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
-            r.protection = crate::protect::target_protection(run.format, run.key);
-            convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;
-        }
-        Ok(())
-    }
-}
-
-impl<H, A, I, M> Engine<H, A, I, M>
-where
-    H: Hypervisor,
-    A: AgentSource,
-    I: ImageTool + Sync,
-    M: Mounter,
-{
     /// Copies the RBD disks read from this backup's snapshots (see `crate::rbd`): a full disk
     /// whole from its snapshot (`qemu-img convert`), an incremental one as what changed since
     /// the parent's snapshot. An incremental copy that fails is taken whole instead, the reason
@@ -1131,6 +1064,65 @@ where
             cancel: run.cancel.clone(),
         };
         crate::transfer::copy_rbd_diff(&self.images, &copy, &run.request.vm, disk, observer)
+    }
+
+    /// Copies a shut-off VM's disks: each planned incremental disk's clusters its bitmap for
+    /// `from` marks (qemu-storage-daemon), the others whole (`qemu-img convert`).
+    fn convert(
+        &self,
+        run: &Run<'_>,
+        (plan, from): (&mut crate::chain::ChainPlan, Option<&str>),
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        let (vm, files, sizes, partial, cancel) =
+            (run.request.vm.as_str(), run.files, run.sizes, run.partial, run.cancel);
+        // RBD disks read from snapshots are copied by `copy_rbd`.
+        for (disk, file) in files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            let source = keyed_source(&self.hypervisor, disk)?;
+            // An encrypted volume is read with its own passphrase (and written with the
+            // repository's key).
+            let volume_key = crate::protect::volume_key(&self.hypervisor, disk, &self.runtime_dir)?;
+            let source = match (&volume_key, source) {
+                (Some(k), ImageLocation::Path(p)) => {
+                    ImageLocation::Stored(StoredImage::single(p, StoredLayout::Qcow2Luks, Some(k.path().to_owned())))
+                }
+                (_, source) => source,
+            };
+            let size = sizes.get(&disk.target).copied().unwrap_or(0);
+            if volume_key.is_some() {
+                plan.disk_to_full(&disk.target, "an encrypted volume of a shut-off VM is copied whole".into());
+            }
+            let incremental = plan.disks.iter().any(|d| d.target == disk.target && d.mode == BackupMode::Incremental);
+            if let (true, Some(bitmap), ImageLocation::Path(path)) = (incremental, from, &source) {
+                let copy = nasbak_qemu_img::DirtyCopy {
+                    source: path.clone(),
+                    bitmap: bitmap.to_owned(),
+                    target: partial.join(file),
+                    cancel: cancel.clone(),
+                    protection: crate::protect::target_protection(run.format, run.key),
+                };
+                match crate::transfer::copy_dirty(&self.images, &copy, vm, &disk.target, size, observer) {
+                    Ok(()) => continue,
+                    Err(e) if cancel.is_cancelled() => return Err(e),
+                    // Never an error where a full would do: this disk is copied whole instead.
+                    Err(e) => {
+                        let _ = fs::remove_file(partial.join(file));
+                        plan.disk_to_full(
+                            &disk.target,
+                            format!("its incremental copy failed: {}", crate::error::chain(&e)),
+                        );
+                    }
+                }
+            }
+            let mut r = ConvertRequest::new(source, partial.join(file), ImageFormat::Qcow2);
+            r.source_format = disk.format.as_deref().map(|f| f.parse().unwrap_or_else(|never| match never {}));
+            r.protection = crate::protect::target_protection(run.format, run.key);
+            convert(&self.images, r, cancel, vm, &disk.target, size, observer)?;
+        }
+        Ok(())
     }
 }
 

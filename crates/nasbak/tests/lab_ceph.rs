@@ -73,6 +73,17 @@ fn same_as_rbd(backup_file: &Path, pool_image: &str) -> bool {
     out.success()
 }
 
+/// `qemu-img compare` of a raw file with an RBD image read as the admin.
+fn raw_same_as_rbd(raw: &Path, pool_image: &str) -> bool {
+    std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(raw)
+        .arg(ceph::admin_filename(pool_image))
+        .status()
+        .unwrap()
+        .success()
+}
+
 fn backup_file(repo: &BackupRepository, outcome: &BackupOutcome, target: &str) -> PathBuf {
     let disk = outcome.manifest.disks.iter().find(|d| d.target == target).unwrap();
     repo.shared_path().unwrap().join(&outcome.relative_dir).join(&disk.file)
@@ -299,13 +310,7 @@ fn an_rbd_vm_is_boot_verified_without_the_cluster_and_restored_instantly_onto_a_
             .unwrap();
         assert!(w.status.success());
     }
-    let same = std::process::Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(&want)
-        .arg(ceph::admin_filename(&pool_image))
-        .status()
-        .unwrap();
-    assert!(same.success(), "the image is not the backup with the guest's writes");
+    assert!(raw_same_as_rbd(&want, &pool_image), "the image is not the backup with the guest's writes");
     assert!(!work.join(dom.name()).exists(), "nothing left of the instant restore");
     // Paths out, as for a block device: the VM stopped before the finish (its writes gone with
     // it) gets nothing copied over its image and can only be cancelled; a cancel stops the VM,
@@ -324,13 +329,7 @@ fn an_rbd_vm_is_boot_verified_without_the_cluster_and_restored_instantly_onto_a_
         "{cancelled:?}"
     );
     assert!(!dom.is_running() && !work.join(dom.name()).exists());
-    let unchanged = std::process::Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(&image_before)
-        .arg(ceph::admin_filename(&pool_image))
-        .status()
-        .unwrap();
-    assert!(unchanged.success(), "the image changed although nothing was finished");
+    assert!(raw_same_as_rbd(&image_before, &pool_image), "the image changed although nothing was finished");
 }
 
 #[test]
@@ -372,23 +371,14 @@ fn the_reference_systems_backups_of_an_rbd_vm_are_verified_and_restored_and_neve
     write_rbd(&pool_image, 0x77, "0", "64M");
     e.restore(&RestoreRequest::new(repo.clone(), dom.name(), "2026.02.01.00.00.00"), &CancelHandle::new(), &mut |_| {})
         .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
-    let compare = |raw: &Path, other: &str| {
-        std::process::Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-            .arg(raw)
-            .arg(other)
-            .status()
-            .unwrap()
-            .success()
-    };
-    assert!(compare(&image_then, &ceph::admin_filename(&pool_image)), "the image is not the backup's");
+    assert!(raw_same_as_rbd(&image_then, &pool_image), "the image is not the backup's");
     // The shut-off VM's backup (no saved definition: the volume found among the VM's disks)
     // restored as a new RBD image.
     let new_image = format!("{image}-ref");
     let to = ImageLocation::Rbd(nasbak::nasbak_qemu_img::RbdSpec::new("vms", &new_image));
     let request = VolumeRestoreRequest::new(repo.clone(), dom.name(), "2026.02.02.00.00.00", "vdb", to);
     let restored = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {});
-    let same = restored.is_ok() && compare(&image_later, &ceph::admin_filename(&format!("vms/{new_image}")));
+    let same = restored.is_ok() && raw_same_as_rbd(&image_later, &format!("vms/{new_image}"));
     ceph::remove(&new_image);
     assert!(same, "{:?}", restored.map_err(|e| nasbak::chain(&e)));
     // nasbak's first backup of the VM: a full, saying why; theirs as they were.

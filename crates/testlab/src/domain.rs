@@ -1007,6 +1007,15 @@ fn release_dead_origins() {
     for m in targets {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
+    detach_loops(dead_test_in);
+}
+
+fn detach_loops_under(dir: &Path) {
+    detach_loops(|file| Path::new(file).starts_with(dir));
+}
+
+/// Detaches every loop device whose backing file (as `losetup` shows it) `doomed` says.
+fn detach_loops(doomed: impl Fn(&str) -> bool) {
     let Ok(out) = ExternalCommand::new("losetup")
         .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
         .timeout(Duration::from_secs(30))
@@ -1016,27 +1025,9 @@ fn release_dead_origins() {
     };
     for line in out.stdout_text().lines() {
         if let Some((dev, file)) = line.trim().split_once(' ')
-            && dead_test_in(file.trim())
+            && doomed(file.trim())
         {
             let _ = ExternalCommand::new("losetup").args(["-d", dev]).timeout(Duration::from_secs(30)).run();
-        }
-    }
-}
-
-fn detach_loops_under(dir: &Path) {
-    let Ok(out) = ExternalCommand::new("losetup")
-        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
-        .timeout(Duration::from_secs(30))
-        .run()
-    else {
-        return;
-    };
-    for line in out.stdout_text().lines() {
-        let mut parts = line.split_whitespace();
-        if let (Some(dev), Some(file)) = (parts.next(), parts.next())
-            && Path::new(file).starts_with(dir)
-        {
-            let _ = ExternalCommand::new("losetup").args(["-d", dev]).run();
         }
     }
 }
