@@ -169,8 +169,14 @@ fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals
     // The first's snapshot went once the second was in place.
     assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", second.manifest.id)]);
     // Shut off: the same snapshots, read with the key libvirt keeps, which is never on a
-    // command line (rbd and qemu-img get it in a keyring file).
+    // command line (rbd and qemu-img get it in a keyring file). The domain redefined first (as
+    // an orchestrator does at every start): the chain goes on, the snapshot is on the image.
     dom.destroy();
+    let xml = nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap();
+    let file = dom.dir().join("redefined.xml");
+    fs::write(&file, xml).unwrap();
+    nasbak_testlab::virsh(&["undefine", dom.name(), "--checkpoints-metadata"]).unwrap();
+    nasbak_testlab::virsh(&["define", file.to_str().unwrap()]).unwrap();
     write_rbd(&pool_image, 0x33, "20M", "2M");
     write_rbd(&pool_image, 0x00, "8M", "512k");
     let key = ceph::key("nasbak-vm");

@@ -109,7 +109,7 @@ pub fn up() -> Result<()> {
              [osd]\n\
              osd data = {d}/osd/ceph-$id\n\
              osd objectstore = memstore\n\
-             memstore device bytes = 6442450944\n\
+             memstore device bytes = 17179869184\n\
              osd memory target = 536870912\n\
              [mds]\n\
              mds data = {d}/mds/ceph-$id\n\
@@ -273,7 +273,7 @@ pub fn key(user: &str) -> Result<String> {
 fn layout() -> String {
     let mons: Vec<String> = MONS.iter().map(|(id, addrs)| format!("mon.{id} {addrs}")).collect();
     // The memstore's size is part of it: `bench rbd` needs more than the default 1 GiB.
-    format!("{}; pool vms; fs labfs; client.nasbak-vm, client.nasbak-fs; memstore 6 GiB\n", mons.join(", "))
+    format!("{}; pool vms; fs labfs; client.nasbak-vm, client.nasbak-fs; memstore 16 GiB\n", mons.join(", "))
 }
 
 /// `ceph health` with the admin key.
