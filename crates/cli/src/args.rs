@@ -328,13 +328,20 @@ pub enum RepoCommand {
         zone: Option<String>,
         #[command(flatten)]
         protection: ProtectionArgs,
+        /// At most this many scheduled backups at once on it (`run-due`; 1 to 64).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        max_parallel: Option<u32>,
     },
-    /// Change how a repository protects its future backups (earlier backups keep theirs).
+    /// Change how a repository protects its future backups (earlier backups keep theirs), or
+    /// how many scheduled backups go to it at once.
     Set {
         /// Its name.
         name: String,
         #[command(flatten)]
         protection: ProtectionArgs,
+        /// At most this many scheduled backups at once on it (`run-due`; 1 to 64).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        max_parallel: Option<u32>,
     },
     /// List repositories.
     List,

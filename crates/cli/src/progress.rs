@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nasbak::Progress;
 use serde::Serialize;
 
@@ -43,6 +43,14 @@ impl Reporter {
             bar
         });
         Reporter { json, label: label.to_owned(), bar, disk: None, last_decile: -1, started: Instant::now() }
+    }
+
+    /// A reporter for one of several operations running at once: on a terminal, its bar is one
+    /// line of `group`'s.
+    pub fn in_group(group: &MultiProgress, json: bool, label: &str) -> Self {
+        let mut r = Reporter::new(json, label);
+        r.bar = r.bar.take().map(|bar| group.add(bar));
+        r
     }
 
     /// One update.

@@ -305,6 +305,58 @@ fn offerings_prune_schedules_and_run_due() {
 }
 
 #[test]
+fn run_due_backs_up_several_vms_at_once_within_the_repositorys_limit() {
+    let doms: Vec<_> =
+        (0..3).map(|i| DomainSpec::new(&format!("cliparallel{i}")).disk(DiskSpec::raw(96)).create()).collect();
+    for d in &doms {
+        nasbak_testlab::fill_pseudo_random(&d.disks()[0].path, 96);
+    }
+    let dir = doms[0].dir();
+    let config = dir.join("nasbak.toml");
+    let state = dir.join("state.json");
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    // At most two at once on the repository; the host would allow more.
+    ok(
+        &config,
+        &["repo", "add", "lab", "--type", "shared", "--address", repo.to_str().unwrap(), "--max-parallel", "2"],
+    );
+    assert!(ok(&config, &["repo", "show", "lab"]).contains("max_parallel: 2"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("max_parallel = 3\n{text}")).unwrap();
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "off"]);
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    for d in &doms {
+        ok(&config, &["assign", d.name(), "gold"]);
+        ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "0"]);
+    }
+    let text = std::fs::read_to_string(&config).unwrap();
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    let text: Vec<String> =
+        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
+    std::fs::write(&config, text.join("\n")).unwrap();
+    let (code, out, err) = nasbak_env(&config, &[("NASBAK_STATE", state.to_str().unwrap())], &["--json", "run-due"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let runs = json_of(&out)["ran"].clone();
+    assert_eq!(runs.as_array().unwrap().len(), 3, "{out}");
+    assert!(runs.as_array().unwrap().iter().all(|r| r["outcome"]["succeeded"].is_string()), "{out}");
+    // From the manifests: two ran at once, never three.
+    let listed = json_of(&ok(&config, &["--json", "list"]));
+    let spans: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let t = |k: &str| b["manifest"][k].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+            (t("started"), t("finished"))
+        })
+        .collect();
+    assert_eq!(spans.len(), 3);
+    let at_once = spans.iter().map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count()).max().unwrap();
+    assert_eq!(at_once, 2, "{spans:?}");
+}
+
+#[test]
 fn restore_volume_writes_a_new_volume_and_attaches_it_to_a_running_vm() {
     let src = DomainSpec::new("clivolsrc")
         .disk(DiskSpec::qcow2(16))

@@ -231,6 +231,17 @@ fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals
     let sixth = backup(&e, &dom, &repo, ModeRequest::Auto);
     assert_eq!(disk_of(&sixth, "vdb").mode, BackupMode::Incremental);
     assert!(same_as_rbd(&backup_file(&repo, &sixth, "vdb"), &pool_image));
+    // What a killed backup leaves (its `.partial` directory and its snapshot on the image): the
+    // next backup removes both, and builds on the last complete one.
+    let killed = format!("{}-9", sixth.manifest.id);
+    fs::create_dir(repo.shared_path().unwrap().join(dom.name()).join(format!("{killed}.partial"))).unwrap();
+    ceph::rbd(&["snap", "create", "--no-progress", &format!("{pool_image}@nasbak-{killed}")]).unwrap();
+    write_rbd(&pool_image, 0x45, "44M", "1M");
+    let seventh = backup(&e, &dom, &repo, ModeRequest::Auto);
+    assert_eq!(seventh.manifest.parent.as_deref(), Some(sixth.manifest.id.as_str()));
+    assert!(seventh.cleaned.iter().any(|c| c.contains(&format!("nasbak-{killed}"))), "{:?}", seventh.cleaned);
+    assert_eq!(nasbak_snapshots(&pool_image), [format!("nasbak-{}", seventh.manifest.id)]);
+    assert!(same_as_rbd(&backup_file(&repo, &seventh, "vdb"), &pool_image));
 }
 
 /// Writes `pattern` over `len` bytes at `offset` of the running domain `vm`'s disk whose node

@@ -173,11 +173,20 @@ impl Schedule {
 }
 
 /// The configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Config {
+    /// How many scheduled backups `run-due` runs at once on this host (`max_parallel` at the
+    /// top of the file); none: one per core of the host.
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
     /// The backup repositories.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<BackupRepository>,
+    /// How many scheduled backups `run-due` runs at once on each repository (`max_parallel`
+    /// in its `[[repository]]`), by repository name; a repository not here has no limit of its
+    /// own.
+    #[serde(skip)]
+    pub repository_max_parallel: BTreeMap<String, u32>,
     /// The offerings.
     #[serde(default, rename = "offering", skip_serializing_if = "Vec::is_empty")]
     pub offerings: Vec<Offering>,
@@ -193,6 +202,8 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
+    max_parallel: Option<toml::Spanned<i64>>,
     #[serde(default)]
     repository: Vec<toml::Spanned<toml::Table>>,
     #[serde(default)]
@@ -268,7 +279,27 @@ impl Config {
                 })
                 .collect()
         }
-        let repositories: Vec<(BackupRepository, usize)> = items(raw.repository, &line_of, &invalid)?;
+        // A repository's `max_parallel` is the service's, not the repository's own setting.
+        let mut limits = Vec::new();
+        let mut tables = Vec::new();
+        for mut t in raw.repository {
+            let line = line_of(t.span().start);
+            if let Some(v) = t.get_mut().remove("max_parallel") {
+                limits.push((
+                    tables.len(),
+                    parallel_limit(v.as_integer(), &v.to_string()).map_err(|e| invalid(line, e))?,
+                ));
+            }
+            tables.push(t);
+        }
+        let repositories: Vec<(BackupRepository, usize)> = items(tables, &line_of, &invalid)?;
+        let max_parallel = match raw.max_parallel {
+            Some(v) => Some(
+                parallel_limit(Some(*v.get_ref()), &v.get_ref().to_string())
+                    .map_err(|e| invalid(line_of(v.span().start), e))?,
+            ),
+            None => None,
+        };
         let offerings: Vec<(Offering, usize)> = items(raw.offering, &line_of, &invalid)?;
         let schedules: Vec<(Schedule, usize)> = items(raw.schedule, &line_of, &invalid)?;
         let assignments: Vec<(String, String, usize)> = raw
@@ -278,6 +309,11 @@ impl Config {
             })
             .unwrap_or_default();
         let mut config = Config {
+            max_parallel,
+            repository_max_parallel: limits
+                .into_iter()
+                .map(|(i, n)| (repositories[i].0.name().to_string(), n))
+                .collect(),
             repositories: repositories.iter().map(|(r, _)| r.clone()).collect(),
             offerings: offerings.iter().map(|(o, _)| o.clone()).collect(),
             assignments: assignments.iter().map(|(vm, o, _)| (vm.clone(), o.clone())).collect(),
@@ -438,6 +474,49 @@ impl Config {
             source: std::io::Error::other(e),
         })?;
         write_atomically(path, text.as_bytes(), 0o600)
+    }
+}
+
+/// A `max_parallel` value: a whole number from 1 to 64.
+fn parallel_limit(value: Option<i64>, shown: &str) -> Result<u32, String> {
+    match value {
+        Some(n @ 1..=64) => Ok(n as u32),
+        _ => Err(format!("max_parallel = {shown}: expected a whole number from 1 to 64")),
+    }
+}
+
+impl Serialize for Config {
+    /// As the file is written: `max_parallel` first, each repository's `max_parallel` in its
+    /// `[[repository]]` table.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct File<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_parallel: Option<u32>,
+            repository: Vec<toml::Table>,
+            #[serde(skip_serializing_if = "<[Offering]>::is_empty")]
+            offering: &'a [Offering],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            assignments: &'a BTreeMap<String, String>,
+            #[serde(skip_serializing_if = "<[Schedule]>::is_empty")]
+            schedule: &'a [Schedule],
+        }
+        let mut repository = Vec::new();
+        for r in &self.repositories {
+            let mut table = toml::Table::try_from(r).map_err(serde::ser::Error::custom)?;
+            if let Some(n) = self.repository_max_parallel.get(r.name().as_str()) {
+                table.insert("max_parallel".into(), toml::Value::Integer(i64::from(*n)));
+            }
+            repository.push(table);
+        }
+        File {
+            max_parallel: self.max_parallel,
+            repository,
+            offering: &self.offerings,
+            assignments: &self.assignments,
+            schedule: &self.schedules,
+        }
+        .serialize(s)
     }
 }
 

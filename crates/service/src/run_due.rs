@@ -164,11 +164,18 @@ fn config_error(e: ConfigError) -> BackupError {
     BackupError::Config(Box::new(e))
 }
 
-/// Runs every schedule due now (by the engine's clock), one after the other, each followed by
-/// prune of its VM. Progress carries the schedule's id.
-/// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so
-/// a timer may call it every minute). A schedule whose backup fails is recorded as run and
-/// retried at its next occurrence; the failure is in the result.
+/// Runs every schedule due now (by the engine's clock), each followed by prune of its VM (and
+/// the boot verification its offering asks for); several at once, up to the configuration's
+/// `max_parallel` on this host (one per core without it) and each repository's
+/// `max_parallel`. The longest-waiting go first (never run, then the oldest last run); a VM's
+/// due schedules run one after another, never two of one VM at once. One failure never stops
+/// the others; a cancel stops them all. Progress carries the schedule's id and comes from every
+/// backup running, on this thread.
+///
+/// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so a
+/// timer may call it every minute). A schedule whose backup fails is recorded as run and retried
+/// at its next occurrence; the failure is in the result. The result lists the runs in
+/// configuration order.
 pub fn run_due<H, A, I, M>(
     engine: &Engine<H, A, I, M>,
     config: &Config,
@@ -181,6 +188,7 @@ where
     A: AgentSource,
     I: ImageTool + Sync,
     M: Mounter,
+    Engine<H, A, I, M>: Sync,
 {
     let now = engine.clock().now();
     let state_dir = state_path.parent().unwrap_or(Path::new("."));
@@ -195,63 +203,215 @@ where
         Err(e) => return Err(e.into()),
     };
     let mut state = ScheduleState::load(state_path).map_err(config_error)?;
-    let mut runs = Vec::new();
-    for s in &config.schedules {
-        let due = s
-            .is_due(state.last_run.get(&s.id).copied(), now)
-            .map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })?;
-        if !due {
-            continue;
+    let mut due = Vec::new();
+    for (index, s) in config.schedules.iter().enumerate() {
+        let last = state.last_run.get(&s.id).copied();
+        if s.is_due(last, now).map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })? {
+            due.push((index, s, last));
         }
-        if cancel.is_cancelled() {
-            return Err(BackupError::Cancelled);
-        }
+    }
+    if due.is_empty() {
+        return Ok(RunDue::Ran(Vec::new()));
+    }
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
+    }
+    // Never run first, then the oldest last run; configuration order among equals.
+    due.sort_by_key(|(index, _, last)| (*last, *index));
+    for (_, s, _) in &due {
         state.last_run.insert(s.id.clone(), now);
         state.last_outcome.remove(&s.id);
-        state.save(state_path).map_err(config_error)?;
-        let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
-            let request = BackupRequest::new(&s.vm, p.repository)
-                .with_quiesce(p.quiesce)
-                .with_full_every(p.full_every)
-                .with_schedule(&s.id);
-            let mut tagged = |p: &Progress| {
-                let mut p = p.clone();
-                p.schedule = Some(s.id.clone());
-                observer(&p);
-            };
-            engine.backup(&request, cancel, &mut tagged)
-        });
-        let mut boot_verified = None;
-        let (outcome, pruned, prune_error) = match result {
-            Ok(made) => {
-                let offering = config.offering_of(&s.vm);
-                if let Some(o) = offering.filter(|o| o.boot_verify)
-                    && let Some(repository) = config.repository(&o.repository)
-                {
-                    let mut r = BootVerifyRequest::new(repository.clone(), &s.vm, &made.manifest.id);
-                    if let Some(c) = &o.boot_check {
-                        r = r.with_check(c);
-                    }
-                    boot_verified = Some(engine.verify_boot(&r, cancel).map_err(|e| chain(&e)));
-                }
-                let (pruned, prune_error) = match prune_vm_with(engine, config, &s.vm, false) {
-                    Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
-                    Err(e) => (Vec::new(), Some(chain(&e))),
-                };
-                (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
-            }
-            Err(BackupError::Cancelled) => {
-                state.last_outcome.insert(s.id.clone(), RunOutcome::Cancelled);
-                state.save(state_path).map_err(config_error)?;
-                return Err(BackupError::Cancelled);
-            }
-            Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None),
-        };
-        state.last_outcome.insert(s.id.clone(), outcome.clone());
-        state.save(state_path).map_err(config_error)?;
-        runs.push(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified });
     }
-    Ok(RunDue::Ran(runs))
+    state.save(state_path).map_err(config_error)?;
+    // One unit per VM: its due schedules in that order, on the repository its backups go to.
+    let mut units: Vec<Unit<'_>> = Vec::new();
+    for (index, s, _) in due {
+        match units.iter_mut().find(|u| u.vm == s.vm) {
+            Some(u) => u.schedules.push((index, s)),
+            None => {
+                let repository =
+                    placement(config, &s.vm, None, None, Some(s.quiesce)).map(|p| p.repository.name().to_string()).ok();
+                units.push(Unit { vm: s.vm.clone(), repository, schedules: vec![(index, s)] });
+            }
+        }
+    }
+    let host_limit = config
+        .max_parallel
+        .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize)
+        .max(1);
+    let shared = Shared {
+        work: std::sync::Mutex::new(Work { queue: units, running: BTreeMap::new() }),
+        freed: std::sync::Condvar::new(),
+        state: std::sync::Mutex::new((state, None)),
+        runs: std::sync::Mutex::new(Vec::new()),
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Progress>();
+    let workers = host_limit.min(shared.work.lock().unwrap_or_else(|e| e.into_inner()).queue.len());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (tx, shared) = (tx.clone(), &shared);
+            scope.spawn(move || {
+                while let Some(unit) = shared.next(config, cancel) {
+                    for (index, s) in &unit.schedules {
+                        let run = run_one(engine, config, (s, state_path), cancel, &tx, &shared.state);
+                        shared.runs.lock().unwrap_or_else(|e| e.into_inner()).push((*index, run));
+                    }
+                    shared.done(&unit);
+                }
+            });
+        }
+        drop(tx);
+        for p in rx {
+            observer(&p);
+        }
+    });
+    let (_, fatal) = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    let mut runs = shared.runs.into_inner().unwrap_or_else(|e| e.into_inner());
+    if cancel.is_cancelled() || runs.iter().any(|(_, r)| r.is_none()) {
+        return Err(BackupError::Cancelled);
+    }
+    runs.sort_by_key(|(index, _)| *index);
+    Ok(RunDue::Ran(runs.into_iter().filter_map(|(_, r)| r).collect()))
+}
+
+/// The due schedules of one VM, run one after another by one worker.
+struct Unit<'c> {
+    vm: String,
+    /// The repository its backups go to (none: its placement fails, and each run says why).
+    repository: Option<String>,
+    /// Each schedule with its place in the configuration.
+    schedules: Vec<(usize, &'c crate::config::Schedule)>,
+}
+
+/// What the workers share.
+struct Shared<'c> {
+    work: std::sync::Mutex<Work<'c>>,
+    /// Told whenever a unit ends: a repository may have room again.
+    freed: std::sync::Condvar,
+    /// The schedule state, and the first error saving it (which stops the run).
+    state: std::sync::Mutex<(ScheduleState, Option<BackupError>)>,
+    /// Each run with its schedule's place; `None`: cancelled.
+    runs: std::sync::Mutex<Vec<(usize, Option<DueRun>)>>,
+}
+
+/// The units not started yet, and how many run on each repository.
+struct Work<'c> {
+    queue: Vec<Unit<'c>>,
+    running: BTreeMap<String, usize>,
+}
+
+impl<'c> Shared<'c> {
+    /// The first unit in the queue whose repository has room (waiting for one when none has);
+    /// `None` once the queue is empty, or at a cancel or a fatal error.
+    fn next(&self, config: &Config, cancel: &CancelHandle) -> Option<Unit<'c>> {
+        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let stopped = self.state.lock().unwrap_or_else(|e| e.into_inner()).1.is_some();
+            if work.queue.is_empty() || cancel.is_cancelled() || stopped {
+                return None;
+            }
+            let room = |u: &Unit<'_>| match &u.repository {
+                Some(r) => config
+                    .repository_max_parallel
+                    .get(r)
+                    .is_none_or(|limit| work.running.get(r).copied().unwrap_or(0) < *limit as usize),
+                None => true,
+            };
+            if let Some(i) = work.queue.iter().position(room) {
+                let unit = work.queue.remove(i);
+                if let Some(r) = &unit.repository {
+                    *work.running.entry(r.clone()).or_default() += 1;
+                }
+                return Some(unit);
+            }
+            // Woken when a unit ends, and every second to look at the cancel.
+            work = self
+                .freed
+                .wait_timeout(work, std::time::Duration::from_secs(1))
+                .map_or_else(|e| e.into_inner().0, |(w, _)| w);
+        }
+    }
+
+    /// `unit` has ended: its repository has room again.
+    fn done(&self, unit: &Unit<'_>) {
+        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = &unit.repository
+            && let Some(n) = work.running.get_mut(r)
+        {
+            *n = n.saturating_sub(1);
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// One due schedule: its backup, the boot verification its offering asks for, prune of its VM;
+/// the outcome recorded in the state (saved). `None` when it was cancelled.
+fn run_one<H, A, I, M>(
+    engine: &Engine<H, A, I, M>,
+    config: &Config,
+    (s, state_path): (&crate::config::Schedule, &Path),
+    cancel: &CancelHandle,
+    progress: &std::sync::mpsc::Sender<Progress>,
+    state: &std::sync::Mutex<(ScheduleState, Option<BackupError>)>,
+) -> Option<DueRun>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    let record = |outcome: RunOutcome| {
+        let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, fatal) = &mut *guard;
+        st.last_outcome.insert(s.id.clone(), outcome);
+        if let Err(e) = st.save(state_path)
+            && fatal.is_none()
+        {
+            *fatal = Some(config_error(e));
+        }
+    };
+    let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
+        let request = BackupRequest::new(&s.vm, p.repository)
+            .with_quiesce(p.quiesce)
+            .with_full_every(p.full_every)
+            .with_schedule(&s.id);
+        let mut tagged = |p: &Progress| {
+            let mut p = p.clone();
+            p.schedule = Some(s.id.clone());
+            let _ = progress.send(p);
+        };
+        engine.backup(&request, cancel, &mut tagged)
+    });
+    let mut boot_verified = None;
+    let (outcome, pruned, prune_error) = match result {
+        Ok(made) => {
+            let offering = config.offering_of(&s.vm);
+            if let Some(o) = offering.filter(|o| o.boot_verify)
+                && let Some(repository) = config.repository(&o.repository)
+            {
+                let mut r = BootVerifyRequest::new(repository.clone(), &s.vm, &made.manifest.id);
+                if let Some(c) = &o.boot_check {
+                    r = r.with_check(c);
+                }
+                boot_verified = Some(engine.verify_boot(&r, cancel).map_err(|e| chain(&e)));
+            }
+            let (pruned, prune_error) = match prune_vm_with(engine, config, &s.vm, false) {
+                Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
+                Err(e) => (Vec::new(), Some(chain(&e))),
+            };
+            (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
+        }
+        Err(BackupError::Cancelled) => {
+            record(RunOutcome::Cancelled);
+            return None;
+        }
+        Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None),
+    };
+    record(outcome.clone());
+    Some(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified })
 }
 
 #[cfg(test)]

@@ -70,20 +70,17 @@ pub fn backup(
 pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     let cancel = cancel_on_interrupt()?;
     let e = engine(cli)?;
-    let mut reporter: Option<(String, Reporter)> = None;
+    // Several backups run at once: one bar (or line of log) for each schedule running.
+    let group = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let mut reporters: std::collections::BTreeMap<String, Reporter> = std::collections::BTreeMap::new();
     let outcome = nasbak_service::run_due(&e, config, &cli.state, &cancel, &mut |p| {
         let id = p.schedule.as_deref().unwrap_or_default();
-        if reporter.as_ref().is_none_or(|(current, _)| current != id) {
-            if let Some((_, r)) = reporter.take() {
-                r.finish();
-            }
-            reporter = Some((id.to_owned(), Reporter::new(cli.json, &format!("schedule {id}"))));
-        }
-        if let Some((_, r)) = reporter.as_mut() {
-            r.update(p);
-        }
+        reporters
+            .entry(id.to_owned())
+            .or_insert_with(|| Reporter::in_group(&group, cli.json, &format!("schedule {id}")))
+            .update(p);
     });
-    if let Some((_, r)) = reporter.take() {
+    for r in reporters.into_values() {
         r.finish();
     }
     let outcome = outcome?;

@@ -112,7 +112,7 @@ pub fn key(cli: &Cli, config: &mut Config, cmd: &KeyCommand) -> Result<u8> {
 
 pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
     match cmd {
-        RepoCommand::Add { name, kind, address, options, fstype, zone, protection } => {
+        RepoCommand::Add { name, kind, address, options, fstype, zone, protection, max_parallel } => {
             let kind = RepositoryKind::from_parts(kind, fstype.as_deref())?;
             let r = BackupRepository::new(name, kind, address, options, zone.as_deref())?
                 .with_protection(protection_of(&Protection::none(), protection)?);
@@ -121,17 +121,26 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
             }
             let shown = r.protection().to_string();
             config.repositories.push(r);
+            if let Some(n) = max_parallel {
+                config.repository_max_parallel.insert(name.clone(), *n);
+            }
             config.save(&cli.config)?;
             println!("added repository {name} ({shown})");
         }
-        RepoCommand::Set { name, protection } => {
+        RepoCommand::Set { name, protection, max_parallel } => {
             let current = pick_repo(config, Some(name))?.clone();
             let changed = protection_of(current.protection(), protection)?;
             let shown = changed.to_string();
             let r = config.repositories.iter_mut().find(|r| r.name().as_str() == name).expect("picked above");
             *r = current.with_protection(changed);
+            if let Some(n) = max_parallel {
+                config.repository_max_parallel.insert(name.clone(), *n);
+            }
             config.save(&cli.config)?;
             println!("repository {name}: {shown}, for backups from now on (earlier backups keep theirs)");
+            if let Some(n) = max_parallel {
+                println!("repository {name}: at most {n} scheduled backups at once");
+            }
         }
         RepoCommand::List => {
             let rows: Vec<_> = config.repositories.iter().map(BackupRepository::summary).collect();
@@ -154,6 +163,10 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
                 p.encryption(),
                 p.key().map(ToString::to_string).unwrap_or_else(|| "-".into())
             );
+            match config.repository_max_parallel.get(name.as_str()) {
+                Some(n) => println!("max_parallel: {n} scheduled backups at once"),
+                None => println!("max_parallel: - (the host's limit only)"),
+            }
             if let Some(plan) = r.mount_plan() {
                 println!(
                     "mounts as: mount -t {} -o {} {} {}/mnt/{}",
@@ -171,6 +184,7 @@ pub fn repo(cli: &Cli, config: &mut Config, cmd: &RepoCommand) -> Result<u8> {
                 return Err(Refused(format!("offering {} uses repository {name}; remove it first", o.name)).into());
             }
             config.repositories.retain(|r| r.name().as_str() != name);
+            config.repository_max_parallel.remove(name.as_str());
             config.save(&cli.config)?;
             println!("removed repository {name} (its backups were not touched)");
         }
