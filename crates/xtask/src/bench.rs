@@ -30,6 +30,10 @@
 //!   changed (20 scattered MiB, written through the guest's device) against a full, the bytes it
 //!   wrote against those changed, and the whole-VM restore onto the image from that incremental
 //!   against from the full.
+//! - `cargo xtask bench night`: eight running VMs (1 GiB qcow2 disks holding 512 MiB of
+//!   pseudo-random data each) due at once: `nasbak run-due` with the host's default limit (one
+//!   per core) and with four at once, against the same run with `max_parallel = 1` (one after
+//!   another); every backup full, all listed and verified after each run.
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
@@ -1128,6 +1132,131 @@ fn rbd_rounds(nasbak: &str, size_mib: u64, data_mib: usize, rounds: usize) -> Re
             range(&restore_full)
         ),
     ])
+}
+
+/// `cargo xtask bench night [ROUNDS]`: see the module documentation.
+pub fn night(rounds: usize) -> Result<()> {
+    crate::lab::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = crate::exec::built_binary("release");
+    let dir = Path::new(STATE).join("bench-night");
+    const VMS: usize = 8;
+    let names: Vec<String> = (0..VMS).map(|i| format!("nasbak-night-{i}")).collect();
+    for n in names.iter().map(String::as_str).chain([DOMAIN]) {
+        let _ = virsh(&["destroy", n]);
+        let _ = virsh(&["undefine", n, "--checkpoints-metadata"]);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("repo"))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    println!("bench: night, {VMS} running VMs with 1 GiB qcow2 disks holding 512 MiB of pseudo-random data each");
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    for n in &names {
+        let disk = dir.join(format!("{n}.qcow2"));
+        make_disk(&dir, &disk, 1024, 512)?;
+        domain_xml(&dir, &disk)?;
+        let xml = fs::read_to_string(dir.join("domain.xml"))?
+            .replace(&format!("<name>{DOMAIN}</name>"), &format!("<name>{n}</name>"));
+        virsh(&["undefine", DOMAIN])?;
+        fs::write(dir.join(format!("{n}.xml")), xml)?;
+        virsh(&["define", &p(&format!("{n}.xml"))])?;
+        virsh(&["start", n])?;
+    }
+    let config = p("nasbak.toml");
+    cmd(&nasbak)
+        .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
+        .run()?;
+    // Every backup full, so that each run does the same work.
+    cmd(&nasbak)
+        .args([
+            "--config",
+            &config,
+            "offering",
+            "add",
+            "night",
+            "--repo",
+            "bench",
+            "--quiesce",
+            "off",
+            "--full-every",
+            "1",
+        ])
+        .run()?;
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    for n in &names {
+        cmd(&nasbak).args(["--config", &config, "assign", n, "night"]).run()?;
+        cmd(&nasbak)
+            .args(["--config", &config, "schedule", "add", n, "--every", "hourly", "--at", &minute, "--keep", "1"])
+            .run()?;
+    }
+    let text = fs::read_to_string(&config)?;
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    let text: Vec<String> =
+        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
+    let base = text.join("\n");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let modes: [(String, Option<usize>); 3] = [
+        ("one after another".into(), Some(1)),
+        (format!("host default ({cores} at once)"), None),
+        ("four at once".into(), Some(4)),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 1..=rounds {
+        for (i, (what, limit)) in modes.iter().enumerate() {
+            let text = match limit {
+                Some(n) => format!("max_parallel = {n}\n{base}"),
+                None => base.clone(),
+            };
+            fs::write(&config, text)?;
+            let state = dir.join(format!("state-{round}-{i}.json"));
+            let secs = timed_env(
+                &nasbak,
+                &["--config", &config, "run-due"],
+                &[("NASBAK_STATE", state.to_string_lossy().as_ref())],
+            )?;
+            // Every VM's backup of this run is there and verifies (keep 1: the newest of each).
+            let listed: serde_json::Value =
+                serde_json::from_str(&cmd(&nasbak).args(["--config", &config, "--json", "list"]).run()?.stdout_text())?;
+            let count = listed.as_array().map_or(0, Vec::len);
+            if count != VMS {
+                bail!("{what}: {count} backups listed, not {VMS}");
+            }
+            cmd(&nasbak).args(["--config", &config, "verify"]).timeout(Duration::from_secs(1800)).run()?;
+            println!("bench: night, round {round}, {what}: {secs:.2} s");
+            times[i].push(secs);
+        }
+    }
+    for n in &names {
+        let _ = virsh(&["destroy", n]);
+        let _ = virsh(&["undefine", n, "--checkpoints-metadata"]);
+    }
+    let one = best_secs(&times[0]);
+    println!("\n| run-due of {VMS} VMs due at once | wall time | against one after another | ratio | target | range |");
+    println!("|---|---|---|---|---|---|");
+    for (i, (what, _)) in modes.iter().enumerate() {
+        let b = best_secs(&times[i]);
+        println!("| {what} | {b:.2} s | {one:.2} s | {:.2}x | <= 0.5x | {} |", b / one, range(&times[i]));
+    }
+    Ok(())
+}
+
+/// [`timed`] with environment variables set for the command: its wall time.
+fn timed_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<f64> {
+    cold_cache()?;
+    let start = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    nix::unistd::sync();
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// The bench VM made afresh in `dir` (anything of an earlier run removed): a qcow2 disk of

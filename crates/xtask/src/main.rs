@@ -74,6 +74,10 @@ fn main() -> Result<()> {
         ["bench", "chain", n] => {
             bench::chain(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }
+        ["bench", "night"] => bench::night(2),
+        ["bench", "night", n] => {
+            bench::night(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
         ["bench", "rbd"] => bench::rbd(3),
         ["bench", "rbd", n] => {
             bench::rbd(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
