@@ -469,7 +469,7 @@ pub enum ScheduleCommand {
     Add {
         /// The VM.
         vm: String,
-        /// hourly, daily, weekly or monthly.
+        /// 5m, 10m, 15m, 20m, 30m, hourly, daily, weekly or monthly.
         #[arg(long)]
         every: Every,
         /// When in the interval (see below).

@@ -1,5 +1,5 @@
-//! Backup schedules: hourly, daily, weekly or monthly at a time in a time zone, and when one is
-//! due. Pure functions of the schedule, its last run and the current time (no I/O), so that
+//! Backup schedules: every few minutes (5, 10, 15, 20 or 30), hourly, daily, weekly or monthly
+//! at a time in a time zone, and when one is due. Pure functions of the schedule, its last run and the current time (no I/O), so that
 //! `nasbak run-due` can be called every minute by a timer and the decision is tested on its own.
 //!
 //! A schedule is due when its most recent occurrence at or before now is later than both its
@@ -15,10 +15,12 @@ use std::str::FromStr;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc, Weekday};
 use chrono_tz::Tz;
 
-/// How often a schedule runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How often a schedule runs (written as `5m`..`30m`, `hourly`, `daily`, `weekly`, `monthly`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Every {
+    /// Every few minutes (a divisor of an hour: 5, 10, 15, 20 or 30), at a minute past each
+    /// of those marks.
+    Minutes(u32),
     /// Every hour at a minute.
     Hourly,
     /// Every day at a time.
@@ -29,6 +31,19 @@ pub enum Every {
     Monthly,
 }
 
+impl serde::Serialize for Every {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Every {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Every {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -37,14 +52,23 @@ impl FromStr for Every {
             "daily" => Ok(Every::Daily),
             "weekly" => Ok(Every::Weekly),
             "monthly" => Ok(Every::Monthly),
-            _ => Err(format!("unknown interval {s:?}; expected hourly, daily, weekly or monthly")),
+            _ => match s.strip_suffix('m').and_then(|n| n.parse::<u32>().ok()) {
+                Some(n) if MINUTE_STEPS.contains(&n) => Ok(Every::Minutes(n)),
+                _ => Err(format!(
+                    "unknown interval {s:?}; expected 5m, 10m, 15m, 20m, 30m, hourly, daily, weekly or monthly"
+                )),
+            },
         }
     }
 }
 
 impl fmt::Display for Every {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Every::Minutes(n) = self {
+            return write!(f, "{n}m");
+        }
         f.write_str(match self {
+            Every::Minutes(_) => unreachable!("written above"),
             Every::Hourly => "hourly",
             Every::Daily => "daily",
             Every::Weekly => "weekly",
@@ -63,9 +87,12 @@ pub struct At {
     day: u32,
 }
 
+/// The minute intervals a schedule may have: those that divide an hour.
+pub const MINUTE_STEPS: [u32; 5] = [5, 10, 15, 20, 30];
+
 /// What `--at` looks like for each interval.
-pub const AT_FORMS: &str =
-    "hourly: MM (minute, e.g. 15); daily: HH:MM; weekly: DAY HH:MM (mon..sun); monthly: D HH:MM (day 1..31)";
+pub const AT_FORMS: &str = "every N minutes: M (minutes past each mark, below N, e.g. 0); hourly: MM (minute, e.g. 15); \
+     daily: HH:MM; weekly: DAY HH:MM (mon..sun); monthly: D HH:MM (day 1..31)";
 
 impl At {
     /// Parses `spec` for `every`: `MM`, `HH:MM`, `DAY HH:MM` or `D HH:MM`.
@@ -80,6 +107,14 @@ impl At {
         let mut at = At { every, minute: 0, hour: 0, weekday: Weekday::Mon, day: 1 };
         let words: Vec<&str> = spec.split_whitespace().collect();
         match (every, words.as_slice()) {
+            (Every::Minutes(n), [m]) => {
+                at.minute = m
+                    .trim_start_matches(':')
+                    .parse()
+                    .ok()
+                    .filter(|m| *m < n)
+                    .ok_or_else(|| bad(&format!("minutes past each mark, 0 to {}", n - 1)))?;
+            }
             (Every::Hourly, [m]) => {
                 at.minute =
                     m.trim_start_matches(':').parse().ok().filter(|m| *m < 60).ok_or_else(|| bad("minute 0 to 59"))?;
@@ -103,6 +138,18 @@ impl At {
     fn in_period_of(&self, t: NaiveDateTime) -> NaiveDateTime {
         let hm = NaiveTime::from_hms_opt(self.hour, self.minute, 0).expect("validated on parse");
         match self.every {
+            Every::Minutes(n) => {
+                // The marks of an hour are self.minute, +n, ...: the last at or before t, in
+                // the previous hour when t's minute comes before the first.
+                let hour = t.date().and_hms_opt(t.hour(), 0, 0).expect("a whole hour");
+                let m = t.minute();
+                if m >= self.minute {
+                    hour + Duration::minutes(i64::from(self.minute + (m - self.minute) / n * n))
+                } else {
+                    let last = self.minute + (59 - self.minute) / n * n;
+                    hour - Duration::hours(1) + Duration::minutes(i64::from(last))
+                }
+            }
             Every::Hourly => t.date().and_hms_opt(t.hour(), self.minute, 0).expect("validated on parse"),
             Every::Daily => t.date().and_time(hm),
             Every::Weekly => {
@@ -121,6 +168,7 @@ impl At {
     /// The start of the period before the one containing `t`.
     fn previous_period(&self, t: NaiveDateTime) -> NaiveDateTime {
         match self.every {
+            Every::Minutes(n) => t - Duration::minutes(i64::from(n)),
             Every::Hourly => t - Duration::hours(1),
             Every::Daily => t - Duration::days(1),
             Every::Weekly => t - Duration::weeks(1),
@@ -135,6 +183,7 @@ impl At {
 impl fmt::Display for At {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.every {
+            Every::Minutes(_) => write!(f, "{}", self.minute),
             Every::Hourly => write!(f, "{:02}", self.minute),
             Every::Daily => write!(f, "{:02}:{:02}", self.hour, self.minute),
             Every::Weekly => {
@@ -167,6 +216,15 @@ pub fn parse_tz(name: &str) -> Result<Tz, String> {
 
 /// The most recent occurrence of `at` in `tz` at or before `now`.
 pub fn latest_occurrence(at: &At, tz: Tz, now: DateTime<Utc>) -> DateTime<Utc> {
+    if let Every::Minutes(_) = at.every {
+        // Every few minutes is a cadence in absolute time: the marks are taken in the zone's
+        // offset at `now` (a zone half an hour off UTC shifts them), never through local times
+        // that a change of offset makes ambiguous.
+        let offset =
+            Duration::seconds(i64::from(chrono::Offset::fix(now.with_timezone(&tz).offset()).local_minus_utc()));
+        let mark = at.in_period_of(now.naive_utc() + offset);
+        return Utc.from_utc_datetime(&(mark - offset));
+    }
     let local_now = now.with_timezone(&tz).naive_local();
     let mut period = local_now;
     // The occurrence of this period may still be ahead; the previous period's is not (a DST gap
@@ -253,6 +311,32 @@ mod tests {
         assert_eq!(latest_occurrence(&at, berlin, utc("2026-03-29T12:00:00Z")), utc("2026-03-29T01:00:00Z"));
         // 2026-10-25 has 02:30 twice: the first (CEST, 00:30 UTC).
         assert_eq!(latest_occurrence(&at, berlin, utc("2026-10-25T12:00:00Z")), utc("2026-10-25T00:30:00Z"));
+    }
+
+    #[test]
+    fn every_few_minutes() {
+        let tz = parse_tz("Europe/Berlin").unwrap();
+        assert_eq!("15m".parse::<Every>(), Ok(Every::Minutes(15)));
+        assert_eq!(Every::Minutes(5).to_string(), "5m");
+        for bad in ["7m", "0m", "60m", "m", "15"] {
+            assert!(bad.parse::<Every>().unwrap_err().contains("5m, 10m"), "{bad}");
+        }
+        assert!(At::parse(Every::Minutes(15), "15").unwrap_err().contains("0 to 14"));
+        let at = At::parse(Every::Minutes(15), "5").unwrap();
+        assert_eq!(at.to_string(), "5");
+        let occ = |now: &str| latest_occurrence(&at, tz, utc(now));
+        assert_eq!(occ("2026-11-27T10:20:00Z"), utc("2026-11-27T10:20:00Z"));
+        assert_eq!(occ("2026-11-27T10:34:59Z"), utc("2026-11-27T10:20:00Z"));
+        assert_eq!(occ("2026-11-27T10:03:00Z"), utc("2026-11-27T09:50:00Z"));
+        let at = At::parse(Every::Minutes(5), "0").unwrap();
+        let created = utc("2026-11-27T10:00:30Z");
+        assert!(!is_due(&at, tz, created, None, utc("2026-11-27T10:04:59Z")));
+        assert!(is_due(&at, tz, created, None, utc("2026-11-27T10:05:00Z")));
+        let ran = utc("2026-11-27T10:05:02Z");
+        assert!(!is_due(&at, tz, created, Some(ran), utc("2026-11-27T10:09:00Z")));
+        assert!(is_due(&at, tz, created, Some(ran), utc("2026-11-27T10:10:00Z")));
+        // Across the clocks going back (Berlin, 2026-10-25): still every five minutes.
+        assert_eq!(latest_occurrence(&at, tz, utc("2026-10-25T01:07:00Z")), utc("2026-10-25T01:05:00Z"));
     }
 
     #[test]
