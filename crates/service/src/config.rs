@@ -633,6 +633,9 @@ pub enum RunOutcome {
     Failed(String),
     /// The run was cancelled (Ctrl-C, SIGTERM): not a failure.
     Cancelled,
+    /// Not started: the VM's backup by an earlier `run-due` still goes (the reason says which
+    /// process, since when). Never recorded in the state.
+    Skipped(String),
 }
 
 impl std::fmt::Display for RunOutcome {
@@ -641,6 +644,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Succeeded(id) => write!(f, "succeeded ({id})"),
             RunOutcome::Failed(e) => write!(f, "failed: {e}"),
             RunOutcome::Cancelled => f.write_str("cancelled"),
+            RunOutcome::Skipped(why) => write!(f, "skipped: {why}"),
         }
     }
 }

@@ -26,5 +26,6 @@
 pub mod config;
 mod run_due;
 pub mod schedule;
+mod slots;
 
 pub use run_due::{DueRun, Placement, RunDue, placement, prune_vm, prune_vm_with, run_due};

@@ -104,9 +104,8 @@ impl DueRun {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunDue {
-    /// Another `run-due` holds the lock; nothing was done.
-    Busy(String),
-    /// The schedules that were due, in configuration order.
+    /// The schedules that were due, in configuration order (those of a VM whose backup by an
+    /// earlier `run-due` still goes: [`RunOutcome::Skipped`]).
     Ran(Vec<DueRun>),
 }
 
@@ -167,15 +166,19 @@ fn config_error(e: ConfigError) -> BackupError {
 /// Runs every schedule due now (by the engine's clock), each followed by prune of its VM (and
 /// the boot verification its offering asks for); several at once, up to the configuration's
 /// `max_parallel` on this host (one per core without it) and each repository's
-/// `max_parallel`. The longest-waiting go first (never run, then the oldest last run); a VM's
-/// due schedules run one after another, never two of one VM at once. One failure never stops
-/// the others; a cancel stops them all. Progress carries the schedule's id and comes from every
-/// backup running, on this thread.
+/// `max_parallel`, counted across every `run-due` process of the host. The longest-waiting go
+/// first (never run, then the oldest last run); a VM's due schedules run one after another. A
+/// VM whose backup by an earlier `run-due` still goes is skipped ([`RunOutcome::Skipped`],
+/// with who runs it since when): never two at once, and the schedules of other VMs run
+/// meanwhile (so a timer may call `run-due` every minute, and schedules every few minutes keep
+/// their pace beside a long backup). One failure never stops the others; a cancel stops them
+/// all. Progress carries the schedule's id and comes from every backup running, on this
+/// thread.
 ///
-/// The times are kept in `state_path`; a second `run-due` while one runs does nothing (so a
-/// timer may call it every minute). A schedule whose backup fails is recorded as run and retried
-/// at its next occurrence; the failure is in the result. The result lists the runs in
-/// configuration order.
+/// The times are kept in `state_path` (`state.lock` beside it serializes its readers and
+/// writers; `running/<vm>/` holds the lease of each VM's run, `slots/` the limits). A schedule
+/// whose backup fails is recorded as run and retried at its next occurrence; the failure is in
+/// the result. The result lists the runs in configuration order.
 pub fn run_due<H, A, I, M>(
     engine: &Engine<H, A, I, M>,
     config: &Config,
@@ -197,76 +200,99 @@ where
         path: state_dir.to_owned(),
         source,
     })?;
-    let _lock = match VmLock::take(state_dir, "run-due") {
-        Ok(l) => l,
-        Err(LockError::Held { holder, .. }) => return Ok(RunDue::Busy(holder)),
-        Err(e) => return Err(e.into()),
-    };
-    let mut state = ScheduleState::load(state_path).map_err(config_error)?;
-    let mut due = Vec::new();
-    for (index, s) in config.schedules.iter().enumerate() {
-        let last = state.last_run.get(&s.id).copied();
-        if s.is_due(last, now).map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })? {
-            due.push((index, s, last));
-        }
-    }
-    if due.is_empty() {
-        return Ok(RunDue::Ran(Vec::new()));
-    }
-    if cancel.is_cancelled() {
-        return Err(BackupError::Cancelled);
-    }
-    // Never run first, then the oldest last run; configuration order among equals.
-    due.sort_by_key(|(index, _, last)| (*last, *index));
-    for (_, s, _) in &due {
-        state.last_run.insert(s.id.clone(), now);
-        state.last_outcome.remove(&s.id);
-    }
-    state.save(state_path).map_err(config_error)?;
-    // One unit per VM: its due schedules in that order, on the repository its backups go to.
-    let mut units: Vec<Unit<'_>> = Vec::new();
-    for (index, s, _) in due {
-        match units.iter_mut().find(|u| u.vm == s.vm) {
-            Some(u) => u.schedules.push((index, s)),
-            None => {
-                let repository =
-                    placement(config, &s.vm, None, None, Some(s.quiesce)).map(|p| p.repository.name().to_string()).ok();
-                units.push(Unit { vm: s.vm.clone(), repository, schedules: vec![(index, s)] });
+    let mut skipped = Vec::new();
+    // What is due, and the leases of the VMs this run takes, decided under the state lock.
+    let units = {
+        let _decide = crate::slots::state_lock(state_dir)?;
+        let mut state = ScheduleState::load(state_path).map_err(config_error)?;
+        let mut due = Vec::new();
+        for (index, s) in config.schedules.iter().enumerate() {
+            let last = state.last_run.get(&s.id).copied();
+            let is_due = s
+                .is_due(last, now)
+                .map_err(|e| BackupError::Unsupported { what: format!("schedule {}: {e}", s.id) })?;
+            if is_due {
+                due.push((index, s, last));
             }
         }
+        if cancel.is_cancelled() && !due.is_empty() {
+            return Err(BackupError::Cancelled);
+        }
+        // Never run first, then the oldest last run; configuration order among equals.
+        due.sort_by_key(|(index, _, last)| (*last, *index));
+        let mut units: Vec<Unit<'_>> = Vec::new();
+        for (index, s, _) in due {
+            if let Some(u) = units.iter_mut().find(|u| u.vm == s.vm) {
+                u.schedules.push((index, s));
+                continue;
+            }
+            if let Some((_, reason)) = skipped.iter().find(|(r, _): &&(DueRun, String)| r.vm == s.vm) {
+                let reason = reason.clone();
+                skipped.push((skip(s, &reason), reason));
+                continue;
+            }
+            let running = state_dir.join("running").join(&s.vm);
+            std::fs::create_dir_all(&running).map_err(|source| BackupError::Io {
+                action: "creating",
+                path: running.clone(),
+                source,
+            })?;
+            match VmLock::take(&running, &s.vm) {
+                Ok(lease) => {
+                    let repository = placement(config, &s.vm, None, None, Some(s.quiesce))
+                        .map(|p| p.repository.name().to_string())
+                        .ok();
+                    units.push(Unit { vm: s.vm.clone(), repository, schedules: vec![(index, s)], _lease: lease });
+                }
+                Err(LockError::Held { holder, since, .. }) => {
+                    let reason =
+                        format!("the backup of {} by an earlier run-due still goes ({holder}, since {since})", s.vm);
+                    skipped.push((skip(s, &reason), reason));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for u in &units {
+            for (_, s) in &u.schedules {
+                state.last_run.insert(s.id.clone(), now);
+                state.last_outcome.remove(&s.id);
+            }
+        }
+        state.save(state_path).map_err(config_error)?;
+        units
+    };
+    let mut skipped: Vec<(usize, Option<DueRun>)> = skipped
+        .into_iter()
+        .map(|(r, _)| (config.schedules.iter().position(|s| s.id == r.schedule).unwrap_or(usize::MAX), Some(r)))
+        .collect();
+    if units.is_empty() {
+        skipped.sort_by_key(|(index, _)| *index);
+        return Ok(RunDue::Ran(skipped.into_iter().filter_map(|(_, r)| r).collect()));
     }
     let host_limit = config
         .max_parallel
         .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize)
         .max(1);
+    let workers = host_limit.min(units.len());
     let shared = Shared {
-        work: std::sync::Mutex::new(Work { queue: units, running: BTreeMap::new() }),
-        freed: std::sync::Condvar::new(),
-        state: std::sync::Mutex::new((state, None)),
-        runs: std::sync::Mutex::new(Vec::new()),
+        slots: state_dir.join("slots"),
+        host_limit,
+        queue: std::sync::Mutex::new(units),
+        fatal: std::sync::Mutex::new(None),
+        runs: std::sync::Mutex::new(skipped),
     };
     let (tx, rx) = std::sync::mpsc::channel::<Progress>();
-    let workers = host_limit.min(shared.work.lock().unwrap_or_else(|e| e.into_inner()).queue.len());
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let (tx, shared) = (tx.clone(), &shared);
-            scope.spawn(move || {
-                while let Some(unit) = shared.next(config, cancel) {
-                    for (index, s) in &unit.schedules {
-                        let run = run_one(engine, config, (s, state_path), cancel, &tx, &shared.state);
-                        shared.runs.lock().unwrap_or_else(|e| e.into_inner()).push((*index, run));
-                    }
-                    shared.done(&unit);
-                }
-            });
+            scope.spawn(move || shared.work(engine, config, (state_dir, state_path), cancel, &tx));
         }
         drop(tx);
         for p in rx {
             observer(&p);
         }
     });
-    let (_, fatal) = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    if let Some(e) = fatal {
+    if let Some(e) = shared.fatal.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
     let mut runs = shared.runs.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -277,6 +303,18 @@ where
     Ok(RunDue::Ran(runs.into_iter().filter_map(|(_, r)| r).collect()))
 }
 
+/// The run of schedule `s`, skipped for `reason`.
+fn skip(s: &crate::config::Schedule, reason: &str) -> DueRun {
+    DueRun {
+        schedule: s.id.clone(),
+        vm: s.vm.clone(),
+        outcome: RunOutcome::Skipped(reason.to_owned()),
+        pruned: Vec::new(),
+        prune_error: None,
+        boot_verified: None,
+    }
+}
+
 /// The due schedules of one VM, run one after another by one worker.
 struct Unit<'c> {
     vm: String,
@@ -284,66 +322,96 @@ struct Unit<'c> {
     repository: Option<String>,
     /// Each schedule with its place in the configuration.
     schedules: Vec<(usize, &'c crate::config::Schedule)>,
+    /// This run's lease on the VM (`running/<vm>/` beside the state): until the unit ends.
+    _lease: VmLock,
 }
 
 /// What the workers share.
 struct Shared<'c> {
-    work: std::sync::Mutex<Work<'c>>,
-    /// Told whenever a unit ends: a repository may have room again.
-    freed: std::sync::Condvar,
-    /// The schedule state, and the first error saving it (which stops the run).
-    state: std::sync::Mutex<(ScheduleState, Option<BackupError>)>,
+    /// Where the slot files are.
+    slots: std::path::PathBuf,
+    host_limit: usize,
+    /// The units not started yet.
+    queue: std::sync::Mutex<Vec<Unit<'c>>>,
+    /// The first error reading or saving the state (which stops the run).
+    fatal: std::sync::Mutex<Option<BackupError>>,
     /// Each run with its schedule's place; `None`: cancelled.
     runs: std::sync::Mutex<Vec<(usize, Option<DueRun>)>>,
 }
 
-/// The units not started yet, and how many run on each repository.
-struct Work<'c> {
-    queue: Vec<Unit<'c>>,
-    running: BTreeMap<String, usize>,
-}
-
 impl<'c> Shared<'c> {
-    /// The first unit in the queue whose repository has room (waiting for one when none has);
-    /// `None` once the queue is empty, or at a cancel or a fatal error.
-    fn next(&self, config: &Config, cancel: &CancelHandle) -> Option<Unit<'c>> {
-        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let stopped = self.state.lock().unwrap_or_else(|e| e.into_inner()).1.is_some();
-            if work.queue.is_empty() || cancel.is_cancelled() || stopped {
-                return None;
+    /// A worker: a slot of the host's, then unit after unit whose repository has a free slot,
+    /// each schedule of it run in turn; until the queue is empty, a cancel, or a fatal error.
+    fn work<H, A, I, M>(
+        &self,
+        engine: &Engine<H, A, I, M>,
+        config: &Config,
+        (state_dir, state_path): (&Path, &Path),
+        cancel: &CancelHandle,
+        progress: &std::sync::mpsc::Sender<Progress>,
+    ) where
+        H: Hypervisor,
+        A: AgentSource,
+        I: ImageTool + Sync,
+        M: Mounter,
+    {
+        let tick = std::time::Duration::from_millis(200);
+        let stop = || {
+            cancel.is_cancelled()
+                || self.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+                || self.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        };
+        let fail = |e: BackupError| {
+            self.fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+        };
+        // Held for this worker's life: the host's slots count every run-due's workers.
+        let _host = loop {
+            if stop() {
+                return;
             }
-            let room = |u: &Unit<'_>| match &u.repository {
-                Some(r) => config
-                    .repository_max_parallel
-                    .get(r)
-                    .is_none_or(|limit| work.running.get(r).copied().unwrap_or(0) < *limit as usize),
-                None => true,
-            };
-            if let Some(i) = work.queue.iter().position(room) {
-                let unit = work.queue.remove(i);
-                if let Some(r) = &unit.repository {
-                    *work.running.entry(r.clone()).or_default() += 1;
+            match crate::slots::try_slot(&self.slots, "host", self.host_limit) {
+                Ok(Some(slot)) => break slot,
+                Ok(None) => {
+                    cancel.sleep(tick);
                 }
-                return Some(unit);
+                Err(e) => return fail(e),
             }
-            // Woken when a unit ends, and every second to look at the cancel.
-            work = self
-                .freed
-                .wait_timeout(work, std::time::Duration::from_secs(1))
-                .map_or_else(|e| e.into_inner().0, |(w, _)| w);
+        };
+        loop {
+            if stop() {
+                return;
+            }
+            let picked = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut found = None;
+                for i in 0..queue.len() {
+                    let slot = match (
+                        &queue[i].repository,
+                        &queue[i].repository.as_ref().and_then(|r| config.repository_max_parallel.get(r)),
+                    ) {
+                        (Some(r), Some(limit)) => {
+                            match crate::slots::try_slot(&self.slots, &format!("repository-{r}"), **limit as usize) {
+                                Ok(Some(slot)) => Some(slot),
+                                Ok(None) => continue,
+                                Err(e) => return fail(e),
+                            }
+                        }
+                        _ => None,
+                    };
+                    found = Some((queue.remove(i), slot));
+                    break;
+                }
+                found
+            };
+            let Some((unit, _repository_slot)) = picked else {
+                let _ = cancel.sleep(tick);
+                continue;
+            };
+            for (index, s) in &unit.schedules {
+                let run = run_one(engine, config, (s, state_dir, state_path), cancel, progress, &self.fatal);
+                self.runs.lock().unwrap_or_else(|e| e.into_inner()).push((*index, run));
+            }
         }
-    }
-
-    /// `unit` has ended: its repository has room again.
-    fn done(&self, unit: &Unit<'_>) {
-        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = &unit.repository
-            && let Some(n) = work.running.get_mut(r)
-        {
-            *n = n.saturating_sub(1);
-        }
-        self.freed.notify_all();
     }
 }
 
@@ -352,10 +420,10 @@ impl<'c> Shared<'c> {
 fn run_one<H, A, I, M>(
     engine: &Engine<H, A, I, M>,
     config: &Config,
-    (s, state_path): (&crate::config::Schedule, &Path),
+    (s, state_dir, state_path): (&crate::config::Schedule, &Path, &Path),
     cancel: &CancelHandle,
     progress: &std::sync::mpsc::Sender<Progress>,
-    state: &std::sync::Mutex<(ScheduleState, Option<BackupError>)>,
+    fatal: &std::sync::Mutex<Option<BackupError>>,
 ) -> Option<DueRun>
 where
     H: Hypervisor,
@@ -363,14 +431,15 @@ where
     I: ImageTool + Sync,
     M: Mounter,
 {
+    // Read again and written under the state lock: other runs record theirs meanwhile.
     let record = |outcome: RunOutcome| {
-        let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
-        let (st, fatal) = &mut *guard;
-        st.last_outcome.insert(s.id.clone(), outcome);
-        if let Err(e) = st.save(state_path)
-            && fatal.is_none()
-        {
-            *fatal = Some(config_error(e));
+        let saved = crate::slots::state_lock(state_dir).and_then(|_held| {
+            let mut st = ScheduleState::load(state_path).map_err(config_error)?;
+            st.last_outcome.insert(s.id.clone(), outcome);
+            st.save(state_path).map_err(config_error)
+        });
+        if let Err(e) = saved {
+            fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
         }
     };
     let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {

@@ -11,7 +11,7 @@ use nasbak::nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, Libvir
 use nasbak::nasbak_qemu_img::{CheckReport, CheckVerdict, ImageLocation, parse_info};
 use nasbak::nasbak_repo::{Capacity, MountTimeouts, RepositoryMounts};
 use nasbak::{BootResult, Engine, ManualClock, VmLock};
-use nasbak_service::config::Config;
+use nasbak_service::config::{Config, RunOutcome};
 use nasbak_service::{RunDue, run_due};
 
 type MockEngine = Engine<MockHypervisor, MockAgentSource, MockImageTool, MockMounter>;
@@ -67,16 +67,31 @@ fn shut_off_vm() -> MockHypervisor {
 }
 
 #[test]
-fn run_due_does_nothing_while_another_run_holds_the_lock() {
+fn a_vm_whose_earlier_run_still_goes_is_skipped_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let mut hv = MockHypervisor::new();
-    hv.expect_domain_state().never();
-    let e = engine(dir.path(), hv);
+    fs::create_dir_all(dir.path().join("repo")).unwrap();
+    let t = chrono::DateTime::parse_from_rfc3339("2026-11-27T02:30:00Z").unwrap().to_utc();
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let e = counting_engine(dir.path(), &most).with_clock(ManualClock::new(t));
+    let config = four_schedules(dir.path(), Some(2), None);
     let state = dir.path().join("state/state.json");
-    fs::create_dir_all(dir.path().join("state")).unwrap();
-    let _held = VmLock::take(&dir.path().join("state"), "run-due").unwrap();
-    let r = run_due(&e, &Config::default(), &state, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(matches!(r, RunDue::Busy(_)), "{r:?}");
+    // vm1's backup by another run-due still goes (its lease is held).
+    let running = dir.path().join("state/running/vm1");
+    fs::create_dir_all(&running).unwrap();
+    let held = VmLock::take(&running, "vm1").unwrap();
+    let RunDue::Ran(runs) = run_due(&e, &config, &state, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let by = |id: &str| runs.iter().find(|r| r.schedule == id).unwrap_or_else(|| panic!("{id} in {runs:?}")).clone();
+    for id in ["vm1-daily", "vm1-hourly"] {
+        let RunOutcome::Skipped(why) = by(id).outcome else { panic!("{id}: {runs:?}") };
+        assert!(why.contains("still goes") && why.contains("pid"), "{why}");
+    }
+    assert!(matches!(by("vm2-daily").outcome, RunOutcome::Succeeded(_)), "the others run meanwhile: {runs:?}");
+    // Skipped is not run: once the earlier run ends, the next run-due runs them.
+    drop(held);
+    let RunDue::Ran(runs) = run_due(&e, &config, &state, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let ids: Vec<&str> = runs.iter().map(|r| r.schedule.as_str()).collect();
+    assert_eq!(ids, ["vm1-daily", "vm1-hourly"], "{runs:?}");
+    assert!(runs.iter().all(|r| matches!(r.outcome, RunOutcome::Succeeded(_))), "{runs:?}");
 }
 
 #[test]
@@ -125,7 +140,6 @@ created = "2026-11-26T12:00:00Z"
             }
             runs.len()
         }
-        RunDue::Busy(holder) => panic!("busy: {holder}"),
     };
     assert_eq!(ran(&e), 1);
     clock.advance(chrono::TimeDelta::hours(23));
@@ -227,11 +241,8 @@ fn due_backups_run_at_once_within_the_hosts_and_the_repositorys_limits() {
         assert_eq!(Config::load(&saved).unwrap(), config);
         let state = dir.path().join("state/state.json");
         let mut seen = Vec::new();
-        let runs =
-            match run_due(&e, &config, &state, &CancelHandle::new(), &mut |p| seen.push(p.schedule.clone())).unwrap() {
-                RunDue::Ran(runs) => runs,
-                RunDue::Busy(holder) => panic!("busy: {holder}"),
-            };
+        let RunDue::Ran(runs) =
+            run_due(&e, &config, &state, &CancelHandle::new(), &mut |p| seen.push(p.schedule.clone())).unwrap();
         // Every due schedule ran, listed in configuration order; vm3's failure stopped nothing.
         let ids: Vec<&str> = runs.iter().map(|r| r.schedule.as_str()).collect();
         assert_eq!(ids, ["vm1-daily", "vm2-daily", "vm3-daily", "vm1-hourly", "vm4-daily"]);

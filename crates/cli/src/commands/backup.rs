@@ -88,12 +88,6 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
         print_json(&outcome)?;
     }
     match outcome {
-        RunDue::Busy(holder) => {
-            if !cli.json {
-                println!("another run-due is running ({holder}); nothing done");
-            }
-            Ok(0)
-        }
         RunDue::Ran(runs) => {
             if !cli.json {
                 if runs.is_empty() {
@@ -104,6 +98,7 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
                         RunOutcome::Succeeded(id) => println!("{}: backed up {} as {id}", r.schedule, r.vm),
                         RunOutcome::Failed(e) => println!("{}: backup of {} FAILED: {e}", r.schedule, r.vm),
                         RunOutcome::Cancelled => println!("{}: backup of {} cancelled", r.schedule, r.vm),
+                        RunOutcome::Skipped(why) => println!("{}: skipped: {why}", r.schedule),
                     }
                     for p in &r.pruned {
                         println!("{}: pruned {}/{p}", r.schedule, r.vm);

@@ -472,10 +472,19 @@ where
         // Every copy caught up: the switch gets the cleanup budget (a pivot left half done
         // would leave the restore neither in flight nor finished).
         let _switch = nasbak_libvirt::deadline::scope(Instant::now() + nasbak_libvirt::deadline::CLEANUP_BUDGET);
+        let settle = Instant::now() + PIVOT_SETTLE;
         for disk in &state.disks {
-            self.hypervisor
-                .block_job_end(vm, &disk.target, true)
-                .map_err(|e| at(Step::Restore { disk: disk.target.clone() })(e.into()))?;
+            // The cursor can reach the end a moment before libvirt marks the mirror ready (a
+            // small copy, under load): "not ready for pivot yet" is waited out, briefly.
+            loop {
+                match self.hypervisor.block_job_end(vm, &disk.target, true) {
+                    Ok(()) => break,
+                    Err(e) if e.message.contains("not ready for pivot") && Instant::now() < settle => {
+                        cancel.sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(at(Step::Restore { disk: disk.target.clone() })(e.into())),
+                }
+            }
         }
         let live = self.hypervisor.domain_xml(vm).map_err(|e| at(Step::Inspect)(e.into()))?;
         if live.contains(&*state.dir.to_string_lossy())
@@ -649,6 +658,9 @@ where
         })
     }
 }
+
+/// How long a pivot waits for libvirt to mark a caught-up mirror ready.
+const PIVOT_SETTLE: Duration = Duration::from_secs(20);
 
 fn make_private_dir(dir: &Path) -> Result<(), BackupError> {
     let io = |source| BackupError::Io { action: "creating", path: dir.to_owned(), source };
