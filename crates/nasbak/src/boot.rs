@@ -58,8 +58,8 @@ where
         let (_, _, dir) = layout.resolve_backup(&format!("{vm}/{id}"))?;
         // A reference-system backup of a shut-off VM saved no definition: its volumes are found
         // among the VM's disks as it is defined now, if it is.
-        let current = self.hypervisor.inactive_xml(vm).ok().and_then(|x| nasbak_libvirt::Domain::parse(&x).ok());
-        let disks = backup_disks(&dir, vm, id, current.as_ref())?;
+        let current = || self.hypervisor.inactive_xml(vm).ok().and_then(|x| nasbak_libvirt::Domain::parse(&x).ok());
+        let disks = backup_disks(&dir, vm, id, &current)?;
         let reference = format!("{}:{vm}/{id}", request.repository.name());
         let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).map_err(|_| BackupError::Unsupported {
             what: format!("booting backup {vm}/{id}: it has no saved domain definition ({DOMAIN_CONFIG_FILE})"),

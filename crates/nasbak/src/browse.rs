@@ -84,7 +84,7 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
         let mounted = self.mounts().acquire(&request.repository)?;
         let layout = mounted.layout();
         let (_, _, backup_dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
-        let disks = backup_disks(&backup_dir, &request.vm, &request.id, None)?;
+        let disks = backup_disks(&backup_dir, &request.vm, &request.id, &|| None)?;
         let selected: Vec<_> = match &request.disk {
             None => disks.iter().collect(),
             Some(t) => vec![disks.iter().find(|d| &d.target == t).ok_or_else(|| BackupError::NotFound {

@@ -17,12 +17,13 @@ use crate::error::BackupError;
 
 /// The disks of a backup: from its manifest, or for a reference-system backup from its file
 /// names and headers (see `nasbak_repo::store::reference_disk`), each volume's target taken
-/// from the saved `domain-config.xml` (else from `current`, the VM as it is now).
+/// from the saved `domain-config.xml` (else from `current()`, the VM as it is now, asked for
+/// only then).
 pub(crate) fn backup_disks(
     dir: &Path,
     vm: &str,
     id: &str,
-    current: Option<&Domain>,
+    current: &dyn Fn() -> Option<Domain>,
 ) -> Result<Vec<ManifestDisk>, BackupError> {
     let entry =
         read_backup("", vm, id, dir).ok_or_else(|| BackupError::NotFound { what: format!("backup {vm}/{id}") })?;
@@ -33,18 +34,18 @@ pub(crate) fn backup_disks(
             return Err(BackupError::DamagedBackup { backup: format!("{vm}/{id}"), reason });
         }
     };
-    let saved = fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok());
+    // The VM as it is now: asked for only when the backup saved no definition.
+    let saved =
+        fs::read_to_string(dir.join(DOMAIN_CONFIG_FILE)).ok().and_then(|x| Domain::parse(&x).ok()).or_else(current);
     let mut disks = Vec::new();
     for file in files {
         let (_, volume) = parse_disk_file_name(&file).expect("read_backup lists backup file names only");
         let find = |d: &Domain| d.disks.iter().find(|x| volume_of(x) == volume).map(|x| x.target.clone());
-        let target = saved.as_ref().and_then(find).or_else(|| current.and_then(find)).ok_or_else(|| {
-            BackupError::Mismatch {
-                vm: vm.to_owned(),
-                problems: vec![format!(
-                    "the backup's file {file} is volume {volume}, which neither the saved domain-config.xml nor the VM has"
-                )],
-            }
+        let target = saved.as_ref().and_then(find).ok_or_else(|| BackupError::Mismatch {
+            vm: vm.to_owned(),
+            problems: vec![format!(
+                "the backup's file {file} is volume {volume}, which neither the saved domain-config.xml nor the VM has"
+            )],
         })?;
         // Its size and chain from the file's header (a 4.23 incremental names its parent's file).
         let vm_dir = dir.parent().unwrap_or(dir);

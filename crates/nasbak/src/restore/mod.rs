@@ -55,7 +55,7 @@ impl<H: nasbak_libvirt::Hypervisor, A: crate::engine::AgentSource, I: nasbak_qem
         }
         let mounted = self.mounts.acquire(&request.repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{}/{}", request.vm, request.id))?;
-        let disks = backup_disks(&dir, &request.vm, &request.id, Some(&domain))?;
+        let disks = backup_disks(&dir, &request.vm, &request.id, &|| Some(domain.clone()))?;
         Ok(RestoreStart { mounted, dir, target_vm, xml, domain, disks })
     }
 }

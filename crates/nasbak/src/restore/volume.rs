@@ -50,9 +50,16 @@ where
         let (_, _, dir) = layout.resolve_backup(&format!("{}/{}", request.vm, request.id))?;
         // A reference-system backup of a shut-off VM saved no definition: its volumes are found
         // among the VM's disks as it is defined now, if it is.
-        let current =
-            self.hypervisor.inactive_xml(&request.vm).ok().and_then(|x| nasbak_libvirt::Domain::parse(&x).ok());
-        let disks = backup_disks(&dir, &request.vm, &request.id, current.as_ref())?;
+        // Asked of libvirt only when needed.
+        let defined = std::cell::OnceCell::new();
+        let current = || {
+            defined
+                .get_or_init(|| {
+                    self.hypervisor.inactive_xml(&request.vm).ok().and_then(|x| nasbak_libvirt::Domain::parse(&x).ok())
+                })
+                .clone()
+        };
+        let disks = backup_disks(&dir, &request.vm, &request.id, &current)?;
         let disk = disks.iter().find(|d| d.target == request.disk).ok_or_else(|| BackupError::NotFound {
             what: format!(
                 "disk {} in backup {}/{} (it has {})",
@@ -66,12 +73,8 @@ where
         // way the backed-up disk was reached (its saved definition): monitors, ceph.conf, client
         // id and key. It must not exist yet.
         let mut request = request.clone();
-        let template = rbd_template(
-            &self.hypervisor,
-            (attach_to.as_ref().map(|(_, _, d)| d), current.as_ref()),
-            &dir,
-            &disk.target,
-        );
+        let template =
+            rbd_template(&self.hypervisor, (attach_to.as_ref().map(|(_, _, d)| d), &current), &dir, &disk.target);
         if let (ImageLocation::Rbd(spec), Some((_, ImageLocation::Rbd(from)))) = (&mut request.to, &template) {
             if spec.id.is_none() && spec.mon_hosts.is_empty() && spec.conf.is_none() {
                 spec.id.clone_from(&from.id);
@@ -324,7 +327,7 @@ where
 /// new image the same way.
 fn rbd_template(
     hypervisor: &impl Hypervisor,
-    (attach_to, current): (Option<&Domain>, Option<&Domain>),
+    (attach_to, current): (Option<&Domain>, &dyn Fn() -> Option<Domain>),
     dir: &Path,
     target: &str,
 ) -> Option<(Option<DiskSource>, ImageLocation)> {
@@ -334,7 +337,7 @@ fn rbd_template(
     let saved = fs::read_to_string(dir.join(nasbak_repo::model::layout::DOMAIN_CONFIG_FILE))
         .ok()
         .and_then(|xml| Domain::parse(&xml).ok())
-        .or_else(|| current.cloned());
+        .or_else(current);
     let disk = match (attach_to.and_then(|d| d.disks.iter().find(is_rbd)), &saved) {
         (Some(disk), _) => disk,
         (None, Some(saved)) => saved
