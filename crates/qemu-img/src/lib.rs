@@ -43,7 +43,7 @@ pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
 pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, WritableExport, nbd_uri};
 pub use error::{ImageError, ProgressFn};
 pub use info::{Bitmap, CheckReport, CheckVerdict, ImageFormat, ImageInfo, parse_check, parse_info};
-pub use location::{ImageLocation, LocationError, RbdAuth, RbdSpec};
+pub use location::{ImageLocation, LocationError, RADOS_OP_TIMEOUT, RbdAuth, RbdSpec};
 pub use rbd::{DiffEvent, DiffParser, RbdDiffCopy, RbdImageFacts, RbdSnapshot, parse_image_facts, parse_snapshots};
 pub use stored::{KEY_SECRET_ID, StoredFile, StoredImage, StoredLayout, TARGET_KEY_SECRET_ID, TargetProtection};
 #[cfg(any(test, feature = "mock"))]

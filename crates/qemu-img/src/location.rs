@@ -201,6 +201,18 @@ impl RbdSpec {
     }
 }
 
+/// How long nasbak's own Ceph clients (qemu-img, rbd) wait for a monitor or an OSD before the
+/// operation fails, in seconds. librados waits for ever by default: an OSD that dies under a
+/// restore would hang it.
+pub const RADOS_OP_TIMEOUT: u32 = 120;
+
+/// The client options that bound every wait of nasbak's own Ceph clients ([`RADOS_OP_TIMEOUT`]),
+/// as `(name, value)`.
+pub(crate) fn rados_timeouts() -> [(&'static str, String); 3] {
+    let t = RADOS_OP_TIMEOUT.to_string();
+    [("rados_osd_op_timeout", t.clone()), ("rados_mon_op_timeout", t.clone()), ("client_mount_timeout", t)]
+}
+
 /// A temporary keyring file, removed on drop.
 #[derive(Debug)]
 pub(crate) struct TempKeyring(PathBuf);
@@ -234,11 +246,19 @@ pub(crate) fn filename_for(
                 let client = spec.id.as_deref().unwrap_or("admin");
                 writeln!(f, "[client.{client}]\n\tkey = {}", key.expose())?;
                 f.sync_all()?;
-                Ok((spec.filename(Some(guard.path())), Some(guard)))
+                Ok((with_timeouts(spec.filename(Some(guard.path()))), Some(guard)))
             }
-            _ => Ok((spec.filename(None), None)),
+            _ => Ok((with_timeouts(spec.filename(None)), None)),
         },
     }
+}
+
+/// An `rbd:` filename with the client options that bound its waits.
+fn with_timeouts(mut name: String) -> String {
+    for (k, v) in rados_timeouts() {
+        name.push_str(&format!(":{k}={v}"));
+    }
+    name
 }
 
 /// The `--object` arguments a command that opens `location` needs (the key of a stored chain).
@@ -264,7 +284,10 @@ mod tests {
         let keyring = guard.as_ref().unwrap().path().to_owned();
         assert_eq!(
             name,
-            format!("rbd:vms/disk\\:1:id=backup:mon_host=10.0.0.1\\:6789\\;10.0.0.2:keyring={}", keyring.display())
+            format!(
+                "rbd:vms/disk\\:1:id=backup:mon_host=10.0.0.1\\:6789\\;10.0.0.2:keyring={}:rados_osd_op_timeout=120:rados_mon_op_timeout=120:client_mount_timeout=120",
+                keyring.display()
+            )
         );
         assert!(!name.contains("AQB"));
         assert_eq!(fs::read_to_string(&keyring).unwrap(), "[client.backup]\n\tkey = AQBsecret==\n");

@@ -81,6 +81,10 @@ pub(crate) fn image_name(spec: &RbdSpec) -> String {
 /// one holding the spec's key, else the spec's own keyring file).
 pub(crate) fn rbd_command(spec: &RbdSpec, keyring: Option<&Path>) -> ExternalCommand {
     let mut command = ExternalCommand::new("rbd");
+    // Every wait on the cluster bounded (librados waits for ever by default).
+    for (k, v) in crate::location::rados_timeouts() {
+        command = command.arg(format!("--{}", k.replace('_', "-"))).arg(v);
+    }
     if let Some(id) = &spec.id {
         command = command.arg("--id").arg(id);
     }
