@@ -176,7 +176,7 @@ impl Schedule {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Config {
     /// How many scheduled backups `run-due` runs at once on this host (`max_parallel` at the
-    /// top of the file); none: one per core of the host.
+    /// top of the file); none: two per core of the host.
     #[serde(default)]
     pub max_parallel: Option<u32>,
     /// The backup repositories.

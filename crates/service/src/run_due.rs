@@ -165,7 +165,7 @@ fn config_error(e: ConfigError) -> BackupError {
 
 /// Runs every schedule due now (by the engine's clock), each followed by prune of its VM (and
 /// the boot verification its offering asks for); several at once, up to the configuration's
-/// `max_parallel` on this host (one per core without it) and each repository's
+/// `max_parallel` on this host (two per core without it) and each repository's
 /// `max_parallel`, counted across every `run-due` process of the host. The longest-waiting go
 /// first (never run, then the oldest last run); a VM's due schedules run one after another. A
 /// VM whose backup by an earlier `run-due` still goes is skipped ([`RunOutcome::Skipped`],
@@ -269,9 +269,11 @@ where
         skipped.sort_by_key(|(index, _)| *index);
         return Ok(RunDue::Ran(skipped.into_iter().filter_map(|(_, r)| r).collect()));
     }
+    // Most of a backup's time is QEMU's copy and the disks' and the NAS's I/O, not nasbak's
+    // CPU: two per core by default (measured: `cargo xtask bench night`).
     let host_limit = config
         .max_parallel
-        .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize)
+        .map_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n as usize)
         .max(1);
     let workers = host_limit.min(units.len());
     let shared = Shared {

@@ -31,8 +31,8 @@
 //!   wrote against those changed, and the whole-VM restore onto the image from that incremental
 //!   against from the full.
 //! - `cargo xtask bench night`: eight running VMs (1 GiB qcow2 disks holding 512 MiB of
-//!   pseudo-random data each) due at once: `nasbak run-due` with the host's default limit (one
-//!   per core) and with four at once, against the same run with `max_parallel = 1` (one after
+//!   pseudo-random data each) due at once: `nasbak run-due` with the host's default limit (two
+//!   per core) and with two at once, against the same run with `max_parallel = 1` (one after
 //!   another); every backup full, all listed and verified after each run.
 //!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
@@ -1229,7 +1229,7 @@ pub fn night(rounds: usize) -> Result<()> {
             if count != VMS {
                 bail!("{what}: {count} backups listed, not {VMS}");
             }
-            cmd(&nasbak).args(["--config", &config, "verify"]).timeout(Duration::from_secs(1800)).run()?;
+            cmd(&nasbak).args(["--config", &config, "verify", "--all"]).timeout(Duration::from_secs(1800)).run()?;
             println!("bench: night, round {round}, {what}: {secs:.2} s");
             times[i].push(secs);
         }
