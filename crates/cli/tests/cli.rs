@@ -607,16 +607,23 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
     let dom = DomainSpec::new("clicancel").disk(DiskSpec::raw(1024)).create();
     nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 1024);
     dom.start();
+    // A second VM due at the same time: run-due backs both up at once, and Ctrl-C stops both.
+    let other = DomainSpec::new("clicancel2").disk(DiskSpec::raw(1024)).create();
+    nasbak_testlab::fill_pseudo_random(&other.disks()[0].path, 1024);
+    other.start();
     let config = dom.dir().join("nasbak.toml");
     shared_repo(&config, dom.dir());
     ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "off"]);
-    ok(&config, &["assign", dom.name(), "gold"]);
     let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
-    ok(&config, &["schedule", "add", dom.name(), "--every", "hourly", "--at", &minute, "--keep", "1"]);
+    for d in [&dom, &other] {
+        ok(&config, &["assign", d.name(), "gold"]);
+        ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "1"]);
+    }
     let text = std::fs::read_to_string(&config).unwrap();
-    let created = text.lines().find(|l| l.starts_with("created = ")).unwrap().to_owned();
     let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
-    std::fs::write(&config, text.replace(&created, &earlier)).unwrap();
+    let text: Vec<String> =
+        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
+    std::fs::write(&config, text.join("\n")).unwrap();
     let state = dom.dir().join("state.json");
     for args in [vec!["backup", dom.name()], vec!["run-due"]] {
         let child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
@@ -656,12 +663,16 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
         let err = reader.join().unwrap();
         assert!(started, "{args:?}: no progress of its job in 60 s: {err}");
         assert_eq!(status.code(), Some(130), "{args:?}: {err}");
-        let info = nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap();
-        assert!(info.contains("None"), "no job is left: {info}");
+        for d in [&dom, &other] {
+            let info = nasbak_testlab::virsh(&["domjobinfo", d.name()]).unwrap();
+            assert!(info.contains("None"), "no job is left: {info}");
+        }
         assert!(ids(&config).is_empty());
     }
     let (_, out, _) = nasbak(&config, &["--state", state.to_str().unwrap(), "--json", "schedule", "list"]);
-    assert_eq!(json_of(&out)[0]["last_outcome"], "cancelled", "{out}");
+    let listed = json_of(&out);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{out}");
+    assert!(listed.as_array().unwrap().iter().all(|s| s["last_outcome"] == "cancelled"), "{out}");
 }
 
 /// Two data disks with one file name in two directories, and two qcow2 volumes sharing a stem

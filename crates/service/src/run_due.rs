@@ -297,6 +297,16 @@ where
     if let Some(e) = shared.fatal.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
+    // Units a cancel kept from starting: recorded as cancelled (their start was recorded).
+    let unstarted = shared.queue.into_inner().unwrap_or_else(|e| e.into_inner());
+    if !unstarted.is_empty() {
+        let _held = crate::slots::state_lock(state_dir)?;
+        let mut state = ScheduleState::load(state_path).map_err(config_error)?;
+        for (_, s) in unstarted.iter().flat_map(|u| &u.schedules) {
+            state.last_outcome.insert(s.id.clone(), RunOutcome::Cancelled);
+        }
+        state.save(state_path).map_err(config_error)?;
+    }
     let mut runs = shared.runs.into_inner().unwrap_or_else(|e| e.into_inner());
     if cancel.is_cancelled() || runs.iter().any(|(_, r)| r.is_none()) {
         return Err(BackupError::Cancelled);
