@@ -208,6 +208,16 @@ fn ids(config: &Path) -> Vec<String> {
     list.as_array().unwrap().iter().map(|b| b["backup"].as_str().unwrap().to_owned()).collect()
 }
 
+/// Every schedule of the configuration file `config` made two hours ago (so that its last
+/// occurrence is due).
+fn created_two_hours_ago(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    let text: Vec<String> =
+        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
+    std::fs::write(config, text.join("\n")).unwrap();
+}
+
 /// A `shared` repository: a directory nasbak never mounts.
 fn shared_repo(config: &Path, dir: &Path) {
     let repo = dir.join("repo");
@@ -330,11 +340,7 @@ fn run_due_backs_up_several_vms_at_once_within_the_repositorys_limit() {
         ok(&config, &["assign", d.name(), "gold"]);
         ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "0"]);
     }
-    let text = std::fs::read_to_string(&config).unwrap();
-    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
-    let text: Vec<String> =
-        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
-    std::fs::write(&config, text.join("\n")).unwrap();
+    created_two_hours_ago(&config);
     let (code, out, err) = nasbak_env(&config, &[("NASBAK_STATE", state.to_str().unwrap())], &["--json", "run-due"]);
     assert_eq!(code, 0, "{out}{err}");
     let runs = json_of(&out)["ran"].clone();
@@ -619,11 +625,7 @@ fn ctrl_c_during_a_push_job_is_a_cancel_in_backup_and_in_run_due() {
         ok(&config, &["assign", d.name(), "gold"]);
         ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "1"]);
     }
-    let text = std::fs::read_to_string(&config).unwrap();
-    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
-    let text: Vec<String> =
-        text.lines().map(|l| if l.starts_with("created = ") { earlier.clone() } else { l.to_owned() }).collect();
-    std::fs::write(&config, text.join("\n")).unwrap();
+    created_two_hours_ago(&config);
     let state = dom.dir().join("state.json");
     for args in [vec!["backup", dom.name()], vec!["run-due"]] {
         let child = Command::new(env!("CARGO_BIN_EXE_nasbak"))

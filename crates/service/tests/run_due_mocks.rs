@@ -20,9 +20,9 @@ const XML: &str = "<domain><name>vm1</name><devices>\
     <disk type='file' device='disk'><driver type='qcow2'/><source file='/v/root1.qcow2'/><target dev='vda'/></disk>\
     </devices></domain>";
 
-/// An engine whose VM `vm1` is shut off, whose qemu-img writes a small file where asked, and
-/// whose repositories are `shared` (never mounted).
-fn engine(dir: &Path, hv: MockHypervisor) -> MockEngine {
+/// A qemu-img that reads every image as a 1 MiB qcow2, finds it clean and takes any bitmap;
+/// its `convert` is the caller's.
+fn images() -> MockImageTool {
     let mut images = MockImageTool::new();
     let info = r#"{"filename":"x","format":"qcow2","virtual-size":1048576,"actual-size":4096}"#;
     images.expect_info().returning(move |_| Ok(parse_info(info).unwrap()));
@@ -31,6 +31,13 @@ fn engine(dir: &Path, hv: MockHypervisor) -> MockEngine {
         .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
     images.expect_add_bitmap().returning(|_, _| Ok(()));
     images.expect_remove_bitmap().returning(|_, _| Ok(()));
+    images
+}
+
+/// An engine whose VM `vm1` is shut off, whose qemu-img writes a small file where asked, and
+/// whose repositories are `shared` (never mounted).
+fn engine(dir: &Path, hv: MockHypervisor) -> MockEngine {
+    let mut images = images();
     images.expect_convert().returning(|r, _| {
         if let ImageLocation::Path(p) = &r.target {
             fs::write(p, b"image").unwrap();
@@ -168,14 +175,7 @@ fn counting_engine(dir: &Path, most: &std::sync::Arc<std::sync::atomic::AtomicUs
     hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
     let most = std::sync::Arc::clone(most);
     let repo = dir.join("repo");
-    let mut images = MockImageTool::new();
-    let info = r#"{"filename":"x","format":"qcow2","virtual-size":1048576,"actual-size":4096}"#;
-    images.expect_info().returning(move |_| Ok(parse_info(info).unwrap()));
-    images
-        .expect_check()
-        .returning(|_, _| Ok(CheckReport { verdict: CheckVerdict::Clean, corruptions: 0, leaks: 0, check_errors: 0 }));
-    images.expect_add_bitmap().returning(|_, _| Ok(()));
-    images.expect_remove_bitmap().returning(|_, _| Ok(()));
+    let mut images = images();
     images.expect_convert().returning(move |r, _| {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let locked = |vm_dir: &Path| {
