@@ -303,6 +303,15 @@ pub enum Command {
     Schedule(ScheduleCommand),
     /// Run the schedules that are due, then prune (safe to call every minute from a timer).
     RunDue,
+    /// Shell completions on stdout (`nasbak completions bash > /etc/bash_completion.d/nasbak`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff) on stdout; `cargo xtask man` writes it to `target/man/nasbak.1`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]

@@ -226,6 +226,20 @@ fn shared_repo(config: &Path, dir: &Path) {
 }
 
 #[test]
+fn completions_and_the_manual_page_come_from_the_command_line_itself() {
+    let missing = std::path::Path::new("/nonexistent/nasbak.toml");
+    for (shell, says) in [("bash", "_nasbak()"), ("zsh", "#compdef nasbak"), ("fish", "complete -c nasbak")] {
+        let out = ok(missing, &["completions", shell]);
+        assert!(out.contains(says) && out.contains("run-due") && out.contains("restore-volume"), "{shell}: {out}");
+    }
+    let page = ok(missing, &["man"]);
+    assert!(page.starts_with(".ie") && page.contains(".TH nasbak 1") && page.contains("run\\-due"), "{page}");
+    let (code, _, err) = nasbak(missing, &["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bash") && err.contains("zsh"), "{err}");
+}
+
+#[test]
 fn offerings_prune_schedules_and_run_due() {
     let dom = DomainSpec::new("clisched").disk(DiskSpec::qcow2(16)).create();
     let config = dom.dir().join("nasbak.toml");

@@ -40,6 +40,9 @@ commands:
   bench protected [ROUNDS]  only the compressed and encrypted repositories' part
   bench chain [ROUNDS]      every way to restore, from the end of a chain of ten against its full
   bench restores [ROUNDS]   full, instant (the guest writing) and mount, on a 2 and an 8 GiB disk
+  bench rbd [ROUNDS]        incremental backups of an RBD disk against fulls, on the lab cluster
+  bench night [ROUNDS]      run-due of eight running VMs due at once, one after another against in parallel
+  man           build the nasbak binary and write its manual page to target/man/nasbak.1
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
                 fault injected into nasbak on the lab, a table of the checks after it
@@ -64,6 +67,7 @@ fn main() -> Result<()> {
         ["lab", "ceph", "up"] => lab::ceph::up(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
+        ["man"] => run::man(),
         ["bench"] => bench::bench(3),
         ["bench", "protected"] => bench::protected(3),
         ["bench", "chain"] => bench::chain(3),

@@ -189,6 +189,20 @@ fn guest_cat(domain: &str, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// `cargo xtask man`: the manual page, from the command line's own definition (`nasbak man`),
+/// in `target/man/nasbak.1`.
+pub fn man() -> Result<()> {
+    cargo(&["build", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let binary = crate::exec::built_binary("debug");
+    let page = cmd(&binary).arg("man").run()?.stdout;
+    // Beside the profiles: `<target>/man/`.
+    let dir = Path::new(&binary).parent().and_then(Path::parent).map_or_else(|| "target/man".into(), |t| t.join("man"));
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("nasbak.1"), page)?;
+    println!("man: {}", dir.join("nasbak.1").display());
+    Ok(())
+}
+
 /// `cargo xtask demo`: the README's main job on the embedded default: a `custom` repository on a
 /// loop-mounted ext4 image, and a lab guest with an agent and a data disk holding known files.
 /// Backup with quiesce, damage, restore, show the files are back, verify, list.

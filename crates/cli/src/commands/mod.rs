@@ -20,8 +20,25 @@ pub const RUNTIME: &str = "/run/nasbak";
 
 /// Runs the command; returns the exit code of a command that ran to its end.
 pub fn run(cli: &Cli) -> Result<u8> {
-    let mut config = Config::load(&cli.config)?;
+    // Completions and the manual page are made from the command line's own definition: no
+    // configuration is read for them.
+    let mut config = match &cli.command {
+        Command::Completions { .. } | Command::Man => Config::default(),
+        _ => Config::load(&cli.config)?,
+    };
     match &cli.command {
+        Command::Completions { shell } => {
+            // Made in memory first: a closed stdout is an error, not a panic in the generator.
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "nasbak", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(0)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(0)
+        }
         Command::Repo(cmd) => settings::repo(cli, &mut config, cmd),
         Command::Key(cmd) => settings::key(cli, &mut config, cmd),
         Command::Offering(cmd) => settings::offering(cli, &mut config, cmd),
