@@ -1044,8 +1044,12 @@ where
         (path, backing, size): (&Path, &str, u64),
         observer: &mut dyn Observer,
     ) -> Result<(), BackupError> {
-        let protection = crate::protect::target_protection(run.format, run.key)
+        let mut protection = crate::protect::target_protection(run.format, run.key)
             .unwrap_or_else(|| nasbak_qemu_img::TargetProtection::new(StoredLayout::Qcow2, false, None));
+        // The diff's writes come at any offset and length: through QEMU's compress filter a
+        // cluster written twice fails (seen with zstd inside LUKS). Its few changed clusters
+        // go in uncompressed; the file is still stored (and read) as the repository says.
+        protection.compressed = false;
         let header = Some(backing.to_owned()).filter(|_| run.format != FileFormat::CompressedInLuks);
         self.images.create_protected(path, size, header, &protection)?;
         let chain = crate::protect::parent_chain(run.vm_dir, &run.request.vm, backing, run.key)?;

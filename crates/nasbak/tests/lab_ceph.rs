@@ -408,6 +408,53 @@ fn the_reference_systems_backups_of_an_rbd_vm_are_verified_and_restored_and_neve
 }
 
 #[test]
+fn rbd_incrementals_on_compressed_and_encrypted_repositories_restore_equal() {
+    use nasbak::nasbak_repo::{Compression, Encryption, KeySource, Protection};
+    use std::os::unix::fs::PermissionsExt;
+    let dom = rbd_vm("rbdprot");
+    let pool_image = format!("vms/{}", rbd_image(&dom));
+    let key = dom.dir().join("key");
+    fs::write(&key, "a-long-enough-passphrase-for-the-lab-0123456789").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let e = engine(&dom.dir().join("runtime"));
+    let layouts = [
+        (Compression::Zstd, Encryption::None),
+        (Compression::None, Encryption::Luks),
+        (Compression::Zstd, Encryption::Luks),
+    ];
+    for (i, (compression, encryption)) in layouts.into_iter().enumerate() {
+        let root = dom.dir().join(format!("repo{i}"));
+        fs::create_dir_all(&root).unwrap();
+        let k = (encryption == Encryption::Luks).then(|| KeySource::File(key.clone()));
+        let repo = BackupRepository::new(&format!("p{i}"), RepositoryKind::Shared, root.to_str().unwrap(), "", None)
+            .unwrap()
+            .with_protection(Protection::new(compression, encryption, k).unwrap());
+        backup(&e, &dom, &repo, ModeRequest::Full);
+        write_rbd(&pool_image, 0x20 + i as u8, "4M", "1M");
+        write_rbd(&pool_image, 0x30 + i as u8, "9000k", "3k");
+        let second = backup(&e, &dom, &repo, ModeRequest::Auto);
+        let vdb = disk_of(&second, "vdb");
+        assert_eq!(vdb.mode, BackupMode::Incremental, "{compression:?}/{encryption:?}: {vdb:?}");
+        // Allocated, not apparent: a LUKS container is sparse and sized for the worst case.
+        let allocated =
+            std::os::unix::fs::MetadataExt::blocks(&fs::metadata(backup_file(&repo, &second, "vdb")).unwrap()) * 512;
+        assert!(allocated < 8 << 20, "{compression:?}/{encryption:?}: {allocated} bytes");
+        let to = dom.dir().join(format!("restored{i}.raw"));
+        let request = VolumeRestoreRequest::new(
+            repo.clone(),
+            dom.name(),
+            &second.manifest.id,
+            "vdb",
+            ImageLocation::Path(to.clone()),
+        )
+        .with_format(ImageFormat::Raw);
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+            .unwrap_or_else(|err| panic!("{compression:?}/{encryption:?}: {}", nasbak::chain(&err)));
+        assert!(raw_same_as_rbd(&to, &pool_image), "{compression:?}/{encryption:?}: the restored chain differs");
+    }
+}
+
+#[test]
 fn a_whole_vm_restore_writes_the_rbd_disk_in_place() {
     let dom = rbd_vm("rbdrestore");
     let image = rbd_image(&dom);
