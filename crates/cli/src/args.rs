@@ -301,8 +301,18 @@ pub enum Command {
     /// Backup schedules: add, list, remove.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
-    /// Run the schedules that are due, then prune (safe to call every minute from a timer).
+    /// Run the schedules that are due, then prune (safe to call every minute from a timer); then
+    /// write the metrics file when the configuration names one (`metrics_textfile`).
     RunDue,
+    /// Each assigned VM against its schedules (RPO met or missed), its last failure, chain and
+    /// boot verification, and each repository's capacity: exit 5 when a VM needs attention.
+    Status,
+    /// The status as metrics for node_exporter's textfile collector (Prometheus text format).
+    Metrics {
+        /// Write them to this file atomically [default: stdout].
+        #[arg(long, value_name = "PATH")]
+        textfile: Option<std::path::PathBuf>,
+    },
     /// Shell completions on stdout (`nasbak completions bash > /etc/bash_completion.d/nasbak`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.

@@ -48,6 +48,8 @@ fn every_command_has_help() {
         &["schedule", "list", "--help"],
         &["schedule", "remove", "--help"],
         &["run-due", "--help"],
+        &["status", "--help"],
+        &["metrics", "--help"],
         &["repo", "check", "--help"],
         &["repo", "stats", "--help"],
         &["mount", "--help"],
@@ -374,6 +376,110 @@ fn run_due_backs_up_several_vms_at_once_within_the_repositorys_limit() {
     assert_eq!(spans.len(), 3);
     let at_once = spans.iter().map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count()).max().unwrap();
     assert_eq!(at_once, 2, "{spans:?}");
+}
+
+/// The value of the sample of `metric` for `vm` in a metrics file.
+fn sample(text: &str, metric: &str, vm: &str) -> Option<f64> {
+    let prefix = format!("{metric}{{vm=\"{vm}\"");
+    text.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn status_and_metrics_after_a_missed_schedule_a_success_and_a_failure() {
+    let good = DomainSpec::new("clistatus").disk(DiskSpec::qcow2(16)).create();
+    let broken = DomainSpec::new("clistatusbad").disk(DiskSpec::qcow2(16)).create();
+    let dir = good.dir();
+    let config = dir.join("nasbak.toml");
+    let state = dir.join("state.json");
+    let env = [("NASBAK_STATE", state.to_str().unwrap())];
+    shared_repo(&config, dir);
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "off"]);
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    for d in [&good, &broken] {
+        ok(&config, &["assign", d.name(), "gold"]);
+        ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "0"]);
+    }
+    created_two_hours_ago(&config);
+    // Missed: the schedules' occurrence an hour ago has passed its grace with no backup.
+    let (code, out, err) = nasbak_env(&config, &env, &["--json", "status"]);
+    assert_eq!(code, 5, "{out}{err}");
+    let report = json_of(&out);
+    for vm in report["vms"].as_array().unwrap() {
+        assert_eq!(vm["rpo"]["state"], "missed", "{vm}");
+        assert!(vm["newest"].is_null() && vm["rpo"]["required_since"].is_string(), "{vm}");
+    }
+    assert!(report["repositories"][0]["capacity"]["available"].as_u64().unwrap() > 0, "{report}");
+    let (_, text, _) = nasbak_env(&config, &env, &["status"]);
+    assert!(text.contains(&format!("{}: RPO MISSED, no good backup", good.name())), "{text}");
+    // A broken disk: the second VM's backup fails; the first one's succeeds. run-due writes
+    // the metrics file the configuration names.
+    std::fs::remove_file(&broken.disks()[0].path).unwrap();
+    let textfile = dir.join("textfile").join("nasbak.prom");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("metrics_textfile = \"{}\"\n{text}", textfile.display())).unwrap();
+    let (code, out, err) = nasbak_env(&config, &env, &["run-due"]);
+    assert_eq!(code, 5, "{out}{err}");
+    let (code, out, err) = nasbak_env(&config, &env, &["--json", "status"]);
+    assert_eq!(code, 5, "the broken VM needs attention: {out}{err}");
+    let report = json_of(&out);
+    let vm = |name: &str| report["vms"].as_array().unwrap().iter().find(|v| v["vm"] == name).unwrap().clone();
+    let (g, b) = (vm(good.name()), vm(broken.name()));
+    assert_eq!((g["rpo"]["state"].as_str(), g["chain_length"].as_u64()), (Some("met"), Some(1)), "{g}");
+    assert_eq!((g["consecutive_failures"].as_u64(), g["newest"]["mode"].as_str()), (Some(0), Some("full")), "{g}");
+    assert!(g["newest"]["bytes_written"].as_u64().unwrap() > 0 && g["newest"]["age_seconds"].as_i64().unwrap() < 600);
+    assert_eq!((b["rpo"]["state"].as_str(), b["consecutive_failures"].as_u64()), (Some("missed"), Some(1)), "{b}");
+    assert_eq!(b["last_failure"]["schedule"], format!("{}-hourly", broken.name()).as_str());
+    assert!(b["last_failure"]["reason"].as_str().unwrap().contains("disk0.qcow2"), "the reason names the file: {b}");
+    let (_, text, _) = nasbak_env(&config, &env, &["status"]);
+    assert!(text.contains(&format!("{}: RPO met", good.name())), "{text}");
+    assert!(text.contains("FAILING (1 run(s) in a row)"), "{text}");
+    // The metrics file: promtool reads and lints it; it says what the status says.
+    let metrics = std::fs::read_to_string(&textfile).unwrap();
+    let lint =
+        Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&textfile).unwrap()).output();
+    let lint = lint.expect("promtool (Debian's prometheus package; the lab installs it)");
+    assert!(
+        lint.status.success(),
+        "{}{}\n{metrics}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert_eq!(sample(&metrics, "nasbak_vm_rpo_met", good.name()), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "nasbak_vm_rpo_met", broken.name()), Some(0.0), "{metrics}");
+    assert_eq!(sample(&metrics, "nasbak_vm_failures_total", broken.name()), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "nasbak_vm_failures_total", good.name()), Some(0.0), "{metrics}");
+    let made = sample(&metrics, "nasbak_vm_last_success_timestamp_seconds", good.name()).unwrap();
+    assert!((chrono::Utc::now().timestamp() as f64 - made).abs() < 600.0, "{made}");
+    assert!(metrics.contains("nasbak_repository_available_bytes{repository=\"lab\"}"), "{metrics}");
+    // `nasbak metrics` prints the same families; a run-due with nothing due leaves a fresh file.
+    let printed = ok(&config, &["metrics"]);
+    assert_eq!(printed.lines().filter(|l| l.starts_with("# TYPE")).count(), 18, "{printed}");
+    let before = std::fs::metadata(&textfile).unwrap().modified().unwrap();
+    let (code, out, _) = nasbak_env(&config, &env, &["run-due"]);
+    assert_eq!((code, out.trim()), (0, "nothing is due"));
+    assert_eq!(std::fs::metadata(&textfile).unwrap().modified().unwrap(), before);
+}
+
+#[test]
+fn the_documented_alert_rules_pass_their_tests_and_use_only_metrics_nasbak_writes() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/monitoring");
+    let out = Command::new("promtool")
+        .args(["test", "rules", "nasbak.rules.test.yml"])
+        .current_dir(&docs)
+        .output()
+        .expect("promtool (Debian's prometheus package; the lab installs it)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let printed = ok(&dir.path().join("c.toml"), &["metrics"]);
+    let families: Vec<&str> =
+        printed.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+    let rules = std::fs::read_to_string(docs.join("nasbak.rules.yml")).unwrap();
+    let used: std::collections::BTreeSet<&str> =
+        rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("nasbak_")).collect();
+    assert!(used.len() >= 6, "{used:?}");
+    for m in used {
+        assert!(families.contains(&m), "the rules use {m}, which nasbak does not write: {families:?}");
+    }
 }
 
 #[test]

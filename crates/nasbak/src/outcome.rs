@@ -323,6 +323,13 @@ pub struct CapacityReport {
     pub available: u64,
 }
 
+impl CapacityReport {
+    /// The capacity of repository `repository`: `total`, `used` and `available` bytes.
+    pub fn new(repository: impl Into<String>, total: u64, used: u64, available: u64) -> Self {
+        CapacityReport { repository: repository.into(), total, used, available }
+    }
+}
+
 /// What verify found in one backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]

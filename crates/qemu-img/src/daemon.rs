@@ -222,7 +222,15 @@ impl WritableExport {
     /// this returns `Ok`.
     pub fn finish(mut self, timeout: Duration) -> Result<(), ImageError> {
         let err = |detail: String| ImageError::Daemon { action: "finishing a backup target", detail };
-        self.qmp.execute("quit", json!({})).map_err(err)?;
+        if let Err(e) = self.qmp.execute("quit", json!({})) {
+            // The daemon went away before it was asked to: say how it ended, not only that
+            // its socket closed.
+            let ended = match self.daemon.wait(Duration::from_secs(2)) {
+                Ok(()) => "qemu-storage-daemon had exited with success".to_owned(),
+                Err(how) => how,
+            };
+            return Err(err(format!("{e}; {ended}")));
+        }
         self.daemon.wait(timeout).map_err(err)
     }
 }

@@ -179,6 +179,10 @@ pub struct Config {
     /// top of the file); none: two per core of the host.
     #[serde(default)]
     pub max_parallel: Option<u32>,
+    /// Where `run-due` writes the metrics for node_exporter's textfile collector
+    /// (`metrics_textfile` at the top of the file); none: it writes none.
+    #[serde(default)]
+    pub metrics_textfile: Option<PathBuf>,
     /// The backup repositories.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<BackupRepository>,
@@ -204,6 +208,8 @@ pub struct Config {
 struct RawConfig {
     #[serde(default)]
     max_parallel: Option<toml::Spanned<i64>>,
+    #[serde(default)]
+    metrics_textfile: Option<toml::Spanned<String>>,
     #[serde(default)]
     repository: Vec<toml::Spanned<toml::Table>>,
     #[serde(default)]
@@ -300,6 +306,20 @@ impl Config {
             ),
             None => None,
         };
+        let metrics_textfile = match raw.metrics_textfile {
+            Some(v) if !v.get_ref().starts_with('/') || v.get_ref().ends_with('/') => {
+                return Err(invalid(
+                    line_of(v.span().start),
+                    format!(
+                        "metrics_textfile = {:?}: expected the absolute path of a file, such as \
+                         /var/lib/prometheus/node-exporter/nasbak.prom",
+                        v.get_ref()
+                    ),
+                ));
+            }
+            Some(v) => Some(PathBuf::from(v.into_inner())),
+            None => None,
+        };
         let offerings: Vec<(Offering, usize)> = items(raw.offering, &line_of, &invalid)?;
         let schedules: Vec<(Schedule, usize)> = items(raw.schedule, &line_of, &invalid)?;
         let assignments: Vec<(String, String, usize)> = raw
@@ -310,6 +330,7 @@ impl Config {
             .unwrap_or_default();
         let mut config = Config {
             max_parallel,
+            metrics_textfile,
             repository_max_parallel: limits
                 .into_iter()
                 .map(|(i, n)| (repositories[i].0.name().to_string(), n))
@@ -493,6 +514,8 @@ impl Serialize for Config {
         struct File<'a> {
             #[serde(skip_serializing_if = "Option::is_none")]
             max_parallel: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            metrics_textfile: Option<&'a Path>,
             repository: Vec<toml::Table>,
             #[serde(skip_serializing_if = "<[Offering]>::is_empty")]
             offering: &'a [Offering],
@@ -511,6 +534,7 @@ impl Serialize for Config {
         }
         File {
             max_parallel: self.max_parallel,
+            metrics_textfile: self.metrics_textfile.as_deref(),
             repository,
             offering: &self.offerings,
             assignments: &self.assignments,
@@ -621,6 +645,48 @@ pub struct ScheduleState {
     /// Schedule id to how its last run ended (absent while it runs, and in older state files).
     #[serde(default)]
     pub last_outcome: BTreeMap<String, RunOutcome>,
+    /// VM name to the failures of its scheduled runs (absent in older state files).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failures: BTreeMap<String, FailureHistory>,
+}
+
+/// The failures of a VM's scheduled runs: a failed backup, or a boot verification of the new
+/// backup that did not pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct FailureHistory {
+    /// Failed runs since the state began.
+    pub total: u64,
+    /// Failed runs since its last successful one.
+    pub consecutive: u32,
+    /// The last failure.
+    pub last: Option<Failure>,
+}
+
+/// One failed scheduled run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Failure {
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// The schedule.
+    pub schedule: String,
+    /// Why, with the causes.
+    pub reason: String,
+}
+
+impl FailureHistory {
+    /// Counts a run that ended at `at`: a failure (with its schedule and reason) or a success.
+    pub fn record(&mut self, at: DateTime<Utc>, failure: Option<(&str, &str)>) {
+        match failure {
+            Some((schedule, reason)) => {
+                self.total += 1;
+                self.consecutive = self.consecutive.saturating_add(1);
+                self.last = Some(Failure { at, schedule: schedule.to_owned(), reason: reason.to_owned() });
+            }
+            None => self.consecutive = 0,
+        }
+    }
 }
 
 /// How a scheduled run ended.
@@ -682,6 +748,44 @@ mod tests {
         let dup = "[[repository]]\nname = \"a\"\ntype = \"shared\"\naddress = \"/x\"\n[[repository]]\nname = \"a\"\ntype = \"shared\"\naddress = \"/y\"\n";
         let e = Config::parse(dup, Path::new("c.toml")).unwrap_err().to_string();
         assert!(e.contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn the_metrics_file_is_an_absolute_file_path_kept_on_save() {
+        let c = Config::parse("metrics_textfile = \"/var/lib/node/nasbak.prom\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.metrics_textfile.as_deref(), Some(Path::new("/var/lib/node/nasbak.prom")));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        c.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+        for bad in ["nasbak.prom", "/var/lib/node/"] {
+            let e = Config::parse(&format!("\n\nmetrics_textfile = {bad:?}\n"), Path::new("c.toml")).unwrap_err();
+            let e = e.to_string();
+            assert!(e.starts_with("c.toml:3:") && e.contains("absolute path of a file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn failures_count_in_a_row_until_a_success() {
+        let t = |m: i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + m * 60, 0).unwrap();
+        let mut h = FailureHistory::default();
+        h.record(t(0), Some(("web1-daily", "no space")));
+        h.record(t(1), Some(("web1-hourly", "timeout")));
+        assert_eq!((h.total, h.consecutive), (2, 2));
+        assert_eq!(
+            h.last.as_ref().map(|f| (f.schedule.as_str(), f.reason.as_str(), f.at)),
+            Some(("web1-hourly", "timeout", t(1)))
+        );
+        h.record(t(2), None);
+        assert_eq!((h.total, h.consecutive), (2, 0), "a success ends the run of failures, not the count");
+        assert!(h.last.is_some(), "the last failure stays for the status");
+        // An older state file (no failures) reads; a new one round-trips.
+        let old: ScheduleState = serde_json::from_str(r#"{"last_run":{},"last_outcome":{}}"#).unwrap();
+        assert!(old.failures.is_empty());
+        let mut st = ScheduleState::default();
+        st.failures.insert("web1".into(), h);
+        let text = serde_json::to_string(&st).unwrap();
+        assert_eq!(serde_json::from_str::<ScheduleState>(&text).unwrap(), st);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! nasbak as a service: the configuration file ([`config`]: repositories, offerings, VM
 //! assignments, schedules), where a VM's backup goes ([`placement`]), prune by offering
-//! ([`prune_vm`]) and [`run_due`], what a systemd timer calls every minute.
+//! ([`prune_vm`]) and [`run_due`], what a systemd timer calls every minute; the [`status`] of
+//! every VM against its schedules, and its [`metrics`] for node_exporter.
 //!
 //! The engine (`nasbak`) takes repositories and requests, never a configuration file: an
 //! orchestrator that embeds it brings its own configuration and scheduler and does not compile
@@ -24,8 +25,10 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod metrics;
 mod run_due;
 pub mod schedule;
 mod slots;
+pub mod status;
 
 pub use run_due::{DueRun, Placement, RunDue, placement, prune_vm, prune_vm_with, run_due};

@@ -94,9 +94,20 @@ pub struct DueRun {
 impl DueRun {
     /// Whether the schedule's backup failed, or its boot verification did not pass.
     pub fn failed(&self) -> bool {
-        matches!(self.outcome, RunOutcome::Failed(_))
-            || matches!(&self.boot_verified, Some(Err(_)))
-            || matches!(&self.boot_verified, Some(Ok(v)) if v.result != BootResult::Passed)
+        self.failure().is_some()
+    }
+
+    /// Why the run failed: the backup's error, or what the boot verification of the new backup
+    /// said (or why it could not run). None when it did not fail.
+    pub fn failure(&self) -> Option<String> {
+        match (&self.outcome, &self.boot_verified) {
+            (RunOutcome::Failed(e), _) => Some(e.clone()),
+            (_, Some(Err(e))) => Some(format!("the boot verification of the new backup could not run: {e}")),
+            (_, Some(Ok(v))) if v.result != BootResult::Passed => {
+                Some(format!("the new backup {} did not pass its boot verification: {}", v.backup, v.detail))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -443,11 +454,16 @@ where
     I: ImageTool + Sync,
     M: Mounter,
 {
-    // Read again and written under the state lock: other runs record theirs meanwhile.
-    let record = |outcome: RunOutcome| {
+    // Read again and written under the state lock: other runs record theirs meanwhile. A
+    // cancelled run counts neither as a failure nor as a success.
+    let record = |outcome: RunOutcome, failure: Option<Option<String>>| {
         let saved = crate::slots::state_lock(state_dir).and_then(|_held| {
             let mut st = ScheduleState::load(state_path).map_err(config_error)?;
             st.last_outcome.insert(s.id.clone(), outcome);
+            if let Some(failure) = failure {
+                let history = st.failures.entry(s.vm.clone()).or_default();
+                history.record(engine.clock().now(), failure.as_deref().map(|r| (s.id.as_str(), r)));
+            }
             st.save(state_path).map_err(config_error)
         });
         if let Err(e) = saved {
@@ -486,13 +502,14 @@ where
             (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
         }
         Err(BackupError::Cancelled) => {
-            record(RunOutcome::Cancelled);
+            record(RunOutcome::Cancelled, None);
             return None;
         }
         Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None),
     };
-    record(outcome.clone());
-    Some(DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified })
+    let run = DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified };
+    record(run.outcome.clone(), Some(run.failure()));
+    Some(run)
 }
 
 #[cfg(test)]

@@ -83,6 +83,11 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     for r in reporters.into_values() {
         r.finish();
     }
+    let ran = match &outcome {
+        Ok(RunDue::Ran(runs)) => runs.iter().any(|r| !matches!(r.outcome, RunOutcome::Skipped(_))),
+        Err(_) => true,
+    };
+    super::catalog::refresh_metrics(config, &cli.state, ran);
     let outcome = outcome?;
     if cli.json {
         print_json(&outcome)?;

@@ -252,3 +252,124 @@ pub fn umount(cli: &Cli, dir: &std::path::Path) -> Result<u8> {
     }
     Ok(0)
 }
+
+/// The status of every assigned VM (from the repositories and the schedule state) at this
+/// moment; repositories are mounted where they must be, never libvirt.
+fn gather_status(config: &Config, state_path: &std::path::Path) -> Result<nasbak_service::status::StatusReport> {
+    let state = nasbak_service::config::ScheduleState::load(state_path)?;
+    let services = CatalogServices::new();
+    Ok(nasbak_service::status::status(&services.catalog(), config, &state, chrono::Utc::now()))
+}
+
+/// `2d 3h`, `3h 05m`, `4m 10s`: an age for people.
+fn age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+pub fn status(cli: &Cli, config: &Config) -> Result<u8> {
+    use nasbak_service::status::RpoState;
+    let report = gather_status(config, &cli.state)?;
+    if cli.json {
+        print_json(&report)?;
+    } else {
+        if report.vms.is_empty() {
+            println!("no VM is assigned to an offering or scheduled");
+        }
+        for vm in &report.vms {
+            let rpo = match vm.rpo.state {
+                RpoState::Met => "RPO met",
+                RpoState::Missed => "RPO MISSED",
+                RpoState::Pending => "RPO pending (no occurrence of its schedules has passed yet)",
+                RpoState::Unscheduled => "no schedule",
+                _ => "UNKNOWN",
+            };
+            let newest = match &vm.newest {
+                Some(n) => format!(
+                    "newest {} ({} old, {}, chain of {})",
+                    n.backup,
+                    age(n.age_seconds),
+                    if n.mode == nasbak::nasbak_repo::BackupMode::Full { "full" } else { "incremental" },
+                    vm.chain_length.unwrap_or(1)
+                ),
+                None if vm.error.is_none() => "no good backup".to_owned(),
+                None => String::new(),
+            };
+            println!("{}: {rpo}{}{newest}", vm.vm, if newest.is_empty() { "" } else { ", " });
+            if let (RpoState::Missed, Some(since)) = (vm.rpo.state, vm.rpo.required_since) {
+                println!(
+                    "  needs a backup begun at or after {} (schedule {})",
+                    since.format("%Y-%m-%d %H:%M UTC"),
+                    vm.rpo.schedule.as_deref().unwrap_or("-")
+                );
+            }
+            if let Some(e) = &vm.error {
+                println!("  ERROR: {e}");
+            }
+            if let Some(f) = &vm.last_failure {
+                let state = if vm.consecutive_failures > 0 {
+                    format!("FAILING ({} run(s) in a row)", vm.consecutive_failures)
+                } else {
+                    "since succeeded".to_owned()
+                };
+                println!(
+                    "  last failure {} ({}, {state}): {}",
+                    f.at.format("%Y-%m-%d %H:%M UTC"),
+                    f.schedule,
+                    f.reason.lines().next().unwrap_or_default()
+                );
+            }
+            if let Some(v) = &vm.boot_verified {
+                println!("  boot verified {}: {:?} ({})", v.at.format("%Y-%m-%d %H:%M UTC"), v.result, v.backup);
+            }
+        }
+        for r in &report.repositories {
+            match (&r.capacity, &r.error) {
+                (Some(c), _) => println!(
+                    "repository {}: {} GiB total, {} GiB used, {} GiB available ({} %)",
+                    r.repository,
+                    c.total >> 30,
+                    c.used >> 30,
+                    c.available >> 30,
+                    (c.available * 100).checked_div(c.total).unwrap_or(0)
+                ),
+                (None, e) => println!("repository {}: UNREACHABLE: {}", r.repository, e.as_deref().unwrap_or("-")),
+            }
+        }
+    }
+    Ok(if report.needs_attention() { 5 } else { 0 })
+}
+
+pub fn metrics(config: &Config, state_path: &std::path::Path, textfile: Option<&std::path::Path>) -> Result<u8> {
+    let report = gather_status(config, state_path)?;
+    match textfile {
+        Some(path) => nasbak_service::metrics::write_textfile(path, &report)?,
+        None => print!("{}", nasbak_service::metrics::render(&report)),
+    }
+    Ok(0)
+}
+
+/// After `run-due`: the metrics file the configuration names, when a backup ran or the file is
+/// older than five minutes (a timer calls `run-due` every minute; the ages stay current without
+/// mounting every repository each minute). A failure is a warning: the backups stand.
+pub fn refresh_metrics(config: &Config, state_path: &std::path::Path, ran: bool) {
+    let Some(path) = &config.metrics_textfile else { return };
+    let fresh = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(300));
+    if fresh && !ran {
+        return;
+    }
+    if let Err(e) = gather_status(config, state_path)
+        .and_then(|r| nasbak_service::metrics::write_textfile(path, &r).map_err(anyhow::Error::from))
+    {
+        eprintln!("nasbak: WARNING: the metrics file {} was not written: {e:#}", path.display());
+    }
+}

@@ -49,6 +49,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
             backup::backup(cli, &config, vm, (offering.as_deref(), repo.as_deref()), *quiesce, *timeout, *mode)
         }
         Command::RunDue => backup::run_due(cli, &config),
+        Command::Status => catalog::status(cli, &config),
+        Command::Metrics { textfile } => catalog::metrics(&config, &cli.state, textfile.as_deref()),
         Command::List { vm, repo } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),
         Command::Show { id } => catalog::show(cli, &config, id),
         Command::Verify { id: Some(id), boot: true, timeout, check, .. } => {

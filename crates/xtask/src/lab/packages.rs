@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "openssh-client",
     // Backtraces of a test that exceeds its deadline (`cargo xtask test`).
     "gdb",
+    // promtool, which lints the metrics file (`nasbak metrics`); its server is not run.
+    "prometheus",
 ];
 
 fn installed(package: &str) -> bool {
@@ -87,6 +89,13 @@ pub fn ensure() -> Result<()> {
         .context("apt-get update")?;
     if !missing.is_empty() {
         apt_install(&missing)?;
+    }
+    if missing.contains(&"prometheus") {
+        // Only promtool is wanted: the server the package starts is stopped and stays off.
+        let _ = cmd("systemctl")
+            .args(["disable", "--now", "prometheus.service"])
+            .timeout(std::time::Duration::from_secs(120))
+            .run();
     }
     if which("qemu-img").is_none() {
         apt_install(&["qemu-utils"])?;
