@@ -482,6 +482,77 @@ fn the_documented_alert_rules_pass_their_tests_and_use_only_metrics_nasbak_write
     }
 }
 
+/// A night of six VMs due at once: four good running ones, one whose disk file is gone, one
+/// whose guest agent hangs. The broken one fails with its reason, the hung agent costs its VM
+/// the quiesce but not the backup (best-effort) and never pauses it, the others are untouched;
+/// every backup made verifies, and the status says which VM needs attention.
+#[test]
+fn run_due_of_six_vms_with_a_broken_disk_and_a_hung_agent() {
+    let hung = DomainSpec::new("nighthung").disk(DiskSpec::qcow2(64).ext4()).agent(true).running(true).create();
+    let good: Vec<_> = (0..4)
+        .map(|i| DomainSpec::new(&format!("night{i}")).disk(DiskSpec::qcow2(32)).running(true).create())
+        .collect();
+    let broken = DomainSpec::new("nightbroken").disk(DiskSpec::qcow2(32)).create();
+    std::fs::remove_file(&broken.disks()[0].path).unwrap();
+    hung.wait_for_agent(Duration::from_secs(120));
+    // Stop the agent from inside the guest: guest-exec answers before the kill lands.
+    let _ = hung.try_agent_command(
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; kill -STOP $(pidof qemu-ga)"]}}"#,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = hung.dir();
+    let config = dir.join("nasbak.toml");
+    let state = dir.join("state.json");
+    let env = [("NASBAK_STATE", state.to_str().unwrap())];
+    shared_repo(&config, dir);
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--quiesce", "best-effort"]);
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    let all: Vec<&nasbak_testlab::LabDomain> = std::iter::once(&hung).chain(&good).chain([&broken]).collect();
+    for d in &all {
+        ok(&config, &["assign", d.name(), "gold"]);
+        ok(&config, &["schedule", "add", d.name(), "--every", "hourly", "--at", &minute, "--keep", "0"]);
+    }
+    created_two_hours_ago(&config);
+    let (code, out, err) = nasbak_env(&config, &env, &["--json", "run-due"]);
+    assert_eq!(code, 5, "a due schedule failed: {out}{err}");
+    let runs = json_of(&out)["ran"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 6, "{out}");
+    for r in &runs {
+        let vm = r["vm"].as_str().unwrap();
+        if vm == broken.name() {
+            let e = r["outcome"]["failed"].as_str().unwrap_or_else(|| panic!("{r}"));
+            assert!(e.contains("disk0.qcow2") && e.contains("No such file"), "{e}");
+        } else {
+            assert!(r["outcome"]["succeeded"].is_string(), "{vm}: {r}");
+        }
+    }
+    // The hung agent: not quiesced, said why, the guest still running (never left paused).
+    let listed = json_of(&ok(&config, &["--json", "list"]));
+    let backups = listed.as_array().unwrap();
+    assert_eq!(backups.len(), 5, "{listed}");
+    let of_hung = backups.iter().find(|b| b["vm"] == hung.name()).unwrap();
+    assert_eq!(of_hung["manifest"]["quiesced"], false, "{of_hung}");
+    assert!(of_hung["manifest"]["quiesce_note"].as_str().unwrap_or_default().contains("agent"), "{of_hung}");
+    assert!(hung.is_running(), "the VM with the hung agent runs");
+    assert_eq!(nasbak_testlab::virsh(&["domstate", hung.name()]).unwrap().trim(), "running");
+    for b in backups {
+        let (code, out, err) = nasbak_env(&config, &env, &["verify", b["id"].as_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // The status: the five met, the broken one missed and failing.
+    let (code, out, _) = nasbak_env(&config, &env, &["--json", "status"]);
+    assert_eq!(code, 5);
+    let report = json_of(&out);
+    for vm in report["vms"].as_array().unwrap() {
+        let (state, failing) = (vm["rpo"]["state"].as_str().unwrap(), vm["consecutive_failures"].as_u64().unwrap());
+        if vm["vm"] == broken.name() {
+            assert_eq!((state, failing), ("missed", 1), "{vm}");
+        } else {
+            assert_eq!((state, failing), ("met", 0), "{vm}");
+        }
+    }
+}
+
 #[test]
 fn restore_volume_writes_a_new_volume_and_attaches_it_to_a_running_vm() {
     let src = DomainSpec::new("clivolsrc")
