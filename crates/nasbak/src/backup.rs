@@ -528,11 +528,23 @@ where
     ) -> Result<Copied, BackupError> {
         match run.state {
             DomainState::Running => {
+                // With scratch storage, the job writes there and the files are copied to the
+                // repository afterwards (see `crate::staging`).
+                let staging = match &self.scratch {
+                    Some(scratch) => {
+                        let name =
+                            run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let id = name.strip_suffix(".partial").unwrap_or(&name);
+                        Some(crate::staging::Staging::create(scratch, &run.request.vm, id).map_err(at(Step::Job))?)
+                    }
+                    None => None,
+                };
+                let staging = staging.as_ref();
                 let mut push = |chain: &crate::incremental::ChainDecision, notes: &mut Notes| {
                     self.push(
                         run,
                         (&chain.plan, chain.from.as_deref(), created),
-                        (notes, &mut *snapshots),
+                        (notes, &mut *snapshots, staging),
                         &mut *observer,
                     )
                 };
@@ -549,12 +561,18 @@ where
                         chain.from = None;
                         for (_, file) in run.files {
                             let _ = fs::remove_file(run.partial.join(file));
+                            if let Some(s) = staging {
+                                let _ = fs::remove_file(s.path().join(file));
+                            }
                         }
                         push(chain, notes)
                     }
                     other => other,
                 }
                 .map_err(|f| (run.unavailable)(Step::Job, f.error()))?;
+                if let Some(s) = staging {
+                    self.unstage(run, s, observer).map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                }
                 self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
@@ -767,10 +785,15 @@ where
         &self,
         run: &Run<'_>,
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
-        (notes, snapshots): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>),
+        (notes, snapshots, staging): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>, Option<&crate::staging::Staging>),
         observer: &mut dyn Observer,
     ) -> Result<(bool, Option<String>), PushFailure> {
-        let (request, domain, partial, files, cancel) = (run.request, run.domain, run.partial, run.files, run.cancel);
+        // The job's files go to the scratch directory when there is one, else to the partial
+        // directory on the repository.
+        let partial = staging.map_or(run.partial, |s| s.path());
+        let staged = Run { partial, ..*run };
+        let run = &staged;
+        let (request, domain, files, cancel) = (run.request, run.domain, run.files, run.cancel);
         let mut backup = PushBackup::for_domain(domain, partial, |d| d.target.clone());
         backup.checkpoint = checkpoint.map(str::to_owned);
         // RBD disks nasbak reaches are read from their snapshots, taken right after the job
@@ -857,13 +880,21 @@ where
         };
         crate::fault::point("job-started");
         let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        let waited = match job {
-            Some(job) => job
-                .wait(options, cancel, &mut |p| {
-                    observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
-                })
-                .map(drop),
-            None => Ok(()),
+        let mut wait = |job: nasbak_libvirt::RunningBackup<'_, H>, cancel: &CancelHandle| {
+            job.wait(options, cancel, &mut |p| {
+                observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
+            })
+            .map(drop)
+        };
+        let waited = match (job, staging) {
+            // A job that ended within the limit's last check, past it, fails as one stopped.
+            (Some(job), Some(s)) => match s.watch(cancel, SCRATCH_CHECK, |c| wait(job, c)) {
+                (Err(_), Some(reason)) => Err(s.full(reason)),
+                (Ok(()), _) if let Some(reason) = s.exceeded() => Err(s.full(reason)),
+                (waited, _) => waited.map_err(BackupError::from),
+            },
+            (Some(job), None) => wait(job, cancel).map_err(BackupError::from),
+            (None, _) => Ok(()),
         };
         let mut frozen = None;
         if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
@@ -875,7 +906,11 @@ where
         // A guest that may still be frozen is said on every path: a warning with the backup, or
         // the error of a failed one.
         if let Err(e) = waited {
-            return Err(still_frozen(frozen, cancelled_or(cancel, e)).into());
+            let e = match e {
+                e @ BackupError::Scratch { .. } => e,
+                e => cancelled_or(cancel, e),
+            };
+            return Err(still_frozen(frozen, e).into());
         }
         notes.warnings.extend(frozen);
         // The job is done: each protected file flushed and closed, complete only then.
@@ -883,6 +918,30 @@ where
             export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
         Ok((outcome.quiesced, outcome.note))
+    }
+
+    /// Copies each file the job staged in the scratch directory to the partial directory on the
+    /// repository, byte for byte (holes kept), and removes it from the scratch. A repository
+    /// that stalls delays only this copy, which ends by its timeout or a cancel.
+    fn unstage(
+        &self,
+        run: &Run<'_>,
+        staging: &crate::staging::Staging,
+        observer: &mut dyn Observer,
+    ) -> Result<(), BackupError> {
+        for (disk, file) in run.files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)) {
+            if run.cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            let from = staging.path().join(file);
+            let size = fs::metadata(&from).map_err(io("reading the staged file", &from))?.len();
+            let mut r =
+                ConvertRequest::new(ImageLocation::Path(from.clone()), run.partial.join(file), ImageFormat::Raw);
+            r.source_format = Some(ImageFormat::Raw);
+            convert(&self.images, r, run.cancel, &run.request.vm, &disk.target, size, observer)?;
+            let _ = fs::remove_file(&from);
+        }
+        Ok(())
     }
 
     /// For a repository that encrypts and does not compress: each disk's file created empty in
@@ -1141,6 +1200,9 @@ fn export_not_finished(target: &str, e: nasbak_qemu_img::ImageError) -> BackupEr
 
 /// How long a protected backup file's export may take to flush and stop once the job is done.
 const EXPORT_FINISH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often the scratch storage is measured while a staged job runs.
+const SCRATCH_CHECK: Duration = Duration::from_millis(100);
 
 /// After the thaw right after the job start failed (`first`): tries again (three times); if that
 /// fails too, hands the thaw to the watchdog. Returns the note for the manifest and, when the

@@ -61,6 +61,7 @@ pub struct Engine<H, A, I, M> {
     pub(crate) agent_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) runtime_dir: PathBuf,
+    pub(crate) scratch: Option<crate::request::Scratch>,
 }
 
 /// Where the engine keeps what lives only while this host runs (the NBD sockets of instant
@@ -88,7 +89,16 @@ where
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             clock: Arc::new(SystemClock),
             runtime_dir: PathBuf::from(DEFAULT_RUNTIME_DIR),
+            scratch: None,
         }
+    }
+
+    /// Has the push jobs of running VMs write to local scratch storage first (see
+    /// [`crate::Scratch`]): guest writes never wait on the repository. Without it (the
+    /// default) the job writes to the repository directly.
+    pub fn with_scratch(mut self, scratch: crate::request::Scratch) -> Self {
+        self.scratch = Some(scratch);
+        self
     }
 
     /// Keeps the engine's runtime files (NBD sockets) under `dir` (default

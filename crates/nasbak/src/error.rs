@@ -196,6 +196,17 @@ pub enum BackupError {
         /// Bytes free.
         available: u64,
     },
+    /// The scratch directory the push job writes to (see `Scratch`) filled up, or could not be
+    /// used: the job was aborted before a guest write could wait on it; the guest ran on.
+    #[error("the scratch directory {dir} for {vm}'s backup: {detail}")]
+    Scratch {
+        /// The VM.
+        vm: String,
+        /// The scratch directory.
+        dir: PathBuf,
+        /// What happened, with the limit and what was used.
+        detail: String,
+    },
     /// No disk to back up.
     #[error("{vm} has no disk that can be backed up")]
     NothingToBackUp {
@@ -432,7 +443,7 @@ impl BackupError {
                 ErrorKind::Unresponsive
             }
             BackupError::Job(nasbak_libvirt::JobError::Unresponsive { .. }) => ErrorKind::Unresponsive,
-            BackupError::NoSpace { .. } => ErrorKind::NoSpace,
+            BackupError::NoSpace { .. } | BackupError::Scratch { .. } => ErrorKind::NoSpace,
             BackupError::NotBackupable { .. } => ErrorKind::DomainNotBackupable,
             BackupError::Unsupported { .. } => ErrorKind::Unsupported,
             BackupError::KeyNeeded { .. } => ErrorKind::KeyRejected,
@@ -459,6 +470,7 @@ impl BackupError {
             BackupError::Mount(_) => Some(Step::Mount),
             BackupError::Lock(_) | BackupError::HalfRestored { .. } => Some(Step::Lock),
             BackupError::NoSpace { .. } => Some(Step::Space),
+            BackupError::Scratch { .. } => Some(Step::Job),
             BackupError::Job(_) => Some(Step::Job),
             BackupError::Agent(_) => Some(Step::Freeze),
             BackupError::AttachFailed { .. } => Some(Step::Attach),

@@ -90,6 +90,7 @@ pub mod prune;
 mod rbd;
 mod request;
 mod restore;
+mod staging;
 mod store;
 #[cfg(test)]
 mod test_support;
@@ -112,7 +113,8 @@ pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;
 pub use request::{
     BackupRequest, BootVerifyRequest, DEFAULT_BACKUP_TIMEOUT, DEFAULT_BOOT_TIMEOUT, DEFAULT_FINISH_TIMEOUT,
-    DEFAULT_INSTANT_DIR, DEFAULT_VERIFY_DIR, InstantRestoreRequest, MountRequest, RestoreRequest, VolumeRestoreRequest,
+    DEFAULT_INSTANT_DIR, DEFAULT_VERIFY_DIR, InstantRestoreRequest, MountRequest, RestoreRequest, Scratch,
+    VolumeRestoreRequest,
 };
 pub use restore::match_disks;
 pub use transfer::hash::{

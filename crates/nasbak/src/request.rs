@@ -11,6 +11,37 @@ use nasbak_repo::BackupRepository;
 
 use serde::Serialize;
 
+/// Local scratch storage for the push jobs of running VMs (`Engine::with_scratch`): the job
+/// writes each disk's backup file there, so a guest write that must first save the old data
+/// (copy-before-write) waits on a local disk, never on the repository; the files are then copied
+/// to the repository, where a slow or stalled NAS delays only nasbak.
+///
+/// The files are the backup's own, stored as the repository says (compressed, encrypted), so
+/// nothing is on the scratch disk in plaintext that the repository would have encrypted. While
+/// the job runs, the files may hold at most `limit` bytes, and the file system at least
+/// [`Scratch::RESERVE`] free: past either, the job is aborted (the guest runs on, never paused)
+/// and the backup fails with [`crate::BackupError::Scratch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Scratch {
+    /// The directory (on a local file system QEMU may write); each backup uses
+    /// `<dir>/<vm>/<pid>-<id>/`, removed when it ends.
+    pub dir: PathBuf,
+    /// The most bytes one backup's files may hold there.
+    pub limit: u64,
+}
+
+impl Scratch {
+    /// The free space the scratch file system keeps while a job writes to it: a job that would
+    /// take it is aborted rather than have QEMU meet a full disk in a guest write's path.
+    pub const RESERVE: u64 = 256 << 20;
+
+    /// Scratch storage in `dir`, at most `limit` bytes per backup.
+    pub fn new(dir: impl Into<PathBuf>, limit: u64) -> Self {
+        Scratch { dir: dir.into(), limit }
+    }
+}
+
 /// What to back up, where, how. Built with [`BackupRequest::new`] and the `with_` methods.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -183,6 +183,11 @@ pub struct Config {
     /// (`metrics_textfile` at the top of the file); none: it writes none.
     #[serde(default)]
     pub metrics_textfile: Option<PathBuf>,
+    /// Local scratch storage for the push jobs of running VMs (`scratch_dir` and
+    /// `scratch_limit` at the top of the file): guest writes then never wait on the repository.
+    /// None: the jobs write to the repository directly.
+    #[serde(skip)]
+    pub scratch: Option<nasbak::Scratch>,
     /// The backup repositories.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<BackupRepository>,
@@ -210,6 +215,10 @@ struct RawConfig {
     max_parallel: Option<toml::Spanned<i64>>,
     #[serde(default)]
     metrics_textfile: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    scratch_dir: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    scratch_limit: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
     repository: Vec<toml::Spanned<toml::Table>>,
     #[serde(default)]
@@ -320,6 +329,34 @@ impl Config {
             Some(v) => Some(PathBuf::from(v.into_inner())),
             None => None,
         };
+        let scratch_limit = match raw.scratch_limit {
+            Some(v) => {
+                let line = line_of(v.span().start);
+                Some(
+                    parse_size(v.get_ref())
+                        .map_err(|e| invalid(line, format!("scratch_limit = {}: {e}", v.get_ref())))?,
+                )
+            }
+            None => None,
+        };
+        let scratch = match (raw.scratch_dir, scratch_limit) {
+            (Some(d), limit) if d.get_ref().starts_with('/') => {
+                Some(nasbak::Scratch::new(d.into_inner(), limit.unwrap_or(u64::MAX)))
+            }
+            (Some(d), _) => {
+                return Err(invalid(
+                    line_of(d.span().start),
+                    format!(
+                        "scratch_dir = {:?}: expected an absolute directory, such as /var/lib/nasbak/scratch",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(1, "scratch_limit without scratch_dir: say where the scratch directory is".into()));
+            }
+            (None, None) => None,
+        };
         let offerings: Vec<(Offering, usize)> = items(raw.offering, &line_of, &invalid)?;
         let schedules: Vec<(Schedule, usize)> = items(raw.schedule, &line_of, &invalid)?;
         let assignments: Vec<(String, String, usize)> = raw
@@ -331,6 +368,7 @@ impl Config {
         let mut config = Config {
             max_parallel,
             metrics_textfile,
+            scratch,
             repository_max_parallel: limits
                 .into_iter()
                 .map(|(i, n)| (repositories[i].0.name().to_string(), n))
@@ -498,6 +536,39 @@ impl Config {
     }
 }
 
+/// A size: a whole number of bytes, or a text with a unit (`512M`, `20G`, `1T`, `1.5G`; K, M,
+/// G, T are powers of 1024, an optional `iB` or `B` after them).
+pub fn parse_size(value: &toml::Value) -> Result<u64, String> {
+    let expected = "expected bytes or a size such as 512M, 20G or 1T";
+    match value {
+        toml::Value::Integer(n) if *n > 0 => Ok(*n as u64),
+        toml::Value::String(text) => {
+            let t = text.trim();
+            let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+            let (number, shift) = match t.char_indices().last() {
+                Some((i, c)) if c.is_ascii_alphabetic() => {
+                    let shift = match c.to_ascii_uppercase() {
+                        'K' => 10,
+                        'M' => 20,
+                        'G' => 30,
+                        'T' => 40,
+                        _ => return Err(format!("unknown unit {c:?}; {expected}")),
+                    };
+                    (&t[..i], shift)
+                }
+                _ => (t, 0),
+            };
+            let n: f64 = number.trim().parse().map_err(|_| expected.to_owned())?;
+            let bytes = n * (1u64 << shift) as f64;
+            if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+                return Err(expected.to_owned());
+            }
+            Ok(bytes as u64)
+        }
+        _ => Err(expected.to_owned()),
+    }
+}
+
 /// A `max_parallel` value: a whole number from 1 to 64.
 fn parallel_limit(value: Option<i64>, shown: &str) -> Result<u32, String> {
     match value {
@@ -516,6 +587,10 @@ impl Serialize for Config {
             max_parallel: Option<u32>,
             #[serde(skip_serializing_if = "Option::is_none")]
             metrics_textfile: Option<&'a Path>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            scratch_dir: Option<&'a Path>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            scratch_limit: Option<String>,
             repository: Vec<toml::Table>,
             #[serde(skip_serializing_if = "<[Offering]>::is_empty")]
             offering: &'a [Offering],
@@ -535,6 +610,8 @@ impl Serialize for Config {
         File {
             max_parallel: self.max_parallel,
             metrics_textfile: self.metrics_textfile.as_deref(),
+            scratch_dir: self.scratch.as_ref().map(|s| s.dir.as_path()),
+            scratch_limit: self.scratch.as_ref().filter(|s| s.limit != u64::MAX).map(|s| format!("{}", s.limit)),
             repository,
             offering: &self.offerings,
             assignments: &self.assignments,
@@ -762,6 +839,37 @@ mod tests {
             let e = Config::parse(&format!("\n\nmetrics_textfile = {bad:?}\n"), Path::new("c.toml")).unwrap_err();
             let e = e.to_string();
             assert!(e.starts_with("c.toml:3:") && e.contains("absolute path of a file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn scratch_storage_is_a_directory_with_a_size() {
+        let c =
+            Config::parse("scratch_dir = \"/var/lib/nasbak/scratch\"\nscratch_limit = \"20G\"\n", Path::new("c.toml"))
+                .unwrap();
+        assert_eq!(c.scratch, Some(nasbak::Scratch::new("/var/lib/nasbak/scratch", 20 << 30)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        c.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c, "{}", fs::read_to_string(&path).unwrap());
+        let unlimited = Config::parse("scratch_dir = \"/s\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(unlimited.scratch.map(|s| s.limit), Some(u64::MAX));
+        for (value, bytes) in
+            [("1073741824", 1u64 << 30), ("\"512M\"", 512 << 20), ("\"1.5GiB\"", 3 << 29), ("\"2T\"", 2 << 40)]
+        {
+            let c = Config::parse(&format!("scratch_dir = \"/s\"\nscratch_limit = {value}\n"), Path::new("c.toml"))
+                .unwrap();
+            assert_eq!(c.scratch.unwrap().limit, bytes, "{value}");
+        }
+        for (text, says) in [
+            ("scratch_dir = \"/s\"\nscratch_limit = \"lots\"\n", "c.toml:2: scratch_limit = \"lots\""),
+            ("scratch_dir = \"/s\"\nscratch_limit = \"5Q\"\n", "unknown unit 'Q'"),
+            ("scratch_dir = \"/s\"\nscratch_limit = -3\n", "expected bytes"),
+            ("scratch_dir = \"scratch\"\n", "c.toml:1: scratch_dir = \"scratch\": expected an absolute directory"),
+            ("scratch_limit = \"1G\"\n", "without scratch_dir"),
+        ] {
+            let e = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
         }
     }
 

@@ -2,7 +2,7 @@
 //! For each VM, its newest good backup against its schedules (the recovery point objective),
 //! its last failed run, its chain, its last boot verification; for each repository, its
 //! capacity. [`status`] gathers it from the repositories and the schedule state;
-//! [`crate::metrics`] renders it for node_exporter.
+//! the `metrics` module renders it for node_exporter.
 
 use std::collections::{BTreeMap, BTreeSet};
 

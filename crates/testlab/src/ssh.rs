@@ -34,6 +34,13 @@ fn keygen(path: &Path) {
 impl SshServer {
     /// Starts sshd in the foreground on a free port of 127.0.0.1 and waits until it listens.
     pub fn start() -> SshServer {
+        SshServer::start_in(None, "127.0.0.1")
+    }
+
+    /// Starts sshd listening on `address` inside the network namespace `netns` (one the caller
+    /// made, reachable from here, e.g. over a shaped veth pair), or in this one when none; waits
+    /// until it listens.
+    pub fn start_in(netns: Option<&str>, address: &str) -> SshServer {
         let dir = std::env::temp_dir().join(format!("nasbak-sshd-{}-{}", std::process::id(), free_port()));
         fs::create_dir_all(&dir).expect("sshd dir");
         fs::create_dir_all("/run/sshd").expect("/run/sshd (privilege separation directory)");
@@ -42,7 +49,7 @@ impl SshServer {
         fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).expect("authorized_keys");
         let port = free_port();
         let config = format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+            "ListenAddress {address}\nPort {port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
              PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
              StrictModes no\nPidFile {d}/sshd.pid\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
             d = dir.display()
@@ -52,7 +59,15 @@ impl SshServer {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or_else(|| crate::lab_missing("sshd is not installed (package openssh-server)"));
-        let child = Command::new(sshd)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, sshd]);
+                c
+            }
+            None => Command::new(sshd),
+        };
+        let child = command
             .arg("-D")
             .arg("-e")
             .arg("-f")
@@ -64,8 +79,8 @@ impl SshServer {
             .expect("start sshd");
         let server = SshServer { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not listen on 127.0.0.1:{port} within 20 s");
+        while std::net::TcpStream::connect((address, port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not listen on {address}:{port} within 20 s");
             thread::sleep(Duration::from_millis(50));
         }
         server

@@ -28,7 +28,7 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     ("store", &["store"]),
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
     // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored).
-    ("images", &["transfer", "export", "protect", "watchdog", "lvm"]),
+    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging"]),
     // Chain decisions and merges, over the store.
     ("chains", &["chain", "incremental", "merge", "rbd"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).

@@ -17,6 +17,7 @@ mod bench;
 mod deadline;
 mod exec;
 mod lab;
+mod latency;
 mod layers;
 mod run;
 
@@ -42,6 +43,7 @@ commands:
   bench restores [ROUNDS]   full, instant (the guest writing) and mount, on a 2 and an 8 GiB disk
   bench rbd [ROUNDS]        incremental backups of an RBD disk against fulls, on the lab cluster
   bench night [ROUNDS]      run-due of eight running VMs due at once, one after another against in parallel
+  bench latency [ROUNDS]    a guest's write latency during a backup to a NAS shaped to 20 MiB/s, with and without scratch
   man           build the nasbak binary and write its manual page to target/man/nasbak.1
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
   faults [ROW...] lab up, then the fault matrix (every row, or those whose key contains ROW): each
@@ -81,6 +83,10 @@ fn main() -> Result<()> {
         ["bench", "night"] => bench::night(2),
         ["bench", "night", n] => {
             bench::night(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
+        ["bench", "latency"] => latency::latency(3),
+        ["bench", "latency", n] => {
+            latency::latency(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }
         ["bench", "rbd"] => bench::rbd(3),
         ["bench", "rbd", n] => {

@@ -9,7 +9,7 @@ use nasbak::{BackupRequest, BootResult, BootVerifyRequest};
 use nasbak_service::RunDue;
 use nasbak_service::config::{Config, RunOutcome};
 
-use super::{cancel_on_interrupt, engine};
+use super::{backup_engine, cancel_on_interrupt, engine};
 use crate::args::Cli;
 use crate::output::print_json;
 use crate::progress::Reporter;
@@ -30,7 +30,7 @@ pub fn backup(
         .with_timeout(timeout)
         .with_mode(mode)
         .with_full_every(p.full_every);
-    let e = engine(cli)?;
+    let e = backup_engine(cli, config)?;
     let mut reporter = Reporter::new(cli.json, &format!("backup {vm}"));
     let outcome = e.backup(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
@@ -69,7 +69,7 @@ pub fn backup(
 
 pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     let cancel = cancel_on_interrupt()?;
-    let e = engine(cli)?;
+    let e = backup_engine(cli, config)?;
     // Several backups run at once: one bar (or line of log) for each schedule running.
     let group = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
     let mut reporters: std::collections::BTreeMap<String, Reporter> = std::collections::BTreeMap::new();

@@ -102,6 +102,15 @@ fn engine(cli: &Cli) -> Result<LibvirtEngine> {
     Ok(Engine::new(libvirt.clone(), libvirt, QemuImg::new(RUNTIME), mounts()).with_runtime_dir(RUNTIME))
 }
 
+/// The engine for backups: [`engine`] with the configuration's scratch storage, if any.
+fn backup_engine(cli: &Cli, config: &Config) -> Result<LibvirtEngine> {
+    let e = engine(cli)?;
+    Ok(match &config.scratch {
+        Some(scratch) => e.with_scratch(scratch.clone()),
+        None => e,
+    })
+}
+
 /// A cancel handle that Ctrl-C (and SIGTERM from systemd) triggers.
 fn cancel_on_interrupt() -> Result<CancelHandle> {
     let cancel = CancelHandle::new();
