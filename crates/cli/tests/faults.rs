@@ -1111,6 +1111,36 @@ fn repository_gone_mid_backup() -> Row {
     row("repository stops answering mid-backup (sshfs)", checks, Some(time), extra, &said)
 }
 
+/// The same with scratch storage (`scratch_dir`): the job writes to a local directory while the
+/// sshfs server stops answering; the copy to the repository afterwards fails once sshfs gives
+/// up, with the reason; nothing is left in the scratch, the guest ran on.
+fn repository_gone_mid_backup_scratch() -> Row {
+    let (lab, server) = Lab::with_sshfs("gonescratch", vec![DiskSpec::raw(256)], true);
+    nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[0].path, 200);
+    let scratch = lab.dom.dir().join("scratch");
+    let config = fs::read_to_string(&lab.config).unwrap();
+    fs::write(&lab.config, format!("scratch_dir = \"{}\"\n{config}", scratch.display())).unwrap();
+    let child = lab.spawn_paused(&["backup", lab.name(), "--quiesce", "off"], "job-started");
+    server.signal_sessions(Signal::SIGSTOP);
+    let mut extra = Vec::new();
+    let (out, time) = resume(child, &mut extra);
+    server.signal_sessions(Signal::SIGCONT);
+    let said = text(&out);
+    if out.status.success() {
+        extra.push("the backup succeeded on a repository that stopped answering".into());
+    }
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let entries = fs::read_dir(dir).into_iter().flatten().flatten();
+        entries.flat_map(|e| if e.path().is_dir() { files(&e.path()) } else { vec![e.path()] }).collect()
+    }
+    let left = files(&scratch);
+    if !left.is_empty() {
+        extra.push(format!("left in the scratch: {left:?}"));
+    }
+    let checks = lab.checks(&said, &["became unavailable during the copy of the disks (qemu-img)"]);
+    row("repository stops answering mid-backup, scratch storage (sshfs)", checks, Some(time), extra, &said)
+}
+
 /// The repository is lazily unmounted under a running push job: the job finishes into the
 /// detached file system, nasbak's checksum finds the files gone and says so.
 fn repository_unmounted_mid_backup() -> Row {
@@ -1286,6 +1316,7 @@ fn main() {
         ("vm-destroyed", Box::new(vm_destroyed_mid_job)),
         ("libvirtd-restart", Box::new(libvirtd_restarted_mid_job)),
         ("repo-gone-backup", Box::new(repository_gone_mid_backup)),
+        ("repo-gone-scratch", Box::new(repository_gone_mid_backup_scratch)),
         ("repo-unmounted-backup", Box::new(repository_unmounted_mid_backup)),
         ("repo-gone-restore", Box::new(repository_gone_mid_restore)),
         ("qemu-frozen-backup", Box::new(qemu_frozen_mid_job)),

@@ -35,6 +35,11 @@
 //!   per core) and with two at once, against the same run with `max_parallel = 1` (one after
 //!   another); every backup full, all listed and verified after each run.
 //!
+//! - `cargo xtask bench big`: a 100 GiB disk holding 2 GiB of pseudo-random data against a
+//!   2 GiB disk holding the same: full and incremental backups, restore, instant restore.
+//! - `cargo xtask bench latency` (`latency.rs`): a guest's write latency during a backup to a
+//!   repository behind a link shaped to 20 MiB/s, with and without scratch storage.
+//!
 //! Every run starts from a cold page cache and ends with its data on the disk (`sync`).
 
 use std::fs;
@@ -1284,4 +1289,89 @@ fn fresh_vm(nasbak: &str, dir: &Path, size_mib: u64, data_mib: usize) -> Result<
         .args(["--config", &config, "repo", "add", "bench", "--type", "shared", "--address", &p("repo")])
         .run()?;
     Ok(config)
+}
+
+/// `cargo xtask bench big [ROUNDS]`: a big sparse disk against a full one holding the same data.
+/// A 100 GiB qcow2 disk holding 2 GiB of pseudo-random data and a 2 GiB disk holding the same
+/// 2 GiB: on each (the VM running), a full backup, an incremental after 200 MiB changed (a tenth
+/// of the data), then the whole-VM restore and the instant restore of that incremental (the
+/// guest writing, see `restore_modes`). Also the bytes the full backup's file takes on the
+/// repository. Holes cost nothing when the ratios stay near 1.
+pub fn big(rounds: usize) -> Result<()> {
+    crate::lab::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = crate::exec::built_binary("release");
+    let dir = Path::new(STATE).join("bench-big");
+    const DATA_MIB: u64 = 2048;
+    let mut results = Vec::new();
+    for size_mib in [DATA_MIB, 100 << 10] {
+        println!("bench: big, a {} GiB qcow2 disk holding {DATA_MIB} MiB of pseudo-random data", size_mib >> 10);
+        let config = fresh_vm(&nasbak, &dir, size_mib, DATA_MIB as usize)?;
+        virsh(&["start", DOMAIN])?;
+        let (mut full, mut incremental, mut stored) = (Vec::new(), Vec::new(), 0u64);
+        let mut last = String::new();
+        for round in 1..=rounds {
+            let backup = |mode: &str| {
+                timed(&nasbak, &["--config", &config, "backup", DOMAIN, "--quiesce", "off", "--mode", mode])
+            };
+            full.push(backup("full")?.secs);
+            let full_id = backup_id(&config, &nasbak)?;
+            // A tenth of the data changed, in ten places spread over it.
+            for k in 0..10u64 {
+                change_in_guest(0x30 + round as u8, 10 + k * (DATA_MIB - 40) / 10)?;
+            }
+            incremental.push(backup("incremental")?.secs);
+            let inc_id = backup_id(&config, &nasbak)?;
+            let vm_dir = dir.join("repo").join(DOMAIN);
+            stored = dir_allocated(&vm_dir.join(full_id.rsplit('/').next().unwrap_or_default()));
+            println!(
+                "bench: big, {} GiB, round {round}: full {:.2} s ({} MiB stored), incremental {:.2} s",
+                size_mib >> 10,
+                full[round - 1],
+                stored >> 20,
+                incremental[round - 1]
+            );
+            if round < rounds {
+                for id in [&inc_id, &full_id] {
+                    cmd(&nasbak).args(["--config", &config, "delete", id]).run()?;
+                }
+            }
+            last = inc_id;
+        }
+        virsh(&["destroy", DOMAIN])?;
+        let m = restore_modes(&nasbak, &config, &last, &dir, rounds)?;
+        results.push((size_mib, full, incremental, m, stored));
+    }
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    let _ = fs::remove_dir_all(&dir);
+    let (small, large) = (&results[0], &results[1]);
+    println!(
+        "\n| operation, {DATA_MIB} MiB of data | 100 GiB disk | {} GiB disk | ratio | target | range (100 GiB; {} GiB) |",
+        DATA_MIB >> 10,
+        DATA_MIB >> 10
+    );
+    println!("|---|---|---|---|---|---|");
+    for (what, a, b) in [
+        ("full backup (running VM)", &large.1, &small.1),
+        ("incremental after 200 MiB changed", &large.2, &small.2),
+        ("whole-VM restore of the incremental", &large.3.full, &small.3.full),
+        ("instant restore, done (guest writing)", &large.3.instant_total, &small.3.instant_total),
+        ("instant restore, VM running", &large.3.to_running, &small.3.to_running),
+    ] {
+        let (x, y) = (best_secs(a), best_secs(b));
+        println!("| {what} | {x:.2} s | {y:.2} s | {:.2}x | <= 1.2x | {}; {} |", x / y, range(a), range(b));
+    }
+    println!(
+        "| full backup's files on the repository | {} MiB | {} MiB | {:.2}x | (holes not written) | |",
+        large.4 >> 20,
+        small.4 >> 20,
+        large.4 as f64 / small.4.max(1) as f64
+    );
+    Ok(())
+}
+
+/// The bytes the files under `dir` take on the disk (their allocated blocks).
+fn dir_allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }

@@ -43,6 +43,7 @@ commands:
   bench restores [ROUNDS]   full, instant (the guest writing) and mount, on a 2 and an 8 GiB disk
   bench rbd [ROUNDS]        incremental backups of an RBD disk against fulls, on the lab cluster
   bench night [ROUNDS]      run-due of eight running VMs due at once, one after another against in parallel
+  bench big [ROUNDS]        a 100 GiB disk holding 2 GiB against a 2 GiB disk: backups, restores, instant restore
   bench latency [ROUNDS]    a guest's write latency during a backup to a NAS shaped to 20 MiB/s, with and without scratch
   man           build the nasbak binary and write its manual page to target/man/nasbak.1
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
@@ -83,6 +84,10 @@ fn main() -> Result<()> {
         ["bench", "night"] => bench::night(2),
         ["bench", "night", n] => {
             bench::night(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
+        }
+        ["bench", "big"] => bench::big(3),
+        ["bench", "big", n] => {
+            bench::big(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }
         ["bench", "latency"] => latency::latency(3),
         ["bench", "latency", n] => {
