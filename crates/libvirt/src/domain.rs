@@ -180,6 +180,46 @@ pub struct Domain {
     pub uuid: Option<String>,
     /// Its disks, in document order.
     pub disks: Vec<Disk>,
+    /// Its UEFI variable store (`<os><nvram>`), when it has one in a local file.
+    pub nvram: Option<Nvram>,
+    /// Its emulated TPM (`<tpm><backend type='emulator'>`), when it has one.
+    pub tpm: Option<EmulatedTpm>,
+}
+
+/// A UEFI variable store in a local file: the firmware's boot entries and Secure Boot keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Nvram {
+    /// The file QEMU's pflash reads and writes.
+    pub path: String,
+    /// The template libvirt copies to `path` when the file is missing.
+    pub template: Option<String>,
+}
+
+/// An emulated TPM (swtpm), whose state libvirt keeps in a directory of the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmulatedTpm {
+    /// The device model (`tpm-tis`, `tpm-crb`, ...).
+    pub model: Option<String>,
+    /// The TPM version (`2.0`, `1.2`); libvirt's default is 2.0.
+    pub version: String,
+    /// The state's location the definition names (`<backend><source path=…/>`), if it names one.
+    pub source: Option<String>,
+}
+
+impl Domain {
+    /// Where swtpm keeps this domain's TPM state: the directory its definition names, else
+    /// libvirt's default, `/var/lib/libvirt/swtpm/<uuid>/tpm2` (`tpm1.2` for a 1.2 TPM). None
+    /// without an emulated TPM, or without a UUID to find the default by.
+    pub fn tpm_state_dir(&self) -> Option<std::path::PathBuf> {
+        let tpm = self.tpm.as_ref()?;
+        if let Some(dir) = &tpm.source {
+            return Some(dir.into());
+        }
+        let sub = if tpm.version == "1.2" { "tpm1.2" } else { "tpm2" };
+        Some(std::path::Path::new("/var/lib/libvirt/swtpm").join(self.uuid.as_ref()?).join(sub))
+    }
 }
 
 impl Domain {
@@ -334,7 +374,24 @@ fn auth_xml(a: &NetworkAuth) -> String {
 
 impl From<XmlDomain> for Domain {
     fn from(r: XmlDomain) -> Self {
-        Domain { name: r.name, uuid: r.uuid, disks: r.devices.disks.into_iter().map(Disk::from).collect() }
+        let nvram = r.os.and_then(|o| o.nvram).and_then(|n| {
+            // A file (the default type): its path as text, or its `<source file=…>`.
+            if n.kind.as_deref().is_some_and(|k| k != "file") {
+                return None;
+            }
+            let path =
+                n.source.and_then(|s| s.file).or(n.path).map(|p| p.trim().to_owned()).filter(|p| !p.is_empty())?;
+            Some(Nvram { path, template: n.template })
+        });
+        let tpm = r.devices.tpms.into_iter().find_map(|t| {
+            let backend = t.backend?;
+            (backend.kind.as_deref() == Some("emulator")).then(|| EmulatedTpm {
+                model: t.model,
+                version: backend.version.unwrap_or_else(|| "2.0".to_owned()),
+                source: backend.source.and_then(|s| s.path),
+            })
+        });
+        Domain { name: r.name, uuid: r.uuid, disks: r.devices.disks.into_iter().map(Disk::from).collect(), nvram, tpm }
     }
 }
 
@@ -417,6 +474,51 @@ impl From<XmlDisk> for Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_uefi_variable_store_and_the_emulated_tpm_are_found_in_every_form() {
+        let uuid = "63561709-46ed-4cf5-afeb-1c01dbb1a830";
+        // As libvirt 9.0 prints a UEFI VM with an emulated TPM 2.0 (its default version).
+        let d = Domain::parse(&format!(
+            "<domain type='qemu'><name>u</name><uuid>{uuid}</uuid><os>\
+               <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>\
+               <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+               <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/u_VARS.fd</nvram>\
+             </os><devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>"
+        ))
+        .unwrap();
+        let nvram = d.nvram.as_ref().unwrap();
+        assert_eq!(nvram.path, "/var/lib/libvirt/qemu/nvram/u_VARS.fd");
+        assert_eq!(nvram.template.as_deref(), Some("/usr/share/OVMF/OVMF_VARS_4M.fd"));
+        let tpm = d.tpm.as_ref().unwrap();
+        assert_eq!((tpm.model.as_deref(), tpm.version.as_str()), (Some("tpm-crb"), "2.0"));
+        assert_eq!(d.tpm_state_dir().unwrap(), std::path::Path::new("/var/lib/libvirt/swtpm").join(uuid).join("tpm2"));
+        // The newer form of the store, a TPM 1.2 with no version said, a state directory named.
+        let d = Domain::parse(&format!(
+            "<domain><name>u</name><uuid>{uuid}</uuid><os><nvram type='file'><source file='/n/u.fd'/></nvram></os>\
+             <devices><tpm model='tpm-tis'><backend type='emulator' version='1.2'/></tpm></devices></domain>"
+        ))
+        .unwrap();
+        assert_eq!(d.nvram.as_ref().unwrap().path, "/n/u.fd");
+        assert!(d.tpm_state_dir().unwrap().ends_with("tpm1.2"));
+        let d = Domain::parse(
+            "<domain><name>u</name><devices><tpm model='tpm-crb'><backend type='emulator'>\
+               <source type='dir' path='/srv/tpm/u'/></backend></tpm></devices></domain>",
+        )
+        .unwrap();
+        assert_eq!(d.tpm.as_ref().unwrap().version, "2.0");
+        assert_eq!(d.tpm_state_dir().unwrap(), std::path::Path::new("/srv/tpm/u"));
+        // No store in a file (a network one, none at all), a passthrough TPM: nothing to keep.
+        let d = Domain::parse(
+            "<domain><name>u</name><os><nvram type='network'><source protocol='iscsi' name='x'/></nvram></os>\
+             <devices><tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>\
+             </devices></domain>",
+        )
+        .unwrap();
+        assert_eq!((d.nvram, d.tpm), (None, None));
+        let d = Domain::parse("<domain><name>u</name><os><type>hvm</type></os></domain>").unwrap();
+        assert_eq!((&d.nvram, d.tpm_state_dir()), (&None, None));
+    }
 
     #[test]
     fn next_free_target_skips_every_used_name() {

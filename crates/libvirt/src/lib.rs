@@ -46,8 +46,8 @@ mod xml_shape;
 
 pub use backup::{BackupTarget, Checkpoint, PushBackup};
 pub use domain::{
-    BackingLayer, Disk, DiskDevice, DiskEncryption, DiskSource, Domain, NetworkAuth, NetworkHost, SkippedDisk,
-    XmlError, attach_bus, disk_attach_xml, disk_copy_destination_xml,
+    BackingLayer, Disk, DiskDevice, DiskEncryption, DiskSource, Domain, EmulatedTpm, NetworkAuth, NetworkHost, Nvram,
+    SkippedDisk, XmlError, attach_bus, disk_attach_xml, disk_copy_destination_xml,
 };
 /// The libvirt URI used when none is given.
 pub const DEFAULT_URI: &str = "qemu:///system";

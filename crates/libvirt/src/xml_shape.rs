@@ -7,8 +7,56 @@ use serde::Deserialize;
 pub(crate) struct XmlDomain {
     pub name: String,
     pub uuid: Option<String>,
+    pub os: Option<XmlOs>,
     #[serde(default)]
     pub devices: XmlDevices,
+}
+
+/// `<os>`: only its `<nvram>`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlOs {
+    pub nvram: Option<XmlNvram>,
+}
+
+/// `<nvram [template=…] [type='file']>PATH</nvram>` or `<nvram type='file'><source file=…/>`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlNvram {
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    #[serde(rename = "@template")]
+    pub template: Option<String>,
+    #[serde(rename = "$text")]
+    pub path: Option<String>,
+    pub source: Option<XmlNvramSource>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlNvramSource {
+    #[serde(rename = "@file")]
+    pub file: Option<String>,
+}
+
+/// `<tpm model=…><backend type=… version=… persistent_state=…><source path=…/></backend>`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlTpm {
+    #[serde(rename = "@model")]
+    pub model: Option<String>,
+    pub backend: Option<XmlTpmBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlTpmBackend {
+    #[serde(rename = "@type")]
+    pub kind: Option<String>,
+    #[serde(rename = "@version")]
+    pub version: Option<String>,
+    pub source: Option<XmlTpmSource>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct XmlTpmSource {
+    #[serde(rename = "@path")]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -20,6 +68,8 @@ pub(crate) struct XmlStatus {
 pub(crate) struct XmlDevices {
     #[serde(rename = "disk", default)]
     pub disks: Vec<XmlDisk>,
+    #[serde(rename = "tpm", default)]
+    pub tpms: Vec<XmlTpm>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -307,3 +307,28 @@ fn an_incremental_push_job_rebased_onto_its_parent_gives_each_point_back() {
     assert!(same_content(&inc2, &point3), "the third point, through a redefined checkpoint");
     assert_no_job(&hv, dom.name());
 }
+
+/// A UEFI guest (OVMF under TCG, the lab kernel booted directly) with an emulated TPM 2.0: the
+/// model finds its variable store and its TPM state where libvirt and swtpm really keep them,
+/// both written by their first start (the firmware's variables, swtpm's permanent state).
+#[test]
+fn a_uefi_guests_variable_store_and_tpm_state_are_found_where_they_are() {
+    let dom =
+        DomainSpec::new("uefitpm").disk(DiskSpec::qcow2(16)).agent(true).uefi_with_tpm(true).running(true).create();
+    dom.wait_for_agent(Duration::from_secs(180));
+    let hv = hv();
+    for xml in [hv.domain_xml(dom.name()).unwrap(), hv.inactive_xml(dom.name()).unwrap()] {
+        let d = Domain::parse(&xml).unwrap();
+        let nvram = d.nvram.as_ref().expect("the variable store");
+        assert_eq!(Path::new(&nvram.path), dom.dir().join("nvram.fd"));
+        assert_eq!(nvram.template.as_deref(), Some("/usr/share/OVMF/OVMF_VARS_4M.fd"));
+        let state = d.tpm_state_dir().expect("the TPM's state directory");
+        assert!(state.join("tpm2-00.permall").is_file(), "swtpm's state in {}", state.display());
+        assert_eq!(d.tpm.as_ref().unwrap().version, "2.0");
+    }
+    // The store was made from the template, and the firmware has written its variables since.
+    let store = fs::read(dom.dir().join("nvram.fd")).unwrap();
+    let template = fs::read("/usr/share/OVMF/OVMF_VARS_4M.fd").unwrap();
+    assert_eq!(store.len(), template.len());
+    assert_ne!(store, template, "the firmware wrote its variables on the first boot");
+}

@@ -210,6 +210,7 @@ pub struct DomainSpec {
     running: bool,
     acpi: bool,
     disk_boot: bool,
+    uefi: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -224,7 +225,17 @@ impl DomainSpec {
             running: false,
             acpi: false,
             disk_boot: false,
+            uefi: false,
         }
+    }
+
+    /// A UEFI machine (q35, OVMF with its variable store `nvram.fd` in the domain's directory,
+    /// made by libvirt from OVMF's template at the first start; the lab kernel booted directly)
+    /// with an emulated TPM 2.0 (swtpm, its state where libvirt keeps it). Needs Debian's
+    /// `ovmf`, `swtpm` and `swtpm-tools`.
+    pub fn uefi_with_tpm(mut self, yes: bool) -> Self {
+        self.uefi = yes;
+        self
     }
     /// Adds a disk.
     pub fn disk(mut self, disk: DiskSpec) -> Self {
@@ -272,7 +283,8 @@ impl DomainSpec {
             let disk = dom.make_disk(i, spec, &mut vd);
             dom.disks.push(disk);
         }
-        let xml = dom.xml(&guest, self.agent, self.acpi, self.disk_boot);
+        let xml = dom.xml(&guest, self.agent, self.acpi || self.uefi, self.disk_boot);
+        let xml = if self.uefi { uefi_xml(&xml, &dom.dir) } else { xml };
         let xml_path = dom.dir.join("domain.xml");
         fs::write(&xml_path, xml).expect("write domain xml");
         virsh(&["define", xml_path.to_str().expect("utf-8 path")])
@@ -935,13 +947,27 @@ fn release_under(dir: &Path) {
 fn remove_domain(name: &str, defined: bool) {
     let _ = virsh(&["destroy", name]);
     if defined {
-        let _ = virsh(&["undefine", name, "--checkpoints-metadata", "--snapshots-metadata"]);
+        let _ = virsh(&["undefine", name, "--checkpoints-metadata", "--snapshots-metadata", "--nvram"]);
     }
 }
 
 fn sweep_once() {
     static SWEPT: OnceLock<()> = OnceLock::new();
     SWEPT.get_or_init(sweep_leftovers);
+}
+
+/// `xml` made a UEFI machine with an emulated TPM (see [`DomainSpec::uefi_with_tpm`]).
+fn uefi_xml(xml: &str, dir: &Path) -> String {
+    xml.replace(
+        "<type arch='x86_64'>hvm</type>",
+        &format!(
+            "<type arch='x86_64' machine='q35'>hvm</type>\
+         <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>\
+         <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{}</nvram>",
+            dir.join("nvram.fd").display()
+        ),
+    )
+    .replace("  </devices>", "    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n  </devices>")
 }
 
 /// Removes test domains (and their files and loop devices) left by test processes that no

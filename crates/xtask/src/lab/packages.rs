@@ -32,6 +32,10 @@ const PACKAGES: &[&str] = &[
     "gdb",
     // promtool, which lints the metrics file (`nasbak metrics`); its server is not run.
     "prometheus",
+    // UEFI guests with an emulated TPM (their variable store and TPM state).
+    "ovmf",
+    "swtpm",
+    "swtpm-tools",
 ];
 
 fn installed(package: &str) -> bool {
