@@ -284,7 +284,12 @@ impl DomainSpec {
             dom.disks.push(disk);
         }
         let xml = dom.xml(&guest, self.agent, self.acpi || self.uefi, self.disk_boot);
-        let xml = if self.uefi { uefi_xml(&xml, &dom.dir) } else { xml };
+        let xml = if self.uefi {
+            swtpm_local_ca_to_tss().expect("giving swtpm's local CA to tss");
+            uefi_xml(&xml, &dom.dir)
+        } else {
+            xml
+        };
         let xml_path = dom.dir.join("domain.xml");
         fs::write(&xml_path, xml).expect("write domain xml");
         virsh(&["define", xml_path.to_str().expect("utf-8 path")])
@@ -954,6 +959,25 @@ fn remove_domain(name: &str, defined: bool) {
 fn sweep_once() {
     static SWEPT: OnceLock<()> = OnceLock::new();
     SWEPT.get_or_init(sweep_leftovers);
+}
+
+/// swtpm's local certificate authority (`/var/lib/swtpm-localca`, which `swtpm_setup` uses when
+/// libvirt first starts a domain with an emulated TPM) given to `tss`, whom libvirt runs swtpm
+/// as. A libvirtd started before `tss` existed runs swtpm as root, and once libvirtd restarts
+/// (the fault matrix restarts it) swtpm as `tss` cannot use root's files there ("Need
+/// read/write rights on .../.lock.swtpm-localca"). Nothing to do without `tss` or the directory.
+pub fn swtpm_local_ca_to_tss() -> std::io::Result<()> {
+    let dir = Path::new("/var/lib/swtpm-localca");
+    let Some(tss) = nix::unistd::User::from_name("tss").ok().flatten() else { return Ok(()) };
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let mut paths = vec![dir.to_path_buf()];
+    paths.extend(fs::read_dir(dir)?.flatten().map(|e| e.path()));
+    for p in paths {
+        std::os::unix::fs::chown(&p, Some(tss.uid.as_raw()), None)?;
+    }
+    Ok(())
 }
 
 /// `xml` made a UEFI machine with an emulated TPM (see [`DomainSpec::uefi_with_tpm`]).

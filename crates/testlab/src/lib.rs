@@ -26,7 +26,7 @@ mod ssh;
 
 pub use domain::{
     DiskKind, DiskSpec, DomainSpec, FrozenQemu, LabDisk, LabDomain, LogicalVolumeSpec, PartitionSpec, qemu_pid,
-    shared_agent_guest, sweep_leftovers, virsh,
+    shared_agent_guest, sweep_leftovers, swtpm_local_ca_to_tss, virsh,
 };
 pub use ssh::{SshServer, pids_with_cmdline};
 

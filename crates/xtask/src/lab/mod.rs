@@ -41,6 +41,7 @@ fn require_root() -> Result<()> {
 pub fn up() -> Result<()> {
     require_root()?;
     packages::ensure()?;
+    nasbak_testlab::swtpm_local_ca_to_tss().context("giving swtpm's local CA to tss")?;
     make_root_shared()?;
     open_kvm()?;
     daemons::ensure()?;
