@@ -534,7 +534,7 @@ where
                     Some(scratch) => {
                         let name =
                             run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                        let id = name.strip_suffix(".partial").unwrap_or(&name);
+                        let id = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(&name);
                         Some(crate::staging::Staging::create(scratch, &run.request.vm, id).map_err(at(Step::Job))?)
                     }
                     None => None,

@@ -240,6 +240,16 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         self.measure(repository, false)
     }
 
+    /// Every backup on `repository` and its capacity, with one mount (what a status of every
+    /// VM asks of each repository).
+    pub fn survey(&self, repository: &BackupRepository) -> Result<(Vec<BackupEntry>, CapacityReport), BackupError> {
+        let mounted = self.mounts().acquire(repository)?;
+        let entries = list_backups(repository.name().as_str(), mounted.root(), None)?;
+        let c = mounted.capacity()?;
+        mounted.release()?;
+        Ok((entries, CapacityReport::new(repository.name().to_string(), c.total, c.used, c.available)))
+    }
+
     /// Checks `repository` end to end: mount, write a file, read it back, measure, unmount. Says
     /// so when root may not write (root_squash).
     pub fn check(&self, repository: &BackupRepository) -> Result<CapacityReport, BackupError> {

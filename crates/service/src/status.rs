@@ -142,8 +142,8 @@ pub struct RepositoryStatus {
 
 /// The status at `now` of each VM that has an offering or a schedule in `config`, from the
 /// backups on its repository and the failures `state` records, and of each repository. Each
-/// repository is mounted (when it must be) once to list its backups and once to measure it;
-/// one that cannot be reached is an error in its entry and in its VMs', never in the result.
+/// repository is mounted (when it must be) once, to list its backups and measure it; one that
+/// cannot be reached is an error in its entry and in its VMs', never in the result.
 pub fn status<I: ImageTool, M: Mounter>(
     catalog: &Catalog<'_, I, M>,
     config: &Config,
@@ -154,11 +154,16 @@ pub fn status<I: ImageTool, M: Mounter>(
     let mut listed: BTreeMap<String, Result<Vec<BackupEntry>, String>> = BTreeMap::new();
     for r in &config.repositories {
         let name = r.name().to_string();
-        let (capacity, error) = match catalog.capacity(r) {
-            Ok(c) => (Some(c), None),
-            Err(e) => (None, Some(chain(&e))),
+        let (capacity, error) = match catalog.survey(r) {
+            Ok((entries, c)) => {
+                listed.insert(name.clone(), Ok(entries));
+                (Some(c), None)
+            }
+            Err(e) => {
+                listed.insert(name.clone(), Err(chain(&e)));
+                (None, Some(chain(&e)))
+            }
         };
-        listed.insert(name.clone(), catalog.list(r, None).map_err(|e| chain(&e)));
         repositories.push(RepositoryStatus { repository: name, capacity, error });
     }
     let vms: BTreeSet<&str> =

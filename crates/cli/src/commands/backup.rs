@@ -83,11 +83,14 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
     for r in reporters.into_values() {
         r.finish();
     }
-    let ran = match &outcome {
-        Ok(RunDue::Ran(runs)) => runs.iter().any(|r| !matches!(r.outcome, RunOutcome::Skipped(_))),
-        Err(_) => true,
-    };
-    super::catalog::refresh_metrics(config, &cli.state, ran);
+    // After a cancel nasbak exits at once: no repository is mounted to refresh the metrics.
+    if !cancel.is_cancelled() {
+        let ran = match &outcome {
+            Ok(RunDue::Ran(runs)) => runs.iter().any(|r| !matches!(r.outcome, RunOutcome::Skipped(_))),
+            Err(_) => true,
+        };
+        super::catalog::refresh_metrics(config, &cli.state, ran);
+    }
     let outcome = outcome?;
     if cli.json {
         print_json(&outcome)?;
