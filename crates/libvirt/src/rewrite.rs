@@ -89,6 +89,10 @@ pub struct Throwaway<'a> {
     pub console_log: &'a std::path::Path,
     /// Whether it gets a guest-agent channel.
     pub agent: bool,
+    /// Its UEFI variable store (`<os><nvram>`): a copy of the backup's, so that a VM that boots
+    /// only from its own entries boots. None: no store of its own (libvirt makes one from the
+    /// firmware's template, if the firmware needs one).
+    pub nvram: Option<&'a std::path::Path>,
 }
 
 /// The devices a throwaway copy never has: what reaches the network or the host's devices and
@@ -110,7 +114,9 @@ const DROPPED_DEVICES: &[&[u8]] = &[
 /// A copy of the domain definition `xml` that can run beside the domain without touching
 /// anything of it: another name and UUID, the disks of `t.disks` on their new sources and no
 /// other disk, no network interface, host device, shared file system, graphics, channel or
-/// console of its own, no NVRAM file and no fixed security label; a serial console written to
+/// console of its own, no NVRAM file but `t.nvram`, an emulated TPM's state in libvirt's place
+/// for its UUID (never a directory the definition names: the original's), and no fixed
+/// security label; a serial console written to
 /// `t.console_log` (the firmware's messages too), and a guest-agent channel when `t.agent`.
 pub fn throwaway_definition(xml: &str, t: &Throwaway<'_>) -> Result<String, XmlError> {
     let mut reader = Reader::from_str(xml);
@@ -180,6 +186,11 @@ impl ThrowawayWriter<'_> {
         self.parent() == Some(b"devices".as_slice()) && self.path.len() == 2
     }
 
+    /// Inside `<devices><tpm><backend>`, where `<source>` names the TPM's state directory.
+    fn in_tpm_backend(&self) -> bool {
+        self.path.len() == 4 && self.path[1] == b"devices" && self.path[2] == b"tpm" && self.path[3] == b"backend"
+    }
+
     /// An event inside a dropped element.
     fn skipped(&mut self, event: &Event<'_>) {
         match event {
@@ -220,6 +231,7 @@ impl ThrowawayWriter<'_> {
 
     fn start(&mut self, e: BytesStart<'_>) -> Result<(), XmlError> {
         let (in_devices, parent) = (self.in_devices(), self.parent().map(<[u8]>::to_vec));
+        let in_tpm = self.in_tpm_backend();
         let parent = parent.as_deref();
         let name = e.name().as_ref().to_vec();
         let depth = self.path.len();
@@ -231,6 +243,7 @@ impl ThrowawayWriter<'_> {
         if (in_devices && DROPPED_DEVICES.contains(&name.as_slice()))
             || (depth == 1 && name == b"seclabel")
             || (parent == Some(b"os".as_slice()) && name == b"nvram")
+            || (in_tpm && name == b"source")
         {
             self.skip = Some(depth);
             return Ok(());
@@ -263,6 +276,7 @@ impl ThrowawayWriter<'_> {
         if (in_devices && (name == b"disk" || DROPPED_DEVICES.contains(&name)))
             || (self.path.len() == 1 && name == b"seclabel")
             || (parent == Some(b"os".as_slice()) && name == b"nvram")
+            || (self.in_tpm_backend() && name == b"source")
         {
             return Ok(());
         }
@@ -283,6 +297,15 @@ impl ThrowawayWriter<'_> {
             let mut bios = BytesStart::new("bios");
             bios.push_attribute(("useserial", "yes"));
             self.write(Event::Empty(bios))?;
+        }
+        if name == b"os"
+            && self.path.len() == 1
+            && let Some(nvram) = self.t.nvram
+        {
+            self.write(Event::Start(BytesStart::new("nvram")))?;
+            let path = nvram.to_string_lossy();
+            self.write(Event::Text(quick_xml::events::BytesText::new(&path)))?;
+            self.write(Event::End(quick_xml::events::BytesEnd::new("nvram")))?;
         }
         self.replace_text = None;
         self.write(Event::End(e))
@@ -541,6 +564,7 @@ mod tests {
             disks: &swaps,
             console_log: std::path::Path::new("/w/console.log"),
             agent: true,
+            nvram: None,
         };
         let out = throwaway_definition(&live, &t).unwrap();
         let d = Domain::parse(&out).unwrap();
@@ -558,6 +582,22 @@ mod tests {
             assert!(out.contains(kept), "{kept} in: {out}");
         }
         assert!(has_agent_channel(&out));
+        // A UEFI VM's copy gets a variable store of its own; an emulated TPM keeps its model but
+        // never the original's state directory.
+        let uefi = live.replace(
+            "</devices>",
+            "<tpm model='tpm-crb'><backend type='emulator' version='2.0'><source type='dir' path='/var/lib/web1-tpm'/></backend></tpm></devices>",
+        );
+        let copy = std::path::Path::new("/w/nvram.fd");
+        let out = throwaway_definition(&uefi, &Throwaway { nvram: Some(copy), ..t }).unwrap();
+        let d = Domain::parse(&out).unwrap();
+        assert_eq!(d.nvram.as_ref().map(|n| n.path.as_str()), Some("/w/nvram.fd"), "{out}");
+        assert!(!out.contains("web1_VARS") && !out.contains("/var/lib/web1-tpm"), "{out}");
+        assert_eq!(d.tpm.as_ref().map(|t| t.version.as_str()), Some("2.0"));
+        assert_eq!(
+            d.tpm_state_dir(),
+            Some(PathBuf::from("/var/lib/libvirt/swtpm/99999999-8888-7777-6666-555555555555/tpm2"))
+        );
     }
 
     #[test]

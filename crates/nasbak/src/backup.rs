@@ -107,6 +107,8 @@ struct Copied {
     method: BackupMethod,
     quiesced: bool,
     note: Option<String>,
+    /// The VM's NVRAM and TPM state, read with the disks.
+    state: crate::vmstate::Captured,
 }
 
 /// What the manifest is made of beyond the run.
@@ -115,6 +117,7 @@ struct ManifestParts<'p> {
     started: chrono::DateTime<chrono::Utc>,
     copied: Copied,
     disks: Vec<ManifestDisk>,
+    state: Vec<nasbak_repo::ManifestState>,
     chain: &'p crate::incremental::ChainDecision,
     created: Option<&'p str>,
 }
@@ -299,7 +302,11 @@ where
         let copied = self.copy_disks(&run, &mut chain, (created.as_deref(), &mut snapshots), &mut notes, observer)?;
         crate::fault::point("checksum");
         let disks = self.checksum_disks(&run, &chain.plan, &snapshots, observer)?;
-        let parts = ManifestParts { id: &id, started, copied, disks, chain: &chain, created: created.as_deref() };
+        let state =
+            crate::vmstate::write_state(&self.images, &copied.state, &partial, (run.format, key.as_ref()), cancel)
+                .map_err(|e| (run.unavailable)(Step::State, e))?;
+        let parts =
+            ManifestParts { id: &id, started, copied, disks, state, chain: &chain, created: created.as_deref() };
         let manifest = self.manifest(&run, parts, &bitmaps);
         if cancel.is_cancelled() {
             return Err(BackupError::Cancelled);
@@ -548,7 +555,7 @@ where
                         &mut *observer,
                     )
                 };
-                let (quiesced, note) = match push(chain, notes) {
+                let (quiesced, note, state) = match push(chain, notes) {
                     // libvirt refused the incremental job although it accepted the checkpoint
                     // (a bitmap found inconsistent when the job starts): a full instead, the
                     // reason recorded. Never an error where a full would do.
@@ -576,9 +583,11 @@ where
                 self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
-                Ok(Copied { method: BackupMethod::PushJob, quiesced, note })
+                Ok(Copied { method: BackupMethod::PushJob, quiesced, note, state })
             }
             DomainState::ShutOff => {
+                // Nothing writes a shut-off VM's state: read before its disks.
+                let state = crate::vmstate::capture(run.domain).map_err(at(Step::State))?;
                 let from = chain.from.clone();
                 snapshots.take(run.rbd)?;
                 self.convert(run, (&mut chain.plan, from.as_deref()), observer)
@@ -590,6 +599,7 @@ where
                     method: BackupMethod::QemuImg,
                     quiesced: false,
                     note: Some("the VM was shut off".to_owned()),
+                    state,
                 })
             }
             DomainState::Other => Err(BackupError::NotBackupable { vm: run.request.vm.clone() }),
@@ -682,6 +692,8 @@ where
             parent: parts.chain.plan.parent.clone(),
             checkpoint,
             full_reason: parts.chain.plan.full_reason.clone(),
+            state: parts.state,
+            state_note: (!parts.copied.state.notes.is_empty()).then(|| parts.copied.state.notes.join("; ")),
         };
         manifest.version = manifest.required_version();
         manifest
@@ -787,7 +799,7 @@ where
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
         (notes, snapshots, staging): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>, Option<&crate::staging::Staging>),
         observer: &mut dyn Observer,
-    ) -> Result<(bool, Option<String>), PushFailure> {
+    ) -> Result<(bool, Option<String>, crate::vmstate::Captured), PushFailure> {
         // The job's files go to the scratch directory when there is one, else to the partial
         // directory on the repository.
         let partial = staging.map_or(run.partial, |s| s.path());
@@ -824,7 +836,8 @@ where
             }
         }
         // The job started (none when every disk is read from an RBD snapshot), then the RBD
-        // snapshots taken: a snapshot that fails drops the job, which aborts it.
+        // snapshots taken and the VM's NVRAM and TPM state read, the guest still frozen: a
+        // snapshot or a read that fails drops the job, which aborts it.
         let begin = |backup: &PushBackup, snapshots: &mut crate::rbd::Snapshots<'_, I>| {
             let job = if backup.targets.is_empty() {
                 None
@@ -832,7 +845,8 @@ where
                 Some(start_backup(&self.hypervisor, &request.vm, backup).map_err(|e| PushFailure::Refused(e.into()))?)
             };
             snapshots.take(run.rbd).map_err(|e| PushFailure::Failed(at(Step::Job)(e)))?;
-            Ok::<_, PushFailure>(job)
+            let state = crate::vmstate::capture(domain).map_err(|e| PushFailure::Failed(at(Step::State)(e)))?;
+            Ok::<_, PushFailure>((job, state))
         };
         // Armed from before the freeze until the job has ended: should this process die in
         // between, it thaws the guest and aborts the job.
@@ -840,7 +854,7 @@ where
         let agent = self.agents.agent_transport(&request.vm).map(|t| GuestAgent::new(t, self.agent_timeout));
         let mut outcome;
         let mut thaw_failed = None;
-        let job = match (&agent, request.quiesce) {
+        let (job, state) = match (&agent, request.quiesce) {
             (Ok(agent), policy) => {
                 // Holding the VM lock, a frozen guest was left so by an interrupted run (or by
                 // hand): freezing again would fail, so thaw it and say so.
@@ -917,7 +931,7 @@ where
         for (target, export) in exports {
             export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
-        Ok((outcome.quiesced, outcome.note))
+        Ok((outcome.quiesced, outcome.note, state))
     }
 
     /// Copies each file the job staged in the scratch directory to the partial directory on the

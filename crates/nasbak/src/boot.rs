@@ -100,12 +100,17 @@ where
             dir: work.clone(),
             sockets: Vec::new(),
             started: false,
+            tpm_dir: None,
         };
         let mut swaps = Vec::new();
+        let kept = crate::store::backup_state(&dir, vm, id);
+        let mut state = Vec::new();
         {
             let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
             // An encrypted backup is read with the repository's key.
-            let key = match disks.iter().any(|b| b.stored_as.is_encrypted()) {
+            let key = match disks.iter().any(|b| b.stored_as.is_encrypted())
+                || kept.iter().any(|s| s.stored_as.is_encrypted())
+            {
                 true => {
                     crate::protect::resolve_key(&self.hypervisor, request.repository.protection(), &self.runtime_dir)?
                 }
@@ -130,12 +135,40 @@ where
                     format: "qcow2".into(),
                 });
             }
+            // The backup's NVRAM and TPM state, checked, for copies the throwaway VM uses.
+            for s in &kept {
+                let bytes =
+                    crate::vmstate::read_state(&self.images, &dir, s, key.as_ref(), cancel).map_err(at(Step::Check))?;
+                state.push((s.clone(), bytes));
+            }
         }
         let console_log = work.join("console.log");
+        let nvram = work.join("nvram.fd");
+        let has_nvram = state.iter().any(|(s, _)| s.kind == nasbak_repo::StateKind::Nvram);
         let xml = throwaway_definition(
             &saved,
-            &Throwaway { name: &name, uuid: &uuid, disks: &swaps, console_log: &console_log, agent: true },
+            &Throwaway {
+                name: &name,
+                uuid: &uuid,
+                disks: &swaps,
+                console_log: &console_log,
+                agent: true,
+                nvram: has_nvram.then_some(nvram.as_path()),
+            },
         )?;
+        // The copies in the throwaway VM's places: its NVRAM in the work directory, its TPM's
+        // state where libvirt keeps it for its UUID (removed with it).
+        let throwaway = nasbak_libvirt::Domain::parse(&xml)?;
+        let kept_state: Vec<nasbak_repo::ManifestState> = state.iter().map(|(s, _)| s.clone()).collect();
+        let places = crate::vmstate::placements(&kept_state, &throwaway)
+            .map_err(|problems| BackupError::Mismatch { vm: name.clone(), problems })?;
+        if let Some(dir) =
+            throwaway.tpm_state_dir().filter(|_| kept_state.iter().any(|s| s.kind == nasbak_repo::StateKind::Tpm))
+        {
+            guard.add_tpm_dir(dir.parent().unwrap_or(&dir))?;
+        }
+        let files: Vec<_> = places.into_iter().zip(state).map(|((s, place), (_, bytes))| (s, place, bytes)).collect();
+        crate::vmstate::put_back(&files).map_err(at(Step::State))?;
         if let Err(e) = self.hypervisor.start_with_xml(&xml) {
             return record(
                 BootResult::Failed,
@@ -316,6 +349,18 @@ fn tail(log: &Path) -> Vec<String> {
 const OWNER_FILE: &str = "owner";
 /// In a verification's directory: the NBD sockets of its exports, a line each.
 const SOCKETS_FILE: &str = "sockets";
+/// In a verification's directory: the TPM state directory made for its throwaway VM.
+const TPM_DIR_FILE: &str = "tpm-dir";
+
+/// Removes a TPM state directory made for a throwaway VM (`/var/lib/libvirt/swtpm/<uuid>`),
+/// only one of that shape.
+fn remove_tpm_dir(dir: &Path) {
+    let ours = dir.parent() == Some(Path::new("/var/lib/libvirt/swtpm"))
+        && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| uuid::Uuid::parse_str(n).is_ok());
+    if ours {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
 
 /// What verifications whose process died (killed, so that no guard ran) left under
 /// `work_dir`: their throwaway domain (named like the directory) destroyed, their exports
@@ -333,6 +378,9 @@ fn sweep_abandoned<H: Hypervisor>(hypervisor: &H, work_dir: &Path) {
         for socket in fs::read_to_string(e.path().join(SOCKETS_FILE)).unwrap_or_default().lines() {
             let _ = ReadOnlyExport::stop_at(Path::new(socket), STOP_TIMEOUT);
         }
+        if let Ok(tpm) = fs::read_to_string(e.path().join(TPM_DIR_FILE)) {
+            remove_tpm_dir(Path::new(tpm.trim()));
+        }
         let _ = fs::remove_dir_all(e.path());
     }
 }
@@ -345,9 +393,22 @@ struct BootGuard<'a, H: Hypervisor> {
     dir: PathBuf,
     sockets: Vec<PathBuf>,
     started: bool,
+    /// The TPM state directory made for the throwaway VM.
+    tpm_dir: Option<PathBuf>,
 }
 
 impl<H: Hypervisor> BootGuard<'_, H> {
+    /// Records the TPM state directory made for the throwaway VM (here and in the directory).
+    fn add_tpm_dir(&mut self, dir: &Path) -> Result<(), BackupError> {
+        self.tpm_dir = Some(dir.to_owned());
+        let path = self.dir.join(TPM_DIR_FILE);
+        fs::write(&path, dir.to_string_lossy().as_bytes()).map_err(|source| BackupError::Io {
+            action: "writing",
+            path,
+            source,
+        })
+    }
+
     /// Records an export's socket (here and in the directory, for a sweep after a kill).
     fn add_socket(&mut self, socket: &Path) -> Result<(), BackupError> {
         self.sockets.push(socket.to_owned());
@@ -369,6 +430,9 @@ impl<H: Hypervisor> Drop for BootGuard<'_, H> {
         }
         for socket in &self.sockets {
             let _ = ReadOnlyExport::stop_at(socket, STOP_TIMEOUT);
+        }
+        if let Some(dir) = &self.tpm_dir {
+            remove_tpm_dir(dir);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

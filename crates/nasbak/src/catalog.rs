@@ -81,9 +81,15 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
         let mut links = Vec::new();
         // Files whose chain cannot be followed, and why (a reference-system file).
         let mut problems: Vec<(String, String)> = Vec::new();
+        // The VM state files (NVRAM, TPM state), and the key their encrypted copies open with.
+        let mut state = (Vec::new(), None);
         match entry.kind {
             BackupKind::Nasbak(m) => {
                 let vm_dir = dir.parent().unwrap_or(&dir).to_owned();
+                if m.state.iter().any(|s| s.stored_as.is_encrypted()) {
+                    state.1 = crate::protect::file_key(repository.protection()).ok().flatten();
+                }
+                state.0.clone_from(&m.state);
                 // Encrypted files are checked with the repository's key file when it has one;
                 // without it, their checksums still say whether what is stored is intact.
                 let key = match m.disks.iter().any(|d| d.stored_as.is_encrypted()) {
@@ -196,7 +202,50 @@ impl<I: ImageTool, M: Mounter> Catalog<'_, I, M> {
             processed += size;
             observer(&Progress::new(Phase::Verify, vm, processed, total));
         }
+        for s in &state.0 {
+            verdicts.push(self.verify_state(&dir, s, state.1.as_ref(), cancel));
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+        }
         Ok(VerifyReport { backup, damaged: None, files: verdicts })
+    }
+
+    /// The verdict on a VM state file (NVRAM, TPM state): read (decrypted with `key` when it
+    /// is stored encrypted) and its content checked against the manifest's checksum. It is no
+    /// disk image: `check` is `Unsupported`. An encrypted copy without the key is not read.
+    fn verify_state(
+        &self,
+        dir: &Path,
+        s: &nasbak_repo::ManifestState,
+        key: Option<&crate::protect::Key>,
+        cancel: &CancelHandle,
+    ) -> FileVerdict {
+        let file = s.file.clone();
+        if let Err(e) = fs::File::open(dir.join(&file)) {
+            let status =
+                if e.kind() == std::io::ErrorKind::NotFound { FileStatus::Missing } else { FileStatus::Unreadable };
+            return FileVerdict::new(file, CheckVerdict::Incomplete, None, Some((status, e.to_string())));
+        }
+        if s.stored_as.is_encrypted() && key.is_none() {
+            return FileVerdict::new(file, CheckVerdict::Unsupported, None, None);
+        }
+        match crate::vmstate::read_state(self.images(), dir, s, key, cancel) {
+            Ok(_) => FileVerdict::new(file, CheckVerdict::Unsupported, Some(true), None),
+            Err(BackupError::Damaged { .. }) => FileVerdict::new(file, CheckVerdict::Unsupported, Some(false), None),
+            Err(e @ BackupError::Io { .. }) => FileVerdict::new(
+                file,
+                CheckVerdict::Incomplete,
+                None,
+                Some((FileStatus::Unreadable, crate::error::chain(&e))),
+            ),
+            Err(e) => FileVerdict::new(
+                file,
+                CheckVerdict::Incomplete,
+                None,
+                Some((FileStatus::Corrupt, crate::error::chain(&e))),
+            ),
+        }
     }
 
     fn verify_file(

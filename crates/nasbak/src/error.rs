@@ -51,6 +51,8 @@ pub enum Step {
     Unmount,
     /// Starting the VM (an instant restore).
     Start,
+    /// Keeping the VM's NVRAM and TPM state in the backup, or putting them back.
+    State,
 }
 
 impl std::fmt::Display for Step {
@@ -72,6 +74,7 @@ impl std::fmt::Display for Step {
             Step::Export { disk } => write!(f, "showing disk {disk} read-only"),
             Step::Unmount => f.write_str("unmounting the backup"),
             Step::Start => f.write_str("starting the VM"),
+            Step::State => f.write_str("keeping or restoring the VM's NVRAM and TPM state"),
         }
     }
 }

@@ -119,11 +119,13 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
             let dir = mounted.root().join(&entry.vm).join(&entry.id);
             let mut not_opening = Vec::new();
             let mut encrypted = false;
-            for d in m.disks.iter().filter(|d| d.stored_as.is_encrypted()) {
+            let files =
+                m.disks.iter().map(|d| (&d.file, d.stored_as)).chain(m.state.iter().map(|s| (&s.file, s.stored_as)));
+            for (name, stored_as) in files.filter(|(_, f)| f.is_encrypted()) {
                 encrypted = true;
-                let file = StoredFile { path: dir.join(&d.file), layout: layout_of(d.stored_as) };
+                let file = StoredFile { path: dir.join(name), layout: layout_of(stored_as) };
                 if !self.images().opens_with(&file, key)? {
-                    not_opening.push(d.file.clone());
+                    not_opening.push(name.clone());
                 }
             }
             backups.push(KeyCheckEntry {
@@ -300,6 +302,26 @@ fn rotate_backup<I: ImageTool>(
         changed = true;
         report.rotated += 1;
     }
+    // The VM state files stored encrypted: their checksums are of what they hold, which a
+    // rotation does not change.
+    for s in manifest.state.iter().filter(|s| s.stored_as.is_encrypted()) {
+        report.files += 1;
+        let file = StoredFile { path: dir.join(&s.file), layout: layout_of(s.stored_as) };
+        let rekeyed = images.begin_rekey(&file, old, new).map_err(|e| match e.is_wrong_key() {
+            true => BackupError::KeyNeeded {
+                backup: backup.to_owned(),
+                detail: format!("{} opens with neither the repository's key nor the new one", s.file),
+            },
+            false => e.into(),
+        })?;
+        match rekeyed {
+            Rekeyed::Already => report.already += 1,
+            Rekeyed::Added { old_slot } => {
+                images.finish_rekey(&file, old_slot)?;
+                report.rotated += 1;
+            }
+        }
+    }
     if changed {
         let path = dir.join(MANIFEST_FILE);
         write_atomic(&path, manifest.to_json().as_bytes(), 0o644).map_err(io("writing", &path))?;
@@ -365,7 +387,7 @@ fn encrypted_backups(repository: &str, root: &Path) -> Result<BTreeMap<String, V
     let mut by_vm: BTreeMap<String, Vec<Encrypted>> = BTreeMap::new();
     for entry in list_backups(repository, root, None)? {
         let BackupKind::Nasbak(m) = &entry.kind else { continue };
-        if !m.disks.iter().any(|d| d.stored_as.is_encrypted()) {
+        if !m.disks.iter().any(|d| d.stored_as.is_encrypted()) && !m.state.iter().any(|s| s.stored_as.is_encrypted()) {
             continue;
         }
         VmName::new(&entry.vm)?;

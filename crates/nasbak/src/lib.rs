@@ -95,6 +95,7 @@ mod store;
 #[cfg(test)]
 mod test_support;
 mod transfer;
+mod vmstate;
 mod watchdog;
 
 pub use browse::{DISK_IMAGE_FILE, MOUNT_STATE_FILE};
@@ -107,7 +108,7 @@ pub use outcome::{
     Attachment, BackupOutcome, CapacityReport, CopyState, DamagedNote, DiskCopy, FileStatus, FileVerdict,
     InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, KeyCheckEntry, KeyCheckReport,
     KeyRotation, MountedBackup, MountedDisk, MountedFilesystem, NotMounted, PruneDecision, PruneReport, RestoreOutcome,
-    RestoredDisk, RestoredVolume, SkippedDisk, UnmountReport, VerifyReport,
+    RestoredDisk, RestoredState, RestoredVolume, SkippedDisk, UnmountReport, VerifyReport,
 };
 pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;

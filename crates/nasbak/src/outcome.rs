@@ -47,6 +47,24 @@ pub struct RestoreOutcome {
     pub vm: String,
     /// Each disk restored.
     pub restored: Vec<RestoredDisk>,
+    /// The VM's NVRAM and TPM state files put back from the backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<RestoredState>,
+    /// What is worth knowing (a backup without the NVRAM or TPM state the VM has, say).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// A state file put back by a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RestoredState {
+    /// `nvram` or `tpm`.
+    pub kind: nasbak_repo::StateKind,
+    /// Where it was written.
+    pub path: String,
+    /// Its length in bytes.
+    pub size: u64,
 }
 
 /// What was restored.

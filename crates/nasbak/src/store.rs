@@ -54,6 +54,15 @@ pub(crate) fn backup_disks(
     Ok(disks)
 }
 
+/// The VM state files (NVRAM, TPM state) a backup keeps: none for a reference-system backup,
+/// or for one made before nasbak kept them.
+pub(crate) fn backup_state(dir: &Path, vm: &str, id: &str) -> Vec<nasbak_repo::ManifestState> {
+    match read_backup("", vm, id, dir).map(|e| e.kind) {
+        Some(BackupKind::Nasbak(m)) => m.state.clone(),
+        _ => Vec::new(),
+    }
+}
+
 /// Why the backing link of `file` does not lead to `expected` (the parent's file its manifest
 /// names), or `None` when it does.
 pub(crate) fn link_problem<I: ImageTool>(images: &I, file: &Path, expected: &Path) -> Option<String> {

@@ -43,5 +43,7 @@ pub(crate) fn manifest(id: &str, disks: &[(&str, &str)]) -> Manifest {
         parent: None,
         checkpoint: None,
         full_reason: None,
+        state: Vec::new(),
+        state_note: None,
     }
 }

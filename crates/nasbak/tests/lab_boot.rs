@@ -123,7 +123,7 @@ fn a_backup_boots_a_broken_one_fails_with_its_console_and_one_without_agent_is_u
     let name = abandoned.file_name().unwrap().to_str().unwrap().to_owned();
     let uuid = "0badc0de-0000-4000-8000-000000000000";
     let console = abandoned.join("console.log");
-    let t = Throwaway { name: &name, uuid, disks: &[], console_log: &console, agent: false };
+    let t = Throwaway { name: &name, uuid, disks: &[], console_log: &console, agent: false, nvram: None };
     let xml = throwaway_definition(&e.hypervisor().inactive_xml(dom.name()).unwrap(), &t).unwrap();
     e.hypervisor().start_with_xml(&xml).unwrap();
     assert!(throwaways().contains(&name));

@@ -36,8 +36,8 @@ pub use model::error::ParseError;
 pub use model::host::Host;
 pub use model::layout::{BackupId, DiskRole, RepositoryLayout};
 pub use model::manifest::{
-    BackupMethod, BackupMode, CheckpointRecord, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, RbdSnapshotRecord,
-    backing_path,
+    BackupMethod, BackupMode, CheckpointRecord, Checksum, MANIFEST_VERSION, Manifest, ManifestDisk, ManifestState,
+    NVRAM_FILE, RbdSnapshotRecord, StateKind, TPM_FILE_PREFIX, backing_path, is_tpm_state_name,
 };
 pub use model::mountinfo::MountInfoEntry;
 pub use model::name::{RepositoryName, VmName, VolumeName};

@@ -154,12 +154,22 @@ where
         let mut undo =
             Undo { hypervisor: &self.hypervisor, vm: target_vm, dir: work.clone(), started: false, armed: true };
         // An encrypted backup is read with the repository's key: checked before anything changes.
-        let key = match pairs.iter().any(|(b, _)| b.stored_as.is_encrypted()) {
+        let encrypted = pairs.iter().any(|(b, _)| b.stored_as.is_encrypted())
+            || start.state.iter().any(|(s, _)| s.stored_as.is_encrypted());
+        let key = match encrypted {
             true => crate::protect::resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?,
             false => None,
         };
         // Every file of every chain checked before anything changes.
         let mut plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), &work)?;
+        // The VM's NVRAM and TPM state from the backup, checked now, put in the VM's own places
+        // (copies: the backup is never written) just before it starts.
+        let mut kept_state = Vec::new();
+        for (s, place) in &start.state {
+            let bytes =
+                crate::vmstate::read_state(&self.images, dir, s, key.as_ref(), cancel).map_err(at(Step::Check))?;
+            kept_state.push((s.clone(), place.clone(), bytes));
+        }
         // The finish copies the backup onto each volume in one pass and mirrors only what the
         // guest wrote; an encrypted backup (its key is not kept for the finish), and a restore
         // with a bandwidth limit (libvirt's limits the whole copy), keep a block copy of the
@@ -207,6 +217,7 @@ where
             })
             .collect();
         let live = swap_disk_sources(xml, &swaps)?;
+        crate::vmstate::put_back(&kept_state).map_err(at(Step::State))?;
         self.hypervisor.start_with_xml(&live).map_err(|e| at(Step::Start)(e.into()))?;
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written

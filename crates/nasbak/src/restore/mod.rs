@@ -32,6 +32,11 @@ pub(crate) struct RestoreStart<'a, M: Mounter> {
     pub domain: Domain,
     /// The backup's disks.
     pub disks: Vec<ManifestDisk>,
+    /// The VM state files it keeps, each with its place in the target VM (see
+    /// `crate::vmstate::placements`): a backup's state the VM has no place for is refused here.
+    pub state: Vec<(nasbak_repo::ManifestState, std::path::PathBuf)>,
+    /// What a restore says of a backup without the state the VM has.
+    pub state_note: Option<String>,
 }
 
 impl<H: nasbak_libvirt::Hypervisor, A: crate::engine::AgentSource, I: nasbak_qemu_img::ImageTool, M: Mounter>
@@ -56,7 +61,11 @@ impl<H: nasbak_libvirt::Hypervisor, A: crate::engine::AgentSource, I: nasbak_qem
         let mounted = self.mounts.acquire(&request.repository)?;
         let (_, _, dir) = mounted.layout().resolve_backup(&format!("{}/{}", request.vm, request.id))?;
         let disks = backup_disks(&dir, &request.vm, &request.id, &|| Some(domain.clone()))?;
-        Ok(RestoreStart { mounted, dir, target_vm, xml, domain, disks })
+        let kept = crate::store::backup_state(&dir, &request.vm, &request.id);
+        let state = crate::vmstate::placements(&kept, &domain)
+            .map_err(|problems| BackupError::Mismatch { vm: target_vm.to_owned(), problems })?;
+        let state_note = crate::vmstate::missing_note(&kept, &domain);
+        Ok(RestoreStart { mounted, dir, target_vm, xml, domain, disks, state, state_note })
     }
 }
 

@@ -51,7 +51,9 @@ where
         let _lock = VmLock::take(&layout.vm_dir(&vm_name), vm)?;
         // An encrypted backup needs the repository's key (a chain is stored one way, like its
         // top file): checked before anything is read.
-        let key = match pairs.iter().any(|(b, _)| b.stored_as.is_encrypted()) {
+        let key = match pairs.iter().any(|(b, _)| b.stored_as.is_encrypted())
+            || start.state.iter().any(|(s, _)| s.stored_as.is_encrypted())
+        {
             true => resolve_key(&self.hypervisor, repository.protection(), &self.runtime_dir)?,
             false => None,
         };
@@ -61,6 +63,13 @@ where
         // copied beside their volumes. Only then are raw volumes written and the copies renamed.
         let (in_place, copies) =
             self.check_and_sort(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), cancel, observer)?;
+        // The VM's NVRAM and TPM state, read and checked now; put back once the disks are.
+        let mut state = Vec::new();
+        for (s, place) in &start.state {
+            let bytes =
+                crate::vmstate::read_state(&self.images, dir, s, key.as_ref(), cancel).map_err(at(Step::Check))?;
+            state.push((s.clone(), place.clone(), bytes));
+        }
         let mut staged = Staged(Vec::new()); // renamed copies are gone; the rest is removed on drop
         for (b, d, path, flatten, checked) in &copies {
             remove_stale_stages(path);
@@ -161,7 +170,14 @@ where
             });
             restored.push(RestoredDisk { target: d.target.clone(), location, format: "qcow2".into(), note });
         }
-        Ok(RestoreOutcome { backup: format!("{vm}/{id}"), vm: target_vm.to_owned(), restored })
+        let state = crate::vmstate::put_back(&state).map_err(|e| incomplete(&restored, None, at(Step::State)(e)))?;
+        Ok(RestoreOutcome {
+            backup: format!("{vm}/{id}"),
+            vm: target_vm.to_owned(),
+            restored,
+            state,
+            notes: start.state_note.clone().into_iter().collect(),
+        })
     }
 
     /// Every file of every disk's chain checked (qemu-img check; checksums of what is written in

@@ -131,6 +131,68 @@ pub struct RbdSnapshotRecord {
     pub image_id: String,
 }
 
+/// What part of a VM's state outside its disks a [`ManifestState`] file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateKind {
+    /// The UEFI variable store (`<os><nvram>`): boot entries, Secure Boot keys and databases.
+    Nvram,
+    /// A file of an emulated TPM's state directory (swtpm's).
+    Tpm,
+}
+
+impl std::fmt::Display for StateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateKind::Nvram => "NVRAM",
+            StateKind::Tpm => "TPM state",
+        })
+    }
+}
+
+/// The file name of the NVRAM copy inside a backup directory.
+pub const NVRAM_FILE: &str = "state.nvram";
+/// The prefix of a TPM state file's copy inside a backup directory: `state.tpm.<its name>`.
+pub const TPM_FILE_PREFIX: &str = "state.tpm.";
+
+/// Whether `name` can be a file of a TPM state directory that nasbak keeps: a plain name of
+/// letters, digits, `.`, `_` and `-` (at most 100), not hidden (swtpm's `.lock` is not state).
+pub fn is_tpm_state_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One file of a VM's state outside its disks (the NVRAM, a TPM state file), kept beside the
+/// disk files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestState {
+    /// What it is.
+    pub kind: StateKind,
+    /// Its file inside the backup directory: [`NVRAM_FILE`], or [`TPM_FILE_PREFIX`] and `name`.
+    pub file: String,
+    /// Its file name where it was (in the TPM state directory, what a restore writes it back
+    /// as).
+    pub name: String,
+    /// Where it was: the NVRAM file, or the TPM state directory.
+    pub source: String,
+    /// Its length in bytes (what was read, before any encryption).
+    pub size: u64,
+    /// The checksum of its content (before any encryption): what a restore writes back.
+    pub checksum: Checksum,
+    /// Its permission bits where it was.
+    pub mode: u32,
+    /// Its owner where it was.
+    pub uid: u32,
+    /// Its group where it was.
+    pub gid: u32,
+    /// How the copy is stored: plain (the bytes as they were) or encrypted (a LUKS-encrypted
+    /// qcow2 of them, opened with the repository's key, read as raw and cut at `size`).
+    #[serde(default, skip_serializing_if = "is_plain")]
+    pub stored_as: FileFormat,
+}
+
 fn is_plain(f: &FileFormat) -> bool {
     *f == FileFormat::Plain
 }
@@ -177,6 +239,15 @@ pub struct Manifest {
     /// Why a full backup was made although an incremental was asked for or possible.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
+    /// The VM's state outside its disks (its NVRAM, its TPM's state), each file complete in
+    /// every backup, whatever its disks' mode. Empty for a VM without either, and in backups
+    /// made before nasbak kept them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<ManifestState>,
+    /// What of the VM's state outside its disks could not be kept, and why (an NVRAM file
+    /// libvirt has not made yet, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_note: Option<String>,
 }
 
 impl Manifest {
@@ -215,6 +286,7 @@ impl Manifest {
             }
         }
         m.check_chain()?;
+        m.check_state()?;
         for (i, d) in m.disks.iter().enumerate() {
             if let Some(other) = m.disks[..i].iter().find(|o| o.file.eq_ignore_ascii_case(&d.file)) {
                 return Err(ParseError::new(
@@ -306,6 +378,41 @@ impl Manifest {
         Ok(())
     }
 
+    /// The state files are plain names inside the backup directory, stored plain or encrypted,
+    /// one NVRAM at most, each TPM file named after its name in the state directory.
+    fn check_state(&self) -> Result<(), ParseError> {
+        let bad = |input: &str, problem: &str, valid: &str| ParseError::new("manifest", input, 0, problem, valid);
+        for (i, s) in self.state.iter().enumerate() {
+            match s.kind {
+                StateKind::Nvram if s.file != NVRAM_FILE => {
+                    return Err(bad(&s.file, "this NVRAM file is not the backup's", "expected state.nvram"));
+                }
+                StateKind::Tpm if s.file.strip_prefix(TPM_FILE_PREFIX) != Some(s.name.as_str()) => {
+                    return Err(bad(
+                        &s.file,
+                        "this TPM state file is not named after its file",
+                        "expected state.tpm.<name>",
+                    ));
+                }
+                StateKind::Tpm if !is_tpm_state_name(&s.name) => {
+                    return Err(bad(
+                        &s.name,
+                        "this is not a TPM state file name",
+                        "expected letters, digits, '.', '_' and '-', not starting with '.'",
+                    ));
+                }
+                _ => {}
+            }
+            if !matches!(s.stored_as, FileFormat::Plain | FileFormat::Encrypted) {
+                return Err(bad(&s.file, "a state file is stored plain or encrypted", "expected plain or encrypted"));
+            }
+            if self.state[..i].iter().any(|o| o.file.eq_ignore_ascii_case(&s.file)) {
+                return Err(bad(&s.file, "two state entries have this file", "expected one entry per file"));
+            }
+        }
+        Ok(())
+    }
+
     /// The manifest as pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a manifest always serializes")
@@ -352,6 +459,8 @@ mod tests {
             parent: None,
             checkpoint: None,
             full_reason: None,
+            state: Vec::new(),
+            state_note: None,
         }
     }
 
@@ -392,6 +501,50 @@ mod tests {
         full.disks[0].backing = Some("../2027.01.14.08.00.00/root.vol-1.qcow2".into());
         let e = Manifest::from_json(&full.to_json()).unwrap_err().to_string();
         assert!(e.contains("a full disk has a backing file"), "{e}");
+    }
+
+    fn state(kind: StateKind, file: &str, name: &str) -> ManifestState {
+        ManifestState {
+            kind,
+            file: file.into(),
+            name: name.into(),
+            source: "/var/lib/libvirt/swtpm/u/tpm2".into(),
+            size: 9,
+            checksum: Checksum { algorithm: "blake3".into(), value: "cd".repeat(32) },
+            mode: 0o600,
+            uid: 107,
+            gid: 113,
+            stored_as: FileFormat::Plain,
+        }
+    }
+
+    #[test]
+    fn state_files_are_plain_names_of_the_backup() {
+        let mut m = sample();
+        m.state = vec![
+            state(StateKind::Nvram, NVRAM_FILE, "web1_VARS.fd"),
+            state(StateKind::Tpm, "state.tpm.tpm2-00.permall", "tpm2-00.permall"),
+        ];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        assert_eq!(m.required_version(), 1, "older versions read the disks; the state is an addition");
+        assert!(!sample().to_json().contains("state"), "a VM without state writes the manifest it always did");
+        let broken = |s: ManifestState, what: &str| {
+            let mut m = sample();
+            m.state = vec![s];
+            let e = Manifest::from_json(&m.to_json()).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        broken(state(StateKind::Nvram, "../../etc/shadow", "x"), "not the backup's");
+        broken(state(StateKind::Tpm, "state.tpm.a", "b"), "not named after its file");
+        broken(state(StateKind::Tpm, "state.tpm.../x", "../x"), "not a TPM state file name");
+        broken(state(StateKind::Tpm, "state.tpm..lock", ".lock"), "not a TPM state file name");
+        let mut compressed = state(StateKind::Nvram, NVRAM_FILE, "v");
+        compressed.stored_as = FileFormat::Compressed;
+        broken(compressed, "stored plain or encrypted");
+        let mut twice = sample();
+        twice.state = vec![state(StateKind::Nvram, NVRAM_FILE, "a"), state(StateKind::Nvram, NVRAM_FILE, "b")];
+        assert!(Manifest::from_json(&twice.to_json()).unwrap_err().to_string().contains("two state entries"));
+        assert!(is_tpm_state_name("tpm2-00.volatilestate") && !is_tpm_state_name("a/b") && !is_tpm_state_name(""));
     }
 
     #[test]

@@ -346,6 +346,8 @@ mod tests {
             parent: parent.map(Into::into),
             checkpoint: Some(CheckpointRecord { name: format!("nasbak-{id}"), xml: "<domaincheckpoint/>".into() }),
             full_reason: None,
+            state: Vec::new(),
+            state_note: None,
         }
     }
 
