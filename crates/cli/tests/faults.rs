@@ -92,7 +92,14 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, disks: Vec<DiskSpec>, agent: bool, running: bool, repo_mib: u64) -> Lab {
-        let dom = disks.into_iter().fold(DomainSpec::new(tag), DomainSpec::disk).agent(agent).create();
+        Lab::of(disks.into_iter().fold(DomainSpec::new(tag), DomainSpec::disk), agent, running, repo_mib)
+    }
+
+    /// [`Lab::new`] with a domain made as `spec` says.
+    fn of(spec: DomainSpec, agent: bool, running: bool, repo_mib: u64) -> Lab {
+        let tag = spec.tag().to_owned();
+        let tag = tag.as_str();
+        let dom = spec.agent(agent).create();
         if running {
             dom.start();
         }
@@ -297,9 +304,16 @@ fn row(
 /// taken care of by the next nasbak (here `list`, then the next backup, whose output must say
 /// what it cleaned).
 fn kill_at(name: &'static str, phase: &'static str, expect: &[&str]) -> Row {
+    kill_vm_at(name, phase, expect, false)
+}
+
+/// [`kill_at`]; with `uefi`, of a UEFI VM with an emulated TPM, whose next backup must keep
+/// its NVRAM and TPM state (and whose killed backup left no state file behind that looks kept).
+fn kill_vm_at(name: &'static str, phase: &'static str, expect: &[&str], uefi: bool) -> Row {
     // An ext4 disk for the freeze, and 200 MiB of random data so the job runs a while.
-    let disks = vec![DiskSpec::raw(32).ext4(), DiskSpec::raw(256)];
-    let lab = Lab::new(&format!("k{}", phase.replace('-', "")), disks, true, false, 1024);
+    let tag = format!("{}k{}", if uefi { "u" } else { "" }, phase.replace('-', ""));
+    let spec = DomainSpec::new(&tag).disk(DiskSpec::raw(32).ext4()).disk(DiskSpec::raw(256)).uefi_with_tpm(uefi);
+    let lab = Lab::of(spec, true, false, 1024);
     nasbak_testlab::fill_pseudo_random(&lab.dom.disks()[1].path, 200);
     lab.dom.start();
     lab.dom.wait_for_agent(Duration::from_secs(120));
@@ -327,8 +341,56 @@ fn kill_at(name: &'static str, phase: &'static str, expect: &[&str]) -> Row {
     // The next backup reports what it cleaned up; that is the "error" of a kill.
     let next = lab.run(&["--json", "backup", lab.name(), "--quiesce", "best-effort"]);
     let said = text(&next);
+    if uefi {
+        let made: serde_json::Value = serde_json::from_slice(&next.stdout).unwrap_or_default();
+        let kept: Vec<&str> = made["manifest"]["state"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["file"].as_str()).collect())
+            .unwrap_or_default();
+        if kept != ["state.nvram", "state.tpm.tpm2-00.permall"] {
+            extra.push(format!("the next backup kept {kept:?} of the VM's state"));
+        }
+    }
     let checks = lab.checks(&said, expect);
     row(name, checks, None, extra, &said)
+}
+
+/// A UEFI VM's restore killed while it copies the disks: the VM's NVRAM and TPM state (put back
+/// only once every disk is) are as they were; run again, the restore puts back the backup's.
+fn restore_killed_uefi() -> Row {
+    let spec = DomainSpec::new("urestkill").disk(DiskSpec::qcow2(256)).uefi_with_tpm(true);
+    let lab = Lab::of(spec, true, true, 1024);
+    // Started once, so that the firmware and swtpm wrote their state.
+    lab.dom.destroy();
+    let _ = random_qcow2(&lab, 64);
+    let out: serde_json::Value = serde_json::from_str(&lab.ok(&["--json", "backup", lab.name()])).unwrap();
+    let id = out["id"].as_str().unwrap().to_owned();
+    let xml = virsh(&["dumpxml", "--inactive", lab.name()]).unwrap();
+    let d = nasbak::nasbak_libvirt::Domain::parse(&xml).unwrap();
+    let (nvram, tpm) = (PathBuf::from(&d.nvram.as_ref().unwrap().path), d.tpm_state_dir().unwrap());
+    let kept = (fs::read(&nvram).unwrap(), fs::read(tpm.join("tpm2-00.permall")).unwrap());
+    // Both changed after the backup (a firmware update of the variables, say).
+    fs::write(&nvram, vec![0x5a; kept.0.len()]).unwrap();
+    fs::write(tpm.join("tpm2-00.permall"), b"changed").unwrap();
+    let mut child = lab.spawn_paused(&["restore", &id], "restore-copy");
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    let mut extra = Vec::new();
+    if fs::read(&nvram).unwrap() != vec![0x5a; kept.0.len()]
+        || fs::read(tpm.join("tpm2-00.permall")).unwrap() != b"changed"
+    {
+        extra.push("the VM's state changed although the restore was killed before its disks were done".into());
+    }
+    let again = lab.run(&["--json", "restore", &id]);
+    let said = text(&again);
+    if !again.status.success() {
+        extra.push(format!("the restore run again failed: {said}"));
+    }
+    if (fs::read(&nvram).unwrap(), fs::read(tpm.join("tpm2-00.permall")).unwrap()) != kept {
+        extra.push("the restore run again did not put back the backup's NVRAM and TPM state".into());
+    }
+    let checks = lab.checks(&said, &["\"state\""]);
+    row("UEFI restore killed mid-copy, then run again", checks, None, extra, &said)
 }
 
 fn enospc() -> Row {
@@ -1303,6 +1365,19 @@ fn main() {
         ("kill-checksum", Box::new(|| kill_at("SIGKILL while checksumming", "checksum", &["unfinished backup"]))),
         ("kill-manifest", Box::new(|| kill_at("SIGKILL after the manifest", "manifest", &["unfinished backup"]))),
         ("kill-rename", Box::new(|| kill_at("SIGKILL after the rename", "renamed", &["took over the lock"]))),
+        (
+            "kill-uefi-job",
+            Box::new(|| {
+                kill_vm_at("UEFI+TPM VM: SIGKILL with the job running", "job-started", &["unfinished backup"], true)
+            }),
+        ),
+        (
+            "kill-uefi-state",
+            Box::new(|| {
+                kill_vm_at("UEFI+TPM VM: SIGKILL keeping its state", "state-written", &["unfinished backup"], true)
+            }),
+        ),
+        ("restore-uefi-kill", Box::new(restore_killed_uefi)),
         ("enospc", Box::new(enospc)),
         ("agent-required", Box::new(|| agent_hung("required"))),
         ("agent-best-effort", Box::new(|| agent_hung("best-effort"))),

@@ -244,6 +244,7 @@ pub(crate) fn write_state<I: ImageTool>(
             gid: f.gid,
             stored_as,
         });
+        crate::fault::point("state-written");
     }
     Ok(entries)
 }
@@ -422,6 +423,128 @@ pub(crate) fn put_back(files: &[(ManifestState, PathBuf, Vec<u8>)]) -> Result<Ve
     Ok(restored)
 }
 
+/// The index of the VM's own state files an instant restore set aside (see [`set_aside`]).
+const ASIDE_INDEX: &str = "state-aside.json";
+/// The prefix of each set-aside file's copy.
+const ASIDE_PREFIX: &str = "state-aside.";
+
+/// One of the VM's own state files as it was before an instant restore replaced it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Aside {
+    path: PathBuf,
+    /// A file of a TPM state directory.
+    tpm: bool,
+    /// Its mode, owner and group, and its copy's name in the work directory; none when the file
+    /// did not exist (a VM never started: the restore's file is removed again).
+    kept: Option<(u32, u32, u32, String)>,
+}
+
+/// Before an instant restore puts the backup's state in the VM's places (`places`, see
+/// [`placements`]), the VM's own files there (and the rest of its TPM state directory) are
+/// copied into its private work directory `dir`, so that a cancelled or failed instant restore
+/// gives the VM back its own identity ([`put_aside_back`]).
+pub(crate) fn set_aside(places: &[(ManifestState, PathBuf)], dir: &Path) -> Result<(), BackupError> {
+    let mut paths: Vec<(PathBuf, bool)> = places.iter().map(|(s, p)| (p.clone(), s.kind == StateKind::Tpm)).collect();
+    for (_, place) in places.iter().filter(|(s, _)| s.kind == StateKind::Tpm) {
+        let parent = place.parent().unwrap_or(Path::new("/"));
+        for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_tpm_state_name(&name)
+                && e.file_type().is_ok_and(|t| t.is_file())
+                && !paths.iter().any(|(p, _)| *p == e.path())
+            {
+                paths.push((e.path(), true));
+            }
+        }
+    }
+    let mut index = Vec::new();
+    for (i, (path, tpm)) in paths.into_iter().enumerate() {
+        let kept = match read_file(&path)? {
+            Some(f) => {
+                let name = format!("{ASIDE_PREFIX}{i}");
+                let copy = dir.join(&name);
+                let io =
+                    |source| BackupError::Io { action: "setting aside the VM's state in", path: copy.clone(), source };
+                let mut out = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&copy).map_err(io)?;
+                out.write_all(&f.bytes).and_then(|()| out.sync_all()).map_err(io)?;
+                Some((f.mode, f.uid, f.gid, name))
+            }
+            None => None,
+        };
+        index.push(Aside { path, tpm, kept });
+    }
+    let path = dir.join(ASIDE_INDEX);
+    let text = serde_json::to_string_pretty(&index).expect("the index serialises");
+    nasbak_repo::store::write_atomic(&path, text.as_bytes(), 0o600).map_err(|source| BackupError::Io {
+        action: "writing",
+        path,
+        source,
+    })
+}
+
+/// Gives the VM back the state files [`set_aside`] kept in `dir` (a file that did not exist is
+/// removed, as is a TPM state file swtpm made since), then removes the copies. Nothing to do
+/// when none were set aside.
+pub(crate) fn put_aside_back(dir: &Path) -> Result<(), BackupError> {
+    let path = dir.join(ASIDE_INDEX);
+    let Ok(text) = fs::read_to_string(&path) else { return Ok(()) };
+    let index: Vec<Aside> =
+        serde_json::from_str(&text).map_err(|e| BackupError::Damaged { path: path.clone(), detail: e.to_string() })?;
+    let io = |action: &'static str, p: &Path| {
+        let p = p.to_owned();
+        move |source| BackupError::Io { action, path: p, source }
+    };
+    for a in &index {
+        match &a.kept {
+            Some((mode, uid, gid, name)) => {
+                let bytes = fs::read(dir.join(name)).map_err(io("reading the VM's state set aside in", dir))?;
+                let entry = ManifestState {
+                    kind: StateKind::Nvram,
+                    file: String::new(),
+                    name: String::new(),
+                    source: String::new(),
+                    size: bytes.len() as u64,
+                    checksum: Checksum { algorithm: String::new(), value: String::new() },
+                    mode: *mode,
+                    uid: *uid,
+                    gid: *gid,
+                    stored_as: FileFormat::Plain,
+                };
+                // One at a time, with no TPM directory sweep: that comes below.
+                put_back(&[(entry, a.path.clone(), bytes)])?;
+            }
+            None => match fs::remove_file(&a.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("removing", &a.path)(e)),
+                _ => {}
+            },
+        }
+    }
+    // TPM state files swtpm made while the restored VM ran, which the VM did not have.
+    let tpm_dirs: Vec<PathBuf> =
+        index.iter().filter(|a| a.tpm).filter_map(|a| a.path.parent().map(Path::to_owned)).collect();
+    for d in &tpm_dirs {
+        for e in fs::read_dir(d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_tpm_state_name(&name) && !index.iter().any(|a| a.path == e.path() && a.kept.is_some()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    discard_aside(dir);
+    Ok(())
+}
+
+/// Removes what [`set_aside`] kept in `dir` (the restore was finished: the VM keeps the
+/// backup's state).
+pub(crate) fn discard_aside(dir: &Path) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(ASIDE_PREFIX) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +632,47 @@ mod tests {
         assert_eq!(fs::metadata(&nvram).unwrap().mode() & 0o777, 0o640);
         assert!(!tpm.join("tpm2-00.volatilestate").exists(), "a state the backup does not hold is gone");
         assert!(tpm.join(".lock").exists() && tpm.join("tpm2-00.permall").exists());
+    }
+
+    #[test]
+    fn state_set_aside_comes_back_whole_and_a_file_that_was_not_there_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        let tpm = dir.path().join("tpm2");
+        fs::create_dir(&tpm).unwrap();
+        fs::write(tpm.join("tpm2-00.permall"), b"own").unwrap();
+        fs::set_permissions(tpm.join("tpm2-00.permall"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::write(tpm.join("tpm2-00.volatilestate"), b"own volatile").unwrap();
+        let nvram = dir.path().join("never-made_VARS.fd");
+        let entry = |kind, name: &str| ManifestState {
+            kind,
+            file: backup_file_name(kind, name),
+            name: name.into(),
+            source: String::new(),
+            size: 3,
+            checksum: Checksum { algorithm: "blake3".into(), value: String::new() },
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            stored_as: FileFormat::Plain,
+        };
+        let places = vec![
+            (entry(StateKind::Nvram, "x"), nvram.clone()),
+            (entry(StateKind::Tpm, "tpm2-00.permall"), tpm.join("tpm2-00.permall")),
+        ];
+        set_aside(&places, &work).unwrap();
+        let files: Vec<_> = places.into_iter().map(|(s, p)| (s, p, b"bak".to_vec())).collect();
+        put_back(&files).unwrap();
+        fs::write(tpm.join("tpm2-00.savestate"), b"made while it ran").unwrap();
+        assert_eq!(fs::read(&nvram).unwrap(), b"bak");
+        put_aside_back(&work).unwrap();
+        assert!(!nvram.exists(), "the VM had no NVRAM yet: it has none again");
+        assert_eq!(fs::read(tpm.join("tpm2-00.permall")).unwrap(), b"own");
+        assert_eq!(fs::metadata(tpm.join("tpm2-00.permall")).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(fs::read(tpm.join("tpm2-00.volatilestate")).unwrap(), b"own volatile");
+        assert!(!tpm.join("tpm2-00.savestate").exists());
+        assert_eq!(fs::read_dir(&work).unwrap().count(), 0, "the copies are gone");
+        put_aside_back(&work).unwrap();
     }
 }

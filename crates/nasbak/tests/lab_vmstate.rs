@@ -17,7 +17,9 @@ use nasbak::nasbak_repo::{
     BackupRepository, Compression, Encryption, FileFormat, KeySource, Manifest, MountTimeouts, Protection,
     RepositoryKind, RepositoryMounts, StateKind, SystemMounter,
 };
-use nasbak::{BackupRequest, BootResult, BootVerifyRequest, Catalog, Engine, FileStatus, RestoreRequest};
+use nasbak::{
+    BackupRequest, BootResult, BootVerifyRequest, Catalog, Engine, FileStatus, InstantRestoreRequest, RestoreRequest,
+};
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
 type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
@@ -207,4 +209,46 @@ fn a_uefi_vms_nvram_and_tpm_state_are_kept_restored_and_booted() {
     assert_eq!(fs::read(off_dir.join("state.nvram")).unwrap(), kept, "the backup is never written");
     assert_eq!(snapshot(&nvram, &tpm), vm_now, "the VM's own state untouched");
     assert_eq!(swtpm_dirs(), dirs_before, "the throwaway's TPM state removed with it");
+}
+
+/// An instant restore runs the VM on the backup's NVRAM and TPM state (put in its places before
+/// it starts); a cancel gives the VM back its own, byte for byte; a finish leaves it the
+/// backup's and nothing of its own set aside.
+#[test]
+fn an_instant_restore_runs_on_the_backups_state_and_a_cancel_gives_the_vms_own_back() {
+    let dom =
+        DomainSpec::new("uefiinst").disk(DiskSpec::qcow2(16)).agent(true).uefi_with_tpm(true).running(true).create();
+    dom.wait_for_agent(BOOT);
+    dom.destroy();
+    let e = engine(&dom.dir().join("runtime"));
+    let cancel = CancelHandle::new();
+    let plain = repo(&dom, "plain", None);
+    let request = BackupRequest::new(dom.name(), plain.clone()).with_mode(ModeRequest::Full);
+    let m = e.backup(&request, &cancel, &mut |_| {}).unwrap().manifest;
+    let (nvram, tpm) = places(e.hypervisor(), dom.name());
+    let kept = snapshot(&nvram, &tpm);
+    // Since the backup the VM's own state became something else entirely.
+    fs::write(&nvram, vec![0x5a; kept[0].1.len()]).unwrap();
+    fs::write(tpm.join("tpm2-00.permall"), b"the VM's own TPM state").unwrap();
+    let own = snapshot(&nvram, &tpm);
+    let work = dom.dir().join("instant");
+    let instant =
+        InstantRestoreRequest::new(RestoreRequest::new(plain.clone(), dom.name(), &m.id)).with_work_dir(&work);
+
+    e.instant_restore(&instant, &cancel).unwrap();
+    let running = snapshot(&nvram, &tpm);
+    assert_ne!(running[0].1, own[0].1, "the VM started on the backup's NVRAM");
+    assert_ne!(running[1].1, own[1].1, "and on its TPM state");
+    dom.wait_for_agent(BOOT);
+    e.instant_cancel(&work, dom.name()).unwrap();
+    assert_eq!(snapshot(&nvram, &tpm), own, "cancelled: the VM's own state back as it was");
+
+    e.instant_restore(&instant, &cancel).unwrap();
+    dom.wait_for_agent(BOOT);
+    e.instant_finish(&work, dom.name(), BOOT, &cancel, &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    let finished = snapshot(&nvram, &tpm);
+    assert_ne!(finished[0].1, own[0].1, "finished: the VM keeps the backup's NVRAM");
+    assert!(!work.join(dom.name()).exists(), "nothing of the VM's own state left aside");
+    dom.destroy();
 }

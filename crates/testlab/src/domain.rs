@@ -229,6 +229,11 @@ impl DomainSpec {
         }
     }
 
+    /// The tag the domain's name is made from.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
     /// A UEFI machine (q35, OVMF with its variable store `nvram.fd` in the domain's directory,
     /// made by libvirt from OVMF's template at the first start; the lab kernel booted directly)
     /// with an emulated TPM 2.0 (swtpm, its state where libvirt keeps it). Needs Debian's

@@ -53,6 +53,13 @@ pub fn backup(
         if let Some(note) = &m.quiesce_note {
             println!("  quiesce: {note}");
         }
+        if !m.state.is_empty() {
+            let kept: Vec<String> = m.state.iter().map(|s| format!("{} {}", s.kind, s.name)).collect();
+            println!("  kept the VM's {}", kept.join(", "));
+        }
+        if let Some(note) = &m.state_note {
+            println!("  VM state: {note}");
+        }
         for s in &outcome.skipped {
             println!("  skipped {}: {}", s.target, s.reason);
         }

@@ -41,6 +41,12 @@ pub fn restore(cli: &Cli, config: &Config, id: &BackupRef, into: Option<&str>) -
                 println!("  {note}");
             }
         }
+        for s in &outcome.state {
+            println!("restored the {} -> {}", s.kind, s.path);
+        }
+        for note in &outcome.notes {
+            println!("  {note}");
+        }
     }
     Ok(0)
 }

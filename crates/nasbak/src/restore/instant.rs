@@ -217,7 +217,11 @@ where
             })
             .collect();
         let live = swap_disk_sources(xml, &swaps)?;
-        crate::vmstate::put_back(&kept_state).map_err(at(Step::State))?;
+        if !kept_state.is_empty() {
+            // The VM's own set aside first: a cancel or a failure gives them back.
+            crate::vmstate::set_aside(&start.state, &work).map_err(at(Step::State))?;
+            crate::vmstate::put_back(&kept_state).map_err(at(Step::State))?;
+        }
         self.hypervisor.start_with_xml(&live).map_err(|e| at(Step::Start)(e.into()))?;
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written
@@ -519,6 +523,8 @@ where
         for d in &state.disks {
             let _ = fs::remove_file(state.marks.join(format!("{RESTORING_MARK}{}", d.target)));
         }
+        // Finished: the VM keeps the backup's NVRAM and TPM state.
+        crate::vmstate::discard_aside(&state.dir);
         let _ = fs::remove_file(state.dir.join(STATE_FILE));
         let _ = fs::remove_dir(&state.dir);
         let _ = self.mounts.unmount_if_unused(&state.repository);
@@ -655,6 +661,8 @@ where
             self.hypervisor.destroy(vm)?;
         }
         remove_files(&state)?;
+        // The VM's own NVRAM and TPM state, as they were before.
+        crate::vmstate::put_aside_back(&state.dir)?;
         // A volume the finish had not yet written is as it was: its mark goes.
         let untouched = |d: &&InstantDisk| d.copy_at_finish && !d.copied && !d.in_place();
         for d in state.disks.iter().filter(untouched) {
@@ -775,6 +783,7 @@ impl<H: Hypervisor> Drop for Undo<'_, H> {
         if self.started {
             let _ = self.hypervisor.destroy(self.vm);
         }
+        let _ = crate::vmstate::put_aside_back(&self.dir);
         if let Some(state) = read_state(&self.dir) {
             let _ = remove_files(&state);
         }
