@@ -171,6 +171,18 @@ fn a_uefi_vms_nvram_and_tpm_state_are_kept_restored_and_booted() {
         assert_eq!(blake3::hash(&fs::read(&path).unwrap()).to_hex().to_string(), s.checksum.value, "{}", s.file);
     }
 
+    // The key rotated: the state files with the disks; they then open with the new key only.
+    let new_key = dom.dir().join("new.key");
+    fs::write(&new_key, "the next key of the UEFI VM's backups, 98765").unwrap();
+    fs::set_permissions(&new_key, fs::Permissions::from_mode(0o600)).unwrap();
+    let rotated = catalog.rotate_key(&sealed, &new_key, &cancel).unwrap();
+    assert_eq!((rotated.files, rotated.rotated), (3, 3), "one disk and two state files: {rotated:?}");
+    let rekeyed = repo(&dom, "sealed", Some(&new_key));
+    let report = catalog.verify(&rekeyed, dom.name(), &sealed_live.id, &cancel, &mut |_| {}).unwrap();
+    assert!(report.ok() && report.files.iter().all(|f| f.checksum_ok == Some(true)), "{report:?}");
+    let old_key = catalog.check_key(&rekeyed, Some(&key)).unwrap();
+    assert!(old_key.backups[0].not_opening.iter().any(|f| f == "state.nvram"), "{old_key:?}");
+
     // Another UEFI VM, defined and never started: its backup has no state (made before it
     // existed) and says why; a restore of it keeps the state the VM has by then, and says so.
     let other = DomainSpec::new("uefiother").disk(DiskSpec::qcow2(16)).agent(true).uefi_with_tpm(true).create();
