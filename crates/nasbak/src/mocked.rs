@@ -10,7 +10,9 @@ use nasbak_agent::fake::FakeAgent;
 use nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError, MockHypervisor};
 use nasbak_process::CommandError;
 use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
-use nasbak_repo::{BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts};
+use nasbak_repo::{
+    BackupRepository, Capacity, MockMounter, MountTimeouts, RepositoryKind, RepositoryMounts, StateKind,
+};
 
 use crate::engine::{Engine, MockAgentSource};
 use crate::error::BackupError;
@@ -176,6 +178,67 @@ fn restore_refuses_a_running_vm_and_a_mismatch_before_writing() {
         .restore(&RestoreRequest::new(repo.clone(), "vm1", id.clone()), &CancelHandle::new(), &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("vdb of the VM is volume data2"), "{err}");
+}
+
+/// A shut-off UEFI VM with an emulated TPM, its volume, NVRAM and TPM state under `dir`.
+fn uefi_hypervisor(dir: &Path) -> MockHypervisor {
+    let xml = format!(
+        "<domain><name>vm1</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os><type>hvm</type>\
+         <nvram>{0}/vm1_VARS.fd</nvram></os><devices>\
+         <disk type='file' device='disk'><driver type='qcow2'/><source file='{0}/root1.qcow2'/><target dev='vda'/></disk>\
+         <tpm model='tpm-crb'><backend type='emulator' version='2.0'><source type='dir' path='{0}/tpm2'/></backend></tpm>\
+         </devices></domain>",
+        dir.display()
+    );
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
+    let x = xml.clone();
+    hv.expect_domain_xml().returning(move |_| Ok(x.clone()));
+    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
+    hv.expect_current_job().returning(|_| {
+        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+    });
+    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
+    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
+    hv
+}
+
+#[test]
+fn a_uefi_vms_nvram_and_tpm_state_go_beside_its_disks_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = dir.path().join("vm");
+    fs::create_dir_all(vm.join("tpm2")).unwrap();
+    fs::write(vm.join("root1.qcow2"), b"volume").unwrap();
+    fs::write(vm.join("vm1_VARS.fd"), b"the variables").unwrap();
+    fs::write(vm.join("tpm2").join("tpm2-00.permall"), b"the TPM's seeds").unwrap();
+    let (e, repo) = engine(uefi_hypervisor(&vm), images(), dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    let m = &out.manifest;
+    let kept: Vec<(StateKind, &str, u64)> = m.state.iter().map(|s| (s.kind, s.file.as_str(), s.size)).collect();
+    assert_eq!(kept, [(StateKind::Nvram, "state.nvram", 13), (StateKind::Tpm, "state.tpm.tpm2-00.permall", 15)]);
+    assert_eq!(m.state_note, None);
+    let backup = dir.path().join("repo").join(&out.relative_dir);
+    assert_eq!(fs::read(backup.join("state.nvram")).unwrap(), b"the variables");
+    // Both lost, then restored with the disk.
+    fs::remove_file(vm.join("vm1_VARS.fd")).unwrap();
+    fs::remove_dir_all(vm.join("tpm2")).unwrap();
+    let restored =
+        e.restore(&RestoreRequest::new(repo.clone(), "vm1", m.id.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(restored.state.len(), 2, "{restored:?}");
+    assert_eq!(fs::read(vm.join("vm1_VARS.fd")).unwrap(), b"the variables");
+    assert_eq!(fs::read(vm.join("tpm2").join("tpm2-00.permall")).unwrap(), b"the TPM's seeds");
+    // A state file changed on the repository: the restore refuses before the volume changes.
+    fs::write(backup.join("state.nvram"), b"the variablez").unwrap();
+    fs::write(vm.join("root1.qcow2"), b"changed since").unwrap();
+    let err = e
+        .restore(&RestoreRequest::new(repo.clone(), "vm1", m.id.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_err();
+    assert!(crate::chain(&err).contains("state.nvram is damaged"), "{}", crate::chain(&err));
+    assert_eq!(fs::read(vm.join("root1.qcow2")).unwrap(), b"changed since", "nothing written");
+    // A VM without either: no state, and nothing said about it.
+    let (plain, _) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let m = plain.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap().manifest;
+    assert!(m.state.is_empty() && m.state_note.is_none() && !m.to_json().contains("state"));
 }
 
 #[test]

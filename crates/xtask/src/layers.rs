@@ -27,8 +27,9 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // hypervisor's or qemu-img's view of a backup.
     ("store", &["store"]),
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
-    // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored).
-    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging"]),
+    // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored); a VM's state
+    // beyond its disks (NVRAM, TPM state).
+    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging", "vmstate"]),
     // Chain decisions and merges, over the store.
     ("chains", &["chain", "incremental", "merge", "rbd"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).
