@@ -375,12 +375,13 @@ pub(crate) fn put_back(files: &[(ManifestState, PathBuf, Vec<u8>)]) -> Result<Ve
             move |source| BackupError::Io { action, path: p, source }
         };
         if !parent.exists() {
-            // As libvirt makes them: the directories above passable (0711), the state's own
-            // private to its owner (swtpm's user for a TPM's).
+            // As libvirt makes them: the directories above passable (0711); a TPM's own private
+            // to swtpm's user, the NVRAM's readable (QEMU's user opens the file in it).
             if let Some(above) = parent.parent() {
                 fs::DirBuilder::new().recursive(true).mode(0o711).create(above).map_err(io("creating", above))?;
             }
-            fs::DirBuilder::new().mode(0o700).create(&parent).map_err(io("creating", &parent))?;
+            let mode = if s.kind == StateKind::Tpm { 0o700 } else { 0o755 };
+            fs::DirBuilder::new().mode(mode).create(&parent).map_err(io("creating", &parent))?;
             if s.kind == StateKind::Tpm {
                 std::os::unix::fs::chown(&parent, Some(s.uid), Some(s.gid))
                     .map_err(io("giving to swtpm's user", &parent))?;

@@ -35,6 +35,8 @@ commands:
                 vms, CephFS labfs, users client.nasbak-vm and client.nasbak-fs, a libvirt secret)
                 and run the Ceph tests against it (`N passed, M failed`)
   lab ceph up   only bring the cluster up
+  lab s3 up     the Ceph cluster, then an S3 gateway (radosgw) on https://127.0.0.1:7443 with a
+                user, a bucket with object lock and one without; writes /var/lib/nasbak-lab/s3/env
   demo          lab up, then back up a lab VM with nasbak to an ext4-image repository, damage its
                 disk, restore it, show the files are back, verify, list (the README's main job)
   bench [ROUNDS] nasbak against virsh backup-begin, qemu-img convert, rsync and cp, best of ROUNDS (3)
@@ -68,6 +70,7 @@ fn main() -> Result<()> {
         ["lab", "nas"] => lab::nas::run(),
         ["lab", "ceph"] => lab::ceph::run(),
         ["lab", "ceph", "up"] => lab::ceph::up(),
+        ["lab", "s3", "up"] => lab::s3::up(),
         ["test"] => run::test(),
         ["demo"] => run::demo(),
         ["man"] => run::man(),

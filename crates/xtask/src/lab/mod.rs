@@ -10,6 +10,7 @@ mod daemons;
 mod guest;
 pub mod nas;
 pub mod packages;
+pub mod s3;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -104,6 +105,7 @@ pub fn down() -> Result<()> {
         println!("lab: removed test domain {name}");
     }
     daemons::stop_started()?;
+    s3::stop()?;
     ceph::stop()?;
     println!("lab: down");
     Ok(())
