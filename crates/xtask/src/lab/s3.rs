@@ -125,7 +125,7 @@ pub fn up() -> Result<()> {
     fs::set_permissions(&credentials, fs::Permissions::from_mode(0o600))?;
     // The gateway answers once its pools are made.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !answers(&d) {
+    while aws(&d, &["s3api", "list-buckets"]).is_err() {
         if Instant::now() > deadline {
             bail!("the lab S3 gateway does not answer on {ENDPOINT} after 2 minutes; see {}", p("log/radosgw.log"));
         }
@@ -153,8 +153,12 @@ fn answers(d: &Path) -> bool {
 pub fn aws(d: &Path, args: &[&str]) -> Result<String> {
     let mut all = vec!["--endpoint-url", ENDPOINT, "--region", "us-east-1"];
     all.extend_from_slice(args);
-    Ok(cmd("aws")
+    // Debian's awscli by its path: a newer one from pip earlier on PATH sends the flexible
+    // checksums (aws-chunked uploads) that this gateway does not know, and its puts vanish.
+    Ok(cmd("/usr/bin/aws")
         .args(all)
+        .env("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        .env("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
         .env("AWS_SHARED_CREDENTIALS_FILE", d.join("credentials"))
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_CA_BUNDLE", d.join("ca.pem"))
