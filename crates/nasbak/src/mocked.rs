@@ -40,10 +40,16 @@ fn info(size: u64) -> Vec<ImageInfo> {
 }
 
 fn hypervisor(state: DomainState) -> MockHypervisor {
+    hypervisor_of(state, XML.to_owned())
+}
+
+/// A hypervisor whose one VM is in `state` and defined as `xml`.
+fn hypervisor_of(state: DomainState, xml: String) -> MockHypervisor {
     let mut hv = MockHypervisor::new();
     hv.expect_domain_state().returning(move |_| Ok(state));
-    hv.expect_domain_xml().returning(|_| Ok(XML.to_owned()));
-    hv.expect_inactive_xml().returning(|_| Ok(XML.to_owned()));
+    let live = xml.clone();
+    hv.expect_domain_xml().returning(move |_| Ok(live.clone()));
+    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
     hv.expect_current_job().returning(|_| {
         Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
     });
@@ -190,17 +196,7 @@ fn uefi_hypervisor(dir: &Path) -> MockHypervisor {
          </devices></domain>",
         dir.display()
     );
-    let mut hv = MockHypervisor::new();
-    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
-    let x = xml.clone();
-    hv.expect_domain_xml().returning(move |_| Ok(x.clone()));
-    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
-    hv.expect_current_job().returning(|_| {
-        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
-    });
-    hv.expect_versions().returning(|| Err(LibvirtError::new("mock")));
-    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
-    hv
+    hypervisor_of(DomainState::ShutOff, xml)
 }
 
 #[test]

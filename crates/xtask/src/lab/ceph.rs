@@ -281,11 +281,11 @@ fn health(d: &Path) -> Result<String> {
     ceph(&d.join("ceph.conf").to_string_lossy(), &["health"])
 }
 
-fn tool(program: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn tool(program: &str, args: &[&str]) -> Result<String> {
     Ok(cmd(program).args(args).timeout(Duration::from_secs(60)).run()?.stdout_text())
 }
 
-fn ceph(conf: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn ceph(conf: &str, args: &[&str]) -> Result<String> {
     let mut all = vec!["-c", conf, "--connect-timeout", "20"];
     all.extend_from_slice(args);
     tool("ceph", &all)
@@ -343,31 +343,8 @@ fn libvirt_secret(conf: &str) -> Result<()> {
 /// Stops the lab cluster's daemons (those whose command line names its configuration).
 pub fn stop() -> Result<()> {
     let conf = dir().join("ceph.conf").to_string_lossy().into_owned();
-    let pids = |sig: nix::sys::signal::Signal| {
-        let mut found = 0;
-        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let zombie = fs::read_to_string(e.path().join("status")).is_ok_and(|s| s.contains("State:\tZ"));
-            if cmdline.starts_with("ceph-") && cmdline.contains(&conf) && !zombie {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                found += 1;
-            }
-        }
-        found
-    };
-    if pids(nix::sys::signal::Signal::SIGTERM) == 0 {
-        return Ok(());
+    if crate::lab::stop_processes(|cmdline| cmdline.starts_with("ceph-") && cmdline.contains(&conf)) {
+        println!("lab ceph: stopped");
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        if pids(nix::sys::signal::Signal::SIGCONT) == 0 {
-            return Ok(());
-        }
-    }
-    pids(nix::sys::signal::Signal::SIGKILL);
-    println!("lab ceph: stopped");
     Ok(())
 }

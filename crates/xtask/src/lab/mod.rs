@@ -146,3 +146,34 @@ fn make_root_shared() -> Result<()> {
     }
     Ok(())
 }
+
+/// Stops the processes whose command line (NUL-separated, as in `/proc/PID/cmdline`) `matches`:
+/// SIGTERM, up to 15 s, then SIGKILL. Whether there were any.
+pub(crate) fn stop_processes(matches: impl Fn(&str) -> bool) -> bool {
+    use nix::sys::signal::Signal;
+    let signal_all = |sig: Signal| {
+        let mut found = 0;
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
+            let zombie = fs::read_to_string(e.path().join("status")).is_ok_and(|s| s.contains("State:\tZ"));
+            if matches(&String::from_utf8_lossy(&cmdline)) && !zombie {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                found += 1;
+            }
+        }
+        found
+    };
+    if signal_all(Signal::SIGTERM) == 0 {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if signal_all(Signal::SIGCONT) == 0 {
+            return true;
+        }
+    }
+    signal_all(Signal::SIGKILL);
+    true
+}

@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::exec::cmd;
 use crate::lab::STATE;
+use crate::lab::ceph::{ceph, tool};
 
 /// The packages: the gateway, and awscli (an independent S3 client: the lab's buckets are made
 /// with it, and tests check through it what nasbak did), rclone (the benchmark's peer).
@@ -238,44 +239,10 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn tool(program: &str, args: &[&str]) -> Result<String> {
-    Ok(cmd(program).args(args).timeout(Duration::from_secs(60)).run()?.stdout_text())
-}
-
-fn ceph(conf: &str, args: &[&str]) -> Result<String> {
-    let mut all = vec!["-c", conf, "--connect-timeout", "20"];
-    all.extend_from_slice(args);
-    tool("ceph", &all)
-}
-
 /// Stops the lab gateway (the radosgw whose command line names the lab's rgw user).
 pub fn stop() -> Result<()> {
-    let pids = |sig: nix::sys::signal::Signal| {
-        let mut found = 0;
-        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let zombie = fs::read_to_string(e.path().join("status")).is_ok_and(|s| s.contains("State:\tZ"));
-            if cmdline.starts_with("radosgw") && cmdline.contains("client.rgw.lab") && !zombie {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-                found += 1;
-            }
-        }
-        found
-    };
-    if pids(nix::sys::signal::Signal::SIGTERM) == 0 {
-        return Ok(());
+    if crate::lab::stop_processes(|cmdline| cmdline.starts_with("radosgw") && cmdline.contains("client.rgw.lab")) {
+        println!("lab s3: stopped");
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        if pids(nix::sys::signal::Signal::SIGCONT) == 0 {
-            println!("lab s3: stopped");
-            return Ok(());
-        }
-    }
-    pids(nix::sys::signal::Signal::SIGKILL);
-    println!("lab s3: stopped");
     Ok(())
 }
