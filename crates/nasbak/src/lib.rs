@@ -83,6 +83,8 @@ mod lvm;
 mod merge;
 #[cfg(test)]
 mod mocked;
+#[cfg(feature = "s3")]
+pub mod objstore;
 mod outcome;
 pub mod progress;
 mod protect;

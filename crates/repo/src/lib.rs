@@ -40,13 +40,14 @@ pub use model::manifest::{
     NVRAM_FILE, RbdSnapshotRecord, StateKind, TPM_FILE_PREFIX, backing_path, is_tpm_state_name,
 };
 pub use model::mountinfo::MountInfoEntry;
-pub use model::name::{RepositoryName, VmName, VolumeName};
+pub use model::name::{RepositoryName, TargetName, VmName, VolumeName};
 pub use model::options::{MountOption, MountOptions, OptionValue};
 pub use model::protection::{Compression, Encryption, FileFormat, KeySource, Protection};
 pub use model::qcow2::{Qcow2Header, parse_qcow2_header, resolve_backing};
 pub use model::reference::BackupRef;
 pub use model::repository::{BackupRepository, CredentialsFile, FsType, MountPlan, RepositoryKind, RepositorySummary};
 pub use model::retention::{KeepReason, RetentionDecision, RetentionPolicy};
+pub use model::target::{DEFAULT_REGION, Endpoint, LockMode, MAX_LOCK_DAYS, ObjectLock, ObjectTarget, S3Credentials};
 #[cfg(any(test, feature = "mock"))]
 pub use mount::MockMounter;
 pub use nasbak_process::Secret;

@@ -22,6 +22,7 @@
 pub mod ceph;
 mod domain;
 pub mod reference;
+pub mod s3;
 mod ssh;
 
 pub use domain::{

@@ -28,8 +28,8 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     ("store", &["store"]),
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
     // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored); a VM's state
-    // beyond its disks (NVRAM, TPM state).
-    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging", "vmstate"]),
+    // beyond its disks (NVRAM, TPM state); an S3 bucket's objects (feature `s3`).
+    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging", "vmstate", "objstore"]),
     // Chain decisions and merges, over the store.
     ("chains", &["chain", "incremental", "merge", "rbd"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).

@@ -12,6 +12,8 @@ use std::time::Duration;
 /// `cargo xtask test`: the whole CI gate (the NAS guest's tests included).
 pub fn test() -> Result<()> {
     crate::lab::up()?;
+    // The S3 gateway (over the Ceph cluster) for the off-site target tests.
+    crate::lab::s3::up()?;
     cargo(&["fmt", "--all", "--check"], &[])?;
     crate::layers::check()?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
@@ -80,6 +82,9 @@ pub fn tests(args: &[&str]) -> Result<()> {
         bail!("which test binary? (package/target, or part of it)")
     };
     crate::lab::up()?;
+    if binary.contains("s3") {
+        crate::lab::s3::up()?;
+    }
     let chosen: Vec<_> = crate::deadline::test_binaries(&["test", "--workspace"])?
         .into_iter()
         .filter(|b| b.name.contains(binary))

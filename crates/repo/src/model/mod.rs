@@ -18,3 +18,4 @@ pub mod qcow2;
 pub mod reference;
 pub mod repository;
 pub mod retention;
+pub mod target;

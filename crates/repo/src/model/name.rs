@@ -95,6 +95,13 @@ component_name!(
     "-_.+@"
 );
 
+component_name!(
+    /// The name of an off-site target (an S3 bucket and prefix backups are copied to).
+    TargetName,
+    "target name",
+    "-_."
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
