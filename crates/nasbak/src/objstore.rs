@@ -30,6 +30,7 @@ use aws_sdk_s3::types::{ObjectLockEnabled, ObjectLockMode};
 use aws_smithy_http_client::tls;
 use base64::Engine as _;
 use md5::Digest as _;
+use nasbak_process::CancelHandle;
 use nasbak_repo::{ObjectTarget, S3Credentials};
 use serde::Serialize;
 
@@ -329,6 +330,440 @@ impl ObjectStore {
                 let relative = key.strip_prefix(&self.target.key("")).unwrap_or(key).trim_start_matches('/');
                 let _ = self.delete(relative, Some(id));
             }
+        }
+    }
+}
+
+/// An object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ListedObject {
+    /// Its key, relative to the target's prefix.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What the store says of one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ObjectHead {
+    /// Its size in bytes.
+    pub size: u64,
+    /// The checksum nasbak recorded on it at upload ([`CHECKSUM_META`]): `ALGORITHM:HEX`.
+    pub checksum: Option<String>,
+    /// Its version id, where the bucket keeps versions.
+    pub version: Option<String>,
+    /// Until when its lock holds (seconds since the epoch), when it has one.
+    pub locked_until: Option<i64>,
+}
+
+/// The user metadata key (`x-amz-meta-nasbak-checksum`) where every uploaded object carries
+/// the checksum of its bytes, `ALGORITHM:HEX` (the manifest's algorithm for a file the manifest
+/// lists, else `blake3`).
+pub const CHECKSUM_META: &str = "nasbak-checksum";
+
+/// Files up to this size go up in one request; larger ones as a multipart upload.
+pub const SINGLE_PUT_MAX: u64 = 16 << 20;
+/// The smallest part of a multipart upload nasbak writes (the last part may be smaller).
+pub const MIN_PART: u64 = 16 << 20;
+/// S3's most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+/// Parts in flight at once (memory: this many parts).
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// The part size of a multipart upload of `size` bytes: [`MIN_PART`], or more (whole MiB) for a
+/// file that would otherwise need more than 10,000 parts. It depends on the size alone, so an
+/// upload resumed later cuts the file the same way.
+pub fn part_size(size: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+    needed.max(MIN_PART)
+}
+
+/// How a file is uploaded.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct UploadOptions {
+    /// At most this many bytes per second, on average over each part (none: as fast as the
+    /// store takes them).
+    pub bandwidth: Option<u64>,
+    /// Lock the object until then (the target's lock mode); none: no lock.
+    pub locked_until: Option<std::time::SystemTime>,
+}
+
+impl UploadOptions {
+    /// Options with a bandwidth limit and a lock date.
+    pub fn new(bandwidth: Option<u64>, locked_until: Option<std::time::SystemTime>) -> Self {
+        UploadOptions { bandwidth, locked_until }
+    }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Uploaded {
+    /// The bytes sent in this run.
+    pub sent: u64,
+    /// The bytes an earlier, interrupted upload had already sent and this one kept (their MD5
+    /// checked against the parts' ETags).
+    pub resumed: u64,
+    /// The object's version id, where the bucket keeps versions.
+    pub version: Option<String>,
+}
+
+/// The lowercase hex MD5 of `data` (an S3 part's ETag without its quotes).
+fn md5_hex(data: &[u8]) -> String {
+    md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn md5_base64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data))
+}
+
+/// Reads up to `len` bytes of `file` at `offset`.
+fn read_at(file: &fs::File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+impl ObjectStore {
+    /// The objects under `relative` (a key prefix under the target's prefix; `""` for all),
+    /// every page of the listing, keys relative to the target's prefix.
+    pub fn list(&self, relative: &str) -> Result<Vec<ListedObject>, TargetError> {
+        let base = self.target.key("");
+        let full = self.target.key(relative);
+        let strip = |k: &str| k.strip_prefix(base.as_str()).unwrap_or(k).trim_start_matches('/').to_owned();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .runtime
+                .block_on(
+                    self.client
+                        .list_objects_v2()
+                        .bucket(self.target.bucket())
+                        .prefix(&full)
+                        .set_continuation_token(token.take())
+                        .send(),
+                )
+                .map_err(|e| self.err(format!("listing {full}"), said(&e)))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push(ListedObject { key: strip(key), size: o.size().unwrap_or(0).max(0) as u64 });
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the store says of the object `key`; `None` when there is none.
+    pub fn head(&self, key: &str) -> Result<Option<ObjectHead>, TargetError> {
+        let full = self.target.key(key);
+        match self.runtime.block_on(self.client.head_object().bucket(self.target.bucket()).key(&full).send()) {
+            Ok(out) => Ok(Some(ObjectHead {
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                checksum: out.metadata().and_then(|m| m.get(CHECKSUM_META)).cloned(),
+                version: out.version_id().map(str::to_owned),
+                locked_until: out.object_lock_retain_until_date().map(|d| d.secs()),
+            })),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(self.err(format!("looking up {full}"), said(&e))),
+        }
+    }
+
+    /// Streams the object `key` to `consume`, chunk by chunk as it arrives (no local copy);
+    /// `consume` returns false to stop early. Returns the bytes read.
+    pub fn read_object(
+        &self,
+        key: &str,
+        consume: &mut dyn FnMut(&[u8]) -> bool,
+        cancel: &CancelHandle,
+    ) -> Result<u64, TargetError> {
+        let full = self.target.key(key);
+        self.runtime.block_on(async {
+            let mut out = self
+                .client
+                .get_object()
+                .bucket(self.target.bucket())
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.err(format!("reading {full}"), said(&e)))?;
+            let mut read = 0u64;
+            while let Some(chunk) = out.body.next().await {
+                let chunk = chunk.map_err(|e| self.err(format!("reading {full}"), e.to_string()))?;
+                read += chunk.len() as u64;
+                if cancel.is_cancelled() {
+                    return Err(self.err(format!("reading {full}"), "cancelled"));
+                }
+                if !consume(&chunk) {
+                    break;
+                }
+            }
+            Ok(read)
+        })
+    }
+
+    /// Uploads the file at `path` as the object `key`, with `checksum` (`ALGORITHM:HEX`, see
+    /// [`CHECKSUM_META`]) in its metadata and the target's lock until `options.locked_until`.
+    ///
+    /// A file of up to [`SINGLE_PUT_MAX`] bytes goes in one request. A larger one goes as a
+    /// multipart upload of [`part_size`] parts, four in flight. An earlier upload of the same
+    /// key that was cut off (a kill, a network cut) is resumed: each of its parts whose ETag is
+    /// the MD5 of the file's bytes there is kept, and the rest is sent; an earlier upload that
+    /// does not match the file is aborted. `progress` is told the bytes done (kept or sent).
+    pub fn upload_file(
+        &self,
+        key: &str,
+        path: &Path,
+        checksum: &str,
+        options: &UploadOptions,
+        cancel: &CancelHandle,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Uploaded, TargetError> {
+        let full = self.target.key(key);
+        let local = |e: std::io::Error| self.err(format!("uploading {full}"), format!("{}: {e}", path.display()));
+        let file = fs::File::open(path).map_err(local)?;
+        let size = file.metadata().map_err(local)?.len();
+        let lock = self.target.lock().zip(options.locked_until);
+        let started = Instant::now();
+        if size <= SINGLE_PUT_MAX {
+            let bytes = read_at(&file, 0, size).map_err(local)?;
+            let mut put = self
+                .client
+                .put_object()
+                .bucket(self.target.bucket())
+                .key(&full)
+                .metadata(CHECKSUM_META, checksum)
+                .content_md5(md5_base64(&bytes))
+                .body(ByteStream::from(bytes));
+            if let Some((lock, until)) = lock {
+                put = put
+                    .object_lock_mode(ObjectLockMode::from(lock.mode.s3_name()))
+                    .object_lock_retain_until_date(DateTime::from(until));
+            }
+            let out = self.runtime.block_on(put.send()).map_err(|e| self.err(format!("uploading {full}"), said(&e)))?;
+            progress(size);
+            pace(options.bandwidth, size, started, cancel);
+            return Ok(Uploaded { sent: size, resumed: 0, version: out.version_id().map(str::to_owned) });
+        }
+        let part = part_size(size);
+        let count = size.div_ceil(part);
+        let (upload_id, mut done_parts) = match self.resumable(&full, &file, size, part)? {
+            Some(found) => found,
+            None => {
+                let mut create = self
+                    .client
+                    .create_multipart_upload()
+                    .bucket(self.target.bucket())
+                    .key(&full)
+                    .metadata(CHECKSUM_META, checksum);
+                if let Some((lock, until)) = lock {
+                    create = create
+                        .object_lock_mode(ObjectLockMode::from(lock.mode.s3_name()))
+                        .object_lock_retain_until_date(DateTime::from(until));
+                }
+                let out = self
+                    .runtime
+                    .block_on(create.send())
+                    .map_err(|e| self.err(format!("starting the upload of {full}"), said(&e)))?;
+                let id = out
+                    .upload_id()
+                    .map(str::to_owned)
+                    .ok_or_else(|| self.err(format!("starting the upload of {full}"), "the store gave no upload id"))?;
+                (id, std::collections::BTreeMap::new())
+            }
+        };
+        let part_len = |n: u64| part.min(size - (n - 1) * part);
+        let resumed: u64 = done_parts.keys().map(|n| part_len(*n)).sum();
+        let mut done = resumed;
+        progress(done);
+        let todo: Vec<u64> = (1..=count).filter(|n| !done_parts.contains_key(n)).collect();
+        let mut sent = 0u64;
+        let result: Result<(), TargetError> = self.runtime.block_on(async {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut next = todo.iter();
+            loop {
+                while in_flight.len() < PARTS_IN_FLIGHT {
+                    let Some(&n) = next.next() else { break };
+                    if cancel.is_cancelled() {
+                        return Err(self.err(format!("uploading {full}"), "cancelled"));
+                    }
+                    let bytes = read_at(&file, (n - 1) * part, part_len(n)).map_err(local)?;
+                    let request = self
+                        .client
+                        .upload_part()
+                        .bucket(self.target.bucket())
+                        .key(&full)
+                        .upload_id(&upload_id)
+                        .part_number(n as i32)
+                        .content_md5(md5_base64(&bytes))
+                        .body(ByteStream::from(bytes));
+                    in_flight.spawn(async move { (n, request.send().await) });
+                }
+                let Some(joined) = in_flight.join_next().await else { break };
+                let (n, answer) = joined.map_err(|e| self.err(format!("uploading {full}"), e.to_string()))?;
+                let out = answer.map_err(|e| self.err(format!("uploading part {n} of {full}"), said(&e)))?;
+                let etag = out.e_tag().unwrap_or_default().to_owned();
+                done_parts.insert(n, etag);
+                done += part_len(n);
+                sent += part_len(n);
+                progress(done);
+                if let Some(rate) = options.bandwidth {
+                    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            Ok(())
+        });
+        result?;
+        if cancel.is_cancelled() {
+            return Err(self.err(format!("uploading {full}"), "cancelled"));
+        }
+        let parts = done_parts
+            .iter()
+            .map(|(n, etag)| {
+                aws_sdk_s3::types::CompletedPart::builder().part_number(*n as i32).e_tag(etag.clone()).build()
+            })
+            .collect();
+        let out = self
+            .runtime
+            .block_on(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(self.target.bucket())
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(parts)).build(),
+                    )
+                    .send(),
+            )
+            .map_err(|e| self.err(format!("completing the upload of {full}"), said(&e)))?;
+        Ok(Uploaded { sent, resumed, version: out.version_id().map(str::to_owned) })
+    }
+
+    /// An earlier upload of `full` to resume: its id and the parts to keep (number to ETag),
+    /// each checked against the file's bytes. The other uploads of the key, and one whose
+    /// parts do not match the file, are aborted.
+    #[allow(clippy::type_complexity)]
+    fn resumable(
+        &self,
+        full: &str,
+        file: &fs::File,
+        size: u64,
+        part: u64,
+    ) -> Result<Option<(String, std::collections::BTreeMap<u64, String>)>, TargetError> {
+        let uploads = self
+            .runtime
+            .block_on(self.client.list_multipart_uploads().bucket(self.target.bucket()).prefix(full).send())
+            .map_err(|e| self.err(format!("looking for an unfinished upload of {full}"), said(&e)))?;
+        let mut best: Option<(String, std::collections::BTreeMap<u64, String>)> = None;
+        for u in uploads.uploads() {
+            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+            if key != full {
+                continue;
+            }
+            let mut parts = std::collections::BTreeMap::new();
+            let mut matches = true;
+            let mut marker: Option<String> = None;
+            'pages: loop {
+                let page = self
+                    .runtime
+                    .block_on(
+                        self.client
+                            .list_parts()
+                            .bucket(self.target.bucket())
+                            .key(full)
+                            .upload_id(id)
+                            .set_part_number_marker(marker.take())
+                            .send(),
+                    )
+                    .map_err(|e| self.err(format!("listing the parts of an unfinished upload of {full}"), said(&e)))?;
+                for p in page.parts() {
+                    let (Some(n), Some(etag)) = (p.part_number(), p.e_tag()) else { continue };
+                    let n = n.max(1) as u64;
+                    let expected = part.min(size.saturating_sub((n - 1) * part));
+                    let bytes = if p.size() == Some(expected as i64) && expected > 0 {
+                        read_at(file, (n - 1) * part, expected).ok()
+                    } else {
+                        None
+                    };
+                    if bytes.is_none_or(|b| md5_hex(&b) != etag.trim_matches('"')) {
+                        matches = false;
+                        break 'pages;
+                    }
+                    parts.insert(n, etag.to_owned());
+                }
+                match page.next_part_number_marker() {
+                    Some(m) if page.is_truncated() == Some(true) => marker = Some(m.to_owned()),
+                    _ => break,
+                }
+            }
+            let better = best.as_ref().is_none_or(|(_, b)| parts.len() > b.len());
+            if matches && better {
+                if let Some((old, _)) = best.take() {
+                    self.abort(full, &old);
+                }
+                best = Some((id.to_owned(), parts));
+            } else {
+                self.abort(full, id);
+            }
+        }
+        Ok(best)
+    }
+
+    fn abort(&self, full: &str, upload_id: &str) {
+        let _ = self.runtime.block_on(
+            self.client.abort_multipart_upload().bucket(self.target.bucket()).key(full).upload_id(upload_id).send(),
+        );
+    }
+
+    /// The unfinished multipart uploads under `relative`: (key relative to the prefix, upload id).
+    pub fn unfinished_uploads(&self, relative: &str) -> Result<Vec<(String, String)>, TargetError> {
+        let base = self.target.key("");
+        let full = self.target.key(relative);
+        let out = self
+            .runtime
+            .block_on(self.client.list_multipart_uploads().bucket(self.target.bucket()).prefix(&full).send())
+            .map_err(|e| self.err(format!("listing unfinished uploads under {full}"), said(&e)))?;
+        Ok(out
+            .uploads()
+            .iter()
+            .filter_map(|u| {
+                let key = u.key()?;
+                Some((
+                    key.strip_prefix(base.as_str()).unwrap_or(key).trim_start_matches('/').to_owned(),
+                    u.upload_id()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+}
+
+/// Sleeps until `sent` bytes since `started` are within `rate` bytes per second.
+fn pace(rate: Option<u64>, sent: u64, started: Instant, cancel: &CancelHandle) {
+    if let Some(rate) = rate {
+        let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            cancel.sleep(wait);
         }
     }
 }

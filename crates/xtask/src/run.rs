@@ -22,7 +22,17 @@ pub fn test() -> Result<()> {
     // The facade's exported mocks and the test that uses them as an embedder would.
     // tests/lab_ceph.rs too, built only for the lab cluster.
     cargo(
-        &["clippy", "-p", "nasbak", "--features", "mock ceph-lab nas-guest", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "-p",
+            "nasbak",
+            "--features",
+            "mock ceph-lab nas-guest s3",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
         &[],
     )?;
     cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;

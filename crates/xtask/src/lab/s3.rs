@@ -3,7 +3,7 @@
 //! 127.0.0.1 with a certificate of the lab's own CA (so clients verify TLS, as they must in
 //! production); a user, and two buckets: one created with object lock enabled, one without.
 //!
-//! It writes [`ENV_FILE`], a shell file that sets `S3_ENDPOINT`, `S3_BUCKET_LOCKED`,
+//! It writes the file [`env_file`] names, a shell file that sets `S3_ENDPOINT`, `S3_BUCKET_LOCKED`,
 //! `S3_BUCKET_PLAIN`, `S3_CREDENTIALS` (the user's credentials file, in the AWS
 //! shared-credentials format, 0600) and `S3_CA_FILE` (the lab CA's certificate), so that other
 //! tools (rclone, awscli, the tests) can use the lab. Everything lives in
