@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use nasbak::chain::ModeRequest;
 use nasbak::nasbak_agent::QuiescePolicy;
-use nasbak::nasbak_repo::{BackupRef, Compression, Encryption, KeySource, RetentionPolicy};
+use nasbak::nasbak_repo::{BackupRef, Compression, Encryption, KeySource, LockMode, RetentionPolicy};
 use nasbak_service::config::{DEFAULT_CONFIG, DEFAULT_STATE};
 use nasbak_service::schedule::{AT_FORMS, Every};
 
@@ -153,6 +153,28 @@ pub enum Command {
     /// Offerings: tie VMs to a repository with a default quiesce policy and retention.
     #[command(subcommand)]
     Offering(OfferingCommand),
+    /// Off-site targets (S3-compatible object stores): add, list, show, remove, check.
+    #[command(subcommand)]
+    Target(TargetCommand),
+    /// Copy backups to an off-site target: each backup's files, then its manifest; parents
+    /// before children; a backup already there is skipped, an interrupted copy resumed.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["backup", "all"]))]
+    Copy {
+        /// A backup (REPO:VM/BACKUP-ID or VM/BACKUP-ID), or a VM (every backup of it).
+        backup: Option<String>,
+        /// Every backup of the repository.
+        #[arg(long)]
+        all: bool,
+        /// The target.
+        #[arg(long)]
+        to: String,
+        /// The repository [default: the backup's, the VM's offering's, or the only one].
+        #[arg(long)]
+        repo: Option<String>,
+        /// Upload at most this fast, in MiB/s (on average over each 16 MiB part).
+        #[arg(long, value_name = "MIB_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+        bandwidth: Option<u64>,
+    },
     /// Assign a VM to an offering (its backups, schedules and prune follow the offering).
     Assign {
         /// The VM (libvirt domain name).
@@ -193,6 +215,9 @@ pub enum Command {
         /// Only this repository.
         #[arg(long)]
         repo: Option<String>,
+        /// The backups on this off-site target instead (and its interrupted copies).
+        #[arg(long, conflicts_with = "repo")]
+        target: Option<String>,
     },
     /// Show one backup's manifest.
     Show {
@@ -210,6 +235,10 @@ pub enum Command {
         /// With --all: only this repository.
         #[arg(long, requires = "all")]
         repo: Option<String>,
+        /// Verify the copies on this off-site target instead: each object streamed and checked
+        /// against its checksums (nothing written locally).
+        #[arg(long, conflicts_with_all = ["repo", "boot"])]
+        target: Option<String>,
         /// Boot a throwaway copy of the VM from the backup (no network, disks on overlays):
         /// passes when its guest agent answers (exit 0), fails with the console's last lines
         /// (exit 5); a VM without a guest agent is unverifiable (exit 4).
@@ -449,6 +478,9 @@ pub enum OfferingCommand {
         /// Encrypt this offering's backups (luks|none) with the repository's key.
         #[arg(long = "encrypt", value_name = "luks|none", value_parser = encryption_arg)]
         encryption: Option<Encryption>,
+        /// Copy each backup to this off-site target right after it is made.
+        #[arg(long)]
+        copy_to: Option<String>,
     },
     /// List offerings and the VMs assigned to them.
     List,
@@ -457,6 +489,67 @@ pub enum OfferingCommand {
         /// Its name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TargetCommand {
+    /// Add a target after checking it (write, read back, and the object lock when asked for):
+    /// wrong credentials, an untrusted certificate, a missing bucket, or a lock asked for on a
+    /// bucket without object lock are refused.
+    Add {
+        /// Its name.
+        name: String,
+        /// s3 (any S3-compatible object store).
+        #[arg(long = "type", value_parser = ["s3"])]
+        kind: String,
+        /// https://HOST[:PORT] (http:// only on loopback).
+        #[arg(long)]
+        endpoint: String,
+        /// The bucket.
+        #[arg(long)]
+        bucket: String,
+        /// A key prefix in the bucket (several hosts may share a bucket under their own).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// A root-owned 0600 file in the AWS shared-credentials format ([default] section)
+        /// [default: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, then the AWS profile].
+        #[arg(long, value_name = "PATH")]
+        credentials_file: Option<std::path::PathBuf>,
+        /// Lock every copied object: governance or compliance (the bucket needs object lock).
+        #[arg(long, value_parser = lock_arg, requires = "lock_days")]
+        lock: Option<LockMode>,
+        /// With --lock: for this many days from its upload.
+        #[arg(long, requires = "lock")]
+        lock_days: Option<u32>,
+        /// A CA certificate (PEM) the endpoint's certificate is checked against, besides the
+        /// system's.
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<std::path::PathBuf>,
+        /// The region requests are signed for [default: us-east-1].
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// List targets.
+    List,
+    /// Show one target.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Remove a target from the configuration (what was copied there stays).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Write, read back and (with a lock) try to delete a locked probe, which must be refused.
+    Check {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn lock_arg(s: &str) -> Result<LockMode, String> {
+    s.parse().map_err(|e: nasbak::nasbak_repo::ParseError| e.to_string())
 }
 
 #[derive(Subcommand)]

@@ -124,6 +124,8 @@ pub enum ErrorKind {
     Unsupported,
     /// An encrypted backup and a key that does not open it, or no key at all.
     KeyRejected,
+    /// An off-site target (an S3 bucket) refused or could not be reached.
+    Target,
     /// The configuration.
     Configuration,
     /// Anything else (see the error and its causes).
@@ -426,6 +428,21 @@ pub enum BackupError {
     /// Cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// An off-site target refused or could not be reached.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// What went wrong with an off-site target (an S3 bucket), in words that name it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("target {target}: {action} failed: {detail}")]
+pub struct TargetError {
+    /// The target's name.
+    pub target: String,
+    /// What was being done.
+    pub action: String,
+    /// Why it failed (the store's answer, or what is wrong locally), never a secret.
+    pub detail: String,
 }
 
 impl BackupError {
@@ -460,6 +477,8 @@ impl BackupError {
             BackupError::HalfRestored { .. } => ErrorKind::HalfRestored,
             BackupError::HasDependents { .. } => ErrorKind::HasDependents,
             BackupError::Cancelled => ErrorKind::Cancelled,
+            BackupError::Target(t) if t.detail == "cancelled" => ErrorKind::Cancelled,
+            BackupError::Target(_) => ErrorKind::Target,
             _ => ErrorKind::Other,
         }
     }

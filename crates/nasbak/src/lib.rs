@@ -85,6 +85,10 @@ mod merge;
 mod mocked;
 #[cfg(feature = "s3")]
 pub mod objstore;
+#[cfg(feature = "s3")]
+mod offsite;
+#[cfg(feature = "s3")]
+pub use offsite::{target_backups, verify_target};
 mod outcome;
 pub mod progress;
 mod protect;
@@ -103,14 +107,15 @@ mod watchdog;
 pub use browse::{DISK_IMAGE_FILE, MOUNT_STATE_FILE};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{AgentSource, Catalog, DEFAULT_AGENT_TIMEOUT, DEFAULT_RUNTIME_DIR, Engine};
-pub use error::{BackupError, ErrorKind, Step, chain};
+pub use error::{BackupError, ErrorKind, Step, TargetError, chain};
 pub use nasbak_repo::store::lock::{LOCK_FILE, LockError, VmLock};
 pub use nasbak_repo::store::{BOOT_VERIFY_FILE, BackupEntry, BackupKind, BootResult, BootVerification, RESTORING_MARK};
 pub use outcome::{
-    Attachment, BackupOutcome, CapacityReport, CopyState, DamagedNote, DiskCopy, FileStatus, FileVerdict,
-    InstantCancelled, InstantDisk, InstantFinished, InstantRestore, InstantStatus, KeyCheckEntry, KeyCheckReport,
-    KeyRotation, MountedBackup, MountedDisk, MountedFilesystem, NotMounted, PruneDecision, PruneReport, RestoreOutcome,
-    RestoredDisk, RestoredState, RestoredVolume, SkippedDisk, UnmountReport, VerifyReport,
+    Attachment, BackupCopy, BackupOutcome, CapacityReport, CopyReport, CopyResult, CopySelection, CopyState,
+    DamagedNote, DiskCopy, FileStatus, FileVerdict, InstantCancelled, InstantDisk, InstantFinished, InstantRestore,
+    InstantStatus, KeyCheckEntry, KeyCheckReport, KeyRotation, MountedBackup, MountedDisk, MountedFilesystem,
+    NotMounted, PruneDecision, PruneReport, RestoreOutcome, RestoredDisk, RestoredState, RestoredVolume, SkippedDisk,
+    TargetBackup, UnmountReport, VerifyReport,
 };
 pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;
@@ -121,8 +126,8 @@ pub use request::{
 };
 pub use restore::match_disks;
 pub use transfer::hash::{
-    CHECKSUM_ALGORITHM, SPLIT_PREFIX, blake3_file, blake3_region, checksum_algorithm_for, checksum_file,
-    checksum_file_observed, copy_verified, sha256_file, split_algorithm, split_bounds,
+    CHECKSUM_ALGORITHM, SPLIT_PREFIX, StreamChecksum, blake3_file, blake3_region, checksum_algorithm_for,
+    checksum_file, checksum_file_observed, copy_verified, sha256_file, split_algorithm, split_bounds,
 };
 pub use {nasbak_agent, nasbak_libvirt, nasbak_process, nasbak_qemu_img, nasbak_repo};
 

@@ -31,20 +31,10 @@ use aws_smithy_http_client::tls;
 use base64::Engine as _;
 use md5::Digest as _;
 use nasbak_process::CancelHandle;
+
+pub use crate::error::TargetError;
 use nasbak_repo::{ObjectTarget, S3Credentials};
 use serde::Serialize;
-
-/// What went wrong with a target, in words that name it.
-#[derive(Debug, thiserror::Error)]
-#[error("target {target}: {action} failed: {detail}")]
-pub struct TargetError {
-    /// The target's name.
-    pub target: String,
-    /// What was being done.
-    pub action: String,
-    /// Why it failed (the store's answer, or what is wrong locally), never a secret.
-    pub detail: String,
-}
 
 /// How long a connection may take to open, and an answer to arrive.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -657,7 +647,11 @@ impl ObjectStore {
                     .send(),
             )
             .map_err(|e| self.err(format!("completing the upload of {full}"), said(&e)))?;
-        Ok(Uploaded { sent, resumed, version: out.version_id().map(str::to_owned) })
+        let version = out.version_id().map(str::to_owned);
+        if let Some((lock, until)) = lock {
+            self.ensure_retention(&full, version.as_deref(), lock, until)?;
+        }
+        Ok(Uploaded { sent, resumed, version })
     }
 
     /// An earlier upload of `full` to resume: its id and the parts to keep (number to ETag),
@@ -728,6 +722,48 @@ impl ObjectStore {
             }
         }
         Ok(best)
+    }
+
+    /// Makes sure the completed object `full` carries its lock: some stores (radosgw 16) drop
+    /// the lock a multipart upload was started with, so a version without retention gets it
+    /// through `PutObjectRetention`.
+    fn ensure_retention(
+        &self,
+        full: &str,
+        version: Option<&str>,
+        lock: nasbak_repo::ObjectLock,
+        until: std::time::SystemTime,
+    ) -> Result<(), TargetError> {
+        let head = self
+            .runtime
+            .block_on(
+                self.client
+                    .head_object()
+                    .bucket(self.target.bucket())
+                    .key(full)
+                    .set_version_id(version.map(str::to_owned))
+                    .send(),
+            )
+            .map_err(|e| self.err(format!("reading the lock of {full}"), said(&e)))?;
+        if head.object_lock_retain_until_date().is_some() {
+            return Ok(());
+        }
+        let retention = aws_sdk_s3::types::ObjectLockRetention::builder()
+            .mode(aws_sdk_s3::types::ObjectLockRetentionMode::from(lock.mode.s3_name()))
+            .retain_until_date(DateTime::from(until))
+            .build();
+        self.runtime
+            .block_on(
+                self.client
+                    .put_object_retention()
+                    .bucket(self.target.bucket())
+                    .key(full)
+                    .set_version_id(version.map(str::to_owned))
+                    .retention(retention)
+                    .send(),
+            )
+            .map(drop)
+            .map_err(|e| self.err(format!("locking {full}"), said(&e)))
     }
 
     fn abort(&self, full: &str, upload_id: &str) {

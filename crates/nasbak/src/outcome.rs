@@ -527,3 +527,91 @@ pub struct KeyCheckEntry {
     /// The files that do not open with it.
     pub not_opening: Vec<String>,
 }
+
+/// Which backups of a repository a copy to an off-site target takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopySelection {
+    /// One backup (and the backups its chain builds on).
+    Backup {
+        /// The VM.
+        vm: String,
+        /// The backup id.
+        id: String,
+    },
+    /// Every backup of one VM.
+    Vm(String),
+    /// Every backup on the repository.
+    All,
+}
+
+/// What a copy did with one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "result")]
+pub enum CopyResult {
+    /// Its files went up, then its manifest.
+    Copied,
+    /// The target had it already: its manifest there is this manifest (by checksum).
+    AlreadyCopied,
+    /// Not copied, and why (a backup of the reference system, a damaged one, one whose chain's
+    /// parent is not on the target).
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One backup of a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct BackupCopy {
+    /// `REPO:VM/BACKUP-ID`.
+    pub backup: String,
+    /// The VM.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// What was done.
+    #[serde(flatten)]
+    pub result: CopyResult,
+    /// Its files, manifest included.
+    pub files: usize,
+    /// The bytes sent in this run.
+    pub sent: u64,
+    /// The bytes already on the target and kept: whole files there with the same checksum, and
+    /// the parts of an interrupted upload that were resumed.
+    pub kept: u64,
+    /// Until when its objects are locked on the target (when the target locks).
+    pub locked_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a copy to an off-site target did, backup by backup, parents before children.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CopyReport {
+    /// The target's name.
+    pub target: String,
+    /// The repository copied from.
+    pub repository: String,
+    /// Each backup.
+    pub backups: Vec<BackupCopy>,
+}
+
+/// A backup on an off-site target, as its objects show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TargetBackup {
+    /// `TARGET:VM/BACKUP-ID`.
+    pub backup: String,
+    /// The VM.
+    pub vm: String,
+    /// The backup id.
+    pub id: String,
+    /// Its manifest, when the copy is complete (the manifest goes up last) and readable.
+    pub manifest: Option<Box<Manifest>>,
+    /// Why it is not a usable backup: an interrupted copy (no manifest), an unreadable manifest.
+    pub incomplete: Option<String>,
+    /// Its objects.
+    pub objects: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}

@@ -24,6 +24,8 @@ pub enum Phase {
     Verify,
     /// libvirt block jobs moving an instant restore's data onto the VM's volumes.
     Mirror,
+    /// Copying a backup's files to an off-site target.
+    Upload,
 }
 
 impl std::fmt::Display for Phase {
@@ -35,6 +37,7 @@ impl std::fmt::Display for Phase {
             Phase::Checksum => "checksum",
             Phase::Verify => "verify",
             Phase::Mirror => "mirror",
+            Phase::Upload => "upload",
         })
     }
 }

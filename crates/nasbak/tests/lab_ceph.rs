@@ -89,31 +89,6 @@ fn backup_file(repo: &BackupRepository, outcome: &BackupOutcome, target: &str) -
     repo.shared_path().unwrap().join(&outcome.relative_dir).join(&disk.file)
 }
 
-/// Whether any process's command line holds `needle` while `f` runs.
-fn watching_argv<T>(needle: &str, f: impl FnOnce() -> T) -> (T, bool) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, seen, needle) = (Arc::clone(&stop), Arc::clone(&seen), needle.to_owned());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                for e in fs::read_dir("/proc").unwrap().flatten() {
-                    if let Ok(cmdline) = fs::read(e.path().join("cmdline"))
-                        && String::from_utf8_lossy(&cmdline).contains(&needle)
-                    {
-                        seen.store(true, Ordering::SeqCst);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
-    let out = f();
-    stop.store(true, Ordering::SeqCst);
-    watcher.join().unwrap();
-    (out, seen.load(Ordering::SeqCst))
-}
-
 /// The nasbak snapshots on `pool/image`, by name.
 fn nasbak_snapshots(pool_image: &str) -> Vec<String> {
     let out = ceph::rbd(&["snap", "ls", "--format", "json", pool_image]).unwrap();
@@ -180,7 +155,7 @@ fn an_rbd_disk_is_backed_up_from_snapshots_running_and_shut_off_and_incrementals
     write_rbd(&pool_image, 0x33, "20M", "2M");
     write_rbd(&pool_image, 0x00, "8M", "512k");
     let key = ceph::key("nasbak-vm");
-    let (third, seen) = watching_argv(&key, || backup(&e, &dom, &repo, ModeRequest::Auto));
+    let (third, seen) = nasbak_testlab::watching_argv(&key, || backup(&e, &dom, &repo, ModeRequest::Auto));
     assert!(!seen, "the key appeared on a command line");
     assert_eq!(third.manifest.method, BackupMethod::QemuImg);
     let vdb = disk_of(&third, "vdb");

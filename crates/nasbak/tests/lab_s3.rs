@@ -6,10 +6,43 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::RwLock;
+use std::time::Duration;
 
-use nasbak::nasbak_repo::{LockMode, ObjectLock, ObjectTarget, S3Credentials};
+use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_qemu_img::QemuImg;
+use nasbak::nasbak_repo::{
+    BackupRepository, LockMode, MountTimeouts, ObjectLock, ObjectTarget, RepositoryKind, RepositoryMounts,
+    S3Credentials, SystemMounter,
+};
 use nasbak::objstore::{CHECK_DIR, ObjectStore};
+use nasbak::{BackupOutcome, BackupRequest, CopyResult, CopySelection, Engine, FileStatus, Phase};
 use nasbak_testlab::s3::LabS3;
+use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
+
+/// Held for reading by every test, and for writing by the one that stops the gateway.
+static GATEWAY: RwLock<()> = RwLock::new(());
+
+type LabEngine = Engine<LibvirtHypervisor, LibvirtHypervisor, QemuImg, SystemMounter>;
+
+fn engine(runtime: &Path) -> LabEngine {
+    let libvirt = LibvirtHypervisor::connect(URI).unwrap();
+    let mounts = RepositoryMounts::new(SystemMounter::new(runtime), runtime, MountTimeouts::default());
+    Engine::new(libvirt.clone(), libvirt, QemuImg::new(runtime), mounts).with_agent_timeout(Duration::from_secs(10))
+}
+
+fn repository(dom: &LabDomain, name: &str) -> BackupRepository {
+    let root = dom.dir().join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = RepositoryKind::from_parts("shared", None).unwrap();
+    BackupRepository::new(name, kind, root.to_str().unwrap(), "", None).unwrap()
+}
+
+fn backup(e: &LabEngine, dom: &LabDomain, repo: &BackupRepository) -> BackupOutcome {
+    let request = BackupRequest::new(dom.name(), repo.clone());
+    e.backup(&request, &CancelHandle::new(), &mut |_| {}).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)))
+}
 
 fn target(lab: &LabS3, name: &str, bucket: &str, prefix: &str) -> ObjectTarget {
     ObjectTarget::new(name, &lab.endpoint, bucket, Some(prefix), S3Credentials::File(lab.credentials.clone()))
@@ -25,6 +58,7 @@ fn prefix(what: &str) -> String {
 
 #[test]
 fn a_check_of_a_locked_target_writes_reads_back_and_proves_the_lock() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
     let lab = LabS3::get();
     let p = prefix("locked");
     let t =
@@ -79,6 +113,7 @@ fn a_check_of_a_locked_target_writes_reads_back_and_proves_the_lock() {
 
 #[test]
 fn a_check_without_lock_leaves_nothing_and_a_lock_on_a_bucket_without_one_is_refused() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
     let lab = LabS3::get();
     let p = prefix("plain");
     let plain = target(&lab, "plain", &lab.bucket_plain, &p);
@@ -94,6 +129,7 @@ fn a_check_without_lock_leaves_nothing_and_a_lock_on_a_bucket_without_one_is_ref
 
 #[test]
 fn wrong_credentials_an_unknown_ca_and_a_missing_bucket_are_said_and_no_secret_is_shown() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
     let lab = LabS3::get();
     let secret = lab.secret_key();
     let dir = tempfile::tempdir().unwrap();
@@ -125,5 +161,232 @@ fn wrong_credentials_an_unknown_ca_and_a_missing_bucket_are_said_and_no_secret_i
     assert!(e3.contains("no bucket nasbak-no-such-bucket"), "{e3}");
     for said in [&e, &e2, &e3, &format!("{store:?}"), &format!("{t:?}")] {
         assert!(!said.contains(&secret), "a secret in: {said}");
+    }
+}
+
+#[test]
+fn a_chain_copied_to_a_locked_target_is_whole_there_locked_verified_and_not_copied_twice() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3chain").disk(DiskSpec::qcow2(64)).running(true).create();
+    let repo = repository(&dom, "s3chain");
+    let e = engine(&dom.dir().join("runtime"));
+    dom.write_through_qemu(0, 0x11, "0", "40M");
+    let full = backup(&e, &dom, &repo);
+    dom.write_through_qemu(0, 0x22, "8M", "4M");
+    let inc = backup(&e, &dom, &repo);
+    assert_eq!(inc.manifest.parent.as_deref(), Some(full.manifest.id.as_str()), "an incremental on the full");
+
+    let p = prefix("chain");
+    let t =
+        target(&lab, "offsite", &lab.bucket_locked, &p).with_lock(ObjectLock::new(LockMode::Governance, 1).unwrap());
+    let store = ObjectStore::connect(&t).unwrap();
+    let catalog = e.catalog();
+    // The incremental alone is asked for: its full goes first.
+    let selection = CopySelection::Backup { vm: dom.name().to_owned(), id: inc.manifest.id.clone() };
+    let mut phases = Vec::new();
+    let report = catalog
+        .copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |p| phases.push(p.phase))
+        .unwrap();
+    let ids: Vec<(&str, &CopyResult)> = report.backups.iter().map(|b| (b.id.as_str(), &b.result)).collect();
+    assert_eq!(
+        ids,
+        [(full.manifest.id.as_str(), &CopyResult::Copied), (inc.manifest.id.as_str(), &CopyResult::Copied)],
+        "parent first"
+    );
+    assert!(phases.iter().all(|p| *p == Phase::Upload) && !phases.is_empty());
+    let first = &report.backups[0];
+    assert!(first.sent > 40 << 20, "the full's 40 MiB went up: {first:?}");
+    assert!(first.locked_until.is_some());
+
+    // On the target: both, complete, with their manifests; every object locked (governance),
+    // as another client sees it.
+    let listed = nasbak::target_backups(&store, None).unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().all(|b| b.manifest.is_some() && b.incomplete.is_none()));
+    let disk_key = format!("{}/{}/{}", dom.name(), full.manifest.id, full.manifest.disks[0].file);
+    let head: serde_json::Value = serde_json::from_str(
+        &lab.aws(&["s3api", "head-object", "--bucket", &lab.bucket_locked, "--key", &format!("{p}/{disk_key}")])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head["ObjectLockMode"], "GOVERNANCE", "{head}");
+    assert!(head["Metadata"]["nasbak-checksum"].as_str().unwrap().starts_with("blake3:"), "{head}");
+
+    // A locked backup's delete, with the same credentials, is refused by the store.
+    let version = store.head(&disk_key).unwrap().unwrap().version.expect("a versioned bucket");
+    let refused = store.delete(&disk_key, Some(&version)).unwrap_err();
+    assert!(refused.detail.contains("AccessDenied") || refused.detail.contains("lock"), "{refused}");
+    assert_eq!(store.head(&disk_key).unwrap().unwrap().version.as_deref(), Some(version.as_str()), "still there");
+
+    // Verified there, object by object, against the manifests' checksums.
+    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(reports.len(), 2);
+    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+
+    // Copied again: nothing goes up.
+    let again = catalog
+        .copy_to_target(&repo, &store, &CopySelection::Vm(dom.name().into()), None, &CancelHandle::new(), &mut |_| {})
+        .unwrap();
+    assert!(again.backups.iter().all(|b| b.result == CopyResult::AlreadyCopied && b.sent == 0), "{again:?}");
+    cleanup_governance(&lab, &lab.bucket_locked, &p);
+}
+
+#[test]
+fn a_copy_cut_off_mid_upload_resumes_from_its_last_part_and_a_corrupted_object_is_found() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3resume").disk(DiskSpec::raw(160)).running(false).create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 150);
+    let repo = repository(&dom, "s3resume");
+    let e = engine(&dom.dir().join("runtime"));
+    let b = backup(&e, &dom, &repo);
+    let p = prefix("resume");
+    let store = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
+    let catalog = e.catalog();
+    let selection = CopySelection::Vm(dom.name().into());
+
+    // Cut off (Ctrl-C) past half of the disk file's upload.
+    let cancel = CancelHandle::new();
+    let mut seen = 0u64;
+    let cut = catalog.copy_to_target(&repo, &store, &selection, None, &cancel, &mut |p| {
+        if p.disk.as_deref().is_some_and(|d| d.ends_with(".qcow2")) && p.done * 2 > p.total {
+            seen = p.done;
+            cancel.cancel();
+        }
+    });
+    assert!(matches!(cut, Err(nasbak::BackupError::Cancelled)), "{cut:?}");
+    assert!(seen > 0);
+    // Nothing claims to be copied: no manifest, an interrupted copy, an unfinished upload.
+    let listed = nasbak::target_backups(&store, None).unwrap();
+    assert!(listed.iter().all(|b| b.manifest.is_none()), "{listed:?}");
+    assert!(listed.iter().all(|b| b.incomplete.as_deref().is_some_and(|r| r.contains("interrupted"))), "{listed:?}");
+    let unfinished = store.unfinished_uploads(&format!("{}/", dom.name())).unwrap();
+    assert_eq!(unfinished.len(), 1, "{unfinished:?}");
+
+    // Resumed: the parts that went up are kept (their MD5s checked), the rest is sent.
+    let report = catalog.copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let copy = &report.backups[0];
+    assert_eq!(copy.result, CopyResult::Copied);
+    let disk_size =
+        fs::metadata(repo.shared_path().unwrap().join(&b.relative_dir).join(&b.manifest.disks[0].file)).unwrap().len();
+    assert!(copy.kept >= 32 << 20, "at least two parts kept: {copy:?}");
+    assert!(copy.sent < disk_size, "less than the whole file sent again: {copy:?}");
+    assert!(store.unfinished_uploads(&format!("{}/", dom.name())).unwrap().is_empty());
+    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+
+    // An object corrupted on the store (overwritten with other bytes) is found.
+    let xml_key = format!("{}/{}/domain-config.xml", dom.name(), b.manifest.id);
+    let object = format!("{p}/{xml_key}");
+    let damaged = dom.dir().join("damaged.xml");
+    fs::write(&damaged, "<domain>not the same</domain>").unwrap();
+    // Keeping the checksum on the object, as a silent corruption would.
+    let meta = store.head(&xml_key).unwrap().unwrap().checksum.unwrap();
+    lab.aws(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        &lab.bucket_plain,
+        "--key",
+        &object,
+        "--body",
+        damaged.to_str().unwrap(),
+        "--metadata",
+        &format!("nasbak-checksum={meta}"),
+    ])
+    .unwrap();
+    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let bad: Vec<_> = reports[0].files.iter().filter(|f| !f.ok()).collect();
+    assert_eq!(bad.len(), 1, "{reports:#?}");
+    assert_eq!((bad[0].file.as_str(), bad[0].status), ("domain-config.xml", FileStatus::Differs));
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+}
+
+#[test]
+fn the_gateway_stopped_mid_upload_is_a_clear_error_and_nothing_claims_to_be_copied() {
+    let _gateway = GATEWAY.write().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3cut").disk(DiskSpec::raw(96)).running(false).create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 90);
+    let repo = repository(&dom, "s3cut");
+    let e = engine(&dom.dir().join("runtime"));
+    backup(&e, &dom, &repo);
+    let p = prefix("cut");
+    let store = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
+    let catalog = e.catalog();
+    let selection = CopySelection::Vm(dom.name().into());
+    let mut stopped = false;
+    let started = std::time::Instant::now();
+    let cut = catalog.copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |p| {
+        if !stopped && p.total > 0 && p.done * 3 > p.total {
+            stopped = true;
+            lab.stop_gateway();
+        }
+    });
+    let took = started.elapsed();
+    lab.start_gateway();
+    let err = cut.expect_err("the copy fails when the gateway goes away");
+    assert!(stopped);
+    let said = err.to_string();
+    assert!(said.contains("target plain") && said.contains("failed"), "{said}");
+    assert!(took < Duration::from_secs(180), "it gives up in time: {took:?}");
+    // Nothing claims to be copied; a copy afterwards finishes it.
+    let listed = nasbak::target_backups(&store, None).unwrap();
+    assert!(listed.iter().all(|b| b.manifest.is_none()), "{listed:?}");
+    let report = catalog.copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(report.backups[0].result, CopyResult::Copied);
+    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+}
+
+#[test]
+fn no_key_of_the_target_is_on_any_command_line_while_copying() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3argv").disk(DiskSpec::qcow2(16)).running(false).create();
+    let repo = repository(&dom, "s3argv");
+    let e = engine(&dom.dir().join("runtime"));
+    backup(&e, &dom, &repo);
+    let p = prefix("argv");
+    let store = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
+    let secret = lab.secret_key();
+    let (report, seen) = nasbak_testlab::watching_argv(&secret, || {
+        e.catalog().copy_to_target(
+            &repo,
+            &store,
+            &CopySelection::Vm(dom.name().into()),
+            None,
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+    });
+    assert_eq!(report.unwrap().backups[0].result, CopyResult::Copied);
+    assert!(!seen, "the secret key was on a command line");
+    assert!(!format!("{store:?}").contains(&secret));
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+}
+
+/// Removes every version under `prefix` of a bucket whose objects are in governance mode
+/// (the lab user may bypass it; a compliance lock could not be).
+fn cleanup_governance(lab: &LabS3, bucket: &str, prefix: &str) {
+    let listed = lab.aws(&["s3api", "list-object-versions", "--bucket", bucket, "--prefix", prefix]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+    for item in
+        v["Versions"].as_array().into_iter().flatten().chain(v["DeleteMarkers"].as_array().into_iter().flatten())
+    {
+        let (Some(key), Some(id)) = (item["Key"].as_str(), item["VersionId"].as_str()) else { continue };
+        let _ = lab.aws(&[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            bucket,
+            "--key",
+            key,
+            "--version-id",
+            id,
+            "--bypass-governance-retention",
+        ]);
     }
 }

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use nasbak::nasbak_agent::QuiescePolicy;
 use nasbak::nasbak_repo;
-use nasbak_repo::{BackupRepository, Compression, Encryption, ParseError, Protection, RetentionPolicy};
+use nasbak_repo::{BackupRepository, Compression, Encryption, ObjectTarget, ParseError, Protection, RetentionPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +119,11 @@ pub struct Offering {
     /// repository, so an offering cannot encrypt on a repository that has no key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// The off-site target (`[[target]]`) each of its backups is copied to right after it is
+    /// made (`run-due`, and `nasbak backup` with the offering); `prune --target` applies its
+    /// retention there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_to: Option<String>,
 }
 
 impl Offering {
@@ -191,6 +196,9 @@ pub struct Config {
     /// The backup repositories.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<BackupRepository>,
+    /// The off-site targets (`[[target]]`, `type = "s3"`).
+    #[serde(default, rename = "target", skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<ObjectTarget>,
     /// How many scheduled backups `run-due` runs at once on each repository (`max_parallel`
     /// in its `[[repository]]`), by repository name; a repository not here has no limit of its
     /// own.
@@ -221,6 +229,8 @@ struct RawConfig {
     scratch_limit: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
     repository: Vec<toml::Spanned<toml::Table>>,
+    #[serde(default)]
+    target: Vec<toml::Spanned<toml::Table>>,
     #[serde(default)]
     offering: Vec<toml::Spanned<toml::Table>>,
     #[serde(default)]
@@ -357,6 +367,23 @@ impl Config {
             }
             (None, None) => None,
         };
+        // A target's `type` says which kind of store it is: `s3`, the only one.
+        let mut target_tables = Vec::new();
+        for mut t in raw.target {
+            let line = line_of(t.span().start);
+            match t.get_mut().remove("type") {
+                Some(toml::Value::String(kind)) if kind == "s3" => {}
+                None => {}
+                Some(other) => {
+                    return Err(invalid(
+                        line,
+                        format!("target type = {other}: expected \"s3\" (an S3-compatible object store)"),
+                    ));
+                }
+            }
+            target_tables.push(t);
+        }
+        let targets: Vec<(ObjectTarget, usize)> = items(target_tables, &line_of, &invalid)?;
         let offerings: Vec<(Offering, usize)> = items(raw.offering, &line_of, &invalid)?;
         let schedules: Vec<(Schedule, usize)> = items(raw.schedule, &line_of, &invalid)?;
         let assignments: Vec<(String, String, usize)> = raw
@@ -374,6 +401,7 @@ impl Config {
                 .map(|(i, n)| (repositories[i].0.name().to_string(), n))
                 .collect(),
             repositories: repositories.iter().map(|(r, _)| r.clone()).collect(),
+            targets: targets.iter().map(|(t, _)| t.clone()).collect(),
             offerings: offerings.iter().map(|(o, _)| o.clone()).collect(),
             assignments: assignments.iter().map(|(vm, o, _)| (vm.clone(), o.clone())).collect(),
             schedules: Vec::new(),
@@ -382,6 +410,12 @@ impl Config {
         for (r, line) in &repositories {
             if !seen.insert(r.name().as_str()) {
                 return Err(invalid(*line, format!("repository {} is defined twice", r.name())));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (t, line) in &targets {
+            if !seen.insert(t.name().as_str()) {
+                return Err(invalid(*line, format!("target {} is defined twice", t.name())));
             }
         }
         let mut seen = HashSet::new();
@@ -405,6 +439,33 @@ impl Config {
         self.repositories.iter().find(|r| r.name().as_str() == name)
     }
 
+    /// The off-site target named `name`.
+    pub fn target(&self, name: &str) -> Option<&ObjectTarget> {
+        self.targets.iter().find(|t| t.name().as_str() == name)
+    }
+
+    /// Adds an off-site target (its name not taken). Checking it against its store is the
+    /// caller's (`nasbak target add` does before it saves).
+    pub fn add_target(&mut self, t: ObjectTarget) -> Result<(), Refused> {
+        if self.target(t.name().as_str()).is_some() {
+            return Err(Refused(format!("a target named {} exists already; remove it first", t.name())));
+        }
+        self.targets.push(t);
+        Ok(())
+    }
+
+    /// Removes a target no offering copies to. What was copied there stays there.
+    pub fn remove_target(&mut self, name: &str) -> Result<(), Refused> {
+        if self.target(name).is_none() {
+            return Err(Refused(format!("there is no target named {name}")));
+        }
+        if let Some(o) = self.offerings.iter().find(|o| o.copy_to.as_deref() == Some(name)) {
+            return Err(Refused(format!("offering {} copies to target {name}; change its copy_to first", o.name)));
+        }
+        self.targets.retain(|t| t.name().as_str() != name);
+        Ok(())
+    }
+
     /// The offering named `name`.
     pub fn offering(&self, name: &str) -> Option<&Offering> {
         self.offerings.iter().find(|o| o.name == name)
@@ -426,6 +487,11 @@ impl Config {
                 o.name, o.repository
             ))
         })?;
+        if let Some(t) = o.copy_to.as_deref()
+            && self.target(t).is_none()
+        {
+            return Err(Refused(format!("offering {} copies to target {t}, which is not defined", o.name)));
+        }
         if let (Some(oz), Some(rz)) = (o.zone.as_deref(), repo.zone())
             && oz != rz
         {
@@ -592,6 +658,8 @@ impl Serialize for Config {
             #[serde(skip_serializing_if = "Option::is_none")]
             scratch_limit: Option<String>,
             repository: Vec<toml::Table>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            target: Vec<toml::Table>,
             #[serde(skip_serializing_if = "<[Offering]>::is_empty")]
             offering: &'a [Offering],
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -607,12 +675,20 @@ impl Serialize for Config {
             }
             repository.push(table);
         }
+        let mut target = Vec::new();
+        for t in &self.targets {
+            let mut table = toml::Table::new();
+            table.insert("type".into(), toml::Value::String("s3".into()));
+            table.extend(toml::Table::try_from(t).map_err(serde::ser::Error::custom)?);
+            target.push(table);
+        }
         File {
             max_parallel: self.max_parallel,
             metrics_textfile: self.metrics_textfile.as_deref(),
             scratch_dir: self.scratch.as_ref().map(|s| s.dir.as_path()),
             scratch_limit: self.scratch.as_ref().filter(|s| s.limit != u64::MAX).map(|s| format!("{}", s.limit)),
             repository,
+            target,
             offering: &self.offerings,
             assignments: &self.assignments,
             schedule: &self.schedules,
@@ -1001,6 +1077,7 @@ created = "2026-11-27T12:00:00Z"
             boot_check: None,
             compression: None,
             encryption: None,
+            copy_to: None,
         };
         assert!(c.add_offering(o.clone()).unwrap_err().0.contains("not defined"));
         // An offering may compress or encrypt on its repository, with the repository's key only.
@@ -1023,5 +1100,60 @@ created = "2026-11-27T12:00:00Z"
         assert_eq!(ScheduleState::load(&path).unwrap(), st);
         fs::write(&path, "{not json").unwrap();
         assert!(ScheduleState::load(&path).unwrap_err().to_string().contains("state.json:1"));
+    }
+
+    #[test]
+    fn targets_are_read_checked_written_back_and_kept_while_an_offering_copies_to_them() {
+        let text = r#"
+[[repository]]
+name = "nas1"
+type = "shared"
+address = "/srv/backups"
+
+[[target]]
+type = "s3"
+name = "offsite"
+endpoint = "https://s3.example.com"
+bucket = "kvm-backups"
+prefix = "/hosts/kvm1/"
+credentials = { file = "/etc/nasbak/s3.credentials" }
+lock = { mode = "compliance", days = 30 }
+
+[[offering]]
+name = "gold"
+repository = "nas1"
+copy_to = "offsite"
+"#;
+        let path = Path::new("/etc/nasbak/config.toml");
+        let c = Config::parse(text, path).unwrap();
+        let t = c.target("offsite").unwrap();
+        assert_eq!(t.prefix(), Some("hosts/kvm1"), "the prefix is canonical");
+        assert_eq!(t.lock().unwrap().days, 30);
+        assert_eq!(c.offering("gold").unwrap().copy_to.as_deref(), Some("offsite"));
+        // Written back and read again: the same.
+        let written = toml::to_string_pretty(&c).unwrap();
+        assert!(written.contains("type = \"s3\""), "{written}");
+        assert_eq!(Config::parse(&written, path).unwrap(), c);
+        // Refused: another type, a bad bucket, an unknown field, a target named twice, an
+        // offering copying to a target not defined, removing a target an offering copies to.
+        let bad = |from: &str, to: &str, says: &str| {
+            let e = Config::parse(&text.replacen(from, to, 1), path).unwrap_err().to_string();
+            assert!(e.contains(says), "{from} -> {to}: {e}");
+        };
+        bad("type = \"s3\"", "type = \"gcs\"", "expected \"s3\"");
+        bad("bucket = \"kvm-backups\"", "bucket = \"Kvm_Backups\"", "bucket");
+        bad("bucket = \"kvm-backups\"", "bucket = \"kvm-backups\"\nsecret = \"x\"", "unknown field");
+        bad("endpoint = \"https://s3.example.com\"", "endpoint = \"http://s3.example.com\"", "in the clear");
+        bad("copy_to = \"offsite\"", "copy_to = \"elsewhere\"", "not defined");
+        let twice = format!(
+            "{text}\n[[target]]\nname = \"offsite\"\nendpoint = \"https://b.example.com\"\nbucket = \"bbb\"\ncredentials = \"environment\"\n"
+        );
+        let e = Config::parse(&twice, path).unwrap_err().to_string();
+        assert!(e.contains("defined twice"), "{e}");
+        let mut c = c;
+        assert!(c.remove_target("offsite").unwrap_err().0.contains("offering gold copies to"));
+        c.offerings[0].copy_to = None;
+        c.remove_target("offsite").unwrap();
+        assert!(c.targets.is_empty());
     }
 }

@@ -70,3 +70,31 @@ pub fn fill_pseudo_random(path: &std::path::Path, mib: usize) {
 pub(crate) fn lab_missing(what: &str) -> ! {
     panic!("the lab is not ready: {what}. Run `cargo xtask lab up` (as root) first")
 }
+
+/// Runs `f` while watching every process's command line: its result, and whether any command
+/// line held `needle` meanwhile (a secret must never be one's argument).
+pub fn watching_argv<T>(needle: &str, f: impl FnOnce() -> T) -> (T, bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, seen, needle) = (Arc::clone(&stop), Arc::clone(&seen), needle.to_owned());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
+                        && String::from_utf8_lossy(&cmdline).contains(&needle)
+                    {
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    (out, seen.load(Ordering::SeqCst))
+}

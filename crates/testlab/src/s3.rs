@@ -45,6 +45,38 @@ impl LabS3 {
         }
     }
 
+    /// Stops the gateway at once (SIGKILL, as a crash or a pulled cable would), and waits
+    /// until it is gone.
+    pub fn stop_gateway(&self) {
+        let pid_file = std::path::Path::new(ENV_FILE).with_file_name("radosgw.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill(2) on the gateway's pid, which this lab started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(std::time::Instant::now() < deadline, "radosgw {pid} does not go away");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the gateway again (as `cargo xtask lab s3 up` did) and waits until it answers.
+    pub fn start_gateway(&self) {
+        let script = std::path::Path::new(ENV_FILE).with_file_name("start");
+        let status = std::process::Command::new("sh").arg(&script).status().expect("sh");
+        assert!(status.success(), "{} failed: {status}", script.display());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while self.aws(&["s3api", "list-buckets"]).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the lab gateway does not answer after a restart");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+
     /// The lab user's secret key (for tests that prove it is shown nowhere).
     pub fn secret_key(&self) -> String {
         let text = fs::read_to_string(&self.credentials).unwrap();

@@ -35,7 +35,7 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // The facades the workflows add their methods to (`Engine`, `Catalog`).
     ("facade", &["engine"]),
     // The workflows: none uses another.
-    ("workflows", &["backup", "restore", "boot", "browse", "catalog", "prune", "keys"]),
+    ("workflows", &["backup", "restore", "boot", "browse", "catalog", "prune", "keys", "offsite"]),
 ];
 
 /// The layers of `nasbak-repo`, bottom-up: the pure model never does I/O; mounting and the

@@ -98,9 +98,14 @@ pub fn verify(cli: &Cli, config: &Config, id: Option<&BackupRef>, all: bool, rep
             other => other?,
         });
     }
-    // The worst finding decides the exit code: damaged (6) over bad data (5) over unreadable (7).
+    print_verify(cli, &reports)
+}
+
+/// Prints verify's reports; the worst finding decides the exit code: damaged (6) over bad data
+/// (5) over unreadable (7).
+pub(super) fn print_verify(cli: &Cli, reports: &[VerifyReport]) -> Result<u8> {
     let (mut damaged, mut bad, mut unreadable) = (0, 0, 0);
-    for report in &reports {
+    for report in reports {
         if let Some(reason) = &report.damaged {
             damaged += 1;
             if !cli.json {
@@ -126,7 +131,7 @@ pub fn verify(cli: &Cli, config: &Config, id: Option<&BackupRef>, all: bool, rep
         }
     }
     if cli.json {
-        print_json(&reports)?;
+        print_json(reports)?;
     }
     Ok(if damaged > 0 {
         6

@@ -3,6 +3,7 @@
 
 mod backup;
 mod catalog;
+mod offsite;
 mod restore;
 mod settings;
 
@@ -51,11 +52,17 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::RunDue => backup::run_due(cli, &config),
         Command::Status => catalog::status(cli, &config),
         Command::Metrics { textfile } => catalog::metrics(&config, &cli.state, textfile.as_deref()),
-        Command::List { vm, repo } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),
+        Command::Target(cmd) => offsite::target(cli, &mut config, cmd),
+        Command::Copy { backup, all: _, to, repo, bandwidth } => {
+            offsite::copy(cli, &config, backup.as_deref(), to, repo.as_deref(), *bandwidth)
+        }
+        Command::List { vm, target: Some(t), .. } => offsite::list(cli, &config, t, vm.as_deref()),
+        Command::List { vm, repo, target: None } => catalog::list(cli, &config, vm.as_deref(), repo.as_deref()),
         Command::Show { id } => catalog::show(cli, &config, id),
         Command::Verify { id: Some(id), boot: true, timeout, check, .. } => {
             backup::verify_boot(cli, &config, id, *timeout, check.as_deref())
         }
+        Command::Verify { id, target: Some(t), .. } => offsite::verify(cli, &config, t, id.as_ref()),
         Command::Verify { id, all, repo, .. } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
         Command::Delete { id } => catalog::delete(&config, id),
         Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),

@@ -229,6 +229,7 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
             boot_check,
             compression,
             encryption,
+            copy_to,
         } => {
             config.add_offering(Offering {
                 name: name.clone(),
@@ -241,6 +242,7 @@ pub fn offering(cli: &Cli, config: &mut Config, cmd: &OfferingCommand) -> Result
                 boot_check: boot_check.clone(),
                 compression: *compression,
                 encryption: *encryption,
+                copy_to: copy_to.clone(),
             })?;
             config.save(&cli.config)?;
             println!("added offering {name}");

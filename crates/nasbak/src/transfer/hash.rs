@@ -231,6 +231,33 @@ impl Hasher {
     }
 }
 
+/// A checksum computed over bytes as they arrive (an object streamed from an off-site target):
+/// any algorithm [`checksum_file`] knows.
+pub struct StreamChecksum(Hasher);
+
+impl std::fmt::Debug for StreamChecksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamChecksum")
+    }
+}
+
+impl StreamChecksum {
+    /// A checksum with `algorithm` (`blake3`, `sha256` or a split one, see [`SPLIT_PREFIX`]).
+    pub fn new(algorithm: &str) -> std::io::Result<Self> {
+        Hasher::new(algorithm).map(StreamChecksum)
+    }
+
+    /// Hashes the next bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The checksum, lowercase hex (a split one as `H1:H2:H3`).
+    pub fn finish(self) -> String {
+        self.0.finish()
+    }
+}
+
 /// Copies `source` to a new file `target` in one pass, hashing what it reads with `algorithm`,
 /// leaving holes where the source has runs of zeros (64 KiB granularity), syncing the target.
 /// Returns the checksum; the caller compares it before putting the target in place. `progress`

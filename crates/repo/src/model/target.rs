@@ -238,6 +238,7 @@ pub fn check_prefix(prefix: &str) -> Result<String, ParseError> {
 /// object lock its copies get, and the CA its endpoint's certificate is checked against (the
 /// system's roots when none).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TargetFields", into = "TargetFields")]
 pub struct ObjectTarget {
     name: TargetName,
     endpoint: Endpoint,
@@ -247,6 +248,57 @@ pub struct ObjectTarget {
     credentials: S3Credentials,
     lock: Option<ObjectLock>,
     ca_file: Option<PathBuf>,
+}
+
+/// A target as the configuration file holds it; checked whole by [`ObjectTarget::new`] when
+/// read.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetFields {
+    name: String,
+    endpoint: String,
+    bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    credentials: S3Credentials,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lock: Option<ObjectLock>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
+}
+
+impl TryFrom<TargetFields> for ObjectTarget {
+    type Error = ParseError;
+    fn try_from(f: TargetFields) -> Result<Self, ParseError> {
+        let mut t = ObjectTarget::new(&f.name, &f.endpoint, &f.bucket, f.prefix.as_deref(), f.credentials)?;
+        if let Some(lock) = f.lock {
+            t = t.with_lock(ObjectLock::new(lock.mode, lock.days)?);
+        }
+        if let Some(ca) = f.ca_file {
+            t = t.with_ca_file(ca)?;
+        }
+        if let Some(region) = f.region {
+            t = t.with_region(&region)?;
+        }
+        Ok(t)
+    }
+}
+
+impl From<ObjectTarget> for TargetFields {
+    fn from(t: ObjectTarget) -> Self {
+        TargetFields {
+            name: t.name.as_str().to_owned(),
+            endpoint: t.endpoint.url,
+            bucket: t.bucket,
+            prefix: t.prefix,
+            region: (t.region != DEFAULT_REGION).then_some(t.region),
+            credentials: t.credentials,
+            lock: t.lock,
+            ca_file: t.ca_file,
+        }
+    }
 }
 
 /// The region a target signs for when none is given: what S3-compatible stores accept.

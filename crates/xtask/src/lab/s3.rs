@@ -52,7 +52,7 @@ pub fn up() -> Result<()> {
     let d = dir();
     fs::create_dir_all(d.join("log"))?;
     fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
-    if answers(&d) {
+    if answers(&d) && d.join("start").is_file() {
         write_env(&d)?;
         println!("lab s3: up, {ENDPOINT}, {}", env_file().display());
         return Ok(());
@@ -86,11 +86,32 @@ pub fn up() -> Result<()> {
     let frontends =
         format!("beast ssl_endpoint={LISTEN} ssl_certificate={} ssl_private_key={}", p("server.pem"), p("server.key"));
     fs::create_dir_all(d.join("data"))?;
-    let status = Command::new("radosgw")
-        .args(["-c", &conf, "-n", "client.rgw.lab", "--keyring", &keyring.to_string_lossy()])
-        .arg(format!("--rgw-frontends={frontends}"))
-        .args(["--rgw-data", &p("data"), "--log-file", &p("log/radosgw.log"), "--pid-file", &p("radosgw.pid")])
-        .args(["--admin-socket", &p("radosgw.asok"), "--rgw-enable-usage-log=false"])
+    let argv: Vec<String> = [
+        "radosgw".to_owned(),
+        "-c".into(),
+        conf.clone(),
+        "-n".into(),
+        "client.rgw.lab".into(),
+        "--keyring".into(),
+        keyring.to_string_lossy().into_owned(),
+        format!("--rgw-frontends={frontends}"),
+        "--rgw-data".into(),
+        p("data"),
+        "--log-file".into(),
+        p("log/radosgw.log"),
+        "--pid-file".into(),
+        p("radosgw.pid"),
+        "--admin-socket".into(),
+        p("radosgw.asok"),
+        "--rgw-enable-usage-log=false".into(),
+    ]
+    .into();
+    // The same command as a script, so that tests can start the gateway again after stopping
+    // it (no secret in it: the keyring is a file).
+    let quoted: Vec<String> = argv.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
+    fs::write(d.join("start"), format!("#!/bin/sh\nexec {} </dev/null >/dev/null 2>&1\n", quoted.join(" ")))?;
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -1,0 +1,132 @@
+//! Off-site targets through the `nasbak` binary, against the lab's S3 gateway: `target add`
+//! refuses what cannot hold a copy, `copy` killed mid-upload resumes, `--bandwidth` holds the
+//! rate, `list --target` and `verify --target` read the copies there.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nasbak_testlab::s3::LabS3;
+use nasbak_testlab::{DiskSpec, DomainSpec};
+
+fn nasbak(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nasbak")).arg("--config").arg(config).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let (code, out, err) = nasbak(config, args);
+    assert_eq!(code, 0, "nasbak {args:?}: {out}{err}");
+    out
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn targets_are_checked_at_add_and_a_killed_copy_resumes_then_lists_and_verifies_there() {
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("clis3").disk(DiskSpec::raw(128)).create();
+    nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 120);
+    let config = dom.dir().join("nasbak.toml");
+    let repo = dom.dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    ok(&config, &["repo", "add", "lab", "--type", "shared", "--address", repo.to_str().unwrap()]);
+    let prefix = format!("tests/cli-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let creds = lab.credentials.to_str().unwrap().to_owned();
+    let ca = lab.ca_file.to_str().unwrap().to_owned();
+    let add = |name: &str, bucket: &str, extra: &[&str]| {
+        let mut args = vec![
+            "target",
+            "add",
+            name,
+            "--type",
+            "s3",
+            "--endpoint",
+            &lab.endpoint,
+            "--bucket",
+            bucket,
+            "--prefix",
+            &prefix,
+            "--ca-file",
+            &ca,
+        ];
+        args.extend_from_slice(extra);
+        nasbak(&config, &args)
+    };
+    // A lock asked of a bucket without object lock: refused, and not configured.
+    let (code, out, err) =
+        add("nolock", &lab.bucket_plain, &["--credentials-file", &creds, "--lock", "governance", "--lock-days", "1"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("has no object lock"), "{err}");
+    // Wrong credentials: refused, the secret nowhere in what is said.
+    let wrong = dom.dir().join("wrong.credentials");
+    std::fs::write(&wrong, "[default]\naws_access_key_id = NOSUCHKEY\naws_secret_access_key = notthesecret1234\n")
+        .unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (code, out, err) = add("wrong", &lab.bucket_plain, &["--credentials-file", wrong.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("target wrong") && !err.contains("notthesecret1234"), "{err}");
+    assert!(json_of(&ok(&config, &["--json", "target", "list"])).as_array().unwrap().is_empty());
+    // The plain bucket, for this test: what it copies can be removed afterwards.
+    let (code, out, err) = add("offsite", &lab.bucket_plain, &["--credentials-file", &creds]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added target offsite"), "{out}");
+    assert!(ok(&config, &["target", "check", "offsite"]).contains("read back"));
+
+    ok(&config, &["backup", dom.name(), "--quiesce", "off"]);
+    // Copied at 20 MiB/s, killed (SIGKILL) past a third of the disk file.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--json", "copy", dom.name(), "--to", "offsite", "--bandwidth", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut killed_at = 0.0;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let v = json_of(&line.unwrap());
+        let disk = v["disk"].as_str().unwrap_or_default();
+        if disk.ends_with(".qcow2") && v["percent"].as_f64().unwrap() > 35.0 {
+            killed_at = v["done"].as_f64().unwrap();
+            child.kill().unwrap();
+            break;
+        }
+    }
+    child.wait().unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert!(killed_at > 0.0, "it was killed mid-upload");
+    // The limit holds: those bytes took at least most of what 20 MiB/s allows.
+    assert!(took >= 0.8 * killed_at / (20.0 * 1048576.0), "{killed_at} bytes in {took:.1} s");
+    // Nothing claims to be copied.
+    let listed = json_of(&ok(&config, &["--json", "list", "--target", "offsite"]));
+    assert!(listed.as_array().unwrap().iter().all(|b| b["manifest"].is_null()), "{listed}");
+    assert!(ok(&config, &["list", "--target", "offsite"]).contains("INCOMPLETE"));
+    // Resumed: what went up before the kill stays.
+    let report = json_of(&ok(&config, &["--json", "copy", dom.name(), "--to", "offsite"]));
+    let copy = &report["backups"][0];
+    assert_eq!(copy["result"], "copied", "{report}");
+    assert!(copy["kept"].as_u64().unwrap() >= 16 << 20, "at least a part kept: {report}");
+    let listed = json_of(&ok(&config, &["--json", "list", "--target", "offsite"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["manifest"]["vm"], dom.name());
+    // Verified there; copied again, nothing goes up.
+    let verified = ok(&config, &["verify", "--target", "offsite", "--all"]);
+    assert!(verified.lines().all(|l| l.starts_with("ok ")), "{verified}");
+    let again = json_of(&ok(&config, &["--json", "copy", "--all", "--to", "offsite"]));
+    assert_eq!(again["backups"][0]["result"], "already-copied", "{again}");
+    // A target an offering copies to is kept; removed, its copies stay.
+    ok(&config, &["offering", "add", "gold", "--repo", "lab", "--copy-to", "offsite"]);
+    let (code, _, err) = nasbak(&config, &["target", "remove", "offsite"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("offering gold copies to"), "{err}");
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{prefix}", lab.bucket_plain)]);
+}
