@@ -123,8 +123,37 @@ fn targets_are_checked_at_add_and_a_killed_copy_resumes_then_lists_and_verifies_
     assert!(verified.lines().all(|l| l.starts_with("ok ")), "{verified}");
     let again = json_of(&ok(&config, &["--json", "copy", "--all", "--to", "offsite"]));
     assert_eq!(again["backups"][0]["result"], "already-copied", "{again}");
-    // A target an offering copies to is kept; removed, its copies stay.
+    // An offering that copies: each backup follows, by `backup` and by `run-due`.
     ok(&config, &["offering", "add", "gold", "--repo", "lab", "--copy-to", "offsite"]);
+    ok(&config, &["assign", dom.name(), "gold"]);
+    let made = json_of(&ok(&config, &["--json", "backup", dom.name(), "--quiesce", "off"]));
+    let copied = &made["copied"];
+    assert_eq!(copied["target"], "offsite", "{made}");
+    assert!(
+        copied["copied"][0].as_str().unwrap().ends_with(made["id"].as_str().unwrap().rsplit('/').next().unwrap()),
+        "{made}"
+    );
+    let minute = (chrono::Utc::now() - chrono::Duration::minutes(1)).format("%M").to_string();
+    ok(&config, &["schedule", "add", dom.name(), "--every", "hourly", "--at", &minute, "--keep", "5"]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let created = text.lines().find(|l| l.starts_with("created = ")).unwrap().to_owned();
+    let earlier = format!("created = \"{}\"", (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339());
+    std::fs::write(&config, text.replace(&created, &earlier)).unwrap();
+    let state = dom.dir().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state")
+        .arg(&state)
+        .args(["--json", "run-due"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let run = &json_of(&text)["ran"][0];
+    assert_eq!(run["copied"]["Ok"]["target"], "offsite", "{text}");
+    assert_eq!(json_of(&ok(&config, &["--json", "list", "--target", "offsite"])).as_array().unwrap().len(), 3);
+    // A target an offering copies to is kept.
     let (code, _, err) = nasbak(&config, &["target", "remove", "offsite"]);
     assert_ne!(code, 0);
     assert!(err.contains("offering gold copies to"), "{err}");

@@ -31,4 +31,6 @@ pub mod schedule;
 mod slots;
 pub mod status;
 
-pub use run_due::{DueRun, Placement, RunDue, placement, prune_vm, prune_vm_with, run_due};
+pub use run_due::{
+    CopiedOffsite, DueRun, Placement, RunDue, copy_offsite, placement, prune_vm, prune_vm_with, run_due,
+};

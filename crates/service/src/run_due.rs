@@ -27,6 +27,9 @@ pub struct Placement {
     pub quiesce: QuiescePolicy,
     /// The longest chain an `auto` backup builds (the offering's, else the default).
     pub full_every: u32,
+    /// The off-site target the backup is copied to next (the offering's `copy_to`, where the
+    /// backup goes to the offering's repository).
+    pub copy_to: Option<String>,
 }
 
 /// Resolves the repository and quiesce policy of a backup of `vm`: an explicit repository, else
@@ -69,7 +72,8 @@ pub fn placement(
     };
     let quiesce = quiesce.or(offering.map(|o| o.quiesce)).unwrap_or_default();
     let full_every = offering.and_then(|o| o.full_every).unwrap_or(nasbak::chain::DEFAULT_FULL_EVERY);
-    Ok(Placement { repository, quiesce, full_every })
+    let copy_to = offering.filter(|o| *o.repository == *repository.name().as_str()).and_then(|o| o.copy_to.clone());
+    Ok(Placement { repository, quiesce, full_every, copy_to })
 }
 
 /// The outcome of one due schedule.
@@ -89,6 +93,22 @@ pub struct DueRun {
     /// The boot verification of the backup made, when the VM's offering asks for one: its
     /// result, or why it could not run.
     pub boot_verified: Option<Result<BootVerification, String>>,
+    /// The copy of the backup made to the offering's off-site target (`copy_to`), when it has
+    /// one: the target and the backups that went there (the new one, and its chain's that were
+    /// not there yet), or why the copy failed.
+    pub copied: Option<Result<CopiedOffsite, String>>,
+}
+
+/// The copy `run-due` made of a new backup to its offering's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CopiedOffsite {
+    /// The target.
+    pub target: String,
+    /// The backups copied (`REPO:VM/ID`), parents first.
+    pub copied: Vec<String>,
+    /// The bytes sent.
+    pub sent: u64,
 }
 
 impl DueRun {
@@ -100,6 +120,9 @@ impl DueRun {
     /// Why the run failed: the backup's error, or what the boot verification of the new backup
     /// said (or why it could not run). None when it did not fail.
     pub fn failure(&self) -> Option<String> {
+        if let (RunOutcome::Succeeded(_), Some(Err(e))) = (&self.outcome, &self.copied) {
+            return Some(format!("the copy of the new backup to its off-site target failed: {e}"));
+        }
         match (&self.outcome, &self.boot_verified) {
             (RunOutcome::Failed(e), _) => Some(e.clone()),
             (_, Some(Err(e))) => Some(format!("the boot verification of the new backup could not run: {e}")),
@@ -335,6 +358,7 @@ fn skip(s: &crate::config::Schedule, reason: &str) -> DueRun {
         pruned: Vec::new(),
         prune_error: None,
         boot_verified: None,
+        copied: None,
     }
 }
 
@@ -470,7 +494,9 @@ where
             fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
         }
     };
-    let result = placement(config, &s.vm, None, None, Some(s.quiesce)).and_then(|p| {
+    let placed = placement(config, &s.vm, None, None, Some(s.quiesce));
+    let copy_to = placed.as_ref().ok().and_then(|p| p.copy_to.clone().map(|t| (p.repository.clone(), t)));
+    let result = placed.and_then(|p| {
         let request = BackupRequest::new(&s.vm, p.repository)
             .with_quiesce(p.quiesce)
             .with_full_every(p.full_every)
@@ -483,7 +509,7 @@ where
         engine.backup(&request, cancel, &mut tagged)
     });
     let mut boot_verified = None;
-    let (outcome, pruned, prune_error) = match result {
+    let (outcome, pruned, prune_error, copied) = match result {
         Ok(made) => {
             let offering = config.offering_of(&s.vm);
             if let Some(o) = offering.filter(|o| o.boot_verify)
@@ -495,21 +521,85 @@ where
                 }
                 boot_verified = Some(engine.verify_boot(&r, cancel).map_err(|e| chain(&e)));
             }
+            let copied = copy_to.as_ref().map(|(repository, target)| {
+                copy_offsite(engine, config, repository, (&s.vm, &made.manifest.id), target, cancel)
+            });
             let (pruned, prune_error) = match prune_vm_with(engine, config, &s.vm, false) {
                 Ok(report) => (report.decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect(), None),
                 Err(e) => (Vec::new(), Some(chain(&e))),
             };
-            (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error)
+            (RunOutcome::Succeeded(made.id.to_string()), pruned, prune_error, copied)
         }
         Err(BackupError::Cancelled) => {
             record(RunOutcome::Cancelled, None);
             return None;
         }
-        Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None),
+        Err(e) => (RunOutcome::Failed(chain(&e)), Vec::new(), None, None),
     };
-    let run = DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified };
+    let run = DueRun { schedule: s.id.clone(), vm: s.vm.clone(), outcome, pruned, prune_error, boot_verified, copied };
     record(run.outcome.clone(), Some(run.failure()));
     Some(run)
+}
+
+/// Copies backup `id` of `vm` on `repository` (and what its chain needs) to the configuration's
+/// target `target`: what an offering's `copy_to` does after each backup.
+#[cfg(feature = "s3")]
+pub fn copy_offsite<H, A, I, M>(
+    engine: &Engine<H, A, I, M>,
+    config: &Config,
+    repository: &BackupRepository,
+    (vm, id): (&str, &str),
+    target: &str,
+    cancel: &CancelHandle,
+) -> Result<CopiedOffsite, String>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    let t = config.target(target).ok_or_else(|| format!("target {target} is not defined"))?;
+    let store = nasbak::objstore::ObjectStore::connect(t).map_err(|e| e.to_string())?;
+    let selection = nasbak::CopySelection::Backup { vm: vm.to_owned(), id: id.to_owned() };
+    let report = engine
+        .catalog()
+        .copy_to_target(repository, &store, &selection, None, cancel, &mut |_| {})
+        .map_err(|e| chain(&e))?;
+    if let Some(skipped) = report.backups.iter().find_map(|b| match &b.result {
+        nasbak::CopyResult::Skipped { reason } => Some(format!("{}: {reason}", b.backup)),
+        _ => None,
+    }) {
+        return Err(skipped);
+    }
+    Ok(CopiedOffsite {
+        target: target.to_owned(),
+        copied: report
+            .backups
+            .iter()
+            .filter(|b| b.result == nasbak::CopyResult::Copied)
+            .map(|b| b.backup.clone())
+            .collect(),
+        sent: report.backups.iter().map(|b| b.sent).sum(),
+    })
+}
+
+/// Without feature `s3`, an offering's `copy_to` cannot be followed: said as the copy's failure.
+#[cfg(not(feature = "s3"))]
+pub fn copy_offsite<H, A, I, M>(
+    _engine: &Engine<H, A, I, M>,
+    _config: &Config,
+    _repository: &BackupRepository,
+    _backup: (&str, &str),
+    target: &str,
+    _cancel: &CancelHandle,
+) -> Result<CopiedOffsite, String>
+where
+    H: Hypervisor,
+    A: AgentSource,
+    I: ImageTool + Sync,
+    M: Mounter,
+{
+    Err(format!("copying to target {target} needs nasbak-service built with its feature s3"))
 }
 
 #[cfg(test)]

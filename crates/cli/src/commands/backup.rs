@@ -25,7 +25,7 @@ pub fn backup(
 ) -> Result<u8> {
     let p = nasbak_service::placement(config, vm, repo, offering, quiesce)?;
     let cancel = cancel_on_interrupt()?;
-    let request = BackupRequest::new(vm, p.repository)
+    let request = BackupRequest::new(vm, p.repository.clone())
         .with_quiesce(p.quiesce)
         .with_timeout(timeout)
         .with_mode(mode)
@@ -36,8 +36,24 @@ pub fn backup(
     reporter.finish();
     let outcome = outcome?;
     let m = &outcome.manifest;
+    // The offering's copy to its off-site target follows: its failure is the run's (exit 5),
+    // the backup stays.
+    let copied = p
+        .copy_to
+        .as_deref()
+        .map(|target| nasbak_service::copy_offsite(&e, config, &p.repository, (vm, &m.id), target, &cancel));
     if cli.json {
-        print_json(&outcome)?;
+        let mut shown = serde_json::to_value(&outcome)?;
+        if let (Some(copied), Some(map)) = (&copied, shown.as_object_mut()) {
+            map.insert(
+                "copied".into(),
+                match copied {
+                    Ok(c) => serde_json::to_value(c)?,
+                    Err(e) => serde_json::json!({ "error": e }),
+                },
+            );
+        }
+        print_json(&shown)?;
     } else {
         let chain = match &m.parent {
             Some(parent) => format!("incremental on {parent}"),
@@ -67,11 +83,21 @@ pub fn backup(
             println!("  {note}");
         }
     }
+    match &copied {
+        Some(Ok(c)) if !cli.json => println!(
+            "  copied to {}: {} ({} MiB sent)",
+            c.target,
+            if c.copied.is_empty() { "already there".to_owned() } else { c.copied.join(", ") },
+            c.sent >> 20
+        ),
+        Some(Err(e)) => eprintln!("nasbak: WARNING: the copy to the offering's off-site target failed: {e}"),
+        _ => {}
+    }
     // The backup is complete, but the operator must act: say so, and exit 5.
     for w in &outcome.warnings {
         eprintln!("nasbak: WARNING: {w}");
     }
-    Ok(if outcome.warnings.is_empty() { 0 } else { 5 })
+    Ok(if outcome.warnings.is_empty() && !matches!(copied, Some(Err(_))) { 0 } else { 5 })
 }
 
 pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
@@ -126,6 +152,17 @@ pub fn run_due(cli: &Cli, config: &Config) -> Result<u8> {
                             println!("{}: boot verification of {}: {:?}: {}", r.schedule, r.vm, v.result, v.detail)
                         }
                         Some(Err(e)) => println!("{}: boot verification of {} could not run: {e}", r.schedule, r.vm),
+                        None => {}
+                    }
+                    match &r.copied {
+                        Some(Ok(c)) => println!(
+                            "{}: copied to {}: {} ({} MiB sent)",
+                            r.schedule,
+                            c.target,
+                            if c.copied.is_empty() { "already there".to_owned() } else { c.copied.join(", ") },
+                            c.sent >> 20
+                        ),
+                        Some(Err(e)) => println!("{}: copy of {} to its target FAILED: {e}", r.schedule, r.vm),
                         None => {}
                     }
                 }
