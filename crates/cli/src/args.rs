@@ -326,6 +326,10 @@ pub enum Command {
         /// Print the plan; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Prune the copies on this off-site target instead (nothing merged; a copy still
+        /// locked is kept and said).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Backup schedules: add, list, remove.
     #[command(subcommand)]

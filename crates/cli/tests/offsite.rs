@@ -153,6 +153,10 @@ fn targets_are_checked_at_add_and_a_killed_copy_resumes_then_lists_and_verifies_
     let run = &json_of(&text)["ran"][0];
     assert_eq!(run["copied"]["Ok"]["target"], "offsite", "{text}");
     assert_eq!(json_of(&ok(&config, &["--json", "list", "--target", "offsite"])).as_array().unwrap().len(), 3);
+    // Pruned there by the offering's retention (keeps everything: it has none) and the
+    // schedule's keep=5: nothing goes, each said.
+    let plan = ok(&config, &["prune", "--target", "offsite", "--dry-run"]);
+    assert_eq!(plan.lines().filter(|l| l.starts_with("keep")).count(), 3, "{plan}");
     // A target an offering copies to is kept.
     let (code, _, err) = nasbak(&config, &["target", "remove", "offsite"]);
     assert_ne!(code, 0);

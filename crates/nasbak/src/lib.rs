@@ -88,7 +88,7 @@ pub mod objstore;
 #[cfg(feature = "s3")]
 mod offsite;
 #[cfg(feature = "s3")]
-pub use offsite::{target_backups, verify_target};
+pub use offsite::{prune_target, target_backups, verify_target};
 mod outcome;
 pub mod progress;
 mod protect;
@@ -96,6 +96,7 @@ pub mod prune;
 mod rbd;
 mod request;
 mod restore;
+mod retention;
 mod staging;
 mod store;
 #[cfg(test)]

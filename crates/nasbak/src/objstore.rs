@@ -228,6 +228,67 @@ impl ObjectStore {
         })
     }
 
+    /// Every version (and delete marker) of every object under `relative`: (key relative to the
+    /// prefix, version id; `null` in a bucket that never kept versions).
+    pub fn versions(&self, relative: &str) -> Result<Vec<(String, String)>, TargetError> {
+        let base = self.target.key("");
+        let full = self.target.key(relative);
+        let strip = |k: &str| k.strip_prefix(base.as_str()).unwrap_or(k).trim_start_matches('/').to_owned();
+        let mut out = Vec::new();
+        let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .runtime
+                .block_on(
+                    self.client
+                        .list_object_versions()
+                        .bucket(self.target.bucket())
+                        .prefix(&full)
+                        .set_key_marker(key_marker.take())
+                        .set_version_id_marker(version_marker.take())
+                        .send(),
+                )
+                .map_err(|e| self.err(format!("listing the versions under {full}"), said(&e)))?;
+            for v in page.versions() {
+                if let Some(key) = v.key() {
+                    out.push((strip(key), v.version_id().unwrap_or("null").to_owned()));
+                }
+            }
+            for m in page.delete_markers() {
+                if let Some(key) = m.key() {
+                    out.push((strip(key), m.version_id().unwrap_or("null").to_owned()));
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            version_marker = page.next_version_id_marker().map(str::to_owned);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Until when one version of `key` is locked (seconds since the epoch); `None` when it is
+    /// not locked (or is gone).
+    pub fn locked_until(&self, key: &str, version: &str) -> Result<Option<i64>, TargetError> {
+        let full = self.target.key(key);
+        let request = self
+            .client
+            .head_object()
+            .bucket(self.target.bucket())
+            .key(&full)
+            .set_version_id((version != "null").then(|| version.to_owned()));
+        match self.runtime.block_on(request.send()) {
+            Ok(out) => Ok(out.object_lock_retain_until_date().map(|d| d.secs())),
+            // A delete marker has no head (405), a version gone none (404).
+            Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 404 | 405)) => Ok(None),
+            Err(e) => Err(self.err(format!("reading the lock of {full}"), said(&e))),
+        }
+    }
+
     /// Deletes one version of the object `key` (or the object, in a bucket without versions).
     /// A lock that refuses it is an error whose detail says so.
     pub fn delete(&self, key: &str, version: Option<&str>) -> Result<(), TargetError> {

@@ -378,6 +378,88 @@ pub fn verify_target(
     Ok(reports)
 }
 
+/// Prunes the backups of `vm` on `store`'s target by `policy` and the schedules' limits
+/// ([`crate::plan_prune`], as on a repository), for copies that cannot be changed:
+///
+/// - nothing is merged: a backup the retention would remove stays while a kept backup's chain
+///   builds on it (said in its reason);
+/// - a backup with any object version still locked stays, its reason saying until when; it
+///   never stops the prune;
+/// - a backup that goes loses every version of every object, its manifest first (so that,
+///   stopped halfway, it is an interrupted copy, never a backup with files missing).
+///
+/// Interrupted copies (no manifest) are neither counted nor removed (a later copy finishes
+/// them). `dry_run` decides and removes nothing.
+pub fn prune_target(
+    store: &ObjectStore,
+    vm: &str,
+    policy: Option<&nasbak_repo::RetentionPolicy>,
+    schedule_keep: &BTreeMap<String, u32>,
+    dry_run: bool,
+) -> Result<crate::outcome::PruneReport, BackupError> {
+    VmName::new(vm)?;
+    let backups: Vec<TargetBackup> =
+        target_backups(store, Some(vm))?.into_iter().filter(|b| b.vm == vm && b.manifest.is_some()).collect();
+    let candidates: Vec<crate::retention::PruneCandidate> = backups
+        .iter()
+        .filter_map(|b| {
+            let id: BackupId = b.id.parse().ok()?;
+            let schedule = b.manifest.as_ref().and_then(|m| m.schedule.clone());
+            Some(crate::retention::PruneCandidate { id: b.id.clone(), time: id.time(), schedule })
+        })
+        .collect();
+    let mut decisions = crate::retention::plan_prune(&candidates, policy, schedule_keep);
+    // Newest first: a kept backup keeps the parents of its chain.
+    let manifests: BTreeMap<&str, &Manifest> =
+        backups.iter().filter_map(|b| Some((b.id.as_str(), b.manifest.as_deref()?))).collect();
+    let mut needed: BTreeMap<String, String> = BTreeMap::new();
+    for d in &mut decisions {
+        if !d.keep
+            && let Some(child) = needed.get(&d.id)
+        {
+            d.keep = true;
+            d.reason = format!("kept: backup {child} builds on it (a copy on a target is never merged)");
+        }
+        if d.keep
+            && let Some(m) = manifests.get(d.id.as_str())
+        {
+            for p in parents(m) {
+                needed.entry(p).or_insert_with(|| d.id.clone());
+            }
+        }
+    }
+    let now = chrono::Utc::now().timestamp();
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        let prefix = format!("{vm}/{}/", d.id);
+        let versions = store.versions(&prefix)?;
+        let mut locked = None::<i64>;
+        for (key, version) in &versions {
+            if let Some(until) = store.locked_until(key, version)?.filter(|u| *u > now) {
+                locked = Some(locked.map_or(until, |l| l.max(until)));
+            }
+        }
+        if let Some(until) = locked {
+            let when = chrono::DateTime::from_timestamp(until, 0).map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string());
+            d.keep = true;
+            d.reason = format!(
+                "kept: locked on the target until {} ({})",
+                when.unwrap_or_else(|| until.to_string()),
+                d.reason
+            );
+            continue;
+        }
+        if dry_run {
+            continue;
+        }
+        let manifest_key = format!("{prefix}{MANIFEST}");
+        let (first, rest): (Vec<_>, Vec<_>) = versions.iter().partition(|(k, _)| *k == manifest_key);
+        for (key, version) in first.into_iter().chain(rest) {
+            store.delete(key, (version != "null").then_some(version.as_str()))?;
+        }
+    }
+    Ok(crate::outcome::PruneReport { vm: vm.to_owned(), decisions, damaged: Vec::new(), executed: !dry_run })
+}
+
 fn missing(file: &str, why: &str) -> FileVerdict {
     FileVerdict::new(file.to_owned(), CheckVerdict::Unsupported, None, Some((FileStatus::Missing, why.to_owned())))
 }

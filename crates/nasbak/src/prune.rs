@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::NaiveDateTime;
 use nasbak_qemu_img::ImageTool;
 use nasbak_repo::{BackupId, BackupRepository, Mounter, RetentionPolicy, VmName};
 
@@ -17,61 +16,7 @@ pub use crate::outcome::{DamagedNote, PruneDecision, PruneReport};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::{BackupEntry, BackupKind, list_backups, retire_and_delete};
 
-/// One backup, as prune sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PruneCandidate {
-    /// The backup id (its time, UTC).
-    pub id: String,
-    /// When it was made (from its id; backups of one second apart by their sequence number).
-    pub time: NaiveDateTime,
-    /// The schedule that made it, if any.
-    pub schedule: Option<String>,
-}
-
-/// Decides for every backup of one VM; the result is newest first.
-pub fn plan_prune(
-    backups: &[PruneCandidate],
-    policy: Option<&RetentionPolicy>,
-    schedule_keep: &BTreeMap<String, u32>,
-) -> Vec<PruneDecision> {
-    let mut sorted: Vec<&PruneCandidate> = backups.iter().collect();
-    sorted.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
-    let by_policy: BTreeMap<&str, Option<nasbak_repo::KeepReason>> = match policy {
-        Some(p) => {
-            let input: Vec<(String, NaiveDateTime)> = sorted.iter().map(|c| (c.id.clone(), c.time)).collect();
-            let plan = p.plan(&input);
-            sorted
-                .iter()
-                .map(|c| (c.id.as_str(), plan.iter().find(|d| d.backup == c.id).and_then(|d| d.keep)))
-                .collect()
-        }
-        None => BTreeMap::new(),
-    };
-    let mut seen_of_schedule: BTreeMap<&str, u32> = BTreeMap::new();
-    sorted
-        .iter()
-        .map(|c| {
-            let mut over_schedule = None;
-            if let Some(s) = c.schedule.as_deref() {
-                let n = seen_of_schedule.entry(s).or_default();
-                *n += 1;
-                if let Some(&limit) = schedule_keep.get(s).filter(|l| **l > 0)
-                    && *n > limit
-                {
-                    over_schedule = Some(format!("schedule {s} keeps at most {limit}"));
-                }
-            }
-            let policy_verdict = by_policy.get(c.id.as_str()).copied();
-            let (keep, reason) = match (over_schedule, policy_verdict) {
-                (Some(why), _) => (false, why),
-                (None, Some(None)) => (false, format!("not kept by the retention {}", policy.expect("set"))),
-                (None, Some(Some(r))) => (true, format!("kept by keep-{}", format!("{r:?}").to_lowercase())),
-                (None, None) => (true, "no limit applies".to_owned()),
-            };
-            PruneDecision { id: c.id.clone(), keep, reason, merge_over: None }
-        })
-        .collect()
-}
+pub use crate::retention::{PruneCandidate, plan_prune};
 
 impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     /// Prunes the backups of `vm` on `repository`: decides with [`plan_prune`] over its complete
@@ -374,7 +319,7 @@ mod tests {
                 prop_assert!(kept <= *limit as usize);
             }
             // Nothing the policy alone would remove is kept.
-            let alone: Vec<(String, NaiveDateTime)> = backups.iter().map(|b| (b.id.clone(), b.time)).collect();
+            let alone: Vec<(String, chrono::NaiveDateTime)> = backups.iter().map(|b| (b.id.clone(), b.time)).collect();
             for d in policy.plan(&alone) {
                 if d.keep.is_none() {
                     prop_assert!(!plan.iter().any(|p| p.id == d.backup && p.keep));

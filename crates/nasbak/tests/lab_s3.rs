@@ -4,6 +4,7 @@
 //! refused with errors that say so; no secret is ever shown. awscli, an independent client,
 //! checks what the store holds.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -14,7 +15,7 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{
     BackupRepository, LockMode, MountTimeouts, ObjectLock, ObjectTarget, RepositoryKind, RepositoryMounts,
-    S3Credentials, SystemMounter,
+    RetentionPolicy, S3Credentials, SystemMounter,
 };
 use nasbak::objstore::{CHECK_DIR, ObjectStore};
 use nasbak::{BackupOutcome, BackupRequest, CopyResult, CopySelection, Engine, FileStatus, Phase};
@@ -230,6 +231,61 @@ fn a_chain_copied_to_a_locked_target_is_whole_there_locked_verified_and_not_copi
         .unwrap();
     assert!(again.backups.iter().all(|b| b.result == CopyResult::AlreadyCopied && b.sent == 0), "{again:?}");
     cleanup_governance(&lab, &lab.bucket_locked, &p);
+
+    // Pruned on a target (here one without lock) by last=1: the incremental is kept, and so is
+    // the full it builds on, which a target never merges away.
+    let plain = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
+    catalog
+        .copy_to_target(&repo, &plain, &CopySelection::Vm(dom.name().into()), None, &CancelHandle::new(), &mut |_| {})
+        .unwrap();
+    let last1: RetentionPolicy = "last=1".parse().unwrap();
+    let report = nasbak::prune_target(&plain, dom.name(), Some(&last1), &BTreeMap::new(), false).unwrap();
+    assert!(report.decisions.iter().all(|d| d.keep), "{report:?}");
+    let kept_full = report.decisions.iter().find(|d| d.id == full.manifest.id).unwrap();
+    assert!(kept_full.reason.contains("builds on it"), "{kept_full:?}");
+    assert_eq!(nasbak::target_backups(&plain, None).unwrap().len(), 2);
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+}
+
+#[test]
+fn prune_on_a_target_keeps_what_is_locked_says_until_when_and_removes_the_rest_elsewhere() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3prune").disk(DiskSpec::raw(16)).running(false).create();
+    let repo = repository(&dom, "s3prune");
+    let e = engine(&dom.dir().join("runtime"));
+    let ids: Vec<String> = (0..3).map(|_| backup(&e, &dom, &repo).manifest.id).collect();
+    let last1: RetentionPolicy = "last=1".parse().unwrap();
+    let p = prefix("prune");
+    let all = CopySelection::Vm(dom.name().into());
+    // Locked: the two the retention would remove stay, each said locked until tomorrow.
+    let t =
+        target(&lab, "offsite", &lab.bucket_locked, &p).with_lock(ObjectLock::new(LockMode::Governance, 1).unwrap());
+    let locked = ObjectStore::connect(&t).unwrap();
+    e.catalog().copy_to_target(&repo, &locked, &all, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let report = nasbak::prune_target(&locked, dom.name(), Some(&last1), &BTreeMap::new(), false).unwrap();
+    assert_eq!(report.decisions.len(), 3);
+    for d in report.decisions.iter().filter(|d| d.id != ids[2]) {
+        assert!(d.keep && d.reason.contains("locked on the target until"), "{d:?}");
+    }
+    assert_eq!(nasbak::target_backups(&locked, None).unwrap().len(), 3);
+    cleanup_governance(&lab, &lab.bucket_locked, &p);
+    // Without a lock: they go, every version of every object, and the one kept still verifies.
+    let plain = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
+    e.catalog().copy_to_target(&repo, &plain, &all, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let dry = nasbak::prune_target(&plain, dom.name(), Some(&last1), &BTreeMap::new(), true).unwrap();
+    assert_eq!(dry.decisions.iter().filter(|d| !d.keep).count(), 2);
+    assert_eq!(nasbak::target_backups(&plain, None).unwrap().len(), 3, "a dry run removes nothing");
+    let report = nasbak::prune_target(&plain, dom.name(), Some(&last1), &BTreeMap::new(), false).unwrap();
+    assert_eq!(report.decisions.iter().filter(|d| !d.keep).count(), 2, "{report:?}");
+    let left = nasbak::target_backups(&plain, None).unwrap();
+    assert_eq!(left.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), [ids[2].as_str()]);
+    for gone in &ids[..2] {
+        assert!(plain.versions(&format!("{}/{gone}/", dom.name())).unwrap().is_empty(), "{gone}");
+    }
+    let reports = nasbak::verify_target(&plain, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub mod schedule;
 mod slots;
 pub mod status;
 
+#[cfg(feature = "s3")]
+pub use run_due::prune_target_vm;
 pub use run_due::{
     CopiedOffsite, DueRun, Placement, RunDue, copy_offsite, placement, prune_vm, prune_vm_with, run_due,
 };

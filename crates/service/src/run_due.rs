@@ -171,6 +171,19 @@ where
     prune_vm_by(config, vm, |repository, keep, limits| engine.prune(repository, vm, keep, limits, dry_run))
 }
 
+/// Prunes `vm`'s copies on an off-site target by its offering's retention and its schedules'
+/// limits, as on its repository (see [`nasbak::prune_target`]: nothing merged, locked copies
+/// kept and said).
+#[cfg(feature = "s3")]
+pub fn prune_target_vm(
+    store: &nasbak::objstore::ObjectStore,
+    config: &Config,
+    vm: &str,
+    dry_run: bool,
+) -> Result<PruneReport, BackupError> {
+    prune_vm_by(config, vm, |_, keep, limits| nasbak::prune_target(store, vm, keep, limits, dry_run))
+}
+
 /// The offering's retention and the schedules' limits of `vm`, handed to `prune`.
 fn prune_vm_by(
     config: &Config,

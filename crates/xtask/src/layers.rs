@@ -30,8 +30,8 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored); a VM's state
     // beyond its disks (NVRAM, TPM state); an S3 bucket's objects (feature `s3`).
     ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging", "vmstate", "objstore"]),
-    // Chain decisions and merges, over the store.
-    ("chains", &["chain", "incremental", "merge", "rbd"]),
+    // Chain decisions and merges, over the store; which backups a retention keeps.
+    ("chains", &["chain", "incremental", "merge", "rbd", "retention"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).
     ("facade", &["engine"]),
     // The workflows: none uses another.

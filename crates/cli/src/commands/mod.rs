@@ -67,7 +67,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Delete { id } => catalog::delete(&config, id),
         Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),
         Command::Umount { dir } => catalog::umount(cli, dir),
-        Command::Prune { vm, dry_run } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
+        Command::Prune { vm, dry_run, target: None } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
+        Command::Prune { vm, dry_run, target: Some(t) } => offsite::prune(cli, &config, t, vm.as_deref(), *dry_run),
         Command::Restore { id, vm, instant: false, .. } => restore::restore(cli, &config, id, vm.as_deref()),
         Command::Restore { id, vm, instant: true, detach, timeout, bandwidth } => {
             restore::instant(cli, &config, id, vm.as_deref(), (*detach, *timeout, *bandwidth))

@@ -203,3 +203,31 @@ pub fn verify(cli: &Cli, config: &Config, target: &str, id: Option<&BackupRef>) 
     reporter.finish();
     super::catalog::print_verify(cli, &reports?)
 }
+
+/// `prune --target T [VM]`: each VM (given, or every assigned one) by its offering's retention.
+pub fn prune(cli: &Cli, config: &Config, target: &str, vm: Option<&str>, dry_run: bool) -> Result<u8> {
+    let store = store(config, target)?;
+    let vms: Vec<String> = match vm {
+        Some(v) => vec![v.to_owned()],
+        None => config.assignments.keys().cloned().collect(),
+    };
+    let mut reports = Vec::new();
+    for v in &vms {
+        let report = nasbak_service::prune_target_vm(&store, config, v, dry_run)?;
+        if !cli.json {
+            for d in &report.decisions {
+                let verb = match (d.keep, dry_run) {
+                    (true, _) => "keep  ",
+                    (false, true) => "would remove",
+                    (false, false) => "removed",
+                };
+                println!("{verb}  {target}:{v}/{}  ({})", d.id, d.reason);
+            }
+        }
+        reports.push(report);
+    }
+    if cli.json {
+        print_json(&reports)?;
+    }
+    Ok(0)
+}
