@@ -954,6 +954,19 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn parts_depend_on_the_size_alone_and_stay_within_ten_thousand() {
+        assert_eq!(part_size(1), MIN_PART);
+        assert_eq!(part_size(MIN_PART * 10_000), MIN_PART);
+        for size in [MIN_PART * 10_000 + 1, 200 << 30, 5 << 40] {
+            let p = part_size(size);
+            assert!(p > MIN_PART && p % (1 << 20) == 0, "{size}: {p}");
+            assert!(size.div_ceil(p) <= 10_000, "{size}: {} parts", size.div_ceil(p));
+        }
+        assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(md5_base64(b""), "1B2M2Y8AsgTpgAmY7PhCfg==");
+    }
+
+    #[test]
     fn a_credentials_file_others_can_read_is_refused_and_never_shown() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials");

@@ -533,3 +533,50 @@ fn verify_object(
     let ok = hashers.into_iter().all(|(h, value)| h.finish() == value);
     verdict(Some(ok), None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nasbak_repo::{Checksum, ManifestDisk};
+
+    fn manifest(id: &str, parent: Option<&str>, backing: Option<&str>) -> Manifest {
+        let text = format!(
+            r#"{{"version":2,"id":"{id}","repository":"r","vm":"vm1","method":"push-job","started":"2026-12-06T00:00:00Z","finished":"2026-12-06T00:00:01Z","quiesced":false,"disks":[],"mode":"full"}}"#
+        );
+        let mut m = Manifest::from_json(&text).unwrap();
+        m.parent = parent.map(str::to_owned);
+        if let Some(b) = backing {
+            m.mode = BackupMode::Incremental;
+            m.disks.push(ManifestDisk {
+                target: "vda".into(),
+                volume: "v".into(),
+                source: "/v".into(),
+                source_format: None,
+                file: "root.v.qcow2".into(),
+                format: "qcow2".into(),
+                virtual_size: 1,
+                size: 1,
+                checksum: Some(Checksum { algorithm: "blake3".into(), value: "ab".into() }),
+                mode: BackupMode::Incremental,
+                backing: Some(b.into()),
+                full_reason: None,
+                stored_as: Default::default(),
+                rbd_snapshot: None,
+                reference: false,
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn a_chain_names_its_parents_by_its_record_and_its_disks_backing_links() {
+        let full = manifest("2026.12.06.00.00.00", None, None);
+        assert!(parents(&full).is_empty());
+        let inc =
+            manifest("2026.12.06.01.00.00", Some("2026.12.06.00.00.00"), Some("../2026.12.05.00.00.00/root.v.qcow2"));
+        let p: Vec<String> = parents(&inc).into_iter().collect();
+        assert_eq!(p, ["2026.12.05.00.00.00", "2026.12.06.00.00.00"]);
+        let sums = recorded_checksums(&inc);
+        assert_eq!(sums.get("root.v.qcow2").map(String::as_str), Some("blake3:ab"));
+    }
+}

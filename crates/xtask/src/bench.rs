@@ -1375,3 +1375,106 @@ fn dir_allocated(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }
+
+/// `cargo xtask bench s3 [ROUNDS]`: copies to the lab's S3 gateway (docs/offsite.md). The bench
+/// disk (2 GiB holding 1 GiB of pseudo-random data) backed up once (shut off); then each round,
+/// to a prefix of its own in the bucket without lock: `nasbak copy` of the backup against
+/// `rclone copy` of the same directory (Debian's rclone, same endpoint, same CA), and the rest
+/// of a `nasbak copy` killed (SIGKILL) at half of the disk file against a whole copy.
+pub fn s3(rounds: usize) -> Result<()> {
+    crate::lab::s3::up()?;
+    cargo(&["build", "--release", "--quiet", "-p", "nasbak-cli"], &[])?;
+    let nasbak = crate::exec::built_binary("release");
+    let dir = Path::new(STATE).join("bench-s3");
+    let config = fresh_vm(&nasbak, &dir, 2048, 1024)?;
+    cmd(&nasbak)
+        .args(["--config", &config, "backup", DOMAIN, "--quiesce", "off", "--mode", "full"])
+        .timeout(Duration::from_secs(3600))
+        .run()?;
+    let id = backup_id(&config, &nasbak)?;
+    let relative = id.split_once(':').map_or(id.as_str(), |(_, r)| r).to_owned();
+    let s3dir = crate::lab::s3::dir();
+    let creds = fs::read_to_string(s3dir.join("credentials"))?;
+    let key = |name: &str| {
+        creds
+            .lines()
+            .find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_owned()))
+            .with_context(|| format!("{name} in the lab credentials"))
+    };
+    let (access, secret) = (key("aws_access_key_id")?, key("aws_secret_access_key")?);
+    let ca = s3dir.join("ca.pem").to_string_lossy().into_owned();
+    let bucket = crate::lab::s3::BUCKET_PLAIN;
+    let run = uuid_like();
+    let (mut ours, mut theirs, mut rest, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        println!("bench: s3 round {} of {rounds}", round + 1);
+        let target = |what: &str| -> Result<String> {
+            let name = format!("b{round}{what}");
+            cmd(&nasbak)
+                .args(["--config", &config, "target", "add", &name, "--type", "s3", "--endpoint"])
+                .args([crate::lab::s3::ENDPOINT, "--bucket", bucket, "--prefix"])
+                .arg(format!("bench/{run}/{round}-{what}"))
+                .args(["--credentials-file", &s3dir.join("credentials").to_string_lossy(), "--ca-file", &ca])
+                .run()?;
+            Ok(name)
+        };
+        let t = target("nasbak")?;
+        ours.push(timed(&nasbak, &["--config", &config, "copy", &id, "--to", &t])?.secs);
+        let src = dir.join("repo").join(&relative).to_string_lossy().into_owned();
+        let dst = format!("lab:{bucket}/bench/{run}/{round}-rclone/{relative}");
+        let env = [
+            ("RCLONE_CONFIG_LAB_TYPE", "s3"),
+            ("RCLONE_CONFIG_LAB_PROVIDER", "Ceph"),
+            ("RCLONE_CONFIG_LAB_ENDPOINT", crate::lab::s3::ENDPOINT),
+            ("RCLONE_CONFIG_LAB_ACCESS_KEY_ID", &access),
+            ("RCLONE_CONFIG_LAB_SECRET_ACCESS_KEY", &secret),
+        ];
+        theirs.push(timed_env("rclone", &["copy", &src, &dst, "--ca-cert", &ca], &env)?);
+        // Killed at half of the disk file, then the rest; against a whole copy.
+        let t = target("killed")?;
+        let mut child = Command::new(&nasbak)
+            .args(["--config", &config, "--json", "copy", &id, "--to", &t])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("the copy's stderr")?;
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+            if v["disk"].as_str().is_some_and(|d| d.ends_with(".qcow2")) && v["percent"].as_f64() > Some(50.0) {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        rest.push(timed(&nasbak, &["--config", &config, "copy", &id, "--to", &t])?.secs);
+        let t = target("whole")?;
+        whole.push(timed(&nasbak, &["--config", &config, "copy", &id, "--to", &t])?.secs);
+    }
+    let _ = crate::lab::s3::aws(&s3dir, &["s3", "rm", "--recursive", &format!("s3://{bucket}/bench/{run}")]);
+    let _ = virsh(&["undefine", DOMAIN, "--checkpoints-metadata"]);
+    println!("\n| operation | nasbak | against | ratio | target | range (nasbak; against) |");
+    println!("|---|---|---|---|---|---|");
+    let (o, r) = (best_secs(&ours), best_secs(&theirs));
+    println!(
+        "| copy of one backup (1 GiB of data) | {o:.2} s | rclone copy {r:.2} s | {:.2}x | <= 1.0x | {}; {} |",
+        o / r,
+        range(&ours),
+        range(&theirs)
+    );
+    let (k, w) = (best_secs(&rest), best_secs(&whole));
+    println!(
+        "| the rest of a copy killed at 50% | {k:.2} s | a whole copy {w:.2} s | {:.2}x | <= 0.6x | {}; {} |",
+        k / w,
+        range(&rest),
+        range(&whole)
+    );
+    Ok(())
+}
+
+/// A name for this run's objects (time-based: two runs never share one).
+fn uuid_like() -> String {
+    format!(
+        "{}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    )
+}

@@ -46,6 +46,7 @@ commands:
   bench rbd [ROUNDS]        incremental backups of an RBD disk against fulls, on the lab cluster
   bench night [ROUNDS]      run-due of eight running VMs due at once, one after another against in parallel
   bench big [ROUNDS]        a 100 GiB disk holding 2 GiB against a 2 GiB disk: backups, restores, instant restore
+  bench s3 [ROUNDS]         nasbak copy to the lab S3 gateway against rclone copy; the rest of a killed copy
   bench latency [ROUNDS]    a guest's write latency during a backup to a NAS shaped to 20 MiB/s, with and without scratch
   man           build the nasbak binary and write its manual page to target/man/nasbak.1
   fuzz [SECS]   run each fuzz target for SECS seconds (default 30) from its seed corpus
@@ -96,6 +97,8 @@ fn main() -> Result<()> {
         ["bench", "latency", n] => {
             latency::latency(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
         }
+        ["bench", "s3"] => bench::s3(3),
+        ["bench", "s3", n] => bench::s3(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?),
         ["bench", "rbd"] => bench::rbd(3),
         ["bench", "rbd", n] => {
             bench::rbd(n.parse().map_err(|_| anyhow::anyhow!("ROUNDS must be a number, not {n:?}"))?)
