@@ -959,7 +959,7 @@ mod tests {
         assert_eq!(part_size(MIN_PART * 10_000), MIN_PART);
         for size in [MIN_PART * 10_000 + 1, 200 << 30, 5 << 40] {
             let p = part_size(size);
-            assert!(p > MIN_PART && p % (1 << 20) == 0, "{size}: {p}");
+            assert!(p > MIN_PART && p.is_multiple_of(1 << 20), "{size}: {p}");
             assert!(size.div_ceil(p) <= 10_000, "{size}: {} parts", size.div_ceil(p));
         }
         assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
