@@ -153,6 +153,11 @@ impl ObjectStore {
         &self.target
     }
 
+    /// A full key of the bucket, relative to the target's prefix.
+    fn relative(&self, full: &str) -> String {
+        full.strip_prefix(self.target.key("").as_str()).unwrap_or(full).trim_start_matches('/').to_owned()
+    }
+
     fn err(&self, action: impl Into<String>, detail: impl Into<String>) -> TargetError {
         TargetError { target: self.target.name().to_string(), action: action.into(), detail: detail.into() }
     }
@@ -231,9 +236,8 @@ impl ObjectStore {
     /// Every version (and delete marker) of every object under `relative`: (key relative to the
     /// prefix, version id; `null` in a bucket that never kept versions).
     pub fn versions(&self, relative: &str) -> Result<Vec<(String, String)>, TargetError> {
-        let base = self.target.key("");
         let full = self.target.key(relative);
-        let strip = |k: &str| k.strip_prefix(base.as_str()).unwrap_or(k).trim_start_matches('/').to_owned();
+        let strip = |k: &str| self.relative(k);
         let mut out = Vec::new();
         let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
         loop {
@@ -372,14 +376,12 @@ impl ObjectStore {
         let Ok(listed) = listed else { return };
         for v in listed.versions() {
             if let (Some(key), Some(id)) = (v.key(), v.version_id()) {
-                let relative = key.strip_prefix(&self.target.key("")).unwrap_or(key).trim_start_matches('/');
-                let _ = self.delete(relative, Some(id));
+                let _ = self.delete(&self.relative(key), Some(id));
             }
         }
         for m in listed.delete_markers() {
             if let (Some(key), Some(id)) = (m.key(), m.version_id()) {
-                let relative = key.strip_prefix(&self.target.key("")).unwrap_or(key).trim_start_matches('/');
-                let _ = self.delete(relative, Some(id));
+                let _ = self.delete(&self.relative(key), Some(id));
             }
         }
     }
@@ -492,9 +494,8 @@ impl ObjectStore {
     /// The objects under `relative` (a key prefix under the target's prefix; `""` for all),
     /// every page of the listing, keys relative to the target's prefix.
     pub fn list(&self, relative: &str) -> Result<Vec<ListedObject>, TargetError> {
-        let base = self.target.key("");
         let full = self.target.key(relative);
-        let strip = |k: &str| k.strip_prefix(base.as_str()).unwrap_or(k).trim_start_matches('/').to_owned();
+        let strip = |k: &str| self.relative(k);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -835,23 +836,12 @@ impl ObjectStore {
 
     /// The unfinished multipart uploads under `relative`: (key relative to the prefix, upload id).
     pub fn unfinished_uploads(&self, relative: &str) -> Result<Vec<(String, String)>, TargetError> {
-        let base = self.target.key("");
         let full = self.target.key(relative);
         let out = self
             .runtime
             .block_on(self.client.list_multipart_uploads().bucket(self.target.bucket()).prefix(&full).send())
             .map_err(|e| self.err(format!("listing unfinished uploads under {full}"), said(&e)))?;
-        Ok(out
-            .uploads()
-            .iter()
-            .filter_map(|u| {
-                let key = u.key()?;
-                Some((
-                    key.strip_prefix(base.as_str()).unwrap_or(key).trim_start_matches('/').to_owned(),
-                    u.upload_id()?.to_owned(),
-                ))
-            })
-            .collect())
+        Ok(out.uploads().iter().filter_map(|u| Some((self.relative(u.key()?), u.upload_id()?.to_owned()))).collect())
     }
 }
 

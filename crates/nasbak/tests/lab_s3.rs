@@ -244,7 +244,7 @@ fn a_chain_copied_to_a_locked_target_is_whole_there_locked_verified_and_not_copi
     let kept_full = report.decisions.iter().find(|d| d.id == full.manifest.id).unwrap();
     assert!(kept_full.reason.contains("builds on it"), "{kept_full:?}");
     assert_eq!(nasbak::target_backups(&plain, None).unwrap().len(), 2);
-    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+    remove_plain(&lab, &p);
 }
 
 #[test]
@@ -283,9 +283,8 @@ fn prune_on_a_target_keeps_what_is_locked_says_until_when_and_removes_the_rest_e
     for gone in &ids[..2] {
         assert!(plain.versions(&format!("{}/{gone}/", dom.name())).unwrap().is_empty(), "{gone}");
     }
-    let reports = nasbak::verify_target(&plain, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
-    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+    all_verified(&plain);
+    remove_plain(&lab, &p);
 }
 
 #[test]
@@ -329,8 +328,7 @@ fn a_copy_cut_off_mid_upload_resumes_from_its_last_part_and_a_corrupted_object_i
     assert!(copy.kept >= 32 << 20, "at least two parts kept: {copy:?}");
     assert!(copy.sent < disk_size, "less than the whole file sent again: {copy:?}");
     assert!(store.unfinished_uploads(&format!("{}/", dom.name())).unwrap().is_empty());
-    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+    all_verified(&store);
 
     // An object corrupted on the store (overwritten with other bytes) is found.
     let xml_key = format!("{}/{}/domain-config.xml", dom.name(), b.manifest.id);
@@ -356,7 +354,7 @@ fn a_copy_cut_off_mid_upload_resumes_from_its_last_part_and_a_corrupted_object_i
     let bad: Vec<_> = reports[0].files.iter().filter(|f| !f.ok()).collect();
     assert_eq!(bad.len(), 1, "{reports:#?}");
     assert_eq!((bad[0].file.as_str(), bad[0].status), ("domain-config.xml", FileStatus::Differs));
-    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+    remove_plain(&lab, &p);
 }
 
 #[test]
@@ -392,9 +390,8 @@ fn the_gateway_stopped_mid_upload_is_a_clear_error_and_nothing_claims_to_be_copi
     assert!(listed.iter().all(|b| b.manifest.is_none()), "{listed:?}");
     let report = catalog.copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |_| {}).unwrap();
     assert_eq!(report.backups[0].result, CopyResult::Copied);
-    let reports = nasbak::verify_target(&store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
-    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
-    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+    all_verified(&store);
+    remove_plain(&lab, &p);
 }
 
 #[test]
@@ -421,7 +418,18 @@ fn no_key_of_the_target_is_on_any_command_line_while_copying() {
     assert_eq!(report.unwrap().backups[0].result, CopyResult::Copied);
     assert!(!seen, "the secret key was on a command line");
     assert!(!format!("{store:?}").contains(&secret));
-    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{p}", lab.bucket_plain)]);
+    remove_plain(&lab, &p);
+}
+
+/// Every backup on the target verifies.
+fn all_verified(store: &ObjectStore) {
+    let reports = nasbak::verify_target(store, None, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
+}
+
+/// Removes what a test wrote under `prefix` of the bucket without lock.
+fn remove_plain(lab: &LabS3, prefix: &str) {
+    let _ = lab.aws(&["s3", "rm", "--recursive", &format!("s3://{}/{prefix}", lab.bucket_plain)]);
 }
 
 /// Removes every version under `prefix` of a bucket whose objects are in governance mode
