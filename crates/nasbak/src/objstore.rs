@@ -786,6 +786,22 @@ impl ObjectStore {
         Ok(best)
     }
 
+    /// Locks one version of the object `key` (under the target's prefix) until `until` in the
+    /// target's mode, when the target locks and the version carries no lock yet: an object that
+    /// was already on the target (copied before the target locked, or whose lock could not be
+    /// set) is not kept unlocked. Nothing is done for a target without lock.
+    pub fn ensure_locked(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        until: std::time::SystemTime,
+    ) -> Result<(), TargetError> {
+        match self.target.lock() {
+            Some(lock) => self.ensure_retention(&self.target.key(key), version, lock, until),
+            None => Ok(()),
+        }
+    }
+
     /// Makes sure the completed object `full` carries its lock: some stores (radosgw 16) drop
     /// the lock a multipart upload was started with, so a version without retention gets it
     /// through `PutObjectRetention`.

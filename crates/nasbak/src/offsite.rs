@@ -197,8 +197,11 @@ fn copy_backup(
         kept: 0,
         locked_until: None,
     };
+    // Already there, unless the target locks and the manifest there is not locked (copied
+    // before the target locked): then every object is checked and locked below.
     if let Some(head) = store.head(&format!("{prefix}/{MANIFEST}"))?
         && head.checksum.as_deref() == Some(manifest_sum.as_str())
+        && (locked_until.is_none() || head.locked_until.is_some())
     {
         copy.result = CopyResult::AlreadyCopied;
         copy.locked_until = head.locked_until.and_then(|s| chrono::DateTime::from_timestamp(s, 0));
@@ -233,6 +236,11 @@ fn copy_backup(
             && head.size == *size
             && head.checksum.as_deref() == Some(sum.as_str())
         {
+            if let Some(until) = locked_until
+                && head.locked_until.is_none()
+            {
+                store.ensure_locked(&key, head.version.as_deref(), until).map_err(|e| stopped(e, cancel))?;
+            }
             copy.kept += size;
             done += size;
             observer(&Progress::new(Phase::Upload, vm, done, total).on_disk(name.clone()));

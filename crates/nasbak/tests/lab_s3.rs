@@ -454,3 +454,33 @@ fn cleanup_governance(lab: &LabS3, bucket: &str, prefix: &str) {
         ]);
     }
 }
+
+#[test]
+fn objects_copied_before_the_target_locked_are_locked_by_the_next_copy() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    let dom = DomainSpec::new("s3relock").disk(DiskSpec::raw(16)).running(false).create();
+    let repo = repository(&dom, "s3relock");
+    let e = engine(&dom.dir().join("runtime"));
+    let b = backup(&e, &dom, &repo);
+    let p = prefix("relock");
+    let all = CopySelection::Vm(dom.name().into());
+    // First without a lock, into the bucket that has object lock: nothing is locked.
+    let unlocked = ObjectStore::connect(&target(&lab, "offsite", &lab.bucket_locked, &p)).unwrap();
+    e.catalog().copy_to_target(&repo, &unlocked, &all, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let keys: Vec<String> = unlocked.list("").unwrap().into_iter().map(|o| o.key).collect();
+    assert!(keys.iter().all(|k| unlocked.head(k).unwrap().unwrap().locked_until.is_none()), "{keys:?}");
+    // The same target with its lock: the copy is not skipped, nothing is sent again, and every
+    // object is locked.
+    let t =
+        target(&lab, "offsite", &lab.bucket_locked, &p).with_lock(ObjectLock::new(LockMode::Governance, 1).unwrap());
+    let locked = ObjectStore::connect(&t).unwrap();
+    let report = e.catalog().copy_to_target(&repo, &locked, &all, None, &CancelHandle::new(), &mut |_| {}).unwrap();
+    let copy = &report.backups[0];
+    assert_eq!((copy.id.as_str(), &copy.result), (b.manifest.id.as_str(), &CopyResult::Copied), "{report:?}");
+    assert!(copy.kept > 0, "{copy:?}");
+    for k in &keys {
+        assert!(locked.head(k).unwrap().unwrap().locked_until.is_some(), "{k} is locked");
+    }
+    cleanup_governance(&lab, &lab.bucket_locked, &p);
+}
