@@ -187,8 +187,12 @@ mod tests {
         let file = staging.path().join("root.vda.qcow2");
         let cancel = CancelHandle::new();
         // A "job" that writes 4 MiB and then waits for its handle, as a push job would run on.
+        // The file appears whole (written beside the staging directory, then renamed in), so
+        // the watcher never samples it half written.
+        let whole = root.path().join("whole.qcow2");
         let (finished, reason) = staging.watch(&cancel, Duration::from_millis(10), |inner| {
-            fs::write(&file, vec![0x55u8; 4 << 20]).unwrap();
+            fs::write(&whole, vec![0x55u8; 4 << 20]).unwrap();
+            fs::rename(&whole, &file).unwrap();
             for _ in 0..500 {
                 if inner.is_cancelled() {
                     return false;
