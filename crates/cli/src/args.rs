@@ -278,6 +278,11 @@ pub enum Command {
         /// disk then goes through a libvirt block copy that starts with the VM).
         #[arg(long, value_name = "MIB_PER_S", requires = "instant")]
         bandwidth: Option<u64>,
+        /// Read the backup straight from this off-site target (`nasbak target add`), chains
+        /// resolved there, with no local copy: for when the repository is gone. The key of an
+        /// encrypted backup is REPO's, or the VM's offering's repository's.
+        #[arg(long, value_name = "TARGET", conflicts_with = "instant")]
+        from: Option<String>,
     },
     /// Instant restores in flight: list them, finish them, or cancel them.
     #[command(subcommand)]
@@ -301,6 +306,9 @@ pub enum Command {
         /// Write at most this fast, in MiB/s (spares the storage it goes to).
         #[arg(long, value_name = "MIB_PER_S")]
         bandwidth: Option<u64>,
+        /// Read the backup straight from this off-site target, as `restore --from`.
+        #[arg(long, value_name = "TARGET")]
+        from: Option<String>,
     },
     /// Show a backup's disks read-only under DIR (no restore): each disk's raw image and its
     /// file systems mounted read-only, until `nasbak umount DIR`.

@@ -1,6 +1,7 @@
 //! Off-site targets through the `nasbak` binary, against the lab's S3 gateway: `target add`
 //! refuses what cannot hold a copy, `copy` killed mid-upload resumes, `--bandwidth` holds the
-//! rate, `list --target` and `verify --target` read the copies there.
+//! rate, `list --target` and `verify --target` read the copies there, and `restore --from` and
+//! `restore-volume --from` read a backup straight from there once the repository is gone.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -157,6 +158,28 @@ fn targets_are_checked_at_add_and_a_killed_copy_resumes_then_lists_and_verifies_
     // schedule's keep=5: nothing goes, each said.
     let plan = ok(&config, &["prune", "--target", "offsite", "--dry-run"]);
     assert_eq!(plan.lines().filter(|l| l.starts_with("keep")).count(), 3, "{plan}");
+    // The repository gone, a backup restores straight from the target: one volume, then the
+    // whole (shut-off) VM.
+    std::fs::remove_dir_all(repo.join(dom.name())).unwrap();
+    let id = made["id"].as_str().unwrap();
+    let to = dom.dir().join("from-target.qcow2");
+    let out = ok(&config, &["restore-volume", id, "--disk", "vda", "--to", to.to_str().unwrap(), "--from", "offsite"]);
+    assert!(out.contains("restored vda"), "{out}");
+    let same = |a: &Path, b: &Path| {
+        Command::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b).stdout(Stdio::null()).status().unwrap().success()
+    };
+    assert!(same(&to, &dom.disks()[0].path), "the volume is the backup's disk");
+    dom.write_offline(0, 0x5a, "0", "4M");
+    assert!(!same(&to, &dom.disks()[0].path));
+    let out = ok(&config, &["restore", id, "--from", "offsite"]);
+    assert!(out.contains("restored vda"), "{out}");
+    assert!(same(&to, &dom.disks()[0].path), "the VM's disk is the backup's again");
+    let (code, _, err) = nasbak(&config, &["restore", id, "--from", "nosuch"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("target nosuch"), "{err}");
+    let (code, _, err) = nasbak(&config, &["restore", id, "--from", "offsite", "--instant"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--instant") && err.contains("--from"), "{err}");
     // A target an offering copies to is kept.
     let (code, _, err) = nasbak(&config, &["target", "remove", "offsite"]);
     assert_ne!(code, 0);

@@ -86,6 +86,8 @@ mod mocked;
 #[cfg(feature = "s3")]
 pub mod objstore;
 #[cfg(feature = "s3")]
+pub mod objview;
+#[cfg(feature = "s3")]
 mod offsite;
 #[cfg(feature = "s3")]
 pub use offsite::{prune_target, target_backups, verify_target};

@@ -47,6 +47,18 @@ const PROBE_LOCK: Duration = Duration::from_secs(120);
 /// Where checks write their probes, under the target's prefix.
 pub const CHECK_DIR: &str = ".nasbak-check";
 
+/// A ranged read in flight (see [`ObjectStore::spawn_read_range`]); dropping it lets it run
+/// out, [`ReadTask::abort`] stops it.
+#[derive(Debug)]
+pub(crate) struct ReadTask(tokio::task::JoinHandle<Result<Vec<u8>, TargetError>>);
+
+impl ReadTask {
+    /// Stops the read.
+    pub(crate) fn abort(&self) {
+        self.0.abort();
+    }
+}
+
 /// A target's store, connected.
 pub struct ObjectStore {
     target: ObjectTarget,
@@ -82,15 +94,26 @@ impl ObjectStore {
     /// Connects to `target`'s store: its credentials read and checked, TLS verified against the
     /// system's roots and the target's CA file. Nothing is sent yet.
     pub fn connect(target: &ObjectTarget) -> Result<ObjectStore, TargetError> {
+        ObjectStore::connect_with(target, 0)
+    }
+
+    /// [`ObjectStore::connect`], with `workers` runtime threads that run reads spawned by
+    /// [`ObjectStore::spawn_read_range`] while no caller waits (0: the caller's thread alone).
+    pub(crate) fn connect_with(target: &ObjectTarget, workers: usize) -> Result<ObjectStore, TargetError> {
         let err = |action: &str, detail: String| TargetError {
             target: target.name().to_string(),
             action: action.to_owned(),
             detail,
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| err("starting its I/O runtime", e.to_string()))?;
+        let runtime = match workers {
+            0 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .thread_name("nasbak-s3")
+                .enable_all()
+                .build(),
+        }
+        .map_err(|e| err("starting its I/O runtime", e.to_string()))?;
         let mut trust = tls::TrustStore::default();
         if let Some(ca) = target.ca_file() {
             let pem = fs::read(ca).map_err(|e| err("reading its CA file", format!("{}: {e}", ca.display())))?;
@@ -568,6 +591,32 @@ impl ObjectStore {
                 }
             }
             Ok(read)
+        })
+    }
+
+    /// Starts reading `len` bytes of the object `key` from `start` (fewer at its end) on the
+    /// store's runtime; [`ObjectStore::wait`] gives the bytes.
+    pub(crate) fn spawn_read_range(&self, key: &str, start: u64, len: u64) -> ReadTask {
+        let (client, bucket, full) = (self.client.clone(), self.target.bucket().to_owned(), self.target.key(key));
+        let name = self.target.name().to_string();
+        ReadTask(self.runtime.spawn(async move {
+            let err = |detail: String| TargetError {
+                target: name.clone(),
+                action: format!("reading {full} at byte {start}"),
+                detail,
+            };
+            let range = format!("bytes={start}-{}", start + len.max(1) - 1);
+            let out =
+                client.get_object().bucket(bucket).key(&full).range(range).send().await.map_err(|e| err(said(&e)))?;
+            let body = out.body.collect().await.map_err(|e| err(e.to_string()))?;
+            Ok(body.into_bytes().to_vec())
+        }))
+    }
+
+    /// The bytes of a read begun by [`ObjectStore::spawn_read_range`], once they are all in.
+    pub(crate) fn wait(&self, task: ReadTask) -> Result<Vec<u8>, TargetError> {
+        self.runtime.block_on(task.0).unwrap_or_else(|e| {
+            Err(TargetError { target: self.target.name().to_string(), action: "reading".into(), detail: e.to_string() })
         })
     }
 

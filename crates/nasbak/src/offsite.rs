@@ -31,6 +31,27 @@ use crate::transfer::hash::{StreamChecksum, blake3_file};
 /// The manifest's file name, on the repository and on the target.
 const MANIFEST: &str = nasbak_repo::model::layout::MANIFEST_FILE;
 
+impl<H, A, I, M> crate::engine::Engine<H, A, I, M>
+where
+    H: nasbak_libvirt::Hypervisor,
+    A: crate::engine::AgentSource,
+    I: nasbak_qemu_img::ImageTool + Sync,
+    M: Mounter,
+{
+    /// `vm`'s backups on `target`, mounted under the engine's runtime directory as a repository
+    /// (see [`TargetView`](crate::objview::TargetView)): the engine's restores run over
+    /// [`TargetView::repository`](crate::objview::TargetView::repository) straight from the
+    /// object store, chains resolved there. Dropping the view unmounts it.
+    pub fn target_view(
+        &self,
+        target: &nasbak_repo::ObjectTarget,
+        vm: &str,
+    ) -> Result<crate::objview::TargetView, BackupError> {
+        let vm = VmName::new(vm)?;
+        Ok(crate::objview::TargetView::open(target, &vm, &self.runtime_dir)?)
+    }
+}
+
 impl<I: nasbak_qemu_img::ImageTool, M: Mounter> Catalog<'_, I, M> {
     /// Copies backups of `repository` to `store`'s target: `selection`'s backups and every
     /// backup their chains build on, oldest first, so parents go before children.

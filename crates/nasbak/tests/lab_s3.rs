@@ -12,13 +12,17 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_qemu_img::ImageLocation;
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{
-    BackupRepository, LockMode, MountTimeouts, ObjectLock, ObjectTarget, RepositoryKind, RepositoryMounts,
-    RetentionPolicy, S3Credentials, SystemMounter,
+    BackupRepository, Compression, Encryption, KeySource, LockMode, MountTimeouts, ObjectLock, ObjectTarget,
+    Protection, RepositoryKind, RepositoryMounts, RetentionPolicy, S3Credentials, SystemMounter,
 };
 use nasbak::objstore::{CHECK_DIR, ObjectStore};
-use nasbak::{BackupOutcome, BackupRequest, CopyResult, CopySelection, Engine, FileStatus, Phase};
+use nasbak::{
+    BackupOutcome, BackupRequest, CopyResult, CopySelection, Engine, FileStatus, Phase, RestoreRequest,
+    VolumeRestoreRequest,
+};
 use nasbak_testlab::s3::LabS3;
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
 
@@ -483,4 +487,126 @@ fn objects_copied_before_the_target_locked_are_locked_by_the_next_copy() {
         assert!(locked.head(k).unwrap().unwrap().locked_until.is_some(), "{k} is locked");
     }
     cleanup_governance(&lab, &lab.bucket_locked, &p);
+}
+
+/// Whether two images hold the same data (`qemu-img compare`).
+fn same(a: &Path, b: &Path) -> bool {
+    nasbak::nasbak_process::ExternalCommand::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .run_unchecked()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// What is mounted under `dir`, as /proc/self/mountinfo says.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_string_lossy().into_owned();
+    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir)).map(str::to_owned).collect()
+}
+
+#[test]
+fn a_chain_whose_repository_is_gone_restores_from_the_target_at_every_point_plain_and_encrypted() {
+    let _gateway = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let lab = LabS3::get();
+    // A dot in the VM's name: its objects and its view are found by the name as it is.
+    let dom = DomainSpec::new("s3.from").disk(DiskSpec::qcow2(32)).disk(DiskSpec::raw(8)).create();
+    let runtime = dom.dir().join("runtime");
+    let e = engine(&runtime).with_runtime_dir(&runtime);
+    let key = dom.dir().join("backup.key");
+    fs::write(&key, "7bq0C4HzJ8yQ2yT1c2V9m0sXr5kLwP3aNfGd6hEiUoA=").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    for (name, encryption) in [("plain", Encryption::None), ("luks", Encryption::Luks)] {
+        let root = dom.dir().join(format!("repo-{name}"));
+        fs::create_dir_all(&root).unwrap();
+        let k = (encryption == Encryption::Luks).then(|| KeySource::File(key.clone()));
+        let protection = Protection::new(Compression::None, encryption, k).unwrap();
+        let repo = BackupRepository::new(name, RepositoryKind::Shared, root.to_str().unwrap(), "", None)
+            .unwrap()
+            .with_protection(protection.clone());
+        // A full and two incrementals, each point kept as raw images to compare with.
+        let mut points = Vec::new();
+        for (i, (pattern, offset)) in [(0x11, "0"), (0x22, "8M"), (0x33, "20M")].into_iter().enumerate() {
+            dom.write_offline(0, pattern, offset, "4M");
+            dom.write_offline(1, pattern, &format!("{}M", i * 2), "1M");
+            let made = e
+                .backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{name}: {}", nasbak::chain(&err)));
+            let want = (dom.raw_copy(0, &format!("{name}-{i}-a")), dom.raw_copy(1, &format!("{name}-{i}-b")));
+            points.push((made.manifest.id.clone(), made.manifest.parent.clone(), want));
+        }
+        assert!(points[2].1.as_deref() == Some(points[1].0.as_str()), "{name}: a chain of three");
+
+        let p = prefix(&format!("from-{name}"));
+        let t = target(&lab, "offsite", &lab.bucket_plain, &p);
+        let store = ObjectStore::connect(&t).unwrap();
+        e.catalog()
+            .copy_to_target(
+                &repo,
+                &store,
+                &CopySelection::Vm(dom.name().into()),
+                None,
+                &CancelHandle::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+        // The repository is gone.
+        fs::remove_dir_all(&root).unwrap();
+
+        // Each point of the qcow2 disk as a new volume, read straight from the target.
+        for (i, (id, _, (want_a, _))) in points.iter().enumerate() {
+            let view = e.target_view(&t, dom.name()).unwrap();
+            let from = view.repository(protection.clone());
+            let to = dom.dir().join(format!("{name}-restored-{i}.qcow2"));
+            let request =
+                VolumeRestoreRequest::new(from, dom.name(), id.as_str(), "vda", ImageLocation::Path(to.clone()));
+            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+                .unwrap_or_else(|err| panic!("{name} {id}: {} ({:?})", nasbak::chain(&err), view.failure()));
+            assert!(same(&to, want_a), "{name}: the point of {id}");
+            assert!(view.failure().is_none());
+            drop(view);
+            assert!(mounts_under(&runtime).is_empty(), "{name}: the view is unmounted: {:?}", mounts_under(&runtime));
+            let left: Vec<_> = fs::read_dir(runtime.join("views")).unwrap().collect();
+            assert!(left.is_empty(), "{name}: the view's directory is gone: {left:?}");
+        }
+        // The whole VM back to the middle point, both disks, from the target.
+        let view = e.target_view(&t, dom.name()).unwrap();
+        let (id, _, (want_a, want_b)) = &points[1];
+        e.restore(
+            &RestoreRequest::new(view.repository(protection.clone()), dom.name(), id.as_str()),
+            &CancelHandle::new(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|err| panic!("{name} {id}: {} ({:?})", nasbak::chain(&err), view.failure()));
+        assert!(same(&dom.disks()[0].path, want_a), "{name}: vda is the middle point again");
+        assert!(same(&dom.disks()[1].path, want_b), "{name}: vdb is the middle point again");
+        // Nothing the restore wrote (the VM's lease) reached the store.
+        drop(view);
+        let keys: Vec<String> = store.list("").unwrap().into_iter().map(|o| o.key).collect();
+        assert!(keys.iter().all(|k| k.ends_with(".qcow2") || k.ends_with(".json") || k.ends_with(".xml")), "{keys:?}");
+        if encryption == Encryption::Luks {
+            // Without the key the encrypted chain is refused, and nothing is written.
+            let view = e.target_view(&t, dom.name()).unwrap();
+            let to = dom.dir().join(format!("{name}-keyless.qcow2"));
+            let request = VolumeRestoreRequest::new(
+                view.repository(Protection::default()),
+                dom.name(),
+                points[2].0.as_str(),
+                "vda",
+                ImageLocation::Path(to.clone()),
+            );
+            let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+            assert!(nasbak::chain(&err).contains("key"), "{}", nasbak::chain(&err));
+            assert!(!to.exists());
+        }
+        remove_plain(&lab, &p);
+    }
+    // A view of a VM the target has nothing of: an empty repository, the restore says so.
+    let view = e.target_view(&target(&lab, "offsite", &lab.bucket_plain, &prefix("none")), dom.name()).unwrap();
+    let request = RestoreRequest::new(view.repository(Protection::default()), dom.name(), "2026.01.01.00.00.00");
+    let err = e.restore(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+    assert!(nasbak::chain(&err).contains("2026.01.01.00.00.00"), "{}", nasbak::chain(&err));
 }

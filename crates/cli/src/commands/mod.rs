@@ -69,14 +69,20 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Umount { dir } => catalog::umount(cli, dir),
         Command::Prune { vm, dry_run, target: None } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
         Command::Prune { vm, dry_run, target: Some(t) } => offsite::prune(cli, &config, t, vm.as_deref(), *dry_run),
-        Command::Restore { id, vm, instant: false, .. } => restore::restore(cli, &config, id, vm.as_deref()),
-        Command::Restore { id, vm, instant: true, detach, timeout, bandwidth } => {
+        Command::Restore { id, vm, instant: false, from, .. } => {
+            restore::restore(cli, &config, id, vm.as_deref(), from.as_deref())
+        }
+        Command::Restore { id, vm, instant: true, detach, timeout, bandwidth, .. } => {
             restore::instant(cli, &config, id, vm.as_deref(), (*detach, *timeout, *bandwidth))
         }
         Command::Instant(cmd) => restore::instant_command(cli, cmd),
-        Command::RestoreVolume { id, disk, to, format, attach, bandwidth } => {
-            restore::restore_volume(cli, &config, id, disk, to, format.as_deref(), (attach.as_deref(), *bandwidth))
-        }
+        Command::RestoreVolume { id, disk, to, format, attach, bandwidth, from } => restore::restore_volume(
+            cli,
+            &config,
+            id,
+            (disk, to, format.as_deref()),
+            (attach.as_deref(), *bandwidth, from.as_deref()),
+        ),
     }
 }
 

@@ -2,36 +2,68 @@
 
 use anyhow::Result;
 use nasbak::nasbak_qemu_img::{ImageFormat, ImageLocation};
-use nasbak::nasbak_repo::BackupRef;
+use nasbak::nasbak_repo::{BackupRef, BackupRepository, Protection};
+use nasbak::objview::TargetView;
 use nasbak_service::config::Config;
 use std::time::Duration;
 
 use nasbak::{
-    CopyState, DEFAULT_INSTANT_DIR, InstantFinished, InstantRestoreRequest, RestoreRequest, VolumeRestoreRequest,
+    BackupError, CopyState, DEFAULT_INSTANT_DIR, InstantFinished, InstantRestoreRequest, RestoreRequest,
+    VolumeRestoreRequest,
 };
 
-use super::{cancel_on_interrupt, engine, repo_of};
+use super::{LibvirtEngine, cancel_on_interrupt, engine, not_found, repo_of};
 use crate::args::{Cli, InstantCommand};
 use crate::output::print_json;
 use crate::progress::Reporter;
 
-/// Restoring backup `id` into its own VM, or into `into`.
-fn restore_request(config: &Config, id: &BackupRef, into: Option<&str>) -> Result<RestoreRequest> {
-    let request = RestoreRequest::new(repo_of(config, id)?.clone(), id.vm.as_str(), id.id.to_string());
-    Ok(match into {
+/// Restoring backup `id` of `repository` into its own VM, or into `into`.
+fn restore_request(repository: BackupRepository, id: &BackupRef, into: Option<&str>) -> RestoreRequest {
+    let request = RestoreRequest::new(repository, id.vm.as_str(), id.id.to_string());
+    match into {
         Some(vm) => request.into_vm(vm),
         None => request,
-    })
+    }
 }
 
-pub fn restore(cli: &Cli, config: &Config, id: &BackupRef, into: Option<&str>) -> Result<u8> {
-    let request = restore_request(config, id, into)?;
+/// Where a restore reads `id`: its repository, or with `from` a view of that target (kept
+/// mounted while the returned view lives). A backup's key is its repository's, where one is
+/// configured.
+fn source(
+    config: &Config,
+    e: &LibvirtEngine,
+    id: &BackupRef,
+    from: Option<&str>,
+) -> Result<(BackupRepository, Option<TargetView>)> {
+    let Some(name) = from else { return Ok((repo_of(config, id)?.clone(), None)) };
+    let target = config.target(name).ok_or_else(|| not_found(format!("target {name}")))?;
+    let protection = match repo_of(config, id) {
+        Ok(r) => r.protection().clone(),
+        // Named but not configured: a mistake to say, not a key to go without.
+        Err(e) if id.repository.is_some() => return Err(e),
+        Err(_) => Protection::default(),
+    };
+    let view = e.target_view(target, id.vm.as_str())?;
+    Ok((view.repository(protection), Some(view)))
+}
+
+/// A failed restore's error, with what the target said when a read from it failed.
+fn with_target_failure(e: BackupError, view: Option<&TargetView>) -> anyhow::Error {
+    match view.and_then(TargetView::failure) {
+        Some(f) => anyhow::Error::from(e).context(format!("reading the backup from the target failed: {f}")),
+        None => e.into(),
+    }
+}
+
+pub fn restore(cli: &Cli, config: &Config, id: &BackupRef, into: Option<&str>, from: Option<&str>) -> Result<u8> {
     let cancel = cancel_on_interrupt()?;
     let e = engine(cli)?;
+    let (repository, view) = source(config, &e, id, from)?;
+    let request = restore_request(repository, id, into);
     let mut reporter = Reporter::new(cli.json, &format!("restore {id}"));
     let outcome = e.restore(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
-    let outcome = outcome?;
+    let outcome = outcome.map_err(|e| with_target_failure(e, view.as_ref()))?;
     if cli.json {
         print_json(&outcome)?;
     } else {
@@ -55,14 +87,14 @@ pub fn restore_volume(
     cli: &Cli,
     config: &Config,
     id: &BackupRef,
-    disk: &str,
-    to: &str,
-    format: Option<&str>,
-    (attach, bandwidth): (Option<&str>, Option<u64>),
+    (disk, to, format): (&str, &str, Option<&str>),
+    (attach, bandwidth, from): (Option<&str>, Option<u64>, Option<&str>),
 ) -> Result<u8> {
-    let r = repo_of(config, id)?;
-    let mut request =
-        VolumeRestoreRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), disk, to.parse::<ImageLocation>()?);
+    let location = to.parse::<ImageLocation>()?;
+    let cancel = cancel_on_interrupt()?;
+    let e = engine(cli)?;
+    let (repository, view) = source(config, &e, id, from)?;
+    let mut request = VolumeRestoreRequest::new(repository, id.vm.as_str(), id.id.to_string(), disk, location);
     if let Some(format) = format {
         request = request.with_format(format.parse::<ImageFormat>().unwrap_or_else(|never| match never {}));
     }
@@ -72,12 +104,10 @@ pub fn restore_volume(
     if let Some(mib) = bandwidth {
         request = request.with_bandwidth(mib.saturating_mul(1 << 20));
     }
-    let cancel = cancel_on_interrupt()?;
-    let e = engine(cli)?;
     let mut reporter = Reporter::new(cli.json, &format!("restore {disk} of {id}"));
     let restored = e.restore_volume(&request, &cancel, &mut |p| reporter.update(p));
     reporter.finish();
-    let v = restored?;
+    let v = restored.map_err(|e| with_target_failure(e, view.as_ref()))?;
     if cli.json {
         print_json(&v)?;
     } else {
@@ -96,7 +126,7 @@ pub fn instant(
     into: Option<&str>,
     (detach, timeout, bandwidth): (bool, Duration, Option<u64>),
 ) -> Result<u8> {
-    let request = restore_request(config, id, into)?;
+    let request = restore_request(repo_of(config, id)?.clone(), id, into);
     let cancel = cancel_on_interrupt()?;
     let e = engine(cli)?;
     let started = std::time::Instant::now();
