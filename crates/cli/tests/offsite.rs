@@ -171,6 +171,37 @@ fn targets_are_checked_at_add_and_a_killed_copy_resumes_then_lists_and_verifies_
     assert!(same(&to, &dom.disks()[0].path), "the volume is the backup's disk");
     dom.write_offline(0, 0x5a, "0", "4M");
     assert!(!same(&to, &dom.disks()[0].path));
+    // Killed (SIGKILL) while it reads from the target: its view stays mounted, and the next
+    // `--from` unmounts and removes it.
+    let mounted = |dir: &Path| {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| m.starts_with(dir.to_str().unwrap()))
+    };
+    let slow = dom.dir().join("killed.qcow2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasbak"))
+        .arg("--config")
+        .arg(&config)
+        .args(["restore-volume", id, "--disk", "vda", "--to", slow.to_str().unwrap(), "--from", "offsite"])
+        .args(["--bandwidth", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let view = Path::new("/run/nasbak/views").join(format!("{}-0", child.id()));
+    let started = Instant::now();
+    while !mounted(&view.join("repository")) && started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(mounted(&view.join("repository")), "the view of the restore is mounted");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(child.try_wait().unwrap().is_none(), "still restoring at 4 MiB/s");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(mounted(&view), "a killed restore leaves its view");
+    let again = dom.dir().join("after-kill.qcow2");
+    ok(&config, &["restore-volume", id, "--disk", "vda", "--to", again.to_str().unwrap(), "--from", "offsite"]);
+    assert!(!mounted(&view) && !view.exists(), "the next --from removed the killed one's view");
+    assert!(same(&again, &to));
     let out = ok(&config, &["restore", id, "--from", "offsite"]);
     assert!(out.contains("restored vda"), "{out}");
     assert!(same(&to, &dom.disks()[0].path), "the VM's disk is the backup's again");

@@ -100,7 +100,10 @@ where
         let shown = format!("{}:{}/{}", repository.name(), request.vm, request.id);
         // A compressed or encrypted file is read through qemu-img, never copied as it is stored.
         let flatten = !chain.is_empty() || disk.stored_as != nasbak_repo::FileFormat::Plain;
-        let copy = matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2)) && !is_block;
+        // (With a bandwidth, qemu-img's rate limit writes it: never copied at full speed.)
+        let copy = matches!((&request.to, &request.format), (ImageLocation::Path(_), ImageFormat::Qcow2))
+            && !is_block
+            && request.bandwidth.is_none();
         // A chain of plain files into a new qcow2 file is checked while it is copied.
         if !(copy && flatten && is_plain_chain(disk, &chain)) {
             check_chain(&self.images, (&dir, disk), &chain, key.as_ref(), &shown).map_err(at(Step::Check))?;
@@ -224,9 +227,14 @@ where
                 convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
                 (DiskSource::Block(p.clone()), ImageFormat::Raw)
             }
-            ImageLocation::Path(p) if request.format == ImageFormat::Qcow2 && is_plain_chain(disk, chain) => {
+            ImageLocation::Path(p)
+                if request.format == ImageFormat::Qcow2
+                    && is_plain_chain(disk, chain)
+                    && request.bandwidth.is_none() =>
+            {
                 // Plain files: a full's self-contained qcow2 is copied (checked as it is
                 // copied); an incremental's chain has each file read once, the full at copy speed.
+                // With a bandwidth, qemu-img's rate limit below holds it instead.
                 let staged = Staged(vec![stage_beside(p)?]);
                 if chain.is_empty() {
                     copy_checked(dir, disk, &staged.0[0], vm, &disk.target, cancel, observer)?;
