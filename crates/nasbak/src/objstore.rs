@@ -17,7 +17,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aws_config::profile::ProfileFileCredentialsProvider;
@@ -465,12 +465,22 @@ pub struct UploadOptions {
     pub bandwidth: Option<u64>,
     /// Lock the object until then (the target's lock mode); none: no lock.
     pub locked_until: Option<std::time::SystemTime>,
+    /// Where multipart uploads are journaled (see [`ObjectStore::upload_file`]); none: every
+    /// resumed part is checked against the file.
+    pub journal: Option<PathBuf>,
 }
 
 impl UploadOptions {
     /// Options with a bandwidth limit and a lock date.
     pub fn new(bandwidth: Option<u64>, locked_until: Option<std::time::SystemTime>) -> Self {
-        UploadOptions { bandwidth, locked_until }
+        UploadOptions { bandwidth, locked_until, journal: None }
+    }
+
+    /// With multipart uploads journaled in `dir` (a directory of this host's, such as the
+    /// runtime directory's `uploads/`).
+    pub fn with_journal(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.journal = Some(dir.into());
+        self
     }
 }
 
@@ -665,7 +675,14 @@ impl ObjectStore {
         }
         let part = part_size(size);
         let count = size.div_ceil(part);
-        let (upload_id, mut done_parts) = match self.resumable(&full, &file, size, part)? {
+        // The upload this host began of this very file (same checksum, size and part size):
+        // its parts are the file's, and are kept without reading the file again.
+        let journal = options.journal.as_ref().map(|d| self.journal_path(d, &full));
+        let what = format!("{checksum}\n{size}\n{part}");
+        let trusted = journal.as_ref().and_then(|j| fs::read_to_string(j).ok()).and_then(|text| {
+            text.split_once('\n').filter(|(_, rest)| rest.trim_end() == what).map(|(id, _)| id.to_owned())
+        });
+        let (upload_id, mut done_parts) = match self.resumable(&full, &file, (size, part), trusted.as_deref())? {
             Some(found) => found,
             None => {
                 let mut create = self
@@ -687,6 +704,11 @@ impl ObjectStore {
                     .upload_id()
                     .map(str::to_owned)
                     .ok_or_else(|| self.err(format!("starting the upload of {full}"), "the store gave no upload id"))?;
+                if let Some(j) = &journal {
+                    // Best effort: without it a resume checks each part against the file.
+                    let _ = j.parent().map(fs::create_dir_all);
+                    let _ = nasbak_repo::store::write_atomic(j, format!("{id}\n{what}\n").as_bytes(), 0o600);
+                }
                 (id, std::collections::BTreeMap::new())
             }
         };
@@ -758,6 +780,9 @@ impl ObjectStore {
                     .send(),
             )
             .map_err(|e| self.err(format!("completing the upload of {full}"), said(&e)))?;
+        if let Some(j) = &journal {
+            let _ = fs::remove_file(j);
+        }
         let version = out.version_id().map(str::to_owned);
         if let Some((lock, until)) = lock {
             self.ensure_retention(&full, version.as_deref(), lock, until)?;
@@ -765,16 +790,23 @@ impl ObjectStore {
         Ok(Uploaded { sent, resumed, version })
     }
 
+    /// The journal of uploads of `full` to this target, in `dir`.
+    fn journal_path(&self, dir: &Path, full: &str) -> PathBuf {
+        let name = format!("{}\n{}\n{full}", self.target.endpoint().as_str(), self.target.bucket());
+        dir.join(format!("{}.upload", md5_hex(name.as_bytes())))
+    }
+
     /// An earlier upload of `full` to resume: its id and the parts to keep (number to ETag),
-    /// each checked against the file's bytes. The other uploads of the key, and one whose
+    /// each checked against the file's bytes, or only by its size for the upload `trusted`
+    /// (journaled by this host for this very file). The other uploads of the key, and one whose
     /// parts do not match the file, are aborted.
     #[allow(clippy::type_complexity)]
     fn resumable(
         &self,
         full: &str,
         file: &fs::File,
-        size: u64,
-        part: u64,
+        (size, part): (u64, u64),
+        trusted: Option<&str>,
     ) -> Result<Option<(String, std::collections::BTreeMap<u64, String>)>, TargetError> {
         let uploads = self
             .runtime
@@ -806,12 +838,15 @@ impl ObjectStore {
                     let (Some(n), Some(etag)) = (p.part_number(), p.e_tag()) else { continue };
                     let n = n.max(1) as u64;
                     let expected = part.min(size.saturating_sub((n - 1) * part));
-                    let bytes = if p.size() == Some(expected as i64) && expected > 0 {
-                        read_at(file, (n - 1) * part, expected).ok()
-                    } else {
-                        None
+                    let whole = p.size() == Some(expected as i64) && expected > 0;
+                    let same = match (whole, trusted == Some(id)) {
+                        (false, _) => false,
+                        (true, true) => true,
+                        (true, false) => {
+                            read_at(file, (n - 1) * part, expected).is_ok_and(|b| md5_hex(&b) == etag.trim_matches('"'))
+                        }
                     };
-                    if bytes.is_none_or(|b| md5_hex(&b) != etag.trim_matches('"')) {
+                    if !same {
                         matches = false;
                         break 'pages;
                     }

@@ -150,7 +150,8 @@ impl<I: nasbak_qemu_img::ImageTool, M: Mounter> Catalog<'_, I, M> {
                 continue;
             }
             let dir = mounted.layout().backup_dir(&VmName::new(vm)?, &id.parse::<BackupId>()?);
-            let copy = copy_backup(store, (repo, vm, id), &dir, manifest, bandwidth, cancel, observer)?;
+            let journal = self.mounts().runtime_dir().join("uploads");
+            let copy = copy_backup(store, (repo, vm, id), &dir, manifest, (bandwidth, &journal), cancel, observer)?;
             on_target.insert(key.clone());
             report.backups.push(copy);
         }
@@ -193,7 +194,7 @@ fn copy_backup(
     (repo, vm, id): (&str, &str, &str),
     dir: &Path,
     manifest: &Manifest,
-    bandwidth: Option<u64>,
+    (bandwidth, journal): (Option<u64>, &Path),
     cancel: &CancelHandle,
     observer: &mut dyn Observer,
 ) -> Result<BackupCopy, BackupError> {
@@ -241,7 +242,7 @@ fn copy_backup(
     files.sort();
     let recorded = recorded_checksums(manifest);
     let total: u64 = files.iter().map(|f| f.1).sum::<u64>() + manifest_bytes.len() as u64;
-    let options = UploadOptions::new(bandwidth, locked_until);
+    let options = UploadOptions::new(bandwidth, locked_until).with_journal(journal);
     let mut done = 0u64;
     for (name, size) in &files {
         if cancel.is_cancelled() {

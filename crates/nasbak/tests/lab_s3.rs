@@ -20,8 +20,8 @@ use nasbak::nasbak_repo::{
 };
 use nasbak::objstore::{CHECK_DIR, ObjectStore};
 use nasbak::{
-    BackupOutcome, BackupRequest, CopyResult, CopySelection, Engine, FileStatus, Phase, RestoreRequest,
-    VolumeRestoreRequest,
+    BackupError, BackupOutcome, BackupRequest, CopyReport, CopyResult, CopySelection, Engine, FileStatus, Phase,
+    RestoreRequest, VolumeRestoreRequest,
 };
 use nasbak_testlab::s3::LabS3;
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
@@ -54,6 +54,11 @@ fn target(lab: &LabS3, name: &str, bucket: &str, prefix: &str) -> ObjectTarget {
         .unwrap()
         .with_ca_file(&lab.ca_file)
         .unwrap()
+}
+
+/// Every backup of `vm` on `repo` copied to `store`.
+fn copy_vm(e: &LabEngine, repo: &BackupRepository, store: &ObjectStore, vm: &str) -> Result<CopyReport, BackupError> {
+    e.catalog().copy_to_target(repo, store, &CopySelection::Vm(vm.into()), None, &CancelHandle::new(), &mut |_| {})
 }
 
 /// A prefix of this test process's own.
@@ -230,18 +235,14 @@ fn a_chain_copied_to_a_locked_target_is_whole_there_locked_verified_and_not_copi
     assert!(reports.iter().all(|r| r.ok()), "{reports:#?}");
 
     // Copied again: nothing goes up.
-    let again = catalog
-        .copy_to_target(&repo, &store, &CopySelection::Vm(dom.name().into()), None, &CancelHandle::new(), &mut |_| {})
-        .unwrap();
+    let again = copy_vm(&e, &repo, &store, dom.name()).unwrap();
     assert!(again.backups.iter().all(|b| b.result == CopyResult::AlreadyCopied && b.sent == 0), "{again:?}");
     cleanup_governance(&lab, &lab.bucket_locked, &p);
 
     // Pruned on a target (here one without lock) by last=1: the incremental is kept, and so is
     // the full it builds on, which a target never merges away.
     let plain = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
-    catalog
-        .copy_to_target(&repo, &plain, &CopySelection::Vm(dom.name().into()), None, &CancelHandle::new(), &mut |_| {})
-        .unwrap();
+    copy_vm(&e, &repo, &plain, dom.name()).unwrap();
     let last1: RetentionPolicy = "last=1".parse().unwrap();
     let report = nasbak::prune_target(&plain, dom.name(), Some(&last1), &BTreeMap::new(), false).unwrap();
     assert!(report.decisions.iter().all(|d| d.keep), "{report:?}");
@@ -323,6 +324,15 @@ fn a_copy_cut_off_mid_upload_resumes_from_its_last_part_and_a_corrupted_object_i
     let unfinished = store.unfinished_uploads(&format!("{}/", dom.name())).unwrap();
     assert_eq!(unfinished.len(), 1, "{unfinished:?}");
 
+    // The upload is journaled on this host; without its journal (here removed, as after a
+    // reboot) a resume checks each part it keeps against the file (`nasbak copy` killed and
+    // resumed, in the CLI's test, keeps them by the journal).
+    let journal = dom.dir().join("runtime").join("uploads");
+    let journaled: Vec<_> = fs::read_dir(&journal).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(journaled.len(), 1, "{journaled:?}");
+    assert!(fs::read_to_string(&journaled[0]).unwrap().contains(&unfinished[0].1), "the upload's id");
+    fs::remove_file(&journaled[0]).unwrap();
+
     // Resumed: the parts that went up are kept (their MD5s checked), the rest is sent.
     let report = catalog.copy_to_target(&repo, &store, &selection, None, &CancelHandle::new(), &mut |_| {}).unwrap();
     let copy = &report.backups[0];
@@ -332,6 +342,7 @@ fn a_copy_cut_off_mid_upload_resumes_from_its_last_part_and_a_corrupted_object_i
     assert!(copy.kept >= 32 << 20, "at least two parts kept: {copy:?}");
     assert!(copy.sent < disk_size, "less than the whole file sent again: {copy:?}");
     assert!(store.unfinished_uploads(&format!("{}/", dom.name())).unwrap().is_empty());
+    assert_eq!(fs::read_dir(&journal).unwrap().count(), 0, "a completed upload's journal goes");
     all_verified(&store);
 
     // An object corrupted on the store (overwritten with other bytes) is found.
@@ -409,16 +420,7 @@ fn no_key_of_the_target_is_on_any_command_line_while_copying() {
     let p = prefix("argv");
     let store = ObjectStore::connect(&target(&lab, "plain", &lab.bucket_plain, &p)).unwrap();
     let secret = lab.secret_key();
-    let (report, seen) = nasbak_testlab::watching_argv(&secret, || {
-        e.catalog().copy_to_target(
-            &repo,
-            &store,
-            &CopySelection::Vm(dom.name().into()),
-            None,
-            &CancelHandle::new(),
-            &mut |_| {},
-        )
-    });
+    let (report, seen) = nasbak_testlab::watching_argv(&secret, || copy_vm(&e, &repo, &store, dom.name()));
     assert_eq!(report.unwrap().backups[0].result, CopyResult::Copied);
     assert!(!seen, "the secret key was on a command line");
     assert!(!format!("{store:?}").contains(&secret));
@@ -543,16 +545,7 @@ fn a_chain_whose_repository_is_gone_restores_from_the_target_at_every_point_plai
         let p = prefix(&format!("from-{name}"));
         let t = target(&lab, "offsite", &lab.bucket_plain, &p);
         let store = ObjectStore::connect(&t).unwrap();
-        e.catalog()
-            .copy_to_target(
-                &repo,
-                &store,
-                &CopySelection::Vm(dom.name().into()),
-                None,
-                &CancelHandle::new(),
-                &mut |_| {},
-            )
-            .unwrap();
+        copy_vm(&e, &repo, &store, dom.name()).unwrap();
         // The repository is gone.
         fs::remove_dir_all(&root).unwrap();
 

@@ -58,6 +58,11 @@ impl<M: Mounter> RepositoryMounts<M> {
         RepositoryMounts { mounter, runtime_dir: runtime_dir.into(), timeouts }
     }
 
+    /// The directory of what lives only while this host runs (mount points, locks).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
     /// The mounter underneath.
     pub fn mounter(&self) -> &M {
         &self.mounter
