@@ -626,7 +626,12 @@ impl ObjectStore {
     /// The bytes of a read begun by [`ObjectStore::spawn_read_range`], once they are all in.
     pub(crate) fn wait(&self, task: ReadTask) -> Result<Vec<u8>, TargetError> {
         self.runtime.block_on(task.0).unwrap_or_else(|e| {
-            Err(TargetError { target: self.target.name().to_string(), action: "reading".into(), detail: e.to_string() })
+            // The read's task was stopped or failed before it answered: said as a failed read.
+            Err(TargetError {
+                target: self.target.name().to_string(),
+                action: "reading a range of an object".into(),
+                detail: format!("the read stopped before it answered ({e})"),
+            })
         })
     }
 
