@@ -95,7 +95,7 @@ pub fn test_binaries(args: &[&str]) -> Result<Vec<TestBinary>> {
         .output()
         .context("running cargo to build the tests")?;
     if !out.status.success() {
-        bail!("building the tests failed ({}): see cargo's output above", out.status);
+        bail!("building the tests failed ({}): see cargo's output above; {}", out.status, crate::exec::disk_free());
     }
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 /// `cargo xtask test`: the whole CI gate (the NAS guest's tests included).
 pub fn test() -> Result<()> {
+    println!("xtask: {}", crate::exec::disk_free());
     crate::lab::up()?;
     // The S3 gateway (over the Ceph cluster) for the off-site target tests.
     crate::lab::s3::up()?;
@@ -40,6 +41,7 @@ pub fn test() -> Result<()> {
     fuzz(10)?;
     // Every test binary under a deadline (see deadline.rs), the doc tests through cargo.
     let limits = crate::deadline::Limits::from_env()?;
+    println!("xtask: {}", crate::exec::disk_free());
     let mut binaries = crate::deadline::test_binaries(&["test", "--workspace"])?;
     // What an embedder's tests do: the facade's mocks, exported by its `mock` feature (built
     // with the workspace already when a dev-dependency turns the feature on).
@@ -150,7 +152,9 @@ pub fn publish_dry_run() -> Result<()> {
     cargo(
         &["publish", "--workspace", "--dry-run", "--allow-dirty", "--exclude", "nasbak-testlab", "--exclude", "xtask"],
         &[("CARGO_TARGET_DIR", &target)],
-    )
+    )?;
+    // Its build (2 GB) is of no use once verified, and the test build that follows needs the disk.
+    fs::remove_dir_all(&target).with_context(|| format!("removing {target}"))
 }
 
 /// `cargo xtask faults`: the fault matrix, a test target of nasbak-cli without the libtest
