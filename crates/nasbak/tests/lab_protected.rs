@@ -20,7 +20,7 @@ use nasbak::nasbak_repo::{
     RepositoryKind, RepositoryMounts, SystemMounter,
 };
 use nasbak::{
-    BackupOutcome, BackupRequest, Catalog, Engine, ErrorKind, FileStatus, InstantRestoreRequest, RestoreRequest,
+    BackupOutcome, BackupRequest, Catalog, Engine, ErrorKind, FileStatus, InstantRestoreRequest, Phase, RestoreRequest,
     VolumeRestoreRequest,
 };
 use nasbak_testlab::{DiskSpec, DomainSpec, LabDomain, URI};
@@ -149,15 +149,51 @@ fn shut_off_backups_are_stored_as_the_repository_says_and_every_point_restores()
                 "vda",
                 ImageLocation::Path(to.clone()),
             );
-            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+            let mut phases = Vec::new();
+            e.restore_volume(&request, &CancelHandle::new(), &mut |p| phases.push(p.phase))
                 .unwrap_or_else(|err| panic!("{name} {id}: {}", nasbak::chain(&err)));
             assert!(same(&to, want), "{name}: the point of {id}");
+            // The full (one self-contained file) is decoded by nasbak itself, read once as a
+            // copy is; the incremental's chain is converted by qemu-img.
+            let decoded = *id == full.manifest.id;
+            assert_eq!(phases.contains(&Phase::Copy), decoded, "{name} {id}: {phases:?}");
+            assert_eq!(phases.contains(&Phase::Convert), !decoded, "{name} {id}: {phases:?}");
             let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&to).run().unwrap().stdout_text();
             assert!(
                 !info.contains("encrypted: yes") && !info.contains("backing file"),
                 "{name}: a plain volume: {info}"
             );
         }
+        // A damaged full (one byte of its data changed): the decoding restore reads it to its
+        // end, finds the checksum wrong, and leaves no volume, staged or in place.
+        let full_file = root.join(&full.relative_dir).join(&full.manifest.disks[0].file);
+        let original = fs::read(&full_file).unwrap();
+        let mut damaged = original.clone();
+        let at = original.len() / 2 + original.len() / 7;
+        damaged[at] ^= 0x40;
+        fs::write(&full_file, &damaged).unwrap();
+        let to = dom.dir().join(format!("{name}-damaged.qcow2"));
+        let request = VolumeRestoreRequest::new(
+            repo.clone(),
+            dom.name(),
+            full.manifest.id.as_str(),
+            "vda",
+            ImageLocation::Path(to.clone()),
+        );
+        let err = e.restore_volume(&request, &CancelHandle::new(), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::CorruptFile | ErrorKind::DamagedBackup),
+            "{name}: {}",
+            nasbak::chain(&err)
+        );
+        let left: Vec<_> = fs::read_dir(dom.dir())
+            .unwrap()
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().starts_with(&format!("{name}-damaged")))
+            .map(|f| f.file_name())
+            .collect();
+        assert!(left.is_empty(), "{name}: nothing left of the refused restore: {left:?}");
+        fs::write(&full_file, &original).unwrap();
         // Verify: with the key every image opens and is consistent.
         let report = catalog.verify(&repo, dom.name(), &inc.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap();
         assert!(report.ok(), "{name}: {report:?}");
@@ -425,9 +461,15 @@ fn running_backups_go_through_qemus_encryption_or_an_export_and_every_point_rest
                 "vda",
                 ImageLocation::Path(to.clone()),
             );
-            e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+            let mut phases = Vec::new();
+            e.restore_volume(&request, &CancelHandle::new(), &mut |p| phases.push(p.phase))
                 .unwrap_or_else(|err| panic!("{name} {id}: {}", nasbak::chain(&err)));
             assert!(same(&to, want), "{name}: the point of {id}");
+            // The full (one self-contained file) is decoded by nasbak itself, read once as a
+            // copy is; the incremental's chain is converted by qemu-img.
+            let decoded = *id == full.manifest.id;
+            assert_eq!(phases.contains(&Phase::Copy), decoded, "{name} {id}: {phases:?}");
+            assert_eq!(phases.contains(&Phase::Convert), !decoded, "{name} {id}: {phases:?}");
         }
         let report = catalog.verify(&repo, dom.name(), &inc.manifest.id, &CancelHandle::new(), &mut |_| {}).unwrap();
         assert!(report.ok(), "{name}: {report:?}");

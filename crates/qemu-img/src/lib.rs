@@ -1,8 +1,10 @@
 //! qemu-img for nasbak: `info`, `convert` with progress, `check`, `compare` and `create`.
 //!
-//! The key decision: nasbak never copies disk data itself. qemu-img moves the bytes (sparse-aware,
-//! parallel with `-W -m 16` by default, optionally compressed or rate-limited), and this crate
-//! only builds its argv, reads its JSON and its `-p` progress, and interprets its exit codes.
+//! The key decision: qemu-img moves the bytes (sparse-aware, parallel with `-W -m 16` by default,
+//! optionally compressed or rate-limited), and this crate builds its argv, reads its JSON and its
+//! `-p` progress, and interprets its exit codes. One exception: a compressed or encrypted backup
+//! file restored into a plain qcow2 is decoded by [`decode`] on every core, where qemu-img
+//! decrypts and decompresses on one.
 //! Ceph keys reach qemu-img through a temporary 0600 keyring file named in the `rbd:` filename,
 //! never on argv.
 //!
@@ -29,6 +31,7 @@
 
 mod convert;
 mod daemon;
+pub mod decode;
 mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;

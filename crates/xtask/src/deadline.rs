@@ -95,7 +95,7 @@ pub fn test_binaries(args: &[&str]) -> Result<Vec<TestBinary>> {
         .output()
         .context("running cargo to build the tests")?;
     if !out.status.success() {
-        bail!("building the tests failed ({}): see cargo's output above; {}", out.status, crate::exec::disk_free());
+        bail!("building the tests failed ({}): see cargo's output above; {}", out.status, disk_free());
     }
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -343,6 +343,21 @@ fn thread_blocks(text: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// How much room the disk of the workspace's `target/` has left, as a sentence: said with every
+/// failed build, since a disk that runs out shows as a linker killed by SIGBUS, not as "full".
+pub fn disk_free() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = root.join("target");
+    let at = if target.exists() { target } else { root };
+    match nix::sys::statvfs::statvfs(&at) {
+        Ok(fs) => {
+            let free = fs.blocks_available() as f64 * fs.fragment_size() as f64;
+            format!("{:.1} GiB free on the disk of {}", free / f64::from(1u32 << 30), at.display())
+        }
+        Err(e) => format!("free disk of {} unknown ({e})", at.display()),
+    }
 }
 
 #[cfg(test)]

@@ -31,23 +31,9 @@ pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     }
     let status = c.status().with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
-        bail!("cargo {} failed ({status}); {}", args.join(" "), disk_free());
+        bail!("cargo {} failed ({status}); {}", args.join(" "), crate::deadline::disk_free());
     }
     Ok(())
-}
-
-/// How much room the disk of the workspace's `target/` has left, as a sentence: said with every
-/// failed build, since a disk that runs out shows as a linker killed by SIGBUS, not as "full".
-pub fn disk_free() -> String {
-    let target = workspace_root().join("target");
-    let at = if target.exists() { target } else { workspace_root() };
-    match nix::sys::statvfs::statvfs(&at) {
-        Ok(fs) => {
-            let free = fs.blocks_available() as f64 * fs.fragment_size() as f64;
-            format!("{:.1} GiB free on the disk of {}", free / f64::from(1u32 << 30), at.display())
-        }
-        Err(e) => format!("free disk of {} unknown ({e})", at.display()),
-    }
 }
 
 /// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.

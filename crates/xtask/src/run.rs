@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// `cargo xtask test`: the whole CI gate (the NAS guest's tests included).
 pub fn test() -> Result<()> {
-    println!("xtask: {}", crate::exec::disk_free());
+    println!("xtask: {}", crate::deadline::disk_free());
     crate::lab::up()?;
     // The S3 gateway (over the Ceph cluster) for the off-site target tests.
     crate::lab::s3::up()?;
@@ -41,7 +41,7 @@ pub fn test() -> Result<()> {
     fuzz(10)?;
     // Every test binary under a deadline (see deadline.rs), the doc tests through cargo.
     let limits = crate::deadline::Limits::from_env()?;
-    println!("xtask: {}", crate::exec::disk_free());
+    println!("xtask: {}", crate::deadline::disk_free());
     let mut binaries = crate::deadline::test_binaries(&["test", "--workspace"])?;
     // What an embedder's tests do: the facade's mocks, exported by its `mock` feature (built
     // with the workspace already when a dev-dependency turns the feature on).

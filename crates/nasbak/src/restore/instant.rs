@@ -38,7 +38,7 @@ use crate::outcome::{
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::InstantRestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
-use crate::transfer::{check_chain, convert_checked, copy_checked, is_plain_chain, restore_chain};
+use crate::transfer::{check_chain, convert_checked, copy_checked, decode_checked, is_plain_chain, restore_chain};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RESTORING_MARK, RestoringMark};
@@ -736,9 +736,14 @@ fn copy_beside_volume<I: ImageTool + Sync>(
     } else {
         let _ = fs::remove_file(tmp);
         let source = crate::protect::disk_image(dir, top, chain, None, backup)?;
-        let mut r = ConvertRequest::new(source, ImageLocation::Path(tmp.clone()), format);
-        r.source_format = Some(ImageFormat::Qcow2);
-        convert_checked(images, (r, &d.files), cancel, (vm, &d.target, top.virtual_size), observer)?;
+        // A compressed full into a qcow2 volume: decoded on every core.
+        let decoded = format == ImageFormat::Qcow2
+            && decode_checked((&source, top), tmp, (vm, &d.target, backup), cancel, observer)?;
+        if !decoded {
+            let mut r = ConvertRequest::new(source, ImageLocation::Path(tmp.clone()), format);
+            r.source_format = Some(ImageFormat::Qcow2);
+            convert_checked(images, (r, &d.files), cancel, (vm, &d.target, top.virtual_size), observer)?;
+        }
     }
     Ok(staged)
 }

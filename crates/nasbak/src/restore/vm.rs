@@ -18,7 +18,8 @@ use crate::protect::{Key, disk_image, resolve_key};
 use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
 use crate::transfer::{
-    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, is_plain_chain, restore_chain,
+    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
+    restore_chain,
 };
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
@@ -83,16 +84,20 @@ where
                     // Each file read once, the full at copy speed.
                     restore_chain(&self.images, (dir, b, &chain, Some(&shown)), &tmp, (vm, &d.target), cancel, observer)
                 } else {
-                    let mut r = ConvertRequest::new(
-                        disk_image(dir, b, &chain, key.as_ref(), &shown)?,
-                        tmp.clone(),
-                        ImageFormat::Qcow2,
-                    );
-                    r.source_format = Some(ImageFormat::Qcow2);
-                    r.protection = volume_key
-                        .as_ref()
-                        .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
-                    convert_checked(&self.images, (r, checked), cancel, (vm, &d.target, b.virtual_size), observer)
+                    let source = disk_image(dir, b, &chain, key.as_ref(), &shown)?;
+                    // A compressed or encrypted full into a plain volume: decoded on every core.
+                    let decoded = volume_key.is_none()
+                        && decode_checked((&source, b), &tmp, (vm, &d.target, &shown), cancel, observer)?;
+                    if decoded {
+                        Ok(())
+                    } else {
+                        let mut r = ConvertRequest::new(source, tmp.clone(), ImageFormat::Qcow2);
+                        r.source_format = Some(ImageFormat::Qcow2);
+                        r.protection = volume_key
+                            .as_ref()
+                            .map(|k| TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(k.path().to_owned())));
+                        convert_checked(&self.images, (r, checked), cancel, (vm, &d.target, b.virtual_size), observer)
+                    }
                 }
             } else {
                 copy_checked(dir, b, &tmp, vm, &d.target, cancel, observer)

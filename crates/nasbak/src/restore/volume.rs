@@ -17,7 +17,8 @@ use crate::request::VolumeRestoreRequest;
 use crate::store::backup_disks;
 use crate::transfer::stage::{Staged, stage_beside};
 use crate::transfer::{
-    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, is_plain_chain, restore_chain,
+    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
+    restore_chain,
 };
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
@@ -248,6 +249,31 @@ where
                     path: p.clone(),
                     source,
                 })?;
+                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
+            }
+            ImageLocation::Path(p)
+                if request.format == ImageFormat::Qcow2 && chain.is_empty() && request.bandwidth.is_none() =>
+            {
+                // A compressed or encrypted full: decoded on every core, its checksum checked as
+                // it is read; what the decoder leaves (or a plain file) goes through qemu-img.
+                let staged = Staged(vec![stage_beside(p)?]);
+                let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
+                let place = (vm, disk.target.as_str(), shown.as_str());
+                if decode_checked((&source, disk), &staged.0[0], place, cancel, observer)? {
+                    fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
+                        action: "moving into place",
+                        path: p.clone(),
+                        source,
+                    })?;
+                } else {
+                    self.write_new_file(
+                        (source, p, checked),
+                        (&request.format, request.bandwidth),
+                        cancel,
+                        (vm, &disk.target, disk.virtual_size),
+                        observer,
+                    )?;
+                }
                 (DiskSource::File(p.clone()), ImageFormat::Qcow2)
             }
             ImageLocation::Path(p) => {

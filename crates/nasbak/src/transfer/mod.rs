@@ -291,6 +291,95 @@ fn copy_file_checked(
     }
 }
 
+/// Restores `source`, when it is one self-contained backup file stored compressed, encrypted or
+/// both (its manifest entry `disk`), into `tmp` (created anew) as a plain qcow2 with nasbak's own decoder
+/// ([`nasbak_qemu_img::decode`]): the file read once, its checksum checked in the same pass, the
+/// clusters decrypted and decompressed on every core. `Ok(false)`: not a file the decoder reads
+/// (a plain file, a chain, a layout it leaves to qemu-img, a file it cannot open), and nothing
+/// was written. `tmp` is
+/// removed on any failure; `backup` names the backup in errors.
+pub(crate) fn decode_checked(
+    (source, disk): (&ImageLocation, &ManifestDisk),
+    tmp: &Path,
+    (vm, target, backup): (&str, &str, &str),
+    cancel: &CancelHandle,
+    observer: &mut dyn Observer,
+) -> Result<bool, BackupError> {
+    use nasbak_qemu_img::StoredLayout;
+    use nasbak_qemu_img::decode::{DecodeError, Decoder};
+    if disk.stored_as == nasbak_repo::FileFormat::Plain {
+        return Ok(false);
+    }
+    let (path, layout, key) = match source {
+        ImageLocation::Path(p) => (p.clone(), StoredLayout::Qcow2, None),
+        ImageLocation::Stored(image) if image.chain.len() == 1 => {
+            (image.chain[0].path.clone(), image.chain[0].layout, image.key.clone())
+        }
+        _ => return Ok(false),
+    };
+    let passphrase = match &key {
+        Some(k) => Some(zeroize::Zeroizing::new(fs::read(k).map_err(|source| BackupError::Io {
+            action: "reading the key file",
+            path: k.clone(),
+            source,
+        })?)),
+        None => None,
+    };
+    // What the decoder cannot open (a layout it leaves to qemu-img, a header it finds damaged)
+    // goes to qemu-img, which says what it finds; a wrong key is said here.
+    let decoder = match Decoder::open(&path, layout, passphrase.as_deref().map(Vec::as_slice)) {
+        Ok(d) => d,
+        Err(e @ DecodeError::WrongKey { .. }) => return Err(decode_error(e, backup, &path)),
+        Err(_) => return Ok(false),
+    };
+    drop(passphrase);
+    let algorithm = disk.checksum.as_ref().map_or(hash::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
+    let mut sum = hash::StreamChecksum::new(algorithm).map_err(|source| BackupError::Io {
+        action: "checking",
+        path: path.clone(),
+        source,
+    })?;
+    let size = fs::metadata(&path).map_or(0, |m| m.len());
+    let mut first = true;
+    let _ = fs::remove_file(tmp); // the staged name is this process's own
+    let written = decoder.write_qcow2(tmp, &mut |bytes| sum.update(bytes), &mut |done| {
+        if std::mem::take(&mut first) {
+            crate::fault::point("restore-copy");
+        }
+        observer(&Progress::new(Phase::Copy, vm, done, size).on_disk(target));
+        !cancel.is_cancelled()
+    });
+    let checked = written.map_err(|e| decode_error(e, backup, &path)).and_then(|_| {
+        let actual = sum.finish();
+        match &disk.checksum {
+            Some(expected) if expected.value != actual => Err(BackupError::Damaged {
+                path: path.clone(),
+                detail: format!("{} is {actual}, the manifest says {}", expected.algorithm, expected.value),
+            }),
+            _ => Ok(true),
+        }
+    });
+    if checked.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    checked
+}
+
+/// A decoder's error as the restore says it.
+fn decode_error(e: nasbak_qemu_img::decode::DecodeError, backup: &str, file: &Path) -> BackupError {
+    use nasbak_qemu_img::decode::DecodeError;
+    match e {
+        DecodeError::Stopped { .. } => BackupError::Cancelled,
+        DecodeError::WrongKey { path } => BackupError::KeyNeeded {
+            backup: backup.to_owned(),
+            detail: format!("the key opens none of the keyslots of {}", path.display()),
+        },
+        DecodeError::Damaged { path, detail } => BackupError::Damaged { path, detail },
+        DecodeError::Io { action, path, source } => BackupError::Io { action, path, source },
+        other => BackupError::Damaged { path: file.to_owned(), detail: crate::error::chain(&other) },
+    }
+}
+
 /// Whether `disk` and every file below it (`chain`) are stored as plain qcow2 files, as
 /// [`restore_chain`] needs them.
 pub(crate) fn is_plain_chain(disk: &ManifestDisk, chain: &[Checked]) -> bool {
