@@ -9,8 +9,8 @@
 //! cluster decrypted and decompressed on a pool of threads and written at its place in a new
 //! plain qcow2 whose layout is computed before the first byte is written.
 //!
-//! Only what nasbak stores is taken: a self-contained qcow2 (no backing file, 512 B to 2 MiB
-//! clusters, no external data file or subclusters, closed cleanly), plain, zstd-compressed,
+//! Only what nasbak stores is taken: a qcow2, or a chain of them given file by file (512 B to
+//! 2 MiB clusters, no external data file or subclusters, closed cleanly), plain, zstd-compressed,
 //! LUKS-encrypted ([`StoredLayout::Qcow2Luks`]) or inside a LUKS container
 //! ([`StoredLayout::Qcow2InLuks`]). Anything else is [`DecodeError::Unsupported`] before a
 //! byte is written, and the caller converts with qemu-img as before.
@@ -20,6 +20,7 @@
 //! order. A cluster that reads as zeros is left a hole of the file (mapped, so a guest write to
 //! it costs no allocation). `qemu-img check` finds nothing to say of it (tested).
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -107,14 +108,14 @@ struct Extent {
 /// What [`Decoder::write_qcow2`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {
-    /// Bytes of the stored file read (and handed to the checksum).
+    /// Bytes of the stored files read (and handed to the checksums).
     pub read: u64,
     /// Data bytes written (clusters reading as zeros are not).
     pub written: u64,
 }
 
-/// A stored file opened for decoding: its header and tables read, its key checked.
-pub struct Decoder {
+/// One file of a chain opened for decoding: its header and tables read, its key checked.
+struct Part {
     path: PathBuf,
     layout: StoredLayout,
     cipher: Option<DataCipher>,
@@ -122,17 +123,27 @@ pub struct Decoder {
     base: u64,
     cluster_bits: u32,
     size: u64,
-    /// The data clusters, in the order of their offsets in the file.
+    has_backing: bool,
+    /// The data clusters this file gives the disk, in the order of their offsets in the file.
     extents: Vec<Extent>,
+    /// The guest clusters its tables say read as zeros (which hide what files below hold).
+    zeros: Vec<u64>,
+}
+
+/// A stored file, or a chain of them, opened for decoding: every file's header and tables read,
+/// its key checked, and for each cluster of the disk the file that gives it found.
+pub struct Decoder {
+    /// Top first.
+    parts: Vec<Part>,
+    cluster_bits: u32,
+    size: u64,
 }
 
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Decoder")
-            .field("path", &self.path)
-            .field("layout", &self.layout)
-            .field("clusters", &self.extents.len())
-            .finish_non_exhaustive()
+        let files: Vec<(&Path, StoredLayout, usize)> =
+            self.parts.iter().map(|p| (p.path.as_path(), p.layout, p.extents.len())).collect();
+        f.debug_struct("Decoder").field("files", &files).finish_non_exhaustive()
     }
 }
 
@@ -144,10 +155,10 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-impl Decoder {
+impl Part {
     /// Opens `path`, stored as `layout`, with `passphrase` when the layout is encrypted: reads
     /// its qcow2 header and tables and checks that it is one this module decodes.
-    pub fn open(path: &Path, layout: StoredLayout, passphrase: Option<&[u8]>) -> Result<Self, DecodeError> {
+    fn open(path: &Path, layout: StoredLayout, passphrase: Option<&[u8]>) -> Result<Self, DecodeError> {
         let unsupported = |detail: &str| DecodeError::Unsupported { path: path.to_owned(), detail: detail.to_owned() };
         let file =
             File::open(path).map_err(|source| DecodeError::Io { action: "open", path: path.to_owned(), source })?;
@@ -166,8 +177,17 @@ impl Decoder {
                 (Some(key.data_cipher()), base)
             }
         };
-        let mut d =
-            Decoder { path: path.to_owned(), layout, cipher, base, cluster_bits: 0, size: 0, extents: Vec::new() };
+        let mut d = Part {
+            path: path.to_owned(),
+            layout,
+            cipher,
+            base,
+            cluster_bits: 0,
+            size: 0,
+            has_backing: false,
+            extents: Vec::new(),
+            zeros: Vec::new(),
+        };
         let inner_len = file_len.saturating_sub(base);
         let mut head = vec![0u8; 112];
         d.read_meta(&file, 0, &mut head)?;
@@ -178,9 +198,7 @@ impl Decoder {
         if version != 3 {
             return Err(unsupported(&format!("qcow2 version {version} (3 is decoded)")));
         }
-        if be64(&head, 8) != 0 {
-            return Err(unsupported("it has a backing file"));
-        }
+        d.has_backing = be64(&head, 8) != 0;
         let cluster_bits = be32(&head, 20);
         if !(9..=21).contains(&cluster_bits) {
             return Err(d.damaged(format!("a cluster size of 2^{cluster_bits} bytes")));
@@ -244,8 +262,12 @@ impl Decoder {
                     d.extents.push(Extent { host, len, guest, compressed: true });
                 } else {
                     let host = entry & L2_OFFSET_MASK;
-                    if host == 0 || entry & OFLAG_ZERO != 0 {
-                        continue; // unallocated, or reads as zeros: no backing file, so the same
+                    if entry & OFLAG_ZERO != 0 {
+                        d.zeros.push(guest);
+                        continue;
+                    }
+                    if host == 0 {
+                        continue; // unallocated: what the file below has
                     }
                     if !host.is_multiple_of(cs) || host + cs > inner_len || guest >= guest_clusters {
                         return Err(d.damaged(format!("guest cluster {guest} mapped at {host}")));
@@ -256,11 +278,6 @@ impl Decoder {
         }
         d.extents.sort_unstable_by_key(|e| e.host);
         Ok(d)
-    }
-
-    /// The disk's virtual size in bytes.
-    pub fn virtual_size(&self) -> u64 {
-        self.size
     }
 
     fn damaged(&self, detail: String) -> DecodeError {
@@ -297,72 +314,37 @@ impl Decoder {
         }
     }
 
-    /// Writes the guest's data into `target`, created anew as a plain qcow2, reading the stored
-    /// file once from its start to its end: `sink` gets every byte read, in order (for the
-    /// caller's checksum, computed while the data is decoded); `progress` the bytes read so far,
-    /// and returns false to stop. `target` is synced; on an error it is left for the caller to
-    /// remove.
-    pub fn write_qcow2(
-        &self,
-        target: &Path,
-        sink: &mut (dyn FnMut(&[u8]) + Send),
-        progress: &mut dyn FnMut(u64) -> bool,
-    ) -> Result<Decoded, DecodeError> {
-        let cs = 1u64 << self.cluster_bits;
-        // The data clusters' places in the target: guest order.
-        let mut by_guest: Vec<(u64, usize)> = self.extents.iter().enumerate().map(|(i, e)| (e.guest, i)).collect();
-        by_guest.sort_unstable();
-        if by_guest.windows(2).any(|w| w[0].0 == w[1].0) {
-            return Err(self.damaged("two L2 entries map one guest cluster".into()));
-        }
-        let layout = Layout::new(self.size, self.cluster_bits, by_guest.iter().map(|(g, _)| *g));
-        let mut slot = vec![0u64; self.extents.len()];
-        for (n, (_, i)) in by_guest.iter().enumerate() {
-            slot[*i] = layout.data + n as u64 * cs;
-        }
-        let out = OpenOptions::new().write(true).create_new(true).open(target).map_err(|source| DecodeError::Io {
-            action: "create",
-            path: target.to_owned(),
-            source,
-        })?;
-        let out_err = |action| move |source| DecodeError::Io { action, path: target.to_owned(), source };
-        out.set_len(layout.data + self.extents.len() as u64 * cs).map_err(out_err("size"))?;
-        let written = std::sync::atomic::AtomicU64::new(0);
-        let read = self.stream(sink, progress, |window, start, batch| {
-            batch.par_iter().try_for_each(|&i| {
-                let e = &self.extents[i];
-                let (from, to) = self.span(e);
-                let stored = &window[(from - start) as usize..(to - start) as usize];
-                // Encrypted: the sectors' plaintext, numbered from the qcow2's start (the
-                // container's payload, or the file of a LUKS qcow2: its physical offsets).
-                let bytes = match &self.cipher {
-                    Some(cipher) => {
-                        let mut plain = stored.to_vec();
-                        cipher.decrypt(&mut plain, (from - self.base) / SECTOR);
-                        std::borrow::Cow::Owned(plain)
-                    }
-                    None => std::borrow::Cow::Borrowed(stored),
-                };
-                let skip = (self.base + e.host - from) as usize;
-                let data = &bytes[skip..skip + e.len as usize];
-                let cluster = if e.compressed {
-                    let mut cluster = vec![0u8; cs as usize];
-                    decompress(data, &mut cluster)
-                        .map_err(|detail| self.damaged(format!("guest cluster {}: {detail}", e.guest)))?;
-                    std::borrow::Cow::Owned(cluster)
-                } else {
-                    std::borrow::Cow::Borrowed(data)
-                };
-                if cluster.iter().any(|b| *b != 0) {
-                    out.write_all_at(&cluster, slot[i]).map_err(out_err("write"))?;
-                    written.fetch_add(cs, std::sync::atomic::Ordering::Relaxed);
+    /// The guest data of the extent `e`, from the `window` of stored bytes starting at `start`:
+    /// decrypted and decompressed as it is stored.
+    fn decode_extent<'w>(&self, window: &'w [u8], start: u64, e: &Extent) -> Result<Cow<'w, [u8]>, DecodeError> {
+        let (from, to) = self.span(e);
+        let stored = &window[(from - start) as usize..(to - start) as usize];
+        // Encrypted: the sectors' plaintext, numbered from the qcow2's start (the container's
+        // payload, or the file of a LUKS qcow2: its physical offsets).
+        let bytes = match &self.cipher {
+            Some(cipher) => {
+                let mut plain = stored.to_vec();
+                cipher.decrypt(&mut plain, (from - self.base) / SECTOR);
+                Cow::Owned(plain)
+            }
+            None => Cow::Borrowed(stored),
+        };
+        let skip = (self.base + e.host - from) as usize;
+        let range = skip..skip + e.len as usize;
+        if !e.compressed {
+            return Ok(match bytes {
+                Cow::Borrowed(b) => Cow::Borrowed(&b[range]),
+                Cow::Owned(mut b) => {
+                    b.truncate(range.end);
+                    b.drain(..range.start);
+                    Cow::Owned(b)
                 }
-                Ok(())
-            })
-        })?;
-        layout.write_metadata(&out, by_guest.iter().map(|(g, _)| *g)).map_err(out_err("write"))?;
-        out.sync_all().map_err(out_err("sync"))?;
-        Ok(Decoded { read, written: written.into_inner() })
+            });
+        }
+        let mut cluster = vec![0u8; 1 << self.cluster_bits];
+        decompress(&bytes[range], &mut cluster)
+            .map_err(|detail| self.damaged(format!("guest cluster {}: {detail}", e.guest)))?;
+        Ok(Cow::Owned(cluster))
     }
 
     /// Reads the stored file front to back, hands every byte to `sink` and, as each extent's
@@ -452,6 +434,224 @@ impl Decoder {
             Ok(pos)
         })
     }
+}
+
+impl Decoder {
+    /// Opens `path`, stored as `layout`, with `passphrase` when the layout is encrypted: reads
+    /// its qcow2 header and tables and checks that it is one this module decodes (a file with a
+    /// backing file is not: see [`Decoder::open_chain`]).
+    pub fn open(path: &Path, layout: StoredLayout, passphrase: Option<&[u8]>) -> Result<Self, DecodeError> {
+        Self::open_chain(&[(path.to_owned(), layout)], passphrase)
+    }
+
+    /// Opens a chain of stored files, top first, each backed by the next (whatever its header
+    /// names: the files given are the chain), the last one by nothing; `passphrase` opens the
+    /// encrypted ones. Each cluster of the disk comes from the topmost file whose tables map it
+    /// (or say it reads as zeros).
+    pub fn open_chain(files: &[(PathBuf, StoredLayout)], passphrase: Option<&[u8]>) -> Result<Self, DecodeError> {
+        let Some(((top_path, _), _)) = files.split_first() else {
+            return Err(DecodeError::Unsupported { path: PathBuf::new(), detail: "a chain of no files".into() });
+        };
+        let parts =
+            files.iter().map(|(path, layout)| Part::open(path, *layout, passphrase)).collect::<Result<Vec<_>, _>>()?;
+        let (cluster_bits, size) = (parts[0].cluster_bits, parts[0].size);
+        if let Some(p) = parts.iter().find(|p| p.cluster_bits != cluster_bits) {
+            return Err(DecodeError::Unsupported {
+                path: p.path.clone(),
+                detail: format!("its clusters are not the size of {}'s", top_path.display()),
+            });
+        }
+        if let Some(last) = parts.last().filter(|p| p.has_backing) {
+            return Err(DecodeError::Unsupported { path: last.path.clone(), detail: "it has a backing file".into() });
+        }
+        let mut decoder = Decoder { parts, cluster_bits, size };
+        // Each cluster from the topmost file that says what it holds.
+        let clusters = size.div_ceil(1 << cluster_bits);
+        let mut decided = vec![0u64; clusters.div_ceil(64) as usize];
+        let mut take = |guest: u64| {
+            let (word, bit) = ((guest / 64) as usize, 1u64 << (guest % 64));
+            let free = guest < clusters && decided[word] & bit == 0;
+            if free {
+                decided[word] |= bit;
+            }
+            free
+        };
+        for part in &mut decoder.parts {
+            // Zeros and data of one file never name the same cluster (one L2 entry each).
+            part.zeros.retain(|g| take(*g));
+            part.extents.retain(|e| take(e.guest));
+        }
+        Ok(decoder)
+    }
+
+    /// The disk's virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// How many files it reads.
+    pub fn files(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Reads each file once, the chain's last first, and hands every data cluster that does not
+    /// read as zeros to `write` (its file's index, its index there, its bytes) on the pool;
+    /// `write` returns the bytes it wrote.
+    fn decode_all(
+        &self,
+        sink: &mut (dyn FnMut(usize, &[u8]) + Send),
+        progress: &mut dyn FnMut(u64) -> bool,
+        write: impl Fn(usize, usize, &[u8]) -> Result<u64, DecodeError> + Sync,
+    ) -> Result<Decoded, DecodeError> {
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let mut read = 0;
+        for (p, part) in self.parts.iter().enumerate().rev() {
+            let before = read;
+            read +=
+                part.stream(&mut |bytes| sink(p, bytes), &mut |n| progress(before + n), |window, start, batch| {
+                    batch.par_iter().try_for_each(|&i| {
+                        let cluster = part.decode_extent(window, start, &part.extents[i])?;
+                        if cluster.iter().any(|b| *b != 0) {
+                            written.fetch_add(write(p, i, &cluster)?, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })
+                })?;
+        }
+        Ok(Decoded { read, written: written.into_inner() })
+    }
+
+    /// Writes the disk into `target`, created anew as a plain qcow2, reading each stored file
+    /// once from its start to its end, the chain's last (the full) first: `sink` gets every
+    /// byte read with the index of its file in the chain, in order (for the caller's checksums,
+    /// computed while the data is decoded); `progress` the bytes read so far, and returns false
+    /// to stop. `target` is synced; on an error it is left for the caller to remove.
+    pub fn write_qcow2(
+        &self,
+        target: &Path,
+        sink: &mut (dyn FnMut(usize, &[u8]) + Send),
+        progress: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Decoded, DecodeError> {
+        let cs = 1u64 << self.cluster_bits;
+        // The data clusters' places in the target: guest order.
+        let mut by_guest: Vec<(u64, usize, usize)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .flat_map(|(p, part)| part.extents.iter().enumerate().map(move |(i, e)| (e.guest, p, i)))
+            .collect();
+        by_guest.sort_unstable();
+        if let Some(w) = by_guest.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(self.parts[w[0].1].damaged(format!("two L2 entries map guest cluster {}", w[0].0)));
+        }
+        let layout = Layout::new(self.size, self.cluster_bits, by_guest.iter().map(|(g, _, _)| *g));
+        let mut slot: Vec<Vec<u64>> = self.parts.iter().map(|p| vec![0; p.extents.len()]).collect();
+        for (n, (_, p, i)) in by_guest.iter().enumerate() {
+            slot[*p][*i] = layout.data + n as u64 * cs;
+        }
+        let out = OpenOptions::new().write(true).create_new(true).open(target).map_err(|source| DecodeError::Io {
+            action: "create",
+            path: target.to_owned(),
+            source,
+        })?;
+        let out_err = |action| move |source| DecodeError::Io { action, path: target.to_owned(), source };
+        out.set_len(layout.data + by_guest.len() as u64 * cs).map_err(out_err("size"))?;
+        let decoded = self.decode_all(sink, progress, |p, i, cluster| {
+            out.write_all_at(cluster, slot[p][i]).map_err(out_err("write"))?;
+            Ok(cs)
+        })?;
+        layout.write_metadata(&out, by_guest.iter().map(|(g, _, _)| *g)).map_err(out_err("write"))?;
+        out.sync_all().map_err(out_err("sync"))?;
+        Ok(decoded)
+    }
+
+    /// Writes the disk in place into `target`, an existing raw file or block device: what the
+    /// backup holds at its place, zeros everywhere else in its first [`Decoder::virtual_size`]
+    /// bytes (holes punched in a file, the range zeroed on a device), nothing past them; each
+    /// stored file read once, as [`Decoder::write_qcow2`] reads it (`sink`, `progress` alike). A
+    /// file shorter than the disk is extended; a device smaller than the disk is refused before
+    /// anything is written. On an error the target is left partly written, for the caller to
+    /// say.
+    pub fn write_raw(
+        &self,
+        target: &Path,
+        sink: &mut (dyn FnMut(usize, &[u8]) + Send),
+        progress: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Decoded, DecodeError> {
+        use std::os::unix::fs::FileTypeExt;
+        let cs = 1u64 << self.cluster_bits;
+        let out_err = |action| move |source| DecodeError::Io { action, path: target.to_owned(), source };
+        let out = OpenOptions::new().write(true).open(target).map_err(out_err("open for writing"))?;
+        let device = out.metadata().map_err(out_err("stat"))?.file_type().is_block_device();
+        let mut data: Vec<u64> = self.parts.iter().flat_map(|p| p.extents.iter().map(|e| e.guest)).collect();
+        data.sort_unstable();
+        if device {
+            let len = device_size(&out).map_err(out_err("measure"))?;
+            if len < self.size {
+                return Err(DecodeError::Io {
+                    action: "restore onto",
+                    path: target.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "the device holds {len} bytes, the disk {} bytes",
+                        self.size
+                    )),
+                });
+            }
+            // Zeros where the backup has no data: the gaps between its clusters.
+            let mut at = 0;
+            for g in data.iter().map(|g| g * cs).chain(std::iter::once(self.size)) {
+                if g > at {
+                    zero_range(&out, at, g - at, false).map_err(out_err("zero"))?;
+                }
+                at = at.max((g + cs).min(self.size));
+            }
+        } else {
+            if out.metadata().map_err(out_err("stat"))?.len() < self.size {
+                out.set_len(self.size).map_err(out_err("extend"))?;
+            }
+            zero_range(&out, 0, self.size, true).map_err(out_err("zero"))?;
+        }
+        let decoded = self.decode_all(sink, progress, |p, i, cluster| {
+            let at = self.parts[p].extents[i].guest * cs;
+            let cluster = &cluster[..(self.size - at).min(cs) as usize];
+            out.write_all_at(cluster, at).map_err(out_err("write"))?;
+            Ok(cluster.len() as u64)
+        })?;
+        out.sync_all().map_err(out_err("sync"))?;
+        Ok(decoded)
+    }
+}
+
+/// Makes `len` bytes of `file` at `offset` read as zeros: holes punched in a regular file
+/// (`hole`), the range zeroed on a device; written as zeros where the file system or the device
+/// takes neither.
+fn zero_range(file: &File, offset: u64, len: u64, hole: bool) -> std::io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let flags = match hole {
+        true => FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        false => FallocateFlags::FALLOC_FL_ZERO_RANGE,
+    };
+    let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::other(format!("a range of {len} bytes at {offset}")));
+    };
+    if len == 0 || fallocate(std::os::fd::AsRawFd::as_raw_fd(file), flags, o, l).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The size of a block device in bytes.
+fn device_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::End(0))
 }
 
 /// Decompresses one zstd-compressed cluster (a frame, then whatever the last sector held) into

@@ -38,7 +38,9 @@ use crate::outcome::{
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::InstantRestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
-use crate::transfer::{check_chain, convert_checked, copy_checked, decode_checked, is_plain_chain, restore_chain};
+use crate::transfer::{
+    DecodeOut, check_chain, convert_checked, copy_checked, decode_checked, is_plain_chain, restore_chain,
+};
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::ancestors;
 use nasbak_repo::store::{RESTORING_MARK, RestoringMark};
@@ -588,6 +590,12 @@ where
                 Some(_) => self.rbd_volume(vm, d, top.virtual_size)?,
                 None => ImageLocation::Path(d.volume.clone()),
             };
+            // A compressed backup: decoded in place on every core.
+            if let ImageLocation::Path(p) = &target
+                && decode_checked((&d.files, None), (p, DecodeOut::InPlace), (vm, &d.target, backup), cancel, observer)?
+            {
+                return Ok(());
+            }
             let mut r = ConvertRequest::new(source, target, ImageFormat::Raw);
             r.source_format = Some(ImageFormat::Qcow2);
             r.target_exists = true;
@@ -736,9 +744,9 @@ fn copy_beside_volume<I: ImageTool + Sync>(
     } else {
         let _ = fs::remove_file(tmp);
         let source = crate::protect::disk_image(dir, top, chain, None, backup)?;
-        // A compressed full into a qcow2 volume: decoded on every core.
+        // A compressed backup into a qcow2 volume: decoded on every core.
         let decoded = format == ImageFormat::Qcow2
-            && decode_checked((&source, top), tmp, (vm, &d.target, backup), cancel, observer)?;
+            && decode_checked((&d.files, None), (tmp, DecodeOut::Qcow2), (vm, &d.target, backup), cancel, observer)?;
         if !decoded {
             let mut r = ConvertRequest::new(source, ImageLocation::Path(tmp.clone()), format);
             r.source_format = Some(ImageFormat::Qcow2);

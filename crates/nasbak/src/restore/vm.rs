@@ -18,7 +18,7 @@ use crate::protect::{Key, disk_image, resolve_key};
 use crate::request::RestoreRequest;
 use crate::transfer::stage::{Staged, remove_stale_stages, stage_beside};
 use crate::transfer::{
-    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
+    Checked, DecodeOut, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
     restore_chain,
 };
 use nasbak_repo::store::VmLock;
@@ -85,9 +85,16 @@ where
                     restore_chain(&self.images, (dir, b, &chain, Some(&shown)), &tmp, (vm, &d.target), cancel, observer)
                 } else {
                     let source = disk_image(dir, b, &chain, key.as_ref(), &shown)?;
-                    // A compressed or encrypted full into a plain volume: decoded on every core.
+                    // A compressed or encrypted backup into a plain volume: decoded on every core.
+                    let files: Vec<Checked> = std::iter::once((dir.to_owned(), (*b).clone())).chain(chain).collect();
                     let decoded = volume_key.is_none()
-                        && decode_checked((&source, b), &tmp, (vm, &d.target, &shown), cancel, observer)?;
+                        && decode_checked(
+                            (&files, key.as_ref().map(|k| k.path())),
+                            (&tmp, DecodeOut::Qcow2),
+                            (vm, &d.target, &shown),
+                            cancel,
+                            observer,
+                        )?;
                     if decoded {
                         Ok(())
                     } else {
@@ -143,9 +150,6 @@ where
                 ancestors(&layout.vm_dir(&vm_name), vm, id, b).map_err(|e| incomplete(&restored, None, e.into()))?;
             let source =
                 disk_image(dir, b, &chain, key.as_ref(), &shown).map_err(|e| incomplete(&restored, None, e))?;
-            let mut r = ConvertRequest::new(source, location, ImageFormat::Raw);
-            r.source_format = Some(ImageFormat::Qcow2);
-            r.target_exists = true;
             let mut first = true;
             let mut report = |p: &Progress| {
                 if std::mem::take(&mut first) {
@@ -153,8 +157,25 @@ where
                 }
                 observer(p)
             };
-            if let Err(e) = convert(&self.images, r, cancel, target_vm, &d.target, b.virtual_size, &mut report) {
-                return Err(incomplete(&restored, Some(&d.target), e));
+            // A compressed or encrypted backup: decoded in place on every core.
+            let decoded = match &location {
+                ImageLocation::Path(p) => {
+                    let files: Vec<Checked> = std::iter::once((dir.to_owned(), b.clone())).chain(chain).collect();
+                    let backup = format!("{}:{vm}/{id}", repository.name());
+                    let place = (target_vm, d.target.as_str(), backup.as_str());
+                    let keyed = (files.as_slice(), key.as_ref().map(|k| k.path()));
+                    decode_checked(keyed, (p, DecodeOut::InPlace), place, cancel, &mut report)
+                        .map_err(|e| incomplete(&restored, Some(&d.target), e))?
+                }
+                _ => false,
+            };
+            if !decoded {
+                let mut r = ConvertRequest::new(source, location, ImageFormat::Raw);
+                r.source_format = Some(ImageFormat::Qcow2);
+                r.target_exists = true;
+                if let Err(e) = convert(&self.images, r, cancel, target_vm, &d.target, b.virtual_size, &mut report) {
+                    return Err(incomplete(&restored, Some(&d.target), e));
+                }
             }
             mark.done();
             restored.push(RestoredDisk { target: d.target.clone(), location: shown, format: "raw".into(), note });

@@ -17,7 +17,7 @@ use crate::request::VolumeRestoreRequest;
 use crate::store::backup_disks;
 use crate::transfer::stage::{Staged, stage_beside};
 use crate::transfer::{
-    Checked, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
+    Checked, DecodeOut, check_chain, check_sum, convert, convert_checked, copy_checked, decode_checked, is_plain_chain,
     restore_chain,
 };
 use nasbak_repo::store::VmLock;
@@ -221,11 +221,19 @@ where
         let vm = request.vm.as_str();
         Ok(match &request.to {
             ImageLocation::Path(p) if is_block => {
-                let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
-                r.rate_limit = request.bandwidth;
-                r.source_format = Some(ImageFormat::Qcow2);
-                r.target_exists = true;
-                convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                // A compressed or encrypted backup: decoded onto the device on every core.
+                let (files, key) = decode_files(dir, disk, chain, &source);
+                let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
+                let place = (vm, disk.target.as_str(), shown.as_str());
+                let decoded = request.bandwidth.is_none()
+                    && decode_checked((&files, key.as_deref()), (p, DecodeOut::InPlace), place, cancel, observer)?;
+                if !decoded {
+                    let mut r = ConvertRequest::new(source, p.clone(), ImageFormat::Raw);
+                    r.rate_limit = request.bandwidth;
+                    r.source_format = Some(ImageFormat::Qcow2);
+                    r.target_exists = true;
+                    convert(&self.images, r, cancel, vm, &disk.target, disk.virtual_size, observer)?;
+                }
                 (DiskSource::Block(p.clone()), ImageFormat::Raw)
             }
             ImageLocation::Path(p)
@@ -251,21 +259,31 @@ where
                 })?;
                 (DiskSource::File(p.clone()), ImageFormat::Qcow2)
             }
-            ImageLocation::Path(p)
-                if request.format == ImageFormat::Qcow2 && chain.is_empty() && request.bandwidth.is_none() =>
-            {
-                // A compressed or encrypted full: decoded on every core, its checksum checked as
-                // it is read; what the decoder leaves (or a plain file) goes through qemu-img.
-                let staged = Staged(vec![stage_beside(p)?]);
-                let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
-                let place = (vm, disk.target.as_str(), shown.as_str());
-                if decode_checked((&source, disk), &staged.0[0], place, cancel, observer)? {
-                    fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
-                        action: "moving into place",
-                        path: p.clone(),
-                        source,
-                    })?;
-                } else {
+            ImageLocation::Path(p) => {
+                // A compressed or encrypted backup into a new qcow2 or raw file: decoded on every
+                // core, each file's checksum checked as it is read. What the decoder leaves (and
+                // a rate-limited restore) goes through qemu-img.
+                let out = match request.format {
+                    ImageFormat::Qcow2 => Some(DecodeOut::Qcow2),
+                    ImageFormat::Raw => Some(DecodeOut::Raw),
+                    _ => None,
+                };
+                let mut decoded = false;
+                if let Some(out) = out.filter(|_| request.bandwidth.is_none()) {
+                    let staged = Staged(vec![stage_beside(p)?]);
+                    let shown = format!("{}:{}/{}", request.repository.name(), request.vm, request.id);
+                    let place = (vm, disk.target.as_str(), shown.as_str());
+                    let (files, key) = decode_files(dir, disk, chain, &source);
+                    decoded = decode_checked((&files, key.as_deref()), (&staged.0[0], out), place, cancel, observer)?;
+                    if decoded {
+                        fs::rename(&staged.0[0], p).map_err(|source| BackupError::Io {
+                            action: "moving into place",
+                            path: p.clone(),
+                            source,
+                        })?;
+                    }
+                }
+                if !decoded {
                     self.write_new_file(
                         (source, p, checked),
                         (&request.format, request.bandwidth),
@@ -274,16 +292,6 @@ where
                         observer,
                     )?;
                 }
-                (DiskSource::File(p.clone()), ImageFormat::Qcow2)
-            }
-            ImageLocation::Path(p) => {
-                self.write_new_file(
-                    (source, p, checked),
-                    (&request.format, request.bandwidth),
-                    cancel,
-                    (vm, &disk.target, disk.virtual_size),
-                    observer,
-                )?;
                 (DiskSource::File(p.clone()), request.format.clone())
             }
             ImageLocation::Rbd(spec) => {
@@ -351,6 +359,22 @@ where
             source,
         })
     }
+}
+
+/// The files of `disk`'s chain (its own first, then `chain`) and the key file `source` opens
+/// them with, as [`decode_checked`] takes them.
+fn decode_files(
+    dir: &Path,
+    disk: &ManifestDisk,
+    chain: &[Checked],
+    source: &ImageLocation,
+) -> (Vec<Checked>, Option<std::path::PathBuf>) {
+    let files = std::iter::once((dir.to_owned(), disk.clone())).chain(chain.iter().cloned()).collect();
+    let key = match source {
+        ImageLocation::Stored(image) => image.key.clone(),
+        _ => None,
+    };
+    (files, key)
 }
 
 /// How a new RBD volume reaches the cluster: the first RBD disk of the VM it is attached to,

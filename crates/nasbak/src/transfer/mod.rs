@@ -291,75 +291,110 @@ fn copy_file_checked(
     }
 }
 
-/// Restores `source`, when it is one self-contained backup file stored compressed, encrypted or
-/// both (its manifest entry `disk`), into `tmp` (created anew) as a plain qcow2 with nasbak's own decoder
-/// ([`nasbak_qemu_img::decode`]): the file read once, its checksum checked in the same pass, the
-/// clusters decrypted and decompressed on every core. `Ok(false)`: not a file the decoder reads
-/// (a plain file, a chain, a layout it leaves to qemu-img, a file it cannot open), and nothing
-/// was written. `tmp` is
-/// removed on any failure; `backup` names the backup in errors.
+/// What [`decode_checked`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeOut {
+    /// A new plain qcow2 file (staged: removed on failure).
+    Qcow2,
+    /// A new raw file (staged: removed on failure).
+    Raw,
+    /// An existing raw file or block device, written in place (left as it is on failure, for
+    /// the caller to say).
+    InPlace,
+}
+
+/// Restores a backup disk stored compressed, encrypted or both (`files`: its file, then the files
+/// it builds on, nearest first, each with its manifest entry; `key` the repository's key file
+/// for encrypted ones) into `tmp` as `out` says, with nasbak's own decoder
+/// ([`nasbak_qemu_img::decode`]): each file read once, its checksum checked in the same pass, the
+/// clusters decrypted and decompressed on every core. `Ok(false)`: files the decoder does not
+/// read (plain ones, a reference-system chain, a layout it leaves to qemu-img, a file it cannot
+/// open), and nothing was written. A new file is removed on any failure; `backup` names the
+/// backup in errors.
 pub(crate) fn decode_checked(
-    (source, disk): (&ImageLocation, &ManifestDisk),
-    tmp: &Path,
+    (files, key): (&[Checked], Option<&Path>),
+    (tmp, out): (&Path, DecodeOut),
     (vm, target, backup): (&str, &str, &str),
     cancel: &CancelHandle,
     observer: &mut dyn Observer,
 ) -> Result<bool, BackupError> {
-    use nasbak_qemu_img::StoredLayout;
     use nasbak_qemu_img::decode::{DecodeError, Decoder};
-    if disk.stored_as == nasbak_repo::FileFormat::Plain {
+    let stored: Vec<(PathBuf, nasbak_qemu_img::StoredLayout)> =
+        files.iter().map(|(dir, m)| (dir.join(&m.file), crate::protect::layout_of(m.stored_as))).collect();
+    let encrypted = files.iter().any(|(_, m)| m.stored_as.is_encrypted());
+    if files.is_empty()
+        || files.iter().any(|(_, m)| m.stored_as == nasbak_repo::FileFormat::Plain || m.reference)
+        || (encrypted && key.is_none())
+    {
         return Ok(false);
     }
-    let (path, layout, key) = match source {
-        ImageLocation::Path(p) => (p.clone(), StoredLayout::Qcow2, None),
-        ImageLocation::Stored(image) if image.chain.len() == 1 => {
-            (image.chain[0].path.clone(), image.chain[0].layout, image.key.clone())
-        }
-        _ => return Ok(false),
-    };
-    let passphrase = match &key {
+    let passphrase = match key.filter(|_| encrypted) {
         Some(k) => Some(zeroize::Zeroizing::new(fs::read(k).map_err(|source| BackupError::Io {
             action: "reading the key file",
-            path: k.clone(),
+            path: k.to_owned(),
             source,
         })?)),
         None => None,
     };
+    let top = stored[0].0.clone();
     // What the decoder cannot open (a layout it leaves to qemu-img, a header it finds damaged)
     // goes to qemu-img, which says what it finds; a wrong key is said here.
-    let decoder = match Decoder::open(&path, layout, passphrase.as_deref().map(Vec::as_slice)) {
+    let decoder = match Decoder::open_chain(&stored, passphrase.as_deref().map(Vec::as_slice)) {
         Ok(d) => d,
-        Err(e @ DecodeError::WrongKey { .. }) => return Err(decode_error(e, backup, &path)),
+        Err(e @ DecodeError::WrongKey { .. }) => return Err(decode_error(e, backup, &top)),
         Err(_) => return Ok(false),
     };
     drop(passphrase);
-    let algorithm = disk.checksum.as_ref().map_or(hash::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
-    let mut sum = hash::StreamChecksum::new(algorithm).map_err(|source| BackupError::Io {
-        action: "checking",
-        path: path.clone(),
-        source,
-    })?;
-    let size = fs::metadata(&path).map_or(0, |m| m.len());
-    let mut first = true;
-    let _ = fs::remove_file(tmp); // the staged name is this process's own
-    let written = decoder.write_qcow2(tmp, &mut |bytes| sum.update(bytes), &mut |done| {
+    let mut sums = Vec::new();
+    for (path, _) in &stored {
+        let (_, m) = &files[sums.len()];
+        let algorithm = m.checksum.as_ref().map_or(hash::CHECKSUM_ALGORITHM, |c| c.algorithm.as_str());
+        sums.push(hash::StreamChecksum::new(algorithm).map_err(|source| BackupError::Io {
+            action: "checking",
+            path: path.clone(),
+            source,
+        })?);
+    }
+    let size: u64 = stored.iter().map(|(p, _)| fs::metadata(p).map_or(0, |m| m.len())).sum();
+    let mut first = out != DecodeOut::InPlace; // the caller's observer has its own point
+    if out != DecodeOut::InPlace {
+        let _ = fs::remove_file(tmp); // the staged name is this process's own
+    }
+    let mut sink = |i: usize, bytes: &[u8]| sums[i].update(bytes);
+    let mut report = |done| {
         if std::mem::take(&mut first) {
             crate::fault::point("restore-copy");
         }
         observer(&Progress::new(Phase::Copy, vm, done, size).on_disk(target));
         !cancel.is_cancelled()
-    });
-    let checked = written.map_err(|e| decode_error(e, backup, &path)).and_then(|_| {
-        let actual = sum.finish();
-        match &disk.checksum {
-            Some(expected) if expected.value != actual => Err(BackupError::Damaged {
-                path: path.clone(),
-                detail: format!("{} is {actual}, the manifest says {}", expected.algorithm, expected.value),
-            }),
-            _ => Ok(true),
+    };
+    let written = match out {
+        DecodeOut::Qcow2 => decoder.write_qcow2(tmp, &mut sink, &mut report),
+        DecodeOut::Raw => fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(|source| nasbak_qemu_img::decode::DecodeError::Io {
+                action: "create",
+                path: tmp.to_owned(),
+                source,
+            })
+            .and_then(|_| decoder.write_raw(tmp, &mut sink, &mut report)),
+        DecodeOut::InPlace => decoder.write_raw(tmp, &mut sink, &mut report),
+    };
+    let checked = written.map_err(|e| decode_error(e, backup, &top)).and_then(|_| {
+        for ((sum, (path, _)), (_, m)) in sums.into_iter().zip(&stored).zip(files) {
+            let actual = sum.finish();
+            if let Some(expected) = m.checksum.as_ref().filter(|c| c.value != actual) {
+                return Err(BackupError::Damaged {
+                    path: path.clone(),
+                    detail: format!("{} is {actual}, the manifest says {}", expected.algorithm, expected.value),
+                });
+            }
         }
+        Ok(true)
     });
-    if checked.is_err() {
+    if checked.is_err() && out != DecodeOut::InPlace {
         let _ = fs::remove_file(tmp);
     }
     checked
