@@ -1,13 +1,16 @@
-//! A stored backup file whose data QEMU would have to decompress or decrypt, written out as a
-//! plain qcow2 without QEMU, on every core.
+//! A stored backup file (or chain) whose data QEMU would have to decompress or decrypt, written
+//! out as a plain qcow2 or raw without QEMU, on every core.
 //!
 //! Why: `qemu-img convert` of an encrypted qcow2 decrypts sector by sector on one thread, and of
 //! a compressed one decompresses a cluster at a time: a restore of an encrypted backup took 2.3x
 //! the copy of a plain one, of a compressed one 1.6x. The formats are fixed and small (qcow2's
 //! tables, zstd frames, LUKS1's aes-xts-plain64), so this module reads them itself: the stored
 //! file once, front to back (every byte handed to the caller's checksum as it goes), each data
-//! cluster decrypted and decompressed on a pool of threads and written at its place in a new
-//! plain qcow2 whose layout is computed before the first byte is written.
+//! cluster decrypted and decompressed on a pool of threads and written at its place: in a new
+//! plain qcow2 whose layout is computed before the first byte is written
+//! ([`Decoder::write_qcow2`]), or raw into a file or onto a block device ([`Decoder::write_raw`]).
+//! In a chain each cluster comes from the topmost file whose tables map it or say it reads as
+//! zeros, as QEMU reads a backing chain.
 //!
 //! Only what nasbak stores is taken: a qcow2, or a chain of them given file by file (512 B to
 //! 2 MiB clusters, no external data file or subclusters, closed cleanly), plain, zstd-compressed,
