@@ -32,12 +32,14 @@
 mod convert;
 mod daemon;
 pub mod decode;
+pub mod encode;
 mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
 mod info;
 mod location;
 pub mod luks;
+pub mod nbd;
 mod rbd;
 mod stored;
 mod tool;

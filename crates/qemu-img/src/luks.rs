@@ -42,7 +42,7 @@ const DIGEST_LEN: usize = 20;
 /// Where QEMU puts the first keyslot's material, in sectors (4 KiB).
 const HEADER_SECTORS: u64 = 8;
 /// qcow2's header extension for the LUKS header.
-const QCOW2_CRYPTO_EXT: u32 = 0x0537_be77;
+pub(crate) const QCOW2_CRYPTO_EXT: u32 = 0x0537_be77;
 
 /// The PBKDF2 iterations of a keyslot this module makes: a few milliseconds of one core here, about what `iter-time=20` gave the keyslots QEMU
 /// made for earlier versions of nasbak (88 562 on this machine). A backup key is a random string of at least 32 characters;
@@ -360,7 +360,7 @@ impl DataCipher {
     }
 
     /// Encrypts `data` (whole 512-byte sectors) in place, its first sector numbered `sector`
-    /// (for tests: nasbak's backups are encrypted by QEMU).
+    /// (what [`crate::encode`] writes).
     pub fn encrypt(&self, data: &mut [u8], sector: u64) {
         match self {
             DataCipher::Aes128(k1, k2) => xts_encrypt(k1.as_ref(), k2.as_ref(), data, sector),
@@ -598,8 +598,9 @@ pub fn header_len() -> u64 {
 }
 
 /// A new LUKS header (aes-256 xts-plain64, sha256, laid out as QEMU lays it out) for the file
-/// `path` at `base`, its first keyslot holding `passphrase`, written into `file`.
-fn write_new_header(file: &File, path: &Path, base: u64, passphrase: &[u8]) -> Result<(), LuksError> {
+/// `path` at `base`, its first keyslot holding `passphrase`, written into `file`; its master key
+/// (new, random) given back.
+pub(crate) fn write_new_header(file: &File, path: &Path, base: u64, passphrase: &[u8]) -> Result<MasterKey, LuksError> {
     let hash = Hash::Sha256;
     let key_bytes = 64usize;
     let mut master = Zeroizing::new(vec![0u8; key_bytes]);
@@ -631,7 +632,9 @@ fn write_new_header(file: &File, path: &Path, base: u64, passphrase: &[u8]) -> R
     let header = Header::parse(b).map_err(|detail| LuksError::Format { path: path.to_owned(), detail })?;
     let mut luks = LuksFile { path: path.to_owned(), base, header };
     luks.write_header(file)?;
-    luks.add(&MasterKey { key: master, slot: 0 }, passphrase)
+    let key = MasterKey { key: master, slot: 0 };
+    luks.add(&key, passphrase)?;
+    Ok(key)
 }
 
 /// Creates (or replaces) `path` as a sparse LUKS container (QEMU's `luks` format, aes-256
@@ -648,7 +651,7 @@ pub fn create_container(path: &Path, payload: u64, passphrase: &[u8]) -> Result<
 }
 
 /// qcow2's header extension naming the backing file's format.
-const QCOW2_BACKING_FORMAT_EXT: u32 = 0xe279_2aca;
+pub(crate) const QCOW2_BACKING_FORMAT_EXT: u32 = 0xe279_2aca;
 const QCOW2_CLUSTER_BITS: u32 = 16;
 
 /// Creates (or replaces) `path` as an empty qcow2 (version 3, 64 KiB clusters) of `size` bytes

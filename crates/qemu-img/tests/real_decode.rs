@@ -6,7 +6,6 @@
 //! before writing, or fails without calling the result good.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,49 +14,8 @@ use nasbak_qemu_img::decode::{DecodeError, Decoder};
 use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageTool, QemuImg, StoredLayout, TargetProtection};
 use sha2::{Digest, Sha256};
 
-const KEY: &str = "a-backup-key-of-at-least-32-characters!!";
-
-fn qemu_img(args: &[&str]) -> Result<String, String> {
-    ExternalCommand::new("qemu-img")
-        .args(args)
-        .timeout(std::time::Duration::from_secs(120))
-        .run()
-        .map(|o| o.stdout_text())
-        .map_err(|e| format!("{e:?}"))
-}
-
-fn key_file(dir: &Path) -> PathBuf {
-    let path = dir.join("key");
-    fs::write(&path, KEY).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
-/// A raw disk of `size` bytes: pseudo-random clusters, text-like (compressible) clusters, zero
-/// clusters and holes, a partial cluster at its end.
-fn disk(dir: &Path, size: u64) -> PathBuf {
-    let path = dir.join("disk.raw");
-    let mut bytes = vec![0u8; size as usize];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for (n, cluster) in bytes.chunks_mut(64 << 10).enumerate() {
-        match n % 7 {
-            0 | 3 => cluster.iter_mut().for_each(|b| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }),
-            1 | 5 => {
-                let line = format!("cluster {n}: the quick brown fox jumps over the lazy dog\n");
-                cluster.iter_mut().zip(line.bytes().cycle()).for_each(|(b, c)| *b = c);
-            }
-            4 => cluster[100] = 1, // one byte: compresses, is not zero
-            _ => {}
-        }
-    }
-    fs::write(&path, &bytes).unwrap();
-    path
-}
+mod common;
+use common::{KEY, disk, key_file, qemu_img, qemu_io_opts};
 
 /// `source` written by qemu-img (through nasbak's own convert) as `layout`.
 fn stored(dir: &Path, source: &Path, name: &str, layout: StoredLayout, compressed: bool, key: &Path) -> PathBuf {
@@ -195,13 +153,7 @@ fn chain_opts(top: &Path, depth: usize, encrypted: bool) -> String {
 /// `qemu-io` commands run on `top` (a qcow2 over `depth` files), opened with the key file `key`
 /// when `encrypted`.
 fn qemu_io(top: &Path, depth: usize, encrypted: bool, key: &Path, commands: &[&str]) {
-    let secret = format!("secret,id=k,file={}", key.display());
-    let opts = chain_opts(top, depth, encrypted);
-    let mut args = vec!["--object", &secret, "--image-opts", &opts];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    ExternalCommand::new("qemu-io").args(&args).timeout(std::time::Duration::from_secs(60)).run().unwrap();
+    qemu_io_opts(&chain_opts(top, depth, encrypted), key, commands);
 }
 
 #[test]
