@@ -817,17 +817,15 @@ fn prune_killed_mid_merge() -> Row {
     row("prune killed mid-merge, before the switch", checks, None, extra, &said)
 }
 
-/// SIGKILL with the push job of a running VM writing into an encrypted and compressed
-/// repository (through qemu-storage-daemon's export): the daemon dies with nasbak, the watchdog
-/// aborts the job, and the next backup cleans up (the partial directory, the dead export) and
+/// SIGKILL while nasbak reads a running VM's pull job into a compressed and encrypted backup
+/// (a file half written, the export's connection open): the watchdog aborts the job, and the
+/// next backup cleans up (the partial directory, the dead run's socket and scratch) and
 /// succeeds; every listed backup verifies.
 fn kill_encrypted_backup() -> Row {
     kill_protected_backup("kencrypted", true)
 }
 
-/// SIGKILL with the push job of a running VM writing into an encrypting repository (QEMU
-/// encrypting, the key a transient libvirt secret): the watchdog aborts the job, and the next
-/// backup cleans up (the partial directory, the dead run's secret) and succeeds.
+/// The same with an encrypting repository that does not compress.
 fn kill_qemu_encrypted_backup() -> Row {
     kill_protected_backup("kqemuenc", false)
 }
@@ -846,7 +844,7 @@ fn kill_protected_backup(name: &str, compress: bool) -> Row {
     lab.dom.wait_for_agent(Duration::from_secs(120));
     let secrets = || virsh(&["secret-list", "--ephemeral"]).unwrap_or_default().lines().count();
     let before = secrets();
-    let mut child = lab.spawn_paused(&["--json", "backup", lab.name(), "--quiesce", "required"], "job-started");
+    let mut child = lab.spawn_paused(&["--json", "backup", lab.name(), "--quiesce", "required"], "pull-read");
     signal(&child, Signal::SIGKILL);
     child.wait().unwrap();
     let mut extra = Vec::new();
@@ -861,10 +859,25 @@ fn kill_protected_backup(name: &str, compress: bool) -> Row {
     if made["manifest"]["disks"][0]["stored_as"] != stored {
         extra.push(format!("the next backup is not stored {stored}: {}", made["manifest"]));
     }
-    let exports = Path::new(RUNTIME).join("exports").join(lab.name());
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    if mounts.contains(&*exports.to_string_lossy()) {
-        extra.push(format!("an export is still mounted under {}", exports.display()));
+    if made["manifest"]["method"] != "pull-job" {
+        extra.push(format!("the next backup was not read from a pull job: {}", made["manifest"]["method"]));
+    }
+    // The dead run's socket and scratch directories are gone (the next run removed them).
+    let dead = format!("{}-", child.id());
+    let sockets = nasbak::SHORT_PULL_SOCKET_ROOT;
+    for root in
+        [Path::new(RUNTIME).join("p"), PathBuf::from(sockets), Path::new(nasbak::DEFAULT_PULL_SCRATCH).join(lab.name())]
+    {
+        let left: Vec<_> = fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&dead))
+            .map(|e| e.path())
+            .collect();
+        if !left.is_empty() {
+            extra.push(format!("the killed run left {left:?}"));
+        }
     }
     if secrets() != before {
         extra.push(format!(
@@ -874,9 +887,9 @@ fn kill_protected_backup(name: &str, compress: bool) -> Row {
     }
     let checks = lab.checks(&said, &["unfinished backup"]);
     let title = if compress {
-        "SIGKILL with the job writing an encrypted backup"
+        "SIGKILL reading the pull job into a compressed, encrypted backup"
     } else {
-        "SIGKILL with QEMU encrypting the job's backup"
+        "SIGKILL reading the pull job into an encrypted backup"
     };
     row(title, checks, None, extra, &said)
 }

@@ -1,4 +1,5 @@
-//! Push-mode backup XML and checkpoint XML: built from the model, parsed back.
+//! Backup XML (push mode, and pull mode with a Unix-socket NBD export) and checkpoint XML:
+//! built from the model, parsed back.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,8 @@ use crate::domain::{Domain, XmlError};
 pub struct BackupTarget {
     /// The disk's target device (`vda`).
     pub disk: String,
-    /// The qcow2 file QEMU writes.
+    /// The qcow2 file QEMU writes (in pull mode: the scratch file that keeps what the guest
+    /// overwrites while the export is read).
     pub file: PathBuf,
     /// For an incremental copy of this disk: the checkpoint whose changes it copies (`None`: the
     /// whole disk).
@@ -20,7 +22,10 @@ pub struct BackupTarget {
 }
 
 /// A push-mode `<domainbackup>`: each listed disk into its own qcow2 file, every other disk of
-/// the domain explicitly `backup='no'`.
+/// the domain explicitly `backup='no'`. With [`PushBackup::pull_socket`], the same backup in
+/// pull mode: QEMU exports each disk's point-in-time view over NBD on that socket (export name:
+/// the disk's target; an incremental disk's changes as the bitmap `backup-<target>`), keeping
+/// what the guest overwrites in the target's scratch file, until the job is aborted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushBackup {
     /// The disks to back up and their files.
@@ -39,6 +44,14 @@ pub struct PushBackup {
     /// passphrase in the libvirt secret of this UUID: `<encryption format='luks'>` in each
     /// target, and libvirt told to reuse the files. QEMU encrypts what the job writes.
     pub encryption_secret: Option<String>,
+    /// Pull mode: the Unix socket QEMU's NBD server listens on.
+    pub pull_socket: Option<PathBuf>,
+}
+
+/// The name of the dirty bitmap a pull-mode export of an incremental disk offers
+/// (`qemu:dirty-bitmap:<name>` as an NBD metadata context).
+pub fn export_bitmap(disk: &str) -> String {
+    format!("backup-{disk}")
 }
 
 impl PushBackup {
@@ -59,12 +72,13 @@ impl PushBackup {
                 .collect(),
             into_existing_raw: false,
             encryption_secret: None,
+            pull_socket: None,
         }
     }
 
     /// Whether the targets exist before the job (`VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`).
     pub fn reuses_targets(&self) -> bool {
-        self.into_existing_raw || self.encryption_secret.is_some()
+        self.pull_socket.is_none() && (self.into_existing_raw || self.encryption_secret.is_some())
     }
 
     /// The `<domainbackup mode='push'>` document.
@@ -73,13 +87,19 @@ impl PushBackup {
     /// use nasbak_libvirt::{BackupTarget, PushBackup};
     /// let b = PushBackup { targets: vec![BackupTarget { disk: "vda".into(), file: "/r/a&b.qcow2".into(), incremental: None }],
     ///                      excluded: vec!["hdc".into()], checkpoint: None, without_bitmap: vec![],
-    ///                      into_existing_raw: false, encryption_secret: None };
+    ///                      into_existing_raw: false, encryption_secret: None, pull_socket: None };
     /// let xml = b.to_xml();
     /// assert!(xml.contains("<target file='/r/a&amp;b.qcow2'/>"));
     /// assert_eq!(PushBackup::parse(&xml).unwrap(), b);
     /// ```
     pub fn to_xml(&self) -> String {
-        let mut x = String::from("<domainbackup mode='push'>\n  <disks>\n");
+        let mut x = match &self.pull_socket {
+            None => String::from("<domainbackup mode='push'>\n  <disks>\n"),
+            Some(socket) => format!(
+                "<domainbackup mode='pull'>\n  <server transport='unix' socket='{}'/>\n  <disks>\n",
+                escape(socket.to_string_lossy().as_ref())
+            ),
+        };
         let any_incremental = self.targets.iter().any(|t| t.incremental.is_some());
         for t in &self.targets {
             // Per disk (libvirt >= 7.6): an incremental copy names its checkpoint; in a backup
@@ -89,8 +109,19 @@ impl PushBackup {
                 None if any_incremental => " backupmode='full'".to_owned(),
                 None => String::new(),
             };
-            let driver = if self.into_existing_raw { "raw" } else { "qcow2" };
+            let driver = if self.into_existing_raw && self.pull_socket.is_none() { "raw" } else { "qcow2" };
             let file = escape(t.file.to_string_lossy().as_ref()).into_owned();
+            if self.pull_socket.is_some() {
+                let disk = escape(t.disk.as_str());
+                let bitmap = match &t.incremental {
+                    Some(_) => format!(" exportbitmap='{}'", escape(export_bitmap(&t.disk).as_str())),
+                    None => String::new(),
+                };
+                x.push_str(&format!(
+                    "    <disk name='{disk}' backup='yes' type='file' exportname='{disk}'{bitmap}{mode}>\n      <driver type='qcow2'/>\n      <scratch file='{file}'/>\n    </disk>\n",
+                ));
+                continue;
+            }
             let target = match &self.encryption_secret {
                 None => format!("<target file='{file}'/>"),
                 Some(uuid) => format!(
@@ -140,12 +171,17 @@ impl PushBackup {
             without_bitmap: Vec::new(),
             into_existing_raw: false,
             encryption_secret: None,
+            pull_socket: raw
+                .server
+                .filter(|_| raw.mode.as_deref() == Some("pull"))
+                .and_then(|s| s.socket)
+                .map(PathBuf::from),
         };
         for d in raw.disks.map(|d| d.disks).unwrap_or_default() {
             if let Some(uuid) = d.target.as_ref().and_then(|t| t.encryption.as_ref()).and_then(|e| e.secret.as_ref()) {
                 b.encryption_secret = uuid.uuid.clone();
             }
-            match (d.backup.as_deref(), d.target.and_then(|t| t.file)) {
+            match (d.backup.as_deref(), d.target.or(d.scratch).and_then(|t| t.file)) {
                 (Some("no"), _) => b.excluded.push(d.name),
                 (_, Some(file)) => b.targets.push(BackupTarget {
                     disk: d.name,
@@ -161,7 +197,16 @@ impl PushBackup {
 
 #[derive(Debug, Deserialize)]
 struct XmlBackup {
+    #[serde(rename = "@mode")]
+    mode: Option<String>,
+    server: Option<XmlServer>,
     disks: Option<XmlBackupDisks>,
+}
+
+#[derive(Debug, Deserialize)]
+struct XmlServer {
+    #[serde(rename = "@socket")]
+    socket: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +226,7 @@ struct XmlBackupDisk {
     #[serde(rename = "@incremental")]
     incremental: Option<String>,
     target: Option<XmlBackupTarget>,
+    scratch: Option<XmlBackupTarget>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +311,25 @@ mod tests {
             (shape(&b.targets), b.encryption_secret.clone())
         );
         assert!(b.reuses_targets());
+        // Pull mode: a Unix-socket server, each disk exported by its target's name with a
+        // scratch file, an incremental disk's bitmap exported; libvirt makes the scratch files.
+        b.encryption_secret = None;
+        b.pull_socket = Some("/run/nasbak/exports/v/pull-1/nbd.sock".into());
+        let pull = b.to_xml();
+        assert!(pull.starts_with("<domainbackup mode='pull'>\n  <server transport='unix' socket='/run/nasbak/exports/v/pull-1/nbd.sock'/>"), "{pull}");
+        assert!(
+            pull.contains("<disk name='vda' backup='yes' type='file' exportname='vda' exportbitmap='backup-vda' backupmode='incremental' incremental='nasbak-0'>"),
+            "{pull}"
+        );
+        assert!(
+            pull.contains("<disk name='vdb' backup='yes' type='file' exportname='vdb' backupmode='full'>"),
+            "{pull}"
+        );
+        assert_eq!(pull.matches("<scratch file=").count(), 2, "{pull}");
+        assert!(!pull.contains("<target") && !pull.contains("type='raw'"), "{pull}");
+        assert!(!b.reuses_targets());
+        let back = PushBackup::parse(&pull).unwrap();
+        assert_eq!((shape(&back.targets), back.pull_socket.clone()), (shape(&b.targets), b.pull_socket.clone()));
     }
 }
 

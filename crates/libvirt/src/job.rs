@@ -291,6 +291,26 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
     }
 }
 
+impl<H: Hypervisor> RunningBackup<'_, H> {
+    /// Ends a pull-mode job whose export has been read: aborted (a pull job runs until then)
+    /// and waited for until libvirt no longer lists it. A job that ended by itself before
+    /// failed, and says why: what was read from its export may not be whole.
+    pub fn end_pull(mut self) -> Result<(), JobError> {
+        let domain = self.domain.clone();
+        let info = self.hv.current_job(&domain).map_err(|e| JobError::following(&domain, e))?;
+        self.armed = false;
+        if info.kind != JobKind::Active {
+            let done = self.hv.completed_job(&domain).map_err(|e| JobError::following(&domain, e))?;
+            return Err(JobError::Failed {
+                domain,
+                message: done.error.unwrap_or_else(|| "the pull job ended before its export was read".into()),
+            });
+        }
+        abort_and_wait(self.hv, &domain);
+        Ok(())
+    }
+}
+
 /// Aborts the job and waits until libvirt no longer lists it, within the cleanup budget
 /// ([`crate::deadline::CLEANUP_BUDGET`]) whatever the operation's deadline was: a QEMU that does
 /// not answer gets the abort sent and is left with it.
@@ -330,6 +350,7 @@ mod tests {
             without_bitmap: Vec::new(),
             into_existing_raw: false,
             encryption_secret: None,
+            pull_socket: None,
         }
     }
 
@@ -484,6 +505,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_job_is_aborted_to_end_and_one_that_ended_by_itself_failed() {
+        let mut hv = MockHypervisor::new();
+        let mut polls = 0;
+        hv.expect_current_job().returning(move |_| {
+            polls += 1;
+            // Idle before the begin, running until the abort.
+            Ok(job(if polls == 1 || polls > 2 { JobKind::None } else { JobKind::Active }, 0))
+        });
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
+        hv.expect_abort_job().times(1).returning(|_| Ok(()));
+        hv.expect_completed_job().returning(|_| Ok(job(JobKind::Cancelled, 0)));
+        start_backup(&hv, "vm1", &empty()).unwrap().end_pull().unwrap();
+        // Ended before it was read: failed, with libvirt's reason; no abort.
+        let mut hv = MockHypervisor::new();
+        hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
+        hv.expect_abort_job().times(0);
+        hv.expect_completed_job()
+            .returning(|_| Ok(JobInfo { error: Some("scratch file full".into()), ..job(JobKind::Failed, 0) }));
+        let e = start_backup(&hv, "vm1", &empty()).unwrap().end_pull().unwrap_err();
+        assert!(e.to_string().contains("scratch file full"), "{e}");
+    }
+
+    #[test]
     fn begin_failures_get_a_hint() {
         let dir = std::env::temp_dir();
         let backup = PushBackup {
@@ -493,6 +538,7 @@ mod tests {
             without_bitmap: Vec::new(),
             into_existing_raw: false,
             encryption_secret: None,
+            pull_socket: None,
         };
         let mut hv = MockHypervisor::new();
         hv.expect_current_job().returning(|_| Ok(job(JobKind::None, 0)));

@@ -44,7 +44,7 @@ mod job;
 mod rewrite;
 mod xml_shape;
 
-pub use backup::{BackupTarget, Checkpoint, PushBackup};
+pub use backup::{BackupTarget, Checkpoint, PushBackup, export_bitmap};
 pub use domain::{
     BackingLayer, Disk, DiskDevice, DiskEncryption, DiskSource, Domain, EmulatedTpm, NetworkAuth, NetworkHost, Nvram,
     SkippedDisk, XmlError, attach_bus, disk_attach_xml, disk_copy_destination_xml,

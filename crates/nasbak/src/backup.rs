@@ -555,7 +555,7 @@ where
                         &mut *observer,
                     )
                 };
-                let (quiesced, note, state) = match push(chain, notes) {
+                let (quiesced, note, state, method) = match push(chain, notes) {
                     // libvirt refused the incremental job although it accepted the checkpoint
                     // (a bitmap found inconsistent when the job starts): a full instead, the
                     // reason recorded. Never an error where a full would do.
@@ -583,7 +583,7 @@ where
                 self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
-                Ok(Copied { method: BackupMethod::PushJob, quiesced, note, state })
+                Ok(Copied { method, quiesced, note, state })
             }
             DomainState::ShutOff => {
                 // Nothing writes a shut-off VM's state: read before its disks.
@@ -799,7 +799,7 @@ where
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
         (notes, snapshots, staging): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>, Option<&crate::staging::Staging>),
         observer: &mut dyn Observer,
-    ) -> Result<(bool, Option<String>, crate::vmstate::Captured), PushFailure> {
+    ) -> Result<(bool, Option<String>, crate::vmstate::Captured, BackupMethod), PushFailure> {
         // The job's files go to the scratch directory when there is one, else to the partial
         // directory on the repository.
         let partial = staging.map_or(run.partial, |s| s.path());
@@ -820,14 +820,18 @@ where
             let incremental = plan.disks.iter().any(|d| d.target == t.disk && d.mode == BackupMode::Incremental);
             t.incremental = if incremental { from.map(str::to_owned) } else { None };
         }
-        // An encrypting repository: the job writes LUKS-encrypted qcow2 files nasbak made, QEMU
-        // encrypting with the key given it as a transient libvirt secret. A compressing one: the
-        // job writes raw files that store it compressed (or compressed and encrypted). Both made
-        // before the guest is frozen.
-        let job_secret = self.encrypted_targets(run)?;
+        // A compressing or encrypting repository: a pull job, whose exports nasbak reads and
+        // writes compressed or encrypted on every core (see `crate::pull`); the files are
+        // written where the push job's would be.
+        let (pull, pull_disks, passphrase) = self.pull_targets(run, plan, &mut backup)?;
+        // Where a disk is itself encrypted, the push job: into LUKS-encrypted qcow2 files nasbak
+        // made, QEMU encrypting with the key given it as a transient libvirt secret, or (a
+        // compressing repository) into raw files that store it compressed (or compressed and
+        // encrypted). Both made before the guest is frozen.
+        let job_secret = if pull.is_some() { None } else { self.encrypted_targets(run)? };
         backup.encryption_secret = job_secret.as_ref().map(|s| s.uuid.clone());
         let exports: Vec<(String, WritableExport)> =
-            if job_secret.is_some() { Vec::new() } else { self.protected_targets(run, plan)? };
+            if job_secret.is_some() || pull.is_some() { Vec::new() } else { self.protected_targets(run, plan)? };
         if !exports.is_empty() {
             backup.into_existing_raw = true;
             for t in &mut backup.targets {
@@ -893,22 +897,40 @@ where
             }
         };
         crate::fault::point("job-started");
-        let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
-        let mut wait = |job: nasbak_libvirt::RunningBackup<'_, H>, cancel: &CancelHandle| {
-            job.wait(options, cancel, &mut |p| {
-                observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
-            })
-            .map(drop)
-        };
-        let waited = match (job, staging) {
-            // A job that ended within the limit's last check, past it, fails as one stopped.
-            (Some(job), Some(s)) => match s.watch(cancel, SCRATCH_CHECK, |c| wait(job, c)) {
-                (Err(_), Some(reason)) => Err(s.full(reason)),
-                (Ok(()), _) if let Some(reason) = s.exceeded() => Err(s.full(reason)),
-                (waited, _) => waited.map_err(BackupError::from),
-            },
-            (Some(job), None) => wait(job, cancel).map_err(BackupError::from),
-            (None, _) => Ok(()),
+        let waited = match (job, &pull) {
+            // The exports read while the scratch is watched, then the job ended.
+            (Some(job), Some(p)) => {
+                let deadline = std::time::Instant::now() + request.timeout;
+                let key = (run.format, passphrase.as_deref().map(Vec::as_slice));
+                let read = |c: &CancelHandle| {
+                    crate::pull::read_disks(&p.socket, &pull_disks, key, (deadline, c), (&request.vm, &mut *observer))
+                        .and_then(|()| job.end_pull().map_err(BackupError::from))
+                };
+                match p.scratch.watch(cancel, SCRATCH_CHECK, read) {
+                    (Err(_), Some(reason)) => Err(p.scratch.full(reason)),
+                    (waited, _) => waited,
+                }
+            }
+            (job, _) => {
+                let options = JobOptions { timeout: request.timeout, ..JobOptions::default() };
+                let mut wait = |job: nasbak_libvirt::RunningBackup<'_, H>, cancel: &CancelHandle| {
+                    job.wait(options, cancel, &mut |p| {
+                        observer(&Progress::new(Phase::Job, &request.vm, p.processed, p.total));
+                    })
+                    .map(drop)
+                };
+                match (job, staging) {
+                    // A job that ended within the limit's last check, past it, fails as one
+                    // stopped.
+                    (Some(job), Some(s)) => match s.watch(cancel, SCRATCH_CHECK, |c| wait(job, c)) {
+                        (Err(_), Some(reason)) => Err(s.full(reason)),
+                        (Ok(()), _) if let Some(reason) = s.exceeded() => Err(s.full(reason)),
+                        (waited, _) => waited.map_err(BackupError::from),
+                    },
+                    (Some(job), None) => wait(job, cancel).map_err(BackupError::from),
+                    (None, _) => Ok(()),
+                }
+            }
         };
         let mut frozen = None;
         if let (Some(first), Ok(agent)) = (thaw_failed, &agent) {
@@ -931,7 +953,59 @@ where
         for (target, export) in exports {
             export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
-        Ok((outcome.quiesced, outcome.note, state))
+        let method = if pull.is_some() { BackupMethod::PullJob } else { BackupMethod::PushJob };
+        Ok((outcome.quiesced, outcome.note, state, method))
+    }
+
+    /// For a repository that compresses or encrypts (and no disk that is itself encrypted): the
+    /// job made a pull job (its socket and scratch files, see `crate::pull`), and the disks
+    /// nasbak then reads from it with the files they go to and the key they are encrypted with.
+    #[allow(clippy::type_complexity)]
+    fn pull_targets(
+        &self,
+        run: &Run<'_>,
+        plan: &crate::chain::ChainPlan,
+        backup: &mut PushBackup,
+    ) -> Result<
+        (Option<crate::pull::PullSetup>, Vec<crate::pull::PullDisk>, Option<zeroize::Zeroizing<Vec<u8>>>),
+        BackupError,
+    > {
+        let disks: Vec<&Disk> =
+            run.files.iter().filter(|(d, _)| !run.rbd.contains_key(&d.target)).map(|(d, _)| *d).collect();
+        if backup.targets.is_empty() || !crate::pull::wanted(run.format, &disks) {
+            return Ok((None, Vec::new(), None));
+        }
+        let passphrase = match run.key.filter(|_| run.format.is_encrypted()) {
+            Some(k) => Some(zeroize::Zeroizing::new(
+                fs::read(k.path()).map_err(io("reading the repository's key from", k.path()))?,
+            )),
+            None if run.format.is_encrypted() => {
+                return Err(BackupError::KeyNeeded {
+                    backup: format!("{}:{}", run.request.repository.name(), run.request.vm),
+                    detail: "the repository encrypts and no key was resolved".into(),
+                });
+            }
+            None => None,
+        };
+        let name = run.partial.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(&name);
+        // The scratch holds at most what the guest overwrites of its disks meanwhile.
+        let limit = run.sizes.values().sum::<u64>() + (1 << 30);
+        let setup =
+            crate::pull::prepare(&self.runtime_dir, self.scratch.as_ref(), (&run.request.vm, id, run.xml), limit)?;
+        backup.pull_socket = Some(setup.socket.clone());
+        let mut disks = Vec::new();
+        for t in &mut backup.targets {
+            let planned = plan.disks.iter().find(|d| d.target == t.disk);
+            disks.push(crate::pull::PullDisk {
+                target: t.disk.clone(),
+                file: t.file.clone(),
+                incremental: t.incremental.is_some(),
+                backing: planned.filter(|d| d.mode == BackupMode::Incremental).and_then(|d| d.backing.clone()),
+            });
+            t.file = setup.scratch.path().join(format!("{}.scratch", t.disk));
+        }
+        Ok((Some(setup), disks, passphrase))
     }
 
     /// Copies each file the job staged in the scratch directory to the partial directory on the

@@ -212,6 +212,15 @@ pub enum BackupError {
         /// What happened, with the limit and what was used.
         detail: String,
     },
+    /// Reading a running VM's disks from its pull-mode backup job's export, or writing what
+    /// was read into the backup's files, failed.
+    #[error("{action}: {detail}")]
+    Pull {
+        /// What was being done (the disk and VM named).
+        action: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// No disk to back up.
     #[error("{vm} has no disk that can be backed up")]
     NothingToBackUp {
@@ -492,7 +501,7 @@ impl BackupError {
             BackupError::Mount(_) => Some(Step::Mount),
             BackupError::Lock(_) | BackupError::HalfRestored { .. } => Some(Step::Lock),
             BackupError::NoSpace { .. } => Some(Step::Space),
-            BackupError::Scratch { .. } => Some(Step::Job),
+            BackupError::Scratch { .. } | BackupError::Pull { .. } => Some(Step::Job),
             BackupError::Job(_) => Some(Step::Job),
             BackupError::Agent(_) => Some(Step::Freeze),
             BackupError::AttachFailed { .. } => Some(Step::Attach),

@@ -95,6 +95,7 @@ mod outcome;
 pub mod progress;
 mod protect;
 pub mod prune;
+mod pull;
 mod rbd;
 mod request;
 mod restore;
@@ -122,6 +123,7 @@ pub use outcome::{
 };
 pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;
+pub use pull::{DEFAULT_PULL_SCRATCH, SHORT_SOCKET_ROOT as SHORT_PULL_SOCKET_ROOT};
 pub use request::{
     BackupRequest, BootVerifyRequest, DEFAULT_BACKUP_TIMEOUT, DEFAULT_BOOT_TIMEOUT, DEFAULT_FINISH_TIMEOUT,
     DEFAULT_INSTANT_DIR, DEFAULT_VERIFY_DIR, InstantRestoreRequest, MountRequest, RestoreRequest, Scratch,

@@ -16,8 +16,8 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, QemuImg};
 use nasbak::nasbak_repo::{
-    BackupMode, BackupRepository, Compression, Encryption, FileFormat, KeySource, MountTimeouts, Protection,
-    RepositoryKind, RepositoryMounts, SystemMounter,
+    BackupMethod, BackupMode, BackupRepository, Compression, Encryption, FileFormat, KeySource, MountTimeouts,
+    Protection, RepositoryKind, RepositoryMounts, SystemMounter,
 };
 use nasbak::{
     BackupOutcome, BackupRequest, Catalog, Engine, ErrorKind, FileStatus, InstantRestoreRequest, Phase, RestoreRequest,
@@ -467,7 +467,7 @@ fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next(
 }
 
 #[test]
-fn running_backups_go_through_qemus_encryption_or_an_export_and_every_point_restores() {
+fn running_backups_are_read_from_a_pull_job_and_written_by_nasbak_and_every_point_restores() {
     let dom = DomainSpec::new("protrun").disk(DiskSpec::qcow2(32)).disk(DiskSpec::raw(8)).running(true).create();
     let e = engine(&dom.dir().join("runtime"));
     let catalog = Catalog::new(e.images(), e.mounts());
@@ -486,15 +486,27 @@ fn running_backups_go_through_qemus_encryption_or_an_export_and_every_point_rest
                 .unwrap_or_else(|err| panic!("{name}: {}", nasbak::chain(&err)))
         };
         dom.write_through_qemu(0, 0x11, "0", "4M");
-        // An encrypting repository: QEMU encrypts what the job writes (no export, no daemon);
-        // a compressing one: the job writes through an export.
-        let exports = dom.dir().join("runtime").join("exports").to_string_lossy().into_owned();
+        // A pull job: QEMU exports the disks, nasbak reads and encodes them (no export daemon,
+        // no secret given to libvirt), its socket and scratch gone once it is done.
         let ephemeral = || nasbak_testlab::virsh(&["secret-list", "--ephemeral"]).unwrap().lines().count();
         let secrets_before = ephemeral();
-        let (full, seen) = watching_processes(&[&exports], backup);
-        assert_eq!(seen[0], compression == Compression::Zstd, "{name}: an export served the job: {}", seen[0]);
-        assert_eq!(ephemeral(), secrets_before, "{name}: the job's transient secret is gone");
+        let (full, seen) = watching_processes(&["qemu-storage-daemon"], backup);
+        assert!(!seen[0], "{name}: no qemu-storage-daemon ran");
+        assert_eq!(full.manifest.method, BackupMethod::PullJob, "{name}");
+        assert_eq!(ephemeral(), secrets_before, "{name}: no secret was given to libvirt");
         assert!(full.manifest.disks.iter().all(|d| d.stored_as == format), "{name}: {:?}", full.manifest.disks);
+        // The sockets' directory is `<runtime>/p`, or a short root where that path is long.
+        let mine = format!("{}-", std::process::id());
+        let left: Vec<_> = [dom.dir().join("runtime").join("p"), PathBuf::from(nasbak::SHORT_PULL_SOCKET_ROOT)]
+            .iter()
+            .flat_map(|root| fs::read_dir(root).into_iter().flatten().flatten())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{name}: the job's socket directory is gone: {left:?}");
+        let scratch = Path::new(nasbak::DEFAULT_PULL_SCRATCH).join(dom.name());
+        let left: Vec<_> = fs::read_dir(&scratch).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "{name}: the job's scratch is gone: {left:?}");
         let p1 = dom.raw_copy(0, &format!("{name}-r1"));
         dom.write_through_qemu(0, 0x22, "8M", "2M");
         // Zeroes over data the full holds: the incremental must say so, not fall through to it.
@@ -503,6 +515,7 @@ fn running_backups_go_through_qemus_encryption_or_an_export_and_every_point_rest
         let m = &inc.manifest;
         assert_eq!((m.mode, m.parent.as_deref()), (BackupMode::Incremental, Some(full.manifest.id.as_str())), "{m:?}");
         assert_eq!(m.disks[0].mode, BackupMode::Incremental);
+        assert_eq!(m.method, BackupMethod::PullJob, "{name}");
         assert!(m.disks.iter().all(|d| d.stored_as == format), "{name}");
         let allocated = fs::metadata(root.join(&inc.relative_dir).join(&m.disks[0].file)).unwrap().blocks_on_disk();
         assert!(allocated < 8 << 20, "{name}: the incremental holds about the 3 MiB changed: {allocated}");
@@ -635,14 +648,24 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let root = dom.dir().join("repo-enc");
     let repo = repository("enc", &root, Compression::None, Encryption::Luks, Some(&key));
     let running = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // Such a volume is read by the push job, never a pull job, whose scratch file would keep
+    // what the guest overwrites as plaintext: on a repository that also compresses, the job
+    // writes through an export.
+    assert_eq!(running.manifest.method, BackupMethod::PushJob);
+    let both_root = dom.dir().join("repo-both");
+    let both = repository("both", &both_root, Compression::Zstd, Encryption::Luks, Some(&key));
+    let exported = e.backup(&BackupRequest::new(dom.name(), both.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
+    assert_eq!(exported.manifest.method, BackupMethod::PushJob);
+    assert!(exported.manifest.disks.iter().all(|d| d.stored_as == FileFormat::CompressedInLuks));
     dom.destroy();
     let point = decrypted(&disk, &passphrase, &dom.dir().join("point.raw"));
     let stopped = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap();
     assert!(stopped.manifest.disks.iter().all(|d| d.stored_as == FileFormat::Encrypted));
     assert_eq!(plaintext_sectors(&root, &random), 0, "no sector of the volume's data in plaintext");
+    assert_eq!(plaintext_sectors(&both_root, &random), 0, "no sector of the volume's data in plaintext");
     // The volume is overwritten, then the whole VM restored: the volume is LUKS again, with its
     // own passphrase, holding the point.
-    for made in [&running, &stopped] {
+    for (repo, made) in [(&repo, &running), (&repo, &stopped), (&both, &exported)] {
         ExternalCommand::new("qemu-io")
             .args(["--object", &format!("secret,id=v0,file={}", passphrase.display()), "--image-opts"])
             .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", disk.display()))

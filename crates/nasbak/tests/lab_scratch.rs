@@ -74,13 +74,14 @@ fn staged_backups_are_stored_as_the_repository_says_and_every_point_restores() {
             .unwrap()
             .with_protection(Protection::new(compression, encryption, k).unwrap());
         let backup = || {
-            // While the job runs: its files are in the scratch directory, stored as the
-            // repository says (never plaintext where it encrypts), none yet on the repository.
+            // As the job ends (its last report): its files are in the scratch directory,
+            // stored as the repository says (never plaintext where it encrypts), none yet on the
+            // repository.
             let mut seen: Option<(Vec<Staged>, Vec<PathBuf>)> = None;
             let request = BackupRequest::new(dom.name(), repo.clone()).with_mode(ModeRequest::Auto);
             let made = e
                 .backup(&request, &CancelHandle::new(), &mut |p| {
-                    if p.phase == Phase::Job && seen.is_none() {
+                    if p.phase == Phase::Job {
                         let staged = files_under(&scratch)
                             .into_iter()
                             .map(|f| {

@@ -360,7 +360,7 @@ impl DataCipher {
     }
 
     /// Encrypts `data` (whole 512-byte sectors) in place, its first sector numbered `sector`
-    /// (what [`crate::encode`] writes).
+    /// (the encoder's, see the `encode` module).
     pub fn encrypt(&self, data: &mut [u8], sector: u64) {
         match self {
             DataCipher::Aes128(k1, k2) => xts_encrypt(k1.as_ref(), k2.as_ref(), data, sector),

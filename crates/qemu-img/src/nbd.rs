@@ -3,7 +3,7 @@
 //! with several requests in flight.
 //!
 //! Why our own: nasbak reads a running VM's disks from libvirt's pull-mode backup export (QEMU's
-//! NBD server) and encodes them itself (see [`crate::encode`]). That needs the export's block
+//! NBD server) and encodes them itself (see the `encode` module). That needs the export's block
 //! status, an incremental's dirty bitmap included, which neither `qemu-img convert` nor a
 //! qemu-storage-daemon job copies by. The protocol subset QEMU's server speaks is small and
 //! fixed, and a few hundred lines keep the dependency tree free of C bindings.

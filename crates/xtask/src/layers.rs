@@ -29,7 +29,10 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // Bytes and processes: conversions and checked copies, read-only exports and overlays, the
     // thaw watchdog; what is inside a disk (LVM's metadata, read as it is stored); a VM's state
     // beyond its disks (NVRAM, TPM state); an S3 bucket's objects (feature `s3`).
-    ("images", &["transfer", "export", "protect", "watchdog", "lvm", "staging", "vmstate", "objstore", "objview"]),
+    (
+        "images",
+        &["transfer", "export", "protect", "watchdog", "lvm", "staging", "pull", "vmstate", "objstore", "objview"],
+    ),
     // Chain decisions and merges, over the store; which backups a retention keeps.
     ("chains", &["chain", "incremental", "merge", "rbd", "retention"]),
     // The facades the workflows add their methods to (`Engine`, `Catalog`).

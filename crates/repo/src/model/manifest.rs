@@ -59,6 +59,9 @@ pub fn backing_path(parent: &BackupId, file: &str) -> String {
 pub enum BackupMethod {
     /// libvirt's push backup job of a running VM.
     PushJob,
+    /// libvirt's pull backup job of a running VM, its export read and the files written
+    /// (compressed, encrypted) by nasbak.
+    PullJob,
     /// qemu-img of a shut-off VM.
     QemuImg,
 }
