@@ -293,9 +293,16 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
 
 impl<H: Hypervisor> RunningBackup<'_, H> {
     /// Ends a pull-mode job whose export has been read: aborted (a pull job runs until then)
-    /// and waited for until libvirt no longer lists it. A job that ended by itself before
-    /// failed, and says why: what was read from its export may not be whole.
-    pub fn end_pull(mut self) -> Result<(), JobError> {
+    /// and waited for until libvirt no longer lists it, for [`END_PULL_WAIT`] at most (a busy
+    /// QEMU can take longer than the usual cleanup budget to tear it down). A job that ended
+    /// by itself before failed, and says why: what was read from its export may not be whole.
+    /// A job still listed after the wait is an error too: the next job would find it.
+    pub fn end_pull(self) -> Result<(), JobError> {
+        self.end_pull_within(END_PULL_WAIT)
+    }
+
+    /// [`RunningBackup::end_pull`] waiting `wait` at most for the job to go.
+    pub fn end_pull_within(mut self, wait: Duration) -> Result<(), JobError> {
         let domain = self.domain.clone();
         let info = self.hv.current_job(&domain).map_err(|e| JobError::following(&domain, e))?;
         self.armed = false;
@@ -306,10 +313,42 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
                 message: done.error.unwrap_or_else(|| "the pull job ended before its export was read".into()),
             });
         }
-        abort_and_wait(self.hv, &domain);
-        Ok(())
+        let until = Instant::now() + wait;
+        let _scope = crate::deadline::scope(until.max(Instant::now() + crate::deadline::CLEANUP_BUDGET));
+        // An abort refused because the job has just gone is no failure: the poll below tells.
+        if let Err(e) = self.hv.abort_job(&domain)
+            && e.is_timeout()
+        {
+            return Err(JobError::following(&domain, e));
+        }
+        loop {
+            match self.hv.current_job(&domain) {
+                // Not too often: each look holds libvirt's job lock and the monitor, which the
+                // handler of QEMU's block-job events needs to end the job (polled every 5 ms, a
+                // busy QEMU's teardown was starved for 30 s).
+                Ok(j) if j.kind == JobKind::Active && Instant::now() < until => {
+                    thread::sleep(Duration::from_millis(100))
+                }
+                Ok(j) if j.kind == JobKind::Active => {
+                    return Err(JobError::Failed {
+                        domain: domain.clone(),
+                        message: format!(
+                            "the pull job was still running {} s after nasbak aborted it (QEMU is busy or stuck); end it with `virsh domjobabort {domain}`",
+                            wait.as_secs()
+                        ),
+                    });
+                }
+                _ => {
+                    let _ = self.hv.completed_job(&domain);
+                    return Ok(());
+                }
+            }
+        }
     }
 }
+
+/// How long [`RunningBackup::end_pull`] waits for an aborted pull job to go.
+pub const END_PULL_WAIT: Duration = Duration::from_secs(60);
 
 /// Aborts the job and waits until libvirt no longer lists it, within the cleanup budget
 /// ([`crate::deadline::CLEANUP_BUDGET`]) whatever the operation's deadline was: a QEMU that does
@@ -526,6 +565,20 @@ mod tests {
             .returning(|_| Ok(JobInfo { error: Some("scratch file full".into()), ..job(JobKind::Failed, 0) }));
         let e = start_backup(&hv, "vm1", &empty()).unwrap().end_pull().unwrap_err();
         assert!(e.to_string().contains("scratch file full"), "{e}");
+        // Still listed long after its abort: an error that says so, never a silent success.
+        let mut hv = MockHypervisor::new();
+        let mut polls = 0;
+        hv.expect_current_job().returning(move |_| {
+            polls += 1;
+            Ok(job(if polls == 1 { JobKind::None } else { JobKind::Active }, 0))
+        });
+        hv.expect_backup_begin().returning(|_, _, _, _| Ok(()));
+        hv.expect_abort_job().returning(|_| Ok(()));
+        hv.expect_completed_job().returning(|_| Ok(job(JobKind::None, 0)));
+        let started = Instant::now();
+        let e = start_backup(&hv, "vm1", &empty()).unwrap().end_pull_within(Duration::ZERO).unwrap_err();
+        assert!(e.to_string().contains("still running") && e.to_string().contains("domjobabort"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

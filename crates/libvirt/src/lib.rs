@@ -59,7 +59,7 @@ pub use hypervisor::{
     Versions,
 };
 pub use job::{
-    CancelHandle, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions, run_backup,
-    start_backup,
+    CancelHandle, END_PULL_WAIT, JobError, JobOptions, JobProgress, JobSummary, RunningBackup, check_versions,
+    run_backup, start_backup,
 };
 pub use rewrite::{DiskSwap, Throwaway, has_agent_channel, swap_disk_sources, throwaway_definition};

@@ -429,6 +429,20 @@ impl NbdClient {
         &mut self,
         ranges: impl IntoIterator<Item = (u64, u32)>,
         window: usize,
+        sink: impl FnMut(u64, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.read_ranges_into(ranges, window, Vec::new, sink)
+    }
+
+    /// [`NbdClient::read_ranges`] into buffers `buffer` gives (sized to each range here): the
+    /// buffers a caller is done with can be given again, so that reading a disk does not map
+    /// and zero fresh memory for every range. Whatever a buffer held is overwritten: the replies
+    /// must cover every byte of a read.
+    pub fn read_ranges_into<E: From<NbdError>>(
+        &mut self,
+        ranges: impl IntoIterator<Item = (u64, u32)>,
+        window: usize,
+        mut buffer: impl FnMut() -> Vec<u8>,
         mut sink: impl FnMut(u64, Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut ranges = ranges.into_iter();
@@ -445,14 +459,9 @@ impl NbdClient {
                         .into());
                 }
                 let cookie = self.request(CMD_READ, offset, len)?;
-                pending.push_back(Pending {
-                    cookie,
-                    offset,
-                    buf: vec![0u8; len as usize],
-                    covered: 0,
-                    done: false,
-                    error: None,
-                });
+                let mut buf = buffer();
+                buf.resize(len as usize, 0);
+                pending.push_back(Pending { cookie, offset, buf, covered: 0, done: false, error: None });
             }
             if pending.is_empty() {
                 return Ok(());
