@@ -31,21 +31,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::luks::{DataCipher, LuksError, LuksFile};
+use crate::qcow2::{
+    INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_OFFSET_MASK, L2_OFFSET_MASK, MAGIC as QCOW2_MAGIC,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SECTOR,
+};
 use crate::stored::StoredLayout;
 
-const SECTOR: u64 = 512;
 /// How much of the stored file is read at a time.
 const CHUNK: usize = 8 << 20;
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-const OFLAG_ZERO: u64 = 1;
-/// Incompatible feature bits: dirty, corrupt, external data file, compression type, extended L2.
-const INCOMPAT_DIRTY: u64 = 1;
-const INCOMPAT_CORRUPT: u64 = 2;
-const INCOMPAT_COMPRESSION: u64 = 8;
 
 /// Why a stored file was not decoded.
 #[derive(Debug, thiserror::Error)]

@@ -31,14 +31,10 @@ use rayon::prelude::*;
 
 use crate::luks::{self, DataCipher, LuksError, QCOW2_BACKING_FORMAT_EXT, QCOW2_CRYPTO_EXT};
 use crate::nbd::{self, NbdClient, NbdError, StatusExtent};
+use crate::qcow2::{INCOMPAT_COMPRESSION, MAGIC, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SECTOR};
 use crate::stored::StoredLayout;
 
-const SECTOR: u64 = 512;
 const CLUSTER_BITS: u32 = 16;
-const OFLAG_COPIED: u64 = 1 << 63;
-const OFLAG_COMPRESSED: u64 = 1 << 62;
-const OFLAG_ZERO: u64 = 1;
-const INCOMPAT_COMPRESSION: u64 = 8;
 /// The zstd level clusters are compressed with. QEMU uses zstd's default (3); level 1 compresses
 /// an operating system's files about 40 % faster for 5 % more bytes there (and the same on
 /// data that does not compress), which keeps a compressed backup within 2 % of the size QEMU
@@ -484,7 +480,7 @@ impl Encoder {
         let mut head = vec![0u8; 4096];
         let put32 = |h: &mut [u8], at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
         let put64 = |h: &mut [u8], at: usize, v: u64| h[at..at + 8].copy_from_slice(&v.to_be_bytes());
-        head[..4].copy_from_slice(b"QFI\xfb");
+        head[..4].copy_from_slice(&MAGIC);
         put32(&mut head, 4, 3);
         put32(&mut head, 20, CLUSTER_BITS);
         put64(&mut head, 24, self.target.size);

@@ -40,6 +40,7 @@ mod info;
 mod location;
 pub mod luks;
 pub mod nbd;
+mod qcow2;
 mod rbd;
 mod stored;
 mod tool;

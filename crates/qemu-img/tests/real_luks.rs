@@ -11,20 +11,14 @@ use nasbak_process::ExternalCommand;
 use nasbak_qemu_img::StoredLayout;
 use nasbak_qemu_img::luks::{LuksFile, create_container, header_len};
 
+mod common;
+use common::qemu_img;
+
 fn key(dir: &Path, name: &str, value: &str) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, value).unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     path
-}
-
-fn qemu_img(args: &[&str]) -> Result<String, String> {
-    ExternalCommand::new("qemu-img")
-        .args(args)
-        .timeout(std::time::Duration::from_secs(120))
-        .run()
-        .map(|o| o.stdout_text())
-        .map_err(|e| format!("{e:?}"))
 }
 
 /// The image-opts of `path` laid out as `layout`, opened with the key file `key`.
