@@ -732,14 +732,21 @@ where
         let Ok(xml) = self.hypervisor.backup_xml(vm) else { return Ok(false) };
         let running = PushBackup::parse(&xml)?;
         // Into this VM's `.partial` directory, or into the exports of a protected repository's
-        // backup of this VM (`<runtime>/exports/<vm>/`).
+        // backup of this VM (`<runtime>/exports/<vm>/`); or a pull job whose nasbak is gone
+        // (its socket in a directory of ours named by a dead pid).
         let exports = self.runtime_dir.join("exports").join(vm);
-        let ours = !running.targets.is_empty()
-            && running.targets.iter().all(|t| {
-                t.file.parent().is_some_and(|p| {
-                    (p.parent() == Some(vm_dir) && p.to_string_lossy().ends_with(PARTIAL_SUFFIX)) || p == exports
-                })
-            });
+        let ours = match &running.pull_socket {
+            Some(socket) => crate::pull::orphaned_socket(&self.runtime_dir, socket),
+            None => {
+                !running.targets.is_empty()
+                    && running.targets.iter().all(|t| {
+                        t.file.parent().is_some_and(|p| {
+                            (p.parent() == Some(vm_dir) && p.to_string_lossy().ends_with(PARTIAL_SUFFIX))
+                                || p == exports
+                        })
+                    })
+            }
+        };
         if !ours {
             return Ok(false);
         }

@@ -123,7 +123,7 @@ pub use outcome::{
 };
 pub use progress::{Observer, Phase, Progress};
 pub use prune::plan_prune;
-pub use pull::{DEFAULT_PULL_SCRATCH, SHORT_SOCKET_ROOT as SHORT_PULL_SOCKET_ROOT};
+pub use pull::{DEFAULT_PULL_SCRATCH, SHORT_SOCKET_ROOT as SHORT_PULL_SOCKET_ROOT, socket_root as pull_socket_root};
 pub use request::{
     BackupRequest, BootVerifyRequest, DEFAULT_BACKUP_TIMEOUT, DEFAULT_BOOT_TIMEOUT, DEFAULT_FINISH_TIMEOUT,
     DEFAULT_INSTANT_DIR, DEFAULT_VERIFY_DIR, InstantRestoreRequest, MountRequest, RestoreRequest, Scratch,

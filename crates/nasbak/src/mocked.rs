@@ -865,6 +865,42 @@ fn an_orphaned_job_writing_through_a_protected_export_is_aborted() {
 }
 
 #[test]
+fn an_orphaned_pull_job_of_a_dead_nasbak_is_aborted_and_a_live_ones_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm_dir = dir.path().join("repo/vm1");
+    let runtime = dir.path().join("runtime");
+    let job = |kind| Ok(JobInfo { kind, is_backup: true, processed: 1, total: 2, error: None, elapsed: None });
+    let pull = |socket: std::path::PathBuf| {
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks><disk name='vda' backup='yes' type='file' exportname='vda'><driver type='qcow2'/><scratch file='/var/lib/nasbak/scratch/vm1/1-pull-x/vda.scratch'/></disk></disks></domainbackup>",
+            socket.display()
+        )
+    };
+    let root = crate::pull::socket_root(&runtime);
+    // pid 0x7ffffffe never exists: its job is aborted.
+    let dead = pull(root.join("2147483646-0/s"));
+    let mut hv = MockHypervisor::new();
+    let mut seq = mockall::Sequence::new();
+    hv.expect_current_job().times(1).in_sequence(&mut seq).returning(move |_| job(JobKind::Active));
+    hv.expect_backup_xml().times(1).in_sequence(&mut seq).returning(move |_| Ok(dead.clone()));
+    hv.expect_abort_job().times(1).in_sequence(&mut seq).returning(|_| Ok(()));
+    hv.expect_current_job().returning(move |_| job(JobKind::None));
+    hv.expect_completed_job().returning(|_| Err(LibvirtError::new("none")));
+    let (e, _) = engine(hv, images(), dir.path());
+    let e = e.with_runtime_dir(&runtime);
+    assert!(e.abort_orphaned_job("vm1", &vm_dir).unwrap(), "aborted");
+    // A live process's (this one's): never touched.
+    let live = pull(root.join(format!("{}-0/s", std::process::id())));
+    let mut hv = MockHypervisor::new();
+    hv.expect_current_job().returning(move |_| job(JobKind::Active));
+    hv.expect_backup_xml().returning(move |_| Ok(live.clone()));
+    hv.expect_abort_job().never();
+    let (e, _) = engine(hv, images(), dir.path());
+    let e = e.with_runtime_dir(&runtime);
+    assert!(!e.abort_orphaned_job("vm1", &vm_dir).unwrap());
+}
+
+#[test]
 fn a_running_vms_qemu_that_stops_answering_mid_job_fails_unresponsive_and_leaves_nothing() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -128,13 +128,22 @@ pub(crate) fn prepare(
 
 /// Where the sockets of pull jobs go: `<runtime>/p`, or [`SHORT_SOCKET_ROOT`] when that path
 /// is too long to leave room for a socket's name.
-pub(crate) fn socket_root(runtime_dir: &Path) -> PathBuf {
+pub fn socket_root(runtime_dir: &Path) -> PathBuf {
     let root = runtime_dir.join("p");
     if root.as_os_str().len() <= 64 { root } else { PathBuf::from(SHORT_SOCKET_ROOT) }
 }
 
 /// The sockets' directory when the runtime directory's path is long.
 pub const SHORT_SOCKET_ROOT: &str = "/run/nasbak/p";
+
+/// Whether `socket` is the socket of a pull job a nasbak process that is gone started: in one
+/// of the socket roots, its directory named by a pid that no longer runs.
+pub(crate) fn orphaned_socket(runtime_dir: &Path, socket: &Path) -> bool {
+    let Some(dir) = socket.parent() else { return false };
+    let in_root = dir.parent().is_some_and(|r| r == socket_root(runtime_dir) || r == Path::new(SHORT_SOCKET_ROOT));
+    let pid = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').next()?.parse::<u32>().ok());
+    in_root && pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+}
 
 /// The owner of the VM's running QEMU process, from libvirt's pid file.
 fn qemu_process_owner(vm: &str) -> Option<(u32, u32)> {
@@ -232,6 +241,19 @@ fn encode(e: EncodeError, vm: &str) -> BackupError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_is_orphaned_when_its_process_is_gone_and_it_is_in_a_root_of_ours() {
+        let runtime = Path::new("/run/nasbak");
+        let root = socket_root(runtime);
+        // pid 0x7ffffffe never exists; this process does.
+        assert!(orphaned_socket(runtime, &root.join("2147483646-0/s")));
+        assert!(!orphaned_socket(runtime, &root.join(format!("{}-0/s", std::process::id()))));
+        assert!(!orphaned_socket(runtime, Path::new("/elsewhere/2147483646-0/s")));
+        assert!(!orphaned_socket(runtime, &root.join("notapid/s")));
+        let long = Path::new("/var/lib/a-runtime-directory-whose-path-is-far-too-long-for-a-socket/x");
+        assert!(orphaned_socket(long, &Path::new(SHORT_SOCKET_ROOT).join("2147483646-3/s")));
+    }
 
     #[test]
     fn qemus_owner_is_read_from_the_dac_label_only() {

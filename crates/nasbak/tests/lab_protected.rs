@@ -546,6 +546,43 @@ fn running_backups_are_read_from_a_pull_job_and_written_by_nasbak_and_every_poin
     }
 }
 
+#[test]
+fn a_pull_job_left_by_a_dead_nasbak_is_aborted_by_the_next_backup() {
+    let dom = DomainSpec::new("pullorphan").disk(DiskSpec::qcow2(32)).running(true).create();
+    let runtime = dom.dir().join("runtime");
+    let e = engine(&runtime);
+    // A pull job as a killed nasbak (pid 0x7ffffffe, which never exists) would leave it, had no
+    // watchdog aborted it: its socket in a directory of ours named by that pid.
+    let sockets = nasbak::pull_socket_root(&runtime).join("2147483646-0");
+    let _ = fs::remove_dir_all(&sockets);
+    fs::create_dir_all(&sockets).unwrap();
+    fs::set_permissions(&sockets, fs::Permissions::from_mode(0o777)).unwrap();
+    let scratch = dom.dir().join("orphan-scratch");
+    fs::create_dir_all(&scratch).unwrap();
+    fs::set_permissions(&scratch, fs::Permissions::from_mode(0o755)).unwrap();
+    let xml = dom.dir().join("pull.xml");
+    fs::write(
+        &xml,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks><disk name='vda' backup='yes' type='file' exportname='vda'><driver type='qcow2'/><scratch file='{}'/></disk></disks></domainbackup>",
+            sockets.join("s").display(),
+            scratch.join("vda.scratch").display()
+        ),
+    )
+    .unwrap();
+    nasbak_testlab::virsh(&["backup-begin", dom.name(), xml.to_str().unwrap()]).unwrap();
+    assert!(nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap().contains("Backup"));
+    let key = key_file(dom.dir(), "backup.key", "the key of the orphaned job's repository, 0123456");
+    let repo = repository("orphan", &dom.dir().join("repo"), Compression::Zstd, Encryption::Luks, Some(&key));
+    let made = e
+        .backup(&BackupRequest::new(dom.name(), repo), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(made.cleaned.iter().any(|c| c.contains("aborted the backup job")), "{:?}", made.cleaned);
+    assert_eq!(made.manifest.method, BackupMethod::PullJob);
+    assert!(nasbak_testlab::virsh(&["domjobinfo", dom.name()]).unwrap().contains("None"));
+    let _ = fs::remove_dir_all(&sockets);
+}
+
 /// A libvirt secret of usage `volume`, undefined on drop.
 struct VolumeSecret(String);
 
