@@ -2,8 +2,8 @@
 //! by qemu-nbd, read through its block status (and a dirty bitmap for an incremental), written
 //! zstd-compressed, LUKS-encrypted and compressed inside a LUKS container, which stock qemu-img
 //! opens with the key, finds clean (`check`) and equal to the disk (`compare`), chains included;
-//! a stopped copy leaves no file that looks like a qcow2; and the decoder reads back what the
-//! encoder wrote.
+//! a stopped copy leaves no file that looks like a qcow2; the decoder reads back what the
+//! encoder wrote; and an encoded file's key rotates in place as `key rotate` does it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -227,4 +227,36 @@ fn a_stopped_copy_leaves_no_qcow2_and_a_missing_bitmap_is_named() {
     let head = fs::read(&path).unwrap();
     assert!(head.len() < 4 || head[..4] != *b"QFI\xfb", "a stopped file has no qcow2 header");
     assert!(qemu_img(&["info", "-f", "qcow2", path.to_str().unwrap()]).is_err());
+}
+
+#[test]
+fn an_encoded_files_key_rotates_in_place_and_qemu_opens_it_with_the_new_key_only() {
+    use nasbak_qemu_img::luks::LuksFile;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let size = 6u64 << 20;
+    let raw = disk(dir.path(), size);
+    let served = Served::start(&raw, "raw", None);
+    let new_key = dir.path().join("new.key");
+    let new = "the new key of the encoded files, 0123456789";
+    fs::write(&new_key, new).unwrap();
+    for (name, layout, compress) in LAYOUTS.into_iter().filter(|(_, l, _)| l.needs_key()) {
+        let mut client = served.connect(&[BASE_ALLOCATION]);
+        let plan = Plan::full(&client.map(BASE_ALLOCATION).unwrap(), size);
+        let path = dir.path().join(format!("{name}-rotated.qcow2"));
+        let mut enc = Encoder::create(&path, target(layout, compress, size, None), Some(KEY.as_bytes())).unwrap();
+        copy_from_nbd(&mut client, &plan, &mut enc, &|| false, &mut |_| {}).unwrap();
+        enc.finish().unwrap();
+        // As `key rotate` does: the new passphrase added to the master key, the old one removed.
+        let mut luks = LuksFile::open(&path, layout).unwrap();
+        let master = luks.unlock(KEY.as_bytes()).unwrap().expect("the old key opens it");
+        luks.add(&master, new.as_bytes()).unwrap();
+        luks.remove(&master).unwrap();
+        assert!(luks.unlock(KEY.as_bytes()).unwrap().is_none(), "{name}: the old key no longer opens it");
+        let reference = dir.path().join(format!("{name}-ref.qcow2"));
+        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), reference.to_str().unwrap()]).unwrap();
+        compare(&reference, std::slice::from_ref(&path), layout, &new_key)
+            .unwrap_or_else(|e| panic!("{name}: with the new key: {e}"));
+        assert!(compare(&reference, std::slice::from_ref(&path), layout, &key).is_err(), "{name}: the old key fails");
+    }
 }
