@@ -410,13 +410,22 @@ impl NbdClient {
         let mut out: Vec<StatusExtent> = Vec::new();
         let mut at = 0;
         while at < self.size {
+            let before = at;
             for e in self.block_status(context, at, self.size - at)? {
+                // Nothing past the export's end (a server may describe more than was asked).
+                if e.offset >= self.size {
+                    break;
+                }
                 let e = StatusExtent { len: e.len.min(self.size - e.offset), ..e };
                 match out.last_mut() {
                     Some(last) if last.flags == e.flags && last.offset + last.len == e.offset => last.len += e.len,
                     _ => out.push(e),
                 }
                 at = e.offset + e.len;
+            }
+            // An answer that describes nothing would be asked again for ever.
+            if at == before {
+                return Err(self.protocol(format!("a block status of {context} at {at} that describes no byte")));
             }
         }
         Ok(out)
@@ -588,6 +597,100 @@ mod tests {
         t.join().unwrap();
         assert!(e.to_string().contains("not a newstyle NBD server"), "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    /// A server that completes the handshake with `context` and then answers every block
+    /// status with `descriptors` (length, flags).
+    fn status_server(path: &Path, context: &'static str, descriptors: Vec<(u32, u32)>) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+            greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            s.write_all(&greeting).unwrap();
+            let mut flags = [0u8; 4];
+            s.read_exact(&mut flags).unwrap();
+            let reply = |s: &mut UnixStream, option: u32, kind: u32, data: &[u8]| {
+                let mut m = REPLY_MAGIC.to_be_bytes().to_vec();
+                m.extend_from_slice(&option.to_be_bytes());
+                m.extend_from_slice(&kind.to_be_bytes());
+                m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                m.extend_from_slice(data);
+                s.write_all(&m).unwrap();
+            };
+            loop {
+                let mut h = [0u8; 16];
+                s.read_exact(&mut h).unwrap();
+                let (option, len) = (be32(&h, 8), be32(&h, 12));
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).unwrap();
+                match option {
+                    OPT_SET_META_CONTEXT => {
+                        let mut d = 7u32.to_be_bytes().to_vec();
+                        d.extend_from_slice(context.as_bytes());
+                        reply(&mut s, option, REP_META_CONTEXT, &d);
+                        reply(&mut s, option, REP_ACK, &[]);
+                    }
+                    OPT_GO => {
+                        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                        d.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                        d.extend_from_slice(&0u16.to_be_bytes());
+                        reply(&mut s, option, REP_INFO, &d);
+                        reply(&mut s, option, REP_ACK, &[]);
+                        break;
+                    }
+                    _ => reply(&mut s, option, REP_ACK, &[]),
+                }
+            }
+            loop {
+                let mut r = [0u8; 28];
+                if s.read_exact(&mut r).is_err() {
+                    return;
+                }
+                let cookie = be64(&r, 8);
+                let mut payload = 7u32.to_be_bytes().to_vec();
+                for (len, flags) in &descriptors {
+                    payload.extend_from_slice(&len.to_be_bytes());
+                    payload.extend_from_slice(&flags.to_be_bytes());
+                }
+                let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+                m.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+                m.extend_from_slice(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+                m.extend_from_slice(&cookie.to_be_bytes());
+                m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                m.extend_from_slice(&payload);
+                if s.write_all(&m).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn a_block_status_that_describes_nothing_fails_and_one_past_the_end_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zero");
+        let t = status_server(&path, BASE_ALLOCATION, vec![(0, 0)]);
+        let mut c = NbdClient::connect(&path, "x", &[BASE_ALLOCATION], Duration::from_secs(5)).unwrap();
+        let e = c.map(BASE_ALLOCATION).unwrap_err();
+        assert!(e.to_string().contains("describes no byte"), "{e}");
+        drop(c);
+        t.join().unwrap();
+        // 2 MiB described for a 1 MiB export: the map ends at the export's end.
+        let path = dir.path().join("long");
+        let t = status_server(&path, BASE_ALLOCATION, vec![(512 << 10, 0), (1 << 20, 3), (512 << 10, 0)]);
+        let mut c = NbdClient::connect(&path, "x", &[BASE_ALLOCATION], Duration::from_secs(5)).unwrap();
+        let map = c.map(BASE_ALLOCATION).unwrap();
+        assert_eq!(
+            map,
+            vec![
+                StatusExtent { offset: 0, len: 512 << 10, flags: 0 },
+                StatusExtent { offset: 512 << 10, len: 512 << 10, flags: 3 }
+            ]
+        );
+        drop(c);
+        t.join().unwrap();
     }
 
     #[test]
