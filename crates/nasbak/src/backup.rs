@@ -830,7 +830,7 @@ where
         // A compressing or encrypting repository: a pull job, whose exports nasbak reads and
         // writes compressed or encrypted on every core (see `crate::pull`); the files are
         // written where the push job's would be.
-        let (pull, pull_disks, passphrase) = self.pull_targets(run, plan, &mut backup)?;
+        let (pull, pull_disks, passphrase) = self.pull_targets(run, plan, &mut backup, staging)?;
         // Where a disk is itself encrypted, the push job: into LUKS-encrypted qcow2 files nasbak
         // made, QEMU encrypting with the key given it as a transient libvirt secret, or (a
         // compressing repository) into raw files that store it compressed (or compressed and
@@ -913,9 +913,12 @@ where
                     crate::pull::read_disks(&p.socket, &pull_disks, key, (deadline, c), (&request.vm, &mut *observer))
                         .and_then(|()| job.end_pull().map_err(BackupError::from))
                 };
-                match p.scratch.watch(cancel, SCRATCH_CHECK, read) {
-                    (Err(_), Some(reason)) => Err(p.scratch.full(reason)),
-                    (waited, _) => waited,
+                match p.scratch(staging) {
+                    Some(s) => match s.watch(cancel, SCRATCH_CHECK, read) {
+                        (Err(_), Some(reason)) => Err(s.full(reason)),
+                        (waited, _) => waited,
+                    },
+                    None => read(cancel),
                 }
             }
             (job, _) => {
@@ -973,6 +976,7 @@ where
         run: &Run<'_>,
         plan: &crate::chain::ChainPlan,
         backup: &mut PushBackup,
+        staging: Option<&crate::staging::Staging>,
     ) -> Result<
         (Option<crate::pull::PullSetup>, Vec<crate::pull::PullDisk>, Option<zeroize::Zeroizing<Vec<u8>>>),
         BackupError,
@@ -998,8 +1002,14 @@ where
         let id = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(&name);
         // The scratch holds at most what the guest overwrites of its disks meanwhile.
         let limit = run.sizes.values().sum::<u64>() + (1 << 30);
-        let setup =
-            crate::pull::prepare(&self.runtime_dir, self.scratch.as_ref(), (&run.request.vm, id, run.xml), limit)?;
+        let setup = crate::pull::prepare(&self.runtime_dir, staging.is_some(), (&run.request.vm, id, run.xml), limit)?;
+        let Some(scratch) = setup.scratch(staging) else {
+            return Err(BackupError::Scratch {
+                vm: run.request.vm.clone(),
+                dir: PathBuf::from(crate::pull::DEFAULT_PULL_SCRATCH),
+                detail: "no directory for the pull job's scratch files".into(),
+            });
+        };
         backup.pull_socket = Some(setup.socket.clone());
         let mut disks = Vec::new();
         for t in &mut backup.targets {
@@ -1010,7 +1020,7 @@ where
                 incremental: t.incremental.is_some(),
                 backing: planned.filter(|d| d.mode == BackupMode::Incremental).and_then(|d| d.backing.clone()),
             });
-            t.file = setup.scratch.path().join(format!("{}.scratch", t.disk));
+            t.file = scratch.path().join(format!("{}.scratch", t.disk));
         }
         Ok((Some(setup), disks, passphrase))
     }

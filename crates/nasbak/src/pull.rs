@@ -42,8 +42,17 @@ pub(crate) struct PullSetup {
     /// The Unix socket QEMU's NBD server listens on.
     pub(crate) socket: PathBuf,
     socket_dir: PathBuf,
-    /// The scratch files' directory.
-    pub(crate) scratch: Staging,
+    /// The scratch files' own directory, when the backup is not staged (a staged backup's
+    /// scratch files go to its staging directory, watched with the files it stages).
+    own_scratch: Option<Staging>,
+}
+
+impl PullSetup {
+    /// The directory the scratch files go to and that is watched while the job runs: this
+    /// job's own, or the backup's staging directory.
+    pub(crate) fn scratch<'a>(&'a self, staging: Option<&'a Staging>) -> Option<&'a Staging> {
+        self.own_scratch.as_ref().or(staging)
+    }
 }
 
 impl Drop for PullSetup {
@@ -78,10 +87,11 @@ pub(crate) fn qemu_owner(xml: &str) -> Option<(u32, u32)> {
 }
 
 /// Makes the socket directory (owned by QEMU's user, who creates the socket; no one else
-/// may enter it) and the scratch directory of backup `id` of `vm`.
+/// may enter it) and, unless the backup is staged (`staged`), a scratch directory of backup
+/// `id` of `vm` in [`DEFAULT_PULL_SCRATCH`] holding at most `scratch_limit` bytes.
 pub(crate) fn prepare(
     runtime_dir: &Path,
-    scratch: Option<&Scratch>,
+    staged: bool,
     (vm, id, xml): (&str, &str, &str),
     scratch_limit: u64,
 ) -> Result<PullSetup, BackupError> {
@@ -98,13 +108,7 @@ pub(crate) fn prepare(
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(io("opening to QEMU", d))?;
     }
     // What killed runs left (their processes are gone).
-    for e in fs::read_dir(&root).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
+    crate::staging::remove_left_by_dead_processes(&root);
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let socket_dir = root.join(format!("{}-{n}", std::process::id()));
@@ -115,15 +119,18 @@ pub(crate) fn prepare(
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&socket_dir, Some(uid), Some(gid)).map_err(io("handing to QEMU", &socket_dir))?;
     }
-    let default = Scratch::new(DEFAULT_PULL_SCRATCH, scratch_limit);
-    let scratch = match Staging::create(scratch.unwrap_or(&default), vm, &format!("pull-{id}")) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&socket_dir);
-            return Err(e);
+    let own_scratch = if staged {
+        None
+    } else {
+        match Staging::create(&Scratch::new(DEFAULT_PULL_SCRATCH, scratch_limit), vm, &format!("pull-{id}")) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&socket_dir);
+                return Err(e);
+            }
         }
     };
-    Ok(PullSetup { socket: socket_dir.join("s"), socket_dir, scratch })
+    Ok(PullSetup { socket: socket_dir.join("s"), socket_dir, own_scratch })
 }
 
 /// Where the sockets of pull jobs go: `<runtime>/p`, or [`SHORT_SOCKET_ROOT`] when that path
@@ -141,8 +148,7 @@ pub const SHORT_SOCKET_ROOT: &str = "/run/nasbak/p";
 pub(crate) fn orphaned_socket(runtime_dir: &Path, socket: &Path) -> bool {
     let Some(dir) = socket.parent() else { return false };
     let in_root = dir.parent().is_some_and(|r| r == socket_root(runtime_dir) || r == Path::new(SHORT_SOCKET_ROOT));
-    let pid = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').next()?.parse::<u32>().ok());
-    in_root && pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+    in_root && dir.file_name().is_some_and(|n| crate::staging::left_by_dead_process(&n.to_string_lossy()))
 }
 
 /// The owner of the VM's running QEMU process, from libvirt's pid file.
@@ -293,14 +299,17 @@ mod tests {
         // A killed run's directory goes (pid 0x7ffffffe never exists).
         let old = socket_root(runtime.path()).join("2147483646-0");
         fs::create_dir_all(&old).unwrap();
-        let setup =
-            prepare(runtime.path(), Some(&Scratch::new(scratch.path(), 1 << 30)), ("web1", "2026", &xml), 0).unwrap();
+        // A staged backup: the scratch files go to its staging directory.
+        let staging = Staging::create(&Scratch::new(scratch.path(), 1 << 30), "web1", "2026").unwrap();
+        let setup = prepare(runtime.path(), true, ("web1", "2026", &xml), 0).unwrap();
+        let staged = setup.scratch(Some(&staging)).unwrap();
         assert!(!old.exists());
         let dir = setup.socket.parent().unwrap().to_owned();
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        assert!(setup.scratch.path().starts_with(scratch.path()));
-        let scratch_dir = setup.scratch.path().to_owned();
+        assert!(staged.path().starts_with(scratch.path()));
+        let scratch_dir = staged.path().to_owned();
         drop(setup);
+        drop(staging);
         assert!(!dir.exists() && !scratch_dir.exists());
     }
 }

@@ -44,13 +44,7 @@ impl Staging {
             fs::set_permissions(d, fs::Permissions::from_mode(0o755))
                 .map_err(|e| fail(format!("opening {} to QEMU: {e}", d.display())))?;
         }
-        for entry in fs::read_dir(&vm_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
+        remove_left_by_dead_processes(&vm_dir);
         let free = available(&scratch.dir).map_err(|e| fail(format!("measuring its free space: {e}")))?;
         if free < Scratch::RESERVE {
             return Err(fail(format!(
@@ -147,6 +141,21 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `name` (`<pid>-...`) names what a process that no longer runs left.
+pub(crate) fn left_by_dead_process(name: &str) -> bool {
+    let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+}
+
+/// Removes what processes that no longer run left in `dir` (entries named `<pid>-...`).
+pub(crate) fn remove_left_by_dead_processes(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if left_by_dead_process(&entry.file_name().to_string_lossy()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -940,3 +940,32 @@ fn a_key_kept_as_a_libvirt_secret_rotates_to_another_secret_and_to_a_file() {
     e.restore_volume(&request, &cancel, &mut |_| {}).unwrap();
     assert!(same(&to, &point), "the merged full holds the incremental's point");
 }
+
+#[test]
+fn a_vm_whose_name_has_a_dot_and_two_disks_is_pulled_and_each_disk_restores() {
+    let dom = DomainSpec::new("pull.dot").disk(DiskSpec::qcow2(16)).disk(DiskSpec::qcow2(24)).running(true).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let key = key_file(dom.dir(), "backup.key", "the key of the dotted VM's repository, 0123456789");
+    let repo = repository("dotted", &dom.dir().join("repo"), Compression::Zstd, Encryption::Luks, Some(&key));
+    dom.write_through_qemu(0, 0x41, "1M", "2M");
+    dom.write_through_qemu(1, 0x42, "3M", "2M");
+    let made = e
+        .backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(made.manifest.method, BackupMethod::PullJob);
+    assert_eq!(made.manifest.disks.len(), 2);
+    for (i, disk) in ["vda", "vdb"].into_iter().enumerate() {
+        let want = dom.raw_copy(i, &format!("dot-{disk}"));
+        let to = dom.dir().join(format!("restored-{disk}.qcow2"));
+        let request = VolumeRestoreRequest::new(
+            repo.clone(),
+            dom.name(),
+            made.manifest.id.as_str(),
+            disk,
+            ImageLocation::Path(to.clone()),
+        );
+        e.restore_volume(&request, &CancelHandle::new(), &mut |_| {})
+            .unwrap_or_else(|err| panic!("{disk}: {}", nasbak::chain(&err)));
+        assert!(same(&to, &want), "{disk}: the disk's own data");
+    }
+}

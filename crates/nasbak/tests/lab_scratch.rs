@@ -15,8 +15,8 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::{ImageLocation, QemuImg};
 use nasbak::nasbak_repo::{
-    BackupMode, BackupRepository, Compression, Encryption, FileFormat, KeySource, MountTimeouts, Protection,
-    RepositoryKind, RepositoryMounts, SystemMounter,
+    BackupMethod, BackupMode, BackupRepository, Compression, Encryption, FileFormat, KeySource, MountTimeouts,
+    Protection, RepositoryKind, RepositoryMounts, SystemMounter,
 };
 use nasbak::{BackupRequest, Catalog, Engine, ErrorKind, Phase, Scratch, VolumeRestoreRequest};
 use nasbak_testlab::{DiskSpec, DomainSpec, SshServer, URI};
@@ -148,22 +148,35 @@ fn a_scratch_that_fills_aborts_the_job_and_the_guest_runs_on() {
     let dom = DomainSpec::new("scratchfull").disk(DiskSpec::raw(256)).running(true).create();
     nasbak_testlab::fill_pseudo_random(&dom.disks()[0].path, 200);
     let scratch = dom.dir().join("scratch");
-    let root = dom.dir().join("repo");
-    fs::create_dir_all(&root).unwrap();
-    let repo = BackupRepository::new("lab", RepositoryKind::Shared, root.to_str().unwrap(), "", None).unwrap();
-    let e = engine(&dom.dir().join("runtime"), Scratch::new(&scratch, 4 << 20));
-    let err = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap_err();
-    let said = nasbak::chain(&err);
-    assert_eq!(err.kind(), ErrorKind::NoSpace, "{said}");
-    assert!(said.contains("scratch directory") && said.contains("limit of 4 MiB"), "{said}");
-    assert!(dom.is_running(), "the guest runs on");
-    assert_eq!(nasbak_testlab::virsh(&["domstate", dom.name()]).unwrap().trim(), "running");
-    assert!(files_under(&scratch).is_empty(), "nothing left in the scratch: {:?}", files_under(&scratch));
-    assert!(Catalog::new(e.images(), e.mounts()).list(&repo, None).unwrap().is_empty(), "no backup listed");
-    assert!(files_under(&root).iter().all(|f| !f.to_string_lossy().ends_with(".qcow2")), "{:?}", files_under(&root));
-    // No job is left behind: the next backup, with room, is made.
-    let e = engine(&dom.dir().join("runtime"), Scratch::new(&scratch, 1 << 30));
-    e.backup(&BackupRequest::new(dom.name(), repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // The push job's staged files, and a pull job's (a compressing repository): its scratch
+    // files and the files nasbak writes, together against the limit.
+    for (name, compression) in [("plain", Compression::None), ("zstd", Compression::Zstd)] {
+        let root = dom.dir().join(format!("repo-{name}"));
+        fs::create_dir_all(&root).unwrap();
+        let repo = BackupRepository::new(name, RepositoryKind::Shared, root.to_str().unwrap(), "", None)
+            .unwrap()
+            .with_protection(Protection::new(compression, Encryption::None, None).unwrap());
+        let e = engine(&dom.dir().join("runtime"), Scratch::new(&scratch, 4 << 20));
+        let err =
+            e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap_err();
+        let said = nasbak::chain(&err);
+        assert_eq!(err.kind(), ErrorKind::NoSpace, "{name}: {said}");
+        assert!(said.contains("scratch directory") && said.contains("limit of 4 MiB"), "{name}: {said}");
+        assert!(dom.is_running(), "the guest runs on");
+        assert_eq!(nasbak_testlab::virsh(&["domstate", dom.name()]).unwrap().trim(), "running");
+        assert!(files_under(&scratch).is_empty(), "{name}: nothing left in the scratch: {:?}", files_under(&scratch));
+        assert!(Catalog::new(e.images(), e.mounts()).list(&repo, None).unwrap().is_empty(), "no backup listed");
+        assert!(
+            files_under(&root).iter().all(|f| !f.to_string_lossy().ends_with(".qcow2")),
+            "{:?}",
+            files_under(&root)
+        );
+        // No job is left behind: the next backup, with room, is made.
+        let e = engine(&dom.dir().join("runtime"), Scratch::new(&scratch, 1 << 30));
+        let made = e.backup(&BackupRequest::new(dom.name(), repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+        let method = if compression == Compression::Zstd { BackupMethod::PullJob } else { BackupMethod::PushJob };
+        assert_eq!(made.manifest.method, method, "{name}");
+    }
 }
 
 /// The repository (sshfs to a local sshd, its keepalives off so that it waits rather than give
