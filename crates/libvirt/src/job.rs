@@ -321,13 +321,16 @@ impl<H: Hypervisor> RunningBackup<'_, H> {
         {
             return Err(JobError::following(&domain, e));
         }
+        let mut pause = Duration::from_millis(10);
         loop {
             match self.hv.current_job(&domain) {
-                // Not too often: each look holds libvirt's job lock and the monitor, which the
+                // Soon at first (a job usually ends within some tens of milliseconds), then not
+                // too often: each look holds libvirt's job lock and the monitor, which the
                 // handler of QEMU's block-job events needs to end the job (polled every 5 ms, a
                 // busy QEMU's teardown was starved for 30 s).
                 Ok(j) if j.kind == JobKind::Active && Instant::now() < until => {
-                    thread::sleep(Duration::from_millis(100))
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 Ok(j) if j.kind == JobKind::Active => {
                     return Err(JobError::Failed {

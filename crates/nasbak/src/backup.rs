@@ -109,6 +109,9 @@ struct Copied {
     note: Option<String>,
     /// The VM's NVRAM and TPM state, read with the disks.
     state: crate::vmstate::Captured,
+    /// The checksums of the files nasbak wrote itself (a pull job's), by disk target, kept as
+    /// they were written: not read again.
+    hashed: HashMap<String, Checksum>,
 }
 
 /// What the manifest is made of beyond the run.
@@ -301,7 +304,7 @@ where
         let mut snapshots = crate::rbd::Snapshots::new(&self.images, crate::incremental::checkpoint_name(&id));
         let copied = self.copy_disks(&run, &mut chain, (created.as_deref(), &mut snapshots), &mut notes, observer)?;
         crate::fault::point("checksum");
-        let disks = self.checksum_disks(&run, &chain.plan, &snapshots, observer)?;
+        let disks = self.checksum_disks(&run, (&chain.plan, &copied.hashed), &snapshots, observer)?;
         let state =
             crate::vmstate::write_state(&self.images, &copied.state, &partial, (run.format, key.as_ref()), cancel)
                 .map_err(|e| (run.unavailable)(Step::State, e))?;
@@ -555,7 +558,7 @@ where
                         &mut *observer,
                     )
                 };
-                let (quiesced, note, state, method) = match push(chain, notes) {
+                let copied = match push(chain, notes) {
                     // libvirt refused the incremental job although it accepted the checkpoint
                     // (a bitmap found inconsistent when the job starts): a full instead, the
                     // reason recorded. Never an error where a full would do.
@@ -582,8 +585,8 @@ where
                 }
                 self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
-                self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Job, e))?;
-                Ok(Copied { method, quiesced, note, state })
+                self.point_at_parents(run, &chain.plan, &copied.hashed).map_err(|e| (run.unavailable)(Step::Job, e))?;
+                Ok(copied)
             }
             DomainState::ShutOff => {
                 // Nothing writes a shut-off VM's state: read before its disks.
@@ -594,23 +597,26 @@ where
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 self.copy_rbd(run, &mut chain.plan, snapshots, observer)
                     .map_err(|e| (run.unavailable)(Step::Convert, e))?;
-                self.point_at_parents(run, &chain.plan).map_err(|e| (run.unavailable)(Step::Convert, e))?;
+                let hashed = HashMap::new();
+                self.point_at_parents(run, &chain.plan, &hashed).map_err(|e| (run.unavailable)(Step::Convert, e))?;
                 Ok(Copied {
                     method: BackupMethod::QemuImg,
                     quiesced: false,
                     note: Some("the VM was shut off".to_owned()),
                     state,
+                    hashed,
                 })
             }
             DomainState::Other => Err(BackupError::NotBackupable { vm: run.request.vm.clone() }),
         }
     }
 
-    /// Each file written, checksummed (cancellable, with progress), as its manifest entry.
+    /// Each file written, checksummed (cancellable, with progress), as its manifest entry. A
+    /// file hashed as it was written (`hashed`, by disk target) is not read again.
     fn checksum_disks(
         &self,
         run: &Run<'_>,
-        plan: &crate::chain::ChainPlan,
+        (plan, hashed): (&crate::chain::ChainPlan, &HashMap<String, Checksum>),
         snapshots: &crate::rbd::Snapshots<'_, I>,
         observer: &mut dyn Observer,
     ) -> Result<Vec<ManifestDisk>, BackupError> {
@@ -634,10 +640,19 @@ where
                 observer(&Progress::new(Phase::Checksum, &run.request.vm, done, size).on_disk(&disk.target));
                 !run.cancel.is_cancelled()
             };
-            let algorithm = checksum_algorithm_for(&path, crate::protect::layout_of(run.format));
-            let digest = checksum_file_observed(&path, &algorithm, &mut report)
-                .map_err(|e| cancelled_or(run.cancel, io("checksumming", &path)(e)))
-                .map_err(|e| (run.unavailable)(Step::Checksum, e))?;
+            let checksum = match hashed.get(&disk.target) {
+                Some(kept) => {
+                    report(size);
+                    kept.clone()
+                }
+                None => {
+                    let algorithm = checksum_algorithm_for(&path, crate::protect::layout_of(run.format));
+                    let value = checksum_file_observed(&path, &algorithm, &mut report)
+                        .map_err(|e| cancelled_or(run.cancel, io("checksumming", &path)(e)))
+                        .map_err(|e| (run.unavailable)(Step::Checksum, e))?;
+                    Checksum { algorithm, value }
+                }
+            };
             let planned = plan.disks.iter().find(|p| p.target == disk.target);
             disks.push(ManifestDisk {
                 target: disk.target.clone(),
@@ -648,7 +663,7 @@ where
                 format: "qcow2".into(),
                 virtual_size: info.first().map_or(0, |i| i.virtual_size),
                 size,
-                checksum: Some(Checksum { algorithm, value: digest }),
+                checksum: Some(checksum),
                 mode: planned.map_or(BackupMode::Full, |p| p.mode),
                 backing: planned.and_then(|p| p.backing.clone()),
                 full_reason: planned.and_then(|p| p.full_reason.clone()),
@@ -806,7 +821,7 @@ where
         (plan, from, checkpoint): (&crate::chain::ChainPlan, Option<&str>, Option<&str>),
         (notes, snapshots, staging): (&mut Notes, &mut crate::rbd::Snapshots<'_, I>, Option<&crate::staging::Staging>),
         observer: &mut dyn Observer,
-    ) -> Result<(bool, Option<String>, crate::vmstate::Captured, BackupMethod), PushFailure> {
+    ) -> Result<Copied, PushFailure> {
         // The job's files go to the scratch directory when there is one, else to the partial
         // directory on the repository.
         let partial = staging.map_or(run.partial, |s| s.path());
@@ -910,8 +925,14 @@ where
                 let deadline = std::time::Instant::now() + request.timeout;
                 let key = (run.format, passphrase.as_deref().map(Vec::as_slice));
                 let read = |c: &CancelHandle| {
-                    crate::pull::read_disks(&p.socket, &pull_disks, key, (deadline, c), (&request.vm, &mut *observer))
-                        .and_then(|()| job.end_pull().map_err(BackupError::from))
+                    let hashed = crate::pull::read_disks(
+                        &p.socket,
+                        &pull_disks,
+                        key,
+                        (deadline, c),
+                        (&request.vm, &mut *observer),
+                    )?;
+                    job.end_pull().map_err(BackupError::from).map(|()| hashed)
                 };
                 match p.scratch(staging) {
                     Some(s) => match s.watch(cancel, SCRATCH_CHECK, read) {
@@ -940,6 +961,7 @@ where
                     (Some(job), None) => wait(job, cancel).map_err(BackupError::from),
                     (None, _) => Ok(()),
                 }
+                .map(|()| HashMap::new())
             }
         };
         let mut frozen = None;
@@ -951,20 +973,23 @@ where
         drop(watchdog);
         // A guest that may still be frozen is said on every path: a warning with the backup, or
         // the error of a failed one.
-        if let Err(e) = waited {
-            let e = match e {
-                e @ BackupError::Scratch { .. } => e,
-                e => cancelled_or(cancel, e),
-            };
-            return Err(still_frozen(frozen, e).into());
-        }
+        let hashed = match waited {
+            Ok(hashed) => hashed,
+            Err(e) => {
+                let e = match e {
+                    e @ BackupError::Scratch { .. } => e,
+                    e => cancelled_or(cancel, e),
+                };
+                return Err(still_frozen(frozen, e).into());
+            }
+        };
         notes.warnings.extend(frozen);
         // The job is done: each protected file flushed and closed, complete only then.
         for (target, export) in exports {
             export.finish(EXPORT_FINISH_TIMEOUT).map_err(|e| at(Step::Job)(export_not_finished(&target, e)))?;
         }
         let method = if pull.is_some() { BackupMethod::PullJob } else { BackupMethod::PushJob };
-        Ok((outcome.quiesced, outcome.note, state, method))
+        Ok(Copied { method, quiesced: outcome.quiesced, note: outcome.note, state, hashed })
     }
 
     /// For a repository that compresses or encrypts (and no disk that is itself encrypted): the
@@ -1134,8 +1159,14 @@ where
     ///
     /// A compressed qcow2 inside a LUKS container names no backing file: its chain is given by
     /// the manifests whenever it is opened.
-    fn point_at_parents(&self, run: &Run<'_>, plan: &crate::chain::ChainPlan) -> Result<(), BackupError> {
-        for d in plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental) {
+    fn point_at_parents(
+        &self,
+        run: &Run<'_>,
+        plan: &crate::chain::ChainPlan,
+        hashed: &HashMap<String, Checksum>,
+    ) -> Result<(), BackupError> {
+        // A file nasbak wrote itself names its parent already (and is hashed as it is).
+        for d in plan.disks.iter().filter(|d| d.mode == BackupMode::Incremental && !hashed.contains_key(&d.target)) {
             let (_, file) = run.files.iter().find(|(x, _)| x.target == d.target).expect("planned from files");
             let backing = d.backing.as_deref().expect("an incremental disk has its backing");
             let path = run.partial.join(file);

@@ -14,6 +14,7 @@
 //! guest that overwrites more than the scratch may hold, or a scratch file system near full,
 //! stops the job before a guest write could fail on it.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,14 +22,15 @@ use std::time::{Duration, Instant};
 
 use nasbak_libvirt::CancelHandle;
 use nasbak_qemu_img::StoredLayout;
-use nasbak_qemu_img::encode::{EncodeError, EncodeTarget, Encoder, Plan, copy_from_nbd};
+use nasbak_qemu_img::encode::{EncodeError, EncodeTarget, Encoder, FileHash, Plan, copy_from_nbd};
 use nasbak_qemu_img::nbd::{BASE_ALLOCATION, NbdClient};
-use nasbak_repo::FileFormat;
+use nasbak_repo::{Checksum, FileFormat};
 
 use crate::error::BackupError;
 use crate::progress::{Observer, Phase, Progress};
 use crate::request::Scratch;
 use crate::staging::Staging;
+use crate::transfer::hash::{CHECKSUM_ALGORITHM, split_algorithm};
 
 /// Where the scratch files of a pull job go when no scratch storage is configured: a local
 /// directory (the guest's overwritten clusters wait there, never on the repository).
@@ -172,15 +174,18 @@ pub(crate) struct PullDisk {
 }
 
 /// Reads each disk of `disks` from the export at `socket` into its file, stored as `format`
-/// (encrypted with `passphrase` where it says), until `deadline` or a cancel.
+/// (encrypted with `passphrase` where it says), until `deadline` or a cancel. Returns each
+/// file's checksum by disk target, as the manifest records it, computed while it was written
+/// (a file whose hash could not be kept so is left out, to be read again).
 pub(crate) fn read_disks(
     socket: &Path,
     disks: &[PullDisk],
     (format, passphrase): (FileFormat, Option<&[u8]>),
     (deadline, cancel): (Instant, &CancelHandle),
     (vm, observer): (&str, &mut dyn Observer),
-) -> Result<(), BackupError> {
+) -> Result<HashMap<String, Checksum>, BackupError> {
     let layout = crate::protect::layout_of(format);
+    let mut checksums = HashMap::new();
     for disk in disks {
         let fail = |detail: String| BackupError::Pull {
             action: format!("reading disk {} of {vm} from its backup job's export", disk.target),
@@ -228,12 +233,27 @@ pub(crate) fn read_disks(
             }
             e => encode(e, vm),
         })?;
-        encoder.finish().map_err(|e| encode(e, vm))?;
+        let encoded = encoder.finish().map_err(|e| encode(e, vm))?;
+        if let Some(hash) = encoded.hash {
+            checksums.insert(disk.target.clone(), checksum_of(hash));
+        }
         // Once more with the file complete.
         report(total);
         let _ = client.disconnect();
     }
-    Ok(())
+    Ok(checksums)
+}
+
+/// A hash the encoder kept, as [`crate::transfer::hash::checksum_file`] computes it with the
+/// algorithm [`crate::transfer::hash::checksum_algorithm_for`] gives the file.
+fn checksum_of(hash: FileHash) -> Checksum {
+    match hash {
+        FileHash::Whole(h) => Checksum { algorithm: CHECKSUM_ALGORITHM.to_owned(), value: h.to_hex().to_string() },
+        FileHash::AroundLuksHeader { header: (offset, len), parts } => Checksum {
+            algorithm: split_algorithm(offset, len),
+            value: parts.iter().map(|h| h.to_hex().to_string()).collect::<Vec<_>>().join(":"),
+        },
+    }
 }
 
 /// A failure to write a backup file, in the engine's words.
@@ -259,6 +279,61 @@ mod tests {
         assert!(!orphaned_socket(runtime, &root.join("notapid/s")));
         let long = Path::new("/var/lib/a-runtime-directory-whose-path-is-far-too-long-for-a-socket/x");
         assert!(orphaned_socket(long, &Path::new(SHORT_SOCKET_ROOT).join("2147483646-3/s")));
+    }
+
+    /// Guest data of `len` bytes: runs of text (compresses), of noise (does not) and zeros.
+    fn guest_data(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..len)
+            .map(|i| match (i >> 16) % 3 {
+                0 => b"the quick brown fox jumps over the lazy dog "[i % 44],
+                1 => {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_written_by_nasbak_is_hashed_as_a_read_of_it_hashes_it_in_every_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1u64 << 20;
+        // Not a whole number of clusters; more data than one batch; holes between.
+        let size = 80 * mib + 12_345;
+        for format in [FileFormat::Compressed, FileFormat::Encrypted, FileFormat::CompressedInLuks] {
+            for (n, backing) in [(0, None), (1, Some("parent.qcow2".to_owned()))] {
+                let layout = crate::protect::layout_of(format);
+                let path = dir.path().join(format!("{format}-{n}.qcow2"));
+                let target = EncodeTarget {
+                    layout,
+                    compress: format.is_compressed(),
+                    size,
+                    backing: backing.clone().filter(|_| layout != StoredLayout::Qcow2InLuks),
+                    over_parent: backing.is_some(),
+                };
+                let key = layout.needs_key().then_some(&b"a key for the hash test"[..]);
+                let mut e = Encoder::create(&path, target, key).unwrap();
+                e.put(0, guest_data(36 * mib as usize, 1)).unwrap();
+                if backing.is_some() {
+                    e.put_zeros(40 * mib, 2 * mib).unwrap();
+                }
+                // The last batch compresses whole: the tables then start on the next cluster,
+                // past a stretch of the file never written.
+                let text = b"the quick brown fox jumps over the lazy dog ".iter().copied().cycle();
+                e.put(50 * mib, text.take(4 * mib as usize + 65_536).collect()).unwrap();
+                e.put(80 * mib, guest_data(12_345, 3)).unwrap();
+                let encoded = e.finish().unwrap();
+                let kept = checksum_of(encoded.hash.unwrap_or_else(|| panic!("{format}: a hash was kept")));
+                let algorithm = crate::transfer::hash::checksum_algorithm_for(&path, layout);
+                assert_eq!(kept.algorithm, algorithm, "{format} {n}");
+                let read = crate::transfer::hash::checksum_file(&path, &algorithm).unwrap();
+                assert_eq!(kept.value, read, "{format} {n}");
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nasbak::chain::ModeRequest;
 use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_process::ExternalCommand;
-use nasbak::nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, QemuImg};
+use nasbak::nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool, QemuImg, StoredLayout};
 use nasbak::nasbak_repo::{
     BackupMethod, BackupMode, BackupRepository, Compression, Encryption, FileFormat, KeySource, MountTimeouts,
     Protection, RepositoryKind, RepositoryMounts, SystemMounter,
@@ -388,7 +388,7 @@ fn a_file_of_each_kind_reads_with_stock_qemu_img_as_the_docs_say() {
 
 #[test]
 fn a_key_rotation_changes_headers_only_and_a_killed_one_is_finished_by_the_next() {
-    use nasbak::nasbak_qemu_img::{ImageTool, StoredFile, StoredLayout};
+    use nasbak::nasbak_qemu_img::StoredFile;
     let dom = DomainSpec::new("rotate").disk(DiskSpec::qcow2(16)).create();
     let e = engine(&dom.dir().join("runtime"));
     let catalog = Catalog::new(e.images(), e.mounts());
@@ -522,6 +522,30 @@ fn running_backups_are_read_from_a_pull_job_and_written_by_nasbak_and_every_poin
         assert!(m.disks.iter().all(|d| d.stored_as == format), "{name}");
         let allocated = fs::metadata(root.join(&inc.relative_dir).join(&m.disks[0].file)).unwrap().blocks_on_disk();
         assert!(allocated < 8 << 20, "{name}: the incremental holds about the 3 MiB changed: {allocated}");
+        // Hashed while it was written, not read again: each checksum is the one a read of the
+        // complete file gives, by the algorithm the manifest names.
+        for outcome in [&full, &inc] {
+            for d in &outcome.manifest.disks {
+                let path = root.join(&outcome.relative_dir).join(&d.file);
+                let kept = d.checksum.clone().expect("a checksum");
+                let layout = match format {
+                    FileFormat::Encrypted => StoredLayout::Qcow2Luks,
+                    FileFormat::CompressedInLuks => StoredLayout::Qcow2InLuks,
+                    _ => StoredLayout::Qcow2,
+                };
+                assert_eq!(kept.algorithm, nasbak::checksum_algorithm_for(&path, layout), "{name} {}", d.file);
+                assert_eq!(kept.value, nasbak::checksum_file(&path, &kept.algorithm).unwrap(), "{name} {}", d.file);
+            }
+        }
+        // The incremental names its parent for stock qemu-img (nasbak wrote it so).
+        if format == FileFormat::Compressed {
+            let file = root.join(&inc.relative_dir).join(&m.disks[0].file);
+            let info = e.images().info(&ImageLocation::Path(file)).unwrap();
+            let parent = root.join(&full.relative_dir).join(&full.manifest.disks[0].file);
+            let named = info[0].backing_file.as_ref().map(|b| fs::canonicalize(b).unwrap());
+            assert_eq!(named, Some(fs::canonicalize(&parent).unwrap()), "{name}: {info:?}");
+            assert_eq!(info.len(), 2, "{name}: the chain opens with its parent: {info:?}");
+        }
         let p2 = dom.raw_copy(0, &format!("{name}-r2"));
         for (id, want) in [(&full.manifest.id, &p1), (&inc.manifest.id, &p2)] {
             let to = dom.dir().join(format!("{name}-run-{id}.qcow2"));

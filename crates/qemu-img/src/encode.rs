@@ -111,6 +111,83 @@ pub struct Encoded {
     pub read: u64,
     /// The file's length.
     pub file_len: u64,
+    /// The file's BLAKE3, computed as it was written; `None` if it could not be (the file is
+    /// then hashed by reading it).
+    pub hash: Option<FileHash>,
+}
+
+/// The BLAKE3 of a file [`Encoder`] wrote, as nasbak's manifests record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileHash {
+    /// Of the whole file (a file without a LUKS header).
+    Whole(blake3::Hash),
+    /// Of the three parts of a file around its LUKS header: before it, the header, after it
+    /// (so that a new passphrase changes one part's hash only).
+    AroundLuksHeader {
+        /// The header's offset and length in the file.
+        header: (u64, u64),
+        /// The three parts' hashes.
+        parts: [blake3::Hash; 3],
+    },
+}
+
+/// The hash of what an [`Encoder`] writes, kept as it writes: of the part of the file hashed as
+/// one (the whole file, or what follows its LUKS header), whose bytes from `from` on are
+/// written in order and whose bytes before `from` are read back once the file is complete (a
+/// header, at most a cluster).
+struct StreamHash {
+    /// Where the part starts in the file.
+    part: u64,
+    /// Where the bytes hashed as they are written start.
+    from: u64,
+    /// Where the next byte written is expected.
+    next: u64,
+    hasher: PartHasher,
+    /// Something was written out of order: no hash, the file is read instead.
+    broken: bool,
+}
+
+enum PartHasher {
+    /// The part's first cluster (its qcow2 header) is written last.
+    HeadLast(crate::treehash::HeadLastHasher),
+    /// Everything comes in order.
+    InOrder(Box<blake3::Hasher>),
+}
+
+impl StreamHash {
+    fn update(&mut self, data: &[u8]) {
+        match &mut self.hasher {
+            PartHasher::HeadLast(h) => h.update(data),
+            PartHasher::InOrder(h) => {
+                h.update_rayon(data);
+            }
+        }
+        self.next += data.len() as u64;
+    }
+
+    /// Takes note of `data` written at `at`; what lies between the last write and this one
+    /// reads as zeros.
+    fn written(&mut self, at: u64, data: &[u8]) {
+        let end = at + data.len() as u64;
+        if end <= self.from || self.broken {
+            return;
+        }
+        if at < self.next {
+            self.broken = true;
+            return;
+        }
+        self.zeros_to(at);
+        self.update(data);
+    }
+
+    /// Hashes zeros up to `to`.
+    fn zeros_to(&mut self, to: u64) {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        while self.next < to {
+            let n = (to - self.next).min(ZEROS.len() as u64) as usize;
+            self.update(&ZEROS[..n]);
+        }
+    }
 }
 
 /// One cluster of guest data, encoded: zeros, compressed (zstd, when `compress` and it saves a
@@ -131,10 +208,38 @@ fn encode_cluster(c: &[u8], compress: bool) -> Cluster {
         padded.resize(csz, 0);
         &padded[..]
     };
-    match zstd::bulk::compress(whole, ZSTD_LEVEL) {
-        Ok(z) if (z.len() as u64) < cs() - SECTOR => Cluster::Compressed(z),
+    // Worth storing compressed only when it saves a sector: zstd stops where the output would
+    // not fit. Each thread keeps its compression context (made once, not per cluster).
+    let mut out = Vec::with_capacity((cs() - SECTOR - 1) as usize);
+    let compressed = COMPRESSOR.with_borrow_mut(|c| {
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut().map(|c| c.compress_to_buffer(whole, &mut out))
+    });
+    match compressed {
+        Some(Ok(_)) if (out.len() as u64) < cs() - SECTOR => Cluster::Compressed(out),
         _ => Cluster::Raw,
     }
+}
+
+/// Reads into `buf` from `at`, up to the file's end: what lies past it stays as it is in `buf`.
+fn read_up_to(file: &File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, at) {
+            Ok(0) => break,
+            Ok(n) => (buf, at) = (&mut buf[n..], at + n as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// This thread's zstd compression context.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// One cluster, encoded.
@@ -167,6 +272,8 @@ pub struct Encoder {
     pending_bytes: u64,
     /// Buffers of data written, for the caller to read into again ([`Encoder::take_spare`]).
     spare: Vec<Vec<u8>>,
+    /// The file's hash, kept as it is written.
+    hash: StreamHash,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -212,6 +319,14 @@ impl Encoder {
             pending: Vec::new(),
             pending_bytes: 0,
             spare: Vec::new(),
+            // Set below once the layout's headers are in place.
+            hash: StreamHash {
+                part: 0,
+                from: cs(),
+                next: cs(),
+                hasher: PartHasher::HeadLast(crate::treehash::HeadLastHasher::new()),
+                broken: false,
+            },
             target,
         };
         if e.target.layout.needs_key() {
@@ -221,6 +336,8 @@ impl Encoder {
                     let key = luks::write_new_header(&e.file, path, 0, passphrase)?;
                     e.base = luks::header_len();
                     e.cipher = Some(key.data_cipher());
+                    // Hashed after the LUKS header: from the qcow2's header cluster on.
+                    (e.hash.part, e.hash.from, e.hash.next) = (e.base, e.base + cs(), e.base + cs());
                 }
                 _ => {
                     let len = luks::header_len();
@@ -230,6 +347,18 @@ impl Encoder {
                     e.cursor += clusters * cs();
                     e.refcounts.extend(std::iter::repeat_n(1, clusters as usize));
                     e.cipher = Some(key.data_cipher());
+                    // Hashed after the LUKS header, in order: the rest of its last cluster,
+                    // then the data.
+                    let mut rest = vec![0u8; (e.cursor - cs() - len) as usize];
+                    read_up_to(&e.file, &mut rest, cs() + len).map_err(io("read back"))?;
+                    e.hash = StreamHash {
+                        part: cs() + len,
+                        from: cs() + len,
+                        next: cs() + len,
+                        hasher: PartHasher::InOrder(Box::default()),
+                        broken: false,
+                    };
+                    e.hash.update(&rest);
                 }
             }
         }
@@ -390,7 +519,7 @@ impl Encoder {
     /// Writes `buf` at the qcow2's offset `at`, encrypting it first where the layout says:
     /// every sector in a LUKS container, the data clusters (`data`) with built-in LUKS, whose IV
     /// is the sector's place in the file (QEMU's `crypt_physical_offset`).
-    fn write(&self, at: u64, buf: &mut [u8], data: bool) -> Result<(), EncodeError> {
+    fn write(&mut self, at: u64, buf: &mut [u8], data: bool) -> Result<(), EncodeError> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -402,6 +531,7 @@ impl Encoder {
             });
         }
         self.file.write_all_at(buf, self.base + at).map_err(self.io("write"))?;
+        self.hash.written(self.base + at, buf);
         if data {
             self.start_writeback(self.base + at, buf.len() as u64);
         }
@@ -472,7 +602,45 @@ impl Encoder {
         let mut head = self.header(l1_size, l1_at, rt_at, table_clusters)?;
         self.write(0, &mut head, false)?;
         self.file.sync_all().map_err(self.io("sync"))?;
-        Ok(Encoded { read: self.read, file_len })
+        let read = self.read;
+        let hash = self.file_hash(file_len)?;
+        Ok(Encoded { read, file_len, hash })
+    }
+
+    /// The complete file's hash: what was hashed as it was written, with the bytes before
+    /// that read back (the headers). `None` if something was written out of order.
+    fn file_hash(mut self, file_len: u64) -> Result<Option<FileHash>, EncodeError> {
+        if self.hash.broken || self.hash.next > file_len {
+            return Ok(None);
+        }
+        self.hash.zeros_to(file_len);
+        let (file, path) = (&self.file, &self.path);
+        let read_back = |from: u64, to: u64| {
+            let mut buf = vec![0u8; (to - from) as usize];
+            file.read_exact_at(&mut buf, from).map(|()| buf).map_err(|source| EncodeError::Io {
+                action: "read back",
+                path: path.clone(),
+                source,
+            })
+        };
+        let head = read_back(self.hash.part, self.hash.from)?;
+        let StreamHash { part, hasher, .. } = self.hash;
+        let rest = match hasher {
+            PartHasher::HeadLast(h) => h.finish(&head),
+            PartHasher::InOrder(h) if head.is_empty() => h.finalize(),
+            PartHasher::InOrder(_) => return Ok(None),
+        };
+        if !self.target.layout.needs_key() {
+            return Ok((part == 0).then_some(FileHash::Whole(rest)));
+        }
+        // Split where nasbak's checksum splits it: at the header the file's own LUKS says.
+        let header = luks::LuksFile::open(path, self.target.layout)?.region();
+        if header.0 + header.1 != part {
+            return Ok(None);
+        }
+        let before = blake3::hash(&read_back(0, header.0)?);
+        let luks = blake3::hash(&read_back(header.0, part)?);
+        Ok(Some(FileHash::AroundLuksHeader { header, parts: [before, luks, rest] }))
     }
 
     /// The header cluster's first bytes (a whole number of sectors).
@@ -612,13 +780,12 @@ pub fn copy_from_nbd(
     let path = encoder.path.clone();
     // The reader stays a batch ahead while the one before is encoded and written.
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>((BATCH / u64::from(CHUNK)) as usize + 2);
+    let chunk = u64::from(CHUNK);
     let ranges: Vec<(u64, u32)> = plan
         .data
         .iter()
         .flat_map(|&(offset, len)| {
-            (0..len.div_ceil(u64::from(CHUNK))).map(move |i| {
-                (offset + i * u64::from(CHUNK), (len - i * u64::from(CHUNK)).min(u64::from(CHUNK)) as u32)
-            })
+            (0..len.div_ceil(chunk)).map(move |i| (offset + i * chunk, (len - i * chunk).min(chunk) as u32))
         })
         .collect();
     // Buffers written go back to the reader, to be read into again.

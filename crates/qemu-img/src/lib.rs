@@ -44,6 +44,7 @@ mod qcow2;
 mod rbd;
 mod stored;
 mod tool;
+pub mod treehash;
 
 pub use convert::{CacheMode, Compression, ConvertRequest, last_progress};
 pub use daemon::{DirtyCopy, ExportKind, ReadOnlyExport, WritableExport, nbd_uri};
