@@ -39,6 +39,7 @@ pub mod fuzz_checks;
 mod info;
 mod location;
 pub mod luks;
+pub mod metacheck;
 pub mod nbd;
 mod qcow2;
 mod rbd;
