@@ -28,6 +28,8 @@ const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// Header extensions this module knows: the backing file's format and the feature name table.
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
+/// The most clusters a file checked here has (256 GiB of 64 KiB clusters): 16 MiB of counts.
+const MAX_CLUSTERS: u64 = 1 << 22;
 
 /// What the check counted, as `qemu-img check` reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +88,11 @@ pub fn check(path: &Path) -> std::io::Result<Option<MetaCheck>> {
     if !known_extensions(&head, header_length as usize) {
         return Ok(None);
     }
+    // Four bytes per cluster are kept (its use and its stored refcount): a file of more
+    // clusters than `MAX_CLUSTERS` is qemu-img's.
+    if file_len.div_ceil(cs) > MAX_CLUSTERS {
+        return Ok(None);
+    }
     let mut c = Counter { counts: vec![0; file_len.div_ceil(cs) as usize], cs, file_len, found: MetaCheck::default() };
     c.count(0, cs);
     // The refcount table and its blocks: the stored refcounts.
@@ -128,8 +135,11 @@ pub fn check(path: &Path) -> std::io::Result<Option<MetaCheck>> {
     let csize_shift = 62 - (cluster_bits - 8);
     let csize_mask = (1u64 << (cluster_bits - 8)) - 1;
     let mut l2 = vec![0u8; cs as usize];
-    // The clusters whose "copied" flag is looked at once the stored refcounts are known.
-    let mut flagged: Vec<(u64, bool)> = Vec::new();
+    // A table's or a cluster's "copied" flag says whether its stored refcount is one.
+    let copied_ok = |host: u64, entry: u64| {
+        let refcount = stored.get((host / cs) as usize).copied().unwrap_or(0);
+        (refcount == 1) == (entry & OFLAG_COPIED != 0)
+    };
     // Each L2 table is read once: one named twice is a corruption (the file is then qemu-img's
     // to judge), never a reason to read the file over and over.
     let mut seen = std::collections::HashSet::new();
@@ -151,7 +161,9 @@ pub fn check(path: &Path) -> std::io::Result<Option<MetaCheck>> {
             c.found.corruptions += 1;
             continue;
         }
-        flagged.push((table, entry & OFLAG_COPIED != 0));
+        if !copied_ok(table, entry) {
+            c.found.corruptions += 1;
+        }
         file.read_exact_at(&mut l2, table)?;
         for e in l2.chunks_exact(8) {
             let entry = be64(e, 0);
@@ -173,17 +185,13 @@ pub fn check(path: &Path) -> std::io::Result<Option<MetaCheck>> {
                 c.found.corruptions += 1;
                 continue;
             }
-            flagged.push((host, entry & OFLAG_COPIED != 0));
-        }
-    }
-    for (host, copied) in flagged {
-        let refcount = stored.get((host / cs) as usize).copied().unwrap_or(0);
-        if (refcount == 1) != copied {
-            c.found.corruptions += 1;
+            if !copied_ok(host, entry) {
+                c.found.corruptions += 1;
+            }
         }
     }
     for (i, used) in c.counts.iter().enumerate() {
-        let s = u32::from(stored[i]);
+        let s = stored[i];
         if s < *used {
             c.found.corruptions += 1;
         } else if s > *used {
@@ -239,7 +247,7 @@ fn known_extensions(head: &[u8], from: usize) -> bool {
 
 /// The clusters counted as used.
 struct Counter {
-    counts: Vec<u32>,
+    counts: Vec<u16>,
     cs: u64,
     file_len: u64,
     found: MetaCheck,

@@ -192,6 +192,12 @@ fn what_it_does_not_count_is_left_to_qemu_img() {
     let v2 = dir.path().join("v2.qcow2");
     qemu_img(&["create", "-f", "qcow2", "-o", "compat=0.10", &v2.to_string_lossy(), "1M"]).unwrap();
     assert_eq!(metacheck::check(&v2).unwrap(), None, "qcow2 version 2");
+    // More clusters than it keeps counts for (4 Mi): 512-byte clusters in a 3 GiB file.
+    let small = dir.path().join("small-clusters.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=512", &small.to_string_lossy(), "1M"]).unwrap();
+    assert!(metacheck::check(&small).unwrap().is_some_and(|c| c.clean()));
+    OpenOptions::new().write(true).open(&small).unwrap().set_len(3 << 30).unwrap();
+    assert_eq!(metacheck::check(&small).unwrap(), None, "6 Mi clusters");
     // Not a qcow2 at all.
     assert_eq!(metacheck::check(&raw).unwrap(), None);
     // A file whose backing file is gone is qemu-img's to refuse.
