@@ -100,8 +100,7 @@ fn a_check_of_a_locked_target_writes_reads_back_and_proves_the_lock() {
             &lab.bucket_locked,
             "--key",
             key,
-            "--version-id",
-            probe["VersionId"].as_str().unwrap(),
+            &format!("--version-id={}", probe["VersionId"].as_str().unwrap()),
         ])
         .unwrap();
     assert!(retention.contains("COMPLIANCE"), "{retention}");
@@ -114,8 +113,7 @@ fn a_check_of_a_locked_target_writes_reads_back_and_proves_the_lock() {
             &lab.bucket_locked,
             "--key",
             key,
-            "--version-id",
-            probe["VersionId"].as_str().unwrap(),
+            &format!("--version-id={}", probe["VersionId"].as_str().unwrap()),
         ])
         .unwrap_err();
     assert!(refused.contains("AccessDenied"), "{refused}");
@@ -454,8 +452,7 @@ fn cleanup_governance(lab: &LabS3, bucket: &str, prefix: &str) {
             bucket,
             "--key",
             key,
-            "--version-id",
-            id,
+            &format!("--version-id={}", id),
             "--bypass-governance-retention",
         ]);
     }
