@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::be::{be32, be64};
 use crate::luks::{DataCipher, LuksError, LuksFile};
 use crate::qcow2::{
     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1_OFFSET_MASK, L2_OFFSET_MASK, MAGIC as QCOW2_MAGIC,
@@ -141,14 +142,6 @@ impl std::fmt::Debug for Decoder {
             self.parts.iter().map(|p| (p.path.as_path(), p.layout, p.extents.len())).collect();
         f.debug_struct("Decoder").field("files", &files).finish_non_exhaustive()
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 impl Part {

@@ -29,6 +29,7 @@
 
 #![deny(missing_docs)]
 
+mod be;
 mod convert;
 mod daemon;
 pub mod decode;

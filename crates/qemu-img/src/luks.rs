@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use xts_mode::{Xts128, get_tweak_default};
 use zeroize::Zeroizing;
 
+use crate::be::be32;
 use crate::stored::StoredLayout;
 
 const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -158,10 +159,6 @@ impl std::fmt::Debug for Header {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Header").field("hash", &self.hash).field("key_bytes", &self.key_bytes).finish_non_exhaustive()
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 fn text(b: &[u8]) -> String {

@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::be::{be16, be32, be64};
 use crate::qcow2::{
     INCOMPAT_COMPRESSION, L1_OFFSET_MASK, L2_OFFSET_MASK, MAGIC, OFLAG_COMPRESSED, OFLAG_COPIED, SECTOR,
 };
@@ -45,18 +46,6 @@ impl MetaCheck {
     pub fn clean(&self) -> bool {
         self.corruptions == 0 && self.leaks == 0
     }
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// The metadata of the qcow2 file at `path` checked as `qemu-img check` checks it, or `None`

@@ -11,6 +11,7 @@
 //! Nothing waits without a bound: every read and write on the socket has the client's timeout,
 //! after which the call fails with [`NbdError::Io`] (`TimedOut` or `WouldBlock`).
 
+use crate::be::{be16, be32, be64};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -98,16 +99,6 @@ pub struct NbdClient {
     /// The contexts the server agreed to, by id.
     contexts: Vec<(u32, String)>,
     next_cookie: u64,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(b[at..at + 2].try_into().expect("two bytes"))
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("four bytes"))
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("eight bytes"))
 }
 
 impl NbdClient {
