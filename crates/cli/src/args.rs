@@ -320,6 +320,10 @@ pub enum Command {
         /// Only this disk, by its target in the backup (vda, vdb, ...).
         #[arg(long)]
         disk: Option<String>,
+        /// Open LUKS volumes inside the guest read-only with this key file (the whole file is
+        /// the passphrase, as `cryptsetup --key-file` reads it); needs device-mapper.
+        #[arg(long, value_name = "PATH")]
+        luks_key_file: Option<std::path::PathBuf>,
     },
     /// Remove every trace of a backup mounted under DIR (file systems, loop devices, daemons,
     /// and the repository's mount when nothing else uses it).

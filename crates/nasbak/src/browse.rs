@@ -33,6 +33,7 @@ use nasbak_process::{CancelHandle, ExternalCommand};
 use nasbak_qemu_img::{ExportKind, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
 use nasbak_repo::{BackupId, Mounter, VmName};
 
+use crate::devmap::DeviceMapper;
 use crate::engine::Catalog;
 use crate::error::{BackupError, Step, at};
 use crate::lvm::Placement;
@@ -49,6 +50,8 @@ pub const MOUNT_STATE_FILE: &str = ".nasbak-mount.json";
 pub const DISK_IMAGE_FILE: &str = "disk.raw";
 /// How long one call of partx, blkid, mount, umount or losetup may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a busy file system is tried again before unmount gives up on it.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How long a daemon has to stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -59,6 +62,16 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
     pub fn mount(&self, request: &MountRequest, cancel: &CancelHandle) -> Result<MountedBackup, BackupError> {
         let vm = VmName::new(&request.vm)?;
         request.id.parse::<BackupId>()?;
+        if let Some(key) = &request.luks_key_file
+            && !key.is_file()
+        {
+            return Err(BackupError::NotFound {
+                what: format!(
+                    "the LUKS key file {} (--luks-key-file: the file that holds the passphrase of the guest's LUKS volumes)",
+                    key.display()
+                ),
+            });
+        }
         let dir = std::path::absolute(&request.dir).map_err(|source| BackupError::Io {
             action: "resolving",
             path: request.dir.clone(),
@@ -163,15 +176,16 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
                 checked.map_err(at(Step::Check)).and(exported)
             })?;
         }
-        for i in 0..state.disks.len() {
-            if cancel.is_cancelled() {
-                return Err(BackupError::Cancelled);
-            }
-            let (filesystems, not_mounted) = mount_filesystems(&state.disks[i])?;
-            state.disks[i].filesystems = filesystems;
-            state.disks[i].not_mounted = not_mounted;
-            write_state(&state)?;
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
         }
+        let mut inside = Inside { dm: DeviceMapper::new(&dir), luks_key: request.luks_key_file.as_deref() };
+        let found = mount_filesystems(&state.disks, &mut inside)?;
+        for (disk, (filesystems, not_mounted)) in state.disks.iter_mut().zip(found) {
+            disk.filesystems = filesystems;
+            disk.not_mounted = not_mounted;
+        }
+        write_state(&state)?;
         // The daemons hold the repository now; this process lets go of it.
         drop(mounted);
         undo.armed = false;
@@ -265,11 +279,14 @@ fn tool(action: &str, command: ExternalCommand) -> Result<nasbak_process::Comman
     command.timeout(TOOL_TIMEOUT).run().map_err(|source| BackupError::Tool { action: action.to_owned(), source })
 }
 
-/// A region of a disk image that may hold a file system.
+/// A region of a disk image, or of a device standing on one, that may hold a file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Region {
     /// The partition number; `None` for the whole disk.
     partition: Option<u32>,
+    /// The disk's image, or the block device (an opened LUKS volume, a logical volume's
+    /// device-mapper device) the region is in.
+    source: PathBuf,
     offset: u64,
     size: u64,
 }
@@ -283,33 +300,34 @@ fn regions(image: &Path, size: u64) -> Result<Vec<Region>, String> {
         .timeout(TOOL_TIMEOUT)
         .run_unchecked()
         .map_err(|e| e.to_string())?;
-    let whole = vec![Region { partition: None, offset: 0, size }];
+    let whole = vec![Region { partition: None, source: image.to_owned(), offset: 0, size }];
     if !out.status.success() {
         let why = out.stderr_text();
         return if why.contains("failed to read partition table") { Ok(whole) } else { Err(why.trim().to_owned()) };
     }
-    let parsed = parse_partx(&out.stdout_text());
+    let parsed = parse_partx(&out.stdout_text(), image);
     Ok(if parsed.is_empty() { whole } else { parsed })
 }
 
-fn parse_partx(text: &str) -> Vec<Region> {
+fn parse_partx(text: &str, image: &Path) -> Vec<Region> {
     text.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace().map(str::parse::<u64>);
             let (nr, start, sectors) = (f.next()?.ok()?, f.next()?.ok()?, f.next()?.ok()?);
-            Some(Region { partition: Some(u32::try_from(nr).ok()?), offset: start * 512, size: sectors * 512 })
+            let partition = Some(u32::try_from(nr).ok()?);
+            Some(Region { partition, source: image.to_owned(), offset: start * 512, size: sectors * 512 })
         })
         .collect()
 }
 
 /// What blkid says a region holds: its `TYPE` and `USAGE`, if anything.
-fn probe(image: &Path, region: &Region) -> Option<(String, String)> {
+fn probe(region: &Region) -> Option<(String, String)> {
     let out = ExternalCommand::new("blkid")
         .args(["--probe", "--output", "export", "--offset"])
         .arg(region.offset.to_string())
         .arg("--size")
         .arg(region.size.to_string())
-        .arg(image)
+        .arg(&region.source)
         .timeout(TOOL_TIMEOUT)
         .run_unchecked()
         .ok()?;
@@ -326,7 +344,7 @@ fn mount_options(fstype: &str, usage: &str, kernel: &str) -> Result<String, Stri
     let known = |t: &str| kernel.lines().any(|l| l.split_whitespace().last() == Some(t));
     let replay = match fstype {
         "swap" => return Err("swap space".into()),
-        "crypto_LUKS" => return Err("encrypted (LUKS): not mounted".into()),
+        "crypto_LUKS" => return Err("encrypted (LUKS): give --luks-key-file to open it read-only".into()),
         "linux_raid_member" => return Err("part of a software RAID: not mounted".into()),
         _ if usage != "filesystem" => return Err(format!("{fstype} ({usage}), not a file system")),
         _ if !known(fstype) => return Err(format!("{fstype}: this kernel does not mount it")),
@@ -340,93 +358,353 @@ fn mount_options(fstype: &str, usage: &str, kernel: &str) -> Result<String, Stri
     Ok(format!("ro,nodev,nosuid,noexec{replay}"))
 }
 
-/// Mounts what each region of `disk`'s image holds; the linear logical volumes of an LVM
-/// physical volume are regions too (read from its metadata, nothing activated on the host).
-fn mount_filesystems(disk: &MountedDisk) -> Result<(Vec<MountedFilesystem>, Vec<NotMounted>), BackupError> {
+/// What mounting the file systems of a backup's disks needs besides the disks: where device-mapper
+/// devices are made, and the key of the guest's LUKS volumes.
+struct Inside<'a> {
+    dm: DeviceMapper,
+    luks_key: Option<&'a Path>,
+}
+
+/// A region still to look into: on which disk, and the logical volume it is, if one.
+type Pending = (usize, Region, Option<String>);
+
+/// What one disk shows: the file systems mounted, and what is not mounted with the reason.
+type Shown = (Vec<MountedFilesystem>, Vec<NotMounted>);
+
+/// Where a physical volume's first extent is reached: a block device and a sector on it.
+type Reached = Result<(PathBuf, u64), String>;
+
+/// A physical volume found: on which disk, where, and what its label and metadata say.
+struct FoundPv {
+    disk: usize,
+    region: Region,
+    pv: crate::lvm::PhysicalVolume,
+}
+
+/// Mounts what each region of each disk's image holds: partitions (or the whole disk), LUKS
+/// volumes opened read-only with the key, and the logical volumes of the LVM physical volumes
+/// found on any of the disks (read from their metadata, nothing activated on the host; one
+/// range of a disk through a loop device, the others through device-mapper where the host has
+/// it). What is not mounted is listed with the reason, on its disk.
+fn mount_filesystems(disks: &[MountedDisk], inside: &mut Inside<'_>) -> Result<Vec<Shown>, BackupError> {
     let kernel = fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    let (mut mounted, mut not) = (Vec::new(), Vec::new());
-    let mut regions: Vec<(Region, Option<String>)> = match regions(&disk.image, disk.size) {
-        Ok(r) => r.into_iter().map(|r| (r, None)).collect(),
-        Err(why) => {
-            not.push(NotMounted {
+    let mut out: Vec<Shown> = vec![(Vec::new(), Vec::new()); disks.len()];
+    let mut queue: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    for (d, disk) in disks.iter().enumerate() {
+        match regions(&disk.image, disk.size) {
+            Ok(r) => queue.extend(r.into_iter().map(|r| (d, r, None))),
+            Err(why) => out[d].1.push(NotMounted {
                 partition: None,
                 logical_volume: None,
                 reason: format!("its partition table could not be read: {why}"),
-            });
-            Vec::new()
+            }),
         }
-    };
-    let mut i = 0;
-    while i < regions.len() {
-        let (region, lv) = regions[i].clone();
-        i += 1;
-        let skip = |reason: String| NotMounted { partition: region.partition, logical_volume: lv.clone(), reason };
-        let Some((fstype, usage)) = probe(&disk.image, &region) else {
-            not.push(skip("no file system found".into()));
-            continue;
-        };
-        if fstype == "LVM2_member" && lv.is_none() {
-            match physical_volume(&disk.image, &region) {
-                Ok(lvs) if lvs.is_empty() => not.push(skip("an LVM physical volume without logical volumes".into())),
-                Ok(lvs) => {
-                    for v in lvs {
-                        let name = Some(format!("{}/{}", v.vg, v.name));
-                        match v.placement {
-                            Placement::Range { offset, size } => {
-                                let inner =
-                                    Region { partition: region.partition, offset: region.offset + offset, size };
-                                regions.push((inner, name));
-                            }
-                            Placement::NotMountable(reason) => {
-                                not.push(NotMounted { partition: region.partition, logical_volume: name, reason });
-                            }
-                        }
+    }
+    let mut pvs: Vec<FoundPv> = Vec::new();
+    let mut groups_read = false;
+    loop {
+        while let Some((d, region, lv)) = queue.pop_front() {
+            let skip = |reason: String| NotMounted { partition: region.partition, logical_volume: lv.clone(), reason };
+            let Some((fstype, usage)) = probe(&region) else {
+                out[d].1.push(skip("no file system found".into()));
+                continue;
+            };
+            if fstype == "LVM2_member" {
+                if groups_read {
+                    out[d].1.push(skip("an LVM physical volume inside a logical volume: not read".into()));
+                    continue;
+                }
+                match read_physical_volume(&region) {
+                    Ok(pv) => pvs.push(FoundPv { disk: d, region, pv }),
+                    Err(why) => {
+                        out[d].1.push(skip(format!("an LVM physical volume whose metadata could not be read: {why}")))
                     }
                 }
-                Err(why) => not.push(skip(format!("an LVM physical volume whose metadata could not be read: {why}"))),
+                continue;
             }
-            continue;
+            if fstype == "crypto_LUKS"
+                && let Some(key) = inside.luks_key
+            {
+                let name = format!("luks-{}-{}", disks[d].target, region_name(&region, lv.as_deref()));
+                match open_luks(inside, &name, &region, key) {
+                    Ok(inner) => queue.push_back((d, inner, lv)),
+                    Err(why) => out[d].1.push(skip(format!("encrypted (LUKS): {why}"))),
+                }
+                continue;
+            }
+            let options = match mount_options(&fstype, &usage, &kernel) {
+                Ok(o) => o,
+                Err(reason) => {
+                    out[d].1.push(skip(reason));
+                    continue;
+                }
+            };
+            let path = disks[d].image.with_file_name(region_name(&region, lv.as_deref()));
+            fs::create_dir(&path).map_err(|source| BackupError::Io {
+                action: "creating",
+                path: path.clone(),
+                source,
+            })?;
+            let loop_options = format!("{options},loop,offset={},sizelimit={}", region.offset, region.size);
+            let result = ExternalCommand::new("mount")
+                .args(["-t", &fstype, "-o", &loop_options])
+                .arg(&region.source)
+                .arg(&path)
+                .timeout(TOOL_TIMEOUT)
+                .run();
+            match result {
+                Ok(_) => out[d].0.push(MountedFilesystem {
+                    partition: region.partition,
+                    logical_volume: lv.clone(),
+                    path,
+                    fstype,
+                    options,
+                }),
+                Err(e) => {
+                    let _ = fs::remove_dir(&path);
+                    let why = e.stderr().trim().to_owned();
+                    out[d].1.push(skip(format!(
+                        "{fstype}: mounting it read-only failed: {}",
+                        if why.is_empty() { e.to_string() } else { why }
+                    )));
+                }
+            }
         }
-        let options = match mount_options(&fstype, &usage, &kernel) {
-            Ok(o) => o,
-            Err(reason) => {
-                not.push(skip(reason));
+        if groups_read || pvs.is_empty() {
+            break;
+        }
+        groups_read = true;
+        place_volume_groups(&pvs, inside, &mut queue, &mut out);
+    }
+    Ok(out)
+}
+
+/// The directory name of a region's file system: `part2`, `fs` (a whole disk), `lv-VG-LV`.
+fn region_name(region: &Region, lv: Option<&str>) -> String {
+    match (lv, region.partition) {
+        (Some(lv), _) => format!("{LV_DIR_PREFIX}{}", safe_name(lv)),
+        (None, Some(n)) => format!("part{n}"),
+        (None, None) => "fs".to_owned(),
+    }
+}
+
+/// Opens the LUKS volume in `region` read-only as `name`: the region of its plaintext device.
+fn open_luks(inside: &mut Inside<'_>, name: &str, region: &Region, key: &Path) -> Result<Region, String> {
+    inside.dm.available()?;
+    let device = if region.offset == 0 && is_block_device(&region.source) {
+        region.source.clone()
+    } else {
+        crate::devmap::loop_device(&region.source, region.offset, region.size)?
+    };
+    let plain = inside.dm.open_luks(name, &device, key)?;
+    let size = device_size(&plain)?;
+    Ok(Region { partition: region.partition, source: plain, offset: 0, size })
+}
+
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// A block device's size in bytes (`/sys/dev/block/MAJOR:MINOR/size`, in sectors).
+fn device_size(device: &Path) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let text = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))
+        .map_err(|e| format!("the size of {}: {e}", device.display()))?;
+    text.trim().parse::<u64>().map(|s| s * 512).map_err(|_| format!("the size of {}: {text:?}", device.display()))
+}
+
+/// Groups the physical volumes found by volume group (the newest metadata of each), places
+/// each group's logical volumes on them, and queues what can be mounted; the rest is listed
+/// with the reason, on the disk of the group's first physical volume.
+fn place_volume_groups(
+    pvs: &[FoundPv],
+    inside: &mut Inside<'_>,
+    queue: &mut std::collections::VecDeque<Pending>,
+    out: &mut [Shown],
+) {
+    let mut groups: Vec<(String, u64, Vec<&FoundPv>)> = Vec::new();
+    for found in pvs {
+        let (id, seqno) = found.pv.group().unwrap_or_else(|| (found.pv.uuid.clone(), 0));
+        match groups.iter_mut().find(|(g, _, _)| *g == id) {
+            Some((_, newest, members)) => {
+                members.push(found);
+                *newest = (*newest).max(seqno);
+            }
+            None => groups.push((id, seqno, vec![found])),
+        }
+    }
+    // The device each physical volume is reached through for device-mapper tables, from its
+    // first extent (made when a table needs it).
+    let mut reached: std::collections::BTreeMap<String, Reached> = Default::default();
+    for (_, newest, members) in groups {
+        let first = members[0];
+        let text =
+            members.iter().find(|m| m.pv.group().is_some_and(|(_, s)| s == newest)).unwrap_or(&first).pv.text.clone();
+        let found: std::collections::BTreeMap<String, u64> =
+            members.iter().map(|m| (m.pv.uuid.clone(), m.region.size)).collect();
+        let group = match crate::lvm::volume_group(&text, &found) {
+            Ok(g) => g,
+            Err(why) => {
+                for m in &members {
+                    out[m.disk].1.push(NotMounted {
+                        partition: m.region.partition,
+                        logical_volume: None,
+                        reason: format!("an LVM physical volume whose metadata could not be read: {why}"),
+                    });
+                }
                 continue;
             }
         };
-        let name = match (&lv, region.partition) {
-            (Some(lv), _) => format!("{LV_DIR_PREFIX}{}", safe_name(lv)),
-            (None, Some(n)) => format!("part{n}"),
-            (None, None) => "fs".to_owned(),
-        };
-        let path = disk.image.with_file_name(name);
-        fs::create_dir(&path).map_err(|source| BackupError::Io { action: "creating", path: path.clone(), source })?;
-        let loop_options = format!("{options},loop,offset={},sizelimit={}", region.offset, region.size);
-        let result = ExternalCommand::new("mount")
-            .args(["-t", &fstype, "-o", &loop_options])
-            .arg(&disk.image)
-            .arg(&path)
-            .timeout(TOOL_TIMEOUT)
-            .run();
-        match result {
-            Ok(_) => mounted.push(MountedFilesystem {
-                partition: region.partition,
-                logical_volume: lv.clone(),
-                path,
-                fstype,
-                options,
-            }),
-            Err(e) => {
-                let _ = fs::remove_dir(&path);
-                let why = e.stderr().trim().to_owned();
-                not.push(skip(format!(
-                    "{fstype}: mounting it read-only failed: {}",
-                    if why.is_empty() { e.to_string() } else { why }
-                )));
+        if group.lvs.is_empty() {
+            for m in &members {
+                out[m.disk].1.push(NotMounted {
+                    partition: m.region.partition,
+                    logical_volume: None,
+                    reason: "an LVM physical volume without logical volumes".into(),
+                });
+            }
+        }
+        let member = |uuid: &str| members.iter().find(|m| m.pv.uuid == uuid).copied().unwrap_or(first);
+        for lv in group.lvs {
+            let name = format!("{}/{}", lv.vg, lv.name);
+            match lv.placement {
+                Placement::Range { pv, offset, size } => {
+                    // Through the volume's own loop device (mount(8) refuses a loop device
+                    // that overlaps another over the same file), which needs no device-mapper.
+                    let m = member(&pv);
+                    let reached = reached
+                        .entry(pv.clone())
+                        .or_insert_with(|| {
+                            let start = group.pe_start.get(&pv).copied().unwrap_or(0);
+                            reach_physical_volume(&m.region, start)
+                        })
+                        .clone();
+                    match reached {
+                        Ok((device, base)) => {
+                            let region = Region {
+                                partition: m.region.partition,
+                                source: device,
+                                offset: base * 512 + offset,
+                                size,
+                            };
+                            queue.push_back((m.disk, region, Some(name)));
+                        }
+                        Err(why) => out[m.disk].1.push(NotMounted {
+                            partition: m.region.partition,
+                            logical_volume: Some(name),
+                            reason: why,
+                        }),
+                    }
+                }
+                Placement::Mapped(mappings) => {
+                    let m = first;
+                    let mut reach = |uuid: &str| -> Reached {
+                        reached
+                            .entry(uuid.to_owned())
+                            .or_insert_with(|| {
+                                let pv = member(uuid);
+                                let start = group.pe_start.get(uuid).copied().unwrap_or(0);
+                                reach_physical_volume(&pv.region, start)
+                            })
+                            .clone()
+                    };
+                    match map_volume(&mut inside.dm, &lv.vg, &mappings, &mut reach) {
+                        Ok(device) => match device_size(&device) {
+                            Ok(size) => {
+                                let region = Region { partition: m.region.partition, source: device, offset: 0, size };
+                                queue.push_back((m.disk, region, Some(name)));
+                            }
+                            Err(why) => out[m.disk].1.push(NotMounted {
+                                partition: m.region.partition,
+                                logical_volume: Some(name),
+                                reason: why,
+                            }),
+                        },
+                        Err(why) => out[m.disk].1.push(NotMounted {
+                            partition: m.region.partition,
+                            logical_volume: Some(name),
+                            reason: why,
+                        }),
+                    }
+                }
+                Placement::NotMountable(reason) => out[first.disk].1.push(NotMounted {
+                    partition: first.region.partition,
+                    logical_volume: Some(name),
+                    reason,
+                }),
             }
         }
     }
-    Ok((mounted, not))
+}
+
+/// The block device and sector a physical volume's first extent is at: a read-only loop device
+/// beginning there over a disk's image (so that the host never sees the guest's LVM label), or
+/// the block device it is on (an opened LUKS volume) and the sector.
+fn reach_physical_volume(region: &Region, pe_start: u64) -> Reached {
+    if is_block_device(&region.source) {
+        return Ok((region.source.clone(), (region.offset + pe_start) / 512));
+    }
+    let size = region.size.checked_sub(pe_start).ok_or("its first extent is past its end")?;
+    Ok((crate::devmap::loop_device(&region.source, region.offset + pe_start, size)?, 0))
+}
+
+/// Creates the device-mapper devices of one logical volume of group `vg` (those it stands on
+/// first, each once per mount); the path of its own. Why not, when device-mapper is not here
+/// or a table is refused.
+fn map_volume(
+    dm: &mut DeviceMapper,
+    vg: &str,
+    mappings: &[crate::lvm::Mapping],
+    reach: &mut dyn FnMut(&str) -> Reached,
+) -> Result<PathBuf, String> {
+    use crate::lvm::Target;
+    dm.available().map_err(|why| format!("it needs device-mapper: {why}"))?;
+    let dev_name = |mapping: &str| safe_name(&format!("{vg}/{mapping}"));
+    let mut last = PathBuf::new();
+    for m in mappings {
+        let name = dev_name(&m.name);
+        if dm.has(&name) {
+            last = dm.path(&name);
+            continue;
+        }
+        let mut table = String::new();
+        for line in &m.lines {
+            let args = match &line.target {
+                Target::Linear { pv, sector } => {
+                    let (device, base) = reach(pv)?;
+                    format!("linear {} {}", device.display(), base + sector)
+                }
+                Target::Over { mapping, sector } => {
+                    format!("linear {} {sector}", dm.path(&dev_name(mapping)).display())
+                }
+                Target::Striped { chunk, stripes } => {
+                    let mut s = format!("striped {} {chunk}", stripes.len());
+                    for (pv, sector) in stripes {
+                        let (device, base) = reach(pv)?;
+                        s.push_str(&format!(" {} {}", device.display(), base + sector));
+                    }
+                    s
+                }
+                Target::ThinPool { meta, data, block } => format!(
+                    "thin-pool {} {} {block} 0 1 read_only",
+                    dm.path(&dev_name(meta)).display(),
+                    dm.path(&dev_name(data)).display()
+                ),
+                Target::Thin { pool, id } => format!("thin {} {id}", dm.path(&dev_name(pool)).display()),
+                Target::Snapshot { origin, cow, chunk } => format!(
+                    "snapshot {} {} P {chunk}",
+                    dm.path(&dev_name(origin)).display(),
+                    dm.path(&dev_name(cow)).display()
+                ),
+            };
+            table.push_str(&format!("{} {} {args}\n", line.start, line.len));
+        }
+        last = dm.create(&name, &table)?;
+    }
+    Ok(last)
 }
 
 /// Where a logical volume's file system is mounted in its disk's directory: `lv-VG-LV`.
@@ -451,11 +729,11 @@ fn safe_name(lv: &str) -> String {
     }
 }
 
-/// The logical volumes of the LVM physical volume in `region` of `image`.
-fn physical_volume(image: &Path, region: &Region) -> Result<Vec<crate::lvm::LogicalVolume>, String> {
+/// The label and metadata of the LVM physical volume in `region`.
+fn read_physical_volume(region: &Region) -> Result<crate::lvm::PhysicalVolume, String> {
     use std::os::unix::fs::FileExt;
-    let file = fs::File::open(image).map_err(|e| format!("opening {}: {e}", image.display()))?;
-    crate::lvm::logical_volumes(&mut |offset, buf| file.read_exact_at(buf, region.offset + offset), region.size)
+    let file = fs::File::open(&region.source).map_err(|e| format!("opening {}: {e}", region.source.display()))?;
+    crate::lvm::physical_volume(&mut |offset, buf| file.read_exact_at(buf, region.offset + offset), region.size)
 }
 
 /// Everything under `dir` (a directory holding the state file) that a mount made, found from
@@ -472,26 +750,47 @@ fn teardown(dir: &Path) -> Result<UnmountReport, BackupError> {
     let mut mounts: Vec<PathBuf> = mount_points().into_iter().filter(|p| under(p) && !exports.contains(p)).collect();
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for m in mounts {
-        tool(
-            &format!("unmounting {} (a process may have files open there)", m.display()),
-            ExternalCommand::new("umount").arg(&m),
-        )?;
+        // A file system that is busy for a moment (a scanner that opened a file there) is
+        // tried again for up to BUSY_WAIT; one a process keeps open is an error naming it.
+        let started = std::time::Instant::now();
+        loop {
+            let result = tool(
+                &format!("unmounting {} (a process may have files open there)", m.display()),
+                ExternalCommand::new("umount").arg(&m),
+            );
+            match result {
+                Ok(_) => break,
+                Err(BackupError::Tool { source, .. })
+                    if source.stderr().contains("busy") && started.elapsed() < BUSY_WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         report.unmounted.push(m);
     }
-    // 2. Loop devices over the images that mount(8) did not clear.
+    // 2. Device-mapper devices (logical volumes, opened LUKS volumes), those standing on
+    //    others first.
+    report.mappings = crate::devmap::remove_all(dir).map_err(|why| BackupError::Directory {
+        path: dir.to_owned(),
+        problem: format!("{why}; close what uses them and run umount again"),
+    })?;
+    // 3. Loop devices over the images (mount(8) clears its own; those under device-mapper
+    //    devices and LUKS volumes are nasbak's).
     for (device, backing) in loop_devices() {
         if exports.contains(&backing) {
             tool(&format!("detaching {device}"), ExternalCommand::new("losetup").args(["--detach", &device]))?;
             report.loop_devices.push(device);
         }
     }
-    // 3. The daemons (a FUSE mount left by a daemon that died is detached).
+    // 4. The daemons (a FUSE mount left by a daemon that died is detached).
     for file in &exports {
         if ReadOnlyExport::stop_at(file, STOP_TIMEOUT).map_err(|e| at(Step::Unmount)(e.into()))? {
             report.exports.push(file.clone());
         }
     }
-    // 4. What nasbak made: empty directories, empty image files, pid files, the state.
+    // 5. What nasbak made: empty directories, empty image files, pid files, the state.
     for d in &disk_dirs {
         for entry in fs::read_dir(d).map(|r| r.flatten().collect::<Vec<_>>()).unwrap_or_default() {
             let p = entry.path();
@@ -545,11 +844,13 @@ mod tests {
 
     #[test]
     fn partitions_are_read_from_partx_in_sectors() {
-        let r = parse_partx("1 2048 65536\n2 67584 978944\n");
-        assert_eq!(r[0], Region { partition: Some(1), offset: 2048 * 512, size: 65536 * 512 });
+        let image = Path::new("/m/vda/disk.raw");
+        let r = parse_partx("1 2048 65536\n2 67584 978944\n", image);
+        let source = image.to_owned();
+        assert_eq!(r[0], Region { partition: Some(1), source, offset: 2048 * 512, size: 65536 * 512 });
         assert_eq!(r[1].offset, 67584 * 512);
-        assert!(parse_partx("").is_empty());
-        assert!(parse_partx("garbage line\n").is_empty());
+        assert!(parse_partx("", image).is_empty());
+        assert!(parse_partx("garbage line\n", image).is_empty());
     }
 
     #[test]

@@ -72,6 +72,7 @@ mod browse;
 mod catalog;
 pub mod chain;
 pub mod clock;
+mod devmap;
 mod disks;
 mod engine;
 mod error;

@@ -302,7 +302,8 @@ pub struct NotMounted {
     /// The LVM logical volume not mounted (`VG/LV`, in the partition), if it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logical_volume: Option<String>,
-    /// Why (no file system, swap, an LVM volume that is not linear, the mount's error).
+    /// Why (no file system, swap, an LVM volume device-mapper cannot show here, a LUKS volume
+    /// without its key, the mount's error).
     pub reason: String,
 }
 
@@ -316,6 +317,9 @@ pub struct UnmountReport {
     pub unmounted: Vec<PathBuf>,
     /// The loop devices detached (those mount(8) had not cleared itself).
     pub loop_devices: Vec<String>,
+    /// The device-mapper devices removed (logical volumes that are not one range of a disk,
+    /// opened LUKS volumes), by name.
+    pub mappings: Vec<String>,
     /// The exports stopped (their image files).
     pub exports: Vec<PathBuf>,
     /// Whether the repository was unmounted (it stays while other users have it).

@@ -334,6 +334,10 @@ pub struct MountRequest {
     pub dir: PathBuf,
     /// Only this disk (its target in the backup); every disk when `None`.
     pub disk: Option<String>,
+    /// The key file that opens LUKS volumes inside the guest's disks (read-only, with
+    /// `cryptsetup`, which reads the whole file as the passphrase); without it they are listed
+    /// as not mounted.
+    pub luks_key_file: Option<PathBuf>,
 }
 
 impl MountRequest {
@@ -344,12 +348,19 @@ impl MountRequest {
         id: impl Into<String>,
         dir: impl Into<PathBuf>,
     ) -> Self {
-        MountRequest { repository, vm: vm.into(), id: id.into(), dir: dir.into(), disk: None }
+        MountRequest { repository, vm: vm.into(), id: id.into(), dir: dir.into(), disk: None, luks_key_file: None }
     }
 
     /// Mounts only the disk whose target in the backup is `target`.
     pub fn only_disk(mut self, target: impl Into<String>) -> Self {
         self.disk = Some(target.into());
+        self
+    }
+
+    /// Opens the guest's LUKS volumes with the key file at `path` (see the field
+    /// `luks_key_file`).
+    pub fn open_luks_with(mut self, path: impl Into<PathBuf>) -> Self {
+        self.luks_key_file = Some(path.into());
         self
     }
 }

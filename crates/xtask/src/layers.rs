@@ -31,7 +31,10 @@ pub const NASBAK_LAYERS: &[(&str, &[&str])] = &[
     // beyond its disks (NVRAM, TPM state); an S3 bucket's objects (feature `s3`).
     (
         "images",
-        &["transfer", "export", "protect", "watchdog", "lvm", "staging", "pull", "vmstate", "objstore", "objview"],
+        &[
+            "transfer", "export", "protect", "watchdog", "lvm", "devmap", "staging", "pull", "vmstate", "objstore",
+            "objview",
+        ],
     ),
     // Chain decisions and merges, over the store; which backups a retention keeps.
     ("chains", &["chain", "incremental", "merge", "rbd", "retention"]),

@@ -195,11 +195,21 @@ pub fn prune(cli: &Cli, config: &Config, vm: Option<&str>, dry_run: bool) -> Res
     Ok(0)
 }
 
-pub fn mount(cli: &Cli, config: &Config, id: &BackupRef, dir: &std::path::Path, disk: Option<&str>) -> Result<u8> {
+pub fn mount(
+    cli: &Cli,
+    config: &Config,
+    id: &BackupRef,
+    dir: &std::path::Path,
+    disk: Option<&str>,
+    luks_key_file: Option<&std::path::Path>,
+) -> Result<u8> {
     let r = repo_of(config, id)?;
     let mut request = MountRequest::new(r.clone(), id.vm.as_str(), id.id.to_string(), dir);
     if let Some(t) = disk {
         request = request.only_disk(t);
+    }
+    if let Some(k) = luks_key_file {
+        request = request.open_luks_with(k);
     }
     let cancel = cancel_on_interrupt()?;
     let mounted = CatalogServices::new().catalog().mount(&request, &cancel)?;
@@ -242,9 +252,10 @@ pub fn umount(cli: &Cli, dir: &std::path::Path) -> Result<u8> {
         return Ok(0);
     }
     println!(
-        "unmounted {}: {} file system(s), {} export(s){}",
+        "unmounted {}: {} file system(s), {} device-mapper device(s), {} export(s){}",
         report.dir.display(),
         report.unmounted.len(),
+        report.mappings.len(),
         report.exports.len(),
         if report.repository_unmounted { ", and the repository" } else { "" }
     );

@@ -65,7 +65,9 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Verify { id, target: Some(t), .. } => offsite::verify(cli, &config, t, id.as_ref()),
         Command::Verify { id, all, repo, .. } => catalog::verify(cli, &config, id.as_ref(), *all, repo.as_deref()),
         Command::Delete { id } => catalog::delete(&config, id),
-        Command::Mount { id, dir, disk } => catalog::mount(cli, &config, id, dir, disk.as_deref()),
+        Command::Mount { id, dir, disk, luks_key_file } => {
+            catalog::mount(cli, &config, id, dir, disk.as_deref(), luks_key_file.as_deref())
+        }
         Command::Umount { dir } => catalog::umount(cli, dir),
         Command::Prune { vm, dry_run, target: None } => catalog::prune(cli, &config, vm.as_deref(), *dry_run),
         Command::Prune { vm, dry_run, target: Some(t) } => offsite::prune(cli, &config, t, vm.as_deref(), *dry_run),

@@ -19,9 +19,12 @@ use crate::exec::cmd;
 const INITRD_INIT: &str = include_str!("nas-initrd-init.sh");
 const NAS_INIT: &str = include_str!("nas-init.sh");
 /// NFS and SMB servers and clients; nftables and ceph-common (mount.ceph) for the CephFS
-/// client; qemu-utils for nasbak's own workflows on a CephFS repository.
-const PACKAGES: &str =
-    "kmod,iproute2,nfs-kernel-server,rpcbind,nfs-common,samba,cifs-utils,nftables,ceph-common,qemu-utils";
+/// client; qemu-utils for nasbak's own workflows on a CephFS repository; for `nasbak mount`
+/// over device-mapper (`nas_mount.rs`): qemu-system-common (qemu-storage-daemon) and fuse3 for
+/// its exports, dmsetup and cryptsetup for what it opens, and lvm2, thin-provisioning-tools
+/// and fdisk to lay the test's disks out as installers do.
+const PACKAGES: &str = "kmod,iproute2,nfs-kernel-server,rpcbind,nfs-common,samba,cifs-utils,nftables,ceph-common,\
+                        qemu-utils,qemu-system-common,fuse3,lvm2,thin-provisioning-tools,cryptsetup-bin,fdisk";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const DOMAIN: &str = "nasbak-nas";
 /// The Samba user of the lab share. The password is a lab fixture, not a secret of anyone's.
@@ -187,9 +190,22 @@ pub fn run_tests() -> Result<(u64, u64)> {
     super::ceph::up()?;
     let ceph_key = super::ceph::key("nasbak-fs")?;
     let guest = ensure()?;
-    // nasbak-repo's mount tests (NFS, SMB, CephFS), and nasbak's workflows on CephFS.
-    let binary = test_binary("nasbak-repo", "nas")?;
-    let workflows = test_binary("nasbak", "nas_cephfs")?;
+    // nasbak-repo's mount tests (NFS, SMB, CephFS), nasbak's workflows on CephFS, and nasbak's
+    // mount over device-mapper: (package, test, name on the work disk). `NASBAK_NAS_ONLY`
+    // keeps those whose test name contains it (to run one suite while working on it).
+    let only = std::env::var("NASBAK_NAS_ONLY").unwrap_or_default();
+    let suites: Vec<(&str, &str, &str)> = [
+        ("nasbak-repo", "nas", "nas-tests"),
+        ("nasbak", "nas_cephfs", "nasbak-tests"),
+        ("nasbak", "nas_mount", "mount-tests"),
+    ]
+    .into_iter()
+    .filter(|(_, test, _)| test.contains(only.as_str()))
+    .collect();
+    if suites.is_empty() {
+        bail!("NASBAK_NAS_ONLY={only} names none of the NAS suites (nas, nas_cephfs, nas_mount)");
+    }
+    let built = suites.iter().map(|(package, test, _)| test_binary(package, test)).collect::<Result<Vec<_>>>()?;
     let dir = Path::new(STATE).join("nas");
     let _ = virsh(&["destroy", DOMAIN]);
     let _ = fs::remove_dir_all(&dir);
@@ -198,20 +214,18 @@ pub fn run_tests() -> Result<(u64, u64)> {
     // The root disk is an overlay, so the cached image is never changed.
     let overlay = dir.join("root.qcow2");
     cmd("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&guest.root).arg(&overlay).run()?;
-    fs::copy(&binary, dir.join("work/nas-tests"))?;
-    fs::copy(&workflows, dir.join("work/nasbak-tests"))?;
-    fs::write(
-        dir.join("work/run-tests"),
-        format!(
-            "#!/bin/bash\nexport NASBAK_SMB_USER={SMB_USER} NASBAK_SMB_PASSWORD={SMB_PASSWORD} RUST_BACKTRACE=1\n\
-             export NASBAK_CEPH_FS_KEY={ceph_key}\n\
-             /work/nas-tests --test-threads=1 --show-output\n\
-             /work/nasbak-tests --test-threads=1 --show-output\n"
-        ),
-    )?;
-    for f in ["work/nas-tests", "work/nasbak-tests", "work/run-tests"] {
-        fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o755))?;
+    let mut script = format!(
+        "#!/bin/bash\nexport NASBAK_SMB_USER={SMB_USER} NASBAK_SMB_PASSWORD={SMB_PASSWORD} RUST_BACKTRACE=1\n\
+         export NASBAK_CEPH_FS_KEY={ceph_key}\n"
+    );
+    for ((_, _, name), binary) in suites.iter().zip(&built) {
+        let target = dir.join("work").join(name);
+        fs::copy(binary, &target)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+        script.push_str(&format!("/work/{name} --test-threads=1 --show-output\n"));
     }
+    fs::write(dir.join("work/run-tests"), script)?;
+    fs::set_permissions(dir.join("work/run-tests"), fs::Permissions::from_mode(0o755))?;
     let work_img = dir.join("work.img");
     File::create(&work_img)?.set_len(512 << 20)?;
     cmd("mkfs.ext4").args(["-q", "-F", "-d"]).arg(dir.join("work")).arg(&work_img).run()?;
@@ -273,7 +287,7 @@ pub fn run_tests() -> Result<(u64, u64)> {
         }
     }
     // A binary that died before its summary (a panic outside a test, a killed guest).
-    let binaries = 2;
+    let binaries = suites.len();
     if results.lines().filter(|l| l.starts_with("test result: ")).count() < binaries {
         failed += 1;
         println!("lab nas: a test binary ended without its summary line");

@@ -1,0 +1,268 @@
+//! `nasbak mount` of disks laid out with what only device-mapper shows, run by `cargo xtask lab
+//! nas` inside the NAS lab guest, whose Debian kernel has device-mapper (dm-linear, striped,
+//! thin, raid, snapshot, crypt) that the host's lacks. The disks are made in the guest with
+//! LVM's and cryptsetup's own tools, as an installer makes them: a volume group over a
+//! partition of one disk and the whole of another, with a volume spanning both, a striped one,
+//! a thin volume in a pool, a RAID 1 volume and an old-style snapshot; a whole disk that is
+//! LUKS2 holding ext4 next to them; and RHEL's encrypted layout (LUKS2 holding a physical
+//! volume), while the machine's own volume group of the backup's group name is active. They
+//! are backed up (a shut-off VM: real qemu-img; the
+//! hypervisor is a mock, there is no libvirt in the guest), mounted with the LUKS key file,
+//! read back by checksum, and unmounted with nothing left: no mounts, loop devices,
+//! device-mapper devices or daemons. Built only with the `nas-guest` feature. See
+//! docs/testing.md.
+#![cfg(feature = "nas-guest")]
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use nasbak::mock::{MockAgentSource, MockHypervisor};
+use nasbak::nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError};
+use nasbak::nasbak_qemu_img::QemuImg;
+use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter};
+use nasbak::{BackupRequest, Engine, MountRequest};
+
+/// Runs `script` with bash, LVM and libdevmapper told that there is no udev (the guest runs
+/// none); its stdout. Panics with its output when it fails.
+fn sh(script: &str) -> String {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .env("DM_DISABLE_UDEV", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("bash: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{script}\nfailed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn hypervisor(vm: &str, disks: &[(&str, &Path)]) -> MockHypervisor {
+    let devices: String = disks
+        .iter()
+        .map(|(target, file)| {
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+                 <target dev='{target}' bus='virtio'/></disk>",
+                file.display()
+            )
+        })
+        .collect();
+    let xml = format!(
+        "<domain type='kvm'><name>{vm}</name><uuid>0b4f3c2e-8d1a-4c55-9e0f-5a6b7c8d9e10</uuid><devices>{devices}</devices></domain>"
+    );
+    let mut hv = MockHypervisor::new();
+    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
+    let x = xml.clone();
+    hv.expect_domain_xml().returning(move |_| Ok(x.clone()));
+    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
+    hv.expect_current_job().returning(|_| {
+        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
+    });
+    hv.expect_versions().returning(|| Err(LibvirtError::new("no libvirt in the NAS guest")));
+    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
+    hv
+}
+
+/// What a mount could leave behind under `dir`: mounts, loop devices over its files,
+/// device-mapper devices of nasbak's, processes naming it.
+fn traces(dir: &Path) -> Vec<String> {
+    let d = dir.to_str().unwrap();
+    let mut found: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(d)))
+        .map(|l| format!("mount: {l}"))
+        .collect();
+    for e in fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file"))
+            && b.starts_with(d)
+        {
+            found.push(format!("loop: {b}"));
+        }
+    }
+    for line in sh("dmsetup ls").lines() {
+        if line.starts_with("nasbak-") {
+            found.push(format!("device-mapper: {line}"));
+        }
+    }
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(d)
+        {
+            found.push(format!("process {}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leave_nothing() {
+    sh("for m in loop fuse dm_mod dm_thin_pool dm_snapshot dm_raid dm_crypt; do modprobe $m; done");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (vda, vdb, vdc, vdd) = (d.join("vda.raw"), d.join("vdb.raw"), d.join("vdc.raw"), d.join("vdd.raw"));
+    let key = d.join("luks.key");
+    fs::write(&key, b"lab-luks-passphrase").unwrap();
+    let files: Vec<(&str, Vec<u8>)> = ["spread", "wide", "thin1", "mirror", "origin", "luks", "root"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, pseudo_random((3 << 20) + i * 4099, i as u64 + 1)))
+        .collect();
+    for (name, data) in &files {
+        fs::write(d.join(format!("{name}.bin")), data).unwrap();
+    }
+    let boot = b"vmlinuz and friends\n";
+    fs::write(d.join("boot.txt"), boot).unwrap();
+    // vda: a boot partition and a physical volume; vdb: a physical volume on the whole disk;
+    // vdc: LUKS2 on the whole disk, ext4 inside; vdd: RHEL's encrypted layout (a boot
+    // partition, then LUKS2 holding a physical volume with root and swap). Then the guest's
+    // own volume group named as the backup's, `tvg`, with a volume of the same name as one in
+    // the backup, active.
+    sh(&format!(
+        "cd {d}
+         truncate -s 160M vda.raw; truncate -s 128M vdb.raw; truncate -s 64M vdc.raw vdd.raw
+         printf 'label: gpt\\n,32M\\n,\\n' | sfdisk -q vda.raw
+         A=$(losetup -P --find --show vda.raw); B=$(losetup --find --show vdb.raw)
+         mkfs.ext4 -q ${{A}}p1; mkdir m; mount ${{A}}p1 m; cp boot.txt m/; umount m
+         pvcreate -q ${{A}}p2 $B; vgcreate -q -s 4m tvg ${{A}}p2 $B
+         lvcreate -q -y -Zn -L 12m -n spread tvg ${{A}}p2; lvextend -q -L +12m tvg/spread $B
+         lvcreate -q -y -Zn -i 2 -I 64k -L 16m -n wide tvg
+         lvcreate -q -y -Zn -L 24m -T tvg/pool; lvcreate -q -y -V 48m -T tvg/pool -n thin1
+         lvcreate -q -y -Zn --type raid1 -m 1 --nosync -L 16m -n mirror tvg
+         lvcreate -q -y -Zn -L 16m -n origin tvg
+         for v in spread wide thin1 mirror origin; do
+             mkfs.ext4 -q /dev/mapper/tvg-$v; mount /dev/mapper/tvg-$v m; cp $v.bin m/; umount m
+         done
+         lvcreate -q -y -s -L 8m -n snap tvg/origin
+         mount /dev/mapper/tvg-origin m; echo after > m/after-the-snapshot; umount m
+         vgchange -q -an tvg; losetup -d $A $B
+         C=$(losetup --find --show vdc.raw)
+         cryptsetup -q luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file luks.key $C
+         cryptsetup open --key-file luks.key $C labluks; mkfs.ext4 -q /dev/mapper/labluks
+         mount /dev/mapper/labluks m; cp luks.bin m/; umount m; cryptsetup close labluks; losetup -d $C
+         printf 'label: dos\n,16M\n,\n' | sfdisk -q vdd.raw
+         D=$(losetup -P --find --show vdd.raw); mkfs.ext4 -q ${{D}}p1
+         cryptsetup -q luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file luks.key ${{D}}p2
+         cryptsetup open --key-file luks.key ${{D}}p2 labpv; pvcreate -q /dev/mapper/labpv
+         vgcreate -q -s 4m rhel /dev/mapper/labpv; lvcreate -q -y -Zn -L 16m -n root rhel; lvcreate -q -y -Zn -L 8m -n swap rhel
+         mkfs.ext4 -q /dev/mapper/rhel-root; mkswap -q /dev/mapper/rhel-swap
+         mount /dev/mapper/rhel-root m; cp root.bin m/; umount m
+         vgchange -q -an rhel; cryptsetup close labpv; losetup -d $D
+         truncate -s 64M host.raw; H=$(losetup --find --show host.raw); echo $H > host.loop
+         pvcreate -q $H; vgcreate -q -s 4m tvg $H; lvcreate -q -y -Zn -L 8m -n spread tvg",
+        d = d.display()
+    ));
+    let vm = format!("dm-vm-{}", std::process::id());
+    let runtime = d.join("run");
+    let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default());
+    let disks = [("vda", vda.as_path()), ("vdb", vdb.as_path()), ("vdc", vdc.as_path()), ("vdd", vdd.as_path())];
+    let engine = Engine::new(hypervisor(&vm, &disks), MockAgentSource::new(), QemuImg::new(&runtime), mounts);
+    let root = d.join("repo");
+    fs::create_dir_all(&root).unwrap();
+    let kind = RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("dm", kind, root.to_str().unwrap(), "", None).unwrap();
+    let cancel = CancelHandle::new();
+    let backup = engine.backup(&BackupRequest::new(&vm, repo.clone()), &cancel, &mut |_| {}).unwrap();
+    let id = backup.manifest.id.clone();
+    let catalog = engine.catalog();
+
+    // Without the key: the LUKS disk is listed with what to give.
+    let plain = d.join("no-key");
+    let mounted = catalog.mount(&MountRequest::new(repo.clone(), &vm, &id, &plain), &cancel).unwrap();
+    let vdc_not = &mounted.disks[2].not_mounted;
+    assert!(vdc_not.iter().any(|n| n.reason.contains("give --luks-key-file")), "{vdc_not:?}");
+    catalog.unmount(&plain).unwrap();
+    assert_eq!(traces(&plain), Vec::<String>::new());
+
+    // A wrong key: the same, with cryptsetup's reason, and nothing left open.
+    let wrong = d.join("wrong.key");
+    fs::write(&wrong, b"not the passphrase").unwrap();
+    let bad = d.join("wrong-key");
+    let mounted =
+        catalog.mount(&MountRequest::new(repo.clone(), &vm, &id, &bad).open_luks_with(&wrong), &cancel).unwrap();
+    let vdc_not = &mounted.disks[2].not_mounted;
+    assert!(vdc_not.iter().any(|n| n.reason.starts_with("encrypted (LUKS): opening it")), "{vdc_not:?}");
+    catalog.unmount(&bad).unwrap();
+    assert_eq!(traces(&bad), Vec::<String>::new());
+
+    // With the key: everything.
+    let at = d.join("mnt");
+    let mounted = catalog.mount(&MountRequest::new(repo.clone(), &vm, &id, &at).open_luks_with(&key), &cancel).unwrap();
+    eprintln!("{mounted:#?}");
+    // The kernel's side of what device-mapper refused, if anything.
+    eprintln!("{}", sh("dmesg | grep -i -E 'device-mapper|thin|snapshot|raid|crypt' | tail -30 || true"));
+    let shown: Vec<String> = mounted
+        .disks
+        .iter()
+        .flat_map(|disk| {
+            disk.filesystems
+                .iter()
+                .map(move |f| format!("{}/{}", disk.target, f.path.file_name().unwrap().to_string_lossy()))
+        })
+        .collect();
+    for want in [
+        "vda/part1",
+        "vda/lv-tvg-spread",
+        "vda/lv-tvg-wide",
+        "vda/lv-tvg-thin1",
+        "vda/lv-tvg-mirror",
+        "vda/lv-tvg-origin",
+        "vda/lv-tvg-snap",
+        "vdc/fs",
+        "vdd/part1",
+        "vdd/lv-rhel-root",
+    ] {
+        assert!(shown.iter().any(|s| s == want), "{want} not in {shown:?}");
+    }
+    assert_eq!(fs::read(at.join("vda/part1/boot.txt")).unwrap(), boot);
+    for (name, data) in &files {
+        let path = match *name {
+            "luks" => at.join("vdc/fs/luks.bin"),
+            "root" => at.join("vdd/lv-rhel-root/root.bin"),
+            n => at.join(format!("vda/lv-tvg-{n}/{n}.bin")),
+        };
+        let read = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(read == *data, "{} differs from what was written", path.display());
+    }
+    // The snapshot shows the origin as it was when it was taken.
+    assert!(at.join("vda/lv-tvg-origin/after-the-snapshot").exists());
+    assert!(!at.join("vda/lv-tvg-snap/after-the-snapshot").exists());
+    assert_eq!(fs::read(at.join("vda/lv-tvg-snap/origin.bin")).unwrap(), files[4].1);
+    // Copied out as a file restore does, and read-only.
+    let copy = d.join("thin.copy");
+    sh(&format!("cp {} {}", at.join("vda/lv-tvg-thin1/thin1.bin").display(), copy.display()));
+    assert_eq!(fs::read(&copy).unwrap(), files[2].1);
+    assert!(fs::write(at.join("vda/lv-tvg-wide/new"), b"x").is_err(), "read-only");
+    let vdd_not = &mounted.disks[3].not_mounted;
+    assert!(vdd_not.iter().any(|n| n.logical_volume.as_deref() == Some("rhel/swap") && n.reason == "swap space"));
+    // The backup's volume groups are activated nowhere: the only LVM device is the guest's own
+    // tvg/spread, untouched.
+    let lvm_devices = || -> Vec<String> {
+        sh("dmsetup ls")
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| !n.starts_with("nasbak-"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(lvm_devices(), ["tvg-spread"]);
+    let report = catalog.unmount(&at).unwrap();
+    assert!(report.mappings.len() >= 10, "{report:?}");
+    assert_eq!(traces(&at), Vec::<String>::new());
+    assert!(!at.exists());
+    assert_eq!(lvm_devices(), ["tvg-spread"]);
+    sh(&format!("vgremove -q -f tvg; losetup -d $(cat {d}/host.loop)", d = d.display()));
+    catalog.delete(&repo, &vm, &id).unwrap();
+}
