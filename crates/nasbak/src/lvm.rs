@@ -9,7 +9,7 @@
 //! the tables of the devices to create, in order (a linear volume in several pieces or on
 //! several physical volumes, striped, thin volumes over their pool, a RAID 1 or mirrored volume
 //! through its first image, an old-style snapshot over its origin). What is left (RAID 4/5/6/10,
-//! cache, VDO, a volume on a physical volume that is not in the backup) is
+//! cache, VDO, a volume on a physical volume that is not on the disks mounted) is
 //! [`Placement::NotMountable`] with the reason. The metadata is the guest's data: every size and
 //! offset is checked, nothing in it can make this panic or address outside a volume.
 
@@ -611,7 +611,9 @@ impl Group<'_> {
                 return Err("a segment whose stripes are not readable".into());
             };
             let Some((uuid, room)) = self.here.get(key) else {
-                return Err(format!("its extents are on a physical volume ({key}) that is not in this backup's disks"));
+                return Err(format!(
+                    "its extents are on a physical volume ({key}) that is not on the disks mounted (another disk, or one not backed up)"
+                ));
             };
             let sector = first.checked_mul(self.extent).ok_or("its size overflows")?;
             if sector.checked_add(per_stripe).is_none_or(|end| end > *room) {
@@ -769,7 +771,7 @@ version = 1
             p => panic!("{n}: {p:?}"),
         };
         assert!(why("pool").contains("thin pool"), "{}", why("pool"));
-        assert!(why("far").contains("(pv1) that is not in this backup"), "{}", why("far"));
+        assert!(why("far").contains("(pv1) that is not on the disks mounted"), "{}", why("far"));
         assert!(why("huge").contains("beyond the end"), "{}", why("huge"));
     }
 
@@ -841,7 +843,7 @@ r5 { status = ["VISIBLE"] segment1 { start_extent = 0 extent_count = 2 type = "r
             Placement::NotMountable(w) => w,
             p => panic!("{n}: {p:?}"),
         };
-        assert!(why("both").contains("(pv1) that is not in this backup"), "{}", why("both"));
+        assert!(why("both").contains("(pv1) that is not on the disks mounted"), "{}", why("both"));
         assert!(why("wide").contains("(pv1)"), "{}", why("wide"));
         assert!(matches!(placement(&g.lvs, "thin1"), Placement::Mapped(_)));
     }

@@ -15,19 +15,7 @@ use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{BackupMode, BackupRepository, MountTimeouts, RepositoryMounts, SystemMounter};
 use nasbak::{BackupRequest, Engine, ErrorKind, MOUNT_STATE_FILE, MountRequest};
-use nasbak_testlab::{DiskSpec, DomainSpec, LogicalVolumeSpec, PartitionSpec, URI};
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use nasbak_testlab::{DiskSpec, DomainSpec, LogicalVolumeSpec, PartitionSpec, URI, pseudo_random};
 
 /// What is on the system under `dir`: mount points, loop devices backed by files there, live
 /// qemu-storage-daemons serving files there.

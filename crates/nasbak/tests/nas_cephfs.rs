@@ -6,13 +6,14 @@
 //! the `nas-guest` feature. See docs/testing.md.
 #![cfg(feature = "nas-guest")]
 
+mod nas_guest;
+
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nasbak::mock::{MockAgentSource, MockHypervisor};
-use nasbak::nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError};
+use nasbak::mock::MockAgentSource;
+use nasbak::nasbak_libvirt::CancelHandle;
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{
     BackupMethod, BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter,
@@ -30,26 +31,6 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?} failed");
 }
 
-fn hypervisor(vm: &str, disk: &Path) -> MockHypervisor {
-    let xml = format!(
-        "<domain type='kvm'><name>{vm}</name><uuid>6a7c3a52-7d6e-4f0a-9d43-0c7f3b1d2e11</uuid><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
-         <target dev='vda' bus='virtio'/></disk></devices></domain>",
-        disk.display()
-    );
-    let mut hv = MockHypervisor::new();
-    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
-    let x = xml.clone();
-    hv.expect_domain_xml().returning(move |_| Ok(x.clone()));
-    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
-    hv.expect_current_job().returning(|_| {
-        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
-    });
-    hv.expect_versions().returning(|| Err(LibvirtError::new("no libvirt in the NAS guest")));
-    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
-    hv
-}
-
 #[test]
 fn a_vm_is_backed_up_to_cephfs_and_restored_from_it() {
     let key = std::env::var("NASBAK_CEPH_FS_KEY").expect("the NAS guest sets NASBAK_CEPH_FS_KEY");
@@ -64,7 +45,12 @@ fn a_vm_is_backed_up_to_cephfs_and_restored_from_it() {
     let runtime = dir.path().join("run");
     let timeouts = MountTimeouts { mount: Duration::from_secs(30), ..MountTimeouts::default() };
     let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, timeouts);
-    let engine = Engine::new(hypervisor(&vm, &disk), MockAgentSource::new(), QemuImg::new(&runtime), mounts);
+    let engine = Engine::new(
+        nas_guest::shut_off_vm(&vm, &[("vda", "qcow2", &disk)]),
+        MockAgentSource::new(),
+        QemuImg::new(&runtime),
+        mounts,
+    );
     let repo =
         BackupRepository::new("cephwf", RepositoryKind::CephFs, CEPHFS, &format!("name=nasbak-fs,secret={key}"), None)
             .unwrap();

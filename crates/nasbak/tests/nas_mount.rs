@@ -9,19 +9,22 @@
 //! are backed up (a shut-off VM: real qemu-img; the
 //! hypervisor is a mock, there is no libvirt in the guest), mounted with the LUKS key file,
 //! read back by checksum, and unmounted with nothing left: no mounts, loop devices,
-//! device-mapper devices or daemons. Built only with the `nas-guest` feature. See
+//! device-mapper devices or daemons; also after a mount killed half-way. Built only with the `nas-guest` feature. See
 //! docs/testing.md.
 #![cfg(feature = "nas-guest")]
+
+mod nas_guest;
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use nasbak::mock::{MockAgentSource, MockHypervisor};
-use nasbak::nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError};
+use nasbak::mock::MockAgentSource;
+use nasbak::nasbak_libvirt::CancelHandle;
 use nasbak::nasbak_qemu_img::QemuImg;
 use nasbak::nasbak_repo::{BackupRepository, MountTimeouts, RepositoryKind, RepositoryMounts, SystemMounter};
 use nasbak::{BackupRequest, Engine, MountRequest};
+use nasbak_testlab::pseudo_random;
 
 /// Runs `script` with bash, LVM and libdevmapper told that there is no udev (the guest runs
 /// none); its stdout. Panics with its output when it fails.
@@ -34,45 +37,6 @@ fn sh(script: &str) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{script}\nfailed: {text}{}", String::from_utf8_lossy(&out.stderr));
     text
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn hypervisor(vm: &str, disks: &[(&str, &Path)]) -> MockHypervisor {
-    let devices: String = disks
-        .iter()
-        .map(|(target, file)| {
-            format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
-                 <target dev='{target}' bus='virtio'/></disk>",
-                file.display()
-            )
-        })
-        .collect();
-    let xml = format!(
-        "<domain type='kvm'><name>{vm}</name><uuid>0b4f3c2e-8d1a-4c55-9e0f-5a6b7c8d9e10</uuid><devices>{devices}</devices></domain>"
-    );
-    let mut hv = MockHypervisor::new();
-    hv.expect_domain_state().returning(|_| Ok(DomainState::ShutOff));
-    let x = xml.clone();
-    hv.expect_domain_xml().returning(move |_| Ok(x.clone()));
-    hv.expect_inactive_xml().returning(move |_| Ok(xml.clone()));
-    hv.expect_current_job().returning(|_| {
-        Ok(JobInfo { kind: JobKind::None, is_backup: false, processed: 0, total: 0, error: None, elapsed: None })
-    });
-    hv.expect_versions().returning(|| Err(LibvirtError::new("no libvirt in the NAS guest")));
-    hv.expect_checkpoints().returning(|_| Ok(Vec::new()));
-    hv
 }
 
 /// What a mount could leave behind under `dir`: mounts, loop devices over its files,
@@ -107,8 +71,49 @@ fn traces(dir: &Path) -> Vec<String> {
     found
 }
 
+/// The environment variable that makes this test binary a mount to be killed (see
+/// [`mount_in_a_child`]): `REPO_ROOT VM ID DIR KEY`, one per line.
+const CHILD: &str = "NASBAK_TEST_CHILD_MOUNT";
+
+/// In the child: mounts what the variable says and exits without unmounting.
+fn child_mount(spec: &str) -> ! {
+    let [root, vm, id, dir, key] = spec.lines().collect::<Vec<_>>()[..] else { panic!("{CHILD}: {spec:?}") };
+    let runtime = Path::new(dir).with_extension("run");
+    let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default());
+    let engine = Engine::new(nas_guest::shut_off_vm(vm, &[]), MockAgentSource::new(), QemuImg::new(&runtime), mounts);
+    let kind = RepositoryKind::from_parts("shared", None).unwrap();
+    let repo = BackupRepository::new("dm", kind, root, "", None).unwrap();
+    let request = MountRequest::new(repo, vm, id, dir).open_luks_with(key);
+    engine.catalog().mount(&request, &CancelHandle::new()).unwrap();
+    std::process::exit(0)
+}
+
+/// Runs a mount of backup `id` under `dir` in a child process (this test binary again), kills
+/// it with SIGKILL as soon as its first device-mapper device is there, and returns.
+fn mount_in_a_child(root: &Path, vm: &str, id: &str, dir: &Path, key: &Path) {
+    let spec = format!("{}\n{vm}\n{id}\n{}\n{}", root.display(), dir.display(), key.display());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leave_nothing"])
+        .env(CHILD, spec)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        if sh("dmsetup ls").lines().any(|l| l.starts_with("nasbak-")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
 fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leave_nothing() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        child_mount(&spec);
+    }
     sh("for m in loop fuse dm_mod dm_thin_pool dm_snapshot dm_raid dm_crypt; do modprobe $m; done");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -118,7 +123,7 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     let files: Vec<(&str, Vec<u8>)> = ["spread", "wide", "thin1", "mirror", "origin", "luks", "root"]
         .iter()
         .enumerate()
-        .map(|(i, n)| (*n, pseudo_random((3 << 20) + i * 4099, i as u64 + 1)))
+        .map(|(i, n)| (*n, pseudo_random((3 << 20) + i * 4099, 2 * i as u64 + 1)))
         .collect();
     for (name, data) in &files {
         fs::write(d.join(format!("{name}.bin")), data).unwrap();
@@ -167,8 +172,10 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     let vm = format!("dm-vm-{}", std::process::id());
     let runtime = d.join("run");
     let mounts = RepositoryMounts::new(SystemMounter::new(&runtime), &runtime, MountTimeouts::default());
-    let disks = [("vda", vda.as_path()), ("vdb", vdb.as_path()), ("vdc", vdc.as_path()), ("vdd", vdd.as_path())];
-    let engine = Engine::new(hypervisor(&vm, &disks), MockAgentSource::new(), QemuImg::new(&runtime), mounts);
+    let disks: Vec<(&str, &str, &Path)> =
+        vec![("vda", "raw", &vda), ("vdb", "raw", &vdb), ("vdc", "raw", &vdc), ("vdd", "raw", &vdd)];
+    let engine =
+        Engine::new(nas_guest::shut_off_vm(&vm, &disks), MockAgentSource::new(), QemuImg::new(&runtime), mounts);
     let root = d.join("repo");
     fs::create_dir_all(&root).unwrap();
     let kind = RepositoryKind::from_parts("shared", None).unwrap();
@@ -177,6 +184,15 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     let backup = engine.backup(&BackupRequest::new(&vm, repo.clone()), &cancel, &mut |_| {}).unwrap();
     let id = backup.manifest.id.clone();
     let catalog = engine.catalog();
+
+    // A mount killed half-way (SIGKILL once its first device-mapper device is there): umount
+    // finds what it left from the system and removes it all.
+    let killed = d.join("killed");
+    mount_in_a_child(&root, &vm, &id, &killed, &key);
+    let report = catalog.unmount(&killed).unwrap();
+    eprintln!("after a killed mount: {report:?}");
+    assert_eq!(traces(&killed), Vec::<String>::new());
+    assert!(!killed.exists());
 
     // Without the key: the LUKS disk is listed with what to give.
     let plain = d.join("no-key");

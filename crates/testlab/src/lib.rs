@@ -47,6 +47,20 @@ pub fn example(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// `len` pseudo-random bytes (xorshift) from `seed`: test data that neither compresses nor
+/// repeats, the same for the same seed.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Overwrites the first `mib` MiB of a disk file with pseudo-random bytes (xorshift), so that a
 /// backup of it neither compresses nor skips zeros and takes a measurable while.
 pub fn fill_pseudo_random(path: &std::path::Path, mib: usize) {
