@@ -180,7 +180,8 @@ impl<I: ImageTool + Sync, M: Mounter> Catalog<'_, I, M> {
             return Err(BackupError::Cancelled);
         }
         let mut inside = Inside { dm: DeviceMapper::new(&dir), luks_key: request.luks_key_file.as_deref() };
-        let found = mount_filesystems(&state.disks, &mut inside)?;
+        // Cancelled on the way (Ctrl-C), the undo removes what was mounted and opened so far.
+        let found = mount_filesystems(&state.disks, &mut inside, cancel)?;
         for (disk, (filesystems, not_mounted)) in state.disks.iter_mut().zip(found) {
             disk.filesystems = filesystems;
             disk.not_mounted = not_mounted;
@@ -386,7 +387,11 @@ struct FoundPv {
 /// found on any of the disks (read from their metadata, nothing activated on the host; one
 /// range of a disk through a loop device, the others through device-mapper where the host has
 /// it). What is not mounted is listed with the reason, on its disk.
-fn mount_filesystems(disks: &[MountedDisk], inside: &mut Inside<'_>) -> Result<Vec<Shown>, BackupError> {
+fn mount_filesystems(
+    disks: &[MountedDisk],
+    inside: &mut Inside<'_>,
+    cancel: &CancelHandle,
+) -> Result<Vec<Shown>, BackupError> {
     let kernel = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let mut out: Vec<Shown> = vec![(Vec::new(), Vec::new()); disks.len()];
     let mut queue: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
@@ -404,6 +409,9 @@ fn mount_filesystems(disks: &[MountedDisk], inside: &mut Inside<'_>) -> Result<V
     let mut groups_read = false;
     loop {
         while let Some((d, region, lv)) = queue.pop_front() {
+            if cancel.is_cancelled() {
+                return Err(BackupError::Cancelled);
+            }
             let skip = |reason: String| NotMounted { partition: region.partition, logical_volume: lv.clone(), reason };
             let Some((fstype, usage)) = probe(&region) else {
                 out[d].1.push(skip("no file system found".into()));
@@ -491,10 +499,17 @@ fn region_name(region: &Region, lv: Option<&str>) -> String {
 /// Opens the LUKS volume in `region` read-only as `name`: the region of its plaintext device.
 fn open_luks(inside: &mut Inside<'_>, name: &str, region: &Region, key: &Path) -> Result<Region, String> {
     inside.dm.available()?;
-    let device = if region.offset == 0 && is_block_device(&region.source) {
-        region.source.clone()
-    } else {
-        crate::devmap::loop_device(&region.source, region.offset, region.size)?
+    // On a disk's image: a loop device over the export (unmount detaches it). On a block device
+    // (a logical volume reached through its physical volume's loop device): the device, or a
+    // device-mapper range of it, which unmount removes with the rest (a loop device over a
+    // loop device would be nobody's to detach).
+    let device = match (is_block_device(&region.source), region.offset) {
+        (true, 0) => region.source.clone(),
+        (true, offset) => inside.dm.create(
+            &format!("{name}-area"),
+            &format!("0 {} linear {} {}\n", region.size / 512, region.source.display(), offset / 512),
+        )?,
+        (false, _) => crate::devmap::loop_device(&region.source, region.offset, region.size)?,
     };
     let plain = inside.dm.open_luks(name, &device, key)?;
     let size = device_size(&plain)?;
@@ -527,7 +542,7 @@ fn place_volume_groups(
 ) {
     let mut groups: Vec<(String, u64, Vec<&FoundPv>)> = Vec::new();
     for found in pvs {
-        let (id, seqno) = found.pv.group().unwrap_or_else(|| (found.pv.uuid.clone(), 0));
+        let (id, seqno) = found.pv.group.clone().unwrap_or_else(|| (found.pv.uuid.clone(), 0));
         match groups.iter_mut().find(|(g, _, _)| *g == id) {
             Some((_, newest, members)) => {
                 members.push(found);
@@ -541,8 +556,13 @@ fn place_volume_groups(
     let mut reached: std::collections::BTreeMap<String, Reached> = Default::default();
     for (_, newest, members) in groups {
         let first = members[0];
-        let text =
-            members.iter().find(|m| m.pv.group().is_some_and(|(_, s)| s == newest)).unwrap_or(&first).pv.text.clone();
+        let text = members
+            .iter()
+            .find(|m| m.pv.group.as_ref().is_some_and(|(_, s)| *s == newest))
+            .unwrap_or(&first)
+            .pv
+            .text
+            .clone();
         let found: std::collections::BTreeMap<String, u64> =
             members.iter().map(|m| (m.pv.uuid.clone(), m.region.size)).collect();
         let group = match crate::lvm::volume_group(&text, &found) {
@@ -568,6 +588,15 @@ fn place_volume_groups(
             }
         }
         let member = |uuid: &str| members.iter().find(|m| m.pv.uuid == uuid).copied().unwrap_or(first);
+        let mut reach = |uuid: &str| -> Reached {
+            reached
+                .entry(uuid.to_owned())
+                .or_insert_with(|| {
+                    let start = group.pe_start.get(uuid).copied().unwrap_or(0);
+                    reach_physical_volume(&member(uuid).region, start)
+                })
+                .clone()
+        };
         for lv in group.lvs {
             let name = format!("{}/{}", lv.vg, lv.name);
             match lv.placement {
@@ -575,14 +604,7 @@ fn place_volume_groups(
                     // Through the volume's own loop device (mount(8) refuses a loop device
                     // that overlaps another over the same file), which needs no device-mapper.
                     let m = member(&pv);
-                    let reached = reached
-                        .entry(pv.clone())
-                        .or_insert_with(|| {
-                            let start = group.pe_start.get(&pv).copied().unwrap_or(0);
-                            reach_physical_volume(&m.region, start)
-                        })
-                        .clone();
-                    match reached {
+                    match reach(&pv) {
                         Ok((device, base)) => {
                             let region = Region {
                                 partition: m.region.partition,
@@ -600,31 +622,15 @@ fn place_volume_groups(
                     }
                 }
                 Placement::Mapped(mappings) => {
-                    let m = first;
-                    let mut reach = |uuid: &str| -> Reached {
-                        reached
-                            .entry(uuid.to_owned())
-                            .or_insert_with(|| {
-                                let pv = member(uuid);
-                                let start = group.pe_start.get(uuid).copied().unwrap_or(0);
-                                reach_physical_volume(&pv.region, start)
-                            })
-                            .clone()
-                    };
-                    match map_volume(&mut inside.dm, &lv.vg, &mappings, &mut reach) {
-                        Ok(device) => match device_size(&device) {
-                            Ok(size) => {
-                                let region = Region { partition: m.region.partition, source: device, offset: 0, size };
-                                queue.push_back((m.disk, region, Some(name)));
-                            }
-                            Err(why) => out[m.disk].1.push(NotMounted {
-                                partition: m.region.partition,
-                                logical_volume: Some(name),
-                                reason: why,
-                            }),
-                        },
-                        Err(why) => out[m.disk].1.push(NotMounted {
-                            partition: m.region.partition,
+                    let mapped = map_volume(&mut inside.dm, &lv.vg, &mappings, &mut reach)
+                        .and_then(|device| device_size(&device).map(|size| (device, size)));
+                    match mapped {
+                        Ok((device, size)) => {
+                            let region = Region { partition: first.region.partition, source: device, offset: 0, size };
+                            queue.push_back((first.disk, region, Some(name)));
+                        }
+                        Err(why) => out[first.disk].1.push(NotMounted {
+                            partition: first.region.partition,
                             logical_volume: Some(name),
                             reason: why,
                         }),
@@ -746,6 +752,10 @@ fn teardown(dir: &Path) -> Result<UnmountReport, BackupError> {
         .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !is_mount_point(p)).collect())
         .unwrap_or_default();
     let exports: Vec<PathBuf> = disk_dirs.iter().map(|d| d.join(DISK_IMAGE_FILE)).collect();
+    // 0. Tools a killed mount left running (its mount, losetup, dmsetup or cryptsetup run in
+    //    their own process group and outlive it) finish first, or what they make after the
+    //    look below would stay.
+    wait_for_tools(dir);
     // 1. The file systems, deepest first (not the exports: their daemons end those).
     let mut mounts: Vec<PathBuf> = mount_points().into_iter().filter(|p| under(p) && !exports.contains(p)).collect();
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -809,11 +819,50 @@ fn teardown(dir: &Path) -> Result<UnmountReport, BackupError> {
         }
         let _ = fs::remove_dir(d);
     }
+    let _ = fs::remove_file(dir.join(crate::devmap::TABLE_FILE));
     let _ = fs::remove_file(dir.join(MOUNT_STATE_FILE));
     if created_dir {
         let _ = fs::remove_dir(dir);
     }
     Ok(report)
+}
+
+/// The tools a mount runs that may outlive it when it is killed.
+const MOUNT_TOOLS: &[&str] = &["mount", "losetup", "dmsetup", "cryptsetup", "blkid", "partx"];
+
+/// Waits up to [`TOOL_TIMEOUT`] for the mount's tools ([`MOUNT_TOOLS`]) whose arguments name
+/// `dir` or its device-mapper prefix to end, then kills those left. Nothing else is waited for
+/// or killed (a shell in the directory, the process that runs this, the export daemons).
+fn wait_for_tools(dir: &Path) {
+    let (dir_text, prefix) = (dir.to_string_lossy().into_owned(), crate::devmap::prefix_for(dir));
+    let me = std::process::id().to_string();
+    let running = || -> Vec<i32> {
+        let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().into_owned();
+                let argv = fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<String> =
+                    argv.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                let tool =
+                    args.first().and_then(|a| Path::new(a).file_name()).map(|n| n.to_string_lossy().into_owned());
+                let ours = args.iter().any(|a| a.starts_with(&dir_text) || a.starts_with(&prefix));
+                let mounts_tool = tool.is_some_and(|t| MOUNT_TOOLS.contains(&t.as_str()));
+                (ours && mounts_tool && pid != me).then(|| pid.parse().ok()).flatten()
+            })
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    while !running().is_empty() && started.elapsed() < TOOL_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in running() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    while !running().is_empty() && started.elapsed() < TOOL_TIMEOUT + STOP_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn mount_points() -> Vec<PathBuf> {

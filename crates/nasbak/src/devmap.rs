@@ -17,6 +17,9 @@ use nasbak_process::ExternalCommand;
 
 /// How long one call of dmsetup, cryptsetup, losetup or modprobe may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The file a table is written to for dmsetup, in the mount directory, removed once read (and
+/// by unmount, after a mount killed in between).
+pub(crate) const TABLE_FILE: &str = ".nasbak-dm-table";
 /// How many rounds of removal unmounting tries (a device stands on at most this many others).
 const REMOVE_ROUNDS: usize = 12;
 
@@ -95,7 +98,7 @@ impl DeviceMapper {
     pub(crate) fn create(&mut self, name: &str, table: &str) -> Result<PathBuf, String> {
         self.available()?;
         let full = format!("{}{name}", self.prefix);
-        let file = self.dir.join(".nasbak-dm-table");
+        let file = self.dir.join(TABLE_FILE);
         nasbak_repo::store::write_atomic(&file, table.as_bytes(), 0o600)
             .map_err(|e| format!("writing {}: {e}", file.display()))?;
         let always_writable = table.lines().any(|l| l.split_whitespace().nth(2) == Some("thin-pool"));

@@ -87,16 +87,16 @@ pub(crate) struct PhysicalVolume {
     pub uuid: String,
     /// The volume group's metadata text, as the volume stores it.
     pub text: String,
+    /// The volume group's id and sequence number as the text names them (the newest text of a
+    /// group wins), read once with the text.
+    pub group: Option<(String, u64)>,
 }
 
-impl PhysicalVolume {
-    /// The volume group's id and sequence number (the newest text of a group wins), if the text
-    /// names them.
-    pub fn group(&self) -> Option<(String, u64)> {
-        let top = parse(&self.text).ok()?;
-        let (_, vg) = top.sections().next()?;
-        Some((vg.str("id")?.to_owned(), vg.int("seqno").unwrap_or(0)))
-    }
+/// The volume group's id and sequence number that metadata `text` names.
+fn group_of(text: &str) -> Option<(String, u64)> {
+    let top = parse(text).ok()?;
+    let (_, vg) = top.sections().next()?;
+    Some((vg.str("id")?.to_owned(), vg.int("seqno").unwrap_or(0)))
 }
 
 /// A volume group as its metadata describes it, placed on the physical volumes found.
@@ -174,7 +174,7 @@ pub(crate) fn physical_volume(
     let mut why = String::new();
     for (mda_offset, mda_size) in metadata {
         match metadata_text(&mut read, mda_offset, mda_size) {
-            Ok(text) => return Ok(PhysicalVolume { uuid, text }),
+            Ok(text) => return Ok(PhysicalVolume { uuid, group: group_of(&text), text }),
             Err(e) => why = e,
         }
     }

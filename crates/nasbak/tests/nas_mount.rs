@@ -120,7 +120,7 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     let (vda, vdb, vdc, vdd) = (d.join("vda.raw"), d.join("vdb.raw"), d.join("vdc.raw"), d.join("vdd.raw"));
     let key = d.join("luks.key");
     fs::write(&key, b"lab-luks-passphrase").unwrap();
-    let files: Vec<(&str, Vec<u8>)> = ["spread", "wide", "thin1", "mirror", "origin", "luks", "root"]
+    let files: Vec<(&str, Vec<u8>)> = ["spread", "wide", "thin1", "mirror", "origin", "luks", "root", "secret"]
         .iter()
         .enumerate()
         .map(|(i, n)| (*n, pseudo_random((3 << 20) + i * 4099, 2 * i as u64 + 1)))
@@ -137,7 +137,7 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     // the backup, active.
     sh(&format!(
         "cd {d}
-         truncate -s 160M vda.raw; truncate -s 128M vdb.raw; truncate -s 64M vdc.raw vdd.raw
+         truncate -s 160M vda.raw; truncate -s 128M vdb.raw; truncate -s 64M vdc.raw; truncate -s 96M vdd.raw
          printf 'label: gpt\\n,32M\\n,\\n' | sfdisk -q vda.raw
          A=$(losetup -P --find --show vda.raw); B=$(losetup --find --show vdb.raw)
          mkfs.ext4 -q ${{A}}p1; mkdir m; mount ${{A}}p1 m; cp boot.txt m/; umount m
@@ -164,6 +164,10 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
          vgcreate -q -s 4m rhel /dev/mapper/labpv; lvcreate -q -y -Zn -L 16m -n root rhel; lvcreate -q -y -Zn -L 8m -n swap rhel
          mkfs.ext4 -q /dev/mapper/rhel-root; mkswap -q /dev/mapper/rhel-swap
          mount /dev/mapper/rhel-root m; cp root.bin m/; umount m
+         lvcreate -q -y -Zn -L 24m -n secret rhel
+         cryptsetup -q luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file luks.key /dev/mapper/rhel-secret
+         cryptsetup open --key-file luks.key /dev/mapper/rhel-secret labsecret; mkfs.ext4 -q /dev/mapper/labsecret
+         mount /dev/mapper/labsecret m; cp secret.bin m/; umount m; cryptsetup close labsecret
          vgchange -q -an rhel; cryptsetup close labpv; losetup -d $D
          truncate -s 64M host.raw; H=$(losetup --find --show host.raw); echo $H > host.loop
          pvcreate -q $H; vgcreate -q -s 4m tvg $H; lvcreate -q -y -Zn -L 8m -n spread tvg",
@@ -193,6 +197,24 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
     eprintln!("after a killed mount: {report:?}");
     assert_eq!(traces(&killed), Vec::<String>::new());
     assert!(!killed.exists());
+
+    // A mount cancelled (as Ctrl-C cancels it) once its first device-mapper device is there:
+    // it fails as cancelled, with everything it had made removed.
+    let cancelled = d.join("cancelled");
+    let handle = CancelHandle::new();
+    let canceller = handle.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !sh("dmsetup ls").lines().any(|l| l.starts_with("nasbak-")) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        canceller.cancel();
+    });
+    let err = catalog.mount(&MountRequest::new(repo.clone(), &vm, &id, &cancelled).open_luks_with(&key), &handle);
+    watcher.join().unwrap();
+    assert!(matches!(err, Err(nasbak::BackupError::Cancelled)), "{err:?}");
+    assert_eq!(traces(&cancelled), Vec::<String>::new());
+    assert!(!cancelled.exists());
 
     // Without the key: the LUKS disk is listed with what to give.
     let plain = d.join("no-key");
@@ -239,6 +261,7 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
         "vdc/fs",
         "vdd/part1",
         "vdd/lv-rhel-root",
+        "vdd/lv-rhel-secret",
     ] {
         assert!(shown.iter().any(|s| s == want), "{want} not in {shown:?}");
     }
@@ -247,6 +270,7 @@ fn logical_volumes_of_every_kind_and_luks_volumes_are_mounted_read_only_and_leav
         let path = match *name {
             "luks" => at.join("vdc/fs/luks.bin"),
             "root" => at.join("vdd/lv-rhel-root/root.bin"),
+            "secret" => at.join("vdd/lv-rhel-secret/secret.bin"),
             n => at.join(format!("vda/lv-tvg-{n}/{n}.bin")),
         };
         let read = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
