@@ -317,11 +317,36 @@ pub fn disk_attach_xml(source: &DiskSource, format: &str, target: &str, bus: &st
     ))
 }
 
-/// The `<disk>` element of a block copy's destination: the image and its format only (the disk
-/// keeps its target).
-pub fn disk_copy_destination_xml(source: &DiskSource, format: &str) -> Result<String, XmlError> {
-    let (kind, source_xml) = source_xml(source)?;
+/// The `<disk>` element of a block copy's destination: the image, its format and, for an image
+/// that is itself encrypted, its `<encryption>` (QEMU then encrypts what it copies, with the
+/// libvirt secret named). The disk keeps its target.
+pub fn disk_copy_destination_xml(
+    source: &DiskSource,
+    format: &str,
+    encryption: Option<&DiskEncryption>,
+) -> Result<String, XmlError> {
+    let (kind, mut source_xml) = source_xml(source)?;
+    if let Some(e) = encryption {
+        let inner = encryption_xml(e);
+        match source_xml.strip_suffix("/>") {
+            Some(open) => source_xml = format!("{open}>{inner}</source>"),
+            None => source_xml.insert_str(source_xml.len() - "</source>".len(), &inner),
+        }
+    }
     Ok(format!("<disk type='{kind}'>{source_xml}<driver type='{}'/></disk>", xml_escape(format)))
+}
+
+/// `<encryption format=…><secret type='passphrase' uuid=…|usage=…/></encryption>`.
+fn encryption_xml(e: &DiskEncryption) -> String {
+    let mut x = format!("<encryption format='{}'><secret type='passphrase'", xml_escape(&e.format));
+    if let Some(uuid) = &e.secret_uuid {
+        x.push_str(&format!(" uuid='{}'", xml_escape(uuid)));
+    }
+    if let Some(usage) = &e.secret_usage {
+        x.push_str(&format!(" usage='{}'", xml_escape(usage)));
+    }
+    x.push_str("/></encryption>");
+    x
 }
 
 /// A `<disk>`'s type and `<source>` element.
@@ -564,5 +589,37 @@ mod tests {
         assert!(xml.contains("usage='client.cloud&apos;s'"), "{xml}");
         let parsed = Domain::parse(&format!("<domain><name>x</name><devices>{xml}</devices></domain>")).unwrap();
         assert_eq!(parsed.disks[0].source.as_ref(), Some(&rbd));
+    }
+
+    #[test]
+    fn a_copy_destination_keeps_its_source_and_says_its_encryption() {
+        let e = DiskEncryption {
+            format: "luks".into(),
+            secret_uuid: Some("6c2e5a8f-1d3b-4c7e-9a0f-2b4d6e8f0a1c".into()),
+            secret_usage: None,
+        };
+        let file = DiskSource::File("/v/it's.qcow2".into());
+        assert_eq!(
+            disk_copy_destination_xml(&file, "qcow2", None).unwrap(),
+            "<disk type='file'><source file='/v/it&apos;s.qcow2'/><driver type='qcow2'/></disk>"
+        );
+        let rbd = DiskSource::Network {
+            protocol: "rbd".into(),
+            name: Some("vms/x".into()),
+            hosts: vec![NetworkHost { name: Some("mon1".into()), port: None, transport: None, socket: None }],
+            auth: None,
+            config: None,
+        };
+        for (source, format) in [(&file, "qcow2"), (&DiskSource::Block("/dev/sdz".into()), "qcow2"), (&rbd, "raw")] {
+            let xml = disk_copy_destination_xml(source, format, Some(&e)).unwrap();
+            let parsed = Domain::parse(&format!(
+                "<domain><name>x</name><devices>{}</devices></domain>",
+                xml.replace("<disk type=", "<disk device='disk' type=")
+                    .replace("</disk>", "<target dev='vda'/></disk>")
+            ))
+            .unwrap();
+            assert_eq!(parsed.disks[0].source.as_ref(), Some(source), "{xml}");
+            assert_eq!(parsed.disks[0].encryption.as_ref(), Some(&e), "{xml}");
+        }
     }
 }

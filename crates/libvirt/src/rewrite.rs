@@ -5,7 +5,7 @@ use quick_xml::Reader;
 use quick_xml::Writer;
 use quick_xml::events::{BytesStart, Event};
 
-use crate::domain::{DiskSource, XmlError};
+use crate::domain::{DiskEncryption, DiskSource, XmlError};
 
 /// A disk (by its target device) that is to read from another file or block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +16,17 @@ pub struct DiskSwap {
     pub source: DiskSource,
     /// The new source's format (`qcow2`, `raw`).
     pub format: String,
+    /// The new source's own encryption (`<encryption>` in its `<source>`, QEMU decrypting it
+    /// with the libvirt secret named); `None`: the new source is plain, whatever the disk's
+    /// old source was.
+    pub encryption: Option<DiskEncryption>,
 }
 
 /// `xml` (a domain definition) with the disks named in `swaps` reading from their new source:
 /// the disk's `type`, its `<source>` and its driver's `type` changed, its `<backingStore>`
 /// (and `<auth>`, for a disk that was a network disk) dropped so that libvirt reads the new
-/// chain from the images. Everything else is kept as it was. Every swap must name a disk of
+/// chain from the images, and its encryption the swap's (an `<encryption>` in the old place,
+/// the `<disk>`, dropped with the old source's). Everything else is kept as it was. Every swap must name a disk of
 /// the document.
 pub fn swap_disk_sources(xml: &str, swaps: &[DiskSwap]) -> Result<String, XmlError> {
     let err = |detail: String| XmlError { detail };
@@ -456,16 +461,16 @@ fn rewrite(events: Vec<Event<'static>>, swap: &DiskSwap) -> Result<Vec<Event<'st
                 }
                 depth += 1;
             }
-            Event::Start(s) if depth == 1 && matches!(s.name().as_ref(), b"source" | b"backingStore" | b"auth") => {
+            Event::Start(s) if depth == 1 && goes_with_old_source(s.name().as_ref()) => {
                 if s.name().as_ref() == b"source" {
-                    out.push(Event::Empty(source.clone()));
+                    out.extend(new_source(&source, swap.encryption.as_ref()));
                 }
                 dropping = Some(depth);
                 depth += 1;
             }
-            Event::Empty(s) if depth == 1 && matches!(s.name().as_ref(), b"source" | b"backingStore" | b"auth") => {
+            Event::Empty(s) if depth == 1 && goes_with_old_source(s.name().as_ref()) => {
                 if s.name().as_ref() == b"source" {
-                    out.push(Event::Empty(source.clone()));
+                    out.extend(new_source(&source, swap.encryption.as_ref()));
                 }
             }
             Event::Start(s) if depth == 1 && s.name().as_ref() == b"driver" => {
@@ -487,6 +492,31 @@ fn rewrite(events: Vec<Event<'static>>, swap: &DiskSwap) -> Result<Vec<Event<'st
         }
     }
     Ok(out)
+}
+
+/// Whether a child of a swapped `<disk>` goes with its old source: the source, its backing
+/// chain, a network disk's `<auth>`, and `<encryption>` in its old place.
+fn goes_with_old_source(name: &[u8]) -> bool {
+    matches!(name, b"source" | b"backingStore" | b"auth" | b"encryption")
+}
+
+/// The swapped disk's `<source>`: `source`, with `<encryption>` inside when it is encrypted.
+fn new_source(source: &BytesStart<'static>, encryption: Option<&DiskEncryption>) -> Vec<Event<'static>> {
+    let Some(e) = encryption else { return vec![Event::Empty(source.clone())] };
+    let mut secret = BytesStart::new("secret").with_attributes([("type", "passphrase")]);
+    if let Some(uuid) = &e.secret_uuid {
+        secret.push_attribute(("uuid", uuid.as_str()));
+    }
+    if let Some(usage) = &e.secret_usage {
+        secret.push_attribute(("usage", usage.as_str()));
+    }
+    vec![
+        Event::Start(source.clone()),
+        Event::Start(BytesStart::new("encryption").with_attributes([("format", e.format.as_str())])),
+        Event::Empty(secret),
+        Event::End(quick_xml::events::BytesEnd::new("encryption")),
+        Event::End(quick_xml::events::BytesEnd::new("source")),
+    ]
 }
 
 #[cfg(test)]
@@ -522,8 +552,18 @@ mod tests {
     #[test]
     fn swapped_disks_read_from_the_new_source_and_keep_everything_else() {
         let swaps = [
-            DiskSwap { target: "vdb".into(), source: DiskSource::File("/o/vdb.qcow2".into()), format: "qcow2".into() },
-            DiskSwap { target: "vda".into(), source: DiskSource::Block("/dev/sdz".into()), format: "raw".into() },
+            DiskSwap {
+                target: "vdb".into(),
+                source: DiskSource::File("/o/vdb.qcow2".into()),
+                format: "qcow2".into(),
+                encryption: None,
+            },
+            DiskSwap {
+                target: "vda".into(),
+                source: DiskSource::Block("/dev/sdz".into()),
+                format: "raw".into(),
+                encryption: None,
+            },
         ];
         let out = swap_disk_sources(XML, &swaps).unwrap();
         let d = Domain::parse(&out).unwrap();
@@ -557,6 +597,7 @@ mod tests {
             target: "vdb".into(),
             source: DiskSource::File("/w/vdb.qcow2".into()),
             format: "qcow2".into(),
+            encryption: None,
         }];
         let t = Throwaway {
             name: "nasbak-verify-web1",
@@ -603,10 +644,58 @@ mod tests {
     #[test]
     fn a_disk_without_a_driver_gets_one_and_a_missing_disk_is_an_error() {
         let xml = "<domain><devices><disk type='file'><source file='/a'/><target dev='sda'/></disk></devices></domain>";
-        let swap = DiskSwap { target: "sda".into(), source: DiskSource::File("/b".into()), format: "qcow2".into() };
+        let swap = DiskSwap {
+            target: "sda".into(),
+            source: DiskSource::File("/b".into()),
+            format: "qcow2".into(),
+            encryption: None,
+        };
         let out = swap_disk_sources(xml, std::slice::from_ref(&swap)).unwrap();
         assert!(out.contains("type=\"qcow2\"") && out.contains("file=\"/b\""), "{out}");
         let missing = DiskSwap { target: "vdq".into(), ..swap };
         assert!(swap_disk_sources(xml, &[missing]).unwrap_err().detail.contains("no disk vdq"));
+    }
+
+    #[test]
+    fn an_encrypted_disk_swapped_gets_the_encryption_its_new_source_has() {
+        let secret = "6c2e5a8f-1d3b-4c7e-9a0f-2b4d6e8f0a1c";
+        let xml = format!(
+            "<domain><name>v</name><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/enc.qcow2'><encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption></source><target dev='vda'/></disk></devices></domain>"
+        );
+        let old_place = format!(
+            "<domain><name>v</name><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption><source file='/v/enc.qcow2'/><target dev='vda'/></disk></devices></domain>"
+        );
+        let encryption = DiskEncryption { format: "luks".into(), secret_uuid: Some(secret.into()), secret_usage: None };
+        for xml in [&xml, &old_place] {
+            // Onto an encrypted overlay: the secret goes with the new source.
+            let swap = DiskSwap {
+                target: "vda".into(),
+                source: DiskSource::File("/w/vda.overlay.qcow2".into()),
+                format: "qcow2".into(),
+                encryption: Some(encryption.clone()),
+            };
+            let out = swap_disk_sources(xml, std::slice::from_ref(&swap)).unwrap();
+            let d = Domain::parse(&out).unwrap();
+            assert_eq!(d.disks[0].source, Some(DiskSource::File(PathBuf::from("/w/vda.overlay.qcow2"))), "{out}");
+            assert_eq!(d.disks[0].encryption.as_ref(), Some(&encryption), "{out}");
+            assert_eq!(out.matches("<encryption").count(), 1, "{out}");
+            assert!(!out.contains("/v/enc.qcow2"), "{out}");
+            // Onto a plain file: no encryption left anywhere.
+            let plain = DiskSwap { encryption: None, ..swap };
+            let out = swap_disk_sources(xml, &[plain]).unwrap();
+            assert!(!out.contains("encryption") && !out.contains(secret), "{out}");
+            assert_eq!(Domain::parse(&out).unwrap().disks[0].encryption, None);
+        }
+        // A secret named by its usage keeps its usage.
+        let by_usage =
+            DiskEncryption { format: "luks".into(), secret_uuid: None, secret_usage: Some("/v/enc.qcow2".into()) };
+        let swap = DiskSwap {
+            target: "vda".into(),
+            source: DiskSource::File("/w/o.qcow2".into()),
+            format: "qcow2".into(),
+            encryption: Some(by_usage.clone()),
+        };
+        let out = swap_disk_sources(&xml, &[swap]).unwrap();
+        assert_eq!(Domain::parse(&out).unwrap().disks[0].encryption, Some(by_usage), "{out}");
     }
 }

@@ -127,12 +127,14 @@ where
                 guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
                 let source = crate::protect::disk_image(&dir, b, chain, key.as_ref(), &reference)?;
-                let over = Overlay { source: &source, size: b.virtual_size, socket: &export, file: &overlay };
+                let over =
+                    Overlay { source: &source, size: b.virtual_size, socket: &export, file: &overlay, key: None };
                 over.make(&self.images, mounted.registration()).map_err(at(Step::Export { disk: b.target.clone() }))?;
                 swaps.push(DiskSwap {
                     target: b.target.clone(),
                     source: DiskSource::File(overlay),
                     format: "qcow2".into(),
+                    encryption: None,
                 });
             }
             // The backup's NVRAM and TPM state, checked, for copies the throwaway VM uses.

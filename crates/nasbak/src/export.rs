@@ -23,6 +23,10 @@ pub(crate) struct Overlay<'a> {
     pub socket: &'a Path,
     /// The overlay to create.
     pub file: &'a Path,
+    /// A file holding the passphrase the overlay is encrypted with (qcow2's built-in LUKS), for
+    /// a disk that is itself encrypted: what the guest writes is then never plaintext. `None`:
+    /// a plain overlay.
+    pub key: Option<&'a Path>,
 }
 
 impl Overlay<'_> {
@@ -40,8 +44,7 @@ impl Overlay<'_> {
             }
         };
         let size = images.info(self.source).ok().and_then(|i| i.first().map(|i| i.virtual_size)).unwrap_or(self.size);
-        images.create(&ImageLocation::Path(self.file.to_owned()), &ImageFormat::Qcow2, size)?;
-        images.set_backing(&ImageLocation::Path(self.file.to_owned()), &uri, &ImageFormat::Raw)?;
+        images.create_overlay(self.file, size, &uri, &ImageFormat::Raw, self.key)?;
         Ok(size)
     }
 }

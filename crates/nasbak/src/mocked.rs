@@ -3,11 +3,12 @@
 //! in the lab tests of this crate and of the CLI.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use nasbak_agent::QuiescePolicy;
 use nasbak_agent::fake::FakeAgent;
-use nasbak_libvirt::{CancelHandle, DomainState, JobInfo, JobKind, LibvirtError, MockHypervisor};
+use nasbak_libvirt::{CancelHandle, DiskSource, DomainState, JobInfo, JobKind, LibvirtError, MockHypervisor};
 use nasbak_process::CommandError;
 use nasbak_qemu_img::{CheckReport, CheckVerdict, ImageError, ImageFormat, ImageInfo, ImageLocation, MockImageTool};
 use nasbak_repo::{
@@ -772,16 +773,12 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
         assert_eq!(format, &ImageFormat::Qcow2);
         Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 })
     });
-    img.expect_create().returning(|at, format, _| {
-        assert_eq!(format, &ImageFormat::Qcow2, "only overlays are made before the VM runs");
-        if let ImageLocation::Path(p) = at {
-            fs::write(p, b"").unwrap();
-        }
-        Ok(())
-    });
-    img.expect_set_backing().times(2).returning(|_, backing, format| {
+    img.expect_create().never();
+    img.expect_create_overlay().times(2).returning(|at, _, backing, format, key| {
         assert!(backing.starts_with("nbd+unix:///image?socket=/") && backing.contains("/run/nbd/"), "{backing}");
         assert_eq!(format, &ImageFormat::Raw);
+        assert!(key.is_none(), "a plain volume's overlay is plain");
+        fs::write(at, b"").unwrap();
         Ok(())
     });
     let (e, _) = engine(hv, img, dir.path());
@@ -800,6 +797,83 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
     let (e, _) = engine(hv, MockImageTool::new(), dir.path());
     let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
     assert_eq!(err.kind(), crate::ErrorKind::DomainRunning, "{err}");
+}
+
+#[test]
+fn an_encrypted_volume_runs_on_an_encrypted_overlay_and_is_never_written_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, repo) = engine(hypervisor(DomainState::ShutOff), images(), dir.path());
+    let out = e.backup(&request(&repo), &CancelHandle::new(), &mut |_| {}).unwrap();
+    // The VM's vda is now a LUKS qcow2 whose passphrase is a libvirt secret.
+    let secret = "6c2e5a8f-1d3b-4c7e-9a0f-2b4d6e8f0a1c";
+    let encrypted = XML.replace(
+        "<source file='/v/root1.qcow2'/>",
+        &format!("<source file='/v/root1.qcow2'><encryption format='luks'><secret type='passphrase' uuid='{secret}'/></encryption></source>"),
+    );
+    let mut hv = hypervisor_of(DomainState::ShutOff, encrypted.clone());
+    hv.expect_secret_value()
+        .withf(move |a| a.secret_uuid.as_deref() == Some(secret) && a.secret_type.as_deref() == Some("passphrase"))
+        .times(1)
+        .returning(|_| Ok(nasbak_process::Secret::new("the volume's passphrase")));
+    hv.expect_start_with_xml().times(1).returning(move |xml| {
+        // vda runs on its overlay, which QEMU opens with the volume's secret; vdb stays plain.
+        let d = nasbak_libvirt::Domain::parse(xml).unwrap();
+        let vda = d.disks.iter().find(|d| d.target == "vda").unwrap();
+        assert!(matches!(&vda.source, Some(DiskSource::File(p)) if p.ends_with("vda.overlay.qcow2")), "{xml}");
+        assert_eq!(vda.encryption.as_ref().and_then(|e| e.secret_uuid.as_deref()), Some(secret), "{xml}");
+        assert_eq!(xml.matches("<encryption").count(), 1, "{xml}");
+        Err(LibvirtError::new("Cannot access storage file"))
+    });
+    hv.expect_block_copy().never();
+    let mut img = images();
+    img.expect_export_read_only()
+        .times(2)
+        .returning(|_, _, _, file, _| Ok(nasbak_qemu_img::ReadOnlyExport { file: file.to_owned(), pid: 0 }));
+    img.expect_create().never();
+    let keys = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = keys.clone();
+    img.expect_create_overlay().times(2).returning(move |at, _, _, _, key| {
+        // The key is a 0600 file holding the passphrase, there while the overlay is made.
+        let held = key.map(|k| {
+            assert_eq!(fs::metadata(k).unwrap().permissions().mode() & 0o777, 0o600);
+            fs::read_to_string(k).unwrap()
+        });
+        seen.lock().unwrap().push((at.file_name().unwrap().to_string_lossy().into_owned(), held));
+        fs::write(at, b"").unwrap();
+        Ok(())
+    });
+    let (e, _) = engine(hv, img, dir.path());
+    let work = dir.path().join("instant");
+    let instant = crate::InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), "vm1", &out.manifest.id))
+        .with_work_dir(&work);
+    let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.step(), Some(crate::Step::Start), "{err}");
+    assert_eq!(
+        *keys.lock().unwrap(),
+        [
+            ("vda.overlay.qcow2".to_owned(), Some("the volume's passphrase".to_owned())),
+            ("vdb.overlay.qcow2".to_owned(), None)
+        ]
+    );
+    assert_eq!(entries(&work), Vec::<String>::new(), "overlays, exports and state removed");
+    assert_eq!(entries(&dir.path().join("run/private")), Vec::<String>::new(), "the passphrase's file removed");
+    // On a block device, the volume would be written in place: refused before anything is made.
+    let on_block = encrypted.replace(
+        "type='file' device='disk'><driver type='qcow2'/><source file='/v/root1.qcow2'>",
+        "type='block' device='disk'><driver type='qcow2'/><source dev='/dev/vg0/root1'>",
+    );
+    assert!(on_block.contains("/dev/vg0/root1"));
+    let mut hv = hypervisor_of(DomainState::ShutOff, on_block);
+    hv.expect_start_with_xml().never();
+    hv.expect_secret_value().never();
+    let mut img = images();
+    img.expect_create_overlay().never();
+    img.expect_export_read_only().never();
+    let (e, _) = engine(hv, img, dir.path());
+    let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("encrypted disk vda in place (/dev/vg0/root1)"), "{err}");
+    assert_eq!(entries(&work), Vec::<String>::new());
 }
 
 #[test]

@@ -158,6 +158,11 @@ pub struct InstantDisk {
     /// The finish has put the backup's copy in place of the volume.
     #[serde(default)]
     pub copied: bool,
+    /// The volume is itself encrypted (a LUKS qcow2 whose passphrase is a libvirt secret): its
+    /// overlay and its new image are encrypted with that passphrase, and QEMU encrypts what the
+    /// block copy writes, so nothing of it is plaintext on the host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 impl InstantDisk {

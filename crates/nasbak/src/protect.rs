@@ -111,7 +111,7 @@ pub(crate) fn volume_key<H: Hypervisor>(
     secret_key(hypervisor, &auth, runtime_dir).map(Some).map_err(|err| match err {
         BackupError::Libvirt(l) if l.message.contains("private") => BackupError::Unsupported {
             what: format!(
-                "reading the encrypted disk {} without QEMU: its passphrase is a private libvirt secret ({}), which no client may read; back the VM up while it runs (QEMU decrypts it), or define the secret with private='no'",
+                "reading or writing the encrypted disk {} without QEMU: its passphrase is a private libvirt secret ({}), which no client may read; define the secret with private='no' (a backup while the VM runs needs no passphrase: QEMU decrypts)",
                 disk.target,
                 e.secret_uuid.clone().or_else(|| e.secret_usage.clone()).unwrap_or_default()
             ),

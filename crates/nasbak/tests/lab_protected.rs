@@ -679,7 +679,7 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     fs::write(&defined, encrypted).unwrap();
     nasbak_testlab::virsh(&["define", defined.to_str().unwrap()]).unwrap();
     dom.start();
-    let random = {
+    let (random, qdev) = {
         let file = dom.dir().join("random.bin");
         let data: Vec<u8> =
             (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ (i >> 3) as u8).collect();
@@ -697,7 +697,7 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
         let cmd = format!("qemu-io -d {qdev} \"write -s {} 0 1M\"", file.display());
         let said = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &cmd]).unwrap();
         assert!(said.trim().is_empty(), "{said}");
-        data
+        (data, qdev)
     };
     // A repository that does not encrypt: refused, nothing written.
     let plain_root = dom.dir().join("repo-plain");
@@ -750,6 +750,51 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     // The VM starts on its restored volume (libvirt opens it with the secret).
     dom.start();
     dom.destroy();
+    // An instant restore: the VM runs at once on an overlay encrypted with the volume's own
+    // passphrase, so what the guest writes meanwhile is never plaintext; QEMU copies the point
+    // onto a new LUKS volume, encrypting, and the VM ends on it.
+    ExternalCommand::new("qemu-io")
+        .args(["--object", &format!("secret,id=v0,file={}", passphrase.display()), "--image-opts"])
+        .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", disk.display()))
+        .args(["-c", "write -P 0x99 0 2M"])
+        .run()
+        .unwrap();
+    let work = dom.dir().join("instant");
+    let instant =
+        InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), running.manifest.id.as_str()))
+            .with_work_dir(&work);
+    let state =
+        e.instant_restore(&instant, &CancelHandle::new()).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert!(state.disks[0].encrypted, "{state:?}");
+    let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&state.disks[0].overlay).run().unwrap();
+    assert!(info.stdout_text().contains("encrypted: yes"), "the overlay is encrypted: {}", info.stdout_text());
+    // The guest writes the random MiB again, at 8 MiB, while it runs on the overlay.
+    let cmd = format!("qemu-io -d {qdev} \"write -s {} 8M 1M\"", dom.dir().join("random.bin").display());
+    let said = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &cmd]).unwrap();
+    assert!(said.trim().is_empty(), "{said}");
+    assert_eq!(plaintext_sectors(&work, &random), 0, "nothing the guest wrote is plaintext in the overlay");
+    e.instant_finish(&work, dom.name(), Duration::from_secs(300), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    let live = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
+    // The VM runs on its volume, which QEMU opens with the volume's secret.
+    let d = nasbak::nasbak_libvirt::Domain::parse(&live).unwrap();
+    assert_eq!(d.disks[0].source, Some(nasbak::nasbak_libvirt::DiskSource::File(disk.clone())), "{live}");
+    assert_eq!(
+        d.disks[0].encryption.as_ref().and_then(|e| e.secret_uuid.as_deref()),
+        Some(secret.0.as_str()),
+        "{live}"
+    );
+    dom.destroy();
+    let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&disk).run().unwrap().stdout_text();
+    assert!(info.contains("encrypted: yes"), "the instantly restored volume is encrypted: {info}");
+    let mut expected = fs::read(&point).unwrap();
+    expected[8 << 20..9 << 20].copy_from_slice(&random);
+    let back = decrypted(&disk, &passphrase, &dom.dir().join("instant.raw"));
+    assert!(fs::read(&back).unwrap() == expected, "the volume holds the point and what the guest wrote");
+    let stored = fs::read(&disk).unwrap();
+    let wanted: HashSet<&[u8]> = random.chunks(512).collect();
+    assert_eq!(stored.chunks(512).filter(|c| wanted.contains(c)).count(), 0, "the volume holds no plaintext");
+    assert!(!work.join(dom.name()).exists(), "the restore's overlay and state are gone");
     // A private secret cannot be read by any client: a shut-off copy says so, and what works.
     drop(secret);
     let _private = VolumeSecret::define(dom.dir(), &disk, &passphrase, true);
@@ -759,7 +804,16 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     nasbak_testlab::virsh(&["define", defined.to_str().unwrap()]).unwrap();
     let err = e.backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {}).unwrap_err();
     let said = nasbak::chain(&err);
-    assert!(said.contains("private libvirt secret") && said.contains("while it runs"), "{said}");
+    assert!(said.contains("private libvirt secret") && said.contains("while the VM runs"), "{said}");
+    // An instant restore needs the passphrase for the overlay and the new volume: refused
+    // before anything changes.
+    let before = fs::read(&disk).unwrap();
+    let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
+    let said = nasbak::chain(&err);
+    assert!(said.contains("private libvirt secret") && said.contains("private='no'"), "{said}");
+    assert!(fs::read(&disk).unwrap() == before, "the volume is untouched");
+    assert!(!work.join(dom.name()).exists(), "nothing made for the restore");
+    assert_eq!(nasbak_testlab::virsh(&["domstate", dom.name()]).unwrap().trim(), "shut off");
 }
 
 /// Whether any process's command line or environment holds each of `needles` while `f` runs.

@@ -653,13 +653,14 @@ const QCOW2_CLUSTER_BITS: u32 = 16;
 
 /// Creates (or replaces) `path` as an empty qcow2 (version 3, 64 KiB clusters) of `size` bytes
 /// with built-in LUKS encryption (`encrypt.format=luks`, aes-256 xts-plain64, sha256), one
-/// keyslot holding `passphrase`, its header naming `backing` (a qcow2) when given. The layout is
-/// the one `qemu-img create -f qcow2 -o encrypt.format=luks` makes: header, refcount table,
-/// refcount block, L1 table, then the LUKS header's clusters; without QEMU's PBKDF timing.
+/// keyslot holding `passphrase`, its header naming `backing` (its name, as written into the
+/// header, and its format) when given. The layout is the one `qemu-img create -f qcow2 -o
+/// encrypt.format=luks` makes: header, refcount table, refcount block, L1 table, then the LUKS
+/// header's clusters; without QEMU's PBKDF timing.
 pub fn create_encrypted_qcow2(
     path: &Path,
     size: u64,
-    backing: Option<&str>,
+    backing: Option<(&str, &crate::ImageFormat)>,
     passphrase: &[u8],
 ) -> Result<(), LuksError> {
     let io = |action| move |source| LuksError::Io { action, path: path.to_owned(), source };
@@ -676,8 +677,12 @@ pub fn create_encrypted_qcow2(
     if clusters > cs / 2 || l1_size > u64::from(u32::MAX) {
         return Err(too(format!("a virtual size of {size} bytes is more than an encrypted qcow2 nasbak makes holds")));
     }
-    if backing.is_some_and(|b| b.is_empty() || b.len() > 1023) {
+    if backing.is_some_and(|(b, _)| b.is_empty() || b.len() > 1023) {
         return Err(too("a backing file name must have 1 to 1023 bytes".into()));
+    }
+    let backing_format = backing.map(|(_, f)| f.to_string());
+    if backing_format.as_ref().is_some_and(|f| f.is_empty() || f.len() > 16) {
+        return Err(too(format!("a backing format of 1 to 16 bytes, not {backing_format:?}")));
     }
     let mut head = vec![0u8; 4096];
     let put32 = |h: &mut [u8], at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
@@ -694,18 +699,19 @@ pub fn create_encrypted_qcow2(
     put32(&mut head, 96, 4); // refcount_order: 16-bit
     put32(&mut head, 100, 112); // header_length (compression_type 0, zlib, at 104)
     let mut at = 112;
-    if backing.is_some() {
+    if let Some(format) = &backing_format {
+        // The extension's data padded to 8 bytes.
         put32(&mut head, at, QCOW2_BACKING_FORMAT_EXT);
-        put32(&mut head, at + 4, 5);
-        head[at + 8..at + 13].copy_from_slice(b"qcow2");
-        at += 16;
+        put32(&mut head, at + 4, format.len() as u32);
+        head[at + 8..at + 8 + format.len()].copy_from_slice(format.as_bytes());
+        at += 8 + format.len().next_multiple_of(8);
     }
     put32(&mut head, at, QCOW2_CRYPTO_EXT);
     put32(&mut head, at + 4, 16);
     put64(&mut head, at + 8, luks_at);
     put64(&mut head, at + 16, header_len());
     at += 24 + 8; // the extension, then the end marker (zeroes)
-    if let Some(b) = backing {
+    if let Some((b, _)) = backing {
         put64(&mut head, 8, at as u64);
         put32(&mut head, 16, b.len() as u32);
         head[at..at + b.len()].copy_from_slice(b.as_bytes());

@@ -134,6 +134,21 @@ pub trait ImageTool {
         backing: Option<String>,
         protection: &TargetProtection,
     ) -> Result<(), ImageError>;
+    /// Creates the qcow2 overlay `image` of `size` bytes over `backing` (its name as written into
+    /// the header: a path, relative to the overlay's directory when relative, or an NBD URI; not
+    /// opened) of format `backing_format`, in one step. With `key` (a file holding a passphrase)
+    /// the overlay is encrypted with qcow2's built-in LUKS, so that what is written into it is
+    /// never stored as plaintext (its backing stays as it is).
+    // mockall needs the reference's lifetime named.
+    #[allow(clippy::needless_lifetimes)]
+    fn create_overlay<'a>(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: &str,
+        backing_format: &ImageFormat,
+        key: Option<&'a Path>,
+    ) -> Result<(), ImageError>;
     /// Points the qcow2 file `image` at `backing` (a path as written into the header, relative
     /// to the image's directory when relative) of format `backing_format`, without reading or
     /// copying data (`qemu-img rebase -u`): for a file whose data already is the difference.
@@ -270,7 +285,12 @@ impl QemuImg {
     ) -> Result<(), ImageError> {
         if protection.layout == StoredLayout::Qcow2Luks {
             let passphrase = read_passphrase(protection.key.as_deref().ok_or_else(|| no_key(image))?)?;
-            return Ok(crate::luks::create_encrypted_qcow2(image, size, backing, &passphrase)?);
+            return Ok(crate::luks::create_encrypted_qcow2(
+                image,
+                size,
+                backing.map(|b| (b, &ImageFormat::Qcow2)),
+                &passphrase,
+            )?);
         }
         let mut command = self
             .command(self.timeouts.quick)
@@ -492,6 +512,27 @@ impl ImageTool for QemuImg {
             return self.create_container(image, size, protection);
         }
         self.create_qcow2(image, size, backing.as_deref(), protection)
+    }
+
+    fn create_overlay(
+        &self,
+        image: &Path,
+        size: u64,
+        backing: &str,
+        backing_format: &ImageFormat,
+        key: Option<&Path>,
+    ) -> Result<(), ImageError> {
+        if let Some(key) = key {
+            let passphrase = read_passphrase(key)?;
+            return Ok(crate::luks::create_encrypted_qcow2(image, size, Some((backing, backing_format)), &passphrase)?);
+        }
+        self.command(self.timeouts.quick)
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", &backing_format.to_string(), "-b", backing])
+            .arg(image)
+            .arg(size.to_string())
+            .run()
+            .map(drop)
+            .map_err(|source| ImageError::Command { action: "create", source })
     }
 
     fn remove_rbd(&self, image: &crate::location::RbdSpec) -> Result<(), ImageError> {

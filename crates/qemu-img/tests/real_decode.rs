@@ -180,7 +180,13 @@ fn a_chain_decodes_each_cluster_from_its_topmost_file_zeros_included() {
             // An encrypted one's header made by nasbak (QEMU times its PBKDF, which fails on a
             // loaded machine), as nasbak makes its incrementals' files.
             if encrypted {
-                nasbak_qemu_img::luks::create_encrypted_qcow2(&top, size, below.to_str(), KEY.as_bytes()).unwrap();
+                nasbak_qemu_img::luks::create_encrypted_qcow2(
+                    &top,
+                    size,
+                    below.to_str().map(|b| (b, &nasbak_qemu_img::ImageFormat::Qcow2)),
+                    KEY.as_bytes(),
+                )
+                .unwrap();
             } else {
                 qemu_img(&[
                     "create",

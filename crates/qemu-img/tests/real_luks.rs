@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nasbak_process::ExternalCommand;
-use nasbak_qemu_img::StoredLayout;
 use nasbak_qemu_img::luks::{LuksFile, create_container, header_len};
+use nasbak_qemu_img::{ImageFormat, StoredLayout};
 
 mod common;
 use common::qemu_img;
@@ -202,7 +202,8 @@ fn an_encrypted_qcow2_nasbak_makes_checks_clean_and_holds_data_and_a_backing_cha
 
     // A child naming the parent: reads through to it, and what it writes wins.
     let child = dir.path().join("child.qcow2");
-    create_encrypted_qcow2(&child, 8 << 20, Some("parent.qcow2"), &fs::read(&k).unwrap()).unwrap();
+    create_encrypted_qcow2(&child, 8 << 20, Some(("parent.qcow2", &ImageFormat::Qcow2)), &fs::read(&k).unwrap())
+        .unwrap();
     let info = qemu_img(&["info", "--output=json", "-U", child.to_str().unwrap()]).unwrap();
     assert!(
         info.contains("\"backing-filename\": \"parent.qcow2\"")
@@ -226,5 +227,31 @@ fn an_encrypted_qcow2_nasbak_makes_checks_clean_and_holds_data_and_a_backing_cha
     assert_eq!(fs::read(&out).unwrap(), expected);
     assert_eq!(read(&parent, StoredLayout::Qcow2Luks, &k).unwrap(), pattern(8 << 20), "the parent is untouched");
     let check = qemu_img(&["check", "--object", &secret, "--image-opts", &chain]).unwrap();
+    assert!(check.contains("No errors"), "{check}");
+
+    // An overlay over a plain raw file (an instant restore's over its export): QEMU follows the
+    // header's name and format with the overlay's key alone, and what it writes is encrypted.
+    fs::write(dir.path().join("base.raw"), pattern(8 << 20)).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    create_encrypted_qcow2(&overlay, 8 << 20, Some(("base.raw", &ImageFormat::Raw)), &fs::read(&k).unwrap()).unwrap();
+    let info = qemu_img(&["info", "--output=json", "-U", overlay.to_str().unwrap()]).unwrap();
+    assert!(
+        info.contains("\"backing-filename\": \"base.raw\"") && info.contains("\"backing-filename-format\": \"raw\""),
+        "{info}"
+    );
+    let opened = format!("driver=qcow2,encrypt.key-secret=k,file.filename={}", overlay.display());
+    ExternalCommand::new("qemu-io")
+        .args(["--object", &secret, "--image-opts", &opened, "-c", "write -P 0xcd 1M 64k"])
+        .timeout(std::time::Duration::from_secs(60))
+        .run()
+        .unwrap();
+    let mut expected = pattern(8 << 20);
+    expected[1 << 20..(1 << 20) + 65536].fill(0xcd);
+    qemu_img(&["convert", "--object", &secret, "--image-opts", &opened, "-O", "raw", out.to_str().unwrap()]).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), expected);
+    let stored = fs::read(&overlay).unwrap();
+    assert!(!stored.chunks(512).any(|c| c.iter().all(|b| *b == 0xcd)), "the overlay's data is encrypted");
+    assert_eq!(fs::read(dir.path().join("base.raw")).unwrap(), pattern(8 << 20), "the base is untouched");
+    let check = qemu_img(&["check", "--object", &secret, "--image-opts", &opened]).unwrap();
     assert!(check.contains("No errors"), "{check}");
 }

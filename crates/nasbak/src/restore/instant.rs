@@ -18,13 +18,18 @@
 //! points at the repository. [`Engine::instant_cancel`] stops the VM and removes everything
 //! but the marks (the volumes are partly written). The backup files are only ever read.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nasbak_libvirt::{BlockCopyFlags, CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, swap_disk_sources};
-use nasbak_qemu_img::{ConvertRequest, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport};
+use nasbak_libvirt::{
+    BlockCopyFlags, CancelHandle, DiskEncryption, DiskSource, DiskSwap, DomainState, Hypervisor, swap_disk_sources,
+};
+use nasbak_qemu_img::{
+    ConvertRequest, ImageFormat, ImageLocation, ImageTool, ReadOnlyExport, StoredLayout, TargetProtection,
+};
 
 use crate::export::{Overlay, nbd_socket};
 use nasbak_repo::{ManifestDisk, Mounter, VmName};
@@ -164,6 +169,14 @@ where
         };
         // Every file of every chain checked before anything changes.
         let mut plan = self.plan_disks(&pairs, (dir, &layout.vm_dir(&vm_name)), (vm, id, key.as_ref()), &work)?;
+        // A volume that is itself encrypted: its passphrase (from its libvirt secret, which must
+        // be readable) for its overlay and its new image, held until both are made.
+        let mut volume_keys = HashMap::new();
+        for (_, d) in &pairs {
+            if let Some(k) = crate::protect::volume_key(&self.hypervisor, d, &self.runtime_dir)? {
+                volume_keys.insert(d.target.clone(), k);
+            }
+        }
         // The VM's NVRAM and TPM state from the backup, checked now, put in the VM's own places
         // (copies: the backup is never written) just before it starts.
         let mut kept_state = Vec::new();
@@ -174,10 +187,11 @@ where
         }
         // The finish copies the backup onto each volume in one pass and mirrors only what the
         // guest wrote; an encrypted backup (its key is not kept for the finish), and a restore
-        // with a bandwidth limit (libvirt's limits the whole copy), keep a block copy of the
-        // whole disk from the start.
+        // with a bandwidth limit (libvirt's limits the whole copy), and a volume that is itself
+        // encrypted (QEMU encrypts what it copies), keep a block copy of the whole disk from the
+        // start.
         for d in &mut plan {
-            d.copy_at_finish = key.is_none() && request.bandwidth.is_none();
+            d.copy_at_finish = key.is_none() && request.bandwidth.is_none() && !d.encrypted;
         }
         let mut state = InstantRestore {
             vm: target_vm.to_owned(),
@@ -203,7 +217,13 @@ where
             write_state(&state)?;
             let source =
                 crate::protect::disk_image(&disk.files[0].0, b, &disk.files[1..], key.as_ref(), &state.backup)?;
-            let over = Overlay { source: &source, size: b.virtual_size, socket: &disk.export, file: &disk.overlay };
+            let over = Overlay {
+                source: &source,
+                size: b.virtual_size,
+                socket: &disk.export,
+                file: &disk.overlay,
+                key: volume_keys.get(&disk.target).map(|k| k.path()),
+            };
             let size = over
                 .make(&self.images, mounted.registration())
                 .map_err(at(Step::Restore { disk: disk.target.clone() }))?;
@@ -212,10 +232,13 @@ where
         let swaps: Vec<DiskSwap> = state
             .disks
             .iter()
-            .map(|d| DiskSwap {
+            .zip(&pairs)
+            .map(|(d, (_, defined))| DiskSwap {
                 target: d.target.clone(),
                 source: DiskSource::File(d.overlay.clone()),
                 format: "qcow2".into(),
+                // The overlay of an encrypted volume is encrypted with the volume's secret.
+                encryption: defined.encryption.clone().filter(|_| d.encrypted),
             })
             .collect();
         let live = swap_disk_sources(xml, &swaps)?;
@@ -228,7 +251,7 @@ where
         undo.started = true;
         // The VM runs on the overlays; only now do its volumes change, each marked half-written
         // on the repository until the finish.
-        self.start_copies(&state, &sizes, &format!("{vm}/{id}"), request.bandwidth)?;
+        self.start_copies(&state, &sizes, &format!("{vm}/{id}"), request.bandwidth, &volume_keys)?;
         // The daemons hold the repository now; the marks stay until the finish.
         undo.armed = false;
         Ok(state)
@@ -262,11 +285,14 @@ where
                     });
                 }
             };
-            if d.encryption.is_some() {
+            // An encrypted volume gets a new image of its own kind beside it; a block device or
+            // an RBD image would be written in place, which its encryption does not allow here.
+            if d.encryption.is_some() && (block || rbd.is_some()) {
                 return Err(BackupError::Unsupported {
                     what: format!(
-                        "an instant restore of the encrypted disk {}; restore it without --instant",
-                        d.target
+                        "an instant restore of the encrypted disk {} in place ({}); restore it without --instant",
+                        d.target,
+                        volume.display()
                     ),
                 });
             }
@@ -291,6 +317,7 @@ where
                 files,
                 copy_at_finish: false,
                 copied: false,
+                encrypted: d.encryption.is_some(),
             });
         }
         Ok(plan)
@@ -299,12 +326,15 @@ where
     /// Each volume of the running VM marked half-written on the repository (`backup` is
     /// `VM/ID`); unless the finish copies it, emptied (a file volume) and given a libvirt block
     /// copy from the VM's overlay.
+    /// An encrypted volume's new image is encrypted with its passphrase (`volume_keys`, by
+    /// target), and its block copy writes through QEMU's encryption.
     fn start_copies(
         &self,
         state: &InstantRestore,
         sizes: &[u64],
         backup: &str,
         bandwidth: Option<u64>,
+        volume_keys: &HashMap<String, crate::protect::Key>,
     ) -> Result<(), BackupError> {
         for (disk, size) in state.disks.iter().zip(sizes) {
             let step = || Step::Restore { disk: disk.target.clone() };
@@ -319,7 +349,7 @@ where
                 continue;
             }
             if !disk.in_place()
-                && let Err(e) = self.empty_volume(disk, *size)
+                && let Err(e) = self.empty_volume(disk, *size, volume_keys.get(&disk.target))
             {
                 mark.done(); // the volume was not replaced
                 return Err(at(step())(e));
@@ -328,7 +358,8 @@ where
                 self.rbd_volume(&state.vm, disk, *size).map_err(at(step()))?;
             }
             let volume = self.volume_source(&state.vm, disk)?;
-            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format)?;
+            let encryption = self.volume_encryption(&state.vm, disk)?;
+            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &disk.format, encryption.as_ref())?;
             let flags = BlockCopyFlags { reuse_external: true, shallow: false, bandwidth };
             self.hypervisor.block_copy(&state.vm, &disk.target, &dest, flags).map_err(|e| at(step())(e.into()))?;
         }
@@ -348,6 +379,23 @@ where
         self.defined_disk(vm, &disk.target)?.source.ok_or_else(|| BackupError::Unsupported {
             what: format!("an instant restore of disk {} whose defined source is gone", disk.target),
         })
+    }
+
+    /// The encryption of an encrypted disk's volume, as the domain `vm` defines it (its secret);
+    /// `None` for a plain one. One that lost it since is an error: its copy would be plaintext.
+    fn volume_encryption(&self, vm: &str, disk: &InstantDisk) -> Result<Option<DiskEncryption>, BackupError> {
+        if !disk.encrypted {
+            return Ok(None);
+        }
+        match self.defined_disk(vm, &disk.target)?.encryption {
+            Some(e) => Ok(Some(e)),
+            None => Err(BackupError::Unsupported {
+                what: format!(
+                    "copying onto the encrypted volume of disk {} of {vm}, whose definition no longer names its encryption",
+                    disk.target
+                ),
+            }),
+        }
     }
 
     /// Disk `target` of the domain `vm` as it is defined (not as it runs on its overlays).
@@ -371,8 +419,14 @@ where
     }
 
     /// Replaces a file volume by an empty image of its format and size, with its owner and mode
-    /// (made beside it, then renamed over it).
-    fn empty_volume(&self, disk: &InstantDisk, size: u64) -> Result<(), BackupError> {
+    /// (made beside it, then renamed over it); an encrypted volume's encrypted again with its
+    /// passphrase (`volume_key`).
+    fn empty_volume(
+        &self,
+        disk: &InstantDisk,
+        size: u64,
+        volume_key: Option<&crate::protect::Key>,
+    ) -> Result<(), BackupError> {
         let meta = fs::metadata(&disk.volume).map_err(|source| BackupError::Io {
             action: "reading",
             path: disk.volume.clone(),
@@ -382,7 +436,18 @@ where
         let _ = fs::remove_file(&staged);
         let format: ImageFormat = disk.format.parse().unwrap_or(ImageFormat::Raw);
         let result = (|| {
-            self.images.create(&ImageLocation::Path(staged.clone()), &format, size)?;
+            match (disk.encrypted, volume_key) {
+                (false, _) => self.images.create(&ImageLocation::Path(staged.clone()), &format, size)?,
+                (true, Some(key)) => {
+                    let luks = TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(key.path().to_owned()));
+                    self.images.create_protected(&staged, size, None, &luks)?;
+                }
+                (true, None) => {
+                    return Err(BackupError::Unsupported {
+                        what: format!("making the encrypted volume of disk {} without its passphrase", disk.target),
+                    });
+                }
+            }
             let io = |source| BackupError::Io { action: "setting the owner and mode of", path: staged.clone(), source };
             std::os::unix::fs::chown(&staged, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
             fs::set_permissions(&staged, fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(io)?;
@@ -560,7 +625,8 @@ where
                 write_state(state)?;
             }
             let volume = self.volume_source(&vm, &d)?;
-            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &d.format)?;
+            let encryption = self.volume_encryption(&vm, &d)?;
+            let dest = nasbak_libvirt::disk_copy_destination_xml(&volume, &d.format, encryption.as_ref())?;
             let flags = BlockCopyFlags { reuse_external: true, shallow: true, bandwidth: None };
             self.hypervisor.block_copy(&vm, &d.target, &dest, flags).map_err(|e| {
                 if e.is_past_deadline() {
