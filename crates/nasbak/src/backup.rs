@@ -24,7 +24,7 @@ use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at, cancelled_or, repository_unavailable};
 use crate::outcome::{BackupOutcome, SkippedDisk};
 use crate::progress::{Observer, Phase, Progress};
-use crate::protect::Key;
+use crate::protect::{Key, TransientSecret};
 use crate::request::BackupRequest;
 use crate::transfer::convert;
 use crate::transfer::hash::{checksum_algorithm_for, checksum_file_observed};
@@ -170,18 +170,6 @@ fn commit(run: &Run<'_>, manifest: &Manifest, lock: &VmLock, final_dir: &Path) -
 /// The description of the transient secret a backup of `vm` defines, up to its pid and `)`.
 fn job_secret_prefix(vm: &str) -> String {
     format!("nasbak: the key of a backup of {vm} (pid ")
-}
-
-/// A transient libvirt secret holding the repository's key for a push job; undefined on drop.
-struct JobSecret<'h, H: Hypervisor> {
-    hypervisor: &'h H,
-    uuid: String,
-}
-
-impl<H: Hypervisor> Drop for JobSecret<'_, H> {
-    fn drop(&mut self) {
-        let _ = self.hypervisor.undefine_secret(&self.uuid);
-    }
 }
 
 /// Removes the directory on drop unless disarmed: no half-written backup survives an error.
@@ -381,19 +369,12 @@ where
     /// those whose process is gone are undefined. Said, never an error: a secret nobody can read
     /// back is no danger, only clutter.
     fn remove_leaked_secrets(&self, vm: &str) -> Vec<String> {
-        let prefix = job_secret_prefix(vm);
-        let mut removed = Vec::new();
-        for (uuid, description) in self.hypervisor.transient_secrets(&prefix).unwrap_or_default() {
-            let pid =
-                description.strip_prefix(&prefix).and_then(|p| p.strip_suffix(')')).and_then(|p| p.parse::<u32>().ok());
-            let gone = pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
-            if gone && self.hypervisor.undefine_secret(&uuid).is_ok() {
-                removed.push(format!(
-                    "removed the transient key secret {uuid} an interrupted backup of {vm} left in libvirt"
-                ));
-            }
-        }
-        removed
+        crate::protect::remove_leaked_secrets(&self.hypervisor, &job_secret_prefix(vm))
+            .into_iter()
+            .map(|uuid| {
+                format!("removed the transient key secret {uuid} an interrupted backup of {vm} left in libvirt")
+            })
+            .collect()
     }
 
     /// Now (by the engine's clock), and the id of a backup made now: after every backup of that
@@ -1080,7 +1061,7 @@ where
     /// QEMU the live disk as its backing), and the repository's key defined as a transient
     /// libvirt secret for QEMU to open them with (undefined when the returned guard drops).
     /// QEMU then encrypts what the push job writes, in its own I/O path. None otherwise.
-    fn encrypted_targets(&self, run: &Run<'_>) -> Result<Option<JobSecret<'_, H>>, BackupError> {
+    fn encrypted_targets(&self, run: &Run<'_>) -> Result<Option<TransientSecret<'_, H>>, BackupError> {
         if run.format != FileFormat::Encrypted {
             return Ok(None);
         }
@@ -1100,9 +1081,7 @@ where
             backup: format!("{}:{}", run.request.repository.name(), run.request.vm),
             detail: "the repository's key is not UTF-8 text, which libvirt needs to hand it to QEMU; use a text key (head -c 32 /dev/urandom | base64)".into(),
         })?;
-        let description = format!("{}{})", job_secret_prefix(&run.request.vm), std::process::id());
-        let uuid = self.hypervisor.define_transient_secret(&description, &value)?;
-        Ok(Some(JobSecret { hypervisor: &self.hypervisor, uuid }))
+        TransientSecret::define(&self.hypervisor, &job_secret_prefix(&run.request.vm), &value).map(Some)
     }
 
     /// For a repository that compresses or encrypts: each disk's file created in the partial

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use nasbak_agent::GuestAgent;
 use nasbak_libvirt::{
-    CancelHandle, DiskSource, DiskSwap, DomainState, Hypervisor, Throwaway, has_agent_channel, throwaway_definition,
+    CancelHandle, DiskEncryption, DiskSource, DiskSwap, DomainState, Hypervisor, Throwaway, has_agent_channel,
+    throwaway_definition,
 };
 use nasbak_qemu_img::{ImageTool, ReadOnlyExport};
 use nasbak_repo::model::layout::DOMAIN_CONFIG_FILE;
@@ -24,11 +25,16 @@ use nasbak_repo::{BackupId, Mounter, VmName};
 use crate::engine::{AgentSource, Engine};
 use crate::error::{BackupError, Step, at};
 use crate::export::{Overlay, nbd_socket};
+use crate::protect::TransientSecret;
 use crate::request::BootVerifyRequest;
 use crate::store::backup_disks;
 use crate::transfer::check_chain;
 use nasbak_repo::store::VmLock;
 use nasbak_repo::store::{BootResult, BootVerification, ancestors, write_record};
+
+/// The description of the transient secret holding a verification's overlay key, up to its
+/// pid and `)`.
+const BOOT_SECRET_PREFIX: &str = "nasbak: the overlay key of a boot verification (pid ";
 
 /// How many of the console's last lines a failed verification keeps.
 const CONSOLE_LINES: usize = 20;
@@ -101,6 +107,7 @@ where
             sockets: Vec::new(),
             started: false,
             tpm_dir: None,
+            secret: None,
         };
         let mut swaps = Vec::new();
         let kept = crate::store::backup_state(&dir, vm, id);
@@ -122,19 +129,46 @@ where
                 check_chain(&self.images, (&dir, b), &chain, key.as_ref(), &reference).map_err(at(Step::Check))?;
                 chains.push(chain);
             }
+            // A disk whose volume is itself encrypted (its saved definition says so) boots on an
+            // overlay encrypted with a one-off key: what the guest writes while it boots is never
+            // plaintext on this host either. QEMU gets the key from a transient libvirt secret,
+            // undefined when the check ends (one a killed check left, here).
+            let saved_disks = nasbak_libvirt::Domain::parse(&saved)?.disks;
+            let encrypted = |target: &str| saved_disks.iter().any(|d| d.target == target && d.encryption.is_some());
+            let overlay_key = match disks.iter().any(|b| encrypted(&b.target)) {
+                true => {
+                    crate::protect::remove_leaked_secrets(&self.hypervisor, BOOT_SECRET_PREFIX);
+                    let (key, value) = crate::protect::one_off_key(&self.runtime_dir)?;
+                    let secret = TransientSecret::define(&self.hypervisor, BOOT_SECRET_PREFIX, &value)?;
+                    let encryption = DiskEncryption {
+                        format: "luks".into(),
+                        secret_uuid: Some(secret.uuid.clone()),
+                        secret_usage: None,
+                    };
+                    guard.secret = Some(secret);
+                    Some((key, encryption))
+                }
+                false => None,
+            };
             for (b, chain) in disks.iter().zip(&chains) {
+                let overlay_key = overlay_key.as_ref().filter(|_| encrypted(&b.target));
                 let export = nbd_socket(&self.runtime_dir)?;
                 guard.add_socket(&export)?;
                 let overlay = work.join(format!("{}.overlay.qcow2", b.target));
                 let source = crate::protect::disk_image(&dir, b, chain, key.as_ref(), &reference)?;
-                let over =
-                    Overlay { source: &source, size: b.virtual_size, socket: &export, file: &overlay, key: None };
+                let over = Overlay {
+                    source: &source,
+                    size: b.virtual_size,
+                    socket: &export,
+                    file: &overlay,
+                    key: overlay_key.map(|(k, _)| k.path()),
+                };
                 over.make(&self.images, mounted.registration()).map_err(at(Step::Export { disk: b.target.clone() }))?;
                 swaps.push(DiskSwap {
                     target: b.target.clone(),
                     source: DiskSource::File(overlay),
                     format: "qcow2".into(),
-                    encryption: None,
+                    encryption: overlay_key.map(|(_, e)| e.clone()),
                 });
             }
             // The backup's NVRAM and TPM state, checked, for copies the throwaway VM uses.
@@ -397,6 +431,9 @@ struct BootGuard<'a, H: Hypervisor> {
     started: bool,
     /// The TPM state directory made for the throwaway VM.
     tpm_dir: Option<PathBuf>,
+    /// The secret an encrypted overlay's key is in: undefined after the domain is destroyed
+    /// (a field drops after the guard's own drop).
+    secret: Option<TransientSecret<'a, H>>,
 }
 
 impl<H: Hypervisor> BootGuard<'_, H> {

@@ -41,6 +41,56 @@ impl Drop for Key {
     }
 }
 
+/// A transient libvirt secret (`ephemeral='yes'`, `private='yes'`: in libvirtd's memory only)
+/// holding a passphrase QEMU opens an encrypted file with; undefined on drop. Its description is
+/// a prefix (which tells what it is for) followed by the defining process's pid and `)`, so that
+/// one a killed process left is found and removed ([`remove_leaked_secrets`]).
+pub(crate) struct TransientSecret<'h, H: Hypervisor> {
+    hypervisor: &'h H,
+    /// Its UUID, which a disk's `<encryption>` names.
+    pub(crate) uuid: String,
+}
+
+impl<'h, H: Hypervisor> TransientSecret<'h, H> {
+    /// Defines the secret holding `value`, described as `prefix` with this process's pid.
+    pub(crate) fn define(hypervisor: &'h H, prefix: &str, value: &nasbak_process::Secret) -> Result<Self, BackupError> {
+        let description = format!("{prefix}{})", std::process::id());
+        let uuid = hypervisor.define_transient_secret(&description, value)?;
+        Ok(TransientSecret { hypervisor, uuid })
+    }
+}
+
+impl<H: Hypervisor> Drop for TransientSecret<'_, H> {
+    fn drop(&mut self) {
+        let _ = self.hypervisor.undefine_secret(&self.uuid);
+    }
+}
+
+/// The transient secrets described as `prefix` (see [`TransientSecret`]) whose process is gone,
+/// undefined: their UUIDs. Never an error: a secret nobody can read back is no danger, only
+/// clutter.
+pub(crate) fn remove_leaked_secrets<H: Hypervisor>(hypervisor: &H, prefix: &str) -> Vec<String> {
+    let mut removed = Vec::new();
+    for (uuid, description) in hypervisor.transient_secrets(prefix).unwrap_or_default() {
+        let pid =
+            description.strip_prefix(prefix).and_then(|p| p.strip_suffix(')')).and_then(|p| p.parse::<u32>().ok());
+        let gone = pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
+        if gone && hypervisor.undefine_secret(&uuid).is_ok() {
+            removed.push(uuid);
+        }
+    }
+    removed
+}
+
+/// A new random passphrase (256 bits from the system's random source, as hex) in a 0600 file
+/// under `runtime_dir` (see [`secret_key`]), removed when the key drops: for a file that lives
+/// no longer than one operation.
+pub(crate) fn one_off_key(runtime_dir: &Path) -> Result<(Key, nasbak_process::Secret), BackupError> {
+    let value =
+        nasbak_process::Secret::new(format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()));
+    Ok((write_key(&value, runtime_dir)?, value))
+}
+
 /// The key `protection` names, checked (a key file: root-owned, owner-only, long enough) or
 /// fetched (a libvirt secret, through `hypervisor`); none when it encrypts nothing.
 pub(crate) fn resolve_key<H: Hypervisor>(
@@ -69,7 +119,12 @@ pub(crate) fn resolve_key<H: Hypervisor>(
 /// The value of the libvirt secret `auth` names, written for QEMU to a 0600 file in a 0700
 /// directory under `runtime_dir`, removed when the key drops.
 fn secret_key<H: Hypervisor>(hypervisor: &H, auth: &NetworkAuth, runtime_dir: &Path) -> Result<Key, BackupError> {
-    let value = hypervisor.secret_value(auth)?;
+    write_key(&hypervisor.secret_value(auth)?, runtime_dir)
+}
+
+/// `value` written to a new 0600 file in a 0700 directory under `runtime_dir`, removed when the
+/// key drops.
+fn write_key(value: &nasbak_process::Secret, runtime_dir: &Path) -> Result<Key, BackupError> {
     let dir = runtime_dir.join("private");
     let io = |source| BackupError::Io { action: "writing the key for QEMU into", path: dir.clone(), source };
     fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io)?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nasbak::chain::ModeRequest;
-use nasbak::nasbak_libvirt::{CancelHandle, LibvirtHypervisor};
+use nasbak::nasbak_libvirt::{CancelHandle, Hypervisor, LibvirtHypervisor};
 use nasbak::nasbak_process::ExternalCommand;
 use nasbak::nasbak_qemu_img::{CheckVerdict, ImageFormat, ImageLocation, ImageTool, QemuImg, StoredLayout};
 use nasbak::nasbak_repo::{
@@ -638,6 +638,103 @@ impl Drop for VolumeSecret {
     }
 }
 
+/// The shut-off `dom`'s first disk made a LUKS qcow2 holding what it held, whose passphrase (in
+/// the file `passphrase`) is a libvirt volume secret named in the domain's definition, as the
+/// reference system's volume encryption makes them: the secret, and the definition's file.
+fn luks_volume(dom: &LabDomain, passphrase: &Path) -> (VolumeSecret, PathBuf) {
+    let disk = dom.disks()[0].path.clone();
+    let secret = VolumeSecret::define(dom.dir(), &disk, passphrase, false);
+    let plain = dom.dir().join("plain-volume.qcow2");
+    fs::rename(&disk, &plain).unwrap();
+    ExternalCommand::new("qemu-img")
+        .args(["convert", "-q", "--object", &format!("secret,id=v0,file={}", passphrase.display())])
+        .args(["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=v0,encrypt.iter-time=10"])
+        .arg(&plain)
+        .arg(&disk)
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap();
+    fs::remove_file(&plain).unwrap();
+    let xml = nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap();
+    let source = format!("<source file='{}'", disk.display());
+    let at = xml.find(&source).expect("the disk's source");
+    let end = at + xml[at..].find("/>").unwrap();
+    let encrypted = format!(
+        "{}><encryption format='luks'><secret type='passphrase' uuid='{}'/></encryption></source>{}",
+        &xml[..end],
+        secret.0,
+        &xml[end + 2..]
+    );
+    let defined = dom.dir().join("encrypted.xml");
+    fs::write(&defined, encrypted).unwrap();
+    nasbak_testlab::virsh(&["define", defined.to_str().unwrap()]).unwrap();
+    (secret, defined)
+}
+
+#[test]
+fn a_backup_of_an_encrypted_volume_boots_on_an_encrypted_overlay() {
+    let dom =
+        DomainSpec::new("luksboot").disk(DiskSpec::qcow2(64).bootable()).agent(true).boot_from_disk(true).create();
+    let e = engine(&dom.dir().join("runtime"));
+    let passphrase = key_file(dom.dir(), "volume.pass", "the bootable volume's passphrase, 0123456789");
+    let (_secret, _) = luks_volume(&dom, &passphrase);
+    let key = key_file(dom.dir(), "repo.key", "the repository's key, not the volume's, 0123456789");
+    let repo = repository("boot", &dom.dir().join("repo"), Compression::None, Encryption::Luks, Some(&key));
+    // Backed up shut off (qemu-img reads the volume with its passphrase).
+    let made = e
+        .backup(&BackupRequest::new(dom.name(), repo.clone()), &CancelHandle::new(), &mut |_| {})
+        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    // The check writes 1 MiB of 'Q' onto the guest's disk past what it uses, and waits while
+    // the overlay is looked at from here.
+    let work = dom.dir().join("verify");
+    let check =
+        "head -c 1048576 /dev/zero | tr '\\000' Q | dd of=/dev/vda bs=65536 seek=800 conv=fsync 2>/dev/null && sleep 4";
+    let request = nasbak::BootVerifyRequest::new(repo.clone(), dom.name(), made.manifest.id.as_str())
+        .with_work_dir(&work)
+        .with_timeout(Duration::from_secs(240))
+        .with_check(check);
+    let (verified, looked) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| e.verify_boot(&request, &CancelHandle::new()));
+        // (whether the overlay said it is encrypted, the most 'Q' sectors seen in it, whether a
+        // look came after it had grown by the check's MiB)
+        let (mut encrypted, mut plaintext, mut grown) = (None, 0usize, false);
+        let mut first_len = None;
+        while !running.is_finished() {
+            let overlay = fs::read_dir(&work)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|d| d.path().join("vda.overlay.qcow2"))
+                .find(|p| p.exists());
+            if let Some(overlay) = overlay {
+                if encrypted.is_none() {
+                    let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&overlay).run_unchecked();
+                    encrypted = info.ok().map(|i| i.stdout_text().contains("encrypted: yes"));
+                }
+                if let Ok(bytes) = fs::read(&overlay) {
+                    let len = *first_len.get_or_insert(bytes.len());
+                    grown |= bytes.len() >= len + (1 << 20);
+                    plaintext = plaintext.max(bytes.chunks(512).filter(|c| c.iter().all(|b| *b == b'Q')).count());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (running.join().unwrap(), (encrypted, plaintext, grown))
+    });
+    let verified = verified.unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(verified.result, nasbak::BootResult::Passed, "{verified:?}");
+    assert_eq!(looked.0, Some(true), "the overlay is encrypted: {looked:?}");
+    assert!(looked.2, "the overlay was looked at after the guest's MiB reached it");
+    assert_eq!(looked.1, 0, "nothing the guest wrote is plaintext in the overlay");
+    // The one-off key's secret is gone with the throwaway VM, and so is its key file.
+    let ours = format!("nasbak: the overlay key of a boot verification (pid {})", std::process::id());
+    let left = e.hypervisor().transient_secrets("nasbak: the overlay key").unwrap();
+    assert!(!left.iter().any(|(_, d)| *d == ours), "{left:?}");
+    assert!(!work.read_dir().is_ok_and(|mut d| d.next().is_some()), "nothing of the check is left");
+    let private = dom.dir().join("runtime/private");
+    assert!(!private.read_dir().is_ok_and(|mut d| d.next().is_some()), "no key file is left");
+}
+
 /// The guest-visible content of the LUKS qcow2 `image`, as raw, opened with `key`.
 fn decrypted(image: &Path, key: &Path, to: &Path) -> PathBuf {
     let opts = format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", image.display());
@@ -655,29 +752,8 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let dom = DomainSpec::new("luksvol").disk(DiskSpec::qcow2(32)).create();
     let e = engine(&dom.dir().join("runtime"));
     let disk = dom.disks()[0].path.clone();
-    // The VM's volume becomes a LUKS qcow2 whose passphrase is a libvirt volume secret, as the
-    // reference system's volume encryption makes them.
     let passphrase = key_file(dom.dir(), "volume.pass", "the volume's own passphrase, 0123456789abc");
-    let secret = VolumeSecret::define(dom.dir(), &disk, &passphrase, false);
-    fs::remove_file(&disk).unwrap();
-    {
-        use nasbak::nasbak_qemu_img::{ImageTool, StoredLayout, TargetProtection};
-        let luks = TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(passphrase.clone()));
-        e.images().create_protected(&disk, 32 << 20, None, &luks).unwrap();
-    }
-    let xml = nasbak_testlab::virsh(&["dumpxml", "--inactive", dom.name()]).unwrap();
-    let source = format!("<source file='{}'", disk.display());
-    let at = xml.find(&source).expect("the disk's source");
-    let end = at + xml[at..].find("/>").unwrap();
-    let encrypted = format!(
-        "{}><encryption format='luks'><secret type='passphrase' uuid='{}'/></encryption></source>{}",
-        &xml[..end],
-        secret.0,
-        &xml[end + 2..]
-    );
-    let defined = dom.dir().join("encrypted.xml");
-    fs::write(&defined, encrypted).unwrap();
-    nasbak_testlab::virsh(&["define", defined.to_str().unwrap()]).unwrap();
+    let (secret, defined) = luks_volume(&dom, &passphrase);
     dom.start();
     let (random, qdev) = {
         let file = dom.dir().join("random.bin");
