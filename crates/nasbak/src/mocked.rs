@@ -753,6 +753,11 @@ fn a_mount_that_fails_half_way_leaves_nothing_and_says_which_disk() {
     assert_eq!(entries(&target), Vec::<String>::new(), "the user's directory stays, empty");
 }
 
+/// An instant restore of `vm1`'s backup `id` working in `work`.
+fn instant_request(repo: &BackupRepository, id: &str, work: &Path) -> crate::InstantRestoreRequest {
+    crate::InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), "vm1", id)).with_work_dir(work)
+}
+
 #[test]
 fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -783,8 +788,7 @@ fn an_instant_restore_that_cannot_start_the_vm_changes_nothing() {
     });
     let (e, _) = engine(hv, img, dir.path());
     let work = dir.path().join("instant");
-    let instant = crate::InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), "vm1", &out.manifest.id))
-        .with_work_dir(&work);
+    let instant = instant_request(&repo, &out.manifest.id, &work);
     let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
     assert_eq!(err.step(), Some(crate::Step::Start), "{err}");
     assert_eq!(entries(&work), Vec::<String>::new(), "overlays, exports and state removed");
@@ -844,8 +848,7 @@ fn an_encrypted_volume_runs_on_an_encrypted_overlay_and_is_never_written_in_plac
     });
     let (e, _) = engine(hv, img, dir.path());
     let work = dir.path().join("instant");
-    let instant = crate::InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), "vm1", &out.manifest.id))
-        .with_work_dir(&work);
+    let instant = instant_request(&repo, &out.manifest.id, &work);
     let err = e.instant_restore(&instant, &CancelHandle::new()).unwrap_err();
     assert_eq!(err.step(), Some(crate::Step::Start), "{err}");
     assert_eq!(

@@ -735,6 +735,17 @@ fn a_backup_of_an_encrypted_volume_boots_on_an_encrypted_overlay() {
     assert!(!private.read_dir().is_ok_and(|mut d| d.next().is_some()), "no key file is left");
 }
 
+/// The first 2 MiB of the LUKS qcow2 `image` (opened with `key`) overwritten with 0x99: what a
+/// restore must undo.
+fn overwrite_luks(image: &Path, key: &Path) {
+    ExternalCommand::new("qemu-io")
+        .args(["--object", &format!("secret,id=v0,file={}", key.display()), "--image-opts"])
+        .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", image.display()))
+        .args(["-c", "write -P 0x99 0 2M"])
+        .run()
+        .unwrap();
+}
+
 /// The guest-visible content of the LUKS qcow2 `image`, as raw, opened with `key`.
 fn decrypted(image: &Path, key: &Path, to: &Path) -> PathBuf {
     let opts = format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", image.display());
@@ -806,12 +817,7 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     // The volume is overwritten, then the whole VM restored: the volume is LUKS again, with its
     // own passphrase, holding the point.
     for (repo, made) in [(&repo, &running), (&repo, &stopped), (&both, &exported)] {
-        ExternalCommand::new("qemu-io")
-            .args(["--object", &format!("secret,id=v0,file={}", passphrase.display()), "--image-opts"])
-            .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", disk.display()))
-            .args(["-c", "write -P 0x99 0 2M"])
-            .run()
-            .unwrap();
+        overwrite_luks(&disk, &passphrase);
         e.restore(
             &RestoreRequest::new(repo.clone(), dom.name(), made.manifest.id.as_str()),
             &CancelHandle::new(),
@@ -829,12 +835,7 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     // An instant restore: the VM runs at once on an overlay encrypted with the volume's own
     // passphrase, so what the guest writes meanwhile is never plaintext; QEMU copies the point
     // onto a new LUKS volume, encrypting, and the VM ends on it.
-    ExternalCommand::new("qemu-io")
-        .args(["--object", &format!("secret,id=v0,file={}", passphrase.display()), "--image-opts"])
-        .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", disk.display()))
-        .args(["-c", "write -P 0x99 0 2M"])
-        .run()
-        .unwrap();
+    overwrite_luks(&disk, &passphrase);
     let work = dom.dir().join("instant");
     let instant =
         InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), running.manifest.id.as_str()))
