@@ -641,16 +641,23 @@ impl Drop for VolumeSecret {
 /// The shut-off `dom`'s first disk made a LUKS qcow2 holding what it held, whose passphrase (in
 /// the file `passphrase`) is a libvirt volume secret named in the domain's definition, as the
 /// reference system's volume encryption makes them: the secret, and the definition's file.
-fn luks_volume(dom: &LabDomain, passphrase: &Path) -> (VolumeSecret, PathBuf) {
+fn luks_volume(dom: &LabDomain, images: &QemuImg, passphrase: &Path) -> (VolumeSecret, PathBuf) {
+    use nasbak::nasbak_qemu_img::TargetProtection;
     let disk = dom.disks()[0].path.clone();
     let secret = VolumeSecret::define(dom.dir(), &disk, passphrase, false);
     let plain = dom.dir().join("plain-volume.qcow2");
     fs::rename(&disk, &plain).unwrap();
+    // The LUKS header made by nasbak: qemu-img times its PBKDF, and gives up on a loaded host
+    // ("Unable to get accurate CPU usage").
+    let size = images.info(&ImageLocation::Path(plain.clone())).unwrap()[0].virtual_size;
+    let luks = TargetProtection::new(StoredLayout::Qcow2Luks, false, Some(passphrase.to_owned()));
+    images.create_protected(&disk, size, None, &luks).unwrap();
     ExternalCommand::new("qemu-img")
-        .args(["convert", "-q", "--object", &format!("secret,id=v0,file={}", passphrase.display())])
-        .args(["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=v0,encrypt.iter-time=10"])
+        .args(["convert", "-q", "-n", "--object", &format!("secret,id=v0,file={}", passphrase.display())])
+        .args(["-f", "qcow2"])
         .arg(&plain)
-        .arg(&disk)
+        .arg("--target-image-opts")
+        .arg(format!("driver=qcow2,encrypt.key-secret=v0,file.filename={}", disk.display()))
         .timeout(Duration::from_secs(120))
         .run()
         .unwrap();
@@ -677,7 +684,7 @@ fn a_backup_of_an_encrypted_volume_boots_on_an_encrypted_overlay() {
         DomainSpec::new("luksboot").disk(DiskSpec::qcow2(64).bootable()).agent(true).boot_from_disk(true).create();
     let e = engine(&dom.dir().join("runtime"));
     let passphrase = key_file(dom.dir(), "volume.pass", "the bootable volume's passphrase, 0123456789");
-    let (_secret, _) = luks_volume(&dom, &passphrase);
+    let (_secret, _) = luks_volume(&dom, e.images(), &passphrase);
     let key = key_file(dom.dir(), "repo.key", "the repository's key, not the volume's, 0123456789");
     let repo = repository("boot", &dom.dir().join("repo"), Compression::None, Encryption::Luks, Some(&key));
     // Backed up shut off (qemu-img reads the volume with its passphrase).
@@ -764,7 +771,7 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let e = engine(&dom.dir().join("runtime"));
     let disk = dom.disks()[0].path.clone();
     let passphrase = key_file(dom.dir(), "volume.pass", "the volume's own passphrase, 0123456789abc");
-    let (secret, defined) = luks_volume(&dom, &passphrase);
+    let (secret, defined) = luks_volume(&dom, e.images(), &passphrase);
     dom.start();
     let (random, qdev) = {
         let file = dom.dir().join("random.bin");
