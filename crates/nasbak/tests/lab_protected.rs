@@ -714,9 +714,11 @@ fn a_backup_of_an_encrypted_volume_boots_on_an_encrypted_overlay() {
                 .map(|d| d.path().join("vda.overlay.qcow2"))
                 .find(|p| p.exists());
             if let Some(overlay) = overlay {
+                // Once it is a qcow2: its header is written last, over a file already there.
                 if encrypted.is_none() {
                     let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&overlay).run_unchecked();
-                    encrypted = info.ok().map(|i| i.stdout_text().contains("encrypted: yes"));
+                    let text = info.map(|i| i.stdout_text()).unwrap_or_default();
+                    encrypted = text.contains("file format: qcow2").then(|| text.contains("encrypted: yes"));
                 }
                 if let Ok(bytes) = fs::read(&overlay) {
                     let len = *first_len.get_or_insert(bytes.len());
