@@ -700,36 +700,41 @@ fn a_backup_of_an_encrypted_volume_boots_on_an_encrypted_overlay() {
         .with_work_dir(&work)
         .with_timeout(Duration::from_secs(240))
         .with_check(check);
-    let (verified, looked) = std::thread::scope(|scope| {
-        let running = scope.spawn(|| e.verify_boot(&request, &CancelHandle::new()));
-        // (whether the overlay said it is encrypted, the most 'Q' sectors seen in it, whether a
-        // look came after it had grown by the check's MiB)
-        let (mut encrypted, mut plaintext, mut grown) = (None, 0usize, false);
-        let mut first_len = None;
-        while !running.is_finished() {
-            let overlay = fs::read_dir(&work)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|d| d.path().join("vda.overlay.qcow2"))
-                .find(|p| p.exists());
-            if let Some(overlay) = overlay {
-                // Once it is a qcow2: its header is written last, over a file already there.
-                if encrypted.is_none() {
-                    let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&overlay).run_unchecked();
-                    let text = info.map(|i| i.stdout_text()).unwrap_or_default();
-                    encrypted = text.contains("file format: qcow2").then(|| text.contains("encrypted: yes"));
+    let needles =
+        ["the bootable volume's passphrase, 0123456789", "the repository's key, not the volume's, 0123456789"];
+    let ((verified, looked), seen) = watching_processes(&needles, || {
+        std::thread::scope(|scope| {
+            let running = scope.spawn(|| e.verify_boot(&request, &CancelHandle::new()));
+            // (whether the overlay said it is encrypted, the most 'Q' sectors seen in it, whether a
+            // look came after it had grown by the check's MiB)
+            let (mut encrypted, mut plaintext, mut grown) = (None, 0usize, false);
+            let mut first_len = None;
+            while !running.is_finished() {
+                let overlay = fs::read_dir(&work)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|d| d.path().join("vda.overlay.qcow2"))
+                    .find(|p| p.exists());
+                if let Some(overlay) = overlay {
+                    // Once it is a qcow2: its header is written last, over a file already there.
+                    if encrypted.is_none() {
+                        let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&overlay).run_unchecked();
+                        let text = info.map(|i| i.stdout_text()).unwrap_or_default();
+                        encrypted = text.contains("file format: qcow2").then(|| text.contains("encrypted: yes"));
+                    }
+                    if let Ok(bytes) = fs::read(&overlay) {
+                        let len = *first_len.get_or_insert(bytes.len());
+                        grown |= bytes.len() >= len + (1 << 20);
+                        plaintext = plaintext.max(bytes.chunks(512).filter(|c| c.iter().all(|b| *b == b'Q')).count());
+                    }
                 }
-                if let Ok(bytes) = fs::read(&overlay) {
-                    let len = *first_len.get_or_insert(bytes.len());
-                    grown |= bytes.len() >= len + (1 << 20);
-                    plaintext = plaintext.max(bytes.chunks(512).filter(|c| c.iter().all(|b| *b == b'Q')).count());
-                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        (running.join().unwrap(), (encrypted, plaintext, grown))
+            (running.join().unwrap(), (encrypted, plaintext, grown))
+        })
     });
+    assert_eq!(seen, [false, false], "a key was seen on a command line or in an environment");
     let verified = verified.unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
     assert_eq!(verified.result, nasbak::BootResult::Passed, "{verified:?}");
     assert_eq!(looked.0, Some(true), "the overlay is encrypted: {looked:?}");
@@ -849,8 +854,11 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let instant =
         InstantRestoreRequest::new(RestoreRequest::new(repo.clone(), dom.name(), running.manifest.id.as_str()))
             .with_work_dir(&work);
-    let state =
-        e.instant_restore(&instant, &CancelHandle::new()).unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    // Neither key on any command line or in any environment meanwhile.
+    let needles = ["the volume's own passphrase, 0123456789abc", "the repository's key, not the volume's, 0123456789"];
+    let (state, seen) = watching_processes(&needles, || e.instant_restore(&instant, &CancelHandle::new()));
+    let state = state.unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(seen, [false, false], "a key was seen on a command line or in an environment");
     assert!(state.disks[0].encrypted, "{state:?}");
     let info = ExternalCommand::new("qemu-img").args(["info", "-U"]).arg(&state.disks[0].overlay).run().unwrap();
     assert!(info.stdout_text().contains("encrypted: yes"), "the overlay is encrypted: {}", info.stdout_text());
@@ -859,8 +867,11 @@ fn an_encrypted_volume_is_never_stored_or_restored_as_plaintext() {
     let said = nasbak_testlab::virsh(&["qemu-monitor-command", dom.name(), "--hmp", &cmd]).unwrap();
     assert!(said.trim().is_empty(), "{said}");
     assert_eq!(plaintext_sectors(&work, &random), 0, "nothing the guest wrote is plaintext in the overlay");
-    e.instant_finish(&work, dom.name(), Duration::from_secs(300), &CancelHandle::new(), &mut |_| {})
-        .unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    let (finished, seen) = watching_processes(&needles, || {
+        e.instant_finish(&work, dom.name(), Duration::from_secs(300), &CancelHandle::new(), &mut |_| {})
+    });
+    finished.unwrap_or_else(|err| panic!("{}", nasbak::chain(&err)));
+    assert_eq!(seen, [false, false], "a key was seen on a command line or in an environment");
     let live = nasbak_testlab::virsh(&["dumpxml", dom.name()]).unwrap();
     // The VM runs on its volume, which QEMU opens with the volume's secret.
     let d = nasbak::nasbak_libvirt::Domain::parse(&live).unwrap();
