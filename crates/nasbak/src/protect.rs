@@ -86,8 +86,13 @@ pub(crate) fn remove_leaked_secrets<H: Hypervisor>(hypervisor: &H, prefix: &str)
 /// under `runtime_dir` (see [`secret_key`]), removed when the key drops: for a file that lives
 /// no longer than one operation.
 pub(crate) fn one_off_key(runtime_dir: &Path) -> Result<(Key, nasbak_process::Secret), BackupError> {
-    let value =
-        nasbak_process::Secret::new(format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()));
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut bytes[..]).map_err(|e| BackupError::Io {
+        action: "drawing a key from the system's random source for",
+        path: runtime_dir.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let value = nasbak_process::Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
     Ok((write_key(&value, runtime_dir)?, value))
 }
 
@@ -289,6 +294,23 @@ pub(crate) fn parent_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_one_off_key_is_random_private_and_gone_with_its_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, va) = one_off_key(dir.path()).unwrap();
+        let (b, vb) = one_off_key(dir.path()).unwrap();
+        assert_ne!(va.expose(), vb.expose());
+        assert!(va.expose().len() == 64 && va.expose().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(fs::read_to_string(a.path()).unwrap(), va.expose());
+        assert_eq!(fs::metadata(a.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(dir.path().join("private")).unwrap().permissions().mode() & 0o777, 0o700);
+        let paths = (a.path().to_owned(), b.path().to_owned());
+        drop((a, b));
+        assert!(!paths.0.exists() && !paths.1.exists(), "removed with the keys");
+        assert!(!format!("{va:?}").contains(va.expose()), "Debug never shows it");
+    }
 
     #[test]
     fn formats_map_to_layouts_and_protections() {
